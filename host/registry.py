@@ -1,0 +1,159 @@
+"""The process-wide plugin registry: what is installed, and how each plugin fares.
+
+All methods are safe to call from many threads at once; one lock guards the
+tables, and nothing slow (no plugin code, no I/O) runs while it is held.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from host.manifest import Manifest
+from sandbox.outcome import State
+
+
+class UnknownPluginError(KeyError):
+    """No plugin of that name is registered."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"no plugin named {self.name!r} is registered"
+
+
+@dataclass(frozen=True)
+class RegisteredPlugin:
+    """A plugin the host can run: its manifest and where its code lives."""
+
+    manifest: Manifest
+    directory: Path
+    source: str = "directory"
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+@dataclass
+class _Metrics:
+    state: State = State.IDLE
+    success_count: int = 0
+    error_count: int = 0
+    total_execution_time_ms: float = 0.0
+    last_execution_time_ms: float | None = None
+    last_used: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        calls = self.success_count + self.error_count
+        return {
+            "state": self.state.value,
+            "success_count": self.success_count,
+            "error_count": self.error_count,
+            "last_execution_time_ms": self.last_execution_time_ms,
+            "avg_execution_time_ms": (self.total_execution_time_ms / calls) if calls else None,
+            "last_used": self.last_used,
+        }
+
+
+class PluginRegistry:
+    """Plugins by name, with per-plugin state and execution metrics."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._plugins: dict[str, RegisteredPlugin] = {}
+        self._metrics: dict[str, _Metrics] = {}
+        self.load_errors: list[str] = []
+
+    def register(self, name: str, plugin: RegisteredPlugin) -> None:
+        """Add or replace `name`. Replacing keeps the metrics."""
+        with self._lock:
+            self._plugins[name] = plugin
+            self._metrics.setdefault(name, _Metrics())
+
+    def unregister(self, name: str) -> None:
+        """Remove `name` and its metrics; unknown names are ignored."""
+        with self._lock:
+            self._plugins.pop(name, None)
+            self._metrics.pop(name, None)
+
+    def get_plugin(self, name: str) -> RegisteredPlugin:
+        """Return the plugin. Raises UnknownPluginError (a KeyError)."""
+        with self._lock:
+            try:
+                return self._plugins[name]
+            except KeyError:
+                raise UnknownPluginError(name) from None
+
+    def list_plugins(self) -> list[str]:
+        """Names of every registered plugin, sorted."""
+        with self._lock:
+            return sorted(self._plugins)
+
+    def get_status(self, name: str) -> dict[str, Any]:
+        """State and metrics of one plugin. Raises UnknownPluginError."""
+        with self._lock:
+            if name not in self._plugins:
+                raise UnknownPluginError(name)
+            return {"name": name, **self._metrics[name].as_dict()}
+
+    def all_status(self) -> dict[str, dict[str, Any]]:
+        """`get_status` of every plugin, by name."""
+        with self._lock:
+            return {name: self.get_status(name) for name in sorted(self._plugins)}
+
+    def update_execution_metrics(
+        self, plugin_name: str, state: State | str | None, elapsed_ms: float, had_error: bool
+    ) -> None:
+        """Record one finished call. `state=None` leaves the state unchanged.
+
+        Unknown plugins are ignored: a plugin may be unregistered mid-call.
+        """
+        with self._lock:
+            metrics = self._metrics.get(plugin_name)
+            if metrics is None:
+                return
+            if state is not None:
+                metrics.state = State(state)
+            if had_error:
+                metrics.error_count += 1
+            else:
+                metrics.success_count += 1
+            metrics.total_execution_time_ms += elapsed_ms
+            metrics.last_execution_time_ms = elapsed_ms
+            metrics.last_used = datetime.now(UTC).isoformat()
+
+    def load_directory(self, path: str | Path) -> list[str]:
+        """Register every plugin directory directly below `path` (or `path` itself).
+
+        Returns the names registered. A bad manifest is recorded in
+        `load_errors` (message naming file and field) and skipped.
+        """
+        from host.discovery import find_plugins
+
+        found, errors = find_plugins(Path(path))
+        with self._lock:
+            self.load_errors.extend(errors)
+            for plugin in found:
+                self.register(plugin.name, plugin)
+        return [plugin.name for plugin in found]
+
+    def clear(self) -> None:
+        """Forget every plugin, metric and load error."""
+        with self._lock:
+            self._plugins.clear()
+            self._metrics.clear()
+            self.load_errors.clear()
+
+
+_registry = PluginRegistry()
+
+
+def get_registry() -> PluginRegistry:
+    """The registry of this process."""
+    return _registry

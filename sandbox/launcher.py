@@ -1,0 +1,227 @@
+"""The launcher: a small single-threaded process that forks one child per call.
+
+The host is multi-threaded and must never fork itself, so it starts this
+process once, as a fresh interpreter (`python -m sandbox.launcher`, started
+with subprocess's fork-exec, which runs no Python code between the two), and
+asks it for children::
+
+    host thread                    launcher (single thread)       child
+    -----------                    ------------------------       -----
+    Launcher.start_child(spec, fds)
+      -- SEQPACKET: JSON spec  -->  recv spec + 5 descriptors
+         + SCM_RIGHTS fds            fork() --------------------->  sandbox.child.main()
+    read status pipe  <----------   write pid (8 bytes)            ... runs plugin ...
+    wait on reply, stdout,                                          exits / is killed
+    stderr and status pipes         SIGCHLD -> wait4()
+    read status pipe  <----------   write wait status + maxrss,
+                                    close status pipe
+
+The status pipe is the child's sentinel: it becomes readable when the child
+has exited and been reaped, and carries the raw wait status, so the host
+never polls. The launcher is a child subreaper: processes a plugin leaves
+behind are re-parented to it when their parent dies, and it reaps them all.
+When the host closes its end of the socket (or dies), the launcher kills
+every child it started and exits. It never runs plugin code itself and never
+decodes anything a child writes.
+
+Why not multiprocess here: its `spawn` start re-imports the caller's
+`__main__` in the new process (a script without a main guard would start
+again), its forkserver unpickles inside every child before our limits apply,
+cannot be made a subreaper and does not report resource usage with the exit
+status. The fork loop below is short enough to read in full.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+from typing import Any
+
+import subprocess
+import sys
+from pathlib import Path
+
+from sandbox import child, isolation
+
+PID = struct.Struct(">q")
+EXIT = struct.Struct(">iq")  # raw wait status, peak RSS in KiB
+FD_ORDER = ("status", "reply", "stdout", "stderr", "payload")
+MAX_SPEC = 1 << 16
+
+
+class LauncherError(Exception):
+    """The launcher could not start a child (it died or refused)."""
+
+
+def serve(sock: socket.socket) -> None:
+    """Launcher main loop. Runs in the launcher process until the host leaves."""
+    isolation.prctl(isolation.PR_SET_CHILD_SUBREAPER, 1)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host to handle
+    children: dict[int, int] = {}
+    try:
+        while True:
+            readable, _, _ = select.select([sock, wake_r], [], [])
+            if wake_r in readable:
+                while True:
+                    try:
+                        if not os.read(wake_r, 4096):
+                            break
+                    except BlockingIOError:
+                        break
+                _reap(children)
+            if sock in readable:
+                message, fds, _, _ = socket.recv_fds(sock, MAX_SPEC, len(FD_ORDER))
+                if not message:
+                    return
+                _fork_child(json.loads(message), fds, sock, children, (wake_r, wake_w))
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _fork_child(
+    spec: dict[str, Any],
+    fds: list[int],
+    sock: socket.socket,
+    children: dict[int, int],
+    wake: tuple[int, int],
+) -> None:
+    if len(fds) != len(FD_ORDER):
+        for fd in fds:
+            os.close(fd)
+        return
+    named = dict(zip(FD_ORDER, fds, strict=True))
+    spec["launcher_pid"] = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        sock.close()
+        for fd in (*wake, named["status"]):
+            os.close(fd)
+        child.main(spec, named)
+    for name, fd in named.items():
+        if name != "status":
+            os.close(fd)
+    try:
+        os.write(named["status"], PID.pack(pid))
+    except OSError:
+        pass  # the host gave up on this call; the reap still happens
+    children[pid] = named["status"]
+
+
+def _reap(children: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        status_fd = children.pop(pid, None)
+        if status_fd is None:
+            continue  # an orphan a plugin left behind, re-parented to us
+        try:
+            os.write(status_fd, EXIT.pack(status, usage.ru_maxrss))
+        except OSError:
+            pass  # the host closed its end already
+        finally:
+            os.close(status_fd)
+
+
+def main() -> None:
+    """Entry point of the launcher process: `python -m sandbox.launcher FD`."""
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    serve(sock)
+
+
+SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
+LAUNCHER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+class Launcher:
+    """Host-side handle on the launcher process; safe to share between threads.
+
+    The launcher is started on first use and started again if it has died.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the running launcher, or None before the first call."""
+        process = self._process
+        return None if process is None else int(process.pid)
+
+    def _alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _ensure_started(self) -> socket.socket:
+        if self._sock is not None and self._alive():
+            return self._sock
+        self._stop_locked()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.set_inheritable(False)
+        bootstrap = f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); import sandbox.launcher as l; l.main()"
+        process = subprocess.Popen(
+            [sys.executable, "-E", "-s", "-c", bootstrap, str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=LAUNCHER_ENV,
+        )
+        theirs.close()
+        self._process, self._sock = process, ours
+        return ours
+
+    def start_child(self, spec: dict[str, Any], fds: dict[str, int]) -> None:
+        """Ask the launcher to fork a child for `spec` with the descriptors `fds`.
+
+        `fds` maps every name of FD_ORDER to a descriptor; the caller keeps
+        its own copies and closes them. Raises LauncherError if the launcher
+        cannot be reached even after a restart.
+        """
+        message = json.dumps(spec).encode()
+        ordered = [fds[name] for name in FD_ORDER]
+        with self._lock:
+            for attempt in (1, 2):
+                sock = self._ensure_started()
+                try:
+                    socket.send_fds(sock, [message], ordered)
+                    return
+                except OSError as exc:
+                    self._stop_locked()
+                    if attempt == 2:
+                        raise LauncherError(f"launcher unreachable: {exc}") from exc
+
+    def _stop_locked(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._process is not None:
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(5)
+            self._process = None
+
+    def stop(self) -> None:
+        """Close the launcher; it kills the children it started and exits."""
+        with self._lock:
+            self._stop_locked()
+
+
+if __name__ == "__main__":
+    main()

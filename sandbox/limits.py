@@ -1,0 +1,110 @@
+"""Resource limits of one plugin call, as values.
+
+`HostLimits` is the one documented place for the host's tunables: the
+defaults a plugin gets when its manifest is silent and the maxima its
+manifest cannot exceed. `PluginLimits` is what a manifest asks for.
+`HostLimits.clamp` turns the two into the `CallLimits` of one call, and
+`rlimits_for` turns those into the kernel rlimits the child applies to
+itself before it imports any plugin code.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PluginLimits:
+    """Limits a plugin manifest asks for; `None` means the host default."""
+
+    timeout_s: float | None = None
+    memory_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    """The limits one sandboxed call runs under, already clamped."""
+
+    timeout_s: float
+    memory_mb: int
+    max_processes: int
+    max_open_files: int
+    max_file_size_mb: int
+    max_output_bytes: int
+    max_stream_bytes: int
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """Host-wide defaults and maxima for plugin calls.
+
+    timeout_s / memory_mb: used when a manifest does not set them.
+    max_timeout_s / max_memory_mb: a manifest value above them is clamped.
+    max_processes: processes the call's whole tree may hold at once,
+        the call's own process included (RLIMIT_NPROC on a per-call uid).
+    max_open_files: descriptors per process (RLIMIT_NOFILE).
+    max_file_size_mb: largest file a plugin may write (RLIMIT_FSIZE).
+    max_output_bytes: largest JSON result a plugin may return.
+    max_stream_bytes: stdout plus stderr a plugin may print before it is
+        stopped; only a short tail of it is kept.
+    max_image_bytes: largest image a payload may carry.
+    """
+
+    timeout_s: float = 10.0
+    memory_mb: int = 256
+    max_timeout_s: float = 60.0
+    max_memory_mb: int = 2048
+    max_processes: int = 16
+    max_open_files: int = 64
+    max_file_size_mb: int = 16
+    max_output_bytes: int = 1 * MiB
+    max_stream_bytes: int = 4 * MiB
+    max_image_bytes: int = 20 * MiB
+
+    def clamp(self, wanted: PluginLimits) -> CallLimits:
+        """Return the limits of a call for a plugin asking for `wanted`."""
+        timeout = self.timeout_s if wanted.timeout_s is None else wanted.timeout_s
+        memory = self.memory_mb if wanted.memory_mb is None else wanted.memory_mb
+        return CallLimits(
+            timeout_s=min(max(timeout, 0.01), self.max_timeout_s),
+            memory_mb=min(max(memory, 16), self.max_memory_mb),
+            max_processes=self.max_processes,
+            max_open_files=self.max_open_files,
+            max_file_size_mb=self.max_file_size_mb,
+            max_output_bytes=self.max_output_bytes,
+            max_stream_bytes=self.max_stream_bytes,
+        )
+
+
+def rlimits_for(limits: CallLimits) -> dict[int, tuple[int, int]]:
+    """Map call limits to `{RLIMIT_*: (soft, hard)}`, soft == hard.
+
+    Soft and hard are equal so the plugin cannot raise a soft limit back up.
+    """
+    memory = limits.memory_mb * MiB
+    # The host enforces the wall clock; CPU seconds are the backstop for a
+    # host that stopped watching. One second of slack keeps the host's own
+    # verdict (timeout) first for a busy loop.
+    cpu = math.ceil(limits.timeout_s) + 1
+    return {
+        # Address space, not RSS: the only per-process memory rlimit Linux
+        # enforces. It also refuses huge reservations that are never touched.
+        # The host's watchdog covers memory spread over several processes.
+        resource.RLIMIT_AS: (memory, memory),
+        # A data-segment cap as well, for allocators that use brk.
+        resource.RLIMIT_DATA: (memory, memory),
+        resource.RLIMIT_CPU: (cpu, cpu),
+        resource.RLIMIT_NOFILE: (limits.max_open_files, limits.max_open_files),
+        resource.RLIMIT_FSIZE: (limits.max_file_size_mb * MiB, limits.max_file_size_mb * MiB),
+        # Counts every process of the call's own uid, so it caps the tree.
+        # Root ignores it, which is why the child drops to that uid first.
+        resource.RLIMIT_NPROC: (limits.max_processes, limits.max_processes),
+        # No core dumps: a crashing plugin must not write its memory to disk.
+        resource.RLIMIT_CORE: (0, 0),
+        # Nothing locked in RAM beyond what the kernel gives by default.
+        resource.RLIMIT_MEMLOCK: (0, 0),
+    }

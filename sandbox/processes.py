@@ -1,0 +1,121 @@
+"""Finding, measuring and killing every process that belongs to one call.
+
+A call's processes are found two ways at once:
+
+* by uid, when the host runs as root: each call runs under its own
+  unprivileged uid (`UidPool`), so every process with that uid is the call's,
+  however it was started (double fork, `setsid`, daemonised);
+* by session and ancestry otherwise: the child leads its own session and
+  its descendants are found through psutil. A process that both leaves the
+  session and is re-parented escapes this weaker mode (SECURITY.md says so).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import psutil
+
+UID_BASE = 1_500_000
+UID_SLOTS = 1024
+LOCK_DIR = "/run/plughost/uids"
+
+
+@dataclass(frozen=True)
+class CallProcesses:
+    """How to recognise one call's processes."""
+
+    root_pid: int
+    uid: int | None
+
+    def members(self) -> list[psutil.Process]:
+        """Every live (non-zombie) process of the call."""
+        found: dict[int, psutil.Process] = {}
+        if self.uid is not None:
+            for proc in psutil.process_iter(["uids", "status"]):
+                info = proc.info
+                if info["uids"] is not None and info["uids"].real == self.uid:
+                    if info["status"] != psutil.STATUS_ZOMBIE:
+                        found[proc.pid] = proc
+            return list(found.values())
+        try:
+            root = psutil.Process(self.root_pid)
+            found[root.pid] = root
+            for proc in root.children(recursive=True):
+                found[proc.pid] = proc
+        except psutil.Error:
+            pass
+        for proc in psutil.process_iter(["status"]):
+            try:
+                if os.getsid(proc.pid) == self.root_pid:
+                    found[proc.pid] = proc
+            except OSError:
+                continue
+        return [p for p in found.values() if p.info.get("status") != psutil.STATUS_ZOMBIE]
+
+    def total_rss(self) -> int:
+        """Sum of the resident memory of every process of the call, in bytes."""
+        total = 0
+        for proc in self.members():
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def kill_all(self, deadline_s: float = 2.0) -> int:
+        """SIGKILL every process of the call until none is left; return how many.
+
+        Processes stopped with SIGSTOP die too (SIGKILL needs no continue) and
+        are also sent SIGCONT so a tracer cannot hold them. The sweep repeats
+        because a process may fork between one scan and its kill; the call's
+        process cap bounds how often that can happen.
+        """
+        killed = 0
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            procs = self.members()
+            if not procs:
+                break
+            for proc in procs:
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.send_signal(signal.SIGCONT)
+                    killed += 1
+                except psutil.Error:
+                    continue
+        return killed
+
+
+class UidPool:
+    """Hands out one unprivileged uid per running call.
+
+    A uid is held with an exclusive `flock` on a file in LOCK_DIR, so two
+    hosts on one machine never share one; the lock dies with its holder.
+    """
+
+    def __init__(self, base: int = UID_BASE, slots: int = UID_SLOTS) -> None:
+        self._base = base
+        self._slots = slots
+        os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
+
+    def acquire(self) -> tuple[int, int]:
+        """Lock a free uid. Returns `(uid, lock_fd)`. Raises RuntimeError when all are taken."""
+        for uid in range(self._base, self._base + self._slots):
+            fd = os.open(f"{LOCK_DIR}/{uid}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return uid, fd
+        raise RuntimeError(f"all {self._slots} sandbox uids are in use")
+
+    @staticmethod
+    def release(lock_fd: int) -> None:
+        """Give the uid back (its processes must be dead by now)."""
+        os.close(lock_fd)

@@ -1,0 +1,146 @@
+"""The pipe protocol between the host and a sandbox child.
+
+Every message is one frame: a 4-byte big-endian length, then that many
+bytes of UTF-8 JSON. The reader checks the length against its maximum
+before it reads a byte of the body, and decodes only strict JSON (no NaN,
+no Infinity). Nothing a child writes is ever unpickled.
+
+Host to child (a sealed in-memory file the child reads once)::
+
+    frame  {"mime_type": str, "options": {...}, "image_size": int}
+    bytes  the image, exactly image_size of them
+
+Child to host (its reply pipe), in this order::
+
+    {"type": "ready"}                  limits applied, plugin not imported yet
+    {"type": "result", "result": {...}}
+    {"type": "error", "reason": ..., "message": ..., "exc_type": ..., "traceback": ...}
+
+Exactly one `ready` and one final frame; anything else is a protocol
+violation. The plugin's stdout and stderr are separate pipes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+HEADER = struct.Struct(">I")
+READY = {"type": "ready"}
+
+ChildErrorReason = Literal[
+    "plugin_raised", "invalid_output", "output_too_large", "load_failed", "memory_limit"
+]
+
+
+class ProtocolError(Exception):
+    """Bytes on the pipe that the protocol does not allow."""
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    """Serialise `message` as one frame. Raises ValueError for non-JSON data."""
+    body = json.dumps(message, allow_nan=False, separators=(",", ":")).encode()
+    return HEADER.pack(len(body)) + body
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # "1e999" decodes to inf otherwise
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+def decode_json(body: bytes) -> Any:
+    """Decode strict JSON. Raises ProtocolError on anything else."""
+    try:
+        return json.loads(
+            body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame is not valid JSON: {type(exc).__name__}") from exc
+
+
+class FrameReader:
+    """Incremental frame parser for bytes arriving on a non-blocking pipe."""
+
+    def __init__(self, max_body: int) -> None:
+        self._max_body = max_body
+        self._buffer = bytearray()
+        self.frames: list[bytes] = []
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes; completed frames land in `frames`.
+
+        Raises ProtocolError as soon as a header announces more than the maximum.
+        """
+        self._buffer += data
+        while len(self._buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buffer)
+            if length > self._max_body:
+                raise ProtocolError(
+                    f"frame of {length} bytes announced, the limit is {self._max_body}"
+                )
+            if len(self._buffer) < HEADER.size + length:
+                return
+            self.frames.append(bytes(self._buffer[HEADER.size : HEADER.size + length]))
+            del self._buffer[: HEADER.size + length]
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still buffered."""
+        return len(self._buffer)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ReadyMessage(_Strict):
+    type: Literal["ready"]
+
+
+class ResultMessage(_Strict):
+    type: Literal["result"]
+    result: dict[str, Any]
+
+
+class ErrorMessage(_Strict):
+    type: Literal["error"]
+    reason: ChildErrorReason
+    message: str
+    exc_type: str
+    traceback: str
+
+
+def parse_ready(body: bytes) -> None:
+    """Check that the first frame is the ready marker."""
+    try:
+        ReadyMessage.model_validate(decode_json(body))
+    except ValidationError as exc:
+        raise ProtocolError("first frame is not the ready marker") from exc
+
+
+def parse_reply(body: bytes) -> ResultMessage | ErrorMessage:
+    """Parse the final frame. Raises ProtocolError for anything not allowed."""
+    data = decode_json(body)
+    kind = data.get("type") if isinstance(data, dict) else None
+    model: type[ResultMessage] | type[ErrorMessage]
+    if kind == "result":
+        model = ResultMessage
+    elif kind == "error":
+        model = ErrorMessage
+    else:
+        raise ProtocolError(f"reply of type {str(kind)[:40]!r} is not allowed")
+    try:
+        message = model.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(f"malformed {kind} reply: {exc.error_count()} errors") from exc
+    return message

@@ -1,0 +1,418 @@
+"""Runs one plugin call in a fresh child and watches it until a verdict.
+
+Data flow of `Sandbox.execute` (one host thread per call)::
+
+    payload -> sealed memfd ----------------------------+
+    status, reply, stdout, stderr pipes (write ends) ---+--> Launcher.start_child
+                                                             |
+    status pipe: pid, later the wait status  <---------------+  (launcher)
+    reply pipe:  ready frame, final frame    <---- child ----+
+    stdout/stderr pipes: capped, tail kept   <---- child ----+
+
+    loop: selectors.select(min(deadline, next watchdog sample))
+        reply bytes  -> FrameReader (size checked before the body)
+        status bytes -> child exited: exit status known
+        watchdog     -> RSS of the call's whole process tree
+        deadline     -> kill, verdict "timeout"
+    finally: kill every process of the call, reap, remove scratch, free uid
+
+The deadline is on the monotonic clock and counts from the fork, so plugin
+import time counts against it. Nothing read from a child is unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandbox.child import SETUP_FAILED, describe_exit
+from sandbox.launcher import EXIT, PID, Launcher
+from sandbox.limits import MiB, CallLimits
+from sandbox.outcome import Outcome, Status
+from sandbox.processes import CallProcesses, UidPool
+from sandbox.protocol import (
+    HEADER,
+    ErrorMessage,
+    FrameReader,
+    ProtocolError,
+    encode_frame,
+    parse_ready,
+    parse_reply,
+)
+
+WATCHDOG_INTERVAL_S = 0.02
+TAIL_BYTES = 2048
+# After the final frame, how long the child may take to exit before it is killed.
+EXIT_GRACE_S = 0.5
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """Everything the sandbox needs for one call."""
+
+    plugin: str
+    plugin_dir: str
+    entrypoint: str
+    limits: CallLimits
+    image: bytes
+    mime_type: str
+    options: dict[str, Any]
+
+
+@dataclass
+class _Stream:
+    fd: int
+    total: int = 0
+    tail: bytearray = field(default_factory=bytearray)
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        self.tail += data
+        del self.tail[:-TAIL_BYTES]
+
+    def text(self) -> str:
+        return self.tail.decode("utf-8", "replace")[-TAIL_BYTES:]
+
+
+class _Verdict(Exception):
+    """Ends the watch loop with an outcome (raised inside `_watch`)."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+def _stopped(reason: str, message: str, **details: Any) -> _Verdict:
+    return _Verdict(Outcome(Status.SANDBOX_STOPPED, reason=reason, message=message, details=details))
+
+
+class Sandbox:
+    """Executes calls, one fresh child process each; safe to share between threads."""
+
+    def __init__(self, launcher: Launcher | None = None, scratch_root: str | None = None) -> None:
+        self.launcher = launcher or Launcher()
+        self._as_root = os.geteuid() == 0
+        self._uids = UidPool() if self._as_root else None
+        self._scratch_root = scratch_root
+
+    @property
+    def drops_privileges(self) -> bool:
+        """True when each call runs under its own unprivileged uid."""
+        return self._as_root
+
+    def execute(self, call: CallSpec) -> Outcome:
+        """Run `call` in a fresh child and return its outcome.
+
+        Kills and reaps every process of the call before it returns, also when
+        the calling thread is interrupted. Raises only for host-side failures
+        (no uid free, launcher unreachable), which the ToolRunner reports.
+        """
+        uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
+        scratch = tempfile.mkdtemp(prefix="plughost-call-", dir=self._scratch_root)
+        opened: list[int] = []
+        procs: CallProcesses | None = None
+        try:
+            if uid is not None:
+                CallProcesses(0, uid).kill_all()  # leftovers of a host that died
+                os.chown(scratch, uid, uid)
+            pipes = {name: os.pipe2(os.O_CLOEXEC) for name in ("status", "reply", "stdout", "stderr")}
+            opened.extend(fd for pair in pipes.values() for fd in pair)
+            payload_fd = self._payload_file(call)
+            opened.append(payload_fd)
+            spec = {
+                "plugin_dir": call.plugin_dir,
+                "entrypoint": call.entrypoint,
+                "limits": call.limits.__dict__,
+                "scratch": scratch,
+                "uid": uid,
+                "gid": uid,
+                "expose": _exposed_paths(call.plugin_dir),
+            }
+            started = time.monotonic()
+            self.launcher.start_child(
+                spec, {**{name: pair[1] for name, pair in pipes.items()}, "payload": payload_fd}
+            )
+            for name, (_, write_end) in pipes.items():
+                os.close(write_end)
+                opened.remove(write_end)
+            os.close(payload_fd)
+            opened.remove(payload_fd)
+            read_ends = {name: pair[0] for name, pair in pipes.items()}
+            pid = _read_pid(read_ends["status"], started + call.limits.timeout_s + 5)
+            procs = CallProcesses(pid, uid)
+            return _Watch(call, read_ends, procs, started).run()
+        finally:
+            if procs is not None:
+                procs.kill_all()
+            elif uid is not None:
+                CallProcesses(0, uid).kill_all()
+            for fd in opened:
+                os.close(fd)
+            shutil.rmtree(scratch, ignore_errors=True)
+            if uid is not None:
+                UidPool.release(lock_fd)
+
+    @staticmethod
+    def _payload_file(call: CallSpec) -> int:
+        header = {"mime_type": call.mime_type, "options": call.options, "image_size": len(call.image)}
+        fd = os.memfd_create("plughost-payload", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, encode_frame(header))
+            view = memoryview(call.image)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _exposed_paths(plugin_dir: str) -> list[str]:
+    import sys
+
+    return [sys.base_prefix, sys.prefix, plugin_dir, *[p for p in sys.path if p]]
+
+
+def _read_pid(status_fd: int, deadline: float) -> int:
+    buffer = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(status_fd, selectors.EVENT_READ)
+        while len(buffer) < PID.size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                raise RuntimeError("launcher did not report the child's pid in time")
+            chunk = os.read(status_fd, PID.size - len(buffer))
+            if not chunk:
+                raise RuntimeError("launcher closed the status pipe before reporting a pid")
+            buffer += chunk
+    (pid,) = PID.unpack(buffer)
+    return int(pid)
+
+
+class _Watch:
+    """State of one call while the host waits for its verdict."""
+
+    def __init__(
+        self, call: CallSpec, fds: dict[str, int], procs: CallProcesses, started: float
+    ) -> None:
+        self.call = call
+        self.fds = fds
+        self.procs = procs
+        self.started = started
+        self.deadline = started + call.limits.timeout_s
+        self.reply = FrameReader(max_body=call.limits.max_output_bytes + 64 * 1024)
+        self.status = bytearray()
+        self.exit_status: int | None = None
+        self.maxrss_kb = 0
+        self.peak_rss = 0
+        self.streams = {name: _Stream(fds[name]) for name in ("stdout", "stderr")}
+        self.final: bytes | None = None
+        self.exit_by = float("inf")
+        self.ready = False
+
+    def elapsed_ms(self) -> float:
+        return round((time.monotonic() - self.started) * 1000, 3)
+
+    def run(self) -> Outcome:
+        try:
+            self._loop()
+            outcome = self._judge()
+        except _Verdict as verdict:
+            self.procs.kill_all()
+            outcome = verdict.outcome
+            self._collect_exit(time.monotonic() + 2.0)
+        outcome.details.setdefault("elapsed_ms", self.elapsed_ms())
+        peak_mb = max(self.peak_rss, self.maxrss_kb * 1024) / MiB
+        outcome.details.setdefault("peak_rss_mb", round(peak_mb, 1))
+        for name, stream in self.streams.items():
+            if stream.total:
+                outcome.details.setdefault(f"{name}_tail", stream.text())
+        return outcome
+
+    # -- the wait loop -------------------------------------------------------
+
+    def _loop(self) -> None:
+        limits = self.call.limits
+        with selectors.DefaultSelector() as selector:
+            for name in ("status", "reply", "stdout", "stderr"):
+                selector.register(self.fds[name], selectors.EVENT_READ, name)
+            next_sample = time.monotonic()
+            while self.exit_status is None:
+                now = time.monotonic()
+                if self.final is not None and now >= self.exit_by:
+                    # Replied but lingers (a thread holding it up): end it, keep the reply.
+                    self.procs.kill_all()
+                    self._collect_exit(time.monotonic() + 2.0)
+                    if self.exit_status is None:
+                        raise _stopped("crashed", "sandbox child could not be reaped")
+                    break
+                if now >= self.deadline:
+                    raise _stopped(
+                        "timeout",
+                        f"plugin did not finish within {limits.timeout_s:g} s",
+                        limit_s=limits.timeout_s,
+                    )
+                if now >= next_sample:
+                    self._sample_memory()
+                    next_sample = now + WATCHDOG_INTERVAL_S
+                wait = max(0.0, min(self.deadline, self.exit_by, next_sample) - now)
+                for key, _ in selector.select(wait):
+                    if not self._on_readable(key.data, key.fd):
+                        selector.unregister(key.fd)
+                if self.final is not None and self.exit_by == float("inf"):
+                    # The reply is in: the child only has to exit.
+                    self.exit_by = time.monotonic() + EXIT_GRACE_S
+            # The child is gone; pick up what it wrote just before it exited.
+            self._drain_after_exit()
+
+    def _on_readable(self, name: str, fd: int) -> bool:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        if name == "status":
+            self.status += data
+            if len(self.status) >= EXIT.size:
+                status, maxrss = EXIT.unpack(self.status[: EXIT.size])
+                self.exit_status, self.maxrss_kb = status, maxrss
+        elif name == "reply":
+            self._on_reply(data)
+        else:
+            stream = self.streams[name]
+            stream.add(data)
+            total = sum(s.total for s in self.streams.values())
+            if total > self.call.limits.max_stream_bytes:
+                raise _stopped(
+                    "output_too_large",
+                    f"plugin printed more than {self.call.limits.max_stream_bytes} bytes",
+                    stream=name,
+                    limit_bytes=self.call.limits.max_stream_bytes,
+                )
+        return True
+
+    def _on_reply(self, data: bytes) -> None:
+        if self.final is not None:
+            raise _stopped("protocol_violation", "bytes after the final frame")
+        try:
+            self.reply.feed(data)
+            while self.reply.frames:
+                frame = self.reply.frames.pop(0)
+                if not self.ready:
+                    parse_ready(frame)
+                    self.ready = True
+                elif self.final is None:
+                    self.final = frame
+                else:
+                    raise ProtocolError("more than one final frame")
+        except ProtocolError as exc:
+            raise _stopped("protocol_violation", str(exc)) from exc
+
+    def _sample_memory(self) -> None:
+        rss = self.procs.total_rss()
+        self.peak_rss = max(self.peak_rss, rss)
+        limit = self.call.limits.memory_mb * MiB
+        if rss > limit:
+            raise _stopped(
+                "memory_limit",
+                f"plugin used {rss / MiB:.0f} MB, the limit is {self.call.limits.memory_mb} MB",
+                limit_mb=self.call.limits.memory_mb,
+                peak_rss_mb=round(rss / MiB, 1),
+            )
+
+    def _drain_after_exit(self) -> None:
+        for name in ("reply", "stdout", "stderr"):
+            fd = self.fds[name]
+            os.set_blocking(fd, False)
+            # Grandchildren may still hold the write end; read only what is there.
+            for _ in range(64):
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                if name == "reply":
+                    self._on_reply(data)
+                else:
+                    self.streams[name].add(data)
+
+    def _collect_exit(self, deadline: float) -> None:
+        fd = self.fds["status"]
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while self.exit_status is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    return
+                if not self._on_readable("status", fd):
+                    return
+
+    # -- the verdict ---------------------------------------------------------
+
+    def _judge(self) -> Outcome:
+        assert self.exit_status is not None
+        exit_info = describe_exit(self.exit_status)
+        if not self.ready:
+            if exit_info.get("exit_code") == SETUP_FAILED:
+                return Outcome(
+                    Status.HOST_FAILED,
+                    reason="internal",
+                    message="the sandbox could not apply its limits; the plugin was not run",
+                    details={"stage": "sandbox_setup", "stderr_tail": self.streams["stderr"].text()},
+                )
+            raise _stopped("crashed", "sandbox child died before it was ready", **exit_info)
+        if self.reply.pending:
+            raise _stopped("protocol_violation", "truncated frame on the reply pipe", **exit_info)
+        if self.final is None:
+            return self._crashed(exit_info)
+        try:
+            reply = parse_reply(self.final)
+        except ProtocolError as exc:
+            raise _stopped("protocol_violation", str(exc)) from exc
+        if isinstance(reply, ErrorMessage):
+            return Outcome(
+                Status.SANDBOX_STOPPED if reply.reason == "memory_limit" else Status.PLUGIN_FAILED,
+                reason=reply.reason,
+                message=reply.message.splitlines()[0][:500] if reply.message else reply.exc_type,
+                details={"exception": reply.exc_type[:200]}
+                | ({"limit_mb": self.call.limits.memory_mb} if reply.reason == "memory_limit" else {}),
+                traceback=reply.traceback,
+            )
+        if len(self.final) > self.call.limits.max_output_bytes:
+            return Outcome(
+                Status.PLUGIN_FAILED,
+                reason="output_too_large",
+                message=f"result of {len(self.final)} bytes, the limit is "
+                f"{self.call.limits.max_output_bytes}",
+                details={"limit_bytes": self.call.limits.max_output_bytes},
+            )
+        return Outcome(Status.SUCCESS, result=reply.result)
+
+    def _crashed(self, exit_info: dict[str, Any]) -> Outcome:
+        signal_name = exit_info.get("signal")
+        if signal_name == signal.SIGXCPU.name:
+            return Outcome(
+                Status.SANDBOX_STOPPED,
+                reason="timeout",
+                message="plugin used up its CPU time",
+                details={"limit_s": self.call.limits.timeout_s, **exit_info},
+            )
+        if signal_name == signal.SIGXFSZ.name:
+            detail = "plugin exceeded the file size limit"
+        elif signal_name:
+            detail = f"plugin process was killed by {signal_name}"
+        else:
+            detail = f"plugin process exited with code {exit_info['exit_code']} without a reply"
+        return Outcome(Status.SANDBOX_STOPPED, reason="crashed", message=detail, details=exit_info)
+
+
+__all__ = ["CallSpec", "Sandbox", "HEADER"]
