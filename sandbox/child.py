@@ -18,8 +18,8 @@ and its result checked and sent as one frame.
 
 from __future__ import annotations
 
+import errno
 import importlib
-import json
 import os
 import resource
 import signal
@@ -128,6 +128,10 @@ def _run_plugin(spec: dict[str, Any], payload: dict[str, Any]) -> bytes:
         result = plugin.run(payload)
     except MemoryError as exc:
         return encode_frame(_error("memory_limit", exc, "out of memory"))
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:  # mmap and friends refused by RLIMIT_AS
+            return encode_frame(_error("memory_limit", exc, "out of memory"))
+        return encode_frame(_error("plugin_raised", exc))
     except SystemExit as exc:
         # The plugin asked the interpreter to exit: honour it, without a reply,
         # so the host reports it as a child that died.
@@ -174,4 +178,4 @@ def describe_exit(status: int) -> dict[str, Any]:
     return {"exit_code": os.WEXITSTATUS(status)}
 
 
-__all__ = ["main", "describe_exit", "SETUP_FAILED", "json"]
+__all__ = ["SETUP_FAILED", "describe_exit", "main"]

@@ -1,0 +1,146 @@
+"""The `plughost` command line.
+
+    plughost run PLUGIN --image FILE [--mime-type T] [--option K=V]... [--plugins-dir DIR]...
+    plughost plugins [--plugins-dir DIR]... [--json]
+
+`run` prints one JSON document: `{"result": ..., "plugin": ...}` and exits 0,
+or `{"error": {...}}` and exits 1. Usage errors (a missing image file, an
+option that is not K=V) exit 2 with a message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mimetypes
+import sys
+from pathlib import Path
+from typing import Any
+
+from host.discovery import discover
+from host.registry import get_registry
+from sandbox.envelope import public_error
+from sandbox.limits import HostLimits
+from sandbox.tool_runner import ToolRunner
+
+MAGIC = {
+    b"\x89PNG\r\n\x1a\n": "image/png",
+    b"\xff\xd8\xff": "image/jpeg",
+    b"GIF87a": "image/gif",
+    b"GIF89a": "image/gif",
+    b"BM": "image/bmp",
+    b"II*\x00": "image/tiff",
+    b"MM\x00*": "image/tiff",
+}
+
+
+def sniff_mime_type(path: Path, data: bytes) -> str | None:
+    """Guess an image's MIME type from its first bytes, then from its name."""
+    for magic, mime in MAGIC.items():
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return mimetypes.guess_type(path.name)[0]
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"option {text!r} is not KEY=VALUE")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw  # not JSON: keep it as a string
+    return key, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plughost", description="Sandboxed plugin host")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one plugin on one image, print JSON")
+    run.add_argument("plugin")
+    run.add_argument("--image", required=True, type=Path, help="image file to analyse")
+    run.add_argument("--mime-type", help="default: sniffed from the file")
+    run.add_argument(
+        "--option", action="append", default=[], type=_parse_option, metavar="K=V",
+        help="plugin option; VALUE is JSON if it parses, else a string",
+    )
+    run.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
+
+    plugins = commands.add_parser("plugins", help="list installed plugins")
+    plugins.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, sort_keys=True))
+
+
+def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        image = args.image.read_bytes()
+    except OSError as exc:
+        parser.error(f"--image {args.image}: {exc.strerror}")
+    mime_type = args.mime_type or sniff_mime_type(args.image, image)
+    if mime_type is None:
+        parser.error(f"--image {args.image}: cannot tell its type; pass --mime-type")
+    registry = get_registry()
+    discover(registry, args.plugins_dir)
+    for problem in registry.load_errors:
+        print(f"plughost: warning: {problem}", file=sys.stderr)
+    payload = {"image": image, "mime_type": mime_type, "options": dict(args.option)}
+    result, error = ToolRunner().run(args.plugin, payload)
+    if error:
+        _print_json({"error": public_error(error)})
+        return 1
+    _print_json({"result": result, "plugin": args.plugin})
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    registry = get_registry()
+    discover(registry, args.plugins_dir)
+    host = HostLimits()
+    rows = []
+    for name in registry.list_plugins():
+        plugin = registry.get_plugin(name)
+        limits = host.clamp(plugin.manifest.plugin_limits)
+        rows.append(
+            {
+                "name": name,
+                "version": plugin.manifest.version,
+                "description": plugin.manifest.description,
+                "directory": str(plugin.directory),
+                "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
+                "status": registry.get_status(name),
+            }
+        )
+    if args.json:
+        _print_json({"plugins": rows, "load_errors": registry.load_errors})
+        return 0
+    print(f"{'NAME':<20} {'VERSION':<9} {'STATE':<12} {'TIMEOUT':>8} {'MEMORY':>7}  DESCRIPTION")
+    for row in rows:
+        print(
+            f"{row['name']:<20} {row['version']:<9} {row['status']['state']:<12} "
+            f"{row['limits']['timeout_s']:>7g}s {row['limits']['memory_mb']:>5}MB  "
+            f"{row['description']}"
+        )
+    for problem in registry.load_errors:
+        print(f"plughost: warning: {problem}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _cmd_run(args, parser)
+    return _cmd_plugins(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Hostile case: raises KeyboardInterrupt."""
+
+class Plugin:
+    def run(self, payload):
+        raise KeyboardInterrupt

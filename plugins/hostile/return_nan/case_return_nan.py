@@ -1,0 +1,5 @@
+"""Hostile case: returns NaN."""
+
+class Plugin:
+    def run(self, payload):
+        return {'value': float('nan')}

@@ -1,0 +1,5 @@
+"""Hostile case: returns None."""
+
+class Plugin:
+    def run(self, payload):
+        return None

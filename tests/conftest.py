@@ -1,0 +1,112 @@
+"""Shared fixtures: a registry with the bundled and hostile plugins, sample
+images, and a leak check around every test that runs a sandbox."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from PIL import Image, ImageDraw
+
+from host.discovery import BUNDLED_DIR, discover
+from host.registry import PluginRegistry, get_registry
+from sandbox.processes import UID_BASE, UID_SLOTS
+from sandbox.tool_runner import ToolRunner, shared_sandbox
+
+HOSTILE_DIR = BUNDLED_DIR / "hostile"
+
+
+def make_png(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    image = Image.new("RGB", (width, height), color)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([width // 4, height // 4, width // 2, height // 2], fill=(20, 20, 220))
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def png() -> bytes:
+    return make_png()
+
+
+@pytest.fixture
+def payload(png: bytes) -> dict[str, object]:
+    return {"image": png, "mime_type": "image/png", "options": {}}
+
+
+@pytest.fixture
+def registry() -> Iterator[PluginRegistry]:
+    """The process registry, loaded with bundled and hostile plugins, reset after."""
+    reg = get_registry()
+    reg.clear()
+    discover(reg, [HOSTILE_DIR])
+    yield reg
+    reg.clear()
+
+
+@pytest.fixture
+def runner(registry: PluginRegistry) -> ToolRunner:
+    return ToolRunner()
+
+
+def sandbox_processes() -> list[psutil.Process]:
+    """Processes that belong to some call: a sandbox uid, or a child of the launcher."""
+    launcher = shared_sandbox().launcher.pid
+    found = []
+    for proc in psutil.process_iter(["uids", "ppid", "status"]):
+        uid = proc.info["uids"].real if proc.info["uids"] else -1
+        if UID_BASE <= uid < UID_BASE + UID_SLOTS or (launcher and proc.info["ppid"] == launcher):
+            found.append(proc)
+    return found
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a sandbox process or a host descriptor behind."""
+    if "no_leak_check" in request.keywords:
+        yield
+        return
+    shared_sandbox()  # the launcher's descriptors are not a leak
+    before = open_fds()
+    yield
+    deadline = time.monotonic() + 3
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    left = [(p.pid, p.info["status"]) for p in sandbox_processes()]
+    assert not left, f"processes left behind: {left}"
+    leaked = open_fds() - before
+    # The launcher socket may be opened by the first call of the session.
+    launcher_sock = {fd for fd in leaked if _is_launcher_socket(fd)}
+    assert not leaked - launcher_sock, f"descriptors left open: {sorted(leaked - launcher_sock)}"
+
+
+def _is_launcher_socket(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    except OSError:
+        return False
+
+
+def write_plugin(root: Path, name: str, body: str, timeout_s: float = 5, memory_mb: int = 128) -> Path:
+    """Write a one-file plugin whose `run(self, payload)` has `body`; return its dir."""
+    directory = root / name
+    directory.mkdir(parents=True)
+    (directory / "plugin.toml").write_text(
+        f'name = "{name}"\nversion = "0.1.0"\nentrypoint = "{name}_mod:Plugin"\n'
+        f"[limits]\ntimeout_s = {timeout_s}\nmemory_mb = {memory_mb}\n"
+    )
+    indented = "\n".join("        " + line for line in body.strip().splitlines())
+    (directory / f"{name}_mod.py").write_text(
+        "import os, sys, time, signal\n\n\nclass Plugin:\n    def run(self, payload):\n" + indented + "\n"
+    )
+    return directory
