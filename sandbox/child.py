@@ -5,7 +5,7 @@ returns. In order, before any plugin code is imported:
 
 1. own session; stdin from /dev/null, stdout and stderr to the host's
    capture pipes; every other inherited descriptor closed;
-2. (root host) private mount namespace, scratch directory as /tmp;
+2. (root host) private mount namespace with a tmpfs scratch directory;
 3. rlimits (memory, CPU, files, file size, processes, no core);
 4. (root host) drop to the call's own unprivileged uid;
 5. parent-death signal, no_new_privs, scrubbed environment, cwd = scratch;
@@ -32,7 +32,7 @@ from sandbox.limits import CallLimits, rlimits_for
 from sandbox.protocol import HEADER, READY, decode_json, encode_frame
 
 SETUP_FAILED = 121
-SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"}
+SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
 REPLY_FD, PAYLOAD_FD = 3, 4
 
@@ -59,8 +59,9 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> None:
 
     limits = CallLimits(**spec["limits"])
     uid = spec.get("uid")
+    scratch = spec["scratch"]
     if uid is not None:
-        isolation.enter_mount_namespace(spec["expose"], spec["scratch"])
+        scratch = isolation.enter_mount_namespace(spec["expose"], uid, limits.scratch_mb)
     for which, value in rlimits_for(limits).items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
@@ -72,8 +73,8 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> None:
         raise isolation.IsolationError("parent", "launcher exited during setup")
     isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
     os.environ.clear()
-    os.environ.update(SAFE_ENV)
-    os.chdir("/tmp" if uid is not None else spec["scratch"])
+    os.environ.update(SAFE_ENV, HOME=scratch, TMPDIR=scratch)
+    os.chdir(scratch)
 
 
 def _read_payload() -> dict[str, Any]:

@@ -109,38 +109,64 @@ def plan_exposure(needed: Iterable[str]) -> dict[str, list[str]]:
     return plan
 
 
-def enter_mount_namespace(needed: Iterable[str], scratch: str) -> None:
-    """Give the child a private mount namespace.
+SCRATCH = "/tmp/work"
 
-    The scratch directory becomes the child's `/tmp`; `/var/tmp` and
-    `/dev/shm` are emptied; hidden directories are covered as the module
-    docstring explains, with `needed` bound back read-only.
+
+def enter_mount_namespace(needed: Iterable[str], uid: int, scratch_mb: int) -> str:
+    """Give the child a private mount namespace; return its scratch directory.
+
+    The child's `/tmp` becomes an empty read-only tmpfs holding only the
+    scratch directory (`SCRATCH`, a tmpfs of `scratch_mb` owned by `uid`,
+    gone with the namespace) and any needed path that lived below the old
+    `/tmp`. `/var/tmp` and `/dev/shm` are emptied the same way. Hidden
+    directories are covered as the module docstring explains, with `needed`
+    bound back read-only.
     """
     plan = plan_exposure(needed)
+    under_tmp = [p for p in sorted({os.path.realpath(n) for n in needed}) if p.startswith("/tmp/")]
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     # Nothing done below may propagate back to the host's namespace.
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
-    for hidden, paths in plan.items():
-        # Keep a handle on each path before the tmpfs covers it.
-        handles = {p: os.open(p, os.O_PATH) for p in paths}
-        try:
+    # Keep a handle on each path before a tmpfs covers it.
+    handles = {p: os.open(p, os.O_PATH) for paths in plan.values() for p in paths}
+    handles.update({p: os.open(p, os.O_PATH) for p in under_tmp if p not in handles})
+    try:
+        for hidden, paths in plan.items():
+            if hidden == "/tmp" or hidden.startswith("/tmp/"):
+                continue  # the new /tmp below covers it
             _mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
-            for path, fd in handles.items():
-                if os.path.isdir(f"/proc/self/fd/{fd}"):
-                    os.makedirs(path, mode=0o755, exist_ok=True)
-                else:
-                    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-                    with open(path, "wb"):
-                        pass
-                _bind_readonly(f"/proc/self/fd/{fd}", path)
+            _bind_back(paths, handles)
             _mount("none", hidden, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-        finally:
-            for fd in handles.values():
-                os.close(fd)
-    _mount(scratch, "/tmp", None, MS_BIND, None)
+        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+        _bind_back([p for p in handles if p.startswith("/tmp/")], handles)
+        os.mkdir(SCRATCH, 0o700)
+        _mount("tmpfs", "/tmp", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        _mount(
+            "tmpfs",
+            SCRATCH,
+            "tmpfs",
+            MS_NOSUID | MS_NODEV,
+            f"mode=0700,uid={uid},gid={uid},size={scratch_mb}m",
+        )
+    finally:
+        for fd in handles.values():
+            os.close(fd)
     for private in ("/var/tmp", "/dev/shm"):
         if os.path.isdir(private):
-            _mount("tmpfs", private, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=1m")
+            _mount("tmpfs", private, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "mode=0755,size=4k")
+    return SCRATCH
+
+
+def _bind_back(paths: Iterable[str], handles: dict[str, int]) -> None:
+    for path in paths:
+        fd = handles[path]
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+            with open(path, "wb"):
+                pass
+        _bind_readonly(f"/proc/self/fd/{fd}", path)
 
 
 def drop_privileges(uid: int, gid: int) -> None:

@@ -36,6 +36,7 @@ class CallLimits:
     max_file_size_mb: int
     max_output_bytes: int
     max_stream_bytes: int
+    scratch_mb: int
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class HostLimits:
     max_stream_bytes: stdout plus stderr a plugin may print before it is
         stopped; only a short tail of it is kept.
     max_image_bytes: largest image a payload may carry.
+    scratch_mb: size of the call's scratch directory (a tmpfs when the host
+        runs as root, so a plugin cannot fill the host's disk).
     """
 
     timeout_s: float = 10.0
@@ -64,6 +67,7 @@ class HostLimits:
     max_output_bytes: int = 1 * MiB
     max_stream_bytes: int = 4 * MiB
     max_image_bytes: int = 20 * MiB
+    scratch_mb: int = 64
 
     def clamp(self, wanted: PluginLimits) -> CallLimits:
         """Return the limits of a call for a plugin asking for `wanted`."""
@@ -77,6 +81,7 @@ class HostLimits:
             max_file_size_mb=self.max_file_size_mb,
             max_output_bytes=self.max_output_bytes,
             max_stream_bytes=self.max_stream_bytes,
+            scratch_mb=self.scratch_mb,
         )
 
 

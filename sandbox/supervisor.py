@@ -114,13 +114,13 @@ class Sandbox:
         (no uid free, launcher unreachable), which the ToolRunner reports.
         """
         uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
-        scratch = tempfile.mkdtemp(prefix="plughost-call-", dir=self._scratch_root)
+        # A root host gives the child a tmpfs scratch in its own mount namespace.
+        scratch = None if uid is not None else tempfile.mkdtemp(prefix="plughost-call-", dir=self._scratch_root)
         opened: list[int] = []
         procs: CallProcesses | None = None
         try:
             if uid is not None:
                 CallProcesses(0, uid).kill_all()  # leftovers of a host that died
-                os.chown(scratch, uid, uid)
             pipes = {name: os.pipe2(os.O_CLOEXEC) for name in ("status", "reply", "stdout", "stderr")}
             opened.extend(fd for pair in pipes.values() for fd in pair)
             payload_fd = self._payload_file(call)
@@ -154,7 +154,8 @@ class Sandbox:
                 CallProcesses(0, uid).kill_all()
             for fd in opened:
                 os.close(fd)
-            shutil.rmtree(scratch, ignore_errors=True)
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
             if uid is not None:
                 UidPool.release(lock_fd)
 

@@ -1,0 +1,207 @@
+"""Claims about the child's isolation, each tested by attacking it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from host.registry import PluginRegistry
+from sandbox.isolation import hidden_ancestor, plan_exposure
+from sandbox.tool_runner import ToolRunner
+from tests.conftest import write_plugin
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="privilege drop is the root host's defence")
+
+
+@pytest.fixture
+def plugin_root(tmp_path: Path) -> Path:
+    # pytest's tmp_path sits below a 0700 directory: the child must still reach
+    # the plugin through its private mount namespace.
+    return tmp_path / "plugins"
+
+
+def _add(registry: PluginRegistry, root: Path, name: str, body: str, **limits: object) -> None:
+    write_plugin(root, name, body, **limits)
+    assert registry.load_directory(root / name) == [name]
+
+
+@needs_root
+def test_plugin_runs_under_an_unprivileged_uid(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    _add(registry, plugin_root, "whoami", "return {'uid': os.getuid(), 'gid': os.getgid(), "
+         "'groups': os.getgroups(), 'cwd': os.getcwd()}")
+    result, error = runner.run("whoami", payload)
+    assert error == {}
+    assert result["uid"] != 0 and result["gid"] != 0 and result["groups"] == []
+    assert result["cwd"] == "/tmp/work"
+
+
+@needs_root
+def test_plugin_cannot_read_a_file_only_root_may_read(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    secret_dir = Path("/run/plughost-test-secret")
+    secret_dir.mkdir(mode=0o755, exist_ok=True)
+    secret = secret_dir / "secret.txt"
+    secret.write_text("root only")
+    secret.chmod(0o600)
+    try:
+        _add(registry, plugin_root, "thief", f"return {{'data': open({str(secret)!r}).read()}}")
+        result, error = runner.run("thief", payload)
+    finally:
+        secret.unlink()
+        secret_dir.rmdir()
+    assert result == {}
+    assert "Permission denied" in error["error"]["message"]
+
+
+@needs_root
+def test_plugin_cannot_signal_the_host(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    received: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        _add(registry, plugin_root, "signaller", f"os.kill({os.getpid()}, signal.SIGUSR1)\nreturn {{}}")
+        result, error = runner.run("signaller", payload)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert received == []
+    assert error["error"]["details"]["exception"] == "PermissionError"
+
+
+@needs_root
+def test_plugin_cannot_exceed_its_process_cap(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    body = """
+started = 0
+try:
+    for _ in range(200):
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        started += 1
+except OSError:
+    pass
+return {'started': started}
+"""
+    _add(registry, plugin_root, "forker", body)
+    result, error = runner.run("forker", payload)
+    assert error == {}
+    # The cap counts the plugin's own process too.
+    assert result["started"] == runner.limits.max_processes - 1
+
+
+def test_grandchild_is_killed_with_the_call(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    body = """
+import subprocess
+child = subprocess.Popen(['setsid', 'sleep', '300'])
+with open('pid', 'w') as f:
+    f.write(str(child.pid))
+time.sleep(300)
+"""
+    _add(registry, plugin_root, "spawner", body, timeout_s=1)
+    _, error = runner.run("spawner", payload)
+    assert error["error"]["details"]["reason"] == "timeout"
+    # The leak check of conftest asserts no process of the call is left.
+
+
+def test_scratch_directory_is_private_and_removed(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    body = """
+with open('note.txt', 'w') as f:
+    f.write('x')
+return {'listing': sorted(os.listdir('.')), 'where': os.path.realpath('.'), 'env': dict(os.environ)}
+"""
+    _add(registry, plugin_root, "scribe", body)
+    before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("plughost-call-*"))
+    result, error = runner.run("scribe", payload)
+    assert error == {}
+    assert result["listing"] == ["note.txt"]
+    assert set(result["env"]) <= {"PATH", "LANG", "HOME", "TMPDIR"}
+    assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("plughost-call-*")) == before
+
+
+def test_child_inherits_no_descriptor_but_its_own(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    body = "return {'fds': sorted(int(f) for f in os.listdir('/proc/self/fd'))}"
+    _add(registry, plugin_root, "fdlister", body)
+    result, error = runner.run("fdlister", payload)
+    assert error == {}
+    # stdin, stdout, stderr, the reply pipe, and the descriptor listdir opened.
+    assert result["fds"][:4] == [0, 1, 2, 3]
+    assert len(result["fds"]) == 5
+
+
+def test_stdin_is_dev_null(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    _add(registry, plugin_root, "reader", "return {'stdin': sys.stdin.read()}")
+    result, error = runner.run("reader", payload)
+    assert error == {} and result == {"stdin": ""}
+
+
+def test_hidden_ancestor_finds_the_directory_others_cannot_enter(tmp_path: Path) -> None:
+    hidden = tmp_path / "hidden"
+    inner = hidden / "a" / "b"
+    inner.mkdir(parents=True)
+    hidden.chmod(0o700)
+    tmp_path.chmod(0o755)
+    assert hidden_ancestor(str(inner)) in {str(hidden), *map(str, tmp_path.parents)}
+    plan = plan_exposure([str(inner), str(inner / "c"), "/usr"])
+    assert any(str(inner) in paths for paths in plan.values())
+    assert all(not p.startswith("/usr") for paths in plan.values() for p in paths)
+
+
+def test_exposure_plan_never_widens_permissions(tmp_path: Path) -> None:
+    hidden = tmp_path / "h"
+    hidden.mkdir()
+    hidden.chmod(0o700)
+    plan_exposure([str(hidden)])
+    assert stat.S_IMODE(hidden.stat().st_mode) == 0o700
+
+
+@needs_root
+@pytest.mark.parametrize("target", ["/tmp/escape", "/var/tmp/escape", "/dev/shm/escape", "PLUGIN_DIR"])
+def test_plugin_cannot_write_outside_its_scratch_directory(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict, target: str
+) -> None:
+    path = str(plugin_root / "writer" / "escape") if target == "PLUGIN_DIR" else target
+    _add(registry, plugin_root, "writer", f"open({path!r}, 'w').write('x')\nreturn {{}}")
+    result, error = runner.run("writer", payload)
+    assert result == {}
+    assert error["error"]["details"]["exception"] in {"PermissionError", "OSError"}
+    assert not Path(path).exists()
+
+
+@needs_root
+def test_scratch_directory_cannot_fill_the_disk(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    body = """
+written = 0
+try:
+    for i in range(1000):
+        with open(f'blob{i}', 'wb') as f:
+            f.write(b'x' * (4 * 1024 * 1024))
+        written += 4
+except OSError as exc:
+    return {'written_mb': written, 'error': exc.errno}
+return {'written_mb': written}
+"""
+    _add(registry, plugin_root, "filler", body, memory_mb=256)
+    result, error = runner.run("filler", payload)
+    assert error == {}
+    assert result["written_mb"] <= runner.limits.scratch_mb
+    assert result["error"] == 28  # ENOSPC
