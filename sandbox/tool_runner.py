@@ -9,6 +9,7 @@ back as an error envelope (SPEC sections 3 to 5).
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
 import json
@@ -37,6 +38,8 @@ def shared_sandbox() -> Sandbox:
     with _shared_lock:
         if _shared_sandbox is None:
             _shared_sandbox = Sandbox()
+            # Close the launcher and reap it when the host exits: nobody else would.
+            atexit.register(_shared_sandbox.launcher.stop)
         return _shared_sandbox
 
 

@@ -1,0 +1,133 @@
+"""`plughost run` and `plughost plugins`, run as a user would run them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sandbox.processes import UID_BASE, UID_SLOTS
+from tests.conftest import HOSTILE_DIR, make_png
+
+pytestmark = pytest.mark.no_leak_check  # the CLI is its own host process
+
+
+def plughost(*args: str, timeout: float = 30) -> tuple[int, dict | None, str, float]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "host.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+    took = time.monotonic() - started
+    try:
+        document = json.loads(proc.stdout) if proc.stdout.strip() else None
+    except ValueError:
+        document = None
+    return proc.returncode, document, proc.stderr, took
+
+
+def leftover_processes() -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["uids", "cmdline", "ppid"]):
+        uid = proc.info["uids"].real if proc.info["uids"] else -1
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if UID_BASE <= uid < UID_BASE + UID_SLOTS:
+            found.append(f"{proc.pid} uid {uid}")
+        elif "sandbox.launcher" in cmdline and proc.info["ppid"] != psutil.Process().pid:
+            found.append(f"{proc.pid} launcher {proc.status()}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "picture.png"
+    path.write_bytes(make_png(80, 60))
+    return path
+
+
+def test_run_prints_the_result_and_exits_zero(image: Path) -> None:
+    code, document, _, _ = plughost("run", "image_info", "--image", str(image))
+    assert code == 0
+    assert document["plugin"] == "image_info"
+    assert document["result"]["width"] == 80 and document["result"]["format"] == "PNG"
+
+
+def test_run_passes_options(image: Path) -> None:
+    code, document, _, _ = plughost("run", "dominant_colors", "--image", str(image), "--option", "count=2")
+    assert code == 0 and len(document["result"]["colors"]) == 2
+
+
+def test_unknown_plugin_prints_an_error_document_and_exits_one(image: Path) -> None:
+    code, document, _, _ = plughost("run", "nope", "--image", str(image))
+    assert code == 1
+    assert document["error"]["details"]["reason"] == "unknown_plugin"
+    assert "_internal" not in document and "traceback" not in json.dumps(document)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "image_info", "--image", "/no/such/file.png"], "No such file or directory"),
+        (["run", "image_info", "--image", "IMAGE", "--option", "novalue"], "not KEY=VALUE"),
+        (["run", "image_info"], "--image"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_two_with_a_clear_message(image: Path, args: list[str], message: str) -> None:
+    args = [str(image) if a == "IMAGE" else a for a in args]
+    code, _, stderr, _ = plughost(*args)
+    assert code == 2
+    assert message in stderr
+
+
+def test_plugins_lists_bundled_plugins_as_table_and_json() -> None:
+    code, _, _, _ = plughost("plugins")
+    assert code == 0
+    code, document, _, _ = plughost("plugins", "--json")
+    names = {p["name"] for p in document["plugins"]}
+    assert {"image_info", "image_hash", "dominant_colors"} <= names
+    info = next(p for p in document["plugins"] if p["name"] == "image_info")
+    assert info["limits"] == {"timeout_s": 10, "memory_mb": 256}
+    assert info["status"]["state"] == "IDLE"
+
+
+def test_plugins_reports_a_bad_manifest_and_lists_the_rest(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "plugin.toml").write_text('name = "bad"\nversion = "1"\nentrypoint = 42\n')
+    code, document, _, _ = plughost("plugins", "--plugins-dir", str(tmp_path), "--json")
+    assert code == 0
+    assert "image_info" in {p["name"] for p in document["plugins"]}
+    assert any("field 'entrypoint'" in e and str(bad) in e for e in document["load_errors"])
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("busy_loop", "timeout"),
+        ("huge_allocation", "memory_limit"),
+        ("segfault", "crashed"),
+        ("exit_zero", "crashed"),
+        ("setsid_grandchild", "timeout"),
+    ],
+)
+def test_hostile_plugin_gets_its_envelope_in_time_and_leaves_nothing(
+    image: Path, case: str, reason: str
+) -> None:
+    # Baseline: what a CLI run costs without any waiting (interpreter, launcher).
+    _, _, _, baseline = plughost("run", "stderr_chatter", "--image", str(image), "--plugins-dir", str(HOSTILE_DIR))
+    code, document, _, took = plughost("run", case, "--image", str(image), "--plugins-dir", str(HOSTILE_DIR))
+    assert code == 1
+    error = document["error"]
+    assert error["details"]["reason"] == reason
+    # The case manifests set 1 s and 128 MB.
+    assert error["details"]["elapsed_ms"] <= 1500
+    assert took <= baseline + 1.5
+    deadline = time.monotonic() + 3
+    while leftover_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert leftover_processes() == []
