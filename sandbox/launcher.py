@@ -81,7 +81,11 @@ def serve(sock: socket.socket) -> None:
                 message, fds, _, _ = socket.recv_fds(sock, MAX_SPEC, len(FD_ORDER))
                 if not message:
                     return
-                _fork_child(json.loads(message), fds, sock, children, (wake_r, wake_w))
+                request = json.loads(message)
+                if request.get("op") == "kill_uid" and len(fds) == 1:
+                    _fork_killer(int(request["uid"]), fds[0], sock, children, (wake_r, wake_w))
+                else:
+                    _fork_child(request, fds, sock, children, (wake_r, wake_w))
     finally:
         for pid in children:
             try:
@@ -117,6 +121,33 @@ def _fork_child(
     except OSError:
         pass  # the host gave up on this call; the reap still happens
     children[pid] = named["status"]
+
+
+def _fork_killer(
+    uid: int, done_fd: int, sock: socket.socket, children: dict[int, int], wake: tuple[int, int]
+) -> None:
+    # kill(-1) sent by a process of the call's own uid reaches every process of
+    # that uid in one pass under the kernel's task-list lock: a process forking
+    # at that moment cannot slip a new child past it, as it could past a scan
+    # of /proc followed by one kill per pid.
+    if uid <= 0:
+        os.close(done_fd)
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            sock.close()
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            code = 0  # nothing of that uid was left
+        except BaseException:  # noqa: BLE001 - report any failure by exit code only
+            code = 1
+        os._exit(code)
+    children[pid] = done_fd
 
 
 def _reap(children: dict[int, int]) -> None:
@@ -204,6 +235,33 @@ class Launcher:
                     self._stop_locked()
                     if attempt == 2:
                         raise LauncherError(f"launcher unreachable: {exc}") from exc
+
+    def kill_uid(self, uid: int, timeout_s: float = 2.0) -> bool:
+        """Kill every process running as `uid` in one atomic `kill(-1)`.
+
+        Returns True when the launcher confirmed it, False on timeout or if
+        the launcher is gone (callers then fall back to a sweep).
+        """
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with self._lock:
+                if self._sock is None or not self._alive():
+                    return False
+                try:
+                    socket.send_fds(self._sock, [json.dumps({"op": "kill_uid", "uid": uid}).encode()], [done_w])
+                except OSError:
+                    return False
+            os.close(done_w)
+            done_w = -1
+            ready, _, _ = select.select([done_r], [], [], timeout_s)
+            if not ready:
+                return False
+            data = os.read(done_r, EXIT.size)
+            return len(data) == EXIT.size and os.waitstatus_to_exitcode(EXIT.unpack(data)[0]) == 0
+        finally:
+            os.close(done_r)
+            if done_w >= 0:
+                os.close(done_w)
 
     def _stop_locked(self) -> None:
         if self._sock is not None:

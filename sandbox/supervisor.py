@@ -28,6 +28,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +121,7 @@ class Sandbox:
         procs: CallProcesses | None = None
         try:
             if uid is not None:
-                CallProcesses(0, uid).kill_all()  # leftovers of a host that died
+                self._kill(CallProcesses(0, uid))  # leftovers of a host that died
             pipes = {name: os.pipe2(os.O_CLOEXEC) for name in ("status", "reply", "stdout", "stderr")}
             opened.extend(fd for pair in pipes.values() for fd in pair)
             payload_fd = self._payload_file(call)
@@ -146,18 +147,24 @@ class Sandbox:
             read_ends = {name: pair[0] for name, pair in pipes.items()}
             pid = _read_pid(read_ends["status"], started + call.limits.timeout_s + 5)
             procs = CallProcesses(pid, uid)
-            return _Watch(call, read_ends, procs, started).run()
+            return _Watch(call, read_ends, procs, started, self._kill).run()
         finally:
+            if procs is None and uid is not None:
+                procs = CallProcesses(0, uid)
             if procs is not None:
-                procs.kill_all()
-            elif uid is not None:
-                CallProcesses(0, uid).kill_all()
+                self._kill(procs)
             for fd in opened:
                 os.close(fd)
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
             if uid is not None:
                 UidPool.release(lock_fd)
+
+    def _kill(self, procs: CallProcesses) -> None:
+        """Kill every process of a call: atomically by uid, then sweep to verify."""
+        if procs.uid is not None:
+            self.launcher.kill_uid(procs.uid)
+        procs.kill_all()
 
     @staticmethod
     def _payload_file(call: CallSpec) -> int:
@@ -201,12 +208,18 @@ class _Watch:
     """State of one call while the host waits for its verdict."""
 
     def __init__(
-        self, call: CallSpec, fds: dict[str, int], procs: CallProcesses, started: float
+        self,
+        call: CallSpec,
+        fds: dict[str, int],
+        procs: CallProcesses,
+        started: float,
+        kill: Callable[[CallProcesses], None],
     ) -> None:
         self.call = call
         self.fds = fds
         self.procs = procs
         self.started = started
+        self._kill = kill
         self.deadline = started + call.limits.timeout_s
         self.reply = FrameReader(max_body=call.limits.max_output_bytes + 64 * 1024)
         self.status = bytearray()
@@ -226,7 +239,7 @@ class _Watch:
             self._loop()
             outcome = self._judge()
         except _Verdict as verdict:
-            self.procs.kill_all()
+            self._kill(self.procs)
             outcome = verdict.outcome
             self._collect_exit(time.monotonic() + 2.0)
         outcome.details.setdefault("elapsed_ms", self.elapsed_ms())
@@ -249,7 +262,7 @@ class _Watch:
                 now = time.monotonic()
                 if self.final is not None and now >= self.exit_by:
                     # Replied but lingers (a thread holding it up): end it, keep the reply.
-                    self.procs.kill_all()
+                    self._kill(self.procs)
                     self._collect_exit(time.monotonic() + 2.0)
                     if self.exit_status is None:
                         raise _stopped("crashed", "sandbox child could not be reaped")

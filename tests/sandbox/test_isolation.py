@@ -205,3 +205,16 @@ return {'written_mb': written}
     assert error == {}
     assert result["written_mb"] <= runner.limits.scratch_mb
     assert result["error"] == 28  # ENOSPC
+
+
+def test_daemon_that_races_the_kill_never_survives(runner: ToolRunner, payload: dict) -> None:
+    # The plugin returns while its double-forked daemon is being born: a
+    # scan-then-kill sweep misses the newborn now and then; kill(-1) does not.
+    from tests.conftest import sandbox_processes
+
+    survivors = []
+    for _ in range(25):
+        result, error = runner.run("daemon_grandchild", payload)
+        assert error == {}
+        survivors += [p.pid for p in sandbox_processes() if p.info["status"] != "zombie"]
+    assert survivors == []
