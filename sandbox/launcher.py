@@ -40,6 +40,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from typing import Any
 
 import subprocess
@@ -66,6 +67,7 @@ def serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host to handle
     children: dict[int, int] = {}
+    uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
     try:
         while True:
             readable, _, _ = select.select([sock, wake_r], [], [])
@@ -83,15 +85,23 @@ def serve(sock: socket.socket) -> None:
                     return
                 request = json.loads(message)
                 if request.get("op") == "kill_uid" and len(fds) == 1:
-                    _fork_killer(int(request["uid"]), fds[0], sock, children, (wake_r, wake_w))
+                    _fork_killer(int(request["uid"]), fds[0], sock, children)
                 else:
-                    _fork_child(request, fds, sock, children, (wake_r, wake_w))
+                    pid = _fork_child(request, fds, sock, children, (wake_r, wake_w))
+                    if pid and request.get("uid"):
+                        uids[pid] = int(request["uid"])
+                for pid in [p for p in uids if p not in children]:
+                    del uids[pid]
     finally:
+        # The host is gone: end every call still running, descendants included.
+        for uid in set(uids.values()):
+            _fork_killer(uid, -1, sock, {})
         for pid in children:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        _wait_all(deadline_s=2.0)
 
 
 def _fork_child(
@@ -100,11 +110,11 @@ def _fork_child(
     sock: socket.socket,
     children: dict[int, int],
     wake: tuple[int, int],
-) -> None:
+) -> int:
     if len(fds) != len(FD_ORDER):
         for fd in fds:
             os.close(fd)
-        return
+        return 0
     named = dict(zip(FD_ORDER, fds, strict=True))
     spec["launcher_pid"] = os.getpid()
     pid = os.fork()
@@ -121,17 +131,18 @@ def _fork_child(
     except OSError:
         pass  # the host gave up on this call; the reap still happens
     children[pid] = named["status"]
+    return pid
 
 
-def _fork_killer(
-    uid: int, done_fd: int, sock: socket.socket, children: dict[int, int], wake: tuple[int, int]
-) -> None:
+def _fork_killer(uid: int, done_fd: int, sock: socket.socket, children: dict[int, int]) -> None:
+    """Fork a process that kills every process of `uid`; `done_fd` gets its exit status."""
     # kill(-1) sent by a process of the call's own uid reaches every process of
     # that uid in one pass under the kernel's task-list lock: a process forking
     # at that moment cannot slip a new child past it, as it could past a scan
     # of /proc followed by one kill per pid.
     if uid <= 0:
-        os.close(done_fd)
+        if done_fd >= 0:
+            os.close(done_fd)
         return
     pid = os.fork()
     if pid == 0:
@@ -147,7 +158,19 @@ def _fork_killer(
         except BaseException:  # noqa: BLE001 - report any failure by exit code only
             code = 1
         os._exit(code)
-    children[pid] = done_fd
+    if done_fd >= 0:
+        children[pid] = done_fd
+
+
+def _wait_all(deadline_s: float) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.01)  # shutting down: nothing else to wait on
 
 
 def _reap(children: dict[int, int]) -> None:

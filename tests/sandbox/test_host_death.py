@@ -1,0 +1,68 @@
+"""Children die with the host: nothing a plugin started outlives a host killed
+with SIGKILL in the middle of a call."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sandbox.processes import UID_BASE, UID_SLOTS
+from tests.conftest import write_plugin
+
+pytestmark = pytest.mark.no_leak_check  # the host under test is another process
+
+
+def _running(pred) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["uids", "cmdline", "status"]):
+        # A zombie holds no memory or descriptors; this machine's init does not
+        # reap orphans, so zombies of a dead host are not counted here.
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and pred(proc):
+            found.append(proc)
+    return found
+
+
+def test_sandbox_and_launcher_die_when_the_host_is_killed(tmp_path: Path) -> None:
+    write_plugin(tmp_path, "sleeper", "import subprocess\nsubprocess.Popen(['sleep', '300'])\ntime.sleep(300)", timeout_s=30)
+    script = textwrap.dedent(
+        f"""
+        from host.registry import get_registry
+        from sandbox.tool_runner import ToolRunner
+        get_registry().load_directory({str(tmp_path)!r})
+        print(ToolRunner().run("sleeper", {{"image": b"x", "mime_type": "image/png"}}))
+        """
+    )
+    host = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
+    try:
+        def ours(proc: psutil.Process) -> bool:
+            uid = proc.info["uids"].real if proc.info["uids"] else -1
+            if not UID_BASE <= uid < UID_BASE + UID_SLOTS:
+                return False
+            try:
+                return any(p.pid == host.pid for p in proc.parents())
+            except psutil.Error:
+                return False
+
+        deadline = time.monotonic() + 15
+        while len(_running(ours)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sandboxed = _running(ours)
+        assert len(sandboxed) >= 2, "the plugin and its child did not start"
+        launcher = psutil.Process(host.pid).children()[0]
+        os.kill(host.pid, signal.SIGKILL)
+        host.wait(10)
+        gone, alive = psutil.wait_procs([*sandboxed, launcher], timeout=5)
+        alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert alive == []
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait(10)
