@@ -18,5 +18,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The same checks run in pre-commit and CI: lint, format, types, governance.
+check: $(STAMP)
+	$(BIN)/ruff check host sandbox tests scripts plugins
+	$(BIN)/ruff format --check host sandbox tests scripts plugins
+	$(BIN)/mypy
+	$(BIN)/python scripts/scan_governance.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -64,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--image", required=True, type=Path, help="image file to analyse")
     run.add_argument("--mime-type", help="default: sniffed from the file")
     run.add_argument(
-        "--option", action="append", default=[], type=_parse_option, metavar="K=V",
+        "--option",
+        action="append",
+        default=[],
+        type=_parse_option,
+        metavar="K=V",
         help="plugin option; VALUE is JSON if it parses, else a string",
     )
     run.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
@@ -104,7 +108,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     registry = get_registry()
     discover(registry, args.plugins_dir)
     host = HostLimits()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in registry.list_plugins():
         plugin = registry.get_plugin(name)
         limits = host.clamp(plugin.manifest.plugin_limits)

@@ -49,7 +49,9 @@ def _entry_point_plugin(entry: importlib.metadata.EntryPoint) -> RegisteredPlugi
     value = entry.value.strip()
     if ":" not in value:
         directory = Path(value)
-        return RegisteredPlugin(load_manifest(directory / MANIFEST), directory.resolve(), "entry_point")
+        return RegisteredPlugin(
+            load_manifest(directory / MANIFEST), directory.resolve(), "entry_point"
+        )
     module = value.split(":")[0]
     top = module.split(".")[0]
     spec = importlib.util.find_spec(top)  # top-level lookup only: runs no plugin code
@@ -62,7 +64,8 @@ def _entry_point_plugin(entry: importlib.metadata.EntryPoint) -> RegisteredPlugi
     manifest = load_manifest(manifest_dir / MANIFEST, code_dir=root)
     if manifest.entrypoint != value:
         raise ManifestError(
-            manifest_dir / MANIFEST, f"field 'entrypoint': {manifest.entrypoint!r} != entry point {value!r}"
+            manifest_dir / MANIFEST,
+            f"field 'entrypoint': {manifest.entrypoint!r} != entry point {value!r}",
         )
     return RegisteredPlugin(manifest, root.resolve(), "entry_point")
 

@@ -105,15 +105,15 @@ def _load(spec: dict[str, Any]) -> Any:
 
 def _encode_result(result: Any, max_bytes: int) -> bytes | dict[str, Any]:
     if not isinstance(result, dict):
-        problem = TypeError(f"run() returned {type(result).__name__}, expected dict")
-        return _error("invalid_output", problem)
+        wrong_type = TypeError(f"run() returned {type(result).__name__}, expected dict")
+        return _error("invalid_output", wrong_type)
     try:
         frame = encode_frame({"type": "result", "result": result})
     except (TypeError, ValueError, RecursionError) as exc:
         return _error("invalid_output", exc, f"result is not JSON-serialisable: {exc}"[:300])
     if len(frame) > max_bytes:
-        problem = ValueError(f"result of {len(frame)} bytes, the limit is {max_bytes}")
-        return _error("output_too_large", problem)
+        too_large = ValueError(f"result of {len(frame)} bytes, the limit is {max_bytes}")
+        return _error("output_too_large", too_large)
     return frame
 
 

@@ -33,19 +33,19 @@ status. The fork loop below is short enough to read in full.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import signal
 import socket
 import struct
-import threading
-import time
-from typing import Any
-
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from sandbox import child, isolation
 
@@ -70,7 +70,7 @@ def serve(sock: socket.socket) -> None:
     uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
     try:
         while True:
-            readable, _, _ = select.select([sock, wake_r], [], [])
+            readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
             if wake_r in readable:
                 while True:
                     try:
@@ -79,7 +79,7 @@ def serve(sock: socket.socket) -> None:
                     except BlockingIOError:
                         break
                 _reap(children)
-            if sock in readable:
+            if sock.fileno() in readable:
                 message, fds, _, _ = socket.recv_fds(sock, MAX_SPEC, len(FD_ORDER))
                 if not message:
                     return
@@ -97,10 +97,8 @@ def serve(sock: socket.socket) -> None:
         for uid in set(uids.values()):
             _fork_killer(uid, -1, sock, {})
         for pid in children:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         _wait_all(deadline_s=2.0)
 
 
@@ -126,10 +124,9 @@ def _fork_child(
     for name, fd in named.items():
         if name != "status":
             os.close(fd)
-    try:
+    # If the host gave up on this call the write fails; the reap still happens.
+    with contextlib.suppress(OSError):
         os.write(named["status"], PID.pack(pid))
-    except OSError:
-        pass  # the host gave up on this call; the reap still happens
     children[pid] = named["status"]
     return pid
 
@@ -184,12 +181,10 @@ def _reap(children: dict[int, int]) -> None:
         status_fd = children.pop(pid, None)
         if status_fd is None:
             continue  # an orphan a plugin left behind, re-parented to us
-        try:
+        # The host may have closed its end already (it gave up on the call).
+        with contextlib.suppress(OSError):
             os.write(status_fd, EXIT.pack(status, usage.ru_maxrss))
-        except OSError:
-            pass  # the host closed its end already
-        finally:
-            os.close(status_fd)
+        os.close(status_fd)
 
 
 def main() -> None:
@@ -228,7 +223,10 @@ class Launcher:
         self._stop_locked()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.set_inheritable(False)
-        bootstrap = f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); import sandbox.launcher as l; l.main()"
+        bootstrap = (
+            f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); "
+            "import sandbox.launcher as launcher; launcher.main()"
+        )
         process = subprocess.Popen(
             [sys.executable, "-E", "-s", "-c", bootstrap, str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
@@ -271,7 +269,9 @@ class Launcher:
                 if self._sock is None or not self._alive():
                     return False
                 try:
-                    socket.send_fds(self._sock, [json.dumps({"op": "kill_uid", "uid": uid}).encode()], [done_w])
+                    socket.send_fds(
+                        self._sock, [json.dumps({"op": "kill_uid", "uid": uid}).encode()], [done_w]
+                    )
                 except OSError:
                     return False
             os.close(done_w)

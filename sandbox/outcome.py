@@ -21,7 +21,7 @@ class Status(enum.Enum):
     HOST_FAILED = "host_failed"
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     """Plugin states kept in the registry."""
 
     IDLE = "IDLE"

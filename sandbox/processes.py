@@ -12,6 +12,7 @@ A call's processes are found two ways at once:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -42,13 +43,11 @@ class CallProcesses:
                     if info["status"] != psutil.STATUS_ZOMBIE:
                         found[proc.pid] = proc
             return list(found.values())
-        try:
+        with contextlib.suppress(psutil.Error):  # the root may be gone already
             root = psutil.Process(self.root_pid)
             found[root.pid] = root
             for proc in root.children(recursive=True):
                 found[proc.pid] = proc
-        except psutil.Error:
-            pass
         for proc in psutil.process_iter(["status"]):
             try:
                 if os.getsid(proc.pid) == self.root_pid:

@@ -34,7 +34,7 @@ from typing import Any
 
 from sandbox.child import SETUP_FAILED, describe_exit
 from sandbox.launcher import EXIT, PID, Launcher
-from sandbox.limits import MiB, CallLimits
+from sandbox.limits import CallLimits, MiB
 from sandbox.outcome import Outcome, Status
 from sandbox.processes import CallProcesses, UidPool
 from sandbox.protocol import (
@@ -90,7 +90,9 @@ class _Verdict(Exception):
 
 
 def _stopped(reason: str, message: str, **details: Any) -> _Verdict:
-    return _Verdict(Outcome(Status.SANDBOX_STOPPED, reason=reason, message=message, details=details))
+    return _Verdict(
+        Outcome(Status.SANDBOX_STOPPED, reason=reason, message=message, details=details)
+    )
 
 
 class Sandbox:
@@ -116,13 +118,19 @@ class Sandbox:
         """
         uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
         # A root host gives the child a tmpfs scratch in its own mount namespace.
-        scratch = None if uid is not None else tempfile.mkdtemp(prefix="plughost-call-", dir=self._scratch_root)
+        scratch = (
+            None
+            if uid is not None
+            else tempfile.mkdtemp(prefix="plughost-call-", dir=self._scratch_root)
+        )
         opened: list[int] = []
         procs: CallProcesses | None = None
         try:
             if uid is not None:
                 self._kill(CallProcesses(0, uid))  # leftovers of a host that died
-            pipes = {name: os.pipe2(os.O_CLOEXEC) for name in ("status", "reply", "stdout", "stderr")}
+            pipes = {
+                name: os.pipe2(os.O_CLOEXEC) for name in ("status", "reply", "stdout", "stderr")
+            }
             opened.extend(fd for pair in pipes.values() for fd in pair)
             payload_fd = self._payload_file(call)
             opened.append(payload_fd)
@@ -139,7 +147,7 @@ class Sandbox:
             self.launcher.start_child(
                 spec, {**{name: pair[1] for name, pair in pipes.items()}, "payload": payload_fd}
             )
-            for name, (_, write_end) in pipes.items():
+            for _, write_end in pipes.values():
                 os.close(write_end)
                 opened.remove(write_end)
             os.close(payload_fd)
@@ -147,7 +155,7 @@ class Sandbox:
             read_ends = {name: pair[0] for name, pair in pipes.items()}
             pid = _read_pid(read_ends["status"], started + call.limits.timeout_s + 5)
             procs = CallProcesses(pid, uid)
-            return _Watch(call, read_ends, procs, started, self._kill).run()
+            return _Watch(call, read_ends, procs, started, self._kill).until_verdict()
         finally:
             if procs is None and uid is not None:
                 procs = CallProcesses(0, uid)
@@ -168,7 +176,11 @@ class Sandbox:
 
     @staticmethod
     def _payload_file(call: CallSpec) -> int:
-        header = {"mime_type": call.mime_type, "options": call.options, "image_size": len(call.image)}
+        header = {
+            "mime_type": call.mime_type,
+            "options": call.options,
+            "image_size": len(call.image),
+        }
         fd = os.memfd_create("plughost-payload", os.MFD_CLOEXEC)
         try:
             os.write(fd, encode_frame(header))
@@ -234,7 +246,7 @@ class _Watch:
     def elapsed_ms(self) -> float:
         return round((time.monotonic() - self.started) * 1000, 3)
 
-    def run(self) -> Outcome:
+    def until_verdict(self) -> Outcome:
         try:
             self._loop()
             outcome = self._judge()
@@ -381,7 +393,10 @@ class _Watch:
                     Status.HOST_FAILED,
                     reason="internal",
                     message="the sandbox could not apply its limits; the plugin was not run",
-                    details={"stage": "sandbox_setup", "stderr_tail": self.streams["stderr"].text()},
+                    details={
+                        "stage": "sandbox_setup",
+                        "stderr_tail": self.streams["stderr"].text(),
+                    },
                 )
             raise _stopped("crashed", "sandbox child died before it was ready", **exit_info)
         if self.reply.pending:
@@ -398,7 +413,11 @@ class _Watch:
                 reason=reply.reason,
                 message=reply.message.splitlines()[0][:500] if reply.message else reply.exc_type,
                 details={"exception": reply.exc_type[:200]}
-                | ({"limit_mb": self.call.limits.memory_mb} if reply.reason == "memory_limit" else {}),
+                | (
+                    {"limit_mb": self.call.limits.memory_mb}
+                    if reply.reason == "memory_limit"
+                    else {}
+                ),
                 traceback=reply.traceback,
             )
         if len(self.final) > self.call.limits.max_output_bytes:

@@ -74,9 +74,8 @@ def validate_payload(payload: Any, limits: HostLimits) -> tuple[bytes, str, dict
     if not isinstance(mime_type, str) or not mime_type:
         raise InvalidInput("field 'mime_type' is missing")
     if mime_type not in ALLOWED_MIME_TYPES:
-        raise InvalidInput(
-            f"field 'mime_type' {mime_type[:80]!r} is not one of {', '.join(sorted(ALLOWED_MIME_TYPES))}"
-        )
+        allowed = ", ".join(sorted(ALLOWED_MIME_TYPES))
+        raise InvalidInput(f"field 'mime_type' {mime_type[:80]!r} is not one of {allowed}")
     options = payload.get("options", {})
     if options is None:
         options = {}

@@ -21,7 +21,9 @@ from sandbox.tool_runner import ToolRunner, shared_sandbox
 HOSTILE_DIR = BUNDLED_DIR / "hostile"
 
 
-def make_png(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+def make_png(
+    width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
     image = Image.new("RGB", (width, height), color)
     draw = ImageDraw.Draw(image)
     draw.rectangle([width // 4, height // 4, width // 2, height // 2], fill=(20, 20, 220))
@@ -97,7 +99,9 @@ def _is_launcher_socket(fd: int) -> bool:
         return False
 
 
-def write_plugin(root: Path, name: str, body: str, timeout_s: float = 5, memory_mb: int = 128) -> Path:
+def write_plugin(
+    root: Path, name: str, body: str, timeout_s: float = 5, memory_mb: int = 128
+) -> Path:
     """Write a one-file plugin whose `run(self, payload)` has `body`; return its dir."""
     directory = root / name
     directory.mkdir(parents=True)
@@ -107,6 +111,8 @@ def write_plugin(root: Path, name: str, body: str, timeout_s: float = 5, memory_
     )
     indented = "\n".join("        " + line for line in body.strip().splitlines())
     (directory / f"{name}_mod.py").write_text(
-        "import os, sys, time, signal\n\n\nclass Plugin:\n    def run(self, payload):\n" + indented + "\n"
+        "import os, sys, time, signal\n\n\nclass Plugin:\n    def run(self, payload):\n"
+        + indented
+        + "\n"
     )
     return directory

@@ -25,6 +25,10 @@ class DominantColors:
         for pixels, index in histogram[:count]:
             r, g, b = palette[index * 3 : index * 3 + 3]
             colors.append(
-                {"hex": f"#{r:02x}{g:02x}{b:02x}", "rgb": [r, g, b], "share": round(pixels / total, 4)}
+                {
+                    "hex": f"#{r:02x}{g:02x}{b:02x}",
+                    "rgb": [r, g, b],
+                    "share": round(pixels / total, 4),
+                }
             )
         return {"colors": colors, "pixels_sampled": total}

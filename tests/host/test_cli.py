@@ -57,7 +57,9 @@ def test_run_prints_the_result_and_exits_zero(image: Path) -> None:
 
 
 def test_run_passes_options(image: Path) -> None:
-    code, document, _, _ = plughost("run", "dominant_colors", "--image", str(image), "--option", "count=2")
+    code, document, _, _ = plughost(
+        "run", "dominant_colors", "--image", str(image), "--option", "count=2"
+    )
     assert code == 0 and len(document["result"]["colors"]) == 2
 
 
@@ -77,7 +79,9 @@ def test_unknown_plugin_prints_an_error_document_and_exits_one(image: Path) -> N
         (["frobnicate"], "invalid choice"),
     ],
 )
-def test_usage_errors_exit_two_with_a_clear_message(image: Path, args: list[str], message: str) -> None:
+def test_usage_errors_exit_two_with_a_clear_message(
+    image: Path, args: list[str], message: str
+) -> None:
     args = [str(image) if a == "IMAGE" else a for a in args]
     code, _, stderr, _ = plughost(*args)
     assert code == 2
@@ -119,8 +123,12 @@ def test_hostile_plugin_gets_its_envelope_in_time_and_leaves_nothing(
     image: Path, case: str, reason: str
 ) -> None:
     # Baseline: what a CLI run costs without any waiting (interpreter, launcher).
-    _, _, _, baseline = plughost("run", "stderr_chatter", "--image", str(image), "--plugins-dir", str(HOSTILE_DIR))
-    code, document, _, took = plughost("run", case, "--image", str(image), "--plugins-dir", str(HOSTILE_DIR))
+    _, _, _, baseline = plughost(
+        "run", "stderr_chatter", "--image", str(image), "--plugins-dir", str(HOSTILE_DIR)
+    )
+    code, document, _, took = plughost(
+        "run", case, "--image", str(image), "--plugins-dir", str(HOSTILE_DIR)
+    )
     assert code == 1
     error = document["error"]
     assert error["details"]["reason"] == reason

@@ -29,7 +29,9 @@ def site(tmp_path: Path) -> Iterator[Path]:
 def _distribution(site: Path, entry_points: str) -> None:
     info = site / "thirdparty_plugins-1.0.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-plugins\nVersion: 1.0\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: thirdparty-plugins\nVersion: 1.0\n"
+    )
     (info / "entry_points.txt").write_text("[plughost.plugins]\n" + entry_points)
 
 
@@ -46,7 +48,9 @@ def test_entry_point_module_plugin_is_found_and_runs_in_the_sandbox(
     package = site / "tp_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "core.py").write_text("class Plugin:\n    def run(self, payload):\n        return {'from': 'entry point'}\n")
+    (package / "core.py").write_text(
+        "class Plugin:\n    def run(self, payload):\n        return {'from': 'entry point'}\n"
+    )
     (package / "plugin.toml").write_text(
         'name = "tp_module"\nversion = "1.0"\nentrypoint = "tp_pkg.core:Plugin"\n'
     )

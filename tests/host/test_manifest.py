@@ -21,8 +21,14 @@ def _write(tmp_path: Path, text: str, module: bool = True) -> Path:
     [
         ('version = "1"\nentrypoint = "mod:C"\n', "name"),
         ('name = "x"\nversion = "1"\nentrypoint = "no colon"\n', "entrypoint"),
-        ('name = "x"\nversion = "1"\nentrypoint = "mod:C"\n[limits]\ntimeout_s = -1\n', "limits.timeout_s"),
-        ('name = "x"\nversion = "1"\nentrypoint = "mod:C"\n[limits]\nmemory_mb = "lots"\n', "limits.memory_mb"),
+        (
+            'name = "x"\nversion = "1"\nentrypoint = "mod:C"\n[limits]\ntimeout_s = -1\n',
+            "limits.timeout_s",
+        ),
+        (
+            'name = "x"\nversion = "1"\nentrypoint = "mod:C"\n[limits]\nmemory_mb = "lots"\n',
+            "limits.memory_mb",
+        ),
         ('name = "x"\nversion = "1"\nentrypoint = "mod:C"\ncolour = "red"\n', "colour"),
         ('name = "x"\nversion = "1"\nentrypoint = "other:C"\n', "entrypoint"),
         ('name = "' + "a" * 65 + '"\nversion = "1"\nentrypoint = "mod:C"\n', "name"),
@@ -37,7 +43,9 @@ def test_bad_manifest_names_file_and_field(tmp_path: Path, text: str, field: str
 
 
 def test_valid_manifest_loads_with_limits(tmp_path: Path) -> None:
-    path = _write(tmp_path, 'name = "x-1"\nversion = "1"\nentrypoint = "mod:C"\n[limits]\ntimeout_s = 2\n')
+    path = _write(
+        tmp_path, 'name = "x-1"\nversion = "1"\nentrypoint = "mod:C"\n[limits]\ntimeout_s = 2\n'
+    )
     manifest = load_manifest(path)
     assert manifest.name == "x-1" and manifest.plugin_limits.timeout_s == 2
     assert manifest.plugin_limits.memory_mb is None

@@ -68,7 +68,9 @@ def test_image_hash_finds_near_duplicates(runner: ToolRunner) -> None:
     other = Image.new("RGB", (200, 150), (20, 200, 20))
     ImageDraw.Draw(other).rectangle([0, 0, 90, 150], fill=(250, 250, 0))
     near = call(runner, "image_hash", copy, "image/jpeg", compare_to=original["dhash"])
-    far = call(runner, "image_hash", encode(other, "PNG"), "image/png", compare_to=original["dhash"])
+    far = call(
+        runner, "image_hash", encode(other, "PNG"), "image/png", compare_to=original["dhash"]
+    )
     assert near["sha256"] != original["sha256"]
     assert near["distance"]["dhash"] <= 10
     assert far["distance"]["dhash"] > near["distance"]["dhash"] + 10
@@ -77,7 +79,11 @@ def test_image_hash_finds_near_duplicates(runner: ToolRunner) -> None:
 def test_image_hash_rejects_a_malformed_comparison_hash(runner: ToolRunner) -> None:
     _, error = runner.run(
         "image_hash",
-        {"image": encode(scene(), "PNG"), "mime_type": "image/png", "options": {"compare_to": "xyz"}},
+        {
+            "image": encode(scene(), "PNG"),
+            "mime_type": "image/png",
+            "options": {"compare_to": "xyz"},
+        },
     )
     assert "compare_to" in error["error"]["message"]
 

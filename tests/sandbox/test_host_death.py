@@ -31,7 +31,12 @@ def _running(pred) -> list[psutil.Process]:
 
 
 def test_sandbox_and_launcher_die_when_the_host_is_killed(tmp_path: Path) -> None:
-    write_plugin(tmp_path, "sleeper", "import subprocess\nsubprocess.Popen(['sleep', '300'])\ntime.sleep(300)", timeout_s=30)
+    write_plugin(
+        tmp_path,
+        "sleeper",
+        "import subprocess\nsubprocess.Popen(['sleep', '300'])\ntime.sleep(300)",
+        timeout_s=30,
+    )
     script = textwrap.dedent(
         f"""
         from host.registry import get_registry
@@ -42,6 +47,7 @@ def test_sandbox_and_launcher_die_when_the_host_is_killed(tmp_path: Path) -> Non
     )
     host = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
     try:
+
         def ours(proc: psutil.Process) -> bool:
             uid = proc.info["uids"].real if proc.info["uids"] else -1
             if not UID_BASE <= uid < UID_BASE + UID_SLOTS:

@@ -34,8 +34,13 @@ def _add(registry: PluginRegistry, root: Path, name: str, body: str, **limits: o
 def test_plugin_runs_under_an_unprivileged_uid(
     runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
 ) -> None:
-    _add(registry, plugin_root, "whoami", "return {'uid': os.getuid(), 'gid': os.getgid(), "
-         "'groups': os.getgroups(), 'cwd': os.getcwd()}")
+    _add(
+        registry,
+        plugin_root,
+        "whoami",
+        "return {'uid': os.getuid(), 'gid': os.getgid(), "
+        "'groups': os.getgroups(), 'cwd': os.getcwd()}",
+    )
     result, error = runner.run("whoami", payload)
     assert error == {}
     assert result["uid"] != 0 and result["gid"] != 0 and result["groups"] == []
@@ -68,7 +73,12 @@ def test_plugin_cannot_signal_the_host(
     received: list[int] = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
     try:
-        _add(registry, plugin_root, "signaller", f"os.kill({os.getpid()}, signal.SIGUSR1)\nreturn {{}}")
+        _add(
+            registry,
+            plugin_root,
+            "signaller",
+            f"os.kill({os.getpid()}, signal.SIGUSR1)\nreturn {{}}",
+        )
         result, error = runner.run("signaller", payload)
     finally:
         signal.signal(signal.SIGUSR1, previous)
@@ -173,7 +183,9 @@ def test_exposure_plan_never_widens_permissions(tmp_path: Path) -> None:
 
 
 @needs_root
-@pytest.mark.parametrize("target", ["/tmp/escape", "/var/tmp/escape", "/dev/shm/escape", "PLUGIN_DIR"])
+@pytest.mark.parametrize(
+    "target", ["/tmp/escape", "/var/tmp/escape", "/dev/shm/escape", "PLUGIN_DIR"]
+)
 def test_plugin_cannot_write_outside_its_scratch_directory(
     runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict, target: str
 ) -> None:

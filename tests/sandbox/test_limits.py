@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 
-from sandbox.limits import MiB, HostLimits, PluginLimits, rlimits_for
+from sandbox.limits import HostLimits, MiB, PluginLimits, rlimits_for
 
 
 def test_manifest_limits_are_clamped_to_host_maxima() -> None:

@@ -46,8 +46,14 @@ def test_hostile_case_gets_its_expected_envelope(
 def test_corpus_covers_every_sandbox_reason() -> None:
     seen = {o.split(":")[1] for c in CASES for o in c.manifest.expect["outcome"] if ":" in o}
     sandbox_reasons = {
-        "plugin_raised", "invalid_output", "output_too_large", "load_failed",
-        "timeout", "memory_limit", "crashed", "protocol_violation",
+        "plugin_raised",
+        "invalid_output",
+        "output_too_large",
+        "load_failed",
+        "timeout",
+        "memory_limit",
+        "crashed",
+        "protocol_violation",
     }
     assert sandbox_reasons <= seen
 

@@ -38,7 +38,13 @@ def test_oversized_header_is_refused_before_the_body_arrives() -> None:
 
 def test_error_reply_is_parsed() -> None:
     body = encode_frame(
-        {"type": "error", "reason": "plugin_raised", "message": "m", "exc_type": "E", "traceback": ""}
+        {
+            "type": "error",
+            "reason": "plugin_raised",
+            "message": "m",
+            "exc_type": "E",
+            "traceback": "",
+        }
     )[4:]
     reply = parse_reply(body)
     assert isinstance(reply, ErrorMessage) and reply.reason == "plugin_raised"

@@ -1,5 +1,6 @@
 """Hostile case: spins the CPU forever."""
 
+
 class Plugin:
     def run(self, payload):
         while True:

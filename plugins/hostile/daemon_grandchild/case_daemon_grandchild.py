@@ -1,6 +1,9 @@
 """Hostile case: leaves a double-forked daemon behind and returns."""
 
-import os, time
+import os
+import time
+
+
 class Plugin:
     def run(self, payload):
         if os.fork() == 0:
@@ -8,4 +11,4 @@ class Plugin:
             if os.fork() == 0:
                 time.sleep(600)
             os._exit(0)
-        return {'daemonised': True}
+        return {"daemonised": True}

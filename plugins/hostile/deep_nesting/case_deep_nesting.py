@@ -1,8 +1,9 @@
 """Hostile case: returns a result nested 100,000 deep."""
 
+
 class Plugin:
     def run(self, payload):
         value = {}
         for _ in range(100000):
-            value = {'a': value}
+            value = {"a": value}
         return value

@@ -1,6 +1,9 @@
 """Hostile case: forks until the process cap stops it."""
 
-import os, time
+import os
+import time
+
+
 class Plugin:
     def run(self, payload):
         pids = []

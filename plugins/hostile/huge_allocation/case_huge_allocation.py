@@ -1,6 +1,7 @@
 """Hostile case: allocates 2 GB at once."""
 
+
 class Plugin:
     def run(self, payload):
         block = bytearray(2 * 1024**3)
-        return {'size': len(block)}
+        return {"size": len(block)}

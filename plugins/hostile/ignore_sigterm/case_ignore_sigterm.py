@@ -1,6 +1,9 @@
 """Hostile case: ignores SIGTERM and SIGINT, then sleeps."""
 
-import signal, time
+import signal
+import time
+
+
 class Plugin:
     def run(self, payload):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

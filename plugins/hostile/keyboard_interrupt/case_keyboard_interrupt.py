@@ -1,5 +1,6 @@
 """Hostile case: raises KeyboardInterrupt."""
 
+
 class Plugin:
     def run(self, payload):
         raise KeyboardInterrupt

@@ -1,6 +1,9 @@
 """Hostile case: spreads 240 MB over four forked processes, each under the per-process limit."""
 
-import os, time
+import os
+import time
+
+
 class Plugin:
     def run(self, payload):
         for _ in range(4):

@@ -1,5 +1,6 @@
 """Hostile case: raises RuntimeError('kaboom')."""
 
+
 class Plugin:
     def run(self, payload):
-        raise RuntimeError('kaboom')
+        raise RuntimeError("kaboom")

@@ -4,14 +4,14 @@ import os
 
 
 def parent_of(pid):
-    with open(f'/proc/{pid}/status') as status:
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith('PPid:'):
+            if line.startswith("PPid:"):
                 return int(line.split()[1])
 
 
 class Plugin:
     def run(self, payload):
         host = parent_of(os.getppid())
-        with open(f'/proc/{host}/environ', 'rb') as environ:
-            return {'environ': environ.read().decode('latin-1')}
+        with open(f"/proc/{host}/environ", "rb") as environ:
+            return {"environ": environ.read().decode("latin-1")}

@@ -1,5 +1,6 @@
 """Hostile case: returns NaN."""
 
+
 class Plugin:
     def run(self, payload):
-        return {'value': float('nan')}
+        return {"value": float("nan")}

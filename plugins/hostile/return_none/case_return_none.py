@@ -1,5 +1,6 @@
 """Hostile case: returns None."""
 
+
 class Plugin:
     def run(self, payload):
         return None

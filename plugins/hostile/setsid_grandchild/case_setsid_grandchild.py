@@ -1,7 +1,10 @@
 """Hostile case: starts a setsid grandchild, then sleeps."""
 
-import subprocess, time
+import subprocess
+import time
+
+
 class Plugin:
     def run(self, payload):
-        subprocess.Popen(['setsid', 'sleep', '600'])
+        subprocess.Popen(["setsid", "sleep", "600"])
         time.sleep(3600)

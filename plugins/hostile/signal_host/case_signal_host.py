@@ -4,9 +4,9 @@ import os
 
 
 def parent_of(pid):
-    with open(f'/proc/{pid}/status') as status:
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith('PPid:'):
+            if line.startswith("PPid:"):
                 return int(line.split()[1])
 
 
@@ -14,4 +14,4 @@ class Plugin:
     def run(self, payload):
         host = parent_of(os.getppid())
         os.kill(host, 0)
-        return {'signalled': host}
+        return {"signalled": host}

@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""Mechanical check of plughost's execution-path invariants.
+
+Reads the source tree as ASTs (never as regex over text) and prints one
+`file:line: [check] message` per violation; exits 1 if there is any.
+
+    python scripts/scan_governance.py [ROOT]
+
+Checks (docs/GOVERNANCE.md explains each and what to do when one fires):
+
+  plugin-call    plugin code is invoked only in sandbox/child.py: no `.run(...)`
+                 on anything but a ToolRunner (or a known library), no
+                 `getattr(x, "run")`, no importing modules by name
+  runner-shape   sandbox/tool_runner.py defines `ToolRunner.run(self, plugin_name, payload)`
+  metrics        `update_execution_metrics(...)` is called in a `finally` of ToolRunner.run
+  layering       API modules never import `sandbox`; the job service never
+                 imports ToolRunner or `sandbox`; the analysis service imports
+                 no other service than jobs and no `sandbox`; `sandbox` never
+                 imports `host.api` or `host.services`
+  no-unpickle    host-side code imports no pickle, dill, marshal or shelve
+  except         no bare `except:` and no handler whose whole body is `pass`
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+CHILD_MODULE = "sandbox/child.py"
+RUNNER_MODULE = "sandbox/tool_runner.py"
+# `.run(...)` receivers that are not plugins: library entry points.
+LIBRARY_RUNNERS = {"subprocess", "asyncio", "uvicorn"}
+UNPICKLERS = {"pickle", "_pickle", "cPickle", "dill", "marshal", "shelve", "cloudpickle"}
+SCANNED = ("host", "sandbox")
+
+
+@dataclass(frozen=True)
+class Violation:
+    path: str
+    line: int
+    check: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: [{self.check}] {self.message}"
+
+
+def _imports(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """Every imported module name, with its line (`from a.b import c` gives a.b and a.b.c)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+            for alias in node.names:
+                yield node.lineno, f"{node.module}.{alias.name}"
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    if isinstance(node, ast.Call):
+        return f"{_dotted(node.func)}()"
+    return "?"
+
+
+def _toolrunner_names(tree: ast.AST) -> set[str]:
+    """Names and attributes assigned from `ToolRunner(...)` anywhere in the module."""
+    names = {"self._runner"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, ast.Call):
+            if _dotted(node.value.func).split(".")[-1] == "ToolRunner":
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(_dotted(t) for t in targets)
+    return names
+
+
+def check_plugin_calls(rel: str, tree: ast.AST) -> Iterator[Violation]:
+    if rel == CHILD_MODULE:
+        return
+    runners = _toolrunner_names(tree)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Attribute) and func.attr == "run":
+            receiver = _dotted(func.value)
+            if receiver in runners or receiver == "ToolRunner()" or receiver in LIBRARY_RUNNERS:
+                continue
+            if receiver.endswith("ToolRunner()"):
+                continue
+            yield Violation(
+                rel,
+                node.lineno,
+                "plugin-call",
+                f"'{receiver}.run(...)' outside {CHILD_MODULE}: only a ToolRunner may be run here",
+            )
+        name = _dotted(func)
+        if name == "getattr" and len(node.args) >= 2:
+            attr = node.args[1]
+            if isinstance(attr, ast.Constant) and attr.value == "run":
+                yield Violation(
+                    rel,
+                    node.lineno,
+                    "plugin-call",
+                    f"getattr(..., 'run') outside {CHILD_MODULE}: plugin code runs in the child",
+                )
+        if name in {"importlib.import_module", "import_module", "__import__"}:
+            yield Violation(
+                rel,
+                node.lineno,
+                "plugin-call",
+                f"{name}() outside {CHILD_MODULE}: the host never imports plugin code",
+            )
+        if isinstance(func, ast.Call) and _dotted(func.func) == "getattr":
+            yield Violation(
+                rel,
+                node.lineno,
+                "plugin-call",
+                "calling the result of getattr(...): entrypoints are called in the child only",
+            )
+
+
+def check_runner(root: Path) -> Iterator[Violation]:
+    path = root / RUNNER_MODULE
+    if not path.is_file():
+        yield Violation(RUNNER_MODULE, 1, "runner-shape", "sandbox/tool_runner.py is missing")
+        return
+    tree = ast.parse(path.read_text(), str(path))
+    run = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "ToolRunner":
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "run":
+                    run = item
+            if run is None:
+                yield Violation(
+                    RUNNER_MODULE, node.lineno, "runner-shape", "ToolRunner has no run()"
+                )
+                return
+    if run is None:
+        yield Violation(RUNNER_MODULE, 1, "runner-shape", "class ToolRunner is missing")
+        return
+    params = [a.arg for a in run.args.posonlyargs + run.args.args]
+    if params != ["self", "plugin_name", "payload"] or run.decorator_list:
+        yield Violation(
+            RUNNER_MODULE,
+            run.lineno,
+            "runner-shape",
+            f"ToolRunner.run must be a plain method (self, plugin_name, payload), has {params}",
+        )
+    in_finally = False
+    for node in ast.walk(run):
+        if isinstance(node, ast.Try) and node.finalbody:
+            for stmt in node.finalbody:
+                for inner in ast.walk(stmt):
+                    if isinstance(inner, ast.Call) and _dotted(inner.func).endswith(
+                        "update_execution_metrics"
+                    ):
+                        in_finally = True
+    if not in_finally:
+        yield Violation(
+            RUNNER_MODULE,
+            run.lineno,
+            "metrics",
+            "ToolRunner.run must call update_execution_metrics(...) in a finally block",
+        )
+
+
+def _module_of(rel: str) -> str:
+    return rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def check_layering(rel: str, tree: ast.AST) -> Iterator[Violation]:
+    module = _module_of(rel)
+    for line, name in _imports(tree):
+        top2 = ".".join(name.split(".")[:2])
+        if module.startswith("host.api") and name.split(".")[0] == "sandbox":
+            yield Violation(rel, line, "layering", f"API module imports '{name}': use the services")
+        if module == "host.services.jobs" and (
+            name.split(".")[0] == "sandbox" or name.endswith("ToolRunner")
+        ):
+            yield Violation(
+                rel,
+                line,
+                "layering",
+                f"JobManagementService imports '{name}': it calls PluginManagementService only",
+            )
+        if module == "host.services.analysis" and (
+            name.split(".")[0] == "sandbox"
+            or (top2 == "host.services" and not name.startswith("host.services.jobs"))
+        ):
+            yield Violation(
+                rel,
+                line,
+                "layering",
+                f"AnalysisService imports '{name}': it uses JobManagementService only",
+            )
+        if module.startswith("sandbox") and top2 in {"host.api", "host.services"}:
+            yield Violation(
+                rel, line, "layering", f"sandbox imports '{name}': it knows no HTTP or services"
+            )
+
+
+def check_unpickle(rel: str, tree: ast.AST) -> Iterator[Violation]:
+    for line, name in _imports(tree):
+        if name.split(".")[0] in UNPICKLERS:
+            yield Violation(
+                rel,
+                line,
+                "no-unpickle",
+                f"imports '{name}': host code never deserialises with pickle-like formats",
+            )
+
+
+def check_excepts(rel: str, tree: ast.AST) -> Iterator[Violation]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ExceptHandler):
+            if node.type is None:
+                yield Violation(rel, node.lineno, "except", "bare 'except:'")
+            if all(isinstance(stmt, ast.Pass) for stmt in node.body):
+                yield Violation(rel, node.lineno, "except", "handler whose whole body is 'pass'")
+
+
+def scan(root: Path) -> list[Violation]:
+    """All violations below `root` (a checkout of plughost)."""
+    violations = list(check_runner(root))
+    for top in SCANNED:
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            try:
+                tree = ast.parse(path.read_text(), rel)
+            except SyntaxError as exc:
+                violations.append(Violation(rel, exc.lineno or 1, "syntax", str(exc.msg)))
+                continue
+            for check in (check_plugin_calls, check_layering, check_unpickle, check_excepts):
+                violations.extend(check(rel, tree))
+    return violations
+
+
+def main(argv: list[str]) -> int:
+    root = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent
+    violations = scan(root)
+    for violation in violations:
+        print(violation)
+    if violations:
+        print(
+            f"governance: {len(violations)} violation(s); see docs/GOVERNANCE.md", file=sys.stderr
+        )
+        return 1
+    print("governance: all invariants hold")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,124 @@
+"""The governance scanner: each check fails on a violating sample, naming
+file and line, and the real tree passes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCANNER = ROOT / "scripts" / "scan_governance.py"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    for top in ("host", "sandbox"):
+        shutil.copytree(ROOT / top, tmp_path / top, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def scan(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCANNER), str(root)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_real_tree_passes() -> None:
+    result = scan(ROOT)
+    assert result.returncode == 0, result.stdout
+    assert "all invariants hold" in result.stdout
+
+
+def test_scratch_copy_passes_before_it_is_broken(tree: Path) -> None:
+    assert scan(tree).returncode == 0
+
+
+def _append(tree: Path, rel: str, code: str) -> int:
+    path = tree / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else ""
+    path.write_text(text + "\n" + code + "\n")
+    return len(text.splitlines()) + 2  # line of the first appended line
+
+
+@pytest.mark.parametrize(
+    ("rel", "code", "check"),
+    [
+        ("host/cli.py", "def f(thing):\n    return thing.run({})", "plugin-call"),
+        ("host/cli.py", "def f(p):\n    return p.run({})", "plugin-call"),
+        ("host/registry.py", "def f(x):\n    return getattr(x, 'run')", "plugin-call"),
+        (
+            "host/discovery.py",
+            "import importlib\ndef f(n):\n    return importlib.import_module(n)",
+            "plugin-call",
+        ),
+        ("host/discovery.py", "def f(m, a):\n    return getattr(m, a)()", "plugin-call"),
+        ("host/manifest.py", "import pickle", "no-unpickle"),
+        ("sandbox/supervisor.py", "from marshal import loads", "no-unpickle"),
+        (
+            "host/registry.py",
+            "def f():\n    try:\n        return 1\n    except:\n        return 2",
+            "except",
+        ),
+        (
+            "host/registry.py",
+            "def f():\n    try:\n        return 1\n    except ValueError:\n        pass",
+            "except",
+        ),
+        ("host/api/app.py", "from sandbox.tool_runner import ToolRunner", "layering"),
+        ("host/services/jobs.py", "from sandbox.tool_runner import ToolRunner", "layering"),
+        ("host/services/jobs.py", "import sandbox", "layering"),
+        (
+            "host/services/analysis.py",
+            "from host.services.plugins import PluginManagementService",
+            "layering",
+        ),
+        ("sandbox/limits.py", "import host.services.jobs", "layering"),
+        ("sandbox/limits.py", "from host.api import app", "layering"),
+    ],
+)
+def test_each_violation_is_reported_with_file_and_line(
+    tree: Path, rel: str, code: str, check: str
+) -> None:
+    first = _append(tree, rel, code)
+    result = scan(tree)
+    assert result.returncode == 1
+    lines = [line for line in result.stdout.splitlines() if f"[{check}]" in line]
+    assert lines, result.stdout
+    path, line = lines[0].split(":")[:2]
+    assert path == rel
+    assert first <= int(line) <= first + code.count("\n")
+
+
+def test_runner_run_must_keep_its_signature(tree: Path) -> None:
+    path = tree / "sandbox" / "tool_runner.py"
+    text = path.read_text().replace(
+        "def run(self, plugin_name: str, payload: Any)", "def run(self, name: str, payload: Any)"
+    )
+    path.write_text(text)
+    result = scan(tree)
+    assert result.returncode == 1 and "[runner-shape]" in result.stdout
+    assert "sandbox/tool_runner.py:" in result.stdout
+
+
+def test_metrics_must_be_updated_in_finally(tree: Path) -> None:
+    path = tree / "sandbox" / "tool_runner.py"
+    text = path.read_text()
+    assert "        finally:\n            if record:" in text
+    path.write_text(
+        text.replace(
+            "        finally:\n            if record:", "        else:\n            if record:"
+        )
+    )
+    result = scan(tree)
+    assert result.returncode == 1 and "[metrics]" in result.stdout
+
+
+def test_missing_tool_runner_is_reported(tree: Path) -> None:
+    (tree / "sandbox" / "tool_runner.py").unlink()
+    result = scan(tree)
+    assert result.returncode == 1 and "[runner-shape]" in result.stdout
