@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/plughost run image_info --image plugins/samples/sunset.png
+	$(BIN)/plughost serve --db .plughost/jobs.sqlite3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

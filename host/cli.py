@@ -1,5 +1,6 @@
 """The `plughost` command line.
 
+    plughost serve [--host H] [--port P] [--plugins-dir DIR]... [--db PATH] [--config FILE] ...
     plughost run PLUGIN --image FILE [--mime-type T] [--option K=V]... [--plugins-dir DIR]...
     plughost plugins [--plugins-dir DIR]... [--json]
 
@@ -73,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
 
+    serve = commands.add_parser("serve", help="serve the HTTP API")
+    serve.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
+    serve.add_argument("--db", dest="db_path", metavar="PATH", help="SQLite job database")
+    serve.add_argument("--workers", type=int, help="sandboxes running at once")
+    serve.add_argument("--queue-size", type=int, help="jobs waiting before 503 overloaded")
+    serve.add_argument("--default-plugin")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
     plugins = commands.add_parser("plugins", help="list installed plugins")
     plugins.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
     plugins.add_argument("--json", action="store_true", help="print JSON")
@@ -137,12 +149,53 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import uvicorn
+
+    from host.api import create_app
+    from host.config import ConfigError, load_settings
+    from host.logs import configure_logging
+
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "host",
+            "port",
+            "plugins_dirs",
+            "db_path",
+            "workers",
+            "queue_size",
+            "default_plugin",
+            "log_level",
+        )
+        if name != "plugins_dirs"
+    }
+    overrides["plugins_dirs"] = args.plugins_dir
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    configure_logging(settings.log_level)
+    # Tokens come from the config file or PLUGHOST_CLIENT_TOKENS / PLUGHOST_ADMIN_TOKEN,
+    # never from flags: command lines are visible to every user of the machine.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "run":
         return _cmd_run(args, parser)
+    if args.command == "serve":
+        return _cmd_serve(args, parser)
     return _cmd_plugins(args)
 
 

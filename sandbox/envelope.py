@@ -15,12 +15,14 @@ def make_envelope(
     plugin: str | None,
     details: dict[str, Any] | None = None,
     traceback: str = "",
+    error_type: str | None = None,
 ) -> dict[str, Any]:
-    """Build the envelope for `reason`; its error type comes from `REASONS`.
+    """Build the envelope for `reason`; its error type comes from `REASONS`
+    unless `error_type` is given (for reasons the host layers add).
 
     `message` is cut to one line; `traceback` goes to `_internal` only.
     """
-    error_type = REASONS[reason][0]
+    error_type = error_type or REASONS[reason][0]
     line = (message.splitlines() or [""])[0][:500] or reason
     return {
         "error": {

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sandbox.cancel import CancelToken, current_token
 from sandbox.child import SETUP_FAILED, describe_exit
 from sandbox.launcher import EXIT, PID, Launcher
 from sandbox.limits import CallLimits, MiB
@@ -109,6 +110,23 @@ class Sandbox:
         """True when each call runs under its own unprivileged uid."""
         return self._as_root
 
+    def protections(self) -> dict[str, bool]:
+        """Which isolation layers calls actually get on this host."""
+        return {
+            "fresh_process_per_call": True,
+            "rlimits": True,
+            "own_session": True,
+            "scrubbed_environment": True,
+            "memory_watchdog": True,
+            "privilege_drop": self._as_root,
+            "mount_namespace": self._as_root,
+            "tmpfs_scratch": self._as_root,
+            "network_namespace": False,
+            "pid_namespace": False,
+            "seccomp": False,
+            "landlock": False,
+        }
+
     def execute(self, call: CallSpec) -> Outcome:
         """Run `call` in a fresh child and return its outcome.
 
@@ -116,6 +134,9 @@ class Sandbox:
         the calling thread is interrupted. Raises only for host-side failures
         (no uid free, launcher unreachable), which the ToolRunner reports.
         """
+        token = current_token()
+        if token is not None and token.cancelled:
+            return Outcome(Status.SANDBOX_STOPPED, reason="cancelled", message="call was cancelled")
         uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
         # A root host gives the child a tmpfs scratch in its own mount namespace.
         scratch = (
@@ -155,7 +176,8 @@ class Sandbox:
             read_ends = {name: pair[0] for name, pair in pipes.items()}
             pid = _read_pid(read_ends["status"], started + call.limits.timeout_s + 5)
             procs = CallProcesses(pid, uid)
-            return _Watch(call, read_ends, procs, started, self._kill).until_verdict()
+            watch = _Watch(call, read_ends, procs, started, self._kill, token)
+            return watch.until_verdict()
         finally:
             if procs is None and uid is not None:
                 procs = CallProcesses(0, uid)
@@ -226,7 +248,9 @@ class _Watch:
         procs: CallProcesses,
         started: float,
         kill: Callable[[CallProcesses], None],
+        token: CancelToken | None = None,
     ) -> None:
+        self.token = token
         self.call = call
         self.fds = fds
         self.procs = procs
@@ -269,6 +293,8 @@ class _Watch:
         with selectors.DefaultSelector() as selector:
             for name in ("status", "reply", "stdout", "stderr"):
                 selector.register(self.fds[name], selectors.EVENT_READ, name)
+            if self.token is not None:
+                selector.register(self.token.fileno(), selectors.EVENT_READ, "cancel")
             next_sample = time.monotonic()
             while self.exit_status is None:
                 now = time.monotonic()
@@ -299,6 +325,8 @@ class _Watch:
             self._drain_after_exit()
 
     def _on_readable(self, name: str, fd: int) -> bool:
+        if name == "cancel":
+            raise _stopped("cancelled", "call was cancelled")
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:

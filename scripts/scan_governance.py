@@ -15,7 +15,7 @@ Checks (docs/GOVERNANCE.md explains each and what to do when one fires):
   metrics        `update_execution_metrics(...)` is called in a `finally` of ToolRunner.run
   layering       API modules never import `sandbox`; the job service never
                  imports ToolRunner or `sandbox`; the analysis service imports
-                 no other service than jobs and no `sandbox`; `sandbox` never
+                 neither the plugin service, ToolRunner nor `sandbox`; `sandbox` never
                  imports `host.api` or `host.services`
   no-unpickle    host-side code imports no pickle, dill, marshal or shelve
   except         no bare `except:` and no handler whose whole body is `pass`
@@ -194,7 +194,8 @@ def check_layering(rel: str, tree: ast.AST) -> Iterator[Violation]:
             )
         if module == "host.services.analysis" and (
             name.split(".")[0] == "sandbox"
-            or (top2 == "host.services" and not name.startswith("host.services.jobs"))
+            or name.startswith("host.services.plugins")
+            or name.endswith(("ToolRunner", "PluginManagementService"))
         ):
             yield Violation(
                 rel,

@@ -1,0 +1,310 @@
+"""The FastAPI application: HTTP in front of AnalysisService and friends.
+
+Routes never run sandbox work on the event loop: analyses are queued in the
+job pool and awaited through `asyncio.wrap_future`, and routes that touch the
+job store are plain `def` routes, which FastAPI runs in its thread pool.
+"""
+
+import asyncio
+import hmac
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from host.api.errors import error_response, install_handlers, responses
+from host.api.middleware import BodySizeLimit
+from host.config import Settings
+from host.discovery import discover
+from host.errors import ServiceError, envelope
+from host.services import (
+    AnalysisService,
+    JobManagementService,
+    JobStatus,
+    PluginManagementService,
+    SQLiteJobStore,
+)
+from host.services.analysis import ANALYZE_WAIT_S, job_outcome
+from host.services.store import Job, JobStore
+
+JSON_ERRORS = responses(400, 401, 404, 413, 500, 503)
+
+
+@dataclass
+class Services:
+    """Everything the routes need, built once per app."""
+
+    plugins: PluginManagementService
+    jobs: JobManagementService
+    analysis: AnalysisService
+
+
+def build_services(settings: Settings, store: JobStore | None = None) -> Services:
+    """Discover plugins and wire the layers for `settings`."""
+    plugins = PluginManagementService()
+    plugins.quarantine.threshold = settings.quarantine_threshold
+    plugins.quarantine.cooldown_s = settings.quarantine_cooldown_s
+    discover(plugins.registry, settings.plugins_dirs)
+    jobs = JobManagementService(
+        plugins,
+        store or SQLiteJobStore(settings.db_path),
+        workers=settings.workers,
+        queue_size=settings.queue_size,
+        retention_s=settings.job_retention_s,
+    )
+    plugins.metrics.gauge(
+        "plughost_queue_depth", "Jobs waiting for a sandbox.", lambda: jobs.stats()["queued"]
+    )
+    plugins.metrics.gauge(
+        "plughost_sandboxes_running", "Sandboxes running now.", lambda: jobs.stats()["running"]
+    )
+    return Services(plugins, jobs, AnalysisService(jobs, settings.default_plugin))
+
+
+class AnalyzeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    plugin: str | None = Field(default=None, description="default: the configured plugin")
+    image: str = Field(description="the image, base64-encoded")
+    mime_type: str = Field(examples=["image/png"])
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def payload(self) -> dict[str, Any]:
+        return {"image": self.image, "mime_type": self.mime_type, "options": self.options}
+
+
+class AnalyzeResponse(BaseModel):
+    result: dict[str, Any]
+    plugin: str
+    job_id: str
+
+
+class JobModel(BaseModel):
+    id: str
+    plugin: str
+    status: JobStatus
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobModel]
+    total: int
+    limit: int
+    offset: int
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str | None, allowed: list[str]) -> bool:
+    return token is not None and any(hmac.compare_digest(token, a) for a in allowed)
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    """The plughost HTTP API. `services` defaults to `build_services(settings)`."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if services is None:
+            app.state.services = await asyncio.to_thread(build_services, settings)
+        yield
+        await asyncio.to_thread(app.state.services.jobs.shutdown)
+
+    app = FastAPI(
+        title="plughost",
+        version="0.1.0",
+        description="Sandboxed host for untrusted image-analysis plugins.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.state.settings = settings
+    install_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+
+    def get_services(request: Request) -> Services:
+        found: Services = request.app.state.services
+        return found
+
+    def require_client(request: Request) -> None:
+        allowed = settings.client_tokens + ([settings.admin_token] if settings.admin_token else [])
+        if settings.client_tokens and not _matches(_bearer(request), allowed):
+            raise ServiceError(envelope("unauthorized", "a valid bearer token is required"))
+
+    def require_admin(request: Request) -> None:
+        if settings.admin_token is None:
+            if settings.client_tokens:
+                raise ServiceError(
+                    envelope("forbidden", "admin routes are off: no admin token set")
+                )
+            return
+        if not _matches(_bearer(request), [settings.admin_token]):
+            raise ServiceError(envelope("unauthorized", "the admin token is required"))
+
+    ServicesDep = Annotated[Services, Depends(get_services)]
+    client = [Depends(require_client)]
+    admin = [Depends(require_admin)]
+
+    async def _analyze(svc: Services, plugin: str | None, payload: Any) -> JSONResponse:
+        job, future = svc.analysis.submit(plugin, payload)
+        try:
+            job = await asyncio.wait_for(asyncio.wrap_future(future), ANALYZE_WAIT_S)
+        except TimeoutError:
+            return JSONResponse(
+                {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}}, status_code=202
+            )
+        result, error = job_outcome(job)
+        if error:
+            return error_response(error["error"])
+        return JSONResponse({"result": result, "plugin": job.plugin, "job_id": job.id})
+
+    @app.post(
+        "/v1/analyze",
+        response_model=AnalyzeResponse,
+        responses=JSON_ERRORS,
+        dependencies=client,
+        summary="Run a plugin on a base64-encoded image and wait for the result",
+    )
+    async def analyze(body: AnalyzeRequest, svc: ServicesDep) -> JSONResponse:
+        return await _analyze(svc, body.plugin, body.payload())
+
+    @app.post(
+        "/v1/analyze/upload",
+        response_model=AnalyzeResponse,
+        responses=JSON_ERRORS,
+        dependencies=client,
+        summary="Run a plugin on an uploaded image file (multipart) and wait for the result",
+    )
+    async def analyze_upload(
+        svc: ServicesDep,
+        file: Annotated[UploadFile, File(description="the image file")],
+        plugin: Annotated[str | None, Form()] = None,
+        mime_type: Annotated[str | None, Form(description="default: the part's type")] = None,
+        options: Annotated[str, Form(description="plugin options as a JSON object")] = "{}",
+    ) -> JSONResponse:
+        try:
+            parsed = json.loads(options)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ServiceError(
+                envelope("invalid_input", "form field 'options' is not a JSON object")
+            )
+        image = await file.read()
+        payload = {"image": image, "mime_type": mime_type or file.content_type, "options": parsed}
+        return await _analyze(svc, plugin, payload)
+
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        responses=JSON_ERRORS,
+        dependencies=client,
+        summary="Queue an analysis; poll GET /v1/jobs/{id} for its result",
+    )
+    def create_job(body: AnalyzeRequest, svc: ServicesDep) -> JSONResponse:
+        job, _ = svc.analysis.submit(body.plugin, body.payload())
+        return JSONResponse(
+            {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}},
+            status_code=202,
+            headers={"Location": f"/v1/jobs/{job.id}"},
+        )
+
+    @app.get("/v1/jobs", response_model=JobList, responses=JSON_ERRORS, dependencies=client)
+    def list_jobs(
+        svc: ServicesDep,
+        status: JobStatus | None = None,
+        plugin: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        jobs, total = svc.jobs.list_jobs(status, plugin, limit, offset)
+        return {
+            "jobs": [j.public() for j in jobs],
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+        }
+
+    @app.get(
+        "/v1/jobs/{job_id}", response_model=JobModel, responses=JSON_ERRORS, dependencies=client
+    )
+    def get_job(job_id: str, svc: ServicesDep) -> dict[str, Any]:
+        return svc.jobs.get_job(job_id).public()
+
+    @app.delete(
+        "/v1/jobs/{job_id}",
+        response_model=JobModel,
+        responses=responses(401, 404, 409, 500),
+        dependencies=client,
+        summary="Cancel a job: a queued job never runs, a running sandbox is killed",
+    )
+    def cancel_job(job_id: str, svc: ServicesDep) -> dict[str, Any]:
+        job: Job = svc.jobs.cancel_job(job_id)
+        return job.public()
+
+    @app.get("/v1/plugins", responses=JSON_ERRORS, dependencies=client)
+    def list_plugins(svc: ServicesDep) -> dict[str, Any]:
+        return {
+            "plugins": svc.plugins.list_plugins(),
+            "load_errors": svc.plugins.registry.load_errors,
+        }
+
+    @app.get("/v1/plugins/{name}", responses=JSON_ERRORS, dependencies=client)
+    def get_plugin(name: str, svc: ServicesDep) -> dict[str, Any]:
+        return svc.plugins.describe(name)
+
+    @app.post(
+        "/v1/admin/plugins/{name}/quarantine/reset",
+        responses=responses(401, 403, 404),
+        dependencies=admin,
+        summary="Lift a plugin's quarantine",
+    )
+    def reset_quarantine(name: str, svc: ServicesDep) -> dict[str, Any]:
+        return svc.plugins.reset_quarantine(name)
+
+    @app.post(
+        "/v1/admin/reload",
+        responses=responses(401, 403),
+        dependencies=admin,
+        summary="Discover plugins again",
+    )
+    def reload_plugins(svc: ServicesDep) -> dict[str, Any]:
+        names = svc.plugins.reload(settings.plugins_dirs)
+        return {"plugins": names, "load_errors": svc.plugins.registry.load_errors}
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Ready to serve, and which isolation layers are active")
+    def readyz(svc: ServicesDep) -> JSONResponse:
+        protections = svc.plugins.protections()
+        plugins = svc.plugins.registry.list_plugins()
+        ready = bool(plugins)
+        body = {
+            "ready": ready,
+            "plugins": len(plugins),
+            "isolation": protections,
+            "jobs": svc.jobs.stats(),
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=client)
+    def metrics(svc: ServicesDep) -> PlainTextResponse:
+        return PlainTextResponse(
+            svc.plugins.metrics.render(), media_type="text/plain; version=0.0.4"
+        )
+
+    return app

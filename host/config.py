@@ -1,0 +1,93 @@
+"""Host configuration: one pydantic model, read from a TOML file, environment
+variables (`PLUGHOST_<FIELD>`, lists comma-separated) and command-line flags,
+later sources winning.
+
+Defaults bind the server to 127.0.0.1 and leave the API open; set
+`client_tokens` / `admin_token` to require bearer tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "PLUGHOST_"
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; the message names the source and field."""
+
+
+class Settings(BaseModel):
+    """Every tunable of the server, with its default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    plugins_dirs: list[str] = Field(default_factory=list)
+    db_path: str = ".plughost/jobs.sqlite3"
+    default_plugin: str = "image_info"
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1, le=256)
+    queue_size: int = Field(default=32, ge=0, le=100_000)
+    quarantine_threshold: int = Field(default=3, ge=1)
+    quarantine_cooldown_s: float = Field(default=60.0, gt=0)
+    job_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    client_tokens: list[str] = Field(default_factory=list)
+    admin_token: str | None = None
+    log_level: str = "info"
+
+    @field_validator("client_tokens", "plugins_dirs", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+def _describe(source: str, error: ValidationError) -> str:
+    parts = [
+        f"{'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
+        for item in error.errors()
+    ]
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge file, environment and overrides (None values ignored). Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            with path.open("rb") as stream:
+                data.update(tomllib.load(stream))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: is not valid TOML: {exc}") from exc
+        try:
+            Settings.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(str(path), exc)) from exc
+    env = os.environ if environ is None else environ
+    for name in Settings.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in env:
+            data[name] = env[key]
+    for name, value in (overrides or {}).items():
+        if value is not None and value != []:
+            data[name] = value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe("configuration", exc)) from exc

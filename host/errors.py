@@ -1,0 +1,78 @@
+"""Errors of the host's service layers, each carrying its envelope.
+
+    ServiceError            (envelope: the SPEC section 5 envelope)
+     ├── Rejected           the call or job was refused before it ran
+     │                      (invalid input, unknown plugin, quarantined)
+     ├── Overloaded         the queue is full (retry_after_s)
+     ├── JobNotFound        no job with that id
+     └── JobFinished        the job cannot be cancelled any more
+
+Services raise these; the HTTP layer maps `envelope["error"]["details"]["reason"]`
+to a status code in one place (`host/api/errors.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sandbox.envelope import make_envelope
+
+# Reasons the host adds to the sandbox's outcome table, with their error type.
+HOST_REASONS = {
+    "unknown_job": "ValidationError",
+    "job_finished": "ValidationError",
+    "not_found": "ValidationError",
+    "method_not_allowed": "ValidationError",
+    "payload_too_large": "ValidationError",
+    "unauthorized": "ValidationError",
+    "forbidden": "ValidationError",
+    "interrupted": "InternalError",
+}
+
+
+def envelope(
+    reason: str, message: str, plugin: str | None = None, **details: Any
+) -> dict[str, Any]:
+    """An envelope for a host-level (or sandbox) reason."""
+    return make_envelope(
+        reason, message, plugin=plugin, details=details, error_type=HOST_REASONS.get(reason)
+    )
+
+
+class ServiceError(Exception):
+    """A service refused or failed; `envelope` says how."""
+
+    def __init__(self, envelope: dict[str, Any]) -> None:
+        super().__init__(envelope["error"]["message"])
+        self.envelope = envelope
+
+    @property
+    def reason(self) -> str:
+        return str(self.envelope["error"]["details"]["reason"])
+
+
+class Rejected(ServiceError):
+    """Refused before running: invalid input, unknown plugin, quarantine."""
+
+
+class Overloaded(ServiceError):
+    """Every worker is busy and the queue is full."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(
+            envelope(
+                "overloaded", "the host is saturated; retry later", retry_after_s=retry_after_s
+            )
+        )
+
+
+class JobNotFound(ServiceError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(envelope("unknown_job", f"no job with id {job_id[:80]!r}"))
+
+
+class JobFinished(ServiceError):
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(
+            envelope("job_finished", f"job {job_id} is {status} already", status=status)
+        )

@@ -1,0 +1,150 @@
+"""PluginManagementService: the layer that owns the ToolRunner.
+
+It knows the installed plugins, refuses quarantined ones, runs the others
+through `self._runner.run(...)` (never catching around it: the ToolRunner
+returns every failure as an envelope), and keeps the per-plugin quarantine
+streaks and call metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from host.discovery import discover
+from host.errors import Rejected, envelope
+from host.metrics import Metrics
+from host.quarantine import QuarantineBook
+from host.registry import PluginRegistry, get_registry
+from sandbox.cancel import CancelToken, use_token
+from sandbox.envelope import public_error
+from sandbox.limits import HostLimits
+from sandbox.outcome import REASONS, State
+from sandbox.tool_runner import InvalidInput, ToolRunner, validate_payload
+
+UNAVAILABLE_REASONS = frozenset(
+    r for r, (_, state) in REASONS.items() if state is State.UNAVAILABLE
+)
+# Outcomes that say nothing about the plugin's health.
+NEUTRAL_REASONS = frozenset(
+    {"invalid_input", "unknown_plugin", "cancelled", "internal", "overloaded"}
+)
+
+
+class PluginManagementService:
+    """Runs plugins through the ToolRunner, with quarantine and metrics."""
+
+    def __init__(
+        self,
+        runner: ToolRunner | None = None,
+        registry: PluginRegistry | None = None,
+        quarantine: QuarantineBook | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._runner = runner or ToolRunner()
+        self.registry = registry or get_registry()
+        self.quarantine = quarantine or QuarantineBook()
+        self.metrics = metrics or Metrics()
+
+    @property
+    def limits(self) -> HostLimits:
+        return self._runner.limits
+
+    def protections(self) -> dict[str, bool]:
+        """Isolation layers active for the calls this service makes."""
+        return self._runner.sandbox.protections()
+
+    def check(self, plugin_name: Any, payload: Any) -> None:
+        """Refuse a call that cannot run. Raises Rejected with its envelope."""
+        if not isinstance(plugin_name, str) or plugin_name not in self.registry.list_plugins():
+            shown = str(plugin_name)[:100]
+            raise Rejected(envelope("unknown_plugin", f"no plugin named {shown!r} is registered"))
+        try:
+            validate_payload(payload, self._runner.limits)
+        except InvalidInput as exc:
+            raise Rejected(envelope("invalid_input", str(exc), plugin=plugin_name)) from exc
+        retry = self.quarantine.retry_after(plugin_name)
+        if retry is not None:
+            raise Rejected(self._quarantined(plugin_name, retry))
+
+    def _quarantined(self, plugin_name: str, retry: float) -> dict[str, Any]:
+        return envelope(
+            "quarantined",
+            f"plugin {plugin_name!r} is quarantined after "
+            f"{self.quarantine.threshold} unavailable outcomes in a row",
+            plugin=plugin_name,
+            retry_after_s=round(retry, 1),
+        )
+
+    @staticmethod
+    def cancellation() -> CancelToken:
+        """A token to pass to `execute_plugin` so the call can be cancelled."""
+        return CancelToken()
+
+    def execute_plugin(
+        self, plugin_name: str, payload: Any, cancel: CancelToken | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run one call; return `(result, {})` or `({}, envelope)`."""
+        retry = self.quarantine.retry_after(plugin_name)
+        if retry is not None:
+            self.metrics.observe_call(plugin_name, "quarantined", 0.0)
+            return {}, self._quarantined(plugin_name, retry)
+        started = time.monotonic()
+        token = cancel or CancelToken()
+        try:
+            with use_token(token):
+                result, error = self._runner.run(plugin_name=plugin_name, payload=payload)
+        finally:
+            if cancel is None:
+                token.close()
+        reason = error["error"]["details"]["reason"] if error else None
+        if reason not in NEUTRAL_REASONS:
+            self.quarantine.record(plugin_name, unavailable=reason in UNAVAILABLE_REASONS)
+        self.metrics.observe_call(plugin_name, reason or "success", time.monotonic() - started)
+        return result, error
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """Manifest, limits, state, metrics and quarantine of one plugin.
+
+        Raises Rejected (unknown_plugin) for a name that is not registered.
+        """
+        try:
+            plugin = self.registry.get_plugin(name)
+        except KeyError:
+            raise Rejected(envelope("unknown_plugin", f"no plugin named {name[:100]!r}")) from None
+        limits = self._runner.limits.clamp(plugin.manifest.plugin_limits)
+        status = self.registry.get_status(name)
+        return {
+            "name": name,
+            "version": plugin.manifest.version,
+            "description": plugin.manifest.description,
+            "entrypoint": plugin.manifest.entrypoint,
+            "source": plugin.source,
+            "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
+            "state": status["state"],
+            "metrics": {k: v for k, v in status.items() if k not in ("name", "state")},
+            "quarantine": self.quarantine.status(name),
+        }
+
+    def list_plugins(self) -> list[dict[str, Any]]:
+        return [self.describe(name) for name in self.registry.list_plugins()]
+
+    def reset_quarantine(self, name: str) -> dict[str, Any]:
+        """Lift the quarantine of `name`; return its description."""
+        self.describe(name)  # raises for an unknown plugin
+        self.quarantine.reset(name)
+        return self.describe(name)
+
+    def reload(self, extra_dirs: Sequence[str | Path]) -> list[str]:
+        """Discover plugins again; metrics of plugins that stay are kept."""
+        before = set(self.registry.list_plugins())
+        self.registry.load_errors.clear()
+        names = discover(self.registry, extra_dirs)
+        for gone in before - set(names):
+            self.registry.unregister(gone)
+        return sorted(names)
+
+
+__all__ = ["PluginManagementService", "public_error"]
