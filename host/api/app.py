@@ -57,12 +57,6 @@ def build_services(settings: Settings, store: JobStore | None = None) -> Service
         queue_size=settings.queue_size,
         retention_s=settings.job_retention_s,
     )
-    plugins.metrics.gauge(
-        "plughost_queue_depth", "Jobs waiting for a sandbox.", lambda: jobs.stats()["queued"]
-    )
-    plugins.metrics.gauge(
-        "plughost_sandboxes_running", "Sandboxes running now.", lambda: jobs.stats()["running"]
-    )
     return Services(plugins, jobs, AnalysisService(jobs, settings.default_plugin))
 
 

@@ -39,18 +39,26 @@ class BodySizeLimit:
                     return
         seen = 0
         started = False
+        exceeded = False
 
         async def counting_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise _TooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if exceeded:
+                # The app turned our interruption into its own error: answer 413 instead.
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await self._refuse(send, seen)
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)

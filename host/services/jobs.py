@@ -55,6 +55,12 @@ class JobManagementService:
         self._in_flight = 0
         self._last_prune = 0.0
         self._closed = False
+        plugins.metrics.gauge(
+            "plughost_queue_depth", "Jobs waiting for a sandbox.", lambda: self.stats()["queued"]
+        )
+        plugins.metrics.gauge(
+            "plughost_sandboxes_running", "Sandboxes running now.", lambda: self.stats()["running"]
+        )
         recovered = self.store.recover(
             envelope("interrupted", "the host stopped before this job finished")["error"]
         )

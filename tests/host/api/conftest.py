@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from host.api import Services, create_app
+from host.config import Settings
+from host.registry import PluginRegistry
+from host.services import (
+    AnalysisService,
+    JobManagementService,
+    MemoryJobStore,
+    PluginManagementService,
+)
+
+
+@pytest.fixture
+def make_client(registry: PluginRegistry) -> Iterator[Callable[..., TestClient]]:
+    made: list[TestClient] = []
+
+    def make(workers: int = 2, queue_size: int = 8, **settings: object) -> TestClient:
+        plugins = PluginManagementService(registry=registry)
+        jobs = JobManagementService(
+            plugins, MemoryJobStore(), workers=workers, queue_size=queue_size
+        )
+        services = Services(plugins, jobs, AnalysisService(jobs, "image_info"))
+        client = TestClient(
+            create_app(Settings(**settings), services), raise_server_exceptions=False
+        )
+        client.__enter__()
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+@pytest.fixture
+def body(png: bytes) -> dict[str, object]:
+    return {"image": base64.b64encode(png).decode(), "mime_type": "image/png", "options": {}}

@@ -1,0 +1,140 @@
+"""`plughost serve` as a real process: it serves on a free localhost port, and
+a SIGKILL under load loses no accepted job."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HOSTILE_DIR, make_png
+
+pytestmark = pytest.mark.no_leak_check  # the server is its own host process
+ROOT = Path(__file__).resolve().parents[2]
+BODY = {"image": base64.b64encode(make_png()).decode(), "mime_type": "image/png"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=data,
+        method=method,
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def start_server(db: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    log = db.with_suffix(f".{port}.log")
+    with log.open("wb") as stream:  # a file, not a pipe: a full pipe would block the server
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "host.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--db",
+                str(db),
+                "--plugins-dir",
+                str(HOSTILE_DIR),
+                "--workers",
+                "2",
+                *extra,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stream,
+        )
+    server.log = log  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if request(port, "GET", "/healthz")[0] == 200:
+                return server
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    server.wait(10)
+    raise AssertionError(f"server did not start: {log.read_text()[-2000:]}")
+
+
+def stop(server: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if server.poll() is None:
+        os.kill(server.pid, sig)
+    server.wait(20)
+
+
+def test_real_server_answers_on_localhost(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(tmp_path / "jobs.sqlite3", port)
+    try:
+        status, data = request(port, "POST", "/v1/analyze", {**BODY, "plugin": "image_info"})
+        assert status == 200 and data["result"]["format"] == "PNG"
+        status, data = request(port, "POST", "/v1/analyze", {**BODY, "plugin": "segfault"})
+        assert status == 400 and data["detail"]["details"]["signal"] == "SIGSEGV"
+        status, data = request(port, "GET", "/readyz")
+        assert status == 200 and data["isolation"]["privilege_drop"] == (os.geteuid() == 0)
+    finally:
+        stop(server)
+    # uvicorn shuts down gracefully, then exits with the signal it caught.
+    assert server.returncode in (0, -signal.SIGTERM)
+    logs = server.log.read_text().splitlines()
+    assert any("Application shutdown complete" in line for line in logs)
+    job_lines = [json.loads(line) for line in logs if '"job finished"' in line]
+    assert job_lines and all("job_id" in line and "plugin" in line for line in job_lines)
+
+
+def test_sigkill_under_load_loses_no_accepted_job(tmp_path: Path) -> None:
+    db = tmp_path / "jobs.sqlite3"
+    port = free_port()
+    server = start_server(db, port)
+    accepted: list[str] = []
+    try:
+        for i in range(12):
+            plugin = ["sleep_forever", "image_info", "busy_loop"][i % 3]
+            status, data = request(port, "POST", "/v1/jobs", {**BODY, "plugin": plugin})
+            if status == 202:
+                accepted.append(data["job"]["id"])
+        time.sleep(0.3)  # some are running, some queued, some done
+    finally:
+        stop(server, signal.SIGKILL)
+    assert len(accepted) >= 10
+    port = free_port()
+    server = start_server(db, port)
+    try:
+        finished = {"SUCCESS", "FAILED", "CANCELLED", "INTERRUPTED"}
+        for job_id in accepted:
+            status, job = request(port, "GET", f"/v1/jobs/{job_id}")
+            assert status == 200, job
+            assert job["status"] in finished
+            if job["status"] == "INTERRUPTED":
+                assert job["error"]["details"]["reason"] == "interrupted"
+                assert "stopped" in job["error"]["message"]
+        status, listing = request(port, "GET", "/v1/jobs?limit=100")
+        assert listing["total"] == len(accepted)
+        assert any(j["status"] == "INTERRUPTED" for j in listing["jobs"])
+    finally:
+        stop(server)

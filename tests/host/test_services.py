@@ -1,0 +1,217 @@
+"""The service layers delegate down the one execution path, keep jobs, and
+quarantine plugins that keep failing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from host.errors import JobFinished, JobNotFound, Overloaded, Rejected
+from host.registry import PluginRegistry
+from host.services import (
+    AnalysisService,
+    JobManagementService,
+    JobStatus,
+    MemoryJobStore,
+    PluginManagementService,
+    SQLiteJobStore,
+)
+from host.services.store import Job, now_iso
+from sandbox.tool_runner import ToolRunner
+
+
+@pytest.fixture
+def plugins(registry: PluginRegistry) -> PluginManagementService:
+    return PluginManagementService(registry=registry)
+
+
+@pytest.fixture
+def jobs(plugins: PluginManagementService) -> JobManagementService:
+    service = JobManagementService(plugins, MemoryJobStore(), workers=2, queue_size=2)
+    yield service
+    service.shutdown(timeout_s=5)
+
+
+def test_plugin_service_delegates_to_the_tool_runner_class(
+    plugins: PluginManagementService, payload: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, Any]] = []
+
+    def fake(self: ToolRunner, plugin_name: str, payload: Any) -> tuple[dict, dict]:
+        seen.append((plugin_name, payload))
+        return {"fake": True}, {}
+
+    monkeypatch.setattr(ToolRunner, "run", fake)
+    assert plugins.execute_plugin("image_info", payload) == ({"fake": True}, {})
+    assert seen == [("image_info", payload)]
+
+
+def test_job_service_delegates_to_execute_plugin_and_records_success_and_failure(
+    jobs: JobManagementService, payload: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def fake(self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None):
+        calls.append(plugin_name)
+        if plugin_name == "raise_kaboom":
+            return {}, {
+                "error": {
+                    "type": "ExecutionError",
+                    "message": "kaboom",
+                    "details": {"reason": "plugin_raised"},
+                },
+                "_internal": {"traceback": "tb"},
+            }
+        return {"ok": 1}, {}
+
+    monkeypatch.setattr(PluginManagementService, "execute_plugin", fake)
+    good = jobs.run_job(jobs.create_job("image_info", payload).id)
+    bad = jobs.run_job(jobs.create_job("raise_kaboom", payload).id)
+    assert calls == ["image_info", "raise_kaboom"]
+    assert good.status is JobStatus.SUCCESS and good.result == {"ok": 1}
+    assert bad.status is JobStatus.FAILED and bad.error["message"] == "kaboom"
+    assert "_internal" not in bad.error and "traceback" not in str(bad.public())
+    assert good.payload is None and bad.payload is None  # the input is dropped once finished
+
+
+def test_analysis_service_delegates_to_the_job_service(
+    jobs: JobManagementService, payload: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    real = JobManagementService.enqueue
+
+    def spy(self: JobManagementService, plugin_name: str, payload: Any):
+        seen.append(plugin_name)
+        return real(self, plugin_name, payload)
+
+    monkeypatch.setattr(JobManagementService, "enqueue", spy)
+    analysis = AnalysisService(jobs, default_plugin="image_info")
+    result, error = analysis.analyze(None, payload)
+    assert error == {} and result["format"] == "PNG"
+    assert seen == ["image_info"]
+    listed, total = jobs.list_jobs(status=JobStatus.SUCCESS)
+    assert total == 1 and listed[0].plugin == "image_info"
+
+
+def test_bad_input_is_refused_before_a_job_exists(jobs: JobManagementService) -> None:
+    with pytest.raises(Rejected) as info:
+        jobs.enqueue("image_info", {"image": b"", "mime_type": "image/png"})
+    assert info.value.reason == "invalid_input"
+    with pytest.raises(Rejected) as info:
+        jobs.enqueue("nope", {"image": b"x", "mime_type": "image/png"})
+    assert info.value.reason == "unknown_plugin"
+    assert jobs.list_jobs()[1] == 0
+
+
+def test_full_queue_answers_overloaded_and_stores_nothing(
+    jobs: JobManagementService, payload: dict
+) -> None:
+    accepted = [jobs.enqueue("sleep_forever", payload)[0] for _ in range(4)]  # 2 workers + 2 queued
+    with pytest.raises(Overloaded) as info:
+        jobs.enqueue("image_info", payload)
+    assert info.value.envelope["error"]["details"]["retry_after_s"] >= 1
+    assert jobs.list_jobs()[1] == 4
+    for job in accepted:
+        jobs.cancel_job(job.id, wait_s=0)
+
+
+def test_cancel_kills_a_running_sandbox(jobs: JobManagementService, payload: dict) -> None:
+    job, future = jobs.enqueue("sleep_forever", payload)
+    deadline = time.monotonic() + 5
+    while jobs.get_job(job.id).status is not JobStatus.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    cancelled = jobs.cancel_job(job.id)
+    assert cancelled.status is JobStatus.CANCELLED
+    assert cancelled.error["details"]["reason"] == "cancelled"
+    assert time.monotonic() - started < 0.9  # well before the plugin's 1 s timeout
+    assert future.result(timeout=5).status is JobStatus.CANCELLED
+
+
+def test_cancel_of_a_queued_job_means_it_never_runs(
+    jobs: JobManagementService, payload: dict
+) -> None:
+    blockers = [jobs.enqueue("sleep_forever", payload)[0] for _ in range(2)]
+    queued, future = jobs.enqueue("image_info", payload)
+    assert jobs.cancel_job(queued.id, wait_s=0).status is JobStatus.CANCELLED
+    for job in blockers:
+        jobs.cancel_job(job.id)
+    assert future.result(timeout=5).status is JobStatus.CANCELLED
+    assert jobs.get_job(queued.id).started_at is None
+
+
+def test_cancel_errors(jobs: JobManagementService, payload: dict) -> None:
+    with pytest.raises(JobNotFound):
+        jobs.cancel_job("nope")
+    job = jobs.run_job(jobs.create_job("image_info", payload).id)
+    with pytest.raises(JobFinished):
+        jobs.cancel_job(job.id)
+
+
+def test_plugin_is_quarantined_after_repeated_crashes_and_others_keep_running(
+    plugins: PluginManagementService, payload: dict
+) -> None:
+    plugins.quarantine.threshold = 3
+    reasons = [
+        plugins.execute_plugin("segfault", payload)[1]["error"]["details"]["reason"]
+        for _ in range(4)
+    ]
+    assert reasons == ["crashed", "crashed", "crashed", "quarantined"]
+    assert plugins.describe("segfault")["quarantine"]["quarantined"] is True
+    with pytest.raises(Rejected) as info:
+        plugins.check("segfault", payload)
+    assert info.value.reason == "quarantined"
+    assert info.value.envelope["error"]["details"]["retry_after_s"] > 0
+    assert plugins.execute_plugin("image_info", payload)[1] == {}
+    plugins.reset_quarantine("segfault")
+    assert plugins.execute_plugin("segfault", payload)[1]["error"]["details"]["reason"] == "crashed"
+
+
+def test_a_success_ends_the_unavailable_streak(
+    plugins: PluginManagementService, payload: dict
+) -> None:
+    plugins.quarantine.record("image_info", unavailable=True)
+    plugins.quarantine.record("image_info", unavailable=True)
+    plugins.execute_plugin("image_info", payload)
+    assert plugins.quarantine.status("image_info")["unavailable_streak"] == 0
+
+
+def test_quarantine_ends_after_the_cooldown(plugins: PluginManagementService) -> None:
+    plugins.quarantine.cooldown_s = 0.05
+    for _ in range(3):
+        plugins.quarantine.record("p", unavailable=True)
+    assert plugins.quarantine.retry_after("p") is not None
+    time.sleep(0.06)
+    assert plugins.quarantine.retry_after("p") is None
+
+
+def test_sqlite_store_keeps_jobs_across_reopen_and_marks_unfinished_interrupted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    store = SQLiteJobStore(path)
+    store.add(
+        Job(
+            "a",
+            "image_info",
+            JobStatus.PENDING,
+            now_iso(),
+            payload={"image": b"\x00\x01", "mime_type": "image/png"},
+        )
+    )
+    store.add(Job("b", "image_info", JobStatus.SUCCESS, now_iso(), result={"x": 1}))
+    assert store.get("a").payload["image"] == b"\x00\x01"
+    store.close()
+    reopened = SQLiteJobStore(path)
+    assert reopened.recover({"type": "InternalError", "details": {"reason": "interrupted"}}) == 1
+    assert reopened.get("a").status is JobStatus.INTERRUPTED and reopened.get("a").payload is None
+    assert reopened.get("b").result == {"x": 1}
+    jobs, total = reopened.list(JobStatus.SUCCESS, None, 10, 0)
+    assert total == 1 and jobs[0].id == "b"
+    assert reopened.prune(older_than_s=3600) == 0
+    time.sleep(0.01)
+    assert reopened.prune(older_than_s=0.001) == 2
+    reopened.close()
