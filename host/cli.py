@@ -84,6 +84,30 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--queue-size", type=int, help="jobs waiting before 503 overloaded")
     serve.add_argument("--default-plugin")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--require-containment",
+        action="store_true",
+        default=None,
+        help="refuse to serve if the start-up containment self-check fails",
+    )
+
+    suite = commands.add_parser("crash-suite", help="run the hostile plugins, report containment")
+    suite.add_argument(
+        "--plugins-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="more case directories, besides plugins/hostile",
+    )
+    suite.add_argument(
+        "--case", action="append", default=[], metavar="NAME", help="only these cases"
+    )
+    suite.add_argument("--category", action="append", default=[], help="only these categories")
+    suite.add_argument(
+        "--http", metavar="URL", help="attack a running server instead of this process"
+    )
+    suite.add_argument("--json", metavar="FILE", help="write a JSON report")
+    suite.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
 
     plugins = commands.add_parser("plugins", help="list installed plugins")
     plugins.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
@@ -156,20 +180,17 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from host.config import ConfigError, load_settings
     from host.logs import configure_logging
 
-    overrides = {
-        name: getattr(args, name)
-        for name in (
-            "host",
-            "port",
-            "plugins_dirs",
-            "db_path",
-            "workers",
-            "queue_size",
-            "default_plugin",
-            "log_level",
-        )
-        if name != "plugins_dirs"
-    }
+    names = (
+        "host",
+        "port",
+        "db_path",
+        "workers",
+        "queue_size",
+        "default_plugin",
+        "log_level",
+        "require_containment",
+    )
+    overrides = {name: getattr(args, name) for name in names}
     overrides["plugins_dirs"] = args.plugins_dir
     try:
         settings = load_settings(args.config, overrides=overrides)
@@ -188,6 +209,41 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
+def _cmd_crash_suite(args: argparse.Namespace) -> int:
+    import os
+
+    from host import crashsuite
+
+    cases, errors = crashsuite.load_cases(args.plugins_dir, args.case, args.category)
+    for problem in errors:
+        print(f"plughost: warning: {problem}", file=sys.stderr)
+    if not cases:
+        print("plughost: no crash-suite case matches", file=sys.stderr)
+        return 2
+    target: crashsuite.Target
+    if args.http:
+        target = crashsuite.HttpTarget(args.http, token=os.environ.get("PLUGHOST_TOKEN"))
+    else:
+        registry = get_registry()
+        discover(registry)
+        for case in cases:
+            registry.register(case.name, case.plugin)
+        target = crashsuite.LocalTarget(registry)
+
+    def progress(index: int, total: int, report: crashsuite.CaseReport) -> None:
+        print(
+            f"[{index:>3}/{total}] {report.verdict:<13} {report.name} ({report.observed}, "
+            f"{report.seconds:.2f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    report = crashsuite.run_suite(cases, target, progress)
+    print(crashsuite.format_table(report))
+    crashsuite.write_reports(report, args.json, args.junit)
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
     parser = _parser()
@@ -196,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_run(args, parser)
     if args.command == "serve":
         return _cmd_serve(args, parser)
+    if args.command == "crash-suite":
+        return _cmd_crash_suite(args)
     return _cmd_plugins(args)
 
 

@@ -3,7 +3,9 @@ variables (`PLUGHOST_<FIELD>`, lists comma-separated) and command-line flags,
 later sources winning.
 
 Defaults bind the server to 127.0.0.1 and leave the API open; set
-`client_tokens` / `admin_token` to require bearer tokens.
+`client_tokens` / `admin_token` to require bearer tokens. `self_check` runs
+a few crash-suite probes at start-up (reported at /readyz);
+`require_containment` makes the server refuse to start if one fails.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Settings(BaseModel):
     client_tokens: list[str] = Field(default_factory=list)
     admin_token: str | None = None
     log_level: str = "info"
+    self_check: bool = True
+    require_containment: bool = False
 
     @field_validator("client_tokens", "plugins_dirs", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any
 
-from host.registry import get_registry
+from host.registry import PluginRegistry, get_registry
 from sandbox.envelope import make_envelope
 from sandbox.limits import HostLimits
 from sandbox.outcome import Outcome, Status
@@ -91,9 +91,15 @@ def validate_payload(payload: Any, limits: HostLimits) -> tuple[bytes, str, dict
 class ToolRunner:
     """Runs plugins by name, each call in its own sandboxed child process."""
 
-    def __init__(self, sandbox: Sandbox | None = None, limits: HostLimits | None = None) -> None:
+    def __init__(
+        self,
+        sandbox: Sandbox | None = None,
+        limits: HostLimits | None = None,
+        registry: PluginRegistry | None = None,
+    ) -> None:
         self._sandbox = sandbox
         self.limits = limits or HostLimits()
+        self._registry = registry
 
     @property
     def sandbox(self) -> Sandbox:
@@ -103,7 +109,7 @@ class ToolRunner:
 
     def run(self, plugin_name: str, payload: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Run `plugin_name` on `payload`; return `(result, {})` or `({}, envelope)`."""
-        registry = get_registry()
+        registry = self._registry or get_registry()
         started = time.monotonic()
         record = False
         state = None

@@ -70,14 +70,26 @@ def _dotted(node: ast.AST) -> str:
     return "?"
 
 
+def _makes_toolrunner(node: ast.AST | None) -> bool:
+    """True if `node` builds a ToolRunner (`ToolRunner(...)`, `x or ToolRunner()`)."""
+    if node is None:
+        return False
+    return any(
+        isinstance(inner, ast.Call) and _dotted(inner.func).split(".")[-1] == "ToolRunner"
+        for inner in ast.walk(node)
+    )
+
+
 def _toolrunner_names(tree: ast.AST) -> set[str]:
-    """Names and attributes assigned from `ToolRunner(...)` anywhere in the module."""
+    """Names and attributes that hold a ToolRunner anywhere in the module."""
     names = {"self._runner"}
     for node in ast.walk(tree):
-        if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, ast.Call):
-            if _dotted(node.value.func).split(".")[-1] == "ToolRunner":
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                names.update(_dotted(t) for t in targets)
+        if isinstance(node, ast.Assign) and _makes_toolrunner(node.value):
+            names.update(_dotted(t) for t in node.targets)
+        elif isinstance(node, ast.AnnAssign) and (
+            _makes_toolrunner(node.value) or _dotted(node.annotation) == "ToolRunner"
+        ):
+            names.add(_dotted(node.target))
     return names
 
 

@@ -8,6 +8,7 @@ job store are plain `def` routes, which FastAPI runs in its thread pool.
 import asyncio
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from host.api.errors import error_response, install_handlers, responses
 from host.api.middleware import BodySizeLimit
 from host.config import Settings
+from host.crashsuite import self_check
 from host.discovery import discover
 from host.errors import ServiceError, envelope
 from host.services import (
@@ -33,6 +35,7 @@ from host.services.analysis import ANALYZE_WAIT_S, job_outcome
 from host.services.store import Job, JobStore
 
 JSON_ERRORS = responses(400, 401, 404, 413, 500, 503)
+log = logging.getLogger("plughost.api")
 
 
 @dataclass
@@ -114,6 +117,19 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if services is None:
             app.state.services = await asyncio.to_thread(build_services, settings)
+        if settings.self_check:
+            report = await asyncio.to_thread(self_check)
+            app.state.self_check = {
+                "ok": report.ok,
+                **report.summary(),
+                "failed_cases": {c.name: c.problems for c in report.failed},
+                "benign_failures": report.benign_failures,
+            }
+            if not report.ok:
+                log.error("containment self-check failed: %s", app.state.self_check)
+                if settings.require_containment:
+                    await asyncio.to_thread(app.state.services.jobs.shutdown)
+                    raise RuntimeError("containment self-check failed; refusing to serve")
         yield
         await asyncio.to_thread(app.state.services.jobs.shutdown)
 
@@ -125,6 +141,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     app.state.services = services
     app.state.settings = settings
+    app.state.self_check = None
     install_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
@@ -283,14 +300,17 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Ready to serve, and which isolation layers are active")
-    def readyz(svc: ServicesDep) -> JSONResponse:
+    def readyz(request: Request, svc: ServicesDep) -> JSONResponse:
         protections = svc.plugins.protections()
         plugins = svc.plugins.registry.list_plugins()
-        ready = bool(plugins)
+        check = request.app.state.self_check
+        contained = check is None or check["ok"]
+        ready = bool(plugins) and (contained or not settings.require_containment)
         body = {
             "ready": ready,
             "plugins": len(plugins),
             "isolation": protections,
+            "self_check": check,
             "jobs": svc.jobs.stats(),
         }
         return JSONResponse(body, status_code=200 if ready else 503)

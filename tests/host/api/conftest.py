@@ -27,6 +27,7 @@ def make_client(registry: PluginRegistry) -> Iterator[Callable[..., TestClient]]
             plugins, MemoryJobStore(), workers=workers, queue_size=queue_size
         )
         services = Services(plugins, jobs, AnalysisService(jobs, "image_info"))
+        settings.setdefault("self_check", False)  # tests/host/test_crashsuite.py covers it
         client = TestClient(
             create_app(Settings(**settings), services), raise_server_exceptions=False
         )

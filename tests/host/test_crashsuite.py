@@ -1,0 +1,175 @@
+"""`plughost crash-suite`: the whole corpus passes here or is reported not
+defended, a wrong expectation makes it exit 1, and its reports parse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import junitparser
+import pytest
+from fastapi.testclient import TestClient
+
+from host import crashsuite
+from host.api import Services, create_app
+from host.config import Settings
+from host.registry import PluginRegistry
+from host.services import (
+    AnalysisService,
+    JobManagementService,
+    MemoryJobStore,
+    PluginManagementService,
+)
+from tests.conftest import HOSTILE_DIR
+from tests.host.test_serve import free_port, start_server, stop
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def crash_suite(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "host.cli", "crash-suite", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.no_leak_check
+def test_whole_corpus_passes_or_is_reported_not_defended(tmp_path: Path) -> None:
+    result = crash_suite("--json", str(tmp_path / "r.json"), "--junit", str(tmp_path / "r.xml"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    summary = report["summary"]
+    assert summary["cases"] >= 40 and summary["failed"] == 0
+    assert summary["benign_failures"] == 0 and summary["benign_calls"] >= 3
+    categories = {c["category"] for c in report["cases"]}
+    assert {"time", "memory", "crash", "output", "protocol", "processes", "escape"} <= categories
+    for case in report["cases"]:
+        if case["verdict"] == "not defended":
+            # Never counted as passed, and the reason names the missing layer.
+            assert case["problems"][0].startswith("not defended here: needs ")
+            missing = case["problems"][0].removeprefix("not defended here: needs ").split(", ")
+            assert not any(report["protections"].get(layer) for layer in missing)
+        else:
+            assert case["verdict"] == "pass" and case["observed"] in case["expected"]
+            assert case["leftover_processes"] == 0 and case["leftover_fds"] <= 0
+    assert "passed" in result.stdout and "not defended here" in result.stdout
+    assert "[" in result.stderr  # progress lines while it runs
+    cases = [
+        case for suite in junitparser.JUnitXml.fromfile(str(tmp_path / "r.xml")) for case in suite
+    ]
+    assert len(cases) == summary["cases"] + 1
+    skipped = [c for c in cases if c.result and isinstance(c.result[0], junitparser.Skipped)]
+    assert len(skipped) == summary["not_defended"]
+    assert not any(c.result and isinstance(c.result[0], junitparser.Failure) for c in cases)
+
+
+@pytest.mark.no_leak_check
+def test_a_wrong_expectation_makes_the_suite_exit_one(tmp_path: Path) -> None:
+    case = tmp_path / "cases" / "lying_segfault"
+    shutil.copytree(HOSTILE_DIR / "segfault", case)
+    manifest = case / "plugin.toml"
+    manifest.write_text(
+        manifest.read_text()
+        .replace('name = "segfault"', 'name = "lying_segfault"')
+        .replace('outcome = ["PluginError:crashed"]', 'outcome = ["success"]')
+    )
+    junit = tmp_path / "r.xml"
+    result = crash_suite(
+        "--plugins-dir",
+        str(tmp_path / "cases"),
+        "--case",
+        "lying_segfault",
+        "--case",
+        "exit_zero",
+        "--junit",
+        str(junit),
+    )
+    assert result.returncode == 1
+    assert (
+        "FAIL" in result.stdout
+        and "expected success, observed PluginError:crashed" in result.stdout
+    )
+    failures = [
+        c
+        for suite in junitparser.JUnitXml.fromfile(str(junit))
+        for c in suite
+        if c.result and isinstance(c.result[0], junitparser.Failure)
+    ]
+    assert [c.name for c in failures] == ["lying_segfault"]
+
+
+@pytest.mark.no_leak_check
+def test_filters_select_cases() -> None:
+    result = crash_suite("--category", "protocol")
+    assert result.returncode == 0
+    rows = [line.split()[0] for line in result.stdout.splitlines()[1:] if "  protocol  " in line]
+    assert "garbage_frame" in rows and "busy_loop" not in result.stdout
+    assert crash_suite("--case", "no_such_case").returncode == 2
+
+
+@pytest.mark.no_leak_check
+def test_suite_runs_against_a_running_server(tmp_path: Path) -> None:
+    port = free_port()
+    server = start_server(tmp_path / "jobs.sqlite3", port)
+    try:
+        result = crash_suite(
+            "--http",
+            f"http://127.0.0.1:{port}",
+            "--category",
+            "crash",
+            "--json",
+            str(tmp_path / "r.json"),
+        )
+    finally:
+        stop(server)
+    assert result.returncode == 0, result.stdout[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["summary"]["passed"] >= 8 and report["summary"]["failed"] == 0
+    assert all(c["leftover_fds"] is None for c in report["cases"])  # not measurable remotely
+
+
+def _client(registry: PluginRegistry, **settings: object) -> TestClient:
+    plugins = PluginManagementService(registry=registry)
+    jobs = JobManagementService(plugins, MemoryJobStore())
+    services = Services(plugins, jobs, AnalysisService(jobs))
+    return TestClient(create_app(Settings(**settings), services))
+
+
+def test_server_self_check_is_reported_at_readyz(registry: PluginRegistry) -> None:
+    with _client(registry) as client:
+        body = client.get("/readyz").json()
+    assert body["ready"] is True
+    assert body["self_check"]["ok"] is True
+    assert body["self_check"]["passed"] == len(crashsuite.PROBES)
+
+
+def test_server_refuses_to_serve_when_containment_is_broken(
+    registry: PluginRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    case = tmp_path / "escapes"
+    shutil.copytree(HOSTILE_DIR / "read_host_env_vars", case)
+    manifest = case / "plugin.toml"
+    manifest.write_text(
+        manifest.read_text()
+        .replace('name = "read_host_env_vars"', 'name = "escapes"')
+        .replace('outcome = ["ExecutionError:plugin_raised"]', 'outcome = ["success"]')
+    )
+    real_load: Callable[..., tuple] = crashsuite.load_cases
+    monkeypatch.setattr(
+        crashsuite,
+        "load_cases",
+        lambda dirs=(), names=(), categories=(): real_load([tmp_path], ["escapes"], categories),
+    )
+    with _client(registry) as client:  # without the option it serves, and says so
+        check = client.get("/readyz").json()["self_check"]
+        assert check["ok"] is False and "escapes" in check["failed_cases"]
+    with pytest.raises(RuntimeError, match="refusing to serve"):
+        with _client(registry, require_containment=True):
+            pass
