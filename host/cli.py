@@ -22,7 +22,8 @@ from host.discovery import discover
 from host.registry import get_registry
 from sandbox.envelope import public_error
 from sandbox.limits import HostLimits
-from sandbox.tool_runner import ToolRunner
+from sandbox.supervisor import Sandbox
+from sandbox.tool_runner import ToolRunner, shared_sandbox
 
 MAGIC = {
     b"\x89PNG\r\n\x1a\n": "image/png",
@@ -84,6 +85,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--queue-size", type=int, help="jobs waiting before 503 overloaded")
     serve.add_argument("--default-plugin")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--isolation", choices=["standard", "strict"])
+    serve.add_argument(
+        "--disable-layer",
+        action="append",
+        default=[],
+        metavar="LAYER",
+        dest="disable_layers",
+        help="switch an isolation layer off",
+    )
     serve.add_argument(
         "--require-containment",
         action="store_true",
@@ -108,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     suite.add_argument("--json", metavar="FILE", help="write a JSON report")
     suite.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
+    suite.add_argument(
+        "--disable-layer",
+        action="append",
+        default=[],
+        metavar="LAYER",
+        help="switch an isolation layer off, to see which cases depend on it (local runs)",
+    )
 
     plugins = commands.add_parser("plugins", help="list installed plugins")
     plugins.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
@@ -158,8 +175,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                 "status": registry.get_status(name),
             }
         )
+    isolation = shared_sandbox().protections()
     if args.json:
-        _print_json({"plugins": rows, "load_errors": registry.load_errors})
+        _print_json({"plugins": rows, "load_errors": registry.load_errors, "isolation": isolation})
         return 0
     print(f"{'NAME':<20} {'VERSION':<9} {'STATE':<12} {'TIMEOUT':>8} {'MEMORY':>7}  DESCRIPTION")
     for row in rows:
@@ -168,6 +186,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             f"{row['limits']['timeout_s']:>7g}s {row['limits']['memory_mb']:>5}MB  "
             f"{row['description']}"
         )
+    active = ", ".join(name for name, on in isolation.items() if on)
+    missing = ", ".join(name for name, on in isolation.items() if not on) or "none"
+    print(f"\nisolation layers active: {active}\nmissing or off: {missing}")
     for problem in registry.load_errors:
         print(f"plughost: warning: {problem}", file=sys.stderr)
     return 0
@@ -189,6 +210,8 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         "default_plugin",
         "log_level",
         "require_containment",
+        "isolation",
+        "disable_layers",
     )
     overrides = {name: getattr(args, name) for name in names}
     overrides["plugins_dirs"] = args.plugins_dir
@@ -228,7 +251,12 @@ def _cmd_crash_suite(args: argparse.Namespace) -> int:
         discover(registry)
         for case in cases:
             registry.register(case.name, case.plugin)
-        target = crashsuite.LocalTarget(registry)
+        try:
+            sandbox = Sandbox(disabled=args.disable_layer)
+        except ValueError as exc:
+            print(f"plughost: {exc}", file=sys.stderr)
+            return 2
+        target = crashsuite.LocalTarget(registry, ToolRunner(sandbox=sandbox))
 
     def progress(index: int, total: int, report: crashsuite.CaseReport) -> None:
         print(

@@ -6,6 +6,9 @@ Defaults bind the server to 127.0.0.1 and leave the API open; set
 `client_tokens` / `admin_token` to require bearer tokens. `self_check` runs
 a few crash-suite probes at start-up (reported at /readyz);
 `require_containment` makes the server refuse to start if one fails.
+`isolation` is "standard" (apply every layer the machine offers, warn about
+the others) or "strict" (refuse to run plugins while a layer is missing);
+`disable_layers` switches layers off by name (see `sandbox.supervisor.OPTIONAL_LAYERS`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -46,8 +49,10 @@ class Settings(BaseModel):
     log_level: str = "info"
     self_check: bool = True
     require_containment: bool = False
+    isolation: Literal["standard", "strict"] = "standard"
+    disable_layers: list[str] = Field(default_factory=list)
 
-    @field_validator("client_tokens", "plugins_dirs", mode="before")
+    @field_validator("client_tokens", "plugins_dirs", "disable_layers", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -372,7 +373,8 @@ def run_suite(
     try:
         benign("before the suite")
         for index, case in enumerate(cases, 1):
-            report = run_case(case, target, image, {"listener_port": listener.port}, protections)
+            options = {"listener_port": listener.port, "host_pid": os.getpid()}
+            report = run_case(case, target, image, options, protections)
             reports.append(report)
             if progress is not None:
                 progress(index, len(cases), report)
@@ -416,6 +418,10 @@ def format_table(report: SuiteReport) -> str:
     for c in report.cases:
         if c.problems and c.verdict != PASS:
             lines.append(f"  {c.verdict}: {c.name}: {'; '.join(c.problems)}")
+    active = [name for name, on in report.protections.items() if on]
+    off = [name for name, on in report.protections.items() if not on]
+    lines.append(f"isolation layers active: {', '.join(active) or 'none'}")
+    lines.append(f"missing or off: {', '.join(off) or 'none'}")
     s = report.summary()
     lines.append(
         f"{s['passed']} passed, {s['failed']} failed, {s['not_defended']} not defended here; "

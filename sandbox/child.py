@@ -4,14 +4,18 @@ The launcher forks this process once per call and calls `main`, which never
 returns. In order, before any plugin code is imported:
 
 1. own session; stdin from /dev/null, stdout and stderr to the host's
-   capture pipes; every other inherited descriptor closed;
-2. (root host) private mount namespace with a tmpfs scratch directory;
+   capture pipes; every other inherited descriptor closed; the call's
+   cgroups joined;
+2. (root host) new mount, network, IPC, UTS and PID namespaces, a tmpfs
+   scratch directory, loopback only; with a PID namespace the process splits
+   into relay, init and worker (see `_split_for_pid_namespace`);
 3. rlimits (memory, CPU, files, file size, processes, no core);
 4. (root host) drop to the call's own unprivileged uid;
 5. parent-death signal, no_new_privs, scrubbed environment, cwd = scratch;
-6. `{"type": "ready"}` on the reply pipe.
+6. Landlock file-system (and TCP, and signal-scope) rules, then seccomp;
+7. `{"type": "ready"}` on the reply pipe.
 
-Any failure up to step 6 exits with `SETUP_FAILED` and no ready frame: the
+Any failure up to step 7 exits with `SETUP_FAILED` and no ready frame: the
 plugin never runs without its limits. Then the plugin is imported, called,
 and its result checked and sent as one frame.
 """
@@ -23,11 +27,13 @@ import importlib
 import os
 import resource
 import signal
+import struct
 import sys
 import traceback
 from typing import Any, NoReturn
 
 from sandbox import isolation
+from sandbox import layers as hardening
 from sandbox.limits import CallLimits, rlimits_for
 from sandbox.protocol import HEADER, READY, decode_json, encode_frame
 
@@ -35,6 +41,24 @@ SETUP_FAILED = 121
 SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
 REPLY_FD, PAYLOAD_FD = 3, 4
+STATUS = struct.Struct(">i")
+# What a plugin may read besides the interpreter, its packages and itself:
+# shared libraries, the loader's cache, and its own /proc and /dev entries.
+SYSTEM_READ_ONLY = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/bin",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/proc",
+    "/dev/null",
+    "/dev/zero",
+    "/dev/urandom",
+    "/dev/random",
+    "/sys/devices/system/cpu",
+)
+WRITABLE_FILES = ("/dev/null",)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -44,7 +68,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _setup(spec: dict[str, Any], fds: dict[str, int]) -> None:
+def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
+    """Steps 1 to 5 of the module docstring; returns the scratch directory."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -58,23 +83,105 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> None:
     signal.set_wakeup_fd(-1)
 
     limits = CallLimits(**spec["limits"])
+    layers: dict[str, bool] = spec.get("layers", {})
     uid = spec.get("uid")
-    scratch = spec["scratch"]
+    scratch: str = spec["scratch"]
+    for procs_file in spec.get("cgroup_procs", []):
+        with open(procs_file, "w") as stream:  # the call's cgroups, before anything else runs
+            stream.write(str(os.getpid()))
+    pid_namespace = uid is not None and layers.get("pid_namespace", False)
     if uid is not None:
-        scratch = isolation.enter_mount_namespace(spec["expose"], uid, limits.scratch_mb)
-    for which, value in rlimits_for(limits).items():
+        flags = 0
+        for name in ("network_namespace", "ipc_namespace", "uts_namespace", "pid_namespace"):
+            if layers.get(name):
+                flags |= hardening.NAMESPACES[name]
+        scratch = isolation.enter_mount_namespace(spec["expose"], uid, limits.scratch_mb, flags)
+        if layers.get("network_namespace"):
+            hardening.loopback_up()
+        if pid_namespace:
+            _split_for_pid_namespace(uid, spec["gid"])  # returns in the worker only
+    for which, value in rlimits_for(limits, extra_processes=1 if pid_namespace else 0).items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
     if uid is not None:
         isolation.drop_privileges(uid, spec["gid"])
-    # After the uid change, which clears it: die with the launcher.
+    # After the uid change, which clears it: die with the parent.
     isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != spec["launcher_pid"]:
-        raise isolation.IsolationError("parent", "launcher exited during setup")
+    expected_parent = 1 if pid_namespace else spec["launcher_pid"]
+    if os.getppid() != expected_parent:
+        raise isolation.IsolationError("parent", "parent exited during setup")
     isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
     os.environ.clear()
     os.environ.update(SAFE_ENV, HOME=scratch, TMPDIR=scratch)
     os.chdir(scratch)
+    return scratch
+
+
+def _split_for_pid_namespace(uid: int, gid: int) -> None:
+    """Fork into the new PID namespace: relay (here) -> init (pid 1) -> worker.
+
+    The relay stays in the host's namespace and reproduces the worker's exit
+    status for the launcher. Init reaps every process of the namespace; when
+    the worker ends, init reports and exits, and the kernel kills whatever is
+    left in the namespace. Returns only in the worker.
+    """
+    status_r, status_w = os.pipe()
+    init = os.fork()
+    if init:
+        os.close(status_w)
+        _relay(init, status_r)
+    os.close(status_r)
+    isolation.mount_proc()
+    worker = os.fork()
+    if worker:
+        for fd in (0, 1, 2, REPLY_FD, PAYLOAD_FD):
+            os.close(fd)
+        isolation.drop_privileges(uid, gid)
+        isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _init_loop(worker, status_w)
+    os.close(status_w)
+
+
+def _init_loop(worker: int, status_w: int) -> NoReturn:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        if pid == worker:
+            os.write(status_w, STATUS.pack(status))
+            os._exit(0)
+
+
+def _relay(init: int, status_r: int) -> NoReturn:
+    for fd in (1, 2, REPLY_FD, PAYLOAD_FD):
+        os.close(fd)  # the call's pipes belong to the worker
+    isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
+    data = b""
+    while len(data) < STATUS.size:
+        chunk = os.read(status_r, STATUS.size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    _, init_status = os.waitpid(init, 0)
+    status = STATUS.unpack(data)[0] if len(data) == STATUS.size else init_status
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        if number not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+        os._exit(128 + number)  # a signal whose default action is to carry on
+    os._exit(os.WEXITSTATUS(status))
+
+
+def _harden(spec: dict[str, Any], scratch: str) -> None:
+    """Landlock and seccomp, the last layers before the plugin is imported."""
+    layers: dict[str, bool] = spec.get("layers", {})
+    if layers.get("landlock"):
+        read_only = [*spec["expose"], *SYSTEM_READ_ONLY]
+        hardening.apply_landlock(read_only, [scratch], WRITABLE_FILES)
+    if layers.get("seccomp"):
+        hardening.apply_seccomp()
 
 
 def _read_payload() -> dict[str, Any]:
@@ -148,8 +255,9 @@ def _run_plugin(spec: dict[str, Any], payload: dict[str, Any]) -> bytes:
 def main(spec: dict[str, Any], fds: dict[str, int]) -> NoReturn:
     """Run one call in this (forked) process, then exit. Never returns."""
     try:
-        _setup(spec, fds)
+        scratch = _setup(spec, fds)
         payload = _read_payload()
+        _harden(spec, scratch)
         _write_all(REPLY_FD, encode_frame(READY))
     # Fail closed: any setup problem ends the child before plugin code runs.
     except BaseException as exc:  # noqa: BLE001

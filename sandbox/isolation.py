@@ -112,8 +112,11 @@ def plan_exposure(needed: Iterable[str]) -> dict[str, list[str]]:
 SCRATCH = "/tmp/work"
 
 
-def enter_mount_namespace(needed: Iterable[str], uid: int, scratch_mb: int) -> str:
-    """Give the child a private mount namespace; return its scratch directory.
+def enter_mount_namespace(
+    needed: Iterable[str], uid: int, scratch_mb: int, extra_namespaces: int = 0
+) -> str:
+    """Give the child a private mount namespace (and `extra_namespaces`, more
+    CLONE_NEW* flags, in the same step); return its scratch directory.
 
     The child's `/tmp` becomes an empty read-only tmpfs holding only the
     scratch directory (`SCRATCH`, a tmpfs of `scratch_mb` owned by `uid`,
@@ -124,7 +127,10 @@ def enter_mount_namespace(needed: Iterable[str], uid: int, scratch_mb: int) -> s
     """
     plan = plan_exposure(needed)
     under_tmp = [p for p in sorted({os.path.realpath(n) for n in needed}) if p.startswith("/tmp/")]
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(
+        _libc.unshare(CLONE_NEWNS | extra_namespaces),
+        f"unshare({CLONE_NEWNS | extra_namespaces:#x})",
+    )
     # Nothing done below may propagate back to the host's namespace.
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     # Keep a handle on each path before a tmpfs covers it.
@@ -169,6 +175,14 @@ def _bind_back(paths: Iterable[str], handles: dict[str, int]) -> None:
         _bind_readonly(f"/proc/self/fd/{fd}", path)
 
 
+def mount_proc() -> None:
+    """Mount a /proc that shows only the caller's PID namespace."""
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+
+
+MS_NOEXEC = 0x8
+
+
 def drop_privileges(uid: int, gid: int) -> None:
     """Become `uid:gid` for good, with no supplementary groups."""
     try:
@@ -179,11 +193,3 @@ def drop_privileges(uid: int, gid: int) -> None:
         raise IsolationError("drop privileges", str(exc)) from exc
     if os.getuid() != uid or os.geteuid() != uid or 0 in os.getgroups():
         raise IsolationError("drop privileges", "uid did not change")
-
-
-def current_protections() -> dict[str, bool]:
-    """What this machine lets a root host apply (read at start-up)."""
-    return {
-        "privilege_drop": os.geteuid() == 0,
-        "mount_namespace": os.geteuid() == 0,
-    }

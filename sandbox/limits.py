@@ -85,11 +85,14 @@ class HostLimits:
         )
 
 
-def rlimits_for(limits: CallLimits) -> dict[int, tuple[int, int]]:
+def rlimits_for(limits: CallLimits, extra_processes: int = 0) -> dict[int, tuple[int, int]]:
     """Map call limits to `{RLIMIT_*: (soft, hard)}`, soft == hard.
 
     Soft and hard are equal so the plugin cannot raise a soft limit back up.
+    `extra_processes` makes room for sandbox processes of the same uid that
+    are not the plugin's (the init of a PID namespace).
     """
+    processes = limits.max_processes + extra_processes
     memory = limits.memory_mb * MiB
     # The host enforces the wall clock; CPU seconds are the backstop for a
     # host that stopped watching. One second of slack keeps the host's own
@@ -107,7 +110,7 @@ def rlimits_for(limits: CallLimits) -> dict[int, tuple[int, int]]:
         resource.RLIMIT_FSIZE: (limits.max_file_size_mb * MiB, limits.max_file_size_mb * MiB),
         # Counts every process of the call's own uid, so it caps the tree.
         # Root ignores it, which is why the child drops to that uid first.
-        resource.RLIMIT_NPROC: (limits.max_processes, limits.max_processes),
+        resource.RLIMIT_NPROC: (processes, processes),
         # No core dumps: a crashing plugin must not write its memory to disk.
         resource.RLIMIT_CORE: (0, 0),
         # Nothing locked in RAM beyond what the kernel gives by default.

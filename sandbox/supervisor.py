@@ -22,19 +22,25 @@ import time counts against it. Nothing read from a child is unpickled.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import selectors
 import shutil
 import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.cancel import CancelToken, current_token
+from sandbox.cgroups import CallCgroup
 from sandbox.child import SETUP_FAILED, describe_exit
 from sandbox.launcher import EXIT, PID, Launcher
+from sandbox.layers import detect
 from sandbox.limits import CallLimits, MiB
 from sandbox.outcome import Outcome, Status
 from sandbox.processes import CallProcesses, UidPool
@@ -49,6 +55,10 @@ from sandbox.protocol import (
 )
 
 WATCHDOG_INTERVAL_S = 0.02
+# The memory cgroup is a backstop to the watchdog: 10% above the limit, plus
+# room for the page cache and kernel memory it also counts.
+CGROUP_MEMORY_SLACK = 1.1
+CGROUP_CACHE_ROOM = 32 * 1024 * 1024
 TAIL_BYTES = 2048
 # After the final frame, how long the child may take to exit before it is killed.
 EXIT_GRACE_S = 0.5
@@ -96,19 +106,93 @@ def _stopped(reason: str, message: str, **details: Any) -> _Verdict:
     )
 
 
-class Sandbox:
-    """Executes calls, one fresh child process each; safe to share between threads."""
+# Layers applied when this machine offers them, in the order of sandbox/child.py.
+OPTIONAL_LAYERS = (
+    "privilege_drop",
+    "no_new_privs",
+    "mount_namespace",
+    "tmpfs_scratch",
+    "network_namespace",
+    "ipc_namespace",
+    "uts_namespace",
+    "pid_namespace",
+    "landlock",
+    "seccomp",
+    "cgroup_memory",
+    "cgroup_pids",
+)
+# Without a privilege drop there is no per-call uid, and the mount namespace
+# and tmpfs scratch (which need root) go with it.
+DEPENDS_ON_PRIVILEGE_DROP = (
+    "mount_namespace",
+    "tmpfs_scratch",
+    "network_namespace",
+    "ipc_namespace",
+    "uts_namespace",
+    "pid_namespace",
+)
+ISOLATION_LEVELS = ("standard", "strict")
+CGROUP_EXTRA_PROCESSES = 2  # the relay and init of a PID namespace
+log = logging.getLogger("plughost.sandbox")
 
-    def __init__(self, launcher: Launcher | None = None, scratch_root: str | None = None) -> None:
+
+class Sandbox:
+    """Executes calls, one fresh child process each; safe to share between threads.
+
+    isolation: "standard" applies every layer this machine offers and logs a
+        warning once for each one it lacks; "strict" refuses to run plugins
+        (InternalError) while any layer is missing.
+    disabled: layers switched off on purpose (names from OPTIONAL_LAYERS).
+    """
+
+    def __init__(
+        self,
+        launcher: Launcher | None = None,
+        scratch_root: str | None = None,
+        isolation: str = "standard",
+        disabled: Iterable[str] = (),
+    ) -> None:
+        if isolation not in ISOLATION_LEVELS:
+            raise ValueError(f"isolation must be one of {ISOLATION_LEVELS}, not {isolation!r}")
+        unknown = set(disabled) - set(OPTIONAL_LAYERS)
+        if unknown:
+            raise ValueError(f"unknown isolation layers: {', '.join(sorted(unknown))}")
         self.launcher = launcher or Launcher()
-        self._as_root = os.geteuid() == 0
-        self._uids = UidPool() if self._as_root else None
+        self.isolation = isolation
+        self._disabled = frozenset(disabled)
+        self._layers: dict[str, bool] | None = None
+        self._layers_lock = threading.Lock()
+        self._uids: UidPool | None = None
         self._scratch_root = scratch_root
+
+    def layers(self) -> dict[str, bool]:
+        """Optional layers calls get here: detected once, minus the disabled ones."""
+        with self._layers_lock:
+            if self._layers is None:
+                found = detect()
+                layers = {
+                    name: bool(found.get(name)) and name not in self._disabled
+                    for name in OPTIONAL_LAYERS
+                }
+                if not layers["privilege_drop"]:
+                    for name in DEPENDS_ON_PRIVILEGE_DROP:
+                        layers[name] = False
+                for name in OPTIONAL_LAYERS:
+                    if not layers[name] and self.isolation == "standard":
+                        why = "switched off" if name in self._disabled else "not available here"
+                        log.warning("isolation layer %s is %s; calls run without it", name, why)
+                if layers["privilege_drop"]:
+                    self._uids = UidPool()
+                self._layers = layers
+            return dict(self._layers)
+
+    def missing_layers(self) -> list[str]:
+        return [name for name, on in self.layers().items() if not on]
 
     @property
     def drops_privileges(self) -> bool:
         """True when each call runs under its own unprivileged uid."""
-        return self._as_root
+        return self.layers()["privilege_drop"]
 
     def protections(self) -> dict[str, bool]:
         """Which isolation layers calls actually get on this host."""
@@ -118,13 +202,7 @@ class Sandbox:
             "own_session": True,
             "scrubbed_environment": True,
             "memory_watchdog": True,
-            "privilege_drop": self._as_root,
-            "mount_namespace": self._as_root,
-            "tmpfs_scratch": self._as_root,
-            "network_namespace": False,
-            "pid_namespace": False,
-            "seccomp": False,
-            "landlock": False,
+            **self.layers(),
         }
 
     def execute(self, call: CallSpec) -> Outcome:
@@ -137,7 +215,22 @@ class Sandbox:
         token = current_token()
         if token is not None and token.cancelled:
             return Outcome(Status.SANDBOX_STOPPED, reason="cancelled", message="call was cancelled")
+        layers = self.layers()
+        missing = [name for name, on in layers.items() if not on]
+        if self.isolation == "strict" and missing:
+            return Outcome(
+                Status.HOST_FAILED,
+                reason="internal",
+                message="isolation level strict: missing layers " + ", ".join(missing),
+                details={"missing_layers": missing},
+            )
         uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
+        cgroup = CallCgroup(
+            f"call-{os.getpid()}-{uuid.uuid4().hex[:12]}",
+            memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK) + CGROUP_CACHE_ROOM,
+            max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
+            layers=layers,
+        )
         # A root host gives the child a tmpfs scratch in its own mount namespace.
         scratch = (
             None
@@ -163,6 +256,8 @@ class Sandbox:
                 "uid": uid,
                 "gid": uid,
                 "expose": _exposed_paths(call.plugin_dir),
+                "layers": layers,
+                "cgroup_procs": cgroup.create(),
             }
             started = time.monotonic()
             self.launcher.start_child(
@@ -176,13 +271,14 @@ class Sandbox:
             read_ends = {name: pair[0] for name, pair in pipes.items()}
             pid = _read_pid(read_ends["status"], started + call.limits.timeout_s + 5)
             procs = CallProcesses(pid, uid)
-            watch = _Watch(call, read_ends, procs, started, self._kill, token)
+            watch = _Watch(call, read_ends, procs, started, self._kill, token, cgroup)
             return watch.until_verdict()
         finally:
             if procs is None and uid is not None:
                 procs = CallProcesses(0, uid)
             if procs is not None:
                 self._kill(procs)
+            cgroup.remove()
             for fd in opened:
                 os.close(fd)
             if scratch is not None:
@@ -249,8 +345,10 @@ class _Watch:
         started: float,
         kill: Callable[[CallProcesses], None],
         token: CancelToken | None = None,
+        cgroup: CallCgroup | None = None,
     ) -> None:
         self.token = token
+        self.cgroup = cgroup
         self.call = call
         self.fds = fds
         self.procs = procs
@@ -267,6 +365,14 @@ class _Watch:
         self.exit_by = float("inf")
         self.ready = False
 
+    def _stop_call(self) -> None:
+        # The child may still be in its root-owned setup, out of reach of the
+        # kill by uid: end it directly too, while it is certainly not reaped.
+        if self.exit_status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.procs.root_pid, signal.SIGKILL)
+        self._kill(self.procs)
+
     def elapsed_ms(self) -> float:
         return round((time.monotonic() - self.started) * 1000, 3)
 
@@ -275,11 +381,12 @@ class _Watch:
             self._loop()
             outcome = self._judge()
         except _Verdict as verdict:
-            self._kill(self.procs)
+            self._stop_call()
             outcome = verdict.outcome
             self._collect_exit(time.monotonic() + 2.0)
         outcome.details.setdefault("elapsed_ms", self.elapsed_ms())
-        peak_mb = max(self.peak_rss, self.maxrss_kb * 1024) / MiB
+        cgroup_peak = self.cgroup.peak_bytes() if self.cgroup is not None else 0
+        peak_mb = max(self.peak_rss, self.maxrss_kb * 1024, cgroup_peak) / MiB
         outcome.details.setdefault("peak_rss_mb", round(peak_mb, 1))
         for name, stream in self.streams.items():
             if stream.total:
@@ -300,7 +407,7 @@ class _Watch:
                 now = time.monotonic()
                 if self.final is not None and now >= self.exit_by:
                     # Replied but lingers (a thread holding it up): end it, keep the reply.
-                    self._kill(self.procs)
+                    self._stop_call()
                     self._collect_exit(time.monotonic() + 2.0)
                     if self.exit_status is None:
                         raise _stopped("crashed", "sandbox child could not be reaped")
@@ -371,7 +478,18 @@ class _Watch:
             raise _stopped("protocol_violation", str(exc)) from exc
 
     def _sample_memory(self) -> None:
-        rss = self.procs.total_rss()
+        # The cgroup counts each page once (RSS sums count pages shared after
+        # fork in every process) and includes the tmpfs the call wrote.
+        rss = self.cgroup.usage_bytes() if self.cgroup is not None else None
+        if rss is None:
+            rss = self.procs.total_rss()
+        elif self.cgroup is not None and self.cgroup.oom_killed():
+            raise _stopped(
+                "memory_limit",
+                "the kernel killed a process of the plugin at its memory cgroup limit",
+                limit_mb=self.call.limits.memory_mb,
+                enforced_by="cgroup",
+            )
         self.peak_rss = max(self.peak_rss, rss)
         limit = self.call.limits.memory_mb * MiB
         if rss > limit:
@@ -460,6 +578,18 @@ class _Watch:
 
     def _crashed(self, exit_info: dict[str, Any]) -> Outcome:
         signal_name = exit_info.get("signal")
+        if (
+            signal_name == signal.SIGKILL.name
+            and self.cgroup is not None
+            and self.cgroup.oom_killed()
+        ):
+            limit = self.call.limits.memory_mb
+            return Outcome(
+                Status.SANDBOX_STOPPED,
+                reason="memory_limit",
+                message=f"plugin exceeded its {limit} MB memory cgroup",
+                details={"limit_mb": limit, "enforced_by": "cgroup", **exit_info},
+            )
         if signal_name == signal.SIGXCPU.name:
             return Outcome(
                 Status.SANDBOX_STOPPED,

@@ -32,6 +32,7 @@ from host.services import (
     SQLiteJobStore,
 )
 from host.services.analysis import ANALYZE_WAIT_S, job_outcome
+from host.services.plugins import ToolRunner
 from host.services.store import Job, JobStore
 
 JSON_ERRORS = responses(400, 401, 404, 413, 500, 503)
@@ -49,7 +50,8 @@ class Services:
 
 def build_services(settings: Settings, store: JobStore | None = None) -> Services:
     """Discover plugins and wire the layers for `settings`."""
-    plugins = PluginManagementService()
+    sandbox = PluginManagementService.make_sandbox(settings.isolation, settings.disable_layers)
+    plugins = PluginManagementService(ToolRunner(sandbox=sandbox))
     plugins.quarantine.threshold = settings.quarantine_threshold
     plugins.quarantine.cooldown_s = settings.quarantine_cooldown_s
     discover(plugins.registry, settings.plugins_dirs)

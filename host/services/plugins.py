@@ -22,6 +22,7 @@ from sandbox.cancel import CancelToken, use_token
 from sandbox.envelope import public_error
 from sandbox.limits import HostLimits
 from sandbox.outcome import REASONS, State
+from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import InvalidInput, ToolRunner, validate_payload
 
 UNAVAILABLE_REASONS = frozenset(
@@ -77,6 +78,14 @@ class PluginManagementService:
             plugin=plugin_name,
             retry_after_s=round(retry, 1),
         )
+
+    @staticmethod
+    def make_sandbox(isolation: str = "standard", disabled: Sequence[str] = ()) -> Sandbox:
+        """A sandbox with its own launcher, at `isolation` level, `disabled` layers off.
+
+        Raises ValueError for an unknown level or layer name.
+        """
+        return Sandbox(isolation=isolation, disabled=disabled)
 
     @staticmethod
     def cancellation() -> CancelToken:
@@ -147,4 +156,4 @@ class PluginManagementService:
         return sorted(names)
 
 
-__all__ = ["PluginManagementService", "public_error"]
+__all__ = ["PluginManagementService", "ToolRunner", "public_error"]

@@ -83,7 +83,8 @@ def test_plugin_cannot_signal_the_host(
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert received == []
-    assert error["error"]["details"]["exception"] == "PermissionError"
+    # EPERM with a uid of its own; ESRCH when the host is outside its PID namespace.
+    assert error["error"]["details"]["exception"] in {"PermissionError", "ProcessLookupError"}
 
 
 @needs_root

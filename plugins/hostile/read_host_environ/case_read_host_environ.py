@@ -8,10 +8,11 @@ def parent_of(pid):
         for line in status:
             if line.startswith("PPid:"):
                 return int(line.split()[1])
+    return 0
 
 
 class Plugin:
     def run(self, payload):
-        host = parent_of(os.getppid())
+        host = payload["options"].get("host_pid") or parent_of(os.getppid())
         with open(f"/proc/{host}/environ", "rb") as environ:
             return {"environ": environ.read().decode("latin-1")}
