@@ -68,6 +68,14 @@ def sandbox_processes() -> list[psutil.Process]:
     return found
 
 
+def call_cgroups() -> set[str]:
+    return {
+        str(p)
+        for c in ("memory", "pids")
+        for p in Path(f"/sys/fs/cgroup/{c}/plughost").glob("call-*")
+    }
+
+
 def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
@@ -80,12 +88,14 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     shared_sandbox()  # the launcher's descriptors are not a leak
     before = open_fds()
+    cgroups_before = call_cgroups()
     yield
     deadline = time.monotonic() + 3
     while sandbox_processes() and time.monotonic() < deadline:
         time.sleep(0.02)
     left = [(p.pid, p.info["status"]) for p in sandbox_processes()]
     assert not left, f"processes left behind: {left}"
+    assert call_cgroups() <= cgroups_before, "cgroups left behind"
     leaked = open_fds() - before
     # The launcher socket may be opened by the first call of the session.
     launcher_sock = {fd for fd in leaked if _is_launcher_socket(fd)}
