@@ -163,6 +163,7 @@ class Sandbox:
         self._layers: dict[str, bool] | None = None
         self._layers_lock = threading.Lock()
         self._uids: UidPool | None = None
+        self._swept: set[int] = set()  # uids checked for leftovers of an earlier host
         self._scratch_root = scratch_root
 
     def layers(self) -> dict[str, bool]:
@@ -239,9 +240,11 @@ class Sandbox:
         )
         opened: list[int] = []
         procs: CallProcesses | None = None
+        watch: _Watch | None = None
         try:
-            if uid is not None:
+            if uid is not None and uid not in self._swept:
                 self._kill(CallProcesses(0, uid))  # leftovers of a host that died
+                self._swept.add(uid)
             pipes = {
                 name: os.pipe2(os.O_CLOEXEC) for name in ("status", "reply", "stdout", "stderr")
             }
@@ -276,7 +279,12 @@ class Sandbox:
         finally:
             if procs is None and uid is not None:
                 procs = CallProcesses(0, uid)
-            if procs is not None:
+            # A PID namespace whose init has been reaped is empty: the kernel
+            # killed and reaped everything in it before init could exit.
+            emptied = (
+                watch is not None and watch.exit_status is not None and layers["pid_namespace"]
+            )
+            if procs is not None and not emptied:
                 self._kill(procs)
             cgroup.remove()
             for fd in opened:
