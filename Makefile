@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check clean
+.PHONY: run test check bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ check: $(STAMP)
 	$(BIN)/ruff format --check host sandbox tests scripts plugins
 	$(BIN)/mypy
 	$(BIN)/python scripts/scan_governance.py
+
+# Benchmarks against the peers; writes docs/performance.md and docs/latency.png.
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python scripts/bench.py --write-docs
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -73,13 +73,6 @@ class CallCgroup:
         except (OSError, ValueError):
             return None
 
-    def peak_bytes(self) -> int:
-        path = self.dirs.get("memory")
-        try:
-            return int((path / "memory.max_usage_in_bytes").read_text()) if path else 0
-        except (OSError, ValueError):
-            return 0
-
     def remove(self, deadline_s: float = 2.0) -> None:
         """Remove the cgroups once their processes are gone (they are killed first)."""
         end = time.monotonic() + deadline_s

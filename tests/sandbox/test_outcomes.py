@@ -78,7 +78,11 @@ def test_memory_limit_reports_limit_and_peak(runner: ToolRunner, payload: dict) 
     _, error = runner.run("memory_in_grandchildren", payload)
     details = error["error"]["details"]
     assert details["limit_mb"] == 128
-    assert details["peak_rss_mb"] > 128
+    if details.get("enforced_by") == "cgroup":
+        # The kernel stopped it at the cgroup: it never got 10% past the limit.
+        assert 0 < details["peak_rss_mb"] <= 128 * 1.1
+    else:
+        assert details["peak_rss_mb"] > 128  # the watchdog saw it cross
 
 
 def test_timeout_reports_the_limit(runner: ToolRunner, payload: dict) -> None:

@@ -1,0 +1,643 @@
+#!/usr/bin/env python3
+"""plughost benchmarks, each printed next to its baselines from the same run.
+
+    make bench                       # everything, writes docs/performance.md and docs/latency.png
+    .venv/bin/python scripts/bench.py --quick         # smaller counts, prints only
+
+Sections:
+  overhead   per-call cost of a trivial plugin: plughost (full isolation and
+             with every optional layer off) against os.fork + pipe from a small
+             parent, multiprocess fork / forkserver / spawn, pebble (fresh and
+             reused workers), ProcessPoolExecutor (reused), subprocess python
+  sustained  fresh-process calls per second from several threads
+  http       /v1/analyze with a trivial plugin against /healthz (a no-op
+             route) of the same server, same load generator
+  limits     how late timeout verdicts come; how far a memory bomb gets
+  rss        host RSS before and after many calls
+  peers      crash cases as plain functions through pebble and
+             ProcessPoolExecutor, next to plughost
+  concurrency  latency against concurrency (the plot)
+
+Figures are measurements, not assertions: the test suite checks correctness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from host.registry import get_registry  # noqa: E402
+from sandbox.supervisor import OPTIONAL_LAYERS, Sandbox  # noqa: E402
+from sandbox.tool_runner import ToolRunner  # noqa: E402
+
+PAYLOAD = {"image": b"\x89PNG", "mime_type": "image/png", "options": {}}
+RESULTS: dict[str, Any] = {}
+
+
+def trivial(x: int = 0) -> dict[str, int]:
+    return {"value": x + 1}
+
+
+def stats(samples_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(samples_ms)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+    total_s = sum(ordered) / 1000
+    return {
+        "p50": pct(50),
+        "p95": pct(95),
+        "p99": pct(99),
+        "calls_per_s": len(ordered) / total_s if total_s else 0.0,
+        "n": len(ordered),
+    }
+
+
+def timed(call: Callable[[], Any], n: int, warmup: int = 3) -> dict[str, float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(n):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return stats(samples)
+
+
+def row(name: str, figures: dict[str, float]) -> str:
+    return (
+        f"| {name} | {figures['p50']:.2f} | {figures['p95']:.2f} | {figures['p99']:.2f} "
+        f"| {figures['calls_per_s']:.0f} |"
+    )
+
+
+# -- trivial plugin -------------------------------------------------------------
+
+
+def trivial_plugin_dir() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="plughost-bench-")) / "trivial"
+    directory.mkdir()
+    (directory / "plugin.toml").write_text(
+        'name = "bench_trivial"\nversion = "1"\nentrypoint = "bench_trivial:Plugin"\n'
+    )
+    (directory / "bench_trivial.py").write_text(
+        "class Plugin:\n    def run(self, payload):\n        return {'value': 1}\n"
+    )
+    os.chmod(directory.parent, 0o755)
+    return directory
+
+
+# -- baselines -------------------------------------------------------------------
+
+FORK_FLOOR = textwrap.dedent(
+    """
+    import json, os, sys, time
+    def once():
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.write(w, json.dumps({"value": 1}).encode())
+            os._exit(0)
+        os.close(w)
+        data = os.read(r, 1024)
+        os.close(r)
+        os.waitpid(pid, 0)
+        return json.loads(data)
+    for _ in range(5):
+        once()
+    out = []
+    for _ in range(int(sys.argv[1])):
+        t = time.perf_counter(); once(); out.append((time.perf_counter() - t) * 1000)
+    print(json.dumps(out))
+    """
+)
+
+
+def fork_floor(n: int) -> dict[str, float]:
+    """os.fork + pipe from a small parent (a fresh interpreter, nothing imported)."""
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_FLOOR, str(n)], capture_output=True, text=True, check=True
+    ).stdout
+    return stats(json.loads(out))
+
+
+def multiprocess_per_call(method: str, n: int) -> dict[str, float]:
+    import multiprocess
+
+    context = multiprocess.get_context(method)
+
+    def call() -> None:
+        parent, child = context.Pipe(duplex=False)
+        process = context.Process(target=_mp_target, args=(child,))
+        process.start()
+        child.close()
+        parent.recv()
+        process.join()
+
+    return timed(call, n)
+
+
+def _mp_target(conn: Any) -> None:
+    conn.send(trivial())
+
+
+def pebble_fresh(n: int) -> dict[str, float]:
+    import pebble
+
+    with pebble.ProcessPool(max_workers=1, max_tasks=1) as pool:
+        return timed(lambda: pool.schedule(trivial).result(), n)
+
+
+def pebble_reused(n: int) -> dict[str, float]:
+    import pebble
+
+    with pebble.ProcessPool(max_workers=1) as pool:
+        return timed(lambda: pool.schedule(trivial).result(), n)
+
+
+def executor_reused(n: int) -> dict[str, float]:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
+        return timed(lambda: pool.submit(trivial).result(), n)
+
+
+def subprocess_python(n: int) -> dict[str, float]:
+    code = "import json; print(json.dumps({'value': 1}))"
+    return timed(
+        lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, check=True), n
+    )
+
+
+# -- sections -------------------------------------------------------------------
+
+
+def overhead(n: int, slow_n: int) -> list[str]:
+    full = ToolRunner()
+    bare = ToolRunner(sandbox=Sandbox(disabled=OPTIONAL_LAYERS))
+    figures = {
+        "plughost, every layer (fresh process per call)": timed(
+            lambda: full.run("bench_trivial", PAYLOAD), n
+        ),
+        "plughost, optional layers off": timed(lambda: bare.run("bench_trivial", PAYLOAD), n),
+        "os.fork + pipe, small parent (floor)": fork_floor(n),
+        "multiprocess fork, Process per call": multiprocess_per_call("fork", n),
+        "multiprocess forkserver, Process per call": multiprocess_per_call("forkserver", slow_n),
+        "multiprocess spawn, Process per call": multiprocess_per_call("spawn", slow_n),
+        "pebble ProcessPool max_tasks=1 (fresh)": pebble_fresh(slow_n),
+        "pebble ProcessPool, reused worker": pebble_reused(n),
+        "ProcessPoolExecutor, reused worker": executor_reused(n),
+        "subprocess running python -c": subprocess_python(slow_n),
+    }
+    bare.sandbox.launcher.stop()
+    RESULTS["overhead"] = figures
+    floor = figures["os.fork + pipe, small parent (floor)"]["p50"]
+    ours = figures["plughost, every layer (fresh process per call)"]["p50"]
+    lines = [
+        "| way of running a trivial call | p50 ms | p95 ms | p99 ms | calls/s (serial) |",
+        "|---|---|---|---|---|",
+        *[row(name, f) for name, f in figures.items()],
+        "",
+        f"plughost p50 / fork floor p50 = {ours / floor:.1f} (target <= 2)",
+    ]
+    RESULTS["overhead_ratio"] = ours / floor
+    return lines
+
+
+def sustained(seconds: float, threads: int) -> list[str]:
+    runner = ToolRunner()
+    count = 0
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def loop() -> None:
+        nonlocal count
+        while time.monotonic() < stop:
+            result, error = runner.run("bench_trivial", PAYLOAD)
+            assert not error, error
+            with lock:
+                count += 1
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    rate = count / (time.monotonic() - started)
+    RESULTS["sustained_calls_per_s"] = rate
+    return [
+        f"sustained fresh-process calls: {rate:.0f}/s with {threads} threads on "
+        f"{os.cpu_count()} cores over {seconds:.0f} s (target >= 300/s)"
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _load(
+    port: int, method: str, path: str, body: bytes | None, total: int, concurrency: int
+) -> dict[str, float]:
+    samples: list[float] = []
+    lock = threading.Lock()
+    remaining = [total]
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        headers = {"content-type": "application/json"}
+        while True:
+            with lock:
+                if remaining[0] <= 0:
+                    break
+                remaining[0] -= 1
+            started = time.perf_counter()
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+            with lock:
+                samples.append((time.perf_counter() - started) * 1000)
+        conn.close()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.monotonic() - started
+    figures = stats(samples)
+    figures["rps"] = len(samples) / wall
+    return figures
+
+
+def start_server(plugin_dir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    port = _free_port()
+    db = Path(tempfile.mkdtemp(prefix="plughost-bench-db-")) / "jobs.sqlite3"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "host.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--db",
+            str(db),
+            "--plugins-dir",
+            str(plugin_dir.parent),
+            "--queue-size",
+            "256",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return server, port, db
+        time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("server did not start")
+
+
+def http_section(plugin_dir: Path, total: int, concurrency: int) -> list[str]:
+    server, port, _ = start_server(plugin_dir)
+    body = json.dumps(
+        {
+            "plugin": "bench_trivial",
+            "image": base64.b64encode(b"\x89PNG").decode(),
+            "mime_type": "image/png",
+        }
+    ).encode()
+    try:
+        _load(port, "GET", "/healthz", None, 50, concurrency)  # warm-up
+        noop = _load(port, "GET", "/healthz", None, total, concurrency)
+        analyze = _load(port, "POST", "/v1/analyze", body, total, concurrency)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    RESULTS["http"] = {"noop": noop, "analyze": analyze}
+    share = analyze["rps"] / noop["rps"]
+    RESULTS["http_share"] = share
+    return [
+        f"| route ({concurrency} concurrent clients, {total} requests) | req/s | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|",
+        f"| GET /healthz (no-op route) | {noop['rps']:.0f} | {noop['p50']:.2f} | {noop['p95']:.2f} | {noop['p99']:.2f} |",
+        f"| POST /v1/analyze, trivial plugin | {analyze['rps']:.0f} | {analyze['p50']:.2f} | {analyze['p95']:.2f} | {analyze['p99']:.2f} |",
+        "",
+        f"/v1/analyze reaches {share:.0%} of the no-op route's requests per second (target >= 40%)",
+    ]
+
+
+def limits_section(n: int) -> list[str]:
+    registry = get_registry()
+    registry.load_directory(ROOT / "plugins" / "hostile")
+    runner = ToolRunner()
+    late = []
+    for _ in range(n):
+        _, error = runner.run("busy_loop", PAYLOAD)
+        details = error["error"]["details"]
+        late.append(details["elapsed_ms"] - details["limit_s"] * 1000)
+    overshoot = []
+    for case in ("slow_growth", "memory_in_grandchildren", "memory_in_threads", "huge_allocation"):
+        for _ in range(max(1, n // 4)):
+            _, error = runner.run(case, PAYLOAD)
+            details = error["error"]["details"]
+            overshoot.append((case, details.get("peak_rss_mb", 0) / 128 * 100, details["reason"]))
+    late_stats = stats(late)
+    worst = max(o[1] for o in overshoot)
+    RESULTS["timeout_late_ms"] = late_stats
+    RESULTS["memory_peak_pct"] = worst
+    lines = [
+        f"timeout verdict after the 1 s limit: p50 {late_stats['p50']:.1f} ms, p99 {late_stats['p99']:.1f} ms "
+        f"(target p99 <= 50 ms)",
+        "| memory bomb (limit 128 MB) | peak, % of limit | verdict |",
+        "|---|---|---|",
+    ]
+    for case in sorted({o[0] for o in overshoot}):
+        worst_case = max(o for o in overshoot if o[0] == case)
+        lines.append(f"| {case} | {worst_case[1]:.0f}% | {worst_case[2]} |")
+    lines.append(f"worst peak: {worst:.0f}% of the limit (target < 110%)")
+    return lines
+
+
+def rss_section(calls: int, threads: int) -> list[str]:
+    runner = ToolRunner()
+    for _ in range(50):
+        runner.run("bench_trivial", PAYLOAD)
+    process = psutil.Process()
+    before = process.memory_info().rss
+    per_thread = calls // threads
+
+    def loop() -> None:
+        for _ in range(per_thread):
+            runner.run("bench_trivial", PAYLOAD)
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    after = process.memory_info().rss
+    growth = (after - before) / before
+    RESULTS["rss_growth"] = growth
+    return [
+        f"host RSS: {before / 2**20:.1f} MB before, {after / 2**20:.1f} MB after "
+        f"{per_thread * threads} calls: {growth:+.1%} (target < 10%)"
+    ]
+
+
+# -- peers against hostile tasks --------------------------------------------------
+
+
+class Malicious:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, ("touch /tmp/plughost-bench-pwned",))
+
+
+def task_malicious_result() -> Malicious:
+    return Malicious()
+
+
+def task_busy_loop() -> None:
+    while True:
+        pass
+
+
+def task_setsid_grandchild() -> dict[str, int]:
+    child = subprocess.Popen(["setsid", "sleep", "300"], start_new_session=True)
+    return {"grandchild": child.pid}
+
+
+def task_segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def task_big_allocation() -> dict[str, int]:
+    block = bytearray(3 * 1024**3)
+    return {"size": len(block)}
+
+
+PEER_TASKS: dict[str, Callable[[], Any]] = {
+    "result with a malicious __reduce__": task_malicious_result,
+    "busy loop (1 s timeout)": task_busy_loop,
+    "setsid grandchild": task_setsid_grandchild,
+    "segfault": task_segfault,
+    "3 GB allocation (plughost: 128 MB limit)": task_big_allocation,
+}
+
+
+def _sleepers() -> set[int]:
+    return {
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if (p.info["cmdline"] or [])[:2] == ["sleep", "300"]
+    }
+
+
+def _peer(name: str, submit: Callable[[Callable[[], Any]], Any], task: Callable[[], Any]) -> str:
+    marker = Path("/tmp/plughost-bench-pwned")
+    marker.unlink(missing_ok=True)
+    before = _sleepers()
+    started = time.monotonic()
+    try:
+        outcome = f"result {str(submit(task))[:30]}"
+    except concurrent.futures.TimeoutError:
+        outcome = "timeout"
+    except Exception as exc:  # noqa: BLE001 - the peer's failure is what we report
+        outcome = f"{type(exc).__name__}"
+    took = time.monotonic() - started
+    time.sleep(0.3)
+    left = _sleepers() - before
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    pwned = marker.exists()
+    marker.unlink(missing_ok=True)
+    return f"{outcome} ({took:.2f} s){'; HOST RAN THE COMMAND' if pwned else ''}{f'; {len(left)} process left' if left else ''}"
+
+
+def peers_section() -> list[str]:
+    import pebble
+
+    lines = [
+        "| hostile task | pebble ProcessPool (timeout 1 s) | ProcessPoolExecutor (result(timeout=1)) |",
+        "|---|---|---|",
+    ]
+    for label, task in PEER_TASKS.items():
+        with pebble.ProcessPool(max_workers=1) as pool:
+            peb = _peer("pebble", lambda t: pool.schedule(t, timeout=1).result(), task)
+            pool.stop()
+        executor = concurrent.futures.ProcessPoolExecutor(max_workers=1)
+        try:
+            ppe = _peer("executor", lambda t, ex=executor: ex.submit(t).result(timeout=1), task)
+        finally:
+            for proc in list(getattr(executor, "_processes", {}).values()):
+                with contextlib.suppress(Exception):
+                    proc.kill()
+            executor.shutdown(wait=False, cancel_futures=True)
+        lines.append(f"| {label} | {peb} | {ppe} |")
+    lines += [
+        "",
+        "plughost on the same attacks (crash-suite cases): pickle never decoded "
+        "(`pickle_payload`: protocol_violation), busy loop stopped at the limit (`busy_loop`: timeout), "
+        "setsid grandchild killed with the call (`setsid_grandchild`), segfault reported as crashed "
+        "(`segfault`), 2 GB allocation refused (`huge_allocation`: memory_limit); "
+        "`plughost crash-suite` prints the details.",
+    ]
+    return lines
+
+
+def concurrency_section(levels: list[int], calls: int, plot: Path | None) -> list[str]:
+    runner = ToolRunner()
+    figures = {}
+    for level in levels:
+        samples: list[float] = []
+        lock = threading.Lock()
+        remaining = [calls]
+
+        def loop(
+            lock: threading.Lock = lock,
+            remaining: list[int] = remaining,
+            samples: list[float] = samples,
+        ) -> None:
+            while True:
+                with lock:
+                    if remaining[0] <= 0:
+                        return
+                    remaining[0] -= 1
+                started = time.perf_counter()
+                runner.run("bench_trivial", PAYLOAD)
+                with lock:
+                    samples.append((time.perf_counter() - started) * 1000)
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=loop) for _ in range(level)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        result = stats(samples)
+        result["throughput"] = len(samples) / (time.monotonic() - started)
+        figures[level] = result
+    RESULTS["concurrency"] = figures
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in ("p50", "p95", "p99"):
+            ax.plot(levels, [figures[level][key] for level in levels], marker="o", label=key)
+        ax.set_xlabel("concurrent callers (threads in one host)")
+        ax.set_ylabel("latency per call, ms")
+        ax.set_title(f"plughost: trivial plugin, fresh process per call ({os.cpu_count()} cores)")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+    lines = ["| concurrent callers | calls/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|"]
+    for level, f in figures.items():
+        lines.append(
+            f"| {level} | {f['throughput']:.0f} | {f['p50']:.2f} | {f['p95']:.2f} | {f['p99']:.2f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smaller counts")
+    parser.add_argument(
+        "--write-docs", action="store_true", help="write docs/performance.md and the plot"
+    )
+    parser.add_argument("--only", action="append", default=[], help="run only these sections")
+    args = parser.parse_args()
+    quick = args.quick
+    plugin_dir = trivial_plugin_dir()
+    get_registry().load_directory(plugin_dir)
+    sections: dict[str, Callable[[], list[str]]] = {
+        "overhead": lambda: overhead(100 if quick else 300, 15 if quick else 40),
+        "sustained": lambda: sustained(3 if quick else 10, 4),
+        "http": lambda: http_section(plugin_dir, 200 if quick else 1000, 8),
+        "limits": lambda: limits_section(4 if quick else 20),
+        "rss": lambda: rss_section(1000 if quick else 20_000, 4),
+        "peers": peers_section,
+        "concurrency": lambda: concurrency_section(
+            [1, 2, 4, 8, 16],
+            100 if quick else 400,
+            ROOT / "docs" / "latency.png" if args.write_docs else None,
+        ),
+    }
+    output = [
+        f"# plughost benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
+        f"Python {sys.version.split()[0]}, {'quick' if quick else 'full'} run)",
+        "",
+    ]
+    for name, section in sections.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"== {name}", flush=True)
+        lines = section()
+        print("\n".join(lines), flush=True)
+        output += [f"## {name}", "", *lines, ""]
+    (ROOT / "docs" / "bench-results.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+    if args.write_docs:
+        write_docs(output)
+
+
+def write_docs(sections: list[str]) -> None:
+    intro = textwrap.dedent(
+        """\
+        # Performance
+
+        Regenerate everything on this page with `make bench` (it installs the
+        `bench` extra: pebble, multiprocess, matplotlib). Every figure comes from
+        one run on one machine, next to its baselines from the same run; the
+        test suite checks correctness of the fast path, never its speed.
+
+        ![latency against concurrency](latency.png)
+
+        """
+    )
+    (ROOT / "docs" / "performance.md").write_text(intro + "\n".join(sections) + "\n")
+
+
+if __name__ == "__main__":
+    main()
