@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# One real analysis through the sandbox, then the server with the bundled plugins.
 run: $(STAMP)
+	$(BIN)/plughost run image_info --image plugins/samples/sunset.png
 	$(BIN)/plughost serve --db .plughost/jobs.sqlite3
 
 test: $(STAMP)
