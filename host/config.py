@@ -9,6 +9,8 @@ a few crash-suite probes at start-up (reported at /readyz);
 `isolation` is "standard" (apply every layer the machine offers, warn about
 the others) or "strict" (refuse to run plugins while a layer is missing);
 `disable_layers` switches layers off by name (see `sandbox.supervisor.OPTIONAL_LAYERS`).
+`prewarm` keeps that many children set up and waiting per plugin recently
+called, so a call pays a hand-over instead of a start (0 turns it off).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Settings(BaseModel):
     self_check: bool = True
     require_containment: bool = False
     isolation: Literal["standard", "strict"] = "standard"
+    prewarm: int = Field(default=1, ge=0, le=8)
     disable_layers: list[str] = Field(default_factory=list)
 
     @field_validator("client_tokens", "plugins_dirs", "disable_layers", mode="before")

@@ -147,12 +147,13 @@ def observed_of(result: dict[str, Any], error: dict[str, Any]) -> str:
     return f"{detail.get('type')}:{detail.get('details', {}).get('reason')}"
 
 
-def sandbox_processes() -> int:
-    """Processes running under a sandbox uid (zombies aside)."""
+def sandbox_processes(idle_uids: set[int] | None = None) -> int:
+    """Processes running under a sandbox uid (zombies and idle warm children aside)."""
     count = 0
+    idle = idle_uids or set()
     for proc in psutil.process_iter(["uids", "status"]):
         uids = proc.info["uids"]
-        if uids and UID_BASE <= uids.real < UID_BASE + UID_SLOTS:
+        if uids and UID_BASE <= uids.real < UID_BASE + UID_SLOTS and uids.real not in idle:
             count += proc.info["status"] != psutil.STATUS_ZOMBIE
     return count
 
@@ -183,6 +184,8 @@ class Target(Protocol):
         self, case: str, image: bytes, options: dict[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Any]]: ...
     def alive(self) -> bool: ...
+    def idle_uids(self) -> set[int]: ...
+    def settle(self) -> None: ...
 
 
 class LocalTarget:
@@ -204,6 +207,14 @@ class LocalTarget:
 
     def alive(self) -> bool:
         return True
+
+    def idle_uids(self) -> set[int]:
+        return self.runner.sandbox.warm_uids()
+
+    def settle(self) -> None:
+        # Warm children started in the background hold descriptors; let them
+        # land before counting the host's descriptors.
+        self.runner.sandbox.settle()
 
 
 class HttpTarget:
@@ -252,6 +263,13 @@ class HttpTarget:
         except OSError:
             return False
 
+    def settle(self) -> None:
+        """Nothing to wait for: the server's descriptors are not counted."""
+
+    def idle_uids(self) -> set[int]:
+        _, body = self._request("GET", "/readyz")
+        return set(body.get("warm_uids", [])) if isinstance(body, dict) else set()
+
 
 def sample_png() -> bytes:
     from PIL import Image
@@ -290,9 +308,9 @@ class _Listener:
         self.sock.close()
 
 
-def _settle(deadline_s: float = 2.0) -> int:
+def _settle(target: Target, deadline_s: float = 2.0) -> int:
     end = time.monotonic() + deadline_s
-    while (left := sandbox_processes()) and time.monotonic() < end:
+    while (left := sandbox_processes(target.idle_uids())) and time.monotonic() < end:
         time.sleep(0.02)
     return left
 
@@ -302,6 +320,7 @@ def run_case(
 ) -> CaseReport:
     """Run one case and check its claims."""
     process = psutil.Process()
+    target.settle()
     fds_before = process.num_fds()
     rss_before = process.memory_info().rss
     files_before = stray_files([case.plugin.directory])
@@ -309,7 +328,8 @@ def run_case(
     result, error = target.call(case.name, image, options)
     seconds = time.monotonic() - started
     observed = observed_of(result, error)
-    leftover = _settle()
+    leftover = _settle(target)
+    target.settle()
     problems = []
     fds = rss = None
     if observed not in case.expected:

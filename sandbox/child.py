@@ -27,6 +27,7 @@ import importlib
 import os
 import resource
 import signal
+import socket
 import struct
 import sys
 import traceback
@@ -184,6 +185,16 @@ def _harden(spec: dict[str, Any], scratch: str) -> None:
         hardening.apply_seccomp()
 
 
+def _wait_for_payload() -> None:
+    """A warm child: block until the host hands over the payload's memfd."""
+    with socket.socket(fileno=PAYLOAD_FD) as sock:
+        message, fds, _, _ = socket.recv_fds(sock, 16, 1)
+    if message != b"go" or len(fds) != 1:
+        os._exit(0)  # put away unused
+    os.dup2(fds[0], PAYLOAD_FD)  # the socket's number, free again
+    os.close(fds[0])
+
+
 def _read_payload() -> dict[str, Any]:
     with os.fdopen(PAYLOAD_FD, "rb") as stream:
         (length,) = HEADER.unpack(stream.read(HEADER.size))
@@ -256,8 +267,10 @@ def main(spec: dict[str, Any], fds: dict[str, int]) -> NoReturn:
     """Run one call in this (forked) process, then exit. Never returns."""
     try:
         scratch = _setup(spec, fds)
-        payload = _read_payload()
         _harden(spec, scratch)
+        if spec.get("warm"):
+            _wait_for_payload()
+        payload = _read_payload()
         _write_all(REPLY_FD, encode_frame(READY))
     # Fail closed: any setup problem ends the child before plugin code runs.
     except BaseException as exc:  # noqa: BLE001

@@ -25,14 +25,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import selectors
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +139,38 @@ CGROUP_EXTRA_PROCESSES = 2  # the relay and init of a PID namespace
 log = logging.getLogger("plughost.sandbox")
 
 
+WARM_IDLE_S = 30.0  # a warm child unused this long is put away
+
+
+def _warm_key(call: CallSpec) -> tuple[Any, ...]:
+    return (call.plugin_dir, call.entrypoint, call.limits)
+
+
+@dataclass
+class _Slot:
+    """One forked child with everything the host holds for it."""
+
+    key: tuple[Any, ...]
+    uid: int | None
+    lock_fd: int
+    cgroup: CallCgroup
+    scratch: str | None
+    pid_namespace: bool
+    opened: list[int] = field(default_factory=list)
+    read_ends: dict[str, int] = field(default_factory=dict)
+    procs: CallProcesses | None = None
+    go: socket.socket | None = None
+    created: float = field(default_factory=time.monotonic)
+
+    def alive(self) -> bool:
+        """False once the child has exited (its status pipe has something to say)."""
+        fd = self.read_ends.get("status")
+        if fd is None:
+            return False
+        readable, _, _ = select.select([fd], [], [], 0)
+        return not readable
+
+
 class Sandbox:
     """Executes calls, one fresh child process each; safe to share between threads.
 
@@ -143,6 +178,8 @@ class Sandbox:
         warning once for each one it lacks; "strict" refuses to run plugins
         (InternalError) while any layer is missing.
     disabled: layers switched off on purpose (names from OPTIONAL_LAYERS).
+    prewarm: children kept set up and waiting, per plugin recently called, so
+        a call pays a hand-over instead of a start (each is still used once).
     """
 
     def __init__(
@@ -151,6 +188,7 @@ class Sandbox:
         scratch_root: str | None = None,
         isolation: str = "standard",
         disabled: Iterable[str] = (),
+        prewarm: int = 0,
     ) -> None:
         if isolation not in ISOLATION_LEVELS:
             raise ValueError(f"isolation must be one of {ISOLATION_LEVELS}, not {isolation!r}")
@@ -165,6 +203,14 @@ class Sandbox:
         self._uids: UidPool | None = None
         self._swept: set[int] = set()  # uids checked for leftovers of an earlier host
         self._scratch_root = scratch_root
+        self.prewarm = prewarm
+        self.warm_hits = 0  # calls that got a prewarmed child
+        self._warm: dict[tuple[Any, ...], list[_Slot]] = {}
+        self._warming: dict[tuple[Any, ...], int] = {}
+        self._warming_uids: set[int] = set()
+        self._warm_lock = threading.Lock()
+        self._closed = False
+        self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plughost-prewarm")
 
     def layers(self) -> dict[str, bool]:
         """Optional layers calls get here: detected once, minus the disabled ones."""
@@ -225,22 +271,52 @@ class Sandbox:
                 message="isolation level strict: missing layers " + ", ".join(missing),
                 details={"missing_layers": missing},
             )
-        uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
-        cgroup = CallCgroup(
-            f"call-{os.getpid()}-{uuid.uuid4().hex[:12]}",
-            memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK),
-            max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
-            layers=layers,
-        )
-        # A root host gives the child a tmpfs scratch in its own mount namespace.
-        scratch = (
-            None
-            if uid is not None
-            else tempfile.mkdtemp(prefix="plughost-call-", dir=self._scratch_root)
-        )
-        opened: list[int] = []
-        procs: CallProcesses | None = None
+        slot = self._take_warm(call) if self.prewarm else None
+        if slot is None:
+            slot = self._start(call, layers, warm=False)
         watch: _Watch | None = None
+        try:
+            started = time.monotonic()
+            if slot.go is not None:
+                payload_fd = self._payload_file(call)
+                try:
+                    socket.send_fds(slot.go, [b"go"], [payload_fd])
+                finally:
+                    os.close(payload_fd)
+            assert slot.procs is not None  # _start reads the pid before it returns
+            watch = _Watch(
+                call, slot.read_ends, slot.procs, started, self._kill, token, slot.cgroup
+            )
+            return watch.until_verdict()
+        finally:
+            self._release(slot, watch)
+            if self.prewarm:
+                self._replenish(call, layers)
+
+    def _start(self, call: CallSpec, layers: dict[str, bool], warm: bool) -> _Slot:
+        """Fork a child for `call`: cold (payload handed over now) or warm
+        (set up and waiting for its payload on a socket). Returns once the
+        launcher reported its pid."""
+        uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
+        if warm and uid is not None:
+            with self._warm_lock:
+                self._warming_uids.add(uid)
+        slot = _Slot(
+            key=_warm_key(call),
+            uid=uid,
+            lock_fd=lock_fd,
+            cgroup=CallCgroup(
+                f"call-{os.getpid()}-{uuid.uuid4().hex[:12]}",
+                memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK),
+                max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
+                layers=layers,
+            ),
+            # A root host gives the child a tmpfs scratch in its own mount namespace.
+            scratch=None
+            if uid is not None
+            else tempfile.mkdtemp(prefix="plughost-call-", dir=self._scratch_root),
+            pid_namespace=layers["pid_namespace"],
+        )
         try:
             if uid is not None and uid not in self._swept:
                 self._kill(CallProcesses(0, uid))  # leftovers of a host that died
@@ -248,51 +324,147 @@ class Sandbox:
             pipes = {
                 name: os.pipe2(os.O_CLOEXEC) for name in ("status", "reply", "stdout", "stderr")
             }
-            opened.extend(fd for pair in pipes.values() for fd in pair)
-            payload_fd = self._payload_file(call)
-            opened.append(payload_fd)
+            slot.opened.extend(fd for pair in pipes.values() for fd in pair)
+            if warm:
+                slot.go, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                payload_fd = theirs.detach()
+            else:
+                payload_fd = self._payload_file(call)
+            slot.opened.append(payload_fd)
             spec = {
                 "plugin_dir": call.plugin_dir,
                 "entrypoint": call.entrypoint,
                 "limits": call.limits.__dict__,
-                "scratch": scratch,
+                "scratch": slot.scratch,
                 "uid": uid,
                 "gid": uid,
                 "expose": _exposed_paths(call.plugin_dir),
                 "layers": layers,
-                "cgroup_procs": cgroup.create(),
+                "cgroup_procs": slot.cgroup.create(),
+                "warm": warm,
             }
-            started = time.monotonic()
             self.launcher.start_child(
                 spec, {**{name: pair[1] for name, pair in pipes.items()}, "payload": payload_fd}
             )
             for _, write_end in pipes.values():
                 os.close(write_end)
-                opened.remove(write_end)
+                slot.opened.remove(write_end)
             os.close(payload_fd)
-            opened.remove(payload_fd)
-            read_ends = {name: pair[0] for name, pair in pipes.items()}
-            pid = _read_pid(read_ends["status"], started + call.limits.timeout_s + 5)
-            procs = CallProcesses(pid, uid)
-            watch = _Watch(call, read_ends, procs, started, self._kill, token, cgroup)
-            return watch.until_verdict()
-        finally:
-            if procs is None and uid is not None:
-                procs = CallProcesses(0, uid)
-            # A PID namespace whose init has been reaped is empty: the kernel
-            # killed and reaped everything in it before init could exit.
-            emptied = (
-                watch is not None and watch.exit_status is not None and layers["pid_namespace"]
-            )
-            if procs is not None and not emptied:
-                self._kill(procs)
-            cgroup.remove()
-            for fd in opened:
-                os.close(fd)
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-            if uid is not None:
-                UidPool.release(lock_fd)
+            slot.opened.remove(payload_fd)
+            slot.read_ends = {name: pair[0] for name, pair in pipes.items()}
+            deadline = time.monotonic() + call.limits.timeout_s + 5
+            slot.procs = CallProcesses(_read_pid(slot.read_ends["status"], deadline), uid)
+        except BaseException:
+            self._release(slot, None)
+            raise
+        return slot
+
+    def _release(self, slot: _Slot, watch: _Watch | None) -> None:
+        """Kill what is left of a slot's call and give back its uid, cgroup and descriptors."""
+        procs = slot.procs
+        if procs is None and slot.uid is not None:
+            procs = CallProcesses(0, slot.uid)
+        # A PID namespace whose init has been reaped is empty: the kernel
+        # killed and reaped everything in it before init could exit.
+        emptied = watch is not None and watch.exit_status is not None and slot.pid_namespace
+        if procs is not None and not emptied:
+            if watch is None and slot.procs is not None:
+                # Never watched (a warm child put away): end its root-owned relay too.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.procs.root_pid, signal.SIGKILL)
+            self._kill(procs)
+        slot.cgroup.remove()
+        if slot.go is not None:
+            slot.go.close()
+        for fd in slot.opened:
+            os.close(fd)
+        slot.opened.clear()
+        if slot.scratch is not None:
+            shutil.rmtree(slot.scratch, ignore_errors=True)
+        if slot.uid is not None:
+            UidPool.release(slot.lock_fd)
+
+    # -- prewarmed children -------------------------------------------------
+
+    def _take_warm(self, call: CallSpec) -> _Slot | None:
+        """A live warm child set up for exactly this plugin and these limits, if any."""
+        key = _warm_key(call)
+        stale: list[_Slot] = []
+        found = None
+        with self._warm_lock:
+            now = time.monotonic()
+            for slots in self._warm.values():
+                for slot in list(slots):
+                    if now - slot.created > WARM_IDLE_S or not slot.alive():
+                        slots.remove(slot)
+                        stale.append(slot)
+            slots = self._warm.get(key, [])
+            if slots:
+                found = slots.pop(0)
+                self.warm_hits += 1
+        for slot in stale:
+            self._release(slot, None)
+        return found
+
+    def _replenish(self, call: CallSpec, layers: dict[str, bool]) -> None:
+        key = _warm_key(call)
+        with self._warm_lock:
+            missing = self.prewarm - len(self._warm.get(key, [])) - self._warming.get(key, 0)
+            if missing <= 0 or self._closed:
+                return
+            self._warming[key] = self._warming.get(key, 0) + missing
+        template = CallSpec(call.plugin, call.plugin_dir, call.entrypoint, call.limits, b"", "", {})
+
+        def warm_up() -> None:
+            for _ in range(missing):
+                try:
+                    slot = self._start(template, layers, warm=True)
+                except Exception:  # noqa: BLE001 - a failed warm-up only means a cold start later
+                    log.warning("could not prewarm a child for %s", call.plugin, exc_info=True)
+                    slot = None
+                with self._warm_lock:
+                    self._warming[key] -= 1
+                    if slot is not None and slot.uid is not None:
+                        self._warming_uids.discard(slot.uid)
+                    if slot is not None and not self._closed:
+                        self._warm.setdefault(key, []).append(slot)
+                        slot = None
+                if slot is not None:
+                    self._release(slot, None)
+
+        self._warmer.submit(warm_up)
+
+    def settle(self, timeout_s: float = 5.0) -> None:
+        """Wait until no warm child is being started (for measurements)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._warm_lock:
+                if not any(self._warming.values()):
+                    return
+            time.sleep(0.005)
+
+    def warm_count(self) -> int:
+        """Children set up and waiting in the pool now."""
+        with self._warm_lock:
+            return sum(len(slots) for slots in self._warm.values())
+
+    def warm_uids(self) -> set[int]:
+        """Uids of the children waiting in the warm pool (not leftovers of a call)."""
+        with self._warm_lock:
+            return {s.uid for slots in self._warm.values() for s in slots if s.uid is not None} | {
+                uid for uid in self._warming_uids
+            }
+
+    def close(self) -> None:
+        """Kill the warm children and stop the launcher."""
+        with self._warm_lock:
+            self._closed = True
+            slots = [slot for slots in self._warm.values() for slot in slots]
+            self._warm.clear()
+        self._warmer.shutdown(wait=True)
+        for slot in slots:
+            self._release(slot, None)
+        self.launcher.stop()
 
     def _kill(self, procs: CallProcesses) -> None:
         """Kill every process of a call: atomically by uid, then sweep to verify."""
@@ -552,6 +724,8 @@ class _Watch:
                         "stderr_tail": self.streams["stderr"].text(),
                     },
                 )
+            if self.cgroup is not None and self.cgroup.oom_killed():
+                return self._crashed(exit_info)
             raise _stopped("crashed", "sandbox child died before it was ready", **exit_info)
         if self.reply.pending:
             raise _stopped("protocol_violation", "truncated frame on the reply pipe", **exit_info)
@@ -586,11 +760,9 @@ class _Watch:
 
     def _crashed(self, exit_info: dict[str, Any]) -> Outcome:
         signal_name = exit_info.get("signal")
-        if (
-            signal_name == signal.SIGKILL.name
-            and self.cgroup is not None
-            and self.cgroup.oom_killed()
-        ):
+        # Whichever process of the call the kernel picked (the plugin, its init,
+        # its relay), a kill at the memory cgroup means the memory limit.
+        if self.cgroup is not None and self.cgroup.oom_killed():
             limit = self.call.limits.memory_mb
             return Outcome(
                 Status.SANDBOX_STOPPED,

@@ -39,7 +39,7 @@ def shared_sandbox() -> Sandbox:
         if _shared_sandbox is None:
             _shared_sandbox = Sandbox()
             # Close the launcher and reap it when the host exits: nobody else would.
-            atexit.register(_shared_sandbox.launcher.stop)
+            atexit.register(_shared_sandbox.close)
         return _shared_sandbox
 
 

@@ -50,7 +50,9 @@ class Services:
 
 def build_services(settings: Settings, store: JobStore | None = None) -> Services:
     """Discover plugins and wire the layers for `settings`."""
-    sandbox = PluginManagementService.make_sandbox(settings.isolation, settings.disable_layers)
+    sandbox = PluginManagementService.make_sandbox(
+        settings.isolation, settings.disable_layers, settings.prewarm
+    )
     plugins = PluginManagementService(ToolRunner(sandbox=sandbox))
     plugins.quarantine.threshold = settings.quarantine_threshold
     plugins.quarantine.cooldown_s = settings.quarantine_cooldown_s
@@ -134,6 +136,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                     raise RuntimeError("containment self-check failed; refusing to serve")
         yield
         await asyncio.to_thread(app.state.services.jobs.shutdown)
+        if services is None:  # built here, so stopped here
+            await asyncio.to_thread(app.state.services.plugins.close)
 
     app = FastAPI(
         title="plughost",
@@ -314,6 +318,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             "isolation": protections,
             "self_check": check,
             "jobs": svc.jobs.stats(),
+            # Idle prewarmed children, so a crash-suite run can tell them from leftovers.
+            "warm_uids": svc.plugins.warm_uids(),
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

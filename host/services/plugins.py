@@ -80,12 +80,23 @@ class PluginManagementService:
         )
 
     @staticmethod
-    def make_sandbox(isolation: str = "standard", disabled: Sequence[str] = ()) -> Sandbox:
-        """A sandbox with its own launcher, at `isolation` level, `disabled` layers off.
+    def make_sandbox(
+        isolation: str = "standard", disabled: Sequence[str] = (), prewarm: int = 0
+    ) -> Sandbox:
+        """A sandbox with its own launcher, at `isolation` level, `disabled` layers
+        off, `prewarm` children kept waiting per plugin.
 
         Raises ValueError for an unknown level or layer name.
         """
-        return Sandbox(isolation=isolation, disabled=disabled)
+        return Sandbox(isolation=isolation, disabled=disabled, prewarm=prewarm)
+
+    def warm_uids(self) -> list[int]:
+        """Uids of the prewarmed children waiting for a call."""
+        return sorted(self._runner.sandbox.warm_uids())
+
+    def close(self) -> None:
+        """Stop the sandbox this service runs plugins in (warm children, launcher)."""
+        self._runner.sandbox.close()
 
     @staticmethod
     def cancellation() -> CancelToken:
