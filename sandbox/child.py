@@ -188,6 +188,7 @@ def _harden(spec: dict[str, Any], scratch: str) -> None:
 def _wait_for_payload() -> None:
     """A warm child: block until the host hands over the payload's memfd."""
     with socket.socket(fileno=PAYLOAD_FD) as sock:
+        sock.sendall(b"w")  # set up and waiting
         message, fds, _, _ = socket.recv_fds(sock, 16, 1)
     if message != b"go" or len(fds) != 1:
         os._exit(0)  # put away unused

@@ -162,6 +162,16 @@ class _Slot:
     go: socket.socket | None = None
     created: float = field(default_factory=time.monotonic)
 
+    waiting: bool = False
+
+    def set_up(self) -> bool:
+        """True once the warm child said it is set up and waiting for its payload."""
+        if not self.waiting and self.go is not None:
+            readable, _, _ = select.select([self.go], [], [], 0)
+            if readable:
+                self.waiting = self.go.recv(1) == b"w"
+        return self.waiting
+
     def alive(self) -> bool:
         """False once the child has exited (its status pipe has something to say)."""
         fd = self.read_ends.get("status")
@@ -400,7 +410,11 @@ class Sandbox:
                         stale.append(slot)
             slots = self._warm.get(key, [])
             if slots:
-                found = slots.pop(0)
+                # One that is set up already if there is one; any other is
+                # still ahead of a cold start.
+                ready = [slot for slot in slots if slot.set_up()]
+                found = ready[0] if ready else slots[0]
+                slots.remove(found)
                 self.warm_hits += 1
         for slot in stale:
             self._release(slot, None)
@@ -446,7 +460,7 @@ class Sandbox:
     def warm_count(self) -> int:
         """Children set up and waiting in the pool now."""
         with self._warm_lock:
-            return sum(len(slots) for slots in self._warm.values())
+            return sum(slot.set_up() for slots in self._warm.values() for slot in slots)
 
     def warm_uids(self) -> set[int]:
         """Uids of the children waiting in the warm pool (not leftovers of a call)."""
