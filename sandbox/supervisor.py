@@ -1,23 +1,27 @@
-"""Runs one plugin call in a fresh child and watches it until a verdict.
+"""Runs one plugin call in a child and watches it until a verdict.
 
 Data flow of `Sandbox.execute` (one host thread per call)::
 
-    payload -> sealed memfd ----------------------------+
-    status, reply, stdout, stderr pipes (write ends) ---+--> Launcher.start_child
-                                                             |
-    status pipe: pid, later the wait status  <---------------+  (launcher)
-    reply pipe:  ready frame, final frame    <---- child ----+
-    stdout/stderr pipes: capped, tail kept   <---- child ----+
+    cold:  uid, cgroup, pipes, payload memfd --> Launcher.start_child --> fork
+    warm:  a child forked earlier the same way, set up and waiting
+           payload memfd --> its socket (the hand-over)
+
+    status pipe: pid, later the wait status  <---  launcher (reaps the child)
+    reply pipe:  ready frame, final frame    <---  child
+    stdout/stderr pipes: capped, tail kept   <---  child
 
     loop: selectors.select(min(deadline, next watchdog sample))
         reply bytes  -> FrameReader (size checked before the body)
         status bytes -> child exited: exit status known
-        watchdog     -> RSS of the call's whole process tree
+        cancel token -> verdict "cancelled"
+        watchdog     -> memory of the call's whole tree (cgroup, or summed RSS)
         deadline     -> kill, verdict "timeout"
-    finally: kill every process of the call, reap, remove scratch, free uid
+    finally: kill what is left of the call, remove its cgroup and scratch,
+             free its uid; start a warm child for the next call to this plugin
 
-The deadline is on the monotonic clock and counts from the fork, so plugin
-import time counts against it. Nothing read from a child is unpickled.
+The deadline is on the monotonic clock and counts from the fork (cold) or
+the hand-over (warm), so the plugin's import counts against it. Nothing read
+from a child is unpickled.
 """
 
 from __future__ import annotations
@@ -48,7 +52,6 @@ from sandbox.limits import CallLimits, MiB
 from sandbox.outcome import Outcome, Status
 from sandbox.processes import CallProcesses, UidPool
 from sandbox.protocol import (
-    HEADER,
     ErrorMessage,
     FrameReader,
     ProtocolError,
@@ -800,4 +803,4 @@ class _Watch:
         return Outcome(Status.SANDBOX_STOPPED, reason="crashed", message=detail, details=exit_info)
 
 
-__all__ = ["CallSpec", "Sandbox", "HEADER"]
+__all__ = ["OPTIONAL_LAYERS", "CallSpec", "Sandbox"]
