@@ -3,8 +3,13 @@ images, and a leak check around every test that runs a sandbox."""
 
 from __future__ import annotations
 
-import io
 import os
+
+# A uid range of the test run's own: a plughost server running on the same
+# machine must not be mistaken for processes the tests left behind.
+os.environ.setdefault("PLUGHOST_UID_BASE", "1600000")
+
+import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
