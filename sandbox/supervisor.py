@@ -636,6 +636,17 @@ class _Watch:
         except BlockingIOError:
             return True
         if not data:
+            if name == "status" and self.exit_status is None:
+                # Only the launcher writes there: it died, and the child with it.
+                raise _Verdict(
+                    Outcome(
+                        Status.HOST_FAILED,
+                        reason="internal",
+                        message="the sandbox launcher exited during the call; "
+                        "it is started again for the next one",
+                        details={"stage": "launcher"},
+                    )
+                )
             return False
         if name == "status":
             self.status += data
@@ -722,8 +733,11 @@ class _Watch:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not selector.select(remaining):
                     return
-                if not self._on_readable("status", fd):
-                    return
+                try:
+                    if not self._on_readable("status", fd):
+                        return
+                except _Verdict:
+                    return  # the launcher is gone: no status will come
 
     # -- the verdict ---------------------------------------------------------
 

@@ -72,3 +72,29 @@ def test_sandbox_and_launcher_die_when_the_host_is_killed(tmp_path: Path) -> Non
         if host.poll() is None:
             host.kill()
             host.wait(10)
+
+
+@pytest.mark.no_leak_check
+def test_launcher_death_fails_calls_in_flight_clearly_and_is_recovered(
+    runner, payload: dict, registry
+) -> None:
+    import threading
+
+    from sandbox.tool_runner import shared_sandbox
+
+    runner.run("image_info", payload)  # make sure the launcher runs
+    launcher = shared_sandbox().launcher.pid
+    outcome: dict = {}
+    call = threading.Thread(
+        target=lambda: outcome.update(error=runner.run("sleep_forever", payload)[1])
+    )
+    started = time.monotonic()
+    call.start()
+    time.sleep(0.3)
+    os.kill(launcher, signal.SIGKILL)
+    call.join(10)
+    error = outcome["error"]["error"]
+    assert error["type"] == "InternalError" and error["details"]["stage"] == "launcher"
+    assert time.monotonic() - started < 0.9  # not the plugin's 1 s timeout
+    result, error = runner.run("image_info", payload)
+    assert error == {} and shared_sandbox().launcher.pid != launcher
