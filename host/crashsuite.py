@@ -328,8 +328,8 @@ def run_case(
     result, error = target.call(case.name, image, options)
     seconds = time.monotonic() - started
     observed = observed_of(result, error)
+    target.settle()  # replacement warm children land in the pool first
     leftover = _settle(target)
-    target.settle()
     problems = []
     fds = rss = None
     if observed not in case.expected:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import selectors
 import shutil
 import signal
@@ -39,7 +38,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +48,7 @@ from sandbox.launcher import EXIT, PID, Launcher
 from sandbox.layers import detect
 from sandbox.limits import CallLimits, MiB
 from sandbox.outcome import Outcome, Status
+from sandbox.prewarm import Slot, WarmPool
 from sandbox.processes import CallProcesses, UidPool
 from sandbox.protocol import (
     ErrorMessage,
@@ -142,46 +141,8 @@ CGROUP_EXTRA_PROCESSES = 2  # the relay and init of a PID namespace
 log = logging.getLogger("plughost.sandbox")
 
 
-WARM_IDLE_S = 30.0  # a warm child unused this long is put away
-
-
 def _warm_key(call: CallSpec) -> tuple[Any, ...]:
     return (call.plugin_dir, call.entrypoint, call.limits)
-
-
-@dataclass
-class _Slot:
-    """One forked child with everything the host holds for it."""
-
-    key: tuple[Any, ...]
-    uid: int | None
-    lock_fd: int
-    cgroup: CallCgroup
-    scratch: str | None
-    pid_namespace: bool
-    opened: list[int] = field(default_factory=list)
-    read_ends: dict[str, int] = field(default_factory=dict)
-    procs: CallProcesses | None = None
-    go: socket.socket | None = None
-    created: float = field(default_factory=time.monotonic)
-
-    waiting: bool = False
-
-    def set_up(self) -> bool:
-        """True once the warm child said it is set up and waiting for its payload."""
-        if not self.waiting and self.go is not None:
-            readable, _, _ = select.select([self.go], [], [], 0)
-            if readable:
-                self.waiting = self.go.recv(1) == b"w"
-        return self.waiting
-
-    def alive(self) -> bool:
-        """False once the child has exited (its status pipe has something to say)."""
-        fd = self.read_ends.get("status")
-        if fd is None:
-            return False
-        readable, _, _ = select.select([fd], [], [], 0)
-        return not readable
 
 
 class Sandbox:
@@ -217,13 +178,7 @@ class Sandbox:
         self._swept: set[int] = set()  # uids checked for leftovers of an earlier host
         self._scratch_root = scratch_root
         self.prewarm = prewarm
-        self.warm_hits = 0  # calls that got a prewarmed child
-        self._warm: dict[tuple[Any, ...], list[_Slot]] = {}
-        self._warming: dict[tuple[Any, ...], int] = {}
-        self._warming_uids: set[int] = set()
-        self._warm_lock = threading.Lock()
-        self._closed = False
-        self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plughost-prewarm")
+        self.warm = WarmPool(prewarm, release=lambda slot: self._release(slot, None))
 
     def layers(self) -> dict[str, bool]:
         """Optional layers calls get here: detected once, minus the disabled ones."""
@@ -284,7 +239,7 @@ class Sandbox:
                 message="isolation level strict: missing layers " + ", ".join(missing),
                 details={"missing_layers": missing},
             )
-        slot = self._take_warm(call) if self.prewarm else None
+        slot = self.warm.take(_warm_key(call)) if self.prewarm else None
         if slot is None:
             slot = self._start(call, layers, warm=False)
         watch: _Watch | None = None
@@ -304,18 +259,17 @@ class Sandbox:
         finally:
             self._release(slot, watch)
             if self.prewarm:
-                self._replenish(call, layers)
+                template = CallSpec(
+                    call.plugin, call.plugin_dir, call.entrypoint, call.limits, b"", "", {}
+                )
+                self.warm.fill(_warm_key(call), lambda: self._start(template, layers, warm=True))
 
-    def _start(self, call: CallSpec, layers: dict[str, bool], warm: bool) -> _Slot:
+    def _start(self, call: CallSpec, layers: dict[str, bool], warm: bool) -> Slot:
         """Fork a child for `call`: cold (payload handed over now) or warm
         (set up and waiting for its payload on a socket). Returns once the
         launcher reported its pid."""
         uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
-        if warm and uid is not None:
-            with self._warm_lock:
-                self._warming_uids.add(uid)
-        slot = _Slot(
-            key=_warm_key(call),
+        slot = Slot(
             uid=uid,
             lock_fd=lock_fd,
             cgroup=CallCgroup(
@@ -372,7 +326,7 @@ class Sandbox:
             raise
         return slot
 
-    def _release(self, slot: _Slot, watch: _Watch | None) -> None:
+    def _release(self, slot: Slot, watch: _Watch | None) -> None:
         """Kill what is left of a slot's call and give back its uid, cgroup and descriptors."""
         procs = slot.procs
         if procs is None and slot.uid is not None:
@@ -397,90 +351,28 @@ class Sandbox:
         if slot.uid is not None:
             UidPool.release(slot.lock_fd)
 
-    # -- prewarmed children -------------------------------------------------
+    # -- prewarmed children (sandbox/prewarm.py) -----------------------------
 
-    def _take_warm(self, call: CallSpec) -> _Slot | None:
-        """A live warm child set up for exactly this plugin and these limits, if any."""
-        key = _warm_key(call)
-        stale: list[_Slot] = []
-        found = None
-        with self._warm_lock:
-            now = time.monotonic()
-            for slots in self._warm.values():
-                for slot in list(slots):
-                    if now - slot.created > WARM_IDLE_S or not slot.alive():
-                        slots.remove(slot)
-                        stale.append(slot)
-            slots = self._warm.get(key, [])
-            if slots:
-                # One that is set up already if there is one; any other is
-                # still ahead of a cold start.
-                ready = [slot for slot in slots if slot.set_up()]
-                found = ready[0] if ready else slots[0]
-                slots.remove(found)
-                self.warm_hits += 1
-        for slot in stale:
-            self._release(slot, None)
-        return found
-
-    def _replenish(self, call: CallSpec, layers: dict[str, bool]) -> None:
-        key = _warm_key(call)
-        with self._warm_lock:
-            missing = self.prewarm - len(self._warm.get(key, [])) - self._warming.get(key, 0)
-            if missing <= 0 or self._closed:
-                return
-            self._warming[key] = self._warming.get(key, 0) + missing
-        template = CallSpec(call.plugin, call.plugin_dir, call.entrypoint, call.limits, b"", "", {})
-
-        def warm_up() -> None:
-            for _ in range(missing):
-                try:
-                    slot = self._start(template, layers, warm=True)
-                except Exception:  # noqa: BLE001 - a failed warm-up only means a cold start later
-                    log.warning("could not prewarm a child for %s", call.plugin, exc_info=True)
-                    slot = None
-                with self._warm_lock:
-                    self._warming[key] -= 1
-                    if slot is not None and slot.uid is not None:
-                        self._warming_uids.discard(slot.uid)
-                    if slot is not None and not self._closed:
-                        self._warm.setdefault(key, []).append(slot)
-                        slot = None
-                if slot is not None:
-                    self._release(slot, None)
-
-        self._warmer.submit(warm_up)
-
-    def settle(self, timeout_s: float = 5.0) -> None:
-        """Wait until no warm child is being started (for measurements)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._warm_lock:
-                if not any(self._warming.values()):
-                    return
-            time.sleep(0.005)
+    @property
+    def warm_hits(self) -> int:
+        """Calls that got a prewarmed child."""
+        return self.warm.hits
 
     def warm_count(self) -> int:
         """Children set up and waiting in the pool now."""
-        with self._warm_lock:
-            return sum(slot.set_up() for slots in self._warm.values() for slot in slots)
+        return self.warm.count()
 
     def warm_uids(self) -> set[int]:
-        """Uids of the children waiting in the warm pool (not leftovers of a call)."""
-        with self._warm_lock:
-            return {s.uid for slots in self._warm.values() for s in slots if s.uid is not None} | {
-                uid for uid in self._warming_uids
-            }
+        """Uids of the children waiting in the pool (not leftovers of a call)."""
+        return self.warm.uids()
+
+    def settle(self, timeout_s: float = 5.0) -> None:
+        """Wait until no warm child is being started (for measurements)."""
+        self.warm.settle(timeout_s)
 
     def close(self) -> None:
         """Kill the warm children and stop the launcher."""
-        with self._warm_lock:
-            self._closed = True
-            slots = [slot for slots in self._warm.values() for slot in slots]
-            self._warm.clear()
-        self._warmer.shutdown(wait=True)
-        for slot in slots:
-            self._release(slot, None)
+        self.warm.close()
         self.launcher.stop()
 
     def _kill(self, procs: CallProcesses) -> None:
