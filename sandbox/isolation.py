@@ -25,6 +25,7 @@ CLONE_NEWNS = 0x00020000
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
@@ -178,9 +179,6 @@ def _bind_back(paths: Iterable[str], handles: dict[str, int]) -> None:
 def mount_proc() -> None:
     """Mount a /proc that shows only the caller's PID namespace."""
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
-
-
-MS_NOEXEC = 0x8
 
 
 def drop_privileges(uid: int, gid: int) -> None:
