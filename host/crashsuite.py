@@ -525,10 +525,8 @@ def self_check(probes: Iterable[str] = PROBES) -> SuiteReport:
 
     Used by the server at start-up; `SuiteReport.ok` says whether containment holds.
     """
-    from host.discovery import BUNDLED_DIR as bundled
-
     registry = PluginRegistry()
-    registry.load_directory(bundled)
+    registry.load_directory(BUNDLED_DIR)
     cases, _ = load_cases(names=probes)
     for case in cases:
         registry.register(case.name, case.plugin)

@@ -33,6 +33,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -402,8 +403,7 @@ class Sandbox:
 
 
 def _exposed_paths(plugin_dir: str) -> list[str]:
-    import sys
-
+    """What the child must read: the interpreter, its packages, the plugin."""
     return [sys.base_prefix, sys.prefix, plugin_dir, *[p for p in sys.path if p]]
 
 
