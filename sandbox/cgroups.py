@@ -17,6 +17,36 @@ from pathlib import Path
 from sandbox.layers import CGROUP_V1
 
 
+def sweep_stale(layers: dict[str, bool]) -> int:
+    """Remove the call cgroups of hosts that no longer run; return how many.
+
+    A host killed outright cannot remove its calls' cgroups; their processes
+    died with its launcher, so the directories are empty and can go.
+    """
+    removed = 0
+    for name, root in CGROUP_V1.items():
+        if not layers.get(name):
+            continue
+        for path in (Path(root) / "plughost").glob("call-*"):
+            if _host_alive(path.name):
+                continue  # that host still runs: its cgroups are its own business
+            with contextlib.suppress(OSError):
+                path.rmdir()
+                removed += 1
+    return removed
+
+
+def _host_alive(name: str) -> bool:
+    """Whether the host named in `call-<host pid>-<id>` still runs (unknown: yes)."""
+    try:
+        os.kill(int(name.split("-")[1]), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, IndexError, PermissionError):
+        return True
+    return True
+
+
 class CallCgroup:
     """The cgroups of one call, named after it."""
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.cancel import CancelToken, current_token
-from sandbox.cgroups import CallCgroup
+from sandbox.cgroups import CallCgroup, sweep_stale
 from sandbox.child import SETUP_FAILED, describe_exit
 from sandbox.launcher import EXIT, PID, Launcher
 from sandbox.layers import detect
@@ -199,16 +199,11 @@ class Sandbox:
                         log.warning("isolation layer %s is %s; calls run without it", name, why)
                 if layers["privilege_drop"]:
                     self._uids = UidPool()
+                stale = sweep_stale(layers)
+                if stale:
+                    log.info("removed %d cgroups left by hosts that were killed", stale)
                 self._layers = layers
             return dict(self._layers)
-
-    def missing_layers(self) -> list[str]:
-        return [name for name, on in self.layers().items() if not on]
-
-    @property
-    def drops_privileges(self) -> bool:
-        """True when each call runs under its own unprivileged uid."""
-        return self.layers()["privilege_drop"]
 
     def protections(self) -> dict[str, bool]:
         """Which isolation layers calls actually get on this host."""

@@ -72,6 +72,9 @@ class JobManagementService:
     def create_job(self, plugin_name: str, payload: Any) -> Job:
         """Validate and store a PENDING job. Raises Rejected."""
         self._plugins.check(plugin_name, payload)
+        return self._store_pending(plugin_name, payload)
+
+    def _store_pending(self, plugin_name: str, payload: Any) -> Job:
         job = Job(
             id=uuid.uuid4().hex,
             plugin=plugin_name,
@@ -89,7 +92,7 @@ class JobManagementService:
         if self._closed or not self._slots.acquire(blocking=False):
             raise Overloaded(retry_after_s=self._retry_after())
         try:
-            job = self.create_job(plugin_name, payload)
+            job = self._store_pending(plugin_name, payload)  # checked above
             token = self._plugins.cancellation()
             with self._lock:
                 self._tokens[job.id] = token

@@ -98,3 +98,39 @@ def test_launcher_death_fails_calls_in_flight_clearly_and_is_recovered(
     assert time.monotonic() - started < 0.9  # not the plugin's 1 s timeout
     result, error = runner.run("image_info", payload)
     assert error == {} and shared_sandbox().launcher.pid != launcher
+
+
+@pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/memory").is_dir(), reason="no cgroup v1 memory controller"
+)
+def test_next_host_removes_the_cgroups_a_killed_host_left(tmp_path: Path) -> None:
+    from sandbox.supervisor import Sandbox
+
+    write_plugin(tmp_path, "sleeper2", "time.sleep(300)", timeout_s=30)
+    script = (
+        "from host.registry import get_registry\n"
+        "from sandbox.tool_runner import ToolRunner\n"
+        f"get_registry().load_directory({str(tmp_path)!r})\n"
+        "ToolRunner().run('sleeper2', {'image': b'x', 'mime_type': 'image/png'})\n"
+    )
+    host = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
+    pattern = f"call-{host.pid}-*"
+    deadline = time.monotonic() + 15
+    while (
+        not list(Path("/sys/fs/cgroup/memory/plughost").glob(pattern))
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    os.kill(host.pid, signal.SIGKILL)
+    host.wait(10)
+    time.sleep(0.5)  # the launcher notices and kills the call
+    assert list(
+        Path("/sys/fs/cgroup/memory/plughost").glob(pattern)
+    )  # a killed host cannot clean up
+    sandbox = Sandbox()
+    try:
+        sandbox.layers()
+        assert not list(Path("/sys/fs/cgroup/memory/plughost").glob(pattern))
+        assert not list(Path("/sys/fs/cgroup/pids/plughost").glob(pattern))
+    finally:
+        sandbox.close()
