@@ -21,10 +21,13 @@ Targets: `LocalTarget` runs cases through a ToolRunner in this process;
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 import urllib.error
@@ -158,8 +161,10 @@ def sandbox_processes(idle_uids: set[int] | None = None) -> int:
     return count
 
 
-def stray_files(extra_dirs: Iterable[Path] = ()) -> set[str]:
-    """Entries owned by a sandbox uid in the world-writable dirs and plugin dirs."""
+def stray_files(extra_dirs: Iterable[Path] = (), host_dirs: Iterable[Path] = ()) -> set[str]:
+    """Entries owned by a sandbox uid in the world-writable dirs and `extra_dirs`,
+    and every entry, whoever owns it, in `host_dirs` (the host's working and
+    state directories, where a root-owned core dump of a call would land)."""
     found = set()
     for directory in [*map(Path, WATCHED_DIRS), *extra_dirs]:
         try:
@@ -173,6 +178,9 @@ def stray_files(extra_dirs: Iterable[Path] = ()) -> set[str]:
                 continue
             if UID_BASE <= uid < UID_BASE + UID_SLOTS or entry.name.startswith("plughost-escape"):
                 found.add(str(entry))
+    for directory in host_dirs:
+        with contextlib.suppress(OSError):
+            found.update(str(entry) for entry in directory.iterdir())
     return found
 
 
@@ -280,14 +288,24 @@ def sample_png() -> bytes:
 
 
 class _Listener:
-    """A TCP server on 127.0.0.1 for the network cases to try to reach."""
+    """A server for the network cases to try to reach: TCP on the host's
+    127.0.0.1, or (`unix=True`) a root-owned, world-connectable unix socket
+    outside /tmp, where host services such as journald or D-Bus listen."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+    def __init__(self, unix: bool = False) -> None:
+        self._directory: str | None = None
+        if unix:
+            self._directory = _service_directory()
+            self.path = os.path.join(self._directory, "service.sock")
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.bind(self.path)
+            os.chmod(self.path, 0o666)
+        else:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.port = int(self.sock.getsockname()[1])
         self.sock.listen(16)
         self.sock.settimeout(0.2)
-        self.port = int(self.sock.getsockname()[1])
         self.accepted = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -306,6 +324,20 @@ class _Listener:
         self._stop.set()
         self._thread.join(2)
         self.sock.close()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def _service_directory() -> str:
+    """A world-enterable directory where a host service would put its socket."""
+    for parent in ("/run", "/var/run", str(Path.home())):
+        try:
+            directory = tempfile.mkdtemp(prefix="plughost-suite-", dir=parent)
+        except OSError:
+            continue
+        os.chmod(directory, 0o755)
+        return directory
+    return tempfile.mkdtemp(prefix="plughost-suite-")
 
 
 def _settle(target: Target, deadline_s: float = 2.0) -> int:
@@ -323,7 +355,8 @@ def run_case(
     target.settle()
     fds_before = process.num_fds()
     rss_before = process.memory_info().rss
-    files_before = stray_files([case.plugin.directory])
+    host_dirs = [Path.cwd()]
+    files_before = stray_files([case.plugin.directory], host_dirs)
     started = time.monotonic()
     result, error = target.call(case.name, image, options)
     seconds = time.monotonic() - started
@@ -345,7 +378,7 @@ def run_case(
             problems.append(f"{fds} descriptor(s) left open in the host")
         if "host_rss_stable" in case.claims and rss > RSS_TOLERANCE_MB:
             problems.append(f"host RSS grew by {rss:.0f} MB")
-    new_files = stray_files([case.plugin.directory]) - files_before
+    new_files = stray_files([case.plugin.directory], host_dirs) - files_before
     if "no_file_outside_scratch" in case.claims and new_files:
         problems.append(f"files written outside the scratch directory: {sorted(new_files)[:5]}")
     missing = [r for r in case.requires if not protections.get(r)]
@@ -379,7 +412,7 @@ def run_suite(
     """Run every case with benign calls around them; never raises for a case."""
     image = sample_png()
     protections = target.protections()
-    listener = _Listener()
+    listener, unix_listener = _Listener(), _Listener(unix=True)
     benign_calls, benign_failures = 0, []
 
     def benign(where: str) -> None:
@@ -393,7 +426,12 @@ def run_suite(
     try:
         benign("before the suite")
         for index, case in enumerate(cases, 1):
-            options = {"listener_port": listener.port, "host_pid": os.getpid()}
+            options = {
+                "listener_port": listener.port,
+                "unix_listener_path": unix_listener.path,
+                "host_pid": os.getpid(),
+                "host_cwd": os.getcwd(),
+            }
             report = run_case(case, target, image, options, protections)
             reports.append(report)
             if progress is not None:
@@ -403,6 +441,7 @@ def run_suite(
         benign("after the suite")
     finally:
         listener.close()
+        unix_listener.close()
     return SuiteReport(protections, reports, benign_calls, benign_failures)
 
 

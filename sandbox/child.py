@@ -6,9 +6,12 @@ returns. In order, before any plugin code is imported:
 1. own session; stdin from /dev/null, stdout and stderr to the host's
    capture pipes; every other inherited descriptor closed; the call's
    cgroups joined;
-2. (root host) new mount, network, IPC, UTS and PID namespaces, a tmpfs
-   scratch directory, loopback only; with a PID namespace the process splits
-   into relay, init and worker (see `_split_for_pid_namespace`);
+2. (root host) new mount, network, IPC, UTS and PID namespaces; a minimal
+   root holding only the interpreter, the plugin's packages, the plugin and
+   a tmpfs scratch directory (`isolation.enter_minimal_root`); loopback only;
+   with a PID namespace the process splits into relay, init and worker (see
+   `_split_for_pid_namespace`); the host's command line is wiped from this
+   process's memory, so /proc shows no host path;
 3. rlimits (memory, CPU, files, file size, processes, no core);
 4. (root host) drop to the call's own unprivileged uid;
 5. parent-death signal, no_new_privs, scrubbed environment, cwd = scratch;
@@ -22,6 +25,7 @@ and its result checked and sent as one frame.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib
 import os
@@ -41,7 +45,8 @@ from sandbox.protocol import HEADER, READY, decode_json, encode_frame
 SETUP_FAILED = 121
 SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
-REPLY_FD, PAYLOAD_FD = 3, 4
+# RELAY_FD is the relay's alone: it reports the worker's wait status there.
+REPLY_FD, PAYLOAD_FD, RELAY_FD = 3, 4, 5
 STATUS = struct.Struct(">i")
 # What a plugin may read besides the interpreter, its packages and itself:
 # shared libraries, the loader's cache, and its own /proc and /dev entries.
@@ -55,6 +60,7 @@ SYSTEM_READ_ONLY = (
     "/proc",
     "/dev/null",
     "/dev/zero",
+    "/dev/full",
     "/dev/urandom",
     "/dev/random",
     "/sys/devices/system/cpu",
@@ -78,7 +84,9 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
     os.dup2(fds["stderr"], 2)
     os.dup2(fds["reply"], REPLY_FD)
     os.dup2(fds["payload"], PAYLOAD_FD)
-    os.closerange(PAYLOAD_FD + 1, os.sysconf("SC_OPEN_MAX"))
+    os.dup2(fds["relay"], RELAY_FD)
+    os.closerange(RELAY_FD + 1, os.sysconf("SC_OPEN_MAX"))
+    _wipe_command_line()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
@@ -96,11 +104,14 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
         for name in ("network_namespace", "ipc_namespace", "uts_namespace", "pid_namespace"):
             if layers.get(name):
                 flags |= hardening.NAMESPACES[name]
-        scratch = isolation.enter_mount_namespace(spec["expose"], uid, limits.scratch_mb, flags)
+        scratch = isolation.enter_minimal_root(spec["expose"], uid, limits.scratch_mb, flags)
         if layers.get("network_namespace"):
             hardening.loopback_up()
         if pid_namespace:
             _split_for_pid_namespace(uid, spec["gid"])  # returns in the worker only
+        else:
+            isolation.mount_proc()
+    os.close(RELAY_FD)  # only a relay reports through it; the plugin never holds it
     for which, value in rlimits_for(limits, extra_processes=1 if pid_namespace else 0).items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
@@ -135,7 +146,7 @@ def _split_for_pid_namespace(uid: int, gid: int) -> None:
     isolation.mount_proc()
     worker = os.fork()
     if worker:
-        for fd in (0, 1, 2, REPLY_FD, PAYLOAD_FD):
+        for fd in (0, 1, 2, REPLY_FD, PAYLOAD_FD, RELAY_FD):
             os.close(fd)
         isolation.drop_privileges(uid, gid)
         isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -155,6 +166,13 @@ def _init_loop(worker: int, status_w: int) -> NoReturn:
 
 
 def _relay(init: int, status_r: int) -> NoReturn:
+    """Hand the worker's wait status to the launcher, then exit.
+
+    The relay is root and in the host's PID namespace: it never re-raises
+    the plugin's fatal signal on itself (a root core dump, a root crash),
+    it writes the raw status on RELAY_FD, which the launcher reports as the
+    call's own.
+    """
     for fd in (1, 2, REPLY_FD, PAYLOAD_FD):
         os.close(fd)  # the call's pipes belong to the worker
     isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -166,13 +184,23 @@ def _relay(init: int, status_r: int) -> NoReturn:
         data += chunk
     _, init_status = os.waitpid(init, 0)
     status = STATUS.unpack(data)[0] if len(data) == STATUS.size else init_status
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        if number not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(number, signal.SIG_DFL)
-        os.kill(os.getpid(), number)
-        os._exit(128 + number)  # a signal whose default action is to carry on
-    os._exit(os.WEXITSTATUS(status))
+    _write_all(RELAY_FD, STATUS.pack(status))
+    os._exit(0)
+
+
+def _wipe_command_line() -> None:
+    """Blank this process's argv memory, which /proc/<pid>/cmdline shows.
+
+    The launcher's command line names the host's source directory; every
+    process of the call is a fork of it, and the plugin can read its own
+    and (without a PID namespace) its parent's.
+    """
+    with open("/proc/self/stat", "rb") as stream:
+        stat = stream.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
+    if 0 < start < end:
+        ctypes.memset(start, 0, end - start)
 
 
 def _harden(spec: dict[str, Any], scratch: str) -> None:

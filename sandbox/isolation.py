@@ -5,12 +5,27 @@ All of it runs in the freshly forked child, single-threaded. Every function
 raises `IsolationError` when the kernel refuses; the child then exits
 without running the plugin (fail closed).
 
-The private mount namespace exists for one reason in this module: a child
-that drops to an unprivileged uid must still reach the Python installation
-and the plugin, which may sit below a directory only root may enter (such as
-`/root`). Such a directory is covered, in the child's namespace only, with an
-empty tmpfs, and just the paths the child needs are bound back read-only. The
-host's own file permissions are never loosened.
+The child gets a minimal root of its own (`enter_minimal_root`): a private
+mount namespace whose root is an empty tmpfs holding only what a plugin
+needs, bound in read-only at the paths it has on the host::
+
+    /usr /lib* /bin /sbin     system programs and shared libraries (or the
+                              host's symlinks to them, on a merged /usr)
+    /etc/ld.so.cache ...      the loader's cache, the time zone
+    <interpreter>             sys.base_prefix: the interpreter and stdlib
+    <environment>             the plugin's packages (site-packages)
+    <plugin directory>        the plugin itself
+    /dev                      null, zero, full, random, urandom; fd links
+    /proc                     mounted later, of the call's PID namespace
+    /sys/devices/system/cpu   CPU count and topology
+    /tmp/work                 the scratch directory: a tmpfs owned by the call
+
+Nothing else of the host's file system exists there: no unix socket of a
+host service, no job store, no host file whose name or size could be read
+with stat. The root is then `pivot_root`ed into and the host's tree is
+detached; the root tmpfs is made read-only. The host's own file permissions
+are never loosened: a directory only root may enter (such as `/root`) stays
+so on the host, and in the minimal root it is a plain directory of the tmpfs.
 """
 
 from __future__ import annotations
@@ -18,7 +33,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import stat
 from collections.abc import Iterable
 
 CLONE_NEWNS = 0x00020000
@@ -31,6 +45,7 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -67,90 +82,101 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
     _check(result, f"mount {target}")
 
 
-def _bind_readonly(source: str, target: str) -> None:
-    _mount(source, target, None, MS_BIND | MS_REC, None)
-    _mount("none", target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+SCRATCH = "/tmp/work"
+NEW_ROOT = "/tmp"  # a mount point of this namespace only; covered by the new root
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+DEVICE_LINKS = {
+    "/dev/fd": "/proc/self/fd",
+    "/dev/stdin": "/proc/self/fd/0",
+    "/dev/stdout": "/proc/self/fd/1",
+    "/dev/stderr": "/proc/self/fd/2",
+}
+CPU_INFO = "/sys/devices/system/cpu"
+SYS_PIVOT_ROOT = 155
+MNT_DETACH = 2
 
 
-def hidden_ancestor(path: str) -> str | None:
-    """Return the first directory on the way to `path` that others may not enter."""
-    current = "/"
-    for part in [p for p in os.path.abspath(path).split("/") if p]:
-        current = os.path.join(current, part)
-        try:
-            mode = os.stat(current).st_mode
-        except OSError:
-            return None
-        if stat.S_ISDIR(mode) and not mode & stat.S_IXOTH:
-            return current
-    return None
+def plan_binds(needed: Iterable[str]) -> list[str]:
+    """The host paths to bind into the minimal root, outermost first.
 
-
-def plan_exposure(needed: Iterable[str]) -> dict[str, list[str]]:
-    """Group the paths a child must read by the hidden directory above them.
-
-    Returns `{hidden_dir: [paths to bind back below it]}`, dropping paths that
-    are reachable already and paths inside another path that is bound anyway.
+    System directories and files come first; a needed path inside one that is
+    bound anyway is dropped; missing paths are dropped. Symlinks are followed
+    (the bind lands at the resolved path; `enter_minimal_root` also recreates
+    the link itself where its name differs).
     """
-    paths = sorted({os.path.realpath(p) for p in needed if os.path.exists(p)})
+    candidates = [*SYSTEM_DIRS, *SYSTEM_FILES, CPU_INFO, *needed]
+    paths = sorted(
+        {os.path.realpath(p) for p in candidates if os.path.exists(p)},
+        key=lambda p: (p.count("/"), p),
+    )
     kept: list[str] = []
     for path in paths:
         if not any(path == k or path.startswith(k + "/") for k in kept):
             kept.append(path)
-    plan: dict[str, list[str]] = {}
-    for path in kept:
-        hidden = hidden_ancestor(path)
-        if hidden is not None:
-            plan.setdefault(hidden, []).append(path)
-    # A hidden directory below another one is covered by the outer tmpfs.
-    for inner in list(plan):
-        outer = hidden_ancestor(os.path.dirname(inner))
-        if outer is not None and outer != inner and outer in plan:
-            plan[outer].extend(plan.pop(inner))
-    return plan
+    return kept
 
 
-SCRATCH = "/tmp/work"
+def _links(needed: Iterable[str]) -> dict[str, str]:
+    """Symlinks of the host to recreate in the minimal root: name -> target.
+
+    For each path, the first component that is a symlink on the host (a
+    merged /usr's `/lib -> usr/lib`, a `/home -> var/home`), so the path
+    still resolves by its old name. Its target is bound at its real path.
+    """
+    links: dict[str, str] = {}
+    for path in [*SYSTEM_DIRS, *SYSTEM_FILES, *needed]:
+        current = ""
+        for part in [p for p in os.path.abspath(path).split("/") if p]:
+            current += "/" + part
+            if os.path.islink(current):
+                links[current] = os.readlink(current)
+                break
+    return links
 
 
-def enter_mount_namespace(
+def enter_minimal_root(
     needed: Iterable[str], uid: int, scratch_mb: int, extra_namespaces: int = 0
 ) -> str:
-    """Give the child a private mount namespace (and `extra_namespaces`, more
-    CLONE_NEW* flags, in the same step); return its scratch directory.
+    """Enter a private mount namespace (and `extra_namespaces`, more CLONE_NEW*
+    flags, in the same step) whose root holds only the paths of the module
+    docstring plus `needed`, read-only; return the scratch directory.
 
-    The child's `/tmp` becomes an empty read-only tmpfs holding only the
-    scratch directory (`SCRATCH`, a tmpfs of `scratch_mb` owned by `uid`,
-    gone with the namespace) and any needed path that lived below the old
-    `/tmp`. `/var/tmp` and `/dev/shm` are emptied the same way. Hidden
-    directories are covered as the module docstring explains, with `needed`
-    bound back read-only.
+    The scratch directory (`SCRATCH`) is a tmpfs of `scratch_mb` owned by
+    `uid`, gone with the namespace. /proc is left empty for `mount_proc`
+    (the caller mounts it once it is in its PID namespace).
     """
-    plan = plan_exposure(needed)
-    under_tmp = [p for p in sorted({os.path.realpath(n) for n in needed}) if p.startswith("/tmp/")]
+    needed = list(needed)
+    binds = plan_binds(needed)
+    links = _links(needed)
     _check(
         _libc.unshare(CLONE_NEWNS | extra_namespaces),
         f"unshare({CLONE_NEWNS | extra_namespaces:#x})",
     )
     # Nothing done below may propagate back to the host's namespace.
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
-    # Keep a handle on each path before a tmpfs covers it.
-    handles = {p: os.open(p, os.O_PATH) for paths in plan.values() for p in paths}
-    handles.update({p: os.open(p, os.O_PATH) for p in under_tmp if p not in handles})
+    # Handles on every source, taken before the new root covers any of them.
+    handles = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in [*binds, *DEVICES]}
     try:
-        for hidden, paths in plan.items():
-            if hidden == "/tmp" or hidden.startswith("/tmp/"):
-                continue  # the new /tmp below covers it
-            _mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
-            _bind_back(paths, handles)
-            _mount("none", hidden, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-        _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
-        _bind_back([p for p in handles if p.startswith("/tmp/")], handles)
-        os.mkdir(SCRATCH, 0o700)
-        _mount("tmpfs", "/tmp", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+        _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        root = NEW_ROOT
+        for name, target in links.items():
+            if not os.path.lexists(root + name):
+                os.makedirs(os.path.dirname(root + name), mode=0o755, exist_ok=True)
+                os.symlink(target, root + name)
+        for path in binds:  # real paths: never below one of the links
+            _bind_into(root, path, handles[path], devices=False)
+        for device in DEVICES:
+            if device in handles:
+                _bind_into(root, device, handles[device], devices=True)
+        for name, target in DEVICE_LINKS.items():
+            os.symlink(target, root + name)
+        for directory in ("/proc", "/tmp", SCRATCH):
+            os.makedirs(root + directory, mode=0o755, exist_ok=True)
         _mount(
             "tmpfs",
-            SCRATCH,
+            root + SCRATCH,
             "tmpfs",
             MS_NOSUID | MS_NODEV,
             f"mode=0700,uid={uid},gid={uid},size={scratch_mb}m",
@@ -158,22 +184,27 @@ def enter_mount_namespace(
     finally:
         for fd in handles.values():
             os.close(fd)
-    for private in ("/var/tmp", "/dev/shm"):
-        if os.path.isdir(private):
-            _mount("tmpfs", private, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "mode=0755,size=4k")
+    os.chdir(root)
+    # pivot_root(".", "."): the old root ends up stacked on the new one, and
+    # is then detached; no directory for it is needed in the new root.
+    _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "detach the host's root")
+    os.chdir("/")
+    _mount("none", "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
     return SCRATCH
 
 
-def _bind_back(paths: Iterable[str], handles: dict[str, int]) -> None:
-    for path in paths:
-        fd = handles[path]
-        if os.path.isdir(f"/proc/self/fd/{fd}"):
-            os.makedirs(path, mode=0o755, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-            with open(path, "wb"):
-                pass
-        _bind_readonly(f"/proc/self/fd/{fd}", path)
+def _bind_into(root: str, path: str, fd: int, devices: bool) -> None:
+    target = root + path
+    if os.path.isdir(f"/proc/self/fd/{fd}"):
+        os.makedirs(target, mode=0o755, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        with open(target, "wb"):
+            pass
+    _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC, None)
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
+    _mount("none", target, None, flags | (MS_NOEXEC if devices else MS_NODEV), None)
 
 
 def mount_proc() -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -62,11 +63,17 @@ class LauncherError(Exception):
 def serve(sock: socket.socket) -> None:
     """Launcher main loop. Runs in the launcher process until the host leaves."""
     isolation.prctl(isolation.PR_SET_CHILD_SUBREAPER, 1)
+    # No process between here and the plugin ever writes a core dump: not the
+    # launcher, not a call's root-owned relay or init (whatever core limit the
+    # service manager gave the host), before anything can crash.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    isolation.prctl(isolation.PR_SET_DUMPABLE, 0)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host to handle
     children: dict[int, int] = {}
+    relays: dict[int, int] = {}  # pid of a call's child -> read end of its relay pipe
     uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
     try:
         while True:
@@ -78,7 +85,7 @@ def serve(sock: socket.socket) -> None:
                             break
                     except BlockingIOError:
                         break
-                _reap(children)
+                _reap(children, relays)
             if sock.fileno() in readable:
                 message, fds, _, _ = socket.recv_fds(sock, MAX_SPEC, len(FD_ORDER))
                 if not message:
@@ -87,7 +94,7 @@ def serve(sock: socket.socket) -> None:
                 if request.get("op") == "kill_uid" and len(fds) == 1:
                     _fork_killer(int(request["uid"]), fds[0], sock, children)
                 else:
-                    pid = _fork_child(request, fds, sock, children, (wake_r, wake_w))
+                    pid = _fork_child(request, fds, sock, children, relays, (wake_r, wake_w))
                     if pid and request.get("uid"):
                         uids[pid] = int(request["uid"])
                 for pid in [p for p in uids if p not in children]:
@@ -107,6 +114,7 @@ def _fork_child(
     fds: list[int],
     sock: socket.socket,
     children: dict[int, int],
+    relays: dict[int, int],
     wake: tuple[int, int],
 ) -> int:
     if len(fds) != len(FD_ORDER):
@@ -114,11 +122,12 @@ def _fork_child(
             os.close(fd)
         return 0
     named = dict(zip(FD_ORDER, fds, strict=True))
+    relay_r, named["relay"] = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     spec["launcher_pid"] = os.getpid()
     pid = os.fork()
     if pid == 0:
         sock.close()
-        for fd in (*wake, named["status"]):
+        for fd in (*wake, named["status"], relay_r, *relays.values()):
             os.close(fd)
         child.main(spec, named)
     for name, fd in named.items():
@@ -128,6 +137,7 @@ def _fork_child(
     with contextlib.suppress(OSError):
         os.write(named["status"], PID.pack(pid))
     children[pid] = named["status"]
+    relays[pid] = relay_r
     return pid
 
 
@@ -170,7 +180,7 @@ def _wait_all(deadline_s: float) -> None:
             time.sleep(0.01)  # shutting down: nothing else to wait on
 
 
-def _reap(children: dict[int, int]) -> None:
+def _reap(children: dict[int, int], relays: dict[int, int]) -> None:
     while True:
         try:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -181,6 +191,16 @@ def _reap(children: dict[int, int]) -> None:
         status_fd = children.pop(pid, None)
         if status_fd is None:
             continue  # an orphan a plugin left behind, re-parented to us
+        relay_fd = relays.pop(pid, None)  # none for a killer process
+        if relay_fd is not None:
+            try:
+                # A relay (PID namespace) exits 0 after writing the worker's status.
+                relayed = os.read(relay_fd, child.STATUS.size)
+            except BlockingIOError:
+                relayed = b""
+            os.close(relay_fd)
+            if len(relayed) == child.STATUS.size and status == 0:
+                (status,) = child.STATUS.unpack(relayed)
         # The host may have closed its end already (it gave up on the call).
         with contextlib.suppress(OSError):
             os.write(status_fd, EXIT.pack(status, usage.ru_maxrss))

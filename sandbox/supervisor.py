@@ -34,6 +34,7 @@ import shutil
 import signal
 import socket
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -398,8 +399,11 @@ class Sandbox:
 
 
 def _exposed_paths(plugin_dir: str) -> list[str]:
-    """What the child must read: the interpreter, its packages, the plugin."""
-    return [sys.base_prefix, sys.prefix, plugin_dir, *[p for p in sys.path if p]]
+    """What the child may read: the interpreter and its standard library, the
+    environment's packages, the plugin. Never the rest of the host's
+    `sys.path` (its working directory, the host's own source)."""
+    paths = sysconfig.get_paths()
+    return [sys.base_prefix, paths["purelib"], paths["platlib"], plugin_dir]
 
 
 def _read_pid(status_fd: int, deadline: float) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sandbox.launcher import SOURCE_ROOT
 from sandbox.processes import UID_BASE, UID_SLOTS
 from tests.conftest import HOSTILE_DIR, make_png
 
@@ -37,7 +38,12 @@ def leftover_processes() -> list[str]:
         cmdline = " ".join(proc.info["cmdline"] or [])
         if UID_BASE <= uid < UID_BASE + UID_SLOTS:
             found.append(f"{proc.pid} uid {uid}")
-        elif "sandbox.launcher" in cmdline and proc.info["ppid"] != psutil.Process().pid:
+        # A launcher of this checkout (hosts of other checkouts have their own).
+        elif (
+            "sandbox.launcher" in cmdline
+            and SOURCE_ROOT in cmdline
+            and proc.info["ppid"] != psutil.Process().pid
+        ):
             found.append(f"{proc.pid} launcher {proc.status()}")
     return found
 

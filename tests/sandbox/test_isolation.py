@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from host.registry import PluginRegistry
-from sandbox.isolation import hidden_ancestor, plan_exposure
+from sandbox.isolation import plan_binds
 from sandbox.tool_runner import ToolRunner
 from tests.conftest import write_plugin
 
@@ -51,17 +51,12 @@ def test_plugin_runs_under_an_unprivileged_uid(
 def test_plugin_cannot_read_a_file_only_root_may_read(
     runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
 ) -> None:
-    secret_dir = Path("/run/plughost-test-secret")
-    secret_dir.mkdir(mode=0o755, exist_ok=True)
-    secret = secret_dir / "secret.txt"
+    # Inside the plugin's own directory, which the minimal root does contain.
+    secret = plugin_root / "thief" / "secret.txt"
+    _add(registry, plugin_root, "thief", f"return {{'data': open({str(secret)!r}).read()}}")
     secret.write_text("root only")
     secret.chmod(0o600)
-    try:
-        _add(registry, plugin_root, "thief", f"return {{'data': open({str(secret)!r}).read()}}")
-        result, error = runner.run("thief", payload)
-    finally:
-        secret.unlink()
-        secret_dir.rmdir()
+    result, error = runner.run("thief", payload)
     assert result == {}
     assert "Permission denied" in error["error"]["message"]
 
@@ -163,23 +158,48 @@ def test_stdin_is_dev_null(
     assert error == {} and result == {"stdin": ""}
 
 
-def test_hidden_ancestor_finds_the_directory_others_cannot_enter(tmp_path: Path) -> None:
-    hidden = tmp_path / "hidden"
-    inner = hidden / "a" / "b"
+def test_bind_plan_keeps_outermost_paths_and_drops_missing_ones(tmp_path: Path) -> None:
+    inner = tmp_path / "a" / "b"
     inner.mkdir(parents=True)
-    hidden.chmod(0o700)
-    tmp_path.chmod(0o755)
-    assert hidden_ancestor(str(inner)) in {str(hidden), *map(str, tmp_path.parents)}
-    plan = plan_exposure([str(inner), str(inner / "c"), "/usr"])
-    assert any(str(inner) in paths for paths in plan.values())
-    assert all(not p.startswith("/usr") for paths in plan.values() for p in paths)
+    plan = plan_binds([str(inner), str(inner / "c"), str(tmp_path / "missing"), "/usr/lib"])
+    assert str(inner) in plan
+    assert not any(p.startswith(str(tmp_path / "missing")) for p in plan)
+    assert "/usr" in plan and "/usr/lib" not in plan  # inside /usr, bound anyway
+    assert plan.index("/usr") < plan.index(str(inner))  # outermost first
 
 
-def test_exposure_plan_never_widens_permissions(tmp_path: Path) -> None:
-    hidden = tmp_path / "h"
-    hidden.mkdir()
+@needs_root
+def test_plugin_sees_only_the_minimal_root(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    # exists() is stat(), which Landlock does not govern: only an absent path is safe.
+    host_paths = ["/etc/shadow", "/etc/passwd", "/run", "/var", "/home", "/sys/fs/cgroup"]
+    host_paths += [str(Path(__file__).resolve()), str(Path(__file__).parents[2] / "pyproject.toml")]
+    body = f"""
+import os, os.path, json
+paths = {host_paths!r}
+return {{
+    "host": [p for p in paths if os.path.exists(p)],
+    "own": os.path.exists(os.path.dirname(__file__)),
+    "stdlib": os.path.exists(json.__file__),
+    "cwd": os.getcwd(),
+}}
+"""
+    _add(registry, plugin_root, "looker", body)
+    result, error = runner.run("looker", payload)
+    assert error == {}
+    assert result == {"host": [], "own": True, "stdlib": True, "cwd": "/tmp/work"}
+
+
+@needs_root
+def test_minimal_root_never_widens_host_permissions(
+    runner: ToolRunner, registry: PluginRegistry, tmp_path: Path, payload: dict
+) -> None:
+    hidden = tmp_path / "hidden"
+    _add(registry, hidden, "inside", "return {'ok': True}")
     hidden.chmod(0o700)
-    plan_exposure([str(hidden)])
+    result, error = runner.run("inside", payload)
+    assert error == {} and result == {"ok": True}
     assert stat.S_IMODE(hidden.stat().st_mode) == 0o700
 
 
@@ -194,7 +214,8 @@ def test_plugin_cannot_write_outside_its_scratch_directory(
     _add(registry, plugin_root, "writer", f"open({path!r}, 'w').write('x')\nreturn {{}}")
     result, error = runner.run("writer", payload)
     assert result == {}
-    assert error["error"]["details"]["exception"] in {"PermissionError", "OSError"}
+    exception = error["error"]["details"]["exception"]
+    assert exception in {"PermissionError", "OSError", "FileNotFoundError"}
     assert not Path(path).exists()
 
 
