@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check bench clean
+.PHONY: run test check bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ check: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python scripts/bench.py --write-docs
+
+# A real server under mixed benign, hostile, oversized and slow clients (not part of CI).
+SOAK_MINUTES ?= 30
+soak: $(STAMP)
+	$(BIN)/python scripts/soak.py --minutes $(SOAK_MINUTES) --json .plughost/soak.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
