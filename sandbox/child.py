@@ -98,25 +98,32 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
     for procs_file in spec.get("cgroup_procs", []):
         with open(procs_file, "w") as stream:  # the call's cgroups, before anything else runs
             stream.write(str(os.getpid()))
-    pid_namespace = uid is not None and layers.get("pid_namespace", False)
-    if uid is not None:
+    # A root host gives the call its own host uid; an unprivileged one, a user
+    # namespace. Either way the call gets the same namespaces and minimal root.
+    user_namespace = uid is None and layers.get("user_namespace", False)
+    isolated = uid is not None or user_namespace
+    pid_namespace = isolated and layers.get("pid_namespace", False)
+    if isolated:
+        if user_namespace:
+            isolation.enter_user_namespace(os.getuid(), os.getgid())
         flags = 0
         for name in ("network_namespace", "ipc_namespace", "uts_namespace", "pid_namespace"):
             if layers.get(name):
                 flags |= hardening.NAMESPACES[name]
-        scratch = isolation.enter_minimal_root(spec["expose"], uid, limits.scratch_mb, flags)
+        owner = uid if uid is not None else os.getuid()
+        isolation.build_minimal_root(spec["expose"], owner, limits.scratch_mb, flags)
         if layers.get("network_namespace"):
             hardening.loopback_up()
         if pid_namespace:
             _split_for_pid_namespace(uid, spec["gid"])  # returns in the worker only
+            scratch = isolation.SCRATCH
         else:
-            isolation.mount_proc()
+            scratch = isolation.enter_minimal_root()
     os.close(RELAY_FD)  # only a relay reports through it; the plugin never holds it
     for which, value in rlimits_for(limits, extra_processes=1 if pid_namespace else 0).items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
-    if uid is not None:
-        isolation.drop_privileges(uid, spec["gid"])
+    _give_up_privileges(uid, spec.get("gid"), user_namespace)
     # After the uid change, which clears it: die with the parent.
     isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
     expected_parent = 1 if pid_namespace else spec["launcher_pid"]
@@ -129,12 +136,22 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
     return scratch
 
 
-def _split_for_pid_namespace(uid: int, gid: int) -> None:
+def _give_up_privileges(uid: int | None, gid: int | None, user_namespace: bool) -> None:
+    """Drop to the call's own uid (root host), or give up the capabilities a
+    user namespace lent (unprivileged host)."""
+    if uid is not None and gid is not None:
+        isolation.drop_privileges(uid, gid)
+    elif user_namespace:
+        isolation.drop_capabilities()
+
+
+def _split_for_pid_namespace(uid: int | None, gid: int | None) -> None:
     """Fork into the new PID namespace: relay (here) -> init (pid 1) -> worker.
 
-    The relay stays in the host's namespace and reproduces the worker's exit
-    status for the launcher. Init reaps every process of the namespace; when
-    the worker ends, init reports and exits, and the kernel kills whatever is
+    The relay stays in the host's namespace and hands the worker's exit
+    status to the launcher. Init mounts the namespace's /proc and switches
+    to the minimal root, then reaps every process of the namespace; when the
+    worker ends, init reports and exits, and the kernel kills whatever is
     left in the namespace. Returns only in the worker.
     """
     status_r, status_w = os.pipe()
@@ -143,12 +160,12 @@ def _split_for_pid_namespace(uid: int, gid: int) -> None:
         os.close(status_w)
         _relay(init, status_r)
     os.close(status_r)
-    isolation.mount_proc()
+    isolation.enter_minimal_root()
     worker = os.fork()
     if worker:
         for fd in (0, 1, 2, REPLY_FD, PAYLOAD_FD, RELAY_FD):
             os.close(fd)
-        isolation.drop_privileges(uid, gid)
+        _give_up_privileges(uid, gid, user_namespace=uid is None)
         isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
         _init_loop(worker, status_w)
     os.close(status_w)

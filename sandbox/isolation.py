@@ -136,16 +136,15 @@ def _links(needed: Iterable[str]) -> dict[str, str]:
     return links
 
 
-def enter_minimal_root(
+def build_minimal_root(
     needed: Iterable[str], uid: int, scratch_mb: int, extra_namespaces: int = 0
-) -> str:
+) -> None:
     """Enter a private mount namespace (and `extra_namespaces`, more CLONE_NEW*
-    flags, in the same step) whose root holds only the paths of the module
-    docstring plus `needed`, read-only; return the scratch directory.
+    flags, in the same step) and build the minimal root of the module
+    docstring plus `needed` at NEW_ROOT; `enter_minimal_root` switches to it.
 
     The scratch directory (`SCRATCH`) is a tmpfs of `scratch_mb` owned by
-    `uid`, gone with the namespace. /proc is left empty for `mount_proc`
-    (the caller mounts it once it is in its PID namespace).
+    `uid`, gone with the namespace.
     """
     needed = list(needed)
     binds = plan_binds(needed)
@@ -184,7 +183,20 @@ def enter_minimal_root(
     finally:
         for fd in handles.values():
             os.close(fd)
-    os.chdir(root)
+
+
+def enter_minimal_root() -> str:
+    """Mount this process's /proc in the minimal root, make the minimal root
+    the root of the whole mount namespace and detach the host's tree; return
+    the scratch directory.
+
+    /proc shows the PID namespace of the caller, so a caller with a new PID
+    namespace calls this from inside it. It is mounted before the host's
+    tree goes: in a user namespace the kernel allows a new /proc only while
+    a complete one is visible.
+    """
+    _mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    os.chdir(NEW_ROOT)
     # pivot_root(".", "."): the old root ends up stacked on the new one, and
     # is then detached; no directory for it is needed in the new root.
     _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
@@ -207,9 +219,51 @@ def _bind_into(root: str, path: str, fd: int, devices: bool) -> None:
     _mount("none", target, None, flags | (MS_NOEXEC if devices else MS_NODEV), None)
 
 
-def mount_proc() -> None:
-    """Mount a /proc that shows only the caller's PID namespace."""
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+CLONE_NEWUSER = 0x10000000
+
+
+def enter_user_namespace(uid: int, gid: int) -> None:
+    """Become root of a new user namespace in which only `uid`/`gid` exist,
+    mapped to themselves: an unprivileged host gets the capabilities to build
+    the other namespaces and the minimal root, over those namespaces only.
+    `drop_capabilities` gives them up before the plugin runs."""
+    _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+    # /proc/self of a process that is not dumpable belongs to root: the maps
+    # could not be written. Dumpable only while they are, then not again.
+    prctl(PR_SET_DUMPABLE, 1)
+    try:
+        for name, text in (
+            ("setgroups", "deny"),
+            ("uid_map", f"{uid} {uid} 1"),
+            ("gid_map", f"{gid} {gid} 1"),
+        ):
+            with open(f"/proc/self/{name}", "w") as stream:
+                stream.write(text)
+    except OSError as exc:
+        raise IsolationError("user namespace", f"{name}: {exc.strerror}") from exc
+    prctl(PR_SET_DUMPABLE, 0)
+
+
+SYS_CAPSET = 126
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+CAP_LAST_CAP_PATH = "/proc/sys/kernel/cap_last_cap"
+
+
+def drop_capabilities() -> None:
+    """Give up every capability for good: bounding, ambient, effective,
+    permitted and inheritable sets all emptied."""
+    with open(CAP_LAST_CAP_PATH) as stream:
+        last = int(stream.read())
+    for cap in range(last + 1):
+        _check(_libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0), "drop bounding set")
+    _check(
+        _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0),
+        "clear ambient capabilities",
+    )
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}, all empty
+    _check(_libc.syscall(SYS_CAPSET, header, data), "capset")
 
 
 def drop_privileges(uid: int, gid: int) -> None:

@@ -255,10 +255,18 @@ NAMESPACES = {
 CGROUP_V1 = {"cgroup_memory": "/sys/fs/cgroup/memory", "cgroup_pids": "/sys/fs/cgroup/pids"}
 
 
-def _probe_unshare(flags: int) -> bool:
+def _probe_unshare(flags: int, user_namespace: bool = False) -> bool:
+    """Whether a child can unshare `flags` (from a user namespace of its own first)."""
     pid = os.fork()
     if pid == 0:
-        os._exit(0 if _libc.unshare(ctypes.c_int(flags)) == 0 else 1)
+        try:
+            if user_namespace:
+                from sandbox.isolation import enter_user_namespace
+
+                enter_user_namespace(os.getuid(), os.getgid())
+            os._exit(0 if _libc.unshare(ctypes.c_int(flags)) == 0 else 1)
+        except BaseException:  # noqa: BLE001 - any failure means "not available"
+            os._exit(1)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
 
@@ -295,9 +303,11 @@ def _probe_cgroup(root: str) -> bool:
 
 def _detect_here() -> dict[str, bool]:
     root = os.geteuid() == 0
-    found = {"privilege_drop": root, "no_new_privs": True}
+    # An unprivileged host builds the call's namespaces from a user namespace.
+    user_namespace = not root and _probe_unshare(0, user_namespace=True)
+    found = {"privilege_drop": root, "no_new_privs": True, "user_namespace": user_namespace}
     for name, flag in NAMESPACES.items():
-        found[name] = root and _probe_unshare(flag)
+        found[name] = (root or user_namespace) and _probe_unshare(flag, user_namespace)
     found["tmpfs_scratch"] = found["mount_namespace"]
     found["landlock"] = landlock_abi() >= 1
     found["seccomp"] = _probe_seccomp()

@@ -57,7 +57,7 @@ class CallProcesses:
                     found[proc.pid] = proc
             except OSError:
                 continue
-        return [p for p in found.values() if p.info.get("status") != psutil.STATUS_ZOMBIE]
+        return [p for p in found.values() if _alive(p)]
 
     def total_rss(self) -> int:
         """Sum of the resident memory of every process of the call, in bytes."""
@@ -121,3 +121,11 @@ class UidPool:
     def release(lock_fd: int) -> None:
         """Give the uid back (its processes must be dead by now)."""
         os.close(lock_fd)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """A process that still runs (not a zombie, not gone)."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -116,6 +116,7 @@ def _stopped(reason: str, message: str, **details: Any) -> _Verdict:
 # Layers applied when this machine offers them, in the order of sandbox/child.py.
 OPTIONAL_LAYERS = (
     "privilege_drop",
+    "user_namespace",
     "no_new_privs",
     "mount_namespace",
     "tmpfs_scratch",
@@ -128,8 +129,9 @@ OPTIONAL_LAYERS = (
     "cgroup_memory",
     "cgroup_pids",
 )
-# Without a privilege drop there is no per-call uid, and the mount namespace
-# and tmpfs scratch (which need root) go with it.
+# The namespaces need root or a user namespace: without either there is no
+# per-call uid, minimal root or tmpfs scratch. A root host does not use a
+# user namespace (its calls get host uids of their own; SECURITY.md says why).
 DEPENDS_ON_PRIVILEGE_DROP = (
     "mount_namespace",
     "tmpfs_scratch",
@@ -191,11 +193,13 @@ class Sandbox:
                     name: bool(found.get(name)) and name not in self._disabled
                     for name in OPTIONAL_LAYERS
                 }
-                if not layers["privilege_drop"]:
+                if layers["privilege_drop"]:
+                    layers["user_namespace"] = False  # not needed, so never missing
+                elif not layers["user_namespace"]:
                     for name in DEPENDS_ON_PRIVILEGE_DROP:
                         layers[name] = False
-                for name in OPTIONAL_LAYERS:
-                    if not layers[name] and self.isolation == "standard":
+                for name in _missing(layers):
+                    if self.isolation == "standard":
                         why = "switched off" if name in self._disabled else "not available here"
                         log.warning("isolation layer %s is %s; calls run without it", name, why)
                 if layers["privilege_drop"]:
@@ -207,14 +211,17 @@ class Sandbox:
             return dict(self._layers)
 
     def protections(self) -> dict[str, bool]:
-        """Which isolation layers calls actually get on this host."""
+        """Which isolation layers calls actually get on this host (a root
+        host's user namespace, which it does not need, is left out)."""
+        layers = self.layers()
+        missing = _missing(layers)
         return {
             "fresh_process_per_call": True,
             "rlimits": True,
             "own_session": True,
             "scrubbed_environment": True,
             "memory_watchdog": True,
-            **self.layers(),
+            **{name: on for name, on in layers.items() if on or name in missing},
         }
 
     def execute(self, call: CallSpec) -> Outcome:
@@ -228,7 +235,7 @@ class Sandbox:
         if token is not None and token.cancelled:
             return Outcome(Status.SANDBOX_STOPPED, reason="cancelled", message="call was cancelled")
         layers = self.layers()
-        missing = [name for name, on in layers.items() if not on]
+        missing = _missing(layers)
         if self.isolation == "strict" and missing:
             return Outcome(
                 Status.HOST_FAILED,
@@ -275,9 +282,10 @@ class Sandbox:
                 max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
                 layers=layers,
             ),
-            # A root host gives the child a tmpfs scratch in its own mount namespace.
+            # A root host, or one with user namespaces, gives the child a tmpfs
+            # scratch in its own minimal root.
             scratch=None
-            if uid is not None
+            if uid is not None or layers["user_namespace"]
             else tempfile.mkdtemp(prefix="plughost-call-", dir=self._scratch_root),
             pid_namespace=layers["pid_namespace"],
         )
@@ -396,6 +404,15 @@ class Sandbox:
             os.close(fd)
             raise
         return fd
+
+
+def _missing(layers: dict[str, bool]) -> list[str]:
+    """Layers calls lack here; a root host's unused user namespace is not one."""
+    return [
+        name
+        for name, on in layers.items()
+        if not on and not (name == "user_namespace" and layers["privilege_drop"])
+    ]
 
 
 def _exposed_paths(plugin_dir: str) -> list[str]:

@@ -12,5 +12,4 @@ class Plugin:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(0.5)
             sock.connect(path)
-            sock.sendall(b"hello from a plugin")
             return {"connected": path}
