@@ -13,7 +13,8 @@ NETLINK_KOBJECT_UEVENT = 15
 
 class Plugin:
     def run(self, payload):
-        sock = socket.socket(AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)  # raises if defended
+        # Raises if defended.
+        sock = socket.socket(AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
         with sock:
             sock.bind((0, 1))  # any port id, multicast group 1: kernel events
             return {"bound": sock.getsockname()}

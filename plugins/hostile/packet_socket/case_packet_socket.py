@@ -8,5 +8,6 @@ ETH_P_ALL = 0x0003
 
 class Plugin:
     def run(self, payload):
-        with socket.socket(AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)):  # raises if defended
+        # Raises if defended.
+        with socket.socket(AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)):
             return {"opened": "AF_PACKET"}
