@@ -15,6 +15,7 @@ from sandbox.processes import UID_BASE, UID_SLOTS
 from tests.conftest import HOSTILE_DIR, make_png
 
 pytestmark = pytest.mark.no_leak_check  # the CLI is its own host process
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def plughost(*args: str, timeout: float = 30) -> tuple[int, dict | None, str, float]:
@@ -37,7 +38,12 @@ def leftover_processes() -> list[str]:
         cmdline = " ".join(proc.info["cmdline"] or [])
         if UID_BASE <= uid < UID_BASE + UID_SLOTS:
             found.append(f"{proc.pid} uid {uid}")
-        elif "sandbox.launcher" in cmdline and proc.info["ppid"] != psutil.Process().pid:
+        # Launchers of other checkouts on this machine are other hosts, not ours.
+        elif (
+            "sandbox.launcher" in cmdline
+            and f"sys.path.insert(0, {str(ROOT)!r})" in cmdline
+            and proc.info["ppid"] != psutil.Process().pid
+        ):
             found.append(f"{proc.pid} launcher {proc.status()}")
     return found
 
