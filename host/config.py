@@ -62,6 +62,20 @@ class Settings(BaseModel):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    # Plugin names are unique (host/discovery.py): the first plugin found
+    # keeps a name. This maps a name to the directory of the plugin that
+    # wins instead, e.g. {"image_info" = "/srv/plugins/image_info"};
+    # PLUGHOST_PLUGIN_OVERRIDES=image_info=/srv/plugins/image_info,other=/dir.
+    plugin_overrides: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("plugin_overrides", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            pairs = [part.partition("=") for part in value.split(",") if part.strip()]
+            return {name.strip(): directory.strip() for name, _, directory in pairs}
+        return value
+
 
 def _describe(source: str, error: ValidationError) -> str:
     parts = [

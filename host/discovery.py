@@ -1,5 +1,12 @@
 """Finding plugins: bundled ones, extra directories and installed distributions.
 
+Plugin names are unique. Discovery looks in a fixed order (bundled plugins,
+then each extra directory in the order given, then entry points) and the
+first plugin found with a name keeps it; a later one claiming the same name
+is a load error naming both directories and is never registered. Only the
+operator's configuration (`plugin_overrides`: name -> the directory whose
+plugin wins) changes that.
+
 No plugin code is imported here. An entry point of the group
 `plughost.plugins` names either a plugin directory (a path) or a
 `module:attribute`; for the latter the module's file is located without
@@ -10,7 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from host.manifest import ManifestError, load_manifest
@@ -28,21 +35,29 @@ def find_plugins(path: Path) -> tuple[list[RegisteredPlugin], list[str]]:
         candidates += sorted(p for p in path.iterdir() if (p / MANIFEST).is_file())
     elif not path.exists():
         return [], [f"{path}: plugin directory does not exist"]
-    found: list[RegisteredPlugin] = []
+    found: dict[str, RegisteredPlugin] = {}
     errors: list[str] = []
-    seen: set[str] = set()
     for directory in candidates:
         try:
             manifest = load_manifest(directory / MANIFEST)
         except ManifestError as exc:
             errors.append(str(exc))
             continue
-        if manifest.name in seen:
-            errors.append(f"{directory / MANIFEST}: field 'name': {manifest.name!r} is taken")
+        plugin = RegisteredPlugin(manifest=manifest, directory=directory.resolve())
+        if manifest.name in found:
+            errors.append(name_taken(plugin, found[manifest.name]))
             continue
-        seen.add(manifest.name)
-        found.append(RegisteredPlugin(manifest=manifest, directory=directory.resolve()))
-    return found, errors
+        found[manifest.name] = plugin
+    return list(found.values()), errors
+
+
+def name_taken(refused: RegisteredPlugin, holder: RegisteredPlugin) -> str:
+    """The load error of `refused`, whose name `holder` keeps."""
+    return (
+        f"{refused.directory / MANIFEST}: field 'name': {refused.name!r} is already "
+        f"registered by {holder.directory}; {refused.directory} is not loaded "
+        f"(plugin_overrides in the configuration chooses another winner)"
+    )
 
 
 def _entry_point_plugin(entry: importlib.metadata.EntryPoint) -> RegisteredPlugin:
@@ -70,17 +85,64 @@ def _entry_point_plugin(entry: importlib.metadata.EntryPoint) -> RegisteredPlugi
     return RegisteredPlugin(manifest, root.resolve(), "entry_point")
 
 
-def discover(registry: PluginRegistry, extra_dirs: Iterable[str | Path] = ()) -> list[str]:
-    """Register bundled plugins, `extra_dirs` and entry-point plugins; return the names."""
-    names = registry.load_directory(BUNDLED_DIR)
-    for directory in extra_dirs:
-        names += registry.load_directory(directory)
+def _unique(
+    candidates: list[RegisteredPlugin], overrides: Mapping[str, str | Path]
+) -> tuple[list[RegisteredPlugin], list[str]]:
+    """Keep one plugin per name: the override's directory, else the first found."""
+    chosen: dict[str, RegisteredPlugin] = {}
+    errors: list[str] = []
+    wanted = {name: Path(directory).resolve() for name, directory in overrides.items()}
+    for name, directory in list(wanted.items()):
+        if not any(p.name == name and p.directory == directory for p in candidates):
+            errors.append(
+                f"plugin_overrides: {name!r} = {str(directory)!r}: no plugin of that name "
+                "was found in that directory; the first one found keeps the name"
+            )
+            del wanted[name]
+    for plugin in candidates:
+        if wanted.get(plugin.name, plugin.directory) != plugin.directory:
+            continue  # the operator chose another directory for this name
+        holder = chosen.get(plugin.name)
+        if holder is None:
+            chosen[plugin.name] = plugin
+        elif holder.directory != plugin.directory:
+            errors.append(name_taken(plugin, holder))
+    for plugin in candidates:
+        winner = chosen[plugin.name]
+        if plugin.name in wanted and plugin.directory != winner.directory:
+            errors.append(
+                f"{plugin.directory / MANIFEST}: field 'name': {plugin.name!r} is registered "
+                f"from {winner.directory} (plugin_overrides); {plugin.directory} is not loaded"
+            )
+    return list(chosen.values()), errors
+
+
+def discover(
+    registry: PluginRegistry,
+    extra_dirs: Iterable[str | Path] = (),
+    overrides: Mapping[str, str | Path] | None = None,
+) -> list[str]:
+    """Register bundled plugins, `extra_dirs` and entry-point plugins; return the names.
+
+    The first plugin found with a name keeps it (bundled, then `extra_dirs`
+    in order, then entry points), unless `overrides` maps the name to the
+    directory of another one. Every plugin that loses its name, and every
+    bad manifest, is reported in `registry.load_errors` and not registered.
+    A plugin registered before under a winning name is replaced (a reload).
+    """
+    candidates: list[RegisteredPlugin] = []
+    errors: list[str] = []
+    for directory in [BUNDLED_DIR, *extra_dirs]:
+        found, problems = find_plugins(Path(directory))
+        candidates += found
+        errors += problems
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
-            plugin = _entry_point_plugin(entry)
+            candidates.append(_entry_point_plugin(entry))
         except ManifestError as exc:
-            registry.load_errors.append(f"entry point {entry.name!r}: {exc}")
-            continue
+            errors.append(f"entry point {entry.name!r}: {exc}")
+    winners, conflicts = _unique(candidates, overrides or {})
+    registry.load_errors.extend(errors + conflicts)
+    for plugin in winners:
         registry.register(plugin.name, plugin)
-        names.append(plugin.name)
-    return names
+    return [plugin.name for plugin in winners]

@@ -71,7 +71,11 @@ class PluginRegistry:
         self.load_errors: list[str] = []
 
     def register(self, name: str, plugin: RegisteredPlugin) -> None:
-        """Add or replace `name`. Replacing keeps the metrics."""
+        """Add or replace `name`. Replacing keeps the metrics.
+
+        No uniqueness check: `load_directory` and discovery decide which
+        plugin may have a name before they register it.
+        """
         with self._lock:
             self._plugins[name] = plugin
             self._metrics.setdefault(name, _Metrics())
@@ -131,17 +135,26 @@ class PluginRegistry:
     def load_directory(self, path: str | Path) -> list[str]:
         """Register every plugin directory directly below `path` (or `path` itself).
 
-        Returns the names registered. A bad manifest is recorded in
-        `load_errors` (message naming file and field) and skipped.
+        Returns the names registered. A bad manifest, or a name already
+        registered from another directory (names are unique), is recorded in
+        `load_errors` (message naming the file, the field and, for a taken
+        name, both directories) and skipped. A plugin found again in the
+        directory it was registered from is registered anew.
         """
-        from host.discovery import find_plugins
+        from host.discovery import find_plugins, name_taken
 
         found, errors = find_plugins(Path(path))
+        names = []
         with self._lock:
             self.load_errors.extend(errors)
             for plugin in found:
+                holder = self._plugins.get(plugin.name)
+                if holder is not None and holder.directory != plugin.directory:
+                    self.load_errors.append(name_taken(plugin, holder))
+                    continue
                 self.register(plugin.name, plugin)
-        return [plugin.name for plugin in found]
+                names.append(plugin.name)
+        return names
 
     def clear(self) -> None:
         """Forget every plugin, metric and load error."""

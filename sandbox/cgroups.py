@@ -5,46 +5,133 @@ holds for root as well. Created before the call, removed after it.
 
 cgroup v2 is not handled yet: where only v2 is mounted, detection reports
 the layers as missing and the call runs with rlimits and the watchdog.
+
+Cgroups are named `call-<host id>-<call id>`; a host that is killed leaves
+its calls' (empty) cgroups behind, and the next host to start removes them
+(`sweep_stale`) once the dead host's lock shows it is gone.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
 import os
+import re
+import threading
 import time
+import uuid
 from pathlib import Path
 
 from sandbox.layers import CGROUP_V1
+
+# Each host holds an exclusive flock on HOSTS_DIR/<host id>.lock for as long
+# as it runs, and names its call cgroups `call-<host id>-<call id>`. A lock
+# holds across PID namespaces and dies with its holder, so a host's sweep
+# tells a live host from a dead one where a pid cannot: a pid means nothing
+# in another PID namespace, and a dead host's pid may be reused. Hosts that
+# share cgroups must share this directory (as they share the uid locks).
+HOSTS_DIR = "/run/plughost/hosts"
+# "h" first: never a number, so no tool reads the id as a pid.
+HOST_ID = re.compile(r"^h[0-9a-f]{12}$")
+
+_host_lock = threading.Lock()
+_host: tuple[int, str, int] | None = None  # (pid, host id, lock fd)
+
+
+def host_id() -> str:
+    """This host's id, taking its lock in HOSTS_DIR on first use.
+
+    The lock is held until the process exits. A host that cannot write
+    HOSTS_DIR (not root) gets an id without a lock; such a host has no
+    cgroups, so no sweep ever weighs it.
+    """
+    global _host
+    with _host_lock:
+        if _host is None or _host[0] != os.getpid():  # a forked child is a host of its own
+            ident = "h" + uuid.uuid4().hex[:12]
+            fd = -1
+            with contextlib.suppress(PermissionError):
+                os.makedirs(HOSTS_DIR, mode=0o700, exist_ok=True)
+                # Locked before it gets its name: a sweep never sees it unlocked.
+                staged = f"{HOSTS_DIR}/{ident}.new"
+                fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(staged, f"{HOSTS_DIR}/{ident}.lock")
+                atexit.register(_release_host, os.getpid(), ident, fd)
+            _host = (os.getpid(), ident, fd)
+        return _host[1]
+
+
+def _release_host(pid: int, ident: str, fd: int) -> None:
+    """At a normal exit: remove this host's lock file, then let the lock go."""
+    if os.getpid() == pid:
+        with contextlib.suppress(OSError):
+            os.unlink(f"{HOSTS_DIR}/{ident}.lock")
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def call_cgroup_name() -> str:
+    """A fresh name for one call's cgroups, carrying this host's id."""
+    return f"call-{host_id()}-{uuid.uuid4().hex[:12]}"
+
+
+def _lock_of_dead_host(ident: str) -> int | None:
+    """Take the lock of host `ident` if that host is gone; return its fd
+    (-1: no lock file, the host is gone too), or None while the host runs."""
+    try:
+        fd = os.open(f"{HOSTS_DIR}/{ident}.lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return -1  # a host makes its lock file before its first cgroup
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def sweep_stale(layers: dict[str, bool]) -> int:
     """Remove the call cgroups of hosts that no longer run; return how many.
 
     A host killed outright cannot remove its calls' cgroups; their processes
-    died with its launcher, so the directories are empty and can go.
+    died with its launcher, so the directories are empty and can go. A host
+    is gone when its lock in HOSTS_DIR can be taken; this host's own cgroups
+    and those of every host holding its lock are left alone. A cgroup that
+    still has processes is not removed (rmdir refuses); a later sweep retries.
     """
+    own = host_id()
+    verdicts: dict[str, int | None] = {}  # host id -> its lock fd if gone, None if alive
     removed = 0
-    for name, root in CGROUP_V1.items():
-        if not layers.get(name):
-            continue
-        for path in (Path(root) / "plughost").glob("call-*"):
-            if _host_alive(path.name):
-                continue  # that host still runs: its cgroups are its own business
-            with contextlib.suppress(OSError):
-                path.rmdir()
-                removed += 1
-    return removed
-
-
-def _host_alive(name: str) -> bool:
-    """Whether the host named in `call-<host pid>-<id>` still runs (unknown: yes)."""
     try:
-        os.kill(int(name.split("-")[1]), 0)
-    except ProcessLookupError:
-        return False
-    except (ValueError, IndexError, PermissionError):
-        return True
-    return True
+        for name, root in CGROUP_V1.items():
+            if not layers.get(name):
+                continue
+            for path in (Path(root) / "plughost").glob("call-*"):
+                ident = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
+                if ident == own or not HOST_ID.match(ident):
+                    continue  # ours, or named by an earlier version (call-<pid>-...)
+                if ident not in verdicts:
+                    verdicts[ident] = _lock_of_dead_host(ident)
+                if verdicts[ident] is None:
+                    continue  # that host still runs: its cgroups are its own business
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+                    removed += 1
+        # Lock files of dead hosts that left no cgroup (killed between calls).
+        for lock in Path(HOSTS_DIR).glob("h*.lock"):
+            ident = lock.name.removesuffix(".lock")
+            if ident != own and HOST_ID.match(ident) and ident not in verdicts:
+                verdicts[ident] = _lock_of_dead_host(ident)
+    finally:
+        for ident, fd in verdicts.items():
+            if fd is not None and fd >= 0:
+                # Unlinked while held: no other sweep can mistake a new holder for it.
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{HOSTS_DIR}/{ident}.lock")
+                os.close(fd)
+    return removed
 
 
 class CallCgroup:

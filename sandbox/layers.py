@@ -121,13 +121,19 @@ def apply_landlock(
 
 
 # -- seccomp -------------------------------------------------------------------
+#
+# One table per concern, each entry with the reason it is there. The filter
+# checks them in this order: architecture (kill), system calls denied outright,
+# clone flags, socket families, fcntl commands; everything else is allowed.
 
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
 AUDIT_ARCH_X86_64 = 0xC000003E
-EPERM, ENOSYS = 1, 38
+EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
 CLONE_NAMESPACES = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 BPF_LD_W_ABS, BPF_JEQ_K, BPF_JSET_K, BPF_JGE_K, BPF_RET_K = 0x20, 0x15, 0x45, 0x35, 0x06
+# Offsets in struct seccomp_data; an argument's low 32 bits (little endian).
+DATA_NR, DATA_ARCH, DATA_ARG0, DATA_ARG1 = 0, 4, 16, 24
 
 # x86_64 system calls a plugin never needs, each with the reason it is denied.
 DENIED_X86_64 = {
@@ -160,6 +166,7 @@ DENIED_X86_64 = {
     305: "clock_adjtime: changing the clock",
     172: "iopl: raw I/O port access",
     173: "ioperm: raw I/O port access",
+    154: "modify_ldt: x86 segment descriptors, a history of kernel exploits",
     323: "userfaultfd: a common exploit primitive",
     304: "open_by_handle_at: bypasses path-based checks",
     303: "name_to_handle_at: pairs with open_by_handle_at",
@@ -178,6 +185,87 @@ DENIED_X86_64 = {
     442: "mount_setattr: new mount API",
     135: "personality: turning off address space randomisation",
 }
+
+# Concurrent calls read the same interpreter, standard library and package
+# files (read-only, but the same inodes). These calls turn that sharing into
+# a channel between calls, or let one call watch what another opens.
+DENIED_SHARED_FILES_X86_64 = {
+    73: "flock: a lock on a shared read-only file is seen by every other call",
+    253: "inotify_init: a watch on a shared directory shows which files other calls open",
+    294: "inotify_init1: a watch on a shared directory shows which files other calls open",
+    300: "fanotify_init: watches file access beyond the caller's own files",
+}
+
+# fcntl(2) commands denied for the same reason (args[1]); the rest are allowed.
+SYS_FCNTL_X86_64 = 72
+DENIED_FCNTL_COMMANDS = {
+    5: "F_GETLK: shows the record locks other calls hold on shared files",
+    6: "F_SETLK: a read lock on a shared read-only file is seen by every other call",
+    7: "F_SETLKW: a read lock on a shared read-only file is seen by every other call",
+    36: "F_OFD_GETLK: shows the record locks other calls hold on shared files",
+    37: "F_OFD_SETLK: a read lock on a shared read-only file is seen by every other call",
+    38: "F_OFD_SETLKW: a read lock on a shared read-only file is seen by every other call",
+    1026: "F_NOTIFY: dnotify, a watch on a shared directory like inotify",
+}
+
+# socket(2) and socketpair(2) take the address family in args[0]. Only these
+# open; every other family fails with EAFNOSUPPORT, the answer of a kernel
+# built without it, which libraries already treat as "not here" (glibc's
+# getaddrinfo, for one, carries on without its netlink probe). EPERM would
+# read as a broken machine rather than an absent family.
+SYS_SOCKET_X86_64, SYS_SOCKETPAIR_X86_64 = 41, 53
+ALLOWED_SOCKET_FAMILIES = {
+    1: "AF_UNIX: pipes between a plugin's own processes; Landlock scopes abstract sockets",
+    2: "AF_INET: loopback of the call's empty network namespace",
+    10: "AF_INET6: loopback of the call's empty network namespace",
+}
+# Every other family up to AF_MAX (46) of Linux 6.x, with why it is refused.
+# Families a later kernel adds are refused too: the filter is an allow-list.
+DENIED_SOCKET_FAMILIES = {
+    0: "AF_UNSPEC: not a family",
+    3: "AF_AX25: amateur radio",
+    4: "AF_IPX: legacy protocol, kernel attack surface",
+    5: "AF_APPLETALK: legacy protocol, kernel attack surface",
+    6: "AF_NETROM: amateur radio",
+    7: "AF_BRIDGE: multiprotocol bridge",
+    8: "AF_ATMPVC: ATM hardware",
+    9: "AF_X25: legacy protocol, kernel attack surface",
+    11: "AF_ROSE: amateur radio",
+    12: "AF_DECnet: legacy protocol, kernel attack surface",
+    13: "AF_NETBEUI: legacy protocol",
+    14: "AF_SECURITY: security callbacks",
+    15: "AF_KEY: IPsec key management",
+    16: "AF_NETLINK: kernel interfaces, uevents are machine-wide (not namespaced)",
+    17: "AF_PACKET: raw link-layer frames",
+    18: "AF_ASH: unused",
+    19: "AF_ECONET: legacy protocol",
+    20: "AF_ATMSVC: ATM hardware",
+    21: "AF_RDS: reliable datagram sockets, a history of kernel exploits",
+    22: "AF_SNA: legacy protocol",
+    23: "AF_IRDA: infrared hardware",
+    24: "AF_PPPOX: PPP tunnels",
+    25: "AF_WANPIPE: WAN hardware",
+    26: "AF_LLC: link-layer control",
+    27: "AF_IB: InfiniBand hardware",
+    28: "AF_MPLS: label switching",
+    29: "AF_CAN: CAN bus hardware",
+    30: "AF_TIPC: cluster protocol, kernel attack surface",
+    31: "AF_BLUETOOTH: radio hardware",
+    32: "AF_IUCV: s390 hypervisor communication",
+    33: "AF_RXRPC: AFS remote procedure calls",
+    34: "AF_ISDN: ISDN hardware",
+    35: "AF_PHONET: modem protocol",
+    36: "AF_IEEE802154: low-rate radio",
+    37: "AF_CAIF: modem protocol",
+    38: "AF_ALG: the kernel crypto API, a history of kernel exploits",
+    39: "AF_NFC: radio hardware",
+    40: "AF_VSOCK: VM-wide ports, reaches the hypervisor outside the network namespace",
+    41: "AF_KCM: kernel connection multiplexor",
+    42: "AF_QIPCRTR: Qualcomm IPC router",
+    43: "AF_SMC: shared-memory communication over RDMA",
+    44: "AF_XDP: raw frames of a network interface",
+    45: "AF_MCTP: management component transport, hardware",
+}
 SYS_CLONE_X86_64, SYS_CLONE3_X86_64 = 56, 435
 
 
@@ -185,30 +273,87 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k)
 
 
+def _ret(action: int) -> bytes:
+    return _insn(BPF_RET_K, action)
+
+
+def _deny_calls(numbers: Iterable[int], errno: int) -> list[bytes]:
+    """Each system call in `numbers` fails with `errno` (A holds the number)."""
+    program: list[bytes] = []
+    for number in numbers:
+        program += [_insn(BPF_JEQ_K, number, jf=1), _ret(SECCOMP_RET_ERRNO | errno)]
+    return program
+
+
+def _on_calls(numbers: list[int], block: list[bytes]) -> list[bytes]:
+    """Run `block` (which ends in a return) for the calls in `numbers`; the
+    others skip it with the system call number still in A."""
+    program: list[bytes] = []
+    for index, number in enumerate(numbers):
+        rest = len(numbers) - 1 - index
+        if rest:
+            program.append(_insn(BPF_JEQ_K, number, jt=rest))
+        else:
+            program.append(_insn(BPF_JEQ_K, number, jf=len(block)))
+    return program + block
+
+
+def _argument_in(offset: int, values: Iterable[int], inside: int, outside: int) -> list[bytes]:
+    """Return `inside` if the argument at `offset` is one of `values`, else `outside`."""
+    values = list(values)
+    program = [_insn(BPF_LD_W_ABS, offset)]
+    for index, value in enumerate(values):
+        program.append(_insn(BPF_JEQ_K, value, jt=len(values) - index))
+    return program + [_ret(outside), _ret(inside)]
+
+
 def seccomp_program() -> bytes:
-    """The BPF filter: wrong architecture -> kill; denied calls -> EPERM;
-    clone with namespace flags -> EPERM; clone3 -> ENOSYS (libc falls back to
-    clone, whose flags the filter can read); everything else allowed."""
+    """The BPF filter: wrong architecture or an x32 call -> kill; the calls of
+    DENIED_X86_64 and DENIED_SHARED_FILES_X86_64 -> EPERM; clone with
+    namespace flags -> EPERM; clone3 -> ENOSYS (libc falls back to clone,
+    whose flags the filter can read); socket and socketpair outside
+    ALLOWED_SOCKET_FAMILIES -> EAFNOSUPPORT; fcntl with DENIED_FCNTL_COMMANDS
+    -> EPERM; everything else allowed."""
     program = [
-        _insn(BPF_LD_W_ABS, 4),  # seccomp_data.arch
+        _insn(BPF_LD_W_ABS, DATA_ARCH),
         _insn(BPF_JEQ_K, AUDIT_ARCH_X86_64, jt=1),
-        _insn(BPF_RET_K, SECCOMP_RET_KILL_PROCESS),
-        _insn(BPF_LD_W_ABS, 0),  # seccomp_data.nr
+        _ret(SECCOMP_RET_KILL_PROCESS),
+        _insn(BPF_LD_W_ABS, DATA_NR),
         # x32 system calls (nr >= 0x40000000) would bypass the numbers below.
         _insn(BPF_JGE_K, 0x40000000, jt=0, jf=1),
-        _insn(BPF_RET_K, SECCOMP_RET_KILL_PROCESS),
+        _ret(SECCOMP_RET_KILL_PROCESS),
     ]
-    for number in DENIED_X86_64:
-        program += [_insn(BPF_JEQ_K, number, jf=1), _insn(BPF_RET_K, SECCOMP_RET_ERRNO | EPERM)]
-    program += [
-        _insn(BPF_JEQ_K, SYS_CLONE3_X86_64, jf=1),
-        _insn(BPF_RET_K, SECCOMP_RET_ERRNO | ENOSYS),
-        _insn(BPF_JEQ_K, SYS_CLONE_X86_64, jf=3),
-        _insn(BPF_LD_W_ABS, 16),  # seccomp_data.args[0], low 32 bits: the flags
-        _insn(BPF_JSET_K, CLONE_NAMESPACES, jf=1),
-        _insn(BPF_RET_K, SECCOMP_RET_ERRNO | EPERM),
-        _insn(BPF_RET_K, SECCOMP_RET_ALLOW),
-    ]
+    program += _deny_calls(DENIED_X86_64, EPERM)
+    program += _deny_calls(DENIED_SHARED_FILES_X86_64, EPERM)
+    program += _deny_calls([SYS_CLONE3_X86_64], ENOSYS)
+    program += _on_calls(
+        [SYS_CLONE_X86_64],
+        [
+            _insn(BPF_LD_W_ABS, DATA_ARG0),  # the flags
+            _insn(BPF_JSET_K, CLONE_NAMESPACES, jf=1),
+            _ret(SECCOMP_RET_ERRNO | EPERM),
+            _ret(SECCOMP_RET_ALLOW),
+        ],
+    )
+    program += _on_calls(
+        [SYS_SOCKET_X86_64, SYS_SOCKETPAIR_X86_64],
+        _argument_in(
+            DATA_ARG0,
+            ALLOWED_SOCKET_FAMILIES,
+            inside=SECCOMP_RET_ALLOW,
+            outside=SECCOMP_RET_ERRNO | EAFNOSUPPORT,
+        ),
+    )
+    program += _on_calls(
+        [SYS_FCNTL_X86_64],
+        _argument_in(
+            DATA_ARG1,
+            DENIED_FCNTL_COMMANDS,
+            inside=SECCOMP_RET_ERRNO | EPERM,
+            outside=SECCOMP_RET_ALLOW,
+        ),
+    )
+    program.append(_ret(SECCOMP_RET_ALLOW))
     return b"".join(program)
 
 

@@ -38,13 +38,12 @@ import sysconfig
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox.cancel import CancelToken, current_token
-from sandbox.cgroups import CallCgroup, sweep_stale
+from sandbox.cgroups import CallCgroup, call_cgroup_name, sweep_stale
 from sandbox.child import SETUP_FAILED, describe_exit
 from sandbox.launcher import EXIT, PID, Launcher
 from sandbox.layers import detect
@@ -277,7 +276,7 @@ class Sandbox:
             uid=uid,
             lock_fd=lock_fd,
             cgroup=CallCgroup(
-                f"call-{os.getpid()}-{uuid.uuid4().hex[:12]}",
+                call_cgroup_name(),
                 memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK),
                 max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
                 layers=layers,

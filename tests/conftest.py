@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from host.discovery import BUNDLED_DIR, discover
 from host.registry import PluginRegistry, get_registry
+from sandbox.cgroups import host_id
 from sandbox.processes import UID_BASE, UID_SLOTS
 from sandbox.tool_runner import ToolRunner, shared_sandbox
 
@@ -78,7 +79,7 @@ def call_cgroups() -> set[str]:
     return {
         str(p)
         for c in ("memory", "pids")
-        for p in Path(f"/sys/fs/cgroup/{c}/plughost").glob(f"call-{os.getpid()}-*")
+        for p in Path(f"/sys/fs/cgroup/{c}/plughost").glob(f"call-{host_id()}-*")
     }
 
 

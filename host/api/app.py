@@ -56,7 +56,7 @@ def build_services(settings: Settings, store: JobStore | None = None) -> Service
     plugins = PluginManagementService(ToolRunner(sandbox=sandbox))
     plugins.quarantine.threshold = settings.quarantine_threshold
     plugins.quarantine.cooldown_s = settings.quarantine_cooldown_s
-    discover(plugins.registry, settings.plugins_dirs)
+    discover(plugins.registry, settings.plugins_dirs, settings.plugin_overrides)
     jobs = JobManagementService(
         plugins,
         store or SQLiteJobStore(settings.db_path),
@@ -298,7 +298,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         summary="Discover plugins again",
     )
     def reload_plugins(svc: ServicesDep) -> dict[str, Any]:
-        names = svc.plugins.reload(settings.plugins_dirs)
+        names = svc.plugins.reload(settings.plugins_dirs, settings.plugin_overrides)
         return {"plugins": names, "load_errors": svc.plugins.registry.load_errors}
 
     @app.get("/healthz", summary="The process is up")

@@ -9,7 +9,7 @@ streaks and call metrics.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,11 +157,14 @@ class PluginManagementService:
         self.quarantine.reset(name)
         return self.describe(name)
 
-    def reload(self, extra_dirs: Sequence[str | Path]) -> list[str]:
-        """Discover plugins again; metrics of plugins that stay are kept."""
+    def reload(
+        self, extra_dirs: Sequence[str | Path], overrides: Mapping[str, str | Path] | None = None
+    ) -> list[str]:
+        """Discover plugins again, with the same name rule as at start-up
+        (`discover`); metrics of plugins that stay are kept."""
         before = set(self.registry.list_plugins())
         self.registry.load_errors.clear()
-        names = discover(self.registry, extra_dirs)
+        names = discover(self.registry, extra_dirs, overrides)
         for gone in before - set(names):
             self.registry.unregister(gone)
         return sorted(names)

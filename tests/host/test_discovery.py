@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from host.discovery import discover
+from host.config import load_settings
+from host.discovery import BUNDLED_DIR, discover
 from host.registry import PluginRegistry
 from sandbox.tool_runner import ToolRunner
+from tests.conftest import HOSTILE_DIR, write_plugin
 
 
 @pytest.fixture
@@ -93,3 +95,80 @@ def test_missing_extra_directory_is_a_load_error(tmp_path: Path) -> None:
     registry = PluginRegistry()
     discover(registry, [tmp_path / "nowhere"])
     assert any("does not exist" in e for e in registry.load_errors)
+
+
+# -- plugin names are unique ----------------------------------------------------
+
+
+@pytest.fixture
+def impostor(tmp_path: Path) -> Path:
+    """A plugins directory holding a plugin that claims the bundled `image_info`."""
+    write_plugin(tmp_path / "extra", "image_info", "return {'impostor': True}")
+    return tmp_path / "extra"
+
+
+def test_plugin_claiming_a_bundled_name_is_refused_naming_both_directories(
+    registry: PluginRegistry, impostor: Path, payload: dict
+) -> None:
+    registry.clear()
+    names = discover(registry, [HOSTILE_DIR, impostor])
+    assert names.count("image_info") == 1
+    assert registry.get_plugin("image_info").directory == BUNDLED_DIR / "image_info"
+    [problem] = [e for e in registry.load_errors if "'image_info'" in e]
+    assert str(impostor / "image_info") in problem and str(BUNDLED_DIR / "image_info") in problem
+    result, error = ToolRunner().run("image_info", payload)
+    assert error == {} and "impostor" not in result  # the bundled plugin still answers
+
+
+def test_first_plugins_dir_keeps_a_name_the_next_one_claims(tmp_path: Path) -> None:
+    first = write_plugin(tmp_path / "one", "twin", "return {}")
+    second = write_plugin(tmp_path / "two", "twin", "return {}")
+    registry = PluginRegistry()
+    assert discover(registry, [tmp_path / "one", tmp_path / "two"]).count("twin") == 1
+    assert registry.get_plugin("twin").directory == first
+    assert any(str(first) in e and str(second) in e for e in registry.load_errors)
+
+
+def test_entry_point_cannot_take_a_bundled_name(site: Path, tmp_path: Path) -> None:
+    directory = write_plugin(tmp_path, "image_info", "return {}")
+    _distribution(site, f"image_info = {directory}\n")
+    registry = PluginRegistry()
+    discover(registry)
+    assert registry.get_plugin("image_info").directory == BUNDLED_DIR / "image_info"
+    assert any(str(directory) in e and str(BUNDLED_DIR) in e for e in registry.load_errors)
+
+
+def test_load_directory_refuses_a_name_registered_from_another_directory(
+    registry: PluginRegistry, impostor: Path
+) -> None:
+    assert registry.load_directory(impostor) == []
+    assert registry.get_plugin("image_info").directory == BUNDLED_DIR / "image_info"
+    assert any(str(impostor / "image_info") in e for e in registry.load_errors)
+    # The same directory again is the same plugin, registered anew.
+    assert registry.load_directory(BUNDLED_DIR / "image_info") == ["image_info"]
+
+
+def test_operator_override_chooses_which_plugin_keeps_the_name(
+    registry: PluginRegistry, impostor: Path, payload: dict
+) -> None:
+    registry.clear()
+    discover(registry, [impostor], overrides={"image_info": str(impostor / "image_info")})
+    assert registry.get_plugin("image_info").directory == impostor / "image_info"
+    assert any(str(BUNDLED_DIR / "image_info") in e for e in registry.load_errors)
+    result, error = ToolRunner().run("image_info", payload)
+    assert error == {} and result == {"impostor": True}
+
+
+def test_override_naming_no_such_plugin_is_reported_and_changes_nothing(
+    impostor: Path, tmp_path: Path
+) -> None:
+    registry = PluginRegistry()
+    discover(registry, [impostor], overrides={"image_info": str(tmp_path / "elsewhere")})
+    assert registry.get_plugin("image_info").directory == BUNDLED_DIR / "image_info"
+    assert any("plugin_overrides" in e and "elsewhere" in e for e in registry.load_errors)
+
+
+def test_overrides_come_from_the_environment() -> None:
+    environ = {"PLUGHOST_PLUGIN_OVERRIDES": "image_info=/srv/a, image_hash=/srv/b"}
+    settings = load_settings(environ=environ)
+    assert settings.plugin_overrides == {"image_info": "/srv/a", "image_hash": "/srv/b"}

@@ -3,6 +3,7 @@ with SIGKILL in the middle of a call."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -109,12 +110,21 @@ def test_next_host_removes_the_cgroups_a_killed_host_left(tmp_path: Path) -> Non
     write_plugin(tmp_path, "sleeper2", "time.sleep(300)", timeout_s=30)
     script = (
         "from host.registry import get_registry\n"
+        "from sandbox.cgroups import host_id\n"
         "from sandbox.tool_runner import ToolRunner\n"
+        "print(host_id(), flush=True)\n"
         f"get_registry().load_directory({str(tmp_path)!r})\n"
         "ToolRunner().run('sleeper2', {'image': b'x', 'mime_type': 'image/png'})\n"
     )
-    host = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
-    pattern = f"call-{host.pid}-*"
+    host = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert host.stdout is not None
+    pattern = f"call-{host.stdout.readline().strip()}-*"
+    host.stdout.close()
     deadline = time.monotonic() + 15
     while (
         not list(Path("/sys/fs/cgroup/memory/plughost").glob(pattern))
@@ -134,3 +144,61 @@ def test_next_host_removes_the_cgroups_a_killed_host_left(tmp_path: Path) -> Non
         assert not list(Path("/sys/fs/cgroup/pids/plughost").glob(pattern))
     finally:
         sandbox.close()
+
+
+HOLD_CGROUPS = """
+import sys
+from sandbox.cgroups import CallCgroup, host_id
+cgroup = CallCgroup(
+    f"call-{host_id()}-held", 64 << 20, 16, {"cgroup_memory": True, "cgroup_pids": True}
+)
+cgroup.create()  # empty, as between creation and the child joining it
+print(host_id(), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/sys/fs/cgroup/memory").is_dir() or not Path("/sys/fs/cgroup/pids").is_dir(),
+    reason="no cgroup v1 memory and pids controllers",
+)
+def test_sweep_tells_a_live_host_in_another_pid_namespace_from_a_dead_one() -> None:
+    from sandbox.cgroups import HOSTS_DIR, sweep_stale
+    from sandbox.layers import CGROUP_V1
+
+    # The other host is pid 1 of its own PID namespace: its pid says nothing
+    # here (pid 1 is this machine's init, alive whatever the other host does).
+    other = subprocess.Popen(
+        ["unshare", "--pid", "--kill-child", sys.executable, "-c", HOLD_CGROUPS],
+        cwd=Path(__file__).parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    layers = {name: True for name in CGROUP_V1}
+    ident = ""
+    try:
+        assert other.stdout is not None
+        ident = other.stdout.readline().strip()
+        held = [Path(root) / "plughost" / f"call-{ident}-held" for root in CGROUP_V1.values()]
+        assert ident and all(path.is_dir() for path in held)
+        sweep_stale(layers)  # this test process is another host
+        assert all(path.is_dir() for path in held), "a live host's cgroups were removed"
+        other.kill()  # unshare, and with it the host in the namespace
+        other.wait(10)
+        deadline = time.monotonic() + 5
+        while any(path.is_dir() for path in held) and time.monotonic() < deadline:
+            sweep_stale(layers)  # until the killed host's lock is released
+            time.sleep(0.05)
+        assert not any(path.is_dir() for path in held), "a dead host's cgroups were kept"
+        assert not Path(f"{HOSTS_DIR}/{ident}.lock").exists()
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait(10)
+        for stream in (other.stdin, other.stdout):
+            if stream is not None:
+                stream.close()
+        for root in CGROUP_V1.values():
+            with contextlib.suppress(OSError):
+                (Path(root) / "plughost" / f"call-{ident}-held").rmdir()
