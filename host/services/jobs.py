@@ -330,7 +330,10 @@ class JobManagementService:
         for job_id in tokens:
             job = self.store.get(job_id)
             if job is not None and job.status is JobStatus.PENDING:
-                self.cancel_job(job_id, wait_s=0)
+                try:
+                    self.cancel_job(job_id, wait_s=0)
+                except JobFinished as exc:  # it ran and finished since it was read
+                    log.debug("no need to cancel at shutdown: %s", exc)
         while self.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.05)
         for token in tokens.values():

@@ -580,8 +580,9 @@ class SQLiteJobStore:
 
     def _shrink(self) -> None:
         # Free pages go back to the file system; in WAL mode the file is cut
-        # at the checkpoint.
-        self._db.execute("PRAGMA incremental_vacuum").fetchall()
+        # at the checkpoint. The pragma frees one page per step, and only
+        # executescript steps it to the end.
+        self._db.executescript("PRAGMA incremental_vacuum;")
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def recover(self, reason: dict[str, Any]) -> int:
