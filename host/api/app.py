@@ -257,14 +257,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 "offset": offset,
                 "next_offset": page.next_offset,
                 "truncated": page.truncated,
-            }
+            },
+            separators=(",", ":"),
         )
-        body = '{"jobs": [' + ", ".join(page.documents) + "], " + tail[1:]
+        body = '{"jobs":[' + ",".join(page.documents) + "]," + tail[1:]
         return Response(body, media_type="application/json")
 
     @app.get("/v1/jobs/{job_id}", response_model=JobModel, responses=JSON_ERRORS)
-    def get_job(job_id: str, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
-        return svc.jobs.get_job(job_id, caller.scope).public()
+    def get_job(job_id: str, svc: ServicesDep, caller: CallerDep) -> Response:
+        document = svc.jobs.job_document(job_id, caller.scope)
+        return Response(document, media_type="application/json")
 
     @app.delete(
         "/v1/jobs/{job_id}",

@@ -249,6 +249,17 @@ class JobManagementService:
             raise JobNotFound(job_id)
         return job
 
+    def job_document(self, job_id: str, owner: str | None = None) -> str:
+        """The job's public document, serialized, if `owner` (None: anyone) owns it.
+
+        Cheaper than `get_job(...).public()` for a large result: it is not parsed.
+        Raises JobNotFound, the same for another owner's job as for no job.
+        """
+        found = self.store.document(job_id)
+        if found is None or (owner is not None and found[0] != owner):
+            raise JobNotFound(job_id)
+        return found[1]
+
     def list_jobs(
         self,
         owner: str | None = None,

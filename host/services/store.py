@@ -123,6 +123,7 @@ class JobStore(Protocol):
     def add(self, job: Job, payload: dict[str, Any]) -> None: ...
     def get(self, job_id: str) -> Job | None: ...
     def payload(self, job_id: str) -> dict[str, Any] | None: ...
+    def document(self, job_id: str) -> tuple[str, str] | None: ...
     def update(self, job: Job) -> None: ...
     def page(
         self,
@@ -166,14 +167,15 @@ def decode_payload(image: bytes | None, meta: str | None) -> dict[str, Any] | No
 
 def _json(value: dict[str, Any] | None) -> str | None:
     # ASCII only, so a document's length in characters is its length in bytes.
-    return None if value is None else json.dumps(value, ensure_ascii=True)
+    return None if value is None else json.dumps(value, ensure_ascii=True, separators=(",", ":"))
 
 
 def _document(job: Job, result: str | None, error: str | None) -> str:
     """The public document of `job` with its stored result and error spliced in
     as they are: no parsing, so a page costs its size and no more."""
-    head = json.dumps({k: v for k, v in job.public().items() if k not in ("result", "error")})
-    return f'{head[:-1]}, "result": {result or "null"}, "error": {error or "null"}}}'
+    public = {k: v for k, v in job.public().items() if k not in ("result", "error")}
+    head = json.dumps(public, separators=(",", ":"))
+    return f'{head[:-1]},"result":{result or "null"},"error":{error or "null"}}}'
 
 
 def _record_bytes(result: str | None, error: str | None) -> int:
@@ -204,6 +206,13 @@ class MemoryJobStore:
         with self._lock:
             stored = self._payloads.get(job_id)
         return None if stored is None else decode_payload(*stored)
+
+    def document(self, job_id: str) -> tuple[str, str] | None:
+        """`(owner, public document)` of the job, or None."""
+        job = self.get(job_id)
+        if job is None:
+            return None
+        return job.owner, _document(job, _json(job.result), _json(job.error))
 
     def update(self, job: Job) -> None:
         with self._lock:
@@ -473,6 +482,17 @@ class SQLiteJobStore:
                 f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
         return None if row is None else self._job(row)
+
+    def document(self, job_id: str) -> tuple[str, str] | None:
+        """`(owner, public document)` of the job, its result spliced in unparsed, or None."""
+        with self._lock:
+            cursor = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+            try:
+                for job, result, error in self._raw_rows(cursor):
+                    return job.owner, _document(job, result, error)
+            finally:
+                cursor.close()
+        return None
 
     def payload(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:

@@ -73,6 +73,28 @@ def test_listing_large_results_is_bounded_in_bytes_and_memory(
     assert sorted(seen) == sorted(ids)
 
 
+def test_reading_one_large_result_costs_about_its_size(
+    make_client: Callable[..., TestClient],
+    results_of: Callable[[int], None],
+    body: dict,
+    tmp_path: Path,
+) -> None:
+    client = make_client(store=SQLiteJobStore(tmp_path / "jobs.sqlite3"))
+    results_of(1_000_000 - 1000)
+    job_id = client.post("/v1/analyze", json=body).json()["job_id"]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        response = client.get(f"/v1/jobs/{job_id}")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"GET /v1/jobs/{{id}}: {len(response.content)} bytes, peak {peak / MiB:.1f} MiB")
+    assert response.status_code == 200
+    assert len(response.json()["result"]["rows"]) == 99_900
+    assert peak < 8 * MiB  # not parsed and re-serialized
+
+
 def test_a_single_job_larger_than_the_page_cap_is_still_listed(
     make_client: Callable[..., TestClient], results_of: Callable[[int], None], body: dict
 ) -> None:
@@ -110,7 +132,7 @@ def test_stored_results_count_against_the_byte_quota(
     make_client: Callable[..., TestClient], results_of: Callable[[int], None], body: dict
 ) -> None:
     client = make_client(max_stored_bytes_per_client=MiB, **TOKENS)
-    results_of(300_000)
+    results_of(350_000)  # about 280 kB of compact JSON
     for _ in range(4):  # 3 results fit in 1 MiB, the 4th goes over it
         assert client.post("/v1/analyze", json=body, headers=ALICE).status_code == 200
     detail = assert_envelope(
