@@ -327,7 +327,13 @@ class JobManagementService:
         if self.store.size_bytes() > self.limits.max_db_bytes:
             target = int(self.limits.max_db_bytes * PRUNE_TO_FRACTION)
             pruned = self.store.prune_to_size(target)
-            log.warning("job store over %d bytes: pruned %d oldest finished jobs", target, pruned)
+            # Nothing to prune means only unfinished jobs are left: the queue bounds those.
+            log.log(
+                logging.WARNING if pruned else logging.DEBUG,
+                "job store over %d bytes: pruned %d oldest finished jobs",
+                self.limits.max_db_bytes,
+                pruned,
+            )
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop taking jobs; let running ones finish within `timeout_s`, then cancel.

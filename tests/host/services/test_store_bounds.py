@@ -85,11 +85,12 @@ def test_existing_store_files_are_made_private(tmp_path: Path) -> None:
         path = tmp_path / f"jobs.sqlite3{suffix}"
         path.touch()
         path.chmod(0o644)
-    SQLiteJobStore(db).close()
-    for suffix in ("", "-wal", "-shm"):
-        path = tmp_path / f"jobs.sqlite3{suffix}"
-        if path.exists():  # SQLite may remove the WAL on close
-            assert path.stat().st_mode & 0o077 == 0, path.name
+    store = SQLiteJobStore(db)  # in WAL mode from here: all three files in use
+    try:
+        modes = {p.name: stat.filemode(p.stat().st_mode) for p in tmp_path.iterdir()}
+        assert len(modes) == 3 and all(m == "-rw-------" for m in modes.values()), modes
+    finally:
+        store.close()
 
 
 def test_image_is_stored_as_raw_bytes_and_dropped_when_the_job_ends(
