@@ -3,7 +3,17 @@ variables (`PLUGHOST_<FIELD>`, lists comma-separated) and command-line flags,
 later sources winning.
 
 Defaults bind the server to 127.0.0.1 and leave the API open; set
-`client_tokens` / `admin_token` to require bearer tokens. `self_check` runs
+`client_tokens` / `admin_token` to require bearer tokens. Each client token
+is a principal that sees only its own jobs (with no client tokens everyone is
+"anonymous"); the admin token sees every job, and the admin routes are closed
+until it is set.
+
+What the job store keeps is bounded: `job_retention_s` (age of finished
+jobs), `max_db_bytes` (size of the database: over it the oldest finished jobs
+are pruned), `max_jobs_per_client` and `max_stored_bytes_per_client` (jobs and
+stored input+result bytes per principal; over either a new job gets 429
+`quota_exceeded`), and `max_list_bytes` (serialized jobs per `GET /v1/jobs`
+page; the page says where the next one starts). `self_check` runs
 a few crash-suite probes at start-up (reported at /readyz);
 `require_containment` makes the server refuse to start if one fails.
 `isolation` is "standard" (apply every layer the machine offers, warn about
@@ -24,6 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "PLUGHOST_"
+MiB = 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -45,6 +56,10 @@ class Settings(BaseModel):
     quarantine_threshold: int = Field(default=3, ge=1)
     quarantine_cooldown_s: float = Field(default=60.0, gt=0)
     job_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    max_db_bytes: int = Field(default=1024 * MiB, ge=MiB)
+    max_jobs_per_client: int = Field(default=1000, ge=1)
+    max_stored_bytes_per_client: int = Field(default=256 * MiB, ge=MiB)
+    max_list_bytes: int = Field(default=4 * MiB, ge=64 * 1024)
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     client_tokens: list[str] = Field(default_factory=list)
     admin_token: str | None = None

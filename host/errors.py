@@ -4,6 +4,7 @@
      ├── Rejected           the call or job was refused before it ran
      │                      (invalid input, unknown plugin, quarantined)
      ├── Overloaded         the queue is full (retry_after_s)
+     ├── QuotaExceeded      the client keeps as many jobs or bytes as it may
      ├── JobNotFound        no job with that id
      └── JobFinished        the job cannot be cancelled any more
 
@@ -26,6 +27,7 @@ HOST_REASONS = {
     "payload_too_large": "ValidationError",
     "unauthorized": "ValidationError",
     "forbidden": "ValidationError",
+    "quota_exceeded": "ValidationError",
     "interrupted": "InternalError",
 }
 
@@ -62,6 +64,23 @@ class Overloaded(ServiceError):
         super().__init__(
             envelope(
                 "overloaded", "the host is saturated; retry later", retry_after_s=retry_after_s
+            )
+        )
+
+
+class QuotaExceeded(ServiceError):
+    """The client already stores as many jobs, or bytes, as its quota allows."""
+
+    def __init__(self, quota: str, limit: int, used: int, retry_after_s: float) -> None:
+        super().__init__(
+            envelope(
+                "quota_exceeded",
+                f"quota {quota} ({limit}) reached: {used} in use; finished jobs "
+                "count until they age out",
+                quota=quota,
+                limit=limit,
+                used=used,
+                retry_after_s=retry_after_s,
             )
         )
 

@@ -6,7 +6,6 @@ job store are plain `def` routes, which FastAPI runs in its thread pool.
 """
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -15,9 +14,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from host.api.auth import Principal, admin_principal, client_principal
 from host.api.errors import error_response, install_handlers, responses
 from host.api.middleware import BodySizeLimit
 from host.config import Settings
@@ -26,6 +26,7 @@ from host.discovery import discover
 from host.errors import ServiceError, envelope
 from host.services import (
     AnalysisService,
+    JobLimits,
     JobManagementService,
     JobStatus,
     PluginManagementService,
@@ -35,7 +36,7 @@ from host.services.analysis import ANALYZE_WAIT_S, job_outcome
 from host.services.plugins import ToolRunner
 from host.services.store import Job, JobStore
 
-JSON_ERRORS = responses(400, 401, 404, 413, 500, 503)
+JSON_ERRORS = responses(400, 401, 404, 413, 429, 500, 503)
 log = logging.getLogger("plughost.api")
 
 
@@ -46,6 +47,17 @@ class Services:
     plugins: PluginManagementService
     jobs: JobManagementService
     analysis: AnalysisService
+
+
+def job_limits(settings: Settings) -> JobLimits:
+    """The job store's bounds from `settings`."""
+    return JobLimits(
+        retention_s=settings.job_retention_s,
+        max_jobs_per_client=settings.max_jobs_per_client,
+        max_stored_bytes_per_client=settings.max_stored_bytes_per_client,
+        max_list_bytes=settings.max_list_bytes,
+        max_db_bytes=settings.max_db_bytes,
+    )
 
 
 def build_services(settings: Settings, store: JobStore | None = None) -> Services:
@@ -62,7 +74,7 @@ def build_services(settings: Settings, store: JobStore | None = None) -> Service
         store or SQLiteJobStore(settings.db_path),
         workers=settings.workers,
         queue_size=settings.queue_size,
-        retention_s=settings.job_retention_s,
+        limits=job_limits(settings),
     )
     return Services(plugins, jobs, AnalysisService(jobs, settings.default_plugin))
 
@@ -92,6 +104,7 @@ class JobModel(BaseModel):
     created_at: str
     started_at: str | None
     finished_at: str | None
+    owner: str = Field(description="principal that created the job")
     result: dict[str, Any] | None
     error: dict[str, Any] | None
 
@@ -101,16 +114,8 @@ class JobList(BaseModel):
     total: int
     limit: int
     offset: int
-
-
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
-def _matches(token: str | None, allowed: list[str]) -> bool:
-    return token is not None and any(hmac.compare_digest(token, a) for a in allowed)
+    next_offset: int | None = Field(description="offset of the next page; null on the last")
+    truncated: bool = Field(description="the page hit max_list_bytes before `limit` jobs")
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
@@ -155,27 +160,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         found: Services = request.app.state.services
         return found
 
-    def require_client(request: Request) -> None:
-        allowed = settings.client_tokens + ([settings.admin_token] if settings.admin_token else [])
-        if settings.client_tokens and not _matches(_bearer(request), allowed):
-            raise ServiceError(envelope("unauthorized", "a valid bearer token is required"))
-
-    def require_admin(request: Request) -> None:
-        if settings.admin_token is None:
-            if settings.client_tokens:
-                raise ServiceError(
-                    envelope("forbidden", "admin routes are off: no admin token set")
-                )
-            return
-        if not _matches(_bearer(request), [settings.admin_token]):
-            raise ServiceError(envelope("unauthorized", "the admin token is required"))
-
     ServicesDep = Annotated[Services, Depends(get_services)]
+    require_client = client_principal(settings)  # one callable, so one call per request
+    CallerDep = Annotated[Principal, Depends(require_client)]
     client = [Depends(require_client)]
-    admin = [Depends(require_admin)]
+    admin = [Depends(admin_principal(settings))]
 
-    async def _analyze(svc: Services, plugin: str | None, payload: Any) -> JSONResponse:
-        job, future = svc.analysis.submit(plugin, payload)
+    async def _analyze(
+        svc: Services, caller: Principal, plugin: str | None, payload: Any
+    ) -> JSONResponse:
+        job, future = svc.analysis.submit(plugin, payload, caller.id)
         try:
             job = await asyncio.wait_for(asyncio.wrap_future(future), ANALYZE_WAIT_S)
         except TimeoutError:
@@ -194,8 +188,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         dependencies=client,
         summary="Run a plugin on a base64-encoded image and wait for the result",
     )
-    async def analyze(body: AnalyzeRequest, svc: ServicesDep) -> JSONResponse:
-        return await _analyze(svc, body.plugin, body.payload())
+    async def analyze(body: AnalyzeRequest, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
+        return await _analyze(svc, caller, body.plugin, body.payload())
 
     @app.post(
         "/v1/analyze/upload",
@@ -206,6 +200,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     async def analyze_upload(
         svc: ServicesDep,
+        caller: CallerDep,
         file: Annotated[UploadFile, File(description="the image file")],
         plugin: Annotated[str | None, Form()] = None,
         mime_type: Annotated[str | None, Form(description="default: the part's type")] = None,
@@ -221,7 +216,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             )
         image = await file.read()
         payload = {"image": image, "mime_type": mime_type or file.content_type, "options": parsed}
-        return await _analyze(svc, plugin, payload)
+        return await _analyze(svc, caller, plugin, payload)
 
     @app.post(
         "/v1/jobs",
@@ -230,45 +225,57 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         dependencies=client,
         summary="Queue an analysis; poll GET /v1/jobs/{id} for its result",
     )
-    def create_job(body: AnalyzeRequest, svc: ServicesDep) -> JSONResponse:
-        job, _ = svc.analysis.submit(body.plugin, body.payload())
+    def create_job(body: AnalyzeRequest, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
+        job, _ = svc.analysis.submit(body.plugin, body.payload(), caller.id)
         return JSONResponse(
             {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}},
             status_code=202,
             headers={"Location": f"/v1/jobs/{job.id}"},
         )
 
-    @app.get("/v1/jobs", response_model=JobList, responses=JSON_ERRORS, dependencies=client)
+    @app.get(
+        "/v1/jobs",
+        response_model=JobList,
+        responses=JSON_ERRORS,
+        summary="The caller's jobs (the admin's: everyone's), newest first, in bounded pages",
+    )
     def list_jobs(
         svc: ServicesDep,
+        caller: CallerDep,
         status: JobStatus | None = None,
         plugin: Annotated[str | None, Query(max_length=64)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> dict[str, Any]:
-        jobs, total = svc.jobs.list_jobs(status, plugin, limit, offset)
-        return {
-            "jobs": [j.public() for j in jobs],
-            "total": total,
-            "limit": limit,
-            "offset": offset,
-        }
+    ) -> Response:
+        page = svc.jobs.list_jobs(caller.scope, status, plugin, limit, offset)
+        # The stored documents are spliced in as they are: parsing and
+        # re-serializing results would cost many times the page's size.
+        tail = json.dumps(
+            {
+                "total": page.total,
+                "limit": limit,
+                "offset": offset,
+                "next_offset": page.next_offset,
+                "truncated": page.truncated,
+            },
+            separators=(",", ":"),
+        )
+        body = '{"jobs":[' + ",".join(page.documents) + "]," + tail[1:]
+        return Response(body, media_type="application/json")
 
-    @app.get(
-        "/v1/jobs/{job_id}", response_model=JobModel, responses=JSON_ERRORS, dependencies=client
-    )
-    def get_job(job_id: str, svc: ServicesDep) -> dict[str, Any]:
-        return svc.jobs.get_job(job_id).public()
+    @app.get("/v1/jobs/{job_id}", response_model=JobModel, responses=JSON_ERRORS)
+    def get_job(job_id: str, svc: ServicesDep, caller: CallerDep) -> Response:
+        document = svc.jobs.job_document(job_id, caller.scope)
+        return Response(document, media_type="application/json")
 
     @app.delete(
         "/v1/jobs/{job_id}",
         response_model=JobModel,
         responses=responses(401, 404, 409, 500),
-        dependencies=client,
         summary="Cancel a job: a queued job never runs, a running sandbox is killed",
     )
-    def cancel_job(job_id: str, svc: ServicesDep) -> dict[str, Any]:
-        job: Job = svc.jobs.cancel_job(job_id)
+    def cancel_job(job_id: str, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+        job: Job = svc.jobs.cancel_job(job_id, caller.scope)
         return job.public()
 
     @app.get("/v1/plugins", responses=JSON_ERRORS, dependencies=client)

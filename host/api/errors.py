@@ -41,6 +41,7 @@ STATUS_BY_REASON = {
     "payload_too_large": 413,
     "unauthorized": 401,
     "forbidden": 403,
+    "quota_exceeded": 429,
 }
 
 

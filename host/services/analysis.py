@@ -9,7 +9,7 @@ from typing import Any
 
 from host.errors import ServiceError, envelope
 from host.services.jobs import JobManagementService
-from host.services.store import Job
+from host.services.store import ANONYMOUS, Job
 
 # The longest analyze() waits for its job (queueing included) before it gives
 # the job back unfinished; the job itself goes on.
@@ -21,16 +21,19 @@ class AnalysisService:
         self.jobs = jobs
         self.default_plugin = default_plugin
 
-    def submit(self, plugin_name: str | None, payload: Any) -> tuple[Job, Future[Job]]:
-        """Queue an analysis. Raises Rejected or Overloaded."""
-        return self.jobs.enqueue(plugin_name or self.default_plugin, payload)
+    def submit(
+        self, plugin_name: str | None, payload: Any, owner: str = ANONYMOUS
+    ) -> tuple[Job, Future[Job]]:
+        """Queue an analysis as a job of `owner`. Raises Rejected, Overloaded or
+        QuotaExceeded."""
+        return self.jobs.enqueue(plugin_name or self.default_plugin, payload, owner)
 
     def analyze(
-        self, plugin_name: str | None, payload: Any
+        self, plugin_name: str | None, payload: Any, owner: str = ANONYMOUS
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Run an analysis and wait for it: `(result, {})` or `({}, envelope)`."""
         try:
-            job, future = self.submit(plugin_name, payload)
+            job, future = self.submit(plugin_name, payload, owner)
         except ServiceError as exc:
             return {}, exc.envelope
         try:

@@ -1,15 +1,23 @@
 """JobManagementService: job records and the bounded pool that runs them.
 
-    enqueue(plugin, payload)
+    enqueue(plugin, payload, owner)
       |  PluginManagementService.check (refuse bad input, unknown, quarantined)
       |  take a pool slot, or raise Overloaded (503 + Retry-After)
-      |  store the job PENDING (committed before anyone hears of it)
+      |  owner's quota, or raise QuotaExceeded (429)
+      |  store the job PENDING with its input (committed before anyone hears of it)
       v
-    pool thread: run_job(id) -> RUNNING -> PluginManagementService.execute_plugin
+    pool queue: the job id only
+      v
+    pool thread: run_job(id) -> RUNNING, input read from the store
+      -> PluginManagementService.execute_plugin
       -> SUCCESS | FAILED | CANCELLED, result or public error stored, input dropped
 
 At most `workers` sandboxes run at once and at most `queue_size` jobs wait;
-nothing piles up beyond that. The only execution path is
+nothing piles up beyond that, and a waiting job costs its id in memory, not
+its input. Each job belongs to an owner (a principal id); reading, listing
+and cancelling take the owner whose jobs may be seen (None: every owner).
+What is stored is bounded by `JobLimits`: jobs and bytes per owner, bytes per
+listing page, age and total size of the database. The only execution path is
 `PluginManagementService.execute_plugin`.
 """
 
@@ -20,15 +28,49 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
-from host.errors import JobFinished, JobNotFound, Overloaded, envelope
+from host.errors import JobFinished, JobNotFound, Overloaded, QuotaExceeded, envelope
 from host.services.plugins import PluginManagementService
-from host.services.store import FINISHED, Job, JobStatus, JobStore, MemoryJobStore, now_iso
+from host.services.store import (
+    ANONYMOUS,
+    FINISHED,
+    Job,
+    JobPage,
+    JobStatus,
+    JobStore,
+    MemoryJobStore,
+    now_iso,
+)
 
 log = logging.getLogger("plughost.jobs")
 PRUNE_EVERY_S = 60.0
+MiB = 1024 * 1024
+# Pruning by size goes this far below the cap, so it does not run on every job.
+PRUNE_TO_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """What the job store may hold (the settings of the same names in
+    `host.config.Settings`, where each is documented)."""
+
+    retention_s: float = 7 * 24 * 3600
+    max_jobs_per_client: int = 1000
+    max_stored_bytes_per_client: int = 256 * MiB
+    max_list_bytes: int = 4 * MiB
+    max_db_bytes: int = 1024 * MiB
+
+
+def _input_bytes(payload: Any) -> int:
+    """About what `payload` will take in the store (a base64 image shrinks by 1/4)."""
+    if not isinstance(payload, dict):
+        return 0
+    image = payload.get("image", b"")
+    size = len(image) * 3 // 4 if isinstance(image, str) else len(image)
+    return size + len(repr(payload.get("options"))) + len(str(payload.get("mime_type")))
 
 
 class JobManagementService:
@@ -40,16 +82,17 @@ class JobManagementService:
         store: JobStore | None = None,
         workers: int = 2,
         queue_size: int = 32,
-        retention_s: float = 7 * 24 * 3600,
+        limits: JobLimits | None = None,
     ) -> None:
         self._plugins = plugins
         self.store: JobStore = store or MemoryJobStore()
         self.workers = workers
         self.queue_size = queue_size
-        self.retention_s = retention_s
+        self.limits = limits or JobLimits()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="plughost-job")
         self._slots = threading.BoundedSemaphore(workers + queue_size)
         self._lock = threading.Lock()
+        self._admit = threading.Lock()  # a quota check and its insert, together
         self._tokens: dict[str, Any] = {}
         self._running = 0
         self._in_flight = 0
@@ -69,30 +112,55 @@ class JobManagementService:
 
     # -- creating -----------------------------------------------------------
 
-    def create_job(self, plugin_name: str, payload: Any) -> Job:
-        """Validate and store a PENDING job. Raises Rejected."""
+    def create_job(self, plugin_name: str, payload: Any, owner: str = ANONYMOUS) -> Job:
+        """Validate and store a PENDING job of `owner`. Raises Rejected, QuotaExceeded."""
         self._plugins.check(plugin_name, payload)
-        return self._store_pending(plugin_name, payload)
+        return self._store_pending(plugin_name, payload, owner)
 
-    def _store_pending(self, plugin_name: str, payload: Any) -> Job:
+    def _store_pending(self, plugin_name: str, payload: Any, owner: str) -> Job:
         job = Job(
             id=uuid.uuid4().hex,
             plugin=plugin_name,
             status=JobStatus.PENDING,
             created_at=now_iso(),
-            payload=payload,
+            owner=owner,
         )
-        self.store.add(job)
+        with self._admit:
+            self._check_quota(owner, _input_bytes(payload))
+            self.store.add(job, payload)
         log.info("job accepted", extra={"job_id": job.id, "plugin": plugin_name})
         return job
 
-    def enqueue(self, plugin_name: str, payload: Any) -> tuple[Job, Future[Job]]:
-        """Create a job and queue it. Raises Rejected or Overloaded; stores nothing then."""
+    def _check_quota(self, owner: str, incoming: int) -> None:
+        """Raise QuotaExceeded if `owner` may not store one more job of `incoming` bytes."""
+        usage = self.store.usage(owner)
+        if usage.jobs >= self.limits.max_jobs_per_client:
+            quota, limit, used = "max_jobs_per_client", self.limits.max_jobs_per_client, usage.jobs
+        elif usage.stored_bytes + incoming > self.limits.max_stored_bytes_per_client:
+            quota, limit = "max_stored_bytes_per_client", self.limits.max_stored_bytes_per_client
+            used = usage.stored_bytes
+        else:
+            return
+        if usage.oldest_finished_at is None:  # only unfinished jobs: they end soon
+            retry = self._retry_after()
+        else:
+            age = datetime.now(UTC) - datetime.fromisoformat(usage.oldest_finished_at)
+            retry = max(1.0, round(self.limits.retention_s - age.total_seconds(), 1))
+        log.warning("quota %s reached", quota, extra={"owner": owner, "used": used})
+        raise QuotaExceeded(quota, limit, used, retry_after_s=retry)
+
+    def enqueue(
+        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS
+    ) -> tuple[Job, Future[Job]]:
+        """Create a job of `owner` and queue its id.
+
+        Raises Rejected, Overloaded or QuotaExceeded; stores nothing then.
+        """
         self._plugins.check(plugin_name, payload)
         if self._closed or not self._slots.acquire(blocking=False):
             raise Overloaded(retry_after_s=self._retry_after())
         try:
-            job = self._store_pending(plugin_name, payload)  # checked above
+            job = self._store_pending(plugin_name, payload, owner)  # checked above
             token = self._plugins.cancellation()
             with self._lock:
                 self._tokens[job.id] = token
@@ -133,7 +201,13 @@ class JobManagementService:
         log.info("job started", extra=context)
         started = time.monotonic()
         try:
-            result, error = self._plugins.execute_plugin(job.plugin, job.payload, cancel=cancel)
+            payload = self.store.payload(job.id)
+            result: dict[str, Any] = {}
+            if payload is None:
+                error = envelope("internal", "the job's input is gone", job.plugin)
+            else:
+                result, error = self._plugins.execute_plugin(job.plugin, payload, cancel=cancel)
+            del payload  # not kept while the result is stored
         finally:
             with self._lock:
                 self._running -= 1
@@ -150,7 +224,6 @@ class JobManagementService:
             finished_at=now_iso(),
             result=result or None,
             error=error["error"] if error else None,
-            payload=None,
         )
         self.store.update(job)
         log.info(
@@ -166,31 +239,48 @@ class JobManagementService:
 
     # -- reading and cancelling ---------------------------------------------
 
-    def get_job(self, job_id: str) -> Job:
-        """The job with that id. Raises JobNotFound."""
+    def get_job(self, job_id: str, owner: str | None = None) -> Job:
+        """The job with that id, if `owner` (None: anyone) owns it.
+
+        Raises JobNotFound, the same for another owner's job as for no job.
+        """
         job = self.store.get(job_id)
-        if job is None:
+        if job is None or (owner is not None and job.owner != owner):
             raise JobNotFound(job_id)
         return job
 
+    def job_document(self, job_id: str, owner: str | None = None) -> str:
+        """The job's public document, serialized, if `owner` (None: anyone) owns it.
+
+        Cheaper than `get_job(...).public()` for a large result: it is not parsed.
+        Raises JobNotFound, the same for another owner's job as for no job.
+        """
+        found = self.store.document(job_id)
+        if found is None or (owner is not None and found[0] != owner):
+            raise JobNotFound(job_id)
+        return found[1]
+
     def list_jobs(
         self,
+        owner: str | None = None,
         status: JobStatus | None = None,
         plugin: str | None = None,
         limit: int = 50,
         offset: int = 0,
-    ) -> tuple[list[Job], int]:
-        """A page of jobs, newest first, and the total that match."""
-        return self.store.list(status, plugin, limit, offset)
+    ) -> JobPage:
+        """A page of `owner`'s jobs (None: everyone's), newest first, serialized;
+        at most `limit` jobs and `JobLimits.max_list_bytes` bytes (one job at least)."""
+        return self.store.page(owner, status, plugin, limit, offset, self.limits.max_list_bytes)
 
-    def cancel_job(self, job_id: str, wait_s: float = 5.0) -> Job:
-        """Cancel a pending job, or kill the sandbox of a running one.
+    def cancel_job(self, job_id: str, owner: str | None = None, wait_s: float = 5.0) -> Job:
+        """Cancel a pending job, or kill the sandbox of a running one, if `owner`
+        (None: anyone) owns it.
 
         Returns the job, CANCELLED once the sandbox is gone (or still RUNNING
         if it did not stop within `wait_s`). Raises JobNotFound, JobFinished.
         """
         with self._lock:
-            job = self.get_job(job_id)
+            job = self.get_job(job_id, owner)
             if job.status in FINISHED:
                 raise JobFinished(job_id, job.status.value)
             token = self._tokens.get(job_id)
@@ -202,7 +292,6 @@ class JobManagementService:
                     error=envelope(
                         "cancelled", "job was cancelled before it ran", plugin=job.plugin
                     )["error"],
-                    payload=None,
                 )
                 self.store.update(job)
         if token is not None:
@@ -226,13 +315,25 @@ class JobManagementService:
             }
 
     def _maybe_prune(self) -> None:
+        """Drop finished jobs past retention (once a minute) and, when the
+        store is over `max_db_bytes`, the oldest finished ones."""
         now = time.monotonic()
-        if now - self._last_prune < PRUNE_EVERY_S:
-            return
-        self._last_prune = now
-        pruned = self.store.prune(self.retention_s)
-        if pruned:
-            log.info("pruned %d finished jobs older than %.0f s", pruned, self.retention_s)
+        if now - self._last_prune >= PRUNE_EVERY_S:
+            self._last_prune = now
+            retention = self.limits.retention_s
+            pruned = self.store.prune(retention)
+            if pruned:
+                log.info("pruned %d finished jobs older than %.0f s", pruned, retention)
+        if self.store.size_bytes() > self.limits.max_db_bytes:
+            target = int(self.limits.max_db_bytes * PRUNE_TO_FRACTION)
+            pruned = self.store.prune_to_size(target)
+            # Nothing to prune means only unfinished jobs are left: the queue bounds those.
+            log.log(
+                logging.WARNING if pruned else logging.DEBUG,
+                "job store over %d bytes: pruned %d oldest finished jobs",
+                self.limits.max_db_bytes,
+                pruned,
+            )
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop taking jobs; let running ones finish within `timeout_s`, then cancel.
@@ -246,7 +347,10 @@ class JobManagementService:
         for job_id in tokens:
             job = self.store.get(job_id)
             if job is not None and job.status is JobStatus.PENDING:
-                self.cancel_job(job_id, wait_s=0)
+                try:
+                    self.cancel_job(job_id, wait_s=0)
+                except JobFinished as exc:  # it ran and finished since it was read
+                    log.debug("no need to cancel at shutdown: %s", exc)
         while self.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.05)
         for token in tokens.values():

@@ -5,6 +5,18 @@ is committed before anyone is told about it, so a job that was accepted
 survives a crash or `kill -9` of the server. `recover()` runs at start-up and
 marks the jobs that were pending or running when the last process died as
 INTERRUPTED, with the reason in their error.
+
+Each job belongs to an owner (a principal id, never a token). Its input is
+stored apart from the record, the image as raw bytes, and read back only by
+the worker that runs it (`payload()`); it is dropped when the job finishes.
+Every row knows how many bytes it stores (input, result and error), so a
+store can tell an owner's usage and its own size, and prune to a size.
+
+The SQLite file, its `-wal` and `-shm` are created 0600 (a new directory
+0700) before SQLite opens them: they hold other clients' images and results.
+New databases use `auto_vacuum=INCREMENTAL`, so pruning gives the space back
+to the file system; a database of an older version gets the missing columns
+(its rows belong to "anonymous") and is vacuumed once into that mode.
 """
 
 from __future__ import annotations
@@ -12,13 +24,23 @@ from __future__ import annotations
 import base64
 import enum
 import json
+import logging
 import os
 import sqlite3
 import threading
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger("plughost.store")
+
+ANONYMOUS = "anonymous"
+# Bytes a job's public document adds to its result and error (ids, times, keys).
+DOCUMENT_OVERHEAD = 320
+# The WAL is cut back to this after a checkpoint instead of keeping its peak size.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 
 class JobStatus(enum.StrEnum):
@@ -39,9 +61,13 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def _cutoff(older_than_s: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=older_than_s)).isoformat()
+
+
 @dataclass(frozen=True)
 class Job:
-    """One job. `payload` (the input) is kept only until the job finishes."""
+    """One job record. Its input is not part of it: see `JobStore.payload`."""
 
     id: str
     plugin: str
@@ -51,7 +77,7 @@ class Job:
     finished_at: str | None = None
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
-    payload: dict[str, Any] | None = field(default=None, repr=False)
+    owner: str = ANONYMOUS
 
     def public(self) -> dict[str, Any]:
         """What a client may see: everything but the input."""
@@ -62,21 +88,98 @@ class Job:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
+            "owner": self.owner,
             "result": self.result,
             "error": self.error,
         }
 
 
+@dataclass(frozen=True)
+class JobPage:
+    """A page of jobs, newest first, as serialized public documents.
+
+    `documents` add up to at most the byte cap asked for (a single job may
+    pass it alone: a page always holds a job when one matches). `next_offset`
+    is where the next page starts, None when this one is the last;
+    `truncated` says the byte cap, not the count, ended the page.
+    """
+
+    documents: list[str]
+    total: int
+    next_offset: int | None
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one owner keeps in the store."""
+
+    jobs: int
+    stored_bytes: int
+    oldest_finished_at: str | None
+
+
 class JobStore(Protocol):
-    def add(self, job: Job) -> None: ...
+    def add(self, job: Job, payload: dict[str, Any]) -> None: ...
     def get(self, job_id: str) -> Job | None: ...
+    def payload(self, job_id: str) -> dict[str, Any] | None: ...
+    def document(self, job_id: str) -> tuple[str, str] | None: ...
     def update(self, job: Job) -> None: ...
-    def list(
-        self, status: JobStatus | None, plugin: str | None, limit: int, offset: int
-    ) -> tuple[list[Job], int]: ...
+    def page(
+        self,
+        owner: str | None,
+        status: JobStatus | None,
+        plugin: str | None,
+        limit: int,
+        offset: int,
+        max_bytes: int,
+    ) -> JobPage: ...
+    def usage(self, owner: str) -> Usage: ...
+    def size_bytes(self) -> int: ...
     def prune(self, older_than_s: float) -> int: ...
+    def prune_to_size(self, max_bytes: int) -> int: ...
     def recover(self, reason: dict[str, Any]) -> int: ...
     def close(self) -> None: ...
+
+
+def encode_payload(payload: dict[str, Any]) -> tuple[bytes, str]:
+    """`(image bytes, JSON of the other fields)`; a base64 image is decoded.
+
+    The payload has passed `PluginManagementService.check` before it gets here.
+    """
+    image = payload.get("image", b"")
+    if isinstance(image, str):
+        image = base64.b64decode(image, validate=True)
+    meta = {k: v for k, v in payload.items() if k != "image"}
+    return bytes(image), json.dumps(meta)
+
+
+def decode_payload(image: bytes | None, meta: str | None) -> dict[str, Any] | None:
+    if meta is None:
+        return None
+    payload: dict[str, Any] = json.loads(meta)
+    if image is not None:
+        payload["image"] = bytes(image)
+    elif payload.pop("_image_bytes", False):  # stored by an older version
+        payload["image"] = base64.b64decode(payload["image"])
+    return payload
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    # ASCII only, so a document's length in characters is its length in bytes.
+    return None if value is None else json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+
+
+def _document(job: Job, result: str | None, error: str | None) -> str:
+    """The public document of `job` with its stored result and error spliced in
+    as they are: no parsing, so a page costs its size and no more."""
+    public = {k: v for k, v in job.public().items() if k not in ("result", "error")}
+    head = json.dumps(public, separators=(",", ":"))
+    return f'{head[:-1]},"result":{result or "null"},"error":{error or "null"}}}'
+
+
+def _record_bytes(result: str | None, error: str | None) -> int:
+    return len(result or "") + len(error or "")
 
 
 class MemoryJobStore:
@@ -85,48 +188,114 @@ class MemoryJobStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
+        self._payloads: dict[str, tuple[bytes, str]] = {}
+        self._sizes: dict[str, int] = {}
 
-    def add(self, job: Job) -> None:
+    def add(self, job: Job, payload: dict[str, Any]) -> None:
+        image, meta = encode_payload(payload)
         with self._lock:
             self._jobs[job.id] = job
+            self._payloads[job.id] = (image, meta)
+            self._sizes[job.id] = len(image) + len(meta)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
             return self._jobs.get(job_id)
 
+    def payload(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            stored = self._payloads.get(job_id)
+        return None if stored is None else decode_payload(*stored)
+
+    def document(self, job_id: str) -> tuple[str, str] | None:
+        """`(owner, public document)` of the job, or None."""
+        job = self.get(job_id)
+        if job is None:
+            return None
+        return job.owner, _document(job, _json(job.result), _json(job.error))
+
     def update(self, job: Job) -> None:
         with self._lock:
             self._jobs[job.id] = job
+            if job.status in FINISHED:
+                self._payloads.pop(job.id, None)
+                self._sizes[job.id] = _record_bytes(_json(job.result), _json(job.error))
 
-    def list(
-        self, status: JobStatus | None, plugin: str | None, limit: int, offset: int
-    ) -> tuple[list[Job], int]:
+    def page(
+        self,
+        owner: str | None,
+        status: JobStatus | None,
+        plugin: str | None,
+        limit: int,
+        offset: int,
+        max_bytes: int,
+    ) -> JobPage:
         with self._lock:
             jobs = [
                 j
                 for j in self._jobs.values()
-                if (status is None or j.status == status) and (plugin is None or j.plugin == plugin)
+                if (owner is None or j.owner == owner)
+                and (status is None or j.status == status)
+                and (plugin is None or j.plugin == plugin)
             ]
         jobs.sort(key=lambda j: j.created_at, reverse=True)
-        return jobs[offset : offset + limit], len(jobs)
+        return _fill_page(
+            ((j, _json(j.result), _json(j.error)) for j in jobs[offset:]),
+            len(jobs),
+            limit,
+            offset,
+            max_bytes,
+        )
+
+    def usage(self, owner: str) -> Usage:
+        with self._lock:
+            mine = [j for j in self._jobs.values() if j.owner == owner]
+            stored = sum(self._sizes.get(j.id, 0) for j in mine)
+        finished = [j.finished_at or j.created_at for j in mine if j.status in FINISHED]
+        return Usage(len(mine), stored, min(finished, default=None))
+
+    def size_bytes(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
 
     def prune(self, older_than_s: float) -> int:
-        cutoff = (datetime.now(UTC) - timedelta(seconds=older_than_s)).isoformat()
+        cutoff = _cutoff(older_than_s)
         with self._lock:
             old = [
                 j.id
                 for j in self._jobs.values()
                 if j.status in FINISHED and (j.finished_at or j.created_at) < cutoff
             ]
-            for job_id in old:
-                del self._jobs[job_id]
+            self._drop(old)
         return len(old)
+
+    def prune_to_size(self, max_bytes: int) -> int:
+        with self._lock:
+            excess = sum(self._sizes.values()) - max_bytes
+            finished = sorted(
+                (j for j in self._jobs.values() if j.status in FINISHED),
+                key=lambda j: j.created_at,
+            )
+            victims = []
+            for job in finished:
+                if excess <= 0:
+                    break
+                victims.append(job.id)
+                excess -= self._sizes.get(job.id, 0)
+            self._drop(victims)
+        return len(victims)
+
+    def _drop(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            self._jobs.pop(job_id, None)
+            self._payloads.pop(job_id, None)
+            self._sizes.pop(job_id, None)
 
     def recover(self, reason: dict[str, Any]) -> int:
         with self._lock:
             stale = [j for j in self._jobs.values() if j.status not in FINISHED]
-            for job in stale:
-                self._jobs[job.id] = _interrupted(job, reason)
+        for job in stale:
+            self.update(_interrupted(job, reason))
         return len(stale)
 
     def close(self) -> None:
@@ -134,29 +303,48 @@ class MemoryJobStore:
 
 
 def _interrupted(job: Job, reason: dict[str, Any]) -> Job:
-    return replace(
-        job, status=JobStatus.INTERRUPTED, finished_at=now_iso(), error=reason, payload=None
-    )
+    return replace(job, status=JobStatus.INTERRUPTED, finished_at=now_iso(), error=reason)
 
 
-def _encode_payload(payload: dict[str, Any] | None) -> str | None:
-    if payload is None:
-        return None
-    image = payload.get("image")
-    stored = dict(payload)
-    if isinstance(image, bytes | bytearray):
-        stored["image"] = base64.b64encode(image).decode()
-        stored["_image_bytes"] = True
-    return json.dumps(stored)
+def _fill_page(
+    rows: Iterable[tuple[Job, str | None, str | None]],
+    total: int,
+    limit: int,
+    offset: int,
+    max_bytes: int,
+) -> JobPage:
+    documents: list[str] = []
+    used = 0
+    truncated = False
+    for job, result, error in rows:
+        if len(documents) == limit:
+            break
+        document = _document(job, result, error)
+        if documents and used + len(document) + 1 > max_bytes:
+            truncated = True
+            break
+        documents.append(document)
+        used += len(document) + 1  # the comma between documents
+    end = offset + len(documents)
+    return JobPage(documents, total, end if end < total else None, truncated)
 
 
-def _decode_payload(text: str | None) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    payload: dict[str, Any] = json.loads(text)
-    if payload.pop("_image_bytes", False):
-        payload["image"] = base64.b64decode(payload["image"])
-    return payload
+_COLUMNS = (
+    "id, plugin, status, created_at, started_at, finished_at, result, error, owner, stored_bytes"
+)
+_FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED))
+
+
+def _private_file(path: Path, follow: bool = True) -> None:
+    """Create `path` 0600 if it is missing; take group and other bits off if not."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags, 0o600)
+    try:
+        info = os.fstat(fd)
+        if info.st_mode & 0o077 and info.st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 class SQLiteJobStore:
@@ -164,11 +352,22 @@ class SQLiteJobStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        in_memory = str(path) == ":memory:"
+        if not in_memory:
+            # A new directory is ours alone; an existing one is the operator's.
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # SQLite gives the -wal and -shm it creates the database file's
+            # mode; creating all three 0600 first leaves no moment of 0644.
+            _private_file(self.path)
+            for suffix in ("-wal", "-shm"):
+                _private_file(self.path.with_name(self.path.name + suffix), follow=False)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        fresh = self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        if fresh:
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # only before the first table
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         # In WAL mode a commit with synchronous=NORMAL is in the OS's hands
         # before it returns: it survives the server being killed at any point
         # (the promise the API makes), though not a power cut; FULL would add
@@ -180,24 +379,40 @@ class SQLiteJobStore:
             """CREATE TABLE IF NOT EXISTS jobs (
                 id TEXT PRIMARY KEY, plugin TEXT NOT NULL, status TEXT NOT NULL,
                 created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT,
-                result TEXT, error TEXT, payload TEXT)"""
+                result TEXT, error TEXT, payload TEXT,
+                owner TEXT NOT NULL DEFAULT 'anonymous', image BLOB,
+                stored_bytes INTEGER NOT NULL DEFAULT 0)"""
         )
+        self._migrate()
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)")
-        if str(path) != ":memory:":
-            os.chmod(self.path, 0o600)  # inputs may be private images
-
-    def _row(self, job: Job) -> tuple[Any, ...]:
-        return (
-            job.id,
-            job.plugin,
-            job.status.value,
-            job.created_at,
-            job.started_at,
-            job.finished_at,
-            None if job.result is None else json.dumps(job.result),
-            None if job.error is None else json.dumps(job.error),
-            _encode_payload(job.payload),
+        # Covers the per-owner listing and usage without reading the rows.
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS jobs_owner "
+            "ON jobs (owner, created_at, status, finished_at, stored_bytes)"
         )
+        if self._db.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+            log.warning("switching %s to incremental vacuum (a one-time VACUUM)", self.path)
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._db.execute("VACUUM")
+
+    def _migrate(self) -> None:
+        """Add the columns of this version to a database of an older one."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        added = False
+        for column, declaration in (
+            ("owner", "TEXT NOT NULL DEFAULT 'anonymous'"),
+            ("image", "BLOB"),
+            ("stored_bytes", "INTEGER NOT NULL DEFAULT 0"),
+        ):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
+                added = True
+        if added:
+            self._db.execute(
+                "UPDATE jobs SET stored_bytes = COALESCE(LENGTH(result), 0) "
+                "+ COALESCE(LENGTH(error), 0) + COALESCE(LENGTH(payload), 0)"
+            )
+            log.info("added owner and size columns to %s; old jobs belong to anonymous", self.path)
 
     @staticmethod
     def _job(row: tuple[Any, ...]) -> Job:
@@ -210,62 +425,197 @@ class SQLiteJobStore:
             finished_at=row[5],
             result=None if row[6] is None else json.loads(row[6]),
             error=None if row[7] is None else json.loads(row[7]),
-            payload=_decode_payload(row[8]),
+            owner=row[8],
         )
 
-    def add(self, job: Job) -> None:
+    def add(self, job: Job, payload: dict[str, Any]) -> None:
+        image, meta = encode_payload(payload)
+        result, error = _json(job.result), _json(job.error)
         with self._lock:
-            self._db.execute("INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?)", self._row(job))
+            self._db.execute(
+                f"INSERT INTO jobs ({_COLUMNS}, payload, image) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    job.id,
+                    job.plugin,
+                    job.status.value,
+                    job.created_at,
+                    job.started_at,
+                    job.finished_at,
+                    result,
+                    error,
+                    job.owner,
+                    len(image) + len(meta) + _record_bytes(result, error),
+                    meta,
+                    image,
+                ),
+            )
 
     def update(self, job: Job) -> None:
+        """Write the job's status, times, result and error; a finished job's
+        input is deleted in the same statement."""
+        result, error = _json(job.result), _json(job.error)
+        finished = job.status in FINISHED
         with self._lock:
-            self._db.execute("REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?,?)", self._row(job))
+            self._db.execute(
+                "UPDATE jobs SET status = ?, started_at = ?, finished_at = ?, result = ?, "
+                "error = ?, "
+                "payload = CASE WHEN ? THEN NULL ELSE payload END, "
+                "image = CASE WHEN ? THEN NULL ELSE image END, "
+                "stored_bytes = CASE WHEN ? THEN ? ELSE stored_bytes END WHERE id = ?",
+                (
+                    job.status.value,
+                    job.started_at,
+                    job.finished_at,
+                    result,
+                    error,
+                    finished,
+                    finished,
+                    finished,
+                    _record_bytes(result, error),
+                    job.id,
+                ),
+            )
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
         return None if row is None else self._job(row)
 
-    def list(
-        self, status: JobStatus | None, plugin: str | None, limit: int, offset: int
-    ) -> tuple[list[Job], int]:
+    def document(self, job_id: str) -> tuple[str, str] | None:
+        """`(owner, public document)` of the job, its result spliced in unparsed, or None."""
+        with self._lock:
+            cursor = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+            try:
+                for job, result, error in self._raw_rows(cursor):
+                    return job.owner, _document(job, result, error)
+            finally:
+                cursor.close()
+        return None
+
+    def payload(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT image, payload FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else decode_payload(row[0], row[1])
+
+    def page(
+        self,
+        owner: str | None,
+        status: JobStatus | None,
+        plugin: str | None,
+        limit: int,
+        offset: int,
+        max_bytes: int,
+    ) -> JobPage:
         where, args = [], []
-        if status is not None:
-            where.append("status = ?")
-            args.append(status.value)
-        if plugin is not None:
-            where.append("plugin = ?")
-            args.append(plugin)
+        for column, value in (("owner", owner), ("status", status), ("plugin", plugin)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(str(value))
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._lock:
             total = self._db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0]
-            rows = self._db.execute(
-                f"SELECT id, plugin, status, created_at, started_at, finished_at, result, error, "
-                f"NULL FROM jobs {clause} ORDER BY created_at DESC LIMIT ? OFFSET ?",
+            # One row at a time: at most one row past the byte cap is ever read.
+            cursor = self._db.execute(
+                f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY created_at DESC LIMIT ? OFFSET ?",
                 [*args, limit, offset],
-            ).fetchall()
-        return [self._job(row) for row in rows], int(total)
+            )
+            try:
+                return _fill_page(self._raw_rows(cursor), int(total), limit, offset, max_bytes)
+            finally:
+                cursor.close()
+
+    @staticmethod
+    def _raw_rows(cursor: sqlite3.Cursor) -> Iterable[tuple[Job, str | None, str | None]]:
+        for row in cursor:
+            job = Job(
+                id=row[0],
+                plugin=row[1],
+                status=JobStatus(row[2]),
+                created_at=row[3],
+                started_at=row[4],
+                finished_at=row[5],
+                owner=row[8],
+            )
+            yield job, row[6], row[7]
+
+    def usage(self, owner: str) -> Usage:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(stored_bytes), 0), "
+                f"MIN(CASE WHEN status IN ({_FINISHED_SQL}) "
+                "THEN COALESCE(finished_at, created_at) END) FROM jobs WHERE owner = ?",
+                (owner,),
+            ).fetchone()
+        return Usage(int(row[0]), int(row[1]), row[2])
+
+    def size_bytes(self) -> int:
+        """Bytes of the database in use (free pages not counted)."""
+        with self._lock:
+            return self._size_bytes()
+
+    def _size_bytes(self) -> int:
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
 
     def prune(self, older_than_s: float) -> int:
-        cutoff = (datetime.now(UTC) - timedelta(seconds=older_than_s)).isoformat()
-        finished = [s.value for s in FINISHED]
         with self._lock:
             cursor = self._db.execute(
-                f"DELETE FROM jobs WHERE status IN ({','.join('?' * len(finished))}) "
+                f"DELETE FROM jobs WHERE status IN ({_FINISHED_SQL}) "
                 "AND COALESCE(finished_at, created_at) < ?",
-                [*finished, cutoff],
+                (_cutoff(older_than_s),),
             )
+            if cursor.rowcount:
+                self._shrink()
         return cursor.rowcount
+
+    def prune_to_size(self, max_bytes: int) -> int:
+        """Delete the oldest finished jobs until the database uses at most
+        `max_bytes` (or no finished job is left); return how many went."""
+        pruned = 0
+        with self._lock:
+            while (excess := self._size_bytes() - max_bytes) > 0:
+                oldest = self._db.execute(
+                    f"SELECT id, stored_bytes FROM jobs WHERE status IN ({_FINISHED_SQL}) "
+                    "ORDER BY created_at LIMIT 1000"
+                ).fetchall()
+                victims = []
+                for job_id, stored in oldest:
+                    victims.append(job_id)
+                    excess -= stored
+                    if excess <= 0:
+                        break
+                if not victims:
+                    break
+                self._db.executemany("DELETE FROM jobs WHERE id = ?", [(v,) for v in victims])
+                pruned += len(victims)
+            if pruned:
+                self._shrink()
+        return pruned
+
+    def _shrink(self) -> None:
+        # Free pages go back to the file system; in WAL mode the file is cut
+        # at the checkpoint. The pragma frees one page per step, and only
+        # executescript steps it to the end.
+        self._db.executescript("PRAGMA incremental_vacuum;")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def recover(self, reason: dict[str, Any]) -> int:
         with self._lock:
             cursor = self._db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ?, error = ?, payload = NULL "
+                "UPDATE jobs SET status = ?, finished_at = ?, error = ?, payload = NULL, "
+                "image = NULL, stored_bytes = COALESCE(LENGTH(result), 0) + LENGTH(?) "
                 "WHERE status IN (?, ?)",
                 (
                     JobStatus.INTERRUPTED.value,
                     now_iso(),
-                    json.dumps(reason),
+                    _json(reason),
+                    _json(reason),
                     JobStatus.PENDING.value,
                     JobStatus.RUNNING.value,
                 ),

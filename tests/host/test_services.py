@@ -3,6 +3,7 @@ quarantine plugins that keep failing."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ def test_job_service_delegates_to_execute_plugin_and_records_success_and_failure
     assert good.status is JobStatus.SUCCESS and good.result == {"ok": 1}
     assert bad.status is JobStatus.FAILED and bad.error["message"] == "kaboom"
     assert "_internal" not in bad.error and "traceback" not in str(bad.public())
-    assert good.payload is None and bad.payload is None  # the input is dropped once finished
+    # the input is dropped once finished
+    assert jobs.store.payload(good.id) is None and jobs.store.payload(bad.id) is None
 
 
 def test_analysis_service_delegates_to_the_job_service(
@@ -83,17 +85,17 @@ def test_analysis_service_delegates_to_the_job_service(
     seen: list[str] = []
     real = JobManagementService.enqueue
 
-    def spy(self: JobManagementService, plugin_name: str, payload: Any):
+    def spy(self: JobManagementService, plugin_name: str, payload: Any, owner: str):
         seen.append(plugin_name)
-        return real(self, plugin_name, payload)
+        return real(self, plugin_name, payload, owner)
 
     monkeypatch.setattr(JobManagementService, "enqueue", spy)
     analysis = AnalysisService(jobs, default_plugin="image_info")
     result, error = analysis.analyze(None, payload)
     assert error == {} and result["format"] == "PNG"
     assert seen == ["image_info"]
-    listed, total = jobs.list_jobs(status=JobStatus.SUCCESS)
-    assert total == 1 and listed[0].plugin == "image_info"
+    page = jobs.list_jobs(status=JobStatus.SUCCESS)
+    assert page.total == 1 and json.loads(page.documents[0])["plugin"] == "image_info"
 
 
 def test_bad_input_is_refused_before_a_job_exists(jobs: JobManagementService) -> None:
@@ -103,7 +105,7 @@ def test_bad_input_is_refused_before_a_job_exists(jobs: JobManagementService) ->
     with pytest.raises(Rejected) as info:
         jobs.enqueue("nope", {"image": b"x", "mime_type": "image/png"})
     assert info.value.reason == "unknown_plugin"
-    assert jobs.list_jobs()[1] == 0
+    assert jobs.list_jobs().total == 0
 
 
 def test_full_queue_answers_overloaded_and_stores_nothing(
@@ -113,7 +115,7 @@ def test_full_queue_answers_overloaded_and_stores_nothing(
     with pytest.raises(Overloaded) as info:
         jobs.enqueue("image_info", payload)
     assert info.value.envelope["error"]["details"]["retry_after_s"] >= 1
-    assert jobs.list_jobs()[1] == 4
+    assert jobs.list_jobs().total == 4
     for job in accepted:
         jobs.cancel_job(job.id, wait_s=0)
 
@@ -194,23 +196,21 @@ def test_sqlite_store_keeps_jobs_across_reopen_and_marks_unfinished_interrupted(
     path = tmp_path / "jobs.sqlite3"
     store = SQLiteJobStore(path)
     store.add(
-        Job(
-            "a",
-            "image_info",
-            JobStatus.PENDING,
-            now_iso(),
-            payload={"image": b"\x00\x01", "mime_type": "image/png"},
-        )
+        Job("a", "image_info", JobStatus.PENDING, now_iso()),
+        {"image": b"\x00\x01", "mime_type": "image/png"},
     )
-    store.add(Job("b", "image_info", JobStatus.SUCCESS, now_iso(), result={"x": 1}))
-    assert store.get("a").payload["image"] == b"\x00\x01"
+    store.add(
+        Job("b", "image_info", JobStatus.SUCCESS, now_iso(), result={"x": 1}),
+        {"image": b"\x02", "mime_type": "image/png"},
+    )
+    assert store.payload("a")["image"] == b"\x00\x01"
     store.close()
     reopened = SQLiteJobStore(path)
     assert reopened.recover({"type": "InternalError", "details": {"reason": "interrupted"}}) == 1
-    assert reopened.get("a").status is JobStatus.INTERRUPTED and reopened.get("a").payload is None
+    assert reopened.get("a").status is JobStatus.INTERRUPTED and reopened.payload("a") is None
     assert reopened.get("b").result == {"x": 1}
-    jobs, total = reopened.list(JobStatus.SUCCESS, None, 10, 0)
-    assert total == 1 and jobs[0].id == "b"
+    page = reopened.page(None, JobStatus.SUCCESS, None, 10, 0, 1 << 20)
+    assert page.total == 1 and json.loads(page.documents[0])["id"] == "b"
     assert reopened.prune(older_than_s=3600) == 0
     time.sleep(0.01)
     assert reopened.prune(older_than_s=0.001) == 2

@@ -7,6 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from host.api import Services, create_app
+from host.api.app import job_limits
 from host.config import Settings
 from host.registry import PluginRegistry
 from host.services import (
@@ -15,22 +16,28 @@ from host.services import (
     MemoryJobStore,
     PluginManagementService,
 )
+from host.services.store import JobStore
 
 
 @pytest.fixture
 def make_client(registry: PluginRegistry) -> Iterator[Callable[..., TestClient]]:
     made: list[TestClient] = []
 
-    def make(workers: int = 2, queue_size: int = 8, **settings: object) -> TestClient:
+    def make(
+        workers: int = 2, queue_size: int = 8, store: JobStore | None = None, **settings: object
+    ) -> TestClient:
+        settings.setdefault("self_check", False)  # tests/host/test_crashsuite.py covers it
+        config = Settings(**settings)
         plugins = PluginManagementService(registry=registry)
         jobs = JobManagementService(
-            plugins, MemoryJobStore(), workers=workers, queue_size=queue_size
+            plugins,
+            store or MemoryJobStore(),
+            workers=workers,
+            queue_size=queue_size,
+            limits=job_limits(config),
         )
         services = Services(plugins, jobs, AnalysisService(jobs, "image_info"))
-        settings.setdefault("self_check", False)  # tests/host/test_crashsuite.py covers it
-        client = TestClient(
-            create_app(Settings(**settings), services), raise_server_exceptions=False
-        )
+        client = TestClient(create_app(config, services), raise_server_exceptions=False)
         client.__enter__()
         made.append(client)
         return client

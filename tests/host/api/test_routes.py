@@ -9,6 +9,8 @@ from collections.abc import Callable
 import pytest
 from fastapi.testclient import TestClient
 
+ADMIN = {"Authorization": "Bearer a-token"}
+
 
 def assert_envelope(response, status: int, reason: str) -> dict:
     assert response.status_code == status, response.text
@@ -168,7 +170,10 @@ def test_full_queue_gives_503_overloaded_with_retry_after(
         client.delete(f"/v1/jobs/{job_id}")
 
 
-def test_crashing_plugin_is_quarantined_while_others_answer(client: TestClient, body: dict) -> None:
+def test_crashing_plugin_is_quarantined_while_others_answer(
+    make_client: Callable[..., TestClient], body: dict
+) -> None:
+    client = make_client(admin_token="a-token")
     statuses = [
         client.post("/v1/analyze", json={**body, "plugin": "segfault"}).status_code
         for _ in range(3)
@@ -180,7 +185,7 @@ def test_crashing_plugin_is_quarantined_while_others_answer(client: TestClient, 
     assert client.post("/v1/analyze", json=body).status_code == 200
     described = client.get("/v1/plugins/segfault").json()
     assert described["quarantine"]["quarantined"] is True and described["state"] == "UNAVAILABLE"
-    reset = client.post("/v1/admin/plugins/segfault/quarantine/reset")
+    reset = client.post("/v1/admin/plugins/segfault/quarantine/reset", headers=ADMIN)
     assert reset.status_code == 200 and reset.json()["quarantine"]["quarantined"] is False
     assert_envelope(client.post("/v1/analyze", json={**body, "plugin": "segfault"}), 400, "crashed")
 
@@ -195,8 +200,9 @@ def test_plugins_routes(client: TestClient) -> None:
     assert_envelope(client.get("/v1/plugins/nope"), 404, "unknown_plugin")
 
 
-def test_admin_reload_rediscovers_plugins(client: TestClient) -> None:
-    response = client.post("/v1/admin/reload")
+def test_admin_reload_rediscovers_plugins(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(admin_token="a-token")
+    response = client.post("/v1/admin/reload", headers=ADMIN)
     assert response.status_code == 200 and "image_info" in response.json()["plugins"]
 
 

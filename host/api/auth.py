@@ -1,0 +1,90 @@
+"""Who is calling: bearer tokens become principals.
+
+    no client tokens set     -> every caller is "anonymous"
+    a client token           -> "client-<16 hex of its sha256>" (the token itself is never stored)
+    the admin token          -> "admin", which sees every principal's jobs
+    anything else, when client tokens are set -> 401 unauthorized
+
+Admin routes answer 403 `forbidden` unless an admin token is set, and 401
+without it. Tokens are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from host.config import Settings
+from host.errors import ServiceError, envelope
+from host.services import ANONYMOUS
+
+ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A caller. `scope` is the owner whose jobs it may see (None: every owner)."""
+
+    id: str
+    admin: bool = False
+
+    @property
+    def scope(self) -> str | None:
+        return None if self.admin else self.id
+
+
+def principal_id(token: str) -> str:
+    """A stable id for a client token, safe to store and log."""
+    digest = hashlib.sha256(b"plughost principal\0" + token.encode()).hexdigest()
+    return f"client-{digest[:16]}"
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches(token: str | None, allowed: list[str]) -> str | None:
+    """The allowed token equal to `token`, compared in constant time, or None."""
+    if token is None:
+        return None
+    found = None
+    for candidate in allowed:
+        if hmac.compare_digest(token.encode(), candidate.encode()):
+            found = candidate
+    return found
+
+
+def client_principal(settings: Settings) -> Callable[[Request], Principal]:
+    """A dependency naming the caller of a client route. Raises 401 (ServiceError)."""
+
+    def dependency(request: Request) -> Principal:
+        token = bearer(request)
+        if settings.admin_token and _matches(token, [settings.admin_token]):
+            return Principal(ADMIN, admin=True)
+        if not settings.client_tokens:
+            return Principal(ANONYMOUS)
+        found = _matches(token, settings.client_tokens)
+        if found is None:
+            raise ServiceError(envelope("unauthorized", "a valid bearer token is required"))
+        return Principal(principal_id(found))
+
+    return dependency
+
+
+def admin_principal(settings: Settings) -> Callable[[Request], Principal]:
+    """A dependency for admin routes: 403 while no admin token is set, 401 without it."""
+
+    def dependency(request: Request) -> Principal:
+        if not settings.admin_token:
+            raise ServiceError(envelope("forbidden", "admin routes are off: no admin token set"))
+        if not _matches(bearer(request), [settings.admin_token]):
+            raise ServiceError(envelope("unauthorized", "the admin token is required"))
+        return Principal(ADMIN, admin=True)
+
+    return dependency

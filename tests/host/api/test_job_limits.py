@@ -1,0 +1,154 @@
+"""What a client can make the host store and send back is bounded: listing
+pages by bytes, stored jobs and bytes per client."""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from host.services import PluginManagementService, SQLiteJobStore
+from tests.host.api.test_routes import assert_envelope
+from tests.host.api.test_tenants import ALICE, BOB, TOKENS
+
+MiB = 1024 * 1024
+
+
+def big_result(size: int) -> dict[str, Any]:
+    """A result of about `size` bytes of JSON made of many small objects,
+    the shape that costs a parser the most memory per byte."""
+    return {"rows": [{"v": 1} for _ in range(size // 10)]}
+
+
+@pytest.fixture
+def results_of(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """Make every plugin call return a fresh result of the given size."""
+
+    def set_size(size: int) -> None:
+        def fake(
+            self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None
+        ) -> tuple[dict[str, Any], dict[str, Any]]:
+            return big_result(size), {}
+
+        monkeypatch.setattr(PluginManagementService, "execute_plugin", fake)
+
+    return set_size
+
+
+@pytest.mark.timeout(180)
+def test_listing_large_results_is_bounded_in_bytes_and_memory(
+    make_client: Callable[..., TestClient],
+    results_of: Callable[[int], None],
+    body: dict,
+    tmp_path: Path,
+) -> None:
+    client = make_client(store=SQLiteJobStore(tmp_path / "jobs.sqlite3"))
+    results_of(1_000_000 - 1000)  # just under the sandbox's 1 MB output limit
+    ids = [client.post("/v1/analyze", json=body).json()["job_id"] for _ in range(20)]
+    gc.collect()
+
+    tracemalloc.start()
+    try:
+        response = client.get("/v1/jobs", params={"limit": 20})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"GET /v1/jobs?limit=20: {len(response.content)} bytes, peak {peak / MiB:.1f} MiB")
+
+    assert response.status_code == 200
+    page = response.json()
+    assert len(response.content) <= 4 * MiB + 4096  # the default max_list_bytes
+    assert 1 <= len(page["jobs"]) < 20 and page["truncated"] is True
+    assert page["total"] == 20 and page["next_offset"] == len(page["jobs"])
+    assert peak < 48 * MiB  # the red team saw 623 MB for this listing
+    seen = [j["id"] for j in page["jobs"]]
+    while page["next_offset"] is not None:
+        page = client.get("/v1/jobs", params={"limit": 20, "offset": page["next_offset"]}).json()
+        seen += [j["id"] for j in page["jobs"]]
+    assert sorted(seen) == sorted(ids)
+
+
+def test_reading_one_large_result_costs_about_its_size(
+    make_client: Callable[..., TestClient],
+    results_of: Callable[[int], None],
+    body: dict,
+    tmp_path: Path,
+) -> None:
+    client = make_client(store=SQLiteJobStore(tmp_path / "jobs.sqlite3"))
+    results_of(1_000_000 - 1000)
+    job_id = client.post("/v1/analyze", json=body).json()["job_id"]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        response = client.get(f"/v1/jobs/{job_id}")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"GET /v1/jobs/{{id}}: {len(response.content)} bytes, peak {peak / MiB:.1f} MiB")
+    assert response.status_code == 200
+    assert len(response.json()["result"]["rows"]) == 99_900
+    assert peak < 8 * MiB  # not parsed and re-serialized
+
+
+def test_a_single_job_larger_than_the_page_cap_is_still_listed(
+    make_client: Callable[..., TestClient], results_of: Callable[[int], None], body: dict
+) -> None:
+    client = make_client(max_list_bytes=64 * 1024)
+    results_of(200_000)
+    first = client.post("/v1/analyze", json=body).json()["job_id"]
+    second = client.post("/v1/analyze", json=body).json()["job_id"]
+    page = client.get("/v1/jobs").json()
+    assert [j["id"] for j in page["jobs"]] == [second]
+    assert page["truncated"] is True and page["next_offset"] == 1
+    page = client.get("/v1/jobs", params={"offset": 1}).json()
+    assert [j["id"] for j in page["jobs"]] == [first]
+    assert page["truncated"] is False and page["next_offset"] is None
+    assert len(page["jobs"][0]["result"]["rows"]) == 20_000
+
+
+def test_a_client_over_its_job_quota_gets_429_and_others_go_on(
+    make_client: Callable[..., TestClient], body: dict
+) -> None:
+    client = make_client(max_jobs_per_client=3, **TOKENS)
+    for _ in range(3):
+        assert client.post("/v1/jobs", json=body, headers=ALICE).status_code == 202
+    refused = client.post("/v1/jobs", json=body, headers=ALICE)
+    detail = assert_envelope(refused, 429, "quota_exceeded")
+    assert detail["type"] == "ValidationError"
+    assert detail["details"]["quota"] == "max_jobs_per_client" and detail["details"]["limit"] == 3
+    assert "max_jobs_per_client" in detail["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert_envelope(client.post("/v1/analyze", json=body, headers=ALICE), 429, "quota_exceeded")
+    assert client.post("/v1/analyze", json=body, headers=BOB).status_code == 200
+    assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 3
+
+
+def test_stored_results_count_against_the_byte_quota(
+    make_client: Callable[..., TestClient], results_of: Callable[[int], None], body: dict
+) -> None:
+    client = make_client(max_stored_bytes_per_client=MiB, **TOKENS)
+    results_of(350_000)  # about 280 kB of compact JSON
+    for _ in range(4):  # 3 results fit in 1 MiB, the 4th goes over it
+        assert client.post("/v1/analyze", json=body, headers=ALICE).status_code == 200
+    detail = assert_envelope(
+        client.post("/v1/analyze", json=body, headers=ALICE), 429, "quota_exceeded"
+    )
+    assert detail["details"]["quota"] == "max_stored_bytes_per_client"
+    assert detail["details"]["used"] > MiB
+    assert client.post("/v1/analyze", json=body, headers=BOB).status_code == 200
+
+
+def test_a_quota_refusal_stores_nothing_and_frees_its_queue_slot(
+    make_client: Callable[..., TestClient], body: dict
+) -> None:
+    client = make_client(max_jobs_per_client=1, workers=1, queue_size=0, **TOKENS)
+    assert client.post("/v1/analyze", json=body, headers=ALICE).status_code == 200
+    for _ in range(3):
+        assert_envelope(client.post("/v1/jobs", json=body, headers=ALICE), 429, "quota_exceeded")
+    assert client.post("/v1/analyze", json=body, headers=BOB).status_code == 200
+    assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 1
