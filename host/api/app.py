@@ -7,7 +7,6 @@ job store are plain `def` routes, which FastAPI runs in its thread pool.
 
 import asyncio
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,8 +15,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
+from host.api.bodies import ANALYZE_BODY_DOC, AnalyzeBodyDep, options_bounds, parse_options
 from host.api.errors import error_response, install_handlers, responses
 from host.api.middleware import BodySizeLimit
 from host.config import Settings
@@ -65,18 +65,6 @@ def build_services(settings: Settings, store: JobStore | None = None) -> Service
         retention_s=settings.job_retention_s,
     )
     return Services(plugins, jobs, AnalysisService(jobs, settings.default_plugin))
-
-
-class AnalyzeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    plugin: str | None = Field(default=None, description="default: the configured plugin")
-    image: str = Field(description="the image, base64-encoded")
-    mime_type: str = Field(examples=["image/png"])
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    def payload(self) -> dict[str, Any]:
-        return {"image": self.image, "mime_type": self.mime_type, "options": self.options}
 
 
 class AnalyzeResponse(BaseModel):
@@ -193,8 +181,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         responses=JSON_ERRORS,
         dependencies=client,
         summary="Run a plugin on a base64-encoded image and wait for the result",
+        openapi_extra=ANALYZE_BODY_DOC,
     )
-    async def analyze(body: AnalyzeRequest, svc: ServicesDep) -> JSONResponse:
+    async def analyze(body: AnalyzeBodyDep, svc: ServicesDep) -> JSONResponse:
         return await _analyze(svc, body.plugin, body.payload())
 
     @app.post(
@@ -211,14 +200,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         mime_type: Annotated[str | None, Form(description="default: the part's type")] = None,
         options: Annotated[str, Form(description="plugin options as a JSON object")] = "{}",
     ) -> JSONResponse:
-        try:
-            parsed = json.loads(options)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise ServiceError(
-                envelope("invalid_input", "form field 'options' is not a JSON object")
-            )
+        parsed = parse_options(options, options_bounds(settings))
         image = await file.read()
         payload = {"image": image, "mime_type": mime_type or file.content_type, "options": parsed}
         return await _analyze(svc, plugin, payload)
@@ -229,8 +211,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         responses=JSON_ERRORS,
         dependencies=client,
         summary="Queue an analysis; poll GET /v1/jobs/{id} for its result",
+        openapi_extra=ANALYZE_BODY_DOC,
     )
-    def create_job(body: AnalyzeRequest, svc: ServicesDep) -> JSONResponse:
+    def create_job(body: AnalyzeBodyDep, svc: ServicesDep) -> JSONResponse:
         job, _ = svc.analysis.submit(body.plugin, body.payload())
         return JSONResponse(
             {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}},

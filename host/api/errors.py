@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from host.errors import ServiceError, envelope
+from sandbox.jsonbounds import replace_surrogates
 
 log = logging.getLogger("plughost.api")
 
@@ -58,6 +59,37 @@ class ErrorBody(BaseModel):
     detail: ErrorModel
 
 
+class EnvelopeResponse(JSONResponse):
+    """A JSON response that renders whatever an envelope holds.
+
+    An envelope can carry text a client or a plugin chose (a lone surrogate
+    does not encode as UTF-8) or a value `json` refuses; such parts are made
+    valid instead of turning an error answer into a 500.
+    """
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+            return super().render(_valid(content))
+
+
+def _valid(value: Any, depth: int = 0) -> Any:
+    if depth > 16:
+        return "..."
+    if isinstance(value, str):
+        return replace_surrogates(value)
+    if isinstance(value, dict):
+        return {_valid(str(k)): _valid(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_valid(v, depth + 1) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return replace_surrogates(str(value))
+
+
 def error_response(error: dict[str, Any]) -> JSONResponse:
     """Answer with `{"detail": error}` and the status its reason maps to."""
     reason = error.get("details", {}).get("reason", "internal")
@@ -68,7 +100,7 @@ def error_response(error: dict[str, Any]) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(retry or 1)))
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse({"detail": error}, status_code=status, headers=headers)
+    return EnvelopeResponse({"detail": error}, status_code=status, headers=headers)
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
