@@ -61,7 +61,7 @@ class Settings(BaseModel):
     options_max_string_bytes: int = Field(default=64 * 1024, ge=1)
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=30.0, gt=0)
-    max_connections: int = Field(default=512, ge=1)
+    max_connections: int = Field(default=256, ge=1)
     log_repeat_limit: int = Field(default=10, ge=1)
     log_repeat_interval_s: float = Field(default=10.0, gt=0)
 

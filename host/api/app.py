@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 
-from host.api.bodies import ANALYZE_BODY_DOC, AnalyzeBodyDep, options_bounds, parse_options
+from host.api.bodies import ANALYZE_BODY_DOC, AnalyzeBodyDep, parse_form_options
 from host.api.errors import error_response, install_handlers, responses
 from host.api.middleware import BodySizeLimit
 from host.config import Settings
@@ -200,7 +200,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         mime_type: Annotated[str | None, Form(description="default: the part's type")] = None,
         options: Annotated[str, Form(description="plugin options as a JSON object")] = "{}",
     ) -> JSONResponse:
-        parsed = parse_options(options, options_bounds(settings))
+        parsed = parse_form_options(options, settings)
         image = await file.read()
         payload = {"image": image, "mime_type": mime_type or file.content_type, "options": parsed}
         return await _analyze(svc, plugin, payload)

@@ -13,9 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from host.errors import ServiceError, envelope
-from sandbox.jsonbounds import replace_surrogates
+from host.errors import ServiceError, envelope, servable
 
 log = logging.getLogger("plughost.api")
 
@@ -71,23 +71,7 @@ class EnvelopeResponse(JSONResponse):
         try:
             return super().render(content)
         except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
-            return super().render(_valid(content))
-
-
-def _valid(value: Any, depth: int = 0) -> Any:
-    if depth > 16:
-        return "..."
-    if isinstance(value, str):
-        return replace_surrogates(value)
-    if isinstance(value, dict):
-        return {_valid(str(k)): _valid(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_valid(v, depth + 1) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    return replace_surrogates(str(value))
+            return super().render(servable(content))
 
 
 def error_response(error: dict[str, Any]) -> JSONResponse:
@@ -141,6 +125,16 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+async def _client_gone(request: Request, exc: Exception) -> JSONResponse:
+    # The client left (or was disconnected for missing its body deadline):
+    # nobody reads this answer, and it is no error of the host's.
+    return error_response(
+        envelope("invalid_input", "the client disconnected before its request was complete")[
+            "error"
+        ]
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(envelope("internal", "internal error in the plugin host")["error"])
@@ -150,4 +144,5 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
