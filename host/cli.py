@@ -203,9 +203,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    import uvicorn
-
     from host.api import create_app
+    from host.api.server import serve
     from host.config import ConfigError, load_settings
     from host.logs import configure_logging
 
@@ -228,16 +227,10 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         settings = load_settings(args.config, overrides=overrides)
     except ConfigError as exc:
         parser.error(str(exc))
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_repeat_limit, settings.log_repeat_interval_s)
     # Tokens come from the config file or PLUGHOST_CLIENT_TOKENS / PLUGHOST_ADMIN_TOKEN,
     # never from flags: command lines are visible to every user of the machine.
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-    )
+    serve(create_app(settings), settings)
     return 0
 
 

@@ -70,6 +70,16 @@ class Settings(BaseModel):
     prewarm: int = Field(default=1, ge=0, le=8)
     disable_layers: list[str] = Field(default_factory=list)
 
+    # Request bounds and connection limits (see README, Configuration).
+    options_max_depth: int = Field(default=16, ge=1, le=64)
+    options_max_items: int = Field(default=10_000, ge=1)
+    options_max_string_bytes: int = Field(default=64 * 1024, ge=1)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=256, ge=1)
+    log_repeat_limit: int = Field(default=10, ge=1)
+    log_repeat_interval_s: float = Field(default=10.0, gt=0)
+
     @field_validator("client_tokens", "plugins_dirs", "disable_layers", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:

@@ -9,10 +9,12 @@ whose manifest carries an `[expect]` table::
     requires = ["network_namespace"]             # layers its defence needs (optional)
     claims = ["host_alive", "no_process_left"]   # optional; default: all of CLAIMS
 
-A case passes when the observed outcome is one of `outcome` and every claim
-holds afterwards. A case whose `requires` names a layer the host does not
-have is reported NOT DEFENDED, never passed. Benign calls run before, between
-and after the hostile ones and must keep succeeding.
+A case passes when the observed outcome is one of `outcome`, the outcome can
+be served as strict UTF-8 JSON (a lone surrogate or NaN in it would be a 500
+at the API), and every claim holds afterwards. A case whose `requires` names
+a layer the host does not have is reported NOT DEFENDED, never passed.
+Benign calls run before, between and after the hostile ones and must keep
+succeeding.
 
 Targets: `LocalTarget` runs cases through a ToolRunner in this process;
 `HttpTarget` sends them to a running server's `/v1/analyze`.
@@ -148,6 +150,15 @@ def observed_of(result: dict[str, Any], error: dict[str, Any]) -> str:
         return "success"
     detail = error.get("error", error)
     return f"{detail.get('type')}:{detail.get('details', {}).get('reason')}"
+
+
+def unservable(result: dict[str, Any], error: dict[str, Any]) -> str | None:
+    """Why the API could not answer with this outcome (strict JSON, UTF-8), or None."""
+    try:
+        json.dumps([result, error], ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:
+        return f"the outcome cannot be served as JSON: {str(exc)[:100]}"
+    return None
 
 
 def sandbox_processes(idle_uids: set[int] | None = None) -> int:
@@ -367,6 +378,8 @@ def run_case(
     fds = rss = None
     if observed not in case.expected:
         problems.append(f"expected {' or '.join(case.expected)}, observed {observed}")
+    if problem := unservable(result, error):
+        problems.append(problem)
     if "host_alive" in case.claims and not target.alive():
         problems.append("the host stopped answering")
     if "no_process_left" in case.claims and leftover:

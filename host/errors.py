@@ -14,9 +14,11 @@ to a status code in one place (`host/api/errors.py`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sandbox.envelope import make_envelope
+from sandbox.jsonbounds import replace_surrogates
 
 # Reasons the host adds to the sandbox's outcome table, with their error type.
 HOST_REASONS = {
@@ -39,6 +41,24 @@ def envelope(
     return make_envelope(
         reason, message, plugin=plugin, details=details, error_type=HOST_REASONS.get(reason)
     )
+
+
+def servable(value: Any, depth: int = 0) -> Any:
+    """A copy of `value` that `json` serialises as UTF-8: lone surrogates
+    replaced, NaN and Infinity as null, other objects as text, nesting cut."""
+    if depth > 16:
+        return "..."
+    if isinstance(value, str):
+        return replace_surrogates(value)
+    if isinstance(value, dict):
+        return {servable(str(k)): servable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [servable(v, depth + 1) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return replace_surrogates(str(value))
 
 
 class ServiceError(Exception):

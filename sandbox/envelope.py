@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from sandbox.jsonbounds import replace_surrogates
 from sandbox.outcome import REASONS
 
 
@@ -20,10 +21,11 @@ def make_envelope(
     """Build the envelope for `reason`; its error type comes from `REASONS`
     unless `error_type` is given (for reasons the host layers add).
 
-    `message` is cut to one line; `traceback` goes to `_internal` only.
+    `message` is cut to one line and made valid UTF-8 text (it may come from a
+    plugin); `traceback` goes to `_internal` only.
     """
     error_type = error_type or REASONS[reason][0]
-    line = (message.splitlines() or [""])[0][:500] or reason
+    line = replace_surrogates((message.splitlines() or [""])[0][:500]) or reason
     return {
         "error": {
             "type": error_type,

@@ -18,6 +18,14 @@ Child to host (its reply pipe), in this order::
 
 Exactly one `ready` and one final frame; anything else is a protocol
 violation. The plugin's stdout and stderr are separate pipes.
+
+A reply is scanned for its bounds (`REPLY_BOUNDS`) before it is decoded, and
+a result must be something the host's API can always serialise: at most
+`RESULT_DEPTH` levels deep, no NaN or Infinity, string keys, and text that
+is valid UTF-8 (JSON can spell a lone surrogate, `"\\ud800"`; UTF-8 cannot).
+A result that breaks these rules is answered as the child itself answers a
+result it cannot send: an `invalid_output` error reply. Text in an error
+reply is made valid (lone surrogates become U+FFFD) instead.
 """
 
 from __future__ import annotations
@@ -25,12 +33,32 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from sandbox.jsonbounds import (
+    BoundsExceeded,
+    JsonBounds,
+    NotJson,
+    lone_surrogate,
+    replace_surrogates,
+    scan,
+)
 
 HEADER = struct.Struct(">I")
 READY = {"type": "ready"}
+# Far below what the API's serialisers survive (pydantic gives up near 255
+# levels, and a job listing wraps a result in three more), and more than
+# any real analysis needs.
+RESULT_DEPTH = 32
+# Per reply, besides the frame size limit: containers and commas, which bounds
+# what decoding a reply of the maximum size can expand to.
+RESULT_ITEMS = 100_000
+REPLY_BOUNDS = JsonBounds(
+    max_depth=RESULT_DEPTH, max_items=RESULT_ITEMS, max_string_bytes=sys.maxsize
+)
 
 ChildErrorReason = Literal[
     "plugin_raised", "invalid_output", "output_too_large", "load_failed", "memory_limit"
@@ -59,7 +87,11 @@ def _finite_float(text: str) -> float:
 
 
 def decode_json(body: bytes) -> Any:
-    """Decode strict JSON. Raises ProtocolError on anything else."""
+    """Decode strict JSON (no NaN, no Infinity, no out-of-range floats).
+
+    Raises ProtocolError on anything else. Not bounded: scan first when the
+    bytes come from a child (`parse_ready` and `parse_reply` do).
+    """
     try:
         return json.loads(
             body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
@@ -119,18 +151,55 @@ class ErrorMessage(_Strict):
     exc_type: str
     traceback: str
 
+    @field_validator("message", "exc_type", "traceback")
+    @classmethod
+    def _valid_text(cls, text: str) -> str:
+        # A plugin's exception message may hold anything; an envelope must encode.
+        return replace_surrogates(text)
+
+
+def _invalid_output(problem: str) -> ErrorMessage:
+    return ErrorMessage(
+        type="error",
+        reason="invalid_output",
+        message=f"result {problem}",
+        exc_type="InvalidOutput",
+        traceback="",
+    )
+
+
+def _decode_bounded(body: bytes) -> Any:
+    """Scan a frame from the child for its bounds, then decode it.
+
+    Raises BoundsExceeded (for the caller to judge) or ProtocolError.
+    """
+    try:
+        scan(body, REPLY_BOUNDS, members=True)
+    except NotJson as exc:
+        raise ProtocolError(f"frame is not valid JSON: {exc}") from exc
+    return decode_json(body)
+
 
 def parse_ready(body: bytes) -> None:
     """Check that the first frame is the ready marker."""
     try:
-        ReadyMessage.model_validate(decode_json(body))
-    except ValidationError as exc:
+        ReadyMessage.model_validate(_decode_bounded(body))
+    except (ValidationError, BoundsExceeded) as exc:
         raise ProtocolError("first frame is not the ready marker") from exc
 
 
 def parse_reply(body: bytes) -> ResultMessage | ErrorMessage:
-    """Parse the final frame. Raises ProtocolError for anything not allowed."""
-    data = decode_json(body)
+    """Parse the final frame. Raises ProtocolError for anything not allowed.
+
+    A result frame whose result breaks the result rules of the module
+    docstring comes back as an `invalid_output` ErrorMessage.
+    """
+    try:
+        data = _decode_bounded(body)
+    except BoundsExceeded as exc:
+        if exc.where == "field 'result'":
+            return _invalid_output(exc.problem)
+        raise ProtocolError(f"reply {exc}") from exc
     kind = data.get("type") if isinstance(data, dict) else None
     model: type[ResultMessage] | type[ErrorMessage]
     if kind == "result":
@@ -143,4 +212,6 @@ def parse_reply(body: bytes) -> ResultMessage | ErrorMessage:
         message = model.model_validate(data)
     except ValidationError as exc:
         raise ProtocolError(f"malformed {kind} reply: {exc.error_count()} errors") from exc
+    if isinstance(message, ResultMessage) and lone_surrogate(message.result):
+        return _invalid_output("holds a lone surrogate, which is not valid UTF-8 text")
     return message

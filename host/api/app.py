@@ -15,15 +15,15 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from host.api.auth import Principal, admin_principal, client_principal
+from host.api.bodies import ANALYZE_BODY_DOC, AnalyzeBodyDep, parse_form_options
 from host.api.errors import error_response, install_handlers, responses
 from host.api.middleware import BodySizeLimit
 from host.config import Settings
 from host.crashsuite import self_check
 from host.discovery import discover
-from host.errors import ServiceError, envelope
 from host.services import (
     AnalysisService,
     JobLimits,
@@ -77,18 +77,6 @@ def build_services(settings: Settings, store: JobStore | None = None) -> Service
         limits=job_limits(settings),
     )
     return Services(plugins, jobs, AnalysisService(jobs, settings.default_plugin))
-
-
-class AnalyzeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    plugin: str | None = Field(default=None, description="default: the configured plugin")
-    image: str = Field(description="the image, base64-encoded")
-    mime_type: str = Field(examples=["image/png"])
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    def payload(self) -> dict[str, Any]:
-        return {"image": self.image, "mime_type": self.mime_type, "options": self.options}
 
 
 class AnalyzeResponse(BaseModel):
@@ -187,8 +175,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         responses=JSON_ERRORS,
         dependencies=client,
         summary="Run a plugin on a base64-encoded image and wait for the result",
+        openapi_extra=ANALYZE_BODY_DOC,
     )
-    async def analyze(body: AnalyzeRequest, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
+    async def analyze(body: AnalyzeBodyDep, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
         return await _analyze(svc, caller, body.plugin, body.payload())
 
     @app.post(
@@ -206,14 +195,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         mime_type: Annotated[str | None, Form(description="default: the part's type")] = None,
         options: Annotated[str, Form(description="plugin options as a JSON object")] = "{}",
     ) -> JSONResponse:
-        try:
-            parsed = json.loads(options)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise ServiceError(
-                envelope("invalid_input", "form field 'options' is not a JSON object")
-            )
+        parsed = parse_form_options(options, settings)
         image = await file.read()
         payload = {"image": image, "mime_type": mime_type or file.content_type, "options": parsed}
         return await _analyze(svc, caller, plugin, payload)
@@ -224,8 +206,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         responses=JSON_ERRORS,
         dependencies=client,
         summary="Queue an analysis; poll GET /v1/jobs/{id} for its result",
+        openapi_extra=ANALYZE_BODY_DOC,
     )
-    def create_job(body: AnalyzeRequest, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
+    def create_job(body: AnalyzeBodyDep, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
         job, _ = svc.analysis.submit(body.plugin, body.payload(), caller.id)
         return JSONResponse(
             {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}},

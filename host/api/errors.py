@@ -13,8 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from host.errors import ServiceError, envelope
+from host.errors import ServiceError, envelope, servable
 
 log = logging.getLogger("plughost.api")
 
@@ -59,6 +60,21 @@ class ErrorBody(BaseModel):
     detail: ErrorModel
 
 
+class EnvelopeResponse(JSONResponse):
+    """A JSON response that renders whatever an envelope holds.
+
+    An envelope can carry text a client or a plugin chose (a lone surrogate
+    does not encode as UTF-8) or a value `json` refuses; such parts are made
+    valid instead of turning an error answer into a 500.
+    """
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError is a ValueError
+            return super().render(servable(content))
+
+
 def error_response(error: dict[str, Any]) -> JSONResponse:
     """Answer with `{"detail": error}` and the status its reason maps to."""
     reason = error.get("details", {}).get("reason", "internal")
@@ -69,7 +85,7 @@ def error_response(error: dict[str, Any]) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(retry or 1)))
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse({"detail": error}, status_code=status, headers=headers)
+    return EnvelopeResponse({"detail": error}, status_code=status, headers=headers)
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -110,6 +126,16 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+async def _client_gone(request: Request, exc: Exception) -> JSONResponse:
+    # The client left (or was disconnected for missing its body deadline):
+    # nobody reads this answer, and it is no error of the host's.
+    return error_response(
+        envelope("invalid_input", "the client disconnected before its request was complete")[
+            "error"
+        ]
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(envelope("internal", "internal error in the plugin host")["error"])
@@ -119,4 +145,5 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

@@ -3,12 +3,16 @@ strict JSON of the allowed shapes is accepted."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import struct
 
 import pytest
 
+from sandbox.envelope import make_envelope
 from sandbox.protocol import (
+    RESULT_DEPTH,
+    RESULT_ITEMS,
     ErrorMessage,
     FrameReader,
     ProtocolError,
@@ -73,3 +77,53 @@ def test_reply_that_the_protocol_does_not_allow_is_refused(body: bytes) -> None:
 def test_non_json_values_cannot_be_encoded() -> None:
     with pytest.raises(ValueError):
         encode_frame({"x": float("inf")})
+
+
+def nested_result(levels: int) -> bytes:
+    return b'{"type":"result","result":' + b'{"a":' * (levels - 1) + b"{}" + b"}" * levels
+
+
+def test_result_within_the_depth_cap_is_accepted() -> None:
+    reply = parse_reply(nested_result(RESULT_DEPTH))
+    assert isinstance(reply, ResultMessage)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (nested_result(RESULT_DEPTH + 1), f"nests deeper than {RESULT_DEPTH} levels"),
+        (nested_result(255), f"nests deeper than {RESULT_DEPTH} levels"),
+        (nested_result(100_000), f"nests deeper than {RESULT_DEPTH} levels"),
+        (
+            b'{"type":"result","result":{"x":[' + b"[]," * RESULT_ITEMS + b"[]]}}",
+            f"more than {RESULT_ITEMS} items",
+        ),
+        (b'{"type":"result","result":{"s":"bad \\ud800"}}', "lone surrogate"),
+        (b'{"type":"result","result":{"\\udfff":1}}', "lone surrogate"),
+        (b'{"type":"result","result":{"s":["\\ude00\\ud83d"]}}', "lone surrogate"),
+    ],
+)
+def test_result_the_api_could_not_serve_is_invalid_output(body: bytes, problem: str) -> None:
+    reply = parse_reply(body)
+    assert isinstance(reply, ErrorMessage) and reply.reason == "invalid_output"
+    assert problem in reply.message
+
+
+def test_surrogate_pair_is_text_and_accepted() -> None:
+    reply = parse_reply(b'{"type":"result","result":{"s":"\\ud83d\\ude00"}}')
+    assert isinstance(reply, ResultMessage) and reply.result == {"s": "\U0001f600"}
+
+
+def test_error_reply_text_is_made_valid_utf8() -> None:
+    reply = parse_reply(
+        b'{"type":"error","reason":"plugin_raised","message":"kaboom \\udc80",'
+        b'"exc_type":"E\\ud800","traceback":"\\udfff"}'
+    )
+    assert isinstance(reply, ErrorMessage)
+    assert (reply.message, reply.exc_type, reply.traceback) == (
+        "kaboom \ufffd",
+        "E\ufffd",
+        "\ufffd",
+    )
+    envelope = make_envelope(reply.reason, reply.message, plugin="p", traceback=reply.traceback)
+    json.dumps(envelope, ensure_ascii=False).encode("utf-8")  # raises if any surrogate is left

@@ -1,0 +1,209 @@
+"""How the API is served: uvicorn, with the connection limits it lacks.
+
+uvicorn's h11 protocol closes an idle keep-alive connection, but it has no
+deadline for a request's headers or body and no cap on connections: clients
+that never finish their headers hold a descriptor each until the host has
+none left (then asyncio logs `socket.accept() out of system resource` in a
+loop). `LimitedH11Protocol` adds, per connection::
+
+    accepted ──> headers (header_timeout_s) ──> body (body_timeout_s) ──> app
+        ^                                                                 |
+        └──────────── response sent, keep-alive (uvicorn's timer) <───────┘
+
+- a deadline for each phase a client controls: waiting for the request's
+  headers, then for its body; a client that misses one is disconnected;
+- a cap on open connections: one past `max_connections` closes the
+  connection that has waited longest for its headers, or, when every
+  connection is busy with a request, is itself answered 503 and closed.
+
+`serve` raises the descriptor limit to its hard maximum, keeps the cap
+below what that leaves, and runs uvicorn with the protocol and a listen
+backlog of a quarter of the cap: asyncio accepts a backlog's worth of
+connections per wake-up and they reach the protocol a few loop iterations
+later, so open descriptors stay below about twice the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+from typing import Any
+
+import h11
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from host.config import Settings
+from host.errors import envelope
+
+log = logging.getLogger("plughost.api")
+# Descriptors kept free of connections: the job store, the sandbox's pipes
+# and sockets, log files.
+RESERVED_FDS = 256
+
+
+def _refusal() -> bytes:
+    error = envelope("overloaded", "too many open connections; retry later", retry_after_s=1)
+    body = json.dumps({"detail": error["error"]}).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"retry-after: 1\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class LimitedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with header and body deadlines and a connection cap.
+
+    Configure a subclass with `configured`; uvicorn creates one per connection.
+    """
+
+    header_timeout_s = 10.0
+    body_timeout_s = 30.0
+    max_connections = 256
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = ""  # "headers", "body", or "" (the app has the request, or closed)
+        self._since = 0.0
+        self._deadline: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def configured(
+        cls, header_timeout_s: float, body_timeout_s: float, max_connections: int
+    ) -> type[LimitedH11Protocol]:
+        """A subclass with these limits, for uvicorn's `http` setting."""
+        limits = {
+            "header_timeout_s": header_timeout_s,
+            "body_timeout_s": body_timeout_s,
+            "max_connections": max_connections,
+        }
+        return type(cls.__name__, (cls,), limits)
+
+    # -- uvicorn's hooks ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections and not self._make_room():
+            log.warning("connection refused: %d connections open", self.max_connections)
+            self._phase = "closed"
+            self.transport.write(_refusal())
+            self.transport.close()
+            return
+        self._track()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._track()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._track()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._phase = "closed"
+        self._cancel()
+        super().connection_lost(exc)
+
+    # -- deadlines and the cap -----------------------------------------------
+
+    def _track(self) -> None:
+        """Arm the deadline of the phase the connection is in now."""
+        if self._phase == "closed" or self.transport.is_closing():
+            return
+        state = self.conn.their_state
+        phase = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else ""
+        if phase == self._phase:
+            return
+        self._cancel()
+        self._phase = phase
+        self._since = self.loop.time()
+        if phase:
+            timeout = self.header_timeout_s if phase == "headers" else self.body_timeout_s
+            self._deadline = self.loop.call_later(timeout, self._expire, phase)
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self, phase: str) -> None:
+        if self._phase != phase or self.transport.is_closing():
+            return
+        timeout = self.header_timeout_s if phase == "headers" else self.body_timeout_s
+        log.info("closed a connection that sent no complete request %s in %g s", phase, timeout)
+        self._close()
+
+    def _close(self) -> None:
+        self._phase = "closed"
+        self._cancel()
+        self.transport.close()
+
+    def _make_room(self) -> bool:
+        """Close the connection waiting longest for its headers; False if none waits."""
+        waiting = [
+            c
+            for c in self.connections
+            if isinstance(c, LimitedH11Protocol) and c is not self and c._phase == "headers"
+        ]
+        if not waiting:
+            return False
+        min(waiting, key=lambda c: c._since)._close()
+        return True
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:  # e.g. above the kernel's nr_open: keep the old one
+            log.warning("cannot raise the descriptor limit to %d: %s", wanted, exc)
+    return soft
+
+
+def connection_cap(wanted: int, descriptors: int) -> int:
+    """`wanted`, lowered so that connections leave RESERVED_FDS descriptors free."""
+    room = max(1, descriptors - RESERVED_FDS)
+    if wanted > room:
+        log.warning(
+            "max_connections lowered from %d to %d: the descriptor limit is %d",
+            wanted,
+            room,
+            descriptors,
+        )
+    return min(wanted, room)
+
+
+def backlog(cap: int) -> int:
+    """The listen backlog for a connection cap: accepted sockets not yet seen by
+    the protocol then stay below about the cap itself."""
+    return max(8, min(2048, cap // 4))
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    """Run the API with uvicorn until it is stopped (SIGINT or SIGTERM)."""
+    cap = connection_cap(settings.max_connections, raise_descriptor_limit())
+    protocol = LimitedH11Protocol.configured(
+        settings.header_timeout_s, settings.body_timeout_s, cap
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        http=protocol,
+        # asyncio accepts up to `backlog` connections per wake-up, and a few
+        # wake-ups pass before the first of them reaches the protocol's cap.
+        backlog=backlog(cap),
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+
+
+__all__ = ["LimitedH11Protocol", "connection_cap", "raise_descriptor_limit", "serve"]

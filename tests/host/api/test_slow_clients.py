@@ -1,0 +1,132 @@
+"""Slow clients against a real `plughost serve`: connections that never finish
+their headers (or their body) are cut off at their deadline, never hold more
+than the connection cap, and neither starve benign calls nor flood the log."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from host.api.server import RESERVED_FDS, connection_cap
+from tests.host.test_serve import BODY, free_port, start_server, stop
+
+pytestmark = [pytest.mark.no_leak_check, pytest.mark.timeout(120)]
+CAP = 100
+HEADER_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 2.0
+SLOW_CLIENTS = 300
+
+
+def call(port: int, method: str, path: str, body: dict | None, timeout_s: float) -> int:
+    """The status of one benign request, which must be answered within `timeout_s`."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=data,
+        method=method,
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=timeout_s) as response:
+        return int(response.status)
+
+
+def open_slow(port: int, first_bytes: bytes) -> socket.socket | None:
+    """A connection that sends `first_bytes` and then nothing; None if refused."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=2)
+    except OSError:
+        return None
+    try:
+        sock.sendall(first_bytes)
+    except OSError:
+        pass  # cut off already: it counts as closed below
+    return sock
+
+
+def wait_closed(socks: list[socket.socket], deadline_s: float) -> int:
+    """How many of `socks` the server has closed (EOF or reset) within `deadline_s`."""
+    closed = 0
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + deadline_s
+        while closed < len(socks) and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data or data.startswith(b"HTTP/1.1 503"):
+                    selector.unregister(sock)
+                    closed += 1
+    return closed
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> tuple[int, object]:
+    config = tmp_path / "plughost.toml"
+    config.write_text(
+        f"self_check = false\nmax_connections = {CAP}\nheader_timeout_s = {HEADER_TIMEOUT_S}\n"
+        f"body_timeout_s = {BODY_TIMEOUT_S}\nlog_repeat_limit = 5\n"
+    )
+    port = free_port()
+    proc = start_server(tmp_path / "jobs.sqlite3", port, "--config", str(config))
+    yield port, proc
+    stop(proc)
+
+
+def test_slow_clients_neither_starve_benign_calls_nor_flood_the_log(server: tuple) -> None:
+    port, proc = server
+    slow: list[socket.socket] = []
+    held = 0
+    try:
+        for i in range(SLOW_CLIENTS):  # headers begun, never finished
+            sock = open_slow(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            if sock is not None:
+                slow.append(sock)
+            if i % 10 == 0:
+                held = max(held, len(os.listdir(f"/proc/{proc.pid}/fd")))
+        # Benign calls are answered at once, not after the slow clients time out.
+        assert call(port, "GET", "/healthz", None, timeout_s=HEADER_TIMEOUT_S) == 200
+        assert call(port, "POST", "/v1/analyze", {**BODY, "plugin": "image_info"}, 15) == 200
+        # Every slow client is cut off: the oldest to make room, the rest at their deadline.
+        assert wait_closed(slow, HEADER_TIMEOUT_S + 5) == len(slow)
+    finally:
+        for sock in slow:
+            sock.close()
+    # Connections plus the accepted sockets not yet seen by the protocol (a few backlogs).
+    assert held < 2 * CAP + 40, f"server held {held} descriptors with a cap of {CAP} connections"
+    stop(proc)
+    log = proc.log.read_text()  # type: ignore[attr-defined]
+    lines = log.splitlines()
+    assert len(lines) < 80 and len(log) < 32_000, f"{len(lines)} log lines, {len(log)} bytes"
+    assert any('"dropped"' in line for line in lines) or len(lines) < 40
+
+
+def test_a_client_that_stalls_in_its_body_is_cut_off(server: tuple) -> None:
+    port, _ = server
+    head = b"POST /v1/analyze HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    stalled = open_slow(port, head + b"content-length: 1000\r\n\r\n" + b'{"image": "')
+    assert stalled is not None
+    try:
+        started = time.monotonic()
+        assert wait_closed([stalled], BODY_TIMEOUT_S + 5) == 1
+        assert time.monotonic() - started >= BODY_TIMEOUT_S - 0.5  # the deadline, not before
+    finally:
+        stalled.close()
+    assert call(port, "GET", "/healthz", None, timeout_s=5) == 200
+
+
+def test_connection_cap_leaves_descriptors_for_the_host() -> None:
+    assert connection_cap(512, 20_000) == 512
+    assert connection_cap(512, 300) == 300 - RESERVED_FDS
+    assert connection_cap(512, 100) == 1
