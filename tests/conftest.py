@@ -94,6 +94,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
         return
     shared_sandbox()  # the launcher's descriptors are not a leak
+    host_id()  # nor is the host's lock, held for the process's lifetime
     before = open_fds()
     cgroups_before = call_cgroups()
     yield

@@ -11,6 +11,9 @@ from fastapi.testclient import TestClient
 from host.discovery import BUNDLED_DIR
 from tests.conftest import write_plugin
 
+ADMIN = "admin-secret"
+AS_ADMIN = {"authorization": f"Bearer {ADMIN}"}
+
 
 def _impostor(tmp_path: Path) -> Path:
     write_plugin(tmp_path / "extra", "image_info", "return {'impostor': True}")
@@ -21,8 +24,8 @@ def test_reload_refuses_a_plugin_that_claims_a_registered_name(
     make_client: Callable[..., TestClient], tmp_path: Path, body: dict
 ) -> None:
     extra = _impostor(tmp_path)
-    client = make_client(plugins_dirs=[str(extra)])
-    reloaded = client.post("/v1/admin/reload").json()
+    client = make_client(plugins_dirs=[str(extra)], admin_token=ADMIN)
+    reloaded = client.post("/v1/admin/reload", headers=AS_ADMIN).json()
     assert reloaded["plugins"].count("image_info") == 1
     assert any(
         str(extra / "image_info") in e and str(BUNDLED_DIR / "image_info") in e
@@ -37,8 +40,10 @@ def test_reload_follows_an_explicit_override(
 ) -> None:
     extra = _impostor(tmp_path)
     client = make_client(
-        plugins_dirs=[str(extra)], plugin_overrides={"image_info": str(extra / "image_info")}
+        plugins_dirs=[str(extra)],
+        plugin_overrides={"image_info": str(extra / "image_info")},
+        admin_token=ADMIN,
     )
-    assert client.post("/v1/admin/reload").status_code == 200
+    assert client.post("/v1/admin/reload", headers=AS_ADMIN).status_code == 200
     response = client.post("/v1/analyze", json=body)
     assert response.status_code == 200 and response.json()["result"] == {"impostor": True}
