@@ -6,7 +6,7 @@ whose manifest carries an `[expect]` table::
     [expect]
     category = "memory"
     outcome = ["PluginError:memory_limit"]       # "Type:reason", or "success"
-    requires = ["network_namespace"]             # layers its defence needs (optional)
+    requires = ["network_namespace"]             # layers its defence needs ("a|b": either)
     claims = ["host_alive", "no_process_left"]   # optional; default: all of CLAIMS
 
 A case passes when the observed outcome is one of `outcome`, the outcome can
@@ -28,6 +28,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -204,6 +205,8 @@ class Target(Protocol):
     ) -> tuple[dict[str, Any], dict[str, Any]]: ...
     def alive(self) -> bool: ...
     def idle_uids(self) -> set[int]: ...
+    def leftover_processes(self) -> int: ...
+    def end_leftovers(self) -> None: ...
     def settle(self) -> None: ...
 
 
@@ -229,6 +232,24 @@ class LocalTarget:
 
     def idle_uids(self) -> set[int]:
         return self.runner.sandbox.warm_uids()
+
+    def leftover_processes(self) -> int:
+        """Processes of finished calls still alive: by uid on a root host; on
+        one without per-call uids, every descendant of this host's launcher
+        that is not a warm child waiting for its call."""
+        sandbox = self.runner.sandbox
+        if sandbox.layers()["privilege_drop"]:
+            return sandbox_processes(self.idle_uids())
+        return len(_descendants(sandbox.launcher.pid, exclude=sandbox.warm_pids()))
+
+    def end_leftovers(self) -> None:
+        """Kill what a case the host could not defend left behind."""
+        sandbox = self.runner.sandbox
+        if sandbox.layers()["privilege_drop"]:
+            return  # the next call with the same uid sweeps it
+        for pid in _descendants(sandbox.launcher.pid, exclude=sandbox.warm_pids()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def settle(self) -> None:
         # Warm children started in the background hold descriptors; let them
@@ -288,6 +309,13 @@ class HttpTarget:
     def idle_uids(self) -> set[int]:
         _, body = self._request("GET", "/readyz")
         return set(body.get("warm_uids", [])) if isinstance(body, dict) else set()
+
+    def leftover_processes(self) -> int:
+        # Only a root server's calls can be seen from here (by their uids).
+        return sandbox_processes(self.idle_uids())
+
+    def end_leftovers(self) -> None:
+        pass  # a root server's next call with the same uid sweeps them
 
 
 def sample_png() -> bytes:
@@ -351,9 +379,30 @@ def _service_directory() -> str:
     return tempfile.mkdtemp(prefix="plughost-suite-")
 
 
+def _descendants(pid: int | None, exclude: set[int]) -> list[int]:
+    """Live descendants of `pid`, minus the trees rooted at `exclude`."""
+    if pid is None:
+        return []
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return []
+    found = []
+    for child in children:
+        if child.pid in exclude:
+            continue
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child.pid)
+        except psutil.Error:
+            continue
+        found += _descendants(child.pid, exclude)
+    return found
+
+
 def _settle(target: Target, deadline_s: float = 2.0) -> int:
     end = time.monotonic() + deadline_s
-    while (left := sandbox_processes(target.idle_uids())) and time.monotonic() < end:
+    while (left := target.leftover_processes()) and time.monotonic() < end:
         time.sleep(0.02)
     return left
 
@@ -394,10 +443,13 @@ def run_case(
     new_files = stray_files([case.plugin.directory], host_dirs) - files_before
     if "no_file_outside_scratch" in case.claims and new_files:
         problems.append(f"files written outside the scratch directory: {sorted(new_files)[:5]}")
-    missing = [r for r in case.requires if not protections.get(r)]
+    # "a|b": either layer is enough.
+    missing = [r for r in case.requires if not any(protections.get(a) for a in r.split("|"))]
     if missing:
         verdict = NOT_DEFENDED
         problems.insert(0, f"not defended here: needs {', '.join(missing)}")
+        if leftover:
+            target.end_leftovers()  # so the cases after it are judged on their own
     else:
         verdict = FAIL if problems else PASS
     detail = error.get("error", {}) if error else {}

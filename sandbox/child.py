@@ -118,7 +118,7 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
             _split_for_pid_namespace(uid, spec["gid"])  # returns in the worker only
             scratch = isolation.SCRATCH
         else:
-            scratch = isolation.enter_minimal_root()
+            scratch = isolation.enter_minimal_root(own_pid_namespace=False)
     os.close(RELAY_FD)  # only a relay reports through it; the plugin never holds it
     for which, value in rlimits_for(limits, extra_processes=1 if pid_namespace else 0).items():
         # Fail closed: setrlimit raises and the plugin never runs.
@@ -160,7 +160,7 @@ def _split_for_pid_namespace(uid: int | None, gid: int | None) -> None:
         os.close(status_w)
         _relay(init, status_r)
     os.close(status_r)
-    isolation.enter_minimal_root()
+    isolation.enter_minimal_root(own_pid_namespace=True)
     worker = os.fork()
     if worker:
         for fd in (0, 1, 2, REPLY_FD, PAYLOAD_FD, RELAY_FD):

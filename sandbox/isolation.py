@@ -185,17 +185,21 @@ def build_minimal_root(
             os.close(fd)
 
 
-def enter_minimal_root() -> str:
-    """Mount this process's /proc in the minimal root, make the minimal root
-    the root of the whole mount namespace and detach the host's tree; return
-    the scratch directory.
+def enter_minimal_root(own_pid_namespace: bool) -> str:
+    """Give the minimal root a /proc, make it the root of the whole mount
+    namespace and detach the host's tree; return the scratch directory.
 
-    /proc shows the PID namespace of the caller, so a caller with a new PID
-    namespace calls this from inside it. It is mounted before the host's
-    tree goes: in a user namespace the kernel allows a new /proc only while
-    a complete one is visible.
+    With `own_pid_namespace` the caller is inside its new PID namespace and
+    /proc is a new instance that shows only that namespace; it is mounted
+    before the host's tree goes, because in a user namespace the kernel
+    allows a new /proc only while a complete one is visible. Without one,
+    the host's /proc is bound in (a user namespace may not mount a /proc of
+    a PID namespace it does not own).
     """
-    _mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    if own_pid_namespace:
+        _mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    else:
+        _mount("/proc", NEW_ROOT + "/proc", None, MS_BIND | MS_REC, None)
     os.chdir(NEW_ROOT)
     # pivot_root(".", "."): the old root ends up stacked on the new one, and
     # is then detached; no directory for it is needed in the new root.

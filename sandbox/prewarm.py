@@ -136,6 +136,11 @@ class WarmPool:
         with self._lock:
             return sum(slot.set_up() for slots in self._slots.values() for slot in slots)
 
+    def pids(self) -> set[int]:
+        """Pids of the waiting children (the root of each one's processes)."""
+        with self._lock:
+            return {s.procs.root_pid for slots in self._slots.values() for s in slots if s.procs}
+
     def uids(self) -> set[int]:
         with self._lock:
             return {s.uid for slots in self._slots.values() for s in slots if s.uid is not None}

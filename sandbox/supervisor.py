@@ -370,6 +370,10 @@ class Sandbox:
         """Uids of the children waiting in the pool (not leftovers of a call)."""
         return self.warm.uids()
 
+    def warm_pids(self) -> set[int]:
+        """Pids of the children waiting in the pool (not leftovers of a call)."""
+        return self.warm.pids()
+
     def settle(self, timeout_s: float = 5.0) -> None:
         """Wait until no warm child is being started (for measurements)."""
         self.warm.settle(timeout_s)
