@@ -110,8 +110,8 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
         for name in ("network_namespace", "ipc_namespace", "uts_namespace", "pid_namespace"):
             if layers.get(name):
                 flags |= hardening.NAMESPACES[name]
-        owner = uid if uid is not None else os.getuid()
-        isolation.build_minimal_root(spec["expose"], owner, limits.scratch_mb, flags)
+        owner, group = (uid, spec["gid"]) if uid is not None else (os.getuid(), os.getgid())
+        isolation.build_minimal_root(spec["expose"], owner, group, limits.scratch_mb, flags)
         if layers.get("network_namespace"):
             hardening.loopback_up()
         if pid_namespace:

@@ -137,14 +137,14 @@ def _links(needed: Iterable[str]) -> dict[str, str]:
 
 
 def build_minimal_root(
-    needed: Iterable[str], uid: int, scratch_mb: int, extra_namespaces: int = 0
+    needed: Iterable[str], uid: int, gid: int, scratch_mb: int, extra_namespaces: int = 0
 ) -> None:
     """Enter a private mount namespace (and `extra_namespaces`, more CLONE_NEW*
     flags, in the same step) and build the minimal root of the module
     docstring plus `needed` at NEW_ROOT; `enter_minimal_root` switches to it.
 
     The scratch directory (`SCRATCH`) is a tmpfs of `scratch_mb` owned by
-    `uid`, gone with the namespace.
+    `uid`:`gid`, gone with the namespace.
     """
     needed = list(needed)
     binds = plan_binds(needed)
@@ -178,7 +178,7 @@ def build_minimal_root(
             root + SCRATCH,
             "tmpfs",
             MS_NOSUID | MS_NODEV,
-            f"mode=0700,uid={uid},gid={uid},size={scratch_mb}m",
+            f"mode=0700,uid={uid},gid={gid},size={scratch_mb}m",
         )
     finally:
         for fd in handles.values():
