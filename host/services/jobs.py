@@ -3,7 +3,8 @@
     enqueue(plugin, payload, owner)
       |  PluginManagementService.check (refuse bad input, unknown, quarantined)
       |  take a pool slot, or raise Overloaded (503 + Retry-After)
-      |  owner's quota, or raise QuotaExceeded (429)
+      |  owner's quota: its oldest finished jobs make room, or (its unfinished
+      |  jobs alone fill it) raise QuotaExceeded (429)
       |  store the job PENDING with its input (committed before anyone hears of it)
       v
     pool queue: the job id only
@@ -29,7 +30,6 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from host.errors import JobFinished, JobNotFound, Overloaded, QuotaExceeded, envelope
@@ -132,7 +132,15 @@ class JobManagementService:
         return job
 
     def _check_quota(self, owner: str, incoming: int) -> None:
-        """Raise QuotaExceeded if `owner` may not store one more job of `incoming` bytes."""
+        """Make room for one more job of `owner` of `incoming` bytes: a client
+        keeps its newest jobs, the oldest finished ones go. Raise
+        QuotaExceeded when its unfinished jobs alone leave no room."""
+        limits = self.limits
+        pruned = self.store.prune_owner(
+            owner, limits.max_jobs_per_client - 1, limits.max_stored_bytes_per_client - incoming
+        )
+        if pruned:
+            log.info("quota: dropped %d oldest finished jobs", pruned, extra={"owner": owner})
         usage = self.store.usage(owner)
         if usage.jobs >= self.limits.max_jobs_per_client:
             quota, limit, used = "max_jobs_per_client", self.limits.max_jobs_per_client, usage.jobs
@@ -141,13 +149,10 @@ class JobManagementService:
             used = usage.stored_bytes
         else:
             return
-        if usage.oldest_finished_at is None:  # only unfinished jobs: they end soon
-            retry = self._retry_after()
-        else:
-            age = datetime.now(UTC) - datetime.fromisoformat(usage.oldest_finished_at)
-            retry = max(1.0, round(self.limits.retention_s - age.total_seconds(), 1))
+        # What is left are unfinished jobs (they end soon), or one input larger
+        # than the whole byte quota.
         log.warning("quota %s reached", quota, extra={"owner": owner, "used": used})
-        raise QuotaExceeded(quota, limit, used, retry_after_s=retry)
+        raise QuotaExceeded(quota, limit, used, retry_after_s=self._retry_after())
 
     def enqueue(
         self, plugin_name: str, payload: Any, owner: str = ANONYMOUS

@@ -135,6 +135,7 @@ class JobStore(Protocol):
         max_bytes: int,
     ) -> JobPage: ...
     def usage(self, owner: str) -> Usage: ...
+    def prune_owner(self, owner: str, max_jobs: int, max_bytes: int) -> int: ...
     def size_bytes(self) -> int: ...
     def prune(self, older_than_s: float) -> int: ...
     def prune_to_size(self, max_bytes: int) -> int: ...
@@ -253,6 +254,25 @@ class MemoryJobStore:
             stored = sum(self._sizes.get(j.id, 0) for j in mine)
         finished = [j.finished_at or j.created_at for j in mine if j.status in FINISHED]
         return Usage(len(mine), stored, min(finished, default=None))
+
+    def prune_owner(self, owner: str, max_jobs: int, max_bytes: int) -> int:
+        """Drop `owner`'s oldest finished jobs until it keeps at most `max_jobs`
+        jobs and `max_bytes`; return how many went."""
+        with self._lock:
+            mine = sorted(
+                (j for j in self._jobs.values() if j.owner == owner), key=lambda j: j.created_at
+            )
+            jobs, stored = len(mine), sum(self._sizes.get(j.id, 0) for j in mine)
+            victims = []
+            for job in mine:
+                if jobs <= max_jobs and stored <= max_bytes:
+                    break
+                if job.status in FINISHED:
+                    victims.append(job.id)
+                    jobs -= 1
+                    stored -= self._sizes.get(job.id, 0)
+            self._drop(victims)
+        return len(victims)
 
     def size_bytes(self) -> int:
         with self._lock:
@@ -551,6 +571,32 @@ class SQLiteJobStore:
                 (owner,),
             ).fetchone()
         return Usage(int(row[0]), int(row[1]), row[2])
+
+    def prune_owner(self, owner: str, max_jobs: int, max_bytes: int) -> int:
+        """Delete `owner`'s oldest finished jobs until it keeps at most
+        `max_jobs` jobs and `max_bytes`; return how many went. The freed
+        pages are reused by the jobs that follow (no vacuum on this path)."""
+        with self._lock:
+            jobs, stored = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(stored_bytes), 0) FROM jobs WHERE owner = ?",
+                (owner,),
+            ).fetchone()
+            if jobs <= max_jobs and stored <= max_bytes:
+                return 0
+            victims = []
+            finished = self._db.execute(
+                "SELECT id, stored_bytes FROM jobs "
+                f"WHERE owner = ? AND status IN ({_FINISHED_SQL}) ORDER BY created_at",
+                (owner,),
+            ).fetchall()
+            for job_id, size in finished:
+                if jobs <= max_jobs and stored <= max_bytes:
+                    break
+                victims.append(job_id)
+                jobs -= 1
+                stored -= size
+            self._db.executemany("DELETE FROM jobs WHERE id = ?", [(v,) for v in victims])
+        return len(victims)
 
     def size_bytes(self) -> int:
         """Bytes of the database in use (free pages not counted)."""
