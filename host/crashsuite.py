@@ -162,13 +162,16 @@ def unservable(result: dict[str, Any], error: dict[str, Any]) -> str | None:
     return None
 
 
-def sandbox_processes(idle_uids: set[int] | None = None) -> int:
-    """Processes running under a sandbox uid (zombies and idle warm children aside)."""
+def sandbox_processes(idle_uids: set[int] | None = None, only: set[int] | None = None) -> int:
+    """Processes running under a sandbox uid (zombies and idle warm children
+    aside), or under one of `only`."""
     count = 0
     idle = idle_uids or set()
     for proc in psutil.process_iter(["uids", "status"]):
         uids = proc.info["uids"]
-        if uids and UID_BASE <= uids.real < UID_BASE + UID_SLOTS and uids.real not in idle:
+        if not uids or (only is not None and uids.real not in only):
+            continue
+        if UID_BASE <= uids.real < UID_BASE + UID_SLOTS and uids.real not in idle:
             count += proc.info["status"] != psutil.STATUS_ZOMBIE
     return count
 
@@ -239,7 +242,9 @@ class LocalTarget:
         that is not a warm child waiting for its call."""
         sandbox = self.runner.sandbox
         if sandbox.layers()["privilege_drop"]:
-            return sandbox_processes(self.idle_uids())
+            # Only uids this host used and nobody holds: another host's calls
+            # on the same machine (a running server) are not counted.
+            return sandbox_processes(only=sandbox.uids_at_rest())
         return len(_descendants(sandbox.launcher.pid, exclude=sandbox.warm_pids()))
 
     def end_leftovers(self) -> None:

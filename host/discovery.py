@@ -23,7 +23,20 @@ from pathlib import Path
 from host.manifest import ManifestError, load_manifest
 from host.registry import PluginRegistry, RegisteredPlugin
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "plugins"
+
+def _bundled_dir() -> Path:
+    """`plugins/` beside the source tree, or the `plughost_plugins` data
+    package an installed wheel carries (the same files)."""
+    source = Path(__file__).resolve().parent.parent / "plugins"
+    if source.is_dir():
+        return source
+    spec = importlib.util.find_spec("plughost_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return source  # reported as missing by whoever looks in it
+
+
+BUNDLED_DIR = _bundled_dir()
 ENTRY_POINT_GROUP = "plughost.plugins"
 MANIFEST = "plugin.toml"
 

@@ -103,6 +103,7 @@ class UidPool:
     def __init__(self, base: int = UID_BASE, slots: int = UID_SLOTS) -> None:
         self._base = base
         self._slots = slots
+        self.used: set[int] = set()  # every uid this pool has handed out
         os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
 
     def acquire(self) -> tuple[int, int]:
@@ -114,8 +115,24 @@ class UidPool:
             except BlockingIOError:
                 os.close(fd)
                 continue
+            self.used.add(uid)
             return uid, fd
         raise RuntimeError(f"all {self._slots} sandbox uids are in use")
+
+    def at_rest(self) -> set[int]:
+        """Uids this pool has handed out that no call holds now, of this host
+        or another: a process running under one is a leftover of this host's."""
+        free = set()
+        for uid in sorted(self.used):
+            fd = os.open(f"{LOCK_DIR}/{uid}", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                free.add(uid)
+            except BlockingIOError:
+                continue
+            finally:
+                os.close(fd)
+        return free
 
     @staticmethod
     def release(lock_fd: int) -> None:

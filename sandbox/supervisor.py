@@ -370,6 +370,12 @@ class Sandbox:
         """Uids of the children waiting in the pool (not leftovers of a call)."""
         return self.warm.uids()
 
+    def uids_at_rest(self) -> set[int]:
+        """Per-call uids this host has used that no call holds now (empty on
+        a host without them): processes under one were left by its calls."""
+        self.layers()
+        return self._uids.at_rest() if self._uids is not None else set()
+
     def warm_pids(self) -> set[int]:
         """Pids of the children waiting in the pool (not leftovers of a call)."""
         return self.warm.pids()

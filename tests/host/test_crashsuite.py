@@ -25,7 +25,7 @@ from host.services import (
     PluginManagementService,
 )
 from tests.conftest import HOSTILE_DIR
-from tests.host.test_serve import free_port, start_server, stop
+from tests.host.test_serve import BODY, free_port, request, start_server, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,6 +133,22 @@ def test_suite_runs_against_a_running_server(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["summary"]["passed"] >= 8 and report["summary"]["failed"] == 0
     assert all(c["leftover_fds"] is None for c in report["cases"])  # not measurable remotely
+
+
+@pytest.mark.no_leak_check
+def test_local_suite_beside_a_serving_host_counts_only_its_own_calls(tmp_path: Path) -> None:
+    # The server shares the test run's uid range and keeps a warm child per
+    # plugin it served: processes under sandbox uids that are not the suite's.
+    port = free_port()
+    server = start_server(tmp_path / "jobs.sqlite3", port)
+    try:
+        status, _ = request(port, "POST", "/v1/analyze", BODY)
+        assert status == 200
+        result = crash_suite("--case", "raise_kaboom", "--case", "segfault", "--case", "exit_zero")
+    finally:
+        stop(server)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "left behind" not in result.stdout
 
 
 def _client(registry: PluginRegistry, **settings: object) -> TestClient:

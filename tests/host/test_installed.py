@@ -1,0 +1,141 @@
+"""plughost as users get it: a wheel built from this tree, installed into a
+fresh venv of the system Python outside the repository, run from a directory
+that is not a checkout; by root, and by a dedicated unprivileged user (an
+operator's service account). Every case whose layers are present passes, and
+an unprivileged host's calls get the namespaces, Landlock and seccomp from a
+user namespace of their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+USER = "plughost-ci"
+SYSTEM_PYTHON = "/usr/bin/python3"
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
+pytestmark = [
+    pytest.mark.no_leak_check,  # the hosts under test are processes of their own
+    pytest.mark.skipif(os.geteuid() != 0, reason="creating a user and running as it needs root"),
+]
+
+
+def _ensure_user() -> int:
+    try:
+        return pwd.getpwnam(USER).pw_uid
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
+            check=True,
+            timeout=30,
+        )
+        return pwd.getpwnam(USER).pw_uid
+
+
+@pytest.fixture(scope="module")
+def install() -> Iterator[Path]:
+    """A venv of the system Python with the wheel installed, readable by USER
+    (a checkout under /root and the interpreter of a root-only pyenv are
+    not), and a working directory of USER's with nothing of the source."""
+    uid = _ensure_user()
+    top = Path(tempfile.mkdtemp(prefix="plughost-installed-", dir="/var/tmp"))
+    top.chmod(0o755)
+    wheels = top / "wheels"
+    build = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels)]
+    subprocess.run([*build, str(ROOT)], check=True, timeout=300, capture_output=True)
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(top / "venv")], check=True, timeout=120)
+    subprocess.run(
+        [str(top / "venv/bin/pip"), "install", "--quiet", *map(str, wheels.glob("*.whl"))],
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    work = top / "work"
+    work.mkdir()
+    os.chown(work, uid, -1)
+    subprocess.run(["chmod", "-R", "a+rX", str(top)], check=True, timeout=60)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def _plughost(
+    install: Path, *args: str, user: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    command = [str(install / "venv/bin/plughost"), *args]
+    if user is not None:
+        command = [RUNUSER, "-u", user, "--", *command]
+    return subprocess.run(
+        command,
+        cwd=install / "work",
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _sample(install: Path) -> str:
+    found = list((install / "venv/lib").glob("python3*/site-packages/plughost_plugins/samples"))
+    assert found, "the wheel carries no sample images"
+    return str(found[0] / "sunset.png")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("user", [None, USER], ids=["root", "unprivileged"])
+def test_installed_host_lists_and_runs_the_bundled_plugins(install: Path, user: str | None) -> None:
+    listed = _plughost(install, "plugins", "--json", user=user)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    names = {p["name"] for p in json.loads(listed.stdout)["plugins"]}
+    assert {"image_info", "image_hash", "dominant_colors"} <= names
+    run = _plughost(install, "run", "image_info", "--image", _sample(install), user=user)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert json.loads(run.stdout)["result"]["width"] == 320
+
+
+@pytest.mark.timeout(900)
+def test_installed_root_host_passes_the_whole_crash_suite(install: Path) -> None:
+    report_path = install / "work" / "root-suite.json"
+    run = _plughost(install, "crash-suite", "--json", str(report_path), timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    assert report["summary"]["passed"] == len(report["cases"]) >= 70
+
+
+@pytest.mark.timeout(900)
+def test_unprivileged_host_passes_the_crash_suite_with_namespaces_landlock_and_seccomp(
+    install: Path,
+) -> None:
+    report_path = install / "work" / "suite.json"
+    run = _plughost(install, "crash-suite", "--json", str(report_path), user=USER, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    protections = report["protections"]
+    for layer in (
+        "user_namespace",
+        "mount_namespace",
+        "tmpfs_scratch",
+        "network_namespace",
+        "pid_namespace",
+        "ipc_namespace",
+        "uts_namespace",
+        "landlock",
+        "seccomp",
+        "no_new_privs",
+    ):
+        assert protections[layer] is True, layer
+    # What needs root stays off, and says so.
+    assert protections["privilege_drop"] is False
+    verdicts = {case["name"]: case["verdict"] for case in report["cases"]}
+    assert "FAIL" not in verdicts.values()
+    # Only cases whose defence needs a root-only layer may go undefended.
+    undefended = [name for name, verdict in verdicts.items() if verdict != "pass"]
+    assert len(undefended) <= 3, undefended
