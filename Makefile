@@ -2,18 +2,25 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: run test check bench soak clean
 
-$(STAMP): pyproject.toml
+# What serving needs, and nothing more.
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
+
+# The test and check tools on top.
+$(STAMP): $(RUNTIME)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # One real analysis through the sandbox, then the server with the bundled plugins.
-run: $(STAMP)
+run: $(RUNTIME)
 	$(BIN)/plughost run image_info --image plugins/samples/sunset.png
 	$(BIN)/plughost serve --db .plughost/jobs.sqlite3
 

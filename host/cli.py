@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from host import __version__
 from host.discovery import discover
 from host.registry import get_registry
 from sandbox.envelope import public_error
@@ -59,6 +60,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="plughost", description="Sandboxed plugin host")
+    parser.add_argument("--version", action="version", version=f"plughost {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run one plugin on one image, print JSON")

@@ -15,8 +15,10 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
+from host import __version__
 from host.api.auth import Principal, admin_principal, client_principal
 from host.api.bodies import ANALYZE_BODY_DOC, AnalyzeBodyDep, parse_form_options
 from host.api.errors import error_response, install_handlers, responses
@@ -114,6 +116,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if services is None:
             app.state.services = await asyncio.to_thread(build_services, settings)
+        protections = await asyncio.to_thread(app.state.services.plugins.protections)
+        log.info(
+            "plughost %s: isolation %s; layers active: %s; missing or off: %s",
+            __version__,
+            settings.isolation,
+            ", ".join(name for name, on in protections.items() if on),
+            ", ".join(name for name, on in protections.items() if not on) or "none",
+        )
         if settings.self_check:
             report = await asyncio.to_thread(self_check)
             app.state.self_check = {
@@ -122,7 +132,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 "failed_cases": {c.name: c.problems for c in report.failed},
                 "benign_failures": report.benign_failures,
             }
-            if not report.ok:
+            if report.ok:
+                log.info("containment self-check passed: %d probes", len(report.cases))
+            else:
                 log.error("containment self-check failed: %s", app.state.self_check)
                 if settings.require_containment:
                     await asyncio.to_thread(app.state.services.jobs.shutdown)
@@ -132,9 +144,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if services is None:  # built here, so stopped here
             await asyncio.to_thread(app.state.services.plugins.close)
 
-    app = FastAPI(
+    # Swagger UI and ReDoc served from the package's own assets: /docs works
+    # on a host with no way out to a CDN.
+    app = FastAPIOffline(
         title="plughost",
-        version="0.1.0",
+        version=__version__,
         description="Sandboxed host for untrusted image-analysis plugins.",
         lifespan=lifespan,
     )

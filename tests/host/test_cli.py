@@ -145,3 +145,12 @@ def test_hostile_plugin_gets_its_envelope_in_time_and_leaves_nothing(
     while leftover_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert leftover_processes() == []
+
+
+def test_version_names_the_installed_release() -> None:
+    from host import __version__
+
+    result = subprocess.run(
+        [sys.executable, "-m", "host.cli", "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0 and result.stdout.strip() == f"plughost {__version__}"

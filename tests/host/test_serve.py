@@ -103,6 +103,9 @@ def test_real_server_answers_on_localhost(tmp_path: Path) -> None:
     assert server.returncode in (0, -signal.SIGTERM)
     logs = server.log.read_text().splitlines()
     assert any("Application shutdown complete" in line for line in logs)
+    # Start-up says which isolation the calls get and how the self-check went.
+    assert any("layers active:" in line and "seccomp" in line for line in logs)
+    assert any("self-check passed" in line or "self-check failed" in line for line in logs)
     job_lines = [json.loads(line) for line in logs if '"job finished"' in line]
     assert job_lines and all("job_id" in line and "plugin" in line for line in job_lines)
 
