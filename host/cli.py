@@ -82,7 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int)
     serve.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
-    serve.add_argument("--db", dest="db_path", metavar="PATH", help="SQLite job database")
+    serve.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the job database lives (default /var/lib/plughost as root, "
+        "$XDG_STATE_HOME/plughost otherwise)",
+    )
+    serve.add_argument(
+        "--db", dest="db_path", metavar="PATH", help="SQLite job database (default in --state-dir)"
+    )
     serve.add_argument("--workers", type=int, help="sandboxes running at once")
     serve.add_argument("--queue-size", type=int, help="jobs waiting before 503 overloaded")
     serve.add_argument("--default-plugin")
@@ -213,6 +221,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     names = (
         "host",
         "port",
+        "state_dir",
         "db_path",
         "workers",
         "queue_size",

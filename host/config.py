@@ -39,6 +39,18 @@ ENV_PREFIX = "PLUGHOST_"
 MiB = 1024 * 1024
 
 
+def default_state_dir() -> str:
+    """Where a host keeps its job database: /var/lib/plughost for a system
+    service (root), $XDG_STATE_HOME/plughost (~/.local/state/plughost) for a
+    user; never the current directory by accident."""
+    if os.geteuid() == 0:
+        return "/var/lib/plughost"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(base, "plughost")
+
+
 class ConfigError(Exception):
     """Configuration that cannot be used; the message names the source and field."""
 
@@ -51,7 +63,8 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     plugins_dirs: list[str] = Field(default_factory=list)
-    db_path: str = ".plughost/jobs.sqlite3"
+    state_dir: str = Field(default_factory=default_state_dir)
+    db_path: str | None = None  # default: <state_dir>/jobs.sqlite3
     default_plugin: str = "image_info"
     workers: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1, le=256)
     queue_size: int = Field(default=32, ge=0, le=100_000)
@@ -81,6 +94,11 @@ class Settings(BaseModel):
     max_connections: int = Field(default=256, ge=1)
     log_repeat_limit: int = Field(default=10, ge=1)
     log_repeat_interval_s: float = Field(default=10.0, gt=0)
+
+    @property
+    def job_db(self) -> str:
+        """The SQLite job database: `db_path`, or jobs.sqlite3 in `state_dir`."""
+        return self.db_path or os.path.join(self.state_dir, "jobs.sqlite3")
 
     @field_validator("client_tokens", "plugins_dirs", "disable_layers", mode="before")
     @classmethod

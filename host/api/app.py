@@ -73,7 +73,7 @@ def build_services(settings: Settings, store: JobStore | None = None) -> Service
     discover(plugins.registry, settings.plugins_dirs, settings.plugin_overrides)
     jobs = JobManagementService(
         plugins,
-        store or SQLiteJobStore(settings.db_path),
+        store or SQLiteJobStore(settings.job_db),
         workers=settings.workers,
         queue_size=settings.queue_size,
         limits=job_limits(settings),

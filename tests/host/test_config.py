@@ -1,0 +1,35 @@
+"""Where a host keeps its state: a documented directory, never the current
+directory by accident."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from host.config import Settings, default_state_dir, load_settings
+
+
+def test_a_system_service_keeps_its_jobs_in_var_lib(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert Settings().job_db == "/var/lib/plughost/jobs.sqlite3"
+
+
+def test_a_user_keeps_its_jobs_in_its_xdg_state_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert default_state_dir() == str(tmp_path / "plughost")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Settings().job_db == str(tmp_path / ".local/state/plughost/jobs.sqlite3")
+
+
+def test_state_dir_and_db_path_come_from_flags_and_environment(tmp_path: Path) -> None:
+    settings = load_settings(environ={"PLUGHOST_STATE_DIR": str(tmp_path)})
+    assert settings.job_db == str(tmp_path / "jobs.sqlite3")
+    settings = load_settings(environ={}, overrides={"db_path": str(tmp_path / "x.db")})
+    assert settings.job_db == str(tmp_path / "x.db")
+    assert not Settings().job_db.startswith(os.getcwd())
