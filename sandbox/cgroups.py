@@ -1,10 +1,12 @@
-"""One cgroup per call (cgroup v1 memory and pids controllers, as this
-machine offers), a stronger alternative to rlimits: the memory limit covers
-the whole process tree and the tmpfs pages it writes, and the pids limit
-holds for root as well. Created before the call, removed after it.
+"""One cgroup per call, a stronger alternative to rlimits: the memory limit
+covers the whole process tree and the tmpfs pages it writes, and the pids
+limit holds for root as well. Created before the call, removed after it.
 
-cgroup v2 is not handled yet: where only v2 is mounted, detection reports
-the layers as missing and the call runs with rlimits and the watchdog.
+    cgroup v1 (memory and pids hierarchies, as this machine offers):
+        memory.limit_in_bytes (+ memsw), pids.max; memory.oom_control
+    cgroup v2 (one directory, `sandbox.cgroup2` says where):
+        memory.max, memory.swap.max = 0, pids.max; memory.events oom_kill,
+        memory.peak
 
 Cgroups are named `call-<host id>-<call id>`; a host that is killed leaves
 its calls' (empty) cgroups behind, and the next host to start removes them
@@ -92,7 +94,13 @@ def _lock_of_dead_host(ident: str) -> int | None:
     return fd
 
 
-def sweep_stale(layers: dict[str, bool]) -> int:
+def _call_roots(layers: dict[str, bool], v2_base: Path | None) -> list[Path]:
+    if v2_base is not None:
+        return [v2_base] if layers.get("cgroup_memory") or layers.get("cgroup_pids") else []
+    return [Path(root) / "plughost" for name, root in CGROUP_V1.items() if layers.get(name)]
+
+
+def sweep_stale(layers: dict[str, bool], v2_base: Path | None = None) -> int:
     """Remove the call cgroups of hosts that no longer run; return how many.
 
     A host killed outright cannot remove its calls' cgroups; their processes
@@ -105,10 +113,8 @@ def sweep_stale(layers: dict[str, bool]) -> int:
     verdicts: dict[str, int | None] = {}  # host id -> its lock fd if gone, None if alive
     removed = 0
     try:
-        for name, root in CGROUP_V1.items():
-            if not layers.get(name):
-                continue
-            for path in (Path(root) / "plughost").glob("call-*"):
+        for parent in _call_roots(layers, v2_base):
+            for path in parent.glob("call-*"):
                 ident = path.name.split("-")[1] if path.name.count("-") >= 2 else ""
                 if ident == own or not HOST_ID.match(ident):
                     continue  # ours, or named by an earlier version (call-<pid>-...)
@@ -138,13 +144,25 @@ class CallCgroup:
     """The cgroups of one call, named after it."""
 
     def __init__(
-        self, name: str, memory_bytes: int, max_processes: int, layers: dict[str, bool]
+        self,
+        name: str,
+        memory_bytes: int,
+        max_processes: int,
+        layers: dict[str, bool],
+        v2_base: Path | None = None,
     ) -> None:
         self.dirs: dict[str, Path] = {}
-        if layers.get("cgroup_memory"):
-            self.dirs["memory"] = Path(CGROUP_V1["cgroup_memory"]) / "plughost" / name
-        if layers.get("cgroup_pids"):
-            self.dirs["pids"] = Path(CGROUP_V1["cgroup_pids"]) / "plughost" / name
+        self.v2 = v2_base is not None
+        self.memory = bool(layers.get("cgroup_memory"))
+        self.pids = bool(layers.get("cgroup_pids"))
+        if v2_base is not None:
+            if self.memory or self.pids:
+                self.dirs["unified"] = v2_base / name
+        else:
+            if self.memory:
+                self.dirs["memory"] = Path(CGROUP_V1["cgroup_memory"]) / "plughost" / name
+            if self.pids:
+                self.dirs["pids"] = Path(CGROUP_V1["cgroup_pids"]) / "plughost" / name
         self.memory_bytes = memory_bytes
         self.max_processes = max_processes
 
@@ -156,7 +174,14 @@ class CallCgroup:
         for kind, path in self.dirs.items():
             path.parent.mkdir(exist_ok=True)
             path.mkdir(exist_ok=True)
-            if kind == "memory":
+            if kind == "unified":
+                if self.memory:
+                    (path / "memory.max").write_text(str(self.memory_bytes))
+                    if (path / "memory.swap.max").exists():  # absent without swap accounting
+                        (path / "memory.swap.max").write_text("0")
+                if self.pids:
+                    (path / "pids.max").write_text(str(self.max_processes))
+            elif kind == "memory":
                 (path / "memory.limit_in_bytes").write_text(str(self.memory_bytes))
                 swap = path / "memory.memsw.limit_in_bytes"
                 if swap.exists():
@@ -165,13 +190,17 @@ class CallCgroup:
                 (path / "pids.max").write_text(str(self.max_processes))
         return [str(path / "cgroup.procs") for path in self.dirs.values()]
 
+    def _memory_dir(self) -> Path | None:
+        return self.dirs.get("unified") if self.v2 and self.memory else self.dirs.get("memory")
+
     def oom_killed(self) -> bool:
         """True if the kernel killed a process of the call for the memory limit."""
-        path = self.dirs.get("memory")
+        path = self._memory_dir()
         if path is None:
             return False
+        events = "memory.events" if self.v2 else "memory.oom_control"
         try:
-            for line in (path / "memory.oom_control").read_text().splitlines():
+            for line in (path / events).read_text().splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill" and int(value) > 0:
                     return True
@@ -181,12 +210,24 @@ class CallCgroup:
 
     def usage_bytes(self) -> int | None:
         """Anonymous and tmpfs memory of the whole call now, None without a memory cgroup."""
-        path = self.dirs.get("memory")
+        path = self._memory_dir()
         if path is None:
             return None
+        anon, shmem = ("anon", "shmem") if self.v2 else ("total_rss", "total_shmem")
         try:
             stat = dict(line.split() for line in (path / "memory.stat").read_text().splitlines())
-            return int(stat.get("total_rss", 0)) + int(stat.get("total_shmem", 0))
+            return int(stat.get(anon, 0)) + int(stat.get(shmem, 0))
+        except (OSError, ValueError):
+            return None
+
+    def peak_bytes(self) -> int | None:
+        """The call's highest memory use, page cache included, as the kernel
+        kept it (v2 memory.peak, Linux 5.19+); None where it is not kept."""
+        path = self._memory_dir()
+        if path is None or not self.v2:
+            return None
+        try:
+            return int((path / "memory.peak").read_text())
         except (OSError, ValueError):
             return None
 

@@ -40,8 +40,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from sandbox import cgroup2
 from sandbox.cancel import CancelToken, current_token
 from sandbox.cgroups import CallCgroup, call_cgroup_name, sweep_stale
 from sandbox.child import SETUP_FAILED, describe_exit
@@ -178,6 +180,7 @@ class Sandbox:
         self._layers: dict[str, bool] | None = None
         self._layers_lock = threading.Lock()
         self._uids: UidPool | None = None
+        self._cgroup2: Path | None = None  # where call cgroups go on cgroup v2
         self._swept: set[int] = set()  # uids checked for leftovers of an earlier host
         self._scratch_root = scratch_root
         self.prewarm = prewarm
@@ -192,6 +195,13 @@ class Sandbox:
                     name: bool(found.get(name)) and name not in self._disabled
                     for name in OPTIONAL_LAYERS
                 }
+                if not (found.get("cgroup_memory") or found.get("cgroup_pids")):
+                    # No v1 controllers: per-call cgroups in the unified hierarchy.
+                    self._cgroup2 = cgroup2.usable()
+                    for name in ("cgroup_memory", "cgroup_pids"):
+                        layers[name] = self._cgroup2 is not None and name not in self._disabled
+                    if self._cgroup2 is not None:
+                        log.info("per-call cgroups: cgroup v2 below %s", self._cgroup2)
                 if layers["privilege_drop"]:
                     layers["user_namespace"] = False  # not needed, so never missing
                 elif not layers["user_namespace"]:
@@ -203,7 +213,7 @@ class Sandbox:
                         log.warning("isolation layer %s is %s; calls run without it", name, why)
                 if layers["privilege_drop"]:
                     self._uids = UidPool()
-                stale = sweep_stale(layers)
+                stale = sweep_stale(layers, self._cgroup2)
                 if stale:
                     log.info("removed %d cgroups left by hosts that were killed", stale)
                 self._layers = layers
@@ -280,6 +290,7 @@ class Sandbox:
                 memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK),
                 max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
                 layers=layers,
+                v2_base=self._cgroup2,
             ),
             # A root host, or one with user namespaces, gives the child a tmpfs
             # scratch in its own minimal root.
@@ -502,6 +513,9 @@ class _Watch:
         # The cgroup's own maximum counts the page cache too; the samples do not.
         peak_mb = max(self.peak_rss, self.maxrss_kb * 1024) / MiB
         outcome.details.setdefault("peak_rss_mb", round(peak_mb, 1))
+        cgroup_peak = self.cgroup.peak_bytes() if self.cgroup is not None else None
+        if cgroup_peak is not None:  # page cache included, as the kernel counts it
+            outcome.details.setdefault("cgroup_peak_mb", round(cgroup_peak / MiB, 1))
         for name, stream in self.streams.items():
             if stream.total:
                 outcome.details.setdefault(f"{name}_tail", stream.text())
