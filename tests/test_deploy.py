@@ -1,0 +1,39 @@
+"""The shipped systemd unit is one systemd accepts as it is."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "docs" / "systemd" / "plughost.service"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_unit_verifies_without_a_warning(tmp_path: Path) -> None:
+    # The unit names the usual install path; point it at an executable that exists.
+    unit = tmp_path / "plughost.service"
+    plughost = Path(sys.executable).with_name("plughost")
+    unit.write_text(UNIT.read_text().replace("/opt/plughost/bin/plughost", str(plughost)))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ignoring" not in result.stderr and "Unknown" not in result.stderr, result.stderr
+
+
+def test_systemd_unit_keeps_what_the_sandbox_needs() -> None:
+    settings = dict(
+        line.split("=", 1)
+        for line in UNIT.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    assert settings["Delegate"] == "yes" and settings["StateDirectory"] == "plughost"
+    assert settings["User"] != "root" and settings["NoNewPrivileges"] == "yes"
+    # Each of these would take a layer away from every call.
+    for breaking in ("RestrictNamespaces", "PrivateUsers", "ProtectControlGroups"):
+        assert breaking not in settings, breaking
