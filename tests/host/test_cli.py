@@ -38,14 +38,24 @@ def leftover_processes() -> list[str]:
         cmdline = " ".join(proc.info["cmdline"] or [])
         if UID_BASE <= uid < UID_BASE + UID_SLOTS:
             found.append(f"{proc.pid} uid {uid}")
-        # A launcher of this checkout (hosts of other checkouts have their own).
+        # A launcher of this checkout whose host is gone (a server running
+        # from the same checkout keeps its own, and so does this process).
         elif (
             "sandbox.launcher" in cmdline
             and SOURCE_ROOT in cmdline
             and proc.info["ppid"] != psutil.Process().pid
+            and not _is_host(proc.info["ppid"])
         ):
             found.append(f"{proc.pid} launcher {proc.status()}")
     return found
+
+
+def _is_host(pid: int) -> bool:
+    try:
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+    return "host.cli" in cmdline or "bin/plughost" in cmdline
 
 
 @pytest.fixture(scope="module")
