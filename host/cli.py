@@ -259,6 +259,11 @@ def _cmd_crash_suite(args: argparse.Namespace) -> int:
     target: crashsuite.Target
     if args.http:
         target = crashsuite.HttpTarget(args.http, token=os.environ.get("PLUGHOST_TOKEN"))
+        print(
+            "note: against a server, leftover processes are counted by the sandbox uid range "
+            "(a root server only); another host's calls on that machine would count too",
+            file=sys.stderr,
+        )
     else:
         registry = get_registry()
         discover(registry)
