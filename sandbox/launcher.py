@@ -75,6 +75,7 @@ def serve(sock: socket.socket) -> None:
     children: dict[int, int] = {}
     relays: dict[int, int] = {}  # pid of a call's child -> read end of its relay pipe
     uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
+    calls: dict[str, int] = {}  # the host's token of a call -> its unreaped child's pid
     try:
         while True:
             readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
@@ -86,17 +87,28 @@ def serve(sock: socket.socket) -> None:
                     except BlockingIOError:
                         break
                 _reap(children, relays)
+                for token in [t for t, pid in calls.items() if pid not in children]:
+                    del calls[token]  # reaped: its pid may name another process soon
             if sock.fileno() in readable:
                 message, fds, _, _ = socket.recv_fds(sock, MAX_SPEC, len(FD_ORDER))
                 if not message:
                     return
                 request = json.loads(message)
-                if request.get("op") == "kill_uid" and len(fds) == 1:
+                if request.get("op") == "kill_call":
+                    for fd in fds:
+                        os.close(fd)
+                    pid = calls.get(str(request.get("token")), 0)
+                    if pid in children:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                elif request.get("op") == "kill_uid" and len(fds) == 1:
                     _fork_killer(int(request["uid"]), fds[0], sock, children)
                 else:
                     pid = _fork_child(request, fds, sock, children, relays, (wake_r, wake_w))
                     if pid and request.get("uid"):
                         uids[pid] = int(request["uid"])
+                    if pid and request.get("token"):
+                        calls[str(request["token"])] = pid
                 for pid in [p for p in uids if p not in children]:
                     del uids[pid]
     finally:
@@ -276,6 +288,17 @@ class Launcher:
                     self._stop_locked()
                     if attempt == 2:
                         raise LauncherError(f"launcher unreachable: {exc}") from exc
+
+    def kill_call(self, token: str) -> None:
+        """Ask the launcher to SIGKILL the child it started for the spec with
+        this `token`, unless it has reaped it already (the launcher knows; a
+        pid the host remembers may name another process by then). Does
+        nothing when the launcher is gone (its children went with it)."""
+        with self._lock:
+            if self._sock is None or not self._alive():
+                return
+            with contextlib.suppress(OSError):
+                self._sock.send(json.dumps({"op": "kill_call", "token": token}).encode())
 
     def kill_uid(self, uid: int, timeout_s: float = 2.0) -> bool:
         """Kill every process running as `uid` in one atomic `kill(-1)`.

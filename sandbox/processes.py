@@ -35,6 +35,7 @@ class CallProcesses:
 
     root_pid: int
     uid: int | None
+    token: str = ""  # the launcher's name for the call's child (Launcher.kill_call)
 
     def members(self) -> list[psutil.Process]:
         """Every live (non-zombie) process of the call."""

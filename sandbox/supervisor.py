@@ -26,7 +26,6 @@ from a child is unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import selectors
@@ -38,6 +37,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +313,7 @@ class Sandbox:
             else:
                 payload_fd = self._payload_file(call)
             slot.opened.append(payload_fd)
+            token = uuid.uuid4().hex  # the launcher's name for this child
             spec = {
                 "plugin_dir": call.plugin_dir,
                 "entrypoint": call.entrypoint,
@@ -324,6 +325,7 @@ class Sandbox:
                 "layers": layers,
                 "cgroup_procs": slot.cgroup.create(),
                 "warm": warm,
+                "token": token,
             }
             self.launcher.start_child(
                 spec, {**{name: pair[1] for name, pair in pipes.items()}, "payload": payload_fd}
@@ -335,7 +337,8 @@ class Sandbox:
             slot.opened.remove(payload_fd)
             slot.read_ends = {name: pair[0] for name, pair in pipes.items()}
             deadline = time.monotonic() + call.limits.timeout_s + 5
-            slot.procs = CallProcesses(_read_pid(slot.read_ends["status"], deadline), uid)
+            pid = _read_pid(slot.read_ends["status"], deadline)
+            slot.procs = CallProcesses(pid, uid, token=token)
         except BaseException:
             self._release(slot, None)
             raise
@@ -350,10 +353,6 @@ class Sandbox:
         # killed and reaped everything in it before init could exit.
         emptied = watch is not None and watch.exit_status is not None and slot.pid_namespace
         if procs is not None and not emptied:
-            if watch is None and slot.procs is not None:
-                # Never watched (a warm child put away): end its root-owned relay too.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(slot.procs.root_pid, signal.SIGKILL)
             self._kill(procs)
         slot.cgroup.remove()
         if slot.go is not None:
@@ -401,7 +400,17 @@ class Sandbox:
         self.launcher.stop()
 
     def _kill(self, procs: CallProcesses) -> None:
-        """Kill every process of a call: atomically by uid, then sweep to verify."""
+        """Kill every process of a call: its root (which may still be in its
+        root-owned setup, out of reach of the kill by uid), atomically by uid,
+        then a sweep to verify.
+
+        The root is killed by the launcher, which reaps it and so knows
+        whether its pid still names it: a kill by pid from here could land on
+        an unrelated process once the launcher had reaped the call and the
+        pid was reused (pid_max is 32768 on many machines).
+        """
+        if procs.token:
+            self.launcher.kill_call(procs.token)
         if procs.uid is not None:
             self.launcher.kill_uid(procs.uid)
         procs.kill_all()
@@ -491,11 +500,6 @@ class _Watch:
         self.ready = False
 
     def _stop_call(self) -> None:
-        # The child may still be in its root-owned setup, out of reach of the
-        # kill by uid: end it directly too, while it is certainly not reaped.
-        if self.exit_status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.procs.root_pid, signal.SIGKILL)
         self._kill(self.procs)
 
     def elapsed_ms(self) -> float:

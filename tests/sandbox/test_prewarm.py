@@ -3,12 +3,15 @@ child still serves one call, and nothing is left when the sandbox closes."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from host.registry import PluginRegistry
@@ -117,3 +120,41 @@ def test_crash_suite_passes_on_the_fast_path(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert " 0 failed" in result.stdout
+
+
+def _process_with_pid(pid: int) -> subprocess.Popen[bytes] | None:
+    """A harmless process that got `pid` (the kernel hands out pids in order)."""
+    for _ in range(50):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as stream:
+            stream.write(str(pid - 1))
+        victim = subprocess.Popen(["sleep", "60"])
+        if victim.pid == pid:
+            return victim
+        victim.kill()
+        victim.wait(5)
+    return None
+
+
+@pytest.mark.skipif(not os.access("/proc/sys/kernel/ns_last_pid", os.W_OK), reason="needs root")
+def test_putting_away_a_dead_warm_child_never_kills_the_process_that_reused_its_pid(
+    warm: ToolRunner, payload: dict
+) -> None:
+    # pid_max is 32768 on many machines: under load a pid comes round again
+    # within minutes, and a warm child that died while waiting is put away
+    # only when its plugin is next called.
+    assert warm.run("image_info", payload)[1] == {}
+    _wait_warm(warm)
+    (dead,) = warm.sandbox.warm_pids()
+    os.kill(dead, signal.SIGKILL)  # the warm child dies while it waits
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(dead) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the launcher has reaped it
+    victim = _process_with_pid(dead)
+    assert victim is not None, "could not start a process with the freed pid"
+    try:
+        assert warm.run("image_info", payload)[1] == {}  # puts the dead slot away
+        time.sleep(0.2)
+        assert victim.poll() is None, "the process that reused the pid was killed"
+    finally:
+        victim.kill()
+        victim.wait(5)
