@@ -28,7 +28,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -252,9 +251,9 @@ class LocalTarget:
         sandbox = self.runner.sandbox
         if sandbox.layers()["privilege_drop"]:
             return  # the next call with the same uid sweeps it
-        for pid in _descendants(sandbox.launcher.pid, exclude=sandbox.warm_pids()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for proc in _descendants(sandbox.launcher.pid, exclude=sandbox.warm_pids()):
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
     def settle(self) -> None:
         # Warm children started in the background hold descriptors; let them
@@ -384,8 +383,9 @@ def _service_directory() -> str:
     return tempfile.mkdtemp(prefix="plughost-suite-")
 
 
-def _descendants(pid: int | None, exclude: set[int]) -> list[int]:
-    """Live descendants of `pid`, minus the trees rooted at `exclude`."""
+def _descendants(pid: int | None, exclude: set[int]) -> list[psutil.Process]:
+    """Live descendants of `pid`, minus the trees rooted at `exclude` (as
+    psutil handles, which refuse to signal a pid that was reused since)."""
     if pid is None:
         return []
     try:
@@ -398,7 +398,7 @@ def _descendants(pid: int | None, exclude: set[int]) -> list[int]:
             continue
         try:
             if child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child.pid)
+                found.append(child)
         except psutil.Error:
             continue
         found += _descendants(child.pid, exclude)

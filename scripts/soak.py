@@ -26,6 +26,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -331,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(figures, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps({**figures, "rss_samples": samples}, indent=2))
+    if problems:
+        print(f"server log kept in {log_path}")
+    else:
+        shutil.rmtree(state, ignore_errors=True)
     print("soak: " + ("PASS" if not problems else "FAIL: " + "; ".join(problems)))
     return 0 if not problems else 1
 
