@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 USER = "plughost-ci"
 SYSTEM_PYTHON = "/usr/bin/python3"
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
+UID_BASE = os.environ["PLUGHOST_UID_BASE"]
 pytestmark = [
     pytest.mark.no_leak_check,  # the hosts under test are processes of their own
     pytest.mark.skipif(os.geteuid() != 0, reason="creating a user and running as it needs root"),
@@ -76,7 +77,8 @@ def _plughost(
     return subprocess.run(
         command,
         cwd=install / "work",
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+        # The test run's own uid range (tests/conftest.py), not a server's.
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PLUGHOST_UID_BASE": UID_BASE},
         capture_output=True,
         text=True,
         timeout=timeout,
