@@ -159,13 +159,7 @@ def test_a_client_whose_unfinished_jobs_fill_its_quota_gets_429_and_others_go_on
     assert "max_jobs_per_client" in detail["message"]
     assert int(refused.headers["retry-after"]) >= 1
     assert client.post("/v1/jobs", json=body, headers=BOB).status_code == 202
-    held.set()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        jobs = client.get("/v1/jobs", headers=ALICE).json()["jobs"]
-        if all(j["status"] == "SUCCESS" for j in jobs):
-            break
-        time.sleep(0.05)
+    _finish(client, held, ALICE, BOB)
     # Finished now: the oldest of them makes room for the next job.
     assert client.post("/v1/jobs", json=body, headers=ALICE).status_code == 202
     assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 2
@@ -198,3 +192,21 @@ def test_a_quota_refusal_stores_nothing_and_frees_its_queue_slot(
         assert_envelope(client.post("/v1/jobs", json=body, headers=ALICE), 429, "quota_exceeded")
     assert client.post("/v1/jobs", json=body, headers=BOB).status_code == 202
     assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 1
+    _finish(client, held, ALICE, BOB)
+
+
+def _finish(client: TestClient, held: threading.Event, *callers: dict[str, str]) -> None:
+    """Let the held jobs run and wait until every caller's jobs are done."""
+    held.set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        pending = [
+            job
+            for headers in callers
+            for job in client.get("/v1/jobs", headers=headers).json()["jobs"]
+            if job["status"] in ("PENDING", "RUNNING")
+        ]
+        if not pending:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"jobs still unfinished: {pending}")
