@@ -319,8 +319,9 @@ class Launcher:
                     return False
             os.close(done_w)
             done_w = -1
-            ready, _, _ = select.select([done_r], [], [], timeout_s)
-            if not ready:
+            poller = select.poll()  # host descriptors may be past select()'s 1024
+            poller.register(done_r, select.POLLIN)
+            if not poller.poll(timeout_s * 1000):
                 return False
             data = os.read(done_r, EXIT.size)
             return len(data) == EXIT.size and os.waitstatus_to_exitcode(EXIT.unpack(data)[0]) == 0

@@ -45,10 +45,8 @@ class Slot:
 
     def set_up(self) -> bool:
         """True once the warm child said it is set up and waiting for its payload."""
-        if not self.waiting and self.go is not None:
-            readable, _, _ = select.select([self.go], [], [], 0)
-            if readable:
-                self.waiting = self.go.recv(1) == b"w"
+        if not self.waiting and self.go is not None and _readable(self.go.fileno()):
+            self.waiting = self.go.recv(1) == b"w"
         return self.waiting
 
     def alive(self) -> bool:
@@ -56,8 +54,15 @@ class Slot:
         fd = self.read_ends.get("status")
         if fd is None:
             return False
-        readable, _, _ = select.select([fd], [], [], 0)
-        return not readable
+        return not _readable(fd)
+
+
+def _readable(fd: int) -> bool:
+    """Whether `fd` has something to read now (poll: any descriptor number,
+    where select stops at 1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class WarmPool:

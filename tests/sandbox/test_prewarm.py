@@ -4,6 +4,7 @@ child still serves one call, and nothing is left when the sandbox closes."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -158,3 +159,22 @@ def test_putting_away_a_dead_warm_child_never_kills_the_process_that_reused_its_
     finally:
         victim.kill()
         victim.wait(5)
+
+
+def test_warm_slots_are_checked_on_descriptors_past_1024() -> None:
+    # A server that raised its descriptor limit for many connections hands
+    # warm children descriptors beyond select()'s reach.
+    from sandbox.prewarm import _readable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), max(hard, 2048)))
+    read_end, write_end = os.pipe()
+    high = os.dup2(read_end, 1500)
+    try:
+        assert _readable(high) is False
+        os.write(write_end, b"x")
+        assert _readable(high) is True
+    finally:
+        for fd in (read_end, write_end, high):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
