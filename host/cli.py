@@ -267,8 +267,20 @@ def _cmd_crash_suite(args: argparse.Namespace) -> int:
     else:
         registry = get_registry()
         discover(registry)
-        for case in cases:
+        bundled = set(registry.list_plugins())
+        for case in list(cases):
+            if case.name in bundled:  # names are unique: never replace a bundled plugin
+                print(
+                    f"plughost: case {case.name} in {case.plugin.directory} claims the name of "
+                    f"the bundled plugin in {registry.get_plugin(case.name).directory}; skipped",
+                    file=sys.stderr,
+                )
+                cases.remove(case)
+                continue
             registry.register(case.name, case.plugin)
+        if not cases:
+            print("plughost: no crash-suite case left to run", file=sys.stderr)
+            return 2
         try:
             sandbox = Sandbox(disabled=args.disable_layer, prewarm=args.prewarm)
         except ValueError as exc:

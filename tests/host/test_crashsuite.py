@@ -189,3 +189,13 @@ def test_server_refuses_to_serve_when_containment_is_broken(
     with pytest.raises(RuntimeError, match="refusing to serve"):
         with _client(registry, require_containment=True):
             pass
+
+
+def test_a_case_claiming_a_bundled_plugins_name_is_skipped(tmp_path: Path) -> None:
+    impostor = tmp_path / "cases" / "image_info"
+    shutil.copytree(HOSTILE_DIR / "raise_kaboom", impostor)
+    manifest = impostor / "plugin.toml"
+    manifest.write_text(manifest.read_text().replace('"raise_kaboom"', '"image_info"'))
+    result = crash_suite("--plugins-dir", str(tmp_path / "cases"), "--case", "image_info")
+    assert result.returncode == 2
+    assert f"case image_info in {impostor} claims the name of the bundled plugin" in result.stderr
