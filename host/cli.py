@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--isolation", choices=["standard", "strict"])
     serve.add_argument("--prewarm", type=int, metavar="N", help="warm children per plugin")
     serve.add_argument(
+        "--user", help="started as root: serve as this user once the sandbox is set up"
+    )
+    serve.add_argument(
         "--disable-layer",
         action="append",
         default=[],
@@ -231,6 +234,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         "isolation",
         "disable_layers",
         "prewarm",
+        "user",
     )
     overrides = {name: getattr(args, name) for name in names}
     overrides["plugins_dirs"] = args.plugins_dir

@@ -83,6 +83,8 @@ class Settings(BaseModel):
     require_containment: bool = False
     isolation: Literal["standard", "strict"] = "standard"
     prewarm: int = Field(default=1, ge=0, le=8)
+    # A root server becomes this user once the sandbox is set up (host/privileges.py).
+    user: str | None = None
     disable_layers: list[str] = Field(default_factory=list)
 
     # Request bounds and connection limits (see README, Configuration).

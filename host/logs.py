@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-CONTEXT_FIELDS = ("job_id", "plugin", "status", "reason", "elapsed_ms", "dropped")
+CONTEXT_FIELDS = ("job_id", "plugin", "status", "reason", "elapsed_ms", "dropped", "traceback")
 
 
 class RepeatFilter(logging.Filter):

@@ -269,6 +269,12 @@ class Launcher:
         self._process, self._sock = process, ours
         return ours
 
+    def start(self) -> None:
+        """Start the launcher now rather than at the first call (a host about
+        to give up root starts it while it still can)."""
+        with self._lock:
+            self._ensure_started()
+
     def start_child(self, spec: dict[str, Any], fds: dict[str, int]) -> None:
         """Ask the launcher to fork a child for `spec` with the descriptors `fds`.
 

@@ -45,14 +45,14 @@ from typing import Any
 
 from sandbox import cgroup2
 from sandbox.cancel import CancelToken, current_token
-from sandbox.cgroups import CallCgroup, call_cgroup_name, sweep_stale
+from sandbox.cgroups import HOSTS_DIR, CallCgroup, call_cgroup_name, sweep_stale
 from sandbox.child import SETUP_FAILED, describe_exit
 from sandbox.launcher import EXIT, PID, Launcher
-from sandbox.layers import detect
+from sandbox.layers import CGROUP_V1, detect
 from sandbox.limits import CallLimits, MiB
 from sandbox.outcome import Outcome, Status
 from sandbox.prewarm import Slot, WarmPool
-from sandbox.processes import CallProcesses, UidPool
+from sandbox.processes import LOCK_DIR, CallProcesses, UidPool
 from sandbox.protocol import (
     ErrorMessage,
     FrameReader,
@@ -379,6 +379,17 @@ class Sandbox:
     def warm_uids(self) -> set[int]:
         """Uids of the children waiting in the pool (not leftovers of a call)."""
         return self.warm.uids()
+
+    def host_paths(self) -> list[Path]:
+        """Directories the host writes in for every call: the call cgroups'
+        parents and the uid and host lock directories (a server that gives
+        up root hands them to its user)."""
+        layers = self.layers()
+        paths = [Path(LOCK_DIR), Path(HOSTS_DIR)]
+        if self._cgroup2 is not None:
+            return [*paths, self._cgroup2]
+        roots = {"cgroup_memory": "memory", "cgroup_pids": "pids"}
+        return paths + [Path(CGROUP_V1[name]) / "plughost" for name in roots if layers.get(name)]
 
     def uids_at_rest(self) -> set[int]:
         """Per-call uids this host has used that no call holds now (empty on

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
@@ -26,6 +27,7 @@ from host.api.middleware import BodySizeLimit
 from host.config import Settings
 from host.crashsuite import self_check
 from host.discovery import discover
+from host.privileges import drop_to
 from host.services import (
     AnalysisService,
     JobLimits,
@@ -139,6 +141,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 if settings.require_containment:
                     await asyncio.to_thread(app.state.services.jobs.shutdown)
                     raise RuntimeError("containment self-check failed; refusing to serve")
+        if settings.user is not None:
+            svc = app.state.services
+            drop_to(settings.user, [Path(settings.job_db).parent, *svc.plugins.sandbox_paths()])
+            log.info("serving as user %s; calls still start from the root launcher", settings.user)
         yield
         await asyncio.to_thread(app.state.services.jobs.shutdown)
         if services is None:  # built here, so stopped here

@@ -8,6 +8,7 @@ streaks and call metrics.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,6 +35,9 @@ NEUTRAL_REASONS = frozenset(
 )
 
 
+log = logging.getLogger("plughost.services")
+
+
 class PluginManagementService:
     """Runs plugins through the ToolRunner, with quarantine and metrics."""
 
@@ -56,6 +60,13 @@ class PluginManagementService:
     def protections(self) -> dict[str, bool]:
         """Isolation layers active for the calls this service makes."""
         return self._runner.sandbox.protections()
+
+    def sandbox_paths(self) -> list[Path]:
+        """Start the sandbox's launcher now; return the directories the
+        sandbox writes in for every call (what a server giving up root hands
+        over)."""
+        self._runner.sandbox.launcher.start()
+        return self._runner.sandbox.host_paths()
 
     def check(self, plugin_name: Any, payload: Any) -> None:
         """Refuse a call that cannot run. Raises Rejected with its envelope."""
@@ -120,6 +131,16 @@ class PluginManagementService:
             if cancel is None:
                 token.close()
         reason = error["error"]["details"]["reason"] if error else None
+        if error and error["error"]["type"] == "InternalError" and reason == "internal":
+            # A host-side failure: the operator needs the traceback, the client never sees it.
+            log.error(
+                "host-side failure: %s",
+                error["error"]["message"],
+                extra={
+                    "plugin": plugin_name,
+                    "traceback": error.get("_internal", {}).get("traceback", ""),
+                },
+            )
         if reason not in NEUTRAL_REASONS:
             self.quarantine.record(plugin_name, unavailable=reason in UNAVAILABLE_REASONS)
         self.metrics.observe_call(plugin_name, reason or "success", time.monotonic() - started)

@@ -6,18 +6,22 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.conftest import HOSTILE_DIR, make_png
+from sandbox.processes import UID_BASE, UID_SLOTS
+from tests.conftest import HOSTILE_DIR, make_png, write_plugin
 
 pytestmark = pytest.mark.no_leak_check  # the server is its own host process
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,3 +145,35 @@ def test_sigkill_under_load_loses_no_accepted_job(tmp_path: Path) -> None:
         assert any(j["status"] == "INTERRUPTED" for j in listing["jobs"])
     finally:
         stop(server)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving up root needs a server started as root")
+def test_root_server_serves_as_its_user_while_calls_keep_their_own_uids(tmp_path: Path) -> None:
+    from tests.host.test_installed import USER, _ensure_user
+
+    user_uid = _ensure_user()
+    state = Path(tempfile.mkdtemp(prefix="plughost-user-", dir="/var/tmp"))
+    state.chmod(0o755)  # the user must reach its state directory
+    (state / "db").mkdir()
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "whoami", "return {'uid': os.getuid()}")
+    port = free_port()
+    server = start_server(
+        state / "db" / "jobs.sqlite3", port, "--user", USER, "--plugins-dir", str(plugins)
+    )
+    try:
+        assert psutil.Process(server.pid).uids().real == user_uid  # the HTTP side
+        status, data = request(port, "POST", "/v1/analyze", {**BODY, "plugin": "whoami"})
+        assert status == 200
+        call_uid = data["result"]["uid"]
+        assert call_uid != user_uid and UID_BASE <= call_uid < UID_BASE + UID_SLOTS
+        status, data = request(port, "POST", "/v1/analyze", {**BODY, "plugin": "segfault"})
+        assert status == 400 and data["detail"]["details"]["signal"] == "SIGSEGV"
+        status, data = request(port, "GET", "/readyz")
+        assert data["isolation"]["privilege_drop"] is True
+        assert (state / "db" / "jobs.sqlite3").stat().st_uid == user_uid
+        stop(server)
+        assert any("serving as user" in line for line in server.log.read_text().splitlines())
+    finally:
+        stop(server)
+        shutil.rmtree(state, ignore_errors=True)
