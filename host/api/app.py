@@ -8,6 +8,7 @@ job store are plain `def` routes, which FastAPI runs in its thread pool.
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -141,6 +142,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 if settings.require_containment:
                     await asyncio.to_thread(app.state.services.jobs.shutdown)
                     raise RuntimeError("containment self-check failed; refusing to serve")
+        if settings.user is None and os.geteuid() == 0:
+            log.warning("the HTTP server runs as root; set user (--user) to serve unprivileged")
         if settings.user is not None:
             svc = app.state.services
             drop_to(settings.user, [Path(settings.job_db).parent, *svc.plugins.sandbox_paths()])
