@@ -86,6 +86,8 @@ def _lock_of_dead_host(ident: str) -> int | None:
         fd = os.open(f"{HOSTS_DIR}/{ident}.lock", os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         return -1  # a host makes its lock file before its first cgroup
+    except PermissionError:
+        return None  # another user's host: not ours to judge
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -125,8 +127,10 @@ def sweep_stale(layers: dict[str, bool], v2_base: Path | None = None) -> int:
                 with contextlib.suppress(OSError):
                     path.rmdir()
                     removed += 1
-        # Lock files of dead hosts that left no cgroup (killed between calls).
-        for lock in Path(HOSTS_DIR).glob("h*.lock"):
+        # Lock files of dead hosts that left no cgroup (killed between calls);
+        # a host without cgroups leaves them to one that has.
+        roots = _call_roots(layers, v2_base)
+        for lock in Path(HOSTS_DIR).glob("h*.lock") if roots else ():
             ident = lock.name.removesuffix(".lock")
             if ident != own and HOST_ID.match(ident) and ident not in verdicts:
                 verdicts[ident] = _lock_of_dead_host(ident)

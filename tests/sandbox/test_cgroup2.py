@@ -145,3 +145,29 @@ return {}
     finally:
         sandbox.close()
     assert result == {} and error["error"]["details"]["reason"] == "memory_limit"
+
+
+def test_a_host_without_cgroups_never_judges_other_hosts_locks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An unprivileged host may share the lock directory (a root server that
+    # gave up root hands it to its user); other hosts' locks are not its own.
+    from sandbox import cgroups
+
+    def judged(ident: str) -> int | None:
+        raise AssertionError(f"judged host {ident}")
+
+    monkeypatch.setattr(cgroups, "_lock_of_dead_host", judged)
+    assert sweep_stale({"cgroup_memory": False, "cgroup_pids": False}) == 0
+
+
+def test_a_lock_this_user_cannot_open_belongs_to_a_live_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sandbox import cgroups
+
+    def denied(*args: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cgroups.os, "open", denied)
+    assert cgroups._lock_of_dead_host("h0123456789ab") is None
