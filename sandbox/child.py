@@ -4,16 +4,19 @@ The launcher forks this process once per call and calls `main`, which never
 returns. In order, before any plugin code is imported:
 
 1. own session; stdin from /dev/null, stdout and stderr to the host's
-   capture pipes; every other inherited descriptor closed; the call's
-   cgroups joined;
-2. (root host) new mount, network, IPC, UTS and PID namespaces; a minimal
-   root holding only the interpreter, the plugin's packages, the plugin and
-   a tmpfs scratch directory (`isolation.enter_minimal_root`); loopback only;
-   with a PID namespace the process splits into relay, init and worker (see
-   `_split_for_pid_namespace`); the host's command line is wiped from this
-   process's memory, so /proc shows no host path;
+   capture pipes; every other inherited descriptor closed; the host's
+   command line wiped from this process's memory (so /proc shows no host
+   path); the call's cgroups joined;
+2. (unprivileged host) a new user namespace in which only the host's uid
+   and gid exist; then (root or unprivileged) new mount, network, IPC, UTS
+   and PID namespaces and a minimal root holding only the interpreter, the
+   plugin's packages, the plugin and a tmpfs scratch directory
+   (`isolation.build_minimal_root`, `isolation.enter_minimal_root`);
+   loopback only; with a PID namespace the process splits into relay, init
+   and worker (see `_split_for_pid_namespace`);
 3. rlimits (memory, CPU, files, file size, processes, no core);
-4. (root host) drop to the call's own unprivileged uid;
+4. drop to the call's own unprivileged uid (root host), or give up every
+   capability the user namespace lent (unprivileged host);
 5. parent-death signal, no_new_privs, scrubbed environment, cwd = scratch;
 6. Landlock file-system (and TCP, and signal-scope) rules, then seccomp;
 7. `{"type": "ready"}` on the reply pipe.

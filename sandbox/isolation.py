@@ -103,7 +103,7 @@ def plan_binds(needed: Iterable[str]) -> list[str]:
 
     System directories and files come first; a needed path inside one that is
     bound anyway is dropped; missing paths are dropped. Symlinks are followed
-    (the bind lands at the resolved path; `enter_minimal_root` also recreates
+    (the bind lands at the resolved path; `build_minimal_root` also recreates
     the link itself where its name differs).
     """
     candidates = [*SYSTEM_DIRS, *SYSTEM_FILES, CPU_INFO, *needed]
@@ -156,7 +156,8 @@ def build_minimal_root(
     # Nothing done below may propagate back to the host's namespace.
     _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     # Handles on every source, taken before the new root covers any of them.
-    handles = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in [*binds, *DEVICES]}
+    devices = [d for d in DEVICES if os.path.exists(d)]
+    handles = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in [*binds, *devices]}
     try:
         _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
         root = NEW_ROOT
@@ -166,9 +167,8 @@ def build_minimal_root(
                 os.symlink(target, root + name)
         for path in binds:  # real paths: never below one of the links
             _bind_into(root, path, handles[path], devices=False)
-        for device in DEVICES:
-            if device in handles:
-                _bind_into(root, device, handles[device], devices=True)
+        for device in devices:
+            _bind_into(root, device, handles[device], devices=True)
         for name, target in DEVICE_LINKS.items():
             os.symlink(target, root + name)
         for directory in ("/proc", "/tmp", SCRATCH):
