@@ -455,12 +455,19 @@ def _missing(layers: dict[str, bool]) -> list[str]:
     ]
 
 
+# The interpreter and its standard library, the environment's packages.
+INTERPRETER_PATHS = (
+    sys.base_prefix,
+    sysconfig.get_paths()["purelib"],
+    sysconfig.get_paths()["platlib"],
+)
+
+
 def _exposed_paths(plugin_dir: str) -> list[str]:
-    """What the child may read: the interpreter and its standard library, the
-    environment's packages, the plugin. Never the rest of the host's
-    `sys.path` (its working directory, the host's own source)."""
-    paths = sysconfig.get_paths()
-    return [sys.base_prefix, paths["purelib"], paths["platlib"], plugin_dir]
+    """What the child may read: INTERPRETER_PATHS and the plugin. Never the
+    rest of the host's `sys.path` (its working directory, the host's own
+    source)."""
+    return [*INTERPRETER_PATHS, plugin_dir]
 
 
 def _read_pid(status_fd: int, deadline: float) -> int:

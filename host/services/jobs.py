@@ -42,6 +42,7 @@ from host.services.store import (
     JobStatus,
     JobStore,
     MemoryJobStore,
+    Usage,
     now_iso,
 )
 
@@ -62,6 +63,16 @@ class JobLimits:
     max_stored_bytes_per_client: int = 256 * MiB
     max_list_bytes: int = 4 * MiB
     max_db_bytes: int = 1024 * MiB
+
+
+def _exceeded(usage: Usage, incoming: int, limits: JobLimits) -> tuple[str, int, int] | None:
+    """The quota one more job of `incoming` bytes would break, as
+    `(name, limit, used)`; None when it fits."""
+    if usage.jobs >= limits.max_jobs_per_client:
+        return "max_jobs_per_client", limits.max_jobs_per_client, usage.jobs
+    if usage.stored_bytes + incoming > limits.max_stored_bytes_per_client:
+        return "max_stored_bytes_per_client", limits.max_stored_bytes_per_client, usage.stored_bytes
+    return None
 
 
 def _input_bytes(payload: Any) -> int:
@@ -136,21 +147,19 @@ class JobManagementService:
         keeps its newest jobs, the oldest finished ones go. Raise
         QuotaExceeded when its unfinished jobs alone leave no room."""
         limits = self.limits
+        if _exceeded(self.store.usage(owner), incoming, limits) is None:
+            return
         pruned = self.store.prune_owner(
             owner, limits.max_jobs_per_client - 1, limits.max_stored_bytes_per_client - incoming
         )
         if pruned:
             log.info("quota: dropped %d oldest finished jobs", pruned, extra={"owner": owner})
-        usage = self.store.usage(owner)
-        if usage.jobs >= self.limits.max_jobs_per_client:
-            quota, limit, used = "max_jobs_per_client", self.limits.max_jobs_per_client, usage.jobs
-        elif usage.stored_bytes + incoming > self.limits.max_stored_bytes_per_client:
-            quota, limit = "max_stored_bytes_per_client", self.limits.max_stored_bytes_per_client
-            used = usage.stored_bytes
-        else:
+        exceeded = _exceeded(self.store.usage(owner), incoming, limits)
+        if exceeded is None:
             return
         # What is left are unfinished jobs (they end soon), or one input larger
         # than the whole byte quota.
+        quota, limit, used = exceeded
         log.warning("quota %s reached", quota, extra={"owner": owner, "used": used})
         raise QuotaExceeded(quota, limit, used, retry_after_s=self._retry_after())
 

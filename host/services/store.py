@@ -116,7 +116,6 @@ class Usage:
 
     jobs: int
     stored_bytes: int
-    oldest_finished_at: str | None
 
 
 class JobStore(Protocol):
@@ -251,9 +250,7 @@ class MemoryJobStore:
     def usage(self, owner: str) -> Usage:
         with self._lock:
             mine = [j for j in self._jobs.values() if j.owner == owner]
-            stored = sum(self._sizes.get(j.id, 0) for j in mine)
-        finished = [j.finished_at or j.created_at for j in mine if j.status in FINISHED]
-        return Usage(len(mine), stored, min(finished, default=None))
+            return Usage(len(mine), sum(self._sizes.get(j.id, 0) for j in mine))
 
     def prune_owner(self, owner: str, max_jobs: int, max_bytes: int) -> int:
         """Drop `owner`'s oldest finished jobs until it keeps at most `max_jobs`
@@ -565,12 +562,10 @@ class SQLiteJobStore:
     def usage(self, owner: str) -> Usage:
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(stored_bytes), 0), "
-                f"MIN(CASE WHEN status IN ({_FINISHED_SQL}) "
-                "THEN COALESCE(finished_at, created_at) END) FROM jobs WHERE owner = ?",
+                "SELECT COUNT(*), COALESCE(SUM(stored_bytes), 0) FROM jobs WHERE owner = ?",
                 (owner,),
             ).fetchone()
-        return Usage(int(row[0]), int(row[1]), row[2])
+        return Usage(int(row[0]), int(row[1]))
 
     def prune_owner(self, owner: str, max_jobs: int, max_bytes: int) -> int:
         """Delete `owner`'s oldest finished jobs until it keeps at most

@@ -3,10 +3,8 @@ pages by bytes, stored jobs and bytes per client."""
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
-import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from host.services import PluginManagementService, SQLiteJobStore
+from tests.host.api.test_bounds import peak_bytes
 from tests.host.api.test_routes import assert_envelope
 from tests.host.api.test_tenants import ALICE, BOB, TOKENS
 
@@ -52,14 +51,7 @@ def test_listing_large_results_is_bounded_in_bytes_and_memory(
     client = make_client(store=SQLiteJobStore(tmp_path / "jobs.sqlite3"))
     results_of(1_000_000 - 1000)  # just under the sandbox's 1 MB output limit
     ids = [client.post("/v1/analyze", json=body).json()["job_id"] for _ in range(20)]
-    gc.collect()
-
-    tracemalloc.start()
-    try:
-        response = client.get("/v1/jobs", params={"limit": 20})
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    response, peak = peak_bytes(lambda: client.get("/v1/jobs", params={"limit": 20}))
     print(f"GET /v1/jobs?limit=20: {len(response.content)} bytes, peak {peak / MiB:.1f} MiB")
 
     assert response.status_code == 200
@@ -84,13 +76,7 @@ def test_reading_one_large_result_costs_about_its_size(
     client = make_client(store=SQLiteJobStore(tmp_path / "jobs.sqlite3"))
     results_of(1_000_000 - 1000)
     job_id = client.post("/v1/analyze", json=body).json()["job_id"]
-    gc.collect()
-    tracemalloc.start()
-    try:
-        response = client.get(f"/v1/jobs/{job_id}")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    response, peak = peak_bytes(lambda: client.get(f"/v1/jobs/{job_id}"))
     print(f"GET /v1/jobs/{{id}}: {len(response.content)} bytes, peak {peak / MiB:.1f} MiB")
     assert response.status_code == 200
     assert len(response.json()["result"]["rows"]) == 99_900
