@@ -3,6 +3,12 @@
     plughost serve [--host H] [--port P] [--plugins-dir DIR]... [--db PATH] [--config FILE] ...
     plughost run PLUGIN --image FILE [--mime-type T] [--option K=V]... [--plugins-dir DIR]...
     plughost plugins [--plugins-dir DIR]... [--json]
+    plughost crash-suite [--plugins-dir DIR]... [--case NAME]... [--http URL] [--json FILE] ...
+
+Each subcommand is a `Subcommand` in `SUBCOMMANDS`: its options (shared ones
+come from the parent parsers below, so `--plugins-dir` is defined once) and
+the function that runs it. Each command builds its own registry and sandbox
+and closes the sandbox before it returns.
 
 `run` prints one JSON document: `{"result": ..., "plugin": ...}` and exits 0,
 or `{"error": {...}}` and exits 1. Usage errors (a missing image file, an
@@ -15,16 +21,19 @@ import argparse
 import json
 import mimetypes
 import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from host import __version__
 from host.discovery import discover
-from host.registry import get_registry
-from sandbox.envelope import public_error
+from host.registry import PluginRegistry
+from sandbox.envelope import Envelope
 from sandbox.limits import HostLimits
 from sandbox.supervisor import Sandbox
-from sandbox.tool_runner import ToolRunner, shared_sandbox
+from sandbox.tool_runner import ToolRunner
 
 MAGIC = {
     b"\x89PNG\r\n\x1a\n": "image/png",
@@ -58,12 +67,70 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="plughost", description="Sandboxed plugin host")
-    parser.add_argument("--version", action="version", version=f"plughost {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+# -- shared options (parent parsers) -----------------------------------------
 
-    run = commands.add_parser("run", help="run one plugin on one image, print JSON")
+
+def plugins_dir_options(help_text: str = "more plugin directories") -> argparse.ArgumentParser:
+    """`--plugins-dir DIR`, repeatable."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--plugins-dir", action="append", default=[], metavar="DIR", help=help_text)
+    return parent
+
+
+def isolation_options(dest: str, help_text: str, prewarm_help: str) -> argparse.ArgumentParser:
+    """`--disable-layer LAYER` (repeatable) and `--prewarm N`."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--disable-layer", action="append", default=[], metavar="LAYER", dest=dest, help=help_text
+    )
+    parent.add_argument("--prewarm", type=int, metavar="N", help=prewarm_help)
+    return parent
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    parents: Callable[[], list[argparse.ArgumentParser]]
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace, argparse.ArgumentParser], int]
+
+
+@dataclass(frozen=True)
+class LocalHost:
+    """The plugins and the runner of one command."""
+
+    registry: PluginRegistry
+    runner: ToolRunner
+
+
+@contextmanager
+def _local_host(sandbox: Sandbox, plugins_dirs: Sequence[str] = ()) -> Iterator[LocalHost]:
+    """A ToolRunner on `sandbox` with the discovered plugins (their load
+    errors printed as warnings); the sandbox is closed (launcher and warm
+    children reaped) when the command ends."""
+    registry = PluginRegistry()
+    try:
+        discover(registry, plugins_dirs)
+        _warn(registry.load_errors)
+        yield LocalHost(registry, ToolRunner(registry, sandbox))
+    finally:
+        sandbox.close()
+
+
+def _print_json(document: Any) -> None:
+    print(json.dumps(document, indent=2, sort_keys=True))
+
+
+def _warn(problems: Sequence[str]) -> None:
+    for problem in problems:
+        print(f"plughost: warning: {problem}", file=sys.stderr)
+
+
+# -- run ---------------------------------------------------------------------
+
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("plugin")
     run.add_argument("--image", required=True, type=Path, help="image file to analyse")
     run.add_argument("--mime-type", help="default: sniffed from the file")
@@ -75,13 +142,102 @@ def _parser() -> argparse.ArgumentParser:
         metavar="K=V",
         help="plugin option; VALUE is JSON if it parses, else a string",
     )
-    run.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
 
-    serve = commands.add_parser("serve", help="serve the HTTP API")
+
+def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        image = args.image.read_bytes()
+    except OSError as exc:
+        parser.error(f"--image {args.image}: {exc.strerror}")
+    mime_type = args.mime_type or sniff_mime_type(args.image, image)
+    if mime_type is None:
+        parser.error(f"--image {args.image}: cannot tell its type; pass --mime-type")
+    payload = {"image": image, "mime_type": mime_type, "options": dict(args.option)}
+    with _local_host(Sandbox(), args.plugins_dir) as host:
+        result, error = host.runner.run(args.plugin, payload)
+    if error:
+        _print_json({"error": Envelope.of(error).public()})
+        return 1
+    _print_json({"result": result, "plugin": args.plugin})
+    return 0
+
+
+# -- plugins -----------------------------------------------------------------
+
+
+def _plugins_arguments(plugins: argparse.ArgumentParser) -> None:
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _plugin_rows(registry: PluginRegistry) -> list[dict[str, Any]]:
+    host = HostLimits()
+    rows: list[dict[str, Any]] = []
+    for name in registry.list_plugins():
+        plugin = registry.get_plugin(name)
+        limits = host.clamp(plugin.limits)
+        rows.append(
+            {
+                "name": name,
+                "version": plugin.manifest.version,
+                "description": plugin.manifest.description,
+                "directory": str(plugin.directory),
+                "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
+                "status": registry.get_status(name),
+            }
+        )
+    return rows
+
+
+def _cmd_plugins(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    registry = PluginRegistry()
+    discover(registry, args.plugins_dir)
+    rows = _plugin_rows(registry)
+    sandbox = Sandbox()
+    try:
+        isolation = sandbox.protections()
+    finally:
+        sandbox.close()
+    if args.json:
+        _print_json({"plugins": rows, "load_errors": registry.load_errors, "isolation": isolation})
+        return 0
+    print(f"{'NAME':<20} {'VERSION':<9} {'STATE':<12} {'TIMEOUT':>8} {'MEMORY':>7}  DESCRIPTION")
+    for row in rows:
+        print(
+            f"{row['name']:<20} {row['version']:<9} {row['status']['state']:<12} "
+            f"{row['limits']['timeout_s']:>7g}s {row['limits']['memory_mb']:>5}MB  "
+            f"{row['description']}"
+        )
+    active = ", ".join(name for name, on in isolation.items() if on)
+    missing = ", ".join(name for name, on in isolation.items() if not on) or "none"
+    print(f"\nisolation layers active: {active}\nmissing or off: {missing}")
+    _warn(registry.load_errors)
+    return 0
+
+
+# -- serve -------------------------------------------------------------------
+
+# Flags of `serve` that are settings of the same name (host/config.py).
+SERVE_SETTINGS = (
+    "host",
+    "port",
+    "state_dir",
+    "db_path",
+    "workers",
+    "queue_size",
+    "default_plugin",
+    "log_level",
+    "require_containment",
+    "isolation",
+    "disable_layers",
+    "prewarm",
+    "user",
+)
+
+
+def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--config", metavar="FILE", help="TOML file with settings")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
     serve.add_argument(
         "--state-dir",
         metavar="DIR",
@@ -96,17 +252,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--default-plugin")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--isolation", choices=["standard", "strict"])
-    serve.add_argument("--prewarm", type=int, metavar="N", help="warm children per plugin")
     serve.add_argument(
         "--user", help="started as root: serve as this user once the sandbox is set up"
-    )
-    serve.add_argument(
-        "--disable-layer",
-        action="append",
-        default=[],
-        metavar="LAYER",
-        dest="disable_layers",
-        help="switch an isolation layer off",
     )
     serve.add_argument(
         "--require-containment",
@@ -115,105 +262,6 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse to serve if the start-up containment self-check fails",
     )
 
-    suite = commands.add_parser("crash-suite", help="run the hostile plugins, report containment")
-    suite.add_argument(
-        "--plugins-dir",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="more case directories, besides plugins/hostile",
-    )
-    suite.add_argument(
-        "--case", action="append", default=[], metavar="NAME", help="only these cases"
-    )
-    suite.add_argument("--category", action="append", default=[], help="only these categories")
-    suite.add_argument(
-        "--http", metavar="URL", help="attack a running server instead of this process"
-    )
-    suite.add_argument("--json", metavar="FILE", help="write a JSON report")
-    suite.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
-    suite.add_argument(
-        "--prewarm",
-        type=int,
-        default=0,
-        metavar="N",
-        help="run the cases on prewarmed children (N per plugin), the fast path",
-    )
-    suite.add_argument(
-        "--disable-layer",
-        action="append",
-        default=[],
-        metavar="LAYER",
-        help="switch an isolation layer off, to see which cases depend on it (local runs)",
-    )
-
-    plugins = commands.add_parser("plugins", help="list installed plugins")
-    plugins.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
-    plugins.add_argument("--json", action="store_true", help="print JSON")
-    return parser
-
-
-def _print_json(document: Any) -> None:
-    print(json.dumps(document, indent=2, sort_keys=True))
-
-
-def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    try:
-        image = args.image.read_bytes()
-    except OSError as exc:
-        parser.error(f"--image {args.image}: {exc.strerror}")
-    mime_type = args.mime_type or sniff_mime_type(args.image, image)
-    if mime_type is None:
-        parser.error(f"--image {args.image}: cannot tell its type; pass --mime-type")
-    registry = get_registry()
-    discover(registry, args.plugins_dir)
-    for problem in registry.load_errors:
-        print(f"plughost: warning: {problem}", file=sys.stderr)
-    payload = {"image": image, "mime_type": mime_type, "options": dict(args.option)}
-    result, error = ToolRunner().run(args.plugin, payload)
-    if error:
-        _print_json({"error": public_error(error)})
-        return 1
-    _print_json({"result": result, "plugin": args.plugin})
-    return 0
-
-
-def _cmd_plugins(args: argparse.Namespace) -> int:
-    registry = get_registry()
-    discover(registry, args.plugins_dir)
-    host = HostLimits()
-    rows: list[dict[str, Any]] = []
-    for name in registry.list_plugins():
-        plugin = registry.get_plugin(name)
-        limits = host.clamp(plugin.manifest.plugin_limits)
-        rows.append(
-            {
-                "name": name,
-                "version": plugin.manifest.version,
-                "description": plugin.manifest.description,
-                "directory": str(plugin.directory),
-                "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
-                "status": registry.get_status(name),
-            }
-        )
-    isolation = shared_sandbox().protections()
-    if args.json:
-        _print_json({"plugins": rows, "load_errors": registry.load_errors, "isolation": isolation})
-        return 0
-    print(f"{'NAME':<20} {'VERSION':<9} {'STATE':<12} {'TIMEOUT':>8} {'MEMORY':>7}  DESCRIPTION")
-    for row in rows:
-        print(
-            f"{row['name']:<20} {row['version']:<9} {row['status']['state']:<12} "
-            f"{row['limits']['timeout_s']:>7g}s {row['limits']['memory_mb']:>5}MB  "
-            f"{row['description']}"
-        )
-    active = ", ".join(name for name, on in isolation.items() if on)
-    missing = ", ".join(name for name, on in isolation.items() if not on) or "none"
-    print(f"\nisolation layers active: {active}\nmissing or off: {missing}")
-    for problem in registry.load_errors:
-        print(f"plughost: warning: {problem}", file=sys.stderr)
-    return 0
-
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from host.api import create_app
@@ -221,22 +269,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from host.config import ConfigError, load_settings
     from host.logs import configure_logging
 
-    names = (
-        "host",
-        "port",
-        "state_dir",
-        "db_path",
-        "workers",
-        "queue_size",
-        "default_plugin",
-        "log_level",
-        "require_containment",
-        "isolation",
-        "disable_layers",
-        "prewarm",
-        "user",
-    )
-    overrides = {name: getattr(args, name) for name in names}
+    overrides = {name: getattr(args, name) for name in SERVE_SETTINGS}
     overrides["plugins_dirs"] = args.plugins_dir
     try:
         settings = load_settings(args.config, overrides=overrides)
@@ -249,80 +282,164 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
-def _cmd_crash_suite(args: argparse.Namespace) -> int:
+# -- crash-suite ---------------------------------------------------------------
+
+
+def _suite_arguments(suite: argparse.ArgumentParser) -> None:
+    suite.add_argument(
+        "--case", action="append", default=[], metavar="NAME", help="only these cases"
+    )
+    suite.add_argument("--category", action="append", default=[], help="only these categories")
+    suite.add_argument(
+        "--http", metavar="URL", help="attack a running server instead of this process"
+    )
+    suite.add_argument("--json", metavar="FILE", help="write a JSON report")
+    suite.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
+
+
+def _admit_cases(cases: list[Any], registry: PluginRegistry) -> None:
+    """Register the cases in `registry`, dropping (with a warning) every case
+    that claims a bundled plugin's name: names are unique, and the benign
+    calls need the real plugin."""
+    for case in list(cases):
+        if case.name in registry.list_plugins():
+            print(
+                f"plughost: case {case.name} in {case.plugin.directory} claims the name of "
+                f"the bundled plugin in {registry.get_plugin(case.name).directory}; skipped",
+                file=sys.stderr,
+            )
+            cases.remove(case)
+            continue
+        registry.register(case.name, case.plugin)
+
+
+def _progress(index: int, total: int, report: Any) -> None:
+    print(
+        f"[{index:>3}/{total}] {report.verdict:<13} {report.name} ({report.observed}, "
+        f"{report.seconds:.2f}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _suite_over_http(args: argparse.Namespace, cases: list[Any]) -> int:
     import os
 
     from host import crashsuite
 
-    cases, errors = crashsuite.load_cases(args.plugins_dir, args.case, args.category)
-    for problem in errors:
-        print(f"plughost: warning: {problem}", file=sys.stderr)
-    if not cases:
-        print("plughost: no crash-suite case matches", file=sys.stderr)
+    target = crashsuite.HttpTarget(args.http, token=os.environ.get("PLUGHOST_TOKEN"))
+    print(
+        "note: against a server, leftover processes are counted by the sandbox uid range "
+        "(a root server only); another host's calls on that machine would count too",
+        file=sys.stderr,
+    )
+    return _finish_suite(args, crashsuite.run_suite(cases, target, _progress))
+
+
+def _suite_here(args: argparse.Namespace, cases: list[Any]) -> int:
+    from host import crashsuite
+
+    try:
+        sandbox = Sandbox(disabled=args.disable_layer, prewarm=args.prewarm or 0)
+    except ValueError as exc:
+        print(f"plughost: {exc}", file=sys.stderr)
         return 2
-    target: crashsuite.Target
-    if args.http:
-        target = crashsuite.HttpTarget(args.http, token=os.environ.get("PLUGHOST_TOKEN"))
-        print(
-            "note: against a server, leftover processes are counted by the sandbox uid range "
-            "(a root server only); another host's calls on that machine would count too",
-            file=sys.stderr,
-        )
-    else:
-        registry = get_registry()
-        discover(registry)
-        bundled = set(registry.list_plugins())
-        for case in list(cases):
-            if case.name in bundled:  # names are unique: never replace a bundled plugin
-                print(
-                    f"plughost: case {case.name} in {case.plugin.directory} claims the name of "
-                    f"the bundled plugin in {registry.get_plugin(case.name).directory}; skipped",
-                    file=sys.stderr,
-                )
-                cases.remove(case)
-                continue
-            registry.register(case.name, case.plugin)
+    with _local_host(sandbox) as host:
+        _admit_cases(cases, host.registry)
         if not cases:
             print("plughost: no crash-suite case left to run", file=sys.stderr)
             return 2
-        try:
-            sandbox = Sandbox(disabled=args.disable_layer, prewarm=args.prewarm)
-        except ValueError as exc:
-            print(f"plughost: {exc}", file=sys.stderr)
-            return 2
-        target = crashsuite.LocalTarget(registry, ToolRunner(sandbox=sandbox))
+        target = crashsuite.LocalTarget(host.runner)
+        if args.prewarm:
+            # Each case runs twice: the first call starts cold and warms a child
+            # for the plugin, the reported run uses that warm child.
+            crashsuite.run_suite(cases, target)
+        report = crashsuite.run_suite(cases, target, _progress)
+    return _finish_suite(args, report)
 
-    def progress(index: int, total: int, report: crashsuite.CaseReport) -> None:
-        print(
-            f"[{index:>3}/{total}] {report.verdict:<13} {report.name} ({report.observed}, "
-            f"{report.seconds:.2f}s)",
-            file=sys.stderr,
-            flush=True,
-        )
 
-    if args.prewarm and not args.http:
-        # Each case runs twice: the first call starts cold and warms a child
-        # for the plugin, the reported run uses that warm child.
-        crashsuite.run_suite(cases, target)
-    report = crashsuite.run_suite(cases, target, progress)
-    if isinstance(target, crashsuite.LocalTarget):
-        target.runner.sandbox.close()
+def _finish_suite(args: argparse.Namespace, report: Any) -> int:
+    from host import crashsuite
+
     print(crashsuite.format_table(report))
     crashsuite.write_reports(report, args.json, args.junit)
     return 0 if report.ok else 1
 
 
+def _cmd_crash_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from host import crashsuite
+
+    cases, errors = crashsuite.load_cases(args.plugins_dir, args.case, args.category)
+    _warn(errors)
+    if not cases:
+        print("plughost: no crash-suite case matches", file=sys.stderr)
+        return 2
+    return _suite_over_http(args, cases) if args.http else _suite_here(args, cases)
+
+
+# -- the command line ----------------------------------------------------------
+
+SUBCOMMANDS = (
+    Subcommand(
+        "run",
+        "run one plugin on one image, print JSON",
+        lambda: [plugins_dir_options()],
+        _run_arguments,
+        _cmd_run,
+    ),
+    Subcommand(
+        "serve",
+        "serve the HTTP API",
+        lambda: [
+            plugins_dir_options(),
+            isolation_options(
+                "disable_layers", "switch an isolation layer off", "warm children per plugin"
+            ),
+        ],
+        _serve_arguments,
+        _cmd_serve,
+    ),
+    Subcommand(
+        "crash-suite",
+        "run the hostile plugins, report containment",
+        lambda: [
+            plugins_dir_options("more case directories, besides plugins/hostile"),
+            isolation_options(
+                "disable_layer",
+                "switch an isolation layer off, to see which cases depend on it (local runs)",
+                "run the cases on prewarmed children (N per plugin), the fast path",
+            ),
+        ],
+        _suite_arguments,
+        _cmd_crash_suite,
+    ),
+    Subcommand(
+        "plugins",
+        "list installed plugins",
+        lambda: [plugins_dir_options()],
+        _plugins_arguments,
+        _cmd_plugins,
+    ),
+)
+
+
+def build_parser(subcommands: Sequence[Subcommand] = SUBCOMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plughost", description="Sandboxed plugin host")
+    parser.add_argument("--version", action="version", version=f"plughost {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in subcommands:
+        sub = commands.add_parser(command.name, help=command.help, parents=command.parents())
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.handler)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "run":
-        return _cmd_run(args, parser)
-    if args.command == "serve":
-        return _cmd_serve(args, parser)
-    if args.command == "crash-suite":
-        return _cmd_crash_suite(args)
-    return _cmd_plugins(args)
+    handler: Callable[[argparse.Namespace, argparse.ArgumentParser], int] = args.handler
+    return handler(args, parser)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ class Settings(BaseModel):
     # A root server becomes this user once the sandbox is set up (host/privileges.py).
     user: str | None = None
     disable_layers: list[str] = Field(default_factory=list)
+    # SQLite's synchronous setting for the job database: NORMAL survives the
+    # server being killed at any point, FULL a power cut too (an fsync per commit).
+    db_sync: Literal["NORMAL", "FULL"] = "NORMAL"
 
     # Request bounds and connection limits (see README, Configuration).
     options_max_depth: int = Field(default=16, ge=1, le=64)
@@ -101,6 +104,11 @@ class Settings(BaseModel):
     def job_db(self) -> str:
         """The SQLite job database: `db_path`, or jobs.sqlite3 in `state_dir`."""
         return self.db_path or os.path.join(self.state_dir, "jobs.sqlite3")
+
+    @field_validator("db_sync", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("client_tokens", "plugins_dirs", "disable_layers", mode="before")
     @classmethod

@@ -18,10 +18,42 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from host.manifest import ManifestError, load_manifest
-from host.registry import PluginRegistry, RegisteredPlugin
+from host.manifest import Manifest, ManifestError, load_manifest
+from sandbox.limits import PluginLimits
+
+
+@dataclass(frozen=True)
+class RegisteredPlugin:
+    """A plugin the host can run: its manifest and where its code lives
+    (what the sandbox's `RunnablePlugin` asks for)."""
+
+    manifest: Manifest
+    directory: Path
+    source: str = "directory"
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def entrypoint(self) -> str:
+        return self.manifest.entrypoint
+
+    @property
+    def limits(self) -> PluginLimits:
+        return self.manifest.plugin_limits
+
+
+class Registrar(Protocol):
+    """Where `discover` puts what it finds (the host's `PluginRegistry`)."""
+
+    load_errors: list[str]
+
+    def register(self, name: str, plugin: RegisteredPlugin) -> None: ...
 
 
 def _bundled_dir() -> Path:
@@ -131,7 +163,7 @@ def _unique(
 
 
 def discover(
-    registry: PluginRegistry,
+    registry: Registrar,
     extra_dirs: Iterable[str | Path] = (),
     overrides: Mapping[str, str | Path] | None = None,
 ) -> list[str]:

@@ -8,8 +8,9 @@
      ├── JobNotFound        no job with that id
      └── JobFinished        the job cannot be cancelled any more
 
-Services raise these; the HTTP layer maps `envelope["error"]["details"]["reason"]`
-to a status code in one place (`host/api/errors.py`).
+Services raise these; the HTTP layer answers each with the status its reason
+has in the reason table (`sandbox.outcome.REASONS`), in one place
+(`host/api/errors.py`).
 """
 
 from __future__ import annotations
@@ -17,30 +18,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sandbox.envelope import make_envelope
+from sandbox.envelope import Envelope
 from sandbox.jsonbounds import replace_surrogates
-
-# Reasons the host adds to the sandbox's outcome table, with their error type.
-HOST_REASONS = {
-    "unknown_job": "ValidationError",
-    "job_finished": "ValidationError",
-    "not_found": "ValidationError",
-    "method_not_allowed": "ValidationError",
-    "payload_too_large": "ValidationError",
-    "unauthorized": "ValidationError",
-    "forbidden": "ValidationError",
-    "quota_exceeded": "ValidationError",
-    "interrupted": "InternalError",
-}
+from sandbox.outcome import reason_of
 
 
 def envelope(
     reason: str, message: str, plugin: str | None = None, **details: Any
 ) -> dict[str, Any]:
-    """An envelope for a host-level (or sandbox) reason."""
-    return make_envelope(
-        reason, message, plugin=plugin, details=details, error_type=HOST_REASONS.get(reason)
-    )
+    """The wire form of an envelope for `reason` (any reason of `sandbox.outcome.REASONS`)."""
+    return Envelope.build(reason, message, plugin, details).to_dict()
+
+
+def status_of(reason: str) -> int:
+    """The HTTP status the API answers `reason` with (from the reason table)."""
+    return reason_of(reason).http_status
 
 
 def servable(value: Any, depth: int = 0) -> Any:
@@ -70,7 +62,7 @@ class ServiceError(Exception):
 
     @property
     def reason(self) -> str:
-        return str(self.envelope["error"]["details"]["reason"])
+        return Envelope.of(self.envelope).reason
 
 
 class Rejected(ServiceError):
@@ -115,3 +107,17 @@ class JobFinished(ServiceError):
         super().__init__(
             envelope("job_finished", f"job {job_id} is {status} already", status=status)
         )
+
+
+__all__ = [
+    "Envelope",
+    "JobFinished",
+    "JobNotFound",
+    "Overloaded",
+    "QuotaExceeded",
+    "Rejected",
+    "ServiceError",
+    "envelope",
+    "servable",
+    "status_of",
+]

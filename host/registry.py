@@ -1,7 +1,9 @@
-"""The process-wide plugin registry: what is installed, and how each plugin fares.
+"""The plugin registry: what is installed, and how each plugin fares.
 
 All methods are safe to call from many threads at once; one lock guards the
 tables, and nothing slow (no plugin code, no I/O) runs while it is held.
+Each server (and each CLI command) builds its own registry and passes it on;
+there is no process-wide one. It fulfils the sandbox's `PluginCatalog`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from host.manifest import Manifest
+from host.discovery import RegisteredPlugin, find_plugins, name_taken
+from sandbox.envelope import unknown_plugin_message
 from sandbox.outcome import State
 
 
@@ -24,20 +27,7 @@ class UnknownPluginError(KeyError):
         self.name = name
 
     def __str__(self) -> str:
-        return f"no plugin named {self.name!r} is registered"
-
-
-@dataclass(frozen=True)
-class RegisteredPlugin:
-    """A plugin the host can run: its manifest and where its code lives."""
-
-    manifest: Manifest
-    directory: Path
-    source: str = "directory"
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
+        return unknown_plugin_message(self.name)
 
 
 @dataclass
@@ -106,15 +96,16 @@ class PluginRegistry:
                 raise UnknownPluginError(name)
             return {"name": name, **self._metrics[name].as_dict()}
 
-    def all_status(self) -> dict[str, dict[str, Any]]:
-        """`get_status` of every plugin, by name."""
-        with self._lock:
-            return {name: self.get_status(name) for name in sorted(self._plugins)}
-
     def update_execution_metrics(
-        self, plugin_name: str, state: State | str | None, elapsed_ms: float, had_error: bool
+        self,
+        plugin_name: str,
+        state: State | str | None,
+        elapsed_ms: float,
+        had_error: bool,
+        reason: str | None = None,
     ) -> None:
-        """Record one finished call. `state=None` leaves the state unchanged.
+        """Record one finished call. `state=None` leaves the state unchanged;
+        `reason` (why it failed) is for recorders that count outcomes.
 
         Unknown plugins are ignored: a plugin may be unregistered mid-call.
         """
@@ -141,8 +132,6 @@ class PluginRegistry:
         name, both directories) and skipped. A plugin found again in the
         directory it was registered from is registered anew.
         """
-        from host.discovery import find_plugins, name_taken
-
         found, errors = find_plugins(Path(path))
         names = []
         with self._lock:
@@ -164,9 +153,4 @@ class PluginRegistry:
             self.load_errors.clear()
 
 
-_registry = PluginRegistry()
-
-
-def get_registry() -> PluginRegistry:
-    """The registry of this process."""
-    return _registry
+__all__ = ["PluginRegistry", "RegisteredPlugin", "UnknownPluginError"]

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox import child, isolation
+from sandbox.outcome import HostFailure
 
 PID = struct.Struct(">q")
 EXIT = struct.Struct(">iq")  # raw wait status, peak RSS in KiB
@@ -56,7 +57,7 @@ FD_ORDER = ("status", "reply", "stdout", "stderr", "payload")
 MAX_SPEC = 1 << 16
 
 
-class LauncherError(Exception):
+class LauncherError(HostFailure):
     """The launcher could not start a child (it died or refused)."""
 
 

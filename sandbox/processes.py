@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from sandbox.outcome import HostFailure
+
 # Per-call uids are UID_BASE .. UID_BASE + UID_SLOTS - 1: no user of the
 # machine may own one. PLUGHOST_UID_BASE moves the range (the test suite uses
 # its own, so it never mistakes a running server's calls for its own leaks).
@@ -118,7 +120,7 @@ class UidPool:
                 continue
             self.used.add(uid)
             return uid, fd
-        raise RuntimeError(f"all {self._slots} sandbox uids are in use")
+        raise HostFailure(f"all {self._slots} sandbox uids are in use")
 
     def at_rest(self) -> set[int]:
         """Uids this pool has handed out that no call holds now, of this host

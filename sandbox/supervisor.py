@@ -50,7 +50,7 @@ from sandbox.child import SETUP_FAILED, describe_exit
 from sandbox.launcher import EXIT, PID, Launcher
 from sandbox.layers import CGROUP_V1, detect
 from sandbox.limits import CallLimits, MiB
-from sandbox.outcome import Outcome, Status
+from sandbox.outcome import HostFailure, Outcome, Status
 from sandbox.prewarm import Slot, WarmPool
 from sandbox.processes import LOCK_DIR, CallProcesses, UidPool
 from sandbox.protocol import (
@@ -237,8 +237,10 @@ class Sandbox:
         """Run `call` in a fresh child and return its outcome.
 
         Kills and reaps every process of the call before it returns, also when
-        the calling thread is interrupted. Raises only for host-side failures
-        (no uid free, launcher unreachable), which the ToolRunner reports.
+        the calling thread is interrupted. Raises HostFailure for host-side
+        failures (no uid free, the launcher unreachable or gone, limits that
+        cannot be applied, a layer missing in strict mode), which the
+        ToolRunner reports.
         """
         token = current_token()
         if token is not None and token.cancelled:
@@ -246,11 +248,9 @@ class Sandbox:
         layers = self.layers()
         missing = _missing(layers)
         if self.isolation == "strict" and missing:
-            return Outcome(
-                Status.HOST_FAILED,
-                reason="internal",
-                message="isolation level strict: missing layers " + ", ".join(missing),
-                details={"missing_layers": missing},
+            raise HostFailure(
+                "isolation level strict: missing layers " + ", ".join(missing),
+                {"missing_layers": missing},
             )
         slot = self.warm.take(_warm_key(call)) if self.prewarm else None
         if slot is None:
@@ -591,14 +591,10 @@ class _Watch:
         if not data:
             if name == "status" and self.exit_status is None:
                 # Only the launcher writes there: it died, and the child with it.
-                raise _Verdict(
-                    Outcome(
-                        Status.HOST_FAILED,
-                        reason="internal",
-                        message="the sandbox launcher exited during the call; "
-                        "it is started again for the next one",
-                        details={"stage": "launcher"},
-                    )
+                raise HostFailure(
+                    "the sandbox launcher exited during the call; "
+                    "it is started again for the next one",
+                    {"stage": "launcher"},
                 )
             return False
         if name == "status":
@@ -689,7 +685,7 @@ class _Watch:
                 try:
                     if not self._on_readable("status", fd):
                         return
-                except _Verdict:
+                except HostFailure:
                     return  # the launcher is gone: no status will come
 
     # -- the verdict ---------------------------------------------------------
@@ -699,14 +695,9 @@ class _Watch:
         exit_info = describe_exit(self.exit_status)
         if not self.ready:
             if exit_info.get("exit_code") == SETUP_FAILED:
-                return Outcome(
-                    Status.HOST_FAILED,
-                    reason="internal",
-                    message="the sandbox could not apply its limits; the plugin was not run",
-                    details={
-                        "stage": "sandbox_setup",
-                        "stderr_tail": self.streams["stderr"].text(),
-                    },
+                raise HostFailure(
+                    "the sandbox could not apply its limits; the plugin was not run",
+                    {"stage": "sandbox_setup", "stderr_tail": self.streams["stderr"].text()},
                 )
             if self.cgroup is not None and self.cgroup.oom_killed():
                 return self._crashed(exit_info)

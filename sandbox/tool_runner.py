@@ -1,46 +1,75 @@
 """ToolRunner: the single place where a plugin call becomes `(result, error)`.
 
-    result, error = ToolRunner().run("image_info", payload)
+    result, error = ToolRunner(catalog, sandbox).run("image_info", payload)
 
 Exactly one of the two is non-empty. No exception escapes `run`: bad input,
 an unknown plugin, any plugin failure and a bug in the host itself all come
 back as an error envelope (SPEC sections 3 to 5).
+
+The sandbox knows nothing of the host: it reads plugins through
+`PluginCatalog`, a protocol defined here that the host's registry fulfils,
+and runs them in the `Sandbox` it is given (the server passes its own; there
+is no process-wide one).
 """
 
 from __future__ import annotations
 
-import atexit
 import base64
 import binascii
 import json
-import threading
 import time
 import traceback
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from host.registry import PluginRegistry, get_registry
-from sandbox.envelope import make_envelope
-from sandbox.limits import HostLimits
-from sandbox.outcome import Outcome, Status
+from sandbox.envelope import Envelope, unknown_plugin
+from sandbox.limits import HostLimits, PluginLimits
+from sandbox.outcome import HostFailure, Outcome, State, Status
 from sandbox.supervisor import CallSpec, Sandbox
 
 ALLOWED_MIME_TYPES = frozenset(
     {"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp", "image/tiff"}
 )
 
-_shared_sandbox: Sandbox | None = None
-_shared_lock = threading.Lock()
+
+class RunnablePlugin(Protocol):
+    """What the sandbox needs to know of a plugin to run it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def directory(self) -> Path: ...
+    @property
+    def entrypoint(self) -> str:
+        """`module:attribute`, the module found in `directory`."""
+        ...
+
+    @property
+    def limits(self) -> PluginLimits:
+        """The plugin's own limits (clamped to the host's maxima for each call)."""
+        ...
 
 
-def shared_sandbox() -> Sandbox:
-    """The process-wide sandbox (one launcher for every ToolRunner)."""
-    global _shared_sandbox
-    with _shared_lock:
-        if _shared_sandbox is None:
-            _shared_sandbox = Sandbox()
-            # Close the launcher and reap it when the host exits: nobody else would.
-            atexit.register(_shared_sandbox.close)
-        return _shared_sandbox
+class PluginCatalog(Protocol):
+    """Where the ToolRunner finds plugins and records each finished call."""
+
+    def get_plugin(self, name: str) -> RunnablePlugin:
+        """The plugin called `name`. Raises KeyError for an unknown name."""
+        ...
+
+    def list_plugins(self) -> list[str]: ...
+
+    def update_execution_metrics(
+        self,
+        plugin_name: str,
+        state: State | None,
+        elapsed_ms: float,
+        had_error: bool,
+        reason: str | None = None,
+    ) -> None:
+        """Record one finished call: the state it leaves (None: unchanged), its
+        time, and its failure reason (None: success)."""
+        ...
 
 
 class InvalidInput(ValueError):
@@ -89,83 +118,82 @@ def validate_payload(payload: Any, limits: HostLimits) -> tuple[bytes, str, dict
 
 
 class ToolRunner:
-    """Runs plugins by name, each call in its own sandboxed child process."""
+    """Runs the plugins of `catalog`, each call in its own child of `sandbox`."""
 
     def __init__(
-        self,
-        sandbox: Sandbox | None = None,
-        limits: HostLimits | None = None,
-        registry: PluginRegistry | None = None,
+        self, catalog: PluginCatalog, sandbox: Sandbox, limits: HostLimits | None = None
     ) -> None:
-        self._sandbox = sandbox
+        self.catalog = catalog
+        self.sandbox = sandbox
         self.limits = limits or HostLimits()
-        self._registry = registry
-
-    @property
-    def sandbox(self) -> Sandbox:
-        if self._sandbox is None:
-            self._sandbox = shared_sandbox()
-        return self._sandbox
 
     def run(self, plugin_name: str, payload: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Run `plugin_name` on `payload`; return `(result, {})` or `({}, envelope)`."""
-        registry = self._registry or get_registry()
+        """Run `plugin_name` on `payload`; return `(result, {})` or `({}, envelope)`.
+
+        The call's state and time are recorded in the catalog exactly once,
+        here, for every call that reached a registered plugin.
+        """
         started = time.monotonic()
         record = False
-        state = None
-        had_error = True
+        state: State | None = None
+        reason: str | None = "internal"
         try:
             try:
-                plugin = registry.get_plugin(plugin_name)
+                plugin = self.catalog.get_plugin(plugin_name)
             except KeyError:
-                return {}, make_envelope(
-                    "unknown_plugin",
-                    f"no plugin named {str(plugin_name)[:100]!r} is registered",
-                    plugin=None,
-                    details={"available": registry.list_plugins()[:50]},
-                )
+                return {}, unknown_plugin(plugin_name, self.catalog.list_plugins()).to_dict()
             try:
                 image, mime_type, options = validate_payload(payload, self.limits)
             except InvalidInput as exc:
-                return {}, make_envelope("invalid_input", str(exc), plugin=plugin_name)
+                return {}, Envelope.build("invalid_input", str(exc), plugin_name).to_dict()
             record = True
-            call = CallSpec(
-                plugin=plugin_name,
-                plugin_dir=str(plugin.directory),
-                entrypoint=plugin.manifest.entrypoint,
-                limits=self.limits.clamp(plugin.manifest.plugin_limits),
-                image=image,
-                mime_type=mime_type,
-                options=options,
-            )
-            outcome = self.sandbox.execute(call)
+            outcome = self.sandbox.execute(self._call(plugin, image, mime_type, options))
             state = outcome.state
             if outcome.status is Status.SUCCESS and outcome.result is not None:
-                had_error = False
+                reason = None
                 return outcome.result, {}
-            return {}, self._envelope(plugin_name, outcome)
+            reason = outcome.reason or "internal"
+            return {}, self._envelope(plugin_name, outcome).to_dict()
+        except HostFailure as exc:
+            state = None
+            message = f"plugin host failed: {exc.message}"
+            return {}, Envelope.build("internal", message, plugin_name, exc.details).to_dict()
         # The boundary of the contract: a host-side bug becomes an envelope too.
         except Exception as exc:  # noqa: BLE001
-            record = record or plugin_name in registry.list_plugins()
+            record = record or plugin_name in self.catalog.list_plugins()
             state = None
-            return {}, make_envelope(
+            return {}, Envelope.build(
                 "internal",
                 f"plugin host failed: {type(exc).__name__}",
-                plugin=plugin_name if isinstance(plugin_name, str) else None,
+                plugin_name if isinstance(plugin_name, str) else None,
                 traceback=traceback.format_exc(),
-            )
+            ).to_dict()
         finally:
             if record:
                 elapsed_ms = (time.monotonic() - started) * 1000
-                registry.update_execution_metrics(plugin_name, state, elapsed_ms, had_error)
+                self.catalog.update_execution_metrics(
+                    plugin_name, state, elapsed_ms, reason is not None, reason=reason
+                )
+
+    def _call(
+        self, plugin: RunnablePlugin, image: bytes, mime_type: str, options: dict[str, Any]
+    ) -> CallSpec:
+        return CallSpec(
+            plugin=plugin.name,
+            plugin_dir=str(plugin.directory),
+            entrypoint=plugin.entrypoint,
+            limits=self.limits.clamp(plugin.limits),
+            image=image,
+            mime_type=mime_type,
+            options=options,
+        )
 
     @staticmethod
-    def _envelope(plugin_name: str, outcome: Outcome) -> dict[str, Any]:
-        reason = outcome.reason or "internal"
-        return make_envelope(
-            reason,
+    def _envelope(plugin_name: str, outcome: Outcome) -> Envelope:
+        return Envelope.build(
+            outcome.reason or "internal",
             outcome.message,
-            plugin=plugin_name,
-            details=outcome.details,
-            traceback=outcome.traceback,
+            plugin_name,
+            outcome.details,
+            outcome.traceback,
         )

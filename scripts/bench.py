@@ -47,11 +47,14 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from host.registry import get_registry  # noqa: E402
+from host.registry import PluginRegistry  # noqa: E402
 from sandbox.supervisor import OPTIONAL_LAYERS, Sandbox  # noqa: E402
 from sandbox.tool_runner import ToolRunner  # noqa: E402
 
 PAYLOAD = {"image": b"\x89PNG", "mime_type": "image/png", "options": {}}
+# The benchmark's plugins, and the sandbox its sections share (closed by main).
+REGISTRY = PluginRegistry()
+SANDBOX = Sandbox()
 RESULTS: dict[str, Any] = {}
 
 
@@ -209,9 +212,9 @@ def warm_calls(runner: ToolRunner, n: int) -> dict[str, float]:
 
 
 def overhead(n: int, slow_n: int) -> list[str]:
-    full = ToolRunner()
-    bare = ToolRunner(sandbox=Sandbox(disabled=OPTIONAL_LAYERS))
-    warm = ToolRunner(sandbox=Sandbox(prewarm=1))
+    full = ToolRunner(REGISTRY, SANDBOX)
+    bare = ToolRunner(REGISTRY, Sandbox(disabled=OPTIONAL_LAYERS))
+    warm = ToolRunner(REGISTRY, Sandbox(prewarm=1))
     figures = {
         "plughost, every layer (fresh process per call)": timed(
             lambda: full.run("bench_trivial", PAYLOAD), n
@@ -245,7 +248,7 @@ def overhead(n: int, slow_n: int) -> list[str]:
 
 
 def sustained(seconds: float, threads: int) -> list[str]:
-    runner = ToolRunner()
+    runner = ToolRunner(REGISTRY, SANDBOX)
     count = 0
     lock = threading.Lock()
     stop = time.monotonic() + seconds
@@ -393,9 +396,8 @@ def http_section(plugin_dir: Path, total: int, concurrency: int) -> list[str]:
 
 
 def limits_section(n: int) -> list[str]:
-    registry = get_registry()
-    registry.load_directory(ROOT / "plugins" / "hostile")
-    runner = ToolRunner()
+    REGISTRY.load_directory(ROOT / "plugins" / "hostile")
+    runner = ToolRunner(REGISTRY, SANDBOX)
     late = []
     for _ in range(n):
         _, error = runner.run("busy_loop", PAYLOAD)
@@ -425,7 +427,7 @@ def limits_section(n: int) -> list[str]:
 
 
 def rss_section(calls: int, threads: int) -> list[str]:
-    runner = ToolRunner()
+    runner = ToolRunner(REGISTRY, SANDBOX)
     for _ in range(50):
         runner.run("bench_trivial", PAYLOAD)
     process = psutil.Process()
@@ -554,7 +556,7 @@ def peers_section() -> list[str]:
 
 
 def concurrency_section(levels: list[int], calls: int, plot: Path | None) -> list[str]:
-    runner = ToolRunner()
+    runner = ToolRunner(REGISTRY, SANDBOX)
     figures = {}
     for level in levels:
         samples: list[float] = []
@@ -623,7 +625,7 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     plugin_dir = trivial_plugin_dir()
-    get_registry().load_directory(plugin_dir)
+    REGISTRY.load_directory(plugin_dir)
     sections: dict[str, Callable[[], list[str]]] = {
         "overhead": lambda: overhead(100 if quick else 300, 15 if quick else 40),
         "sustained": lambda: sustained(3 if quick else 10, 4),
@@ -642,13 +644,16 @@ def main() -> None:
         f"Python {sys.version.split()[0]}, {'quick' if quick else 'full'} run)",
         "",
     ]
-    for name, section in sections.items():
-        if args.only and name not in args.only:
-            continue
-        print(f"== {name}", flush=True)
-        lines = section()
-        print("\n".join(lines), flush=True)
-        output += [f"## {name}", "", *lines, ""]
+    try:
+        for name, section in sections.items():
+            if args.only and name not in args.only:
+                continue
+            print(f"== {name}", flush=True)
+            lines = section()
+            print("\n".join(lines), flush=True)
+            output += [f"## {name}", "", *lines, ""]
+    finally:
+        SANDBOX.close()
     (ROOT / "docs" / "bench-results.json").write_text(json.dumps(RESULTS, indent=2, default=str))
     if args.write_docs:
         write_docs(output)

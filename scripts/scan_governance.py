@@ -80,9 +80,12 @@ def _makes_toolrunner(node: ast.AST | None) -> bool:
     )
 
 
-def _toolrunner_names(tree: ast.AST) -> set[str]:
-    """Names and attributes that hold a ToolRunner anywhere in the module."""
+def _toolrunner_names(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """Names that hold a ToolRunner anywhere in the module, and the attributes
+    declared as one (a dataclass field or a parameter annotated `ToolRunner`,
+    kept in `self.<same name>`)."""
     names = {"self._runner"}
+    attributes: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and _makes_toolrunner(node.value):
             names.update(_dotted(t) for t in node.targets)
@@ -90,13 +93,19 @@ def _toolrunner_names(tree: ast.AST) -> set[str]:
             _makes_toolrunner(node.value) or _dotted(node.annotation) == "ToolRunner"
         ):
             names.add(_dotted(node.target))
-    return names
+            if isinstance(node.target, ast.Name):
+                attributes.add(node.target.id)
+        elif isinstance(node, ast.arg) and node.annotation is not None:
+            if _dotted(node.annotation) == "ToolRunner":
+                names.add(node.arg)
+                attributes.add(node.arg)
+    return names, attributes
 
 
 def check_plugin_calls(rel: str, tree: ast.AST) -> Iterator[Violation]:
     if rel == CHILD_MODULE:
         return
-    runners = _toolrunner_names(tree)
+    runners, attributes = _toolrunner_names(tree)
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
@@ -105,6 +114,8 @@ def check_plugin_calls(rel: str, tree: ast.AST) -> Iterator[Violation]:
             receiver = _dotted(func.value)
             if receiver in runners or receiver == "ToolRunner()" or receiver in LIBRARY_RUNNERS:
                 continue
+            if "." in receiver and receiver.rsplit(".", 1)[1] in attributes:
+                continue  # `x.runner`, where `runner` is declared a ToolRunner
             if receiver.endswith("ToolRunner()"):
                 continue
             yield Violation(

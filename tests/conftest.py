@@ -19,10 +19,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from host.discovery import BUNDLED_DIR, discover
-from host.registry import PluginRegistry, get_registry
+from host.registry import PluginRegistry
 from sandbox.cgroups import host_id
 from sandbox.processes import UID_BASE, UID_SLOTS
-from sandbox.tool_runner import ToolRunner, shared_sandbox
+from sandbox.supervisor import Sandbox
+from sandbox.tool_runner import ToolRunner
 
 HOSTILE_DIR = BUNDLED_DIR / "hostile"
 
@@ -48,24 +49,29 @@ def payload(png: bytes) -> dict[str, object]:
     return {"image": png, "mime_type": "image/png", "options": {}}
 
 
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[Sandbox]:
+    """The test run's sandbox (one launcher), closed when the run ends."""
+    box = Sandbox()
+    yield box
+    box.close()
+
+
 @pytest.fixture
-def registry() -> Iterator[PluginRegistry]:
-    """The process registry, loaded with bundled and hostile plugins, reset after."""
-    reg = get_registry()
-    reg.clear()
+def registry() -> PluginRegistry:
+    """A registry of the bundled and hostile plugins."""
+    reg = PluginRegistry()
     discover(reg, [HOSTILE_DIR])
-    yield reg
-    reg.clear()
+    return reg
 
 
 @pytest.fixture
-def runner(registry: PluginRegistry) -> ToolRunner:
-    return ToolRunner()
+def runner(registry: PluginRegistry, sandbox: Sandbox) -> ToolRunner:
+    return ToolRunner(registry, sandbox)
 
 
-def sandbox_processes() -> list[psutil.Process]:
+def sandbox_processes(launcher: int | None) -> list[psutil.Process]:
     """Processes that belong to some call: a sandbox uid, or a child of the launcher."""
-    launcher = shared_sandbox().launcher.pid
     found = []
     for proc in psutil.process_iter(["uids", "ppid", "status"]):
         uid = proc.info["uids"].real if proc.info["uids"] else -1
@@ -93,15 +99,15 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     if "no_leak_check" in request.keywords:
         yield
         return
-    shared_sandbox()  # the launcher's descriptors are not a leak
+    box: Sandbox = request.getfixturevalue("sandbox")  # its launcher's fds are not a leak
     host_id()  # nor is the host's lock, held for the process's lifetime
     before = open_fds()
     cgroups_before = call_cgroups()
     yield
     deadline = time.monotonic() + 3
-    while sandbox_processes() and time.monotonic() < deadline:
+    while sandbox_processes(box.launcher.pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    left = [(p.pid, p.info["status"]) for p in sandbox_processes()]
+    left = [(p.pid, p.info["status"]) for p in sandbox_processes(box.launcher.pid)]
     assert not left, f"processes left behind: {left}"
     assert call_cgroups() <= cgroups_before, "cgroups left behind"
     leaked = open_fds() - before

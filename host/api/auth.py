@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -60,31 +59,23 @@ def _matches(token: str | None, allowed: list[str]) -> str | None:
     return found
 
 
-def client_principal(settings: Settings) -> Callable[[Request], Principal]:
-    """A dependency naming the caller of a client route. Raises 401 (ServiceError)."""
-
-    def dependency(request: Request) -> Principal:
-        token = bearer(request)
-        if settings.admin_token and _matches(token, [settings.admin_token]):
-            return Principal(ADMIN, admin=True)
-        if not settings.client_tokens:
-            return Principal(ANONYMOUS)
-        found = _matches(token, settings.client_tokens)
-        if found is None:
-            raise ServiceError(envelope("unauthorized", "a valid bearer token is required"))
-        return Principal(principal_id(found))
-
-    return dependency
-
-
-def admin_principal(settings: Settings) -> Callable[[Request], Principal]:
-    """A dependency for admin routes: 403 while no admin token is set, 401 without it."""
-
-    def dependency(request: Request) -> Principal:
-        if not settings.admin_token:
-            raise ServiceError(envelope("forbidden", "admin routes are off: no admin token set"))
-        if not _matches(bearer(request), [settings.admin_token]):
-            raise ServiceError(envelope("unauthorized", "the admin token is required"))
+def identify_client(request: Request, settings: Settings) -> Principal:
+    """The caller of a client route. Raises 401 (ServiceError)."""
+    token = bearer(request)
+    if settings.admin_token and _matches(token, [settings.admin_token]):
         return Principal(ADMIN, admin=True)
+    if not settings.client_tokens:
+        return Principal(ANONYMOUS)
+    found = _matches(token, settings.client_tokens)
+    if found is None:
+        raise ServiceError(envelope("unauthorized", "a valid bearer token is required"))
+    return Principal(principal_id(found))
 
-    return dependency
+
+def identify_admin(request: Request, settings: Settings) -> Principal:
+    """The caller of an admin route: 403 while no admin token is set, 401 without it."""
+    if not settings.admin_token:
+        raise ServiceError(envelope("forbidden", "admin routes are off: no admin token set"))
+    if not _matches(bearer(request), [settings.admin_token]):
+        raise ServiceError(envelope("unauthorized", "the admin token is required"))
+    return Principal(ADMIN, admin=True)

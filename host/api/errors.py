@@ -1,6 +1,7 @@
-"""The one place where error reasons become HTTP statuses, and the exception
-handlers that make every error body `{"detail": <error envelope>}` with no
-traceback and no `_internal` in it."""
+"""The one place where error reasons become HTTP statuses (each reason's
+`http_status` in the reason table, `sandbox.outcome.REASONS`), and the
+exception handlers that make every error body `{"detail": <error envelope>}`
+with no traceback and no `_internal` in it."""
 
 from __future__ import annotations
 
@@ -15,35 +16,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from host.errors import ServiceError, envelope, servable
+from host.errors import Envelope, ServiceError, envelope, servable, status_of
 
 log = logging.getLogger("plughost.api")
-
-STATUS_BY_REASON = {
-    "invalid_input": 400,
-    "unknown_plugin": 404,
-    "plugin_raised": 400,
-    "invalid_output": 400,
-    "output_too_large": 400,
-    "load_failed": 400,
-    "timeout": 400,
-    "memory_limit": 400,
-    "crashed": 400,
-    "protocol_violation": 400,
-    "quarantined": 503,
-    "overloaded": 503,
-    "cancelled": 409,
-    "internal": 500,
-    "interrupted": 500,
-    "unknown_job": 404,
-    "job_finished": 409,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "payload_too_large": 413,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "quota_exceeded": 429,
-}
 
 
 class ErrorModel(BaseModel):
@@ -77,10 +52,10 @@ class EnvelopeResponse(JSONResponse):
 
 def error_response(error: dict[str, Any]) -> JSONResponse:
     """Answer with `{"detail": error}` and the status its reason maps to."""
-    reason = error.get("details", {}).get("reason", "internal")
-    status = STATUS_BY_REASON.get(reason, 500)
+    failure = Envelope.of(error)
+    status = status_of(failure.reason)
     headers = {}
-    retry = error.get("details", {}).get("retry_after_s")
+    retry = failure.details.get("retry_after_s")
     if status == 503 or retry is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry or 1)))
     if status == 401:

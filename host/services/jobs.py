@@ -32,7 +32,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from host.errors import JobFinished, JobNotFound, Overloaded, QuotaExceeded, envelope
+from host.errors import (
+    Envelope,
+    JobFinished,
+    JobNotFound,
+    Overloaded,
+    QuotaExceeded,
+    envelope,
+)
 from host.services.plugins import PluginManagementService
 from host.services.store import (
     ANONYMOUS,
@@ -122,11 +129,6 @@ class JobManagementService:
             log.warning("marked %d unfinished jobs of a previous run INTERRUPTED", recovered)
 
     # -- creating -----------------------------------------------------------
-
-    def create_job(self, plugin_name: str, payload: Any, owner: str = ANONYMOUS) -> Job:
-        """Validate and store a PENDING job of `owner`. Raises Rejected, QuotaExceeded."""
-        self._plugins.check(plugin_name, payload)
-        return self._store_pending(plugin_name, payload, owner)
 
     def _store_pending(self, plugin_name: str, payload: Any, owner: str) -> Job:
         job = Job(
@@ -225,7 +227,8 @@ class JobManagementService:
         finally:
             with self._lock:
                 self._running -= 1
-        reason = error["error"]["details"]["reason"] if error else None
+        failure = Envelope.of(error) if error else None
+        reason = failure.reason if failure else None
         if not error:
             status = JobStatus.SUCCESS
         elif reason == "cancelled":
@@ -237,7 +240,7 @@ class JobManagementService:
             status=status,
             finished_at=now_iso(),
             result=result or None,
-            error=error["error"] if error else None,
+            error=failure.public() if failure else None,
         )
         self.store.update(job)
         log.info(

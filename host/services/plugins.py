@@ -3,76 +3,111 @@
 It knows the installed plugins, refuses quarantined ones, runs the others
 through `self._runner.run(...)` (never catching around it: the ToolRunner
 returns every failure as an envelope), and keeps the per-plugin quarantine
-streaks and call metrics.
+streaks and call metrics. Each finished call is recorded once, by the
+ToolRunner, into `CallRecorder`: registry state and metrics, quarantine
+streak and the Prometheus counters together.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from host.discovery import discover
+from host.discovery import RegisteredPlugin, discover
 from host.errors import Rejected, envelope
 from host.metrics import Metrics
 from host.quarantine import QuarantineBook
-from host.registry import PluginRegistry, get_registry
+from host.registry import PluginRegistry
 from sandbox.cancel import CancelToken, use_token
-from sandbox.envelope import public_error
+from sandbox.envelope import Envelope, unknown_plugin
 from sandbox.limits import HostLimits
-from sandbox.outcome import REASONS, State
+from sandbox.outcome import State, reason_of
 from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import InvalidInput, ToolRunner, validate_payload
-
-UNAVAILABLE_REASONS = frozenset(
-    r for r, (_, state) in REASONS.items() if state is State.UNAVAILABLE
-)
-# Outcomes that say nothing about the plugin's health.
-NEUTRAL_REASONS = frozenset(
-    {"invalid_input", "unknown_plugin", "cancelled", "internal", "overloaded"}
-)
-
 
 log = logging.getLogger("plughost.services")
 
 
+class CallRecorder:
+    """The host's side of the sandbox's `PluginCatalog`: plugins come from the
+    registry, and each finished call is recorded in the registry, the
+    quarantine book and the metrics at once."""
+
+    def __init__(
+        self, registry: PluginRegistry, quarantine: QuarantineBook, metrics: Metrics
+    ) -> None:
+        self.registry = registry
+        self.quarantine = quarantine
+        self.metrics = metrics
+
+    def get_plugin(self, name: str) -> RegisteredPlugin:
+        return self.registry.get_plugin(name)
+
+    def list_plugins(self) -> list[str]:
+        return self.registry.list_plugins()
+
+    def update_execution_metrics(
+        self,
+        plugin_name: str,
+        state: State | None,
+        elapsed_ms: float,
+        had_error: bool,
+        reason: str | None = None,
+    ) -> None:
+        self.registry.update_execution_metrics(plugin_name, state, elapsed_ms, had_error)
+        health = False if reason is None else reason_of(reason).health
+        if health is not None:  # an outcome that says something of the plugin's health
+            self.quarantine.record(plugin_name, unavailable=health)
+        self.metrics.observe_call(plugin_name, reason or "success", elapsed_ms / 1000)
+
+
 class PluginManagementService:
-    """Runs plugins through the ToolRunner, with quarantine and metrics."""
+    """Runs plugins through the ToolRunner, with quarantine and metrics.
+
+    `sandbox` is the one the server runs every call in; the service closes
+    it in `close()`.
+    """
 
     def __init__(
         self,
-        runner: ToolRunner | None = None,
-        registry: PluginRegistry | None = None,
+        registry: PluginRegistry,
+        sandbox: Sandbox,
+        limits: HostLimits | None = None,
         quarantine: QuarantineBook | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self._runner = runner or ToolRunner()
-        self.registry = registry or get_registry()
+        self.registry = registry
         self.quarantine = quarantine or QuarantineBook()
         self.metrics = metrics or Metrics()
+        recorder = CallRecorder(registry, self.quarantine, self.metrics)
+        self._runner = ToolRunner(recorder, sandbox, limits)
 
     @property
     def limits(self) -> HostLimits:
         return self._runner.limits
 
+    @property
+    def sandbox(self) -> Sandbox:
+        """The sandbox every call of this service runs in."""
+        return self._runner.sandbox
+
     def protections(self) -> dict[str, bool]:
         """Isolation layers active for the calls this service makes."""
-        return self._runner.sandbox.protections()
+        return self.sandbox.protections()
 
     def sandbox_paths(self) -> list[Path]:
         """Start the sandbox's launcher now; return the directories the
         sandbox writes in for every call (what a server giving up root hands
         over)."""
-        self._runner.sandbox.launcher.start()
-        return self._runner.sandbox.host_paths()
+        self.sandbox.launcher.start()
+        return self.sandbox.host_paths()
 
     def check(self, plugin_name: Any, payload: Any) -> None:
         """Refuse a call that cannot run. Raises Rejected with its envelope."""
         if not isinstance(plugin_name, str) or plugin_name not in self.registry.list_plugins():
-            shown = str(plugin_name)[:100]
-            raise Rejected(envelope("unknown_plugin", f"no plugin named {shown!r} is registered"))
+            raise Rejected(unknown_plugin(plugin_name).to_dict())
         try:
             validate_payload(payload, self._runner.limits)
         except InvalidInput as exc:
@@ -90,24 +125,13 @@ class PluginManagementService:
             retry_after_s=round(retry, 1),
         )
 
-    @staticmethod
-    def make_sandbox(
-        isolation: str = "standard", disabled: Sequence[str] = (), prewarm: int = 0
-    ) -> Sandbox:
-        """A sandbox with its own launcher, at `isolation` level, `disabled` layers
-        off, `prewarm` children kept waiting per plugin.
-
-        Raises ValueError for an unknown level or layer name.
-        """
-        return Sandbox(isolation=isolation, disabled=disabled, prewarm=prewarm)
-
     def warm_uids(self) -> list[int]:
         """Uids of the prewarmed children waiting for a call."""
-        return sorted(self._runner.sandbox.warm_uids())
+        return sorted(self.sandbox.warm_uids())
 
     def close(self) -> None:
         """Stop the sandbox this service runs plugins in (warm children, launcher)."""
-        self._runner.sandbox.close()
+        self.sandbox.close()
 
     @staticmethod
     def cancellation() -> CancelToken:
@@ -122,7 +146,6 @@ class PluginManagementService:
         if retry is not None:
             self.metrics.observe_call(plugin_name, "quarantined", 0.0)
             return {}, self._quarantined(plugin_name, retry)
-        started = time.monotonic()
         token = cancel or CancelToken()
         try:
             with use_token(token):
@@ -130,20 +153,14 @@ class PluginManagementService:
         finally:
             if cancel is None:
                 token.close()
-        reason = error["error"]["details"]["reason"] if error else None
-        if error and error["error"]["type"] == "InternalError" and reason == "internal":
+        if error and Envelope.of(error).reason == "internal":
             # A host-side failure: the operator needs the traceback, the client never sees it.
+            failure = Envelope.of(error)
             log.error(
                 "host-side failure: %s",
-                error["error"]["message"],
-                extra={
-                    "plugin": plugin_name,
-                    "traceback": error.get("_internal", {}).get("traceback", ""),
-                },
+                failure.message,
+                extra={"plugin": plugin_name, "traceback": failure.traceback},
             )
-        if reason not in NEUTRAL_REASONS:
-            self.quarantine.record(plugin_name, unavailable=reason in UNAVAILABLE_REASONS)
-        self.metrics.observe_call(plugin_name, reason or "success", time.monotonic() - started)
         return result, error
 
     def describe(self, name: str) -> dict[str, Any]:
@@ -154,7 +171,7 @@ class PluginManagementService:
         try:
             plugin = self.registry.get_plugin(name)
         except KeyError:
-            raise Rejected(envelope("unknown_plugin", f"no plugin named {name[:100]!r}")) from None
+            raise Rejected(unknown_plugin(name).to_dict()) from None
         limits = self._runner.limits.clamp(plugin.manifest.plugin_limits)
         status = self.registry.get_status(name)
         return {
@@ -191,4 +208,4 @@ class PluginManagementService:
         return sorted(names)
 
 
-__all__ = ["PluginManagementService", "ToolRunner", "public_error"]
+__all__ = ["CallRecorder", "PluginManagementService"]

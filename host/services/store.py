@@ -367,7 +367,11 @@ def _private_file(path: Path, follow: bool = True) -> None:
 class SQLiteJobStore:
     """Jobs in an SQLite file (WAL); thread-safe."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, synchronous: str = "NORMAL") -> None:
+        """Open (or create) the database at `path`. `synchronous` is "NORMAL" or
+        "FULL" (SQLite's setting; see `Settings.db_sync`)."""
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = Path(path)
         in_memory = str(path) == ":memory:"
         if not in_memory:
@@ -388,10 +392,9 @@ class SQLiteJobStore:
         # In WAL mode a commit with synchronous=NORMAL is in the OS's hands
         # before it returns: it survives the server being killed at any point
         # (the promise the API makes), though not a power cut; FULL would add
-        # an fsync to each of a job's three commits. Set PLUGHOST_DB_SYNC=FULL
-        # to trade throughput for power-loss durability.
-        sync = os.environ.get("PLUGHOST_DB_SYNC", "NORMAL").upper()
-        self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'FULL' else 'NORMAL'}")
+        # an fsync to each of a job's three commits. FULL (db_sync in the
+        # settings, PLUGHOST_DB_SYNC) trades throughput for power-loss durability.
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute(
             """CREATE TABLE IF NOT EXISTS jobs (
                 id TEXT PRIMARY KEY, plugin TEXT NOT NULL, status TEXT NOT NULL,

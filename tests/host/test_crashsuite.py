@@ -24,6 +24,7 @@ from host.services import (
     MemoryJobStore,
     PluginManagementService,
 )
+from sandbox.supervisor import Sandbox
 from tests.conftest import HOSTILE_DIR
 from tests.host.test_serve import BODY, free_port, request, start_server, stop
 
@@ -151,15 +152,17 @@ def test_local_suite_beside_a_serving_host_counts_only_its_own_calls(tmp_path: P
     assert "left behind" not in result.stdout
 
 
-def _client(registry: PluginRegistry, **settings: object) -> TestClient:
-    plugins = PluginManagementService(registry=registry)
+def _client(registry: PluginRegistry, sandbox: Sandbox, **settings: object) -> TestClient:
+    plugins = PluginManagementService(registry, sandbox)
     jobs = JobManagementService(plugins, MemoryJobStore())
     services = Services(plugins, jobs, AnalysisService(jobs))
     return TestClient(create_app(Settings(**settings), services))
 
 
-def test_server_self_check_is_reported_at_readyz(registry: PluginRegistry) -> None:
-    with _client(registry) as client:
+def test_server_self_check_is_reported_at_readyz(
+    registry: PluginRegistry, sandbox: Sandbox
+) -> None:
+    with _client(registry, sandbox) as client:
         body = client.get("/readyz").json()
     assert body["ready"] is True
     assert body["self_check"]["ok"] is True
@@ -167,7 +170,7 @@ def test_server_self_check_is_reported_at_readyz(registry: PluginRegistry) -> No
 
 
 def test_server_refuses_to_serve_when_containment_is_broken(
-    registry: PluginRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    registry: PluginRegistry, sandbox: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     case = tmp_path / "escapes"
     shutil.copytree(HOSTILE_DIR / "read_host_env_vars", case)
@@ -179,15 +182,15 @@ def test_server_refuses_to_serve_when_containment_is_broken(
     )
     real_load: Callable[..., tuple] = crashsuite.load_cases
     monkeypatch.setattr(
-        crashsuite,
+        crashsuite.cases,
         "load_cases",
         lambda dirs=(), names=(), categories=(): real_load([tmp_path], ["escapes"], categories),
     )
-    with _client(registry) as client:  # without the option it serves, and says so
+    with _client(registry, sandbox) as client:  # without the option it serves, and says so
         check = client.get("/readyz").json()["self_check"]
         assert check["ok"] is False and "escapes" in check["failed_cases"]
     with pytest.raises(RuntimeError, match="refusing to serve"):
-        with _client(registry, require_containment=True):
+        with _client(registry, sandbox, require_containment=True):
             pass
 
 

@@ -45,7 +45,7 @@ def test_bundled_plugins_are_discovered() -> None:
 
 
 def test_entry_point_module_plugin_is_found_and_runs_in_the_sandbox(
-    site: Path, registry: PluginRegistry, payload: dict
+    runner: ToolRunner, site: Path, registry: PluginRegistry, payload: dict
 ) -> None:
     package = site / "tp_pkg"
     package.mkdir()
@@ -59,7 +59,7 @@ def test_entry_point_module_plugin_is_found_and_runs_in_the_sandbox(
     _distribution(site, "tp_module = tp_pkg.core:Plugin\n")
     assert "tp_module" in discover(registry)
     assert "tp_pkg" not in sys.modules  # found without importing plugin code
-    result, error = ToolRunner().run("tp_module", payload)
+    result, error = runner.run("tp_module", payload)
     assert error == {} and result == {"from": "entry point"}
 
 
@@ -108,7 +108,7 @@ def impostor(tmp_path: Path) -> Path:
 
 
 def test_plugin_claiming_a_bundled_name_is_refused_naming_both_directories(
-    registry: PluginRegistry, impostor: Path, payload: dict
+    runner: ToolRunner, registry: PluginRegistry, impostor: Path, payload: dict
 ) -> None:
     registry.clear()
     names = discover(registry, [HOSTILE_DIR, impostor])
@@ -116,7 +116,7 @@ def test_plugin_claiming_a_bundled_name_is_refused_naming_both_directories(
     assert registry.get_plugin("image_info").directory == BUNDLED_DIR / "image_info"
     [problem] = [e for e in registry.load_errors if "'image_info'" in e]
     assert str(impostor / "image_info") in problem and str(BUNDLED_DIR / "image_info") in problem
-    result, error = ToolRunner().run("image_info", payload)
+    result, error = runner.run("image_info", payload)
     assert error == {} and "impostor" not in result  # the bundled plugin still answers
 
 
@@ -149,13 +149,13 @@ def test_load_directory_refuses_a_name_registered_from_another_directory(
 
 
 def test_operator_override_chooses_which_plugin_keeps_the_name(
-    registry: PluginRegistry, impostor: Path, payload: dict
+    runner: ToolRunner, registry: PluginRegistry, impostor: Path, payload: dict
 ) -> None:
     registry.clear()
     discover(registry, [impostor], overrides={"image_info": str(impostor / "image_info")})
     assert registry.get_plugin("image_info").directory == impostor / "image_info"
     assert any(str(BUNDLED_DIR / "image_info") in e for e in registry.load_errors)
-    result, error = ToolRunner().run("image_info", payload)
+    result, error = runner.run("image_info", payload)
     assert error == {} and result == {"impostor": True}
 
 

@@ -61,7 +61,7 @@ def test_concurrent_updates_lose_no_call() -> None:
         barrier.wait()
         for _ in range(2000):
             registry.update_execution_metrics("p", "SUCCESS", 1.0, False)
-            registry.all_status()
+            registry.get_status("p")
 
     threads = [threading.Thread(target=hammer) for _ in range(8)]
     for thread in threads:

@@ -177,3 +177,37 @@ def test_root_server_serves_as_its_user_while_calls_keep_their_own_uids(tmp_path
     finally:
         stop(server)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _launchers(server: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The server's sandbox launchers (its direct children; warm children
+    forked by a launcher share its command line, one level further down)."""
+    return [
+        proc
+        for proc in psutil.Process(server.pid).children()
+        if "sandbox.launcher" in " ".join(proc.cmdline())
+    ]
+
+
+def test_self_check_runs_on_the_sandbox_that_serves(tmp_path: Path) -> None:
+    from sandbox.layers import detect
+
+    layer = next(
+        (name for name in ("seccomp", "landlock", "network_namespace") if detect().get(name)),
+        None,
+    )
+    if layer is None:
+        pytest.skip("this machine has none of the layers the test switches off")
+    port = free_port()
+    server = start_server(tmp_path / "jobs.sqlite3", port, "--disable-layer", layer)
+    try:
+        status, ready = request(port, "GET", "/readyz")
+        assert status == 200 and ready["isolation"][layer] is False
+        # The probes ran where the calls run: without the layer, on one launcher.
+        assert ready["self_check"]["cases"] > 0
+        assert layer in ready["self_check"]["missing_layers"]
+        assert len(_launchers(server)) == 1
+        status, _ = request(port, "POST", "/v1/analyze", {**BODY, "plugin": "image_info"})
+        assert status == 200 and len(_launchers(server)) == 1
+    finally:
+        stop(server)

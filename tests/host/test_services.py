@@ -20,13 +20,15 @@ from host.services import (
     PluginManagementService,
     SQLiteJobStore,
 )
+from host.services.analysis import job_outcome
 from host.services.store import Job, now_iso
+from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import ToolRunner
 
 
 @pytest.fixture
-def plugins(registry: PluginRegistry) -> PluginManagementService:
-    return PluginManagementService(registry=registry)
+def plugins(registry: PluginRegistry, sandbox: Sandbox) -> PluginManagementService:
+    return PluginManagementService(registry, sandbox)
 
 
 @pytest.fixture
@@ -69,8 +71,8 @@ def test_job_service_delegates_to_execute_plugin_and_records_success_and_failure
         return {"ok": 1}, {}
 
     monkeypatch.setattr(PluginManagementService, "execute_plugin", fake)
-    good = jobs.run_job(jobs.create_job("image_info", payload).id)
-    bad = jobs.run_job(jobs.create_job("raise_kaboom", payload).id)
+    good = jobs.enqueue("image_info", payload)[1].result(timeout=30)
+    bad = jobs.enqueue("raise_kaboom", payload)[1].result(timeout=30)
     assert calls == ["image_info", "raise_kaboom"]
     assert good.status is JobStatus.SUCCESS and good.result == {"ok": 1}
     assert bad.status is JobStatus.FAILED and bad.error["message"] == "kaboom"
@@ -91,7 +93,8 @@ def test_analysis_service_delegates_to_the_job_service(
 
     monkeypatch.setattr(JobManagementService, "enqueue", spy)
     analysis = AnalysisService(jobs, default_plugin="image_info")
-    result, error = analysis.analyze(None, payload)
+    _, future = analysis.submit(None, payload)
+    result, error = job_outcome(future.result(timeout=30))
     assert error == {} and result["format"] == "PNG"
     assert seen == ["image_info"]
     page = jobs.list_jobs(status=JobStatus.SUCCESS)
@@ -148,7 +151,7 @@ def test_cancel_of_a_queued_job_means_it_never_runs(
 def test_cancel_errors(jobs: JobManagementService, payload: dict) -> None:
     with pytest.raises(JobNotFound):
         jobs.cancel_job("nope")
-    job = jobs.run_job(jobs.create_job("image_info", payload).id)
+    job = jobs.enqueue("image_info", payload)[1].result(timeout=30)
     with pytest.raises(JobFinished):
         jobs.cancel_job(job.id)
 

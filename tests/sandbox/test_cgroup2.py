@@ -141,7 +141,7 @@ return {}
     sandbox = Sandbox()
     try:
         assert sandbox.layers()["cgroup_memory"]
-        result, error = ToolRunner(sandbox=sandbox).run("spread", payload)
+        result, error = ToolRunner(registry, sandbox).run("spread", payload)
     finally:
         sandbox.close()
     assert result == {} and error["error"]["details"]["reason"] == "memory_limit"

@@ -21,14 +21,17 @@ import json, resource, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
 resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
 from host.discovery import discover
-from host.registry import get_registry
+from host.registry import PluginRegistry
+from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import ToolRunner
-discover(get_registry(), [sys.argv[1]])
-runner = ToolRunner()
+registry = PluginRegistry()
+discover(registry, [sys.argv[1]])
+runner = ToolRunner(registry, Sandbox())
 seen = {}
 for case in ("segfault", "abort"):
     result, error = runner.run(case, {"image": b"x", "mime_type": "image/png", "options": {}})
     seen[case] = error["error"]["details"]
+runner.sandbox.close()
 print(json.dumps(seen))
 """
 

@@ -51,13 +51,13 @@ def needs(*layers: str) -> pytest.MarkDecorator:
 
 
 @pytest.fixture
-def make_runner() -> Iterator[Callable[..., ToolRunner]]:
+def make_runner(registry: PluginRegistry) -> Iterator[Callable[..., ToolRunner]]:
     sandboxes: list[Sandbox] = []
 
     def make(**kwargs: object) -> ToolRunner:
         sandbox = Sandbox(**kwargs)  # type: ignore[arg-type]
         sandboxes.append(sandbox)
-        return ToolRunner(sandbox=sandbox)
+        return ToolRunner(registry, sandbox)
 
     yield make
     for sandbox in sandboxes:
@@ -124,7 +124,9 @@ def test_plugin_cannot_reach_a_server_on_the_hosts_loopback(
 
 
 @needs("network_namespace")
-def test_plugin_sees_only_loopback(registry: PluginRegistry, tmp_path: Path, payload: dict) -> None:
+def test_plugin_sees_only_loopback(
+    runner: ToolRunner, registry: PluginRegistry, tmp_path: Path, payload: dict
+) -> None:
     # Interface names by index through an IPv4 socket: if_nameindex() needs
     # netlink, which the seccomp filter refuses.
     body = """
@@ -140,18 +142,22 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
 return {'ifaces': names}
 """
     _add(registry, tmp_path, "ifaces", body)
-    result, error = ToolRunner().run("ifaces", payload)
+    result, error = runner.run("ifaces", payload)
     assert error == {} and result == {"ifaces": ["lo"]}
 
 
 @needs("landlock")
 def test_landlock_denies_what_the_minimal_root_leaves_readable(
-    registry: PluginRegistry, tmp_path: Path, payload: dict, make_runner: Callable[..., ToolRunner]
+    runner: ToolRunner,
+    registry: PluginRegistry,
+    tmp_path: Path,
+    payload: dict,
+    make_runner: Callable[..., ToolRunner],
 ) -> None:
     # The minimal root holds no host file; Landlock still stands behind it:
     # the root directory itself is not among the paths a plugin may read.
     _add(registry, tmp_path, "lister", "return {'root': sorted(os.listdir('/'))}")
-    result, error = ToolRunner().run("lister", payload)
+    result, error = runner.run("lister", payload)
     assert result == {} and error["error"]["details"]["exception"] == "PermissionError"
     result, error = make_runner(disabled=["landlock"]).run("lister", payload)
     assert error == {} and {"usr", "tmp", "proc", "dev"} <= set(result["root"])
@@ -202,6 +208,7 @@ SECCOMP_ATTACKS = {
 @pytest.mark.parametrize("attack", SECCOMP_ATTACKS)
 def test_seccomp_denies_what_a_plugin_never_needs(
     attack: str,
+    runner: ToolRunner,
     registry: PluginRegistry,
     tmp_path: Path,
     payload: dict,
@@ -214,7 +221,7 @@ def test_seccomp_denies_what_a_plugin_never_needs(
         "return {'errno': errno}"
     )
     _add(registry, tmp_path, "attacker", body)
-    result, error = ToolRunner().run("attacker", payload)
+    result, error = runner.run("attacker", payload)
     assert error == {} and result == {"errno": denied_with}
     result, error = make_runner(disabled=["seccomp"]).run("attacker", payload)
     assert error == {} and result["errno"] != denied_with  # the filter did it
@@ -278,14 +285,18 @@ def test_seccomp_program_tables() -> None:
 
 @needs("pid_namespace")
 def test_plugin_sees_no_host_process(
-    registry: PluginRegistry, tmp_path: Path, payload: dict, make_runner: Callable[..., ToolRunner]
+    runner: ToolRunner,
+    registry: PluginRegistry,
+    tmp_path: Path,
+    payload: dict,
+    make_runner: Callable[..., ToolRunner],
 ) -> None:
     body = (
         "return {'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),"
         " 'me': os.getpid()}"
     )
     _add(registry, tmp_path, "ps", body)
-    result, error = ToolRunner().run("ps", payload)
+    result, error = runner.run("ps", payload)
     assert error == {}
     assert result["pids"] == [1, result["me"]]  # its namespace's init and itself
     result, error = make_runner(disabled=["pid_namespace"]).run("ps", payload)
@@ -294,12 +305,12 @@ def test_plugin_sees_no_host_process(
 
 @needs("cgroup_memory", "cgroup_pids")
 def test_each_call_gets_cgroups_that_are_removed_after_it(
-    registry: PluginRegistry, tmp_path: Path, payload: dict
+    runner: ToolRunner, registry: PluginRegistry, tmp_path: Path, payload: dict
 ) -> None:
     body = "return {'cgroups': open('/proc/self/cgroup').read()}"
     _add(registry, tmp_path, "cg", body)
     # (The leak check of conftest asserts no call-* cgroup is left behind.)
-    result, error = ToolRunner().run("cg", payload)
+    result, error = runner.run("cg", payload)
     assert error == {}
     lines = {line.split(":")[1]: line.split(":")[2] for line in result["cgroups"].splitlines()}
     assert "/plughost/call-" in lines["memory"] and "/plughost/call-" in lines["pids"]
@@ -310,7 +321,7 @@ def test_each_call_gets_cgroups_that_are_removed_after_it(
 
 @needs("cgroup_memory")
 def test_memory_written_to_the_scratch_tmpfs_counts_against_the_limit(
-    registry: PluginRegistry, tmp_path: Path, payload: dict
+    runner: ToolRunner, registry: PluginRegistry, tmp_path: Path, payload: dict
 ) -> None:
     # tmpfs pages are not in any process's RSS; the call's memory cgroup sees them.
     body = """
@@ -324,7 +335,7 @@ return {'written_mb': written}
 """
     write_plugin(tmp_path, "tmpfs_hog", body, timeout_s=5, memory_mb=40)
     assert registry.load_directory(tmp_path / "tmpfs_hog") == ["tmpfs_hog"]
-    result, error = ToolRunner().run("tmpfs_hog", payload)
+    result, error = runner.run("tmpfs_hog", payload)
     assert result == {} and error["error"]["details"]["reason"] == "memory_limit"
 
 

@@ -40,10 +40,13 @@ def test_sandbox_and_launcher_die_when_the_host_is_killed(tmp_path: Path) -> Non
     )
     script = textwrap.dedent(
         f"""
-        from host.registry import get_registry
+        from host.registry import PluginRegistry
+        from sandbox.supervisor import Sandbox
         from sandbox.tool_runner import ToolRunner
-        get_registry().load_directory({str(tmp_path)!r})
-        print(ToolRunner().run("sleeper", {{"image": b"x", "mime_type": "image/png"}}))
+        registry = PluginRegistry()
+        registry.load_directory({str(tmp_path)!r})
+        runner = ToolRunner(registry, Sandbox())
+        print(runner.run("sleeper", {{"image": b"x", "mime_type": "image/png"}}))
         """
     )
     host = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
@@ -81,10 +84,8 @@ def test_launcher_death_fails_calls_in_flight_clearly_and_is_recovered(
 ) -> None:
     import threading
 
-    from sandbox.tool_runner import shared_sandbox
-
     runner.run("image_info", payload)  # make sure the launcher runs
-    launcher = shared_sandbox().launcher.pid
+    launcher = runner.sandbox.launcher.pid
     outcome: dict = {}
     call = threading.Thread(
         target=lambda: outcome.update(error=runner.run("sleep_forever", payload)[1])
@@ -98,7 +99,7 @@ def test_launcher_death_fails_calls_in_flight_clearly_and_is_recovered(
     assert error["type"] == "InternalError" and error["details"]["stage"] == "launcher"
     assert time.monotonic() - started < 0.9  # not the plugin's 1 s timeout
     result, error = runner.run("image_info", payload)
-    assert error == {} and shared_sandbox().launcher.pid != launcher
+    assert error == {} and runner.sandbox.launcher.pid != launcher
 
 
 @pytest.mark.skipif(
@@ -109,12 +110,15 @@ def test_next_host_removes_the_cgroups_a_killed_host_left(tmp_path: Path) -> Non
 
     write_plugin(tmp_path, "sleeper2", "time.sleep(300)", timeout_s=30)
     script = (
-        "from host.registry import get_registry\n"
+        "from host.registry import PluginRegistry\n"
         "from sandbox.cgroups import host_id\n"
+        "from sandbox.supervisor import Sandbox\n"
         "from sandbox.tool_runner import ToolRunner\n"
         "print(host_id(), flush=True)\n"
-        f"get_registry().load_directory({str(tmp_path)!r})\n"
-        "ToolRunner().run('sleeper2', {'image': b'x', 'mime_type': 'image/png'})\n"
+        "registry = PluginRegistry()\n"
+        f"registry.load_directory({str(tmp_path)!r})\n"
+        "runner = ToolRunner(registry, Sandbox())\n"
+        "runner.run('sleeper2', {'image': b'x', 'mime_type': 'image/png'})\n"
     )
     host = subprocess.Popen(
         [sys.executable, "-c", script],

@@ -250,5 +250,9 @@ def test_daemon_that_races_the_kill_never_survives(runner: ToolRunner, payload: 
     for _ in range(25):
         result, error = runner.run("daemon_grandchild", payload)
         assert error == {}
-        survivors += [p.pid for p in sandbox_processes() if p.info["status"] != "zombie"]
+        survivors += [
+            p.pid
+            for p in sandbox_processes(runner.sandbox.launcher.pid)
+            if p.info["status"] != "zombie"
+        ]
     assert survivors == []

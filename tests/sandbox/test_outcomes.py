@@ -10,11 +10,12 @@ import pytest
 from host.discovery import find_plugins
 from host.registry import PluginRegistry
 from sandbox.outcome import REASONS
-from sandbox.tool_runner import ToolRunner, shared_sandbox
+from sandbox.supervisor import Sandbox
+from sandbox.tool_runner import ToolRunner
 from tests.conftest import HOSTILE_DIR
 
 ALL_CASES, _ = find_plugins(HOSTILE_DIR)
-ACTIVE = shared_sandbox().protections()
+ACTIVE = Sandbox().protections()
 # A case whose defence needs a layer this host lacks is the crash suite's to
 # report as "not defended here" (tests/host/test_crashsuite.py checks that).
 CASES = [c for c in ALL_CASES if all(ACTIVE.get(r) for r in c.manifest.expect.get("requires", []))]
@@ -43,7 +44,7 @@ def test_hostile_case_gets_its_expected_envelope(
         assert state == "SUCCESS"
     else:
         reason = error["error"]["details"]["reason"]
-        assert state == REASONS[reason][1].value
+        assert state == REASONS[reason].state.value
         assert error["error"]["details"]["elapsed_ms"] >= 0
 
 

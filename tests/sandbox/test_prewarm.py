@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def warm(registry: PluginRegistry) -> Iterator[ToolRunner]:
     sandbox = Sandbox(prewarm=1)
-    yield ToolRunner(sandbox=sandbox)
+    yield ToolRunner(registry, sandbox)
     sandbox.close()
     assert sandbox.warm_uids() == set()
 
@@ -99,15 +99,16 @@ def test_a_warm_child_serves_one_call_only(
 
 def test_closing_the_sandbox_leaves_no_warm_child(payload: dict, registry: PluginRegistry) -> None:
     sandbox = Sandbox(prewarm=2)
-    runner = ToolRunner(sandbox=sandbox)
+    runner = ToolRunner(registry, sandbox)
     runner.run("image_info", payload)
     _wait_warm(runner, 2)
     assert len(sandbox.warm_uids()) == 2
+    launcher = sandbox.launcher.pid
     sandbox.close()
     deadline = time.monotonic() + 3
-    while sandbox_processes() and time.monotonic() < deadline:
+    while sandbox_processes(launcher) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert sandbox_processes() == []
+    assert sandbox_processes(launcher) == []
 
 
 @pytest.mark.no_leak_check

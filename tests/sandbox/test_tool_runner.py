@@ -131,9 +131,11 @@ def test_host_bug_becomes_internal_error_and_is_counted(
     assert status["error_count"] == 1 and status["state"] == "IDLE"
 
 
-def test_run_can_be_replaced_on_the_class(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_can_be_replaced_on_the_class(
+    runner: ToolRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def fake(self: ToolRunner, plugin_name: str, payload: object) -> tuple[dict, dict]:
         return {"fake": plugin_name}, {}
 
     monkeypatch.setattr(ToolRunner, "run", fake)
-    assert ToolRunner().run("anything", {}) == ({"fake": "anything"}, {})
+    assert runner.run("anything", {}) == ({"fake": "anything"}, {})

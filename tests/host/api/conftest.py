@@ -7,7 +7,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from host.api import Services, create_app
-from host.api.app import job_limits
 from host.config import Settings
 from host.registry import PluginRegistry
 from host.services import (
@@ -16,11 +15,13 @@ from host.services import (
     MemoryJobStore,
     PluginManagementService,
 )
+from host.services.build import job_limits
 from host.services.store import JobStore
+from sandbox.supervisor import Sandbox
 
 
 @pytest.fixture
-def make_client(registry: PluginRegistry) -> Iterator[Callable[..., TestClient]]:
+def make_client(registry: PluginRegistry, sandbox: Sandbox) -> Iterator[Callable[..., TestClient]]:
     made: list[TestClient] = []
 
     def make(
@@ -28,7 +29,7 @@ def make_client(registry: PluginRegistry) -> Iterator[Callable[..., TestClient]]
     ) -> TestClient:
         settings.setdefault("self_check", False)  # tests/host/test_crashsuite.py covers it
         config = Settings(**settings)
-        plugins = PluginManagementService(registry=registry)
+        plugins = PluginManagementService(registry, sandbox)
         jobs = JobManagementService(
             plugins,
             store or MemoryJobStore(),

@@ -4,6 +4,9 @@ server never answers with a 5xx."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
@@ -17,17 +20,25 @@ from host.services import (
     MemoryJobStore,
     PluginManagementService,
 )
-from sandbox.tool_runner import ToolRunner
+from sandbox.supervisor import Sandbox
 
 _registry = PluginRegistry()
 discover(_registry)
-_plugins = PluginManagementService(ToolRunner(registry=_registry), registry=_registry)
+_sandbox = Sandbox()  # the schema needs the app at import; closed after the module
+_plugins = PluginManagementService(_registry, _sandbox)
 _jobs = JobManagementService(_plugins, MemoryJobStore(), workers=2, queue_size=512)
 APP = create_app(
     Settings(self_check=False, admin_token="admin-token"),
     Services(_plugins, _jobs, AnalysisService(_jobs)),
 )
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_sandbox() -> Iterator[None]:
+    yield
+    _jobs.shutdown(timeout_s=5)
+    _sandbox.close()
 
 
 @schema.parametrize()

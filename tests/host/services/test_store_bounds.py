@@ -26,13 +26,14 @@ from host.services import (
     PluginManagementService,
     SQLiteJobStore,
 )
+from sandbox.supervisor import Sandbox
 
 MiB = 1024 * 1024
 
 
 @pytest.fixture
-def plugins(registry: PluginRegistry) -> PluginManagementService:
-    return PluginManagementService(registry=registry)
+def plugins(registry: PluginRegistry, sandbox: Sandbox) -> PluginManagementService:
+    return PluginManagementService(registry, sandbox)
 
 
 @pytest.fixture
@@ -43,12 +44,17 @@ def loose_umask() -> Iterator[None]:
     os.umask(old)
 
 
-def results_of(monkeypatch: pytest.MonkeyPatch, size: int) -> None:
-    """Every plugin call returns a result of about `size` bytes of JSON."""
+def results_of(
+    monkeypatch: pytest.MonkeyPatch, size: int, gate: threading.Event | None = None
+) -> None:
+    """Every plugin call returns a result of about `size` bytes of JSON (once
+    `gate`, if given, is set)."""
 
     def fake(
         self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        if gate is not None:
+            assert gate.wait(30)
         return {"blob": "x" * size}, {}
 
     monkeypatch.setattr(PluginManagementService, "execute_plugin", fake)
@@ -62,13 +68,14 @@ def on_disk(db: Path) -> int:
 
 @pytest.mark.usefixtures("loose_umask")
 def test_store_files_are_private_from_the_first_write(
-    plugins: PluginManagementService, payload: dict, tmp_path: Path
+    plugins: PluginManagementService, payload: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = tmp_path / "state"
     db = state / "jobs.sqlite3"
     jobs = JobManagementService(plugins, SQLiteJobStore(db))
+    results_of(monkeypatch, 10)
     try:
-        jobs.create_job("image_info", payload)  # the first write, before any close
+        jobs.enqueue("image_info", payload)[1].result(timeout=30)  # before any close
         probe = sqlite3.connect(db)
         assert probe.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         probe.close()
@@ -98,16 +105,18 @@ def test_image_is_stored_as_raw_bytes_and_dropped_when_the_job_ends(
 ) -> None:
     db = tmp_path / "jobs.sqlite3"
     jobs = JobManagementService(plugins, SQLiteJobStore(db))
+    gate = threading.Event()
+    results_of(monkeypatch, 10, gate)
     try:
         payload = {"image": base64.b64encode(png).decode(), "mime_type": "image/png"}
-        job = jobs.create_job("image_info", payload)
+        job, future = jobs.enqueue("image_info", payload)  # held at the gate while we look
         probe = sqlite3.connect(db)
         rows = probe.execute("SELECT * FROM jobs").fetchall()
         blobs = [v for v in rows[0] if isinstance(v, bytes)]
         assert blobs == [png]  # the image itself, not its base64 text
         assert payload["image"] not in str(rows)
-        results_of(monkeypatch, 10)
-        assert jobs.run_job(job.id).status is JobStatus.SUCCESS
+        gate.set()
+        assert future.result(timeout=30).status is JobStatus.SUCCESS
         rows = probe.execute("SELECT * FROM jobs").fetchall()
         assert not [v for v in rows[0] if isinstance(v, bytes)] and "mime_type" not in str(rows)
         probe.close()
@@ -165,7 +174,7 @@ def test_pruning_shrinks_the_database_file(
     try:
         results_of(monkeypatch, 500_000)
         for _ in range(40):
-            jobs.run_job(jobs.create_job("image_info", payload).id)
+            jobs.enqueue("image_info", payload)[1].result(timeout=30)
         full = on_disk(db)
         time.sleep(0.01)
         assert store.prune(older_than_s=0.001) == 40

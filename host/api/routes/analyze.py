@@ -1,0 +1,77 @@
+"""`POST /v1/analyze` (JSON, base64 image) and `POST /v1/analyze/upload`
+(multipart): queue the analysis as a job and wait for it, without blocking
+the event loop (`asyncio.wrap_future`)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from host.api.auth import Principal
+from host.api.bodies import ANALYZE_BODY_DOC, AnalyzeBodyDep, parse_form_options
+from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep, SettingsDep
+from host.api.errors import error_response
+from host.services.analysis import ANALYZE_WAIT_S, job_outcome
+from host.services.build import Services
+
+router = APIRouter(tags=["analyze"])
+
+
+class AnalyzeResponse(BaseModel):
+    result: dict[str, Any]
+    plugin: str
+    job_id: str
+
+
+async def _analyze(
+    svc: Services, caller: Principal, plugin: str | None, payload: Any
+) -> JSONResponse:
+    job, future = svc.analysis.submit(plugin, payload, caller.id)
+    try:
+        job = await asyncio.wait_for(asyncio.wrap_future(future), ANALYZE_WAIT_S)
+    except TimeoutError:
+        return JSONResponse(
+            {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}}, status_code=202
+        )
+    result, error = job_outcome(job)
+    if error:
+        return error_response(error["error"])
+    return JSONResponse({"result": result, "plugin": job.plugin, "job_id": job.id})
+
+
+@router.post(
+    "/v1/analyze",
+    response_model=AnalyzeResponse,
+    responses=JSON_ERRORS,
+    dependencies=CLIENT,
+    summary="Run a plugin on a base64-encoded image and wait for the result",
+    openapi_extra=ANALYZE_BODY_DOC,
+)
+async def analyze(body: AnalyzeBodyDep, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
+    return await _analyze(svc, caller, body.plugin, body.payload())
+
+
+@router.post(
+    "/v1/analyze/upload",
+    response_model=AnalyzeResponse,
+    responses=JSON_ERRORS,
+    dependencies=CLIENT,
+    summary="Run a plugin on an uploaded image file (multipart) and wait for the result",
+)
+async def analyze_upload(
+    svc: ServicesDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    file: Annotated[UploadFile, File(description="the image file")],
+    plugin: Annotated[str | None, Form()] = None,
+    mime_type: Annotated[str | None, Form(description="default: the part's type")] = None,
+    options: Annotated[str, Form(description="plugin options as a JSON object")] = "{}",
+) -> JSONResponse:
+    parsed = parse_form_options(options, settings)
+    image = await file.read()
+    payload = {"image": image, "mime_type": mime_type or file.content_type, "options": parsed}
+    return await _analyze(svc, caller, plugin, payload)

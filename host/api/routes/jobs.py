@@ -1,0 +1,110 @@
+"""Jobs: `POST /v1/jobs` (202, async), `GET /v1/jobs` (filtered, bounded
+pages), `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}` (cancel). A client sees
+and cancels only its own jobs; the admin sees everyone's.
+
+Routes that touch the job store are plain `def` routes, which FastAPI runs
+in its thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from host.api.bodies import ANALYZE_BODY_DOC, AnalyzeBodyDep
+from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep
+from host.api.errors import responses
+from host.services import JobStatus
+from host.services.store import Job
+
+router = APIRouter(tags=["jobs"])
+
+
+class JobModel(BaseModel):
+    id: str
+    plugin: str
+    status: JobStatus
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    owner: str = Field(description="principal that created the job")
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobModel]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None = Field(description="offset of the next page; null on the last")
+    truncated: bool = Field(description="the page hit max_list_bytes before `limit` jobs")
+
+
+@router.post(
+    "/v1/jobs",
+    status_code=202,
+    responses=JSON_ERRORS,
+    dependencies=CLIENT,
+    summary="Queue an analysis; poll GET /v1/jobs/{id} for its result",
+    openapi_extra=ANALYZE_BODY_DOC,
+)
+def create_job(body: AnalyzeBodyDep, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
+    job, _ = svc.analysis.submit(body.plugin, body.payload(), caller.id)
+    return JSONResponse(
+        {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}},
+        status_code=202,
+        headers={"Location": f"/v1/jobs/{job.id}"},
+    )
+
+
+@router.get(
+    "/v1/jobs",
+    response_model=JobList,
+    responses=JSON_ERRORS,
+    summary="The caller's jobs (the admin's: everyone's), newest first, in bounded pages",
+)
+def list_jobs(
+    svc: ServicesDep,
+    caller: CallerDep,
+    status: JobStatus | None = None,
+    plugin: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Response:
+    page = svc.jobs.list_jobs(caller.scope, status, plugin, limit, offset)
+    # The stored documents are spliced in as they are: parsing and
+    # re-serializing results would cost many times the page's size.
+    tail = json.dumps(
+        {
+            "total": page.total,
+            "limit": limit,
+            "offset": offset,
+            "next_offset": page.next_offset,
+            "truncated": page.truncated,
+        },
+        separators=(",", ":"),
+    )
+    body = '{"jobs":[' + ",".join(page.documents) + "]," + tail[1:]
+    return Response(body, media_type="application/json")
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobModel, responses=JSON_ERRORS)
+def get_job(job_id: str, svc: ServicesDep, caller: CallerDep) -> Response:
+    document = svc.jobs.job_document(job_id, caller.scope)
+    return Response(document, media_type="application/json")
+
+
+@router.delete(
+    "/v1/jobs/{job_id}",
+    response_model=JobModel,
+    responses=responses(401, 404, 409, 500),
+    summary="Cancel a job: a queued job never runs, a running sandbox is killed",
+)
+def cancel_job(job_id: str, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+    job: Job = svc.jobs.cancel_job(job_id, caller.scope)
+    return job.public()

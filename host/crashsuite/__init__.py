@@ -1,0 +1,54 @@
+"""The crash suite: hostile plugins run against the host to prove containment.
+
+Each case is an ordinary plugin directory (bundled ones in `plugins/hostile/`)
+whose manifest carries an `[expect]` table::
+
+    [expect]
+    category = "memory"
+    outcome = ["PluginError:memory_limit"]       # "Type:reason", or "success"
+    requires = ["network_namespace"]             # layers its defence needs ("a|b": either)
+    claims = ["host_alive", "no_process_left"]   # optional; default: all of CLAIMS
+
+    cases.py     the corpus: Case, load_cases
+    targets.py   where cases run: LocalTarget (a ToolRunner on a given sandbox),
+                 HttpTarget (a running server's /v1/analyze)
+    claims.py    one case run and its claims checked: run_case
+    report.py    CaseReport, SuiteReport; table, JSON and JUnit output
+    runner.py    run_suite (benign calls around the cases), self_check
+
+Benign calls run before, between and after the hostile ones and must keep
+succeeding.
+"""
+
+from host.crashsuite.cases import CLAIMS, HOSTILE_DIR, Case, load_cases
+from host.crashsuite.claims import run_case
+from host.crashsuite.report import (
+    CaseReport,
+    SuiteReport,
+    format_table,
+    to_json,
+    to_junit,
+    write_reports,
+)
+from host.crashsuite.runner import PROBES, run_suite, self_check
+from host.crashsuite.targets import HttpTarget, LocalTarget, Target
+
+__all__ = [
+    "CLAIMS",
+    "HOSTILE_DIR",
+    "PROBES",
+    "Case",
+    "CaseReport",
+    "HttpTarget",
+    "LocalTarget",
+    "SuiteReport",
+    "Target",
+    "format_table",
+    "load_cases",
+    "run_case",
+    "run_suite",
+    "self_check",
+    "to_json",
+    "to_junit",
+    "write_reports",
+]

@@ -1,0 +1,162 @@
+"""Running the suite: every case with benign calls before, between and after
+them, listeners for the network cases to try to reach, and the server's
+start-up self-check (a few probes on the server's own sandbox)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from host.crashsuite import cases as corpus
+from host.crashsuite.cases import Case
+from host.crashsuite.claims import observed_of, run_case
+from host.crashsuite.report import CaseReport, SuiteReport
+from host.crashsuite.targets import LocalTarget, Target
+from host.discovery import BUNDLED_DIR
+from host.registry import PluginRegistry
+from sandbox.supervisor import Sandbox
+from sandbox.tool_runner import ToolRunner
+
+BENIGN_EVERY = 5
+PROBES = (
+    "segfault",
+    "huge_allocation",
+    "fork_bomb",
+    "signal_host",
+    "read_root_only_file",
+    "garbage_frame",
+    "daemon_grandchild",
+    "write_outside_scratch",
+    "read_host_env_vars",
+)
+
+
+def sample_png() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (32, 24), (10, 120, 200)).save(out, format="PNG")
+    return out.getvalue()
+
+
+class _Listener:
+    """A server for the network cases to try to reach: TCP on the host's
+    127.0.0.1, or (`unix=True`) a root-owned, world-connectable unix socket
+    outside /tmp, where host services such as journald or D-Bus listen."""
+
+    def __init__(self, unix: bool = False) -> None:
+        self._directory: str | None = None
+        if unix:
+            self._directory = _service_directory()
+            self.path = os.path.join(self._directory, "service.sock")
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.bind(self.path)
+            os.chmod(self.path, 0o666)
+        else:
+            self.sock = socket.socket()
+            self.sock.bind(("127.0.0.1", 0))
+            self.port = int(self.sock.getsockname()[1])
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def _service_directory() -> str:
+    """A world-enterable directory where a host service would put its socket."""
+    for parent in ("/run", "/var/run", str(Path.home())):
+        try:
+            directory = tempfile.mkdtemp(prefix="plughost-suite-", dir=parent)
+        except OSError:
+            continue
+        os.chmod(directory, 0o755)
+        return directory
+    return tempfile.mkdtemp(prefix="plughost-suite-")
+
+
+class _Benign:
+    """The benign calls around the cases, which must keep succeeding."""
+
+    def __init__(self, target: Target, plugin: str, image: bytes) -> None:
+        self.target, self.plugin, self.image = target, plugin, image
+        self.calls = 0
+        self.failures: list[str] = []
+
+    def __call__(self, where: str) -> None:
+        self.calls += 1
+        result, error = self.target.call(self.plugin, self.image, {})
+        if error or not result:
+            self.failures.append(f"{where}: {observed_of(result, error)}")
+
+
+def run_suite(
+    cases: list[Case],
+    target: Target,
+    progress: Callable[[int, int, CaseReport], None] | None = None,
+    benign_plugin: str = "image_info",
+) -> SuiteReport:
+    """Run every case with benign calls around them; never raises for a case."""
+    image = sample_png()
+    protections = target.protections()
+    listener, unix_listener = _Listener(), _Listener(unix=True)
+    benign = _Benign(target, benign_plugin, image)
+    reports = []
+    try:
+        benign("before the suite")
+        for index, case in enumerate(cases, 1):
+            options = {
+                "listener_port": listener.port,
+                "unix_listener_path": unix_listener.path,
+                "host_pid": os.getpid(),
+                "host_cwd": os.getcwd(),
+            }
+            report = run_case(case, target, image, options, protections)
+            reports.append(report)
+            if progress is not None:
+                progress(index, len(cases), report)
+            if index % BENIGN_EVERY == 0:
+                benign(f"after {case.name}")
+        benign("after the suite")
+    finally:
+        listener.close()
+        unix_listener.close()
+    return SuiteReport(protections, reports, benign.calls, benign.failures)
+
+
+def self_check(sandbox: Sandbox, probes: Iterable[str] = PROBES) -> SuiteReport:
+    """Run a few probe cases on `sandbox` (the server's own: its layers, its
+    isolation level, its launcher) with a private registry (no metrics,
+    nothing listed).
+
+    Used by the server at start-up; `SuiteReport.ok` says whether containment holds.
+    """
+    registry = PluginRegistry()
+    registry.load_directory(BUNDLED_DIR)
+    cases, _ = corpus.load_cases(names=probes)
+    for case in cases:
+        registry.register(case.name, case.plugin)
+    return run_suite(cases, LocalTarget(ToolRunner(registry, sandbox)))

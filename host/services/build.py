@@ -1,0 +1,76 @@
+"""Wiring: the services of one server, built from its settings.
+
+    Settings ──> Sandbox (the server's one launcher, isolation, prewarm)
+             ──> PluginRegistry (discovered plugins)
+             ──> PluginManagementService(registry, sandbox)
+             ──> JobManagementService(plugins, job store)
+             ──> AnalysisService(jobs)
+
+Everything that runs calls gets the server's sandbox from here; nothing
+builds one of its own (the start-up self-check included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from host.config import Settings
+from host.discovery import discover
+from host.registry import PluginRegistry
+from host.services.analysis import AnalysisService
+from host.services.jobs import JobLimits, JobManagementService
+from host.services.plugins import PluginManagementService
+from host.services.store import JobStore, SQLiteJobStore
+from sandbox.supervisor import Sandbox
+
+
+@dataclass
+class Services:
+    """Everything the routes need, built once per app."""
+
+    plugins: PluginManagementService
+    jobs: JobManagementService
+    analysis: AnalysisService
+
+
+def job_limits(settings: Settings) -> JobLimits:
+    """The job store's bounds from `settings`."""
+    return JobLimits(
+        retention_s=settings.job_retention_s,
+        max_jobs_per_client=settings.max_jobs_per_client,
+        max_stored_bytes_per_client=settings.max_stored_bytes_per_client,
+        max_list_bytes=settings.max_list_bytes,
+        max_db_bytes=settings.max_db_bytes,
+    )
+
+
+def plugin_service(settings: Settings) -> PluginManagementService:
+    """The server's sandbox and discovered plugins, with the quarantine settings.
+
+    Raises ValueError for an unknown isolation level or layer name.
+    """
+    sandbox = Sandbox(
+        isolation=settings.isolation, disabled=settings.disable_layers, prewarm=settings.prewarm
+    )
+    registry = PluginRegistry()
+    discover(registry, settings.plugins_dirs, settings.plugin_overrides)
+    plugins = PluginManagementService(registry, sandbox)
+    plugins.quarantine.threshold = settings.quarantine_threshold
+    plugins.quarantine.cooldown_s = settings.quarantine_cooldown_s
+    return plugins
+
+
+def build_services(settings: Settings, store: JobStore | None = None) -> Services:
+    """Discover plugins and wire the layers for `settings`."""
+    plugins = plugin_service(settings)
+    jobs = JobManagementService(
+        plugins,
+        store or SQLiteJobStore(settings.job_db, synchronous=settings.db_sync),
+        workers=settings.workers,
+        queue_size=settings.queue_size,
+        limits=job_limits(settings),
+    )
+    return Services(plugins, jobs, AnalysisService(jobs, settings.default_plugin))
+
+
+__all__ = ["Services", "build_services", "job_limits", "plugin_service"]
