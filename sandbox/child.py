@@ -46,6 +46,8 @@ from sandbox.limits import CallLimits, rlimits_for
 from sandbox.protocol import HEADER, READY, decode_json, encode_frame
 
 SETUP_FAILED = 121
+# The whole environment of the launcher and of every child (plus HOME and
+# TMPDIR, the child's scratch): nothing of the host's leaks in.
 SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
 # RELAY_FD is the relay's alone: it reports the worker's wait status there.

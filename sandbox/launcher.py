@@ -227,7 +227,6 @@ def main() -> None:
 
 
 SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
-LAUNCHER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
 class Launcher:
@@ -264,7 +263,7 @@ class Launcher:
             [sys.executable, "-E", "-s", "-c", bootstrap, str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
-            env=LAUNCHER_ENV,
+            env=child.SAFE_ENV,  # the launcher starts as bare as the children it forks
         )
         theirs.close()
         self._process, self._sock = process, ours

@@ -46,6 +46,7 @@ from sandbox.jsonbounds import (
     replace_surrogates,
     scan,
 )
+from sandbox.outcome import CHILD_REASONS
 
 HEADER = struct.Struct(">I")
 READY = {"type": "ready"}
@@ -59,10 +60,6 @@ RESULT_ITEMS = 100_000
 REPLY_BOUNDS = JsonBounds(
     max_depth=RESULT_DEPTH, max_items=RESULT_ITEMS, max_string_bytes=sys.maxsize
 )
-
-ChildErrorReason = Literal[
-    "plugin_raised", "invalid_output", "output_too_large", "load_failed", "memory_limit"
-]
 
 
 class ProtocolError(Exception):
@@ -146,10 +143,17 @@ class ResultMessage(_Strict):
 
 class ErrorMessage(_Strict):
     type: Literal["error"]
-    reason: ChildErrorReason
+    reason: str  # one of CHILD_REASONS, the reasons a child may report itself
     message: str
     exc_type: str
     traceback: str
+
+    @field_validator("reason")
+    @classmethod
+    def _child_reason(cls, reason: str) -> str:
+        if reason not in CHILD_REASONS:
+            raise ValueError(f"a child may not report {reason[:40]!r}")
+        return reason
 
     @field_validator("message", "exc_type", "traceback")
     @classmethod

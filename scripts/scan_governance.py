@@ -17,6 +17,11 @@ Checks (docs/GOVERNANCE.md explains each and what to do when one fires):
                  imports ToolRunner or `sandbox`; the analysis service imports
                  neither the plugin service, ToolRunner nor `sandbox`; `sandbox` never
                  imports `host.api` or `host.services`
+  boundary       `sandbox` never imports anything of `host`
+  reasons        one definition of the reasons: no table of two or more reasons
+                 (dict keys, set, frozenset, Literal) outside sandbox/outcome.py
+  cycles         no import cycles among the modules of `host` and `sandbox`
+                 (imports inside functions count)
   no-unpickle    host-side code imports no pickle, dill, marshal or shelve
   except         no bare `except:` and no handler whose whole body is `pass`
 """
@@ -31,6 +36,7 @@ from pathlib import Path
 
 CHILD_MODULE = "sandbox/child.py"
 RUNNER_MODULE = "sandbox/tool_runner.py"
+REASONS_MODULE = "sandbox/outcome.py"
 # `.run(...)` receivers that are not plugins: library entry points.
 LIBRARY_RUNNERS = {"subprocess", "asyncio", "uvicorn"}
 UNPICKLERS = {"pickle", "_pickle", "cPickle", "dill", "marshal", "shelve", "cloudpickle"}
@@ -232,6 +238,21 @@ def check_layering(rel: str, tree: ast.AST) -> Iterator[Violation]:
             )
 
 
+def check_sandbox_boundary(rel: str, tree: ast.AST) -> Iterator[Violation]:
+    """The sandbox never imports anything of `host`: it reads plugins through
+    the PluginCatalog protocol it defines (sandbox/tool_runner.py)."""
+    if not _module_of(rel).startswith("sandbox"):
+        return
+    for line, name in _imports(tree):
+        if name.split(".")[0] == "host" and not name.startswith(("host.api", "host.services")):
+            yield Violation(
+                rel,
+                line,
+                "boundary",
+                f"sandbox imports '{name}': the host passes what the sandbox needs in",
+            )
+
+
 def check_unpickle(rel: str, tree: ast.AST) -> Iterator[Violation]:
     for line, name in _imports(tree):
         if name.split(".")[0] in UNPICKLERS:
@@ -252,9 +273,143 @@ def check_excepts(rel: str, tree: ast.AST) -> Iterator[Violation]:
                 yield Violation(rel, node.lineno, "except", "handler whose whole body is 'pass'")
 
 
+def _reason_names(root: Path) -> set[str]:
+    """The keys of the reason table, `REASONS` in sandbox/outcome.py."""
+    path = root / REASONS_MODULE
+    if not path.is_file():
+        return set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.AnnAssign):
+            targets, value = [node.target], node.value
+        elif isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        else:
+            continue
+        if any(_dotted(t) == "REASONS" for t in targets) and isinstance(value, ast.Dict):
+            return {k.value for k in value.keys if isinstance(k, ast.Constant)}
+    return set()
+
+
+def _listed_strings(node: ast.AST) -> list[str]:
+    """String constants a table literal lists: dict keys, set members,
+    `frozenset({...})` members, `Literal[...]` arguments."""
+    if isinstance(node, ast.Dict):
+        items: list[ast.AST | None] = list(node.keys)
+    elif isinstance(node, ast.Set):
+        items = list(node.elts)
+    elif isinstance(node, ast.Subscript) and _dotted(node.value).split(".")[-1] == "Literal":
+        items = list(node.slice.elts) if isinstance(node.slice, ast.Tuple) else [node.slice]
+    else:
+        return []
+    return [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)]
+
+
+def check_reason_tables(rel: str, tree: ast.AST, reasons: set[str]) -> Iterator[Violation]:
+    """One definition of the reasons: no table keyed by (or listing) two or
+    more reasons outside sandbox/outcome.py; other modules read REASONS."""
+    if rel == REASONS_MODULE:
+        return
+    for node in ast.walk(tree):
+        named = sorted(set(_listed_strings(node)) & reasons)
+        if len(named) >= 2:
+            yield Violation(
+                rel,
+                node.lineno,
+                "reasons",
+                f"a second table of reasons ({', '.join(named[:4])}): "
+                f"read REASONS in {REASONS_MODULE} instead",
+            )
+
+
+def _module_paths(root: Path) -> dict[str, str]:
+    """Every module below the scanned tops, by dotted name, with its path."""
+    modules = {}
+    for top in SCANNED:
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            modules[_module_of(rel)] = rel
+    return modules
+
+
+def _import_edges(module: str, tree: ast.AST, modules: dict[str, str]) -> dict[str, int]:
+    """Modules of the tree that `module` imports (function-level imports
+    too: a cycle broken by a lazy import is still a cycle), with a line each.
+    `from a import b` is an import of the module a.b when there is one."""
+    edges: dict[str, int] = {}
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [
+                f"{node.module}.{alias.name}"
+                if f"{node.module}.{alias.name}" in modules
+                else node.module
+                for alias in node.names
+            ]
+        for name in names:
+            if name in modules and name != module:
+                edges.setdefault(name, node.lineno)
+    return edges
+
+
+def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for succ in graph.get(node, {}):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def check_cycles(root: Path, trees: dict[str, ast.AST]) -> Iterator[Violation]:
+    """No import cycles among the modules of `host` and `sandbox`."""
+    modules = _module_paths(root)
+    graph = {
+        module: _import_edges(module, trees[rel], modules)
+        for module, rel in modules.items()
+        if rel in trees
+    }
+    for component in _cycles(graph):
+        first = component[0]
+        inside = {m: line for m, line in graph[first].items() if m in component}
+        target, line = min(inside.items(), key=lambda item: item[1])
+        yield Violation(
+            modules[first],
+            line,
+            "cycles",
+            f"import cycle: {' -> '.join(component)} (here: imports {target})",
+        )
+
+
 def scan(root: Path) -> list[Violation]:
     """All violations below `root` (a checkout of plughost)."""
     violations = list(check_runner(root))
+    reasons = _reason_names(root)
+    trees: dict[str, ast.AST] = {}
     for top in SCANNED:
         for path in sorted((root / top).rglob("*.py")):
             rel = path.relative_to(root).as_posix()
@@ -263,8 +418,17 @@ def scan(root: Path) -> list[Violation]:
             except SyntaxError as exc:
                 violations.append(Violation(rel, exc.lineno or 1, "syntax", str(exc.msg)))
                 continue
-            for check in (check_plugin_calls, check_layering, check_unpickle, check_excepts):
+            trees[rel] = tree
+            for check in (
+                check_plugin_calls,
+                check_layering,
+                check_sandbox_boundary,
+                check_unpickle,
+                check_excepts,
+            ):
                 violations.extend(check(rel, tree))
+            violations.extend(check_reason_tables(rel, tree, reasons))
+    violations.extend(check_cycles(root, trees))
     return violations
 
 

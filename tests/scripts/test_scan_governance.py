@@ -79,6 +79,17 @@ def _append(tree: Path, rel: str, code: str) -> int:
         ),
         ("sandbox/limits.py", "import host.services.jobs", "layering"),
         ("sandbox/limits.py", "from host.api import app", "layering"),
+        ("sandbox/tool_runner.py", "from host.registry import PluginRegistry", "boundary"),
+        ("sandbox/limits.py", "import host.manifest", "boundary"),
+        ("host/api/errors.py", "CODES = {'timeout': 400, 'crashed': 400}", "reasons"),
+        ("host/services/plugins.py", "NEUTRAL = frozenset({'internal', 'overloaded'})", "reasons"),
+        (
+            "sandbox/protocol.py",
+            "from typing import Literal\nR = Literal['timeout', 'crashed']",
+            "reasons",
+        ),
+        ("host/discovery.py", "from host.registry import PluginRegistry", "cycles"),
+        ("host/discovery.py", "def f():\n    from host import registry", "cycles"),
     ],
 )
 def test_each_violation_is_reported_with_file_and_line(
