@@ -350,11 +350,8 @@ def _suite_here(args: argparse.Namespace, cases: list[Any]) -> int:
             print("plughost: no crash-suite case left to run", file=sys.stderr)
             return 2
         target = crashsuite.LocalTarget(host.runner)
-        if args.prewarm:
-            # Each case runs twice: the first call starts cold and warms a child
-            # for the plugin, the reported run uses that warm child.
-            crashsuite.run_suite(cases, target)
-        report = crashsuite.run_suite(cases, target, _progress)
+        run = crashsuite.run_warm if args.prewarm else crashsuite.run_suite
+        report = run(cases, target, _progress)
     return _finish_suite(args, report)
 
 

@@ -14,7 +14,7 @@ whose manifest carries an `[expect]` table::
                  HttpTarget (a running server's /v1/analyze)
     claims.py    one case run and its claims checked: run_case
     report.py    CaseReport, SuiteReport; table, JSON and JUnit output
-    runner.py    run_suite (benign calls around the cases), self_check
+    runner.py    run_suite (benign calls around the cases), run_warm, self_check
 
 Benign calls run before, between and after the hostile ones and must keep
 succeeding.
@@ -30,7 +30,7 @@ from host.crashsuite.report import (
     to_junit,
     write_reports,
 )
-from host.crashsuite.runner import PROBES, run_suite, self_check
+from host.crashsuite.runner import PROBES, run_suite, run_warm, self_check
 from host.crashsuite.targets import HttpTarget, LocalTarget, Target
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "load_cases",
     "run_case",
     "run_suite",
+    "run_warm",
     "self_check",
     "to_json",
     "to_junit",
