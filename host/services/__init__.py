@@ -1,7 +1,9 @@
 """The service layers: API -> AnalysisService -> JobManagementService ->
-PluginManagementService -> ToolRunner."""
+PluginManagementService -> ToolRunner; `build_services` wires them for a
+server's settings (host/services/build.py)."""
 
 from host.services.analysis import AnalysisService
+from host.services.build import Services, build_services
 from host.services.jobs import JobLimits, JobManagementService
 from host.services.plugins import PluginManagementService
 from host.services.store import (
@@ -24,4 +26,6 @@ __all__ = [
     "MemoryJobStore",
     "PluginManagementService",
     "SQLiteJobStore",
+    "Services",
+    "build_services",
 ]
