@@ -33,3 +33,27 @@ def test_state_dir_and_db_path_come_from_flags_and_environment(tmp_path: Path) -
     settings = load_settings(environ={}, overrides={"db_path": str(tmp_path / "x.db")})
     assert settings.job_db == str(tmp_path / "x.db")
     assert not Settings().job_db.startswith(os.getcwd())
+
+
+def test_db_sync_is_a_setting_that_the_environment_still_sets(tmp_path: Path) -> None:
+    from host.config import ConfigError
+    from host.services import SQLiteJobStore
+    from host.services.build import build_services
+
+    assert load_settings(environ={}).db_sync == "NORMAL"
+    settings = load_settings(environ={"PLUGHOST_DB_SYNC": "full"})
+    assert settings.db_sync == "FULL"
+    with pytest.raises(ConfigError, match="db_sync"):
+        load_settings(environ={"PLUGHOST_DB_SYNC": "sometimes"})
+    with pytest.raises(ValueError, match="NORMAL or FULL"):
+        SQLiteJobStore(tmp_path / "bad.sqlite3", synchronous="OFF")
+    settings = load_settings(environ={"PLUGHOST_DB_SYNC": "FULL", "PLUGHOST_PREWARM": "0"})
+    services = build_services(settings.model_copy(update={"db_path": str(tmp_path / "j.db")}))
+    try:
+        store = services.jobs.store
+        assert isinstance(store, SQLiteJobStore)
+        # PRAGMA synchronous: 1 is NORMAL, 2 is FULL.
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        services.jobs.shutdown(timeout_s=5)
+        services.plugins.close()
