@@ -164,3 +164,16 @@ def test_version_names_the_installed_release() -> None:
         [sys.executable, "-m", "host.cli", "--version"], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0 and result.stdout.strip() == f"plughost {__version__}"
+
+
+def test_shared_options_come_from_one_parent_parser() -> None:
+    from host.cli import SUBCOMMANDS, build_parser
+
+    parser = build_parser()
+    for command in SUBCOMMANDS:
+        extra = ["x", "--image", "i"] if command.name == "run" else []
+        args = parser.parse_args([command.name, *extra, "--plugins-dir", "a", "--plugins-dir", "b"])
+        assert args.plugins_dir == ["a", "b"] and args.handler is command.handler
+    serve = parser.parse_args(["serve", "--disable-layer", "seccomp", "--prewarm", "2"])
+    suite = parser.parse_args(["crash-suite", "--disable-layer", "seccomp"])
+    assert serve.disable_layers == suite.disable_layer == ["seccomp"] and serve.prewarm == 2

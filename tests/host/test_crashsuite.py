@@ -202,3 +202,21 @@ def test_a_case_claiming_a_bundled_plugins_name_is_skipped(tmp_path: Path) -> No
     result = crash_suite("--plugins-dir", str(tmp_path / "cases"), "--case", "image_info")
     assert result.returncode == 2
     assert f"case image_info in {impostor} claims the name of the bundled plugin" in result.stderr
+
+
+def test_self_check_of_a_strict_server_sees_what_its_calls_would_see(
+    registry: PluginRegistry,
+) -> None:
+    strict = Sandbox(isolation="strict", disabled=["seccomp"])
+    try:
+        with _client(registry, strict) as client:
+            check = client.get("/readyz").json()["self_check"]
+    finally:
+        strict.close()
+    # Strict isolation refuses every call while a layer is off: so do the probes.
+    assert check["ok"] is False and check["missing_layers"] == ["seccomp"]
+    assert check["failed"] == len(crashsuite.PROBES) and len(check["benign_failures"]) == 3
+    assert all(
+        any("observed InternalError:internal" in p for p in problems)
+        for problems in check["failed_cases"].values()
+    )
