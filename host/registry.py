@@ -38,6 +38,7 @@ class _Metrics:
     total_execution_time_ms: float = 0.0
     last_execution_time_ms: float | None = None
     last_used: str | None = None
+    last_peak_rss_mb: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         calls = self.success_count + self.error_count
@@ -48,6 +49,7 @@ class _Metrics:
             "last_execution_time_ms": self.last_execution_time_ms,
             "avg_execution_time_ms": (self.total_execution_time_ms / calls) if calls else None,
             "last_used": self.last_used,
+            "last_peak_rss_mb": self.last_peak_rss_mb,
         }
 
 
@@ -103,9 +105,11 @@ class PluginRegistry:
         elapsed_ms: float,
         had_error: bool,
         reason: str | None = None,
+        peak_rss_mb: float | None = None,
     ) -> None:
         """Record one finished call. `state=None` leaves the state unchanged;
-        `reason` (why it failed) is for recorders that count outcomes.
+        `reason` (why it failed) is for recorders that count outcomes;
+        `peak_rss_mb` (None: the call reached no child) is kept as the last one.
 
         Unknown plugins are ignored: a plugin may be unregistered mid-call.
         """
@@ -121,6 +125,8 @@ class PluginRegistry:
                 metrics.success_count += 1
             metrics.total_execution_time_ms += elapsed_ms
             metrics.last_execution_time_ms = elapsed_ms
+            if peak_rss_mb is not None:
+                metrics.last_peak_rss_mb = peak_rss_mb
             metrics.last_used = datetime.now(UTC).isoformat()
 
     def load_directory(self, path: str | Path) -> list[str]:

@@ -66,9 +66,11 @@ class PluginCatalog(Protocol):
         elapsed_ms: float,
         had_error: bool,
         reason: str | None = None,
+        peak_rss_mb: float | None = None,
     ) -> None:
         """Record one finished call: the state it leaves (None: unchanged), its
-        time, and its failure reason (None: success)."""
+        time, its failure reason (None: success) and the peak memory the
+        sandbox measured (None: it never reached a child)."""
         ...
 
 
@@ -117,6 +119,12 @@ def validate_payload(payload: Any, limits: HostLimits) -> tuple[bytes, str, dict
     return image, mime_type, options
 
 
+def _peak_rss_mb(outcome: Outcome) -> float | None:
+    """The call's peak memory as the sandbox measured it (a success too)."""
+    peak = outcome.details.get("peak_rss_mb")
+    return float(peak) if isinstance(peak, int | float) else None
+
+
 class ToolRunner:
     """Runs the plugins of `catalog`, each call in its own child of `sandbox`."""
 
@@ -137,6 +145,7 @@ class ToolRunner:
         record = False
         state: State | None = None
         reason: str | None = "internal"
+        peak: float | None = None
         try:
             try:
                 plugin = self.catalog.get_plugin(plugin_name)
@@ -148,7 +157,7 @@ class ToolRunner:
                 return {}, Envelope.build("invalid_input", str(exc), plugin_name).to_dict()
             record = True
             outcome = self.sandbox.execute(self._call(plugin, image, mime_type, options))
-            state = outcome.state
+            state, peak = outcome.state, _peak_rss_mb(outcome)
             if outcome.status is Status.SUCCESS and outcome.result is not None:
                 reason = None
                 return outcome.result, {}
@@ -172,7 +181,7 @@ class ToolRunner:
             if record:
                 elapsed_ms = (time.monotonic() - started) * 1000
                 self.catalog.update_execution_metrics(
-                    plugin_name, state, elapsed_ms, reason is not None, reason=reason
+                    plugin_name, state, elapsed_ms, reason is not None, reason, peak
                 )
 
     def _call(

@@ -55,8 +55,11 @@ class CallRecorder:
         elapsed_ms: float,
         had_error: bool,
         reason: str | None = None,
+        peak_rss_mb: float | None = None,
     ) -> None:
-        self.registry.update_execution_metrics(plugin_name, state, elapsed_ms, had_error)
+        self.registry.update_execution_metrics(
+            plugin_name, state, elapsed_ms, had_error, reason, peak_rss_mb
+        )
         health = False if reason is None else reason_of(reason).health
         if health is not None:  # an outcome that says something of the plugin's health
             self.quarantine.record(plugin_name, unavailable=health)

@@ -218,3 +218,17 @@ def test_sqlite_store_keeps_jobs_across_reopen_and_marks_unfinished_interrupted(
     time.sleep(0.01)
     assert reopened.prune(older_than_s=0.001) == 2
     reopened.close()
+
+
+def test_a_call_is_recorded_once_with_its_peak_memory(
+    plugins: PluginManagementService, payload: dict
+) -> None:
+    result, error = plugins.execute_plugin("image_info", payload)
+    assert error == {} and result["format"] == "PNG"
+    metrics = plugins.describe("image_info")["metrics"]
+    assert metrics["success_count"] == 1 and metrics["error_count"] == 0
+    assert metrics["last_peak_rss_mb"] > 0
+    assert plugins.metrics.calls("image_info", "success") == 1
+    _, error = plugins.execute_plugin("nope", payload)
+    assert error["error"]["details"]["reason"] == "unknown_plugin"
+    assert plugins.metrics.calls("nope", "unknown_plugin") == 0  # no label for any name sent
