@@ -164,13 +164,13 @@ class ToolRunner:
             reason = outcome.reason or "internal"
             return {}, self._envelope(plugin_name, outcome).to_dict()
         except HostFailure as exc:
-            state = None
+            state, reason = None, "internal"
             message = f"plugin host failed: {exc.message}"
             return {}, Envelope.build("internal", message, plugin_name, exc.details).to_dict()
         # The boundary of the contract: a host-side bug becomes an envelope too.
         except Exception as exc:  # noqa: BLE001
             record = record or plugin_name in self.catalog.list_plugins()
-            state = None
+            state, reason = None, "internal"
             return {}, Envelope.build(
                 "internal",
                 f"plugin host failed: {type(exc).__name__}",
