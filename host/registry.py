@@ -17,6 +17,7 @@ from typing import Any
 from host.discovery import RegisteredPlugin, find_plugins, name_taken
 from sandbox.envelope import unknown_plugin_message
 from sandbox.outcome import State
+from sandbox.tool_runner import set_default_catalog
 
 
 class UnknownPluginError(KeyError):
@@ -98,6 +99,11 @@ class PluginRegistry:
                 raise UnknownPluginError(name)
             return {"name": name, **self._metrics[name].as_dict()}
 
+    def all_status(self) -> dict[str, dict[str, Any]]:
+        """`get_status` of every plugin, by name."""
+        with self._lock:
+            return {name: self.get_status(name) for name in sorted(self._plugins)}
+
     def update_execution_metrics(
         self,
         plugin_name: str,
@@ -159,4 +165,16 @@ class PluginRegistry:
             self.load_errors.clear()
 
 
-__all__ = ["PluginRegistry", "RegisteredPlugin", "UnknownPluginError"]
+_registry = PluginRegistry()
+# `ToolRunner()` with no catalog runs the plugins of this registry (SPEC
+# section 3); a server passes its own registry and sandbox instead.
+set_default_catalog(_registry)
+
+
+def get_registry() -> PluginRegistry:
+    """The process-wide registry (SPEC section 6): what the CLI and library
+    callers register plugins in. The server keeps a registry of its own."""
+    return _registry
+
+
+__all__ = ["PluginRegistry", "RegisteredPlugin", "UnknownPluginError", "get_registry"]

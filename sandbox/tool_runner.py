@@ -1,6 +1,7 @@
 """ToolRunner: the single place where a plugin call becomes `(result, error)`.
 
     result, error = ToolRunner(catalog, sandbox).run("image_info", payload)
+    result, error = ToolRunner().run("image_info", payload)   # SPEC section 3
 
 Exactly one of the two is non-empty. No exception escapes `run`: bad input,
 an unknown plugin, any plugin failure and a bug in the host itself all come
@@ -8,15 +9,19 @@ back as an error envelope (SPEC sections 3 to 5).
 
 The sandbox knows nothing of the host: it reads plugins through
 `PluginCatalog`, a protocol defined here that the host's registry fulfils,
-and runs them in the `Sandbox` it is given (the server passes its own; there
-is no process-wide one).
+and runs them in the `Sandbox` it is given. A server passes its own of
+both. `ToolRunner()` with neither (the SPEC's library use) reads the
+process-wide catalog the host registers (`set_default_catalog`; empty until
+then) and starts a process-wide sandbox on its first call, closed at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import binascii
 import json
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -125,15 +130,60 @@ def _peak_rss_mb(outcome: Outcome) -> float | None:
     return float(peak) if isinstance(peak, int | float) else None
 
 
+class _NoPlugins:
+    """The catalog of a process in which the host registered none."""
+
+    def get_plugin(self, name: str) -> RunnablePlugin:
+        raise KeyError(name)
+
+    def list_plugins(self) -> list[str]:
+        return []
+
+    def update_execution_metrics(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+_default_catalog: PluginCatalog = _NoPlugins()
+_default_sandbox: Sandbox | None = None
+_default_lock = threading.Lock()
+
+
+def set_default_catalog(catalog: PluginCatalog) -> None:
+    """The catalog `ToolRunner()` reads when given none (host.registry sets it)."""
+    global _default_catalog
+    _default_catalog = catalog
+
+
+def default_sandbox() -> Sandbox:
+    """The sandbox `ToolRunner()` runs calls in when given none: started on
+    first use, closed (launcher reaped) when the process exits."""
+    global _default_sandbox
+    with _default_lock:
+        if _default_sandbox is None:
+            _default_sandbox = Sandbox()
+            atexit.register(_default_sandbox.close)
+        return _default_sandbox
+
+
 class ToolRunner:
     """Runs the plugins of `catalog`, each call in its own child of `sandbox`."""
 
     def __init__(
-        self, catalog: PluginCatalog, sandbox: Sandbox, limits: HostLimits | None = None
+        self,
+        catalog: PluginCatalog | None = None,
+        sandbox: Sandbox | None = None,
+        limits: HostLimits | None = None,
     ) -> None:
-        self.catalog = catalog
-        self.sandbox = sandbox
+        self.catalog = catalog if catalog is not None else _default_catalog
+        self._sandbox = sandbox
         self.limits = limits or HostLimits()
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """The sandbox this runner's calls run in."""
+        if self._sandbox is None:
+            self._sandbox = default_sandbox()
+        return self._sandbox
 
     def run(self, plugin_name: str, payload: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Run `plugin_name` on `payload`; return `(result, {})` or `({}, envelope)`.

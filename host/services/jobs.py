@@ -130,6 +130,12 @@ class JobManagementService:
 
     # -- creating -----------------------------------------------------------
 
+    def create_job(self, plugin_name: str, payload: Any, owner: str = ANONYMOUS) -> Job:
+        """Validate and store a PENDING job of `owner` (SPEC section 7); `run_job`
+        runs it. Raises Rejected, QuotaExceeded."""
+        self._plugins.check(plugin_name, payload)
+        return self._store_pending(plugin_name, payload, owner)
+
     def _store_pending(self, plugin_name: str, payload: Any, owner: str) -> Job:
         job = Job(
             id=uuid.uuid4().hex,
