@@ -10,7 +10,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import jsonschema
+from packaging.requirements import InvalidRequirement, Requirement
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sandbox.limits import PluginLimits
 
@@ -43,8 +45,34 @@ class Manifest(BaseModel):
     entrypoint: str = Field(pattern=ENTRYPOINT_PATTERN)
     description: str = Field(default="", max_length=500)
     limits: LimitsSection = LimitsSection()
+    # PEP 508 strings: the packages the plugin imports, installed into an
+    # environment of its own (host.environments), never the host's.
+    dependencies: tuple[str, ...] = ()
+    # A JSON Schema for payload["options"], checked before every call.
+    options: dict[str, Any] | None = None
     # The crash suite's expectations; ignored by the host itself.
     expect: dict[str, Any] | None = None
+
+    @field_validator("dependencies")
+    @classmethod
+    def _pep508(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                Requirement(item)
+            except InvalidRequirement as exc:
+                raise ValueError(f"{item!r} is not a PEP 508 requirement: {exc}") from None
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _json_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                jsonschema.Draft202012Validator.check_schema(value)
+            except jsonschema.SchemaError as exc:
+                where = "/".join(str(p) for p in exc.path) or "(top level)"
+                raise ValueError(f"not a valid JSON Schema at {where}: {exc.message}") from None
+        return value
 
     @property
     def plugin_limits(self) -> PluginLimits:
@@ -55,7 +83,8 @@ def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        parts.append(f"field '{field}': {item['msg']}")
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"field '{field}': {message}")
     return "; ".join(parts)
 
 
