@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import jsonschema
 from packaging.requirements import InvalidRequirement, Requirement
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sandbox.limits import PluginLimits
 
@@ -26,6 +26,18 @@ class ManifestError(Exception):
     def __init__(self, path: Path, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
+
+
+def _pep508(value: str) -> str:
+    try:
+        Requirement(value)
+    except InvalidRequirement as exc:
+        first = str(exc).splitlines()[0]
+        raise ValueError(f"{value!r} is not a PEP 508 requirement: {first}") from None
+    return value
+
+
+Pep508 = Annotated[str, AfterValidator(_pep508)]
 
 
 class LimitsSection(BaseModel):
@@ -47,21 +59,11 @@ class Manifest(BaseModel):
     limits: LimitsSection = LimitsSection()
     # PEP 508 strings: the packages the plugin imports, installed into an
     # environment of its own (host.environments), never the host's.
-    dependencies: tuple[str, ...] = ()
+    dependencies: tuple[Pep508, ...] = ()
     # A JSON Schema for payload["options"], checked before every call.
     options: dict[str, Any] | None = None
     # The crash suite's expectations; ignored by the host itself.
     expect: dict[str, Any] | None = None
-
-    @field_validator("dependencies")
-    @classmethod
-    def _pep508(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for item in value:
-            try:
-                Requirement(item)
-            except InvalidRequirement as exc:
-                raise ValueError(f"{item!r} is not a PEP 508 requirement: {exc}") from None
-        return value
 
     @field_validator("options")
     @classmethod
@@ -79,13 +81,20 @@ class Manifest(BaseModel):
         return PluginLimits(timeout_s=self.limits.timeout_s, memory_mb=self.limits.memory_mb)
 
 
-def _describe(error: ValidationError) -> str:
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per problem, each naming its field."""
     parts = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "is not a manifest field (check its spelling, or remove it)"
         parts.append(f"field '{field}': {message}")
-    return "; ".join(parts)
+    return parts
+
+
+def _describe(error: ValidationError) -> str:
+    return "; ".join(describe_errors(error))
 
 
 def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
