@@ -96,7 +96,7 @@ def test_every_manifest_problem_is_listed_with_its_field(tmp_path: Path) -> None
 
 
 def test_a_toml_error_names_the_line(tmp_path: Path) -> None:
-    directory = _plugin(tmp_path, GOOD + "limits = [\n", CLASS)
+    directory = _plugin(tmp_path, GOOD + "limits = [\n  1,\n  ?\n]\n", CLASS)
     _, problems = static_problems(directory)
     assert len(problems) == 1 and "not valid TOML" in problems[0].message
-    assert problems[0].line is not None
+    assert problems[0].line == 6
