@@ -74,6 +74,13 @@ def name_taken(refused: RegisteredPlugin, holder: RegisteredPlugin) -> str:
 
 
 def _entry_point_plugin(entry: importlib.metadata.EntryPoint) -> RegisteredPlugin:
+    """The plugin an entry point names: a directory, or `package.module:Class`.
+
+    For `module:attribute`, the top-level package is the plugin's directory
+    (the only part of site-packages its calls see), its `plugin.toml` sits
+    beside the module, and the manifest's entrypoint is the entry point's
+    value. The module's file is located without executing it.
+    """
     value = entry.value.strip()
     if ":" not in value:
         directory = Path(value)
@@ -83,19 +90,30 @@ def _entry_point_plugin(entry: importlib.metadata.EntryPoint) -> RegisteredPlugi
     module = value.split(":")[0]
     top = module.split(".")[0]
     spec = importlib.util.find_spec(top)  # top-level lookup only: runs no plugin code
-    if spec is None or spec.origin is None:
-        raise ManifestError(Path(entry.name), f"entry point module '{top}' is not installed")
-    origin = Path(spec.origin)
-    root = origin.parent.parent if origin.name == "__init__.py" else origin.parent
+    if spec is None or spec.origin is None or not spec.submodule_search_locations:
+        shipped = _distribution_of(entry)
+        raise ManifestError(
+            Path(entry.name),
+            f"entry point {entry.name} = {value!r}{shipped}: package {top!r} is not "
+            "installed as a package (a plugin distribution ships a package directory "
+            "holding the module and its plugin.toml)",
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    root = package.parent
     module_path = root.joinpath(*module.split("."))
     manifest_dir = module_path if module_path.is_dir() else module_path.parent
-    manifest = load_manifest(manifest_dir / MANIFEST, code_dir=root)
-    if manifest.entrypoint != value:
+    try:
+        manifest = load_manifest(manifest_dir / MANIFEST, code_dir=root, expect=value)
+    except ManifestError as exc:
         raise ManifestError(
-            manifest_dir / MANIFEST,
-            f"field 'entrypoint': {manifest.entrypoint!r} != entry point {value!r}",
-        )
-    return RegisteredPlugin(manifest, root.resolve(), "entry_point")
+            exc.path, f"{exc.message} (entry point {entry.name}{_distribution_of(entry)})"
+        ) from exc
+    return RegisteredPlugin(manifest, package.resolve(), "entry_point", root.resolve())
+
+
+def _distribution_of(entry: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(entry, "dist", None)
+    return f" of {dist.name} {dist.version}" if dist is not None else ""
 
 
 def _unique(

@@ -26,6 +26,7 @@ class ManifestError(Exception):
     def __init__(self, path: Path, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
+        self.message = message
 
 
 def _pep508(value: str) -> str:
@@ -105,11 +106,12 @@ def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
         raise ManifestError(path, _describe(exc)) from exc
 
 
-def load_manifest(path: Path, code_dir: Path | None = None) -> Manifest:
+def load_manifest(path: Path, code_dir: Path | None = None, expect: str | None = None) -> Manifest:
     """Read and validate one `plugin.toml`. Raises ManifestError.
 
     `code_dir` is where the entrypoint module must be found (default: beside
-    the manifest).
+    the manifest); `expect` is the entrypoint it must name, when something
+    else (an entry point) names it too.
     """
     try:
         with path.open("rb") as stream:
@@ -119,6 +121,12 @@ def load_manifest(path: Path, code_dir: Path | None = None) -> Manifest:
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(path, f"is not valid TOML: {exc}") from exc
     manifest = parse_manifest(path, data)
+    if expect is not None and manifest.entrypoint != expect:
+        raise ManifestError(
+            path,
+            f"field 'entrypoint': {manifest.entrypoint!r} differs from {expect!r}; both must "
+            f'name the same class: set entrypoint = "{expect}" in this file',
+        )
     where = path.parent if code_dir is None else code_dir
     module = manifest.entrypoint.split(":")[0].split(".")[0]
     if not (where / f"{module}.py").is_file() and not (where / module).is_dir():

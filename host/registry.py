@@ -34,10 +34,17 @@ class RegisteredPlugin:
     manifest: Manifest
     directory: Path
     source: str = "directory"
+    # Where the entrypoint's module is imported from, when that is not the
+    # plugin's directory: the parent of an installed plugin package.
+    import_root: Path | None = None
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def import_path(self) -> Path:
+        return self.import_root or self.directory
 
 
 @dataclass

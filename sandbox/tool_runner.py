@@ -131,7 +131,7 @@ class ToolRunner:
             record = True
             call = CallSpec(
                 plugin=plugin_name,
-                plugin_dir=str(plugin.directory),
+                plugin_dir=str(plugin.import_path),
                 entrypoint=plugin.manifest.entrypoint,
                 limits=self.limits.clamp(plugin.manifest.plugin_limits),
                 image=image,
