@@ -2,7 +2,9 @@
 
     plughost serve [--host H] [--port P] [--plugins-dir DIR]... [--db PATH] [--config FILE] ...
     plughost run PLUGIN --image FILE [--mime-type T] [--option K=V]... [--plugins-dir DIR]...
-    plughost plugins [--plugins-dir DIR]... [--json]
+    plughost plugins [list|prepare] [--plugins-dir DIR]... [--json] [--verbose]
+    plughost new NAME [--dir D]
+    plughost check DIR [--image FILE]...
 
 `run` prints one JSON document: `{"result": ..., "plugin": ...}` and exits 0,
 or `{"error": {...}}` and exits 1. Usage errors (a missing image file, an
@@ -18,9 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from host import __version__
+from host import __version__, scaffold
 from host.discovery import discover
+from host.environments import EnvironmentStore, EnvStatus
+from host.preparation import environment_store, prepare_all
 from host.registry import get_registry
+from host.tracebacks import plugin_traceback
 from sandbox.envelope import public_error
 from sandbox.limits import HostLimits
 from sandbox.supervisor import Sandbox
@@ -76,18 +81,17 @@ def _parser() -> argparse.ArgumentParser:
         help="plugin option; VALUE is JSON if it parses, else a string",
     )
     run.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
+    run.add_argument(
+        "--debug", action="store_true", help="on a failure, print the plugin's traceback"
+    )
+    run.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
 
     serve = commands.add_parser("serve", help="serve the HTTP API")
     serve.add_argument("--config", metavar="FILE", help="TOML file with settings")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int)
     serve.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
-    serve.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        help="where the job database lives (default /var/lib/plughost as root, "
-        "$XDG_STATE_HOME/plughost otherwise)",
-    )
+    serve.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
     serve.add_argument(
         "--db", dest="db_path", metavar="PATH", help="SQLite job database (default in --state-dir)"
     )
@@ -147,10 +151,49 @@ def _parser() -> argparse.ArgumentParser:
         help="switch an isolation layer off, to see which cases depend on it (local runs)",
     )
 
-    plugins = commands.add_parser("plugins", help="list installed plugins")
+    plugins = commands.add_parser(
+        "plugins", help="list installed plugins, or prepare their environments"
+    )
+    plugins.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     plugins.add_argument("--plugins-dir", action="append", default=[], metavar="DIR")
     plugins.add_argument("--json", action="store_true", help="print JSON")
+    plugins.add_argument(
+        "--verbose", action="store_true", help="also dependencies, environments and options"
+    )
+    plugins.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
+
+    new = commands.add_parser("new", help="write a new plugin that passes `check`")
+    new.add_argument("name")
+    new.add_argument("--dir", type=Path, default=Path("."), help="where to create it")
+
+    check = commands.add_parser("check", help="validate a plugin and run it on sample images")
+    check.add_argument("directory", type=Path)
+    check.add_argument(
+        "--image", action="append", default=[], type=Path, help="also run on this image"
+    )
+    check.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
     return parser
+
+
+STATE_DIR_HELP = (
+    "where the job database and the plugins' environments live (default "
+    "/var/lib/plughost as root, $XDG_STATE_HOME/plughost otherwise)"
+)
+
+
+def _environments(args: argparse.Namespace) -> EnvironmentStore:
+    """The plugin environments of the configuration (PLUGHOST_* variables)."""
+    from host.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(None, overrides={"state_dir": args.state_dir})
+    except ConfigError as exc:
+        raise SystemExit(f"plughost: {exc}") from exc
+    return environment_store(settings.plugin_envs, settings.allow_source_builds)
+
+
+def _stderr(line: str) -> None:
+    print(f"plughost: {line}", file=sys.stderr, flush=True)
 
 
 def _print_json(document: Any) -> None:
@@ -166,20 +209,44 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if mime_type is None:
         parser.error(f"--image {args.image}: cannot tell its type; pass --mime-type")
     registry = get_registry()
+    registry.environments = _environments(args)
     discover(registry, args.plugins_dir)
     for problem in registry.load_errors:
         print(f"plughost: warning: {problem}", file=sys.stderr)
+    if args.plugin in registry.list_plugins():  # prepared before the call, never in it
+        prepare_all(registry, _stderr, names=[args.plugin])
     payload = {"image": image, "mime_type": mime_type, "options": dict(args.option)}
     result, error = ToolRunner().run(args.plugin, payload)
     if error:
         _print_json({"error": public_error(error)})
+        trace = plugin_traceback(error) if args.debug else ""
+        if trace:
+            print(trace, file=sys.stderr)
         return 1
     _print_json({"result": result, "plugin": args.plugin})
     return 0
 
 
-def _cmd_plugins(args: argparse.Namespace) -> int:
+def _cmd_prepare(args: argparse.Namespace) -> int:
     registry = get_registry()
+    registry.environments = _environments(args)
+    discover(registry, args.plugins_dir)
+    for problem in registry.load_errors:
+        print(f"plughost: warning: {problem}", file=sys.stderr)
+    states = prepare_all(registry, _stderr, refresh=False)
+    failed = {name: s for name, s in states.items() if s.status is not EnvStatus.READY}
+    for name, state in failed.items():
+        print(f"plughost: {name}: {state.message}", file=sys.stderr)
+    ready = len(states) - len(failed)
+    print(f"{ready} of {len(states)} plugin environments ready", file=sys.stderr)
+    return 1 if failed or registry.load_errors else 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    if args.action == "prepare":
+        return _cmd_prepare(args)
+    registry = get_registry()
+    registry.environments = _environments(args)
     discover(registry, args.plugins_dir)
     host = HostLimits()
     rows: list[dict[str, Any]] = []
@@ -194,12 +261,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                 "directory": str(plugin.directory),
                 "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
                 "status": registry.get_status(name),
+                "dependencies": list(plugin.requirements.dependencies),
+                "options_schema": plugin.manifest.options,
             }
         )
     isolation = shared_sandbox().protections()
     if args.json:
         _print_json({"plugins": rows, "load_errors": registry.load_errors, "isolation": isolation})
-        return 0
+        return 1 if registry.load_errors else 0
     print(f"{'NAME':<20} {'VERSION':<9} {'STATE':<12} {'TIMEOUT':>8} {'MEMORY':>7}  DESCRIPTION")
     for row in rows:
         print(
@@ -207,12 +276,62 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             f"{row['limits']['timeout_s']:>7g}s {row['limits']['memory_mb']:>5}MB  "
             f"{row['description']}"
         )
+        if args.verbose:
+            _print_details(row)
     active = ", ".join(name for name, on in isolation.items() if on)
     missing = ", ".join(name for name, on in isolation.items() if not on) or "none"
     print(f"\nisolation layers active: {active}\nmissing or off: {missing}")
     for problem in registry.load_errors:
-        print(f"plughost: warning: {problem}", file=sys.stderr)
+        print(f"plughost: error: {problem}", file=sys.stderr)
+    return 1 if registry.load_errors else 0
+
+
+def _print_details(row: dict[str, Any]) -> None:
+    environment = row["status"]["environment"]
+    print(f"    directory: {row['directory']}")
+    if row["dependencies"]:
+        print(f"    dependencies: {', '.join(row['dependencies'])}")
+        packages = ", ".join(environment.get("packages", [])) or "-"
+        print(f"    environment: {environment['status']} ({packages})")
+        if environment.get("message"):
+            print(f"      {environment['message']}")
+    schema = row["options_schema"]
+    if schema is None:
+        print("    options: no schema (passed unchecked)")
+    else:
+        for option, spec in (schema.get("properties") or {}).items():
+            kind = spec.get("type", "any") if isinstance(spec, dict) else "any"
+            extra = (
+                f" = {spec['default']!r}" if isinstance(spec, dict) and "default" in spec else ""
+            )
+            print(f"    option {option}: {kind}{extra}")
+
+
+def _cmd_new(args: argparse.Namespace) -> int:
+    try:
+        directory = scaffold.create(args.name, args.dir)
+    except (scaffold.ScaffoldError, OSError) as exc:
+        print(f"plughost: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {directory}; next: plughost check {directory}")
     return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from host.authoring import check_plugin, sample_images
+
+    for image in args.image:
+        if not image.is_file():
+            print(f"plughost: --image {image}: no such file", file=sys.stderr)
+            return 2
+    environments = _environments(args)
+    sandbox = shared_sandbox()
+    return check_plugin(
+        args.directory,
+        sample_images(args.image),
+        environments,
+        lambda registry: ToolRunner(sandbox=sandbox, registry=registry),
+    )
 
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -322,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_serve(args, parser)
     if args.command == "crash-suite":
         return _cmd_crash_suite(args)
+    if args.command == "new":
+        return _cmd_new(args)
+    if args.command == "check":
+        return _cmd_check(args)
     return _cmd_plugins(args)
 
 

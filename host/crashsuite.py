@@ -477,7 +477,7 @@ def run_suite(
     cases: list[Case],
     target: Target,
     progress: Callable[[int, int, CaseReport], None] | None = None,
-    benign_plugin: str = "image_info",
+    benign_plugin: str = "image_probe",
 ) -> SuiteReport:
     """Run every case with benign calls around them; never raises for a case."""
     image = sample_png()

@@ -20,7 +20,8 @@ import importlib.util
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from host.manifest import ManifestError, load_manifest
+from host.environments import PrepareError, read_requirements
+from host.manifest import Manifest, ManifestError, load_manifest
 from host.registry import PluginRegistry, RegisteredPlugin
 
 
@@ -56,12 +57,28 @@ def find_plugins(path: Path) -> tuple[list[RegisteredPlugin], list[str]]:
         except ManifestError as exc:
             errors.append(str(exc))
             continue
-        plugin = RegisteredPlugin(manifest=manifest, directory=directory.resolve())
+        try:
+            plugin = _registered(manifest, directory / MANIFEST, directory, "directory")
+        except ManifestError as exc:
+            errors.append(str(exc))
+            continue
         if manifest.name in found:
             errors.append(name_taken(plugin, found[manifest.name]))
             continue
         found[manifest.name] = plugin
     return list(found.values()), errors
+
+
+def _registered(
+    manifest: Manifest, path: Path, directory: Path, source: str, import_root: Path | None = None
+) -> RegisteredPlugin:
+    """The registry's entry for a valid manifest, with the requirements beside it."""
+    try:
+        requirements = read_requirements(path.parent, manifest.dependencies, path.name)
+    except (PrepareError, OSError, ValueError) as exc:
+        raise ManifestError(path, f"requirements: {exc}") from exc
+    root = import_root.resolve() if import_root is not None else None
+    return RegisteredPlugin(manifest, directory.resolve(), source, root, requirements)
 
 
 def name_taken(refused: RegisteredPlugin, holder: RegisteredPlugin) -> str:
@@ -84,9 +101,8 @@ def _entry_point_plugin(entry: importlib.metadata.EntryPoint) -> RegisteredPlugi
     value = entry.value.strip()
     if ":" not in value:
         directory = Path(value)
-        return RegisteredPlugin(
-            load_manifest(directory / MANIFEST), directory.resolve(), "entry_point"
-        )
+        manifest = load_manifest(directory / MANIFEST)
+        return _registered(manifest, directory / MANIFEST, directory, "entry_point")
     module = value.split(":")[0]
     top = module.split(".")[0]
     spec = importlib.util.find_spec(top)  # top-level lookup only: runs no plugin code
@@ -108,7 +124,7 @@ def _entry_point_plugin(entry: importlib.metadata.EntryPoint) -> RegisteredPlugi
         raise ManifestError(
             exc.path, f"{exc.message} (entry point {entry.name}{_distribution_of(entry)})"
         ) from exc
-    return RegisteredPlugin(manifest, package.resolve(), "entry_point", root.resolve())
+    return _registered(manifest, manifest_dir / MANIFEST, package, "entry_point", root)
 
 
 def _distribution_of(entry: importlib.metadata.EntryPoint) -> str:

@@ -24,6 +24,7 @@ and the standard library; nothing of the host's site-packages.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import fcntl
 import hashlib
@@ -290,6 +291,7 @@ class EnvironmentStore:
             with self._file_lock(key):
                 current = self.state(plugin, requirements)
                 if current.status is EnvStatus.READY and not refresh:
+                    self.touch(plugin, requirements)
                     return current
                 return self._build(plugin, key, requirements, progress)
         except (PrepareError, OSError) as exc:
@@ -340,21 +342,23 @@ class EnvironmentStore:
         _make_readable(target)
         target.rename(final)
 
-    def collect(self, in_use: Iterable[str]) -> list[str]:
-        """Remove environments and records of no declared key in `in_use`."""
+    def collect(self, in_use: Iterable[str], grace_s: float = 3600.0) -> list[str]:
+        """Remove what no plugin uses: the records of declarations not in
+        `in_use` left untouched for `grace_s` (another host may share this
+        directory), then every environment no remaining record names."""
         keep_keys = set(in_use)
         records = self.root / BY_SPEC
         kept_dirs: set[str] = set()
         if records.is_dir():
             for record in records.glob("*.json"):
                 data = self._record(record.stem)
-                if record.stem in keep_keys and data is not None:
+                if data is not None and (record.stem in keep_keys or _age_s(record) < grace_s):
                     kept_dirs.add(data.key)
                 else:
                     record.unlink(missing_ok=True)
         removed = []
         if self.root.is_dir():
-            for entry in self.root.iterdir():
+            for entry in sorted(self.root.iterdir()):
                 if entry.name == BY_SPEC or entry.name in kept_dirs or not entry.is_dir():
                     continue
                 if entry.name.startswith(".building-") and _age_s(entry) < INSTALL_TIMEOUT_S:
@@ -362,6 +366,12 @@ class EnvironmentStore:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)
         return removed
+
+    def touch(self, plugin: str, requirements: Requirements) -> None:
+        """Mark a declaration as in use now (what `collect`'s grace counts from)."""
+        record = self.root / BY_SPEC / f"{self.key_for(plugin, requirements)}.json"
+        with contextlib.suppress(OSError):
+            os.utime(record)
 
 
 def _age_s(path: Path) -> float:

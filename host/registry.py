@@ -12,8 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
+from host.environments import EnvironmentStore, EnvState, EnvStatus, Requirements
 from host.manifest import Manifest
 from sandbox.outcome import State
+
+
+class EnvironmentNotReady(Exception):
+    """A plugin whose declared packages are not installed yet; never run half-ready."""
 
 
 class UnknownPluginError(KeyError):
@@ -37,10 +44,26 @@ class RegisteredPlugin:
     # Where the entrypoint's module is imported from, when that is not the
     # plugin's directory: the parent of an installed plugin package.
     import_root: Path | None = None
+    # What the plugin imports besides the standard library (host.environments).
+    requirements: Requirements = Requirements()
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    def options_problem(self, options: dict[str, Any]) -> str | None:
+        """What is wrong with a call's options under the manifest's schema."""
+        schema = self.manifest.options
+        if schema is None:
+            return None
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(schema).iter_errors(options)
+        )
+        if error is None:
+            return None
+        where = "/".join(str(p) for p in error.absolute_path)
+        named = f"option '{where}'" if where else "options"
+        return f"{named}: {error.message}"[:500]
 
     @property
     def import_path(self) -> Path:
@@ -76,6 +99,29 @@ class PluginRegistry:
         self._plugins: dict[str, RegisteredPlugin] = {}
         self._metrics: dict[str, _Metrics] = {}
         self.load_errors: list[str] = []
+        # Where the plugins' own environments are; None: no plugin may declare any.
+        self.environments: EnvironmentStore | None = None
+
+    def environment(self, name: str) -> EnvState:
+        """The state of a plugin's environment. Raises UnknownPluginError."""
+        plugin = self.get_plugin(name)
+        if plugin.requirements.empty:
+            return EnvState(EnvStatus.NONE)
+        if self.environments is None:
+            return EnvState(EnvStatus.MISSING, message="this host keeps no plugin environments")
+        return self.environments.state(name, plugin.requirements)
+
+    def import_paths(self, name: str) -> tuple[str, ...]:
+        """What a call of `name` imports from besides its directory and the
+        standard library. Raises EnvironmentNotReady, UnknownPluginError."""
+        state = self.environment(name)
+        if state.status is EnvStatus.NONE:
+            return ()
+        if state.status is EnvStatus.READY and state.path is not None:
+            return (str(state.path),)
+        raise EnvironmentNotReady(
+            f"the environment of plugin {name!r} is {state.status.value}: {state.message}"
+        )
 
     def register(self, name: str, plugin: RegisteredPlugin) -> None:
         """Add or replace `name`. Replacing keeps the metrics.
@@ -111,7 +157,9 @@ class PluginRegistry:
         with self._lock:
             if name not in self._plugins:
                 raise UnknownPluginError(name)
-            return {"name": name, **self._metrics[name].as_dict()}
+            status = {"name": name, **self._metrics[name].as_dict()}
+        status["environment"] = self.environment(name).public()
+        return status
 
     def all_status(self) -> dict[str, dict[str, Any]]:
         """`get_status` of every plugin, by name."""

@@ -44,6 +44,7 @@ REASONS: dict[str, tuple[str, State | None]] = {
     "crashed": ("PluginError", State.UNAVAILABLE),
     "protocol_violation": ("PluginError", State.UNAVAILABLE),
     "quarantined": ("PluginError", State.UNAVAILABLE),
+    "environment_not_ready": ("PluginError", None),
     "overloaded": ("InternalError", None),
     "cancelled": ("ExecutionError", None),
     "internal": ("InternalError", None),

@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any
 
-from host.registry import PluginRegistry, get_registry
+from host.registry import EnvironmentNotReady, PluginRegistry, get_registry
 from sandbox.envelope import make_envelope
 from sandbox.limits import HostLimits
 from sandbox.outcome import Outcome, Status
@@ -109,6 +109,15 @@ class ToolRunner:
 
     def run(self, plugin_name: str, payload: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Run `plugin_name` on `payload`; return `(result, {})` or `({}, envelope)`."""
+        result, error, _ = self.measure(plugin_name, payload)
+        return result, error
+
+    def measure(
+        self, plugin_name: str, payload: Any
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """`run`, plus what the sandbox measured of the call (elapsed_ms,
+        peak_rss_mb, cgroup_peak_mb; empty when nothing ran): for the operator
+        and the plugin author, never for the client."""
         registry = self._registry or get_registry()
         started = time.monotonic()
         record = False
@@ -118,16 +127,28 @@ class ToolRunner:
             try:
                 plugin = registry.get_plugin(plugin_name)
             except KeyError:
-                return {}, make_envelope(
-                    "unknown_plugin",
-                    f"no plugin named {str(plugin_name)[:100]!r} is registered",
-                    plugin=None,
-                    details={"available": registry.list_plugins()[:50]},
+                return (
+                    {},
+                    make_envelope(
+                        "unknown_plugin",
+                        f"no plugin named {str(plugin_name)[:100]!r} is registered",
+                        plugin=None,
+                        details={"available": registry.list_plugins()[:50]},
+                    ),
+                    {},
                 )
             try:
                 image, mime_type, options = validate_payload(payload, self.limits)
+                problem = plugin.options_problem(options)
+                if problem is not None:
+                    raise InvalidInput(problem)
             except InvalidInput as exc:
-                return {}, make_envelope("invalid_input", str(exc), plugin=plugin_name)
+                return {}, make_envelope("invalid_input", str(exc), plugin=plugin_name), {}
+            try:
+                import_paths = registry.import_paths(plugin_name)
+            except EnvironmentNotReady as exc:
+                message = str(exc)
+                return {}, make_envelope("environment_not_ready", message, plugin=plugin_name), {}
             record = True
             call = CallSpec(
                 plugin=plugin_name,
@@ -137,23 +158,25 @@ class ToolRunner:
                 image=image,
                 mime_type=mime_type,
                 options=options,
+                import_paths=import_paths,
             )
             outcome = self.sandbox.execute(call)
             state = outcome.state
             if outcome.status is Status.SUCCESS and outcome.result is not None:
                 had_error = False
-                return outcome.result, {}
-            return {}, self._envelope(plugin_name, outcome)
+                return outcome.result, {}, outcome.details
+            return {}, self._envelope(plugin_name, outcome), outcome.details
         # The boundary of the contract: a host-side bug becomes an envelope too.
         except Exception as exc:  # noqa: BLE001
             record = record or plugin_name in registry.list_plugins()
             state = None
-            return {}, make_envelope(
+            failure = make_envelope(
                 "internal",
                 f"plugin host failed: {type(exc).__name__}",
                 plugin=plugin_name if isinstance(plugin_name, str) else None,
                 traceback=traceback.format_exc(),
             )
+            return {}, failure, {}
         finally:
             if record:
                 elapsed_ms = (time.monotonic() - started) * 1000

@@ -28,6 +28,7 @@ from host.api.middleware import BodySizeLimit
 from host.config import Settings
 from host.crashsuite import self_check
 from host.discovery import discover
+from host.preparation import environment_store
 from host.privileges import drop_to
 from host.services import (
     AnalysisService,
@@ -73,6 +74,9 @@ def build_services(settings: Settings, store: JobStore | None = None) -> Service
     plugins = PluginManagementService(ToolRunner(sandbox=sandbox))
     plugins.quarantine.threshold = settings.quarantine_threshold
     plugins.quarantine.cooldown_s = settings.quarantine_cooldown_s
+    plugins.registry.environments = environment_store(
+        settings.plugin_envs, settings.allow_source_builds
+    )
     discover(plugins.registry, settings.plugins_dirs, settings.plugin_overrides)
     jobs = JobManagementService(
         plugins,
@@ -146,8 +150,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
             log.warning("the HTTP server runs as root; set user (--user) to serve unprivileged")
         if settings.user is not None:
             svc = app.state.services
-            drop_to(settings.user, [Path(settings.job_db).parent, *svc.plugins.sandbox_paths()])
+            owned = [Path(settings.job_db).parent, Path(settings.plugin_envs)]
+            drop_to(settings.user, [*owned, *svc.plugins.sandbox_paths()])
             log.info("serving as user %s; calls still start from the root launcher", settings.user)
+        # Plugin environments are prepared as the serving user, while the API answers.
+        app.state.services.plugins.preparation.start()
         yield
         await asyncio.to_thread(app.state.services.jobs.shutdown)
         if services is None:  # built here, so stopped here

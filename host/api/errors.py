@@ -31,6 +31,7 @@ STATUS_BY_REASON = {
     "crashed": 400,
     "protocol_violation": 400,
     "quarantined": 503,
+    "environment_not_ready": 503,
     "overloaded": 503,
     "cancelled": 409,
     "internal": 500,

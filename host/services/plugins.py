@@ -17,6 +17,7 @@ from typing import Any
 from host.discovery import discover
 from host.errors import Rejected, envelope
 from host.metrics import Metrics
+from host.preparation import BackgroundPreparation
 from host.quarantine import QuarantineBook
 from host.registry import PluginRegistry, get_registry
 from sandbox.cancel import CancelToken, use_token
@@ -31,7 +32,14 @@ UNAVAILABLE_REASONS = frozenset(
 )
 # Outcomes that say nothing about the plugin's health.
 NEUTRAL_REASONS = frozenset(
-    {"invalid_input", "unknown_plugin", "cancelled", "internal", "overloaded"}
+    {
+        "invalid_input",
+        "unknown_plugin",
+        "environment_not_ready",
+        "cancelled",
+        "internal",
+        "overloaded",
+    }
 )
 
 
@@ -52,6 +60,8 @@ class PluginManagementService:
         self.registry = registry or get_registry()
         self.quarantine = quarantine or QuarantineBook()
         self.metrics = metrics or Metrics()
+        # Prepares the plugins' environments on a thread; started by the server.
+        self.preparation = BackgroundPreparation(self.registry)
 
     @property
     def limits(self) -> HostLimits:
@@ -164,6 +174,9 @@ class PluginManagementService:
             "entrypoint": plugin.manifest.entrypoint,
             "source": plugin.source,
             "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
+            "dependencies": list(plugin.requirements.dependencies),
+            "environment": status.pop("environment"),
+            "options_schema": plugin.manifest.options,
             "state": status["state"],
             "metrics": {k: v for k, v in status.items() if k not in ("name", "state")},
             "quarantine": self.quarantine.status(name),
@@ -188,6 +201,8 @@ class PluginManagementService:
         names = discover(self.registry, extra_dirs, overrides)
         for gone in before - set(names):
             self.registry.unregister(gone)
+        if self.preparation.started:
+            self.preparation.start()  # the new plugins' environments
         return sorted(names)
 
 

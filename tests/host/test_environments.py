@@ -155,7 +155,8 @@ def test_collect_removes_what_no_plugin_uses(tmp_path: Path) -> None:
     gone_req = Requirements(("six==1.16.0",), source="g")
     kept, gone = store.prepare("k", kept_req), store.prepare("g", gone_req)
     assert kept.path is not None and gone.path is not None
-    removed = store.collect([store.key_for("k", kept_req)])
+    assert store.collect([store.key_for("k", kept_req)]) == []  # within the grace period
+    removed = store.collect([store.key_for("k", kept_req)], grace_s=0)
     assert removed == [gone.path.name]
     assert kept.path.is_dir() and not gone.path.exists()
     assert store.state("g", gone_req).status is EnvStatus.MISSING
