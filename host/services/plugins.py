@@ -18,6 +18,7 @@ from host.discovery import discover
 from host.errors import Rejected, envelope
 from host.metrics import Metrics
 from host.preparation import BackgroundPreparation
+from host.tracebacks import plugin_traceback
 from host.quarantine import QuarantineBook
 from host.registry import PluginRegistry, get_registry
 from sandbox.cancel import CancelToken, use_token
@@ -30,6 +31,8 @@ from sandbox.tool_runner import InvalidInput, ToolRunner, validate_payload
 UNAVAILABLE_REASONS = frozenset(
     r for r, (_, state) in REASONS.items() if state is State.UNAVAILABLE
 )
+# Outcomes of the plugin's own code failing, with a traceback of its frames.
+PLUGIN_CODE_REASONS = frozenset({"plugin_raised", "load_failed", "invalid_output"})
 # Outcomes that say nothing about the plugin's health.
 NEUTRAL_REASONS = frozenset(
     {
@@ -150,6 +153,15 @@ class PluginManagementService:
                     "plugin": plugin_name,
                     "traceback": error.get("_internal", {}).get("traceback", ""),
                 },
+            )
+        elif reason in PLUGIN_CODE_REASONS:
+            # The plugin's own code failed: its frames (never the host's) for the operator.
+            log.warning(
+                "plugin %s failed (%s): %s",
+                plugin_name,
+                reason,
+                error["error"]["message"],
+                extra={"plugin": plugin_name, "traceback": plugin_traceback(error)},
             )
         if reason not in NEUTRAL_REASONS:
             self.quarantine.record(plugin_name, unavailable=reason in UNAVAILABLE_REASONS)
