@@ -18,9 +18,9 @@ from host.discovery import discover
 from host.errors import Rejected, envelope
 from host.metrics import Metrics
 from host.preparation import BackgroundPreparation
-from host.tracebacks import plugin_traceback
 from host.quarantine import QuarantineBook
 from host.registry import PluginRegistry, get_registry
+from host.tracebacks import plugin_traceback
 from sandbox.cancel import CancelToken, use_token
 from sandbox.envelope import public_error
 from sandbox.limits import HostLimits
