@@ -47,6 +47,7 @@ LOCK_FILE = "requirements.lock"
 PYPROJECT = "pyproject.toml"
 BY_SPEC = "by-spec"
 MARKER = ".plughost-env.json"
+CACHE = ".cache"  # the installers' download cache, kept between preparations
 INSTALL_TIMEOUT_S = 900.0
 _DIST_INFO = re.compile(r"^(?P<name>.+?)-(?P<version>[^-]+)\.dist-info$")
 
@@ -168,10 +169,22 @@ def install_command(
     return [*command, "--", *requirements.dependencies]
 
 
-def _run_installer(command: list[str], progress: Progress, deadline_s: float) -> None:
-    """Run the installer, forwarding its output line by line; raise on failure."""
+def _run_installer(
+    command: list[str], progress: Progress, deadline_s: float, cache: Path
+) -> None:
+    """Run the installer, forwarding its output line by line; raise on failure.
+
+    Its download cache is `cache` (unless the operator's environment names
+    one): a service account may have no home to keep one in. uv trusts the
+    machine's certificate store, as pip does, so a package index behind the
+    operator's own TLS proxy or mirror works without extra configuration."""
+    env = dict(os.environ)
+    env.setdefault("UV_SYSTEM_CERTS", "1")
+    env.setdefault("UV_CACHE_DIR", str(cache / "uv"))
+    env.setdefault("PIP_CACHE_DIR", str(cache / "pip"))
     with subprocess.Popen(
         command,
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -320,7 +333,12 @@ class EnvironmentStore:
                 lock_path = workdir / LOCK_FILE
                 lock_path.write_text(requirements.lock, encoding="utf-8")
             command = install_command(target, requirements, self.sdist_allowed(plugin), lock_path)
-            _run_installer(command, lambda line: progress(f"{plugin}: {line}"), INSTALL_TIMEOUT_S)
+            _run_installer(
+                command,
+                lambda line: progress(f"{plugin}: {line}"),
+                INSTALL_TIMEOUT_S,
+                self.root / CACHE,
+            )
             target.mkdir(exist_ok=True)
             packages = installed_packages(target)
             final = self.root / resolved_key(packages)
@@ -359,7 +377,9 @@ class EnvironmentStore:
         removed = []
         if self.root.is_dir():
             for entry in sorted(self.root.iterdir()):
-                if entry.name == BY_SPEC or entry.name in kept_dirs or not entry.is_dir():
+                if entry.name in (BY_SPEC, CACHE) or entry.name in kept_dirs:
+                    continue
+                if not entry.is_dir():
                     continue
                 if entry.name.startswith(".building-") and _age_s(entry) < INSTALL_TIMEOUT_S:
                     continue  # another preparation's work in progress

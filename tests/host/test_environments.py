@@ -17,6 +17,7 @@ import pytest
 
 from host.environments import (
     BY_SPEC,
+    CACHE,
     EnvironmentStore,
     EnvStatus,
     Requirements,
@@ -25,6 +26,11 @@ from host.environments import (
 )
 
 pytestmark = pytest.mark.timeout(300)
+
+
+def _environments(tmp_path: Path) -> list[Path]:
+    """The environment directories (not the records, not the download cache)."""
+    return [p for p in (tmp_path / "envs").iterdir() if p.name not in (BY_SPEC, CACHE)]
 
 
 def _store(tmp_path: Path, allow_sdist: tuple[str, ...] = ()) -> EnvironmentStore:
@@ -67,7 +73,7 @@ def test_one_resolved_set_is_one_directory(tmp_path: Path) -> None:
     b = store.prepare("b", Requirements(("six>=1.17,<1.18",), source="b"))
     assert a.status is b.status is EnvStatus.READY
     assert a.path == b.path
-    assert len([p for p in (tmp_path / "envs").iterdir() if p.name != BY_SPEC]) == 1
+    assert len(_environments(tmp_path)) == 1
 
 
 def test_a_package_that_does_not_exist_fails_with_its_name(tmp_path: Path) -> None:
@@ -77,7 +83,7 @@ def test_a_package_that_does_not_exist_fails_with_its_name(tmp_path: Path) -> No
     assert state.status is EnvStatus.FAILED
     assert "x/plugin.toml" in state.message and "plughost-no-such-package-7f3a" in state.message
     assert store.state("x", wanted).status is EnvStatus.FAILED
-    assert [p.name for p in (tmp_path / "envs").iterdir()] == [BY_SPEC]
+    assert _environments(tmp_path) == []
 
 
 def _sdist(tmp_path: Path) -> Path:
