@@ -169,9 +169,7 @@ def install_command(
     return [*command, "--", *requirements.dependencies]
 
 
-def _run_installer(
-    command: list[str], progress: Progress, deadline_s: float, cache: Path
-) -> None:
+def _run_installer(command: list[str], progress: Progress, deadline_s: float, cache: Path) -> None:
     """Run the installer, forwarding its output line by line; raise on failure.
 
     Its download cache is `cache` (unless the operator's environment names
