@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -501,6 +502,7 @@ def run_suite(
                 "unix_listener_path": unix_listener.path,
                 "host_pid": os.getpid(),
                 "host_cwd": os.getcwd(),
+                "host_sys_path": [p for p in sys.path if p][:20],
             }
             report = run_case(case, target, image, options, protections)
             reports.append(report)

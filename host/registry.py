@@ -61,9 +61,10 @@ class RegisteredPlugin:
         )
         if error is None:
             return None
-        where = "/".join(str(p) for p in error.absolute_path)
-        named = f"option '{where}'" if where else "options"
-        return f"{named}: {error.message}"[:500]
+        where = "".join(
+            f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
+        )
+        return f"options{where}: {error.message}"[:500]
 
     @property
     def import_path(self) -> Path:

@@ -149,7 +149,7 @@ def test_a_plugin_distribution_installs_and_runs_from_its_wheel(
         user=user,
     )
     assert refused.returncode == 1
-    assert "option 'threshold'" in json.loads(refused.stdout)["error"]["message"]
+    assert "options.threshold" in json.loads(refused.stdout)["error"]["message"]
 
 
 @pytest.mark.timeout(900)

@@ -59,7 +59,7 @@ def test_options_are_checked_against_the_schema(
     answer = client.post("/v1/analyze", json={**bad, "options": {"digest": "yes"}})
     assert answer.status_code == 400
     assert answer.json()["detail"]["details"]["reason"] == "invalid_input"
-    assert answer.json()["detail"]["message"] == "option 'digest': 'yes' is not of type 'boolean'"
+    assert answer.json()["detail"]["message"] == "options.digest: 'yes' is not of type 'boolean'"
     unknown = client.post("/v1/analyze", json={**bad, "options": {"colour": 1}})
     assert unknown.status_code == 400 and "colour" in unknown.json()["detail"]["message"]
     good = client.post("/v1/analyze", json={**bad, "options": {"digest": False}})
