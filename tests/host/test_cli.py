@@ -120,7 +120,7 @@ def test_plugins_reports_a_bad_manifest_and_lists_the_rest(tmp_path: Path) -> No
     bad.mkdir()
     (bad / "plugin.toml").write_text('name = "bad"\nversion = "1"\nentrypoint = 42\n')
     code, document, _, _ = plughost("plugins", "--plugins-dir", str(tmp_path), "--json")
-    assert code == 0
+    assert code == 1  # a broken manifest fails the command (a CI gate), the rest still listed
     assert "image_info" in {p["name"] for p in document["plugins"]}
     assert any("field 'entrypoint'" in e and str(bad) in e for e in document["load_errors"])
 
