@@ -61,9 +61,7 @@ class RegisteredPlugin:
         )
         if error is None:
             return None
-        where = "".join(
-            f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path
-        )
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
         return f"options{where}: {error.message}"[:500]
 
     @property
