@@ -216,6 +216,9 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.plugin in registry.list_plugins():  # prepared before the call, never in it
         prepare_all(registry, _stderr, names=[args.plugin])
     payload = {"image": image, "mime_type": mime_type, "options": dict(args.option)}
+    unchecked = registry.unchecked_options(args.plugin, payload["options"])
+    if unchecked:
+        _stderr(f"warning: {args.plugin} declares no options schema; {unchecked} passed unchecked")
     result, error = ToolRunner().run(args.plugin, payload)
     if error:
         _print_json({"error": public_error(error)})

@@ -18,6 +18,8 @@ from host.environments import EnvironmentStore, EnvState, EnvStatus, Requirement
 from host.manifest import Manifest
 from sandbox.outcome import State
 
+MAX_UNCHECKED_REPORTS = 1000
+
 
 class EnvironmentNotReady(Exception):
     """A plugin whose declared packages are not installed yet; never run half-ready."""
@@ -100,6 +102,21 @@ class PluginRegistry:
         self.load_errors: list[str] = []
         # Where the plugins' own environments are; None: no plugin may declare any.
         self.environments: EnvironmentStore | None = None
+        self._unchecked: set[tuple[str, str]] = set()
+
+    def unchecked_options(self, name: str, options: dict[str, Any]) -> list[str]:
+        """Option names passed to `name`, which declares no options schema,
+        that were not reported before (to warn about each once; bounded)."""
+        try:
+            if self.get_plugin(name).manifest.options is not None:
+                return []
+        except UnknownPluginError:
+            return []
+        with self._lock:
+            new = [key for key in options if (name, key) not in self._unchecked]
+            if len(self._unchecked) < MAX_UNCHECKED_REPORTS:
+                self._unchecked.update((name, key) for key in new)
+            return new[:20]
 
     def environment(self, name: str) -> EnvState:
         """The state of a plugin's environment. Raises UnknownPluginError."""

@@ -135,6 +135,7 @@ class PluginManagementService:
         if retry is not None:
             self.metrics.observe_call(plugin_name, "quarantined", 0.0)
             return {}, self._quarantined(plugin_name, retry)
+        self._warn_unchecked(plugin_name, payload)
         started = time.monotonic()
         token = cancel or CancelToken()
         try:
@@ -167,6 +168,18 @@ class PluginManagementService:
             self.quarantine.record(plugin_name, unavailable=reason in UNAVAILABLE_REASONS)
         self.metrics.observe_call(plugin_name, reason or "success", time.monotonic() - started)
         return result, error
+
+    def _warn_unchecked(self, plugin_name: str, payload: Any) -> None:
+        options = payload.get("options") if isinstance(payload, dict) else None
+        if isinstance(options, dict) and options:
+            unchecked = self.registry.unchecked_options(plugin_name, options)
+            if unchecked:
+                log.warning(
+                    "plugin %s declares no options schema; options %s are passed unchecked",
+                    plugin_name,
+                    ", ".join(repr(k[:64]) for k in unchecked),
+                    extra={"plugin": plugin_name},
+                )
 
     def describe(self, name: str) -> dict[str, Any]:
         """Manifest, limits, state, metrics and quarantine of one plugin.

@@ -66,3 +66,22 @@ def test_options_are_checked_against_the_schema(
     assert good.status_code == 200 and "sha256" not in good.json()["result"]
     schema = client.get("/v1/plugins/image_probe").json()["options_schema"]
     assert schema["properties"]["digest"]["type"] == "boolean"
+
+
+def test_options_to_a_plugin_without_a_schema_are_warned_about_once(
+    registry: PluginRegistry,
+    make_client: Callable[..., TestClient],
+    png: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = make_client()
+    body = {
+        "plugin": "image_info",
+        "image": base64.b64encode(png).decode(),
+        "mime_type": "image/png",
+    }
+    for _ in range(2):
+        answer = client.post("/v1/analyze", json={**body, "options": {"colour": "red"}})
+        assert answer.status_code == 200
+    warnings = [r for r in caplog.records if "declares no options schema" in r.getMessage()]
+    assert len(warnings) == 1 and "'colour'" in warnings[0].getMessage()
