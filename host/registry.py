@@ -66,10 +66,6 @@ class RegisteredPlugin:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
         return f"options{where}: {error.message}"[:500]
 
-    @property
-    def import_path(self) -> Path:
-        return self.import_root or self.directory
-
 
 @dataclass
 class _Metrics:

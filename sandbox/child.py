@@ -229,7 +229,10 @@ def _harden(spec: dict[str, Any], scratch: str) -> None:
     """Landlock and seccomp, the last layers before the plugin is imported."""
     layers: dict[str, bool] = spec.get("layers", {})
     if layers.get("landlock"):
-        read_only = [*spec["expose"], *SYSTEM_READ_ONLY]
+        # An installed plugin's import root is listed to find its package; in
+        # the minimal root it holds that package alone.
+        root = [spec["import_root"]] if spec.get("import_root") else []
+        read_only = [*spec["expose"], *root, *SYSTEM_READ_ONLY]
         hardening.apply_landlock(read_only, [scratch], WRITABLE_FILES)
     if layers.get("seccomp"):
         hardening.apply_seccomp()
@@ -284,7 +287,8 @@ def _isolate_imports(spec: dict[str, Any]) -> None:
     """The plugin imports from its directory, its environment and the standard
     library only: the host's packages the launcher had loaded (and the import
     hooks they installed) are forgotten, and no other path is searched."""
-    sys.path[:] = [spec["plugin_dir"], *spec.get("import_paths", ()), *STDLIB_PATH]
+    first = spec.get("import_root") or spec["plugin_dir"]
+    sys.path[:] = [first, *spec.get("import_paths", ()), *STDLIB_PATH]
     sys.meta_path[:] = [finder for finder in sys.meta_path if _from_stdlib(finder)]
     sys.path_hooks[:] = [hook for hook in sys.path_hooks if _from_stdlib(hook)]
     for name, module in list(sys.modules.items()):  # after the hooks: they name modules

@@ -86,6 +86,9 @@ class CallSpec:
     # The plugin's own environment (its declared packages), searched after
     # its directory; the host's site-packages never are.
     import_paths: tuple[str, ...] = ()
+    # Where the entrypoint's module is imported from, when not plugin_dir: the
+    # parent of an installed plugin package (only plugin_dir itself is exposed).
+    import_root: str | None = None
 
 
 @dataclass
@@ -150,7 +153,7 @@ log = logging.getLogger("plughost.sandbox")
 
 
 def _warm_key(call: CallSpec) -> tuple[Any, ...]:
-    return (call.plugin_dir, call.entrypoint, call.limits, call.import_paths)
+    return (call.plugin_dir, call.entrypoint, call.limits, call.import_paths, call.import_root)
 
 
 class Sandbox:
@@ -284,6 +287,7 @@ class Sandbox:
                     "",
                     {},
                     call.import_paths,
+                    call.import_root,
                 )
                 self.warm.fill(_warm_key(call), lambda: self._start(template, layers, warm=True))
 
@@ -332,6 +336,7 @@ class Sandbox:
                 "uid": uid,
                 "gid": uid,
                 "import_paths": list(call.import_paths),
+                "import_root": call.import_root,
                 "expose": _exposed_paths(call.plugin_dir, call.import_paths),
                 "hide": HIDDEN_SITE_DIRS,
                 "layers": layers,

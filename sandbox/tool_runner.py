@@ -152,13 +152,14 @@ class ToolRunner:
             record = True
             call = CallSpec(
                 plugin=plugin_name,
-                plugin_dir=str(plugin.import_path),
+                plugin_dir=str(plugin.directory),
                 entrypoint=plugin.manifest.entrypoint,
                 limits=self.limits.clamp(plugin.manifest.plugin_limits),
                 image=image,
                 mime_type=mime_type,
                 options=options,
                 import_paths=import_paths,
+                import_root=str(plugin.import_root) if plugin.import_root else None,
             )
             outcome = self.sandbox.execute(call)
             state = outcome.state

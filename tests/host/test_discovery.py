@@ -65,6 +65,30 @@ def test_entry_point_module_plugin_is_found_and_runs_in_the_sandbox(
     assert error == {} and result == {"from": "entry point"}
 
 
+def test_an_entry_point_plugin_sees_its_package_and_nothing_else_of_site_packages(
+    site: Path, registry: PluginRegistry, payload: dict
+) -> None:
+    (site / "neighbour").mkdir()
+    (site / "neighbour" / "__init__.py").write_text("")
+    package = site / "tp_alone"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import importlib, os\n\n\nclass Plugin:\n    def run(self, payload):\n"
+        "        try:\n            importlib.import_module('neighbour')\n"
+        "            neighbour = True\n        except ImportError:\n            neighbour = False\n"
+        "        here = os.path.dirname(os.path.dirname(__file__))\n"
+        "        return {'neighbour': neighbour, 'site': sorted(os.listdir(here))}\n"
+    )
+    (package / "plugin.toml").write_text(
+        'name = "tp_alone"\nversion = "1.0"\nentrypoint = "tp_alone:Plugin"\n'
+    )
+    _distribution(site, "tp_alone = tp_alone:Plugin\n")
+    assert "tp_alone" in discover(registry)
+    result, error = ToolRunner().run("tp_alone", payload)
+    assert error == {}
+    assert result == {"neighbour": False, "site": ["tp_alone"]}
+
+
 def test_an_entry_point_and_its_manifest_disagreeing_says_what_to_change(site: Path) -> None:
     package = site / "tp_other"
     package.mkdir()
