@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import json
 import os
 import shutil
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -36,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -323,12 +324,21 @@ class HttpTarget:
         pass  # a root server's next call with the same uid sweeps them
 
 
-def sample_png() -> bytes:
-    from PIL import Image
+def sample_png(width: int = 32, height: int = 24, rgb: bytes = b"\x0a\x78\xc8") -> bytes:
+    """A small one-colour PNG, written with the standard library."""
 
-    out = io.BytesIO()
-    Image.new("RGB", (32, 24), (10, 120, 200)).save(out, format="PNG")
-    return out.getvalue()
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\x00" + rgb * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 class _Listener:
