@@ -176,3 +176,12 @@ def test_environments_are_readable_by_every_call_uid(tmp_path: Path) -> None:
         mode = path.stat().st_mode
         assert mode & 0o004, f"{path} is not world-readable"
         assert not mode & 0o022, f"{path} is writable by others"
+
+
+def test_pip_prepares_where_uv_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("host.environments.find_uv", lambda: None)
+    lines: list[str] = []
+    state = _store(tmp_path).prepare("p", Requirements(("six==1.17.0",), source="p"), lines.append)
+    assert state.status is EnvStatus.READY, state.message
+    assert state.packages == ["six==1.17.0"]
+    assert any("Successfully installed six" in line for line in lines)  # pip's words, not uv's
