@@ -29,8 +29,8 @@ test: $(STAMP)
 
 # The same checks run in pre-commit and CI: lint, format, types, governance.
 check: $(STAMP)
-	$(BIN)/ruff check host sandbox tests scripts plugins
-	$(BIN)/ruff format --check host sandbox tests scripts plugins
+	$(BIN)/ruff check host sandbox plughost tests scripts plugins examples
+	$(BIN)/ruff format --check host sandbox plughost tests scripts plugins examples
 	$(BIN)/mypy
 	$(BIN)/python scripts/scan_governance.py
 

@@ -2,7 +2,9 @@
 
     plughost serve [--host H] [--port P] [--plugins-dir DIR]... [--db PATH] [--config FILE] ...
     plughost run PLUGIN --image FILE [--mime-type T] [--option K=V]... [--plugins-dir DIR]...
-    plughost plugins [--plugins-dir DIR]... [--json]
+    plughost plugins [list|prepare] [--plugins-dir DIR]... [--json] [--verbose]
+    plughost new NAME [--dir D]
+    plughost check DIR [--image FILE]...
     plughost crash-suite [--plugins-dir DIR]... [--case NAME]... [--http URL] [--json FILE] ...
 
 Each subcommand is a `Subcommand` in `SUBCOMMANDS`: its options (shared ones
@@ -27,9 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from host import __version__
+from host import __version__, scaffold
 from host.discovery import discover
+from host.environments import EnvironmentStore, EnvStatus
+from host.preparation import environment_store, prepare_all
 from host.registry import PluginRegistry
+from host.tracebacks import plugin_traceback
 from sandbox.envelope import Envelope
 from sandbox.limits import HostLimits
 from sandbox.supervisor import Sandbox
@@ -87,6 +92,34 @@ def isolation_options(dest: str, help_text: str, prewarm_help: str) -> argparse.
     return parent
 
 
+STATE_DIR_HELP = (
+    "where the job database and the plugins' environments live (default "
+    "/var/lib/plughost as root, $XDG_STATE_HOME/plughost otherwise)"
+)
+
+
+def state_dir_options() -> argparse.ArgumentParser:
+    """`--state-dir DIR`."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
+    return parent
+
+
+def _environments(args: argparse.Namespace) -> EnvironmentStore:
+    """The plugin environments of the configuration (PLUGHOST_* variables, --state-dir)."""
+    from host.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(None, overrides={"state_dir": args.state_dir})
+    except ConfigError as exc:
+        raise SystemExit(f"plughost: {exc}") from exc
+    return environment_store(settings.plugin_envs, settings.allow_source_builds)
+
+
+def _stderr(line: str) -> None:
+    print(f"plughost: {line}", file=sys.stderr, flush=True)
+
+
 @dataclass(frozen=True)
 class Subcommand:
     name: str
@@ -105,11 +138,16 @@ class LocalHost:
 
 
 @contextmanager
-def _local_host(sandbox: Sandbox, plugins_dirs: Sequence[str] = ()) -> Iterator[LocalHost]:
+def _local_host(
+    sandbox: Sandbox,
+    plugins_dirs: Sequence[str] = (),
+    environments: EnvironmentStore | None = None,
+) -> Iterator[LocalHost]:
     """A ToolRunner on `sandbox` with the discovered plugins (their load
-    errors printed as warnings); the sandbox is closed (launcher and warm
-    children reaped) when the command ends."""
+    errors printed as warnings) and their environments; the sandbox is
+    closed (launcher and warm children reaped) when the command ends."""
     registry = PluginRegistry()
+    registry.environments = environments
     try:
         discover(registry, plugins_dirs)
         _warn(registry.load_errors)
@@ -142,6 +180,9 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
         metavar="K=V",
         help="plugin option; VALUE is JSON if it parses, else a string",
     )
+    run.add_argument(
+        "--debug", action="store_true", help="on a failure, print the plugin's traceback"
+    )
 
 
 def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -153,10 +194,18 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if mime_type is None:
         parser.error(f"--image {args.image}: cannot tell its type; pass --mime-type")
     payload = {"image": image, "mime_type": mime_type, "options": dict(args.option)}
-    with _local_host(Sandbox(), args.plugins_dir) as host:
+    with _local_host(Sandbox(), args.plugins_dir, _environments(args)) as host:
+        if args.plugin in host.registry.list_plugins():  # prepared before the call, never in it
+            prepare_all(host.registry, _stderr, names=[args.plugin])
+        unchecked = host.registry.unchecked_options(args.plugin, payload["options"])
+        if unchecked:
+            _stderr(f"warning: {args.plugin} declares no options schema; {unchecked} unchecked")
         result, error = host.runner.run(args.plugin, payload)
     if error:
         _print_json({"error": Envelope.of(error).public()})
+        trace = plugin_traceback(error) if args.debug else ""
+        if trace:
+            print(trace, file=sys.stderr)
         return 1
     _print_json({"result": result, "plugin": args.plugin})
     return 0
@@ -166,7 +215,11 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _plugins_arguments(plugins: argparse.ArgumentParser) -> None:
+    plugins.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     plugins.add_argument("--json", action="store_true", help="print JSON")
+    plugins.add_argument(
+        "--verbose", action="store_true", help="also dependencies, environments and options"
+    )
 
 
 def _plugin_rows(registry: PluginRegistry) -> list[dict[str, Any]]:
@@ -183,13 +236,18 @@ def _plugin_rows(registry: PluginRegistry) -> list[dict[str, Any]]:
                 "directory": str(plugin.directory),
                 "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
                 "status": registry.get_status(name),
+                "dependencies": list(plugin.requirements.dependencies),
+                "options_schema": plugin.manifest.options,
             }
         )
     return rows
 
 
 def _cmd_plugins(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.action == "prepare":
+        return _cmd_prepare(args)
     registry = PluginRegistry()
+    registry.environments = _environments(args)
     discover(registry, args.plugins_dir)
     rows = _plugin_rows(registry)
     sandbox = Sandbox()
@@ -199,7 +257,7 @@ def _cmd_plugins(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         sandbox.close()
     if args.json:
         _print_json({"plugins": rows, "load_errors": registry.load_errors, "isolation": isolation})
-        return 0
+        return 1 if registry.load_errors else 0
     print(f"{'NAME':<20} {'VERSION':<9} {'STATE':<12} {'TIMEOUT':>8} {'MEMORY':>7}  DESCRIPTION")
     for row in rows:
         print(
@@ -207,11 +265,90 @@ def _cmd_plugins(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             f"{row['limits']['timeout_s']:>7g}s {row['limits']['memory_mb']:>5}MB  "
             f"{row['description']}"
         )
+        if args.verbose:
+            _print_details(row)
     active = ", ".join(name for name, on in isolation.items() if on)
     missing = ", ".join(name for name, on in isolation.items() if not on) or "none"
     print(f"\nisolation layers active: {active}\nmissing or off: {missing}")
+    for problem in registry.load_errors:
+        print(f"plughost: error: {problem}", file=sys.stderr)
+    return 1 if registry.load_errors else 0
+
+
+def _print_details(row: dict[str, Any]) -> None:
+    environment = row["status"]["environment"]
+    print(f"    directory: {row['directory']}")
+    if row["dependencies"]:
+        print(f"    dependencies: {', '.join(row['dependencies'])}")
+        packages = ", ".join(environment.get("packages", [])) or "-"
+        print(f"    environment: {environment['status']} ({packages})")
+        if environment.get("message"):
+            print(f"      {environment['message']}")
+    schema = row["options_schema"]
+    if schema is None:
+        print("    options: no schema (passed unchecked)")
+        return
+    for option, spec in (schema.get("properties") or {}).items():
+        spec = spec if isinstance(spec, dict) else {}
+        extra = f" = {spec['default']!r}" if "default" in spec else ""
+        print(f"    option {option}: {spec.get('type', 'any')}{extra}")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    registry = PluginRegistry()
+    registry.environments = _environments(args)
+    discover(registry, args.plugins_dir)
     _warn(registry.load_errors)
+    states = prepare_all(registry, _stderr)
+    failed = {name: s for name, s in states.items() if s.status is not EnvStatus.READY}
+    for name, state in failed.items():
+        print(f"plughost: {name}: {state.message}", file=sys.stderr)
+    _stderr(f"{len(states) - len(failed)} of {len(states)} plugin environments ready")
+    return 1 if failed or registry.load_errors else 0
+
+
+# -- new, check ----------------------------------------------------------------
+
+
+def _new_arguments(new: argparse.ArgumentParser) -> None:
+    new.add_argument("name")
+    new.add_argument("--dir", type=Path, default=Path("."), help="where to create it")
+
+
+def _cmd_new(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        directory = scaffold.create(args.name, args.dir)
+    except (scaffold.ScaffoldError, OSError) as exc:
+        print(f"plughost: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {directory}; next: plughost check {directory}")
     return 0
+
+
+def _check_arguments(check: argparse.ArgumentParser) -> None:
+    check.add_argument("directory", type=Path)
+    check.add_argument(
+        "--image", action="append", default=[], type=Path, help="also run on this image"
+    )
+
+
+def _cmd_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from host.authoring import check_plugin, sample_images
+
+    for image in args.image:
+        if not image.is_file():
+            parser.error(f"--image {image}: no such file")
+    environments = _environments(args)
+    sandbox = Sandbox()
+    try:
+        return check_plugin(
+            args.directory,
+            sample_images(args.image),
+            environments,
+            lambda registry: ToolRunner(registry, sandbox),
+        )
+    finally:
+        sandbox.close()
 
 
 # -- serve -------------------------------------------------------------------
@@ -238,12 +375,6 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--config", metavar="FILE", help="TOML file with settings")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int)
-    serve.add_argument(
-        "--state-dir",
-        metavar="DIR",
-        help="where the job database lives (default /var/lib/plughost as root, "
-        "$XDG_STATE_HOME/plughost otherwise)",
-    )
     serve.add_argument(
         "--db", dest="db_path", metavar="PATH", help="SQLite job database (default in --state-dir)"
     )
@@ -380,7 +511,7 @@ SUBCOMMANDS = (
     Subcommand(
         "run",
         "run one plugin on one image, print JSON",
-        lambda: [plugins_dir_options()],
+        lambda: [plugins_dir_options(), state_dir_options()],
         _run_arguments,
         _cmd_run,
     ),
@@ -389,6 +520,7 @@ SUBCOMMANDS = (
         "serve the HTTP API",
         lambda: [
             plugins_dir_options(),
+            state_dir_options(),
             isolation_options(
                 "disable_layers", "switch an isolation layer off", "warm children per plugin"
             ),
@@ -412,10 +544,24 @@ SUBCOMMANDS = (
     ),
     Subcommand(
         "plugins",
-        "list installed plugins",
-        lambda: [plugins_dir_options()],
+        "list installed plugins, or prepare their environments",
+        lambda: [plugins_dir_options(), state_dir_options()],
         _plugins_arguments,
         _cmd_plugins,
+    ),
+    Subcommand(
+        "new",
+        "write a new plugin that passes `check`",
+        lambda: [],
+        _new_arguments,
+        _cmd_new,
+    ),
+    Subcommand(
+        "check",
+        "validate a plugin and run it on sample images",
+        lambda: [state_dir_options()],
+        _check_arguments,
+        _cmd_check,
     ),
 )
 

@@ -83,6 +83,11 @@ class Settings(BaseModel):
     require_containment: bool = False
     isolation: Literal["standard", "strict"] = "standard"
     prewarm: int = Field(default=1, ge=0, le=8)
+    # The plugins' own environments (host/environments.py); default <state_dir>/envs.
+    env_dir: str | None = None
+    # Plugins whose packages may be built from source (running the packages'
+    # build code as the host's user); "*" for every plugin. Wheels only otherwise.
+    allow_source_builds: list[str] = Field(default_factory=list)
     # A root server becomes this user once the sandbox is set up (host/privileges.py).
     user: str | None = None
     disable_layers: list[str] = Field(default_factory=list)
@@ -105,12 +110,19 @@ class Settings(BaseModel):
         """The SQLite job database: `db_path`, or jobs.sqlite3 in `state_dir`."""
         return self.db_path or os.path.join(self.state_dir, "jobs.sqlite3")
 
+    @property
+    def plugin_envs(self) -> str:
+        """Where the plugins' environments live: `env_dir`, or envs/ in `state_dir`."""
+        return self.env_dir or os.path.join(self.state_dir, "envs")
+
     @field_validator("db_sync", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("client_tokens", "plugins_dirs", "disable_layers", mode="before")
+    @field_validator(
+        "client_tokens", "plugins_dirs", "disable_layers", "allow_source_builds", mode="before"
+    )
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):

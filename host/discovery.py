@@ -20,8 +20,11 @@ import importlib.util
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+import jsonschema
+
+from host.environments import PrepareError, Requirements, read_requirements
 from host.manifest import Manifest, ManifestError, load_manifest
 from sandbox.limits import PluginLimits
 
@@ -34,10 +37,28 @@ class RegisteredPlugin:
     manifest: Manifest
     directory: Path
     source: str = "directory"
+    # Where the entrypoint's module is imported from, when that is not the
+    # plugin's directory: the parent of an installed plugin package.
+    import_root: Path | None = None
+    # What the plugin imports besides the standard library (host.environments).
+    requirements: Requirements = Requirements()
 
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    def options_problem(self, options: dict[str, Any]) -> str | None:
+        """What is wrong with a call's options under the manifest's schema."""
+        schema = self.manifest.options
+        if schema is None:
+            return None
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(schema).iter_errors(options)
+        )
+        if error is None:
+            return None
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+        return f"options{where}: {error.message}"[:500]
 
     @property
     def entrypoint(self) -> str:
@@ -88,12 +109,28 @@ def find_plugins(path: Path) -> tuple[list[RegisteredPlugin], list[str]]:
         except ManifestError as exc:
             errors.append(str(exc))
             continue
-        plugin = RegisteredPlugin(manifest=manifest, directory=directory.resolve())
+        try:
+            plugin = _registered(manifest, directory / MANIFEST, directory, "directory")
+        except ManifestError as exc:
+            errors.append(str(exc))
+            continue
         if manifest.name in found:
             errors.append(name_taken(plugin, found[manifest.name]))
             continue
         found[manifest.name] = plugin
     return list(found.values()), errors
+
+
+def _registered(
+    manifest: Manifest, path: Path, directory: Path, source: str, import_root: Path | None = None
+) -> RegisteredPlugin:
+    """The registry's entry for a valid manifest, with the requirements beside it."""
+    try:
+        requirements = read_requirements(path.parent, manifest.dependencies, path.name)
+    except (PrepareError, OSError, ValueError) as exc:
+        raise ManifestError(path, f"requirements: {exc}") from exc
+    root = import_root.resolve() if import_root is not None else None
+    return RegisteredPlugin(manifest, directory.resolve(), source, root, requirements)
 
 
 def name_taken(refused: RegisteredPlugin, holder: RegisteredPlugin) -> str:
@@ -106,28 +143,45 @@ def name_taken(refused: RegisteredPlugin, holder: RegisteredPlugin) -> str:
 
 
 def _entry_point_plugin(entry: importlib.metadata.EntryPoint) -> RegisteredPlugin:
+    """The plugin an entry point names: a directory, or `package.module:Class`.
+
+    For `module:attribute`, the top-level package is the plugin's directory
+    (the only part of site-packages its calls see), its `plugin.toml` sits
+    beside the module, and the manifest's entrypoint is the entry point's
+    value. The module's file is located without executing it.
+    """
     value = entry.value.strip()
     if ":" not in value:
         directory = Path(value)
-        return RegisteredPlugin(
-            load_manifest(directory / MANIFEST), directory.resolve(), "entry_point"
-        )
+        manifest = load_manifest(directory / MANIFEST)
+        return _registered(manifest, directory / MANIFEST, directory, "entry_point")
     module = value.split(":")[0]
     top = module.split(".")[0]
     spec = importlib.util.find_spec(top)  # top-level lookup only: runs no plugin code
-    if spec is None or spec.origin is None:
-        raise ManifestError(Path(entry.name), f"entry point module '{top}' is not installed")
-    origin = Path(spec.origin)
-    root = origin.parent.parent if origin.name == "__init__.py" else origin.parent
+    if spec is None or spec.origin is None or not spec.submodule_search_locations:
+        shipped = _distribution_of(entry)
+        raise ManifestError(
+            Path(entry.name),
+            f"entry point {entry.name} = {value!r}{shipped}: package {top!r} is not "
+            "installed as a package (a plugin distribution ships a package directory "
+            "holding the module and its plugin.toml)",
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    root = package.parent
     module_path = root.joinpath(*module.split("."))
     manifest_dir = module_path if module_path.is_dir() else module_path.parent
-    manifest = load_manifest(manifest_dir / MANIFEST, code_dir=root)
-    if manifest.entrypoint != value:
+    try:
+        manifest = load_manifest(manifest_dir / MANIFEST, code_dir=root, expect=value)
+    except ManifestError as exc:
         raise ManifestError(
-            manifest_dir / MANIFEST,
-            f"field 'entrypoint': {manifest.entrypoint!r} != entry point {value!r}",
-        )
-    return RegisteredPlugin(manifest, root.resolve(), "entry_point")
+            exc.path, f"{exc.message} (entry point {entry.name}{_distribution_of(entry)})"
+        ) from exc
+    return _registered(manifest, manifest_dir / MANIFEST, package, "entry_point", root)
+
+
+def _distribution_of(entry: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(entry, "dist", None)
+    return f" of {dist.name} {dist.version}" if dist is not None else ""
 
 
 def _unique(

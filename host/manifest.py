@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import jsonschema
+from packaging.requirements import InvalidRequirement, Requirement
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sandbox.limits import PluginLimits
 
@@ -24,6 +26,19 @@ class ManifestError(Exception):
     def __init__(self, path: Path, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
+        self.message = message
+
+
+def _pep508(value: str) -> str:
+    try:
+        Requirement(value)
+    except InvalidRequirement as exc:
+        first = str(exc).splitlines()[0]
+        raise ValueError(f"{value!r} is not a PEP 508 requirement: {first}") from None
+    return value
+
+
+Pep508 = Annotated[str, AfterValidator(_pep508)]
 
 
 class LimitsSection(BaseModel):
@@ -43,20 +58,44 @@ class Manifest(BaseModel):
     entrypoint: str = Field(pattern=ENTRYPOINT_PATTERN)
     description: str = Field(default="", max_length=500)
     limits: LimitsSection = LimitsSection()
+    # PEP 508 strings: the packages the plugin imports, installed into an
+    # environment of its own (host.environments), never the host's.
+    dependencies: tuple[Pep508, ...] = ()
+    # A JSON Schema for payload["options"], checked before every call.
+    options: dict[str, Any] | None = None
     # The crash suite's expectations; ignored by the host itself.
     expect: dict[str, Any] | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _json_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                jsonschema.Draft202012Validator.check_schema(value)
+            except jsonschema.SchemaError as exc:
+                where = "/".join(str(p) for p in exc.path) or "(top level)"
+                raise ValueError(f"not a valid JSON Schema at {where}: {exc.message}") from None
+        return value
 
     @property
     def plugin_limits(self) -> PluginLimits:
         return PluginLimits(timeout_s=self.limits.timeout_s, memory_mb=self.limits.memory_mb)
 
 
-def _describe(error: ValidationError) -> str:
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per problem, each naming its field."""
     parts = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        parts.append(f"field '{field}': {item['msg']}")
-    return "; ".join(parts)
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "is not a manifest field (check its spelling, or remove it)"
+        parts.append(f"field '{field}': {message}")
+    return parts
+
+
+def _describe(error: ValidationError) -> str:
+    return "; ".join(describe_errors(error))
 
 
 def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
@@ -67,11 +106,12 @@ def parse_manifest(path: Path, data: dict[str, Any]) -> Manifest:
         raise ManifestError(path, _describe(exc)) from exc
 
 
-def load_manifest(path: Path, code_dir: Path | None = None) -> Manifest:
+def load_manifest(path: Path, code_dir: Path | None = None, expect: str | None = None) -> Manifest:
     """Read and validate one `plugin.toml`. Raises ManifestError.
 
     `code_dir` is where the entrypoint module must be found (default: beside
-    the manifest).
+    the manifest); `expect` is the entrypoint it must name, when something
+    else (an entry point) names it too.
     """
     try:
         with path.open("rb") as stream:
@@ -81,6 +121,12 @@ def load_manifest(path: Path, code_dir: Path | None = None) -> Manifest:
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(path, f"is not valid TOML: {exc}") from exc
     manifest = parse_manifest(path, data)
+    if expect is not None and manifest.entrypoint != expect:
+        raise ManifestError(
+            path,
+            f"field 'entrypoint': {manifest.entrypoint!r} differs from {expect!r}; both must "
+            f'name the same class: set entrypoint = "{expect}" in this file',
+        )
     where = path.parent if code_dir is None else code_dir
     module = manifest.entrypoint.split(":")[0].split(".")[0]
     if not (where / f"{module}.py").is_file() and not (where / module).is_dir():

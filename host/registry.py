@@ -2,8 +2,9 @@
 
 All methods are safe to call from many threads at once; one lock guards the
 tables, and nothing slow (no plugin code, no I/O) runs while it is held.
-Each server (and each CLI command) builds its own registry and passes it on;
-there is no process-wide one. It fulfils the sandbox's `PluginCatalog`.
+A server builds its own registry and passes it on; `get_registry()` is the
+process-wide one of the SPEC's library use. It fulfils the sandbox's
+`PluginCatalog`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from host.discovery import RegisteredPlugin, find_plugins, name_taken
+from host.environments import EnvironmentStore, EnvState, EnvStatus
 from sandbox.envelope import unknown_plugin_message
 from sandbox.outcome import State
-from sandbox.tool_runner import set_default_catalog
+from sandbox.tool_runner import PluginNotReady, set_default_catalog
+
+MAX_UNCHECKED_REPORTS = 1000
+
+
+class EnvironmentNotReady(PluginNotReady):
+    """A plugin whose declared packages are not installed yet; never run half-ready."""
 
 
 class UnknownPluginError(KeyError):
@@ -62,6 +70,44 @@ class PluginRegistry:
         self._plugins: dict[str, RegisteredPlugin] = {}
         self._metrics: dict[str, _Metrics] = {}
         self.load_errors: list[str] = []
+        # Where the plugins' own environments are; None: no plugin may declare any.
+        self.environments: EnvironmentStore | None = None
+        self._unchecked: set[tuple[str, str]] = set()
+
+    def unchecked_options(self, name: str, options: dict[str, Any]) -> list[str]:
+        """Option names passed to `name`, which declares no options schema,
+        that were not reported before (to warn about each once; bounded)."""
+        try:
+            if self.get_plugin(name).manifest.options is not None:
+                return []
+        except UnknownPluginError:
+            return []
+        with self._lock:
+            new = [key for key in options if (name, key) not in self._unchecked]
+            if len(self._unchecked) < MAX_UNCHECKED_REPORTS:
+                self._unchecked.update((name, key) for key in new)
+            return new[:20]
+
+    def environment(self, name: str) -> EnvState:
+        """The state of a plugin's environment. Raises UnknownPluginError."""
+        plugin = self.get_plugin(name)
+        if plugin.requirements.empty:
+            return EnvState(EnvStatus.NONE)
+        if self.environments is None:
+            return EnvState(EnvStatus.MISSING, message="this host keeps no plugin environments")
+        return self.environments.state(name, plugin.requirements)
+
+    def import_paths(self, name: str) -> tuple[str, ...]:
+        """What a call of `name` imports from besides its directory and the
+        standard library. Raises EnvironmentNotReady, UnknownPluginError."""
+        state = self.environment(name)
+        if state.status is EnvStatus.NONE:
+            return ()
+        if state.status is EnvStatus.READY and state.path is not None:
+            return (str(state.path),)
+        raise EnvironmentNotReady(
+            f"the environment of plugin {name!r} is {state.status.value}: {state.message}"
+        )
 
     def register(self, name: str, plugin: RegisteredPlugin) -> None:
         """Add or replace `name`. Replacing keeps the metrics.
@@ -97,7 +143,9 @@ class PluginRegistry:
         with self._lock:
             if name not in self._plugins:
                 raise UnknownPluginError(name)
-            return {"name": name, **self._metrics[name].as_dict()}
+            status = {"name": name, **self._metrics[name].as_dict()}
+        status["environment"] = self.environment(name).public()
+        return status
 
     def all_status(self) -> dict[str, dict[str, Any]]:
         """`get_status` of every plugin, by name."""

@@ -116,7 +116,9 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
             if layers.get(name):
                 flags |= hardening.NAMESPACES[name]
         owner, group = (uid, spec["gid"]) if uid is not None else (os.getuid(), os.getgid())
-        isolation.build_minimal_root(spec["expose"], owner, group, limits.scratch_mb, flags)
+        isolation.build_minimal_root(
+            spec["expose"], owner, group, limits.scratch_mb, flags, spec.get("hide", ())
+        )
         if layers.get("network_namespace"):
             hardening.loopback_up()
         if pid_namespace:
@@ -229,7 +231,10 @@ def _harden(spec: dict[str, Any], scratch: str) -> None:
     """Landlock and seccomp, the last layers before the plugin is imported."""
     layers: dict[str, bool] = spec.get("layers", {})
     if layers.get("landlock"):
-        read_only = [*spec["expose"], *SYSTEM_READ_ONLY]
+        # An installed plugin's import root is listed to find its package; in
+        # the minimal root it holds that package alone.
+        root = [spec["import_root"]] if spec.get("import_root") else []
+        read_only = [*spec["expose"], *root, *SYSTEM_READ_ONLY]
         hardening.apply_landlock(read_only, [scratch], WRITABLE_FILES)
     if layers.get("seccomp"):
         hardening.apply_seccomp()
@@ -265,9 +270,39 @@ def _error(reason: str, exc: BaseException, message: str | None = None) -> dict[
     }
 
 
+# The standard library's entries of sys.path, as the launcher found them.
+STDLIB_PATH = [p for p in sys.path if p.startswith(sys.base_prefix) and not p.endswith("-packages")]
+_STDLIB_ROOTS = tuple(os.path.realpath(p) + os.sep for p in STDLIB_PATH)
+
+
+def _from_stdlib(thing: object) -> bool:
+    """A module (or import hook) of the interpreter itself, not of a package."""
+    if isinstance(thing, type(sys)):
+        origin = getattr(thing, "__file__", None)
+    else:
+        owner = getattr(thing, "__module__", None) or type(thing).__module__
+        origin = getattr(sys.modules.get(owner), "__file__", None)
+    return origin is None or os.path.realpath(origin).startswith(_STDLIB_ROOTS)
+
+
+def _isolate_imports(spec: dict[str, Any]) -> None:
+    """The plugin imports from its directory, its environment and the standard
+    library only: the host's packages the launcher had loaded (and the import
+    hooks they installed) are forgotten, and no other path is searched."""
+    first = spec.get("import_root") or spec["plugin_dir"]
+    sys.path[:] = [first, *spec.get("import_paths", ()), *STDLIB_PATH]
+    sys.meta_path[:] = [finder for finder in sys.meta_path if _from_stdlib(finder)]
+    sys.path_hooks[:] = [hook for hook in sys.path_hooks if _from_stdlib(hook)]
+    for name, module in list(sys.modules.items()):  # after the hooks: they name modules
+        if name != "__main__" and not _from_stdlib(module):
+            del sys.modules[name]
+    sys.path_importer_cache.clear()
+    importlib.invalidate_caches()
+
+
 def _load(spec: dict[str, Any]) -> Any:
     module_name, _, attribute = spec["entrypoint"].partition(":")
-    sys.path.insert(0, spec["plugin_dir"])
+    _isolate_imports(spec)
     module = importlib.import_module(module_name)
     return getattr(module, attribute)()
 

@@ -95,6 +95,7 @@ DEVICE_LINKS = {
 }
 CPU_INFO = "/sys/devices/system/cpu"
 SYS_PIVOT_ROOT = 155
+HIDE_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
 MNT_DETACH = 2
 
 
@@ -137,7 +138,12 @@ def _links(needed: Iterable[str]) -> dict[str, str]:
 
 
 def build_minimal_root(
-    needed: Iterable[str], uid: int, gid: int, scratch_mb: int, extra_namespaces: int = 0
+    needed: Iterable[str],
+    uid: int,
+    gid: int,
+    scratch_mb: int,
+    extra_namespaces: int = 0,
+    hidden: Iterable[str] = (),
 ) -> None:
     """Enter a private mount namespace (and `extra_namespaces`, more CLONE_NEW*
     flags, in the same step) and build the minimal root of the module
@@ -167,6 +173,9 @@ def build_minimal_root(
                 os.symlink(target, root + name)
         for path in binds:  # real paths: never below one of the links
             _bind_into(root, path, handles[path], devices=False)
+        for path in hidden:  # package directories inside a bound tree: emptied
+            if os.path.isdir(root + path):
+                _mount("tmpfs", root + path, "tmpfs", HIDE_FLAGS, "size=4k,mode=0555")
         for device in devices:
             _bind_into(root, device, handles[device], devices=True)
         for name, target in DEVICE_LINKS.items():

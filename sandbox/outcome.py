@@ -81,6 +81,9 @@ REASONS: Mapping[str, Reason] = {
     "crashed": Reason(_P, _U, 400, "child died without a reply", _S, True),
     "protocol_violation": Reason(_P, _U, 400, "garbage on the pipe", _S, True),
     "quarantined": Reason(_P, _U, 503, "plugin quarantined after unavailable outcomes", _H, True),
+    "environment_not_ready": Reason(
+        _P, None, 503, "the plugin's declared packages are not installed yet", _H, None
+    ),
     "overloaded": Reason(_I, None, 503, "host saturated (queue full)", _H, None),
     "cancelled": Reason(_E, None, 409, "job cancelled by the client", _S, None),
     "internal": Reason(_I, None, 500, "bug or failure in the host itself", _H, None),

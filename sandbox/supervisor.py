@@ -83,6 +83,12 @@ class CallSpec:
     image: bytes
     mime_type: str
     options: dict[str, Any]
+    # The plugin's own environment (its declared packages), searched after
+    # its directory; the host's site-packages never are.
+    import_paths: tuple[str, ...] = ()
+    # Where the entrypoint's module is imported from, when not plugin_dir: the
+    # parent of an installed plugin package (only plugin_dir itself is exposed).
+    import_root: str | None = None
 
 
 @dataclass
@@ -147,7 +153,7 @@ log = logging.getLogger("plughost.sandbox")
 
 
 def _warm_key(call: CallSpec) -> tuple[Any, ...]:
-    return (call.plugin_dir, call.entrypoint, call.limits)
+    return (call.plugin_dir, call.entrypoint, call.limits, call.import_paths, call.import_root)
 
 
 class Sandbox:
@@ -273,7 +279,15 @@ class Sandbox:
             self._release(slot, watch)
             if self.prewarm:
                 template = CallSpec(
-                    call.plugin, call.plugin_dir, call.entrypoint, call.limits, b"", "", {}
+                    call.plugin,
+                    call.plugin_dir,
+                    call.entrypoint,
+                    call.limits,
+                    b"",
+                    "",
+                    {},
+                    call.import_paths,
+                    call.import_root,
                 )
                 self.warm.fill(_warm_key(call), lambda: self._start(template, layers, warm=True))
 
@@ -321,7 +335,10 @@ class Sandbox:
                 "scratch": slot.scratch,
                 "uid": uid,
                 "gid": uid,
-                "expose": _exposed_paths(call.plugin_dir),
+                "import_paths": list(call.import_paths),
+                "import_root": call.import_root,
+                "expose": _exposed_paths(call.plugin_dir, call.import_paths),
+                "hide": HIDDEN_SITE_DIRS,
                 "layers": layers,
                 "cgroup_procs": slot.cgroup.create(),
                 "warm": warm,
@@ -455,19 +472,36 @@ def _missing(layers: dict[str, bool]) -> list[str]:
     ]
 
 
-# The interpreter and its standard library, the environment's packages.
-INTERPRETER_PATHS = (
-    sys.base_prefix,
-    sysconfig.get_paths()["purelib"],
-    sysconfig.get_paths()["platlib"],
-)
+# The interpreter and its standard library. Not the host environment's
+# packages: a plugin imports its own (CallSpec.import_paths).
+INTERPRETER_PATHS = (sys.base_prefix,)
 
 
-def _exposed_paths(plugin_dir: str) -> list[str]:
-    """What the child may read: INTERPRETER_PATHS and the plugin. Never the
-    rest of the host's `sys.path` (its working directory, the host's own
-    source)."""
-    return [*INTERPRETER_PATHS, plugin_dir]
+def _site_dirs() -> list[str]:
+    """Package directories inside INTERPRETER_PATHS that calls must not see:
+    the base interpreter's site-packages and a distribution's dist-packages."""
+    base = {"base": sys.base_prefix, "platbase": sys.base_prefix}
+    paths = sysconfig.get_paths(vars=base)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [
+        paths["purelib"],
+        paths["platlib"],
+        "/usr/lib/python3/dist-packages",
+        f"/usr/local/lib/{version}/dist-packages",
+        f"/usr/lib/{version}/dist-packages",
+    ]
+    found = {os.path.realpath(p) for p in candidates if os.path.isdir(p)}
+    return sorted(found)
+
+
+HIDDEN_SITE_DIRS = _site_dirs()
+
+
+def _exposed_paths(plugin_dir: str, import_paths: tuple[str, ...] = ()) -> list[str]:
+    """What the child may read: INTERPRETER_PATHS, the plugin and its
+    environment. Never the rest of the host's `sys.path` (its working
+    directory, the host's own source, the host's packages)."""
+    return [*INTERPRETER_PATHS, plugin_dir, *import_paths]
 
 
 def _read_pid(status_fd: int, deadline: float) -> int:

@@ -54,6 +54,16 @@ class RunnablePlugin(Protocol):
         """The plugin's own limits (clamped to the host's maxima for each call)."""
         ...
 
+    @property
+    def import_root(self) -> Path | None:
+        """Where the entrypoint's module is imported from when not `directory`
+        (an installed plugin package's parent); only `directory` is exposed."""
+        ...
+
+    def options_problem(self, options: dict[str, Any]) -> str | None:
+        """What is wrong with a call's options (None: nothing)."""
+        ...
+
 
 class PluginCatalog(Protocol):
     """Where the ToolRunner finds plugins and records each finished call."""
@@ -63,6 +73,11 @@ class PluginCatalog(Protocol):
         ...
 
     def list_plugins(self) -> list[str]: ...
+
+    def import_paths(self, name: str) -> tuple[str, ...]:
+        """The plugin's own environment, searched after its directory.
+        Raises PluginNotReady while it is not prepared."""
+        ...
 
     def update_execution_metrics(
         self,
@@ -77,6 +92,10 @@ class PluginCatalog(Protocol):
         time, its failure reason (None: success) and the peak memory the
         sandbox measured (None: it never reached a child)."""
         ...
+
+
+class PluginNotReady(Exception):
+    """A plugin that cannot be called yet (its environment is not prepared)."""
 
 
 class InvalidInput(ValueError):
@@ -139,6 +158,9 @@ class _NoPlugins:
     def list_plugins(self) -> list[str]:
         return []
 
+    def import_paths(self, name: str) -> tuple[str, ...]:
+        return ()
+
     def update_execution_metrics(self, *args: Any, **kwargs: Any) -> None:
         pass
 
@@ -186,7 +208,16 @@ class ToolRunner:
         return self._sandbox
 
     def run(self, plugin_name: str, payload: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Run `plugin_name` on `payload`; return `(result, {})` or `({}, envelope)`.
+        """Run `plugin_name` on `payload`; return `(result, {})` or `({}, envelope)`."""
+        result, error, _ = self.measure(plugin_name, payload)
+        return result, error
+
+    def measure(
+        self, plugin_name: str, payload: Any
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """`run`, plus what the sandbox measured of the call (elapsed_ms,
+        peak_rss_mb, cgroup_peak_mb; empty when nothing ran): for the operator
+        and the plugin author, never for the client.
 
         The call's state and time are recorded in the catalog exactly once,
         here, for every call that reached a registered plugin.
@@ -200,33 +231,33 @@ class ToolRunner:
             try:
                 plugin = self.catalog.get_plugin(plugin_name)
             except KeyError:
-                return {}, unknown_plugin(plugin_name, self.catalog.list_plugins()).to_dict()
-            try:
-                image, mime_type, options = validate_payload(payload, self.limits)
-            except InvalidInput as exc:
-                return {}, Envelope.build("invalid_input", str(exc), plugin_name).to_dict()
+                return {}, unknown_plugin(plugin_name, self.catalog.list_plugins()).to_dict(), {}
+            call = self._prepare(plugin, payload)
+            if isinstance(call, Envelope):  # refused before any child starts
+                return {}, call.to_dict(), {}
             record = True
-            outcome = self.sandbox.execute(self._call(plugin, image, mime_type, options))
+            outcome = self.sandbox.execute(call)
             state, peak = outcome.state, _peak_rss_mb(outcome)
             if outcome.status is Status.SUCCESS and outcome.result is not None:
                 reason = None
-                return outcome.result, {}
+                return outcome.result, {}, outcome.details
             reason = outcome.reason or "internal"
-            return {}, self._envelope(plugin_name, outcome).to_dict()
+            return {}, self._envelope(plugin_name, outcome).to_dict(), outcome.details
         except HostFailure as exc:
             state, reason = None, "internal"
             message = f"plugin host failed: {exc.message}"
-            return {}, Envelope.build("internal", message, plugin_name, exc.details).to_dict()
+            return {}, Envelope.build("internal", message, plugin_name, exc.details).to_dict(), {}
         # The boundary of the contract: a host-side bug becomes an envelope too.
         except Exception as exc:  # noqa: BLE001
             record = record or plugin_name in self.catalog.list_plugins()
             state, reason = None, "internal"
-            return {}, Envelope.build(
+            failure = Envelope.build(
                 "internal",
                 f"plugin host failed: {type(exc).__name__}",
                 plugin_name if isinstance(plugin_name, str) else None,
                 traceback=traceback.format_exc(),
-            ).to_dict()
+            )
+            return {}, failure.to_dict(), {}
         finally:
             if record:
                 elapsed_ms = (time.monotonic() - started) * 1000
@@ -234,9 +265,22 @@ class ToolRunner:
                     plugin_name, state, elapsed_ms, reason is not None, reason, peak
                 )
 
-    def _call(
-        self, plugin: RunnablePlugin, image: bytes, mime_type: str, options: dict[str, Any]
-    ) -> CallSpec:
+    def _prepare(self, plugin: RunnablePlugin, payload: Any) -> Envelope | CallSpec:
+        """The call to make, or the envelope refusing it before any child
+        starts: a bad payload, options against the plugin's schema, or an
+        environment not ready (it is never prepared inside a call)."""
+        try:
+            image, mime_type, options = validate_payload(payload, self.limits)
+            problem = plugin.options_problem(options)
+            if problem is not None:
+                raise InvalidInput(problem)
+        except InvalidInput as exc:
+            return Envelope.build("invalid_input", str(exc), plugin.name)
+        try:
+            import_paths = self.catalog.import_paths(plugin.name)
+        except PluginNotReady as exc:
+            return Envelope.build("environment_not_ready", str(exc), plugin.name)
+        root = str(plugin.import_root) if plugin.import_root is not None else None
         return CallSpec(
             plugin=plugin.name,
             plugin_dir=str(plugin.directory),
@@ -245,6 +289,8 @@ class ToolRunner:
             image=image,
             mime_type=mime_type,
             options=options,
+            import_paths=import_paths,
+            import_root=root,
         )
 
     @staticmethod

@@ -13,6 +13,7 @@ Checks (docs/GOVERNANCE.md explains each and what to do when one fires):
                  `getattr(x, "run")`, no importing modules by name
   runner-shape   sandbox/tool_runner.py defines `ToolRunner.run(self, plugin_name, payload)`
   metrics        `update_execution_metrics(...)` is called in a `finally` of ToolRunner.run
+                 (or of the ToolRunner method `run` hands the call to)
   layering       API modules never import `sandbox`; the job service never
                  imports ToolRunner or `sandbox`; the analysis service imports
                  neither the plugin service, ToolRunner nor `sandbox`; `sandbox` never
@@ -163,11 +164,11 @@ def check_runner(root: Path) -> Iterator[Violation]:
         return
     tree = ast.parse(path.read_text(), str(path))
     run = None
+    methods: dict[str, ast.FunctionDef] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == "ToolRunner":
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "run":
-                    run = item
+            methods = {i.name: i for i in node.body if isinstance(i, ast.FunctionDef)}
+            run = methods.get("run")
             if run is None:
                 yield Violation(
                     RUNNER_MODULE, node.lineno, "runner-shape", "ToolRunner has no run()"
@@ -184,8 +185,17 @@ def check_runner(root: Path) -> Iterator[Violation]:
             "runner-shape",
             f"ToolRunner.run must be a plain method (self, plugin_name, payload), has {params}",
         )
+    # run itself, or the method of ToolRunner it hands the call to (self.<name>(...)).
+    bodies = [run] + [
+        methods[call.func.attr]
+        for call in ast.walk(run)
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and _dotted(call.func.value) == "self"
+        and call.func.attr in methods
+    ]
     in_finally = False
-    for node in ast.walk(run):
+    for node in (inner for body in bodies for inner in ast.walk(body)):
         if isinstance(node, ast.Try) and node.finalbody:
             for stmt in node.finalbody:
                 for inner in ast.walk(stmt):
@@ -198,7 +208,8 @@ def check_runner(root: Path) -> Iterator[Violation]:
             RUNNER_MODULE,
             run.lineno,
             "metrics",
-            "ToolRunner.run must call update_execution_metrics(...) in a finally block",
+            "ToolRunner.run (or the method it hands the call to) must call "
+            "update_execution_metrics(...) in a finally block",
         )
 
 

@@ -8,6 +8,10 @@ import os
 # A uid range of the test run's own: a plughost server running on the same
 # machine must not be mistaken for processes the tests left behind.
 os.environ.setdefault("PLUGHOST_UID_BASE", "1600000")
+# One store of plugin environments for the whole run (the bundled plugins'
+# Pillow is prepared once): this process, and the servers and CLI commands
+# the tests start, all read it. Kept between runs, as an operator's would be.
+os.environ.setdefault("PLUGHOST_ENV_DIR", "/var/tmp/plughost-test-envs")
 
 import io
 import time
@@ -19,7 +23,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from host.discovery import BUNDLED_DIR, discover
-from host.registry import PluginRegistry
+from host.environments import EnvironmentStore, EnvStatus
+from host.preparation import environment_store, prepare_all
+from host.registry import PluginRegistry, get_registry
 from sandbox.cgroups import host_id
 from sandbox.processes import UID_BASE, UID_SLOTS
 from sandbox.supervisor import Sandbox
@@ -57,10 +63,29 @@ def sandbox() -> Iterator[Sandbox]:
     box.close()
 
 
+ENV_DIR = os.environ["PLUGHOST_ENV_DIR"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def plugin_environments() -> EnvironmentStore:
+    """The bundled plugins' environments, prepared once, before any test runs
+    a call (preparation never happens inside one); every test registry, and the
+    process-wide one, uses them."""
+    store = environment_store(ENV_DIR)
+    bundled = PluginRegistry()
+    bundled.environments = store
+    discover(bundled)
+    states = prepare_all(bundled)
+    assert all(s.status is EnvStatus.READY for s in states.values()), states
+    get_registry().environments = store
+    return store
+
+
 @pytest.fixture
-def registry() -> PluginRegistry:
+def registry(plugin_environments: EnvironmentStore) -> PluginRegistry:
     """A registry of the bundled and hostile plugins."""
     reg = PluginRegistry()
+    reg.environments = plugin_environments
     discover(reg, [HOSTILE_DIR])
     return reg
 

@@ -29,16 +29,16 @@ def test_toolrunner_with_no_arguments_runs_the_process_registrys_plugins() -> No
 
         discover(get_registry())
         payload = {"image": make_png(), "mime_type": "image/png", "options": {}}
-        result, error = ToolRunner().run("image_info", payload)
+        result, error = ToolRunner().run("image_probe", payload)
         missing = ToolRunner().run("no_such_plugin", payload)[1]["error"]["details"]["reason"]
-        status = get_registry().all_status()["image_info"]
+        status = get_registry().all_status()["image_probe"]
         print(json.dumps([result["format"], error, missing, status["success_count"]]))
         """
     )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
-    assert out.stdout.strip() == '["PNG", {}, "unknown_plugin", 1]'
+    assert out.stdout.strip() == '["png", {}, "unknown_plugin", 1]'
 
 
 def test_get_registry_is_one_registry_per_process() -> None:
@@ -52,7 +52,7 @@ def test_a_created_job_is_pending_until_run(
     plugins = PluginManagementService(registry, sandbox)
     jobs = JobManagementService(plugins, MemoryJobStore(), workers=1, queue_size=1)
     try:
-        job = jobs.create_job("image_info", payload)
+        job = jobs.create_job("image_probe", payload)
         assert jobs.get_job(job.id).status is JobStatus.PENDING
         assert jobs.run_job(job.id).status is JobStatus.SUCCESS
     finally:

@@ -76,7 +76,8 @@ def _give_up_root(services: Services, settings: Settings) -> None:
         if os.geteuid() == 0:
             log.warning("the HTTP server runs as root; set user (--user) to serve unprivileged")
         return
-    drop_to(settings.user, [Path(settings.job_db).parent, *services.plugins.sandbox_paths()])
+    owned = [Path(settings.job_db).parent, Path(settings.plugin_envs)]
+    drop_to(settings.user, [*owned, *services.plugins.sandbox_paths()])
     log.info("serving as user %s; calls still start from the root launcher", settings.user)
 
 
@@ -90,6 +91,8 @@ def _lifespan(settings: Settings, given: Services | None) -> Any:
         if settings.self_check:
             await _check_containment(app, settings)
         _give_up_root(services, settings)
+        # Plugin environments are prepared as the serving user, while the API answers.
+        services.plugins.preparation.start()
         yield
         await asyncio.to_thread(services.jobs.shutdown)
         if given is None:  # built here, so stopped here

@@ -5,12 +5,14 @@ path when it prewarms children)."""
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import socket
+import struct
+import sys
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -38,12 +40,21 @@ PROBES = (
 )
 
 
-def sample_png() -> bytes:
-    from PIL import Image
+def sample_png(width: int = 32, height: int = 24, rgb: bytes = b"\x0a\x78\xc8") -> bytes:
+    """A small one-colour PNG, written with the standard library."""
 
-    out = io.BytesIO()
-    Image.new("RGB", (32, 24), (10, 120, 200)).save(out, format="PNG")
-    return out.getvalue()
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\x00" + rgb * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 class _Listener:
@@ -118,7 +129,7 @@ def run_suite(
     cases: list[Case],
     target: Target,
     progress: Callable[[int, int, CaseReport], None] | None = None,
-    benign_plugin: str = "image_info",
+    benign_plugin: str = "image_probe",
 ) -> SuiteReport:
     """Run every case with benign calls around them; never raises for a case."""
     image = sample_png()
@@ -134,6 +145,7 @@ def run_suite(
                 "unix_listener_path": unix_listener.path,
                 "host_pid": os.getpid(),
                 "host_cwd": os.getcwd(),
+                "host_sys_path": [p for p in sys.path if p][:20],
             }
             report = run_case(case, target, image, options, protections)
             reports.append(report)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from host.config import Settings
 from host.discovery import discover
+from host.preparation import environment_store
 from host.registry import PluginRegistry
 from host.services.analysis import AnalysisService
 from host.services.jobs import JobLimits, JobManagementService
@@ -53,6 +54,7 @@ def plugin_service(settings: Settings) -> PluginManagementService:
         isolation=settings.isolation, disabled=settings.disable_layers, prewarm=settings.prewarm
     )
     registry = PluginRegistry()
+    registry.environments = environment_store(settings.plugin_envs, settings.allow_source_builds)
     discover(registry, settings.plugins_dirs, settings.plugin_overrides)
     plugins = PluginManagementService(registry, sandbox)
     plugins.quarantine.threshold = settings.quarantine_threshold

@@ -18,12 +18,14 @@ from typing import Any
 from host.discovery import RegisteredPlugin, discover
 from host.errors import Rejected, envelope
 from host.metrics import Metrics
+from host.preparation import BackgroundPreparation
 from host.quarantine import QuarantineBook
 from host.registry import PluginRegistry
+from host.tracebacks import plugin_traceback
 from sandbox.cancel import CancelToken, use_token
 from sandbox.envelope import Envelope, unknown_plugin
 from sandbox.limits import HostLimits
-from sandbox.outcome import State, reason_of
+from sandbox.outcome import Origin, State, reason_of
 from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import InvalidInput, ToolRunner, validate_payload
 
@@ -47,6 +49,9 @@ class CallRecorder:
 
     def list_plugins(self) -> list[str]:
         return self.registry.list_plugins()
+
+    def import_paths(self, name: str) -> tuple[str, ...]:
+        return self.registry.import_paths(name)
 
     def update_execution_metrics(
         self,
@@ -86,6 +91,8 @@ class PluginManagementService:
         self.metrics = metrics or Metrics()
         recorder = CallRecorder(registry, self.quarantine, self.metrics)
         self._runner = ToolRunner(recorder, sandbox, limits)
+        # Prepares the plugins' environments on a thread; started by the server.
+        self.preparation = BackgroundPreparation(self.registry)
 
     @property
     def limits(self) -> HostLimits:
@@ -149,6 +156,7 @@ class PluginManagementService:
         if retry is not None:
             self.metrics.observe_call(plugin_name, "quarantined", 0.0)
             return {}, self._quarantined(plugin_name, retry)
+        self._warn_unchecked(plugin_name, payload)
         token = cancel or CancelToken()
         try:
             with use_token(token):
@@ -164,7 +172,28 @@ class PluginManagementService:
                 failure.message,
                 extra={"plugin": plugin_name, "traceback": failure.traceback},
             )
+        elif error and reason_of(Envelope.of(error).reason).origin is Origin.CHILD:
+            # The plugin's own code failed: its frames (never the host's) for the operator.
+            log.warning(
+                "plugin %s failed (%s): %s",
+                plugin_name,
+                Envelope.of(error).reason,
+                Envelope.of(error).message,
+                extra={"plugin": plugin_name, "traceback": plugin_traceback(error)},
+            )
         return result, error
+
+    def _warn_unchecked(self, plugin_name: str, payload: Any) -> None:
+        options = payload.get("options") if isinstance(payload, dict) else None
+        if isinstance(options, dict) and options:
+            unchecked = self.registry.unchecked_options(plugin_name, options)
+            if unchecked:
+                log.warning(
+                    "plugin %s declares no options schema; options %s are passed unchecked",
+                    plugin_name,
+                    ", ".join(repr(k[:64]) for k in unchecked),
+                    extra={"plugin": plugin_name},
+                )
 
     def describe(self, name: str) -> dict[str, Any]:
         """Manifest, limits, state, metrics and quarantine of one plugin.
@@ -184,6 +213,9 @@ class PluginManagementService:
             "entrypoint": plugin.manifest.entrypoint,
             "source": plugin.source,
             "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
+            "dependencies": list(plugin.requirements.dependencies),
+            "environment": status.pop("environment"),
+            "options_schema": plugin.manifest.options,
             "state": status["state"],
             "metrics": {k: v for k, v in status.items() if k not in ("name", "state")},
             "quarantine": self.quarantine.status(name),
@@ -208,6 +240,8 @@ class PluginManagementService:
         names = discover(self.registry, extra_dirs, overrides)
         for gone in before - set(names):
             self.registry.unregister(gone)
+        if self.preparation.started:
+            self.preparation.start()  # the new plugins' environments
         return sorted(names)
 
 

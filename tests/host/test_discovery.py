@@ -59,8 +59,51 @@ def test_entry_point_module_plugin_is_found_and_runs_in_the_sandbox(
     _distribution(site, "tp_module = tp_pkg.core:Plugin\n")
     assert "tp_module" in discover(registry)
     assert "tp_pkg" not in sys.modules  # found without importing plugin code
+    plugin = registry.get_plugin("tp_module")
+    assert plugin.directory == package.resolve()  # its own package, not site-packages
     result, error = runner.run("tp_module", payload)
     assert error == {} and result == {"from": "entry point"}
+
+
+def test_an_entry_point_plugin_sees_its_package_and_nothing_else_of_site_packages(
+    runner: ToolRunner, site: Path, registry: PluginRegistry, payload: dict
+) -> None:
+    (site / "neighbour").mkdir()
+    (site / "neighbour" / "__init__.py").write_text("")
+    package = site / "tp_alone"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import importlib, os\n\n\nclass Plugin:\n    def run(self, payload):\n"
+        "        try:\n            importlib.import_module('neighbour')\n"
+        "            neighbour = True\n        except ImportError:\n            neighbour = False\n"
+        "        here = os.path.dirname(os.path.dirname(__file__))\n"
+        "        return {'neighbour': neighbour, 'site': sorted(os.listdir(here))}\n"
+    )
+    (package / "plugin.toml").write_text(
+        'name = "tp_alone"\nversion = "1.0"\nentrypoint = "tp_alone:Plugin"\n'
+    )
+    _distribution(site, "tp_alone = tp_alone:Plugin\n")
+    assert "tp_alone" in discover(registry)
+    result, error = runner.run("tp_alone", payload)
+    assert error == {}
+    assert result == {"neighbour": False, "site": ["tp_alone"]}
+
+
+def test_an_entry_point_and_its_manifest_disagreeing_says_what_to_change(site: Path) -> None:
+    package = site / "tp_other"
+    package.mkdir()
+    (package / "__init__.py").write_text("class Plugin:\n    pass\n")
+    (package / "plugin.toml").write_text(
+        'name = "tp_other"\nversion = "1.0"\nentrypoint = "plugin:Plugin"\n'
+    )
+    (package / "plugin.py").write_text("class Plugin:\n    pass\n")
+    _distribution(site, "tp_other = tp_other:Plugin\n")
+    registry = PluginRegistry()
+    assert "tp_other" not in discover(registry)
+    [problem] = [e for e in registry.load_errors if "tp_other" in e]
+    assert str(package / "plugin.toml") in problem
+    assert "thirdparty-plugins 1.0" in problem
+    assert 'set entrypoint = "tp_other:Plugin" in this file' in problem
 
 
 def test_entry_point_directory_plugin_is_found(site: Path, tmp_path: Path) -> None:

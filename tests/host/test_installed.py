@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "plughost-edge-count"
 USER = "plughost-ci"
 SYSTEM_PYTHON = "/usr/bin/python3"
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
@@ -53,6 +54,8 @@ def install() -> Iterator[Path]:
     wheels = top / "wheels"
     build = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels)]
     subprocess.run([*build, str(ROOT)], check=True, timeout=300, capture_output=True)
+    # A third-party plugin shipped as a distribution (the plughost.plugins entry points).
+    subprocess.run([*build, str(EXAMPLE)], check=True, timeout=300, capture_output=True)
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(top / "venv")], check=True, timeout=120)
     subprocess.run(
         [str(top / "venv/bin/pip"), "install", "--quiet", *map(str, wheels.glob("*.whl"))],
@@ -74,11 +77,19 @@ def _plughost(
     command = [str(install / "venv/bin/plughost"), *args]
     if user is not None:
         command = [RUNUSER, "-u", user, "--", *command]
+    # Each user's plugin environments in a state directory of its own: a
+    # service account has no home, and the test run's store is root's.
+    state = install / "work" / f"state-{user or 'root'}"
     return subprocess.run(
         command,
         cwd=install / "work",
         # The test run's own uid range (tests/conftest.py), not a server's.
-        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PLUGHOST_UID_BASE": UID_BASE},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "PLUGHOST_UID_BASE": UID_BASE,
+            "PLUGHOST_STATE_DIR": str(state),
+        },
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -101,6 +112,44 @@ def test_installed_host_lists_and_runs_the_bundled_plugins(install: Path, user: 
     run = _plughost(install, "run", "image_info", "--image", _sample(install), user=user)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert json.loads(run.stdout)["result"]["width"] == 320
+    assert "image_info: environment ready" in run.stderr  # Pillow, prepared before the call
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("user", [None, USER], ids=["root", "unprivileged"])
+def test_a_plugin_distribution_installs_and_runs_from_its_wheel(
+    install: Path, user: str | None
+) -> None:
+    listed = _plughost(install, "plugins", "--json", user=user)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    [edge] = [p for p in json.loads(listed.stdout)["plugins"] if p["name"] == "edge_count"]
+    site = next((install / "venv/lib").glob("python3*/site-packages"))
+    assert edge["directory"] == str(site / "edge_count")  # its own package, not site-packages
+    run = _plughost(
+        install,
+        "run",
+        "edge_count",
+        "--image",
+        _sample(install),
+        "--option",
+        "threshold=32",
+        user=user,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(run.stdout)["result"]
+    assert result["width"] == 320 and result["threshold"] == 32 and result["edge_pixels"] > 0
+    refused = _plughost(
+        install,
+        "run",
+        "edge_count",
+        "--image",
+        _sample(install),
+        "--option",
+        "threshold=0",
+        user=user,
+    )
+    assert refused.returncode == 1
+    assert "options.threshold" in json.loads(refused.stdout)["error"]["message"]
 
 
 @pytest.mark.timeout(900)

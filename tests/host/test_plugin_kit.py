@@ -1,0 +1,152 @@
+"""The plugin author's kit, end to end: declared dependencies in environments
+of their own, `plughost new` / `check`, options schemas, and tracebacks.
+
+Environments are prepared for real with uv from the package index, into the
+test run's environment store (PLUGHOST_ENV_DIR), so a second run is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from host.discovery import discover
+from host.environments import EnvStatus
+from host.preparation import environment_store
+from host.registry import PluginRegistry
+from sandbox.supervisor import Sandbox
+from sandbox.tool_runner import ToolRunner
+from tests.conftest import ENV_DIR
+from tests.host.conftest import check_versions, probe_plugin
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "host.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=cwd,
+        env={**os.environ, "PLUGHOST_ENV_DIR": ENV_DIR},
+    )
+
+
+def test_conflicting_dependencies_both_run_through_the_cli(conflicting: Path, png: bytes) -> None:
+    image = conflicting / "in.png"
+    image.write_bytes(png)
+    for name in ("np_stats", "six_new"):
+        run = _cli("run", name, "--plugins-dir", str(conflicting), "--image", str(image))
+        assert run.returncode == 0, run.stdout + run.stderr
+        check_versions(json.loads(run.stdout)["result"], name)
+
+
+def test_no_environment_is_built_inside_a_call(
+    tmp_path: Path, png: bytes, sandbox: Sandbox
+) -> None:
+    probe_plugin(
+        tmp_path / "plugins", "late", ["six==1.17.0"], "import six\n        versions = {'six': 1}"
+    )
+    registry = PluginRegistry()
+    registry.environments = environment_store(tmp_path / "envs")
+    discover(registry, [tmp_path / "plugins"])
+    runner = ToolRunner(registry, sandbox)
+    payload = {"image": png, "mime_type": "image/png", "options": {}}
+    result, error = runner.run("late", payload)
+    assert result == {} and error["error"]["details"]["reason"] == "environment_not_ready"
+    assert "plughost plugins prepare" in error["error"]["message"]
+    assert not (tmp_path / "envs" / "by-spec").exists()  # the call installed nothing
+    assert registry.environment("late").status is EnvStatus.MISSING
+    state = registry.environments.prepare("late", registry.get_plugin("late").requirements)
+    assert state.status is EnvStatus.READY
+    result, error = runner.run("late", payload)
+    assert error == {} and result["importable"] == []
+
+
+def test_new_then_check_then_the_authors_own_tests_pass(tmp_path: Path) -> None:
+    made = _cli("new", "demo", "--dir", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    check = _cli("check", str(tmp_path / "demo"))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "sunset.png" in check.stdout and "check passed" in check.stdout
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    assert "2 passed" in tests.stdout
+
+
+WRONG_ENTRYPOINT = (
+    "plugin.toml: field 'entrypoint': bad.py has no top-level 'Plugin'; it defines Bad: "
+    'set entrypoint = "bad:Bad"'
+)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "module", "expected"),
+    [
+        (
+            'name = "bad"\nversion = "1"\nentrypoint = "bad:Bad"\n',
+            "class Bad:\n    def run(self, payload)\n        return {}\n",
+            "bad.py:2: syntax error",
+        ),
+        (
+            'name = "bad"\nversion = "1"\nentrypoint = "bad:Plugin"\n',
+            "class Bad:\n    def run(self, payload):\n        return {}\n",
+            WRONG_ENTRYPOINT,
+        ),
+        (
+            'name = "bad"\nversion = "1"\nentrypoint = "bad:Bad"\n[limits]\ntimeout_s = 600\n',
+            "class Bad:\n    def run(self, payload):\n        return {}\n",
+            "plugin.toml: field 'limits.timeout_s': 600 s is over the host's maximum of 60 s",
+        ),
+    ],
+    ids=["syntax_error", "wrong_entrypoint", "over_limit"],
+)
+def test_check_names_the_file_and_what_to_change(
+    tmp_path: Path, manifest: str, module: str, expected: str
+) -> None:
+    directory = tmp_path / "bad"
+    directory.mkdir()
+    (directory / "plugin.toml").write_text(manifest)
+    (directory / "bad.py").write_text(module)
+    check = _cli("check", str(directory))
+    assert check.returncode == 1
+    assert f"problem: {directory}/{expected}" in check.stdout, check.stdout
+
+
+def test_plugins_exits_non_zero_on_a_broken_manifest(tmp_path: Path) -> None:
+    directory = tmp_path / "broken"
+    directory.mkdir()
+    (directory / "plugin.toml").write_text('name = "broken"\nversion = "1"\n')
+    listed = _cli("plugins", "--plugins-dir", str(tmp_path))
+    assert listed.returncode == 1
+    assert "broken/plugin.toml: field 'entrypoint'" in listed.stderr
+
+
+def test_run_debug_shows_the_plugins_frames_and_never_the_hosts(tmp_path: Path, png: bytes) -> None:
+    directory = tmp_path / "kerr"
+    directory.mkdir()
+    (directory / "plugin.toml").write_text('name = "kerr"\nversion = "1"\nentrypoint = "kerr:K"\n')
+    (directory / "kerr.py").write_text(
+        "def helper(d):\n    return d['missing']\n\n\nclass K:\n"
+        "    def run(self, payload):\n        return helper({})\n"
+    )
+    image = tmp_path / "in.png"
+    image.write_bytes(png)
+    run = _cli("run", "kerr", "--plugins-dir", str(tmp_path), "--image", str(image), "--debug")
+    assert run.returncode == 1
+    assert json.loads(run.stdout)["error"]["details"]["exception"] == "KeyError"
+    assert f'File "{directory}/kerr.py", line 2, in helper' in run.stderr
+    assert "KeyError: 'missing'" in run.stderr
+    assert "sandbox/child.py" not in run.stderr and "_internal" not in run.stdout
