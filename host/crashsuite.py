@@ -44,7 +44,7 @@ import psutil
 
 from host.discovery import BUNDLED_DIR, find_plugins
 from host.registry import PluginRegistry, RegisteredPlugin
-from sandbox.processes import UID_BASE, UID_SLOTS
+from sandbox.supervisor import uid_range
 from sandbox.tool_runner import ToolRunner
 
 HOSTILE_DIR = BUNDLED_DIR / "hostile"
@@ -170,7 +170,7 @@ def sandbox_processes(idle_uids: set[int] | None = None, only: set[int] | None =
         uids = proc.info["uids"]
         if not uids or (only is not None and uids.real not in only):
             continue
-        if UID_BASE <= uids.real < UID_BASE + UID_SLOTS and uids.real not in idle:
+        if uids.real in uid_range() and uids.real not in idle:
             count += proc.info["status"] != psutil.STATUS_ZOMBIE
     return count
 
@@ -190,7 +190,7 @@ def stray_files(extra_dirs: Iterable[Path] = (), host_dirs: Iterable[Path] = ())
                 uid = entry.lstat().st_uid
             except OSError:
                 continue
-            if UID_BASE <= uid < UID_BASE + UID_SLOTS or entry.name.startswith("plughost-escape"):
+            if uid in uid_range() or entry.name.startswith("plughost-escape"):
                 found.add(str(entry))
     for directory in host_dirs:
         with contextlib.suppress(OSError):

@@ -23,7 +23,8 @@ returns. In order, before any plugin code is imported:
 
 Any failure up to step 7 exits with `SETUP_FAILED` and no ready frame: the
 plugin never runs without its limits. Then the plugin is imported, called,
-and its result checked and sent as one frame.
+and its result checked and sent as one frame. The child's instructions are
+a `ChildSpec` and its payload a sealed memfd (`sandbox.protocol`).
 """
 
 from __future__ import annotations
@@ -35,22 +36,29 @@ import os
 import resource
 import signal
 import socket
-import struct
 import sys
 import traceback
 from typing import Any, NoReturn
 
 from sandbox import isolation
 from sandbox import layers as hardening
-from sandbox.limits import CallLimits, rlimits_for
-from sandbox.protocol import HEADER, READY, decode_json, encode_frame
+from sandbox.limits import rlimits_for
+from sandbox.protocol import (
+    READY,
+    RELAYED_STATUS,
+    REPLY_OUT_OF_MEMORY,
+    SAFE_ENV,
+    SETUP_FAILED,
+    ChildSpec,
+    Payload,
+    encode_frame,
+    read_payload,
+)
 
-SETUP_FAILED = 121
-SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
 # RELAY_FD is the relay's alone: it reports the worker's wait status there.
 REPLY_FD, PAYLOAD_FD, RELAY_FD = 3, 4, 5
-STATUS = struct.Struct(">i")
+STATUS = RELAYED_STATUS
 # What a plugin may read besides the interpreter, its packages and itself:
 # shared libraries, the loader's cache, and its own /proc and /dev entries.
 SYSTEM_READ_ONLY = (
@@ -78,7 +86,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
+def _setup(spec: ChildSpec, fds: dict[str, int]) -> str:
     """Steps 1 to 5 of the module docstring; returns the scratch directory."""
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -94,11 +102,11 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
 
-    limits = CallLimits(**spec["limits"])
-    layers: dict[str, bool] = spec.get("layers", {})
-    uid = spec.get("uid")
-    scratch: str = spec["scratch"]
-    for procs_file in spec.get("cgroup_procs", []):
+    limits = spec.limits
+    layers = spec.layers
+    uid = spec.uid
+    scratch = spec.scratch or ""
+    for procs_file in spec.cgroup_procs:
         with open(procs_file, "w") as stream:  # the call's cgroups, before anything else runs
             stream.write(str(os.getpid()))
     # A root host gives the call its own host uid; an unprivileged one, a user
@@ -113,12 +121,12 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
         for name in ("network_namespace", "ipc_namespace", "uts_namespace", "pid_namespace"):
             if layers.get(name):
                 flags |= hardening.NAMESPACES[name]
-        owner, group = (uid, spec["gid"]) if uid is not None else (os.getuid(), os.getgid())
-        isolation.build_minimal_root(spec["expose"], owner, group, limits.scratch_mb, flags)
+        owner, group = (uid, spec.gid or uid) if uid is not None else (os.getuid(), os.getgid())
+        isolation.build_minimal_root(spec.expose, owner, group, limits.scratch_mb, flags)
         if layers.get("network_namespace"):
             hardening.loopback_up()
         if pid_namespace:
-            _split_for_pid_namespace(uid, spec["gid"])  # returns in the worker only
+            _split_for_pid_namespace(uid, spec.gid)  # returns in the worker only
             scratch = isolation.SCRATCH
         else:
             scratch = isolation.enter_minimal_root(own_pid_namespace=False)
@@ -126,10 +134,10 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
     for which, value in rlimits_for(limits, extra_processes=1 if pid_namespace else 0).items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
-    _give_up_privileges(uid, spec.get("gid"), user_namespace)
+    _give_up_privileges(uid, spec.gid, user_namespace)
     # After the uid change, which clears it: die with the parent.
     isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
-    expected_parent = 1 if pid_namespace else spec["launcher_pid"]
+    expected_parent = 1 if pid_namespace else spec.launcher_pid
     if os.getppid() != expected_parent:
         raise isolation.IsolationError("parent", "parent exited during setup")
     isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
@@ -223,11 +231,11 @@ def _wipe_command_line() -> None:
         ctypes.memset(start, 0, end - start)
 
 
-def _harden(spec: dict[str, Any], scratch: str) -> None:
+def _harden(spec: ChildSpec, scratch: str) -> None:
     """Landlock and seccomp, the last layers before the plugin is imported."""
-    layers: dict[str, bool] = spec.get("layers", {})
+    layers = spec.layers
     if layers.get("landlock"):
-        read_only = [*spec["expose"], *SYSTEM_READ_ONLY]
+        read_only = [*spec.expose, *SYSTEM_READ_ONLY]
         hardening.apply_landlock(read_only, [scratch], WRITABLE_FILES)
     if layers.get("seccomp"):
         hardening.apply_seccomp()
@@ -244,14 +252,6 @@ def _wait_for_payload() -> None:
     os.close(fds[0])
 
 
-def _read_payload() -> dict[str, Any]:
-    with os.fdopen(PAYLOAD_FD, "rb") as stream:
-        (length,) = HEADER.unpack(stream.read(HEADER.size))
-        header = decode_json(stream.read(length))
-        image = stream.read(header["image_size"])
-    return {"image": image, "mime_type": header["mime_type"], "options": header["options"]}
-
-
 def _error(reason: str, exc: BaseException, message: str | None = None) -> dict[str, Any]:
     text = message if message is not None else str(exc) or type(exc).__name__
     return {
@@ -263,9 +263,9 @@ def _error(reason: str, exc: BaseException, message: str | None = None) -> dict[
     }
 
 
-def _load(spec: dict[str, Any]) -> Any:
-    module_name, _, attribute = spec["entrypoint"].partition(":")
-    sys.path.insert(0, spec["plugin_dir"])
+def _load(spec: ChildSpec) -> Any:
+    module_name, _, attribute = spec.entrypoint.partition(":")
+    sys.path.insert(0, spec.plugin_dir)
     module = importlib.import_module(module_name)
     return getattr(module, attribute)()
 
@@ -284,7 +284,7 @@ def _encode_result(result: Any, max_bytes: int) -> bytes | dict[str, Any]:
     return frame
 
 
-def _run_plugin(spec: dict[str, Any], payload: dict[str, Any]) -> bytes:
+def _run_plugin(spec: ChildSpec, payload: Payload) -> bytes:
     try:
         plugin = _load(spec)
     except MemoryError as exc:
@@ -293,7 +293,7 @@ def _run_plugin(spec: dict[str, Any], payload: dict[str, Any]) -> bytes:
     except BaseException as exc:  # noqa: BLE001
         return encode_frame(_error("load_failed", exc))
     try:
-        result = plugin.run(payload)
+        result = plugin.run(payload.as_dict())
     except MemoryError as exc:
         return encode_frame(_error("memory_limit", exc, "out of memory"))
     except OSError as exc:
@@ -308,18 +308,18 @@ def _run_plugin(spec: dict[str, Any], payload: dict[str, Any]) -> bytes:
     # The boundary of plugin code: whatever it raises becomes its error reply.
     except BaseException as exc:  # noqa: BLE001
         return encode_frame(_error("plugin_raised", exc))
-    encoded = _encode_result(result, spec["limits"]["max_output_bytes"])
+    encoded = _encode_result(result, spec.limits.max_output_bytes)
     return encoded if isinstance(encoded, bytes) else encode_frame(encoded)
 
 
-def main(spec: dict[str, Any], fds: dict[str, int]) -> NoReturn:
+def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
     """Run one call in this (forked) process, then exit. Never returns."""
     try:
         scratch = _setup(spec, fds)
         _harden(spec, scratch)
-        if spec.get("warm"):
+        if spec.warm:
             _wait_for_payload()
-        payload = _read_payload()
+        payload = read_payload(PAYLOAD_FD)
         _write_all(REPLY_FD, encode_frame(READY))
     # Fail closed: any setup problem ends the child before plugin code runs.
     except BaseException as exc:  # noqa: BLE001
@@ -333,20 +333,8 @@ def main(spec: dict[str, Any], fds: dict[str, int]) -> NoReturn:
         sys.stderr.flush()
         _write_all(REPLY_FD, frame)
     except MemoryError:
-        os._exit(SETUP_FAILED + 1)
+        os._exit(REPLY_OUT_OF_MEMORY)
     os._exit(0)
 
 
-def describe_exit(status: int) -> dict[str, Any]:
-    """Turn a raw wait status into `{"exit_code": n}` or `{"signal": "SIGSEGV"}`."""
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"SIG{number}"
-        return {"signal": name}
-    return {"exit_code": os.WEXITSTATUS(status)}
-
-
-__all__ = ["SETUP_FAILED", "describe_exit", "main"]
+__all__ = ["SETUP_FAILED", "main"]

@@ -8,7 +8,7 @@ asks it for children::
     host thread                    launcher (single thread)       child
     -----------                    ------------------------       -----
     Launcher.start_child(spec, fds)
-      -- SEQPACKET: JSON spec  -->  recv spec + 5 descriptors
+      -- SEQPACKET: StartChild -->  recv ChildSpec + 5 descriptors
          + SCM_RIGHTS fds            fork() --------------------->  sandbox.child.main()
     read status pipe  <----------   write pid (8 bytes)            ... runs plugin ...
     wait on reply, stdout,                                          exits / is killed
@@ -16,7 +16,9 @@ asks it for children::
     read status pipe  <----------   write wait status + maxrss,
                                     close status pipe
 
-The status pipe is the child's sentinel: it becomes readable when the child
+The requests (StartChild, KillCall, KillUid) and the status pipe's PID and
+EXIT records are defined in `sandbox.protocol`. The status pipe is the
+child's sentinel: it becomes readable when the child
 has exited and been reaped, and carries the raw wait status, so the host
 never polls. The launcher is a child subreaper: processes a plugin leaves
 behind are re-parented to it when their parent dies, and it reaps them all.
@@ -34,30 +36,30 @@ status. The fork loop below is short enough to read in full.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
 import resource
 import select
 import signal
 import socket
-import struct
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from sandbox import child, isolation
-
-PID = struct.Struct(">q")
-EXIT = struct.Struct(">iq")  # raw wait status, peak RSS in KiB
-FD_ORDER = ("status", "reply", "stdout", "stderr", "payload")
-MAX_SPEC = 1 << 16
-
-
-class LauncherError(Exception):
-    """The launcher could not start a child (it died or refused)."""
+from sandbox.protocol import (
+    CHILD_FDS,
+    EXIT,
+    MAX_REQUEST,
+    PID,
+    RELAYED_STATUS,
+    ChildSpec,
+    KillCall,
+    KillUid,
+    ProtocolError,
+    StartChild,
+    decode_request,
+)
 
 
 def serve(sock: socket.socket) -> None:
@@ -90,25 +92,29 @@ def serve(sock: socket.socket) -> None:
                 for token in [t for t, pid in calls.items() if pid not in children]:
                     del calls[token]  # reaped: its pid may name another process soon
             if sock.fileno() in readable:
-                message, fds, _, _ = socket.recv_fds(sock, MAX_SPEC, len(FD_ORDER))
+                message, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, len(CHILD_FDS))
                 if not message:
                     return
-                request = json.loads(message)
-                if request.get("op") == "kill_call":
-                    for fd in fds:
-                        os.close(fd)
-                    pid = calls.get(str(request.get("token")), 0)
+                try:
+                    request = decode_request(message)
+                except ProtocolError:
+                    request = None  # not from our host: ignored, its descriptors closed
+                if isinstance(request, KillCall):
+                    pid = calls.get(request.token, 0)
                     if pid in children:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
-                elif request.get("op") == "kill_uid" and len(fds) == 1:
-                    _fork_killer(int(request["uid"]), fds[0], sock, children)
-                else:
-                    pid = _fork_child(request, fds, sock, children, relays, (wake_r, wake_w))
-                    if pid and request.get("uid"):
-                        uids[pid] = int(request["uid"])
-                    if pid and request.get("token"):
-                        calls[str(request["token"])] = pid
+                elif isinstance(request, KillUid) and len(fds) == 1:
+                    _fork_killer(request.uid, fds.pop(), sock, children)
+                elif isinstance(request, StartChild) and len(fds) == len(CHILD_FDS):
+                    spec, named = request.spec, dict(zip(CHILD_FDS, fds, strict=True))
+                    fds = []
+                    pid = _fork_child(spec, named, sock, children, relays, (wake_r, wake_w))
+                    if spec.uid:
+                        uids[pid] = spec.uid
+                    calls[spec.token] = pid
+                for fd in fds:
+                    os.close(fd)
                 for pid in [p for p in uids if p not in children]:
                     del uids[pid]
     finally:
@@ -122,20 +128,16 @@ def serve(sock: socket.socket) -> None:
 
 
 def _fork_child(
-    spec: dict[str, Any],
-    fds: list[int],
+    spec: ChildSpec,
+    named: dict[str, int],
     sock: socket.socket,
     children: dict[int, int],
     relays: dict[int, int],
     wake: tuple[int, int],
 ) -> int:
-    if len(fds) != len(FD_ORDER):
-        for fd in fds:
-            os.close(fd)
-        return 0
-    named = dict(zip(FD_ORDER, fds, strict=True))
+    """Fork the child of `spec` with the descriptors `named` (closed here)."""
     relay_r, named["relay"] = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    spec["launcher_pid"] = os.getpid()
+    spec = dataclasses.replace(spec, launcher_pid=os.getpid())
     pid = os.fork()
     if pid == 0:
         sock.close()
@@ -207,12 +209,12 @@ def _reap(children: dict[int, int], relays: dict[int, int]) -> None:
         if relay_fd is not None:
             try:
                 # A relay (PID namespace) exits 0 after writing the worker's status.
-                relayed = os.read(relay_fd, child.STATUS.size)
+                relayed = os.read(relay_fd, RELAYED_STATUS.size)
             except BlockingIOError:
                 relayed = b""
             os.close(relay_fd)
-            if len(relayed) == child.STATUS.size and status == 0:
-                (status,) = child.STATUS.unpack(relayed)
+            if len(relayed) == RELAYED_STATUS.size and status == 0:
+                (status,) = RELAYED_STATUS.unpack(relayed)
         # The host may have closed its end already (it gave up on the call).
         with contextlib.suppress(OSError):
             os.write(status_fd, EXIT.pack(status, usage.ru_maxrss))
@@ -226,132 +228,6 @@ def main() -> None:
 
 
 SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
-LAUNCHER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
-
-
-class Launcher:
-    """Host-side handle on the launcher process; safe to share between threads.
-
-    The launcher is started on first use and started again if it has died.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._sock: socket.socket | None = None
-
-    @property
-    def pid(self) -> int | None:
-        """Pid of the running launcher, or None before the first call."""
-        process = self._process
-        return None if process is None else int(process.pid)
-
-    def _alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def _ensure_started(self) -> socket.socket:
-        if self._sock is not None and self._alive():
-            return self._sock
-        self._stop_locked()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.set_inheritable(False)
-        bootstrap = (
-            f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); "
-            "import sandbox.launcher as launcher; launcher.main()"
-        )
-        process = subprocess.Popen(
-            [sys.executable, "-E", "-s", "-c", bootstrap, str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-            env=LAUNCHER_ENV,
-        )
-        theirs.close()
-        self._process, self._sock = process, ours
-        return ours
-
-    def start(self) -> None:
-        """Start the launcher now rather than at the first call (a host about
-        to give up root starts it while it still can)."""
-        with self._lock:
-            self._ensure_started()
-
-    def start_child(self, spec: dict[str, Any], fds: dict[str, int]) -> None:
-        """Ask the launcher to fork a child for `spec` with the descriptors `fds`.
-
-        `fds` maps every name of FD_ORDER to a descriptor; the caller keeps
-        its own copies and closes them. Raises LauncherError if the launcher
-        cannot be reached even after a restart.
-        """
-        message = json.dumps(spec).encode()
-        ordered = [fds[name] for name in FD_ORDER]
-        with self._lock:
-            for attempt in (1, 2):
-                sock = self._ensure_started()
-                try:
-                    socket.send_fds(sock, [message], ordered)
-                    return
-                except OSError as exc:
-                    self._stop_locked()
-                    if attempt == 2:
-                        raise LauncherError(f"launcher unreachable: {exc}") from exc
-
-    def kill_call(self, token: str) -> None:
-        """Ask the launcher to SIGKILL the child it started for the spec with
-        this `token`, unless it has reaped it already (the launcher knows; a
-        pid the host remembers may name another process by then). Does
-        nothing when the launcher is gone (its children went with it)."""
-        with self._lock:
-            if self._sock is None or not self._alive():
-                return
-            with contextlib.suppress(OSError):
-                self._sock.send(json.dumps({"op": "kill_call", "token": token}).encode())
-
-    def kill_uid(self, uid: int, timeout_s: float = 2.0) -> bool:
-        """Kill every process running as `uid` in one atomic `kill(-1)`.
-
-        Returns True when the launcher confirmed it, False on timeout or if
-        the launcher is gone (callers then fall back to a sweep).
-        """
-        done_r, done_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            with self._lock:
-                if self._sock is None or not self._alive():
-                    return False
-                try:
-                    socket.send_fds(
-                        self._sock, [json.dumps({"op": "kill_uid", "uid": uid}).encode()], [done_w]
-                    )
-                except OSError:
-                    return False
-            os.close(done_w)
-            done_w = -1
-            poller = select.poll()  # host descriptors may be past select()'s 1024
-            poller.register(done_r, select.POLLIN)
-            if not poller.poll(timeout_s * 1000):
-                return False
-            data = os.read(done_r, EXIT.size)
-            return len(data) == EXIT.size and os.waitstatus_to_exitcode(EXIT.unpack(data)[0]) == 0
-        finally:
-            os.close(done_r)
-            if done_w >= 0:
-                os.close(done_w)
-
-    def _stop_locked(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self._process is not None:
-            try:
-                self._process.wait(5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(5)
-            self._process = None
-
-    def stop(self) -> None:
-        """Close the launcher; it kills the children it started and exits."""
-        with self._lock:
-            self._stop_locked()
 
 
 if __name__ == "__main__":

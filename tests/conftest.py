@@ -3,13 +3,8 @@ images, and a leak check around every test that runs a sandbox."""
 
 from __future__ import annotations
 
-import os
-
-# A uid range of the test run's own: a plughost server running on the same
-# machine must not be mistaken for processes the tests left behind.
-os.environ.setdefault("PLUGHOST_UID_BASE", "1600000")
-
 import io
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +16,12 @@ from PIL import Image, ImageDraw
 from host.discovery import BUNDLED_DIR, discover
 from host.registry import PluginRegistry, get_registry
 from sandbox.cgroups import host_id
-from sandbox.processes import UID_BASE, UID_SLOTS
 from sandbox.tool_runner import ToolRunner, shared_sandbox
+
+# A uid range of the test run's own: a plughost server running on the same
+# machine must not be mistaken for processes the tests left behind. Every
+# Sandbox reads it when it is made, and the servers the tests start inherit it.
+os.environ.setdefault("PLUGHOST_UID_BASE", "1600000")
 
 HOSTILE_DIR = BUNDLED_DIR / "hostile"
 
@@ -65,11 +64,12 @@ def runner(registry: PluginRegistry) -> ToolRunner:
 
 def sandbox_processes() -> list[psutil.Process]:
     """Processes that belong to some call: a sandbox uid, or a child of the launcher."""
-    launcher = shared_sandbox().launcher.pid
+    sandbox = shared_sandbox()
+    launcher = sandbox.launcher.pid
     found = []
     for proc in psutil.process_iter(["uids", "ppid", "status"]):
         uid = proc.info["uids"].real if proc.info["uids"] else -1
-        if UID_BASE <= uid < UID_BASE + UID_SLOTS or (launcher and proc.info["ppid"] == launcher):
+        if uid in sandbox.uid_range or (launcher and proc.info["ppid"] == launcher):
             found.append(proc)
     return found
 
