@@ -240,7 +240,7 @@ class LocalTarget:
         one without per-call uids, every descendant of this host's launcher
         that is not a warm child waiting for its call."""
         sandbox = self.runner.sandbox
-        if sandbox.layers()["privilege_drop"]:
+        if sandbox.active_layers()["privilege_drop"]:
             # Only uids this host used and nobody holds: another host's calls
             # on the same machine (a running server) are not counted.
             return sandbox_processes(only=sandbox.uids_at_rest())
@@ -249,7 +249,7 @@ class LocalTarget:
     def end_leftovers(self) -> None:
         """Kill what a case the host could not defend left behind."""
         sandbox = self.runner.sandbox
-        if sandbox.layers()["privilege_drop"]:
+        if sandbox.active_layers()["privilege_drop"]:
             return  # the next call with the same uid sweeps it
         for proc in _descendants(sandbox.launcher.pid, exclude=sandbox.warm_pids()):
             with contextlib.suppress(psutil.Error):

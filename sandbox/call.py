@@ -2,7 +2,7 @@
 
     run_call(handle, call, token)
       warm child: handle.hand_over(payload)
-      _Watch loop: selectors.select(min(deadline, exit grace, next memory sample))
+      _Watcher: selectors.select(min(deadline, exit grace, next memory sample))
           reply bytes  -> ReplyStream (sandbox.protocol: sizes checked before bodies)
           status bytes -> handle.feed_status: the child exited and was reaped
           stdout/err   -> capped, a tail kept
@@ -82,12 +82,12 @@ def run_call(handle: ChildHandle, call: CallSpec, token: CancelToken | None) -> 
     started = time.monotonic()
     if handle.warm:
         handle.hand_over(call.payload)
-    watch = _Watch(handle, call.limits, started, token)
+    watch = _Watcher(handle, call.limits, started, token)
     seen = watch.observe()
     return verdict(seen, call.limits)
 
 
-class _Watch:
+class _Watcher:
     """The wait loop of one call, over its handle."""
 
     def __init__(

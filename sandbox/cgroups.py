@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -249,5 +250,5 @@ class CallCgroup:
                     with contextlib.suppress(OSError, ValueError):
                         for pid in (path / "cgroup.procs").read_text().split():
                             with contextlib.suppress(ProcessLookupError):
-                                os.kill(int(pid), 9)
+                                os.kill(int(pid), signal.SIGKILL)
                     time.sleep(0.005)

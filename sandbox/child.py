@@ -1,30 +1,31 @@
 """The sandbox child: the only place where plugin code is imported and run.
 
-The launcher forks this process once per call and calls `main`, which never
-returns. In order, before any plugin code is imported:
+Runs in the child: the launcher forks this process once per call and calls
+`main`, which never returns. Before any plugin code is imported, it applies
+`STEPS` in order, one line each (as nsjail's contain.cc does), each step
+taken from the layer module that owns it (`sandbox.layers`):
 
-1. own session; stdin from /dev/null, stdout and stderr to the host's
-   capture pipes; every other inherited descriptor closed; the host's
-   command line wiped from this process's memory (so /proc shows no host
-   path); the call's cgroups joined;
-2. (unprivileged host) a new user namespace in which only the host's uid
-   and gid exist; then (root or unprivileged) new mount, network, IPC, UTS
-   and PID namespaces and a minimal root holding only the interpreter, the
-   plugin's packages, the plugin and a tmpfs scratch directory
-   (`isolation.build_minimal_root`, `isolation.enter_minimal_root`);
-   loopback only; with a PID namespace the process splits into relay, init
-   and worker (see `_split_for_pid_namespace`);
-3. rlimits (memory, CPU, files, file size, processes, no core);
-4. drop to the call's own unprivileged uid (root host), or give up every
-   capability the user namespace lent (unprivileged host);
-5. parent-death signal, no_new_privs, scrubbed environment, cwd = scratch;
-6. Landlock file-system (and TCP, and signal-scope) rules, then seccomp;
-7. `{"type": "ready"}` on the reply pipe.
+    descriptors     own session; stdin /dev/null, stdout/stderr to the capture
+                    pipes, every other descriptor closed; argv wiped
+    cgroup          join the call's cgroups, before anything else runs
+    user            (unprivileged host) a user namespace of its own
+    mnt             one unshare: mount, network, IPC, UTS, PID namespaces;
+                    the minimal root with a tmpfs scratch
+    net             loopback up
+    pid             relay -> init (pid 1) -> worker; or enter the minimal root
+    rlimits         memory, CPU, files, file size, processes, no core
+    privilege       the call's own uid (root host), or no capabilities left
+    parent          die with the parent; the parent must still be there
+    no_new_privs    PR_SET_NO_NEW_PRIVS
+    environment     SAFE_ENV, HOME and TMPDIR = scratch, cwd = scratch
+    landlock        file system (and TCP, and signal-scope) rules
+    seccomp         the system-call filter
 
-Any failure up to step 7 exits with `SETUP_FAILED` and no ready frame: the
-plugin never runs without its limits. Then the plugin is imported, called,
-and its result checked and sent as one frame. The child's instructions are
-a `ChildSpec` and its payload a sealed memfd (`sandbox.protocol`).
+then `{"type": "ready"}` on the reply pipe. Any failure up to there exits
+with `SETUP_FAILED` and no ready frame: the plugin never runs without its
+limits. Then the plugin is imported, called, and its result checked and
+sent as one frame. The child's instructions are a `ChildSpec` and its
+payload a sealed memfd (`sandbox.protocol`).
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from sandbox import isolation
-from sandbox import layers as hardening
+from sandbox.layers import cgroup, ipc, landlock, mnt, net, pid, privilege, seccomp, user, uts
+from sandbox.layers.kernel import PR_SET_PDEATHSIG, IsolationError, prctl
 from sandbox.limits import rlimits_for
 from sandbox.protocol import (
     READY,
-    RELAYED_STATUS,
     REPLY_OUT_OF_MEMORY,
     SAFE_ENV,
     SETUP_FAILED,
@@ -58,25 +60,33 @@ from sandbox.protocol import (
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
 # RELAY_FD is the relay's alone: it reports the worker's wait status there.
 REPLY_FD, PAYLOAD_FD, RELAY_FD = 3, 4, 5
-STATUS = RELAYED_STATUS
-# What a plugin may read besides the interpreter, its packages and itself:
-# shared libraries, the loader's cache, and its own /proc and /dev entries.
-SYSTEM_READ_ONLY = (
-    "/usr",
-    "/lib",
-    "/lib64",
-    "/bin",
-    "/etc/ld.so.cache",
-    "/etc/localtime",
-    "/proc",
-    "/dev/null",
-    "/dev/zero",
-    "/dev/full",
-    "/dev/urandom",
-    "/dev/random",
-    "/sys/devices/system/cpu",
-)
-WRITABLE_FILES = ("/dev/null",)
+NAMESPACE_FLAGS = {
+    "network_namespace": net.CLONE_NEWNET,
+    "ipc_namespace": ipc.CLONE_NEWIPC,
+    "uts_namespace": uts.CLONE_NEWUTS,
+    "pid_namespace": pid.CLONE_NEWPID,
+}
+
+
+@dataclass
+class Setup:
+    """The child's state while its steps run."""
+
+    spec: ChildSpec
+    fds: dict[str, int]
+    scratch: str
+    user_namespace: bool  # an unprivileged host's calls: a user namespace
+    isolated: bool  # a per-call uid or a user namespace: namespaces and minimal root
+    pid_namespace: bool
+
+    @classmethod
+    def of(cls, spec: ChildSpec, fds: dict[str, int]) -> Setup:
+        # A root host gives the call its own host uid; an unprivileged one, a user
+        # namespace. Either way the call gets the same namespaces and minimal root.
+        user_namespace = spec.uid is None and spec.layers.get("user_namespace", False)
+        isolated = spec.uid is not None or user_namespace
+        pid_namespace = isolated and spec.layers.get("pid_namespace", False)
+        return cls(spec, fds, spec.scratch or "", user_namespace, isolated, pid_namespace)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -86,9 +96,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _setup(spec: ChildSpec, fds: dict[str, int]) -> str:
-    """Steps 1 to 5 of the module docstring; returns the scratch directory."""
+def _descriptors(setup: Setup) -> None:
     os.setsid()
+    fds = setup.fds
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(fds["stdout"], 1)
@@ -102,118 +112,102 @@ def _setup(spec: ChildSpec, fds: dict[str, int]) -> str:
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
 
-    limits = spec.limits
-    layers = spec.layers
-    uid = spec.uid
-    scratch = spec.scratch or ""
-    for procs_file in spec.cgroup_procs:
-        with open(procs_file, "w") as stream:  # the call's cgroups, before anything else runs
-            stream.write(str(os.getpid()))
-    # A root host gives the call its own host uid; an unprivileged one, a user
-    # namespace. Either way the call gets the same namespaces and minimal root.
-    user_namespace = uid is None and layers.get("user_namespace", False)
-    isolated = uid is not None or user_namespace
-    pid_namespace = isolated and layers.get("pid_namespace", False)
-    if isolated:
-        if user_namespace:
-            isolation.enter_user_namespace(os.getuid(), os.getgid())
-        flags = 0
-        for name in ("network_namespace", "ipc_namespace", "uts_namespace", "pid_namespace"):
-            if layers.get(name):
-                flags |= hardening.NAMESPACES[name]
-        owner, group = (uid, spec.gid or uid) if uid is not None else (os.getuid(), os.getgid())
-        isolation.build_minimal_root(spec.expose, owner, group, limits.scratch_mb, flags)
-        if layers.get("network_namespace"):
-            hardening.loopback_up()
-        if pid_namespace:
-            _split_for_pid_namespace(uid, spec.gid)  # returns in the worker only
-            scratch = isolation.SCRATCH
-        else:
-            scratch = isolation.enter_minimal_root(own_pid_namespace=False)
+
+def _cgroup(setup: Setup) -> None:
+    cgroup.join(setup.spec.cgroup_procs)
+
+
+def _user(setup: Setup) -> None:
+    if setup.user_namespace:
+        user.enter_user_namespace(os.getuid(), os.getgid())
+
+
+def _mnt(setup: Setup) -> None:
+    if not setup.isolated:
+        return
+    spec = setup.spec
+    flags = 0
+    for name, flag in NAMESPACE_FLAGS.items():
+        if spec.layers.get(name):
+            flags |= flag
+    if spec.uid is not None:
+        owner, group = spec.uid, spec.gid if spec.gid is not None else spec.uid
+    else:
+        owner, group = os.getuid(), os.getgid()
+    mnt.build_minimal_root(spec.expose, owner, group, spec.limits.scratch_mb, flags)
+
+
+def _net(setup: Setup) -> None:
+    if setup.isolated and setup.spec.layers.get("network_namespace"):
+        net.loopback_up()
+
+
+def _pid(setup: Setup) -> None:
+    if setup.pid_namespace:
+        call_fds = (1, 2, REPLY_FD, PAYLOAD_FD)
+        pid.split(setup.spec.uid, setup.spec.gid, RELAY_FD, call_fds)  # returns in the worker
+        setup.scratch = mnt.SCRATCH
+    elif setup.isolated:
+        setup.scratch = mnt.enter_minimal_root(own_pid_namespace=False)
     os.close(RELAY_FD)  # only a relay reports through it; the plugin never holds it
-    for which, value in rlimits_for(limits, extra_processes=1 if pid_namespace else 0).items():
+
+
+def _rlimits(setup: Setup) -> None:
+    extra = 1 if setup.pid_namespace else 0
+    for which, value in rlimits_for(setup.spec.limits, extra_processes=extra).items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
-    _give_up_privileges(uid, spec.gid, user_namespace)
+
+
+def _privilege(setup: Setup) -> None:
+    privilege.give_up_privileges(setup.spec.uid, setup.spec.gid, setup.user_namespace)
+
+
+def _parent(setup: Setup) -> None:
     # After the uid change, which clears it: die with the parent.
-    isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
-    expected_parent = 1 if pid_namespace else spec.launcher_pid
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    expected_parent = 1 if setup.pid_namespace else setup.spec.launcher_pid
     if os.getppid() != expected_parent:
-        raise isolation.IsolationError("parent", "parent exited during setup")
-    isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
+        raise IsolationError("parent", "parent exited during setup")
+
+
+def _no_new_privs(setup: Setup) -> None:
+    privilege.no_new_privs()
+
+
+def _environment(setup: Setup) -> None:
     os.environ.clear()
-    os.environ.update(SAFE_ENV, HOME=scratch, TMPDIR=scratch)
-    os.chdir(scratch)
-    return scratch
+    os.environ.update(SAFE_ENV, HOME=setup.scratch, TMPDIR=setup.scratch)
+    os.chdir(setup.scratch)
 
 
-def _give_up_privileges(uid: int | None, gid: int | None, user_namespace: bool) -> None:
-    """Drop to the call's own uid (root host), or give up the capabilities a
-    user namespace lent (unprivileged host)."""
-    if uid is not None and gid is not None:
-        isolation.drop_privileges(uid, gid)
-    elif user_namespace:
-        isolation.drop_capabilities()
+def _landlock(setup: Setup) -> None:
+    if setup.spec.layers.get("landlock"):
+        landlock.apply(setup.spec.expose, setup.scratch)
 
 
-def _split_for_pid_namespace(uid: int | None, gid: int | None) -> None:
-    """Fork into the new PID namespace: relay (here) -> init (pid 1) -> worker.
-
-    The relay stays in the host's namespace and hands the worker's exit
-    status to the launcher. Init mounts the namespace's /proc and switches
-    to the minimal root, then reaps every process of the namespace; when the
-    worker ends, init reports and exits, and the kernel kills whatever is
-    left in the namespace. Returns only in the worker.
-    """
-    status_r, status_w = os.pipe()
-    init = os.fork()
-    if init:
-        os.close(status_w)
-        _relay(init, status_r)
-    os.close(status_r)
-    isolation.enter_minimal_root(own_pid_namespace=True)
-    worker = os.fork()
-    if worker:
-        for fd in (0, 1, 2, REPLY_FD, PAYLOAD_FD, RELAY_FD):
-            os.close(fd)
-        _give_up_privileges(uid, gid, user_namespace=uid is None)
-        isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
-        _init_loop(worker, status_w)
-    os.close(status_w)
+def _seccomp(setup: Setup) -> None:
+    if setup.spec.layers.get("seccomp"):
+        seccomp.apply_seccomp()
 
 
-def _init_loop(worker: int, status_w: int) -> NoReturn:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            os._exit(0)
-        if pid == worker:
-            os.write(status_w, STATUS.pack(status))
-            os._exit(0)
-
-
-def _relay(init: int, status_r: int) -> NoReturn:
-    """Hand the worker's wait status to the launcher, then exit.
-
-    The relay is root and in the host's PID namespace: it never re-raises
-    the plugin's fatal signal on itself (a root core dump, a root crash),
-    it writes the raw status on RELAY_FD, which the launcher reports as the
-    call's own.
-    """
-    for fd in (1, 2, REPLY_FD, PAYLOAD_FD):
-        os.close(fd)  # the call's pipes belong to the worker
-    isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
-    data = b""
-    while len(data) < STATUS.size:
-        chunk = os.read(status_r, STATUS.size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    _, init_status = os.waitpid(init, 0)
-    status = STATUS.unpack(data)[0] if len(data) == STATUS.size else init_status
-    _write_all(RELAY_FD, STATUS.pack(status))
-    os._exit(0)
+# The child's setup, in order; each step applies one layer (or skips it when
+# the call does not get that layer).
+STEPS: tuple[tuple[str, Callable[[Setup], None]], ...] = (
+    ("descriptors", _descriptors),
+    ("cgroup", _cgroup),
+    ("user", _user),
+    ("mnt", _mnt),
+    ("net", _net),
+    ("pid", _pid),
+    ("rlimits", _rlimits),
+    ("privilege", _privilege),
+    ("parent", _parent),
+    ("no_new_privs", _no_new_privs),
+    ("environment", _environment),
+    ("landlock", _landlock),
+    ("seccomp", _seccomp),
+)
 
 
 def _wipe_command_line() -> None:
@@ -229,16 +223,6 @@ def _wipe_command_line() -> None:
     start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
     if 0 < start < end:
         ctypes.memset(start, 0, end - start)
-
-
-def _harden(spec: ChildSpec, scratch: str) -> None:
-    """Landlock and seccomp, the last layers before the plugin is imported."""
-    layers = spec.layers
-    if layers.get("landlock"):
-        read_only = [*spec.expose, *SYSTEM_READ_ONLY]
-        hardening.apply_landlock(read_only, [scratch], WRITABLE_FILES)
-    if layers.get("seccomp"):
-        hardening.apply_seccomp()
 
 
 def _wait_for_payload() -> None:
@@ -315,8 +299,9 @@ def _run_plugin(spec: ChildSpec, payload: Payload) -> bytes:
 def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
     """Run one call in this (forked) process, then exit. Never returns."""
     try:
-        scratch = _setup(spec, fds)
-        _harden(spec, scratch)
+        setup = Setup.of(spec, fds)
+        for _, step in STEPS:
+            step(setup)
         if spec.warm:
             _wait_for_payload()
         payload = read_payload(PAYLOAD_FD)

@@ -4,8 +4,9 @@ As `multiprocessing.popen_fork.Popen` does for a forked process, a
 `ChildHandle` owns one sandbox child's resources and is the only thing that
 touches them::
 
-    ChildHandle(launcher, uid, cgroup, scratch)   resources handed in, owned from here
-      .start(call, layers, payload)   cold: payload now    -> launcher forks the child
+    ChildHandle(launcher, uid, scratch)   resources handed in, owned from here
+      .start(call, layers, payload)   cold: payload now; makes the call's cgroup
+                                      -> launcher forks the child
       .start(call, layers, None)      warm: set up, waits  -> .hand_over(payload) later
       .fds            read ends: status, reply, stdout, stderr
       .feed_status()  / .wait_exit()   the launcher's EXIT report -> .exit
@@ -33,9 +34,11 @@ import sysconfig
 import threading
 import time
 import uuid
+from pathlib import Path
 
-from sandbox.cgroups import CallCgroup
+from sandbox.cgroups import CallCgroup, call_cgroup_name
 from sandbox.launcher import SOURCE_ROOT
+from sandbox.limits import MiB
 from sandbox.processes import CallProcesses
 from sandbox.protocol import (
     CHILD_FDS,
@@ -61,6 +64,11 @@ INTERPRETER_PATHS = (
     sysconfig.get_paths()["platlib"],
 )
 PIPES = ("status", "reply", "stdout", "stderr")
+# The memory cgroup is the hard stop behind the watchdog, 5% above the limit:
+# a bomb faster than the 20 ms sampling still cannot get further. The page
+# cache it also counts is reclaimed before the kernel kills for memory.
+CGROUP_MEMORY_SLACK = 1.05
+CGROUP_EXTRA_PROCESSES = 2  # the relay and init of a PID namespace
 # How long the launcher may take to report a new child's pid, beyond the call's timeout.
 PID_GRACE_S = 5.0
 
@@ -209,14 +217,15 @@ class ChildHandle:
         launcher: Launcher,
         uid: int | None,
         lock_fd: int,
-        cgroup: CallCgroup,
+        cgroup_v2: Path | None,
         scratch: str | None,
         pid_namespace: bool,
     ) -> None:
         self.launcher = launcher
         self.uid = uid
         self._lock_fd = lock_fd
-        self.cgroup = cgroup
+        self._cgroup_v2 = cgroup_v2  # where call cgroups go on cgroup v2
+        self.cgroup: CallCgroup | None = None  # made by start
         self.scratch = scratch
         self.pid_namespace = pid_namespace
         self.token = uuid.uuid4().hex  # the launcher's name for this child
@@ -251,6 +260,13 @@ class ChildHandle:
         else:
             payload_fd = write_payload(payload)
         self._opened.append(payload_fd)
+        self.cgroup = CallCgroup(
+            call_cgroup_name(),
+            memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK),
+            max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
+            layers=layers,
+            v2_base=self._cgroup_v2,
+        )
         spec = ChildSpec(
             plugin_dir=call.plugin_dir,
             entrypoint=call.entrypoint,
@@ -341,18 +357,18 @@ class ChildHandle:
     def memory(self) -> int:
         """Memory of the call's whole tree now, in bytes: the cgroup's count
         (each page once, tmpfs included) or, without one, the summed RSS."""
-        usage = self.cgroup.usage_bytes()
+        usage = self.cgroup.usage_bytes() if self.cgroup is not None else None
         if usage is not None:
             return usage
         return self.procs.total_rss() if self.procs is not None else 0
 
     def oom_killed(self) -> bool:
         """True if the kernel killed a process of the call at its memory cgroup."""
-        return self.cgroup.oom_killed()
+        return self.cgroup is not None and self.cgroup.oom_killed()
 
     def peak_bytes(self) -> int | None:
         """The cgroup's own peak (page cache included), where it keeps one."""
-        return self.cgroup.peak_bytes()
+        return self.cgroup.peak_bytes() if self.cgroup is not None else None
 
     # -- ending --------------------------------------------------------------
 
@@ -382,7 +398,8 @@ class ChildHandle:
         # killed and reaped everything in it before init could exit.
         if not (self.exit is not None and self.pid_namespace):
             self.kill()
-        self.cgroup.remove()
+        if self.cgroup is not None:
+            self.cgroup.remove()
         if self._payload_socket is not None:
             self._payload_socket.close()
         for fd in [*self._opened]:

@@ -46,7 +46,8 @@ import sys
 import time
 from pathlib import Path
 
-from sandbox import child, isolation
+from sandbox import child
+from sandbox.layers import kernel
 from sandbox.protocol import (
     CHILD_FDS,
     EXIT,
@@ -64,64 +65,84 @@ from sandbox.protocol import (
 
 def serve(sock: socket.socket) -> None:
     """Launcher main loop. Runs in the launcher process until the host leaves."""
-    isolation.prctl(isolation.PR_SET_CHILD_SUBREAPER, 1)
+    kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
     # No process between here and the plugin ever writes a core dump: not the
     # launcher, not a call's root-owned relay or init (whatever core limit the
     # service manager gave the host), before anything can crash.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    isolation.prctl(isolation.PR_SET_DUMPABLE, 0)
+    kernel.prctl(kernel.PR_SET_DUMPABLE, 0)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host to handle
-    children: dict[int, int] = {}
-    relays: dict[int, int] = {}  # pid of a call's child -> read end of its relay pipe
-    uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
-    calls: dict[str, int] = {}  # the host's token of a call -> its unreaped child's pid
+    state = _State(sock, (wake_r, wake_w))
     try:
         while True:
             readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
             if wake_r in readable:
-                while True:
-                    try:
-                        if not os.read(wake_r, 4096):
-                            break
-                    except BlockingIOError:
-                        break
-                _reap(children, relays)
-                for token in [t for t, pid in calls.items() if pid not in children]:
-                    del calls[token]  # reaped: its pid may name another process soon
+                state.on_signal()
             if sock.fileno() in readable:
                 message, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, len(CHILD_FDS))
                 if not message:
                     return
-                try:
-                    request = decode_request(message)
-                except ProtocolError:
-                    request = None  # not from our host: ignored, its descriptors closed
-                if isinstance(request, KillCall):
-                    pid = calls.get(request.token, 0)
-                    if pid in children:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                elif isinstance(request, KillUid) and len(fds) == 1:
-                    _fork_killer(request.uid, fds.pop(), sock, children)
-                elif isinstance(request, StartChild) and len(fds) == len(CHILD_FDS):
-                    spec, named = request.spec, dict(zip(CHILD_FDS, fds, strict=True))
-                    fds = []
-                    pid = _fork_child(spec, named, sock, children, relays, (wake_r, wake_w))
-                    if spec.uid:
-                        uids[pid] = spec.uid
-                    calls[spec.token] = pid
-                for fd in fds:
-                    os.close(fd)
-                for pid in [p for p in uids if p not in children]:
-                    del uids[pid]
+                state.on_request(message, fds)
     finally:
-        # The host is gone: end every call still running, descendants included.
-        for uid in set(uids.values()):
-            _fork_killer(uid, -1, sock, {})
-        for pid in children:
+        state.end_all()
+
+
+class _State:
+    """What the launcher knows of the children it started."""
+
+    def __init__(self, sock: socket.socket, wake: tuple[int, int]) -> None:
+        self.sock = sock
+        self.wake = wake
+        self.children: dict[int, int] = {}  # pid -> its status pipe (write end)
+        self.relays: dict[int, int] = {}  # pid of a call's child -> its relay pipe
+        self.uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
+        self.calls: dict[str, int] = {}  # the host's token of a call -> its unreaped pid
+
+    def on_signal(self) -> None:
+        """SIGCHLD woke the loop: reap, and forget the tokens of reaped calls."""
+        while True:
+            try:
+                if not os.read(self.wake[0], 4096):
+                    break
+            except BlockingIOError:
+                break
+        _reap(self.children, self.relays)
+        for token in [t for t, pid in self.calls.items() if pid not in self.children]:
+            del self.calls[token]  # reaped: its pid may name another process soon
+
+    def on_request(self, message: bytes, fds: list[int]) -> None:
+        """Serve one request; close every descriptor it brought and did not use."""
+        try:
+            request = decode_request(message)
+        except ProtocolError:
+            request = None  # not from our host: ignored, its descriptors closed
+        if isinstance(request, KillCall):
+            pid = self.calls.get(request.token, 0)
+            if pid in self.children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        elif isinstance(request, KillUid) and len(fds) == 1:
+            _fork_killer(request.uid, fds.pop(), self.sock, self.children)
+        elif isinstance(request, StartChild) and len(fds) == len(CHILD_FDS):
+            spec, named = request.spec, dict(zip(CHILD_FDS, fds, strict=True))
+            fds = []
+            pid = _fork_child(spec, named, self.sock, self.children, self.relays, self.wake)
+            if spec.uid:
+                self.uids[pid] = spec.uid
+            self.calls[spec.token] = pid
+        for fd in fds:
+            os.close(fd)
+        for pid in [p for p in self.uids if p not in self.children]:
+            del self.uids[pid]
+
+    def end_all(self) -> None:
+        """The host is gone: end every call still running, descendants included."""
+        for uid in set(self.uids.values()):
+            _fork_killer(uid, -1, self.sock, {})
+        for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         _wait_all(deadline_s=2.0)

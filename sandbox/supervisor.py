@@ -32,10 +32,17 @@ from typing import Any
 from sandbox import cgroup2
 from sandbox.call import run_call
 from sandbox.cancel import current_token
-from sandbox.cgroups import HOSTS_DIR, CallCgroup, call_cgroup_name, sweep_stale
+from sandbox.cgroups import HOSTS_DIR, sweep_stale
 from sandbox.handle import ChildHandle, Launcher
-from sandbox.layers import CGROUP_V1, detect
-from sandbox.limits import MiB
+from sandbox.layers import (
+    CGROUP_LAYERS,
+    CGROUP_V1,
+    OPTIONAL_LAYERS,
+    detect,
+    missing,
+    protections,
+    resolve,
+)
 from sandbox.outcome import Outcome, Status
 from sandbox.prewarm import WarmPool
 from sandbox.protocol import CallSpec
@@ -65,41 +72,7 @@ def uid_range(base: int | None = None) -> range:
     return range(base, base + UID_SLOTS)
 
 
-# The memory cgroup is the hard stop behind the watchdog, 5% above the limit:
-# a bomb faster than the 20 ms sampling still cannot get further. The page
-# cache it also counts is reclaimed before the kernel kills for memory.
-CGROUP_MEMORY_SLACK = 1.05
-
-
-# Layers applied when this machine offers them, in the order of sandbox/child.py.
-OPTIONAL_LAYERS = (
-    "privilege_drop",
-    "user_namespace",
-    "no_new_privs",
-    "mount_namespace",
-    "tmpfs_scratch",
-    "network_namespace",
-    "ipc_namespace",
-    "uts_namespace",
-    "pid_namespace",
-    "landlock",
-    "seccomp",
-    "cgroup_memory",
-    "cgroup_pids",
-)
-# The namespaces need root or a user namespace: without either there is no
-# per-call uid, minimal root or tmpfs scratch. A root host does not use a
-# user namespace (its calls get host uids of their own; SECURITY.md says why).
-DEPENDS_ON_PRIVILEGE_DROP = (
-    "mount_namespace",
-    "tmpfs_scratch",
-    "network_namespace",
-    "ipc_namespace",
-    "uts_namespace",
-    "pid_namespace",
-)
 ISOLATION_LEVELS = ("standard", "strict")
-CGROUP_EXTRA_PROCESSES = 2  # the relay and init of a PID namespace
 log = logging.getLogger("plughost.sandbox")
 
 
@@ -138,7 +111,8 @@ class Sandbox:
         self.uid_range = uid_range(uid_base)
         self.isolation = isolation
         self._disabled = frozenset(disabled)
-        self._layers: dict[str, bool] | None = None
+        self._active: dict[str, bool] | None = None
+        self._lacking: list[str] = []  # of the active layers, once they are known
         self._layers_lock = threading.Lock()
         self._uids: UidPool | None = None
         self._cgroup2: Path | None = None  # where call cgroups go on cgroup v2
@@ -147,52 +121,34 @@ class Sandbox:
         self.prewarm = prewarm
         self.warm = WarmPool(prewarm, put_away=ChildHandle.close)
 
-    def layers(self) -> dict[str, bool]:
+    def active_layers(self) -> dict[str, bool]:
         """Optional layers calls get here: detected once, minus the disabled ones."""
         with self._layers_lock:
-            if self._layers is None:
+            if self._active is None:
                 found = detect()
-                layers = {
-                    name: bool(found.get(name)) and name not in self._disabled
-                    for name in OPTIONAL_LAYERS
-                }
-                if not (found.get("cgroup_memory") or found.get("cgroup_pids")):
+                if not any(found.get(name) for name in CGROUP_LAYERS):
                     # No v1 controllers: per-call cgroups in the unified hierarchy.
                     self._cgroup2 = cgroup2.usable()
-                    for name in ("cgroup_memory", "cgroup_pids"):
-                        layers[name] = self._cgroup2 is not None and name not in self._disabled
                     if self._cgroup2 is not None:
                         log.info("per-call cgroups: cgroup v2 below %s", self._cgroup2)
-                if layers["privilege_drop"]:
-                    layers["user_namespace"] = False  # not needed, so never missing
-                elif not layers["user_namespace"]:
-                    for name in DEPENDS_ON_PRIVILEGE_DROP:
-                        layers[name] = False
-                for name in _missing(layers):
+                active = resolve(found, self._disabled, cgroup_v2=self._cgroup2 is not None)
+                self._lacking = missing(active)
+                for name in self._lacking:
                     if self.isolation == "standard":
                         why = "switched off" if name in self._disabled else "not available here"
                         log.warning("isolation layer %s is %s; calls run without it", name, why)
-                if layers["privilege_drop"]:
+                if active["privilege_drop"]:
                     self._uids = UidPool(self.uid_range)
-                stale = sweep_stale(layers, self._cgroup2)
+                stale = sweep_stale(active, self._cgroup2)
                 if stale:
                     log.info("removed %d cgroups left by hosts that were killed", stale)
-                self._layers = layers
-            return dict(self._layers)
+                self._active = active
+            return dict(self._active)
 
     def protections(self) -> dict[str, bool]:
         """Which isolation layers calls actually get on this host (a root
         host's user namespace, which it does not need, is left out)."""
-        layers = self.layers()
-        missing = _missing(layers)
-        return {
-            "fresh_process_per_call": True,
-            "rlimits": True,
-            "own_session": True,
-            "scrubbed_environment": True,
-            "memory_watchdog": True,
-            **{name: on for name, on in layers.items() if on or name in missing},
-        }
+        return protections(self.active_layers())
 
     def execute(self, call: CallSpec) -> Outcome:
         """Run `call` in a fresh child and return its outcome.
@@ -204,14 +160,14 @@ class Sandbox:
         token = current_token()
         if token is not None and token.cancelled:
             return Outcome(Status.SANDBOX_STOPPED, reason="cancelled", message="call was cancelled")
-        layers = self.layers()
-        missing = _missing(layers)
-        if self.isolation == "strict" and missing:
+        layers = self.active_layers()
+        lacking = self._lacking
+        if self.isolation == "strict" and lacking:
             return Outcome(
                 Status.HOST_FAILED,
                 reason="internal",
-                message="isolation level strict: missing layers " + ", ".join(missing),
-                details={"missing_layers": missing},
+                message="isolation level strict: missing layers " + ", ".join(lacking),
+                details={"missing_layers": lacking},
             )
         key = _warm_key(call)
         handle = self.warm.take(key) if self.prewarm else None
@@ -234,13 +190,7 @@ class Sandbox:
             self.launcher,
             uid=uid,
             lock_fd=lock_fd,
-            cgroup=CallCgroup(
-                call_cgroup_name(),
-                memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK),
-                max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
-                layers=layers,
-                v2_base=self._cgroup2,
-            ),
+            cgroup_v2=self._cgroup2,
             # A root host, or one with user namespaces, gives the child a tmpfs
             # scratch in its own minimal root.
             scratch=None
@@ -277,7 +227,7 @@ class Sandbox:
         """Directories the host writes in for every call: the call cgroups'
         parents and the uid and host lock directories (a server that gives
         up root hands them to its user)."""
-        layers = self.layers()
+        layers = self.active_layers()
         paths = [Path(LOCK_DIR), Path(HOSTS_DIR)]
         if self._cgroup2 is not None:
             return [*paths, self._cgroup2]
@@ -287,7 +237,7 @@ class Sandbox:
     def uids_at_rest(self) -> set[int]:
         """Per-call uids this host has used that no call holds now (empty on
         a host without them): processes under one were left by its calls."""
-        self.layers()
+        self.active_layers()
         return self._uids.at_rest() if self._uids is not None else set()
 
     def warm_pids(self) -> set[int]:
@@ -344,15 +294,6 @@ class UidPool:
             finally:
                 os.close(fd)
         return free
-
-
-def _missing(layers: dict[str, bool]) -> list[str]:
-    """Layers calls lack here; a root host's unused user namespace is not one."""
-    return [
-        name
-        for name, on in layers.items()
-        if not on and not (name == "user_namespace" and layers["privilege_drop"])
-    ]
 
 
 __all__ = ["OPTIONAL_LAYERS", "CallSpec", "Sandbox"]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from host.registry import PluginRegistry
-from sandbox.layers import (
+from sandbox.layers import detect
+from sandbox.layers.seccomp import (
     ALLOWED_SOCKET_FAMILIES,
     AUDIT_ARCH_X86_64,
     BPF_JEQ_K,
@@ -35,7 +36,6 @@ from sandbox.layers import (
     SYS_FCNTL_X86_64,
     SYS_SOCKET_X86_64,
     SYS_SOCKETPAIR_X86_64,
-    detect,
     seccomp_program,
 )
 from sandbox.supervisor import Sandbox

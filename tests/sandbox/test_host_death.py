@@ -139,7 +139,7 @@ def test_next_host_removes_the_cgroups_a_killed_host_left(tmp_path: Path) -> Non
     )  # a killed host cannot clean up
     sandbox = Sandbox()
     try:
-        sandbox.layers()
+        sandbox.active_layers()
         assert not list(Path("/sys/fs/cgroup/memory/plughost").glob(pattern))
         assert not list(Path("/sys/fs/cgroup/pids/plughost").glob(pattern))
     finally:
