@@ -52,7 +52,6 @@ from sandbox.protocol import (
     KillUid,
     Payload,
     StartChild,
-    decode_exit,
     encode_request,
     write_payload,
 )
@@ -235,13 +234,9 @@ class ChildHandle:
         self.created = time.monotonic()
         self._opened: list[int] = []
         self._payload_socket: socket.socket | None = None  # a warm child's
+        self.warm = False  # started without its payload: hand_over gives it
         self._status = bytearray()
         self._waiting = False
-
-    @property
-    def warm(self) -> bool:
-        """Started set up and waiting for its payload (not handed one yet)."""
-        return self._payload_socket is not None
 
     @property
     def pid(self) -> int:
@@ -257,6 +252,7 @@ class ChildHandle:
         if payload is None:
             self._payload_socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             payload_fd = theirs.detach()
+            self.warm = True
         else:
             payload_fd = write_payload(payload)
         self._opened.append(payload_fd)
@@ -335,7 +331,7 @@ class ChildHandle:
         """Bytes from the status pipe after the pid: the launcher's EXIT report."""
         self._status += data
         if self.exit is None and len(self._status) >= EXIT.size:
-            self.exit = decode_exit(bytes(self._status))
+            self.exit = ChildExit(*EXIT.unpack_from(self._status))
 
     def wait_exit(self, deadline: float) -> None:
         """Wait until the launcher reports the child reaped, or `deadline`

@@ -464,7 +464,3 @@ def decode_request(message: bytes) -> LauncherRequest:
         return KillUid(data["uid"])
     raise ProtocolError(f"unknown launcher request {str(op)[:40]!r}")
 
-
-def decode_exit(data: bytes) -> ChildExit:
-    status, maxrss = EXIT.unpack(data[: EXIT.size])
-    return ChildExit(int(status), int(maxrss))

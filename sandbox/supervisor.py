@@ -119,7 +119,7 @@ class Sandbox:
         self._swept: set[int] = set()  # uids checked for leftovers of an earlier host
         self._scratch_root = scratch_root
         self.prewarm = prewarm
-        self.warm = WarmPool(prewarm, put_away=ChildHandle.close)
+        self.warm_pool = WarmPool(prewarm, put_away=ChildHandle.close)
 
     def active_layers(self) -> dict[str, bool]:
         """Optional layers calls get here: detected once, minus the disabled ones."""
@@ -170,7 +170,7 @@ class Sandbox:
                 details={"missing_layers": lacking},
             )
         key = _warm_key(call)
-        handle = self.warm.take(key) if self.prewarm else None
+        handle = self.warm_pool.take(key) if self.prewarm else None
         if handle is None:
             handle = self._start(call, layers, warm=False)
         try:
@@ -179,7 +179,7 @@ class Sandbox:
             handle.close()
             if self.prewarm:
                 waiting = call.without_payload()
-                self.warm.fill(key, lambda: self._start(waiting, layers, warm=True))
+                self.warm_pool.fill(key, lambda: self._start(waiting, layers, warm=True))
 
     def _start(self, call: CallSpec, layers: dict[str, bool], warm: bool) -> ChildHandle:
         """A handle on a new child for `call`: cold (payload handed over now)
@@ -213,15 +213,15 @@ class Sandbox:
     @property
     def warm_hits(self) -> int:
         """Calls that got a prewarmed child."""
-        return self.warm.hits
+        return self.warm_pool.hits
 
     def warm_count(self) -> int:
         """Children set up and waiting in the pool now."""
-        return self.warm.count()
+        return self.warm_pool.count()
 
     def warm_uids(self) -> set[int]:
         """Uids of the children waiting in the pool (not leftovers of a call)."""
-        return self.warm.uids()
+        return self.warm_pool.uids()
 
     def host_paths(self) -> list[Path]:
         """Directories the host writes in for every call: the call cgroups'
@@ -242,15 +242,15 @@ class Sandbox:
 
     def warm_pids(self) -> set[int]:
         """Pids of the children waiting in the pool (not leftovers of a call)."""
-        return self.warm.pids()
+        return self.warm_pool.pids()
 
     def settle(self, timeout_s: float = 5.0) -> None:
         """Wait until no warm child is being started (for measurements)."""
-        self.warm.settle(timeout_s)
+        self.warm_pool.settle(timeout_s)
 
     def close(self) -> None:
         """Kill the warm children and stop the launcher."""
-        self.warm.close()
+        self.warm_pool.close()
         self.launcher.stop()
 
 
