@@ -1,13 +1,14 @@
 """Run one call on a started child: watch it, then judge it (runs in the host).
 
     run_call(handle, call, token)
-      warm child: handle.hand_over(payload)
+      warm child: handle.hand_over(call)
       _Watcher: selectors.select(min(deadline, exit grace, next memory sample))
           reply bytes  -> ReplyStream (sandbox.protocol: sizes checked before bodies)
           status bytes -> handle.feed_status: the child exited and was reaped
           stdout/err   -> capped, a tail kept
           cancel token -> Stop "cancelled"
-          sample       -> handle.memory() over the limit: Stop "memory"
+          sample       -> handle.sample_memory(): over the limit, Stop "memory";
+                          OOM-killed at the cgroup, Stop "cgroup_oom"
           deadline     -> Stop "timeout"
       a Stop: handle.kill(), wait for the exit report
       -> Observed --verdict()--> Outcome
@@ -81,7 +82,7 @@ def run_call(handle: ChildHandle, call: CallSpec, token: CancelToken | None) -> 
     """
     started = time.monotonic()
     if handle.warm:
-        handle.hand_over(call.payload)
+        handle.hand_over(call)
     watch = _Watcher(handle, call.limits, started, token)
     seen = watch.observe()
     return verdict(seen, call.limits)
@@ -118,6 +119,7 @@ class _Watcher:
             self.handle.wait_exit(time.monotonic() + REAP_WAIT_S)
         handle = self.handle
         exit_ = handle.exit
+        oom_killed, cgroup_peak = handle.memory_at_end()
         return Observed(
             exit_status=exit_.status if exit_ is not None else None,
             maxrss_kb=exit_.maxrss_kb if exit_ is not None else 0,
@@ -125,9 +127,9 @@ class _Watcher:
             final=self.reply.final,
             pending=self.reply.pending,
             stop=stop,
-            oom_killed=stop is None and handle.oom_killed(),
+            oom_killed=stop is None and oom_killed,
             peak_rss=self.peak_rss,
-            cgroup_peak=handle.peak_bytes(),
+            cgroup_peak=cgroup_peak,
             streams={name: (s.total, s.text()) for name, s in self.streams.items()},
             elapsed_ms=round((time.monotonic() - self.started) * 1000, 3),
         )
@@ -194,9 +196,9 @@ class _Watcher:
     def _sample_memory(self) -> None:
         # The cgroup counts each page once (RSS sums count pages shared after
         # fork in every process) and includes the tmpfs the call wrote.
-        if self.handle.oom_killed():
+        rss, oom_killed = self.handle.sample_memory()
+        if oom_killed:
             raise _Stopped("cgroup_oom")
-        rss = self.handle.memory()
         self.peak_rss = max(self.peak_rss, rss)
         if rss > self.limits.memory_mb * MiB:
             raise _Stopped("memory", rss=rss)

@@ -170,6 +170,7 @@ class CallCgroup:
                 self.dirs["pids"] = Path(CGROUP_V1["cgroup_pids"]) / "plughost" / name
         self.memory_bytes = memory_bytes
         self.max_processes = max_processes
+        self.procs_files: list[str] = []
 
     def create(self) -> list[str]:
         """Create the cgroups; return the `cgroup.procs` files the child joins.
@@ -194,6 +195,35 @@ class CallCgroup:
             else:
                 (path / "pids.max").write_text(str(self.max_processes))
         return [str(path / "cgroup.procs") for path in self.dirs.values()]
+
+    @classmethod
+    def made_for_call(
+        cls,
+        memory_bytes: int,
+        max_processes: int,
+        layers: dict[str, bool],
+        v2_base: Path | None = None,
+    ) -> CallCgroup:
+        """A new call's cgroups, named after this host and made with their
+        limits (`procs_files` lists what the child joins). Raises OSError if
+        a controller refuses, after removing what was made."""
+        made = cls(call_cgroup_name(), memory_bytes, max_processes, layers, v2_base)
+        try:
+            made.procs_files = made.create()
+        except OSError:
+            made.remove()
+            raise
+        return made
+
+    def sample(self) -> tuple[int | None, bool]:
+        """The call's memory now (`usage_bytes`) and whether the kernel has
+        OOM-killed one of its processes (`oom_killed`), in one step."""
+        usage = self.usage_bytes()
+        return usage, usage is not None and self.oom_killed()
+
+    def at_end(self) -> tuple[bool, int | None]:
+        """Once the call is over: `oom_killed` and `peak_bytes`, in one step."""
+        return self.oom_killed(), self.peak_bytes()
 
     def _memory_dir(self) -> Path | None:
         return self.dirs.get("unified") if self.v2 and self.memory else self.dirs.get("memory")

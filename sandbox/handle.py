@@ -4,13 +4,13 @@ As `multiprocessing.popen_fork.Popen` does for a forked process, a
 `ChildHandle` owns one sandbox child's resources and is the only thing that
 touches them::
 
-    ChildHandle(launcher, uid, scratch)   resources handed in, owned from here
-      .start(call, layers, payload)   cold: payload now; makes the call's cgroup
-                                      -> launcher forks the child
-      .start(call, layers, None)      warm: set up, waits  -> .hand_over(payload) later
+    ChildHandle.spawn(launcher, call, layers, uid, scratch, warm)
+        uid and scratch handed in and owned from here; the call's cgroup made;
+        cold: the payload now; warm: set up, waiting -> .hand_over(call) later
+        -> the launcher forks the child
       .fds            read ends: status, reply, stdout, stderr
       .feed_status()  / .wait_exit()   the launcher's EXIT report -> .exit
-      .memory()  .oom_killed()  .peak_bytes()
+      .sample_memory()  .memory_at_end()
       .kill()         every process of the call (launcher by token, by uid, sweep)
       .close()        kill what is left, remove the cgroup and scratch, close
                       every descriptor, give the uid back
@@ -36,7 +36,7 @@ import time
 import uuid
 from pathlib import Path
 
-from sandbox.cgroups import CallCgroup, call_cgroup_name
+from sandbox.cgroups import CallCgroup
 from sandbox.launcher import SOURCE_ROOT
 from sandbox.limits import MiB
 from sandbox.processes import CallProcesses
@@ -242,22 +242,48 @@ class ChildHandle:
     def pid(self) -> int:
         return self.procs.root_pid if self.procs is not None else 0
 
-    def start(self, call: CallSpec, layers: dict[str, bool], payload: Payload | None) -> None:
-        """Have the launcher fork the child: cold with `payload`, warm (set up,
-        then waiting for `hand_over`) without. Returns once the launcher
-        reported the pid. Raises LauncherError or RuntimeError; `close` then
-        puts away whatever was made."""
+    @classmethod
+    def spawn(
+        cls,
+        launcher: Launcher,
+        call: CallSpec,
+        layers: dict[str, bool],
+        uid: int | None,
+        lock_fd: int,
+        cgroup_v2: Path | None,
+        scratch: str | None,
+        warm: bool,
+        sweep: bool = False,
+    ) -> ChildHandle:
+        """A handle on a new child for `call` (see `start`), owning `uid`
+        (and its `lock_fd`) and `scratch` from now on; `sweep` first kills
+        whatever still runs under `uid`. Raises what `start` raises, after
+        putting away whatever was made."""
+        handle = cls(launcher, uid, lock_fd, cgroup_v2, scratch, layers["pid_namespace"])
+        try:
+            if sweep:
+                handle.kill()  # leftovers of a host that died
+            handle.start(call, layers, warm)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
+
+    def start(self, call: CallSpec, layers: dict[str, bool], warm: bool) -> None:
+        """Have the launcher fork the child: cold (the payload handed over
+        now) or `warm` (set up, then waiting for `hand_over`). Returns once
+        the launcher reported the pid. Raises LauncherError, OSError or
+        RuntimeError; `close` then puts away whatever was made."""
         pipes = {name: os.pipe2(os.O_CLOEXEC) for name in PIPES}
         self._opened.extend(fd for pair in pipes.values() for fd in pair)
-        if payload is None:
+        if warm:
             self._payload_socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             payload_fd = theirs.detach()
             self.warm = True
         else:
-            payload_fd = write_payload(payload)
+            payload_fd = _payload_file(call)
         self._opened.append(payload_fd)
-        self.cgroup = CallCgroup(
-            call_cgroup_name(),
+        self.cgroup = CallCgroup.made_for_call(
             memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK),
             max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
             layers=layers,
@@ -272,8 +298,8 @@ class ChildHandle:
             scratch=self.scratch,
             uid=self.uid,
             gid=self.uid,
-            cgroup_procs=tuple(self.cgroup.create()),
-            warm=payload is None,
+            cgroup_procs=tuple(self.cgroup.procs_files),
+            warm=warm,
             token=self.token,
         )
         self.launcher.start_child(
@@ -285,10 +311,10 @@ class ChildHandle:
         pid = self._read_pid(time.monotonic() + call.limits.timeout_s + PID_GRACE_S)
         self.procs = CallProcesses(pid, self.uid, token=self.token)
 
-    def hand_over(self, payload: Payload) -> None:
-        """Give a warm child its payload (a sealed memfd over its socket)."""
+    def hand_over(self, call: CallSpec) -> None:
+        """Give a warm child the payload of `call` (a sealed memfd over its socket)."""
         assert self._payload_socket is not None
-        payload_fd = write_payload(payload)
+        payload_fd = _payload_file(call)
         try:
             socket.send_fds(self._payload_socket, [b"go"], [payload_fd])
         finally:
@@ -350,21 +376,23 @@ class ChildHandle:
 
     # -- memory --------------------------------------------------------------
 
-    def memory(self) -> int:
+    def sample_memory(self) -> tuple[int, bool]:
         """Memory of the call's whole tree now, in bytes: the cgroup's count
-        (each page once, tmpfs included) or, without one, the summed RSS."""
-        usage = self.cgroup.usage_bytes() if self.cgroup is not None else None
-        if usage is not None:
-            return usage
-        return self.procs.total_rss() if self.procs is not None else 0
+        (each page once, tmpfs included) or, without one, the summed RSS;
+        and whether the kernel OOM-killed a process of the call at its
+        memory cgroup."""
+        usage, oom_killed = self.cgroup.sample() if self.cgroup is not None else (None, False)
+        if usage is None:
+            usage = self.procs.total_rss() if self.procs is not None else 0
+        return usage, oom_killed
 
-    def oom_killed(self) -> bool:
-        """True if the kernel killed a process of the call at its memory cgroup."""
-        return self.cgroup is not None and self.cgroup.oom_killed()
-
-    def peak_bytes(self) -> int | None:
-        """The cgroup's own peak (page cache included), where it keeps one."""
-        return self.cgroup.peak_bytes() if self.cgroup is not None else None
+    def memory_at_end(self) -> tuple[bool, int | None]:
+        """Once the call is over: whether the kernel OOM-killed a process of
+        it at its memory cgroup, and the cgroup's own peak in bytes (page
+        cache included) where the kernel keeps one."""
+        if self.cgroup is None:
+            return False, None
+        return self.cgroup.at_end()
 
     # -- ending --------------------------------------------------------------
 
@@ -405,6 +433,10 @@ class ChildHandle:
             shutil.rmtree(self.scratch, ignore_errors=True)
         if self.uid is not None:
             os.close(self._lock_fd)  # the uid's lock: free for another call
+
+
+def _payload_file(call: CallSpec) -> int:
+    return write_payload(Payload(call.image, call.mime_type, call.options))
 
 
 def _readable(fd: int) -> bool:

@@ -242,6 +242,7 @@ class ReplyStream:
         self._frames = FrameReader(max_body=max_body)
         self.ready = False
         self.final: bytes | None = None
+        self.pending = 0  # bytes of an incomplete frame still buffered
 
     def feed(self, data: bytes) -> None:
         """Add bytes from the reply pipe. Raises ProtocolError for anything
@@ -250,6 +251,7 @@ class ReplyStream:
         if self.final is not None:
             raise ProtocolError("bytes after the final frame")
         self._frames.feed(data)
+        self.pending = self._frames.pending
         while self._frames.frames:
             frame = self._frames.frames.pop(0)
             if not self.ready:
@@ -259,11 +261,6 @@ class ReplyStream:
                 self.final = frame
             else:
                 raise ProtocolError("more than one final frame")
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete frame still buffered."""
-        return self._frames.pending
 
 
 # -- the call: what the host asks the sandbox to run --------------------------
@@ -292,10 +289,6 @@ class CallSpec:
     image: bytes
     mime_type: str
     options: dict[str, Any]
-
-    @property
-    def payload(self) -> Payload:
-        return Payload(self.image, self.mime_type, self.options)
 
     def without_payload(self) -> CallSpec:
         """The same plugin and limits, no payload (what a warm child is started for)."""
@@ -463,4 +456,3 @@ def decode_request(message: bytes) -> LauncherRequest:
     if op == "kill_uid" and isinstance(data.get("uid"), int):
         return KillUid(data["uid"])
     raise ProtocolError(f"unknown launcher request {str(op)[:40]!r}")
-

@@ -186,8 +186,13 @@ class Sandbox:
         or warm (set up and waiting for its payload on a socket). Returns once
         the launcher reported its pid."""
         uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
-        handle = ChildHandle(
+        sweep = uid is not None and uid not in self._swept  # leftovers of a host that died
+        if uid is not None:
+            self._swept.add(uid)
+        return ChildHandle.spawn(
             self.launcher,
+            call,
+            layers,
             uid=uid,
             lock_fd=lock_fd,
             cgroup_v2=self._cgroup2,
@@ -196,17 +201,9 @@ class Sandbox:
             scratch=None
             if uid is not None or layers["user_namespace"]
             else tempfile.mkdtemp(prefix="plughost-call-", dir=self._scratch_root),
-            pid_namespace=layers["pid_namespace"],
+            warm=warm,
+            sweep=sweep,
         )
-        try:
-            if uid is not None and uid not in self._swept:
-                handle.kill()  # leftovers of a host that died
-                self._swept.add(uid)
-            handle.start(call, layers, payload=None if warm else call.payload)
-        except BaseException:
-            handle.close()
-            raise
-        return handle
 
     # -- prewarmed children (sandbox/prewarm.py) -----------------------------
 
