@@ -43,7 +43,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from sandbox.layers import cgroup, ipc, landlock, mnt, net, pid, privilege, seccomp, user, uts
+from sandbox.layers import (
+    UNSHARE_FLAGS,
+    cgroup,
+    landlock,
+    mnt,
+    net,
+    pid,
+    privilege,
+    seccomp,
+    user,
+)
 from sandbox.layers.kernel import PR_SET_PDEATHSIG, IsolationError, prctl
 from sandbox.limits import rlimits_for
 from sandbox.protocol import (
@@ -60,12 +70,6 @@ from sandbox.protocol import (
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
 # RELAY_FD is the relay's alone: it reports the worker's wait status there.
 REPLY_FD, PAYLOAD_FD, RELAY_FD = 3, 4, 5
-NAMESPACE_FLAGS = {
-    "network_namespace": net.CLONE_NEWNET,
-    "ipc_namespace": ipc.CLONE_NEWIPC,
-    "uts_namespace": uts.CLONE_NEWUTS,
-    "pid_namespace": pid.CLONE_NEWPID,
-}
 
 
 @dataclass
@@ -127,7 +131,7 @@ def _mnt(setup: Setup) -> None:
         return
     spec = setup.spec
     flags = 0
-    for name, flag in NAMESPACE_FLAGS.items():
+    for name, flag in UNSHARE_FLAGS.items():
         if spec.layers.get(name):
             flags |= flag
     if spec.uid is not None:

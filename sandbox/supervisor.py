@@ -228,8 +228,9 @@ class Sandbox:
         paths = [Path(LOCK_DIR), Path(HOSTS_DIR)]
         if self._cgroup2 is not None:
             return [*paths, self._cgroup2]
-        roots = {"cgroup_memory": "memory", "cgroup_pids": "pids"}
-        return paths + [Path(CGROUP_V1[name]) / "plughost" for name in roots if layers.get(name)]
+        return paths + [
+            Path(CGROUP_V1[name]) / "plughost" for name in CGROUP_LAYERS if layers.get(name)
+        ]
 
     def uids_at_rest(self) -> set[int]:
         """Per-call uids this host has used that no call holds now (empty on

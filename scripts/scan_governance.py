@@ -19,6 +19,9 @@ Checks (docs/GOVERNANCE.md explains each and what to do when one fires):
                  imports `host.api` or `host.services`
   no-unpickle    host-side code imports no pickle, dill, marshal or shelve
   except         no bare `except:` and no handler whose whole body is `pass`
+  layer-names    isolation layer names are listed only in sandbox/layers/ (the
+                 registry): no list, tuple, set or dict elsewhere in `host` or
+                 `sandbox` spells two or more of them
 """
 
 from __future__ import annotations
@@ -241,9 +244,51 @@ def check_excepts(rel: str, tree: ast.AST) -> Iterator[Violation]:
                 yield Violation(rel, node.lineno, "except", "handler whose whole body is 'pass'")
 
 
+LAYER_PACKAGE = "sandbox/layers/"
+
+
+def registered_layers(root: Path) -> set[str]:
+    """The layer names of the registry: the first argument of every
+    `Layer("name", ...)` in sandbox/layers/__init__.py."""
+    path = root / LAYER_PACKAGE / "__init__.py"
+    if not path.is_file():
+        return set()
+    return {
+        node.args[0].value
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and _dotted(node.func) == "Layer"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    }
+
+
+def check_layer_names(rel: str, tree: ast.AST, layers: set[str]) -> Iterator[Violation]:
+    if rel.startswith(LAYER_PACKAGE):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, ast.List | ast.Tuple | ast.Set):
+            items: list[ast.expr | None] = list(node.elts)
+        elif isinstance(node, ast.Dict):
+            items = list(node.keys)
+        else:
+            continue
+        named = [i.value for i in items if isinstance(i, ast.Constant) and i.value in layers]
+        if len(named) >= 2:
+            yield Violation(
+                rel,
+                node.lineno,
+                "layer-names",
+                f"layer names listed outside the registry ({', '.join(map(str, named[:3]))}):"
+                " derive the list from sandbox.layers",
+            )
+
+
 def scan(root: Path) -> list[Violation]:
     """All violations below `root` (a checkout of plughost)."""
     violations = list(check_runner(root))
+    layers = registered_layers(root)
     for top in SCANNED:
         for path in sorted((root / top).rglob("*.py")):
             rel = path.relative_to(root).as_posix()
@@ -254,6 +299,7 @@ def scan(root: Path) -> list[Violation]:
                 continue
             for check in (check_plugin_calls, check_layering, check_unpickle, check_excepts):
                 violations.extend(check(rel, tree))
+            violations.extend(check_layer_names(rel, tree, layers))
     return violations
 
 

@@ -52,6 +52,7 @@ class Layer:
     child: str  # what the child applies
     isolated: bool = False  # needs root or a user namespace
     optional: bool = True  # False: part of every call, never missing
+    unshare_flag: int = 0  # a namespace the child creates in the minimal root's unshare
     probe: Callable[[dict[str, bool]], bool] | None = None  # run in the probe process
 
 
@@ -120,6 +121,7 @@ LAYERS: tuple[Layer, ...] = (
         "CLONE_NEWNET, loopback up",
         isolated=True,
         probe=_unshare_probe(net.CLONE_NEWNET),
+        unshare_flag=net.CLONE_NEWNET,
     ),
     Layer(
         "ipc_namespace",
@@ -129,6 +131,7 @@ LAYERS: tuple[Layer, ...] = (
         "CLONE_NEWIPC",
         isolated=True,
         probe=_unshare_probe(ipc.CLONE_NEWIPC),
+        unshare_flag=ipc.CLONE_NEWIPC,
     ),
     Layer(
         "uts_namespace",
@@ -138,6 +141,7 @@ LAYERS: tuple[Layer, ...] = (
         "CLONE_NEWUTS",
         isolated=True,
         probe=_unshare_probe(uts.CLONE_NEWUTS),
+        unshare_flag=uts.CLONE_NEWUTS,
     ),
     Layer(
         "pid_namespace",
@@ -147,6 +151,7 @@ LAYERS: tuple[Layer, ...] = (
         "CLONE_NEWPID: relay, init, worker",
         isolated=True,
         probe=_unshare_probe(pid.CLONE_NEWPID),
+        unshare_flag=pid.CLONE_NEWPID,
     ),
     Layer(
         "landlock",
@@ -202,6 +207,8 @@ ALWAYS_ON = tuple(layer.name for layer in LAYERS if not layer.optional)
 # user namespace (its calls get host uids of their own; SECURITY.md says why).
 DEPENDS_ON_PRIVILEGE_DROP = tuple(layer.name for layer in LAYERS if layer.isolated)
 CGROUP_LAYERS = ("cgroup_memory", "cgroup_pids")
+# Namespaces created in the same unshare as the minimal root, with their flags.
+UNSHARE_FLAGS = {layer.name: layer.unshare_flag for layer in LAYERS if layer.unshare_flag}
 
 
 def _detect_here() -> dict[str, bool]:
