@@ -1,6 +1,7 @@
 """One cgroup per call, a stronger alternative to rlimits: the memory limit
 covers the whole process tree and the tmpfs pages it writes, and the pids
-limit holds for root as well. Created before the call, removed after it.
+limit holds for root as well. Created before the call, removed after it,
+by the host (the child only joins it: `sandbox.layers.cgroup`).
 
     cgroup v1 (memory and pids hierarchies, as this machine offers):
         memory.limit_in_bytes (+ memsw), pids.max; memory.oom_control

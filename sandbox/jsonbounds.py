@@ -1,4 +1,4 @@
-"""Bounds on JSON text, checked on the raw bytes before anything is expanded.
+"""Bounds on JSON text, checked on the raw bytes before anything is expanded (host).
 
 Decoding JSON turns a few bytes into large Python objects: `{}` is 2 bytes
 of text and about 64 bytes of dict, so a body of empty objects grows some

@@ -1,12 +1,15 @@
 """The launcher: a small single-threaded process that forks one child per call.
 
+Everything in this module runs in the launcher process; the host's end of
+its socket is `sandbox.handle.Launcher`.
+
 The host is multi-threaded and must never fork itself, so it starts this
 process once, as a fresh interpreter (`python -m sandbox.launcher`, started
 with subprocess's fork-exec, which runs no Python code between the two), and
 asks it for children::
 
-    host thread                    launcher (single thread)       child
-    -----------                    ------------------------       -----
+    host thread (sandbox.handle)   launcher (single thread)       child
+    ----------------------------   ------------------------       -----
     Launcher.start_child(spec, fds)
       -- SEQPACKET: StartChild -->  recv ChildSpec + 5 descriptors
          + SCM_RIGHTS fds            fork() --------------------->  sandbox.child.main()
@@ -18,10 +21,10 @@ asks it for children::
 
 The requests (StartChild, KillCall, KillUid) and the status pipe's PID and
 EXIT records are defined in `sandbox.protocol`. The status pipe is the
-child's sentinel: it becomes readable when the child
-has exited and been reaped, and carries the raw wait status, so the host
-never polls. The launcher is a child subreaper: processes a plugin leaves
-behind are re-parented to it when their parent dies, and it reaps them all.
+child's sentinel: it becomes readable when the child has exited and been
+reaped, and carries the raw wait status, so the host never polls. The
+launcher is a child subreaper: processes a plugin leaves behind are
+re-parented to it when their parent dies, and it reaps them all.
 When the host closes its end of the socket (or dies), the launcher kills
 every child it started and exits. It never runs plugin code itself and never
 decodes anything a child writes.

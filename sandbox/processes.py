@@ -1,4 +1,4 @@
-"""Finding, measuring and killing every process that belongs to one call.
+"""Finding, measuring and killing every process that belongs to one call (host).
 
 A call's processes are found two ways at once:
 
