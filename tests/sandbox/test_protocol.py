@@ -190,3 +190,21 @@ def test_launcher_requests_round_trip_and_unknown_ones_are_refused() -> None:
         decode_request(json.dumps({"op": "fork_bomb"}).encode())
     with pytest.raises(ProtocolError, match="malformed child spec"):
         decode_request(json.dumps({"op": "start", "spec": {"uid": 0}}).encode())
+
+
+def test_the_reply_stream_takes_one_ready_frame_then_one_final_frame() -> None:
+    from sandbox.protocol import READY, ReplyStream
+
+    stream = ReplyStream(max_body=1024)
+    final = encode_frame({"type": "result", "result": {}})
+    stream.feed(encode_frame(READY) + final[:3])
+    assert stream.ready and stream.final is None and stream.pending == 3
+    stream.feed(final[3:])
+    assert stream.final == final[4:] and stream.pending == 0
+    with pytest.raises(ProtocolError, match="after the final frame"):
+        stream.feed(b"x")
+    twice = ReplyStream(max_body=1024)
+    with pytest.raises(ProtocolError, match="more than one final frame"):
+        twice.feed(encode_frame(READY) + final + final)
+    with pytest.raises(ProtocolError, match="ready marker"):
+        ReplyStream(max_body=1024).feed(final)
