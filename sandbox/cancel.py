@@ -1,4 +1,4 @@
-"""Cancelling a running call from another thread.
+"""Cancelling a running call from another thread (host).
 
 `ToolRunner.run(plugin_name, payload)` has a fixed signature, so the token
 travels in a context variable: the thread that runs a call sets it with

@@ -1,5 +1,6 @@
 """cgroup v2, the unified hierarchy: where a host creates its calls' cgroups
 and how it prepares that place (the cgroups themselves: `sandbox.cgroups`).
+Runs in the host, once, when a Sandbox resolves its layers.
 
     root host            /sys/fs/cgroup/plughost/call-<host id>-<call id>
     unprivileged host    <its own cgroup>/call-<host id>-<call id>

@@ -1,6 +1,7 @@
 """One cgroup per call, a stronger alternative to rlimits: the memory limit
 covers the whole process tree and the tmpfs pages it writes, and the pids
-limit holds for root as well. Created before the call, removed after it.
+limit holds for root as well. Created before the call, removed after it,
+by the host (the child only joins it: `sandbox.layers.cgroup`).
 
     cgroup v1 (memory and pids hierarchies, as this machine offers):
         memory.limit_in_bytes (+ memsw), pids.max; memory.oom_control
@@ -20,6 +21,7 @@ import contextlib
 import fcntl
 import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -169,6 +171,7 @@ class CallCgroup:
                 self.dirs["pids"] = Path(CGROUP_V1["cgroup_pids"]) / "plughost" / name
         self.memory_bytes = memory_bytes
         self.max_processes = max_processes
+        self.procs_files: list[str] = []
 
     def create(self) -> list[str]:
         """Create the cgroups; return the `cgroup.procs` files the child joins.
@@ -193,6 +196,35 @@ class CallCgroup:
             else:
                 (path / "pids.max").write_text(str(self.max_processes))
         return [str(path / "cgroup.procs") for path in self.dirs.values()]
+
+    @classmethod
+    def made_for_call(
+        cls,
+        memory_bytes: int,
+        max_processes: int,
+        layers: dict[str, bool],
+        v2_base: Path | None = None,
+    ) -> CallCgroup:
+        """A new call's cgroups, named after this host and made with their
+        limits (`procs_files` lists what the child joins). Raises OSError if
+        a controller refuses, after removing what was made."""
+        made = cls(call_cgroup_name(), memory_bytes, max_processes, layers, v2_base)
+        try:
+            made.procs_files = made.create()
+        except OSError:
+            made.remove()
+            raise
+        return made
+
+    def sample(self) -> tuple[int | None, bool]:
+        """The call's memory now (`usage_bytes`) and whether the kernel has
+        OOM-killed one of its processes (`oom_killed`), in one step."""
+        usage = self.usage_bytes()
+        return usage, usage is not None and self.oom_killed()
+
+    def at_end(self) -> tuple[bool, int | None]:
+        """Once the call is over: `oom_killed` and `peak_bytes`, in one step."""
+        return self.oom_killed(), self.peak_bytes()
 
     def _memory_dir(self) -> Path | None:
         return self.dirs.get("unified") if self.v2 and self.memory else self.dirs.get("memory")
@@ -249,5 +281,5 @@ class CallCgroup:
                     with contextlib.suppress(OSError, ValueError):
                         for pid in (path / "cgroup.procs").read_text().split():
                             with contextlib.suppress(ProcessLookupError):
-                                os.kill(int(pid), 9)
+                                os.kill(int(pid), signal.SIGKILL)
                     time.sleep(0.005)

@@ -1,29 +1,31 @@
 """The sandbox child: the only place where plugin code is imported and run.
 
-The launcher forks this process once per call and calls `main`, which never
-returns. In order, before any plugin code is imported:
+Runs in the child: the launcher forks this process once per call and calls
+`main`, which never returns. Before any plugin code is imported, it applies
+`STEPS` in order, one line each (as nsjail's contain.cc does), each step
+taken from the layer module that owns it (`sandbox.layers`):
 
-1. own session; stdin from /dev/null, stdout and stderr to the host's
-   capture pipes; every other inherited descriptor closed; the host's
-   command line wiped from this process's memory (so /proc shows no host
-   path); the call's cgroups joined;
-2. (unprivileged host) a new user namespace in which only the host's uid
-   and gid exist; then (root or unprivileged) new mount, network, IPC, UTS
-   and PID namespaces and a minimal root holding only the interpreter, the
-   plugin's packages, the plugin and a tmpfs scratch directory
-   (`isolation.build_minimal_root`, `isolation.enter_minimal_root`);
-   loopback only; with a PID namespace the process splits into relay, init
-   and worker (see `_split_for_pid_namespace`);
-3. rlimits (memory, CPU, files, file size, processes, no core);
-4. drop to the call's own unprivileged uid (root host), or give up every
-   capability the user namespace lent (unprivileged host);
-5. parent-death signal, no_new_privs, scrubbed environment, cwd = scratch;
-6. Landlock file-system (and TCP, and signal-scope) rules, then seccomp;
-7. `{"type": "ready"}` on the reply pipe.
+    descriptors     own session; stdin /dev/null, stdout/stderr to the capture
+                    pipes, every other descriptor closed; argv wiped
+    cgroup          join the call's cgroups, before anything else runs
+    user            (unprivileged host) a user namespace of its own
+    mnt             one unshare: mount, network, IPC, UTS, PID namespaces;
+                    the minimal root with a tmpfs scratch
+    net             loopback up
+    pid             relay -> init (pid 1) -> worker; or enter the minimal root
+    rlimits         memory, CPU, files, file size, processes, no core
+    privilege       the call's own uid (root host), or no capabilities left
+    parent          die with the parent; the parent must still be there
+    no_new_privs    PR_SET_NO_NEW_PRIVS
+    environment     SAFE_ENV, HOME and TMPDIR = scratch, cwd = scratch
+    landlock        file system (and TCP, and signal-scope) rules
+    seccomp         the system-call filter
 
-Any failure up to step 7 exits with `SETUP_FAILED` and no ready frame: the
-plugin never runs without its limits. Then the plugin is imported, called,
-and its result checked and sent as one frame.
+then `{"type": "ready"}` on the reply pipe. Any failure up to there exits
+with `SETUP_FAILED` and no ready frame: the plugin never runs without its
+limits. Then the plugin is imported, called, and its result checked and
+sent as one frame. The child's instructions are a `ChildSpec` and its
+payload a sealed memfd (`sandbox.protocol`).
 """
 
 from __future__ import annotations
@@ -35,42 +37,60 @@ import os
 import resource
 import signal
 import socket
-import struct
 import sys
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from sandbox import isolation
-from sandbox import layers as hardening
-from sandbox.limits import CallLimits, rlimits_for
-from sandbox.protocol import HEADER, READY, decode_json, encode_frame
+from sandbox.layers import (
+    UNSHARE_FLAGS,
+    cgroup,
+    landlock,
+    mnt,
+    net,
+    pid,
+    privilege,
+    seccomp,
+    user,
+)
+from sandbox.layers.kernel import PR_SET_PDEATHSIG, IsolationError, prctl
+from sandbox.limits import rlimits_for
+from sandbox.protocol import (
+    READY,
+    REPLY_OUT_OF_MEMORY,
+    SAFE_ENV,
+    SETUP_FAILED,
+    ChildSpec,
+    Payload,
+    encode_frame,
+    read_payload,
+)
 
-SETUP_FAILED = 121
-# The whole environment of the launcher and of every child (plus HOME and
-# TMPDIR, the child's scratch): nothing of the host's leaks in.
-SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
 # RELAY_FD is the relay's alone: it reports the worker's wait status there.
 REPLY_FD, PAYLOAD_FD, RELAY_FD = 3, 4, 5
-STATUS = struct.Struct(">i")
-# What a plugin may read besides the interpreter, its packages and itself:
-# shared libraries, the loader's cache, and its own /proc and /dev entries.
-SYSTEM_READ_ONLY = (
-    "/usr",
-    "/lib",
-    "/lib64",
-    "/bin",
-    "/etc/ld.so.cache",
-    "/etc/localtime",
-    "/proc",
-    "/dev/null",
-    "/dev/zero",
-    "/dev/full",
-    "/dev/urandom",
-    "/dev/random",
-    "/sys/devices/system/cpu",
-)
-WRITABLE_FILES = ("/dev/null",)
+
+
+@dataclass
+class Setup:
+    """The child's state while its steps run."""
+
+    spec: ChildSpec
+    fds: dict[str, int]
+    scratch: str
+    user_namespace: bool  # an unprivileged host's calls: a user namespace
+    isolated: bool  # a per-call uid or a user namespace: namespaces and minimal root
+    pid_namespace: bool
+
+    @classmethod
+    def of(cls, spec: ChildSpec, fds: dict[str, int]) -> Setup:
+        # A root host gives the call its own host uid; an unprivileged one, a user
+        # namespace. Either way the call gets the same namespaces and minimal root.
+        user_namespace = spec.uid is None and spec.layers.get("user_namespace", False)
+        isolated = spec.uid is not None or user_namespace
+        pid_namespace = isolated and spec.layers.get("pid_namespace", False)
+        return cls(spec, fds, spec.scratch or "", user_namespace, isolated, pid_namespace)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -80,9 +100,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
-    """Steps 1 to 5 of the module docstring; returns the scratch directory."""
+def _descriptors(setup: Setup) -> None:
     os.setsid()
+    fds = setup.fds
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(fds["stdout"], 1)
@@ -96,120 +116,105 @@ def _setup(spec: dict[str, Any], fds: dict[str, int]) -> str:
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
 
-    limits = CallLimits(**spec["limits"])
-    layers: dict[str, bool] = spec.get("layers", {})
-    uid = spec.get("uid")
-    scratch: str = spec["scratch"]
-    for procs_file in spec.get("cgroup_procs", []):
-        with open(procs_file, "w") as stream:  # the call's cgroups, before anything else runs
-            stream.write(str(os.getpid()))
-    # A root host gives the call its own host uid; an unprivileged one, a user
-    # namespace. Either way the call gets the same namespaces and minimal root.
-    user_namespace = uid is None and layers.get("user_namespace", False)
-    isolated = uid is not None or user_namespace
-    pid_namespace = isolated and layers.get("pid_namespace", False)
-    if isolated:
-        if user_namespace:
-            isolation.enter_user_namespace(os.getuid(), os.getgid())
-        flags = 0
-        for name in ("network_namespace", "ipc_namespace", "uts_namespace", "pid_namespace"):
-            if layers.get(name):
-                flags |= hardening.NAMESPACES[name]
-        owner, group = (uid, spec["gid"]) if uid is not None else (os.getuid(), os.getgid())
-        isolation.build_minimal_root(
-            spec["expose"], owner, group, limits.scratch_mb, flags, spec.get("hide", ())
-        )
-        if layers.get("network_namespace"):
-            hardening.loopback_up()
-        if pid_namespace:
-            _split_for_pid_namespace(uid, spec["gid"])  # returns in the worker only
-            scratch = isolation.SCRATCH
-        else:
-            scratch = isolation.enter_minimal_root(own_pid_namespace=False)
+
+def _cgroup(setup: Setup) -> None:
+    cgroup.join(setup.spec.cgroup_procs)
+
+
+def _user(setup: Setup) -> None:
+    if setup.user_namespace:
+        user.enter_user_namespace(os.getuid(), os.getgid())
+
+
+def _mnt(setup: Setup) -> None:
+    if not setup.isolated:
+        return
+    spec = setup.spec
+    flags = 0
+    for name, flag in UNSHARE_FLAGS.items():
+        if spec.layers.get(name):
+            flags |= flag
+    if spec.uid is not None:
+        owner, group = spec.uid, spec.gid if spec.gid is not None else spec.uid
+    else:
+        owner, group = os.getuid(), os.getgid()
+    mnt.build_minimal_root(spec.expose, owner, group, spec.limits.scratch_mb, flags, spec.hide)
+
+
+def _net(setup: Setup) -> None:
+    if setup.isolated and setup.spec.layers.get("network_namespace"):
+        net.loopback_up()
+
+
+def _pid(setup: Setup) -> None:
+    if setup.pid_namespace:
+        call_fds = (1, 2, REPLY_FD, PAYLOAD_FD)
+        pid.split(setup.spec.uid, setup.spec.gid, RELAY_FD, call_fds)  # returns in the worker
+        setup.scratch = mnt.SCRATCH
+    elif setup.isolated:
+        setup.scratch = mnt.enter_minimal_root(own_pid_namespace=False)
     os.close(RELAY_FD)  # only a relay reports through it; the plugin never holds it
-    for which, value in rlimits_for(limits, extra_processes=1 if pid_namespace else 0).items():
+
+
+def _rlimits(setup: Setup) -> None:
+    extra = 1 if setup.pid_namespace else 0
+    for which, value in rlimits_for(setup.spec.limits, extra_processes=extra).items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
-    _give_up_privileges(uid, spec.get("gid"), user_namespace)
+
+
+def _privilege(setup: Setup) -> None:
+    privilege.give_up_privileges(setup.spec.uid, setup.spec.gid, setup.user_namespace)
+
+
+def _parent(setup: Setup) -> None:
     # After the uid change, which clears it: die with the parent.
-    isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
-    expected_parent = 1 if pid_namespace else spec["launcher_pid"]
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    expected_parent = 1 if setup.pid_namespace else setup.spec.launcher_pid
     if os.getppid() != expected_parent:
-        raise isolation.IsolationError("parent", "parent exited during setup")
-    isolation.prctl(isolation.PR_SET_NO_NEW_PRIVS, 1)
+        raise IsolationError("parent", "parent exited during setup")
+
+
+def _no_new_privs(setup: Setup) -> None:
+    privilege.no_new_privs()
+
+
+def _environment(setup: Setup) -> None:
     os.environ.clear()
-    os.environ.update(SAFE_ENV, HOME=scratch, TMPDIR=scratch)
-    os.chdir(scratch)
-    return scratch
+    os.environ.update(SAFE_ENV, HOME=setup.scratch, TMPDIR=setup.scratch)
+    os.chdir(setup.scratch)
 
 
-def _give_up_privileges(uid: int | None, gid: int | None, user_namespace: bool) -> None:
-    """Drop to the call's own uid (root host), or give up the capabilities a
-    user namespace lent (unprivileged host)."""
-    if uid is not None and gid is not None:
-        isolation.drop_privileges(uid, gid)
-    elif user_namespace:
-        isolation.drop_capabilities()
+def _landlock(setup: Setup) -> None:
+    if setup.spec.layers.get("landlock"):
+        # An installed plugin's import root is listed to find its package; in
+        # the minimal root it holds that package alone.
+        root = (setup.spec.import_root,) if setup.spec.import_root else ()
+        landlock.apply((*setup.spec.expose, *root), setup.scratch)
 
 
-def _split_for_pid_namespace(uid: int | None, gid: int | None) -> None:
-    """Fork into the new PID namespace: relay (here) -> init (pid 1) -> worker.
-
-    The relay stays in the host's namespace and hands the worker's exit
-    status to the launcher. Init mounts the namespace's /proc and switches
-    to the minimal root, then reaps every process of the namespace; when the
-    worker ends, init reports and exits, and the kernel kills whatever is
-    left in the namespace. Returns only in the worker.
-    """
-    status_r, status_w = os.pipe()
-    init = os.fork()
-    if init:
-        os.close(status_w)
-        _relay(init, status_r)
-    os.close(status_r)
-    isolation.enter_minimal_root(own_pid_namespace=True)
-    worker = os.fork()
-    if worker:
-        for fd in (0, 1, 2, REPLY_FD, PAYLOAD_FD, RELAY_FD):
-            os.close(fd)
-        _give_up_privileges(uid, gid, user_namespace=uid is None)
-        isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
-        _init_loop(worker, status_w)
-    os.close(status_w)
+def _seccomp(setup: Setup) -> None:
+    if setup.spec.layers.get("seccomp"):
+        seccomp.apply_seccomp()
 
 
-def _init_loop(worker: int, status_w: int) -> NoReturn:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, 0)
-        except ChildProcessError:
-            os._exit(0)
-        if pid == worker:
-            os.write(status_w, STATUS.pack(status))
-            os._exit(0)
-
-
-def _relay(init: int, status_r: int) -> NoReturn:
-    """Hand the worker's wait status to the launcher, then exit.
-
-    The relay is root and in the host's PID namespace: it never re-raises
-    the plugin's fatal signal on itself (a root core dump, a root crash),
-    it writes the raw status on RELAY_FD, which the launcher reports as the
-    call's own.
-    """
-    for fd in (1, 2, REPLY_FD, PAYLOAD_FD):
-        os.close(fd)  # the call's pipes belong to the worker
-    isolation.prctl(isolation.PR_SET_PDEATHSIG, signal.SIGKILL)
-    data = b""
-    while len(data) < STATUS.size:
-        chunk = os.read(status_r, STATUS.size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    _, init_status = os.waitpid(init, 0)
-    status = STATUS.unpack(data)[0] if len(data) == STATUS.size else init_status
-    _write_all(RELAY_FD, STATUS.pack(status))
-    os._exit(0)
+# The child's setup, in order; each step applies one layer (or skips it when
+# the call does not get that layer).
+STEPS: tuple[tuple[str, Callable[[Setup], None]], ...] = (
+    ("descriptors", _descriptors),
+    ("cgroup", _cgroup),
+    ("user", _user),
+    ("mnt", _mnt),
+    ("net", _net),
+    ("pid", _pid),
+    ("rlimits", _rlimits),
+    ("privilege", _privilege),
+    ("parent", _parent),
+    ("no_new_privs", _no_new_privs),
+    ("environment", _environment),
+    ("landlock", _landlock),
+    ("seccomp", _seccomp),
+)
 
 
 def _wipe_command_line() -> None:
@@ -227,19 +232,6 @@ def _wipe_command_line() -> None:
         ctypes.memset(start, 0, end - start)
 
 
-def _harden(spec: dict[str, Any], scratch: str) -> None:
-    """Landlock and seccomp, the last layers before the plugin is imported."""
-    layers: dict[str, bool] = spec.get("layers", {})
-    if layers.get("landlock"):
-        # An installed plugin's import root is listed to find its package; in
-        # the minimal root it holds that package alone.
-        root = [spec["import_root"]] if spec.get("import_root") else []
-        read_only = [*spec["expose"], *root, *SYSTEM_READ_ONLY]
-        hardening.apply_landlock(read_only, [scratch], WRITABLE_FILES)
-    if layers.get("seccomp"):
-        hardening.apply_seccomp()
-
-
 def _wait_for_payload() -> None:
     """A warm child: block until the host hands over the payload's memfd."""
     with socket.socket(fileno=PAYLOAD_FD) as sock:
@@ -249,14 +241,6 @@ def _wait_for_payload() -> None:
         os._exit(0)  # put away unused
     os.dup2(fds[0], PAYLOAD_FD)  # the socket's number, free again
     os.close(fds[0])
-
-
-def _read_payload() -> dict[str, Any]:
-    with os.fdopen(PAYLOAD_FD, "rb") as stream:
-        (length,) = HEADER.unpack(stream.read(HEADER.size))
-        header = decode_json(stream.read(length))
-        image = stream.read(header["image_size"])
-    return {"image": image, "mime_type": header["mime_type"], "options": header["options"]}
 
 
 def _error(reason: str, exc: BaseException, message: str | None = None) -> dict[str, Any]:
@@ -285,12 +269,11 @@ def _from_stdlib(thing: object) -> bool:
     return origin is None or os.path.realpath(origin).startswith(_STDLIB_ROOTS)
 
 
-def _isolate_imports(spec: dict[str, Any]) -> None:
+def _isolate_imports(spec: ChildSpec) -> None:
     """The plugin imports from its directory, its environment and the standard
     library only: the host's packages the launcher had loaded (and the import
     hooks they installed) are forgotten, and no other path is searched."""
-    first = spec.get("import_root") or spec["plugin_dir"]
-    sys.path[:] = [first, *spec.get("import_paths", ()), *STDLIB_PATH]
+    sys.path[:] = [spec.import_root or spec.plugin_dir, *spec.import_paths, *STDLIB_PATH]
     sys.meta_path[:] = [finder for finder in sys.meta_path if _from_stdlib(finder)]
     sys.path_hooks[:] = [hook for hook in sys.path_hooks if _from_stdlib(hook)]
     for name, module in list(sys.modules.items()):  # after the hooks: they name modules
@@ -300,8 +283,8 @@ def _isolate_imports(spec: dict[str, Any]) -> None:
     importlib.invalidate_caches()
 
 
-def _load(spec: dict[str, Any]) -> Any:
-    module_name, _, attribute = spec["entrypoint"].partition(":")
+def _load(spec: ChildSpec) -> Any:
+    module_name, _, attribute = spec.entrypoint.partition(":")
     _isolate_imports(spec)
     module = importlib.import_module(module_name)
     return getattr(module, attribute)()
@@ -321,7 +304,7 @@ def _encode_result(result: Any, max_bytes: int) -> bytes | dict[str, Any]:
     return frame
 
 
-def _run_plugin(spec: dict[str, Any], payload: dict[str, Any]) -> bytes:
+def _run_plugin(spec: ChildSpec, payload: Payload) -> bytes:
     try:
         plugin = _load(spec)
     except MemoryError as exc:
@@ -330,7 +313,7 @@ def _run_plugin(spec: dict[str, Any], payload: dict[str, Any]) -> bytes:
     except BaseException as exc:  # noqa: BLE001
         return encode_frame(_error("load_failed", exc))
     try:
-        result = plugin.run(payload)
+        result = plugin.run(payload.as_dict())
     except MemoryError as exc:
         return encode_frame(_error("memory_limit", exc, "out of memory"))
     except OSError as exc:
@@ -345,18 +328,19 @@ def _run_plugin(spec: dict[str, Any], payload: dict[str, Any]) -> bytes:
     # The boundary of plugin code: whatever it raises becomes its error reply.
     except BaseException as exc:  # noqa: BLE001
         return encode_frame(_error("plugin_raised", exc))
-    encoded = _encode_result(result, spec["limits"]["max_output_bytes"])
+    encoded = _encode_result(result, spec.limits.max_output_bytes)
     return encoded if isinstance(encoded, bytes) else encode_frame(encoded)
 
 
-def main(spec: dict[str, Any], fds: dict[str, int]) -> NoReturn:
+def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
     """Run one call in this (forked) process, then exit. Never returns."""
     try:
-        scratch = _setup(spec, fds)
-        _harden(spec, scratch)
-        if spec.get("warm"):
+        setup = Setup.of(spec, fds)
+        for _, step in STEPS:
+            step(setup)
+        if spec.warm:
             _wait_for_payload()
-        payload = _read_payload()
+        payload = read_payload(PAYLOAD_FD)
         _write_all(REPLY_FD, encode_frame(READY))
     # Fail closed: any setup problem ends the child before plugin code runs.
     except BaseException as exc:  # noqa: BLE001
@@ -370,20 +354,8 @@ def main(spec: dict[str, Any], fds: dict[str, int]) -> NoReturn:
         sys.stderr.flush()
         _write_all(REPLY_FD, frame)
     except MemoryError:
-        os._exit(SETUP_FAILED + 1)
+        os._exit(REPLY_OUT_OF_MEMORY)
     os._exit(0)
 
 
-def describe_exit(status: int) -> dict[str, Any]:
-    """Turn a raw wait status into `{"exit_code": n}` or `{"signal": "SIGSEGV"}`."""
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = f"SIG{number}"
-        return {"signal": name}
-    return {"exit_code": os.WEXITSTATUS(status)}
-
-
-__all__ = ["SETUP_FAILED", "describe_exit", "main"]
+__all__ = ["SETUP_FAILED", "main"]

@@ -1,4 +1,4 @@
-"""Bounds on JSON text, checked on the raw bytes before anything is expanded.
+"""Bounds on JSON text, checked on the raw bytes before anything is expanded (host).
 
 Decoding JSON turns a few bytes into large Python objects: `{}` is 2 bytes
 of text and about 64 bytes of dict, so a body of empty objects grows some
@@ -99,83 +99,107 @@ def scan(
     Raises NotJson or BoundsExceeded. Passing says nothing about numbers,
     literals or escapes: decode the text afterwards with a strict parser.
     """
-    base = 1 if members else 0
-    found: list[Member] = []
-    depth = items = 0
-    where = name
-    expect = "open" if members else ""  # members: open, key, colon, value
-    value_at = last_end = 0
-    key = ""
-    for match in _TOKEN.finditer(data):
-        start, end = match.span()
-        char = data[start]
-        if members and depth <= 1:
-            if depth == 0 and char != _BRACE:
+    return _Scanner(data, bounds, members, name).members_found()
+
+
+class _Scanner:
+    """One pass of `scan` over the tokens of a document."""
+
+    def __init__(
+        self, data: bytes | bytearray, bounds: JsonBounds, members: bool, name: str
+    ) -> None:
+        self.data, self.bounds, self.members = data, bounds, members
+        self.base = 1 if members else 0
+        self.found: list[Member] = []
+        self.depth = self.items = 0
+        self.where = name
+        self.expect = "open" if members else ""  # members: open, key, colon, value
+        self.value_at = self.last_end = 0
+        self.key = ""
+
+    def members_found(self) -> list[Member]:
+        data = self.data
+        for match in _TOKEN.finditer(data):
+            start, end = match.span()
+            char = data[start]
+            if self.members and self.depth <= 1:
+                if self.depth == 0 and char != _BRACE:
+                    raise NotJson("the document is not one JSON object")
+                _gap(data, self.last_end, start, self.expect)
+            if char == _QUOTE:
+                self._string(start, end)
+            elif char in _OPEN:
+                self._open()
+            elif char in _CLOSE:
+                if self._close(start, end):
+                    return self.found
+            elif char == _COMMA:
+                self._comma(start)
+            elif self.members and self.depth == 1:  # a colon
+                if self.expect != "colon":
+                    raise NotJson("a colon where none belongs")
+                self.expect, self.value_at = "value", end
+            self.last_end = end
+        if self.depth or self.members:
+            raise NotJson("the document ends before it is complete")
+        return self.found
+
+    def _count_item(self) -> None:
+        self.items += 1
+        if self.items > self.bounds.max_items:
+            raise BoundsExceeded("items", self.bounds.max_items, self.where)
+
+    def _string(self, start: int, end: int) -> None:
+        if end - start == 1:
+            raise NotJson("a string is never closed")
+        longest = self.bounds.max_string_bytes
+        if self.depth > self.base and end - start - 2 > longest:
+            raise BoundsExceeded("string", longest, self.where)
+        if self.members and self.depth == 1:
+            if self.expect == "key":
+                self.key = _key(self.data, start, end)
+                self.where, self.expect = f"field {self.key!r}", "colon"
+            elif self.expect != "value":
+                raise NotJson("a string where a colon should be")
+            elif end - start - 2 > longest and not _PLAIN.fullmatch(self.data, start, end):
+                raise BoundsExceeded("plain", longest, self.where)
+
+    def _open(self) -> None:
+        self.depth += 1
+        if self.members and self.depth == 1:
+            if self.expect != "open":
                 raise NotJson("the document is not one JSON object")
-            _gap(data, last_end, start, expect)
-        if char == _QUOTE:
-            if end - start == 1:
-                raise NotJson("a string is never closed")
-            if depth > base and end - start - 2 > bounds.max_string_bytes:
-                raise BoundsExceeded("string", bounds.max_string_bytes, where)
-            if members and depth == 1:
-                if expect == "key":
-                    key = _key(data, start, end)
-                    where, expect = f"field {key!r}", "colon"
-                elif expect != "value":
-                    raise NotJson("a string where a colon should be")
-                elif end - start - 2 > bounds.max_string_bytes and not _PLAIN.fullmatch(
-                    data, start, end
-                ):
-                    raise BoundsExceeded("plain", bounds.max_string_bytes, where)
-            last_end = end
-        elif char in _OPEN:
-            depth += 1
-            if members and depth == 1:
-                if expect != "open":
-                    raise NotJson("the document is not one JSON object")
-                expect = "key"
-            elif depth > base:
-                if depth - base > bounds.max_depth:
-                    raise BoundsExceeded("depth", bounds.max_depth, where)
-                items += 1
-                if items > bounds.max_items:
-                    raise BoundsExceeded("items", bounds.max_items, where)
-            last_end = end
-        elif char in _CLOSE:
-            depth -= 1
-            if depth < 0:
-                raise NotJson("a bracket is closed that was never opened")
-            if members and depth == 0:
-                if expect == "value":
-                    found.append(Member(key, value_at, start))
-                elif expect == "key" and found:
-                    raise NotJson("a comma before the closing brace")
-                elif expect == "colon":
-                    raise NotJson(f"member {where} has no value")
-                if data[start] != ord("}") or _SPACE.fullmatch(data, end) is None:
-                    raise NotJson("the document is not one JSON object")
-                return found
-            last_end = end
-        elif char == _COMMA:
-            if members and depth == 1:
-                if expect != "value":
-                    raise NotJson("a comma where a member should be")
-                found.append(Member(key, value_at, start))
-                expect = "key"
-            elif depth > base:
-                items += 1
-                if items > bounds.max_items:
-                    raise BoundsExceeded("items", bounds.max_items, where)
-            last_end = end
-        elif members and depth == 1:  # a colon
-            if expect != "colon":
-                raise NotJson("a colon where none belongs")
-            expect, value_at = "value", end
-            last_end = end
-    if depth or members:
-        raise NotJson("the document ends before it is complete")
-    return found
+            self.expect = "key"
+        elif self.depth > self.base:
+            if self.depth - self.base > self.bounds.max_depth:
+                raise BoundsExceeded("depth", self.bounds.max_depth, self.where)
+            self._count_item()
+
+    def _close(self, start: int, end: int) -> bool:
+        """True at the end of a member-mode document."""
+        self.depth -= 1
+        if self.depth < 0:
+            raise NotJson("a bracket is closed that was never opened")
+        if not (self.members and self.depth == 0):
+            return False
+        if self.expect == "value":
+            self.found.append(Member(self.key, self.value_at, start))
+        elif self.expect == "key" and self.found:
+            raise NotJson("a comma before the closing brace")
+        elif self.expect == "colon":
+            raise NotJson(f"member {self.where} has no value")
+        if self.data[start] != ord("}") or _SPACE.fullmatch(self.data, end) is None:
+            raise NotJson("the document is not one JSON object")
+        return True
+
+    def _comma(self, start: int) -> None:
+        if self.members and self.depth == 1:
+            if self.expect != "value":
+                raise NotJson("a comma where a member should be")
+            self.found.append(Member(self.key, self.value_at, start))
+            self.expect = "key"
+        elif self.depth > self.base:
+            self._count_item()
 
 
 def _gap(data: bytes | bytearray, start: int, end: int, expect: str) -> None:

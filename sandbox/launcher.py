@@ -1,14 +1,17 @@
 """The launcher: a small single-threaded process that forks one child per call.
 
+Everything in this module runs in the launcher process; the host's end of
+its socket is `sandbox.handle.Launcher`.
+
 The host is multi-threaded and must never fork itself, so it starts this
 process once, as a fresh interpreter (`python -m sandbox.launcher`, started
 with subprocess's fork-exec, which runs no Python code between the two), and
 asks it for children::
 
-    host thread                    launcher (single thread)       child
-    -----------                    ------------------------       -----
+    host thread (sandbox.handle)   launcher (single thread)       child
+    ----------------------------   ------------------------       -----
     Launcher.start_child(spec, fds)
-      -- SEQPACKET: JSON spec  -->  recv spec + 5 descriptors
+      -- SEQPACKET: StartChild -->  recv ChildSpec + 5 descriptors
          + SCM_RIGHTS fds            fork() --------------------->  sandbox.child.main()
     read status pipe  <----------   write pid (8 bytes)            ... runs plugin ...
     wait on reply, stdout,                                          exits / is killed
@@ -16,10 +19,12 @@ asks it for children::
     read status pipe  <----------   write wait status + maxrss,
                                     close status pipe
 
-The status pipe is the child's sentinel: it becomes readable when the child
-has exited and been reaped, and carries the raw wait status, so the host
-never polls. The launcher is a child subreaper: processes a plugin leaves
-behind are re-parented to it when their parent dies, and it reaps them all.
+The requests (StartChild, KillCall, KillUid) and the status pipe's PID and
+EXIT records are defined in `sandbox.protocol`. The status pipe is the
+child's sentinel: it becomes readable when the child has exited and been
+reaped, and carries the raw wait status, so the host never polls. The
+launcher is a child subreaper: processes a plugin leaves behind are
+re-parented to it when their parent dies, and it reaps them all.
 When the host closes its end of the socket (or dies), the launcher kills
 every child it started and exits. It never runs plugin code itself and never
 decodes anything a child writes.
@@ -34,109 +39,129 @@ status. The fork loop below is short enough to read in full.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import os
 import resource
 import select
 import signal
 import socket
-import struct
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
-from sandbox import child, isolation
-from sandbox.outcome import HostFailure
-
-PID = struct.Struct(">q")
-EXIT = struct.Struct(">iq")  # raw wait status, peak RSS in KiB
-FD_ORDER = ("status", "reply", "stdout", "stderr", "payload")
-MAX_SPEC = 1 << 16
-
-
-class LauncherError(HostFailure):
-    """The launcher could not start a child (it died or refused)."""
+from sandbox import child
+from sandbox.layers import kernel
+from sandbox.protocol import (
+    CHILD_FDS,
+    EXIT,
+    MAX_REQUEST,
+    PID,
+    RELAYED_STATUS,
+    ChildSpec,
+    KillCall,
+    KillUid,
+    ProtocolError,
+    StartChild,
+    decode_request,
+)
 
 
 def serve(sock: socket.socket) -> None:
     """Launcher main loop. Runs in the launcher process until the host leaves."""
-    isolation.prctl(isolation.PR_SET_CHILD_SUBREAPER, 1)
+    kernel.prctl(kernel.PR_SET_CHILD_SUBREAPER, 1)
     # No process between here and the plugin ever writes a core dump: not the
     # launcher, not a call's root-owned relay or init (whatever core limit the
     # service manager gave the host), before anything can crash.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    isolation.prctl(isolation.PR_SET_DUMPABLE, 0)
+    kernel.prctl(kernel.PR_SET_DUMPABLE, 0)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host to handle
-    children: dict[int, int] = {}
-    relays: dict[int, int] = {}  # pid of a call's child -> read end of its relay pipe
-    uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
-    calls: dict[str, int] = {}  # the host's token of a call -> its unreaped child's pid
+    state = _State(sock, (wake_r, wake_w))
     try:
         while True:
             readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
             if wake_r in readable:
-                while True:
-                    try:
-                        if not os.read(wake_r, 4096):
-                            break
-                    except BlockingIOError:
-                        break
-                _reap(children, relays)
-                for token in [t for t, pid in calls.items() if pid not in children]:
-                    del calls[token]  # reaped: its pid may name another process soon
+                state.on_signal()
             if sock.fileno() in readable:
-                message, fds, _, _ = socket.recv_fds(sock, MAX_SPEC, len(FD_ORDER))
+                message, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, len(CHILD_FDS))
                 if not message:
                     return
-                request = json.loads(message)
-                if request.get("op") == "kill_call":
-                    for fd in fds:
-                        os.close(fd)
-                    pid = calls.get(str(request.get("token")), 0)
-                    if pid in children:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                elif request.get("op") == "kill_uid" and len(fds) == 1:
-                    _fork_killer(int(request["uid"]), fds[0], sock, children)
-                else:
-                    pid = _fork_child(request, fds, sock, children, relays, (wake_r, wake_w))
-                    if pid and request.get("uid"):
-                        uids[pid] = int(request["uid"])
-                    if pid and request.get("token"):
-                        calls[str(request["token"])] = pid
-                for pid in [p for p in uids if p not in children]:
-                    del uids[pid]
+                state.on_request(message, fds)
     finally:
-        # The host is gone: end every call still running, descendants included.
-        for uid in set(uids.values()):
-            _fork_killer(uid, -1, sock, {})
-        for pid in children:
+        state.end_all()
+
+
+class _State:
+    """What the launcher knows of the children it started."""
+
+    def __init__(self, sock: socket.socket, wake: tuple[int, int]) -> None:
+        self.sock = sock
+        self.wake = wake
+        self.children: dict[int, int] = {}  # pid -> its status pipe (write end)
+        self.relays: dict[int, int] = {}  # pid of a call's child -> its relay pipe
+        self.uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
+        self.calls: dict[str, int] = {}  # the host's token of a call -> its unreaped pid
+
+    def on_signal(self) -> None:
+        """SIGCHLD woke the loop: reap, and forget the tokens of reaped calls."""
+        while True:
+            try:
+                if not os.read(self.wake[0], 4096):
+                    break
+            except BlockingIOError:
+                break
+        _reap(self.children, self.relays)
+        for token in [t for t, pid in self.calls.items() if pid not in self.children]:
+            del self.calls[token]  # reaped: its pid may name another process soon
+
+    def on_request(self, message: bytes, fds: list[int]) -> None:
+        """Serve one request; close every descriptor it brought and did not use."""
+        try:
+            request = decode_request(message)
+        except ProtocolError:
+            request = None  # not from our host: ignored, its descriptors closed
+        if isinstance(request, KillCall):
+            pid = self.calls.get(request.token, 0)
+            if pid in self.children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        elif isinstance(request, KillUid) and len(fds) == 1:
+            _fork_killer(request.uid, fds.pop(), self.sock, self.children)
+        elif isinstance(request, StartChild) and len(fds) == len(CHILD_FDS):
+            spec, named = request.spec, dict(zip(CHILD_FDS, fds, strict=True))
+            fds = []
+            pid = _fork_child(spec, named, self.sock, self.children, self.relays, self.wake)
+            if spec.uid:
+                self.uids[pid] = spec.uid
+            self.calls[spec.token] = pid
+        for fd in fds:
+            os.close(fd)
+        for pid in [p for p in self.uids if p not in self.children]:
+            del self.uids[pid]
+
+    def end_all(self) -> None:
+        """The host is gone: end every call still running, descendants included."""
+        for uid in set(self.uids.values()):
+            _fork_killer(uid, -1, self.sock, {})
+        for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         _wait_all(deadline_s=2.0)
 
 
 def _fork_child(
-    spec: dict[str, Any],
-    fds: list[int],
+    spec: ChildSpec,
+    named: dict[str, int],
     sock: socket.socket,
     children: dict[int, int],
     relays: dict[int, int],
     wake: tuple[int, int],
 ) -> int:
-    if len(fds) != len(FD_ORDER):
-        for fd in fds:
-            os.close(fd)
-        return 0
-    named = dict(zip(FD_ORDER, fds, strict=True))
+    """Fork the child of `spec` with the descriptors `named` (closed here)."""
     relay_r, named["relay"] = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    spec["launcher_pid"] = os.getpid()
+    spec = dataclasses.replace(spec, launcher_pid=os.getpid())
     pid = os.fork()
     if pid == 0:
         sock.close()
@@ -208,12 +233,12 @@ def _reap(children: dict[int, int], relays: dict[int, int]) -> None:
         if relay_fd is not None:
             try:
                 # A relay (PID namespace) exits 0 after writing the worker's status.
-                relayed = os.read(relay_fd, child.STATUS.size)
+                relayed = os.read(relay_fd, RELAYED_STATUS.size)
             except BlockingIOError:
                 relayed = b""
             os.close(relay_fd)
-            if len(relayed) == child.STATUS.size and status == 0:
-                (status,) = child.STATUS.unpack(relayed)
+            if len(relayed) == RELAYED_STATUS.size and status == 0:
+                (status,) = RELAYED_STATUS.unpack(relayed)
         # The host may have closed its end already (it gave up on the call).
         with contextlib.suppress(OSError):
             os.write(status_fd, EXIT.pack(status, usage.ru_maxrss))
@@ -227,131 +252,6 @@ def main() -> None:
 
 
 SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-class Launcher:
-    """Host-side handle on the launcher process; safe to share between threads.
-
-    The launcher is started on first use and started again if it has died.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._sock: socket.socket | None = None
-
-    @property
-    def pid(self) -> int | None:
-        """Pid of the running launcher, or None before the first call."""
-        process = self._process
-        return None if process is None else int(process.pid)
-
-    def _alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def _ensure_started(self) -> socket.socket:
-        if self._sock is not None and self._alive():
-            return self._sock
-        self._stop_locked()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.set_inheritable(False)
-        bootstrap = (
-            f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); "
-            "import sandbox.launcher as launcher; launcher.main()"
-        )
-        process = subprocess.Popen(
-            [sys.executable, "-E", "-s", "-c", bootstrap, str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-            env=child.SAFE_ENV,  # the launcher starts as bare as the children it forks
-        )
-        theirs.close()
-        self._process, self._sock = process, ours
-        return ours
-
-    def start(self) -> None:
-        """Start the launcher now rather than at the first call (a host about
-        to give up root starts it while it still can)."""
-        with self._lock:
-            self._ensure_started()
-
-    def start_child(self, spec: dict[str, Any], fds: dict[str, int]) -> None:
-        """Ask the launcher to fork a child for `spec` with the descriptors `fds`.
-
-        `fds` maps every name of FD_ORDER to a descriptor; the caller keeps
-        its own copies and closes them. Raises LauncherError if the launcher
-        cannot be reached even after a restart.
-        """
-        message = json.dumps(spec).encode()
-        ordered = [fds[name] for name in FD_ORDER]
-        with self._lock:
-            for attempt in (1, 2):
-                sock = self._ensure_started()
-                try:
-                    socket.send_fds(sock, [message], ordered)
-                    return
-                except OSError as exc:
-                    self._stop_locked()
-                    if attempt == 2:
-                        raise LauncherError(f"launcher unreachable: {exc}") from exc
-
-    def kill_call(self, token: str) -> None:
-        """Ask the launcher to SIGKILL the child it started for the spec with
-        this `token`, unless it has reaped it already (the launcher knows; a
-        pid the host remembers may name another process by then). Does
-        nothing when the launcher is gone (its children went with it)."""
-        with self._lock:
-            if self._sock is None or not self._alive():
-                return
-            with contextlib.suppress(OSError):
-                self._sock.send(json.dumps({"op": "kill_call", "token": token}).encode())
-
-    def kill_uid(self, uid: int, timeout_s: float = 2.0) -> bool:
-        """Kill every process running as `uid` in one atomic `kill(-1)`.
-
-        Returns True when the launcher confirmed it, False on timeout or if
-        the launcher is gone (callers then fall back to a sweep).
-        """
-        done_r, done_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            with self._lock:
-                if self._sock is None or not self._alive():
-                    return False
-                try:
-                    socket.send_fds(
-                        self._sock, [json.dumps({"op": "kill_uid", "uid": uid}).encode()], [done_w]
-                    )
-                except OSError:
-                    return False
-            os.close(done_w)
-            done_w = -1
-            poller = select.poll()  # host descriptors may be past select()'s 1024
-            poller.register(done_r, select.POLLIN)
-            if not poller.poll(timeout_s * 1000):
-                return False
-            data = os.read(done_r, EXIT.size)
-            return len(data) == EXIT.size and os.waitstatus_to_exitcode(EXIT.unpack(data)[0]) == 0
-        finally:
-            os.close(done_r)
-            if done_w >= 0:
-                os.close(done_w)
-
-    def _stop_locked(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self._process is not None:
-            try:
-                self._process.wait(5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(5)
-            self._process = None
-
-    def stop(self) -> None:
-        """Close the launcher; it kills the children it started and exits."""
-        with self._lock:
-            self._stop_locked()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Resource limits of one plugin call, as values.
+"""Resource limits of one plugin call, as values (host; `rlimits_for` also in the child).
 
 `HostLimits` is the one documented place for the host's tunables: the
 defaults a plugin gets when its manifest is silent and the maxima its

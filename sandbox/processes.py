@@ -1,9 +1,9 @@
-"""Finding, measuring and killing every process that belongs to one call.
+"""Finding, measuring and killing every process that belongs to one call (host).
 
 A call's processes are found two ways at once:
 
 * by uid, when the host runs as root: each call runs under its own
-  unprivileged uid (`UidPool`), so every process with that uid is the call's,
+  unprivileged uid (`sandbox.supervisor.UidPool`), so every process with that uid is the call's,
   however it was started (double fork, `setsid`, daemonised);
 * by session and ancestry otherwise: the child leads its own session and
   its descendants are found through psutil. A process that both leaves the
@@ -13,22 +13,12 @@ A call's processes are found two ways at once:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import time
 from dataclasses import dataclass
 
 import psutil
-
-from sandbox.outcome import HostFailure
-
-# Per-call uids are UID_BASE .. UID_BASE + UID_SLOTS - 1: no user of the
-# machine may own one. PLUGHOST_UID_BASE moves the range (the test suite uses
-# its own, so it never mistakes a running server's calls for its own leaks).
-UID_BASE = int(os.environ.get("PLUGHOST_UID_BASE", "1500000"))
-UID_SLOTS = 1024
-LOCK_DIR = "/run/plughost/uids"
 
 
 @dataclass(frozen=True)
@@ -94,53 +84,6 @@ class CallProcesses:
                 except psutil.Error:
                     continue
         return killed
-
-
-class UidPool:
-    """Hands out one unprivileged uid per running call.
-
-    A uid is held with an exclusive `flock` on a file in LOCK_DIR, so two
-    hosts on one machine never share one; the lock dies with its holder.
-    """
-
-    def __init__(self, base: int = UID_BASE, slots: int = UID_SLOTS) -> None:
-        self._base = base
-        self._slots = slots
-        self.used: set[int] = set()  # every uid this pool has handed out
-        os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
-
-    def acquire(self) -> tuple[int, int]:
-        """Lock a free uid. Returns `(uid, lock_fd)`. Raises RuntimeError when all are taken."""
-        for uid in range(self._base, self._base + self._slots):
-            fd = os.open(f"{LOCK_DIR}/{uid}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            self.used.add(uid)
-            return uid, fd
-        raise HostFailure(f"all {self._slots} sandbox uids are in use")
-
-    def at_rest(self) -> set[int]:
-        """Uids this pool has handed out that no call holds now, of this host
-        or another: a process running under one is a leftover of this host's."""
-        free = set()
-        for uid in sorted(self.used):
-            fd = os.open(f"{LOCK_DIR}/{uid}", os.O_RDWR | os.O_CLOEXEC)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                free.add(uid)
-            except BlockingIOError:
-                continue
-            finally:
-                os.close(fd)
-        return free
-
-    @staticmethod
-    def release(lock_fd: int) -> None:
-        """Give the uid back (its processes must be dead by now)."""
-        os.close(lock_fd)
 
 
 def _alive(proc: psutil.Process) -> bool:

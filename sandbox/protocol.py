@@ -1,11 +1,24 @@
-"""The pipe protocol between the host and a sandbox child.
+"""Every message that crosses a process boundary, one definition each.
 
-Every message is one frame: a 4-byte big-endian length, then that many
+    host     -- CallSpec ---------------------------------> (in-process input)
+    host     -- LauncherRequest (SEQPACKET, JSON) ---------> launcher
+                   StartChild(ChildSpec) + 5 descriptors
+                   KillCall(token) / KillUid(uid) + 1 descriptor
+    launcher -- status pipe: PID, then EXIT ---------------> host
+    launcher -- ChildSpec (in memory, after fork) ---------> child
+    host     -- payload file (sealed memfd) ---------------> child
+    child    -- reply pipe: ready frame, final frame ------> host
+    child    -- exit code SETUP_FAILED / REPLY_OUT_OF_MEMORY -> host
+
+Every reply message is one frame: a 4-byte big-endian length, then that many
 bytes of UTF-8 JSON. The reader checks the length against its maximum
 before it reads a byte of the body, and decodes only strict JSON (no NaN,
 no Infinity). Nothing a child writes is ever unpickled.
 
-Host to child (a sealed in-memory file the child reads once)::
+Host to child, the payload file: an in-memory file (memfd) the host writes
+once and then seals against any write, growth or shrinking (F_SEAL_*), so
+what the child reads is what the host wrote; the child checks the seals
+before it reads::
 
     frame  {"mime_type": str, "options": {...}, "image_size": int}
     bytes  the image, exactly image_size of them
@@ -30,10 +43,13 @@ reply is made valid (lone surrogates become U+FFFD) instead.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import struct
 import sys
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -46,6 +62,7 @@ from sandbox.jsonbounds import (
     replace_surrogates,
     scan,
 )
+from sandbox.limits import CallLimits
 from sandbox.outcome import CHILD_REASONS
 
 HEADER = struct.Struct(">I")
@@ -219,3 +236,238 @@ def parse_reply(body: bytes) -> ResultMessage | ErrorMessage:
     if isinstance(message, ResultMessage) and lone_surrogate(message.result):
         return _invalid_output("holds a lone surrogate, which is not valid UTF-8 text")
     return message
+
+
+class ReplyStream:
+    """The child's reply pipe as the protocol allows it: exactly one ready
+    frame, then at most one final frame, then nothing."""
+
+    def __init__(self, max_body: int) -> None:
+        self._frames = FrameReader(max_body=max_body)
+        self.ready = False
+        self.final: bytes | None = None
+        self.pending = 0  # bytes of an incomplete frame still buffered
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes from the reply pipe. Raises ProtocolError for anything
+        out of order: bytes after the final frame, a first frame that is not
+        the ready marker, a second final frame, an oversized frame."""
+        if self.final is not None:
+            raise ProtocolError("bytes after the final frame")
+        self._frames.feed(data)
+        self.pending = self._frames.pending
+        while self._frames.frames:
+            frame = self._frames.frames.pop(0)
+            if not self.ready:
+                parse_ready(frame)
+                self.ready = True
+            elif self.final is None:
+                self.final = frame
+            else:
+                raise ProtocolError("more than one final frame")
+
+
+# -- the call: what the host asks the sandbox to run --------------------------
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What the plugin's `run` gets, and the payload file carries."""
+
+    image: bytes
+    mime_type: str
+    options: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "mime_type": self.mime_type, "options": self.options}
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """Everything the sandbox needs for one call."""
+
+    plugin: str
+    plugin_dir: str
+    entrypoint: str
+    limits: CallLimits
+    image: bytes
+    mime_type: str
+    options: dict[str, Any]
+    # The plugin's own environment (its declared packages), searched after
+    # its directory; the host's site-packages never are.
+    import_paths: tuple[str, ...] = ()
+    # Where the entrypoint's module is imported from, when not plugin_dir: the
+    # parent of an installed plugin package (only plugin_dir itself is exposed).
+    import_root: str | None = None
+
+    def without_payload(self) -> CallSpec:
+        """The same plugin and limits, no payload (what a warm child is started for)."""
+        return replace(self, image=b"", mime_type="", options={})
+
+
+# -- the payload file -----------------------------------------------------------
+
+PAYLOAD_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def write_payload(payload: Payload) -> int:
+    """Write `payload` into a new memfd, seal it and rewind it; return the
+    descriptor (close-on-exec; the caller closes it)."""
+    header = {
+        "mime_type": payload.mime_type,
+        "options": payload.options,
+        "image_size": len(payload.image),
+    }
+    fd = os.memfd_create("plughost-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, encode_frame(header))
+        view = memoryview(payload.image)
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, PAYLOAD_SEALS)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_payload(fd: int) -> Payload:
+    """Read the payload file on `fd` (and close it). Raises ProtocolError if
+    it is not sealed or not what `write_payload` writes."""
+    with os.fdopen(fd, "rb") as stream:
+        if fcntl.fcntl(stream.fileno(), fcntl.F_GET_SEALS) & PAYLOAD_SEALS != PAYLOAD_SEALS:
+            raise ProtocolError("the payload file is not sealed")
+        (length,) = HEADER.unpack(stream.read(HEADER.size))
+        header = decode_json(stream.read(length))
+        if not isinstance(header, dict) or set(header) != {"mime_type", "options", "image_size"}:
+            raise ProtocolError("the payload file's header is malformed")
+        image = stream.read(header["image_size"])
+    return Payload(image, header["mime_type"], header["options"])
+
+
+# -- the child: what the launcher forks, and how it ends ---------------------------
+
+# The environment of the launcher and of every child: nothing of the host's.
+SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+# Exit codes of a child that did not reply: its setup failed (the plugin never
+# ran), or it ran out of memory writing its reply.
+SETUP_FAILED = 121
+REPLY_OUT_OF_MEMORY = 122
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """What a child needs to set itself up and run the plugin.
+
+    Built by the host (`ChildHandle.start`), carried to the launcher in a
+    StartChild request, completed there with `launcher_pid`, and read by the
+    child after the fork.
+    """
+
+    plugin_dir: str
+    entrypoint: str
+    limits: CallLimits
+    layers: dict[str, bool]  # the optional layers this call gets (sandbox.layers)
+    expose: tuple[str, ...]  # host paths the child may read
+    scratch: str | None  # host scratch directory (None: a tmpfs in the minimal root)
+    uid: int | None  # the call's own uid on a root host
+    gid: int | None
+    cgroup_procs: tuple[str, ...]  # cgroup.procs files the child joins first
+    warm: bool  # set up, then wait for the payload on a socket
+    token: str  # the launcher's name for this child (KillCall)
+    launcher_pid: int = 0
+    hide: tuple[str, ...] = ()  # package directories inside `expose` covered by an empty tmpfs
+    import_paths: tuple[str, ...] = ()  # the plugin's environment, after its directory
+    import_root: str | None = None  # sys.path entry of an installed plugin package
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        wire["limits"] = self.limits.__dict__
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Any) -> ChildSpec:
+        """Raises ProtocolError naming what is wrong."""
+        if not isinstance(wire, dict) or set(wire) != set(cls.__dataclass_fields__):
+            raise ProtocolError("malformed child spec")
+        try:
+            limits = CallLimits(**wire["limits"])
+        except TypeError as exc:
+            raise ProtocolError(f"malformed limits in child spec: {exc}") from exc
+        return cls(
+            **{
+                **wire,
+                "limits": limits,
+                "expose": tuple(wire["expose"]),
+                "hide": tuple(wire["hide"]),
+                "import_paths": tuple(wire["import_paths"]),
+                "cgroup_procs": tuple(wire["cgroup_procs"]),
+            }
+        )
+
+
+# -- the launcher: requests and replies ------------------------------------------
+
+# Descriptors that come with a StartChild request, in this order.
+CHILD_FDS = ("status", "reply", "stdout", "stderr", "payload")
+MAX_REQUEST = 1 << 16
+PID = struct.Struct(">q")  # first on the status pipe: the child's pid
+EXIT = struct.Struct(">iq")  # then: its raw wait status, peak RSS in KiB
+RELAYED_STATUS = struct.Struct(">i")  # a PID namespace's relay to the launcher
+
+
+@dataclass(frozen=True)
+class StartChild:
+    """Fork a child for `spec`; comes with the descriptors of CHILD_FDS."""
+
+    spec: ChildSpec
+
+
+@dataclass(frozen=True)
+class KillCall:
+    """SIGKILL the child started with this token, unless it is reaped."""
+
+    token: str
+
+
+@dataclass(frozen=True)
+class KillUid:
+    """Kill every process of `uid`; comes with one descriptor for the EXIT."""
+
+    uid: int
+
+
+LauncherRequest = StartChild | KillCall | KillUid
+
+
+@dataclass(frozen=True)
+class ChildExit:
+    """What the launcher reports when it has reaped a child."""
+
+    status: int  # raw wait status
+    maxrss_kb: int = field(default=0)
+
+
+def encode_request(request: LauncherRequest) -> bytes:
+    if isinstance(request, StartChild):
+        body: dict[str, Any] = {"op": "start", "spec": request.spec.to_wire()}
+    elif isinstance(request, KillCall):
+        body = {"op": "kill_call", "token": request.token}
+    else:
+        body = {"op": "kill_uid", "uid": request.uid}
+    return json.dumps(body).encode()
+
+
+def decode_request(message: bytes) -> LauncherRequest:
+    """Raises ProtocolError for a request the launcher does not know."""
+    data = decode_json(message)
+    op = data.get("op") if isinstance(data, dict) else None
+    if op == "start":
+        return StartChild(ChildSpec.from_wire(data.get("spec")))
+    if op == "kill_call" and isinstance(data.get("token"), str):
+        return KillCall(data["token"])
+    if op == "kill_uid" and isinstance(data.get("uid"), int):
+        return KillUid(data["uid"])
+    raise ProtocolError(f"unknown launcher request {str(op)[:40]!r}")

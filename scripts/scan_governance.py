@@ -23,6 +23,9 @@ Checks (docs/GOVERNANCE.md explains each and what to do when one fires):
                  (dict keys, set, frozenset, Literal) outside sandbox/outcome.py
   cycles         no import cycles among the modules of `host` and `sandbox`
                  (imports inside functions count)
+  layer-names    isolation layer names are listed only in sandbox/layers/ (the
+                 registry): no list, tuple, set or dict elsewhere in `host` or
+                 `sandbox` spells two or more of them
   no-unpickle    host-side code imports no pickle, dill, marshal or shelve
   except         no bare `except:` and no handler whose whole body is `pass`
 """
@@ -332,6 +335,47 @@ def check_reason_tables(rel: str, tree: ast.AST, reasons: set[str]) -> Iterator[
             )
 
 
+LAYER_PACKAGE = "sandbox/layers/"
+
+
+def registered_layers(root: Path) -> set[str]:
+    """The layer names of the registry: the first argument of every
+    `Layer("name", ...)` in sandbox/layers/__init__.py."""
+    path = root / LAYER_PACKAGE / "__init__.py"
+    if not path.is_file():
+        return set()
+    return {
+        node.args[0].value
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and _dotted(node.func) == "Layer"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    }
+
+
+def check_layer_names(rel: str, tree: ast.AST, layers: set[str]) -> Iterator[Violation]:
+    if rel.startswith(LAYER_PACKAGE):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, ast.List | ast.Tuple | ast.Set):
+            items: list[ast.expr | None] = list(node.elts)
+        elif isinstance(node, ast.Dict):
+            items = list(node.keys)
+        else:
+            continue
+        named = [i.value for i in items if isinstance(i, ast.Constant) and i.value in layers]
+        if len(named) >= 2:
+            yield Violation(
+                rel,
+                node.lineno,
+                "layer-names",
+                f"layer names listed outside the registry ({', '.join(map(str, named[:3]))}):"
+                " derive the list from sandbox.layers",
+            )
+
+
 def _module_paths(root: Path) -> dict[str, str]:
     """Every module below the scanned tops, by dotted name, with its path."""
     modules = {}
@@ -420,6 +464,7 @@ def scan(root: Path) -> list[Violation]:
     """All violations below `root` (a checkout of plughost)."""
     violations = list(check_runner(root))
     reasons = _reason_names(root)
+    layers = registered_layers(root)
     trees: dict[str, ast.AST] = {}
     for top in SCANNED:
         for path in sorted((root / top).rglob("*.py")):
@@ -439,6 +484,7 @@ def scan(root: Path) -> list[Violation]:
             ):
                 violations.extend(check(rel, tree))
             violations.extend(check_reason_tables(rel, tree, reasons))
+            violations.extend(check_layer_names(rel, tree, layers))
     violations.extend(check_cycles(root, trees))
     return violations
 

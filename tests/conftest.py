@@ -3,17 +3,8 @@ images, and a leak check around every test that runs a sandbox."""
 
 from __future__ import annotations
 
-import os
-
-# A uid range of the test run's own: a plughost server running on the same
-# machine must not be mistaken for processes the tests left behind.
-os.environ.setdefault("PLUGHOST_UID_BASE", "1600000")
-# One store of plugin environments for the whole run (the bundled plugins'
-# Pillow is prepared once): this process, and the servers and CLI commands
-# the tests start, all read it. Kept between runs, as an operator's would be.
-os.environ.setdefault("PLUGHOST_ENV_DIR", "/var/tmp/plughost-test-envs")
-
 import io
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +18,17 @@ from host.environments import EnvironmentStore, EnvStatus
 from host.preparation import environment_store, prepare_all
 from host.registry import PluginRegistry, get_registry
 from sandbox.cgroups import host_id
-from sandbox.processes import UID_BASE, UID_SLOTS
-from sandbox.supervisor import Sandbox
+from sandbox.supervisor import Sandbox, uid_range
 from sandbox.tool_runner import ToolRunner
+
+# A uid range of the test run's own: a plughost server running on the same
+# machine must not be mistaken for processes the tests left behind. Every
+# Sandbox reads it when it is made, and the servers the tests start inherit it.
+os.environ.setdefault("PLUGHOST_UID_BASE", "1600000")
+# One store of plugin environments for the whole run (the bundled plugins'
+# Pillow is prepared once): this process, and the servers and CLI commands
+# the tests start, all read it. Kept between runs, as an operator's would be.
+os.environ.setdefault("PLUGHOST_ENV_DIR", "/var/tmp/plughost-test-envs")
 
 HOSTILE_DIR = BUNDLED_DIR / "hostile"
 
@@ -97,10 +96,11 @@ def runner(registry: PluginRegistry, sandbox: Sandbox) -> ToolRunner:
 
 def sandbox_processes(launcher: int | None) -> list[psutil.Process]:
     """Processes that belong to some call: a sandbox uid, or a child of the launcher."""
+    uids = uid_range()
     found = []
     for proc in psutil.process_iter(["uids", "ppid", "status"]):
         uid = proc.info["uids"].real if proc.info["uids"] else -1
-        if UID_BASE <= uid < UID_BASE + UID_SLOTS or (launcher and proc.info["ppid"] == launcher):
+        if uid in uids or (launcher and proc.info["ppid"] == launcher):
             found.append(proc)
     return found
 

@@ -22,7 +22,7 @@ from host.crashsuite.cases import Case
 from host.crashsuite.report import FAIL, NOT_DEFENDED, PASS, CaseReport
 from host.crashsuite.targets import Target
 from sandbox.envelope import Envelope
-from sandbox.processes import UID_BASE, UID_SLOTS
+from sandbox.supervisor import uid_range
 
 WATCHED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 RSS_TOLERANCE_MB = 64.0
@@ -60,7 +60,7 @@ def stray_files(extra_dirs: Iterable[Path] = (), host_dirs: Iterable[Path] = ())
                 uid = entry.lstat().st_uid
             except OSError:
                 continue
-            if UID_BASE <= uid < UID_BASE + UID_SLOTS or entry.name.startswith("plughost-escape"):
+            if uid in uid_range() or entry.name.startswith("plughost-escape"):
                 found.add(str(entry))
     for directory in host_dirs:
         with contextlib.suppress(OSError):

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from sandbox.processes import UID_BASE, UID_SLOTS
+from sandbox.supervisor import uid_range
 from sandbox.tool_runner import ToolRunner
 
 
@@ -40,7 +40,7 @@ def sandbox_processes(idle_uids: set[int] | None = None, only: set[int] | None =
         uids = proc.info["uids"]
         if not uids or (only is not None and uids.real not in only):
             continue
-        if UID_BASE <= uids.real < UID_BASE + UID_SLOTS and uids.real not in idle:
+        if uids.real in uid_range() and uids.real not in idle:
             count += proc.info["status"] != psutil.STATUS_ZOMBIE
     return count
 
@@ -94,7 +94,7 @@ class LocalTarget:
         one without per-call uids, every descendant of this host's launcher
         that is not a warm child waiting for its call."""
         sandbox = self.runner.sandbox
-        if sandbox.layers()["privilege_drop"]:
+        if sandbox.active_layers()["privilege_drop"]:
             # Only uids this host used and nobody holds: another host's calls
             # on the same machine (a running server) are not counted.
             return sandbox_processes(only=sandbox.uids_at_rest())
@@ -103,7 +103,7 @@ class LocalTarget:
     def end_leftovers(self) -> None:
         """Kill what a case the host could not defend left behind."""
         sandbox = self.runner.sandbox
-        if sandbox.layers()["privilege_drop"]:
+        if sandbox.active_layers()["privilege_drop"]:
             return  # the next call with the same uid sweeps it
         for proc in descendants(sandbox.launcher.pid, exclude=sandbox.warm_pids()):
             with contextlib.suppress(psutil.Error):

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from sandbox.launcher import SOURCE_ROOT
-from sandbox.processes import UID_BASE, UID_SLOTS
+from sandbox.supervisor import uid_range
 from tests.conftest import HOSTILE_DIR, make_png
 
 pytestmark = pytest.mark.no_leak_check  # the CLI is its own host process
@@ -36,7 +36,7 @@ def leftover_processes() -> list[str]:
     for proc in psutil.process_iter(["uids", "cmdline", "ppid"]):
         uid = proc.info["uids"].real if proc.info["uids"] else -1
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if UID_BASE <= uid < UID_BASE + UID_SLOTS:
+        if uid in uid_range():
             found.append(f"{proc.pid} uid {uid}")
         # A launcher of this checkout whose host is gone (a server running
         # from the same checkout keeps its own, and so does this process).

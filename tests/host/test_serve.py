@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox.processes import UID_BASE, UID_SLOTS
+from sandbox.supervisor import uid_range
 from tests.conftest import HOSTILE_DIR, make_png, write_plugin
 
 pytestmark = pytest.mark.no_leak_check  # the server is its own host process
@@ -166,7 +166,7 @@ def test_root_server_serves_as_its_user_while_calls_keep_their_own_uids(tmp_path
         status, data = request(port, "POST", "/v1/analyze", {**BODY, "plugin": "whoami"})
         assert status == 200
         call_uid = data["result"]["uid"]
-        assert call_uid != user_uid and UID_BASE <= call_uid < UID_BASE + UID_SLOTS
+        assert call_uid != user_uid and call_uid in uid_range()
         status, data = request(port, "POST", "/v1/analyze", {**BODY, "plugin": "segfault"})
         assert status == 400 and data["detail"]["details"]["signal"] == "SIGSEGV"
         status, data = request(port, "GET", "/readyz")

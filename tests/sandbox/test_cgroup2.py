@@ -140,7 +140,7 @@ return {}
     assert registry.load_directory(tmp_path / "spread") == ["spread"]
     sandbox = Sandbox()
     try:
-        assert sandbox.layers()["cgroup_memory"]
+        assert sandbox.active_layers()["cgroup_memory"]
         result, error = ToolRunner(registry, sandbox).run("spread", payload)
     finally:
         sandbox.close()

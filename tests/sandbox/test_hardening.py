@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from host.registry import PluginRegistry
-from sandbox.layers import (
+from sandbox.layers import detect
+from sandbox.layers.seccomp import (
     ALLOWED_SOCKET_FAMILIES,
     AUDIT_ARCH_X86_64,
     BPF_JEQ_K,
@@ -35,7 +36,6 @@ from sandbox.layers import (
     SYS_FCNTL_X86_64,
     SYS_SOCKET_X86_64,
     SYS_SOCKETPAIR_X86_64,
-    detect,
     seccomp_program,
 )
 from sandbox.supervisor import Sandbox
@@ -369,3 +369,21 @@ def test_unknown_layer_or_level_is_refused() -> None:
         Sandbox(disabled=["warp_drive"])
     with pytest.raises(ValueError, match="isolation must be one of"):
         Sandbox(isolation="paranoid")
+
+
+def test_seccomp_refuses_an_architecture_it_has_no_numbers_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The filter's numbers are x86_64's: elsewhere the layer is missing (so
+    `strict` refuses to run plugins) and applying it fails, never silently
+    installs a filter that denies the wrong system calls."""
+    import platform
+
+    from sandbox.layers import seccomp
+    from sandbox.layers.kernel import IsolationError
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert seccomp.seccomp_supported() is False
+    assert seccomp.probe() is False
+    with pytest.raises(IsolationError, match="no filter for aarch64"):
+        seccomp.apply_seccomp()

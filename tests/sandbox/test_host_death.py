@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox.processes import UID_BASE, UID_SLOTS
+from sandbox.supervisor import uid_range
 from tests.conftest import write_plugin
 
 pytestmark = pytest.mark.no_leak_check  # the host under test is another process
@@ -54,7 +54,7 @@ def test_sandbox_and_launcher_die_when_the_host_is_killed(tmp_path: Path) -> Non
 
         def ours(proc: psutil.Process) -> bool:
             uid = proc.info["uids"].real if proc.info["uids"] else -1
-            if not UID_BASE <= uid < UID_BASE + UID_SLOTS:
+            if uid not in uid_range():
                 return False
             try:
                 return any(p.pid == host.pid for p in proc.parents())
@@ -143,7 +143,7 @@ def test_next_host_removes_the_cgroups_a_killed_host_left(tmp_path: Path) -> Non
     )  # a killed host cannot clean up
     sandbox = Sandbox()
     try:
-        sandbox.layers()
+        sandbox.active_layers()
         assert not list(Path("/sys/fs/cgroup/memory/plughost").glob(pattern))
         assert not list(Path("/sys/fs/cgroup/pids/plughost").glob(pattern))
     finally:

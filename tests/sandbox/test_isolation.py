@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from host.registry import PluginRegistry
-from sandbox.isolation import plan_binds
+from sandbox.layers.mnt import plan_binds
 from sandbox.tool_runner import ToolRunner
 from tests.conftest import write_plugin
 

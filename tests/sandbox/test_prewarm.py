@@ -165,7 +165,7 @@ def test_putting_away_a_dead_warm_child_never_kills_the_process_that_reused_its_
 def test_warm_slots_are_checked_on_descriptors_past_1024() -> None:
     # A server that raised its descriptor limit for many connections hands
     # warm children descriptors beyond select()'s reach.
-    from sandbox.prewarm import _readable
+    from sandbox.handle import _readable
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), max(hard, 2048)))

@@ -127,3 +127,84 @@ def test_error_reply_text_is_made_valid_utf8() -> None:
     )
     envelope = make_envelope(reply.reason, reply.message, plugin="p", traceback=reply.traceback)
     json.dumps(envelope, ensure_ascii=False).encode("utf-8")  # raises if any surrogate is left
+
+
+def test_the_payload_file_is_sealed_and_reads_back_as_written() -> None:
+    import fcntl
+    import os
+
+    from sandbox.protocol import Payload, read_payload, write_payload
+
+    fd = write_payload(Payload(b"\x89PNG-bytes", "image/png", {"k": [1, 2]}))
+    try:
+        with pytest.raises(PermissionError):
+            os.write(fd, b"changed")  # F_SEAL_WRITE
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)  # F_SEAL_SHRINK
+        copy = os.dup(fd)
+    finally:
+        os.close(fd)
+    assert fcntl.fcntl(copy, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SEAL
+    assert read_payload(copy) == Payload(b"\x89PNG-bytes", "image/png", {"k": [1, 2]})
+
+
+def test_an_unsealed_payload_file_is_refused() -> None:
+    import os
+
+    from sandbox.protocol import read_payload
+
+    fd = os.memfd_create("unsealed", os.MFD_CLOEXEC)
+    os.write(fd, encode_frame({"mime_type": "image/png", "options": {}, "image_size": 0}))
+    os.lseek(fd, 0, os.SEEK_SET)
+    with pytest.raises(ProtocolError, match="not sealed"):
+        read_payload(fd)
+
+
+def test_launcher_requests_round_trip_and_unknown_ones_are_refused() -> None:
+    from sandbox.limits import HostLimits, PluginLimits
+    from sandbox.protocol import (
+        ChildSpec,
+        KillCall,
+        KillUid,
+        StartChild,
+        decode_request,
+        encode_request,
+    )
+
+    spec = ChildSpec(
+        plugin_dir="/p",
+        entrypoint="m:C",
+        limits=HostLimits().clamp(PluginLimits()),
+        layers={"seccomp": True},
+        expose=("/usr", "/p"),
+        scratch=None,
+        uid=1700001,
+        gid=1700001,
+        cgroup_procs=("/sys/fs/cgroup/pids/plughost/call-x/cgroup.procs",),
+        warm=False,
+        token="t" * 32,
+    )
+    for request in (StartChild(spec), KillCall("abc"), KillUid(1700002)):
+        assert decode_request(encode_request(request)) == request
+    with pytest.raises(ProtocolError, match="unknown launcher request"):
+        decode_request(json.dumps({"op": "fork_bomb"}).encode())
+    with pytest.raises(ProtocolError, match="malformed child spec"):
+        decode_request(json.dumps({"op": "start", "spec": {"uid": 0}}).encode())
+
+
+def test_the_reply_stream_takes_one_ready_frame_then_one_final_frame() -> None:
+    from sandbox.protocol import READY, ReplyStream
+
+    stream = ReplyStream(max_body=1024)
+    final = encode_frame({"type": "result", "result": {}})
+    stream.feed(encode_frame(READY) + final[:3])
+    assert stream.ready and stream.final is None and stream.pending == 3
+    stream.feed(final[3:])
+    assert stream.final == final[4:] and stream.pending == 0
+    with pytest.raises(ProtocolError, match="after the final frame"):
+        stream.feed(b"x")
+    twice = ReplyStream(max_body=1024)
+    with pytest.raises(ProtocolError, match="more than one final frame"):
+        twice.feed(encode_frame(READY) + final + final)
+    with pytest.raises(ProtocolError, match="ready marker"):
+        ReplyStream(max_body=1024).feed(final)

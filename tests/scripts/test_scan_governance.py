@@ -133,3 +133,24 @@ def test_missing_tool_runner_is_reported(tree: Path) -> None:
     (tree / "sandbox" / "tool_runner.py").unlink()
     result = scan(tree)
     assert result.returncode == 1 and "[runner-shape]" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("rel", "code"),
+    [
+        ("sandbox/supervisor.py", 'EXTRA = ("seccomp", "landlock")'),
+        ("host/cli.py", 'CHOICES = ["pid_namespace", "network_namespace", "seccomp"]'),
+        ("sandbox/child.py", 'FLAGS = {"ipc_namespace": 1, "uts_namespace": 2}'),
+    ],
+)
+def test_layer_names_are_listed_only_in_the_registry(tree: Path, rel: str, code: str) -> None:
+    first = _append(tree, rel, code)
+    result = scan(tree)
+    assert result.returncode == 1
+    assert f"{rel}:{first}: [layer-names]" in result.stdout, result.stdout
+
+
+def test_a_single_layer_name_and_the_registry_itself_are_allowed(tree: Path) -> None:
+    _append(tree, "sandbox/supervisor.py", 'ONE = ["seccomp"]')
+    _append(tree, "sandbox/layers/cgroup.py", 'BOTH = ("cgroup_memory", "cgroup_pids")')
+    assert scan(tree).returncode == 0

@@ -1,130 +1,25 @@
-"""Kernel hardening layers a sandbox child applies to itself: Landlock,
-seccomp, and the loopback interface of a fresh network namespace; plus
-`detect()`, which finds out once which layers this machine offers.
+"""Layer seccomp: a system-call filter, the last layer before the plugin.
 
-Every `apply_*` function raises `IsolationError` when the kernel refuses, so
-a child that was told to use a layer never runs the plugin without it.
+Detected: x86_64 with seccomp filters, and a forked probe whose unshare the
+filter refuses. Host: nothing. Child: `apply_seccomp` after Landlock.
+
+One table per concern, each entry with the reason it is there. The filter
+checks them in this order: architecture (kill), system calls denied outright,
+clone flags, socket families, fcntl commands; everything else is allowed.
+The numbers are x86_64's: on any other architecture the layer is reported
+missing (and `apply_seccomp` refuses), never applied with the wrong numbers.
 """
 
 from __future__ import annotations
 
 import ctypes
-import fcntl
-import json
 import os
 import platform
-import socket
 import struct
-import subprocess
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from sandbox.isolation import IsolationError, _libc
-
-# -- Landlock ------------------------------------------------------------------
-
-SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
-LANDLOCK_CREATE_RULESET_VERSION = 1
-LANDLOCK_RULE_PATH_BENEATH = 1
-FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
-FS_REMOVE_DIR, FS_REMOVE_FILE, FS_MAKE_CHAR, FS_MAKE_DIR = 1 << 4, 1 << 5, 1 << 6, 1 << 7
-FS_MAKE_REG, FS_MAKE_SOCK, FS_MAKE_FIFO, FS_MAKE_BLOCK = 1 << 8, 1 << 9, 1 << 10, 1 << 11
-FS_MAKE_SYM, FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 12, 1 << 13, 1 << 14, 1 << 15
-NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
-SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
-FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
-READ_ONLY = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
-
-_libc.syscall.restype = ctypes.c_long
-
-
-def landlock_abi() -> int:
-    """The Landlock ABI version of this kernel, 0 if there is none."""
-    version = _libc.syscall(
-        SYS_LANDLOCK_CREATE_RULESET,
-        None,
-        ctypes.c_size_t(0),
-        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
-    )
-    return max(int(version), 0)
-
-
-def _fs_rights(abi: int) -> int:
-    rights = (1 << 13) - 1  # EXECUTE .. MAKE_SYM: ABI 1
-    if abi >= 2:
-        rights |= FS_REFER
-    if abi >= 3:
-        rights |= FS_TRUNCATE
-    if abi >= 5:
-        rights |= FS_IOCTL_DEV
-    return rights
-
-
-def apply_landlock(
-    read_only: Iterable[str], read_write: Iterable[str], writable_files: Iterable[str]
-) -> int:
-    """Restrict this process (and its future children) to the given paths.
-
-    Everything else on the file system becomes unreachable; on ABI 4+ no TCP
-    bind or connect is allowed; on ABI 6+ signals and abstract unix sockets
-    cannot reach processes outside the sandbox. Returns the ABI used.
-    Needs no_new_privs (or CAP_SYS_ADMIN). Raises IsolationError.
-    """
-    abi = landlock_abi()
-    if abi < 1:
-        raise IsolationError("landlock", "not supported by this kernel")
-    handled = _fs_rights(abi)
-    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
-    scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
-    attr = struct.pack("=QQQ", handled, net, scoped)
-    size = 8 if abi < 4 else (16 if abi < 6 else 24)
-    buffer = ctypes.create_string_buffer(attr[:size], size)
-    ruleset = _libc.syscall(
-        SYS_LANDLOCK_CREATE_RULESET, buffer, ctypes.c_size_t(size), ctypes.c_uint32(0)
-    )
-    if ruleset < 0:
-        raise IsolationError("landlock", os.strerror(ctypes.get_errno()))
-    try:
-        rules = [(p, READ_ONLY) for p in read_only]
-        rules += [(p, handled) for p in read_write]
-        rules += [(p, FS_READ_FILE | FS_WRITE_FILE) for p in writable_files]
-        for path, rights in rules:
-            try:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue  # nothing there to allow
-            try:
-                if not os.path.isdir(f"/proc/self/fd/{fd}"):
-                    rights &= FILE_RIGHTS
-                rule = ctypes.create_string_buffer(struct.pack("=Qi", rights & handled, fd), 12)
-                if (
-                    _libc.syscall(
-                        SYS_LANDLOCK_ADD_RULE,
-                        ctypes.c_int(ruleset),
-                        ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
-                        rule,
-                        ctypes.c_uint32(0),
-                    )
-                    < 0
-                ):
-                    raise IsolationError(
-                        "landlock", f"rule for {path}: {os.strerror(ctypes.get_errno())}"
-                    )
-            finally:
-                os.close(fd)
-        if _libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
-            raise IsolationError("landlock", os.strerror(ctypes.get_errno()))
-    finally:
-        os.close(ruleset)
-    return abi
-
-
-# -- seccomp -------------------------------------------------------------------
-#
-# One table per concern, each entry with the reason it is there. The filter
-# checks them in this order: architecture (kill), system calls denied outright,
-# clone flags, socket families, fcntl commands; everything else is allowed.
+from sandbox.layers.kernel import PR_SET_NO_NEW_PRIVS, IsolationError, fork_probe, libc, prctl
 
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
@@ -371,115 +266,19 @@ def apply_seccomp() -> None:
     filters = ctypes.create_string_buffer(code, len(code))
     prog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(filters))
     prog_buffer = ctypes.create_string_buffer(prog, len(prog))
-    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, prog_buffer, 0, 0) != 0:
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, prog_buffer, 0, 0) != 0:
         raise IsolationError("seccomp", os.strerror(ctypes.get_errno()))
 
 
-# -- network namespace -----------------------------------------------------------
-
-SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-
-
-def loopback_up() -> None:
-    """Bring `lo` up in a fresh network namespace: the only interface there is."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack("16sH22x", b"lo", 0)
-        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
-
-
-# -- detection -----------------------------------------------------------------
-
-NAMESPACES = {
-    "mount_namespace": 0x00020000,
-    "uts_namespace": 0x04000000,
-    "ipc_namespace": 0x08000000,
-    "pid_namespace": 0x20000000,
-    "network_namespace": 0x40000000,
-}
-CGROUP_V1 = {"cgroup_memory": "/sys/fs/cgroup/memory", "cgroup_pids": "/sys/fs/cgroup/pids"}
-
-
-def _probe_unshare(flags: int, user_namespace: bool = False) -> bool:
-    """Whether a child can unshare `flags` (from a user namespace of its own first)."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            if user_namespace:
-                from sandbox.isolation import enter_user_namespace
-
-                enter_user_namespace(os.getuid(), os.getgid())
-            os._exit(0 if _libc.unshare(ctypes.c_int(flags)) == 0 else 1)
-        except BaseException:  # noqa: BLE001 - any failure means "not available"
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
-
-
-def _probe_seccomp() -> bool:
+def probe() -> bool:
+    """Whether the filter can be installed here and does what it says (a
+    forked child installs it and checks that unshare is refused)."""
     if not seccomp_supported():
         return False
-    pid = os.fork()
-    if pid == 0:
-        try:
-            from sandbox.isolation import PR_SET_NO_NEW_PRIVS, prctl
 
-            prctl(PR_SET_NO_NEW_PRIVS, 1)
-            apply_seccomp()
-            denied = _libc.unshare(ctypes.c_int(0)) != 0  # unshare is denied by the filter
-            os._exit(0 if denied else 1)
-        except BaseException:  # noqa: BLE001 - any failure means "not available"
-            os._exit(1)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+    def attempt() -> bool:
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        apply_seccomp()
+        return bool(libc.unshare(0) != 0)  # unshare is denied by the filter
 
-
-def _probe_cgroup(root: str) -> bool:
-    base = Path(root) / "plughost"
-    try:
-        base.mkdir(exist_ok=True)
-        probe = base / f"probe-{os.getpid()}"
-        probe.mkdir()
-        probe.rmdir()
-        return True
-    except OSError:
-        return False
-
-
-def _detect_here() -> dict[str, bool]:
-    root = os.geteuid() == 0
-    # An unprivileged host builds the call's namespaces from a user namespace.
-    user_namespace = not root and _probe_unshare(0, user_namespace=True)
-    found = {"privilege_drop": root, "no_new_privs": True, "user_namespace": user_namespace}
-    for name, flag in NAMESPACES.items():
-        found[name] = (root or user_namespace) and _probe_unshare(flag, user_namespace)
-    found["tmpfs_scratch"] = found["mount_namespace"]
-    found["landlock"] = landlock_abi() >= 1
-    found["seccomp"] = _probe_seccomp()
-    for name, path in CGROUP_V1.items():
-        found[name] = root and _probe_cgroup(path)
-    return found
-
-
-def detect() -> dict[str, bool]:
-    """Which layers this machine offers, probed in a fresh process (never forks the caller)."""
-    code = "import json; from sandbox.layers import _detect_here; print(json.dumps(_detect_here()))"
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    try:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-E",
-                "-c",
-                f"import sys; sys.path.insert(0, {env['PYTHONPATH']!r}); {code}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=env,
-            check=True,
-        ).stdout
-        found: dict[str, bool] = json.loads(out.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
-        return {}
-    return found
+    return fork_probe(attempt)

@@ -1,9 +1,9 @@
-"""Kernel isolation the sandbox child applies to itself, as root, before it
-drops to its per-call uid and imports plugin code.
+"""Layers mount_namespace and tmpfs_scratch: the call's minimal root.
 
-All of it runs in the freshly forked child, single-threaded. Every function
-raises `IsolationError` when the kernel refuses; the child then exits
-without running the plugin (fail closed).
+Detected: a child can unshare CLONE_NEWNS (root, or in a user namespace).
+Host: nothing (the paths to expose travel in the ChildSpec).
+Child: `build_minimal_root` (one unshare for the mount namespace and the
+other namespaces of the call), then `enter_minimal_root`.
 
 The child gets a minimal root of its own (`enter_minimal_root`): a private
 mount namespace whose root is an empty tmpfs holding only what a plugin
@@ -30,10 +30,10 @@ so on the host, and in the minimal root it is a plain directory of the tmpfs.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterable
+
+from sandbox.layers.kernel import check, libc, mount, unshare
 
 CLONE_NEWNS = 0x00020000
 MS_RDONLY = 0x1
@@ -44,44 +44,6 @@ MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
-PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
-PR_SET_NO_NEW_PRIVS = 38
-PR_SET_CHILD_SUBREAPER = 36
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-class IsolationError(Exception):
-    """A protection could not be applied; carries the step that failed."""
-
-    def __init__(self, step: str, detail: str) -> None:
-        super().__init__(f"{step}: {detail}")
-        self.step = step
-
-
-def _check(result: int, step: str) -> None:
-    if result != 0:
-        errno = ctypes.get_errno()
-        raise IsolationError(step, os.strerror(errno))
-
-
-def prctl(option: int, arg: int) -> None:
-    """Call prctl(2) with one argument."""
-    _check(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
-
-
-def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    result = _libc.mount(
-        source.encode(),
-        target.encode(),
-        fstype.encode() if fstype else None,
-        ctypes.c_ulong(flags),
-        data.encode() if data else None,
-    )
-    _check(result, f"mount {target}")
-
-
 SCRATCH = "/tmp/work"
 NEW_ROOT = "/tmp"  # a mount point of this namespace only; covered by the new root
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -155,17 +117,14 @@ def build_minimal_root(
     needed = list(needed)
     binds = plan_binds(needed)
     links = _links(needed)
-    _check(
-        _libc.unshare(CLONE_NEWNS | extra_namespaces),
-        f"unshare({CLONE_NEWNS | extra_namespaces:#x})",
-    )
+    unshare(CLONE_NEWNS | extra_namespaces)
     # Nothing done below may propagate back to the host's namespace.
-    _mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     # Handles on every source, taken before the new root covers any of them.
     devices = [d for d in DEVICES if os.path.exists(d)]
     handles = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in [*binds, *devices]}
     try:
-        _mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+        mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
         root = NEW_ROOT
         for name, target in links.items():
             if not os.path.lexists(root + name):
@@ -175,14 +134,14 @@ def build_minimal_root(
             _bind_into(root, path, handles[path], devices=False)
         for path in hidden:  # package directories inside a bound tree: emptied
             if os.path.isdir(root + path):
-                _mount("tmpfs", root + path, "tmpfs", HIDE_FLAGS, "size=4k,mode=0555")
+                mount("tmpfs", root + path, "tmpfs", HIDE_FLAGS, "size=4k,mode=0555")
         for device in devices:
             _bind_into(root, device, handles[device], devices=True)
         for name, target in DEVICE_LINKS.items():
             os.symlink(target, root + name)
         for directory in ("/proc", "/tmp", SCRATCH):
             os.makedirs(root + directory, mode=0o755, exist_ok=True)
-        _mount(
+        mount(
             "tmpfs",
             root + SCRATCH,
             "tmpfs",
@@ -206,16 +165,16 @@ def enter_minimal_root(own_pid_namespace: bool) -> str:
     a PID namespace it does not own).
     """
     if own_pid_namespace:
-        _mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+        mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     else:
-        _mount("/proc", NEW_ROOT + "/proc", None, MS_BIND | MS_REC, None)
+        mount("/proc", NEW_ROOT + "/proc", None, MS_BIND | MS_REC, None)
     os.chdir(NEW_ROOT)
     # pivot_root(".", "."): the old root ends up stacked on the new one, and
     # is then detached; no directory for it is needed in the new root.
-    _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
-    _check(_libc.umount2(b".", MNT_DETACH), "detach the host's root")
+    check(libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
+    check(libc.umount2(b".", MNT_DETACH), "detach the host's root")
     os.chdir("/")
-    _mount("none", "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    mount("none", "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
     return SCRATCH
 
 
@@ -227,65 +186,6 @@ def _bind_into(root: str, path: str, fd: int, devices: bool) -> None:
         os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
         with open(target, "wb"):
             pass
-    _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC, None)
+    mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC, None)
     flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
-    _mount("none", target, None, flags | (MS_NOEXEC if devices else MS_NODEV), None)
-
-
-CLONE_NEWUSER = 0x10000000
-
-
-def enter_user_namespace(uid: int, gid: int) -> None:
-    """Become root of a new user namespace in which only `uid`/`gid` exist,
-    mapped to themselves: an unprivileged host gets the capabilities to build
-    the other namespaces and the minimal root, over those namespaces only.
-    `drop_capabilities` gives them up before the plugin runs."""
-    _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
-    # /proc/self of a process that is not dumpable belongs to root: the maps
-    # could not be written. Dumpable only while they are, then not again.
-    prctl(PR_SET_DUMPABLE, 1)
-    try:
-        for name, text in (
-            ("setgroups", "deny"),
-            ("uid_map", f"{uid} {uid} 1"),
-            ("gid_map", f"{gid} {gid} 1"),
-        ):
-            with open(f"/proc/self/{name}", "w") as stream:
-                stream.write(text)
-    except OSError as exc:
-        raise IsolationError("user namespace", f"{name}: {exc.strerror}") from exc
-    prctl(PR_SET_DUMPABLE, 0)
-
-
-SYS_CAPSET = 126
-LINUX_CAPABILITY_VERSION_3 = 0x20080522
-PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
-CAP_LAST_CAP_PATH = "/proc/sys/kernel/cap_last_cap"
-
-
-def drop_capabilities() -> None:
-    """Give up every capability for good: bounding, ambient, effective,
-    permitted and inheritable sets all emptied."""
-    with open(CAP_LAST_CAP_PATH) as stream:
-        last = int(stream.read())
-    for cap in range(last + 1):
-        _check(_libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0), "drop bounding set")
-    _check(
-        _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), 0, 0, 0),
-        "clear ambient capabilities",
-    )
-    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable}, all empty
-    _check(_libc.syscall(SYS_CAPSET, header, data), "capset")
-
-
-def drop_privileges(uid: int, gid: int) -> None:
-    """Become `uid:gid` for good, with no supplementary groups."""
-    try:
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-    except OSError as exc:
-        raise IsolationError("drop privileges", str(exc)) from exc
-    if os.getuid() != uid or os.geteuid() != uid or 0 in os.getgroups():
-        raise IsolationError("drop privileges", "uid did not change")
+    mount("none", target, None, flags | (MS_NOEXEC if devices else MS_NODEV), None)

@@ -1,0 +1,468 @@
+"""The host's handles on its children and on the launcher that forks them (runs in the host).
+
+As `multiprocessing.popen_fork.Popen` does for a forked process, a
+`ChildHandle` owns one sandbox child's resources and is the only thing that
+touches them::
+
+    ChildHandle.spawn(launcher, call, layers, uid, scratch, warm)
+        uid and scratch handed in and owned from here; the call's cgroup made;
+        cold: the payload now; warm: set up, waiting -> .hand_over(call) later
+        -> the launcher forks the child
+      .fds            read ends: status, reply, stdout, stderr
+      .feed_status()  / .wait_exit()   the launcher's EXIT report -> .exit
+      .sample_memory()  .memory_at_end()
+      .kill()         every process of the call (launcher by token, by uid, sweep)
+      .close()        kill what is left, remove the cgroup and scratch, close
+                      every descriptor, give the uid back
+
+Whoever watches a call (`sandbox.call`) talks to the handle only. The
+handle reaches the launcher process through `Launcher`, the host's end of
+its socket (the launcher's own loop is `sandbox.launcher`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from sandbox.cgroups import CallCgroup
+from sandbox.launcher import SOURCE_ROOT
+from sandbox.limits import MiB
+from sandbox.outcome import HostFailure
+from sandbox.processes import CallProcesses
+from sandbox.protocol import (
+    CHILD_FDS,
+    EXIT,
+    PID,
+    SAFE_ENV,
+    CallSpec,
+    ChildExit,
+    ChildSpec,
+    KillCall,
+    KillUid,
+    Payload,
+    StartChild,
+    encode_request,
+    write_payload,
+)
+
+# The interpreter and its standard library. Not the host environment's
+# packages: a plugin imports its own (CallSpec.import_paths).
+INTERPRETER_PATHS = (sys.base_prefix,)
+
+
+def _site_dirs() -> tuple[str, ...]:
+    """Package directories inside INTERPRETER_PATHS that calls must not see:
+    the base interpreter's site-packages and a distribution's dist-packages."""
+    base = {"base": sys.base_prefix, "platbase": sys.base_prefix}
+    paths = sysconfig.get_paths(vars=base)
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [
+        paths["purelib"],
+        paths["platlib"],
+        "/usr/lib/python3/dist-packages",
+        f"/usr/local/lib/{version}/dist-packages",
+        f"/usr/lib/{version}/dist-packages",
+    ]
+    return tuple(sorted({os.path.realpath(p) for p in candidates if os.path.isdir(p)}))
+
+
+# Covered by an empty read-only tmpfs in every call's minimal root.
+HIDDEN_SITE_DIRS = _site_dirs()
+PIPES = ("status", "reply", "stdout", "stderr")
+# The memory cgroup is the hard stop behind the watchdog, 5% above the limit:
+# a bomb faster than the 20 ms sampling still cannot get further. The page
+# cache it also counts is reclaimed before the kernel kills for memory.
+CGROUP_MEMORY_SLACK = 1.05
+CGROUP_EXTRA_PROCESSES = 2  # the relay and init of a PID namespace
+# How long the launcher may take to report a new child's pid, beyond the call's timeout.
+PID_GRACE_S = 5.0
+
+
+def exposed_paths(plugin_dir: str, import_paths: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """What the child may read: INTERPRETER_PATHS, the plugin and its
+    environment. Never the rest of the host's `sys.path` (its working
+    directory, the host's own source, the host's packages)."""
+    return (*INTERPRETER_PATHS, plugin_dir, *import_paths)
+
+
+class LauncherError(HostFailure):
+    """The launcher could not start a child (it died or refused)."""
+
+
+class Launcher:
+    """Host-side handle on the launcher process; safe to share between threads.
+
+    The launcher is started on first use and started again if it has died.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the running launcher, or None before the first call."""
+        process = self._process
+        return None if process is None else int(process.pid)
+
+    def _alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _ensure_started(self) -> socket.socket:
+        if self._sock is not None and self._alive():
+            return self._sock
+        self._stop_locked()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.set_inheritable(False)
+        bootstrap = (
+            f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); "
+            "import sandbox.launcher as launcher; launcher.main()"
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-E", "-s", "-c", bootstrap, str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=SAFE_ENV,
+        )
+        theirs.close()
+        self._process, self._sock = process, ours
+        return ours
+
+    def start(self) -> None:
+        """Start the launcher now rather than at the first call (a host about
+        to give up root starts it while it still can)."""
+        with self._lock:
+            self._ensure_started()
+
+    def start_child(self, spec: ChildSpec, fds: dict[str, int]) -> None:
+        """Ask the launcher to fork a child for `spec` with the descriptors `fds`.
+
+        `fds` maps every name of CHILD_FDS to a descriptor; the caller keeps
+        its own copies and closes them. Raises LauncherError if the launcher
+        cannot be reached even after a restart.
+        """
+        message = encode_request(StartChild(spec))
+        ordered = [fds[name] for name in CHILD_FDS]
+        with self._lock:
+            for attempt in (1, 2):
+                sock = self._ensure_started()
+                try:
+                    socket.send_fds(sock, [message], ordered)
+                    return
+                except OSError as exc:
+                    self._stop_locked()
+                    if attempt == 2:
+                        raise LauncherError(f"launcher unreachable: {exc}") from exc
+
+    def kill_call(self, token: str) -> None:
+        """Ask the launcher to SIGKILL the child it started for the spec with
+        this `token`, unless it has reaped it already (the launcher knows; a
+        pid the host remembers may name another process by then). Does
+        nothing when the launcher is gone (its children went with it)."""
+        with self._lock:
+            if self._sock is None or not self._alive():
+                return
+            with contextlib.suppress(OSError):
+                self._sock.send(encode_request(KillCall(token)))
+
+    def kill_uid(self, uid: int, timeout_s: float = 2.0) -> bool:
+        """Kill every process running as `uid` in one atomic `kill(-1)`.
+
+        Returns True when the launcher confirmed it, False on timeout or if
+        the launcher is gone (callers then fall back to a sweep).
+        """
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with self._lock:
+                if self._sock is None or not self._alive():
+                    return False
+                try:
+                    socket.send_fds(self._sock, [encode_request(KillUid(uid))], [done_w])
+                except OSError:
+                    return False
+            os.close(done_w)
+            done_w = -1
+            poller = select.poll()  # host descriptors may be past select()'s 1024
+            poller.register(done_r, select.POLLIN)
+            if not poller.poll(timeout_s * 1000):
+                return False
+            data = os.read(done_r, EXIT.size)
+            return len(data) == EXIT.size and os.waitstatus_to_exitcode(EXIT.unpack(data)[0]) == 0
+        finally:
+            os.close(done_r)
+            if done_w >= 0:
+                os.close(done_w)
+
+    def _stop_locked(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._process is not None:
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(5)
+            self._process = None
+
+    def stop(self) -> None:
+        """Close the launcher; it kills the children it started and exits."""
+        with self._lock:
+            self._stop_locked()
+
+
+class ChildHandle:
+    """One sandbox child and the uid, cgroup, scratch, processes and
+    descriptors the host holds for it. Not thread-safe: one call (or the
+    warm pool) owns it at a time."""
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        uid: int | None,
+        lock_fd: int,
+        cgroup_v2: Path | None,
+        scratch: str | None,
+        pid_namespace: bool,
+    ) -> None:
+        self.launcher = launcher
+        self.uid = uid
+        self._lock_fd = lock_fd
+        self._cgroup_v2 = cgroup_v2  # where call cgroups go on cgroup v2
+        self.cgroup: CallCgroup | None = None  # made by start
+        self.scratch = scratch
+        self.pid_namespace = pid_namespace
+        self.token = uuid.uuid4().hex  # the launcher's name for this child
+        self.fds: dict[str, int] = {}
+        self.procs: CallProcesses | None = None
+        self.exit: ChildExit | None = None
+        self.created = time.monotonic()
+        self._opened: list[int] = []
+        self._payload_socket: socket.socket | None = None  # a warm child's
+        self.warm = False  # started without its payload: hand_over gives it
+        self._status = bytearray()
+        self._waiting = False
+
+    @property
+    def pid(self) -> int:
+        return self.procs.root_pid if self.procs is not None else 0
+
+    @classmethod
+    def spawn(
+        cls,
+        launcher: Launcher,
+        call: CallSpec,
+        layers: dict[str, bool],
+        uid: int | None,
+        lock_fd: int,
+        cgroup_v2: Path | None,
+        scratch: str | None,
+        warm: bool,
+        sweep: bool = False,
+    ) -> ChildHandle:
+        """A handle on a new child for `call` (see `start`), owning `uid`
+        (and its `lock_fd`) and `scratch` from now on; `sweep` first kills
+        whatever still runs under `uid`. Raises what `start` raises, after
+        putting away whatever was made."""
+        handle = cls(launcher, uid, lock_fd, cgroup_v2, scratch, layers["pid_namespace"])
+        try:
+            if sweep:
+                handle.kill()  # leftovers of a host that died
+            handle.start(call, layers, warm)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
+
+    def start(self, call: CallSpec, layers: dict[str, bool], warm: bool) -> None:
+        """Have the launcher fork the child: cold (the payload handed over
+        now) or `warm` (set up, then waiting for `hand_over`). Returns once
+        the launcher reported the pid. Raises LauncherError, OSError or
+        RuntimeError; `close` then puts away whatever was made."""
+        pipes = {name: os.pipe2(os.O_CLOEXEC) for name in PIPES}
+        self._opened.extend(fd for pair in pipes.values() for fd in pair)
+        if warm:
+            self._payload_socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            payload_fd = theirs.detach()
+            self.warm = True
+        else:
+            payload_fd = _payload_file(call)
+        self._opened.append(payload_fd)
+        self.cgroup = CallCgroup.made_for_call(
+            memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK),
+            max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
+            layers=layers,
+            v2_base=self._cgroup_v2,
+        )
+        spec = ChildSpec(
+            plugin_dir=call.plugin_dir,
+            entrypoint=call.entrypoint,
+            limits=call.limits,
+            layers=layers,
+            expose=exposed_paths(call.plugin_dir, call.import_paths),
+            hide=HIDDEN_SITE_DIRS,
+            import_paths=call.import_paths,
+            import_root=call.import_root,
+            scratch=self.scratch,
+            uid=self.uid,
+            gid=self.uid,
+            cgroup_procs=tuple(self.cgroup.procs_files),
+            warm=warm,
+            token=self.token,
+        )
+        self.launcher.start_child(
+            spec, {**{name: pair[1] for name, pair in pipes.items()}, "payload": payload_fd}
+        )
+        for fd in [pair[1] for pair in pipes.values()] + [payload_fd]:
+            self._close_own(fd)
+        self.fds = {name: pair[0] for name, pair in pipes.items()}
+        pid = self._read_pid(time.monotonic() + call.limits.timeout_s + PID_GRACE_S)
+        self.procs = CallProcesses(pid, self.uid, token=self.token)
+
+    def hand_over(self, call: CallSpec) -> None:
+        """Give a warm child the payload of `call` (a sealed memfd over its socket)."""
+        assert self._payload_socket is not None
+        payload_fd = _payload_file(call)
+        try:
+            socket.send_fds(self._payload_socket, [b"go"], [payload_fd])
+        finally:
+            os.close(payload_fd)
+
+    def _close_own(self, fd: int) -> None:
+        os.close(fd)
+        self._opened.remove(fd)
+
+    def _read_pid(self, deadline: float) -> int:
+        buffer = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.fds["status"], selectors.EVENT_READ)
+            while len(buffer) < PID.size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    raise RuntimeError("launcher did not report the child's pid in time")
+                chunk = os.read(self.fds["status"], PID.size - len(buffer))
+                if not chunk:
+                    raise RuntimeError("launcher closed the status pipe before reporting a pid")
+                buffer += chunk
+        (pid,) = PID.unpack(buffer)
+        return int(pid)
+
+    # -- waiting -------------------------------------------------------------
+
+    def set_up(self) -> bool:
+        """True once a warm child said it is set up and waiting for its payload."""
+        sock = self._payload_socket
+        if not self._waiting and sock is not None and _readable(sock.fileno()):
+            self._waiting = sock.recv(1) == b"w"
+        return self._waiting
+
+    def alive(self) -> bool:
+        """False once the child has exited (its status pipe has something to say)."""
+        fd = self.fds.get("status")
+        return fd is not None and self.exit is None and not _readable(fd)
+
+    def feed_status(self, data: bytes) -> None:
+        """Bytes from the status pipe after the pid: the launcher's EXIT report."""
+        self._status += data
+        if self.exit is None and len(self._status) >= EXIT.size:
+            self.exit = ChildExit(*EXIT.unpack_from(self._status))
+
+    def wait_exit(self, deadline: float) -> None:
+        """Wait until the launcher reports the child reaped, or `deadline`
+        (monotonic) passes, or the launcher is gone; `exit` tells which."""
+        fd = self.fds["status"]
+        with selectors.DefaultSelector() as selector:
+            selector.register(fd, selectors.EVENT_READ)
+            while self.exit is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not selector.select(remaining):
+                    return
+                data = os.read(fd, 65536)
+                if not data:
+                    return  # the launcher is gone: no status will come
+                self.feed_status(data)
+
+    # -- memory --------------------------------------------------------------
+
+    def sample_memory(self) -> tuple[int, bool]:
+        """Memory of the call's whole tree now, in bytes: the cgroup's count
+        (each page once, tmpfs included) or, without one, the summed RSS;
+        and whether the kernel OOM-killed a process of the call at its
+        memory cgroup."""
+        usage, oom_killed = self.cgroup.sample() if self.cgroup is not None else (None, False)
+        if usage is None:
+            usage = self.procs.total_rss() if self.procs is not None else 0
+        return usage, oom_killed
+
+    def memory_at_end(self) -> tuple[bool, int | None]:
+        """Once the call is over: whether the kernel OOM-killed a process of
+        it at its memory cgroup, and the cgroup's own peak in bytes (page
+        cache included) where the kernel keeps one."""
+        if self.cgroup is None:
+            return False, None
+        return self.cgroup.at_end()
+
+    # -- ending --------------------------------------------------------------
+
+    def kill(self) -> None:
+        """Kill every process of the call: its root (which may still be in its
+        root-owned setup, out of reach of the kill by uid), atomically by uid,
+        then a sweep to verify.
+
+        The root is killed by the launcher, which reaps it and so knows
+        whether its pid still names it: a kill by pid from here could land on
+        an unrelated process once the launcher had reaped the call and the
+        pid was reused (pid_max is 32768 on many machines).
+        """
+        procs = self.procs or (CallProcesses(0, self.uid) if self.uid is not None else None)
+        if procs is None:
+            return
+        if procs.token:
+            self.launcher.kill_call(procs.token)
+        if procs.uid is not None:
+            self.launcher.kill_uid(procs.uid)
+        procs.kill_all()
+
+    def close(self) -> None:
+        """Kill what is left of the call and give back its uid, cgroup,
+        scratch and descriptors. Safe to call once, after a failed start too."""
+        # A PID namespace whose init has been reaped is empty: the kernel
+        # killed and reaped everything in it before init could exit.
+        if not (self.exit is not None and self.pid_namespace):
+            self.kill()
+        if self.cgroup is not None:
+            self.cgroup.remove()
+        if self._payload_socket is not None:
+            self._payload_socket.close()
+        for fd in [*self._opened]:
+            self._close_own(fd)
+        self.fds = {}
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.uid is not None:
+            os.close(self._lock_fd)  # the uid's lock: free for another call
+
+
+def _payload_file(call: CallSpec) -> int:
+    return write_payload(Payload(call.image, call.mime_type, call.options))
+
+
+def _readable(fd: int) -> bool:
+    """Whether `fd` has something to read now (poll: any descriptor number,
+    where select stops at 1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))

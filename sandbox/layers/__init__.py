@@ -1,0 +1,289 @@
+"""The isolation layers, one module each, and the one registry of their names.
+
+Like nsjail's one file per concern, each layer lives in its own module and
+says there what it needs, how it is detected, what the host prepares and
+what the child applies. `LAYERS` lists them; every list of layer names
+(`OPTIONAL_LAYERS`, the protections a host reports, `--disable-layer`)
+derives from it. The child applies them in the order of `sandbox.child.STEPS`.
+
+    module      layers                               host prepares        child applies
+    ----------  -----------------------------------  -------------------  ---------------------
+    privilege   privilege_drop, no_new_privs          a uid per call       setresuid; NO_NEW_PRIVS
+    user        user_namespace                        -                    CLONE_NEWUSER; caps off
+    mnt         mount_namespace, tmpfs_scratch        -                    minimal root, tmpfs
+    net         network_namespace                     -                    CLONE_NEWNET; lo up
+    ipc / uts   ipc_namespace, uts_namespace          -                    CLONE_NEWIPC / NEWUTS
+    pid         pid_namespace                         -                    relay, init, worker
+    landlock    landlock                              -                    Landlock ruleset
+    seccomp     seccomp                               -                    BPF filter
+    cgroup      cgroup_memory, cgroup_pids            CallCgroup           join cgroup.procs
+    (always)    fresh_process_per_call, rlimits,      launcher forks;      rlimits, setsid,
+                own_session, scrubbed_environment,    memory watchdog      SAFE_ENV
+                memory_watchdog
+
+Detection runs once per Sandbox, in a fresh interpreter (`detect`), so the
+multi-threaded host never forks itself; `resolve` turns what was found, the
+layers switched off and the host's privilege into the layers calls get.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox.layers import cgroup, ipc, landlock, mnt, net, pid, seccomp, user, uts
+from sandbox.layers.cgroup import CGROUP_V1
+from sandbox.layers.kernel import fork_probe, libc
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One isolation layer as the registry knows it."""
+
+    name: str
+    needs: str  # what it cannot work without
+    detected: str  # how a host finds out it has it
+    host: str  # what the host prepares for it per call
+    child: str  # what the child applies
+    isolated: bool = False  # needs root or a user namespace
+    optional: bool = True  # False: part of every call, never missing
+    unshare_flag: int = 0  # a namespace the child creates in the minimal root's unshare
+    probe: Callable[[dict[str, bool]], bool] | None = None  # run in the probe process
+
+
+def _unshare_probe(flag: int) -> Callable[[dict[str, bool]], bool]:
+    def probe(found: dict[str, bool]) -> bool:
+        root, in_user_namespace = found["privilege_drop"], found["user_namespace"]
+        return (root or in_user_namespace) and _can_unshare(flag, in_user_namespace)
+
+    return probe
+
+
+def _can_unshare(flags: int, user_namespace: bool = False) -> bool:
+    """Whether a child can unshare `flags` (from a user namespace of its own first)."""
+
+    def attempt() -> bool:
+        if user_namespace:
+            user.enter_user_namespace(os.getuid(), os.getgid())
+        return bool(libc.unshare(flags) == 0)
+
+    return fork_probe(attempt)
+
+
+LAYERS: tuple[Layer, ...] = (
+    Layer(
+        "privilege_drop",
+        "root",
+        "euid 0",
+        "a uid per call (UidPool)",
+        "setresuid to it",
+        probe=lambda found: os.geteuid() == 0,
+    ),
+    Layer(
+        "user_namespace",
+        "an unprivileged host",
+        "a probe unshares CLONE_NEWUSER",
+        "-",
+        "CLONE_NEWUSER, capabilities dropped",
+        probe=lambda found: os.geteuid() != 0 and _can_unshare(0, user_namespace=True),
+    ),
+    Layer(
+        "no_new_privs", "Linux 3.5", "always", "-", "PR_SET_NO_NEW_PRIVS", probe=lambda found: True
+    ),
+    Layer(
+        "mount_namespace",
+        "root or user_namespace",
+        "a probe unshares CLONE_NEWNS",
+        "-",
+        "minimal root (pivot_root)",
+        isolated=True,
+        probe=_unshare_probe(mnt.CLONE_NEWNS),
+    ),
+    Layer(
+        "tmpfs_scratch",
+        "mount_namespace",
+        "with mount_namespace",
+        "-",
+        "a tmpfs scratch of scratch_mb",
+        isolated=True,
+        probe=lambda found: found["mount_namespace"],
+    ),
+    Layer(
+        "network_namespace",
+        "root or user_namespace",
+        "a probe unshares CLONE_NEWNET",
+        "-",
+        "CLONE_NEWNET, loopback up",
+        isolated=True,
+        probe=_unshare_probe(net.CLONE_NEWNET),
+        unshare_flag=net.CLONE_NEWNET,
+    ),
+    Layer(
+        "ipc_namespace",
+        "root or user_namespace",
+        "a probe unshares CLONE_NEWIPC",
+        "-",
+        "CLONE_NEWIPC",
+        isolated=True,
+        probe=_unshare_probe(ipc.CLONE_NEWIPC),
+        unshare_flag=ipc.CLONE_NEWIPC,
+    ),
+    Layer(
+        "uts_namespace",
+        "root or user_namespace",
+        "a probe unshares CLONE_NEWUTS",
+        "-",
+        "CLONE_NEWUTS",
+        isolated=True,
+        probe=_unshare_probe(uts.CLONE_NEWUTS),
+        unshare_flag=uts.CLONE_NEWUTS,
+    ),
+    Layer(
+        "pid_namespace",
+        "root or user_namespace",
+        "a probe unshares CLONE_NEWPID",
+        "-",
+        "CLONE_NEWPID: relay, init, worker",
+        isolated=True,
+        probe=_unshare_probe(pid.CLONE_NEWPID),
+        unshare_flag=pid.CLONE_NEWPID,
+    ),
+    Layer(
+        "landlock",
+        "Landlock ABI 1+",
+        "landlock_create_ruleset reports an ABI",
+        "-",
+        "ruleset: exposed paths read-only, scratch writable",
+        probe=lambda found: landlock.landlock_abi() >= 1,
+    ),
+    Layer(
+        "seccomp",
+        "x86_64 seccomp filters",
+        "a forked probe installs the filter",
+        "-",
+        "BPF system-call filter",
+        probe=lambda found: seccomp.probe(),
+    ),
+    Layer(
+        "cgroup_memory",
+        "root or a delegated cgroup",
+        "v1 probe, else cgroup v2",
+        "CallCgroup memory limit",
+        "join cgroup.procs",
+        probe=lambda found: found["privilege_drop"] and cgroup.probe(CGROUP_V1["cgroup_memory"]),
+    ),
+    Layer(
+        "cgroup_pids",
+        "root or a delegated cgroup",
+        "v1 probe, else cgroup v2",
+        "CallCgroup pids.max",
+        "join cgroup.procs",
+        probe=lambda found: found["privilege_drop"] and cgroup.probe(CGROUP_V1["cgroup_pids"]),
+    ),
+    Layer(
+        "fresh_process_per_call",
+        "-",
+        "always",
+        "the launcher forks one child per call",
+        "-",
+        optional=False,
+    ),
+    Layer("rlimits", "-", "always", "-", "setrlimit (sandbox.limits.rlimits_for)", optional=False),
+    Layer("own_session", "-", "always", "-", "setsid", optional=False),
+    Layer("scrubbed_environment", "-", "always", "-", "SAFE_ENV only", optional=False),
+    Layer("memory_watchdog", "-", "always", "samples the call's memory", "-", optional=False),
+)
+BY_NAME = {layer.name: layer for layer in LAYERS}
+# Layers applied when this machine offers them.
+OPTIONAL_LAYERS = tuple(layer.name for layer in LAYERS if layer.optional)
+ALWAYS_ON = tuple(layer.name for layer in LAYERS if not layer.optional)
+# The namespaces need root or a user namespace: without either there is no
+# per-call uid, minimal root or tmpfs scratch. A root host does not use a
+# user namespace (its calls get host uids of their own; SECURITY.md says why).
+DEPENDS_ON_PRIVILEGE_DROP = tuple(layer.name for layer in LAYERS if layer.isolated)
+CGROUP_LAYERS = ("cgroup_memory", "cgroup_pids")
+# Namespaces created in the same unshare as the minimal root, with their flags.
+UNSHARE_FLAGS = {layer.name: layer.unshare_flag for layer in LAYERS if layer.unshare_flag}
+
+
+def _detect_here() -> dict[str, bool]:
+    found: dict[str, bool] = {}
+    for layer in LAYERS:
+        if layer.probe is not None:
+            found[layer.name] = bool(layer.probe(found))
+    return found
+
+
+def detect() -> dict[str, bool]:
+    """Which layers this machine offers, probed in a fresh process (never forks the caller)."""
+    code = "import json; from sandbox.layers import _detect_here; print(json.dumps(_detect_here()))"
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": root}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-E", "-c", f"import sys; sys.path.insert(0, {root!r}); {code}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            check=True,
+        ).stdout
+        found: dict[str, bool] = json.loads(out.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return {}
+    return found
+
+
+def resolve(found: dict[str, bool], disabled: Iterable[str], cgroup_v2: bool) -> dict[str, bool]:
+    """The optional layers calls get: what was `found`, minus `disabled`, with
+    per-call cgroups in the unified hierarchy where v1 has none (`cgroup_v2`:
+    the host has a usable v2 place), and the namespaces only where the host
+    is root or has user namespaces."""
+    off = frozenset(disabled)
+    layers = {name: bool(found.get(name)) and name not in off for name in OPTIONAL_LAYERS}
+    if not any(found.get(name) for name in CGROUP_LAYERS):
+        for name in CGROUP_LAYERS:
+            layers[name] = cgroup_v2 and name not in off
+    if layers["privilege_drop"]:
+        layers["user_namespace"] = False  # not needed, so never missing
+    elif not layers["user_namespace"]:
+        for name in DEPENDS_ON_PRIVILEGE_DROP:
+            layers[name] = False
+    return layers
+
+
+def missing(layers: dict[str, bool]) -> list[str]:
+    """Layers calls lack here; a root host's unused user namespace is not one."""
+    return [
+        name
+        for name, on in layers.items()
+        if not on and not (name == "user_namespace" and layers["privilege_drop"])
+    ]
+
+
+def protections(layers: dict[str, bool]) -> dict[str, bool]:
+    """Which isolation layers calls actually get (a root host's user
+    namespace, which it does not need, is left out)."""
+    lacking = missing(layers)
+    return {
+        **dict.fromkeys(ALWAYS_ON, True),
+        **{name: on for name, on in layers.items() if on or name in lacking},
+    }
+
+
+__all__ = [
+    "ALWAYS_ON",
+    "CGROUP_V1",
+    "LAYERS",
+    "OPTIONAL_LAYERS",
+    "Layer",
+    "detect",
+    "missing",
+    "protections",
+    "resolve",
+]

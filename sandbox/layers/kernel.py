@@ -1,0 +1,66 @@
+"""Kernel primitives every layer uses: libc through ctypes, prctl, mount,
+and the error a layer raises when the kernel refuses (fail closed)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Callable
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_CHILD_SUBREAPER = 36
+
+libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+
+class IsolationError(Exception):
+    """A protection could not be applied; carries the step that failed."""
+
+    def __init__(self, step: str, detail: str) -> None:
+        super().__init__(f"{step}: {detail}")
+        self.step = step
+
+
+def check(result: int, step: str) -> None:
+    """Raise IsolationError for `step` if a libc call returned non-zero."""
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise IsolationError(step, os.strerror(errno))
+
+
+def prctl(option: int, arg: int) -> None:
+    """Call prctl(2) with one argument."""
+    check(libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    result = libc.mount(
+        source.encode(),
+        target.encode(),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    check(result, f"mount {target}")
+
+
+def unshare(flags: int) -> None:
+    """unshare(2) `flags`. Raises IsolationError."""
+    check(libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+
+
+def fork_probe(attempt: Callable[[], bool]) -> bool:
+    """Whether `attempt` returns True in a forked child (for detection; any
+    exception there means False). Never used in a multi-threaded process."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os._exit(0 if attempt() else 1)
+        except BaseException:  # noqa: BLE001 - any failure means "not available"
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0

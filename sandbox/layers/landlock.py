@@ -1,0 +1,133 @@
+"""Layer landlock: the file system (and, on newer kernels, TCP and signals)
+restricted to what the call needs.
+
+Detected: the kernel reports a Landlock ABI (`landlock_abi() >= 1`).
+Host: nothing (the exposed paths travel in the ChildSpec).
+Child: `apply_landlock` after no_new_privs, just before seccomp.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Iterable
+
+from sandbox.layers.kernel import IsolationError, libc
+
+# What a plugin may read besides the interpreter, its packages and itself:
+# shared libraries, the loader's cache, and its own /proc and /dev entries.
+SYSTEM_READ_ONLY = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/bin",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/proc",
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/urandom",
+    "/dev/random",
+    "/sys/devices/system/cpu",
+)
+WRITABLE_FILES = ("/dev/null",)
+
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+FS_REMOVE_DIR, FS_REMOVE_FILE, FS_MAKE_CHAR, FS_MAKE_DIR = 1 << 4, 1 << 5, 1 << 6, 1 << 7
+FS_MAKE_REG, FS_MAKE_SOCK, FS_MAKE_FIFO, FS_MAKE_BLOCK = 1 << 8, 1 << 9, 1 << 10, 1 << 11
+FS_MAKE_SYM, FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 12, 1 << 13, 1 << 14, 1 << 15
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
+FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
+READ_ONLY = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+
+
+def landlock_abi() -> int:
+    """The Landlock ABI version of this kernel, 0 if there is none."""
+    version = libc.syscall(
+        SYS_LANDLOCK_CREATE_RULESET,
+        None,
+        ctypes.c_size_t(0),
+        ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION),
+    )
+    return max(int(version), 0)
+
+
+def _fs_rights(abi: int) -> int:
+    rights = (1 << 13) - 1  # EXECUTE .. MAKE_SYM: ABI 1
+    if abi >= 2:
+        rights |= FS_REFER
+    if abi >= 3:
+        rights |= FS_TRUNCATE
+    if abi >= 5:
+        rights |= FS_IOCTL_DEV
+    return rights
+
+
+def apply_landlock(
+    read_only: Iterable[str], read_write: Iterable[str], writable_files: Iterable[str]
+) -> int:
+    """Restrict this process (and its future children) to the given paths.
+
+    Everything else on the file system becomes unreachable; on ABI 4+ no TCP
+    bind or connect is allowed; on ABI 6+ signals and abstract unix sockets
+    cannot reach processes outside the sandbox. Returns the ABI used.
+    Needs no_new_privs (or CAP_SYS_ADMIN). Raises IsolationError.
+    """
+    abi = landlock_abi()
+    if abi < 1:
+        raise IsolationError("landlock", "not supported by this kernel")
+    handled = _fs_rights(abi)
+    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
+    attr = struct.pack("=QQQ", handled, net, scoped)
+    size = 8 if abi < 4 else (16 if abi < 6 else 24)
+    buffer = ctypes.create_string_buffer(attr[:size], size)
+    ruleset = libc.syscall(
+        SYS_LANDLOCK_CREATE_RULESET, buffer, ctypes.c_size_t(size), ctypes.c_uint32(0)
+    )
+    if ruleset < 0:
+        raise IsolationError("landlock", os.strerror(ctypes.get_errno()))
+    try:
+        rules = [(p, READ_ONLY) for p in read_only]
+        rules += [(p, handled) for p in read_write]
+        rules += [(p, FS_READ_FILE | FS_WRITE_FILE) for p in writable_files]
+        for path, rights in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # nothing there to allow
+            try:
+                if not os.path.isdir(f"/proc/self/fd/{fd}"):
+                    rights &= FILE_RIGHTS
+                rule = ctypes.create_string_buffer(struct.pack("=Qi", rights & handled, fd), 12)
+                if (
+                    libc.syscall(
+                        SYS_LANDLOCK_ADD_RULE,
+                        ctypes.c_int(ruleset),
+                        ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                        rule,
+                        ctypes.c_uint32(0),
+                    )
+                    < 0
+                ):
+                    raise IsolationError(
+                        "landlock", f"rule for {path}: {os.strerror(ctypes.get_errno())}"
+                    )
+            finally:
+                os.close(fd)
+        if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
+            raise IsolationError("landlock", os.strerror(ctypes.get_errno()))
+    finally:
+        os.close(ruleset)
+    return abi
+
+
+def apply(expose: Iterable[str], scratch: str) -> int:
+    """The call's rules: read `expose` and SYSTEM_READ_ONLY, write `scratch`."""
+    return apply_landlock([*expose, *SYSTEM_READ_ONLY], [scratch], WRITABLE_FILES)

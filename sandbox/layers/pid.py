@@ -1,0 +1,79 @@
+"""Layer pid_namespace: the call's processes see only each other.
+
+Detected: a child can unshare CLONE_NEWPID. Host: nothing.
+Child: the flag joins the minimal root's unshare (`sandbox.layers.mnt`);
+then `split` forks the process into relay, init (pid 1) and worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import NoReturn
+
+from sandbox.layers.kernel import PR_SET_PDEATHSIG, prctl
+from sandbox.layers.mnt import enter_minimal_root
+from sandbox.layers.privilege import give_up_privileges
+from sandbox.protocol import RELAYED_STATUS as STATUS
+
+CLONE_NEWPID = 0x20000000
+
+
+def split(uid: int | None, gid: int | None, relay_fd: int, call_fds: tuple[int, ...]) -> None:
+    """Fork into the new PID namespace: relay (here) -> init (pid 1) -> worker.
+
+    The relay stays in the host's namespace and hands the worker's exit
+    status to the launcher. Init mounts the namespace's /proc and switches
+    to the minimal root, then reaps every process of the namespace; when the
+    worker ends, init reports and exits, and the kernel kills whatever is
+    left in the namespace. Returns only in the worker.
+    """
+    status_r, status_w = os.pipe()
+    init = os.fork()
+    if init:
+        os.close(status_w)
+        _relay(init, status_r, relay_fd, call_fds)
+    os.close(status_r)
+    enter_minimal_root(own_pid_namespace=True)
+    worker = os.fork()
+    if worker:
+        for fd in (0, *call_fds, relay_fd):
+            os.close(fd)
+        give_up_privileges(uid, gid, user_namespace=uid is None)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _init_loop(worker, status_w)
+    os.close(status_w)
+
+
+def _init_loop(worker: int, status_w: int) -> NoReturn:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        if pid == worker:
+            os.write(status_w, STATUS.pack(status))
+            os._exit(0)
+
+
+def _relay(init: int, status_r: int, relay_fd: int, call_fds: tuple[int, ...]) -> NoReturn:
+    """Hand the worker's wait status to the launcher, then exit.
+
+    The relay is root and in the host's PID namespace: it never re-raises
+    the plugin's fatal signal on itself (a root core dump, a root crash),
+    it writes the raw status on `relay_fd`, which the launcher reports as the
+    call's own.
+    """
+    for fd in call_fds:
+        os.close(fd)  # the call's pipes belong to the worker
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    data = b""
+    while len(data) < STATUS.size:
+        chunk = os.read(status_r, STATUS.size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    _, init_status = os.waitpid(init, 0)
+    status = STATUS.unpack(data)[0] if len(data) == STATUS.size else init_status
+    os.write(relay_fd, STATUS.pack(status))  # 4 bytes: one write, never partial
+    os._exit(0)

@@ -1,0 +1,108 @@
+"""The watch loop of one call, driven through a handle with real pipes and no
+process behind it: it reads only what the handle gives it, and stops the
+call (through the handle) for the deadline, memory and output limits."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from sandbox.call import run_call
+from sandbox.handle import PIPES, ChildHandle, Launcher
+from sandbox.limits import HostLimits, MiB, PluginLimits
+from sandbox.outcome import HostFailure, Status
+from sandbox.protocol import EXIT, READY, CallSpec, encode_frame
+
+LIMITS = HostLimits(max_stream_bytes=1024).clamp(PluginLimits(timeout_s=0.3, memory_mb=32))
+CALL = CallSpec("fake", "/nonexistent", "m:C", LIMITS, b"img", "image/png", {})
+
+
+class PipeHandle(ChildHandle):
+    """A handle whose child is the test: it writes the child's pipes itself."""
+
+    def __init__(self) -> None:
+        super().__init__(Launcher(), None, -1, None, None, pid_namespace=False)
+        self.ends = {name: os.pipe2(os.O_CLOEXEC) for name in PIPES}
+        self.fds = {name: pair[0] for name, pair in self.ends.items()}
+        self.memory_now = 0
+        self.kills = 0
+
+    def write(self, name: str, data: bytes) -> None:
+        os.write(self.ends[name][1], data)
+
+    def exits(self, status: int) -> None:
+        self.write("status", EXIT.pack(status, 1024))
+
+    def sample_memory(self) -> tuple[int, bool]:
+        return self.memory_now, False
+
+    def memory_at_end(self) -> tuple[bool, int | None]:
+        return False, None
+
+    def kill(self) -> None:
+        self.kills += 1
+        if self.exit is None:
+            self.exits(int(signal.SIGKILL))  # the launcher reaps what was killed
+
+    def close_pipes(self) -> None:
+        for read_end, write_end in self.ends.values():
+            os.close(read_end)
+            os.close(write_end)
+
+
+@pytest.fixture
+def handle() -> Iterator[PipeHandle]:
+    made = PipeHandle()
+    yield made
+    made.close_pipes()
+
+
+def test_a_reply_and_an_exit_are_a_success(handle: PipeHandle) -> None:
+    handle.write(
+        "reply", encode_frame(READY) + encode_frame({"type": "result", "result": {"a": 1}})
+    )
+    handle.write("stdout", b"hello")
+    handle.exits(0)
+    outcome = run_call(handle, CALL, token=None)
+    assert outcome.status is Status.SUCCESS and outcome.result == {"a": 1}
+    assert outcome.details["stdout_tail"] == "hello" and outcome.details["peak_rss_mb"] == 1.0
+    assert handle.kills == 0
+
+
+def test_a_silent_child_is_stopped_at_its_deadline_through_the_handle(handle: PipeHandle) -> None:
+    outcome = run_call(handle, CALL, token=None)
+    assert outcome.reason == "timeout" and handle.kills == 1
+    assert outcome.details["elapsed_ms"] >= 300
+
+
+def test_memory_over_the_limit_stops_the_call(handle: PipeHandle) -> None:
+    handle.memory_now = 40 * MiB
+    outcome = run_call(handle, CALL, token=None)
+    assert outcome.reason == "memory_limit" and outcome.details["peak_rss_mb"] == 40.0
+    assert handle.kills == 1
+
+
+def test_printing_past_the_stream_limit_stops_the_call(handle: PipeHandle) -> None:
+    handle.write("stderr", b"x" * 2000)
+    outcome = run_call(handle, CALL, token=None)
+    assert outcome.reason == "output_too_large" and outcome.details["stream"] == "stderr"
+    assert handle.kills == 1
+
+
+def test_a_forged_first_frame_is_a_protocol_violation(handle: PipeHandle) -> None:
+    handle.write("reply", encode_frame({"type": "result", "result": {}}))
+    outcome = run_call(handle, CALL, token=None)
+    assert outcome.reason == "protocol_violation" and handle.kills == 1
+
+
+def test_a_status_pipe_closed_without_an_exit_means_the_launcher_is_gone(
+    handle: PipeHandle,
+) -> None:
+    os.close(handle.ends["status"][1])
+    handle.ends["status"] = (handle.ends["status"][0], os.open(os.devnull, os.O_WRONLY))
+    with pytest.raises(HostFailure, match="launcher exited") as raised:
+        run_call(handle, CALL, token=None)
+    assert raised.value.details["stage"] == "launcher"
