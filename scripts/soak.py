@@ -217,7 +217,7 @@ def rss_mb(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--warmup-s", type=float, default=60.0)
@@ -229,79 +229,85 @@ def main(argv: list[str] | None = None) -> int:
         "--rss-tolerance", type=float, default=RSS_TOLERANCE, help="allowed RSS growth, 0.1 = 10%%"
     )
     parser.add_argument("--json", help="write the figures to this file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    image = base64.b64encode(SAMPLE.read_bytes()).decode()
-    port = free_port()
-    state = Path(tempfile.mkdtemp(prefix="plughost-soak-"))
-    log_path = state / "server.log"
-    env = {**os.environ, "PLUGHOST_MAX_REQUEST_BYTES": str(args.max_request_bytes)}
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
+
+def _start_server(port: int, state: Path, max_request_bytes: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PLUGHOST_MAX_REQUEST_BYTES": str(max_request_bytes)}
+    with (state / "server.log").open("wb") as log:
+        return subprocess.Popen(
             [sys.executable, "-m", "host.cli", "serve", "--port", str(port)]
-            + ["--db", str(state / "jobs.sqlite3"), "--plugins-dir", str(ROOT / "plugins/hostile")],
+            + ["--state-dir", str(state), "--plugins-dir", str(ROOT / "plugins/hostile")],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=state,
         )
-    tally, stop = Tally(), threading.Event()
-    samples: list[tuple[float, float]] = []
-    try:
-        deadline = time.monotonic() + 60
-        while call(port, "GET", "/healthz")[0] != 200:
-            if server.poll() is not None or time.monotonic() > deadline:
-                print(log_path.read_text()[-3000:], file=sys.stderr)
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
-        threads = [
-            *(
-                threading.Thread(target=benign_client, args=(port, image, tally, stop))
-                for _ in range(args.benign)
-            ),
-            *(
-                threading.Thread(target=hostile_client, args=(port, image, tally, stop))
-                for _ in range(args.hostile)
-            ),
-            threading.Thread(
-                target=oversized_client, args=(port, args.max_request_bytes, tally, stop)
-            ),
-            threading.Thread(target=slow_client, args=(port, args.slow, tally, stop)),
-        ]
-        for thread in threads:
-            thread.start()
-        started = time.monotonic()
-        end = started + args.minutes * 60
-        rss_start: float | None = None
-        while time.monotonic() < end and server.poll() is None:
-            now = time.monotonic() - started
-            samples.append((round(now, 1), round(rss_mb(server.pid), 1)))
-            if rss_start is None and now >= min(args.warmup_s, args.minutes * 30):
-                rss_start = samples[-1][1]
-            time.sleep(min(5.0, max(0.0, end - time.monotonic())))
-        stop.set()
-        for thread in threads:
-            thread.join(REQUEST_TIMEOUT_S + 30)
-        alive = server.poll() is None
-        rss_end = rss_mb(server.pid) if alive else float("nan")
-    finally:
-        stop.set()
-        server.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(30)
-        if server.poll() is None:
-            server.kill()
-            server.wait(10)
 
-    rss_start = rss_start or (samples[0][1] if samples else float("nan"))
-    figures = {
+
+def _wait_ready(server: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    """Until the server answers and the benign plugins' environments are
+    prepared (a server prepares them in the background after it starts)."""
+    deadline = time.monotonic() + 300
+    pending = list(BENIGN)
+    while pending:
+        if server.poll() is not None or time.monotonic() > deadline:
+            print(log_path.read_text()[-3000:], file=sys.stderr)
+            raise SystemExit("the server did not start, or its plugins' environments failed")
+        status, body, _ = call(port, "GET", f"/v1/plugins/{pending[0]}")
+        if status == 200 and body["environment"]["status"] in ("ready", "none"):
+            pending.pop(0)
+            continue
+        time.sleep(0.5)
+
+
+def _clients(port: int, image: str, args: argparse.Namespace, tally: Tally, stop: Any) -> list[Any]:
+    return [
+        *(
+            threading.Thread(target=benign_client, args=(port, image, tally, stop))
+            for _ in range(args.benign)
+        ),
+        *(
+            threading.Thread(target=hostile_client, args=(port, image, tally, stop))
+            for _ in range(args.hostile)
+        ),
+        threading.Thread(target=oversized_client, args=(port, args.max_request_bytes, tally, stop)),
+        threading.Thread(target=slow_client, args=(port, args.slow, tally, stop)),
+    ]
+
+
+def _sample_rss(
+    server: subprocess.Popen[bytes], args: argparse.Namespace, samples: list[tuple[float, float]]
+) -> float | None:
+    """Sample the server's RSS every 5 s for the run; return the one after the warm-up."""
+    started = time.monotonic()
+    end = started + args.minutes * 60
+    rss_start: float | None = None
+    while time.monotonic() < end and server.poll() is None:
+        now = time.monotonic() - started
+        samples.append((round(now, 1), round(rss_mb(server.pid), 1)))
+        if rss_start is None and now >= min(args.warmup_s, args.minutes * 30):
+            rss_start = samples[-1][1]
+        time.sleep(min(5.0, max(0.0, end - time.monotonic())))
+    return rss_start
+
+
+def _stop_server(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(30)
+    if server.poll() is None:
+        server.kill()
+        server.wait(10)
+
+
+def _figures(
+    args: argparse.Namespace, tally: Tally, rss: tuple[float, float], alive: bool, log_path: Path
+) -> dict[str, Any]:
+    return {
         "minutes": args.minutes,
         "server_alive_at_end": alive,
-        "rss_mb": {
-            "after_warmup": rss_start,
-            "end": round(rss_end, 1),
-            "max": max((s[1] for s in samples), default=None),
-        },
+        "rss_mb": {"after_warmup": rss[0], "end": round(rss[1], 1)},
         "benign": {
             "answered": tally.benign_ok,
             "not_answered": len(tally.benign_failed),
@@ -319,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         "log_bytes": log_path.stat().st_size,
         "benign_failures": tally.benign_failed[:20],
     }
+
+
+def _problems(tally: Tally, rss: tuple[float, float], alive: bool, tolerance: float) -> list[str]:
     problems = []
     if not alive:
         problems.append("the server died")
@@ -326,8 +335,38 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"{len(tally.server_errors)} responses were 500/502/504 or no answer")
     if tally.benign_failed or not tally.benign_ok:
         problems.append(f"{len(tally.benign_failed)} benign calls not answered")
-    if not rss_end <= rss_start * (1 + args.rss_tolerance):
-        problems.append(f"server RSS went from {rss_start} MB to {rss_end:.1f} MB")
+    if not rss[1] <= rss[0] * (1 + tolerance):
+        problems.append(f"server RSS went from {rss[0]} MB to {rss[1]:.1f} MB")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    image = base64.b64encode(SAMPLE.read_bytes()).decode()
+    port = free_port()
+    state = Path(tempfile.mkdtemp(prefix="plughost-soak-"))
+    log_path = state / "server.log"
+    server = _start_server(port, state, args.max_request_bytes)
+    tally, stop = Tally(), threading.Event()
+    samples: list[tuple[float, float]] = []
+    try:
+        _wait_ready(server, port, log_path)
+        threads = _clients(port, image, args, tally, stop)
+        for thread in threads:
+            thread.start()
+        rss_start = _sample_rss(server, args, samples)
+        stop.set()
+        for thread in threads:
+            thread.join(REQUEST_TIMEOUT_S + 30)
+        alive = server.poll() is None
+        rss_end = rss_mb(server.pid) if alive else float("nan")
+    finally:
+        stop.set()
+        _stop_server(server)
+    rss = (rss_start or (samples[0][1] if samples else float("nan")), rss_end)
+    figures = _figures(args, tally, rss, alive, log_path)
+    figures["rss_mb"]["max"] = max((sample[1] for sample in samples), default=None)
+    problems = _problems(tally, rss, alive, args.rss_tolerance)
     figures["problems"] = problems
     print(json.dumps(figures, indent=2))
     if args.json:
