@@ -100,6 +100,14 @@ class ToolRunner:
         self._sandbox = sandbox
         self.limits = limits or HostLimits()
         self._registry = registry
+        self._last = threading.local()  # per thread: the call this thread made last
+
+    def last_peak_rss_mb(self) -> float | None:
+        """Peak memory of the last call `run` made in this thread, as the
+        sandbox measured it (also for a success, whose result carries none);
+        None when that call never reached a sandbox."""
+        peak = getattr(self._last, "peak_rss_mb", None)
+        return float(peak) if isinstance(peak, int | float) else None
 
     @property
     def sandbox(self) -> Sandbox:
@@ -114,6 +122,7 @@ class ToolRunner:
         record = False
         state = None
         had_error = True
+        self._last.peak_rss_mb = None
         try:
             try:
                 plugin = registry.get_plugin(plugin_name)
@@ -139,6 +148,7 @@ class ToolRunner:
                 options=options,
             )
             outcome = self.sandbox.execute(call)
+            self._last.peak_rss_mb = outcome.details.get("peak_rss_mb")
             state = outcome.state
             if outcome.status is Status.SUCCESS and outcome.result is not None:
                 had_error = False

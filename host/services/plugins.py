@@ -18,6 +18,7 @@ from host.discovery import discover
 from host.errors import Rejected, envelope
 from host.metrics import Metrics
 from host.quarantine import QuarantineBook
+from host.recent import RecentOutcomes
 from host.registry import PluginRegistry, get_registry
 from sandbox.cancel import CancelToken, use_token
 from sandbox.envelope import public_error
@@ -52,6 +53,25 @@ class PluginManagementService:
         self.registry = registry or get_registry()
         self.quarantine = quarantine or QuarantineBook()
         self.metrics = metrics or Metrics()
+        self.recent = RecentOutcomes()
+        self.metrics.plugin_gauge(
+            "plughost_plugin_memory_limit_bytes",
+            "Memory limit of a plugin's calls.",
+            lambda: {n: lim["memory_mb"] * 1024 * 1024 for n, lim in self._all_limits().items()},
+        )
+        self.metrics.plugin_gauge(
+            "plughost_plugin_timeout_seconds",
+            "Wall-clock limit of a plugin's calls.",
+            lambda: {n: lim["timeout_s"] for n, lim in self._all_limits().items()},
+        )
+        self.metrics.plugin_gauge(
+            "plughost_plugin_quarantined",
+            "1 while a plugin is quarantined.",
+            lambda: {
+                n: float(self.quarantine.retry_after(n) is not None)
+                for n in self.registry.list_plugins()
+            },
+        )
 
     @property
     def limits(self) -> HostLimits:
@@ -120,8 +140,10 @@ class PluginManagementService:
         """Run one call; return `(result, {})` or `({}, envelope)`."""
         retry = self.quarantine.retry_after(plugin_name)
         if retry is not None:
+            refused = self._quarantined(plugin_name, retry)
             self.metrics.observe_call(plugin_name, "quarantined", 0.0)
-            return {}, self._quarantined(plugin_name, retry)
+            self.recent.add(plugin_name, 0.0, {}, refused)
+            return {}, refused
         started = time.monotonic()
         token = cancel or CancelToken()
         try:
@@ -143,8 +165,24 @@ class PluginManagementService:
             )
         if reason not in NEUTRAL_REASONS:
             self.quarantine.record(plugin_name, unavailable=reason in UNAVAILABLE_REASONS)
-        self.metrics.observe_call(plugin_name, reason or "success", time.monotonic() - started)
+        seconds = time.monotonic() - started
+        peak_mb = self._runner.last_peak_rss_mb()
+        peak = None if peak_mb is None else int(peak_mb * 1024 * 1024)
+        self.metrics.observe_call(plugin_name, reason or "success", seconds, peak)
+        self.recent.add(plugin_name, seconds, result, error)
         return result, error
+
+    def _all_limits(self) -> dict[str, dict[str, float]]:
+        """The clamped limits of every registered plugin, by name."""
+        found = {}
+        for name in self.registry.list_plugins():
+            try:
+                plugin = self.registry.get_plugin(name)
+            except KeyError:  # unregistered since it was listed
+                continue
+            limits = self._runner.limits.clamp(plugin.manifest.plugin_limits)
+            found[name] = {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb}
+        return found
 
     def describe(self, name: str) -> dict[str, Any]:
         """Manifest, limits, state, metrics and quarantine of one plugin.
