@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from host import __version__
 from host.api.auth import Principal, admin_principal, client_principal
 from host.api.bodies import ANALYZE_BODY_DOC, AnalyzeBodyDep, parse_form_options
+from host.api.console import console_router
 from host.api.errors import error_response, install_handlers, responses
 from host.api.middleware import BodySizeLimit
 from host.config import Settings
@@ -52,6 +53,12 @@ class Services:
     plugins: PluginManagementService
     jobs: JobManagementService
     analysis: AnalysisService
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The nodes of a multi-node deployment, each a dict with at least
+        `name`, `state` and `last_seen`; empty on a single node (the console
+        shows its nodes section only when there are some)."""
+        return []
 
 
 def job_limits(settings: Settings) -> JobLimits:
@@ -134,6 +141,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 **report.summary(),
                 "failed_cases": {c.name: c.problems for c in report.failed},
                 "benign_failures": report.benign_failures,
+                "case_verdicts": [
+                    {"name": c.name, "category": c.category, "verdict": c.verdict}
+                    for c in report.cases
+                ],
             }
             if report.ok:
                 log.info("containment self-check passed: %d probes", len(report.cases))
@@ -165,6 +176,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.settings = settings
     app.state.self_check = None
     install_handlers(app)
+    app.include_router(console_router(settings))
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
     def get_services(request: Request) -> Services:
