@@ -18,7 +18,6 @@ Visitors resolve as API callers do (`host.console.session`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from importlib import resources
 from typing import Annotated, Any
 
@@ -27,6 +26,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from host import __version__
+from host.api.auth import Principal
 from host.config import Settings
 from host.console import views
 from host.console.session import COOKIE, COOKIE_PATH, ConsoleAuth, Visitor
@@ -93,88 +93,11 @@ def console_router(settings: Settings) -> APIRouter:
     """The console's routes, for `app.include_router`."""
     auth = ConsoleAuth(settings)
     pages = Pages(auth)
-    static = _static_files()
     router = APIRouter(prefix="/console", include_in_schema=False)
-
-    def viewer(handler: Callable[[Request, Visitor], Response]) -> Callable[[Request], Response]:
-        """Run `handler` for a visitor allowed to read; others go to the login page."""
-
-        def run(request: Request) -> Response:
-            visitor = auth.visitor(request)
-            if visitor.principal is None:
-                return RedirectResponse("/console/login", status_code=303)
-            return handler(request, visitor)
-
-        return run
-
-    def self_check(request: Request) -> dict[str, Any] | None:
-        found: dict[str, Any] | None = request.app.state.self_check
-        return found
-
-    @router.get("", response_class=HTMLResponse)
-    def overview(request: Request) -> Response:
-        def page(request: Request, visitor: Visitor) -> Response:
-            data = views.overview(request.app.state.services, self_check(request))
-            return pages.render(request, visitor, "overview.html", **data)
-
-        return viewer(page)(request)
-
-    @router.get("/plugins/{name}", response_class=HTMLResponse)
-    def plugin(request: Request, name: str) -> Response:
-        def page(request: Request, visitor: Visitor) -> Response:
-            try:
-                data = views.plugin_page(request.app.state.services.plugins, name)
-            except (Rejected, KeyError):
-                return pages.render(request, visitor, "missing.html", 404, what=f"plugin {name}")
-            return pages.render(request, visitor, "plugin.html", p=data)
-
-        return viewer(page)(request)
-
-    @router.get("/isolation", response_class=HTMLResponse)
-    def isolation(request: Request) -> Response:
-        def page(request: Request, visitor: Visitor) -> Response:
-            data = views.isolation(
-                request.app.state.services,
-                settings.isolation,
-                list(settings.disable_layers),
-                self_check(request),
-            )
-            return pages.render(request, visitor, "isolation.html", **data)
-
-        return viewer(page)(request)
-
-    @router.get("/jobs", response_class=HTMLResponse)
-    def jobs(
-        request: Request,
-        status: Annotated[str, Query(max_length=16)] = "",
-        plugin: Annotated[str, Query(max_length=64)] = "",
-        offset: Annotated[int, Query(ge=0)] = 0,
-    ) -> Response:
-        def page(request: Request, visitor: Visitor) -> Response:
-            assert visitor.principal is not None
-            chosen = JobStatus(status) if status in JobStatus.__members__ else None
-            data = views.jobs_page(
-                request.app.state.services.jobs,
-                visitor.principal.scope,
-                chosen,
-                plugin or None,
-                offset,
-            )
-            names = request.app.state.services.plugins.registry.list_plugins()
-            return pages.render(
-                request,
-                visitor,
-                "jobs.html",
-                status=chosen.value if chosen else "",
-                plugin=plugin,
-                plugin_names=names,
-                **data,
-            )
-
-        return viewer(page)(request)
-
+    _read_routes(router, settings, auth, pages)
     _account_routes(router, auth, pages)
     _admin_routes(router, settings, auth, pages)
+    static = _static_files()
 
     @router.get("/static/{file}")
     def asset(file: str) -> Response:
@@ -184,6 +107,69 @@ def console_router(settings: Settings) -> APIRouter:
         return Response(body, media_type=media_type, headers={"Cache-Control": "max-age=300"})
 
     return router
+
+
+def _reader(auth: ConsoleAuth, request: Request) -> tuple[Visitor, Principal] | Response:
+    """The visitor and its principal, or a redirect to the login page for a
+    visitor the API would refuse (client tokens set, none or a wrong one sent)."""
+    visitor = auth.visitor(request)
+    if visitor.principal is None:
+        return RedirectResponse("/console/login", status_code=303)
+    return visitor, visitor.principal
+
+
+def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages: Pages) -> None:
+    def self_check(request: Request) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = request.app.state.self_check
+        return found
+
+    @router.get("", response_class=HTMLResponse)
+    def overview(request: Request) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        data = views.overview(request.app.state.services, self_check(request))
+        return pages.render(request, found[0], "overview.html", **data)
+
+    @router.get("/plugins/{name}", response_class=HTMLResponse)
+    def plugin(request: Request, name: str) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        try:
+            data = views.plugin_page(request.app.state.services.plugins, name)
+        except (Rejected, KeyError):
+            return pages.render(request, found[0], "missing.html", 404, what=f"plugin {name}")
+        return pages.render(request, found[0], "plugin.html", p=data)
+
+    @router.get("/isolation", response_class=HTMLResponse)
+    def isolation(request: Request) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        services, disabled = request.app.state.services, list(settings.disable_layers)
+        data = views.isolation(services, settings.isolation, disabled, self_check(request))
+        return pages.render(request, found[0], "isolation.html", **data)
+
+    @router.get("/jobs", response_class=HTMLResponse)
+    def jobs(
+        request: Request,
+        status: Annotated[str, Query(max_length=16)] = "",
+        plugin: Annotated[str, Query(max_length=64)] = "",
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        visitor, principal = found
+        services = request.app.state.services
+        chosen = JobStatus(status) if status in JobStatus.__members__ else None
+        data = views.jobs_page(services.jobs, principal.scope, chosen, plugin or None, offset)
+        return pages.render(
+            request,
+            visitor,
+            "jobs.html",
+            status=chosen.value if chosen else "",
+            plugin=plugin,
+            plugin_names=services.plugins.registry.list_plugins(),
+            **data,
+        )
 
 
 def _account_routes(router: APIRouter, auth: ConsoleAuth, pages: Pages) -> None:

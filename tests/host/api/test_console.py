@@ -3,14 +3,17 @@ page shows, who may see what, the cookie, CSRF and the admin actions."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from host.console.session import COOKIE
 
 ADMIN = {"Authorization": "Bearer a-token"}
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _csrf(html: str) -> str:
@@ -152,3 +155,49 @@ def test_page_values_are_escaped(client: TestClient, body: dict) -> None:
     client.post("/v1/analyze", json={**body, "plugin": "raise_kaboom"})
     page = client.get("/console/jobs?plugin=%3Cscript%3E").text
     assert "<script>" not in page.replace('<script src="/console/static/console.js"', "")
+
+
+def _queries(node: object) -> list[str]:
+    """Every PromQL expression in a Grafana dashboard: panel targets and variable queries."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("expr", "definition") and isinstance(value, str):
+                found.append(value)
+            else:
+                found += _queries(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += _queries(item)
+    return found
+
+
+def test_grafana_dashboard_queries_only_metrics_the_host_exports(
+    client: TestClient, body: dict
+) -> None:
+    dashboard = json.loads((ROOT / "docs/grafana-dashboard.json").read_text())
+    assert dashboard["title"] and dashboard["panels"]
+    queries = _queries(dashboard)
+    assert len(queries) >= 10
+    client.post("/v1/analyze", json=body)
+    exported = {
+        line.split("{")[0].split(" ")[0]
+        for line in client.get("/metrics").text.splitlines()
+        if line and not line.startswith("#")
+    }
+    queried = {name for query in queries for name in re.findall(r"\bplughost_[a-z0-9_]+", query)}
+    assert {"plughost_plugin_peak_memory_bytes_bucket", "plughost_queue_depth"} <= queried
+    assert queried <= exported, sorted(queried - exported)
+
+
+def test_admin_reload_from_the_console_is_confirmed_and_rediscovers(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(admin_token="a-token")
+    client.post("/console/login", data={"token": "a-token"})
+    assert "Reload plugins" in client.get("/console").text
+    confirm = client.get("/console/confirm/reload")
+    assert confirm.status_code == 200 and "Discover plugins again" in confirm.text
+    assert client.post("/console/reload", data={}).status_code == 403  # no CSRF field
+    done = client.post("/console/reload", data={"csrf": _csrf(confirm.text)})
+    assert done.status_code == 200 and 'id="plugin-image_info"' in done.text
