@@ -8,9 +8,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from host.console.session import COOKIE
+from host.registry import PluginRegistry
 
 ADMIN = {"Authorization": "Bearer a-token"}
 ROOT = Path(__file__).resolve().parents[3]
@@ -201,3 +203,29 @@ def test_admin_reload_from_the_console_is_confirmed_and_rediscovers(
     assert client.post("/console/reload", data={}).status_code == 403  # no CSRF field
     done = client.post("/console/reload", data={"csrf": _csrf(confirm.text)})
     assert done.status_code == 200 and 'id="plugin-image_info"' in done.text
+
+
+def test_nodes_section_shows_only_when_the_services_report_nodes(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from host.api.app import Services
+
+    assert "<h2>Nodes</h2>" not in client.get("/console").text
+    node = {"name": "node-a", "state": "up", "last_seen": "2026-01-01T00:00:00+00:00", "jobs": 3}
+    monkeypatch.setattr(Services, "nodes", lambda self: [node])
+    page = client.get("/console").text
+    assert "<h2>Nodes</h2>" in page and "node-a" in page and "jobs: 3" in page
+
+
+def test_plugin_output_is_escaped_on_the_plugin_page(
+    registry: PluginRegistry, make_client: Callable[..., TestClient], body: dict, tmp_path: Path
+) -> None:
+    from host.discovery import discover
+    from tests.conftest import write_plugin
+
+    write_plugin(tmp_path, "shouty", "raise RuntimeError('<script>alert(1)</script>')")
+    discover(registry, [tmp_path])
+    client = make_client()
+    client.post("/v1/analyze", json={**body, "plugin": "shouty"})
+    page = client.get("/console/plugins/shouty").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
