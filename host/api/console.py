@@ -55,6 +55,8 @@ def _environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["num"] = lambda v, unit="": "–" if v is None else f"{v:g}{unit}"
+    # ISO-8601 UTC timestamps, to the second, for tables (the full value stays in <time>).
+    env.filters["when"] = lambda v: "–" if not v else str(v)[:19].replace("T", " ")
     return env
 
 
@@ -222,6 +224,9 @@ def _admin_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, page
             return refused(request, visitor)
         if action not in ACTIONS:
             return pages.render(request, visitor, "missing.html", 404, what=f"action {action}")
+        known = request.app.state.services.plugins.registry.list_plugins()
+        if action == "reset" and name not in known:
+            return pages.render(request, visitor, "missing.html", 404, what=f"plugin {name}")
         target = (
             f"/console/plugins/{name}/quarantine/reset" if action == "reset" else "/console/reload"
         )

@@ -229,3 +229,10 @@ def test_plugin_output_is_escaped_on_the_plugin_page(
     client.post("/v1/analyze", json={**body, "plugin": "shouty"})
     page = client.get("/console/plugins/shouty").text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert" not in page
+
+
+def test_confirmation_of_an_unknown_plugin_is_a_404(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(admin_token="a-token")
+    client.post("/console/login", data={"token": "a-token"})
+    assert client.get("/console/confirm/reset?name=..%2Freload").status_code == 404
+    assert client.get("/console/confirm/explode").status_code == 404
