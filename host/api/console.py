@@ -45,6 +45,8 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 ACTIONS = {"reset": "Lift the quarantine of plugin {name}", "reload": "Discover plugins again"}
+# What a page says after an admin action redirected to it (`?done=...`).
+DONE = {"reset": "The quarantine was lifted.", "reload": "Plugins were discovered again."}
 
 
 def _environment() -> Environment:
@@ -85,6 +87,7 @@ class Pages:
             admin_enabled=bool(self.auth.settings.admin_token),
             csrf=self.auth.csrf(visitor),
             path=request.url.path,
+            done=DONE.get(request.query_params.get("done", "")),
             version=__version__,
             **ctx,
         )

@@ -134,6 +134,7 @@ def test_admin_resets_a_quarantine_with_confirmation_and_csrf(
         "/console/plugins/segfault/quarantine/reset", data={"csrf": _csrf(confirm.text)}
     )
     assert done.status_code == 200 and "not quarantined" in done.text
+    assert "The quarantine was lifted." in done.text
     assert not client.get("/v1/plugins/segfault", headers=ADMIN).json()["quarantine"]["quarantined"]
 
 

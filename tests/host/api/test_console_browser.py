@@ -126,6 +126,7 @@ def test_admin_resets_a_quarantine_from_the_page(open_page: Any, host: DemoHost)
     page.click("[data-testid=confirm]")
     page.wait_for_url(re.compile(r"/console/plugins/crasher\?done=reset$"))
     expect(page.locator("main")).to_contain_text("not quarantined")
+    expect(page.get_by_role("status")).to_have_text("The quarantine was lifted.")
     status, described = host.call("GET", "/v1/plugins/crasher", token=ADMIN)
     assert status == 200 and described["quarantine"]["quarantined"] is False
 
