@@ -27,7 +27,7 @@ run: $(RUNTIME)
 # The browser the console's tests drive: Debian's chromium (Playwright's own
 # download is not used). Installed once; a machine that has it skips the step.
 browser:
-	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest
