@@ -3,7 +3,8 @@
 It knows the installed plugins, refuses quarantined ones, runs the others
 through `self._runner.run(...)` (never catching around it: the ToolRunner
 returns every failure as an envelope), and keeps the per-plugin quarantine
-streaks and call metrics.
+streaks, call metrics (with each call's peak memory) and a ring of recent
+outcomes for the console.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class PluginManagementService:
         self.quarantine = quarantine or QuarantineBook()
         self.metrics = metrics or Metrics()
         self.recent = RecentOutcomes()
+        self._export_plugin_gauges()
+
+    def _export_plugin_gauges(self) -> None:
+        """Each registered plugin's limits and quarantine, read at scrape time,
+        so a dashboard can set latency and memory against them."""
         self.metrics.plugin_gauge(
             "plughost_plugin_memory_limit_bytes",
             "Memory limit of a plugin's calls.",
