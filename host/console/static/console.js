@@ -1,6 +1,7 @@
 // plughost console: progressive enhancement only. Every page works without it.
 // - quarantine countdowns tick every second;
-// - the overview's table refreshes itself every few seconds (same page, same cookie).
+// - the overview's table refreshes itself every few seconds (same page, same cookie),
+//   except while the focus is inside it.
 "use strict";
 (function () {
   function tick() {
@@ -23,7 +24,8 @@
           var doc = new DOMParser().parseFromString(html, "text/html");
           ["[data-refresh]", "#summary"].forEach(function (sel) {
             var fresh = doc.querySelector(sel), old = document.querySelector(sel);
-            if (fresh && old) old.replaceWith(fresh);
+            // Never pull the table out from under a keyboard or screen-reader user.
+            if (fresh && old && !old.contains(document.activeElement)) old.replaceWith(fresh);
           });
         })
         .catch(function () { /* offline or slow: the next tick tries again */ })
