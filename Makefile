@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check bench soak clean
+.PHONY: run test check bench soak clean browser
 
 # What serving needs, and nothing more.
 $(RUNTIME): pyproject.toml
@@ -24,7 +24,12 @@ run: $(RUNTIME)
 	$(BIN)/plughost run image_info --image plugins/samples/sunset.png
 	$(BIN)/plughost serve --db .plughost/jobs.sqlite3
 
-test: $(STAMP)
+# The browser the console's tests drive: Debian's chromium (Playwright's own
+# download is not used). Installed once; a machine that has it skips the step.
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 # The same checks run in pre-commit and CI: lint, format, types, governance.

@@ -5,7 +5,8 @@
       │   layers, run the containment self-check on the serving sandbox,
       │   give up root (--user); on the way out stop jobs and the sandbox
       ├── exception handlers (host/api/errors.py) and the body size limit
-      └── the routers of host/api/routes/ (ROUTERS), dependencies in host/api/deps.py
+      ├── the routers of host/api/routes/ (ROUTERS), dependencies in host/api/deps.py
+      └── the operator's console at /console (host/api/console.py)
 
 Routes never run sandbox work on the event loop: analyses are queued in the
 job pool and awaited through `asyncio.wrap_future`, and routes that touch the
@@ -24,6 +25,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from host import __version__
+from host.api.console import console_router
 from host.api.errors import install_handlers
 from host.api.middleware import BodySizeLimit
 from host.api.routes import ROUTERS
@@ -54,6 +56,9 @@ def containment_check(services: Services) -> dict[str, Any]:
         "missing_layers": report.missing_layers,
         "failed_cases": {c.name: c.problems for c in report.failed},
         "benign_failures": report.benign_failures,
+        "case_verdicts": [
+            {"name": c.name, "category": c.category, "verdict": c.verdict} for c in report.cases
+        ],
     }
 
 
@@ -119,4 +124,5 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(console_router(settings))
     return app

@@ -79,3 +79,9 @@ def identify_admin(request: Request, settings: Settings) -> Principal:
     if not _matches(bearer(request), [settings.admin_token]):
         raise ServiceError(envelope("unauthorized", "the admin token is required"))
     return Principal(ADMIN, admin=True)
+
+
+def matching_token(token: str | None, allowed: list[str]) -> str | None:
+    """The allowed token equal to `token` (constant-time), or None: the API's
+    comparison, for the console, which reads its token from a cookie."""
+    return _matches(token, allowed)

@@ -13,6 +13,7 @@ builds one of its own (the start-up self-check included).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from host.config import Settings
 from host.discovery import discover
@@ -32,6 +33,12 @@ class Services:
     plugins: PluginManagementService
     jobs: JobManagementService
     analysis: AnalysisService
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The nodes of a multi-node deployment, each a dict with at least
+        `name`, `state` and `last_seen`; empty on a single node (the console
+        shows its nodes section only when there are some)."""
+        return []
 
 
 def job_limits(settings: Settings) -> JobLimits:

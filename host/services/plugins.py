@@ -3,23 +3,26 @@
 It knows the installed plugins, refuses quarantined ones, runs the others
 through `self._runner.run(...)` (never catching around it: the ToolRunner
 returns every failure as an envelope), and keeps the per-plugin quarantine
-streaks and call metrics. Each finished call is recorded once, by the
-ToolRunner, into `CallRecorder`: registry state and metrics, quarantine
-streak and the Prometheus counters together.
+streaks, call metrics and a ring of recent outcomes for the console. Each
+finished call is recorded once, by the ToolRunner, into `CallRecorder`:
+registry state and metrics, quarantine streak and the Prometheus counters
+and histograms (latency and the call's peak memory) together.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from host.discovery import RegisteredPlugin, discover
 from host.errors import Rejected, envelope
-from host.metrics import Metrics
+from host.metrics import Metrics, MiB
 from host.preparation import BackgroundPreparation
 from host.quarantine import QuarantineBook
+from host.recent import RecentOutcomes
 from host.registry import PluginRegistry
 from host.tracebacks import plugin_traceback
 from sandbox.cancel import CancelToken, use_token
@@ -68,7 +71,8 @@ class CallRecorder:
         health = False if reason is None else reason_of(reason).health
         if health is not None:  # an outcome that says something of the plugin's health
             self.quarantine.record(plugin_name, unavailable=health)
-        self.metrics.observe_call(plugin_name, reason or "success", elapsed_ms / 1000)
+        peak = None if peak_rss_mb is None else int(peak_rss_mb * MiB)
+        self.metrics.observe_call(plugin_name, reason or "success", elapsed_ms / 1000, peak)
 
 
 class PluginManagementService:
@@ -89,10 +93,34 @@ class PluginManagementService:
         self.registry = registry
         self.quarantine = quarantine or QuarantineBook()
         self.metrics = metrics or Metrics()
+        self.recent = RecentOutcomes()
         recorder = CallRecorder(registry, self.quarantine, self.metrics)
         self._runner = ToolRunner(recorder, sandbox, limits)
         # Prepares the plugins' environments on a thread; started by the server.
         self.preparation = BackgroundPreparation(self.registry)
+        self._export_plugin_gauges()
+
+    def _export_plugin_gauges(self) -> None:
+        """Each registered plugin's limits and quarantine, read at scrape time,
+        so a dashboard can set latency and memory against them."""
+        self.metrics.plugin_gauge(
+            "plughost_plugin_memory_limit_bytes",
+            "Memory limit of a plugin's calls.",
+            lambda: {n: lim["memory_mb"] * MiB for n, lim in self._all_limits().items()},
+        )
+        self.metrics.plugin_gauge(
+            "plughost_plugin_timeout_seconds",
+            "Wall-clock limit of a plugin's calls.",
+            lambda: {n: lim["timeout_s"] for n, lim in self._all_limits().items()},
+        )
+        self.metrics.plugin_gauge(
+            "plughost_plugin_quarantined",
+            "1 while a plugin is quarantined.",
+            lambda: {
+                n: float(self.quarantine.retry_after(n) is not None)
+                for n in self.registry.list_plugins()
+            },
+        )
 
     @property
     def limits(self) -> HostLimits:
@@ -151,12 +179,17 @@ class PluginManagementService:
     def execute_plugin(
         self, plugin_name: str, payload: Any, cancel: CancelToken | None = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Run one call; return `(result, {})` or `({}, envelope)`."""
+        """Run one call; return `(result, {})` or `({}, envelope)`. Its
+        metrics are recorded by the ToolRunner (`CallRecorder`); its outcome,
+        as the client sees it, joins the plugin's ring of recent outcomes."""
         retry = self.quarantine.retry_after(plugin_name)
         if retry is not None:
+            refused = self._quarantined(plugin_name, retry)
             self.metrics.observe_call(plugin_name, "quarantined", 0.0)
-            return {}, self._quarantined(plugin_name, retry)
+            self.recent.add(plugin_name, 0.0, {}, refused)
+            return {}, refused
         self._warn_unchecked(plugin_name, payload)
+        started = time.monotonic()
         token = cancel or CancelToken()
         try:
             with use_token(token):
@@ -181,6 +214,7 @@ class PluginManagementService:
                 Envelope.of(error).message,
                 extra={"plugin": plugin_name, "traceback": plugin_traceback(error)},
             )
+        self.recent.add(plugin_name, time.monotonic() - started, result, error)
         return result, error
 
     def _warn_unchecked(self, plugin_name: str, payload: Any) -> None:
@@ -194,6 +228,18 @@ class PluginManagementService:
                     ", ".join(repr(k[:64]) for k in unchecked),
                     extra={"plugin": plugin_name},
                 )
+
+    def _all_limits(self) -> dict[str, dict[str, float]]:
+        """The clamped limits of every registered plugin, by name."""
+        found = {}
+        for name in self.registry.list_plugins():
+            try:
+                plugin = self.registry.get_plugin(name)
+            except KeyError:  # unregistered since it was listed
+                continue
+            limits = self._runner.limits.clamp(plugin.manifest.plugin_limits)
+            found[name] = {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb}
+        return found
 
     def describe(self, name: str) -> dict[str, Any]:
         """Manifest, limits, state, metrics and quarantine of one plugin.

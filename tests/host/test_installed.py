@@ -190,3 +190,27 @@ def test_unprivileged_host_passes_the_crash_suite_with_namespaces_landlock_and_s
     # Only cases whose defence needs a root-only layer may go undefended.
     undefended = [name for name, verdict in verdicts.items() if verdict != "pass"]
     assert len(undefended) <= 3, undefended
+
+
+@pytest.mark.timeout(900)
+def test_installed_wheel_carries_the_console_templates_and_assets(install: Path) -> None:
+    # Rendering the overview template proves the loader finds the package's files.
+    script = (
+        "from importlib import resources\n"
+        "from host.api.console import _environment, _static_files\n"
+        "assets = _static_files()\n"
+        "assert {'console.css', 'console.js'} <= set(assets), assets\n"
+        "templates = resources.files('host.console').joinpath('templates')\n"
+        "names = [entry.name for entry in templates.iterdir()]\n"
+        "assert 'overview.html' in names, names\n"
+        "_environment().get_template('isolation.html')\n"
+        "print('ok')\n"
+    )
+    run = subprocess.run(
+        [str(install / "venv/bin/python"), "-c", script],
+        cwd=install / "work",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

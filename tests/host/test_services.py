@@ -232,3 +232,22 @@ def test_a_call_is_recorded_once_with_its_peak_memory(
     _, error = plugins.execute_plugin("nope", payload)
     assert error["error"]["details"]["reason"] == "unknown_plugin"
     assert plugins.metrics.calls("nope", "unknown_plugin") == 0  # no label for any name sent
+
+
+def test_the_recorded_peak_memory_feeds_the_histogram_and_the_ring_keeps_the_outcome(
+    plugins: PluginManagementService, payload: dict
+) -> None:
+    result, error = plugins.execute_plugin("image_info", payload)
+    assert error == {} and result["format"] == "PNG"
+    peak_mb = plugins.describe("image_info")["metrics"]["last_peak_rss_mb"]
+    figures = plugins.metrics.figures("image_info")
+    assert figures.memory.count == 1 and figures.latency.count == 1
+    assert figures.max_peak_bytes == int(peak_mb * 1024 * 1024) > 0
+    _, error = plugins.execute_plugin("image_info", {**payload, "image": b"not an image"})
+    assert error
+    recent = plugins.recent.of("image_info")
+    assert [entry["outcome"] for entry in recent] == [
+        error["error"]["details"]["reason"],
+        "success",
+    ]
+    assert recent[1]["result_keys"] == sorted(result)[:20] and recent[0]["error"]["message"]

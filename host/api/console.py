@@ -1,0 +1,277 @@
+"""The operator's console at /console: server-rendered pages over the services.
+
+    GET  /console                      overview: plugins, state, quarantine, figures
+    GET  /console/plugins/{name}       manifest, limits, options schema, recent outcomes
+    GET  /console/isolation            active and missing layers, start-up self-check
+    GET  /console/jobs                 jobs (the visitor's own; the admin's: everyone's)
+    GET  /console/login, POST          token -> HttpOnly SameSite=Strict cookie
+    POST /console/logout
+    GET  /console/confirm/{action}     the confirmation step of an admin action (no JS needed)
+    POST /console/plugins/{name}/quarantine/reset, POST /console/reload   admin, CSRF-checked
+    GET  /console/static/{file}        the console's own CSS and JS, from the package
+
+Read-only pages work without JavaScript; the script only counts quarantines
+down and refreshes the overview. Every asset comes from the package: no CDN.
+Visitors resolve as API callers do (`host.console.session`).
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from host import __version__
+from host.api.auth import Principal
+from host.config import Settings
+from host.console import views
+from host.console.session import COOKIE, COOKIE_PATH, ConsoleAuth, Visitor
+from host.errors import Rejected
+from host.services import JobStatus
+
+log = logging.getLogger("plughost.console")
+STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+ACTIONS = {"reset": "Lift the quarantine of plugin {name}", "reload": "Discover plugins again"}
+# What a page says after an admin action redirected to it (`?done=...`).
+DONE = {"reset": "The quarantine was lifted.", "reload": "Plugins were discovered again."}
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=PackageLoader("host.console", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = lambda v, unit="": "–" if v is None else f"{v:g}{unit}"
+    # ISO-8601 UTC timestamps, to the second, for tables (the full value stays in <time>).
+    env.filters["when"] = lambda v: "–" if not v else str(v)[:19].replace("T", " ")
+    return env
+
+
+def _static_files() -> dict[str, tuple[bytes, str]]:
+    found = {}
+    for entry in resources.files("host.console").joinpath("static").iterdir():
+        suffix = "." + entry.name.rpartition(".")[2]
+        if suffix in STATIC_TYPES:
+            found[entry.name] = (entry.read_bytes(), STATIC_TYPES[suffix])
+    return found
+
+
+class Pages:
+    """Renders templates with what every page needs (visitor, CSRF token, nav)."""
+
+    def __init__(self, auth: ConsoleAuth) -> None:
+        self.auth = auth
+        self.env = _environment()
+
+    def render(
+        self, request: Request, visitor: Visitor, template: str, code: int = 200, **ctx: Any
+    ) -> HTMLResponse:
+        body = self.env.get_template(template).render(
+            visitor=visitor,
+            open_mode=self.auth.open_mode,
+            admin_enabled=bool(self.auth.settings.admin_token),
+            csrf=self.auth.csrf(visitor),
+            path=request.url.path,
+            done=DONE.get(request.query_params.get("done", "")),
+            version=__version__,
+            **ctx,
+        )
+        return HTMLResponse(body, status_code=code, headers=SECURITY_HEADERS)
+
+
+def console_router(settings: Settings) -> APIRouter:
+    """The console's routes, for `app.include_router`."""
+    auth = ConsoleAuth(settings)
+    pages = Pages(auth)
+    router = APIRouter(prefix="/console", include_in_schema=False)
+    _read_routes(router, settings, auth, pages)
+    _account_routes(router, auth, pages)
+    _admin_routes(router, settings, auth, pages)
+    static = _static_files()
+
+    @router.get("/static/{file}")
+    def asset(file: str) -> Response:
+        if file not in static:
+            return Response("not found", status_code=404, media_type="text/plain")
+        body, media_type = static[file]
+        return Response(body, media_type=media_type, headers={"Cache-Control": "max-age=300"})
+
+    return router
+
+
+def _reader(auth: ConsoleAuth, request: Request) -> tuple[Visitor, Principal] | Response:
+    """The visitor and its principal, or a redirect to the login page for a
+    visitor the API would refuse (client tokens set, none or a wrong one sent)."""
+    visitor = auth.visitor(request)
+    if visitor.principal is None:
+        return RedirectResponse("/console/login", status_code=303)
+    return visitor, visitor.principal
+
+
+def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages: Pages) -> None:
+    def self_check(request: Request) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = request.app.state.self_check
+        return found
+
+    @router.get("", response_class=HTMLResponse)
+    def overview(request: Request) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        data = views.overview(request.app.state.services, self_check(request))
+        return pages.render(request, found[0], "overview.html", **data)
+
+    @router.get("/plugins/{name}", response_class=HTMLResponse)
+    def plugin(request: Request, name: str) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        try:
+            data = views.plugin_page(request.app.state.services.plugins, name)
+        except (Rejected, KeyError):
+            return pages.render(request, found[0], "missing.html", 404, what=f"plugin {name}")
+        return pages.render(request, found[0], "plugin.html", p=data)
+
+    @router.get("/isolation", response_class=HTMLResponse)
+    def isolation(request: Request) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        services, disabled = request.app.state.services, list(settings.disable_layers)
+        data = views.isolation(services, settings.isolation, disabled, self_check(request))
+        return pages.render(request, found[0], "isolation.html", **data)
+
+    @router.get("/jobs", response_class=HTMLResponse)
+    def jobs(
+        request: Request,
+        status: Annotated[str, Query(max_length=16)] = "",
+        plugin: Annotated[str, Query(max_length=64)] = "",
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        visitor, principal = found
+        services = request.app.state.services
+        chosen = JobStatus(status) if status in JobStatus.__members__ else None
+        data = views.jobs_page(services.jobs, principal.scope, chosen, plugin or None, offset)
+        return pages.render(
+            request,
+            visitor,
+            "jobs.html",
+            status=chosen.value if chosen else "",
+            plugin=plugin,
+            plugin_names=services.plugins.registry.list_plugins(),
+            **data,
+        )
+
+
+def _account_routes(router: APIRouter, auth: ConsoleAuth, pages: Pages) -> None:
+    @router.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request) -> Response:
+        return pages.render(request, auth.visitor(request), "login.html", failed=False)
+
+    @router.post("/login", response_class=HTMLResponse)
+    def login(request: Request, token: Annotated[str, Form(max_length=4096)] = "") -> Response:
+        token = token.strip()
+        if not auth.known(token):
+            log.info("console login refused: unknown token")
+            visitor = auth.visitor(request)
+            return pages.render(request, visitor, "login.html", 401, failed=True)
+        response = RedirectResponse("/console", status_code=303)
+        response.set_cookie(
+            COOKIE,
+            token,
+            path=COOKIE_PATH,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    @router.post("/logout")
+    def logout(request: Request, csrf: Annotated[str, Form(max_length=128)] = "") -> Response:
+        if not auth.csrf_ok(auth.visitor(request), csrf):
+            return Response("bad or missing CSRF token", status_code=403, media_type="text/plain")
+        response = RedirectResponse("/console/login", status_code=303)
+        response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
+        return response
+
+
+def _admin_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages: Pages) -> None:
+    def refused(request: Request, visitor: Visitor) -> Response:
+        reason = (
+            "admin actions are off: no admin token is set"
+            if not settings.admin_token
+            else "sign in with the admin token to do this"
+        )
+        return pages.render(request, visitor, "forbidden.html", 403, reason=reason)
+
+    @router.get("/confirm/{action}", response_class=HTMLResponse)
+    def confirm(
+        request: Request, action: str, name: Annotated[str, Query(max_length=64)] = ""
+    ) -> Response:
+        visitor = auth.visitor(request)
+        if not visitor.admin or not settings.admin_token:
+            return refused(request, visitor)
+        if action not in ACTIONS:
+            return pages.render(request, visitor, "missing.html", 404, what=f"action {action}")
+        known = request.app.state.services.plugins.registry.list_plugins()
+        if action == "reset" and name not in known:
+            return pages.render(request, visitor, "missing.html", 404, what=f"plugin {name}")
+        target = (
+            f"/console/plugins/{name}/quarantine/reset" if action == "reset" else "/console/reload"
+        )
+        question = ACTIONS[action].format(name=name)
+        back = f"/console/plugins/{name}" if action == "reset" else "/console"
+        return pages.render(
+            request, visitor, "confirm.html", question=question, target=target, back=back
+        )
+
+    def admin_post(request: Request, csrf: str) -> Visitor | Response:
+        visitor = auth.visitor(request)
+        if not visitor.admin or not settings.admin_token:
+            return refused(request, visitor)
+        if not auth.csrf_ok(visitor, csrf):
+            log.warning("console admin action refused: bad CSRF token")
+            return pages.render(
+                request, visitor, "forbidden.html", 403, reason="the form was not genuine"
+            )
+        return visitor
+
+    @router.post("/plugins/{name}/quarantine/reset")
+    def reset(
+        request: Request, name: str, csrf: Annotated[str, Form(max_length=128)] = ""
+    ) -> Response:
+        checked = admin_post(request, csrf)
+        if isinstance(checked, Response):
+            return checked
+        try:
+            request.app.state.services.plugins.reset_quarantine(name)
+        except Rejected:
+            return pages.render(request, checked, "missing.html", 404, what=f"plugin {name}")
+        log.info("quarantine lifted from the console", extra={"plugin": name})
+        return RedirectResponse(f"/console/plugins/{name}?done=reset", status_code=303)
+
+    @router.post("/reload")
+    def reload(request: Request, csrf: Annotated[str, Form(max_length=128)] = "") -> Response:
+        checked = admin_post(request, csrf)
+        if isinstance(checked, Response):
+            return checked
+        request.app.state.services.plugins.reload(settings.plugins_dirs, settings.plugin_overrides)
+        log.info("plugins reloaded from the console")
+        return RedirectResponse("/console?done=reload", status_code=303)
+
+
+__all__ = ["console_router"]

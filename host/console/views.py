@@ -1,0 +1,166 @@
+"""What each console page shows, gathered from the services as plain data.
+
+Pages are rendered from these dictionaries by the templates; nothing here
+knows HTML. The figures are the host's metrics (`host.metrics`): call
+counts by outcome, and p50/p95 of latency and peak memory estimated from the
+same histogram buckets `/metrics` exports.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from host.metrics import Histogram, PluginFigures
+from host.services import JobManagementService, JobStatus, PluginManagementService
+
+MiB = 1024 * 1024
+PAGE_SIZE = 50
+
+
+class ConsoleServices(Protocol):
+    """What the console reads: the API's `Services`."""
+
+    plugins: PluginManagementService
+    jobs: JobManagementService
+
+    def nodes(self) -> list[dict[str, Any]]: ...
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else round(value / MiB, 1)
+
+
+def _fraction(value: float | None, limit: float) -> float:
+    """`value / limit` in [0, 1] for a chart; 0 without a value."""
+    if value is None or limit <= 0:
+        return 0.0
+    return max(0.0, min(1.0, value / limit))
+
+
+def spark(histogram: Histogram) -> list[dict[str, Any]]:
+    """Observations per bucket (not cumulative), each with its height in [0, 1]
+    relative to the fullest bucket, for a small bar chart."""
+    counts, below = [], 0
+    for cumulative in histogram.counts:
+        counts.append(cumulative - below)
+        below = cumulative
+    counts.append(histogram.count - below)
+    top = max(counts) or 1
+    bounds = [*histogram.bounds, float("inf")]
+    return [
+        {"le": bound, "count": count, "height": count / top}
+        for bound, count in zip(bounds, counts, strict=True)
+    ]
+
+
+def figures_row(figures: PluginFigures, limits: dict[str, float]) -> dict[str, Any]:
+    """Calls, error rate, latency and memory of one plugin against its limits."""
+    timeout_s = float(limits["timeout_s"])
+    memory_bytes = float(limits["memory_mb"]) * MiB
+    p50, p95 = figures.latency.quantile(0.5), figures.latency.quantile(0.95)
+    peak95 = figures.memory.quantile(0.95)
+    total = figures.total
+    return {
+        "calls": total,
+        "errors": figures.errors,
+        "error_rate": round(100 * figures.errors / total, 1) if total else None,
+        "outcomes": dict(sorted(figures.calls.items())),
+        "p50_ms": _ms(p50),
+        "p95_ms": _ms(p95),
+        "latency_fraction": _fraction(p95, timeout_s),
+        "p50_fraction": _fraction(p50, timeout_s),
+        "peak_mb": _mb(figures.max_peak_bytes),
+        "peak95_mb": _mb(peak95),
+        "memory_fraction": _fraction(figures.max_peak_bytes, memory_bytes),
+        "memory95_fraction": _fraction(peak95, memory_bytes),
+        "latency_spark": spark(figures.latency),
+        "memory_spark": spark(figures.memory),
+    }
+
+
+def plugin_row(plugins: PluginManagementService, name: str) -> dict[str, Any]:
+    """One plugin as the overview lists it."""
+    described = plugins.describe(name)
+    return {**described, **figures_row(plugins.metrics.figures(name), described["limits"])}
+
+
+def overview(svc: ConsoleServices, self_check: dict[str, Any] | None) -> dict[str, Any]:
+    """Every plugin's row, the queue, the isolation summary and the nodes."""
+    plugins = svc.plugins
+    rows = []
+    for name in plugins.registry.list_plugins():
+        try:
+            rows.append(plugin_row(plugins, name))
+        except KeyError:  # unregistered by a reload since it was listed
+            continue
+    protections = plugins.protections()
+    return {
+        "plugins": rows,
+        "load_errors": list(plugins.registry.load_errors),
+        "jobs": svc.jobs.stats(),
+        "layers_active": sum(protections.values()),
+        "layers_missing": [name for name, on in protections.items() if not on],
+        "self_check": self_check,
+        "quarantined": [r["name"] for r in rows if r["quarantine"]["quarantined"]],
+        "nodes": svc.nodes(),
+    }
+
+
+def plugin_page(plugins: PluginManagementService, name: str) -> dict[str, Any]:
+    """Manifest, limits, options schema, figures and recent outcomes of `name`.
+    Raises Rejected (unknown_plugin) for a name that is not registered."""
+    row = plugin_row(plugins, name)
+    manifest = plugins.registry.get_plugin(name).manifest
+    schema = manifest.options  # the manifest's optional `[options]` JSON Schema
+    return {
+        **row,
+        "dependencies": list(getattr(manifest, "dependencies", []) or []),
+        "options_schema": json.dumps(schema, indent=2, sort_keys=True) if schema else None,
+        "recent": plugins.recent.of(name),
+    }
+
+
+def isolation(
+    svc: ConsoleServices, level: str, disabled: list[str], self_check: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Active and missing isolation layers, and the start-up self-check."""
+    protections = svc.plugins.protections()
+    return {
+        "level": level,
+        "disabled": disabled,
+        "layers": sorted(protections.items()),
+        "active": [name for name, on in protections.items() if on],
+        "missing": [name for name, on in protections.items() if not on],
+        "self_check": self_check,
+    }
+
+
+def jobs_page(
+    jobs: JobManagementService,
+    scope: str | None,
+    status: JobStatus | None,
+    plugin: str | None,
+    offset: int,
+) -> dict[str, Any]:
+    """A page of the jobs `scope` may see (None: everyone's), newest first."""
+    page = jobs.list_jobs(scope, status, plugin, PAGE_SIZE, offset)
+    listed = []
+    for document in page.documents:
+        job = json.loads(document)
+        result = job.get("result") or {}
+        job["result_keys"] = sorted(map(str, result))[:20] if isinstance(result, dict) else []
+        job.pop("result", None)  # a result can be large; the API serves it whole
+        listed.append(job)
+    return {
+        "jobs": listed,
+        "total": page.total,
+        "offset": offset,
+        "next_offset": page.next_offset,
+        "previous_offset": max(0, offset - PAGE_SIZE) if offset else None,
+        "statuses": [s.value for s in JobStatus],
+    }

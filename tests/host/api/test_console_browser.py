@@ -1,0 +1,174 @@
+"""The console in a real browser against a real `plughost serve`: Debian's
+chromium driven by Playwright. Calls made through the API show up on the
+page (state, counts, quarantine); an admin lifts a quarantine from the page;
+a client sees neither another client's jobs nor the admin actions; the
+read-only pages work without JavaScript, in a narrow window, and load
+nothing from anywhere but the host."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from scripts.console_screenshot import DemoHost, launch_chromium
+
+pytestmark = [pytest.mark.no_leak_check, pytest.mark.timeout(60)]  # the host is its own process
+CLIENT_1, CLIENT_2, ADMIN = "client-one-token", "client-two-token", "the-admin-token"
+WAIT_MS = 10_000
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[DemoHost]:
+    tokens = {
+        "PLUGHOST_CLIENT_TOKENS": f"{CLIENT_1},{CLIENT_2}",
+        "PLUGHOST_ADMIN_TOKEN": ADMIN,
+        "PLUGHOST_QUARANTINE_COOLDOWN_S": "600",
+    }
+    with DemoHost(env=tokens) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        launched = launch_chromium(playwright)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def open_page(browser: Browser, host: DemoHost) -> Iterator[Any]:
+    """Opens pages in fresh contexts; afterwards, no page asked for anything
+    but the host itself."""
+    contexts, requested = [], []
+
+    def open_(**options: Any) -> Page:
+        context = browser.new_context(**options)
+        context.set_default_timeout(WAIT_MS)
+        context.on("request", lambda request: requested.append(request.url))
+        contexts.append(context)
+        return context.new_page()
+
+    yield open_
+    for context in contexts:
+        context.close()
+    elsewhere = [url for url in requested if not url.startswith(host.url + "/")]
+    assert elsewhere == [], "the console loaded something from elsewhere"
+
+
+def sign_in(page: Page, host: DemoHost, token: str) -> None:
+    page.goto(host.url + "/console/login")
+    page.fill("#token", token)
+    page.click("form.login button[type=submit]")
+    page.wait_for_url(host.url + "/console")
+
+
+def listed_jobs(page: Page, host: DemoHost) -> set[str]:
+    """Ids of the echo_size jobs the jobs page shows `page`'s visitor."""
+    page.goto(host.url + "/console/jobs?plugin=echo_size")
+    expect(page.locator("h1")).to_have_text("Jobs")
+    return {row.get_attribute("data-job") or "" for row in page.locator("[data-job]").all()}
+
+
+def quarantine_crasher(host: DemoHost) -> None:
+    host.call("POST", "/v1/admin/plugins/crasher/quarantine/reset", {}, ADMIN)
+    for _ in range(2):  # the host quarantines after 2 unavailable outcomes in a row
+        status, body = host.analyze("crasher", CLIENT_1)
+        assert status in (400, 503), body
+    assert host.call("GET", "/v1/plugins/crasher", token=ADMIN)[1]["quarantine"]["quarantined"]
+
+
+def test_calls_through_the_api_change_state_counts_and_quarantine_on_the_page(
+    open_page: Any, host: DemoHost
+) -> None:
+    host.call("POST", "/v1/admin/plugins/crasher/quarantine/reset", {}, ADMIN)
+    page = open_page()
+    sign_in(page, host, CLIENT_1)
+    echo = page.locator("#plugin-echo_size")
+    before = int(echo.locator("[data-testid=calls]").inner_text())
+    assert host.analyze("echo_size", CLIENT_1)[0] == 200
+    page.reload()
+    expect(echo.locator("[data-testid=calls]")).to_have_text(str(before + 1))
+    expect(echo.locator("[data-testid=state]")).to_have_text("SUCCESS")
+
+    crasher = page.locator("#plugin-crasher")
+    expect(crasher.locator("[data-testid=quarantine]")).to_have_count(0)
+    errors = int(crasher.locator("[data-testid=errors]").inner_text().split()[0])
+    quarantine_crasher(host)
+    # No reload: the page's script refreshes the table by itself.
+    expect(crasher.locator("[data-testid=quarantine]")).to_be_visible(timeout=12_000)
+    expect(crasher.locator("[data-testid=state]")).to_have_text("UNAVAILABLE")
+    expect(crasher.locator("[data-testid=errors]")).to_contain_text(str(errors + 2))
+    countdown = crasher.locator(".countdown")
+    first = float(countdown.get_attribute("data-seconds") or 0)
+    assert 500 < first <= 600
+    page.wait_for_function(
+        f"() => parseFloat(document.querySelector('#plugin-crasher .countdown')"
+        f".dataset.seconds) < {first}",
+        timeout=WAIT_MS,
+    )
+    expect(page.locator("[data-testid=quarantined-count]")).to_have_text("1 quarantined")
+
+
+def test_admin_resets_a_quarantine_from_the_page(open_page: Any, host: DemoHost) -> None:
+    quarantine_crasher(host)
+    page = open_page()
+    sign_in(page, host, ADMIN)
+    page.goto(host.url + "/console/plugins/crasher")
+    expect(page.locator("[data-testid=quarantine]")).to_be_visible()
+    page.click("[data-testid=reset]")
+    expect(page.locator("h1")).to_have_text("Confirm")
+    expect(page.locator("main")).to_contain_text("Lift the quarantine of plugin crasher")
+    page.click("[data-testid=confirm]")
+    page.wait_for_url(re.compile(r"/console/plugins/crasher\?done=reset$"))
+    expect(page.locator("main")).to_contain_text("not quarantined")
+    expect(page.get_by_role("status")).to_have_text("The quarantine was lifted.")
+    status, described = host.call("GET", "/v1/plugins/crasher", token=ADMIN)
+    assert status == 200 and described["quarantine"]["quarantined"] is False
+
+
+def test_a_client_sees_neither_another_clients_jobs_nor_admin_actions(
+    open_page: Any, host: DemoHost
+) -> None:
+    first = host.analyze("echo_size", CLIENT_1)[1]["job_id"]
+    second = host.analyze("echo_size", CLIENT_2)[1]["job_id"]
+    quarantine_crasher(host)
+    client, admin = open_page(), open_page()
+    sign_in(client, host, CLIENT_2)
+    sign_in(admin, host, ADMIN)
+    assert listed_jobs(client, host) >= {second} and first not in listed_jobs(client, host)
+    assert listed_jobs(admin, host) >= {first, second}
+    for page, actions in [(client, 0), (admin, 1)]:
+        page.goto(host.url + "/console")
+        expect(page.locator("#plugin-crasher [data-testid=quarantine]")).to_be_visible()
+        expect(page.get_by_text("Reload plugins…")).to_have_count(actions)
+        page.goto(host.url + "/console/plugins/crasher")
+        expect(page.locator("[data-testid=quarantine]")).to_be_visible()
+        expect(page.locator("[data-testid=reset]")).to_have_count(actions)
+    response = client.goto(host.url + "/console/confirm/reset?name=crasher")
+    assert response is not None and response.status == 403
+
+
+def test_read_only_pages_work_without_javascript_in_a_narrow_window(
+    open_page: Any, host: DemoHost
+) -> None:
+    page = open_page(java_script_enabled=False, viewport={"width": 360, "height": 740})
+    sign_in(page, host, CLIENT_1)  # a plain form post
+    for path, heading in [
+        ("/console", "Plugins"),
+        ("/console/plugins/echo_size", "echo_size"),
+        ("/console/jobs?status=SUCCESS", "Jobs"),
+        ("/console/isolation", "Isolation"),
+    ]:
+        response = page.goto(host.url + path)
+        assert response is not None and response.status == 200, path
+        expect(page.locator("h1")).to_contain_text(heading)
+        for box in (page.locator("main").bounding_box(), page.locator("header").bounding_box()):
+            assert box is not None and box["x"] + box["width"] <= 361, path
+    page.goto(host.url + "/console/isolation")
+    expect(page.locator("main")).to_contain_text("probes passed")
+    expect(page.locator("table.cases tbody tr").first).to_be_visible()
