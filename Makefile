@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check bench soak clean browser
+.PHONY: run test check bench soak clean browser postgres
 
 # What serving needs, and nothing more.
 $(RUNTIME): pyproject.toml
@@ -29,8 +29,17 @@ run: $(RUNTIME)
 browser:
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest
+
+# The multi-node tests start a private PostgreSQL server and put worker nodes
+# in network namespaces: Debian's postgresql and iproute2, installed once (as root;
+# without them those tests skip).
+PG_BIN := /usr/lib/postgresql/15/bin
+postgres:
+	@if [ "$$(id -u)" = 0 ] && ! { [ -x $(PG_BIN)/initdb ] && command -v ip >/dev/null; }; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql iproute2; \
+	fi
 
 # The same checks run in pre-commit and CI: lint, format, types, governance.
 check: $(STAMP)

@@ -6,6 +6,10 @@
     plughost new NAME [--dir D]
     plughost check DIR [--image FILE]...
     plughost crash-suite [--plugins-dir DIR]... [--case NAME]... [--http URL] [--json FILE] ...
+    plughost worker --database-url URL [--plugins-dir DIR]... [--workers N] [--metrics-port P]
+    plughost nodes --database-url URL [--json]
+
+`worker` and `nodes` belong to a multi-node deployment (docs/scale-out.md).
 
 Each subcommand is a `Subcommand` in `SUBCOMMANDS`: its options (shared ones
 come from the parent parsers below, so `--plugins-dir` is defined once) and
@@ -368,6 +372,7 @@ SERVE_SETTINGS = (
     "disable_layers",
     "prewarm",
     "user",
+    "database_url",
 )
 
 
@@ -377,6 +382,11 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int)
     serve.add_argument(
         "--db", dest="db_path", metavar="PATH", help="SQLite job database (default in --state-dir)"
+    )
+    serve.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="postgresql://...: jobs in PostgreSQL, run by `plughost worker` nodes",
     )
     serve.add_argument("--workers", type=int, help="sandboxes running at once")
     serve.add_argument("--queue-size", type=int, help="jobs waiting before 503 overloaded")
@@ -406,10 +416,132 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         settings = load_settings(args.config, overrides=overrides)
     except ConfigError as exc:
         parser.error(str(exc))
+    if settings.database_url:
+        _need_cluster(parser)
     configure_logging(settings.log_level, settings.log_repeat_limit, settings.log_repeat_interval_s)
     # Tokens come from the config file or PLUGHOST_CLIENT_TOKENS / PLUGHOST_ADMIN_TOKEN,
     # never from flags: command lines are visible to every user of the machine.
     serve(create_app(settings), settings)
+    return 0
+
+
+# -- worker and nodes (a multi-node deployment) -------------------------------
+
+
+def _need_cluster(parser: argparse.ArgumentParser) -> None:
+    """Exit 2 with the fix when the multi-node dependencies are not installed."""
+    import importlib.util
+
+    missing = [m for m in ("procrastinate", "psycopg") if importlib.util.find_spec(m) is None]
+    if missing:
+        parser.error(
+            f"a multi-node deployment needs {', '.join(missing)}: pip install 'plughost[cluster]'"
+        )
+
+
+def _cluster_settings(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, names: tuple[str, ...]
+) -> Any:
+    from host.config import ConfigError, load_settings
+
+    overrides = {name: getattr(args, name, None) for name in names}
+    overrides["plugins_dirs"] = getattr(args, "plugins_dir", [])
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if not settings.database_url:
+        parser.error("--database-url (or database_url in the configuration) is required")
+    _need_cluster(parser)
+    return settings
+
+
+def _worker_arguments(worker: argparse.ArgumentParser) -> None:
+    worker.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    worker.add_argument("--database-url", metavar="URL", help="postgresql://... (shared)")
+    worker.add_argument("--workers", type=int, help="sandboxes running at once (default: CPUs)")
+    worker.add_argument("--max-attempts", type=int, help="runs of a job whose node died")
+    worker.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    worker.add_argument("--isolation", choices=["standard", "strict"])
+    worker.add_argument(
+        "--metrics-port", type=int, metavar="P", help="serve GET /metrics on --host:P"
+    )
+    worker.add_argument("--host", help="address of --metrics-port (default 127.0.0.1)")
+    worker.add_argument(
+        "--user", help="started as root: run as this user once the sandbox is set up"
+    )
+
+
+def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from host.cluster.worker import WorkerNode, WorkerOptions, run_worker
+    from host.logs import configure_logging
+    from host.privileges import PrivilegeError
+
+    names = ("database_url", "workers", "max_attempts", "log_level", "isolation", "prewarm")
+    settings = _cluster_settings(
+        args, parser, (*names, "host", "user", "disable_layers", "state_dir")
+    )
+    configure_logging(settings.log_level, settings.log_repeat_limit, settings.log_repeat_interval_s)
+    registry = PluginRegistry()
+    registry.environments = environment_store(settings.plugin_envs, settings.allow_source_builds)
+    discover(registry, settings.plugins_dirs, settings.plugin_overrides)
+    _warn(registry.load_errors)
+    try:
+        sandbox = Sandbox(
+            isolation=settings.isolation,
+            disabled=settings.disable_layers,
+            prewarm=settings.prewarm,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    options = WorkerOptions(
+        database_url=settings.database_url,
+        concurrency=settings.workers,
+        max_attempts=settings.max_attempts,
+        heartbeat_s=settings.heartbeat_s,
+        stalled_after_s=settings.stalled_after_s,
+        metrics_address=None if args.metrics_port is None else (settings.host, args.metrics_port),
+        user=settings.user,
+    )
+    quarantine = (settings.quarantine_threshold, settings.quarantine_cooldown_s)
+    try:
+        run_worker(WorkerNode(options, registry, sandbox, quarantine))
+    except PrivilegeError as exc:
+        _stderr(str(exc))
+        return 1
+    return 0
+
+
+def _nodes_arguments(nodes: argparse.ArgumentParser) -> None:
+    nodes.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    nodes.add_argument("--database-url", metavar="URL", help="postgresql://... (shared)")
+    nodes.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _cmd_nodes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from host.cluster.nodes import NodeBook
+    from host.services.pgstore import DatabaseUnavailable, PgJobStore, open_pool
+
+    settings = _cluster_settings(args, parser, ("database_url",))
+    pool = open_pool(settings.database_url, max_size=1)
+    try:
+        nodes = NodeBook(PgJobStore(pool), "cli", settings.stalled_after_s).nodes()
+    except DatabaseUnavailable as exc:
+        _stderr(str(exc))
+        return 1
+    finally:
+        pool.close()
+    if args.json:
+        _print_json({"nodes": nodes})
+        return 0
+    print(f"{'NAME':<40} {'ROLE':<7} {'HEALTH':<8} {'BEAT':>7} {'RUN':>4}/{'SLOTS':<5} PLUGINS")
+    for node in nodes:
+        plugins = ", ".join(f"{n}@{p['version']}" for n, p in sorted(node["plugins"].items()))
+        print(
+            f"{node['name']:<40} {node['role']:<7} {node['state']:<8} "
+            f"{node['heartbeat_age_s']:>6.1f}s {node['running']:>4}/{node['concurrency']:<5} "
+            f"{plugins}"
+        )
     return 0
 
 
@@ -548,6 +680,26 @@ SUBCOMMANDS = (
         lambda: [plugins_dir_options(), state_dir_options()],
         _plugins_arguments,
         _cmd_plugins,
+    ),
+    Subcommand(
+        "worker",
+        "run jobs of a multi-node deployment (a sandbox node)",
+        lambda: [
+            plugins_dir_options(),
+            state_dir_options(),
+            isolation_options(
+                "disable_layers", "switch an isolation layer off", "warm children per plugin"
+            ),
+        ],
+        _worker_arguments,
+        _cmd_worker,
+    ),
+    Subcommand(
+        "nodes",
+        "list the nodes of a multi-node deployment",
+        lambda: [],
+        _nodes_arguments,
+        _cmd_nodes,
     ),
     Subcommand(
         "new",

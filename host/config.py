@@ -95,6 +95,15 @@ class Settings(BaseModel):
     # server being killed at any point, FULL a power cut too (an fsync per commit).
     db_sync: Literal["NORMAL", "FULL"] = "NORMAL"
 
+    # Multi-node deployment (docs/scale-out.md). With a postgresql:// URL the
+    # jobs, quarantine and plugin statistics live in PostgreSQL and jobs run
+    # on `plughost worker` nodes (each running `workers` sandboxes at once);
+    # without it the server is the embedded single node with SQLite.
+    database_url: str | None = Field(default=None, pattern=r"^postgres(ql)?://")
+    max_attempts: int = Field(default=3, ge=1, le=100)  # runs of a job whose node died
+    heartbeat_s: float = Field(default=2.0, gt=0, le=60)  # a node's heartbeat period
+    stalled_after_s: float = Field(default=10.0, gt=0)  # silent this long: the node is dead
+
     # Request bounds and connection limits (see README, Configuration).
     options_max_depth: int = Field(default=16, ge=1, le=64)
     options_max_items: int = Field(default=10_000, ge=1)

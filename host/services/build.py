@@ -38,7 +38,7 @@ class Services:
         """The nodes of a multi-node deployment, each a dict with at least
         `name`, `state` and `last_seen`; empty on a single node (the console
         shows its nodes section only when there are some)."""
-        return []
+        return self.jobs.nodes()
 
 
 def job_limits(settings: Settings) -> JobLimits:
@@ -71,6 +71,10 @@ def plugin_service(settings: Settings) -> PluginManagementService:
 
 def build_services(settings: Settings, store: JobStore | None = None) -> Services:
     """Discover plugins and wire the layers for `settings`."""
+    if settings.database_url and store is None:
+        from host.cluster.services import build_cluster_services
+
+        return Services(*build_cluster_services(settings, job_limits(settings)))
     plugins = plugin_service(settings)
     jobs = JobManagementService(
         plugins,

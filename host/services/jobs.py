@@ -328,6 +328,10 @@ class JobManagementService:
 
     # -- housekeeping -------------------------------------------------------
 
+    def nodes(self) -> list[dict[str, Any]]:
+        """The nodes of a multi-node deployment; a single node has none."""
+        return []
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {

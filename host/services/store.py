@@ -182,6 +182,34 @@ def _record_bytes(result: str | None, error: str | None) -> int:
     return len(result or "") + len(error or "")
 
 
+def filter_clause(
+    owner: str | None, status: JobStatus | None, plugin: str | None, placeholder: str
+) -> tuple[str, list[str]]:
+    """`WHERE ...` (or "") and its arguments for a listing's filters."""
+    where, args = [], []
+    for column, value in (("owner", owner), ("status", status), ("plugin", plugin)):
+        if value is not None:
+            where.append(f"{column} = {placeholder}")
+            args.append(str(value))
+    return (f"WHERE {' AND '.join(where)}" if where else ""), args
+
+
+def oldest_to_drop(
+    finished: Iterable[tuple[str, int]], jobs: int, stored: int, max_jobs: int, max_bytes: int
+) -> list[str]:
+    """Ids of the finished jobs (`(id, stored bytes)`, oldest first) an owner
+    of `jobs` jobs and `stored` bytes drops to keep at most `max_jobs` and
+    `max_bytes`."""
+    victims = []
+    for job_id, size in finished:
+        if jobs <= max_jobs and stored <= max_bytes:
+            break
+        victims.append(job_id)
+        jobs -= 1
+        stored -= size
+    return victims
+
+
 class MemoryJobStore:
     """Jobs in a dict; for tests and throwaway hosts."""
 
@@ -530,12 +558,7 @@ class SQLiteJobStore:
         offset: int,
         max_bytes: int,
     ) -> JobPage:
-        where, args = [], []
-        for column, value in (("owner", owner), ("status", status), ("plugin", plugin)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(str(value))
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, args = filter_clause(owner, status, plugin, "?")
         with self._lock:
             total = self._db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0]
             # One row at a time: at most one row past the byte cap is ever read.
@@ -581,18 +604,12 @@ class SQLiteJobStore:
             ).fetchone()
             if jobs <= max_jobs and stored <= max_bytes:
                 return 0
-            victims = []
             finished = self._db.execute(
                 "SELECT id, stored_bytes FROM jobs "
                 f"WHERE owner = ? AND status IN ({_FINISHED_SQL}) ORDER BY created_at",
                 (owner,),
             ).fetchall()
-            for job_id, size in finished:
-                if jobs <= max_jobs and stored <= max_bytes:
-                    break
-                victims.append(job_id)
-                jobs -= 1
-                stored -= size
+            victims = oldest_to_drop(finished, jobs, stored, max_jobs, max_bytes)
             self._db.executemany("DELETE FROM jobs WHERE id = ?", [(v,) for v in victims])
         return len(victims)
 

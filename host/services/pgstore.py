@@ -1,0 +1,494 @@
+"""Jobs in PostgreSQL: the store every node of a multi-node deployment shares.
+
+It keeps the same records as `SQLiteJobStore` (host/services/store.py) and
+adds what a shared store needs:
+
+    add(job, payload)     the row and its dispatch (`dispatch(conn, job)`, a
+                          Procrastinate defer) in ONE transaction: no job is
+                          ever accepted but not queued, or queued but not stored
+    claim(id, node, ...)  a worker takes the job: attempts + 1, fenced
+    finish(job, attempt)  the final result, written only by the attempt that
+                          holds the job: a redelivered or stale run cannot
+                          write a second one (it is counted in `completions`)
+    cancel_pending(id)    PENDING -> CANCELLED; a running job is left to the
+                          dispatcher, which asks its node to abort it
+
+Every database failure (server down, connection lost, pool exhausted)
+becomes `DatabaseUnavailable`, a ServiceError the API answers with 503 and
+Retry-After; the pool reconnects by itself when the server is back.
+
+`recover()` does nothing here: in a shared store no node may declare the
+other nodes' jobs dead. Jobs of a node that died are found by the
+stalled-job recovery step of the worker nodes (`WorkerNode.recover_once`
+in host/cluster/worker.py), which asks `recovery_action` what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from host.errors import ServiceError, envelope
+from host.services.store import (
+    FINISHED,
+    Job,
+    JobPage,
+    JobStatus,
+    Usage,
+    _cutoff,
+    _document,
+    _fill_page,
+    _json,
+    _record_bytes,
+    decode_payload,
+    encode_payload,
+    filter_clause,
+    now_iso,
+    oldest_to_drop,
+)
+
+log = logging.getLogger("plughost.pgstore")
+
+_COLUMNS = "id, plugin, status, created_at, started_at, finished_at, result, error, owner"
+_FINISHED = [s.value for s in FINISHED]
+# How long a size figure is trusted: summing every row on each job would cost more than the job.
+SIZE_CACHE_S = 10.0
+RETRY_AFTER_S = 2.0
+RECONNECT_S = 4.0
+FAIL_FAST_S = 1.0
+NOTIFY_CHANNEL = "plughost_job_finished"
+_TOTAL_BYTES = "SELECT COALESCE(SUM(stored_bytes), 0) FROM plughost_jobs"
+
+Dispatch = Callable[[psycopg.Connection[Any], Job], int]
+
+
+class DatabaseUnavailable(ServiceError):
+    """The shared database cannot be reached now; retry after a while."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(
+            envelope(
+                "database_unavailable",
+                f"the job database is unreachable ({type(cause).__name__}); retry later",
+                retry_after_s=RETRY_AFTER_S,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's hold on a job: run it as `attempt`, or do not run it (`job` None)."""
+
+    job: Job | None
+    attempt: int
+    exhausted: bool = False
+
+
+def _row_job(row: tuple[Any, ...]) -> Job:
+    return Job(
+        id=row[0],
+        plugin=row[1],
+        status=JobStatus(row[2]),
+        created_at=row[3],
+        started_at=row[4],
+        finished_at=row[5],
+        result=None if row[6] is None else json.loads(row[6]),
+        error=None if row[7] is None else json.loads(row[7]),
+        owner=row[8],
+    )
+
+
+def _hold(
+    conn: psycopg.Connection[Any], job_id: str, stalled_after_s: float
+) -> tuple[str, int, str | None, bool] | None:
+    """Lock the job's row; `(status, attempts, node holding it, that node is
+    silent for stalled_after_s or gone)`, or None for no such job."""
+    row = conn.execute(
+        "SELECT j.status, j.attempts, j.node, "
+        "(n.last_heartbeat IS NULL OR n.last_heartbeat < now() - make_interval(secs => %s))"
+        " FROM plughost_jobs j LEFT JOIN plughost_nodes n ON n.name = j.node "
+        "WHERE j.id = %s FOR UPDATE OF j",
+        (stalled_after_s, job_id),
+    ).fetchone()
+    return None if row is None else (row[0], row[1], row[2], bool(row[3]))
+
+
+def _usage(conn: psycopg.Connection[Any], owner: str) -> Usage:
+    row = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(stored_bytes), 0) FROM plughost_jobs WHERE owner = %s",
+        (owner,),
+    ).fetchone()
+    assert row is not None
+    return Usage(int(row[0]), int(row[1]))
+
+
+def open_pool(url: str, max_size: int = 8, timeout_s: float = 5.0) -> psycopg_pool.ConnectionPool:
+    """A connection pool to `url` that checks connections before lending them
+    and waits at most `timeout_s` for one (then: PoolTimeout)."""
+    pool = psycopg_pool.ConnectionPool(
+        url,
+        min_size=1,
+        max_size=max_size,
+        timeout=timeout_s,
+        open=False,
+        check=psycopg_pool.ConnectionPool.check_connection,
+        kwargs={"connect_timeout": max(1, int(timeout_s))},
+        # The pool's reconnection backoff doubles without a bound: an attempt
+        # given up after a few seconds is started afresh by the next request,
+        # so a node is back within seconds of the database, not minutes.
+        reconnect_timeout=RECONNECT_S,
+    )
+    pool.open(wait=False)
+    return pool
+
+
+class PgJobStore:
+    """Jobs in PostgreSQL tables shared by every node; thread-safe."""
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool, dispatch: Dispatch | None = None) -> None:
+        self.pool = pool
+        # Called inside add()'s transaction; set by whoever owns the queue.
+        self.dispatch = dispatch
+        self._size_lock = threading.Lock()
+        self._size: tuple[float, int] = (-SIZE_CACHE_S, 0)
+        self._down_until = 0.0
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in a transaction (committed on exit).
+
+        Raises DatabaseUnavailable when the database cannot be reached; for
+        FAIL_FAST_S after that without waiting for the pool again, so a
+        request during an outage gets its 503 at once.
+        """
+        if time.monotonic() < self._down_until:
+            raise DatabaseUnavailable(psycopg_pool.PoolTimeout("the database was just unreachable"))
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                yield conn
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            self._down_until = time.monotonic() + FAIL_FAST_S
+            raise DatabaseUnavailable(exc) from exc
+
+    # -- the JobStore protocol ----------------------------------------------
+
+    def add(self, job: Job, payload: dict[str, Any]) -> None:
+        image, meta = encode_payload(payload)
+        result, error = _json(job.result), _json(job.error)
+        with self.connection() as conn:
+            conn.execute(
+                f"INSERT INTO plughost_jobs ({_COLUMNS}, stored_bytes, payload, image) "
+                "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                (
+                    job.id,
+                    job.plugin,
+                    job.status.value,
+                    job.created_at,
+                    job.started_at,
+                    job.finished_at,
+                    result,
+                    error,
+                    job.owner,
+                    len(image) + len(meta) + _record_bytes(result, error),
+                    meta,
+                    image,
+                ),
+            )
+            if self.dispatch is not None and job.status is JobStatus.PENDING:
+                queue_job = self.dispatch(conn, job)
+                conn.execute(
+                    "UPDATE plughost_jobs SET queue_job_id = %s WHERE id = %s", (queue_job, job.id)
+                )
+
+    def get(self, job_id: str) -> Job | None:
+        with self.connection() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM plughost_jobs WHERE id = %s", (job_id,)
+            ).fetchone()
+        return None if row is None else _row_job(row)
+
+    def payload(self, job_id: str) -> dict[str, Any] | None:
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT image, payload FROM plughost_jobs WHERE id = %s", (job_id,)
+            ).fetchone()
+        return None if row is None else decode_payload(row[0], row[1])
+
+    def document(self, job_id: str) -> tuple[str, str] | None:
+        """`(owner, public document)` of the job, its result spliced in unparsed, or None."""
+        with self.connection() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM plughost_jobs WHERE id = %s", (job_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        job = _row_job((*row[:6], None, None, row[8]))
+        return job.owner, _document(job, row[6], row[7])
+
+    def update(self, job: Job) -> None:
+        """Write the job's status, times, result and error (no fence: the
+        dispatcher's paths use `finish`); a finished job's input is dropped."""
+        result, error = _json(job.result), _json(job.error)
+        finished = job.status in FINISHED
+        with self.connection() as conn:
+            conn.execute(
+                "UPDATE plughost_jobs SET status = %s, started_at = %s, finished_at = %s, "
+                "result = %s, error = %s, "
+                "payload = CASE WHEN %s THEN NULL ELSE payload END, "
+                "image = CASE WHEN %s THEN NULL ELSE image END, "
+                "stored_bytes = CASE WHEN %s THEN %s ELSE stored_bytes END WHERE id = %s",
+                (
+                    job.status.value,
+                    job.started_at,
+                    job.finished_at,
+                    result,
+                    error,
+                    finished,
+                    finished,
+                    finished,
+                    _record_bytes(result, error),
+                    job.id,
+                ),
+            )
+
+    def page(
+        self,
+        owner: str | None,
+        status: JobStatus | None,
+        plugin: str | None,
+        limit: int,
+        offset: int,
+        max_bytes: int,
+    ) -> JobPage:
+        clause, args = filter_clause(owner, status, plugin, "%s")
+        with self.connection() as conn:
+            total = conn.execute(f"SELECT COUNT(*) FROM plughost_jobs {clause}", args).fetchone()
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM plughost_jobs {clause} "
+                "ORDER BY created_at DESC LIMIT %s OFFSET %s",
+                [*args, limit, offset],
+            ).fetchall()
+        raw = ((_row_job((*r[:6], None, None, r[8])), r[6], r[7]) for r in rows)
+        return _fill_page(raw, int(total[0] if total else 0), limit, offset, max_bytes)
+
+    def usage(self, owner: str) -> Usage:
+        with self.connection() as conn:
+            return _usage(conn, owner)
+
+    def prune_owner(self, owner: str, max_jobs: int, max_bytes: int) -> int:
+        """Delete `owner`'s oldest finished jobs until it keeps at most
+        `max_jobs` jobs and `max_bytes`; return how many went."""
+        with self.connection() as conn:
+            usage = _usage(conn, owner)
+            jobs, stored = usage.jobs, usage.stored_bytes
+            finished = conn.execute(
+                "SELECT id, stored_bytes FROM plughost_jobs WHERE owner = %s "
+                "AND status = ANY(%s) ORDER BY created_at",
+                (owner, _FINISHED),
+            ).fetchall()
+            victims = oldest_to_drop(finished, jobs, stored, max_jobs, max_bytes)
+            conn.execute("DELETE FROM plughost_jobs WHERE id = ANY(%s)", (victims,))
+        return len(victims)
+
+    def size_bytes(self) -> int:
+        """Bytes the jobs store (inputs, results, errors), at most SIZE_CACHE_S old."""
+        with self._size_lock:
+            read_at, size = self._size
+            if time.monotonic() - read_at < SIZE_CACHE_S:
+                return size
+        with self.connection() as conn:
+            row = conn.execute(_TOTAL_BYTES).fetchone()
+        size = int(row[0]) if row else 0
+        with self._size_lock:
+            self._size = (time.monotonic(), size)
+        return size
+
+    def prune(self, older_than_s: float) -> int:
+        with self.connection() as conn:
+            cursor = conn.execute(
+                "DELETE FROM plughost_jobs WHERE status = ANY(%s) "
+                "AND COALESCE(finished_at, created_at) < %s",
+                (_FINISHED, _cutoff(older_than_s)),
+            )
+        return cursor.rowcount
+
+    def prune_to_size(self, max_bytes: int) -> int:
+        """Delete the oldest finished jobs until the stored bytes are at most
+        `max_bytes` (or no finished job is left); return how many went."""
+        with self.connection() as conn:
+            row = conn.execute(_TOTAL_BYTES).fetchone()
+            excess = (int(row[0]) if row else 0) - max_bytes
+            victims: list[str] = []
+            if excess > 0:
+                oldest = conn.execute(
+                    "SELECT id, stored_bytes FROM plughost_jobs WHERE status = ANY(%s) "
+                    "ORDER BY created_at",
+                    (_FINISHED,),
+                )
+                for job_id, stored in oldest:
+                    if excess <= 0:
+                        break
+                    victims.append(job_id)
+                    excess -= stored
+                conn.execute("DELETE FROM plughost_jobs WHERE id = ANY(%s)", (victims,))
+        with self._size_lock:
+            self._size = (-SIZE_CACHE_S, 0)
+        return len(victims)
+
+    def recover(self, reason: dict[str, Any]) -> int:
+        """Nothing: see the module docstring."""
+        return 0
+
+    def close(self) -> None:
+        """The pool belongs to whoever opened it; nothing to release here."""
+
+    # -- what a shared store adds -------------------------------------------
+
+    def claim(self, job_id: str, node: str, stalled_after_s: float, max_attempts: int) -> Claim:
+        """Take `job_id` for `node` as its next attempt.
+
+        A PENDING job is taken; a RUNNING one only when the node holding it
+        has not sent a heartbeat for `stalled_after_s` (its run is lost). A
+        job past `max_attempts` ends INTERRUPTED here instead (`exhausted`).
+        Anything else (finished, or running on a live node) is not taken:
+        `job` is None, and the caller must not run it.
+        """
+        with self.connection() as conn:
+            row = _hold(conn, job_id, stalled_after_s)
+            if row is None:
+                return Claim(None, 0)
+            status, attempts, holder, holder_dead = row
+            if status == JobStatus.RUNNING.value and (holder == node or not holder_dead):
+                return Claim(None, attempts)
+            if status not in (JobStatus.PENDING.value, JobStatus.RUNNING.value):
+                return Claim(None, attempts)
+            if attempts >= max_attempts:
+                self._interrupt(conn, job_id, attempts, holder)
+                return Claim(None, attempts, exhausted=True)
+            found = conn.execute(
+                "UPDATE plughost_jobs SET status = 'RUNNING', attempts = attempts + 1, "
+                "node = %s, started_at = %s WHERE id = %s "
+                f"RETURNING {_COLUMNS}, attempts",
+                (node, now_iso(), job_id),
+            ).fetchone()
+        assert found is not None
+        return Claim(_row_job(found[:9]), int(found[9]))
+
+    def _interrupt(
+        self, conn: psycopg.Connection[Any], job_id: str, attempts: int, node: str | None
+    ) -> None:
+        error = envelope(
+            "interrupted",
+            f"the node running this job stopped; gave up after {attempts} attempts",
+            attempts=attempts,
+            last_node=node,
+        )["error"]
+        conn.execute(
+            "UPDATE plughost_jobs SET status = 'INTERRUPTED', finished_at = %s, error = %s, "
+            "payload = NULL, image = NULL, stored_bytes = LENGTH(%s) WHERE id = %s",
+            (now_iso(), _json(error), _json(error), job_id),
+        )
+        conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, job_id))
+
+    def recovery_action(
+        self, conn: psycopg.Connection[Any], job_id: str, max_attempts: int, stalled_after_s: float
+    ) -> str:
+        """Inside `conn`'s transaction: what to do with the job `job_id`,
+        whose queue worker stopped sending heartbeats. One of:
+
+        - "done": the job is finished (or gone); its queue entry can be closed
+        - "busy": a live node still holds it (its queue worker restarted,
+          the node did not); leave it, the node writes the result
+        - "interrupted": its node is dead and it used `max_attempts`; it is
+          ended INTERRUPTED here
+        - "retry": it goes back on its queue, for the next node to claim
+        """
+        row = _hold(conn, job_id, stalled_after_s)
+        if row is None or row[0] in _FINISHED:
+            return "done"
+        status, attempts, holder, holder_dead = row
+        if status == JobStatus.RUNNING.value and not holder_dead:
+            return "busy"
+        if status == JobStatus.RUNNING.value and attempts >= max_attempts:
+            self._interrupt(conn, job_id, attempts, holder)
+            return "interrupted"
+        return "retry"
+
+    def finish(self, job: Job, attempt: int) -> bool:
+        """Write the final state of `job` if `attempt` still holds it; return
+        True if written. A run that lost its hold is counted, not written."""
+        result, error = _json(job.result), _json(job.error)
+        with self.connection() as conn:
+            cursor = conn.execute(
+                "UPDATE plughost_jobs SET status = %s, finished_at = %s, result = %s, "
+                "error = %s, payload = NULL, image = NULL, stored_bytes = %s, "
+                "completions = completions + 1 "
+                "WHERE id = %s AND status = 'RUNNING' AND attempts = %s",
+                (
+                    job.status.value,
+                    job.finished_at,
+                    result,
+                    error,
+                    _record_bytes(result, error),
+                    job.id,
+                    attempt,
+                ),
+            )
+            if cursor.rowcount:
+                conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, job.id))
+                return True
+            conn.execute(
+                "UPDATE plughost_jobs SET completions = completions + 1 WHERE id = %s", (job.id,)
+            )
+        return False
+
+    def cancel_pending(self, job_id: str, error: dict[str, Any]) -> tuple[str, int | None]:
+        """CANCELLED if still PENDING. Returns `(status now, queue job id)`."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "UPDATE plughost_jobs SET status = CASE WHEN status = 'PENDING' "
+                "THEN 'CANCELLED' ELSE status END, "
+                "finished_at = CASE WHEN status = 'PENDING' THEN %s ELSE finished_at END, "
+                "error = CASE WHEN status = 'PENDING' THEN %s ELSE error END, "
+                "payload = CASE WHEN status = 'PENDING' THEN NULL ELSE payload END, "
+                "image = CASE WHEN status = 'PENDING' THEN NULL ELSE image END "
+                "WHERE id = %s RETURNING status, queue_job_id",
+                (now_iso(), _json(error), job_id),
+            ).fetchone()
+            if row is not None and row[0] == JobStatus.CANCELLED.value:
+                conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, job_id))
+        return ("", None) if row is None else (row[0], row[1])
+
+    def finished_among(self, job_ids: list[str]) -> list[Job]:
+        """The finished jobs among `job_ids`."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM plughost_jobs WHERE id = ANY(%s) AND status = ANY(%s)",
+                (job_ids, _FINISHED),
+            ).fetchall()
+        return [_row_job(r) for r in rows]
+
+    def counts(self) -> dict[str, float]:
+        """`pending`, `running` and `oldest_pending_s` (0 when none waits)."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FILTER (WHERE status = 'PENDING'), "
+                "COUNT(*) FILTER (WHERE status = 'RUNNING'), "
+                "MIN(created_at) FILTER (WHERE status = 'PENDING') "
+                "FROM plughost_jobs WHERE status IN ('PENDING', 'RUNNING')"
+            ).fetchone()
+        assert row is not None
+        oldest = 0.0
+        if row[2] is not None:
+            oldest = max(0.0, (datetime.now(UTC) - datetime.fromisoformat(row[2])).total_seconds())
+        return {"pending": int(row[0]), "running": int(row[1]), "oldest_pending_s": oldest}

@@ -1,0 +1,227 @@
+"""Faults, with nothing lost: worker nodes killed at random under load, the
+database stopped and started mid-run, an API node killed mid-stream."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from host.api.app import create_app
+from host.config import Settings
+from host.services.pgstore import DatabaseUnavailable
+from host.services.store import JobStatus
+from tests.cluster.conftest import CLUSTER, FAST, ROOT, Workers, live_workers
+from tests.cluster.pg import PgCluster, free_port, wait_for
+from tests.conftest import make_png
+
+PAYLOAD = {"image": make_png(8, 8), "mime_type": "image/png", "options": {}}
+pytestmark = CLUSTER
+
+
+def outcomes(url: str) -> dict[str, int]:
+    """How many jobs are in each status, and how many ran to completion twice."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT status, COUNT(*) FROM plughost_jobs GROUP BY status").fetchall()
+        twice = conn.execute("SELECT COUNT(*) FROM plughost_jobs WHERE completions > 1").fetchone()
+    found = {status: count for status, count in rows}
+    found["completed_twice"] = twice[0] if twice else 0
+    return found
+
+
+@pytest.mark.timeout(180)
+def test_a_thousand_jobs_survive_workers_killed_at_random(api, workers, db_url):
+    services = api()
+    env = {"PLUGHOST_MAX_ATTEMPTS": "50"}
+    nodes = [workers.start("--workers", "2", env=env) for _ in range(3)]
+    wait_for(lambda: live_workers(services) == 3, 60, "three live workers")
+    futures = [services.analysis.submit("echo", PAYLOAD)[1] for _ in range(1000)]
+    rng = random.Random(14)
+    kills = 0
+    deadline = time.monotonic() + 150
+    while not all(f.done() for f in futures):
+        assert time.monotonic() < deadline, f"jobs left: {outcomes(db_url)}"
+        time.sleep(rng.uniform(0.5, 1.5))
+        if kills < 8:
+            victim = rng.randrange(len(nodes))
+            workers.kill(nodes[victim])
+            nodes[victim] = workers.start("--workers", "2", env=env)
+            kills += 1
+    done = [f.result(timeout=1) for f in futures]
+    failed = [job.error for job in done if job.status is not JobStatus.SUCCESS]
+    assert not failed, (outcomes(db_url), failed[:3])
+    found = outcomes(db_url)
+    assert found == {"SUCCESS": 1000, "completed_twice": 0}
+    assert kills == 8
+    with psycopg.connect(db_url) as conn:
+        retried = conn.execute("SELECT COUNT(*) FROM plughost_jobs WHERE attempts > 1").fetchone()
+    assert retried is not None and retried[0] > 0  # the kills hit running jobs
+
+
+@pytest.fixture
+def own_pg() -> Iterator[PgCluster]:
+    """A server of this test's own, to stop and start."""
+    cluster = PgCluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.mark.timeout(180)
+def test_every_accepted_job_finishes_across_a_database_restart(own_pg, plugins_dir, tmp_path):
+    url = own_pg.database("restart")
+    settings = Settings(
+        database_url=url,
+        plugins_dirs=[str(plugins_dir)],
+        heartbeat_s=0.5,
+        stalled_after_s=3.0,
+        prewarm=0,
+        self_check=False,
+    )
+    workers = Workers(url, plugins_dir, tmp_path)
+    app = create_app(settings)
+    try:
+        workers.start("--workers", "2")
+        with TestClient(app) as client:
+            services = app.state.services
+            wait_for(lambda: live_workers(services), 60, "a live worker")
+            futures = [
+                services.analysis.submit("nap", {**PAYLOAD, "options": {"s": 0.02}})[1]
+                for _ in range(150)
+            ]
+            wait_for(lambda: sum(f.done() for f in futures) >= 20, 60, "some jobs done")
+            own_pg.stop("fast")
+            with pytest.raises(DatabaseUnavailable):
+                services.analysis.submit("echo", PAYLOAD)
+            answer = client.post("/v1/jobs", json=_body())
+            assert answer.status_code == 503
+            assert answer.json()["detail"]["details"]["reason"] == "database_unavailable"
+            assert int(answer.headers["Retry-After"]) >= 1
+            time.sleep(2)
+            own_pg.start()
+            # The API recovers by itself.
+            wait_for(
+                lambda: client.post("/v1/jobs", json=_body()).status_code == 202,
+                60,
+                "the API to accept jobs again",
+                every_s=0.5,
+            )
+            for future in futures:
+                assert future.result(timeout=90).status is JobStatus.SUCCESS
+        found = outcomes(url)
+        assert found["completed_twice"] == 0
+        assert found.get("SUCCESS", 0) >= 151
+    finally:
+        workers.stop_all()
+
+
+def _body() -> dict[str, object]:
+    return {
+        "plugin": "echo",
+        "image": base64.b64encode(PAYLOAD["image"]).decode(),
+        "mime_type": "image/png",
+    }
+
+
+def _post(port: int) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/jobs",
+        data=json.dumps(_body()).encode(),
+        method="POST",
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.timeout(180)
+def test_killing_an_api_node_loses_no_accepted_job(api, workers, db_url, plugins_dir, tmp_path):
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "host.cli",
+            "serve",
+            "--database-url",
+            db_url,
+            "--plugins-dir",
+            str(plugins_dir),
+            "--port",
+            str(port),
+            "--prewarm",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={
+            **__import__("os").environ,
+            **FAST,
+            "PYTHONPATH": str(ROOT),
+            "PLUGHOST_SELF_CHECK": "false",
+        },
+    )
+    try:
+        workers.start()
+        services = api()
+        wait_for(lambda: live_workers(services), 60, "a live worker")
+        wait_for(lambda: _ready(port), 60, "the API node")
+        accepted: list[str] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                try:
+                    status, body = _post(port)
+                except (OSError, http.client.HTTPException):
+                    return  # the node died mid-request: that job was never acknowledged
+                if status == 202:
+                    accepted.append(body["job"]["id"])  # type: ignore[index]
+
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        wait_for(lambda: len(accepted) >= 100, 60, "100 accepted jobs")
+        server.send_signal(signal.SIGKILL)  # while the clients are still sending
+        server.wait(timeout=30)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=30)
+        assert len(accepted) >= 100
+        # Another API node sees every accepted job finish.
+        for job_id in accepted:
+            wait_for(
+                lambda job_id=job_id: services.jobs.get_job(job_id).status is JobStatus.SUCCESS,
+                60,
+                f"job {job_id}",
+            )
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
