@@ -98,7 +98,7 @@ REASONS: Mapping[str, Reason] = {
     "forbidden": Reason(_V, None, 403, "token may not do that", _H, None),
     "quota_exceeded": Reason(_V, None, 429, "client quota reached", _H, None),
     # a multi-node deployment (docs/scale-out.md)
-    "database_unavailable": Reason(_I, None, 503, "the shared job database is unreachable", _H, None),
+    "database_unavailable": Reason(_I, None, 503, "the shared job database is down", _H, None),
     "no_worker": Reason(_I, None, 503, "no live worker node has this plugin version", _H, None),
 }
 
