@@ -53,6 +53,10 @@ def test_metrics_show_the_queue_and_the_live_workers(api, workers, plugins_dir):
             future.result(timeout=30)
         ready = client.get("/readyz").json()
         assert ready["ready"]
+        worker = next(n for n in services.nodes() if n["role"] == "worker")
+        assert worker["state"] == "healthy" and worker["last_seen"]
+        console = client.get("/console").text
+        assert "Nodes" in console and worker["name"] in console
 
 
 def test_plughost_nodes_lists_each_node_with_its_health_and_plugins(api, workers, db_url):
