@@ -51,8 +51,8 @@ from host.services.store import (
     _json,
     _record_bytes,
     decode_payload,
-    encode_payload,
     filter_clause,
+    new_row,
     now_iso,
     oldest_to_drop,
 )
@@ -183,26 +183,11 @@ class PgJobStore:
     # -- the JobStore protocol ----------------------------------------------
 
     def add(self, job: Job, payload: dict[str, Any]) -> None:
-        image, meta = encode_payload(payload)
-        result, error = _json(job.result), _json(job.error)
         with self.connection() as conn:
             conn.execute(
                 f"INSERT INTO plughost_jobs ({_COLUMNS}, stored_bytes, payload, image) "
                 "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                (
-                    job.id,
-                    job.plugin,
-                    job.status.value,
-                    job.created_at,
-                    job.started_at,
-                    job.finished_at,
-                    result,
-                    error,
-                    job.owner,
-                    len(image) + len(meta) + _record_bytes(result, error),
-                    meta,
-                    image,
-                ),
+                new_row(job, payload),
             )
             if self.dispatch is not None and job.status is JobStatus.PENDING:
                 queue_job = self.dispatch(conn, job)

@@ -377,6 +377,31 @@ def _fill_page(
 _COLUMNS = (
     "id, plugin, status, created_at, started_at, finished_at, result, error, owner, stored_bytes"
 )
+
+
+def new_row(job: Job, payload: dict[str, Any]) -> tuple[Any, ...]:
+    """A new job's row, in the order of `_COLUMNS` then payload and image
+    (every store keeps the same record: the input as raw bytes plus its
+    metadata, and the bytes it stores counted for the owner's quota)."""
+    image, meta = encode_payload(payload)
+    result, error = _json(job.result), _json(job.error)
+    stored = len(image) + len(meta) + _record_bytes(result, error)
+    return (
+        job.id,
+        job.plugin,
+        job.status.value,
+        job.created_at,
+        job.started_at,
+        job.finished_at,
+        result,
+        error,
+        job.owner,
+        stored,
+        meta,
+        image,
+    )
+
+
 _FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED))
 
 
@@ -477,25 +502,10 @@ class SQLiteJobStore:
         )
 
     def add(self, job: Job, payload: dict[str, Any]) -> None:
-        image, meta = encode_payload(payload)
-        result, error = _json(job.result), _json(job.error)
         with self._lock:
             self._db.execute(
                 f"INSERT INTO jobs ({_COLUMNS}, payload, image) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    job.id,
-                    job.plugin,
-                    job.status.value,
-                    job.created_at,
-                    job.started_at,
-                    job.finished_at,
-                    result,
-                    error,
-                    job.owner,
-                    len(image) + len(meta) + _record_bytes(result, error),
-                    meta,
-                    image,
-                ),
+                new_row(job, payload),
             )
 
     def update(self, job: Job) -> None:
