@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from sandbox import trace
 from sandbox.cancel import CancelToken
 from sandbox.handle import ChildHandle
 from sandbox.limits import CallLimits, MiB
@@ -85,7 +86,10 @@ def run_call(handle: ChildHandle, call: CallSpec, token: CancelToken | None) -> 
         handle.hand_over(call)
     watch = _Watcher(handle, call.limits, started, token)
     seen = watch.observe()
-    return verdict(seen, call.limits)
+    trace.mark("host.watch")
+    outcome = verdict(seen, call.limits)
+    trace.mark("host.verdict")
+    return outcome
 
 
 class _Watcher:

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from sandbox import trace
 from sandbox.layers import (
     UNSHARE_FLAGS,
     cgroup,
@@ -110,7 +111,12 @@ def _descriptors(setup: Setup) -> None:
     os.dup2(fds["reply"], REPLY_FD)
     os.dup2(fds["payload"], PAYLOAD_FD)
     os.dup2(fds["relay"], RELAY_FD)
-    os.closerange(RELAY_FD + 1, os.sysconf("SC_OPEN_MAX"))
+    keep = trace.fd()  # -1 unless a measurement traces the call
+    if keep > RELAY_FD:
+        os.closerange(RELAY_FD + 1, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    else:
+        os.closerange(RELAY_FD + 1, os.sysconf("SC_OPEN_MAX"))
     _wipe_command_line()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
@@ -286,8 +292,11 @@ def _isolate_imports(spec: ChildSpec) -> None:
 def _load(spec: ChildSpec) -> Any:
     module_name, _, attribute = spec.entrypoint.partition(":")
     _isolate_imports(spec)
+    trace.mark("child.isolate_imports")
     module = importlib.import_module(module_name)
-    return getattr(module, attribute)()
+    plugin = getattr(module, attribute)()
+    trace.mark("child.import")
+    return plugin
 
 
 def _encode_result(result: Any, max_bytes: int) -> bytes | dict[str, Any]:
@@ -314,6 +323,7 @@ def _run_plugin(spec: ChildSpec, payload: Payload) -> bytes:
         return encode_frame(_error("load_failed", exc))
     try:
         result = plugin.run(payload.as_dict())
+        trace.mark("child.run")
     except MemoryError as exc:
         return encode_frame(_error("memory_limit", exc, "out of memory"))
     except OSError as exc:
@@ -336,12 +346,15 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
     """Run one call in this (forked) process, then exit. Never returns."""
     try:
         setup = Setup.of(spec, fds)
-        for _, step in STEPS:
+        trace.mark("child.forked")
+        for name, step in STEPS:
             step(setup)
+            trace.mark("child." + name)
         if spec.warm:
             _wait_for_payload()
         payload = read_payload(PAYLOAD_FD)
         _write_all(REPLY_FD, encode_frame(READY))
+        trace.mark("child.payload+ready")
     # Fail closed: any setup problem ends the child before plugin code runs.
     except BaseException as exc:  # noqa: BLE001
         try:
@@ -353,6 +366,7 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
         sys.stdout.flush()
         sys.stderr.flush()
         _write_all(REPLY_FD, frame)
+        trace.mark("child.reply")
     except MemoryError:
         os._exit(REPLY_OUT_OF_MEMORY)
     os._exit(0)

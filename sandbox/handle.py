@@ -36,6 +36,7 @@ import time
 import uuid
 from pathlib import Path
 
+from sandbox import trace
 from sandbox.cgroups import CallCgroup
 from sandbox.launcher import SOURCE_ROOT
 from sandbox.limits import MiB
@@ -131,8 +132,9 @@ class Launcher:
             f"import sys; sys.path.insert(0, {SOURCE_ROOT!r}); "
             "import sandbox.launcher as launcher; launcher.main()"
         )
+        traced = [trace.path()] if trace.path() else []  # a measurement (scripts/phases.py)
         process = subprocess.Popen(
-            [sys.executable, "-E", "-s", "-c", bootstrap, str(theirs.fileno())],
+            [sys.executable, "-E", "-s", "-c", bootstrap, str(theirs.fileno()), *traced],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
             env=SAFE_ENV,
@@ -155,12 +157,14 @@ class Launcher:
         cannot be reached even after a restart.
         """
         message = encode_request(StartChild(spec))
+        trace.mark("host.spec_encode")
         ordered = [fds[name] for name in CHILD_FDS]
         with self._lock:
             for attempt in (1, 2):
                 sock = self._ensure_started()
                 try:
                     socket.send_fds(sock, [message], ordered)
+                    trace.mark("host.send")
                     return
                 except OSError as exc:
                     self._stop_locked()
@@ -292,8 +296,10 @@ class ChildHandle:
         now) or `warm` (set up, then waiting for `hand_over`). Returns once
         the launcher reported the pid. Raises LauncherError, OSError or
         RuntimeError; `close` then puts away whatever was made."""
+        trace.mark("host.handle_new")
         pipes = {name: os.pipe2(os.O_CLOEXEC) for name in PIPES}
         self._opened.extend(fd for pair in pipes.values() for fd in pair)
+        trace.mark("host.pipes")
         if warm:
             self._payload_socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             payload_fd = theirs.detach()
@@ -301,12 +307,14 @@ class ChildHandle:
         else:
             payload_fd = _payload_file(call)
         self._opened.append(payload_fd)
+        trace.mark("host.payload_memfd")
         self.cgroup = CallCgroup.made_for_call(
             memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK),
             max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
             layers=layers,
             v2_base=self._cgroup_v2,
         )
+        trace.mark("host.cgroup_create")
         spec = ChildSpec(
             plugin_dir=call.plugin_dir,
             entrypoint=call.entrypoint,
@@ -329,8 +337,10 @@ class ChildHandle:
         for fd in [pair[1] for pair in pipes.values()] + [payload_fd]:
             self._close_own(fd)
         self.fds = {name: pair[0] for name, pair in pipes.items()}
+        trace.mark("host.close_sent_fds")
         pid = self._read_pid(time.monotonic() + call.limits.timeout_s + PID_GRACE_S)
         self.procs = CallProcesses(pid, self.uid, token=self.token)
+        trace.mark("host.wait_pid")
 
     def hand_over(self, call: CallSpec) -> None:
         """Give a warm child the payload of `call` (a sealed memfd over its socket)."""
@@ -443,8 +453,10 @@ class ChildHandle:
         # killed and reaped everything in it before init could exit.
         if not (self.exit is not None and self.pid_namespace):
             self.kill()
+        trace.mark("host.close_kill")
         if self.cgroup is not None:
             self.cgroup.remove()
+        trace.mark("host.cgroup_remove")
         if self._payload_socket is not None:
             self._payload_socket.close()
         for fd in [*self._opened]:
@@ -452,6 +464,7 @@ class ChildHandle:
         self.fds = {}
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
+        trace.mark("host.close_fds_scratch")
         if self.uid is not None:
             os.close(self._lock_fd)  # the uid's lock: free for another call
 

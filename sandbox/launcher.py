@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from sandbox import child
+from sandbox import child, trace
 from sandbox.layers import kernel
 from sandbox.protocol import (
     CHILD_FDS,
@@ -88,6 +88,7 @@ def serve(sock: socket.socket) -> None:
                 message, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, len(CHILD_FDS))
                 if not message:
                     return
+                trace.mark("launcher.recv")
                 state.on_request(message, fds)
     finally:
         state.end_all()
@@ -122,6 +123,7 @@ class _State:
             request = decode_request(message)
         except ProtocolError:
             request = None  # not from our host: ignored, its descriptors closed
+        trace.mark("launcher.decode")
         if isinstance(request, KillCall):
             pid = self.calls.get(request.token, 0)
             if pid in self.children:
@@ -162,6 +164,7 @@ def _fork_child(
     """Fork the child of `spec` with the descriptors `named` (closed here)."""
     relay_r, named["relay"] = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     spec = dataclasses.replace(spec, launcher_pid=os.getpid())
+    trace.mark("launcher.pipe")
     pid = os.fork()
     if pid == 0:
         sock.close()
@@ -174,6 +177,7 @@ def _fork_child(
     # If the host gave up on this call the write fails; the reap still happens.
     with contextlib.suppress(OSError):
         os.write(named["status"], PID.pack(pid))
+    trace.mark("launcher.fork+pid")
     children[pid] = named["status"]
     relays[pid] = relay_r
     return pid
@@ -243,11 +247,15 @@ def _reap(children: dict[int, int], relays: dict[int, int]) -> None:
         with contextlib.suppress(OSError):
             os.write(status_fd, EXIT.pack(status, usage.ru_maxrss))
         os.close(status_fd)
+        tree_cpu_ns = int((usage.ru_utime + usage.ru_stime) * 1e9)
+        trace.mark("launcher.reap", tree_cpu_ns)
 
 
 def main() -> None:
     """Entry point of the launcher process: `python -m sandbox.launcher FD`."""
     sock = socket.socket(fileno=int(sys.argv[1]))
+    if len(sys.argv) > 2:  # a measurement: record this launcher's and its calls' phases
+        trace.enable(sys.argv[2])
     serve(sock)
 
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sandbox import cgroup2
+from sandbox import cgroup2, trace
 from sandbox.call import run_call
 from sandbox.cancel import current_token
 from sandbox.cgroups import HOSTS_DIR, sweep_stale
@@ -171,12 +171,14 @@ class Sandbox:
             )
         key = _warm_key(call)
         handle = self.warm_pool.take(key) if self.prewarm else None
+        trace.mark("host.execute_checks")
         if handle is None:
             handle = self._start(call, layers, warm=False)
         try:
             return run_call(handle, call, token)
         finally:
             handle.close()
+            trace.mark("host.uid_release")
             if self.prewarm:
                 waiting = call.without_payload()
                 self.warm_pool.fill(key, lambda: self._start(waiting, layers, warm=True))
@@ -186,6 +188,7 @@ class Sandbox:
         or warm (set up and waiting for its payload on a socket). Returns once
         the launcher reported its pid."""
         uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
+        trace.mark("host.uid_acquire")
         sweep = uid is not None and uid not in self._swept  # leftovers of a host that died
         if uid is not None:
             self._swept.add(uid)

@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Protocol
 
+from sandbox import trace
 from sandbox.envelope import Envelope, unknown_plugin
 from sandbox.limits import HostLimits, PluginLimits
 from sandbox.outcome import HostFailure, Outcome, State, Status
@@ -223,6 +224,7 @@ class ToolRunner:
         here, for every call that reached a registered plugin.
         """
         started = time.monotonic()
+        trace.mark("host.begin")
         record = False
         state: State | None = None
         reason: str | None = "internal"
@@ -236,7 +238,9 @@ class ToolRunner:
             if isinstance(call, Envelope):  # refused before any child starts
                 return {}, call.to_dict(), {}
             record = True
+            trace.mark("host.runner_prepare")
             outcome = self.sandbox.execute(call)
+            trace.mark("host.execute_returned")
             state, peak = outcome.state, _peak_rss_mb(outcome)
             if outcome.status is Status.SUCCESS and outcome.result is not None:
                 reason = None
@@ -264,6 +268,7 @@ class ToolRunner:
                 self.catalog.update_execution_metrics(
                     plugin_name, state, elapsed_ms, reason is not None, reason, peak
                 )
+            trace.mark("host.end")
 
     def _prepare(self, plugin: RunnablePlugin, payload: Any) -> Envelope | CallSpec:
         """The call to make, or the envelope refusing it before any child

@@ -11,6 +11,7 @@ import os
 import signal
 from typing import NoReturn
 
+from sandbox import trace
 from sandbox.layers.kernel import PR_SET_PDEATHSIG, prctl
 from sandbox.layers.mnt import enter_minimal_root
 from sandbox.layers.privilege import give_up_privileges
@@ -34,15 +35,19 @@ def split(uid: int | None, gid: int | None, relay_fd: int, call_fds: tuple[int, 
         os.close(status_w)
         _relay(init, status_r, relay_fd, call_fds)
     os.close(status_r)
+    trace.mark("init.forked")
     enter_minimal_root(own_pid_namespace=True)
+    trace.mark("init.enter_minimal_root")
     worker = os.fork()
     if worker:
         for fd in (0, *call_fds, relay_fd):
             os.close(fd)
         give_up_privileges(uid, gid, user_namespace=uid is None)
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        trace.mark("init.privilege")
         _init_loop(worker, status_w)
     os.close(status_w)
+    trace.mark("worker.forked")
 
 
 def _init_loop(worker: int, status_w: int) -> NoReturn:
@@ -64,6 +69,7 @@ def _relay(init: int, status_r: int, relay_fd: int, call_fds: tuple[int, ...]) -
     it writes the raw status on `relay_fd`, which the launcher reports as the
     call's own.
     """
+    trace.mark("relay.fork_init")
     for fd in call_fds:
         os.close(fd)  # the call's pipes belong to the worker
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -1,0 +1,53 @@
+"""Timestamps of a call's phases, for `scripts/phases.py` (every process).
+
+Off unless `enable` was called: `mark` is then one comparison. When on,
+each mark appends one line to the trace file: pid, label, CLOCK_MONOTONIC
+(one clock for every process of the machine) and the calling thread's CPU
+time (CLOCK_THREAD_CPUTIME_ID; a forked process starts at zero), and an
+optional value (the launcher's CPU total of a reaped call tree). Lines are
+short single `write`s to an O_APPEND file, so processes never interleave
+inside a line. The host enables it before its first call; the launcher
+gets the path on its command line; a call's processes inherit it from the
+launcher and keep the descriptor through their set-up (measurement only:
+a host that does not enable it starts no launcher with it, and no child
+ever holds it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+
+HIGH_FD = 100
+
+_fd = -1
+_path = ""
+
+
+def enable(path: str) -> None:
+    """Append this process's marks (and, through the launcher, its calls') to `path`."""
+    global _fd, _path
+    opened = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    # Above the numbers a child gives its call's descriptors, which it keeps.
+    _fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, HIGH_FD)
+    os.close(opened)
+    _path = path
+
+
+def path() -> str:
+    """The trace file, or "" when tracing is off."""
+    return _path
+
+
+def fd() -> int:
+    """The trace file's descriptor in this process, -1 when tracing is off."""
+    return _fd
+
+
+def mark(label: str, value: int = 0) -> None:
+    """Record that this process reached `label` (no-op when tracing is off)."""
+    if _fd < 0:
+        return
+    line = f"{os.getpid()} {label} {time.monotonic_ns()} {time.thread_time_ns()} {value}\n"
+    os.write(_fd, line.encode())

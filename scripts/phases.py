@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Where one isolated call's time goes: wall and CPU time per phase, measured.
+
+    .venv/bin/python scripts/phases.py                      # 3 rounds of 100 calls
+    .venv/bin/python scripts/phases.py --calls 200 --rounds 3 --prewarm 1
+    .venv/bin/python scripts/phases.py --markdown           # the table for docs/performance.md
+
+Runs a trivial plugin through `ToolRunner.run`, serially, with the phase
+trace on (`sandbox/trace.py`): the host thread, the launcher and every
+process of each call append a mark (pid, label, CLOCK_MONOTONIC, the
+thread's own CPU clock) where a phase ends. A phase's row is named by the
+mark that ends it; its wall and CPU time run from the previous mark of the
+same process (a forked process's first mark: CPU from its fork, wall from
+the last mark before it). Per call, machine CPU is counted from the
+processes themselves, not from the machine's idle time, so other work on
+the machine does not inflate it:
+
+    host       the calling thread's CPU from the runner's entry to its return
+    launcher   the launcher's CPU between the call's request and its reap
+    call tree  the rusage of the reaped call (wait4 in the launcher: the child
+               with every descendant it waited for)
+    exit       the call tree's rusage minus the CPU its processes marked:
+               their exits, the namespaces' teardown charged to them, the
+               relay's wait
+
+Kernel threads' CPU (the network namespace's cleanup runs in a workqueue,
+charged to no process of the call) is read from /proc for the whole run and
+shown per call beside the machine's busy time from /proc/stat; both include
+whatever else the machine ran, so they are context, not part of the table.
+Medians per phase do not add up; the share column is each phase's part of
+the summed CPU over all calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import textwrap
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from host.registry import PluginRegistry  # noqa: E402
+from sandbox import trace  # noqa: E402
+from sandbox.supervisor import Sandbox  # noqa: E402
+from sandbox.tool_runner import ToolRunner  # noqa: E402
+
+PLUGIN = """
+class Plugin:
+    def run(self, payload):
+        return {"ok": True}
+"""
+TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Mark:
+    pid: int
+    label: str
+    mono_ns: int
+    cpu_ns: int
+    value: int
+
+
+@dataclass
+class Call:
+    """One call's phases: label -> (wall ms, cpu ms), and its CPU totals."""
+
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
+    host_cpu: float = 0.0
+    launcher_cpu: float = 0.0
+    tree_cpu: float = 0.0
+    wall: float = 0.0
+
+    @property
+    def total_cpu(self) -> float:
+        return self.host_cpu + self.launcher_cpu + self.tree_cpu
+
+
+def read_marks(path: str) -> list[Mark]:
+    marks = []
+    for line in Path(path).read_text().splitlines():
+        pid, label, mono, cpu, value = line.split()
+        marks.append(Mark(int(pid), label, int(mono), int(cpu), int(value)))
+    return sorted(marks, key=lambda m: m.mono_ns)
+
+
+def split_calls(marks: list[Mark], host_pid: int) -> list[list[Mark]]:
+    """The marks of each call: from one host.begin to the next."""
+    calls: list[list[Mark]] = []
+    for mark in marks:
+        if mark.pid == host_pid and mark.label == "host.begin":
+            calls.append([])
+        if calls:
+            calls[-1].append(mark)
+    return calls
+
+
+def phases_of(marks: list[Mark], host_pid: int, launcher_pid: int) -> Call:
+    """Turn one call's marks into phases (see the module docstring)."""
+    call = Call()
+    last: dict[int, Mark] = {}
+    previous: Mark | None = None
+    marked_child_cpu = 0
+    last_child_mono = 0
+    for mark in marks:
+        before = last.get(mark.pid)
+        if mark.label == "host.begin" or (before is None and mark.pid == launcher_pid):
+            pass  # the start of this call in a long-lived process
+        elif mark.label == "launcher.reap":
+            call.tree_cpu = mark.value / 1e6
+            exit_cpu = max(mark.value - marked_child_cpu, 0) / 1e6
+            call.phases["exit.teardown+reap"] = ((mark.mono_ns - last_child_mono) / 1e6, exit_cpu)
+        else:
+            start = before or previous
+            assert start is not None
+            wall = (mark.mono_ns - start.mono_ns) / 1e6
+            cpu = (mark.cpu_ns - (before.cpu_ns if before else 0)) / 1e6
+            call.phases[mark.label] = (wall, cpu)
+            if mark.pid == launcher_pid:
+                call.launcher_cpu += cpu
+            elif mark.pid != host_pid:
+                marked_child_cpu += mark.cpu_ns - (before.cpu_ns if before else 0)
+                last_child_mono = max(last_child_mono, mark.mono_ns)
+        if mark.label == "launcher.reap" and mark.pid == launcher_pid:
+            last[mark.pid] = mark
+        elif mark.label != "launcher.reap":
+            last[mark.pid] = mark
+        previous = mark
+    begin = next(m for m in marks if m.label == "host.begin")
+    end = next(m for m in marks if m.label == "host.end")
+    call.host_cpu = (end.cpu_ns - begin.cpu_ns) / 1e6
+    call.wall = (end.mono_ns - begin.mono_ns) / 1e6
+    return call
+
+
+def _kernel_threads_ms() -> float:
+    """CPU time of every kernel thread so far (children of kthreadd), in ms."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if entry == "2" or fields[1] == "2":  # ppid (field 4)
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total * TICK_MS
+
+
+def _machine_busy_ms() -> float:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) * TICK_MS
+
+
+def run_round(runner: ToolRunner, payload: dict[str, Any], calls: int) -> dict[str, float]:
+    """`calls` serial calls; the machine-wide context figures of the round."""
+    kernel, busy = _kernel_threads_ms(), _machine_busy_ms()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(calls):
+        result, error = runner.run("trivial", payload)
+        assert not error and result == {"ok": True}, error
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    host_process = (after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime) * 1000
+    return {
+        "kernel_threads_ms": (_kernel_threads_ms() - kernel) / calls,
+        "machine_busy_ms": (_machine_busy_ms() - busy) / calls,
+        "host_process_ms": host_process / calls,
+        "load": os.getloadavg()[0],
+    }
+
+
+Rounds = tuple[list[list[Call]], list[dict[str, float]]]
+
+
+def measure(calls: int, rounds: int, prewarm: int) -> Rounds:
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "trivial"
+        directory.mkdir()
+        (directory / "plugin.toml").write_text(
+            'name = "trivial"\nversion = "1.0.0"\nentrypoint = "trivial_mod:Plugin"\n'
+        )
+        (directory / "trivial_mod.py").write_text(textwrap.dedent(PLUGIN))
+        directory.chmod(0o755)
+        Path(tmp).chmod(0o755)
+        trace_path = f"{tmp}/trace"
+        trace.enable(trace_path)
+        registry = PluginRegistry()
+        registry.load_directory(tmp)
+        sandbox = Sandbox(prewarm=prewarm)
+        runner = ToolRunner(registry, sandbox)
+        payload = {"image": b"\x89PNG", "mime_type": "image/png", "options": {}}
+        contexts = []
+        try:
+            run_round(runner, payload, 5)  # detection, the launcher's start
+            sandbox.settle()
+            launcher_pid = sandbox.launcher.pid
+            os.truncate(trace_path, 0)
+            for _ in range(rounds):
+                contexts.append(run_round(runner, payload, calls))
+                contexts[-1]["marks_end"] = os.path.getsize(trace_path)
+            marks = read_marks(trace_path)
+        finally:
+            sandbox.close()
+    assert launcher_pid is not None
+    per_round: list[list[Call]] = [[] for _ in range(rounds)]
+    everything = [phases_of(c, os.getpid(), launcher_pid) for c in split_calls(marks, os.getpid())]
+    for index, call in enumerate(everything):
+        per_round[index // calls].append(call)
+    return per_round, contexts
+
+
+def table(calls: list[Call], markdown: bool) -> list[str]:
+    walls: dict[str, list[float]] = defaultdict(list)
+    cpus: dict[str, list[float]] = defaultdict(list)
+    order: list[str] = []
+    for call in calls:
+        for label, (wall, cpu) in call.phases.items():
+            if label not in walls:
+                order.append(label)
+            walls[label].append(wall)
+            cpus[label].append(cpu)
+    total_cpu = sum(c.total_cpu for c in calls)
+    rows = [("phase (ends at mark)", "wall p50 ms", "CPU p50 ms", "CPU share")]
+    for label in order:
+        share = 100 * sum(cpus[label]) / total_cpu
+        rows.append(
+            (
+                label,
+                f"{statistics.median(walls[label]):.3f}",
+                f"{statistics.median(cpus[label]):.3f}",
+                f"{share:.1f}%",
+            )
+        )
+    med = statistics.median
+    rows.append(("call (host entry to return)", f"{med(c.wall for c in calls):.3f}", "", ""))
+    for name, attr in (("host thread", "host_cpu"), ("launcher", "launcher_cpu")):
+        value = med(getattr(c, attr) for c in calls)
+        share = 100 * sum(getattr(c, attr) for c in calls) / total_cpu
+        rows.append((f"CPU: {name}", "", f"{value:.3f}", f"{share:.1f}%"))
+    tree = med(c.tree_cpu for c in calls)
+    tree_share = 100 * sum(c.tree_cpu for c in calls) / total_cpu
+    rows.append(("CPU: call tree (rusage)", "", f"{tree:.3f}", f"{tree_share:.1f}%"))
+    rows.append(("CPU: total per call", "", f"{med(c.total_cpu for c in calls):.3f}", "100%"))
+    if markdown:
+        lines = ["| " + " | ".join(rows[0]) + " |", "|---|---|---|---|"]
+        return lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return [f"{a:<34} {b:>11} {c:>11} {d:>9}" for a, b, c, d in rows]
+
+
+def round_lines(per_round: list[list[Call]], contexts: list[dict[str, float]]) -> list[str]:
+    """Per round: CPU per call (host process from rusage, so its other threads
+    count too; launcher; call trees), wall p50, and the machine's context."""
+    lines = [
+        "round  CPU/call mean  (host proc  launcher  tree)  wall p50"
+        "  kernel threads  machine busy  load"
+    ]
+    for index, (calls, ctx) in enumerate(zip(per_round, contexts, strict=True)):
+        launcher = statistics.fmean(c.launcher_cpu for c in calls)
+        tree = statistics.fmean(c.tree_cpu for c in calls)
+        total = ctx["host_process_ms"] + launcher + tree
+        lines.append(
+            f"{index + 1:>5} {total:>11.2f} ms  ({ctx['host_process_ms']:>6.2f} {launcher:>9.2f}"
+            f" {tree:>6.2f})  {statistics.median(c.wall for c in calls):>6.2f} ms"
+            f" {ctx['kernel_threads_ms']:>12.2f} ms {ctx['machine_busy_ms']:>10.2f} ms"
+            f" {ctx['load']:>5.1f}"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=100, help="calls per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--prewarm", type=int, default=0, help="warm children per plugin (totals only)"
+    )
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    per_round, contexts = measure(args.calls, args.rounds, args.prewarm)
+    calls = [call for round_ in per_round for call in round_]
+    print(f"{len(calls)} serial calls, prewarm {args.prewarm}, {os.cpu_count()} cores")
+    if not args.prewarm:
+        # A warm child sets up while the previous call runs, in the pool's
+        # thread: its marks fall in another call's window, so only totals.
+        print("\n".join(table(calls, args.markdown)))
+        print()
+    print("\n".join(round_lines(per_round, contexts)))
+
+
+if __name__ == "__main__":
+    main()
