@@ -266,13 +266,65 @@ _STDLIB_ROOTS = tuple(os.path.realpath(p) + os.sep for p in STDLIB_PATH)
 
 
 def _from_stdlib(thing: object) -> bool:
-    """A module (or import hook) of the interpreter itself, not of a package."""
+    """A module (or import hook) of the interpreter itself, not of a package.
+
+    The verdict on everything the launcher had loaded was reached there once
+    (`prepare`); a child works out only what its own set-up added.
+    """
+    known = _VERDICTS.get(id(thing))
+    if known is not None and known[0] is thing:
+        return known[1]
+    return _origin_in_stdlib(thing)
+
+
+def _origin_in_stdlib(thing: object) -> bool:
     if isinstance(thing, type(sys)):
         origin = getattr(thing, "__file__", None)
     else:
         owner = getattr(thing, "__module__", None) or type(thing).__module__
         origin = getattr(sys.modules.get(owner), "__file__", None)
     return origin is None or os.path.realpath(origin).startswith(_STDLIB_ROOTS)
+
+
+# id -> (the object, whether it comes from the standard library). The object
+# is held so that its id names nothing else while the entry exists.
+_VERDICTS: dict[int, tuple[object, bool]] = {}
+_FORGOTTEN: list[object] = []
+# The loaded modules' names when `prepare` last ran, and which of them to forget.
+_PREPARED: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
+
+
+def prepare() -> None:
+    """Work every child would otherwise repeat, done once in the launcher
+    before it forks: which loaded modules and import hooks are the standard
+    library's (`_isolate_imports` resolves each one's file), and the seccomp
+    filter's program. Only what is new since the last call costs anything."""
+    global _PREPARED
+    if len(sys.modules) != len(_PREPARED[0]):
+        for thing in [*sys.modules.values(), *sys.meta_path, *sys.path_hooks]:
+            if id(thing) not in _VERDICTS:
+                _VERDICTS[id(thing)] = (thing, _origin_in_stdlib(thing))
+        names = tuple(sorted(n for n, module in sys.modules.items() if _forget(n, module)))
+        _PREPARED = (frozenset(sys.modules), names)
+    seccomp.seccomp_program()
+
+
+def _forget(name: str, module: object) -> bool:
+    return name != "__main__" and not _from_stdlib(module)
+
+
+def _names_to_forget() -> list[str]:
+    """The loaded modules that are not the standard library's: as `prepare`
+    found them in the launcher when the set of loaded modules is the same
+    (looking at each again would write to every module's page, see
+    `_isolate_imports`), else found now."""
+    # Between `prepare` and here the child's own set-up only ever adds
+    # modules (a lazy import), so the same count and every name still there
+    # is the same set.
+    known, names = _PREPARED
+    if len(sys.modules) == len(known) and all(name in sys.modules for name in names):
+        return list(names)
+    return [name for name, module in list(sys.modules.items()) if _forget(name, module)]
 
 
 def _isolate_imports(spec: ChildSpec) -> None:
@@ -282,9 +334,12 @@ def _isolate_imports(spec: ChildSpec) -> None:
     sys.path[:] = [spec.import_root or spec.plugin_dir, *spec.import_paths, *STDLIB_PATH]
     sys.meta_path[:] = [finder for finder in sys.meta_path if _from_stdlib(finder)]
     sys.path_hooks[:] = [hook for hook in sys.path_hooks if _from_stdlib(hook)]
-    for name, module in list(sys.modules.items()):  # after the hooks: they name modules
-        if name != "__main__" and not _from_stdlib(module):
-            del sys.modules[name]
+    # What is forgotten is kept referenced here, not freed: freeing it would
+    # write to memory the child still shares with the launcher, a page copy
+    # for each (most of this step's cost).
+    for name in _names_to_forget():  # after the hooks: they name modules
+        _FORGOTTEN.append(sys.modules.pop(name))
+    _FORGOTTEN.extend(sys.path_importer_cache.values())
     sys.path_importer_cache.clear()
     importlib.invalidate_caches()
 

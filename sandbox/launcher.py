@@ -164,7 +164,8 @@ def _fork_child(
     """Fork the child of `spec` with the descriptors `named` (closed here)."""
     relay_r, named["relay"] = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     spec = dataclasses.replace(spec, launcher_pid=os.getpid())
-    trace.mark("launcher.pipe")
+    child.prepare()
+    trace.mark("launcher.pipe+prepare")
     pid = os.fork()
     if pid == 0:
         sock.close()

@@ -13,6 +13,7 @@ missing (and `apply_seccomp` refuses), never applied with the wrong numbers.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import struct
@@ -202,13 +203,15 @@ def _argument_in(offset: int, values: Iterable[int], inside: int, outside: int) 
     return program + [_ret(outside), _ret(inside)]
 
 
+@functools.cache
 def seccomp_program() -> bytes:
     """The BPF filter: wrong architecture or an x32 call -> kill; the calls of
     DENIED_X86_64 and DENIED_SHARED_FILES_X86_64 -> EPERM; clone with
     namespace flags -> EPERM; clone3 -> ENOSYS (libc falls back to clone,
     whose flags the filter can read); socket and socketpair outside
     ALLOWED_SOCKET_FAMILIES -> EAFNOSUPPORT; fcntl with DENIED_FCNTL_COMMANDS
-    -> EPERM; everything else allowed."""
+    -> EPERM; everything else allowed. Built once per process: the
+    launcher builds it before it forks, so a call only installs it."""
     program = [
         _insn(BPF_LD_W_ABS, DATA_ARCH),
         _insn(BPF_JEQ_K, AUDIT_ARCH_X86_64, jt=1),
