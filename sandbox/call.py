@@ -3,7 +3,7 @@
     run_call(handle, call, token)
       warm child: handle.hand_over(call)
       _Watcher: selectors.select(min(deadline, exit grace, next memory sample))
-          reply bytes  -> ReplyStream (sandbox.protocol: sizes checked before bodies)
+          reply bytes  -> ReplyStream (sandbox.replies: sizes checked before bodies)
           status bytes -> handle.feed_status: the child exited and was reaped
           stdout/err   -> capped, a tail kept
           cancel token -> Stop "cancelled"
@@ -34,14 +34,8 @@ from sandbox.cancel import CancelToken
 from sandbox.handle import ChildHandle
 from sandbox.limits import CallLimits, MiB
 from sandbox.outcome import HostFailure, Outcome, Status
-from sandbox.protocol import (
-    SETUP_FAILED,
-    CallSpec,
-    ErrorMessage,
-    ProtocolError,
-    ReplyStream,
-    parse_reply,
-)
+from sandbox.protocol import SETUP_FAILED, CallSpec, ProtocolError
+from sandbox.replies import ErrorMessage, ReplyStream, parse_reply
 
 WATCHDOG_INTERVAL_S = 0.02
 TAIL_BYTES = 2048

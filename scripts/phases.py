@@ -4,6 +4,8 @@
     .venv/bin/python scripts/phases.py                      # 3 rounds of 100 calls
     .venv/bin/python scripts/phases.py --calls 200 --rounds 3 --prewarm 1
     .venv/bin/python scripts/phases.py --markdown           # the table for docs/performance.md
+    .venv/bin/python scripts/phases.py --save after.json    # and keep its summary
+    .venv/bin/python scripts/phases.py --compare before.json after.json   # side by side
 
 Runs a trivial plugin through `ToolRunner.run`, serially, with the phase
 trace on (`sandbox/trace.py`): the host thread, the launcher and every
@@ -34,6 +36,7 @@ the summed CPU over all calls.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -221,6 +224,55 @@ def measure(calls: int, rounds: int, prewarm: int) -> Rounds:
     return per_round, contexts
 
 
+def summary(calls: list[Call]) -> dict[str, tuple[float, float, float]]:
+    """Label -> (wall p50 ms, CPU p50 ms, CPU share %), totals included."""
+    walls: dict[str, list[float]] = defaultdict(list)
+    cpus: dict[str, list[float]] = defaultdict(list)
+    for call in calls:
+        for label, (wall, cpu) in call.phases.items():
+            walls[label].append(wall)
+            cpus[label].append(cpu)
+    total = sum(c.total_cpu for c in calls)
+    out = {
+        label: (
+            statistics.median(walls[label]),
+            statistics.median(cpus[label]),
+            100 * sum(cpus[label]) / total,
+        )
+        for label in walls
+    }
+    for name in ("host_cpu", "launcher_cpu", "tree_cpu"):
+        values = [getattr(c, name) for c in calls]
+        out["CPU: " + name] = (0.0, statistics.median(values), 100 * sum(values) / total)
+    out["CPU: total"] = (0.0, statistics.median(c.total_cpu for c in calls), 100.0)
+    out["wall: call"] = (statistics.median(c.wall for c in calls), 0.0, 0.0)
+    return out
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Two saved summaries side by side, by phase: wall and CPU p50, CPU share."""
+    lines = [
+        "| phase | wall p50 before | wall p50 after | CPU p50 before | CPU p50 after"
+        " | CPU share before | CPU share after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    labels = list(before) + [label for label in after if label not in before]
+    for label in labels:
+        b, a = before.get(label), after.get(label)
+
+        def cell(v: list[float] | None, i: int) -> str:
+            return "-" if v is None or (i == 0 and not v[0] and v[1]) else f"{v[i]:.2f}"
+
+        def share(v: list[float] | None) -> str:
+            return "-" if v is None or not v[2] else f"{v[2]:.1f}%"
+
+        lines.append(
+            f"| {label} | {cell(b, 0)} | {cell(a, 0)} | {cell(b, 1)} | {cell(a, 1)}"
+            f" | {share(b)} | {share(a)} |"
+        )
+    return lines
+
+
 def table(calls: list[Call], markdown: bool) -> list[str]:
     walls: dict[str, list[float]] = defaultdict(list)
     cpus: dict[str, list[float]] = defaultdict(list)
@@ -287,7 +339,15 @@ def main() -> None:
         "--prewarm", type=int, default=0, help="warm children per plugin (totals only)"
     )
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--save", help="write the phases' summary (JSON) to this file")
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print two saved summaries"
+    )
     args = parser.parse_args()
+    if args.compare:
+        before, after = (json.loads(Path(p).read_text()) for p in args.compare)
+        print("\n".join(compare(before, after)))
+        return
     per_round, contexts = measure(args.calls, args.rounds, args.prewarm)
     calls = [call for round_ in per_round for call in round_]
     print(f"{len(calls)} serial calls, prewarm {args.prewarm}, {os.cpu_count()} cores")
@@ -296,6 +356,8 @@ def main() -> None:
         # thread: its marks fall in another call's window, so only totals.
         print("\n".join(table(calls, args.markdown)))
         print()
+        if args.save:
+            Path(args.save).write_text(json.dumps(summary(calls), indent=1))
     print("\n".join(round_lines(per_round, contexts)))
 
 

@@ -15,7 +15,7 @@ from host.registry import PluginRegistry
 from host.services.plugins import CallRecorder
 from sandbox.envelope import Envelope, unknown_plugin
 from sandbox.outcome import CHILD_REASONS, REASONS, State
-from sandbox.protocol import ErrorMessage
+from sandbox.replies import ErrorMessage
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "outcomes.md"
 

@@ -13,14 +13,11 @@ from sandbox.envelope import make_envelope
 from sandbox.protocol import (
     RESULT_DEPTH,
     RESULT_ITEMS,
-    ErrorMessage,
     FrameReader,
     ProtocolError,
-    ResultMessage,
     encode_frame,
-    parse_ready,
-    parse_reply,
 )
+from sandbox.replies import ErrorMessage, ResultMessage, parse_ready, parse_reply
 
 
 def test_frames_round_trip_in_any_chunking() -> None:
@@ -193,7 +190,8 @@ def test_launcher_requests_round_trip_and_unknown_ones_are_refused() -> None:
 
 
 def test_the_reply_stream_takes_one_ready_frame_then_one_final_frame() -> None:
-    from sandbox.protocol import READY, ReplyStream
+    from sandbox.protocol import READY
+    from sandbox.replies import ReplyStream
 
     stream = ReplyStream(max_body=1024)
     final = encode_frame({"type": "result", "result": {}})
