@@ -11,7 +11,6 @@ carry the host's side (the supervisor, pydantic, psutil) into every fork.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,27 +19,25 @@ if TYPE_CHECKING:
     from sandbox.outcome import REASONS, HostFailure, Outcome, Reason, State, Status
     from sandbox.supervisor import CallSpec, Sandbox
 
-_WHERE = {
-    "REASONS": "sandbox.outcome",
-    "CallLimits": "sandbox.limits",
-    "CallSpec": "sandbox.supervisor",
-    "Envelope": "sandbox.envelope",
-    "HostFailure": "sandbox.outcome",
-    "HostLimits": "sandbox.limits",
-    "Outcome": "sandbox.outcome",
-    "PluginLimits": "sandbox.limits",
-    "Reason": "sandbox.outcome",
-    "Sandbox": "sandbox.supervisor",
-    "State": "sandbox.outcome",
-    "Status": "sandbox.outcome",
-}
-
 
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sandbox' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    if name in ("CallSpec", "Sandbox"):
+        from sandbox import supervisor
+
+        return getattr(supervisor, name)
+    if name in ("REASONS", "HostFailure", "Outcome", "Reason", "State", "Status"):
+        from sandbox import outcome
+
+        return getattr(outcome, name)
+    if name in ("CallLimits", "HostLimits", "PluginLimits"):
+        from sandbox import limits
+
+        return getattr(limits, name)
+    if name == "Envelope":
+        from sandbox import envelope
+
+        return envelope.Envelope
+    raise AttributeError(f"module 'sandbox' has no attribute {name!r}")
 
 
 __all__ = [
