@@ -228,14 +228,23 @@ def _wipe_command_line() -> None:
 
     The launcher's command line names the host's source directory; every
     process of the call is a fork of it, and the plugin can read its own
-    and (without a PID namespace) its parent's.
+    and (without a PID namespace) its parent's. A fork has the launcher's
+    addresses, so where that memory is was read there once (`prepare`).
     """
+    start, end = _ARGV if _ARGV is not None else _argv_memory()
+    if 0 < start < end:
+        ctypes.memset(start, 0, end - start)
+
+
+def _argv_memory() -> tuple[int, int]:
+    """Where this process's argv strings are: (arg_start, arg_end)."""
     with open("/proc/self/stat", "rb") as stream:
         stat = stream.read()
     fields = stat[stat.rindex(b")") + 2 :].split()
-    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
-    if 0 < start < end:
-        ctypes.memset(start, 0, end - start)
+    return int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
+
+
+_ARGV: tuple[int, int] | None = None  # the launcher's, found by `prepare`
 
 
 def _wait_for_payload() -> None:
@@ -297,9 +306,12 @@ _PREPARED: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
 def prepare() -> None:
     """Work every child would otherwise repeat, done once in the launcher
     before it forks: which loaded modules and import hooks are the standard
-    library's (`_isolate_imports` resolves each one's file), and the seccomp
-    filter's program. Only what is new since the last call costs anything."""
-    global _PREPARED
+    library's (`_isolate_imports` resolves each one's file), where the argv
+    memory to wipe is, and the seccomp filter's program. Only what is new
+    since the last call costs anything."""
+    global _PREPARED, _ARGV
+    if _ARGV is None:
+        _ARGV = _argv_memory()
     if len(sys.modules) != len(_PREPARED[0]):
         for thing in [*sys.modules.values(), *sys.meta_path, *sys.path_hooks]:
             if id(thing) not in _VERDICTS:
