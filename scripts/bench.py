@@ -665,13 +665,18 @@ def write_docs(sections: list[str]) -> None:
         # Performance
 
         Regenerate everything on this page with `make bench` (it installs the
-        `bench` extra: pebble, multiprocess, matplotlib). Every figure comes from
+        `bench` extra: pebble, multiprocess, matplotlib), except "Where a
+        call's time goes", which comes from `scripts/phases.py` and is kept as
+        it is when the page is written. Every figure comes from
         one run on one machine, next to its baselines from the same run; the
         test suite checks correctness of the fast path, never its speed.
 
         ![latency against concurrency](latency.png)
 
-        ## Where the time goes, and which targets are out of reach
+        """
+    )
+    rest = textwrap.dedent(
+        """        ## Where the time goes, and which targets are out of reach
 
         A cold call with every layer pays, inside the child, for a new mount,
         network, IPC, UTS and PID namespace (about 1.5 ms, plus the network
@@ -703,7 +708,22 @@ def write_docs(sections: list[str]) -> None:
 
         """
     )
-    (ROOT / "docs" / "performance.md").write_text(intro + "\n".join(sections) + "\n")
+    page = ROOT / "docs" / "performance.md"
+    kept = _phases_section(page.read_text() if page.exists() else "")
+    page.write_text(intro + kept + rest + "\n".join(sections) + "\n")
+
+
+PHASES_HEADING = "## Where a call's time goes"
+
+
+def _phases_section(page: str) -> str:
+    """The per-phase section of the page as it is (written from
+    scripts/phases.py, not from this run), or nothing."""
+    start = page.find(PHASES_HEADING)
+    if start < 0:
+        return ""
+    end = page.find("\n## ", start + len(PHASES_HEADING))
+    return page[start : end + 1] if end >= 0 else page[start:] + "\n"
 
 
 if __name__ == "__main__":
