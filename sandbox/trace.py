@@ -7,10 +7,10 @@ time (CLOCK_THREAD_CPUTIME_ID; a forked process starts at zero), and an
 optional value (the launcher's CPU total of a reaped call tree). Lines are
 short single `write`s to an O_APPEND file, so processes never interleave
 inside a line. The host enables it before its first call; the launcher
-gets the path on its command line; a call's processes inherit it from the
-launcher and keep the descriptor through their set-up (measurement only:
-a host that does not enable it starts no launcher with it, and no child
-ever holds it).
+gets the path on its command line; a call's processes inherit the
+descriptor from the launcher and keep it (a plugin could write to it: a
+measurement's trace only). A host that does not enable it starts its
+launcher without it, so none of its calls ever holds it.
 """
 
 from __future__ import annotations

@@ -256,3 +256,29 @@ def test_daemon_that_races_the_kill_never_survives(runner: ToolRunner, payload: 
             if p.info["status"] != "zombie"
         ]
     assert survivors == []
+
+
+def test_plugin_sees_none_of_the_launchers_own_modules(
+    runner: ToolRunner, registry: PluginRegistry, plugin_root: Path, payload: dict
+) -> None:
+    # The launcher works out once which of its modules a call forgets; each
+    # call must still see none of them, on the first call and on later ones.
+    _add(
+        registry,
+        plugin_root,
+        "own_modules",
+        "import importlib.util\n"
+        "loaded = sorted(n for n in sys.modules if n.split('.')[0] in "
+        "('sandbox', 'pydantic', 'psutil', 'host'))\n"
+        "findable = [n for n in ('sandbox', 'pydantic', 'psutil') "
+        "if importlib.util.find_spec(n) is not None]\n"
+        "hooks = [type(f).__module__ for f in sys.meta_path]\n"
+        "return {'loaded': loaded, 'findable': findable, 'hooks': hooks, 'path': sys.path}",
+    )
+    for _ in range(3):
+        result, error = runner.run("own_modules", payload)
+        assert error == {}
+        assert result["loaded"] == [] and result["findable"] == []
+        assert not any(
+            hook.startswith(("sandbox", "_distutils", "__editable")) for hook in result["hooks"]
+        )
