@@ -116,12 +116,12 @@ def phases_of(marks: list[Mark], host_pid: int, launcher_pid: int) -> Call:
     last_child_mono = 0
     for mark in marks:
         before = last.get(mark.pid)
-        if mark.label == "host.begin" or (before is None and mark.pid == launcher_pid):
-            pass  # the start of this call in a long-lived process
-        elif mark.label == "launcher.reap":
-            call.tree_cpu = mark.value / 1e6
+        if mark.label == "launcher.reap":
+            call.tree_cpu += mark.value / 1e6  # with a warm pool, a child set up earlier
             exit_cpu = max(mark.value - marked_child_cpu, 0) / 1e6
             call.phases["exit.teardown+reap"] = ((mark.mono_ns - last_child_mono) / 1e6, exit_cpu)
+        elif mark.label == "host.begin" or (before is None and mark.pid == launcher_pid):
+            pass  # the start of this call in a long-lived process
         else:
             start = before or previous
             assert start is not None
