@@ -209,22 +209,38 @@ def _account_routes(router: APIRouter, auth: ConsoleAuth, pages: Pages) -> None:
         return response
 
 
-def _admin_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages: Pages) -> None:
-    def refused(request: Request, visitor: Visitor) -> Response:
-        reason = (
-            "admin actions are off: no admin token is set"
-            if not settings.admin_token
-            else "sign in with the admin token to do this"
-        )
-        return pages.render(request, visitor, "forbidden.html", 403, reason=reason)
+def _refused(request: Request, visitor: Visitor, settings: Settings, pages: Pages) -> Response:
+    reason = (
+        "admin actions are off: no admin token is set"
+        if not settings.admin_token
+        else "sign in with the admin token to do this"
+    )
+    return pages.render(request, visitor, "forbidden.html", 403, reason=reason)
 
+
+def _admin_post(
+    request: Request, csrf: str, settings: Settings, auth: ConsoleAuth, pages: Pages
+) -> Visitor | Response:
+    """The admin visitor of a genuine form post, or the page refusing it."""
+    visitor = auth.visitor(request)
+    if not visitor.admin or not settings.admin_token:
+        return _refused(request, visitor, settings, pages)
+    if not auth.csrf_ok(visitor, csrf):
+        log.warning("console admin action refused: bad CSRF token")
+        return pages.render(
+            request, visitor, "forbidden.html", 403, reason="the form was not genuine"
+        )
+    return visitor
+
+
+def _admin_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages: Pages) -> None:
     @router.get("/confirm/{action}", response_class=HTMLResponse)
     def confirm(
         request: Request, action: str, name: Annotated[str, Query(max_length=64)] = ""
     ) -> Response:
         visitor = auth.visitor(request)
         if not visitor.admin or not settings.admin_token:
-            return refused(request, visitor)
+            return _refused(request, visitor, settings, pages)
         if action not in ACTIONS:
             return pages.render(request, visitor, "missing.html", 404, what=f"action {action}")
         known = request.app.state.services.plugins.registry.list_plugins()
@@ -239,22 +255,11 @@ def _admin_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, page
             request, visitor, "confirm.html", question=question, target=target, back=back
         )
 
-    def admin_post(request: Request, csrf: str) -> Visitor | Response:
-        visitor = auth.visitor(request)
-        if not visitor.admin or not settings.admin_token:
-            return refused(request, visitor)
-        if not auth.csrf_ok(visitor, csrf):
-            log.warning("console admin action refused: bad CSRF token")
-            return pages.render(
-                request, visitor, "forbidden.html", 403, reason="the form was not genuine"
-            )
-        return visitor
-
     @router.post("/plugins/{name}/quarantine/reset")
     def reset(
         request: Request, name: str, csrf: Annotated[str, Form(max_length=128)] = ""
     ) -> Response:
-        checked = admin_post(request, csrf)
+        checked = _admin_post(request, csrf, settings, auth, pages)
         if isinstance(checked, Response):
             return checked
         try:
@@ -266,7 +271,7 @@ def _admin_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, page
 
     @router.post("/reload")
     def reload(request: Request, csrf: Annotated[str, Form(max_length=128)] = "") -> Response:
-        checked = admin_post(request, csrf)
+        checked = _admin_post(request, csrf, settings, auth, pages)
         if isinstance(checked, Response):
             return checked
         request.app.state.services.plugins.reload(settings.plugins_dirs, settings.plugin_overrides)
