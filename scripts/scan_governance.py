@@ -23,6 +23,7 @@ Checks (docs/GOVERNANCE.md explains each and what to do when one fires):
                  (dict keys, set, frozenset, Literal) outside sandbox/outcome.py
   cycles         no import cycles among the modules of `host` and `sandbox`
                  (imports inside functions count)
+  function-length no function in `host` or `sandbox` over 60 lines
   layer-names    isolation layer names are listed only in sandbox/layers/ (the
                  registry): no list, tuple, set or dict elsewhere in `host` or
                  `sandbox` spells two or more of them
@@ -278,6 +279,23 @@ def check_unpickle(rel: str, tree: ast.AST) -> Iterator[Violation]:
             )
 
 
+MAX_FUNCTION_LINES = 60
+
+
+def check_function_length(rel: str, tree: ast.AST) -> Iterator[Violation]:
+    """No function longer than a screen: a reader follows one idea at a time."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                yield Violation(
+                    rel,
+                    node.lineno,
+                    "function-length",
+                    f"{node.name}() is {length} lines, over {MAX_FUNCTION_LINES}: split it",
+                )
+
+
 def check_excepts(rel: str, tree: ast.AST) -> Iterator[Violation]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ExceptHandler):
@@ -481,6 +499,7 @@ def scan(root: Path) -> list[Violation]:
                 check_sandbox_boundary,
                 check_unpickle,
                 check_excepts,
+                check_function_length,
             ):
                 violations.extend(check(rel, tree))
             violations.extend(check_reason_tables(rel, tree, reasons))

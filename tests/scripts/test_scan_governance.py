@@ -154,3 +154,12 @@ def test_a_single_layer_name_and_the_registry_itself_are_allowed(tree: Path) -> 
     _append(tree, "sandbox/supervisor.py", 'ONE = ["seccomp"]')
     _append(tree, "sandbox/layers/cgroup.py", 'BOTH = ("cgroup_memory", "cgroup_pids")')
     assert scan(tree).returncode == 0
+
+
+def test_a_function_over_sixty_lines_is_reported(tree: Path) -> None:
+    path = tree / "host" / "long_function.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(61))
+    path.write_text(f"def too_long() -> None:\n{body}")
+    result = scan(tree)
+    assert result.returncode == 1 and "[function-length]" in result.stdout
+    assert "host/long_function.py:1:" in result.stdout and "too_long() is 62 lines" in result.stdout
