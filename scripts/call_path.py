@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from host.registry import PluginRegistry  # noqa: E402
+from sandbox.supervisor import Sandbox  # noqa: E402
 from sandbox.tool_runner import ToolRunner  # noqa: E402
 
 SANDBOX = str(ROOT / "sandbox") + "/"
@@ -140,19 +141,25 @@ def _latency(runner: ToolRunner, payload: dict[str, Any], calls: int) -> dict[st
     }
 
 
+def trivial_plugin(parent: str) -> PluginRegistry:
+    """A registry holding `trivial` (returns {"ok": True}), written under
+    `parent` and readable by the call uids."""
+    directory = Path(parent) / "trivial"
+    directory.mkdir()
+    (directory / "plugin.toml").write_text(
+        'name = "trivial"\nversion = "1.0.0"\nentrypoint = "trivial_mod:Plugin"\n'
+    )
+    (directory / "trivial_mod.py").write_text(textwrap.dedent(PLUGIN))
+    directory.chmod(0o755)
+    Path(parent).chmod(0o755)
+    registry = PluginRegistry()
+    registry.load_directory(parent)
+    return registry
+
+
 def measure(trace: bool, calls: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp) / "trivial"
-        directory.mkdir()
-        (directory / "plugin.toml").write_text(
-            'name = "trivial"\nversion = "1.0.0"\nentrypoint = "trivial_mod:Plugin"\n'
-        )
-        (directory / "trivial_mod.py").write_text(textwrap.dedent(PLUGIN))
-        directory.chmod(0o755)
-        Path(tmp).chmod(0o755)
-        registry = PluginRegistry()
-        registry.load_directory(tmp)
-        runner = ToolRunner(registry=registry)
+        runner = ToolRunner(trivial_plugin(tmp), Sandbox())
         payload = {"image": b"\x89PNG", "mime_type": "image/png", "options": {}}
         try:
             result, error = runner.run("trivial", payload)

@@ -42,7 +42,6 @@ import resource
 import statistics
 import sys
 import tempfile
-import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,16 +50,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from host.registry import PluginRegistry  # noqa: E402
+from call_path import trivial_plugin  # noqa: E402 (scripts/, beside this one)
+
 from sandbox import trace  # noqa: E402
 from sandbox.supervisor import Sandbox  # noqa: E402
 from sandbox.tool_runner import ToolRunner  # noqa: E402
 
-PLUGIN = """
-class Plugin:
-    def run(self, payload):
-        return {"ok": True}
-"""
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
 
 
@@ -189,18 +184,9 @@ Rounds = tuple[list[list[Call]], list[dict[str, float]]]
 
 def measure(calls: int, rounds: int, prewarm: int) -> Rounds:
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp) / "trivial"
-        directory.mkdir()
-        (directory / "plugin.toml").write_text(
-            'name = "trivial"\nversion = "1.0.0"\nentrypoint = "trivial_mod:Plugin"\n'
-        )
-        (directory / "trivial_mod.py").write_text(textwrap.dedent(PLUGIN))
-        directory.chmod(0o755)
-        Path(tmp).chmod(0o755)
+        registry = trivial_plugin(tmp)
         trace_path = f"{tmp}/trace"
         trace.enable(trace_path)
-        registry = PluginRegistry()
-        registry.load_directory(tmp)
         sandbox = Sandbox(prewarm=prewarm)
         runner = ToolRunner(registry, sandbox)
         payload = {"image": b"\x89PNG", "mime_type": "image/png", "options": {}}

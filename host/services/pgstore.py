@@ -25,7 +25,6 @@ in host/cluster/worker.py), which asks `recovery_action` what to do.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -52,6 +51,7 @@ from host.services.store import (
     _record_bytes,
     decode_payload,
     filter_clause,
+    job_from_row,
     new_row,
     now_iso,
     oldest_to_drop,
@@ -92,20 +92,6 @@ class Claim:
     job: Job | None
     attempt: int
     exhausted: bool = False
-
-
-def _row_job(row: tuple[Any, ...]) -> Job:
-    return Job(
-        id=row[0],
-        plugin=row[1],
-        status=JobStatus(row[2]),
-        created_at=row[3],
-        started_at=row[4],
-        finished_at=row[5],
-        result=None if row[6] is None else json.loads(row[6]),
-        error=None if row[7] is None else json.loads(row[7]),
-        owner=row[8],
-    )
 
 
 def _hold(
@@ -200,7 +186,7 @@ class PgJobStore:
             row = conn.execute(
                 f"SELECT {_COLUMNS} FROM plughost_jobs WHERE id = %s", (job_id,)
             ).fetchone()
-        return None if row is None else _row_job(row)
+        return None if row is None else job_from_row(row)
 
     def payload(self, job_id: str) -> dict[str, Any] | None:
         with self.connection() as conn:
@@ -217,7 +203,7 @@ class PgJobStore:
             ).fetchone()
         if row is None:
             return None
-        job = _row_job((*row[:6], None, None, row[8]))
+        job = job_from_row((*row[:6], None, None, row[8]))
         return job.owner, _document(job, row[6], row[7])
 
     def update(self, job: Job) -> None:
@@ -263,7 +249,7 @@ class PgJobStore:
                 "ORDER BY created_at DESC LIMIT %s OFFSET %s",
                 [*args, limit, offset],
             ).fetchall()
-        raw = ((_row_job((*r[:6], None, None, r[8])), r[6], r[7]) for r in rows)
+        raw = ((job_from_row((*r[:6], None, None, r[8])), r[6], r[7]) for r in rows)
         return _fill_page(raw, int(total[0] if total else 0), limit, offset, max_bytes)
 
     def usage(self, owner: str) -> Usage:
@@ -367,7 +353,7 @@ class PgJobStore:
                 (node, now_iso(), job_id),
             ).fetchone()
         assert found is not None
-        return Claim(_row_job(found[:9]), int(found[9]))
+        return Claim(job_from_row(found[:9]), int(found[9]))
 
     def _interrupt(
         self, conn: psycopg.Connection[Any], job_id: str, attempts: int, node: str | None
@@ -461,7 +447,7 @@ class PgJobStore:
                 f"SELECT {_COLUMNS} FROM plughost_jobs WHERE id = ANY(%s) AND status = ANY(%s)",
                 (job_ids, _FINISHED),
             ).fetchall()
-        return [_row_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def counts(self) -> dict[str, float]:
         """`pending`, `running` and `oldest_pending_s` (0 when none waits)."""

@@ -379,6 +379,21 @@ _COLUMNS = (
 )
 
 
+def job_from_row(row: tuple[Any, ...]) -> Job:
+    """The Job of a row's first nine columns, in the order of `_COLUMNS`."""
+    return Job(
+        id=row[0],
+        plugin=row[1],
+        status=JobStatus(row[2]),
+        created_at=row[3],
+        started_at=row[4],
+        finished_at=row[5],
+        result=None if row[6] is None else json.loads(row[6]),
+        error=None if row[7] is None else json.loads(row[7]),
+        owner=row[8],
+    )
+
+
 def new_row(job: Job, payload: dict[str, Any]) -> tuple[Any, ...]:
     """A new job's row, in the order of `_COLUMNS` then payload and image
     (every store keeps the same record: the input as raw bytes plus its
@@ -487,20 +502,6 @@ class SQLiteJobStore:
             )
             log.info("added owner and size columns to %s; old jobs belong to anonymous", self.path)
 
-    @staticmethod
-    def _job(row: tuple[Any, ...]) -> Job:
-        return Job(
-            id=row[0],
-            plugin=row[1],
-            status=JobStatus(row[2]),
-            created_at=row[3],
-            started_at=row[4],
-            finished_at=row[5],
-            result=None if row[6] is None else json.loads(row[6]),
-            error=None if row[7] is None else json.loads(row[7]),
-            owner=row[8],
-        )
-
     def add(self, job: Job, payload: dict[str, Any]) -> None:
         with self._lock:
             self._db.execute(
@@ -539,7 +540,7 @@ class SQLiteJobStore:
             row = self._db.execute(
                 f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
-        return None if row is None else self._job(row)
+        return None if row is None else job_from_row(row)
 
     def document(self, job_id: str) -> tuple[str, str] | None:
         """`(owner, public document)` of the job, its result spliced in unparsed, or None."""
