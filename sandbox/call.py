@@ -3,7 +3,7 @@
     run_call(handle, call, token)
       warm child: handle.hand_over(call)
       _Watcher: selectors.select(min(deadline, exit grace, next memory sample))
-          reply bytes  -> ReplyStream (sandbox.replies: sizes checked before bodies)
+          reply bytes  -> ReplyStream (sizes checked before bodies)
           status bytes -> handle.feed_status: the child exited and was reaped
           stdout/err   -> capped, a tail kept
           cancel token -> Stop "cancelled"
@@ -13,29 +13,241 @@
       a Stop: handle.kill(), wait for the exit report
       -> Observed --verdict()--> Outcome
 
+The module reads top to bottom as a call goes: how another thread cancels
+it (`CancelToken`), how the child's reply frames are read (`ReplyStream`,
+the reply models), the watch, and the verdict.
+
 The watch talks only to the handle and never closes it (the caller does).
 The verdict is a pure function of an `Observed` and the call's limits: no
 processes, pipes or clocks, so its tests build `Observed` values by hand.
 The deadline is on the monotonic clock and counts from the fork (cold) or
 the hand-over (warm), so the plugin's import counts against it.
+
+The frame format and its limits are `sandbox.protocol`'s; the models that
+validate a frame's body live here, apart from it, because they need
+pydantic: the launcher and every child import `sandbox.protocol` and never
+this module, and a smaller launcher forks (and its children exit) faster.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import selectors
 import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from sandbox import trace
-from sandbox.cancel import CancelToken
 from sandbox.handle import ChildHandle
+from sandbox.jsonbounds import BoundsExceeded, NotJson, lone_surrogate, replace_surrogates, scan
 from sandbox.limits import CallLimits, MiB
-from sandbox.outcome import HostFailure, Outcome, Status
-from sandbox.protocol import SETUP_FAILED, CallSpec, ProtocolError
-from sandbox.replies import ErrorMessage, ReplyStream, parse_reply
+from sandbox.outcome import CHILD_REASONS, HostFailure, Outcome, Status
+from sandbox.protocol import (
+    REPLY_BOUNDS,
+    SETUP_FAILED,
+    CallSpec,
+    FrameReader,
+    ProtocolError,
+    decode_json,
+)
+
+# -- cancelling a call from another thread -----------------------------------
+#
+# `ToolRunner.run(plugin_name, payload)` has a fixed signature, so the token
+# travels in a context variable: the thread that runs a call sets it with
+# `use_token`, the ToolRunner hands it to `Sandbox.execute`, and the wait
+# loop watches the token's descriptor next to the child's pipes.
+# `CancelToken.cancel()` makes that descriptor readable, the loop wakes at
+# once, and the call's processes are killed.
+
+_current: contextvars.ContextVar[CancelToken | None] = contextvars.ContextVar(
+    "plughost_cancel_token", default=None
+)
+
+
+class CancelToken:
+    """A one-shot cancellation flag with a pollable descriptor."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._closed = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def fileno(self) -> int:
+        """Descriptor that becomes readable once `cancel()` was called."""
+        return self._read
+
+    def cancel(self) -> None:
+        """Cancel; idempotent and safe from any thread."""
+        with self._lock:
+            if self._cancelled or self._closed:
+                self._cancelled = True
+                return
+            self._cancelled = True
+            os.write(self._write, b"x")
+
+    def close(self) -> None:
+        """Release the descriptors."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._read)
+                os.close(self._write)
+
+
+def current_token() -> CancelToken | None:
+    """The token of the call running in this context, if any."""
+    return _current.get()
+
+
+@contextmanager
+def use_token(token: CancelToken) -> Iterator[CancelToken]:
+    """Make `token` the cancel token of calls made inside the block."""
+    reset = _current.set(token)
+    try:
+        yield token
+    finally:
+        _current.reset(reset)
+
+
+# -- the child's reply frames, as the host reads them -------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ReadyMessage(_Strict):
+    type: Literal["ready"]
+
+
+class ResultMessage(_Strict):
+    type: Literal["result"]
+    result: dict[str, Any]
+
+
+class ErrorMessage(_Strict):
+    type: Literal["error"]
+    reason: str  # one of CHILD_REASONS, the reasons a child may report itself
+    message: str
+    exc_type: str
+    traceback: str
+
+    @field_validator("reason")
+    @classmethod
+    def _child_reason(cls, reason: str) -> str:
+        if reason not in CHILD_REASONS:
+            raise ValueError(f"a child may not report {reason[:40]!r}")
+        return reason
+
+    @field_validator("message", "exc_type", "traceback")
+    @classmethod
+    def _valid_text(cls, text: str) -> str:
+        # A plugin's exception message may hold anything; an envelope must encode.
+        return replace_surrogates(text)
+
+
+def _invalid_output(problem: str) -> ErrorMessage:
+    return ErrorMessage(
+        type="error",
+        reason="invalid_output",
+        message=f"result {problem}",
+        exc_type="InvalidOutput",
+        traceback="",
+    )
+
+
+def _decode_bounded(body: bytes) -> Any:
+    """Scan a frame from the child for its bounds, then decode it.
+
+    Raises BoundsExceeded (for the caller to judge) or ProtocolError.
+    """
+    try:
+        scan(body, REPLY_BOUNDS, members=True)
+    except NotJson as exc:
+        raise ProtocolError(f"frame is not valid JSON: {exc}") from exc
+    return decode_json(body)
+
+
+def parse_ready(body: bytes) -> None:
+    """Check that the first frame is the ready marker."""
+    try:
+        ReadyMessage.model_validate(_decode_bounded(body))
+    except (ValidationError, BoundsExceeded) as exc:
+        raise ProtocolError("first frame is not the ready marker") from exc
+
+
+def parse_reply(body: bytes) -> ResultMessage | ErrorMessage:
+    """Parse the final frame. Raises ProtocolError for anything not allowed.
+
+    A result frame whose result breaks the result rules of the module
+    docstring comes back as an `invalid_output` ErrorMessage.
+    """
+    try:
+        data = _decode_bounded(body)
+    except BoundsExceeded as exc:
+        if exc.where == "field 'result'":
+            return _invalid_output(exc.problem)
+        raise ProtocolError(f"reply {exc}") from exc
+    kind = data.get("type") if isinstance(data, dict) else None
+    model: type[ResultMessage] | type[ErrorMessage]
+    if kind == "result":
+        model = ResultMessage
+    elif kind == "error":
+        model = ErrorMessage
+    else:
+        raise ProtocolError(f"reply of type {str(kind)[:40]!r} is not allowed")
+    try:
+        message = model.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolError(f"malformed {kind} reply: {exc.error_count()} errors") from exc
+    if isinstance(message, ResultMessage) and lone_surrogate(message.result):
+        return _invalid_output("holds a lone surrogate, which is not valid UTF-8 text")
+    return message
+
+
+class ReplyStream:
+    """The child's reply pipe as the protocol allows it: exactly one ready
+    frame, then at most one final frame, then nothing."""
+
+    def __init__(self, max_body: int) -> None:
+        self._frames = FrameReader(max_body=max_body)
+        self.ready = False
+        self.final: bytes | None = None
+        self.pending = 0  # bytes of an incomplete frame still buffered
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes from the reply pipe. Raises ProtocolError for anything
+        out of order: bytes after the final frame, a first frame that is not
+        the ready marker, a second final frame, an oversized frame."""
+        if self.final is not None:
+            raise ProtocolError("bytes after the final frame")
+        self._frames.feed(data)
+        self.pending = self._frames.pending
+        while self._frames.frames:
+            frame = self._frames.frames.pop(0)
+            if not self.ready:
+                parse_ready(frame)
+                self.ready = True
+            elif self.final is None:
+                self.final = frame
+            else:
+                raise ProtocolError("more than one final frame")
+
+
+# -- the watch -----------------------------------------------------------------
 
 WATCHDOG_INTERVAL_S = 0.02
 TAIL_BYTES = 2048

@@ -2,18 +2,18 @@
 
 Data flow of `Sandbox.execute` (one host thread per call)::
 
-    Sandbox.execute(call)
+    Sandbox.execute(call, token)
       layers detected once; strict refuses while one is missing
       handle = warm pool's child for this plugin, or a new one:
         uid (UidPool), cgroup (CallCgroup), scratch  -> ChildHandle
         ChildHandle.start: pipes, sealed payload memfd, ChildSpec
                            -> Launcher.start_child -> fork -> sandbox.child
-      sandbox.watch.run_call(handle, call, token)   one call: watch, verdict
+      sandbox.call.run_call(handle, call, token)    one call: watch, verdict
       finally: handle.close() (kill what is left, cgroup, scratch, fds, uid);
                start a warm child for the next call to this plugin
 
-"Run one call" lives in `sandbox.watch` (and its pure verdict in
-`sandbox.verdict`); this module only manages children: their uids,
+"Run one call" lives in `sandbox.call` (with its pure verdict); this
+module only manages children: their uids,
 cgroups, the warm pool and which layers they get. Nothing read from a child
 is unpickled.
 """
@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox import cgroup2, trace
-from sandbox.call import run_call
-from sandbox.cancel import current_token
+from sandbox.call import CancelToken, run_call
 from sandbox.cgroups import HOSTS_DIR, sweep_stale
 from sandbox.handle import ChildHandle, Launcher
 from sandbox.layers import (
@@ -150,8 +149,9 @@ class Sandbox:
         host's user namespace, which it does not need, is left out)."""
         return protections(self.active_layers())
 
-    def execute(self, call: CallSpec) -> Outcome:
-        """Run `call` in a fresh child and return its outcome.
+    def execute(self, call: CallSpec, token: CancelToken | None = None) -> Outcome:
+        """Run `call` in a fresh child and return its outcome; cancelling
+        `token` stops the call.
 
         Kills and reaps every process of the call before it returns, also when
         the calling thread is interrupted. Raises HostFailure for host-side
@@ -159,7 +159,6 @@ class Sandbox:
         cannot be applied, a layer missing in strict mode), which the
         ToolRunner reports.
         """
-        token = current_token()
         if token is not None and token.cancelled:
             return Outcome(Status.SANDBOX_STOPPED, reason="cancelled", message="call was cancelled")
         layers = self.active_layers()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sandbox import trace
+from sandbox.call import current_token
 from sandbox.envelope import Envelope, unknown_plugin
 from sandbox.limits import HostLimits, PluginLimits
 from sandbox.outcome import HostFailure, Outcome, State, Status
@@ -239,7 +240,7 @@ class ToolRunner:
                 return {}, call.to_dict(), {}
             record = True
             trace.mark("host.runner_prepare")
-            outcome = self.sandbox.execute(call)
+            outcome = self.sandbox.execute(call, current_token())
             trace.mark("host.execute_returned")
             state, peak = outcome.state, _peak_rss_mb(outcome)
             if outcome.status is Status.SUCCESS and outcome.result is not None:

@@ -1,6 +1,8 @@
 """Timestamps of a call's phases, for `scripts/phases.py` (every process).
 
-Off unless `enable` was called: `mark` is then one comparison. When on,
+Off unless `enable` was called: `mark` is then a C function that ignores
+its arguments (a dict's `get`), so a call that is not traced runs no code
+of this module and pays no Python call for its marks. When on,
 each mark appends one line to the trace file: pid, label, CLOCK_MONOTONIC
 (one clock for every process of the machine) and the calling thread's CPU
 time (CLOCK_THREAD_CPUTIME_ID; a forked process starts at zero), and an
@@ -18,21 +20,27 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Callable
 
 HIGH_FD = 100
 
 _fd = -1
 _path = ""
+_IGNORED: dict[str, int] = {}
+
+# mark(label, value=0): record that this process reached `label`. Off: ignores both.
+mark: Callable[..., object] = _IGNORED.get
 
 
 def enable(path: str) -> None:
     """Append this process's marks (and, through the launcher, its calls') to `path`."""
-    global _fd, _path
+    global _fd, _path, mark
     opened = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     # Above the numbers a child gives its call's descriptors, which it keeps.
     _fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, HIGH_FD)
     os.close(opened)
     _path = path
+    mark = _record
 
 
 def path() -> str:
@@ -45,9 +53,7 @@ def fd() -> int:
     return _fd
 
 
-def mark(label: str, value: int = 0) -> None:
-    """Record that this process reached `label` (no-op when tracing is off)."""
-    if _fd < 0:
-        return
+def _record(label: str, value: int = 0) -> None:
+    """Record that this process reached `label`: `mark` once tracing is on."""
     line = f"{os.getpid()} {label} {time.monotonic_ns()} {time.thread_time_ns()} {value}\n"
     os.write(_fd, line.encode())

@@ -25,7 +25,7 @@ from host.quarantine import QuarantineBook
 from host.recent import RecentOutcomes
 from host.registry import PluginRegistry
 from host.tracebacks import plugin_traceback
-from sandbox.cancel import CancelToken, use_token
+from sandbox.call import CancelToken, use_token
 from sandbox.envelope import Envelope, unknown_plugin
 from sandbox.limits import HostLimits
 from sandbox.outcome import Origin, State, reason_of

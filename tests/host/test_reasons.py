@@ -13,9 +13,9 @@ from host.metrics import Metrics
 from host.quarantine import QuarantineBook
 from host.registry import PluginRegistry
 from host.services.plugins import CallRecorder
+from sandbox.call import ErrorMessage
 from sandbox.envelope import Envelope, unknown_plugin
 from sandbox.outcome import CHILD_REASONS, REASONS, State
-from sandbox.replies import ErrorMessage
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "outcomes.md"
 

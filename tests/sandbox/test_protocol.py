@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from sandbox.call import ErrorMessage, ResultMessage, parse_ready, parse_reply
 from sandbox.envelope import make_envelope
 from sandbox.protocol import (
     RESULT_DEPTH,
@@ -17,7 +21,8 @@ from sandbox.protocol import (
     ProtocolError,
     encode_frame,
 )
-from sandbox.replies import ErrorMessage, ResultMessage, parse_ready, parse_reply
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_frames_round_trip_in_any_chunking() -> None:
@@ -190,8 +195,8 @@ def test_launcher_requests_round_trip_and_unknown_ones_are_refused() -> None:
 
 
 def test_the_reply_stream_takes_one_ready_frame_then_one_final_frame() -> None:
+    from sandbox.call import ReplyStream
     from sandbox.protocol import READY
-    from sandbox.replies import ReplyStream
 
     stream = ReplyStream(max_body=1024)
     final = encode_frame({"type": "result", "result": {}})
@@ -206,3 +211,21 @@ def test_the_reply_stream_takes_one_ready_frame_then_one_final_frame() -> None:
         twice.feed(encode_frame(READY) + final + final)
     with pytest.raises(ProtocolError, match="ready marker"):
         ReplyStream(max_body=1024).feed(final)
+
+
+@pytest.mark.timeout(60)
+def test_the_launcher_loads_neither_pydantic_nor_the_hosts_watch() -> None:
+    # Every call forks the launcher and every exit frees what it copied: the
+    # reply models (pydantic) and the watch live in sandbox.call, which only
+    # the host imports.
+    probe = (
+        "import sys; sys.argv = ['launcher']\n"
+        "import sandbox.launcher, sandbox.child\n"
+        "print(sorted(n for n in ('pydantic', 'psutil', 'sandbox.call', 'sandbox.supervisor')"
+        " if n in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=50, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

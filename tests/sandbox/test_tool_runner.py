@@ -117,7 +117,7 @@ def test_metrics_are_updated_after_every_call_with_a_true_mean(
 def test_host_bug_becomes_internal_error_and_is_counted(
     runner: ToolRunner, payload: dict, registry: PluginRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self: object, call: object) -> None:
+    def broken(self: object, call: object, token: object = None) -> None:
         raise RuntimeError("host bug")
 
     monkeypatch.setattr(type(runner.sandbox), "execute", broken)
