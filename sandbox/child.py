@@ -9,10 +9,12 @@ taken from the layer module that owns it (`sandbox.layers`):
                     pipes, every other descriptor closed; argv wiped
     cgroup          join the call's cgroups, before anything else runs
     user            (unprivileged host) a user namespace of its own
-    mnt             one unshare: mount, network, IPC, UTS, PID namespaces;
+    mnt             one unshare: mount, network, IPC, UTS, PID namespaces
+                    (those a root launcher did not give it: sandbox.layers.shared);
                     the minimal root with a tmpfs scratch
-    net             loopback up
-    pid             relay -> init (pid 1) -> worker; or enter the minimal root
+    net             loopback up (of its own network namespace)
+    pid             relay -> init (pid 1) -> worker, or init (pid 1) -> worker
+                    in the launcher's PID namespace; or enter the minimal root
     rlimits         memory, CPU, files, file size, processes, no core
     privilege       the call's own uid (root host), or no capabilities left
     parent          die with the parent; the parent must still be there
@@ -53,6 +55,7 @@ from sandbox.layers import (
     pid,
     privilege,
     seccomp,
+    shared,
     user,
 )
 from sandbox.layers.kernel import PR_SET_PDEATHSIG, IsolationError, prctl
@@ -140,6 +143,7 @@ def _mnt(setup: Setup) -> None:
     for name, flag in UNSHARE_FLAGS.items():
         if spec.layers.get(name):
             flags |= flag
+    flags &= ~shared.flags_of(spec.given)  # the launcher made those
     if spec.uid is not None:
         owner, group = spec.uid, spec.gid if spec.gid is not None else spec.uid
     else:
@@ -148,14 +152,17 @@ def _mnt(setup: Setup) -> None:
 
 
 def _net(setup: Setup) -> None:
+    # A namespace the launcher shares keeps its loopback down (no IP sockets).
     if setup.isolated and setup.spec.layers.get("network_namespace"):
-        net.loopback_up()
+        if "net" not in setup.spec.given:
+            net.loopback_up()
 
 
 def _pid(setup: Setup) -> None:
     if setup.pid_namespace:
         call_fds = (1, 2, REPLY_FD, PAYLOAD_FD)
-        pid.split(setup.spec.uid, setup.spec.gid, RELAY_FD, call_fds)  # returns in the worker
+        made = "pid" in setup.spec.given
+        pid.split(setup.spec.uid, setup.spec.gid, RELAY_FD, call_fds, made)  # returns in the worker
         setup.scratch = mnt.SCRATCH
     elif setup.isolated:
         setup.scratch = mnt.enter_minimal_root(own_pid_namespace=False)
@@ -201,7 +208,8 @@ def _landlock(setup: Setup) -> None:
 
 def _seccomp(setup: Setup) -> None:
     if setup.spec.layers.get("seccomp"):
-        seccomp.apply_seccomp()
+        given = setup.spec.given
+        seccomp.apply_seccomp(ip_sockets="net" not in given, ipc="ipc" not in given)
 
 
 # The child's setup, in order; each step applies one layer (or skips it when
@@ -318,7 +326,9 @@ def prepare() -> None:
                 _VERDICTS[id(thing)] = (thing, _origin_in_stdlib(thing))
         names = tuple(sorted(n for n, module in sys.modules.items() if _forget(n, module)))
         _PREPARED = (frozenset(sys.modules), names)
-    seccomp.seccomp_program()
+    for ip_sockets in (True, False):
+        for ipc in (True, False):
+            seccomp.seccomp_program(ip_sockets, ipc)
 
 
 def _forget(name: str, module: object) -> bool:

@@ -51,12 +51,14 @@ from pathlib import Path
 
 from sandbox import child, trace
 from sandbox.layers import kernel
+from sandbox.layers.shared import Shared
 from sandbox.protocol import (
     CHILD_FDS,
     EXIT,
     MAX_REQUEST,
     PID,
     RELAYED_STATUS,
+    SETUP_FAILED,
     ChildSpec,
     KillCall,
     KillUid,
@@ -78,7 +80,7 @@ def serve(sock: socket.socket) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host to handle
-    state = _State(sock, (wake_r, wake_w))
+    state = _State(sock, (wake_r, wake_w), Shared())
     try:
         while True:
             readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
@@ -97,9 +99,10 @@ def serve(sock: socket.socket) -> None:
 class _State:
     """What the launcher knows of the children it started."""
 
-    def __init__(self, sock: socket.socket, wake: tuple[int, int]) -> None:
+    def __init__(self, sock: socket.socket, wake: tuple[int, int], shared: Shared) -> None:
         self.sock = sock
         self.wake = wake
+        self.shared = shared  # namespaces made once for the calls (root only)
         self.children: dict[int, int] = {}  # pid -> its status pipe (write end)
         self.relays: dict[int, int] = {}  # pid of a call's child -> its relay pipe
         self.uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
@@ -134,7 +137,7 @@ class _State:
         elif isinstance(request, StartChild) and len(fds) == len(CHILD_FDS):
             spec, named = request.spec, dict(zip(CHILD_FDS, fds, strict=True))
             fds = []
-            pid = _fork_child(spec, named, self.sock, self.children, self.relays, self.wake)
+            pid = _fork_child(spec, named, self)
             if spec.uid:
                 self.uids[pid] = spec.uid
             self.calls[spec.token] = pid
@@ -153,25 +156,25 @@ class _State:
         _wait_all(deadline_s=2.0)
 
 
-def _fork_child(
-    spec: ChildSpec,
-    named: dict[str, int],
-    sock: socket.socket,
-    children: dict[int, int],
-    relays: dict[int, int],
-    wake: tuple[int, int],
-) -> int:
+def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
     """Fork the child of `spec` with the descriptors `named` (closed here)."""
+    children, relays, shared = state.children, state.relays, state.shared
     relay_r, named["relay"] = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    spec = dataclasses.replace(spec, launcher_pid=os.getpid())
+    given = shared.given(spec.layers, spec.uid)
+    spec = dataclasses.replace(spec, launcher_pid=os.getpid(), given=given)
     child.prepare()
     trace.mark("launcher.pipe+prepare")
-    pid = os.fork()
-    if pid == 0:
-        sock.close()
-        for fd in (*wake, named["status"], relay_r, *relays.values()):
-            os.close(fd)
-        child.main(spec, named)
+    with shared.pid_namespace_for_next_child(given):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                shared.join(given)
+            except BaseException:  # noqa: BLE001 - fail closed, never back into the launcher
+                os._exit(SETUP_FAILED)
+            state.sock.close()
+            for fd in (*state.wake, named["status"], relay_r, *relays.values()):
+                os.close(fd)
+            child.main(spec, named)
     for name, fd in named.items():
         if name != "status":
             os.close(fd)

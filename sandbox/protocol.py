@@ -251,6 +251,7 @@ class ChildSpec:
     hide: tuple[str, ...] = ()  # package directories inside `expose` covered by an empty tmpfs
     import_paths: tuple[str, ...] = ()  # the plugin's environment, after its directory
     import_root: str | None = None  # sys.path entry of an installed plugin package
+    given: tuple[str, ...] = ()  # namespaces the launcher gave it (sandbox.layers.shared)
 
     def to_wire(self) -> dict[str, Any]:
         wire = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -274,6 +275,7 @@ class ChildSpec:
                 "hide": tuple(wire["hide"]),
                 "import_paths": tuple(wire["import_paths"]),
                 "cgroup_procs": tuple(wire["cgroup_procs"]),
+                "given": tuple(wire["given"]),
             }
         )
 

@@ -2,7 +2,9 @@
 
 Detected: a child can unshare CLONE_NEWPID. Host: nothing.
 Child: the flag joins the minimal root's unshare (`sandbox.layers.mnt`);
-then `split` forks the process into relay, init (pid 1) and worker.
+then `split` forks the process into relay, init (pid 1) and worker. A root
+launcher makes the namespace itself before the fork (`sandbox.layers.shared`):
+the child is then init, and forks only the worker.
 """
 
 from __future__ import annotations
@@ -20,33 +22,45 @@ from sandbox.protocol import RELAYED_STATUS as STATUS
 CLONE_NEWPID = 0x20000000
 
 
-def split(uid: int | None, gid: int | None, relay_fd: int, call_fds: tuple[int, ...]) -> None:
+def split(
+    uid: int | None,
+    gid: int | None,
+    relay_fd: int,
+    call_fds: tuple[int, ...],
+    made_by_launcher: bool = False,
+) -> None:
     """Fork into the new PID namespace: relay (here) -> init (pid 1) -> worker.
 
     The relay stays in the host's namespace and hands the worker's exit
     status to the launcher. Init mounts the namespace's /proc and switches
     to the minimal root, then reaps every process of the namespace; when the
     worker ends, init reports and exits, and the kernel kills whatever is
-    left in the namespace. Returns only in the worker.
+    left in the namespace. When the launcher `made_by_launcher` the namespace
+    (`sandbox.layers.shared`), this process already is its init and reports
+    to the launcher itself: no relay. Returns only in the worker.
     """
-    status_r, status_w = os.pipe()
-    init = os.fork()
-    if init:
-        os.close(status_w)
-        _relay(init, status_r, relay_fd, call_fds)
-    os.close(status_r)
+    if made_by_launcher:
+        status_w = relay_fd
+    else:
+        status_r, status_w = os.pipe()
+        init = os.fork()
+        if init:
+            os.close(status_w)
+            _relay(init, status_r, relay_fd, call_fds)
+        os.close(status_r)
     trace.mark("init.forked")
     enter_minimal_root(own_pid_namespace=True)
     trace.mark("init.enter_minimal_root")
     worker = os.fork()
     if worker:
-        for fd in (0, *call_fds, relay_fd):
+        for fd in {0, *call_fds, relay_fd} - {status_w}:
             os.close(fd)
         give_up_privileges(uid, gid, user_namespace=uid is None)
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         trace.mark("init.privilege")
         _init_loop(worker, status_w)
-    os.close(status_w)
+    if status_w != relay_fd:
+        os.close(status_w)
     trace.mark("worker.forked")
 
 

@@ -92,6 +92,29 @@ DENIED_SHARED_FILES_X86_64 = {
     300: "fanotify_init: watches file access beyond the caller's own files",
 }
 
+# With the IPC namespace shared between calls (sandbox.layers.shared), every
+# System V IPC and POSIX message queue call: their objects live in that namespace.
+DENIED_SHARED_IPC_X86_64 = {
+    29: "shmget: System V shared memory, seen by every call of the shared IPC namespace",
+    30: "shmat: System V shared memory",
+    31: "shmctl: System V shared memory",
+    67: "shmdt: System V shared memory",
+    64: "semget: System V semaphores, seen by every call of the shared IPC namespace",
+    65: "semop: System V semaphores",
+    66: "semctl: System V semaphores",
+    220: "semtimedop: System V semaphores",
+    68: "msgget: System V message queues, seen by every call of the shared IPC namespace",
+    69: "msgsnd: System V message queues",
+    70: "msgrcv: System V message queues",
+    71: "msgctl: System V message queues",
+    240: "mq_open: POSIX message queues, seen by every call of the shared IPC namespace",
+    241: "mq_unlink: POSIX message queues",
+    242: "mq_timedsend: POSIX message queues",
+    243: "mq_timedreceive: POSIX message queues",
+    244: "mq_notify: POSIX message queues",
+    245: "mq_getsetattr: POSIX message queues",
+}
+
 # fcntl(2) commands denied for the same reason (args[1]); the rest are allowed.
 SYS_FCNTL_X86_64 = 72
 DENIED_FCNTL_COMMANDS = {
@@ -112,9 +135,13 @@ DENIED_FCNTL_COMMANDS = {
 SYS_SOCKET_X86_64, SYS_SOCKETPAIR_X86_64 = 41, 53
 ALLOWED_SOCKET_FAMILIES = {
     1: "AF_UNIX: pipes between a plugin's own processes; Landlock scopes abstract sockets",
-    2: "AF_INET: loopback of the call's empty network namespace",
-    10: "AF_INET6: loopback of the call's empty network namespace",
+    2: "AF_INET: loopback of the call's own empty network namespace",
+    10: "AF_INET6: loopback of the call's own empty network namespace",
 }
+# Allowed only while the call has a network namespace of its own: in one
+# shared between calls (sandbox.layers.shared) UDP on loopback would reach
+# another call (Landlock governs TCP only).
+IP_FAMILIES = (2, 10)
 # Every other family up to AF_MAX (46) of Linux 6.x, with why it is refused.
 # Families a later kernel adds are refused too: the filter is an allow-list.
 DENIED_SOCKET_FAMILIES = {
@@ -204,14 +231,17 @@ def _argument_in(offset: int, values: Iterable[int], inside: int, outside: int) 
 
 
 @functools.cache
-def seccomp_program() -> bytes:
+def seccomp_program(ip_sockets: bool = True, ipc: bool = True) -> bytes:
     """The BPF filter: wrong architecture or an x32 call -> kill; the calls of
     DENIED_X86_64 and DENIED_SHARED_FILES_X86_64 -> EPERM; clone with
     namespace flags -> EPERM; clone3 -> ENOSYS (libc falls back to clone,
     whose flags the filter can read); socket and socketpair outside
     ALLOWED_SOCKET_FAMILIES -> EAFNOSUPPORT; fcntl with DENIED_FCNTL_COMMANDS
-    -> EPERM; everything else allowed. Built once per process: the
-    launcher builds it before it forks, so a call only installs it."""
+    -> EPERM; everything else allowed. Without `ip_sockets` AF_INET and
+    AF_INET6 are refused too, and without `ipc` the calls of
+    DENIED_SHARED_IPC_X86_64 (a call in namespaces shared with other calls).
+    Built once per process and variant: the launcher builds them before it
+    forks, so a call only installs one."""
     program = [
         _insn(BPF_LD_W_ABS, DATA_ARCH),
         _insn(BPF_JEQ_K, AUDIT_ARCH_X86_64, jt=1),
@@ -223,6 +253,8 @@ def seccomp_program() -> bytes:
     ]
     program += _deny_calls(DENIED_X86_64, EPERM)
     program += _deny_calls(DENIED_SHARED_FILES_X86_64, EPERM)
+    if not ipc:
+        program += _deny_calls(DENIED_SHARED_IPC_X86_64, EPERM)
     program += _deny_calls([SYS_CLONE3_X86_64], ENOSYS)
     program += _on_calls(
         [SYS_CLONE_X86_64],
@@ -237,7 +269,7 @@ def seccomp_program() -> bytes:
         [SYS_SOCKET_X86_64, SYS_SOCKETPAIR_X86_64],
         _argument_in(
             DATA_ARG0,
-            ALLOWED_SOCKET_FAMILIES,
+            [f for f in ALLOWED_SOCKET_FAMILIES if ip_sockets or f not in IP_FAMILIES],
             inside=SECCOMP_RET_ALLOW,
             outside=SECCOMP_RET_ERRNO | EAFNOSUPPORT,
         ),
@@ -261,11 +293,12 @@ def seccomp_supported() -> bool:
     )
 
 
-def apply_seccomp() -> None:
-    """Install the filter on this process and its future children. Raises IsolationError."""
+def apply_seccomp(ip_sockets: bool = True, ipc: bool = True) -> None:
+    """Install the filter (`seccomp_program`) on this process and its future
+    children. Raises IsolationError."""
     if not seccomp_supported():
         raise IsolationError("seccomp", f"no filter for {platform.machine()}")
-    code = seccomp_program()
+    code = seccomp_program(ip_sockets, ipc)
     filters = ctypes.create_string_buffer(code, len(code))
     prog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(filters))
     prog_buffer = ctypes.create_string_buffer(prog, len(prog))

@@ -127,19 +127,12 @@ def test_plugin_cannot_reach_a_server_on_the_hosts_loopback(
 def test_plugin_sees_only_loopback(
     runner: ToolRunner, registry: PluginRegistry, tmp_path: Path, payload: dict
 ) -> None:
-    # Interface names by index through an IPv4 socket: if_nameindex() needs
-    # netlink, which the seccomp filter refuses.
+    # /proc/net/dev lists the interfaces of the reader's network namespace
+    # (netlink, which if_nameindex() needs, is refused by the seccomp filter).
     body = """
-import fcntl, socket, struct
-names = []
-with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-    for index in range(1, 64):
-        try:
-            reply = fcntl.ioctl(sock, 0x8910, struct.pack('16si20x', b'', index))
-        except OSError:
-            continue
-        names.append(reply[:16].rstrip(b'\\0').decode())
-return {'ifaces': names}
+with open('/proc/net/dev') as dev:
+    rows = dev.read().splitlines()[2:]
+return {'ifaces': [row.split(':')[0].strip() for row in rows]}
 """
     _add(registry, tmp_path, "ifaces", body)
     result, error = runner.run("ifaces", payload)

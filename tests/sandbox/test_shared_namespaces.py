@@ -1,0 +1,198 @@
+"""Namespaces a root launcher shares between calls (sandbox.layers.shared),
+attacked the way one plugin's call would try to reach another's running at
+the same time: an abstract unix socket, UDP on loopback, System V message
+queues, signals. Each call is in the same empty network, IPC and UTS
+namespaces as the others and in a PID namespace of its own."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from host.registry import PluginRegistry
+from sandbox.layers import detect, landlock
+from sandbox.layers.shared import Shared
+from sandbox.supervisor import Sandbox
+from sandbox.tool_runner import ToolRunner
+from tests.conftest import write_plugin
+
+AVAILABLE = detect()
+SHARING = (
+    os.geteuid() == 0
+    and all(AVAILABLE.get(name) for name in ("network_namespace", "seccomp", "pid_namespace"))
+    and landlock.landlock_abi() >= landlock.SCOPE_ABI
+)
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not SHARING, reason="needs a root host with seccomp and Landlock ABI 6"),
+]
+
+# One plugin, two roles: "namespaces" reports which namespaces it is in;
+# "listen" waits for a message from another call; "send" tries to deliver one.
+PROBE = """
+import ctypes, errno, os, socket, time
+options = payload['options']
+role, channel = options['role'], options.get('channel')
+if role == 'namespaces':
+    return {name: os.readlink('/proc/self/ns/' + name) for name in ('net', 'ipc', 'uts', 'pid')}
+NAME = b'\\0plughost-shared-namespace-test'
+if channel == 'abstract':
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if role == 'listen':
+        sock.bind(NAME)
+        sock.settimeout(3)
+        try:
+            return {'got': sock.recv(64).decode()}
+        except socket.timeout:
+            return {'got': None}
+    errors = []
+    for _ in range(20):
+        try:
+            sock.sendto(b'hello', NAME)
+            return {'sent': True}
+        except OSError as exc:
+            errors.append(exc.errno)
+            time.sleep(0.1)
+    return {'sent': False, 'errnos': sorted(set(errors))}
+if channel == 'udp':
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError as exc:
+        return {'socket_errno': exc.errno}
+    return {'socket_errno': 0}
+if channel == 'sysv':
+    libc = ctypes.CDLL(None, use_errno=True)
+    queue = libc.msgget(0x5148, 0o1666)
+    return {'msgget': queue, 'errno': ctypes.get_errno()}
+if channel == 'signal':
+    # Every pid this call can see: its own namespace's only.
+    return {'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit())}
+"""
+
+
+@pytest.fixture
+def runner(registry: PluginRegistry, tmp_path: Path) -> Iterator[ToolRunner]:
+    write_plugin(tmp_path, "prober", PROBE)
+    assert registry.load_directory(tmp_path / "prober") == ["prober"]
+    sandbox = Sandbox()
+    yield ToolRunner(registry, sandbox)
+    sandbox.close()
+
+
+def _run(runner: ToolRunner, payload: dict, **options: Any) -> dict:
+    result, error = runner.run("prober", {**payload, "options": options})
+    assert error == {}, error
+    return result
+
+
+def _concurrently(*calls: Callable[[], dict]) -> list[dict]:
+    results: list[dict] = [{} for _ in calls]
+
+    def go(index: int) -> None:
+        results[index] = calls[index]()
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def test_calls_share_one_empty_network_ipc_and_uts_namespace_but_not_a_pid_namespace(
+    runner: ToolRunner, payload: dict
+) -> None:
+    first, second = _concurrently(
+        lambda: _run(runner, payload, role="namespaces"),
+        lambda: _run(runner, payload, role="namespaces"),
+    )
+    for name in ("net", "ipc", "uts"):
+        assert first[name] == second[name]  # the launcher's shared namespace
+        assert first[name] != os.readlink(f"/proc/self/ns/{name}")  # not the host's
+    assert first["pid"] != second["pid"]
+
+
+def test_a_call_cannot_reach_another_through_an_abstract_unix_socket(
+    runner: ToolRunner, payload: dict
+) -> None:
+    # Abstract socket names live in the network namespace, which the calls
+    # share: Landlock's scope (ABI 6) refuses a peer outside the call's domain.
+    listener, sender = _concurrently(
+        lambda: _run(runner, payload, role="listen", channel="abstract"),
+        lambda: _run(runner, payload, role="send", channel="abstract"),
+    )
+    assert listener == {"got": None}
+    assert sender["sent"] is False and errno.EPERM in sender["errnos"]
+
+
+def test_a_call_in_the_shared_network_namespace_opens_no_ip_socket(
+    runner: ToolRunner, payload: dict
+) -> None:
+    # Landlock governs TCP only: UDP on the shared loopback would be a channel.
+    result = _run(runner, payload, role="send", channel="udp")
+    assert result == {"socket_errno": errno.EAFNOSUPPORT}
+
+
+def test_a_call_in_the_shared_ipc_namespace_gets_no_system_v_queue(
+    runner: ToolRunner, payload: dict
+) -> None:
+    result = _run(runner, payload, role="send", channel="sysv")
+    assert result == {"msgget": -1, "errno": errno.EPERM}
+
+
+def test_a_call_sees_only_its_own_processes(runner: ToolRunner, payload: dict) -> None:
+    # Its own PID namespace, made by the launcher: init (1) and the worker.
+    first, second = _concurrently(
+        lambda: _run(runner, payload, role="send", channel="signal"),
+        lambda: _run(runner, payload, role="send", channel="signal"),
+    )
+    assert first["pids"] == second["pids"] == [1, 2]
+
+
+def test_without_seccomp_a_call_gets_namespaces_of_its_own(
+    registry: PluginRegistry, tmp_path: Path, payload: dict
+) -> None:
+    # The sharing depends on the filter that makes it safe: a sandbox with
+    # seccomp switched off gives each call its own network and IPC namespace.
+    write_plugin(tmp_path, "prober", PROBE)
+    registry.load_directory(tmp_path / "prober")
+    sandbox = Sandbox(disabled=["seccomp"])
+    try:
+        loose = ToolRunner(registry, sandbox)
+        first, second = _concurrently(
+            lambda: _run(loose, payload, role="namespaces"),
+            lambda: _run(loose, payload, role="namespaces"),
+        )
+        assert first["net"] != second["net"] and first["ipc"] != second["ipc"]
+        result = _run(loose, payload, role="send", channel="udp")
+        assert result == {"socket_errno": 0}
+    finally:
+        sandbox.close()
+
+
+def test_the_launchers_policy_shares_only_what_the_layers_make_safe() -> None:
+    shared = Shared()
+    try:
+        every = {
+            name: True
+            for name in (
+                "network_namespace",
+                "ipc_namespace",
+                "uts_namespace",
+                "pid_namespace",
+                "seccomp",
+                "landlock",
+            )
+        }
+        assert shared.given(every, uid=1600000) == ("net", "ipc", "uts", "pid")
+        assert shared.given(every, uid=None) == ()  # an unprivileged host's call
+        assert shared.given({**every, "landlock": False}, uid=1600000) == ("ipc", "uts", "pid")
+        assert shared.given({**every, "seccomp": False}, uid=1600000) == ("uts", "pid")
+    finally:
+        shared.close()
