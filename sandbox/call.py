@@ -10,7 +10,9 @@
           sample       -> handle.sample_memory(): over the limit, Stop "memory";
                           OOM-killed at the cgroup, Stop "cgroup_oom"
           deadline     -> Stop "timeout"
+      until the final frame is in (one last memory sample) or the child ended
       a Stop: handle.kill(), wait for the exit report
+      handle.finish(): SIGKILL what is left of the call, without waiting
       -> Observed --verdict()--> Outcome
 
 The module reads top to bottom as a call goes: how another thread cancels
@@ -251,8 +253,6 @@ class ReplyStream:
 
 WATCHDOG_INTERVAL_S = 0.02
 TAIL_BYTES = 2048
-# After the final frame, how long the child may take to exit before it is killed.
-EXIT_GRACE_S = 0.5
 # After a kill, how long to wait for the launcher's report that the child is reaped.
 REAP_WAIT_S = 2.0
 # Room for the frame's own JSON around a result of the maximum size.
@@ -284,14 +284,17 @@ class _Stream:
 def run_call(handle: ChildHandle, call: CallSpec, token: CancelToken | None) -> Outcome:
     """Run `call` on the started child of `handle` and return its outcome.
 
-    Kills the call's processes when it stops one early; leaves the rest of
-    the clean-up (`handle.close`) to the caller.
+    Returns as soon as the verdict is final: the final reply frame is in,
+    or the child ended without one, or the watch stopped it. Has the call's
+    processes killed then (`handle.finish`); leaves the rest of the clean-up
+    (`handle.close`: the reap, the cgroup, the uid) to the caller.
     """
     started = time.monotonic()
     if handle.warm:
         handle.hand_over(call)
     watch = _Watcher(handle, call.limits, started, token)
     seen = watch.observe()
+    handle.finish()
     trace.mark("host.watch")
     outcome = verdict(seen, call.limits)
     trace.mark("host.verdict")
@@ -316,7 +319,6 @@ class _Watcher:
         self.reply = ReplyStream(max_body=limits.max_output_bytes + FRAME_OVERHEAD)
         self.streams = {name: _Stream() for name in ("stdout", "stderr")}
         self.peak_rss = 0
-        self.exit_by = float("inf")
 
     def observe(self) -> Observed:
         """Watch until the child exits or is stopped; return what was seen."""
@@ -351,29 +353,24 @@ class _Watcher:
             if self.token is not None:
                 selector.register(self.token.fileno(), selectors.EVENT_READ, "cancel")
             next_sample = time.monotonic()
-            while self.handle.exit is None:
+            # Until the final frame is in, or the child ended without one.
+            while self.handle.exit is None and self.reply.final is None:
                 now = time.monotonic()
-                if now >= self.exit_by:
-                    # Replied but lingers (a thread holding it up): end it, keep the reply.
-                    self.handle.kill()
-                    self.handle.wait_exit(time.monotonic() + REAP_WAIT_S)
-                    if self.handle.exit is None:
-                        raise _Stopped("unreaped")
-                    break
                 if now >= self.deadline:
                     raise _Stopped("timeout")
                 if now >= next_sample:
                     self._sample_memory()
                     next_sample = now + WATCHDOG_INTERVAL_S
-                wait = max(0.0, min(self.deadline, self.exit_by, next_sample) - now)
+                wait = max(0.0, min(self.deadline, next_sample) - now)
                 for key, _ in selector.select(wait):
                     if not self._on_readable(key.data, key.fd):
                         selector.unregister(key.fd)
-                if self.reply.final is not None and self.exit_by == float("inf"):
-                    # The reply is in: the child only has to exit.
-                    self.exit_by = time.monotonic() + EXIT_GRACE_S
-            # The child is gone; pick up what it wrote just before it exited.
-            self._drain_after_exit()
+            if self.reply.final is not None:
+                # The verdict is final now; the call's memory as it answered
+                # may be its peak (a fast call is sampled once before it).
+                self._sample_memory()
+            # Pick up what it wrote before its reply (or its exit).
+            self._drain()
 
     def _on_readable(self, name: str, fd: int) -> bool:
         """Handle bytes on `fd`; False once it is at its end."""
@@ -384,8 +381,10 @@ class _Watcher:
         except BlockingIOError:
             return True
         if not data:
-            if name == "status" and self.handle.exit is None:
-                raise _Stopped("launcher_gone")
+            if name == "status":
+                if self.handle.exit is None:
+                    raise _Stopped("launcher_gone")
+                self.handle.status_ended()
             return False
         if name == "status":
             self.handle.feed_status(data)
@@ -413,11 +412,11 @@ class _Watcher:
         if rss > self.limits.memory_mb * MiB:
             raise _Stopped("memory", rss=rss)
 
-    def _drain_after_exit(self) -> None:
+    def _drain(self) -> None:
         for name in ("reply", "stdout", "stderr"):
             fd = self.handle.fds[name]
             os.set_blocking(fd, False)
-            # Grandchildren may still hold the write end; read only what is there.
+            # The call's processes may still hold the write end; read what is there.
             for _ in range(64):
                 try:
                     data = os.read(fd, 65536)
@@ -441,7 +440,7 @@ class Stop:
     kind: "timeout", "cancelled", "memory" (a sample over the limit; evidence
     `rss`), "cgroup_oom" (the kernel killed at the memory cgroup), "stream"
     (too much printed; evidence `stream`), "protocol" (evidence `problem`),
-    "launcher_gone", "unreaped" (replied, lingered, and could not be reaped).
+    "launcher_gone".
     """
 
     kind: str
@@ -530,8 +529,6 @@ def stopped(stop: Stop, limits: CallLimits) -> Outcome:
         )
     if stop.kind == "protocol":
         return _stopped_by_sandbox("protocol_violation", evidence["problem"])
-    if stop.kind == "unreaped":
-        return _stopped_by_sandbox("crashed", "sandbox child could not be reaped")
     if stop.kind == "launcher_gone":
         # Only the launcher writes the status pipe: it died, and the child with it.
         raise HostFailure(
@@ -542,9 +539,9 @@ def stopped(stop: Stop, limits: CallLimits) -> Outcome:
 
 
 def judge(seen: Observed, limits: CallLimits) -> Outcome:
-    """The Outcome of a call whose child exited on its own."""
-    assert seen.exit_status is not None
-    exit_info = describe_exit(seen.exit_status)
+    """The Outcome of a call that ended on its own: it replied, or its
+    child exited without a reply (its wait status is then known)."""
+    exit_info = describe_exit(seen.exit_status) if seen.exit_status is not None else {}
     if not seen.ready:
         if exit_info.get("exit_code") == SETUP_FAILED:
             raise HostFailure(

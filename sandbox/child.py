@@ -23,11 +23,13 @@ taken from the layer module that owns it (`sandbox.layers`):
     landlock        file system (and TCP, and signal-scope) rules
     seccomp         the system-call filter
 
-then `{"type": "ready"}` on the reply pipe. Any failure up to there exits
-with `SETUP_FAILED` and no ready frame: the plugin never runs without its
-limits. Then the plugin is imported, called, and its result checked and
-sent as one frame. The child's instructions are a `ChildSpec` and its
-payload a sealed memfd (`sandbox.protocol`).
+then (a cold child: after reading its payload) `{"type": "ready"}` on the
+reply pipe. Any failure up to there exits with `SETUP_FAILED` and no ready
+frame: the plugin never runs without its limits, and a plugin can never make
+its own failure look like the sandbox's. Then the plugin is imported (a warm
+child imports it while it waits for its payload), called, and its result
+checked and sent as one frame. The child's instructions are a `ChildSpec`
+and its payload a sealed memfd (`sandbox.protocol`).
 """
 
 from __future__ import annotations
@@ -390,14 +392,20 @@ def _encode_result(result: Any, max_bytes: int) -> bytes | dict[str, Any]:
     return frame
 
 
-def _run_plugin(spec: ChildSpec, payload: Payload) -> bytes:
+def _load_or_error(spec: ChildSpec) -> Any:
+    """The plugin object, or the error frame that reports why it did not load."""
     try:
-        plugin = _load(spec)
+        return _load(spec)
     except MemoryError as exc:
         return encode_frame(_error("memory_limit", exc, "out of memory while loading"))
     # Everything a plugin's import can raise is a load failure by definition.
     except BaseException as exc:  # noqa: BLE001
         return encode_frame(_error("load_failed", exc))
+
+
+def _run_plugin(spec: ChildSpec, payload: Payload, plugin: Any) -> bytes:
+    if isinstance(plugin, bytes):
+        return plugin  # it did not load: the error frame
     try:
         result = plugin.run(payload.as_dict())
         trace.mark("child.run")
@@ -427,9 +435,8 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
         for name, step in STEPS:
             step(setup)
             trace.mark("child." + name)
-        if spec.warm:
-            _wait_for_payload()
-        payload = read_payload(PAYLOAD_FD)
+        if not spec.warm:
+            payload = read_payload(PAYLOAD_FD)
         _write_all(REPLY_FD, encode_frame(READY))
         trace.mark("child.payload+ready")
     # Fail closed: any setup problem ends the child before plugin code runs.
@@ -438,14 +445,22 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
             os.write(2, f"sandbox setup failed: {exc!r}\n".encode()[:1000])
         finally:
             os._exit(SETUP_FAILED)
+    # From here on plugin code runs (a warm child imports the plugin while it
+    # waits for its payload): whatever ends the child now is the plugin's doing.
     try:
-        frame = _run_plugin(spec, payload)
+        plugin = _load_or_error(spec)
+        if spec.warm:
+            _wait_for_payload()
+            payload = read_payload(PAYLOAD_FD)
+        frame = _run_plugin(spec, payload, plugin)
         sys.stdout.flush()
         sys.stderr.flush()
         _write_all(REPLY_FD, frame)
         trace.mark("child.reply")
     except MemoryError:
         os._exit(REPLY_OUT_OF_MEMORY)
+    except BaseException:  # noqa: BLE001 - never back into the launcher's code
+        os._exit(1)
     os._exit(0)
 
 

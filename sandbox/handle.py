@@ -89,6 +89,8 @@ CGROUP_MEMORY_SLACK = 1.05
 CGROUP_EXTRA_PROCESSES = 2  # the relay and init of a PID namespace
 # How long the launcher may take to report a new child's pid, beyond the call's timeout.
 PID_GRACE_S = 5.0
+# After init reported the plugin's exit, how long its own exit and the reap may take.
+REAP_WAIT_S = 2.0
 
 
 def exposed_paths(plugin_dir: str, import_paths: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -259,6 +261,9 @@ class ChildHandle:
         self.warm = False  # started without its payload: hand_over gives it
         self._status = bytearray()
         self._waiting = False
+        self.timeout_s = 0.0  # the call's (a warm child's: its plugin's) time limit
+        self.reaped = False  # the status pipe ended after the EXIT record
+        self._ending = False  # finish() had the launcher kill the call
 
     @property
     def pid(self) -> int:
@@ -297,6 +302,7 @@ class ChildHandle:
         the launcher reported the pid. Raises LauncherError, OSError or
         RuntimeError; `close` then puts away whatever was made."""
         trace.mark("host.handle_new")
+        self.timeout_s = call.limits.timeout_s
         pipes = {name: os.pipe2(os.O_CLOEXEC) for name in PIPES}
         self._opened.extend(fd for pair in pipes.values() for fd in pair)
         trace.mark("host.pipes")
@@ -373,11 +379,17 @@ class ChildHandle:
     # -- waiting -------------------------------------------------------------
 
     def set_up(self) -> bool:
-        """True once a warm child said it is set up and waiting for its payload."""
+        """True once a warm child said it is set up, has imported its plugin and
+        waits for its payload."""
         sock = self._payload_socket
         if not self._waiting and sock is not None and _readable(sock.fileno()):
             self._waiting = sock.recv(1) == b"w"
         return self._waiting
+
+    def held_fds(self) -> int:
+        """Descriptors of the host's that this handle holds open now."""
+        held = len(self._opened) + (self._payload_socket is not None)
+        return held + (self.uid is not None and self._lock_fd >= 0)
 
     def alive(self) -> bool:
         """False once the child has exited (its status pipe has something to say)."""
@@ -390,19 +402,28 @@ class ChildHandle:
         if self.exit is None and len(self._status) >= EXIT.size:
             self.exit = ChildExit(*EXIT.unpack_from(self._status))
 
-    def wait_exit(self, deadline: float) -> None:
-        """Wait until the launcher reports the child reaped, or `deadline`
-        (monotonic) passes, or the launcher is gone; `exit` tells which."""
-        fd = self.fds["status"]
+    def status_ended(self) -> None:
+        """The status pipe is at its end: after the EXIT record, the launcher
+        reaped the child; before it, the launcher is gone."""
+        self.reaped = self.exit is not None
+
+    def wait_exit(self, deadline: float, reaped: bool = False) -> None:
+        """Wait until the launcher reports the plugin's process exited (with
+        `reaped`, until the child is reaped too), or `deadline` (monotonic)
+        passes, or the launcher is gone; `exit` and `reaped` tell which."""
+        fd = self.fds.get("status")
+        if fd is None:
+            return
         with selectors.DefaultSelector() as selector:
             selector.register(fd, selectors.EVENT_READ)
-            while self.exit is None:
+            while self.exit is None or (reaped and not self.reaped):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not selector.select(remaining):
                     return
                 data = os.read(fd, 65536)
                 if not data:
-                    return  # the launcher is gone: no status will come
+                    self.status_ended()
+                    return
                 self.feed_status(data)
 
     # -- memory --------------------------------------------------------------
@@ -446,12 +467,25 @@ class ChildHandle:
             self.launcher.kill_uid(procs.uid)
         procs.kill_all()
 
+    def finish(self) -> None:
+        """The verdict is final: have the launcher SIGKILL the call's first
+        process now, without waiting (in a PID namespace, its init, which
+        takes every process left in the namespace with it); `close` reaps."""
+        if not self.reaped and self.procs is not None and self.procs.token:
+            self._ending = True
+            self.launcher.kill_call(self.procs.token)
+
     def close(self) -> None:
         """Kill what is left of the call and give back its uid, cgroup,
-        scratch and descriptors. Safe to call once, after a failed start too."""
+        scratch and descriptors once its processes are gone. Safe to call
+        once, after a failed start too."""
         # A PID namespace whose init has been reaped is empty: the kernel
-        # killed and reaped everything in it before init could exit.
-        if not (self.exit is not None and self.pid_namespace):
+        # killed and reaped everything in it before init could exit. Init
+        # reports the plugin's exit first and exits right after; after a
+        # reply, `finish` had it killed.
+        if self.pid_namespace and (self.exit is not None or self._ending):
+            self.wait_exit(time.monotonic() + REAP_WAIT_S, reaped=True)
+        if not (self.reaped and self.pid_namespace):
             self.kill()
         trace.mark("host.close_kill")
         if self.cgroup is not None:

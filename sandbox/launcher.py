@@ -15,14 +15,17 @@ asks it for children::
          + SCM_RIGHTS fds            fork() --------------------->  sandbox.child.main()
     read status pipe  <----------   write pid (8 bytes)            ... runs plugin ...
     wait on reply, stdout,                                          exits / is killed
-    stderr and status pipes         SIGCHLD -> wait4()
-    read status pipe  <----------   write wait status + maxrss,
-                                    close status pipe
+    stderr and status pipes         relay pipe readable (PID namespace: init
+                                    reports the plugin's exit) or SIGCHLD -> wait4()
+    read status pipe  <----------   write wait status + maxrss
+    status pipe at its end <-----   wait4(): reaped; close status pipe
 
 The requests (StartChild, KillCall, KillUid) and the status pipe's PID and
 EXIT records are defined in `sandbox.protocol`. The status pipe is the
-child's sentinel: it becomes readable when the child has exited and been
-reaped, and carries the raw wait status, so the host never polls. The
+child's sentinel: its EXIT record carries the raw wait status of the
+plugin's process as soon as it is known (in a PID namespace, from the
+call's init, before init's own exit and the namespace's teardown), and its
+end means the child is reaped, so the host never polls. The
 launcher is a child subreaper: processes a plugin leaves behind are
 re-parented to it when their parent dies, and it reaps them all.
 When the host closes its end of the socket (or dies), the launcher kills
@@ -83,7 +86,14 @@ def serve(sock: socket.socket) -> None:
     state = _State(sock, (wake_r, wake_w), Shared())
     try:
         while True:
-            readable, _, _ = select.select([sock.fileno(), wake_r], [], [])
+            relays = {fd: pid for pid, fd in state.relays.items()}
+            poller = select.poll()  # a busy launcher holds descriptors past select()'s 1024
+            for fd in (sock.fileno(), wake_r, *relays):
+                poller.register(fd, select.POLLIN)
+            readable = [fd for fd, _ in poller.poll()]
+            for fd in readable:
+                if fd in relays:
+                    state.on_relay(relays[fd])
             if wake_r in readable:
                 state.on_signal()
             if sock.fileno() in readable:
@@ -105,6 +115,7 @@ class _State:
         self.shared = shared  # namespaces made once for the calls (root only)
         self.children: dict[int, int] = {}  # pid -> its status pipe (write end)
         self.relays: dict[int, int] = {}  # pid of a call's child -> its relay pipe
+        self.reported: set[int] = set()  # children whose EXIT record went out before their reap
         self.uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
         self.calls: dict[str, int] = {}  # the host's token of a call -> its unreaped pid
 
@@ -116,9 +127,27 @@ class _State:
                     break
             except BlockingIOError:
                 break
-        _reap(self.children, self.relays)
+        _reap(self.children, self.relays, self.reported)
         for token in [t for t, pid in self.calls.items() if pid not in self.children]:
             del self.calls[token]  # reaped: its pid may name another process soon
+
+    def on_relay(self, pid: int) -> None:
+        """A call's init (or relay) reported that the plugin's process exited:
+        tell the host now. Init's own exit, the namespace's teardown and the
+        reap come after; the status pipe's end then tells the host the call is
+        reaped."""
+        relay_fd = self.relays.pop(pid)
+        try:
+            relayed = os.read(relay_fd, RELAYED_STATUS.size)
+        except BlockingIOError:
+            relayed = b""
+        os.close(relay_fd)
+        if len(relayed) != RELAYED_STATUS.size:
+            return  # it died first: its reap reports its own status
+        status, maxrss = RELAYED_STATUS.unpack(relayed)
+        with contextlib.suppress(OSError):  # the host may have given up on the call
+            os.write(self.children[pid], EXIT.pack(status, maxrss))
+        self.reported.add(pid)
 
     def on_request(self, message: bytes, fds: list[int]) -> None:
         """Serve one request; close every descriptor it brought and did not use."""
@@ -226,7 +255,7 @@ def _wait_all(deadline_s: float) -> None:
             time.sleep(0.01)  # shutting down: nothing else to wait on
 
 
-def _reap(children: dict[int, int], relays: dict[int, int]) -> None:
+def _reap(children: dict[int, int], relays: dict[int, int], reported: set[int]) -> None:
     while True:
         try:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -237,19 +266,23 @@ def _reap(children: dict[int, int], relays: dict[int, int]) -> None:
         status_fd = children.pop(pid, None)
         if status_fd is None:
             continue  # an orphan a plugin left behind, re-parented to us
+        maxrss = usage.ru_maxrss
         relay_fd = relays.pop(pid, None)  # none for a killer process
         if relay_fd is not None:
             try:
-                # A relay (PID namespace) exits 0 after writing the worker's status.
+                # Init or a relay (PID namespace) exits 0 after writing the worker's status.
                 relayed = os.read(relay_fd, RELAYED_STATUS.size)
             except BlockingIOError:
                 relayed = b""
             os.close(relay_fd)
             if len(relayed) == RELAYED_STATUS.size and status == 0:
-                (status,) = RELAYED_STATUS.unpack(relayed)
-        # The host may have closed its end already (it gave up on the call).
-        with contextlib.suppress(OSError):
-            os.write(status_fd, EXIT.pack(status, usage.ru_maxrss))
+                status, maxrss = RELAYED_STATUS.unpack(relayed)
+        if pid in reported:
+            reported.discard(pid)  # its EXIT record went out already
+        else:
+            # The host may have closed its end already (it gave up on the call).
+            with contextlib.suppress(OSError):
+                os.write(status_fd, EXIT.pack(status, maxrss))
         os.close(status_fd)
         tree_cpu_ns = int((usage.ru_utime + usage.ru_stime) * 1e9)
         trace.mark("launcher.reap", tree_cpu_ns)

@@ -3,8 +3,10 @@
 `WarmPool` keeps up to `size` handles (`sandbox.handle.ChildHandle`) per key
 (a plugin with its limits) whose children are set up and waiting, hands one
 to a call (`take`) and starts replacements in one background thread
-(`fill`). A warm child still serves exactly one call; one that sat unused
-for WARM_IDLE_S, or that died while waiting, is put away.
+(`fill`). A warm child imports its plugin while it waits (`sandbox.child`)
+and still serves exactly one call; one that sat unused for WARM_IDLE_S,
+that died while waiting, or that is still importing after its plugin's
+timeout, is put away.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ from sandbox.handle import ChildHandle
 
 WARM_IDLE_S = 30.0
 log = logging.getLogger("plughost.sandbox")
+
+
+def _stale(handle: ChildHandle, now: float) -> bool:
+    """Unused for too long, gone, or still importing its plugin after as long
+    as a call to it may take (it could never serve one in time)."""
+    age = now - handle.created
+    if age > WARM_IDLE_S or not handle.alive():
+        return True
+    return age > handle.timeout_s and not handle.set_up()
 
 
 class WarmPool:
@@ -43,16 +54,16 @@ class WarmPool:
             now = time.monotonic()
             for handles in self._waiting.values():
                 for handle in list(handles):
-                    if now - handle.created > WARM_IDLE_S or not handle.alive():
+                    if _stale(handle, now):
                         handles.remove(handle)
                         stale.append(handle)
-            handles = self._waiting.get(key, [])
-            if handles:
-                # One that is set up already if there is one; any other is
-                # still ahead of a cold start.
-                ready = [handle for handle in handles if handle.set_up()]
-                found = ready[0] if ready else handles[0]
-                handles.remove(found)
+            # Only a child that is set up and has imported its plugin: one
+            # still importing would spend the call's deadline on what ran
+            # before the call (a cold start counts its import against it).
+            ready = [handle for handle in self._waiting.get(key, []) if handle.set_up()]
+            if ready:
+                found = ready[0]
+                self._waiting[key].remove(found)
                 self.hits += 1
         for handle in stale:
             self._put_away(handle)
@@ -102,6 +113,13 @@ class WarmPool:
         """Pids of the waiting children (the root of each one's processes)."""
         with self._lock:
             return {handle.pid for handles in self._waiting.values() for handle in handles} - {0}
+
+    def held_fds(self) -> int:
+        """Descriptors of the host's the waiting handles hold."""
+        with self._lock:
+            return sum(
+                handle.held_fds() for handles in self._waiting.values() for handle in handles
+            )
 
     def uids(self) -> set[int]:
         with self._lock:

@@ -287,7 +287,9 @@ CHILD_FDS = ("status", "reply", "stdout", "stderr", "payload")
 MAX_REQUEST = 1 << 16
 PID = struct.Struct(">q")  # first on the status pipe: the child's pid
 EXIT = struct.Struct(">iq")  # then: its raw wait status, peak RSS in KiB
-RELAYED_STATUS = struct.Struct(">i")  # a PID namespace's relay to the launcher
+# A PID namespace's init (or relay) to the launcher, as soon as the plugin's
+# process has exited: its raw wait status and peak RSS in KiB.
+RELAYED_STATUS = struct.Struct(">iq")
 
 
 @dataclass(frozen=True)

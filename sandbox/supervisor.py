@@ -9,8 +9,9 @@ Data flow of `Sandbox.execute` (one host thread per call)::
         ChildHandle.start: pipes, sealed payload memfd, ChildSpec
                            -> Launcher.start_child -> fork -> sandbox.child
       sandbox.call.run_call(handle, call, token)    one call: watch, verdict
-      finally: handle.close() (kill what is left, cgroup, scratch, fds, uid);
-               start a warm child for the next call to this plugin
+      (prewarm: a warm child for the next call is started now, in the background)
+      finally: Closer.close(handle): in the closer's thread, wait for the reap,
+               kill what is left, cgroup, scratch, fds, uid
 
 "Run one call" lives in `sandbox.call` (with its pure verdict); this
 module only manages children: their uids,
@@ -119,6 +120,7 @@ class Sandbox:
         self._scratch_root = scratch_root
         self.prewarm = prewarm
         self.warm_pool = WarmPool(prewarm, put_away=ChildHandle.close)
+        self._closer = Closer()
 
     def active_layers(self) -> dict[str, bool]:
         """Optional layers calls get here: detected once, minus the disabled ones."""
@@ -153,8 +155,11 @@ class Sandbox:
         """Run `call` in a fresh child and return its outcome; cancelling
         `token` stops the call.
 
-        Kills and reaps every process of the call before it returns, also when
-        the calling thread is interrupted. Raises HostFailure for host-side
+        Returns as soon as the verdict is final: the plugin's process has
+        exited or been killed. The rest of the call's processes end right
+        after; reaping them and giving back the uid, cgroup and scratch
+        happen off the caller's path (`Closer`), also when the calling
+        thread is interrupted. Raises HostFailure for host-side
         failures (no uid free, the launcher unreachable or gone, limits that
         cannot be applied, a layer missing in strict mode), which the
         ToolRunner reports.
@@ -168,19 +173,22 @@ class Sandbox:
                 "isolation level strict: missing layers " + ", ".join(lacking),
                 {"missing_layers": lacking},
             )
-        key = _warm_key(call)
-        handle = self.warm_pool.take(key) if self.prewarm else None
+        handle = None
+        if self.prewarm:
+            key = _warm_key(call)
+            handle = self.warm_pool.take(key)
+            # The next call's child is set up while this one runs: the host's
+            # share of it is done while this call waits on its child.
+            waiting = call.without_payload()
+            self.warm_pool.fill(key, lambda: self._start(waiting, layers, warm=True))
         trace.mark("host.execute_checks")
         if handle is None:
             handle = self._start(call, layers, warm=False)
         try:
             return run_call(handle, call, token)
         finally:
-            handle.close()
+            self._closer.close(handle)
             trace.mark("host.uid_release")
-            if self.prewarm:
-                waiting = call.without_payload()
-                self.warm_pool.fill(key, lambda: self._start(waiting, layers, warm=True))
 
     def _start(self, call: CallSpec, layers: dict[str, bool], warm: bool) -> ChildHandle:
         """A handle on a new child for `call`: cold (payload handed over now)
@@ -240,18 +248,75 @@ class Sandbox:
         self.active_layers()
         return self._uids.at_rest() if self._uids is not None else set()
 
+    def warm_fds(self) -> int:
+        """Descriptors of the host's held by the children waiting in the pool."""
+        return self.warm_pool.held_fds()
+
     def warm_pids(self) -> set[int]:
         """Pids of the children waiting in the pool (not leftovers of a call)."""
         return self.warm_pool.pids()
 
     def settle(self, timeout_s: float = 5.0) -> None:
-        """Wait until no warm child is being started (for measurements)."""
+        """Wait until every call that returned is put away and no warm child
+        is being started (for measurements and tests)."""
+        self._closer.wait_idle(timeout_s)
         self.warm_pool.settle(timeout_s)
 
     def close(self) -> None:
-        """Kill the warm children and stop the launcher."""
+        """Put away what calls left, kill the warm children and stop the launcher."""
+        self._closer.wait_idle(10.0)
         self.warm_pool.close()
         self.launcher.stop()
+
+
+class Closer:
+    """Puts away the handles of finished calls off their latency path.
+
+    A call's outcome goes back as soon as the verdict is final: the
+    plugin's process has exited (or been killed) and every byte it wrote is
+    read. What follows, its init's exit, the namespaces' teardown, the reap,
+    the cgroup's removal, runs here, in one thread; the call's uid, and so
+    its slot, is free for another call only once `ChildHandle.close` is done.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[ChildHandle] = []
+        self._busy = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def close(self, handle: ChildHandle) -> None:
+        """Close `handle` soon, in the closer's thread."""
+        with self._cond:
+            self._pending.append(handle)
+            self._busy += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="plughost-closer", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every handle given so far is closed; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._busy == 0, timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: bool(self._pending), 30.0):
+                    self._thread = None  # idle: a later close starts another
+                    return
+                handle = self._pending.pop(0)
+            try:
+                handle.close()
+            except Exception:  # noqa: BLE001 - one handle's failure must not stop the others
+                log.exception("putting away a finished call failed")
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
 
 
 class UidPool:

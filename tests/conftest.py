@@ -129,6 +129,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     before = open_fds()
     cgroups_before = call_cgroups()
     yield
+    box.settle()  # a call's processes, cgroup and uid are put away right after it returns
     deadline = time.monotonic() + 3
     while sandbox_processes(box.launcher.pid) and time.monotonic() < deadline:
         time.sleep(0.02)

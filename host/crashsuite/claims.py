@@ -103,7 +103,7 @@ def _host_problems(case: Case, target: Target, before: _Before, after: _After) -
         problems.append(f"{after.leftover} process(es) left behind")
     if target.local:
         process = psutil.Process()
-        after.fds = process.num_fds() - before.fds
+        after.fds = target.host_fds() - before.fds
         after.rss_mb = (process.memory_info().rss - before.rss) / 2**20
         if "no_fd_left" in case.claims and after.fds > 0:
             problems.append(f"{after.fds} descriptor(s) left open in the host")
@@ -135,7 +135,7 @@ def run_case(
     process = psutil.Process()
     target.settle()
     before = _Before(
-        process.num_fds(),
+        target.host_fds(),
         process.memory_info().rss,
         stray_files([case.plugin.directory], [Path.cwd()]),
     )

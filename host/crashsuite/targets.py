@@ -29,6 +29,7 @@ class Target(Protocol):
     def leftover_processes(self) -> int: ...
     def end_leftovers(self) -> None: ...
     def settle(self) -> None: ...
+    def host_fds(self) -> int: ...
 
 
 def sandbox_processes(idle_uids: set[int] | None = None, only: set[int] | None = None) -> int:
@@ -109,6 +110,11 @@ class LocalTarget:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
 
+    def host_fds(self) -> int:
+        """This process's open descriptors, less those of the warm children
+        waiting in the pool (which one stands there changes from call to call)."""
+        return psutil.Process().num_fds() - self.runner.sandbox.warm_fds()
+
     def settle(self) -> None:
         # Warm children started in the background hold descriptors; let them
         # land before counting the host's descriptors.
@@ -163,6 +169,9 @@ class HttpTarget:
 
     def settle(self) -> None:
         """Nothing to wait for: the server's descriptors are not counted."""
+
+    def host_fds(self) -> int:
+        return 0  # the server's are not ours to count
 
     def idle_uids(self) -> set[int]:
         _, body = self._request("GET", "/readyz")

@@ -67,16 +67,16 @@ def split(
 def _init_loop(worker: int, status_w: int) -> NoReturn:
     while True:
         try:
-            pid, status = os.waitpid(-1, 0)
+            pid, status, usage = os.wait4(-1, 0)
         except ChildProcessError:
             os._exit(0)
         if pid == worker:
-            os.write(status_w, STATUS.pack(status))
+            os.write(status_w, STATUS.pack(status, usage.ru_maxrss))
             os._exit(0)
 
 
 def _relay(init: int, status_r: int, relay_fd: int, call_fds: tuple[int, ...]) -> NoReturn:
-    """Hand the worker's wait status to the launcher, then exit.
+    """Hand the worker's wait status and peak RSS to the launcher, then exit.
 
     The relay is root and in the host's PID namespace: it never re-raises
     the plugin's fatal signal on itself (a root core dump, a root crash),
@@ -93,7 +93,8 @@ def _relay(init: int, status_r: int, relay_fd: int, call_fds: tuple[int, ...]) -
         if not chunk:
             break
         data += chunk
-    _, init_status = os.waitpid(init, 0)
-    status = STATUS.unpack(data)[0] if len(data) == STATUS.size else init_status
-    os.write(relay_fd, STATUS.pack(status))  # 4 bytes: one write, never partial
+    _, init_status, usage = os.wait4(init, 0)
+    if len(data) != STATUS.size:  # init died before it could report
+        data = STATUS.pack(init_status, usage.ru_maxrss)
+    os.write(relay_fd, data)  # 12 bytes: one write, never partial
     os._exit(0)

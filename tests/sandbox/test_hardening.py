@@ -305,6 +305,7 @@ def test_each_call_gets_cgroups_that_are_removed_after_it(
     # (The leak check of conftest asserts no call-* cgroup is left behind.)
     result, error = runner.run("cg", payload)
     assert error == {}
+    runner.sandbox.settle()  # put away right after the call returns
     lines = {line.split(":")[1]: line.split(":")[2] for line in result["cgroups"].splitlines()}
     assert "/plughost/call-" in lines["memory"] and "/plughost/call-" in lines["pids"]
     name = lines["memory"].rsplit("/", 1)[1]

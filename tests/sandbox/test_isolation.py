@@ -250,6 +250,7 @@ def test_daemon_that_races_the_kill_never_survives(runner: ToolRunner, payload: 
     for _ in range(25):
         result, error = runner.run("daemon_grandchild", payload)
         assert error == {}
+        runner.sandbox.settle()  # the call's processes are put away right after it returns
         survivors += [
             p.pid
             for p in sandbox_processes(runner.sandbox.launcher.pid)

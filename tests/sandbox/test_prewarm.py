@@ -179,3 +179,33 @@ def test_warm_slots_are_checked_on_descriptors_past_1024() -> None:
         for fd in (read_end, write_end, high):
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_warm_child_is_ready_before_any_plugin_code_runs(
+    warm: ToolRunner, registry: PluginRegistry, tmp_path: Path, payload: dict
+) -> None:
+    # A warm child imports its plugin before its payload arrives, but only
+    # after its ready frame: from then on whatever the plugin does (here a
+    # frame of its own, written while imported) is the plugin's doing, never
+    # something that could pass for the sandbox's set-up failing.
+    directory = tmp_path / "import_frame"
+    directory.mkdir()
+    (directory / "plugin.toml").write_text(
+        'name = "import_frame"\nversion = "1.0.0"\nentrypoint = "frame:Plugin"\n'
+    )
+    (directory / "frame.py").write_text(
+        "import os\nos.write(3, b'\\x00\\x00\\x00\\x02{}')\n\n"
+        "class Plugin:\n    def run(self, payload):\n        return {'ok': True}\n"
+    )
+    directory.chmod(0o755)
+    tmp_path.chmod(0o755)
+    assert registry.load_directory(directory) == ["import_frame"]
+    messages = []
+    for call in range(3):
+        if call:
+            _wait_warm(warm)  # the first call starts the pool's child
+        result, error = warm.run("import_frame", payload)
+        assert result == {} and error["error"]["details"]["reason"] == "protocol_violation"
+        messages.append(error["error"]["message"])
+    assert warm.sandbox.warm_hits >= 2
+    assert not any("ready marker" in message for message in messages), messages

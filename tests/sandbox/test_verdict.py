@@ -136,7 +136,6 @@ def test_a_truncated_or_forged_final_frame_is_a_protocol_violation() -> None:
         (Stop("cgroup_oom"), "memory_limit", Status.SANDBOX_STOPPED),
         (Stop("stream", {"stream": "stdout"}), "output_too_large", Status.SANDBOX_STOPPED),
         (Stop("protocol", {"problem": "bad"}), "protocol_violation", Status.SANDBOX_STOPPED),
-        (Stop("unreaped"), "crashed", Status.SANDBOX_STOPPED),
     ],
 )
 def test_a_stop_decides_the_outcome_before_the_exit_status(
