@@ -75,7 +75,7 @@ from sandbox.protocol import (
 
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
 # RELAY_FD is the relay's alone: it reports the worker's wait status there.
-REPLY_FD, PAYLOAD_FD, RELAY_FD = 3, 4, 5
+REPLY_FD, PAYLOAD_FD, RELAY_FD, ROOT_FD = 3, 4, 5, 6
 
 
 @dataclass
@@ -116,12 +116,16 @@ def _descriptors(setup: Setup) -> None:
     os.dup2(fds["reply"], REPLY_FD)
     os.dup2(fds["payload"], PAYLOAD_FD)
     os.dup2(fds["relay"], RELAY_FD)
+    last = RELAY_FD
+    if "root" in fds:  # the launcher's template of the minimal root (step mnt)
+        os.dup2(fds["root"], ROOT_FD)
+        last = ROOT_FD
     keep = trace.fd()  # -1 unless a measurement traces the call
-    if keep > RELAY_FD:
-        os.closerange(RELAY_FD + 1, keep)
+    if keep > last:
+        os.closerange(last + 1, keep)
         os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
     else:
-        os.closerange(RELAY_FD + 1, os.sysconf("SC_OPEN_MAX"))
+        os.closerange(last + 1, os.sysconf("SC_OPEN_MAX"))
     _wipe_command_line()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
@@ -150,6 +154,11 @@ def _mnt(setup: Setup) -> None:
         owner, group = spec.uid, spec.gid if spec.gid is not None else spec.uid
     else:
         owner, group = os.getuid(), os.getgid()
+    if "mnt" in spec.given:  # a copy of the launcher's template of this root
+        shared.setns(ROOT_FD, mnt.CLONE_NEWNS)
+        os.close(ROOT_FD)
+        mnt.enter_root_copy(owner, group, spec.limits.scratch_mb, flags)
+        return
     mnt.build_minimal_root(spec.expose, owner, group, spec.limits.scratch_mb, flags, spec.hide)
 
 
@@ -163,8 +172,11 @@ def _net(setup: Setup) -> None:
 def _pid(setup: Setup) -> None:
     if setup.pid_namespace:
         call_fds = (1, 2, REPLY_FD, PAYLOAD_FD)
-        made = "pid" in setup.spec.given
-        pid.split(setup.spec.uid, setup.spec.gid, RELAY_FD, call_fds, made)  # returns in the worker
+        given = setup.spec.given
+        # Returns in the worker.
+        pid.split(
+            setup.spec.uid, setup.spec.gid, RELAY_FD, call_fds, "pid" in given, "mnt" in given
+        )
         setup.scratch = mnt.SCRATCH
     elif setup.isolated:
         setup.scratch = mnt.enter_minimal_root(own_pid_namespace=False)

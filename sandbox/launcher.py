@@ -189,7 +189,9 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
     """Fork the child of `spec` with the descriptors `named` (closed here)."""
     children, relays, shared = state.children, state.relays, state.shared
     relay_r, named["relay"] = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    given = shared.given(spec.layers, spec.uid)
+    given, root = shared.give(spec)
+    if root >= 0:
+        named["root"] = os.dup(root)  # the child's own handle on its root's template
     spec = dataclasses.replace(spec, launcher_pid=os.getpid(), given=given)
     child.prepare()
     trace.mark("launcher.pipe+prepare")
@@ -283,9 +285,9 @@ def _reap(children: dict[int, int], relays: dict[int, int], reported: set[int]) 
             # The host may have closed its end already (it gave up on the call).
             with contextlib.suppress(OSError):
                 os.write(status_fd, EXIT.pack(status, maxrss))
-        os.close(status_fd)
         tree_cpu_ns = int((usage.ru_utime + usage.ru_stime) * 1e9)
-        trace.mark("launcher.reap", tree_cpu_ns)
+        trace.mark("launcher.reap", tree_cpu_ns)  # before the host can hear of it
+        os.close(status_fd)
 
 
 def main() -> None:

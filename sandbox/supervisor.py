@@ -309,6 +309,7 @@ class Closer:
                     self._thread = None  # idle: a later close starts another
                     return
                 handle = self._pending.pop(0)
+            trace.mark("host.close")
             try:
                 handle.close()
             except Exception:  # noqa: BLE001 - one handle's failure must not stop the others

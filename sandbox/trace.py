@@ -3,7 +3,8 @@
 Off unless `enable` was called: `mark` is then a C function that ignores
 its arguments (a dict's `get`), so a call that is not traced runs no code
 of this module and pays no Python call for its marks. When on,
-each mark appends one line to the trace file: pid, label, CLOCK_MONOTONIC
+each mark appends one line to the trace file: thread id (a single-threaded
+process's pid), label, CLOCK_MONOTONIC
 (one clock for every process of the machine) and the calling thread's CPU
 time (CLOCK_THREAD_CPUTIME_ID; a forked process starts at zero), and an
 optional value (the launcher's CPU total of a reaped call tree). Lines are
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -55,5 +57,8 @@ def fd() -> int:
 
 def _record(label: str, value: int = 0) -> None:
     """Record that this process reached `label`: `mark` once tracing is on."""
-    line = f"{os.getpid()} {label} {time.monotonic_ns()} {time.thread_time_ns()} {value}\n"
+    # The thread's id: a process's first thread has its pid, and the host's
+    # other threads (the closer's) keep their own CPU clocks apart.
+    tid = threading.get_native_id()
+    line = f"{tid} {label} {time.monotonic_ns()} {time.thread_time_ns()} {value}\n"
     os.write(_fd, line.encode())

@@ -17,7 +17,9 @@ the last mark before it). Per call, machine CPU is counted from the
 processes themselves, not from the machine's idle time, so other work on
 the machine does not inflate it:
 
-    host       the calling thread's CPU from the runner's entry to its return
+    host       the calling thread's CPU from the runner's entry to its return,
+               and the closer thread's putting the call away (each call is
+               put away, `Sandbox.settle`, before the next starts)
     launcher   the launcher's CPU between the call's request and its reap
     call tree  the rusage of the reaped call (wait4 in the launcher: the child
                with every descendant it waited for)
@@ -74,6 +76,7 @@ class Call:
 
     phases: dict[str, tuple[float, float]] = field(default_factory=dict)
     host_cpu: float = 0.0
+    closer_cpu: float = 0.0
     launcher_cpu: float = 0.0
     tree_cpu: float = 0.0
     wall: float = 0.0
@@ -115,8 +118,10 @@ def phases_of(marks: list[Mark], host_pid: int, launcher_pid: int) -> Call:
             call.tree_cpu += mark.value / 1e6  # with a warm pool, a child set up earlier
             exit_cpu = max(mark.value - marked_child_cpu, 0) / 1e6
             call.phases["exit.teardown+reap"] = ((mark.mono_ns - last_child_mono) / 1e6, exit_cpu)
-        elif mark.label == "host.begin" or (before is None and mark.pid == launcher_pid):
-            pass  # the start of this call in a long-lived process
+        elif mark.label in ("host.begin", "host.close") or (
+            before is None and mark.pid == launcher_pid
+        ):
+            pass  # the start of this call in a long-lived process or thread
         else:
             start = before or previous
             assert start is not None
@@ -125,6 +130,9 @@ def phases_of(marks: list[Mark], host_pid: int, launcher_pid: int) -> Call:
             call.phases[mark.label] = (wall, cpu)
             if mark.pid == launcher_pid:
                 call.launcher_cpu += cpu
+            elif mark.label.startswith("host."):
+                if mark.pid != host_pid:
+                    call.closer_cpu += cpu  # the host's closer thread puts the call away
             elif mark.pid != host_pid:
                 marked_child_cpu += mark.cpu_ns - (before.cpu_ns if before else 0)
                 last_child_mono = max(last_child_mono, mark.mono_ns)
@@ -135,7 +143,7 @@ def phases_of(marks: list[Mark], host_pid: int, launcher_pid: int) -> Call:
         previous = mark
     begin = next(m for m in marks if m.label == "host.begin")
     end = next(m for m in marks if m.label == "host.end")
-    call.host_cpu = (end.cpu_ns - begin.cpu_ns) / 1e6
+    call.host_cpu = (end.cpu_ns - begin.cpu_ns) / 1e6 + call.closer_cpu
     call.wall = (end.mono_ns - begin.mono_ns) / 1e6
     return call
 
@@ -169,6 +177,9 @@ def run_round(runner: ToolRunner, payload: dict[str, Any], calls: int) -> dict[s
     for _ in range(calls):
         result, error = runner.run("trivial", payload)
         assert not error and result == {"ok": True}, error
+        # The call is put away (reaped, its cgroup removed) in the sandbox's
+        # closer thread after it returned: inside this call's window.
+        runner.sandbox.settle()
     after = resource.getrusage(resource.RUSAGE_SELF)
     host_process = (after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime) * 1000
     return {

@@ -115,17 +115,60 @@ def build_minimal_root(
     `uid`:`gid`, gone with the namespace.
     """
     needed = list(needed)
-    binds = plan_binds(needed)
-    links = _links(needed)
+    binds, links = plan_binds(needed), _links(needed)
     unshare(CLONE_NEWNS | extra_namespaces)
     # Nothing done below may propagate back to the host's namespace.
     mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    _populate(NEW_ROOT, binds, links, hidden)
+    _mount_scratch(NEW_ROOT + SCRATCH, uid, gid, scratch_mb)
+
+
+def build_root_template(needed: Iterable[str], hidden: Iterable[str] = ()) -> None:
+    """Make this process's mount namespace a template of the minimal root for
+    `needed`: built as `build_minimal_root` does, without a scratch tmpfs or
+    /proc, then made the namespace's root (read-only, the host's tree
+    detached). A call copies it (`enter_root_copy`) instead of building its
+    own; a root launcher keeps one per plugin (`sandbox.layers.shared`)."""
+    needed = list(needed)
+    binds, links = plan_binds(needed), _links(needed)
+    unshare(CLONE_NEWNS)
+    mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    _populate(NEW_ROOT, binds, links, hidden)
+    _switch_root()
+
+
+def enter_root_copy(uid: int, gid: int, scratch_mb: int, extra_namespaces: int = 0) -> None:
+    """In a template's namespace (joined with setns): take a private copy of
+    it (and `extra_namespaces`, in the same unshare) and mount the call's own
+    scratch tmpfs in the copy. /proc comes with the PID namespace's init
+    (`mount_own_proc`)."""
+    unshare(CLONE_NEWNS | extra_namespaces)
+    _mount_scratch(SCRATCH, uid, gid, scratch_mb)
+
+
+def mount_own_proc() -> None:
+    """Mount the /proc of this process's PID namespace in a copied root."""
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+
+
+def _mount_scratch(target: str, uid: int, gid: int, scratch_mb: int) -> None:
+    mount(
+        "tmpfs",
+        target,
+        "tmpfs",
+        MS_NOSUID | MS_NODEV,
+        f"mode=0700,uid={uid},gid={gid},size={scratch_mb}m",
+    )
+
+
+def _populate(root: str, binds: list[str], links: dict[str, str], hidden: Iterable[str]) -> None:
+    """The minimal root's tmpfs at `root`, with its binds, links and devices,
+    and the directories /proc, /tmp and the scratch directory."""
     # Handles on every source, taken before the new root covers any of them.
     devices = [d for d in DEVICES if os.path.exists(d)]
     handles = {p: os.open(p, os.O_PATH | os.O_CLOEXEC) for p in [*binds, *devices]}
     try:
-        mount("tmpfs", NEW_ROOT, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
-        root = NEW_ROOT
+        mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
         for name, target in links.items():
             if not os.path.lexists(root + name):
                 os.makedirs(os.path.dirname(root + name), mode=0o755, exist_ok=True)
@@ -141,13 +184,6 @@ def build_minimal_root(
             os.symlink(target, root + name)
         for directory in ("/proc", "/tmp", SCRATCH):
             os.makedirs(root + directory, mode=0o755, exist_ok=True)
-        mount(
-            "tmpfs",
-            root + SCRATCH,
-            "tmpfs",
-            MS_NOSUID | MS_NODEV,
-            f"mode=0700,uid={uid},gid={gid},size={scratch_mb}m",
-        )
     finally:
         for fd in handles.values():
             os.close(fd)
@@ -168,6 +204,13 @@ def enter_minimal_root(own_pid_namespace: bool) -> str:
         mount("proc", NEW_ROOT + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
     else:
         mount("/proc", NEW_ROOT + "/proc", None, MS_BIND | MS_REC, None)
+    _switch_root()
+    return SCRATCH
+
+
+def _switch_root() -> None:
+    """Make NEW_ROOT the root of this mount namespace, detach the host's
+    tree and make the root read-only."""
     os.chdir(NEW_ROOT)
     # pivot_root(".", "."): the old root ends up stacked on the new one, and
     # is then detached; no directory for it is needed in the new root.
@@ -175,7 +218,6 @@ def enter_minimal_root(own_pid_namespace: bool) -> str:
     check(libc.umount2(b".", MNT_DETACH), "detach the host's root")
     os.chdir("/")
     mount("none", "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-    return SCRATCH
 
 
 def _bind_into(root: str, path: str, fd: int, devices: bool) -> None:

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from sandbox import trace
 from sandbox.layers.kernel import PR_SET_PDEATHSIG, prctl
-from sandbox.layers.mnt import enter_minimal_root
+from sandbox.layers.mnt import enter_minimal_root, mount_own_proc
 from sandbox.layers.privilege import give_up_privileges
 from sandbox.protocol import RELAYED_STATUS as STATUS
 
@@ -28,6 +28,7 @@ def split(
     relay_fd: int,
     call_fds: tuple[int, ...],
     made_by_launcher: bool = False,
+    copied_root: bool = False,
 ) -> None:
     """Fork into the new PID namespace: relay (here) -> init (pid 1) -> worker.
 
@@ -37,7 +38,9 @@ def split(
     worker ends, init reports and exits, and the kernel kills whatever is
     left in the namespace. When the launcher `made_by_launcher` the namespace
     (`sandbox.layers.shared`), this process already is its init and reports
-    to the launcher itself: no relay. Returns only in the worker.
+    to the launcher itself: no relay. In a `copied_root` (the launcher's
+    template) the root is in place already: init only mounts /proc.
+    Returns only in the worker.
     """
     if made_by_launcher:
         status_w = relay_fd
@@ -49,7 +52,10 @@ def split(
             _relay(init, status_r, relay_fd, call_fds)
         os.close(status_r)
     trace.mark("init.forked")
-    enter_minimal_root(own_pid_namespace=True)
+    if copied_root:
+        mount_own_proc()
+    else:
+        enter_minimal_root(own_pid_namespace=True)
     trace.mark("init.enter_minimal_root")
     worker = os.fork()
     if worker:

@@ -85,8 +85,8 @@ def runner(registry: PluginRegistry, tmp_path: Path) -> Iterator[ToolRunner]:
     sandbox.close()
 
 
-def _run(runner: ToolRunner, payload: dict, **options: Any) -> dict:
-    result, error = runner.run("prober", {**payload, "options": options})
+def _run(runner: ToolRunner, payload: dict, plugin: str = "prober", **options: Any) -> dict:
+    result, error = runner.run(plugin, {**payload, "options": options})
     assert error == {}, error
     return result
 
@@ -196,3 +196,26 @@ def test_the_launchers_policy_shares_only_what_the_layers_make_safe() -> None:
         assert shared.given({**every, "seccomp": False}, uid=1600000) == ("uts", "pid")
     finally:
         shared.close()
+
+
+def test_a_replaced_plugin_directory_gets_a_new_root(
+    registry: PluginRegistry, tmp_path: Path, payload: dict
+) -> None:
+    # The launcher keeps each plugin's minimal root in a template it copies per
+    # call; the template binds the plugin directory as it was. A directory
+    # replaced under the same path must be what the next call runs.
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    plugins.chmod(0o755)
+    write_plugin(plugins, "versioned", "return {'version': 1}")
+    assert registry.load_directory(plugins / "versioned") == ["versioned"]
+    sandbox = Sandbox()
+    try:
+        runner = ToolRunner(registry, sandbox)
+        assert _run(runner, payload, plugin="versioned") == {"version": 1}
+        old = plugins / "versioned"
+        old.rename(plugins / "versioned.old")
+        write_plugin(plugins, "versioned", "return {'version': 2}")
+        assert _run(runner, payload, plugin="versioned") == {"version": 2}
+    finally:
+        sandbox.close()
