@@ -441,6 +441,7 @@ class SQLiteJobStore:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = Path(path)
+        self._page_size = 0
         in_memory = str(path) == ":memory:"
         if not in_memory:
             # A new directory is ours alone; an existing one is the operator's.
@@ -615,12 +616,15 @@ class SQLiteJobStore:
             ).fetchone()
             if jobs <= max_jobs and stored <= max_bytes:
                 return 0
+            # Read oldest first, only as far as needed (the owner index is in
+            # that order): a client at its quota drops one job per new one.
             finished = self._db.execute(
                 "SELECT id, stored_bytes FROM jobs "
                 f"WHERE owner = ? AND status IN ({_FINISHED_SQL}) ORDER BY created_at",
                 (owner,),
-            ).fetchall()
+            )
             victims = oldest_to_drop(finished, jobs, stored, max_jobs, max_bytes)
+            finished.close()
             self._db.executemany("DELETE FROM jobs WHERE id = ?", [(v,) for v in victims])
         return len(victims)
 
@@ -632,8 +636,9 @@ class SQLiteJobStore:
     def _size_bytes(self) -> int:
         pages = self._db.execute("PRAGMA page_count").fetchone()[0]
         free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
-        size = self._db.execute("PRAGMA page_size").fetchone()[0]
-        return int((pages - free) * size)
+        if not self._page_size:  # fixed once the database exists
+            self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        return int((pages - free) * self._page_size)
 
     def prune(self, older_than_s: float) -> int:
         with self._lock:
