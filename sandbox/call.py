@@ -12,7 +12,7 @@
           deadline     -> Stop "timeout"
       until the final frame is in (one last memory sample) or the child ended
       a Stop: handle.kill(), wait for the exit report
-      handle.finish(): SIGKILL what is left of the call, without waiting
+      handle.finish(): the call ends on its own now (close waits for it, then kills)
       -> Observed --verdict()--> Outcome
 
 The module reads top to bottom as a call goes: how another thread cancels
@@ -285,9 +285,9 @@ def run_call(handle: ChildHandle, call: CallSpec, token: CancelToken | None) -> 
     """Run `call` on the started child of `handle` and return its outcome.
 
     Returns as soon as the verdict is final: the final reply frame is in,
-    or the child ended without one, or the watch stopped it. Has the call's
-    processes killed then (`handle.finish`); leaves the rest of the clean-up
-    (`handle.close`: the reap, the cgroup, the uid) to the caller.
+    or the child ended without one, or the watch stopped it (and killed the
+    call's processes). Leaves the rest (`handle.close`: the call's end, the
+    reap, the cgroup, the uid) to the caller.
     """
     started = time.monotonic()
     if handle.warm:

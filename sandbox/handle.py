@@ -89,7 +89,9 @@ CGROUP_MEMORY_SLACK = 1.05
 CGROUP_EXTRA_PROCESSES = 2  # the relay and init of a PID namespace
 # How long the launcher may take to report a new child's pid, beyond the call's timeout.
 PID_GRACE_S = 5.0
-# After init reported the plugin's exit, how long its own exit and the reap may take.
+# After the verdict, how long the call's processes may take to end on their own.
+EXIT_GRACE_S = 0.5
+# After a kill, how long the reap may take.
 REAP_WAIT_S = 2.0
 
 
@@ -263,7 +265,7 @@ class ChildHandle:
         self._waiting = False
         self.timeout_s = 0.0  # the call's (a warm child's: its plugin's) time limit
         self.reaped = False  # the status pipe ended after the EXIT record
-        self._ending = False  # finish() had the launcher kill the call
+        self._ending = False  # the verdict is final: the call ends on its own (finish)
 
     @property
     def pid(self) -> int:
@@ -468,12 +470,11 @@ class ChildHandle:
         procs.kill_all()
 
     def finish(self) -> None:
-        """The verdict is final: have the launcher SIGKILL the call's first
-        process now, without waiting (in a PID namespace, its init, which
-        takes every process left in the namespace with it); `close` reaps."""
-        if not self.reaped and self.procs is not None and self.procs.token:
-            self._ending = True
-            self.launcher.kill_call(self.procs.token)
+        """The verdict is final: from here the call's processes end on their
+        own (the plugin's process exits right after its reply; its init
+        follows and takes whatever is left in its PID namespace along).
+        `close` gives them EXIT_GRACE_S, then kills what lingers."""
+        self._ending = True
 
     def close(self) -> None:
         """Kill what is left of the call and give back its uid, cgroup,
@@ -481,10 +482,12 @@ class ChildHandle:
         once, after a failed start too."""
         # A PID namespace whose init has been reaped is empty: the kernel
         # killed and reaped everything in it before init could exit. Init
-        # reports the plugin's exit first and exits right after; after a
-        # reply, `finish` had it killed.
-        if self.pid_namespace and (self.exit is not None or self._ending):
-            self.wait_exit(time.monotonic() + REAP_WAIT_S, reaped=True)
+        # reports the plugin's exit first and exits right after.
+        if self.pid_namespace and self.procs and (self.exit is not None or self._ending):
+            self.wait_exit(time.monotonic() + EXIT_GRACE_S, reaped=True)
+            if not self.reaped:  # it lingers: SIGKILL its init, which ends the namespace
+                self.launcher.kill_call(self.procs.token)
+                self.wait_exit(time.monotonic() + REAP_WAIT_S, reaped=True)
         if not (self.reaped and self.pid_namespace):
             self.kill()
         trace.mark("host.close_kill")
