@@ -785,28 +785,28 @@ def write_docs(sections: list[str]) -> None:
         """        ## Which targets are met, and what the others are made of
 
         The last section of every run, "targets", sets each target of the
-        speed work beside its figure from that run. What a call is made of
-        is in "Where a call's time goes" (scripts/phases.py): a cold call
+        speed work beside its figure from that run; "Where a call's time
+        goes" (scripts/phases.py) says what a call is made of. A cold call
         with every layer on a root host is one fork by the launcher (the
         call's init, in a PID namespace the launcher made for it), one fork
-        by init (the worker), a mount namespace with the minimal root built
-        in it, Landlock and seccomp, the payload, the plugin's import and
-        run, and on the way out two exits, the mount and PID namespaces'
-        teardown and the reaps; the network, IPC and UTS namespaces are the
-        launcher's, made once and shared (SECURITY.md, "Shared between
-        calls"). Each of those is a few tenths of a millisecond; together,
-        with the host's and the launcher's share, about 9 ms of CPU per
-        call, against the 4 ms target.
+        by init (the worker), a private copy of the plugin's minimal root
+        with its own scratch and /proc, Landlock and seccomp, the payload,
+        the plugin's import and run, and on the way out two exits, the
+        mount and PID namespaces' teardown and the reaps; the network, IPC
+        and UTS namespaces are the launcher's, made once and shared
+        (SECURITY.md, "Shared between calls"). Each of those is a few
+        tenths of a millisecond of a Python process's kernel work; with the
+        host's and the launcher's share they come to about 9 ms of CPU per
+        call, against the 4 ms target, and the throughput targets follow
+        from that on 2 cores. Reaching them would take a call that skips
+        whole rows of that table (a zygote per plugin, with the plugin
+        imported and Landlock and seccomp applied once), and the section
+        above says why this tree does not have one.
 
-        What is left to reach it, by size: the minimal root's mounts (about
-        1.2 ms: a mount namespace prepared once per plugin and copied per
-        call would cut most of it), the exits and namespace teardown (1.3
-        ms), the worker's fork by init (0.6 ms) and each new process's
-        first page faults (0.4-0.7 ms each), the plugin's import (0.5 ms:
-        a zygote per plugin would import once). A prewarmed child has done
-        its set-up before the call, so its latency is the hand-over, the
-        import, the run and the teardown; throughput is bounded by CPU, and
-        `/v1/analyze` adds the HTTP request, JSON, base64 and the job
+        A prewarmed child has done all of its set-up and imported its plugin
+        before the call arrives, and the answer goes back before the call's
+        processes are reaped: its latency is the hand-over, the run and the
+        reply. `/v1/analyze` adds the HTTP request, JSON, base64 and the job
         store's commits to every call.
 
         """
