@@ -119,8 +119,9 @@ class Sandbox:
         self._swept: set[int] = set()  # uids checked for leftovers of an earlier host
         self._scratch_root = scratch_root
         self.prewarm = prewarm
-        self.warm_pool = WarmPool(prewarm, put_away=ChildHandle.close)
         self._closer = Closer()
+        # Warm children gone stale are put away off the path of the call that found them.
+        self.warm_pool = WarmPool(prewarm, put_away=self._closer.close)
 
     def active_layers(self) -> dict[str, bool]:
         """Optional layers calls get here: detected once, minus the disabled ones."""
@@ -263,9 +264,9 @@ class Sandbox:
         self.warm_pool.settle(timeout_s)
 
     def close(self) -> None:
-        """Put away what calls left, kill the warm children and stop the launcher."""
-        self._closer.wait_idle(10.0)
+        """Kill the warm children, put away what calls left, stop the launcher."""
         self.warm_pool.close()
+        self._closer.wait_idle(10.0)
         self.launcher.stop()
 
 
