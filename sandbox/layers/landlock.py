@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import struct
 from collections.abc import Iterable
 
@@ -104,7 +105,7 @@ def apply_landlock(
             except FileNotFoundError:
                 continue  # nothing there to allow
             try:
-                if not os.path.isdir(f"/proc/self/fd/{fd}"):
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
                     rights &= FILE_RIGHTS
                 rule = ctypes.create_string_buffer(struct.pack("=Qi", rights & handled, fd), 12)
                 if (

@@ -201,11 +201,10 @@ def _ret(action: int) -> bytes:
 
 
 def _deny_calls(numbers: Iterable[int], errno: int) -> list[bytes]:
-    """Each system call in `numbers` fails with `errno` (A holds the number)."""
-    program: list[bytes] = []
-    for number in numbers:
-        program += [_insn(BPF_JEQ_K, number, jf=1), _ret(SECCOMP_RET_ERRNO | errno)]
-    return program
+    """Each system call in `numbers` fails with `errno` (A holds the number):
+    one comparison each, all jumping to one return, so a system call the
+    filter allows runs through half as many instructions."""
+    return _on_calls(list(numbers), [_ret(SECCOMP_RET_ERRNO | errno)])
 
 
 def _on_calls(numbers: list[int], block: list[bytes]) -> list[bytes]:
