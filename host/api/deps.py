@@ -23,22 +23,31 @@ from host.config import Settings
 from host.services.build import Services
 
 
-def get_services(request: Request) -> Services:
-    found: Services = request.app.state.services
-    return found
-
-
-def get_settings(request: Request) -> Settings:
+def _settings(request: Request) -> Settings:
     found: Settings = request.app.state.settings
     return found
 
 
-def require_client(request: Request) -> Principal:
-    return identify_client(request, get_settings(request))
+# Coroutines, though none of them waits on anything: FastAPI would run a
+# plain function in its thread pool, a hand-over to another thread and back
+# for each dependency of each request.
 
 
-def require_admin(request: Request) -> Principal:
-    return identify_admin(request, get_settings(request))
+async def get_services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found
+
+
+async def get_settings(request: Request) -> Settings:
+    return _settings(request)
+
+
+async def require_client(request: Request) -> Principal:
+    return identify_client(request, _settings(request))
+
+
+async def require_admin(request: Request) -> Principal:
+    return identify_admin(request, _settings(request))
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
