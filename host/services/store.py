@@ -432,6 +432,32 @@ def _private_file(path: Path, follow: bool = True) -> None:
         os.close(fd)
 
 
+# Per-owner usage, kept by triggers (SQLiteJobStore._usage_table): created
+# with its triggers and filled from the jobs already stored, in one transaction.
+USAGE_SCHEMA = """
+BEGIN;
+CREATE TABLE owner_usage (
+    owner TEXT PRIMARY KEY, jobs INTEGER NOT NULL, bytes INTEGER NOT NULL);
+INSERT INTO owner_usage (owner, jobs, bytes)
+    SELECT owner, COUNT(*), COALESCE(SUM(stored_bytes), 0) FROM jobs GROUP BY owner;
+CREATE TRIGGER owner_usage_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO owner_usage (owner, jobs, bytes) VALUES (NEW.owner, 1, NEW.stored_bytes)
+    ON CONFLICT (owner) DO UPDATE SET jobs = jobs + 1, bytes = bytes + NEW.stored_bytes;
+END;
+CREATE TRIGGER owner_usage_delete AFTER DELETE ON jobs BEGIN
+    UPDATE owner_usage SET jobs = jobs - 1, bytes = bytes - OLD.stored_bytes
+    WHERE owner = OLD.owner;
+END;
+CREATE TRIGGER owner_usage_update AFTER UPDATE OF owner, stored_bytes ON jobs BEGIN
+    UPDATE owner_usage SET jobs = jobs - 1, bytes = bytes - OLD.stored_bytes
+    WHERE owner = OLD.owner;
+    INSERT INTO owner_usage (owner, jobs, bytes) VALUES (NEW.owner, 1, NEW.stored_bytes)
+    ON CONFLICT (owner) DO UPDATE SET jobs = jobs + 1, bytes = bytes + NEW.stored_bytes;
+END;
+COMMIT;
+"""
+
+
 class SQLiteJobStore:
     """Jobs in an SQLite file (WAL); thread-safe."""
 
@@ -473,6 +499,7 @@ class SQLiteJobStore:
                 stored_bytes INTEGER NOT NULL DEFAULT 0)"""
         )
         self._migrate()
+        self._usage_table()
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)")
         # Covers the per-owner listing and usage without reading the rows.
         self._db.execute(
@@ -502,6 +529,16 @@ class SQLiteJobStore:
                 "+ COALESCE(LENGTH(error), 0) + COALESCE(LENGTH(payload), 0)"
             )
             log.info("added owner and size columns to %s; old jobs belong to anonymous", self.path)
+
+    def _usage_table(self) -> None:
+        """Each owner's job count and stored bytes, kept by triggers on every
+        write to `jobs`: the quota check on each new job reads one row instead
+        of summing the owner's jobs (about 0.25 ms at 1,000 of them)."""
+        exists = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'owner_usage'"
+        ).fetchone()
+        if not exists:
+            self._db.executescript(USAGE_SCHEMA)
 
     def add(self, job: Job, payload: dict[str, Any]) -> None:
         with self._lock:
@@ -600,20 +637,19 @@ class SQLiteJobStore:
     def usage(self, owner: str) -> Usage:
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(stored_bytes), 0) FROM jobs WHERE owner = ?",
-                (owner,),
+                "SELECT jobs, bytes FROM owner_usage WHERE owner = ?", (owner,)
             ).fetchone()
-        return Usage(int(row[0]), int(row[1]))
+        return Usage(int(row[0]), int(row[1])) if row else Usage(0, 0)
 
     def prune_owner(self, owner: str, max_jobs: int, max_bytes: int) -> int:
         """Delete `owner`'s oldest finished jobs until it keeps at most
         `max_jobs` jobs and `max_bytes`; return how many went. The freed
         pages are reused by the jobs that follow (no vacuum on this path)."""
         with self._lock:
-            jobs, stored = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(stored_bytes), 0) FROM jobs WHERE owner = ?",
-                (owner,),
+            row = self._db.execute(
+                "SELECT jobs, bytes FROM owner_usage WHERE owner = ?", (owner,)
             ).fetchone()
+            jobs, stored = row if row else (0, 0)
             if jobs <= max_jobs and stored <= max_bytes:
                 return 0
             # Read oldest first, only as far as needed (the owner index is in

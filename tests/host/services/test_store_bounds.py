@@ -209,3 +209,51 @@ def test_the_store_prunes_its_oldest_finished_jobs_past_max_db_bytes(
         assert len(kept) < 30
     finally:
         jobs.shutdown(timeout_s=5)
+
+
+def test_owner_usage_follows_every_write(tmp_path: Path) -> None:
+    # The quota check reads each owner's usage from a table its triggers keep;
+    # after adds, results stored, inputs dropped, prunes and a reopen it must
+    # equal the sum over the owner's jobs.
+    from dataclasses import replace
+
+    from host.services.store import Job, now_iso
+
+    path = tmp_path / "jobs.sqlite3"
+    store = SQLiteJobStore(path)
+
+    def truth() -> dict[str, tuple[int, int]]:
+        db = sqlite3.connect(path)
+        try:
+            rows = db.execute(
+                "SELECT owner, COUNT(*), SUM(stored_bytes) FROM jobs GROUP BY owner"
+            ).fetchall()
+        finally:
+            db.close()
+        return {owner: (jobs, size) for owner, jobs, size in rows}
+
+    def usage() -> dict[str, tuple[int, int]]:
+        found = {o: store.usage(o) for o in ("alice", "bob", "carol")}
+        return {o: (u.jobs, u.stored_bytes) for o, u in found.items() if u.jobs}
+
+    payload = {"image": b"x" * 1000, "mime_type": "image/png", "options": {}}
+    jobs = []
+    for index in range(30):
+        owner = ("alice", "bob", "carol")[index % 3]
+        job = Job(id=f"job{index}", plugin="p", status=JobStatus.PENDING,
+                  created_at=now_iso(), owner=owner)  # fmt: skip
+        store.add(job, payload)
+        jobs.append(job)
+    assert usage() == truth()
+    for job in jobs[:20]:
+        store.update(replace(job, status=JobStatus.SUCCESS, finished_at=now_iso(),
+                             result={"n": "y" * 50}))  # fmt: skip
+    assert usage() == truth()
+    assert store.prune_owner("alice", 3, 10**9) > 0
+    assert usage() == truth()
+    store.prune(older_than_s=0)
+    assert usage() == truth()
+    store.close()
+    store = SQLiteJobStore(path)
+    assert usage() == truth()
+    store.close()
