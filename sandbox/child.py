@@ -163,10 +163,8 @@ def _mnt(setup: Setup) -> None:
 
 
 def _net(setup: Setup) -> None:
-    # A namespace the launcher shares keeps its loopback down (no IP sockets).
     if setup.isolated and setup.spec.layers.get("network_namespace"):
-        if "net" not in setup.spec.given:
-            net.loopback_up()
+        net.loopback_up()
 
 
 def _pid(setup: Setup) -> None:
@@ -223,7 +221,7 @@ def _landlock(setup: Setup) -> None:
 def _seccomp(setup: Setup) -> None:
     if setup.spec.layers.get("seccomp"):
         given = setup.spec.given
-        seccomp.apply_seccomp(ip_sockets="net" not in given, ipc="ipc" not in given)
+        seccomp.apply_seccomp(ipc="ipc" not in given)
 
 
 # The child's setup, in order; each step applies one layer (or skips it when
@@ -340,9 +338,8 @@ def prepare() -> None:
                 _VERDICTS[id(thing)] = (thing, _origin_in_stdlib(thing))
         names = tuple(sorted(n for n, module in sys.modules.items() if _forget(n, module)))
         _PREPARED = (frozenset(sys.modules), names)
-    for ip_sockets in (True, False):
-        for ipc in (True, False):
-            seccomp.seccomp_program(ip_sockets, ipc)
+    for ipc in (True, False):
+        seccomp.seccomp_program(ipc)
 
 
 def _forget(name: str, module: object) -> bool:

@@ -790,9 +790,10 @@ def write_docs(sections: list[str]) -> None:
         with every layer on a root host is one fork by the launcher (the
         call's init, in a PID namespace the launcher made for it), one fork
         by init (the worker), a private copy of the plugin's minimal root
-        with its own scratch and /proc, Landlock and seccomp, the payload,
+        with its own scratch and /proc, a network namespace of its own with
+        its loopback, Landlock and seccomp, the payload,
         the plugin's import and run, and on the way out two exits, the
-        mount and PID namespaces' teardown and the reaps; the network, IPC
+        mount, network and PID namespaces' teardown and the reaps; the IPC
         and UTS namespaces are the launcher's, made once and shared
         (SECURITY.md, "Shared between calls"). Each of those is a few
         tenths of a millisecond of a Python process's kernel work; with the

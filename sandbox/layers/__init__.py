@@ -14,8 +14,9 @@ derives from it. The child applies them in the order of `sandbox.child.STEPS`.
     net         network_namespace                     -                    CLONE_NEWNET; lo up
     ipc / uts   ipc_namespace, uts_namespace          -                    CLONE_NEWIPC / NEWUTS
     pid         pid_namespace                         -                    relay, init, worker
-    shared      (how a root launcher gives a call     launcher: one net,   setns; init without
-                 net, ipc, uts and pid namespaces)    ipc, uts namespace   a relay
+    shared      (how a root launcher gives a call     launcher: one IPC,   setns; init without
+                 ipc, uts, pid namespaces, its root)  UTS namespace; root  a relay; root copied
+                                                      templates
     landlock    landlock                              -                    Landlock ruleset
     seccomp     seccomp                               -                    BPF filter
     cgroup      cgroup_memory, cgroup_pids            CallCgroup           join cgroup.procs

@@ -138,10 +138,6 @@ ALLOWED_SOCKET_FAMILIES = {
     2: "AF_INET: loopback of the call's own empty network namespace",
     10: "AF_INET6: loopback of the call's own empty network namespace",
 }
-# Allowed only while the call has a network namespace of its own: in one
-# shared between calls (sandbox.layers.shared) UDP on loopback would reach
-# another call (Landlock governs TCP only).
-IP_FAMILIES = (2, 10)
 # Every other family up to AF_MAX (46) of Linux 6.x, with why it is refused.
 # Families a later kernel adds are refused too: the filter is an allow-list.
 DENIED_SOCKET_FAMILIES = {
@@ -230,15 +226,15 @@ def _argument_in(offset: int, values: Iterable[int], inside: int, outside: int) 
 
 
 @functools.cache
-def seccomp_program(ip_sockets: bool = True, ipc: bool = True) -> bytes:
+def seccomp_program(ipc: bool = True) -> bytes:
     """The BPF filter: wrong architecture or an x32 call -> kill; the calls of
     DENIED_X86_64 and DENIED_SHARED_FILES_X86_64 -> EPERM; clone with
     namespace flags -> EPERM; clone3 -> ENOSYS (libc falls back to clone,
     whose flags the filter can read); socket and socketpair outside
     ALLOWED_SOCKET_FAMILIES -> EAFNOSUPPORT; fcntl with DENIED_FCNTL_COMMANDS
-    -> EPERM; everything else allowed. Without `ip_sockets` AF_INET and
-    AF_INET6 are refused too, and without `ipc` the calls of
-    DENIED_SHARED_IPC_X86_64 (a call in namespaces shared with other calls).
+    -> EPERM; everything else allowed. Without `ipc` the calls of
+    DENIED_SHARED_IPC_X86_64 are refused too (a call in the IPC namespace
+    its launcher shares between calls).
     Built once per process and variant: the launcher builds them before it
     forks, so a call only installs one."""
     program = [
@@ -268,7 +264,7 @@ def seccomp_program(ip_sockets: bool = True, ipc: bool = True) -> bytes:
         [SYS_SOCKET_X86_64, SYS_SOCKETPAIR_X86_64],
         _argument_in(
             DATA_ARG0,
-            [f for f in ALLOWED_SOCKET_FAMILIES if ip_sockets or f not in IP_FAMILIES],
+            ALLOWED_SOCKET_FAMILIES,
             inside=SECCOMP_RET_ALLOW,
             outside=SECCOMP_RET_ERRNO | EAFNOSUPPORT,
         ),
@@ -292,12 +288,12 @@ def seccomp_supported() -> bool:
     )
 
 
-def apply_seccomp(ip_sockets: bool = True, ipc: bool = True) -> None:
+def apply_seccomp(ipc: bool = True) -> None:
     """Install the filter (`seccomp_program`) on this process and its future
     children. Raises IsolationError."""
     if not seccomp_supported():
         raise IsolationError("seccomp", f"no filter for {platform.machine()}")
-    code = seccomp_program(ip_sockets, ipc)
+    code = seccomp_program(ipc)
     filters = ctypes.create_string_buffer(code, len(code))
     prog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(filters))
     prog_buffer = ctypes.create_string_buffer(prog, len(prog))

@@ -1,14 +1,12 @@
 """Namespaces a root launcher makes for its calls, instead of each call's child.
 
-Creating and destroying a namespace is the kernel's work, paid per call:
-about 1.5 ms of machine CPU for a network namespace (its teardown runs in a
-kernel workqueue), 0.35 ms for IPC; and a child that makes its own PID
-namespace needs a relay process to stay outside it. A root launcher
-therefore (`Shared`):
+Creating and destroying a namespace is the kernel's work, paid per call,
+and a child that makes its own PID namespace needs a relay process to stay
+outside it. A root launcher therefore (`Shared`):
 
-- makes one empty network namespace, one IPC and one UTS namespace when it
-  starts, and a call joins them (`setns`) as the first thing after the fork
-  when its layers make that safe (`Shared.given`);
+- makes one IPC and one UTS namespace when it starts, and a call joins them
+  (`setns`) as the first thing after the fork when its layers make that
+  safe (`Shared.given`);
 - makes each call's own PID namespace itself: `unshare(CLONE_NEWPID)` before
   the fork and `setns` back to its own after it, so the child is the new
   namespace's init and no relay is needed;
@@ -23,21 +21,20 @@ therefore (`Shared`):
 What a call shares with the other calls of the same launcher, and why that
 is safe (SECURITY.md, "Shared between calls"):
 
-    net  an empty namespace: no interface but loopback, which stays down. A
-         call can open no IP socket (seccomp refuses AF_INET and AF_INET6
-         when the namespace is shared) and can reach no abstract unix socket
-         bound outside its own Landlock domain (ABI 6 scope). So: shared only
-         when the call has seccomp and Landlock with ABI 6 or later.
     ipc  System V IPC and POSIX message queues are per IPC namespace; the
          seccomp filter refuses every one of their system calls when the
          namespace is shared. So: shared only when the call has seccomp.
     uts  the host name: the same for every call, and no call holds the
          capability to change it.
 
-Everything else stays per call: the PID namespace (made per call, above),
-the mount namespace with its minimal root and scratch tmpfs, the uid, the
-cgroup, the Landlock domain. A host that is not root (user namespaces) or a
-call without those layers makes its namespaces in the child, as before.
+The network namespace stays the call's own: in one shared between calls a
+call would read the others' unix sockets, abstract names and socket paths,
+in /proc/net/unix, and could tell an abstract name is taken by trying to
+bind it; Landlock scopes only connecting and sending. Everything else stays
+per call too: the PID namespace (made per call, above), the mount namespace
+with its minimal root and scratch tmpfs, the uid, the cgroup, the Landlock
+domain. A host that is not root (user namespaces) or a call without those
+layers makes its namespaces in the child, as before.
 """
 
 from __future__ import annotations
@@ -47,17 +44,15 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
-from sandbox.layers import landlock, mnt
+from sandbox.layers import mnt
 from sandbox.layers.ipc import CLONE_NEWIPC
 from sandbox.layers.kernel import IsolationError, check, libc, unshare
-from sandbox.layers.net import CLONE_NEWNET
 from sandbox.layers.pid import CLONE_NEWPID
 from sandbox.layers.uts import CLONE_NEWUTS
 from sandbox.protocol import ChildSpec
 
 # The namespaces a launcher makes once: /proc/self/ns name, flag, the layer.
 ONCE = (
-    ("net", CLONE_NEWNET, "network_namespace"),
     ("ipc", CLONE_NEWIPC, "ipc_namespace"),
     ("uts", CLONE_NEWUTS, "uts_namespace"),
 )
@@ -81,12 +76,10 @@ class Shared:
     def __init__(self) -> None:
         self.fds: dict[str, int] = {}
         self.own_pid = -1
-        self.landlock_scopes = False
         # (exposed paths, hidden paths) -> (template namespace, identity of its sources)
         self.roots: OrderedDict[tuple[object, ...], tuple[int, tuple[object, ...]]] = OrderedDict()
         if os.geteuid() != 0:
             return
-        self.landlock_scopes = landlock.landlock_abi() >= landlock.SCOPE_ABI
         own_pid = _open_ns("pid")
         try:  # the launcher can make PID namespaces (not so in every container)
             unshare(CLONE_NEWPID)
@@ -111,15 +104,10 @@ class Shared:
 
     def given(self, layers: dict[str, bool], uid: int | None) -> tuple[str, ...]:
         """The namespaces this launcher gives a call with `layers` (and the
-        call's own uid on a root host): a subset of net, ipc, uts, pid."""
+        call's own uid on a root host): a subset of ipc, uts, pid."""
         if uid is None or self.own_pid < 0:
             return ()
-        seccomp = layers.get("seccomp", False)
-        safe = {
-            "net": seccomp and layers.get("landlock", False) and self.landlock_scopes,
-            "ipc": seccomp,
-            "uts": True,
-        }
+        safe = {"ipc": layers.get("seccomp", False), "uts": True}
         given = [
             name
             for name, _, layer in ONCE

@@ -1,8 +1,8 @@
-"""Namespaces a root launcher shares between calls (sandbox.layers.shared),
-attacked the way one plugin's call would try to reach another's running at
-the same time: an abstract unix socket, UDP on loopback, System V message
-queues, signals. Each call is in the same empty network, IPC and UTS
-namespaces as the others and in a PID namespace of its own."""
+"""What a root launcher shares between calls (sandbox.layers.shared), attacked
+the way one plugin's call would try to reach another's running at the same
+time: its unix sockets, System V message queues, its processes. Each call
+is in the same IPC and UTS namespaces as the others, and in a network and a
+PID namespace of its own."""
 
 from __future__ import annotations
 
@@ -16,21 +16,19 @@ from typing import Any
 import pytest
 
 from host.registry import PluginRegistry
-from sandbox.layers import detect, landlock
+from sandbox.layers import detect
 from sandbox.layers.shared import Shared
 from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import ToolRunner
 from tests.conftest import write_plugin
 
 AVAILABLE = detect()
-SHARING = (
-    os.geteuid() == 0
-    and all(AVAILABLE.get(name) for name in ("network_namespace", "seccomp", "pid_namespace"))
-    and landlock.landlock_abi() >= landlock.SCOPE_ABI
+SHARING = os.geteuid() == 0 and all(
+    AVAILABLE.get(name) for name in ("network_namespace", "seccomp", "pid_namespace")
 )
 pytestmark = [
     pytest.mark.timeout(120),
-    pytest.mark.skipif(not SHARING, reason="needs a root host with seccomp and Landlock ABI 6"),
+    pytest.mark.skipif(not SHARING, reason="needs a root host with seccomp and namespaces"),
 ]
 
 # One plugin, two roles: "namespaces" reports which namespaces it is in;
@@ -60,12 +58,23 @@ if channel == 'abstract':
             errors.append(exc.errno)
             time.sleep(0.1)
     return {'sent': False, 'errnos': sorted(set(errors))}
-if channel == 'udp':
+if channel == 'unix':
+    if role == 'listen':  # holds an abstract and a path socket for a while
+        held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        held[0].bind(NAME)
+        held[1].bind('/tmp/work/secret-path.sock')
+        time.sleep(2)
+        return {'held': True}
+    time.sleep(0.5)
+    with open('/proc/net/unix') as table:
+        seen = table.read()
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(NAME)
+        taken = False
     except OSError as exc:
-        return {'socket_errno': exc.errno}
-    return {'socket_errno': 0}
+        taken = exc.errno == errno.EADDRINUSE
+    return {'seen': 'shared-namespace-test' in seen or 'secret-path' in seen, 'taken': taken}
 if channel == 'sysv':
     libc = ctypes.CDLL(None, use_errno=True)
     queue = libc.msgget(0x5148, 0o1666)
@@ -105,38 +114,44 @@ def _concurrently(*calls: Callable[[], dict]) -> list[dict]:
     return results
 
 
-def test_calls_share_one_empty_network_ipc_and_uts_namespace_but_not_a_pid_namespace(
+def test_calls_share_one_ipc_and_uts_namespace_but_not_a_network_or_pid_namespace(
     runner: ToolRunner, payload: dict
 ) -> None:
     first, second = _concurrently(
         lambda: _run(runner, payload, role="namespaces"),
         lambda: _run(runner, payload, role="namespaces"),
     )
-    for name in ("net", "ipc", "uts"):
+    for name in ("ipc", "uts"):
         assert first[name] == second[name]  # the launcher's shared namespace
         assert first[name] != os.readlink(f"/proc/self/ns/{name}")  # not the host's
-    assert first["pid"] != second["pid"]
+    assert first["net"] != second["net"] and first["pid"] != second["pid"]
+
+
+def test_a_call_sees_none_of_another_calls_unix_sockets(runner: ToolRunner, payload: dict) -> None:
+    # In a network namespace shared between calls, /proc/net/unix lists every
+    # unix socket of it (abstract names and socket paths of the other calls)
+    # and binding an abstract name another call holds fails with EADDRINUSE:
+    # each call has a network namespace of its own.
+    holder, peeker = _concurrently(
+        lambda: _run(runner, payload, role="listen", channel="unix"),
+        lambda: _run(runner, payload, role="peek", channel="unix"),
+    )
+    assert holder == {"held": True}
+    assert peeker == {"seen": False, "taken": False}
 
 
 def test_a_call_cannot_reach_another_through_an_abstract_unix_socket(
     runner: ToolRunner, payload: dict
 ) -> None:
-    # Abstract socket names live in the network namespace, which the calls
-    # share: Landlock's scope (ABI 6) refuses a peer outside the call's domain.
+    # Abstract socket names live in the network namespace, the call's own:
+    # the name another call bound is not there (and Landlock's scope, ABI 6,
+    # would refuse a peer outside the call's domain besides).
     listener, sender = _concurrently(
         lambda: _run(runner, payload, role="listen", channel="abstract"),
         lambda: _run(runner, payload, role="send", channel="abstract"),
     )
     assert listener == {"got": None}
-    assert sender["sent"] is False and errno.EPERM in sender["errnos"]
-
-
-def test_a_call_in_the_shared_network_namespace_opens_no_ip_socket(
-    runner: ToolRunner, payload: dict
-) -> None:
-    # Landlock governs TCP only: UDP on the shared loopback would be a channel.
-    result = _run(runner, payload, role="send", channel="udp")
-    assert result == {"socket_errno": errno.EAFNOSUPPORT}
+    assert sender["sent"] is False and sender["errnos"]
 
 
 def test_a_call_in_the_shared_ipc_namespace_gets_no_system_v_queue(
@@ -159,7 +174,7 @@ def test_without_seccomp_a_call_gets_namespaces_of_its_own(
     registry: PluginRegistry, tmp_path: Path, payload: dict
 ) -> None:
     # The sharing depends on the filter that makes it safe: a sandbox with
-    # seccomp switched off gives each call its own network and IPC namespace.
+    # seccomp switched off gives each call its own IPC namespace.
     write_plugin(tmp_path, "prober", PROBE)
     registry.load_directory(tmp_path / "prober")
     sandbox = Sandbox(disabled=["seccomp"])
@@ -169,9 +184,9 @@ def test_without_seccomp_a_call_gets_namespaces_of_its_own(
             lambda: _run(loose, payload, role="namespaces"),
             lambda: _run(loose, payload, role="namespaces"),
         )
-        assert first["net"] != second["net"] and first["ipc"] != second["ipc"]
-        result = _run(loose, payload, role="send", channel="udp")
-        assert result == {"socket_errno": 0}
+        assert first["ipc"] != second["ipc"]
+        result = _run(loose, payload, role="send", channel="sysv")
+        assert result["msgget"] >= 0  # the call's own namespace: its queue, no one else's
     finally:
         sandbox.close()
 
@@ -190,9 +205,8 @@ def test_the_launchers_policy_shares_only_what_the_layers_make_safe() -> None:
                 "landlock",
             )
         }
-        assert shared.given(every, uid=1600000) == ("net", "ipc", "uts", "pid")
+        assert shared.given(every, uid=1600000) == ("ipc", "uts", "pid")
         assert shared.given(every, uid=None) == ()  # an unprivileged host's call
-        assert shared.given({**every, "landlock": False}, uid=1600000) == ("ipc", "uts", "pid")
         assert shared.given({**every, "seccomp": False}, uid=1600000) == ("uts", "pid")
     finally:
         shared.close()
