@@ -47,7 +47,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from sandbox import trace
-from sandbox.handle import ChildHandle
+from sandbox.handle import REAP_WAIT_S, ChildHandle
 from sandbox.jsonbounds import BoundsExceeded, NotJson, lone_surrogate, replace_surrogates, scan
 from sandbox.limits import CallLimits, MiB
 from sandbox.outcome import CHILD_REASONS, HostFailure, Outcome, Status
@@ -253,8 +253,6 @@ class ReplyStream:
 
 WATCHDOG_INTERVAL_S = 0.02
 TAIL_BYTES = 2048
-# After a kill, how long to wait for the launcher's report that the child is reaped.
-REAP_WAIT_S = 2.0
 # Room for the frame's own JSON around a result of the maximum size.
 FRAME_OVERHEAD = 64 * 1024
 

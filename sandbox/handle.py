@@ -86,12 +86,12 @@ PIPES = ("status", "reply", "stdout", "stderr")
 # a bomb faster than the 20 ms sampling still cannot get further. The page
 # cache it also counts is reclaimed before the kernel kills for memory.
 CGROUP_MEMORY_SLACK = 1.05
-CGROUP_EXTRA_PROCESSES = 2  # the relay and init of a PID namespace
+CGROUP_EXTRA_PROCESSES = 2  # a PID namespace's init and (unprivileged host) its relay
 # How long the launcher may take to report a new child's pid, beyond the call's timeout.
 PID_GRACE_S = 5.0
 # After the verdict, how long the call's processes may take to end on their own.
 EXIT_GRACE_S = 0.5
-# After a kill, how long the reap may take.
+# After a kill, how long the launcher's report that the child is reaped may take.
 REAP_WAIT_S = 2.0
 
 

@@ -114,9 +114,12 @@ def trivial_plugin_dir() -> Path:
 
 # -- baselines -------------------------------------------------------------------
 
+# One trivial call the bare way, in a fresh interpreter with nothing
+# imported: `serial N` times N calls one after the other (milliseconds
+# each); `sustained S T` counts calls per second from T threads for S seconds.
 FORK_FLOOR = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, sys, threading, time
     def once():
         r, w = os.pipe()
         pid = os.fork()
@@ -129,66 +132,53 @@ FORK_FLOOR = textwrap.dedent(
         os.close(r)
         os.waitpid(pid, 0)
         return json.loads(data)
-    for _ in range(5):
-        once()
-    out = []
-    for _ in range(int(sys.argv[1])):
-        t = time.perf_counter(); once(); out.append((time.perf_counter() - t) * 1000)
-    print(json.dumps(out))
-    """
-)
-
-
-def fork_floor(n: int) -> dict[str, float]:
-    """os.fork + pipe from a small parent (a fresh interpreter, nothing imported)."""
-    out = subprocess.run(
-        [sys.executable, "-c", FORK_FLOOR, str(n)], capture_output=True, text=True, check=True
-    ).stdout
-    return stats(json.loads(out))
-
-
-FORK_FLOOR_SUSTAINED = textwrap.dedent(
-    """
-    import json, os, sys, threading, time
-    def once():
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            os.write(w, json.dumps({"value": 1}).encode())
-            os._exit(0)
-        os.close(w)
-        os.read(r, 1024)
-        os.close(r)
-        os.waitpid(pid, 0)
-    seconds, threads = float(sys.argv[1]), int(sys.argv[2])
-    count, lock, stop = 0, threading.Lock(), time.monotonic() + seconds
-    def loop():
-        global count
-        while time.monotonic() < stop:
+    def serial(n):
+        for _ in range(5):
             once()
-            with lock:
-                count += 1
-    started = time.monotonic()
-    workers = [threading.Thread(target=loop) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    print(json.dumps(count / (time.monotonic() - started)))
+        out = []
+        for _ in range(n):
+            t = time.perf_counter(); once(); out.append((time.perf_counter() - t) * 1000)
+        return out
+    def sustained(seconds, threads):
+        count, lock, stop = [0], threading.Lock(), time.monotonic() + seconds
+        def loop():
+            while time.monotonic() < stop:
+                once()
+                with lock:
+                    count[0] += 1
+        started = time.monotonic()
+        workers = [threading.Thread(target=loop) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return count[0] / (time.monotonic() - started)
+    if sys.argv[1] == "serial":
+        print(json.dumps(serial(int(sys.argv[2]))))
+    else:
+        print(json.dumps(sustained(float(sys.argv[2]), int(sys.argv[3]))))
     """
 )
 
 
-def fork_floor_rate(seconds: float, threads: int) -> float:
-    """Calls per second of os.fork + pipe from a small parent, `threads` at a time."""
+def _fork_floor(*args: object) -> Any:
     out = subprocess.run(
-        [sys.executable, "-c", FORK_FLOOR_SUSTAINED, str(seconds), str(threads)],
+        [sys.executable, "-c", FORK_FLOOR, *map(str, args)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    return float(json.loads(out))
+    return json.loads(out)
+
+
+def fork_floor(n: int) -> dict[str, float]:
+    """os.fork + pipe from a small parent (a fresh interpreter, nothing imported)."""
+    return stats(_fork_floor("serial", n))
+
+
+def fork_floor_rate(seconds: float, threads: int) -> float:
+    """Calls per second of os.fork + pipe from a small parent, `threads` at a time."""
+    return float(_fork_floor("sustained", seconds, threads))
 
 
 def multiprocess_per_call(method: str, n: int) -> dict[str, float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import pwd
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +149,20 @@ def _is_launcher_socket(fd: int) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
     except OSError:
         return False
+
+
+def ensure_user(name: str) -> int:
+    """The uid of system user `name`, created if missing (tests that run a
+    host or a server as an ordinary user)."""
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            check=True,
+            timeout=30,
+        )
+        return pwd.getpwnam(name).pw_uid
 
 
 def write_plugin(

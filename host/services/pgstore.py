@@ -55,6 +55,7 @@ from host.services.store import (
     new_row,
     now_iso,
     oldest_to_drop,
+    update_row,
 )
 
 log = logging.getLogger("plughost.pgstore")
@@ -209,8 +210,6 @@ class PgJobStore:
     def update(self, job: Job) -> None:
         """Write the job's status, times, result and error (no fence: the
         dispatcher's paths use `finish`); a finished job's input is dropped."""
-        result, error = _json(job.result), _json(job.error)
-        finished = job.status in FINISHED
         with self.connection() as conn:
             conn.execute(
                 "UPDATE plughost_jobs SET status = %s, started_at = %s, finished_at = %s, "
@@ -218,18 +217,7 @@ class PgJobStore:
                 "payload = CASE WHEN %s THEN NULL ELSE payload END, "
                 "image = CASE WHEN %s THEN NULL ELSE image END, "
                 "stored_bytes = CASE WHEN %s THEN %s ELSE stored_bytes END WHERE id = %s",
-                (
-                    job.status.value,
-                    job.started_at,
-                    job.finished_at,
-                    result,
-                    error,
-                    finished,
-                    finished,
-                    finished,
-                    _record_bytes(result, error),
-                    job.id,
-                ),
+                update_row(job),
             )
 
     def page(

@@ -417,6 +417,27 @@ def new_row(job: Job, payload: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def update_row(job: Job) -> tuple[Any, ...]:
+    """The parameters of a job's update, in the order of every store's UPDATE
+    statement: status, times, result, error, then whether it is finished
+    (three times: its input is dropped and its stored bytes recounted) and
+    the bytes it keeps, then its id."""
+    result, error = _json(job.result), _json(job.error)
+    finished = job.status in FINISHED
+    return (
+        job.status.value,
+        job.started_at,
+        job.finished_at,
+        result,
+        error,
+        finished,
+        finished,
+        finished,
+        _record_bytes(result, error),
+        job.id,
+    )
+
+
 _FINISHED_SQL = ", ".join(f"'{s.value}'" for s in sorted(FINISHED))
 
 
@@ -550,8 +571,6 @@ class SQLiteJobStore:
     def update(self, job: Job) -> None:
         """Write the job's status, times, result and error; a finished job's
         input is deleted in the same statement."""
-        result, error = _json(job.result), _json(job.error)
-        finished = job.status in FINISHED
         with self._lock:
             self._db.execute(
                 "UPDATE jobs SET status = ?, started_at = ?, finished_at = ?, result = ?, "
@@ -559,18 +578,7 @@ class SQLiteJobStore:
                 "payload = CASE WHEN ? THEN NULL ELSE payload END, "
                 "image = CASE WHEN ? THEN NULL ELSE image END, "
                 "stored_bytes = CASE WHEN ? THEN ? ELSE stored_bytes END WHERE id = ?",
-                (
-                    job.status.value,
-                    job.started_at,
-                    job.finished_at,
-                    result,
-                    error,
-                    finished,
-                    finished,
-                    finished,
-                    _record_bytes(result, error),
-                    job.id,
-                ),
+                update_row(job),
             )
 
     def get(self, job_id: str) -> Job | None:

@@ -6,7 +6,6 @@ deadline."""
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -16,22 +15,11 @@ from pathlib import Path
 
 import psycopg
 
+from tests.conftest import ensure_user
+
 BIN = Path("/usr/lib/postgresql/15/bin")
 USER = "plughost-pg"
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
-
-
-def ensure_user(name: str = USER) -> int:
-    """The uid of system user `name`, created if missing."""
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            check=True,
-            timeout=30,
-        )
-        return pwd.getpwnam(name).pw_uid
 
 
 def free_port() -> int:
@@ -44,7 +32,7 @@ class PgCluster:
     """One PostgreSQL server of the test run's own."""
 
     def __init__(self, listen: str = "127.0.0.1", trust: str = "127.0.0.1/32") -> None:
-        uid = ensure_user()
+        uid = ensure_user(USER)
         self.listen = listen
         self.port = free_port()
         self.top = Path(tempfile.mkdtemp(prefix="plughost-pg-"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import http.client
-import json
+import os
 import random
 import signal
 import subprocess
@@ -27,6 +27,7 @@ from host.services.store import JobStatus
 from tests.cluster.conftest import CLUSTER, FAST, ROOT, Workers, live_workers
 from tests.cluster.pg import PgCluster, free_port, wait_for
 from tests.conftest import make_png
+from tests.host.test_serve import request
 
 PAYLOAD = {"image": make_png(8, 8), "mime_type": "image/png", "options": {}}
 pytestmark = CLUSTER
@@ -137,17 +138,7 @@ def _body() -> dict[str, object]:
 
 
 def _post(port: int) -> tuple[int, dict[str, object]]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/jobs",
-        data=json.dumps(_body()).encode(),
-        method="POST",
-        headers={"content-type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return request(port, "POST", "/v1/jobs", _body(), timeout_s=10)
 
 
 @pytest.mark.timeout(180)
@@ -173,7 +164,7 @@ def test_killing_an_api_node_loses_no_accepted_job(api, workers, db_url, plugins
         stderr=subprocess.STDOUT,
         cwd=ROOT,
         env={
-            **__import__("os").environ,
+            **os.environ,
             **FAST,
             "PYTHONPATH": str(ROOT),
             "PLUGHOST_SELF_CHECK": "false",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import ensure_user
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "plughost-edge-count"
@@ -31,24 +32,12 @@ pytestmark = [
 ]
 
 
-def _ensure_user() -> int:
-    try:
-        return pwd.getpwnam(USER).pw_uid
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-            check=True,
-            timeout=30,
-        )
-        return pwd.getpwnam(USER).pw_uid
-
-
 @pytest.fixture(scope="module")
 def install() -> Iterator[Path]:
     """A venv of the system Python with the wheel installed, readable by USER
     (a checkout under /root and the interpreter of a root-only pyenv are
     not), and a working directory of USER's with nothing of the source."""
-    uid = _ensure_user()
+    uid = ensure_user(USER)
     top = Path(tempfile.mkdtemp(prefix="plughost-installed-", dir="/var/tmp"))
     top.chmod(0o755)
     wheels = top / "wheels"

@@ -34,7 +34,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+def request(
+    port: int, method: str, path: str, body: dict | None = None, timeout_s: float = 30
+) -> tuple[int, dict]:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
@@ -43,7 +45,7 @@ def request(port: int, method: str, path: str, body: dict | None = None) -> tupl
         headers={"content-type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(req, timeout=30) as response:
+        with urllib.request.urlopen(req, timeout=timeout_s) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -149,9 +151,10 @@ def test_sigkill_under_load_loses_no_accepted_job(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving up root needs a server started as root")
 def test_root_server_serves_as_its_user_while_calls_keep_their_own_uids(tmp_path: Path) -> None:
-    from tests.host.test_installed import USER, _ensure_user
+    from tests.conftest import ensure_user
+    from tests.host.test_installed import USER
 
-    user_uid = _ensure_user()
+    user_uid = ensure_user(USER)
     state = Path(tempfile.mkdtemp(prefix="plughost-user-", dir="/var/tmp"))
     state.chmod(0o755)  # the user must reach its state directory
     (state / "db").mkdir()
