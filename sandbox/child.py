@@ -14,7 +14,8 @@ taken from the layer module that owns it (`sandbox.layers`):
                     the minimal root with a tmpfs scratch
     net             loopback up (of its own network namespace)
     pid             relay -> init (pid 1) -> worker, or init (pid 1) -> worker
-                    in the launcher's PID namespace; or enter the minimal root
+                    in the launcher's PID namespace, or /proc of its uid's
+                    slot (the child is the worker); or enter the minimal root
     rlimits         memory, CPU, files, file size, processes, no core
     privilege       the call's own uid (root host), or no capabilities left
     parent          die with the parent; the parent must still be there
@@ -34,7 +35,6 @@ and its payload a sealed memfd (`sandbox.protocol`).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import importlib
 import os
@@ -60,7 +60,13 @@ from sandbox.layers import (
     shared,
     user,
 )
-from sandbox.layers.kernel import PR_SET_PDEATHSIG, IsolationError, prctl
+from sandbox.layers.kernel import (
+    PR_SET_PDEATHSIG,
+    IsolationError,
+    argv_memory,
+    prctl,
+    set_command_line,
+)
 from sandbox.limits import rlimits_for
 from sandbox.protocol import (
     READY,
@@ -88,6 +94,7 @@ class Setup:
     user_namespace: bool  # an unprivileged host's calls: a user namespace
     isolated: bool  # a per-call uid or a user namespace: namespaces and minimal root
     pid_namespace: bool
+    slot: bool  # forked into its uid's PID and network namespaces (sandbox.layers.shared)
 
     @classmethod
     def of(cls, spec: ChildSpec, fds: dict[str, int]) -> Setup:
@@ -96,7 +103,8 @@ class Setup:
         user_namespace = spec.uid is None and spec.layers.get("user_namespace", False)
         isolated = spec.uid is not None or user_namespace
         pid_namespace = isolated and spec.layers.get("pid_namespace", False)
-        return cls(spec, fds, spec.scratch or "", user_namespace, isolated, pid_namespace)
+        slot = "slot" in spec.given
+        return cls(spec, fds, spec.scratch or "", user_namespace, isolated, pid_namespace, slot)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -163,12 +171,15 @@ def _mnt(setup: Setup) -> None:
 
 
 def _net(setup: Setup) -> None:
-    if setup.isolated and setup.spec.layers.get("network_namespace"):
+    if setup.isolated and setup.spec.layers.get("network_namespace") and not setup.slot:
         net.loopback_up()
 
 
 def _pid(setup: Setup) -> None:
-    if setup.pid_namespace:
+    if setup.slot:  # a process of its slot's PID namespace, in a copied root
+        mnt.mount_own_proc(hide_others=True)
+        setup.scratch = mnt.SCRATCH
+    elif setup.pid_namespace:
         call_fds = (1, 2, REPLY_FD, PAYLOAD_FD)
         given = setup.spec.given
         # Returns in the worker.
@@ -182,7 +193,7 @@ def _pid(setup: Setup) -> None:
 
 
 def _rlimits(setup: Setup) -> None:
-    extra = 1 if setup.pid_namespace else 0
+    extra = 1 if setup.pid_namespace and not setup.slot else 0  # init has the call's uid
     for which, value in rlimits_for(setup.spec.limits, extra_processes=extra).items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
@@ -195,7 +206,12 @@ def _privilege(setup: Setup) -> None:
 def _parent(setup: Setup) -> None:
     # After the uid change, which clears it: die with the parent.
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    expected_parent = 1 if setup.pid_namespace else setup.spec.launcher_pid
+    if setup.slot:
+        expected_parent = 0  # the launcher, outside the slot's PID namespace
+    elif setup.pid_namespace:
+        expected_parent = 1
+    else:
+        expected_parent = setup.spec.launcher_pid
     if os.getppid() != expected_parent:
         raise IsolationError("parent", "parent exited during setup")
 
@@ -221,7 +237,7 @@ def _landlock(setup: Setup) -> None:
 def _seccomp(setup: Setup) -> None:
     if setup.spec.layers.get("seccomp"):
         given = setup.spec.given
-        seccomp.apply_seccomp(ipc="ipc" not in given)
+        seccomp.apply_seccomp(ipc="ipc" not in given, ip="slot" not in given)
 
 
 # The child's setup, in order; each step applies one layer (or skips it when
@@ -251,17 +267,7 @@ def _wipe_command_line() -> None:
     and (without a PID namespace) its parent's. A fork has the launcher's
     addresses, so where that memory is was read there once (`prepare`).
     """
-    start, end = _ARGV if _ARGV is not None else _argv_memory()
-    if 0 < start < end:
-        ctypes.memset(start, 0, end - start)
-
-
-def _argv_memory() -> tuple[int, int]:
-    """Where this process's argv strings are: (arg_start, arg_end)."""
-    with open("/proc/self/stat", "rb") as stream:
-        stat = stream.read()
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
+    set_command_line(b"", _ARGV)
 
 
 _ARGV: tuple[int, int] | None = None  # the launcher's, found by `prepare`
@@ -331,7 +337,7 @@ def prepare() -> None:
     since the last call costs anything."""
     global _PREPARED, _ARGV
     if _ARGV is None:
-        _ARGV = _argv_memory()
+        _ARGV = argv_memory()
     if len(sys.modules) != len(_PREPARED[0]):
         for thing in [*sys.modules.values(), *sys.meta_path, *sys.path_hooks]:
             if id(thing) not in _VERDICTS:
@@ -339,7 +345,8 @@ def prepare() -> None:
         names = tuple(sorted(n for n, module in sys.modules.items() if _forget(n, module)))
         _PREPARED = (frozenset(sys.modules), names)
     for ipc in (True, False):
-        seccomp.seccomp_program(ipc)
+        for ip in (True, False):
+            seccomp.seccomp_program(ipc, ip)
 
 
 def _forget(name: str, module: object) -> bool:

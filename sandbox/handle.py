@@ -471,8 +471,8 @@ class ChildHandle:
 
     def finish(self) -> None:
         """The verdict is final: from here the call's processes end on their
-        own (the plugin's process exits right after its reply; its init
-        follows and takes whatever is left in its PID namespace along).
+        own (the plugin's process exits right after its reply; its slot's
+        holder, or its init, then kills whatever is left in its PID namespace).
         `close` gives them EXIT_GRACE_S, then kills what lingers."""
         self._ending = True
 
@@ -480,9 +480,10 @@ class ChildHandle:
         """Kill what is left of the call and give back its uid, cgroup,
         scratch and descriptors once its processes are gone. Safe to call
         once, after a failed start too."""
-        # A PID namespace whose init has been reaped is empty: the kernel
-        # killed and reaped everything in it before init could exit. Init
-        # reports the plugin's exit first and exits right after.
+        # The status pipe's end ("reaped") means the call's PID namespace
+        # holds nothing of it: its slot's holder found it empty, or its init
+        # was reaped, which the kernel allows only once everything in the
+        # namespace is gone. The plugin's exit is reported before that.
         if self.pid_namespace and self.procs and (self.exit is not None or self._ending):
             self.wait_exit(time.monotonic() + EXIT_GRACE_S, reaped=True)
             if not self.reaped:  # it lingers: SIGKILL its init, which ends the namespace

@@ -24,8 +24,10 @@ The requests (StartChild, KillCall, KillUid) and the status pipe's PID and
 EXIT records are defined in `sandbox.protocol`. The status pipe is the
 child's sentinel: its EXIT record carries the raw wait status of the
 plugin's process as soon as it is known (in a PID namespace, from the
-call's init, before init's own exit and the namespace's teardown), and its
-end means the child is reaped, so the host never polls. The
+call's init, before init's own exit and the namespace's teardown; in its
+uid's slot, from the launcher's own reap of the child), and its end means
+the call is over: the child reaped, and its slot cleaned by the slot's
+holder (`sandbox.layers.shared.Slot`), so the host never polls. The
 launcher is a child subreaper: processes a plugin leaves behind are
 re-parented to it when their parent dies, and it reaps them all.
 When the host closes its end of the socket (or dies), the launcher kills
@@ -88,12 +90,14 @@ def serve(sock: socket.socket) -> None:
         while True:
             relays = {fd: pid for pid, fd in state.relays.items()}
             poller = select.poll()  # a busy launcher holds descriptors past select()'s 1024
-            for fd in (sock.fileno(), wake_r, *relays):
+            for fd in (sock.fileno(), wake_r, *relays, *state.cleaning):
                 poller.register(fd, select.POLLIN)
             readable = [fd for fd, _ in poller.poll()]
             for fd in readable:
                 if fd in relays:
                     state.on_relay(relays[fd])
+                elif fd in state.cleaning:
+                    state.on_cleaned(fd)
             if wake_r in readable:
                 state.on_signal()
             if sock.fileno() in readable:
@@ -118,6 +122,9 @@ class _State:
         self.reported: set[int] = set()  # children whose EXIT record went out before their reap
         self.uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
         self.calls: dict[str, int] = {}  # the host's token of a call -> its unreaped pid
+        self.slotted: dict[int, int] = {}  # pid of a call's child in its uid's slot -> uid
+        # A slot's answer pipe -> (its uid, the status pipe of the call it cleans up after)
+        self.cleaning: dict[int, tuple[int, int]] = {}
 
     def on_signal(self) -> None:
         """SIGCHLD woke the loop: reap, and forget the tokens of reaped calls."""
@@ -127,7 +134,7 @@ class _State:
                     break
             except BlockingIOError:
                 break
-        _reap(self.children, self.relays, self.reported)
+        _reap(self)
         for token in [t for t, pid in self.calls.items() if pid not in self.children]:
             del self.calls[token]  # reaped: its pid may name another process soon
 
@@ -148,6 +155,37 @@ class _State:
         with contextlib.suppress(OSError):  # the host may have given up on the call
             os.write(self.children[pid], EXIT.pack(status, maxrss))
         self.reported.add(pid)
+
+    def clean(self, uid: int, status_fd: int) -> None:
+        """A call in `uid`'s slot was reaped: have the slot's holder clean it;
+        the call's status pipe ends once it has (`on_cleaned`)."""
+        slot = self.shared.slots[uid]
+        try:
+            os.write(slot.control, b"c")
+        except OSError:
+            self.retire(uid, status_fd)
+            return
+        self.cleaning[slot.answer] = (uid, status_fd)
+
+    def on_cleaned(self, answer: int) -> None:
+        uid, status_fd = self.cleaning.pop(answer)
+        try:
+            cleaned = os.read(answer, 1) == b"1"
+        except OSError:
+            cleaned = False
+        if cleaned:
+            self.shared.slots[uid].busy = False
+            os.close(status_fd)  # the host may give the uid to the next call
+        else:
+            self.retire(uid, status_fd)
+
+    def retire(self, uid: int, status_fd: int) -> None:
+        """`uid`'s slot could not be cleaned: end its namespaces. The call's
+        status pipe ends when the holder is reaped, which is after every
+        process of its PID namespace has ended."""
+        holder = self.shared.retire(uid)
+        self.children[holder] = status_fd
+        self.reported.add(holder)  # the call's EXIT record went out at its reap
 
     def on_request(self, message: bytes, fds: list[int]) -> None:
         """Serve one request; close every descriptor it brought and did not use."""
@@ -174,11 +212,14 @@ class _State:
             os.close(fd)
         for pid in [p for p in self.uids if p not in self.children]:
             del self.uids[pid]
+            self.slotted.pop(pid, None)
 
     def end_all(self) -> None:
         """The host is gone: end every call still running, descendants included."""
         for uid in set(self.uids.values()):
             _fork_killer(uid, -1, self.sock, {})
+        for uid in list(self.shared.slots):
+            self.shared.retire(uid)
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -189,22 +230,22 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
     """Fork the child of `spec` with the descriptors `named` (closed here)."""
     children, relays, shared = state.children, state.relays, state.shared
     relay_r, named["relay"] = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    given, root = shared.give(spec)
+    given, root, slot = shared.give(spec)
     if root >= 0:
         named["root"] = os.dup(root)  # the child's own handle on its root's template
     spec = dataclasses.replace(spec, launcher_pid=os.getpid(), given=given)
     child.prepare()
     trace.mark("launcher.pipe+prepare")
-    with shared.pid_namespace_for_next_child(given):
+    with shared.pid_namespace_for_next_child(given, slot):
         pid = os.fork()
         if pid == 0:
             try:
-                shared.join(given)
+                shared.join(given, slot)  # closes the slots' descriptors too
+                state.sock.close()
+                for fd in (*state.wake, named["status"], relay_r, *relays.values()):
+                    os.close(fd)
             except BaseException:  # noqa: BLE001 - fail closed, never back into the launcher
                 os._exit(SETUP_FAILED)
-            state.sock.close()
-            for fd in (*state.wake, named["status"], relay_r, *relays.values()):
-                os.close(fd)
             child.main(spec, named)
     for name, fd in named.items():
         if name != "status":
@@ -214,7 +255,11 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
         os.write(named["status"], PID.pack(pid))
     trace.mark("launcher.fork+pid")
     children[pid] = named["status"]
-    relays[pid] = relay_r
+    if slot is None:
+        relays[pid] = relay_r
+    else:  # the launcher's own child: its reap gives the plugin's status
+        os.close(relay_r)
+        state.slotted[pid] = spec.uid or 0
     return pid
 
 
@@ -257,7 +302,8 @@ def _wait_all(deadline_s: float) -> None:
             time.sleep(0.01)  # shutting down: nothing else to wait on
 
 
-def _reap(children: dict[int, int], relays: dict[int, int], reported: set[int]) -> None:
+def _reap(state: _State) -> None:
+    children, relays, reported = state.children, state.relays, state.reported
     while True:
         try:
             pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -269,7 +315,7 @@ def _reap(children: dict[int, int], relays: dict[int, int], reported: set[int]) 
         if status_fd is None:
             continue  # an orphan a plugin left behind, re-parented to us
         maxrss = usage.ru_maxrss
-        relay_fd = relays.pop(pid, None)  # none for a killer process
+        relay_fd = relays.pop(pid, None)  # none for a killer process or a slot's call
         if relay_fd is not None:
             try:
                 # Init or a relay (PID namespace) exits 0 after writing the worker's status.
@@ -287,7 +333,11 @@ def _reap(children: dict[int, int], relays: dict[int, int], reported: set[int]) 
                 os.write(status_fd, EXIT.pack(status, maxrss))
         tree_cpu_ns = int((usage.ru_utime + usage.ru_stime) * 1e9)
         trace.mark("launcher.reap", tree_cpu_ns)  # before the host can hear of it
-        os.close(status_fd)
+        uid = state.slotted.pop(pid, 0)
+        if uid in state.shared.slots:
+            state.clean(uid, status_fd)  # its status pipe ends once the slot is clean
+        else:
+            os.close(status_fd)
 
 
 def main() -> None:

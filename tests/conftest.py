@@ -97,14 +97,29 @@ def runner(registry: PluginRegistry, sandbox: Sandbox) -> ToolRunner:
 
 
 def sandbox_processes(launcher: int | None) -> list[psutil.Process]:
-    """Processes that belong to some call: a sandbox uid, or a child of the launcher."""
+    """Processes that belong to some call: a sandbox uid, or a child of the
+    launcher that is not one of its slots' holders."""
     uids = uid_range()
     found = []
     for proc in psutil.process_iter(["uids", "ppid", "status"]):
         uid = proc.info["uids"].real if proc.info["uids"] else -1
-        if uid in uids or (launcher and proc.info["ppid"] == launcher):
+        if uid in uids or (launcher and proc.info["ppid"] == launcher and not _holder(proc.pid)):
             found.append(proc)
     return found
+
+
+def _holder(pid: int) -> bool:
+    """A slot's holder (sandbox.layers.shared): root, and the init of a PID
+    namespace. A call's processes are neither (its init, on a host without
+    slots, has the call's uid); whatever a call leaves in a slot is counted
+    by its uid."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    nspid = fields.get("NSpid", "").split()
+    return fields.get("Uid", "").split()[:1] == ["0"] and len(nspid) > 1 and nspid[-1] == "1"
 
 
 def call_cgroups() -> set[str]:

@@ -64,3 +64,22 @@ def fork_probe(attempt: Callable[[], bool]) -> bool:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status) == 0
+
+
+def argv_memory() -> tuple[int, int]:
+    """Where this process's argv strings are: (arg_start, arg_end)."""
+    with open("/proc/self/stat", "rb") as stream:
+        stat = stream.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49
+
+
+def set_command_line(title: bytes, where: tuple[int, int] | None = None) -> None:
+    """Overwrite this process's argv memory (what /proc/<pid>/cmdline and ps
+    show) with `title`, cut to fit, and NULs; `where` is `argv_memory()`,
+    read again when not given."""
+    start, end = where if where is not None else argv_memory()
+    if 0 < start < end:
+        ctypes.memset(start, 0, end - start)
+        text = title[: end - start - 1]
+        ctypes.memmove(start, text, len(text))

@@ -146,9 +146,12 @@ def enter_root_copy(uid: int, gid: int, scratch_mb: int, extra_namespaces: int =
     _mount_scratch(SCRATCH, uid, gid, scratch_mb)
 
 
-def mount_own_proc() -> None:
-    """Mount the /proc of this process's PID namespace in a copied root."""
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+def mount_own_proc(hide_others: bool = False) -> None:
+    """Mount the /proc of this process's PID namespace in a copied root; with
+    `hide_others`, a process sees only the processes it may trace there
+    (hidepid=invisible: not the namespace's root-owned init)."""
+    options = "hidepid=invisible" if hide_others else None
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, options)
 
 
 def _mount_scratch(target: str, uid: int, gid: int, scratch_mb: int) -> None:

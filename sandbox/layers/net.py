@@ -3,6 +3,8 @@
 Detected: a child can unshare CLONE_NEWNET. Host: nothing.
 Child: the flag joins the minimal root's unshare (`sandbox.layers.mnt`);
 then `loopback_up`, so a plugin can still talk to itself on 127.0.0.1.
+A call in its uid's slot (`sandbox.layers.shared`) joins the slot's network
+namespace instead, where it opens no IP socket at all.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Detected: a child can unshare CLONE_NEWPID. Host: nothing.
 Child: the flag joins the minimal root's unshare (`sandbox.layers.mnt`);
 then `split` forks the process into relay, init (pid 1) and worker. A root
 launcher makes the namespace itself before the fork (`sandbox.layers.shared`):
-the child is then init, and forks only the worker.
+the child is then init, and forks only the worker; or it forks the child into
+its uid's slot, whose init is the slot's holder: the child is the worker.
 """
 
 from __future__ import annotations

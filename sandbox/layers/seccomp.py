@@ -138,6 +138,11 @@ ALLOWED_SOCKET_FAMILIES = {
     2: "AF_INET: loopback of the call's own empty network namespace",
     10: "AF_INET6: loopback of the call's own empty network namespace",
 }
+# A call in its uid's reused network namespace (sandbox.layers.shared, Slots)
+# gets AF_UNIX alone: an IP socket could leave state there (a counter of
+# /proc/net/snmp, a fragment queue, a TIME_WAIT entry) that the next call of
+# the namespace could read. Unix sockets end with their processes.
+SLOT_SOCKET_FAMILIES = {1: ALLOWED_SOCKET_FAMILIES[1]}
 # Every other family up to AF_MAX (46) of Linux 6.x, with why it is refused.
 # Families a later kernel adds are refused too: the filter is an allow-list.
 DENIED_SOCKET_FAMILIES = {
@@ -226,7 +231,7 @@ def _argument_in(offset: int, values: Iterable[int], inside: int, outside: int) 
 
 
 @functools.cache
-def seccomp_program(ipc: bool = True) -> bytes:
+def seccomp_program(ipc: bool = True, ip: bool = True) -> bytes:
     """The BPF filter: wrong architecture or an x32 call -> kill; the calls of
     DENIED_X86_64 and DENIED_SHARED_FILES_X86_64 -> EPERM; clone with
     namespace flags -> EPERM; clone3 -> ENOSYS (libc falls back to clone,
@@ -234,7 +239,8 @@ def seccomp_program(ipc: bool = True) -> bytes:
     ALLOWED_SOCKET_FAMILIES -> EAFNOSUPPORT; fcntl with DENIED_FCNTL_COMMANDS
     -> EPERM; everything else allowed. Without `ipc` the calls of
     DENIED_SHARED_IPC_X86_64 are refused too (a call in the IPC namespace
-    its launcher shares between calls).
+    its launcher shares between calls); without `ip`, every family but
+    SLOT_SOCKET_FAMILIES (a call in its uid's reused network namespace).
     Built once per process and variant: the launcher builds them before it
     forks, so a call only installs one."""
     program = [
@@ -264,7 +270,7 @@ def seccomp_program(ipc: bool = True) -> bytes:
         [SYS_SOCKET_X86_64, SYS_SOCKETPAIR_X86_64],
         _argument_in(
             DATA_ARG0,
-            ALLOWED_SOCKET_FAMILIES,
+            ALLOWED_SOCKET_FAMILIES if ip else SLOT_SOCKET_FAMILIES,
             inside=SECCOMP_RET_ALLOW,
             outside=SECCOMP_RET_ERRNO | EAFNOSUPPORT,
         ),
@@ -288,12 +294,12 @@ def seccomp_supported() -> bool:
     )
 
 
-def apply_seccomp(ipc: bool = True) -> None:
+def apply_seccomp(ipc: bool = True, ip: bool = True) -> None:
     """Install the filter (`seccomp_program`) on this process and its future
     children. Raises IsolationError."""
     if not seccomp_supported():
         raise IsolationError("seccomp", f"no filter for {platform.machine()}")
-    code = seccomp_program(ipc)
+    code = seccomp_program(ipc, ip)
     filters = ctypes.create_string_buffer(code, len(code))
     prog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(filters))
     prog_buffer = ctypes.create_string_buffer(prog, len(prog))

@@ -7,9 +7,13 @@ outside it. A root launcher therefore (`Shared`):
 - makes one IPC and one UTS namespace when it starts, and a call joins them
   (`setns`) as the first thing after the fork when its layers make that
   safe (`Shared.given`);
-- makes each call's own PID namespace itself: `unshare(CLONE_NEWPID)` before
-  the fork and `setns` back to its own after it, so the child is the new
-  namespace's init and no relay is needed;
+- keeps a PID and a network namespace for each uid it runs calls of (the
+  uid's `Slot`), and forks a call of that uid into them: one call at a
+  time, one after another, each finding them clean (the slot's holder
+  kills what the last call left and checks that nothing is left);
+- otherwise makes each call's own PID namespace itself: `unshare(CLONE_NEWPID)`
+  before the fork and `setns` back to its own after it, so the child is the
+  new namespace's init and no relay is needed;
 - builds each plugin's minimal root once, in a mount namespace of its own
   (`root_for`, `mnt.build_root_template`): a call joins it and takes a
   private copy (`mnt.enter_root_copy`), in which it mounts its own scratch
@@ -21,32 +25,51 @@ outside it. A root launcher therefore (`Shared`):
 What a call shares with the other calls of the same launcher, and why that
 is safe (SECURITY.md, "Shared between calls"):
 
-    ipc  System V IPC and POSIX message queues are per IPC namespace; the
-         seccomp filter refuses every one of their system calls when the
-         namespace is shared. So: shared only when the call has seccomp.
-    uts  the host name: the same for every call, and no call holds the
-         capability to change it.
+    ipc   System V IPC and POSIX message queues are per IPC namespace; the
+          seccomp filter refuses every one of their system calls when the
+          namespace is shared. So: shared only when the call has seccomp.
+    uts   the host name: the same for every call, and no call holds the
+          capability to change it.
+    slot  the PID and network namespaces of its uid, with the calls of that
+          uid before and after it, never at the same time; the clean-up
+          between two calls leaves no process, no socket and no PID count,
+          and the seccomp filter keeps IP sockets (whose state could outlast
+          them) out.
 
-The network namespace stays the call's own: in one shared between calls a
-call would read the others' unix sockets, abstract names and socket paths,
-in /proc/net/unix, and could tell an abstract name is taken by trying to
-bind it; Landlock scopes only connecting and sending. Everything else stays
-per call too: the PID namespace (made per call, above), the mount namespace
-with its minimal root and scratch tmpfs, the uid, the cgroup, the Landlock
-domain. A host that is not root (user namespaces) or a call without those
-layers makes its namespaces in the child, as before.
+No network namespace is ever shared by two running calls: a call would read
+the others' unix sockets, abstract names and socket paths, in
+/proc/net/unix, and could tell an abstract name is taken by trying to bind
+it; Landlock scopes only connecting and sending. Everything else stays per
+call too: the mount namespace with its minimal root and scratch tmpfs, the
+uid, the cgroup, the Landlock domain. A host that is not root (user
+namespaces) or a call without those layers makes its namespaces in the
+child, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
+import signal
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import NoReturn
 
 from sandbox.layers import mnt
 from sandbox.layers.ipc import CLONE_NEWIPC
-from sandbox.layers.kernel import IsolationError, check, libc, unshare
+from sandbox.layers.kernel import (
+    PR_SET_PDEATHSIG,
+    IsolationError,
+    check,
+    libc,
+    prctl,
+    set_command_line,
+    unshare,
+)
+from sandbox.layers.net import CLONE_NEWNET
 from sandbox.layers.pid import CLONE_NEWPID
 from sandbox.layers.uts import CLONE_NEWUTS
 from sandbox.protocol import ChildSpec
@@ -58,7 +81,13 @@ ONCE = (
 )
 PID_LAYER = "pid_namespace"
 MOUNT_LAYER = "mount_namespace"
+# A uid's slot is used only by a call that has all of these (`Slot`).
+SLOT_LAYERS = (PID_LAYER, MOUNT_LAYER, "network_namespace", "seccomp")
 MAX_ROOTS = 64  # minimal-root templates a launcher keeps (one per plugin and environment)
+MAX_SLOTS = 128  # uids with namespaces kept; a call of any other uid makes its own
+SLOT_START_S = 2.0  # for a new slot's holder to report its namespaces made
+CLEAN_DEADLINE_S = 1.0  # for whatever a call left in its slot to be gone
+HOLDER_TITLE = b"plughost-slot-holder"  # its command line, as ps shows it
 
 
 def _open_ns(name: str) -> int:
@@ -78,6 +107,7 @@ class Shared:
         self.own_pid = -1
         # (exposed paths, hidden paths) -> (template namespace, identity of its sources)
         self.roots: OrderedDict[tuple[object, ...], tuple[int, tuple[object, ...]]] = OrderedDict()
+        self.slots: dict[int, Slot] = {}  # uid -> its slot
         if os.geteuid() != 0:
             return
         own_pid = _open_ns("pid")
@@ -117,15 +147,46 @@ class Shared:
             given.append("pid")
         return tuple(given)
 
-    def give(self, spec: ChildSpec) -> tuple[tuple[str, ...], int]:
+    def give(self, spec: ChildSpec) -> tuple[tuple[str, ...], int, Slot | None]:
         """The namespaces this launcher gives the call of `spec` (`given`),
         plus "mnt" and a template of its minimal root to copy (a descriptor
-        of the launcher's; -1 when the child builds its own root)."""
+        of the launcher's; -1 when the child builds its own root), and its
+        uid's slot when the call has every layer of SLOT_LAYERS ("slot"
+        then stands for "pid": the slot's PID and network namespaces)."""
         given = self.given(spec.layers, spec.uid)
         if "pid" not in given or not spec.layers.get(MOUNT_LAYER, False):
-            return given, -1
+            return given, -1, None
         root = self.root_for(spec.expose, spec.hide)
-        return ((*given, "mnt"), root) if root >= 0 else (given, -1)
+        if root < 0:
+            return given, -1, None
+        slot = None
+        if spec.uid and all(spec.layers.get(layer, False) for layer in SLOT_LAYERS):
+            slot = self.slot_for(spec.uid)
+        if slot is not None and not slot.busy:
+            slot.busy = True  # until its holder has cleaned up after this call
+            given = tuple("slot" if name == "pid" else name for name in given)
+        else:
+            slot = None
+        return (*given, "mnt"), root, slot
+
+    def slot_for(self, uid: int) -> Slot | None:
+        """The slot of `uid`, made on its first call (None when MAX_SLOTS
+        are kept or its holder could not start)."""
+        slot = self.slots.get(uid)
+        if slot is None and len(self.slots) < MAX_SLOTS:
+            slot = _make_slot(self.own_pid)
+            if slot is not None:
+                self.slots[uid] = slot
+        return slot
+
+    def retire(self, uid: int) -> int:
+        """Forget `uid`'s slot and kill its holder, which ends every process
+        left in its PID namespace; returns the holder's pid, to reap."""
+        slot = self.slots.pop(uid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(slot.holder, signal.SIGKILL)
+        slot.close()
+        return slot.holder
 
     def root_for(self, needed: tuple[str, ...], hidden: tuple[str, ...]) -> int:
         """A mount namespace holding the minimal root for `needed`, made once
@@ -147,32 +208,178 @@ class Shared:
         return fd
 
     @contextlib.contextmanager
-    def pid_namespace_for_next_child(self, given: tuple[str, ...]) -> Iterator[None]:
+    def pid_namespace_for_next_child(
+        self, given: tuple[str, ...], slot: Slot | None
+    ) -> Iterator[None]:
         """Within the block, the next process forked is the init of a new PID
-        namespace (when `given` holds "pid")."""
-        if "pid" not in given:
+        namespace (when `given` holds "pid"), or a process of `slot`'s."""
+        if slot is not None:
+            setns(slot.pid_ns, CLONE_NEWPID)
+        elif "pid" in given:
+            unshare(CLONE_NEWPID)
+        else:
             yield
             return
-        unshare(CLONE_NEWPID)
         try:
             yield
         finally:
             setns(self.own_pid, CLONE_NEWPID)  # later forks are in ours again
 
-    def join(self, given: tuple[str, ...]) -> None:
-        """In the forked child: join the shared namespaces `given` names, then
-        close every descriptor of them (the plugin never holds one)."""
+    def join(self, given: tuple[str, ...], slot: Slot | None) -> None:
+        """In the forked child: join the shared namespaces `given` names and
+        `slot`'s network namespace, then close every descriptor of them (the
+        plugin never holds one)."""
         for name, flag, _ in ONCE:
             if name in given:
                 setns(self.fds[name], flag)
+        if slot is not None:
+            setns(slot.net_ns, CLONE_NEWNET)
         self.close()
 
     def close(self) -> None:
         for fd in [*self.fds.values(), self.own_pid, *(root for root, _ in self.roots.values())]:
             if fd >= 0:
                 os.close(fd)
+        for slot in self.slots.values():
+            slot.close()
         self.fds, self.own_pid = {}, -1
         self.roots.clear()
+        self.slots.clear()
+
+
+@dataclass
+class Slot:
+    """A uid's PID and network namespaces, kept for its calls one after another.
+
+    A root launcher keeps them for each uid it has run a call of (up to
+    MAX_SLOTS): a call of that uid is forked into the PID namespace (it is
+    not its init) and joins the network namespace, so neither is made and
+    torn down per call. The namespace's init is the slot's holder (`_hold`):
+    a root process that runs no plugin code, reaps what the calls leave,
+    and, between two calls, cleans the slot (`_clean`): it kills every
+    process left in the namespace, checks that none is left and that the
+    network namespace holds no socket, and resets the namespace's PID
+    counter, so the next call finds the namespaces as they were made. A slot
+    that cannot be cleaned is retired: its holder is killed, which ends the
+    namespace, and the uid's next call makes a new one. Two calls never
+    share a slot at once: a uid is held by one call from its start to the
+    end of its clean-up (`sandbox.supervisor.UidPool`).
+
+    What a call of a slot cannot do, so that the namespaces stay clean:
+    open an IP socket (the seccomp filter's variant, `ip=False`), or see the
+    holder (its /proc is mounted with hidepid=invisible).
+    """
+
+    holder: int  # pid of the namespaces' holder, the launcher's child
+    pid_ns: int  # descriptors of its namespaces
+    net_ns: int
+    control: int  # the launcher writes one byte: clean the slot
+    answer: int  # the holder answers b"1" (clean) or b"0" (not clean)
+    # A call was forked into it and it has not been cleaned since. A call of
+    # the uid that comes meanwhile (its host gave up on the last one without
+    # waiting for its end) gets namespaces of its own.
+    busy: bool = False
+
+    def close(self) -> None:
+        for fd in (self.pid_ns, self.net_ns, self.control, self.answer):
+            os.close(fd)
+
+
+def _make_slot(own_pid: int) -> Slot | None:
+    """Fork a slot's holder as the init of a new PID namespace; it makes the
+    network namespace. None if it did not report both made in time."""
+    control_r, control_w = os.pipe2(os.O_CLOEXEC)
+    answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
+    unshare(CLONE_NEWPID)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _hold(control_r, answer_w)
+    finally:
+        setns(own_pid, CLONE_NEWPID)
+    os.close(control_r)
+    os.close(answer_w)
+    slot = Slot(pid, -1, -1, control_w, answer_r)
+    with contextlib.suppress(OSError):
+        if _answer(answer_r, SLOT_START_S) == b"1":
+            slot.pid_ns = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            slot.net_ns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            return slot
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    for fd in (slot.pid_ns, slot.net_ns, control_w, answer_r):
+        if fd >= 0:
+            os.close(fd)
+    return None
+
+
+def _answer(fd: int, timeout_s: float) -> bytes:
+    """One byte from a holder, or b"" when none came within `timeout_s`."""
+    if not select.select([fd], [], [], timeout_s)[0]:
+        return b""
+    return os.read(fd, 1)
+
+
+def _hold(control: int, answer: int) -> NoReturn:
+    """A slot's holder: init of the slot's PID namespace, in its own network
+    namespace. Cleans the slot for each byte on `control`; exits when the
+    launcher is gone (end of file there, or PR_SET_PDEATHSIG)."""
+    code = 1
+    try:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        signal.set_wakeup_fd(-1)  # the launcher's, closed below
+        # The calls' orphans are re-parented here; the kernel reaps them at once.
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        _close_all_but({control, answer})
+        set_command_line(HOLDER_TITLE)
+        unshare(CLONE_NEWNET)
+        last_pid = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC)
+        os.write(answer, b"1")
+        while os.read(control, 1):
+            os.write(answer, b"1" if _clean(last_pid) else b"0")
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _clean(last_pid: int) -> bool:
+    """In a slot's holder, after a call: True once nothing of the call is
+    left in the slot's namespaces, and the next call's processes are
+    numbered from 2 again (as in a new namespace: no call learns from its
+    pid how many processes the last one made)."""
+    deadline = time.monotonic() + CLEAN_DEADLINE_S
+    while not _empty():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    os.pwrite(last_pid, b"1", 0)
+    return True
+
+
+def _empty() -> bool:
+    """Kill every process of this PID namespace but its init (this one); True
+    when there was none, and this network namespace holds no socket either
+    (a unix socket whose descriptor was in flight when its processes died
+    lasts until the kernel's garbage collector frees it)."""
+    # kill(-1) from a namespace's init reaches every other process of the
+    # namespace, in one pass under the kernel's task-list lock; ESRCH means
+    # none is left, not even one still exiting.
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        with open("/proc/self/net/unix", "rb") as sockets:
+            return sockets.read().count(b"\n") <= 1  # a header line, then one line per socket
+    return False
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """Close every descriptor above 2 not in `keep` (a forked helper's
+    inheritance from the launcher: calls' pipes, its socket)."""
+    for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _identity(needed: Iterable[str]) -> tuple[object, ...]:
@@ -199,11 +406,7 @@ def _make_root(needed: tuple[str, ...], hidden: tuple[str, ...]) -> int:
     if pid == 0:
         code = 1
         try:
-            keep = {ready_w, hold_r}
-            for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
-                if fd > 2 and fd not in keep:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)  # the launcher's: calls' pipes, its socket
+            _close_all_but({ready_w, hold_r})
             mnt.build_root_template(needed, hidden)
             os.write(ready_w, b"1")
             os.read(hold_r, 1)  # returns once the launcher has the namespace
@@ -227,6 +430,8 @@ def flags_of(given: tuple[str, ...]) -> int:
     """The CLONE_NEW* flags of the namespaces `given`: the child makes none of
     them ("mnt", a copied root, is made by `mnt.enter_root_copy`)."""
     flags = CLONE_NEWPID if "pid" in given else 0
+    if "slot" in given:
+        flags |= CLONE_NEWPID | CLONE_NEWNET
     for name, flag, _ in ONCE:
         if name in given:
             flags |= flag

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from sandbox.launcher import SOURCE_ROOT
+from sandbox.layers.shared import HOLDER_TITLE
 from sandbox.supervisor import uid_range
 from tests.conftest import HOSTILE_DIR, make_png
 
@@ -47,7 +48,17 @@ def leftover_processes() -> list[str]:
             and not _is_host(proc.info["ppid"])
         ):
             found.append(f"{proc.pid} launcher {proc.status()}")
+        # A slot's holder outliving its launcher (it ends with it).
+        elif cmdline == HOLDER_TITLE.decode() and not _is_launcher(proc.info["ppid"]):
+            found.append(f"{proc.pid} slot holder {proc.status()}")
     return found
+
+
+def _is_launcher(pid: int) -> bool:
+    try:
+        return "sandbox.launcher" in " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
 
 
 def _is_host(pid: int) -> bool:

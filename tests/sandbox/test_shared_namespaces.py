@@ -1,13 +1,18 @@
 """What a root launcher shares between calls (sandbox.layers.shared), attacked
-the way one plugin's call would try to reach another's running at the same
-time: its unix sockets, System V message queues, its processes. Each call
-is in the same IPC and UTS namespaces as the others, and in a network and a
-PID namespace of its own."""
+the way one plugin's call would try to reach another's: running at the same
+time (its unix sockets, System V message queues, its processes), or before
+it in the same slot (what it left behind). Each call is in the same IPC and
+UTS namespaces as the others, and in the network and PID namespaces of its
+uid's slot, which no other call uses at the same time and which are cleaned
+between two calls."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +23,8 @@ import pytest
 from host.registry import PluginRegistry
 from sandbox.layers import detect
 from sandbox.layers.shared import Shared
+from sandbox.limits import HostLimits, PluginLimits
+from sandbox.protocol import ChildSpec
 from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import ToolRunner
 from tests.conftest import write_plugin
@@ -82,6 +89,52 @@ if channel == 'sysv':
 if channel == 'signal':
     # Every pid this call can see: its own namespace's only.
     return {'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit())}
+if role == 'leave':
+    # Raise the PID namespace's counter, then leave a daemon behind holding
+    # an abstract and a path socket, and a socket in flight to itself.
+    for _ in range(40):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            held = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            held.bind(b'\\0plughost-left-behind')
+            other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            other.bind('/tmp/work/left.sock')
+            a, b = socket.socketpair()
+            socket.send_fds(a, [b'x'], [a.fileno(), b.fileno()])
+            a.close(); b.close()
+            time.sleep(60)
+        os._exit(0)
+    time.sleep(0.2)
+    return {'left': True, 'ns': os.readlink('/proc/self/ns/net')}
+if role == 'inherit':
+    with open('/proc/net/unix') as table:
+        sockets = table.read().splitlines()[1:]
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.bind(b'\\0plughost-left-behind')
+        taken = False
+    except OSError:
+        taken = True
+    probe.close()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        ip = 0
+    except OSError as exc:
+        ip = exc.errno
+    return {
+        'me': os.getpid(), 'child': pid, 'sockets': sockets, 'taken': taken, 'ip': ip,
+        'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),
+        'ns': os.readlink('/proc/self/ns/net'),
+    }
 """
 
 
@@ -162,12 +215,55 @@ def test_a_call_in_the_shared_ipc_namespace_gets_no_system_v_queue(
 
 
 def test_a_call_sees_only_its_own_processes(runner: ToolRunner, payload: dict) -> None:
-    # Its own PID namespace, made by the launcher: init (1) and the worker.
+    # Its slot's PID namespace: the worker is pid 2, and the namespace's init
+    # (the slot's root-owned holder) is hidden from it.
     first, second = _concurrently(
         lambda: _run(runner, payload, role="send", channel="signal"),
         lambda: _run(runner, payload, role="send", channel="signal"),
     )
-    assert first["pids"] == second["pids"] == [1, 2]
+    assert first["pids"] == second["pids"] == [2]
+
+
+def test_nothing_a_call_leaves_in_its_slot_reaches_the_next_call(
+    runner: ToolRunner, payload: dict
+) -> None:
+    # One call after another takes the same uid, so the same slot: the same
+    # network namespace, entered again rather than made again.
+    left = _run(runner, payload, role="leave")
+    runner.sandbox.settle(5.0)  # the first call's uid is free again
+    after = _run(runner, payload, role="inherit")
+    assert left["left"] and after["ns"] == left["ns"]
+    # Its daemon and the sockets it held are gone, and the PID counter starts
+    # again: the next call cannot tell how many processes the last one made.
+    assert after["sockets"] == [] and after["taken"] is False
+    assert (after["me"], after["child"], after["pids"]) == (2, 3, [2])
+    # No IP socket in a namespace the next call will use (no counter to leave).
+    assert after["ip"] == errno.EAFNOSUPPORT
+
+
+def test_a_slot_that_cannot_be_cleaned_is_not_reused(tmp_path: Path) -> None:
+    # A socket of the slot's network namespace held outside its PID
+    # namespace outlives every kill: the holder must say the slot is not clean.
+    script = """
+import os, socket
+from sandbox.layers.shared import CLONE_NEWNET, Shared, setns
+shared = Shared()
+slot = shared.slot_for(1600999)
+os.write(slot.control, b"c")
+clean = os.read(slot.answer, 1)
+own = os.open("/proc/self/ns/net", os.O_RDONLY)
+setns(slot.net_ns, CLONE_NEWNET)
+held = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+setns(own, CLONE_NEWNET)
+os.write(slot.control, b"c")
+print(clean.decode(), os.read(slot.answer, 1).decode())
+holder = shared.retire(1600999)
+os.waitpid(holder, 0)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stdout.split() == ["1", "0"]
 
 
 def test_without_seccomp_a_call_gets_namespaces_of_its_own(
@@ -206,9 +302,32 @@ def test_the_launchers_policy_shares_only_what_the_layers_make_safe() -> None:
             )
         }
         assert shared.given(every, uid=1600000) == ("ipc", "uts", "pid")
+        spec = ChildSpec(
+            plugin_dir=str(Path(__file__).parent),
+            entrypoint="x:y",
+            limits=HostLimits().clamp(PluginLimits()),
+            layers={**every, "mount_namespace": True},
+            expose=(str(Path(__file__).parent),),
+            scratch=None,
+            uid=1600000,
+            gid=1600000,
+            cgroup_procs=(),
+            warm=False,
+            token="t",
+        )
+        given, root, slot = shared.give(spec)
+        assert given == ("ipc", "uts", "slot", "mnt") and root >= 0 and slot is not None
+        # Until its holder has cleaned up after that call, the slot is not given again.
+        assert shared.give(spec)[0] == ("ipc", "uts", "pid", "mnt")
+        # Without the filter that keeps IP sockets out of it, no slot.
+        spec = dataclasses.replace(spec, layers={**spec.layers, "seccomp": False})
+        given, root, slot = shared.give(spec)
+        assert given == ("uts", "pid", "mnt") and slot is None
         assert shared.given(every, uid=None) == ()  # an unprivileged host's call
         assert shared.given({**every, "seccomp": False}, uid=1600000) == ("uts", "pid")
     finally:
+        for uid in list(shared.slots):
+            os.waitpid(shared.retire(uid), 0)
         shared.close()
 
 
