@@ -18,9 +18,9 @@ launcher without it, so none of its calls ever holds it.
 
 from __future__ import annotations
 
+import _thread
 import fcntl
 import os
-import threading
 import time
 from collections.abc import Callable
 
@@ -59,6 +59,6 @@ def _record(label: str, value: int = 0) -> None:
     """Record that this process reached `label`: `mark` once tracing is on."""
     # The thread's id: a process's first thread has its pid, and the host's
     # other threads (the closer's) keep their own CPU clocks apart.
-    tid = threading.get_native_id()
+    tid = _thread.get_native_id()
     line = f"{tid} {label} {time.monotonic_ns()} {time.thread_time_ns()} {value}\n"
     os.write(_fd, line.encode())

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -224,6 +223,10 @@ def _detect_here() -> dict[str, bool]:
 
 def detect() -> dict[str, bool]:
     """Which layers this machine offers, probed in a fresh process (never forks the caller)."""
+    # Imported here, in the host: subprocess brings threading, whose at-fork
+    # handler would run in (and cost) every child the launcher forks.
+    import subprocess
+
     code = "import json; from sandbox.layers import _detect_here; print(json.dumps(_detect_here()))"
     root = str(Path(__file__).resolve().parent.parent.parent)
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": root}

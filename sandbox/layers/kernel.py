@@ -4,7 +4,6 @@ and the error a layer raises when the kernel refuses (fail closed)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Callable
 
@@ -13,7 +12,10 @@ PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter itself is linked with (dlopen(NULL)): no
+# ctypes.util.find_library, which imports subprocess and with it threading,
+# whose at-fork handler would then run in every child the launcher forks.
+libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 
 

@@ -217,12 +217,14 @@ def test_the_reply_stream_takes_one_ready_frame_then_one_final_frame() -> None:
 def test_the_launcher_loads_neither_pydantic_nor_the_hosts_watch() -> None:
     # Every call forks the launcher and every exit frees what it copied: the
     # reply models (pydantic) and the watch live in sandbox.call, which only
-    # the host imports.
+    # the host imports. Nor threading, whose at-fork handler would run first
+    # thing in every child (0.3-0.5 ms of copied pages each).
     probe = (
         "import sys; sys.argv = ['launcher']\n"
         "import sandbox.launcher, sandbox.child\n"
-        "print(sorted(n for n in ('pydantic', 'psutil', 'sandbox.call', 'sandbox.supervisor')"
-        " if n in sys.modules))\n"
+        "sandbox.child.prepare()\n"
+        "unwanted = ('pydantic', 'psutil', 'sandbox.call', 'sandbox.supervisor', 'threading')\n"
+        "print(sorted(n for n in unwanted if n in sys.modules))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=50, cwd=ROOT
