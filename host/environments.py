@@ -24,6 +24,7 @@ and the standard library; nothing of the host's site-packages.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import enum
 import fcntl
@@ -47,6 +48,10 @@ LOCK_FILE = "requirements.lock"
 PYPROJECT = "pyproject.toml"
 BY_SPEC = "by-spec"
 MARKER = ".plughost-env.json"
+# Written once every module of an environment has its bytecode: a call's
+# child cannot write it (the environment is read-only there), so without it
+# every call would compile every module it imports, again.
+COMPILED = ".plughost-compiled"
 CACHE = ".cache"  # the installers' download cache, kept between preparations
 INSTALL_TIMEOUT_S = 900.0
 _DIST_INFO = re.compile(r"^(?P<name>.+?)-(?P<version>[^-]+)\.dist-info$")
@@ -206,6 +211,17 @@ def _run_installer(command: list[str], progress: Progress, deadline_s: float, ca
         raise PrepareError(f"the installer exited with status {status}: " + " | ".join(tail[-5:]))
 
 
+def _compile(root: Path) -> None:
+    """Write the bytecode of every module under `root` (once: COMPILED
+    marks it done), readable by every call uid. A module that does not
+    compile is left as it is: importing it fails the same way without."""
+    if (root / COMPILED).is_file():
+        return
+    compileall.compile_dir(str(root), quiet=2, workers=1)
+    _make_readable(root)
+    (root / COMPILED).write_text("")
+
+
 def _make_readable(root: Path) -> None:
     """Every call uid reads the environment; nobody but its owner writes it."""
     for path in [root, *root.rglob("*")]:
@@ -303,6 +319,8 @@ class EnvironmentStore:
                 current = self.state(plugin, requirements)
                 if current.status is EnvStatus.READY and not refresh:
                     self.touch(plugin, requirements)
+                    if current.path is not None:
+                        _compile(current.path)  # prepared before environments were compiled
                     return current
                 return self._build(plugin, key, requirements, progress)
         except (PrepareError, OSError) as exc:
@@ -354,6 +372,7 @@ class EnvironmentStore:
         if (final / MARKER).is_file():
             return
         shutil.rmtree(final, ignore_errors=True)
+        _compile(target)
         (target / MARKER).write_text(json.dumps({"packages": packages}))
         _make_readable(target)
         target.rename(final)

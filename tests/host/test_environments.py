@@ -8,6 +8,8 @@ preparation of the same set cheap.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +20,7 @@ import pytest
 from host.environments import (
     BY_SPEC,
     CACHE,
+    COMPILED,
     EnvironmentStore,
     EnvStatus,
     Requirements,
@@ -185,3 +188,29 @@ def test_pip_prepares_where_uv_is_missing(tmp_path: Path, monkeypatch: pytest.Mo
     assert state.status is EnvStatus.READY, state.message
     assert state.packages == ["six==1.17.0"]
     assert any("Successfully installed six" in line for line in lines)  # pip's words, not uv's
+
+
+def _uncompiled(root: Path) -> list[Path]:
+    """Modules under `root` without this interpreter's bytecode beside them."""
+    return [
+        source
+        for source in root.rglob("*.py")
+        if not Path(importlib.util.cache_from_source(str(source))).is_file()
+    ]
+
+
+def test_an_environment_holds_the_bytecode_of_its_modules(tmp_path: Path) -> None:
+    # A call's child reads the environment read-only and cannot write bytecode:
+    # without it, every call would compile every module it imports again.
+    store = _store(tmp_path)
+    requirements = Requirements(("six==1.17.0",), source="c")
+    state = store.prepare("c", requirements)
+    assert state.path is not None and list(state.path.rglob("*.py"))
+    assert _uncompiled(state.path) == []
+    # One prepared before that (no bytecode) is compiled when next prepared.
+    for cache in list(state.path.rglob("__pycache__")):
+        shutil.rmtree(cache)
+    (state.path / COMPILED).unlink()
+    assert _uncompiled(state.path)
+    assert store.prepare("c", requirements).path == state.path
+    assert _uncompiled(state.path) == []
