@@ -56,7 +56,7 @@ from pathlib import Path
 
 from sandbox import child, trace
 from sandbox.layers import kernel
-from sandbox.layers.shared import Shared
+from sandbox.layers.shared import Shared, Slot
 from sandbox.protocol import (
     CHILD_FDS,
     EXIT,
@@ -179,6 +179,18 @@ class _State:
         else:
             self.retire(uid, status_fd)
 
+    def holder_ended(self, pid: int) -> None:
+        """A slot's holder ended on its own (killed from outside): forget the
+        slot. Its namespaces, and everything in them, ended before its reap;
+        a call it was cleaning up after is over."""
+        slot = self.shared.holder_ended(pid)
+        if slot is None:
+            return
+        _, status_fd = self.cleaning.pop(slot.answer, (0, -1))
+        slot.close()
+        if status_fd >= 0:
+            os.close(status_fd)
+
     def retire(self, uid: int, status_fd: int) -> None:
         """`uid`'s slot could not be cleaned: end its namespaces. The call's
         status pipe ends when the holder is reaped, which is after every
@@ -236,17 +248,17 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
     spec = dataclasses.replace(spec, launcher_pid=os.getpid(), given=given)
     child.prepare()
     trace.mark("launcher.pipe+prepare")
-    with shared.pid_namespace_for_next_child(given, slot):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                shared.join(given, slot)  # closes the slots' descriptors too
-                state.sock.close()
-                for fd in (*state.wake, named["status"], relay_r, *relays.values()):
-                    os.close(fd)
-            except BaseException:  # noqa: BLE001 - fail closed, never back into the launcher
-                os._exit(SETUP_FAILED)
-            child.main(spec, named)
+    try:
+        pid = _fork_into(given, slot, spec, named, (relay_r, *relays.values()), state)
+    except OSError:
+        if slot is None or spec.uid is None:
+            raise
+        # Its holder died (killed from outside): the namespace takes no new
+        # process. The call gets a PID namespace of its own instead.
+        shared.retire(spec.uid)
+        given, slot = tuple("pid" if name == "slot" else name for name in given), None
+        spec = dataclasses.replace(spec, given=given)
+        pid = _fork_into(given, slot, spec, named, (relay_r, *relays.values()), state)
     for name, fd in named.items():
         if name != "status":
             os.close(fd)
@@ -260,6 +272,30 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
     else:  # the launcher's own child: its reap gives the plugin's status
         os.close(relay_r)
         state.slotted[pid] = spec.uid or 0
+    return pid
+
+
+def _fork_into(
+    given: tuple[str, ...],
+    slot: Slot | None,
+    spec: ChildSpec,
+    named: dict[str, int],
+    not_the_childs: tuple[int, ...],
+    state: _State,
+) -> int:
+    """Fork the call's child into the namespaces `given` (and `slot`'s); in
+    the child, run it and never return."""
+    with state.shared.pid_namespace_for_next_child(given, slot):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                state.shared.join(given, slot)  # closes the slots' descriptors too
+                state.sock.close()
+                for fd in (*state.wake, named["status"], *not_the_childs):
+                    os.close(fd)
+            except BaseException:  # noqa: BLE001 - fail closed, never back into the launcher
+                os._exit(SETUP_FAILED)
+            child.main(spec, named)
     return pid
 
 
@@ -313,7 +349,8 @@ def _reap(state: _State) -> None:
             return
         status_fd = children.pop(pid, None)
         if status_fd is None:
-            continue  # an orphan a plugin left behind, re-parented to us
+            state.holder_ended(pid)  # or an orphan a plugin left behind, re-parented to us
+            continue
         maxrss = usage.ru_maxrss
         relay_fd = relays.pop(pid, None)  # none for a killer process or a slot's call
         if relay_fd is not None:

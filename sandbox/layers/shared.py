@@ -188,6 +188,15 @@ class Shared:
         slot.close()
         return slot.holder
 
+    def holder_ended(self, pid: int) -> Slot | None:
+        """The slot whose holder `pid` was reaped, forgotten (its namespaces
+        ended with it); None if `pid` held no slot."""
+        for uid, slot in self.slots.items():
+            if slot.holder == pid:
+                del self.slots[uid]
+                return slot
+        return None
+
     def root_for(self, needed: tuple[str, ...], hidden: tuple[str, ...]) -> int:
         """A mount namespace holding the minimal root for `needed`, made once
         and made again when one of its sources is no longer the file it was

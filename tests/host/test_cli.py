@@ -49,7 +49,7 @@ def leftover_processes() -> list[str]:
         ):
             found.append(f"{proc.pid} launcher {proc.status()}")
         # A slot's holder outliving its launcher (it ends with it).
-        elif cmdline == HOLDER_TITLE.decode() and not _is_launcher(proc.info["ppid"]):
+        elif cmdline.strip() == HOLDER_TITLE.decode() and not _is_launcher(proc.info["ppid"]):
             found.append(f"{proc.pid} slot holder {proc.status()}")
     return found
 

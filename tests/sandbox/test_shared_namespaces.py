@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from host.registry import PluginRegistry
 from sandbox.layers import detect
-from sandbox.layers.shared import Shared
+from sandbox.layers.shared import HOLDER_TITLE, Shared
 from sandbox.limits import HostLimits, PluginLimits
 from sandbox.protocol import ChildSpec
 from sandbox.supervisor import Sandbox
@@ -352,3 +353,25 @@ def test_a_replaced_plugin_directory_gets_a_new_root(
         assert _run(runner, payload, plugin="versioned") == {"version": 2}
     finally:
         sandbox.close()
+
+
+def test_a_slot_whose_holder_was_killed_is_replaced(runner: ToolRunner, payload: dict) -> None:
+    # A holder killed from outside (the OOM killer, an operator) takes its
+    # namespaces with it: the uid's next calls run, in a new slot.
+    first = _run(runner, payload, role="namespaces")
+    runner.sandbox.settle(5.0)
+    launcher = runner.sandbox.launcher.pid
+    holders = [
+        p for p in psutil.Process(launcher).children() if p.cmdline()[:1] == [HOLDER_TITLE.decode()]
+    ]
+    assert holders
+    for holder in holders:
+        holder.kill()
+    psutil.wait_procs(holders, timeout=5)
+    # The launcher may fork the next call before it has reaped the holder:
+    # the dead namespace takes no process, and the call gets its own.
+    second = _run(runner, payload, role="namespaces")
+    runner.sandbox.settle(5.0)
+    third = _run(runner, payload, role="namespaces")
+    assert first["net"] not in (second["net"], third["net"])
+    assert runner.sandbox.launcher.pid == launcher  # the same launcher served them
