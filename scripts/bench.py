@@ -777,22 +777,22 @@ def write_docs(sections: list[str]) -> None:
         The last section of every run, "targets", sets each target of the
         speed work beside its figure from that run; "Where a call's time
         goes" (scripts/phases.py) says what a call is made of. A cold call
-        with every layer on a root host is one fork by the launcher (the
-        call's init, in a PID namespace the launcher made for it), one fork
-        by init (the worker), a private copy of the plugin's minimal root
-        with its own scratch and /proc, a network namespace of its own with
-        its loopback, Landlock and seccomp, the payload,
-        the plugin's import and run, and on the way out two exits, the
-        mount, network and PID namespaces' teardown and the reaps; the IPC
-        and UTS namespaces are the launcher's, made once and shared
-        (SECURITY.md, "Shared between calls"). Each of those is a few
-        tenths of a millisecond of a Python process's kernel work; with the
-        host's and the launcher's share they come to about 9 ms of CPU per
-        call, against the 4 ms target, and the throughput targets follow
-        from that on 2 cores. Reaching them would take a call that skips
-        whole rows of that table (a zygote per plugin, with the plugin
-        imported and Landlock and seccomp applied once), and the section
-        above says why this tree does not have one.
+        with every layer on a root host is one fork by the launcher, into
+        the PID and network namespaces of the call's uid's slot (kept
+        between calls and cleaned by the slot's holder after each), a
+        private copy of the plugin's minimal root with its own scratch and
+        /proc, Landlock and seccomp, the payload, the plugin's import and
+        run, and on the way out one exit, the mount namespace's teardown,
+        the reap and the slot's clean-up; the IPC and UTS namespaces are
+        the launcher's, made once and shared (SECURITY.md, "Shared between
+        calls"). Each of those is a few tenths of a millisecond of a Python
+        process's kernel work; with the host's and the launcher's share
+        they come to about 6-7 ms of machine CPU per call, against the 4 ms
+        target, and the throughput targets follow from that on 2 cores.
+        Reaching them would take a call that skips whole rows of that table
+        (a zygote per plugin, with the plugin imported and Landlock and
+        seccomp applied once), and "Where a call's time goes" says why this
+        tree does not have one.
 
         A prewarmed child has done all of its set-up and imported its plugin
         before the call arrives, and the answer goes back before the call's
