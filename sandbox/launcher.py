@@ -122,9 +122,9 @@ class _State:
         self.reported: set[int] = set()  # children whose EXIT record went out before their reap
         self.uids: dict[int, int] = {}  # pid of a call's child -> the call's uid
         self.calls: dict[str, int] = {}  # the host's token of a call -> its unreaped pid
-        self.slotted: dict[int, int] = {}  # pid of a call's child in its uid's slot -> uid
-        # A slot's answer pipe -> (its uid, the status pipe of the call it cleans up after)
-        self.cleaning: dict[int, tuple[int, int]] = {}
+        self.slotted: dict[int, Slot] = {}  # pid of a call's child -> the slot it is in
+        # A slot's answer pipe -> (the slot, the status pipe of the call it cleans up after)
+        self.cleaning: dict[int, tuple[Slot, int]] = {}
 
     def on_signal(self) -> None:
         """SIGCHLD woke the loop: reap, and forget the tokens of reaped calls."""
@@ -156,28 +156,27 @@ class _State:
             os.write(self.children[pid], EXIT.pack(status, maxrss))
         self.reported.add(pid)
 
-    def clean(self, uid: int, status_fd: int) -> None:
-        """A call in `uid`'s slot was reaped: have the slot's holder clean it;
-        the call's status pipe ends once it has (`on_cleaned`)."""
-        slot = self.shared.slots[uid]
+    def clean(self, slot: Slot, status_fd: int) -> None:
+        """A call in `slot` was reaped: have the slot's holder clean it; the
+        call's status pipe ends once it has (`on_cleaned`)."""
         try:
             os.write(slot.control, b"c")
         except OSError:
-            self.retire(uid, status_fd)
+            self.retire(slot, status_fd)
             return
-        self.cleaning[slot.answer] = (uid, status_fd)
+        self.cleaning[slot.answer] = (slot, status_fd)
 
     def on_cleaned(self, answer: int) -> None:
-        uid, status_fd = self.cleaning.pop(answer)
+        slot, status_fd = self.cleaning.pop(answer)
         try:
             cleaned = os.read(answer, 1) == b"1"
         except OSError:
             cleaned = False
         if cleaned:
-            self.shared.slots[uid].busy = False
+            slot.busy = False
             os.close(status_fd)  # the host may give the uid to the next call
         else:
-            self.retire(uid, status_fd)
+            self.retire(slot, status_fd)
 
     def holder_ended(self, pid: int) -> None:
         """A slot's holder ended on its own (killed from outside): forget the
@@ -191,13 +190,13 @@ class _State:
         if status_fd >= 0:
             os.close(status_fd)
 
-    def retire(self, uid: int, status_fd: int) -> None:
-        """`uid`'s slot could not be cleaned: end its namespaces. The call's
-        status pipe ends when the holder is reaped, which is after every
-        process of its PID namespace has ended."""
-        holder = self.shared.retire(uid)
-        self.children[holder] = status_fd
-        self.reported.add(holder)  # the call's EXIT record went out at its reap
+    def retire(self, slot: Slot, status_fd: int) -> None:
+        """`slot` could not be cleaned: end its namespaces. The call's status
+        pipe ends when the holder is reaped, which is after every process of
+        its PID namespace has ended."""
+        self.shared.retire(slot)
+        self.children[slot.holder] = status_fd
+        self.reported.add(slot.holder)  # the call's EXIT record went out at its reap
 
     def on_request(self, message: bytes, fds: list[int]) -> None:
         """Serve one request; close every descriptor it brought and did not use."""
@@ -230,8 +229,8 @@ class _State:
         """The host is gone: end every call still running, descendants included."""
         for uid in set(self.uids.values()):
             _fork_killer(uid, -1, self.sock, {})
-        for uid in list(self.shared.slots):
-            self.shared.retire(uid)
+        for slot in list(self.shared.slots.values()):
+            self.shared.retire(slot)
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -251,11 +250,11 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
     try:
         pid = _fork_into(given, slot, spec, named, (relay_r, *relays.values()), state)
     except OSError:
-        if slot is None or spec.uid is None:
+        if slot is None:
             raise
         # Its holder died (killed from outside): the namespace takes no new
         # process. The call gets a PID namespace of its own instead.
-        shared.retire(spec.uid)
+        shared.retire(slot)
         given, slot = tuple("pid" if name == "slot" else name for name in given), None
         spec = dataclasses.replace(spec, given=given)
         pid = _fork_into(given, slot, spec, named, (relay_r, *relays.values()), state)
@@ -271,7 +270,7 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
         relays[pid] = relay_r
     else:  # the launcher's own child: its reap gives the plugin's status
         os.close(relay_r)
-        state.slotted[pid] = spec.uid or 0
+        state.slotted[pid] = slot
     return pid
 
 
@@ -370,9 +369,9 @@ def _reap(state: _State) -> None:
                 os.write(status_fd, EXIT.pack(status, maxrss))
         tree_cpu_ns = int((usage.ru_utime + usage.ru_stime) * 1e9)
         trace.mark("launcher.reap", tree_cpu_ns)  # before the host can hear of it
-        uid = state.slotted.pop(pid, 0)
-        if uid in state.shared.slots:
-            state.clean(uid, status_fd)  # its status pipe ends once the slot is clean
+        slot = state.slotted.pop(pid, None)
+        if slot is not None and state.shared.slots.get(slot.uid) is slot:
+            state.clean(slot, status_fd)  # its status pipe ends once the slot is clean
         else:
             os.close(status_fd)
 

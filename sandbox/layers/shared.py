@@ -174,19 +174,19 @@ class Shared:
         are kept or its holder could not start)."""
         slot = self.slots.get(uid)
         if slot is None and len(self.slots) < MAX_SLOTS:
-            slot = _make_slot(self.own_pid)
+            slot = _make_slot(uid, self.own_pid)
             if slot is not None:
                 self.slots[uid] = slot
         return slot
 
-    def retire(self, uid: int) -> int:
-        """Forget `uid`'s slot and kill its holder, which ends every process
-        left in its PID namespace; returns the holder's pid, to reap."""
-        slot = self.slots.pop(uid)
+    def retire(self, slot: Slot) -> None:
+        """Forget `slot` and kill its holder, which ends every process left in
+        its PID namespace (the holder is the launcher's child, to reap)."""
+        if self.slots.get(slot.uid) is slot:
+            del self.slots[slot.uid]
         with contextlib.suppress(ProcessLookupError):
             os.kill(slot.holder, signal.SIGKILL)
         slot.close()
-        return slot.holder
 
     def holder_ended(self, pid: int) -> Slot | None:
         """The slot whose holder `pid` was reaped, forgotten (its namespaces
@@ -279,6 +279,7 @@ class Slot:
     holder (its /proc is mounted with hidepid=invisible).
     """
 
+    uid: int  # the uid whose calls it takes
     holder: int  # pid of the namespaces' holder, the launcher's child
     pid_ns: int  # descriptors of its namespaces
     net_ns: int
@@ -290,11 +291,14 @@ class Slot:
     busy: bool = False
 
     def close(self) -> None:
+        """Close its descriptors (once; a later call does nothing)."""
         for fd in (self.pid_ns, self.net_ns, self.control, self.answer):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+        self.pid_ns = self.net_ns = self.control = self.answer = -1
 
 
-def _make_slot(own_pid: int) -> Slot | None:
+def _make_slot(uid: int, own_pid: int) -> Slot | None:
     """Fork a slot's holder as the init of a new PID namespace; it makes the
     network namespace. None if it did not report both made in time."""
     control_r, control_w = os.pipe2(os.O_CLOEXEC)
@@ -308,7 +312,7 @@ def _make_slot(own_pid: int) -> Slot | None:
         setns(own_pid, CLONE_NEWPID)
     os.close(control_r)
     os.close(answer_w)
-    slot = Slot(pid, -1, -1, control_w, answer_r)
+    slot = Slot(uid, pid, -1, -1, control_w, answer_r)
     with contextlib.suppress(OSError):
         if _answer(answer_r, SLOT_START_S) == b"1":
             slot.pid_ns = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)

@@ -258,8 +258,8 @@ held = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 setns(own, CLONE_NEWNET)
 os.write(slot.control, b"c")
 print(clean.decode(), os.read(slot.answer, 1).decode())
-holder = shared.retire(1600999)
-os.waitpid(holder, 0)
+shared.retire(slot)
+os.waitpid(slot.holder, 0)
 """
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
@@ -327,8 +327,9 @@ def test_the_launchers_policy_shares_only_what_the_layers_make_safe() -> None:
         assert shared.given(every, uid=None) == ()  # an unprivileged host's call
         assert shared.given({**every, "seccomp": False}, uid=1600000) == ("uts", "pid")
     finally:
-        for uid in list(shared.slots):
-            os.waitpid(shared.retire(uid), 0)
+        for made in list(shared.slots.values()):
+            shared.retire(made)
+            os.waitpid(made.holder, 0)
         shared.close()
 
 
