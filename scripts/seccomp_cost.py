@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """What installing the seccomp filter costs a child: the hand-assembled BPF
-of `sandbox.layers.seccomp` against libseccomp through `pyseccomp`.
+of `sandbox.layers.seccomp`, the same filter finding the system call by a
+chain of comparisons instead of its binary search, and libseccomp through
+`pyseccomp`.
 
-    .venv/bin/python scripts/seccomp_cost.py             # our filter only
+    .venv/bin/python scripts/seccomp_cost.py             # our filter, both ways
     pip install pyseccomp; .venv/bin/python scripts/seccomp_cost.py --libseccomp
 
 Each figure is the median over forked children of NO_NEW_PRIVS plus building
@@ -15,10 +17,12 @@ the machine's architecture), once with `pyseccomp` imported in the parent
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import importlib
 import os
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sandbox.layers import seccomp  # noqa: E402
-from sandbox.layers.kernel import PR_SET_NO_NEW_PRIVS, prctl  # noqa: E402
+from sandbox.layers.kernel import PR_SET_NO_NEW_PRIVS, libc, prctl  # noqa: E402
 
 AF_MAX = 46  # families from here on are refused too
 
@@ -52,6 +56,24 @@ def _libseccomp_filter() -> None:
     for command in seccomp.DENIED_FCNTL_COMMANDS:
         rules.add_rule(sc.ERRNO(errno.EPERM), "fcntl", sc.Arg(1, sc.EQ, command))
     rules.load()
+
+
+def _chain(calls: list[tuple[int, str]], otherwise: str, _names: Any) -> list[Any]:
+    """One comparison per system call number, in order (no search)."""
+    return [
+        seccomp._op(
+            seccomp.BPF_JEQ_K, number, label, otherwise if index == len(calls) - 1 else None
+        )
+        for index, (number, label) in enumerate(calls)
+    ]
+
+
+def _install(code: bytes) -> None:
+    filters = ctypes.create_string_buffer(code, len(code))
+    prog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(filters))
+    buffer = ctypes.create_string_buffer(prog, len(prog))
+    if libc.prctl(seccomp.PR_SET_SECCOMP, seccomp.SECCOMP_MODE_FILTER, buffer, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp")
 
 
 def _in_child(install: Callable[[], None]) -> float:
@@ -84,7 +106,11 @@ def main() -> None:
     parser.add_argument("--libseccomp", action="store_true", help="also measure pyseccomp")
     parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args()
-    _report("hand-assembled BPF", seccomp.apply_seccomp, args.runs)
+    searched = seccomp.seccomp_program(ipc=False, ip=False)
+    chained = seccomp.program_with(_chain, ipc=False, ip=False)
+    for name, code in (("binary search", searched), ("chain of comparisons", chained)):
+        label = f"hand-assembled BPF, {name} ({len(code) // 8} instructions)"
+        _report(label, lambda code=code: _install(code), args.runs)
     if args.libseccomp:
         _report("libseccomp, imported in each child", _libseccomp_filter, args.runs)
         importlib.import_module("pyseccomp")

@@ -4,8 +4,9 @@ Detected: x86_64 with seccomp filters, and a forked probe whose unshare the
 filter refuses. Host: nothing. Child: `apply_seccomp` after Landlock.
 
 One table per concern, each entry with the reason it is there. The filter
-checks them in this order: architecture (kill), system calls denied outright,
-clone flags, socket families, fcntl commands; everything else is allowed.
+checks the architecture (kill), then finds the system call by a binary
+search among those it treats apart: denied outright, clone flags, socket
+families, fcntl commands; everything else is allowed.
 The numbers are x86_64's: on any other architecture the layer is reported
 missing (and `apply_seccomp` refuses), never applied with the wrong numbers.
 """
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
 import platform
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from sandbox.layers.kernel import PR_SET_NO_NEW_PRIVS, IsolationError, fork_probe, libc, prctl
 
@@ -197,37 +200,68 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k)
 
 
-def _ret(action: int) -> bytes:
-    return _insn(BPF_RET_K, action)
+# A program being assembled: instructions whose jumps name labels (None: the
+# next instruction), and the labels themselves; `_assemble` turns the names
+# into the forward offsets classic BPF has.
+Item = tuple[str, int, int, str | None, str | None]  # ("insn", code, k, jt, jf)
+Label = tuple[str, str]  # ("label", name)
 
 
-def _deny_calls(numbers: Iterable[int], errno: int) -> list[bytes]:
-    """Each system call in `numbers` fails with `errno` (A holds the number):
-    one comparison each, all jumping to one return, so a system call the
-    filter allows runs through half as many instructions."""
-    return _on_calls(list(numbers), [_ret(SECCOMP_RET_ERRNO | errno)])
+def _op(code: int, k: int, jt: str | None = None, jf: str | None = None) -> Item:
+    return ("insn", code, k, jt, jf)
 
 
-def _on_calls(numbers: list[int], block: list[bytes]) -> list[bytes]:
-    """Run `block` (which ends in a return) for the calls in `numbers`; the
-    others skip it with the system call number still in A."""
-    program: list[bytes] = []
-    for index, number in enumerate(numbers):
-        rest = len(numbers) - 1 - index
-        if rest:
-            program.append(_insn(BPF_JEQ_K, number, jt=rest))
-        else:
-            program.append(_insn(BPF_JEQ_K, number, jf=len(block)))
-    return program + block
+def _search(calls: list[tuple[int, str]], otherwise: str, names: Iterator[int]) -> list[Any]:
+    """A binary search for the system call number (in A) among `calls`
+    (sorted (number, label) pairs): jump to its label, or to `otherwise`.
+    A call takes about log2(len(calls)) comparisons, where a chain of
+    comparisons would take up to len(calls): the kernel runs the filter
+    for every system call it cannot answer from its cache, and once per
+    system call number when the filter is installed."""
+    if len(calls) <= 3:
+        return [
+            _op(BPF_JEQ_K, number, label, otherwise if index == len(calls) - 1 else None)
+            for index, (number, label) in enumerate(calls)
+        ]
+    middle = len(calls) // 2
+    upper = f"upper{next(names)}"
+    return [
+        _op(BPF_JGE_K, calls[middle][0], upper),
+        *_search(calls[:middle], otherwise, names),
+        ("label", upper),
+        *_search(calls[middle:], otherwise, names),
+    ]
 
 
-def _argument_in(offset: int, values: Iterable[int], inside: int, outside: int) -> list[bytes]:
-    """Return `inside` if the argument at `offset` is one of `values`, else `outside`."""
+def _argument_in(offset: int, values: Iterable[int], inside: str, outside: str) -> list[Any]:
+    """Jump to `inside` if the argument at `offset` is one of `values`, else `outside`."""
     values = list(values)
-    program = [_insn(BPF_LD_W_ABS, offset)]
+    program: list[Any] = [_op(BPF_LD_W_ABS, offset)]
     for index, value in enumerate(values):
-        program.append(_insn(BPF_JEQ_K, value, jt=len(values) - index))
-    return program + [_ret(outside), _ret(inside)]
+        program.append(_op(BPF_JEQ_K, value, inside, outside if index == len(values) - 1 else None))
+    return program
+
+
+def _assemble(items: list[Any]) -> bytes:
+    """The program's bytes, each label name resolved to a forward offset."""
+    at: dict[str, int] = {}
+    count = 0
+    for item in items:
+        if item[0] == "label":
+            at[item[1]] = count
+        else:
+            count += 1
+    program: list[bytes] = []
+    for item in items:
+        if item[0] == "label":
+            continue
+        _, code, k, jt, jf = item
+        here = len(program)
+        offsets = [0 if label is None else at[label] - here - 1 for label in (jt, jf)]
+        if not all(0 <= offset <= 255 for offset in offsets):
+            raise ValueError(f"jump out of classic BPF's reach at instruction {here}")
+        program.append(_insn(code, k, offsets[0], offsets[1]))
+    return b"".join(program)
 
 
 @functools.cache
@@ -242,50 +276,54 @@ def seccomp_program(ipc: bool = True, ip: bool = True) -> bytes:
     its launcher shares between calls); without `ip`, every family but
     SLOT_SOCKET_FAMILIES (a call in its uid's reused network namespace).
     Built once per process and variant: the launcher builds them before it
-    forks, so a call only installs one."""
-    program = [
-        _insn(BPF_LD_W_ABS, DATA_ARCH),
-        _insn(BPF_JEQ_K, AUDIT_ARCH_X86_64, jt=1),
-        _ret(SECCOMP_RET_KILL_PROCESS),
-        _insn(BPF_LD_W_ABS, DATA_NR),
-        # x32 system calls (nr >= 0x40000000) would bypass the numbers below.
-        _insn(BPF_JGE_K, 0x40000000, jt=0, jf=1),
-        _ret(SECCOMP_RET_KILL_PROCESS),
-    ]
-    program += _deny_calls(DENIED_X86_64, EPERM)
-    program += _deny_calls(DENIED_SHARED_FILES_X86_64, EPERM)
+    forks, so a call only installs one.
+
+    The system call number is found by a binary search (`_search`) among
+    every number the filter treats apart, which leads to that number's
+    block or return; every other number goes straight to "allow"."""
+    return program_with(_search, ipc, ip)
+
+
+Search = Callable[[list[tuple[int, str]], str, Iterator[int]], list[Any]]
+
+
+def program_with(search: Search, ipc: bool = True, ip: bool = True) -> bytes:
+    """`seccomp_program`, with `search` finding the system call number
+    (`scripts/seccomp_cost.py` measures another way against it)."""
+    denied = [*DENIED_X86_64, *DENIED_SHARED_FILES_X86_64]
     if not ipc:
-        program += _deny_calls(DENIED_SHARED_IPC_X86_64, EPERM)
-    program += _deny_calls([SYS_CLONE3_X86_64], ENOSYS)
-    program += _on_calls(
-        [SYS_CLONE_X86_64],
-        [
-            _insn(BPF_LD_W_ABS, DATA_ARG0),  # the flags
-            _insn(BPF_JSET_K, CLONE_NAMESPACES, jf=1),
-            _ret(SECCOMP_RET_ERRNO | EPERM),
-            _ret(SECCOMP_RET_ALLOW),
-        ],
-    )
-    program += _on_calls(
-        [SYS_SOCKET_X86_64, SYS_SOCKETPAIR_X86_64],
-        _argument_in(
-            DATA_ARG0,
-            ALLOWED_SOCKET_FAMILIES if ip else SLOT_SOCKET_FAMILIES,
-            inside=SECCOMP_RET_ALLOW,
-            outside=SECCOMP_RET_ERRNO | EAFNOSUPPORT,
-        ),
-    )
-    program += _on_calls(
-        [SYS_FCNTL_X86_64],
-        _argument_in(
-            DATA_ARG1,
-            DENIED_FCNTL_COMMANDS,
-            inside=SECCOMP_RET_ERRNO | EPERM,
-            outside=SECCOMP_RET_ALLOW,
-        ),
-    )
-    program.append(_ret(SECCOMP_RET_ALLOW))
-    return b"".join(program)
+        denied += DENIED_SHARED_IPC_X86_64
+    targets = {number: "eperm" for number in denied}
+    targets[SYS_CLONE3_X86_64] = "enosys"
+    targets[SYS_CLONE_X86_64] = "clone"
+    targets[SYS_SOCKET_X86_64] = targets[SYS_SOCKETPAIR_X86_64] = "socket"
+    targets[SYS_FCNTL_X86_64] = "fcntl"
+    families = ALLOWED_SOCKET_FAMILIES if ip else SLOT_SOCKET_FAMILIES
+    items: list[Any] = [
+        _op(BPF_LD_W_ABS, DATA_ARCH),
+        _op(BPF_JEQ_K, AUDIT_ARCH_X86_64, None, "kill"),
+        _op(BPF_LD_W_ABS, DATA_NR),
+        # x32 system calls (nr >= 0x40000000) would bypass the numbers below.
+        _op(BPF_JGE_K, 0x40000000, "kill"),
+        *search(sorted(targets.items()), "allow", itertools.count()),
+        ("label", "clone"),
+        _op(BPF_LD_W_ABS, DATA_ARG0),  # the flags
+        _op(BPF_JSET_K, CLONE_NAMESPACES, "eperm", "allow"),
+        ("label", "socket"),
+        *_argument_in(DATA_ARG0, families, inside="allow", outside="eafnosupport"),
+        ("label", "fcntl"),
+        *_argument_in(DATA_ARG1, DENIED_FCNTL_COMMANDS, inside="eperm", outside="allow"),
+    ]
+    returns = {
+        "allow": SECCOMP_RET_ALLOW,
+        "eperm": SECCOMP_RET_ERRNO | EPERM,
+        "enosys": SECCOMP_RET_ERRNO | ENOSYS,
+        "eafnosupport": SECCOMP_RET_ERRNO | EAFNOSUPPORT,
+        "kill": SECCOMP_RET_KILL_PROCESS,
+    }
+    for name, action in returns.items():
+        items += [("label", name), _op(BPF_RET_K, action)]
+    return _assemble(items)
 
 
 def seccomp_supported() -> bool:
