@@ -84,7 +84,11 @@ MOUNT_LAYER = "mount_namespace"
 # A uid's slot is used only by a call that has all of these (`Slot`).
 SLOT_LAYERS = (PID_LAYER, MOUNT_LAYER, "network_namespace", "seccomp")
 MAX_ROOTS = 64  # minimal-root templates a launcher keeps (one per plugin and environment)
-MAX_SLOTS = 128  # uids with namespaces kept; a call of any other uid makes its own
+# Uids with namespaces kept; a call of any other uid makes its own. A slot's
+# holder keeps about 1.6 MB of memory of its own (measured over 3,000 calls),
+# and a host uses about as many uids as it runs calls at once, a few more
+# while calls are put away.
+MAX_SLOTS = 64
 SLOT_START_S = 2.0  # for a new slot's holder to report its namespaces made
 CLEAN_DEADLINE_S = 1.0  # for whatever a call left in its slot to be gone
 HOLDER_TITLE = b"plughost-slot-holder"  # its command line, as ps shows it
