@@ -149,8 +149,10 @@ def enter_root_copy(uid: int, gid: int, scratch_mb: int, extra_namespaces: int =
 def mount_own_proc(hide_others: bool = False) -> None:
     """Mount the /proc of this process's PID namespace in a copied root; with
     `hide_others`, a process sees only the processes it may trace there
-    (hidepid=invisible: not the namespace's root-owned init)."""
-    options = "hidepid=invisible" if hide_others else None
+    (hidepid=2, "invisible": not the namespace's root-owned init; the
+    number, which every kernel since 3.3 reads, where only 5.8+ reads the
+    word)."""
+    options = "hidepid=2" if hide_others else None
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, options)
 
 

@@ -280,7 +280,7 @@ class Slot:
 
     What a call of a slot cannot do, so that the namespaces stay clean:
     open an IP socket (the seccomp filter's variant, `ip=False`), or see the
-    holder (its /proc is mounted with hidepid=invisible).
+    holder (its /proc is mounted with hidepid=2, invisible).
     """
 
     uid: int  # the uid whose calls it takes
