@@ -112,6 +112,7 @@ class Shared:
         # (exposed paths, hidden paths) -> (template namespace, identity of its sources)
         self.roots: OrderedDict[tuple[object, ...], tuple[int, tuple[object, ...]]] = OrderedDict()
         self.slots: dict[int, Slot] = {}  # uid -> its slot
+        self.slots_work = True  # until a holder fails to start
         if os.geteuid() != 0:
             return
         own_pid = _open_ns("pid")
@@ -175,11 +176,15 @@ class Shared:
 
     def slot_for(self, uid: int) -> Slot | None:
         """The slot of `uid`, made on its first call (None when MAX_SLOTS
-        are kept or its holder could not start)."""
+        are kept, or a holder could not start here: a kernel without
+        ns_last_pid, a read-only /proc/sys, no network namespaces; then no
+        slot is tried again)."""
         slot = self.slots.get(uid)
-        if slot is None and len(self.slots) < MAX_SLOTS:
+        if slot is None and self.slots_work and len(self.slots) < MAX_SLOTS:
             slot = _make_slot(uid, self.own_pid)
-            if slot is not None:
+            if slot is None:
+                self.slots_work = False
+            else:
                 self.slots[uid] = slot
         return slot
 

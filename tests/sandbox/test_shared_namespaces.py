@@ -376,3 +376,31 @@ def test_a_slot_whose_holder_was_killed_is_replaced(runner: ToolRunner, payload:
     third = _run(runner, payload, role="namespaces")
     assert first["net"] not in (second["net"], third["net"])
     assert runner.sandbox.launcher.pid == launcher  # the same launcher served them
+
+
+def test_where_a_holder_cannot_start_calls_get_namespaces_of_their_own() -> None:
+    # A kernel without ns_last_pid, a read-only /proc/sys, or no network
+    # namespace for the holder: no slot, and no second attempt per call.
+    script = """
+import os
+from sandbox.layers import shared
+from sandbox.layers.kernel import IsolationError
+made = shared.unshare
+def refuse_net(flags):
+    if flags & shared.CLONE_NEWNET:
+        raise IsolationError("net", "refused")
+    made(flags)
+shared.unshare = refuse_net
+box = shared.Shared()
+forks = []
+real_fork = os.fork
+def counted():
+    forks.append(1)
+    return real_fork()
+os.fork = counted
+print(box.slot_for(1600998), box.slot_for(1600997), len(forks), box.slots_work)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stdout.split() == ["None", "None", "1", "False"]
