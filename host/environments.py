@@ -372,9 +372,8 @@ class EnvironmentStore:
         if (final / MARKER).is_file():
             return
         shutil.rmtree(final, ignore_errors=True)
-        _compile(target)
         (target / MARKER).write_text(json.dumps({"packages": packages}))
-        _make_readable(target)
+        _compile(target)  # and made readable by every call uid
         target.rename(final)
 
     def collect(self, in_use: Iterable[str], grace_s: float = 3600.0) -> list[str]:

@@ -486,7 +486,8 @@ class ChildHandle:
         # namespace is gone. The plugin's exit is reported before that.
         if self.pid_namespace and self.procs and (self.exit is not None or self._ending):
             self.wait_exit(time.monotonic() + EXIT_GRACE_S, reaped=True)
-            if not self.reaped:  # it lingers: SIGKILL its init, which ends the namespace
+            # It lingers: SIGKILL its child (the slot's clean-up, or its init's end, follows).
+            if not self.reaped:
                 self.launcher.kill_call(self.procs.token)
                 self.wait_exit(time.monotonic() + REAP_WAIT_S, reaped=True)
         if not (self.reaped and self.pid_namespace):

@@ -34,9 +34,9 @@ PLUGINS = ("dominant_colors", "image_info")
 SAMPLE = ROOT / "plugins" / "samples" / "sunset.png"
 
 
-def _registry(environments: Path) -> PluginRegistry:
+def _registry(environments: EnvironmentStore) -> PluginRegistry:
     registry = PluginRegistry()
-    registry.environments = EnvironmentStore(environments)
+    registry.environments = environments
     for name in PLUGINS:
         registry.load_directory(ROOT / "plugins" / name)
     return registry
@@ -67,13 +67,13 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="plughost-bytecode-"))
     store = Path(os.environ.get("PLUGHOST_ENV_DIR") or work / "prepared")
-    compiled = _registry(store)
     environments = EnvironmentStore(store)
+    compiled = _registry(environments)
     for name in PLUGINS:
         state = environments.prepare(name, compiled.get_plugin(name).requirements)
         if state.path is None:
             raise SystemExit(f"{name}: {state.message}")
-    bare = _registry(_without_bytecode(store, work / "bare"))
+    bare = _registry(EnvironmentStore(_without_bytecode(store, work / "bare")))
     sandbox = Sandbox()
     try:
         ways = {"compiled": ToolRunner(compiled, sandbox), "no bytecode": ToolRunner(bare, sandbox)}

@@ -17,12 +17,10 @@ the machine's architecture), once with `pyseccomp` imported in the parent
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import importlib
 import os
 import statistics
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sandbox.layers import seccomp  # noqa: E402
-from sandbox.layers.kernel import PR_SET_NO_NEW_PRIVS, libc, prctl  # noqa: E402
+from sandbox.layers.kernel import PR_SET_NO_NEW_PRIVS, prctl  # noqa: E402
 
 AF_MAX = 46  # families from here on are refused too
 
@@ -66,14 +64,6 @@ def _chain(calls: list[tuple[int, str]], otherwise: str, _names: Any) -> list[An
         )
         for index, (number, label) in enumerate(calls)
     ]
-
-
-def _install(code: bytes) -> None:
-    filters = ctypes.create_string_buffer(code, len(code))
-    prog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(filters))
-    buffer = ctypes.create_string_buffer(prog, len(prog))
-    if libc.prctl(seccomp.PR_SET_SECCOMP, seccomp.SECCOMP_MODE_FILTER, buffer, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "seccomp")
 
 
 def _in_child(install: Callable[[], None]) -> float:
@@ -110,7 +100,7 @@ def main() -> None:
     chained = seccomp.program_with(_chain, ipc=False, ip=False)
     for name, code in (("binary search", searched), ("chain of comparisons", chained)):
         label = f"hand-assembled BPF, {name} ({len(code) // 8} instructions)"
-        _report(label, lambda code=code: _install(code), args.runs)
+        _report(label, lambda code=code: seccomp.install_filter(code), args.runs)
     if args.libseccomp:
         _report("libseccomp, imported in each child", _libseccomp_filter, args.runs)
         importlib.import_module("pyseccomp")

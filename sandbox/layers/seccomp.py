@@ -204,7 +204,6 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
 # next instruction), and the labels themselves; `_assemble` turns the names
 # into the forward offsets classic BPF has.
 Item = tuple[str, int, int, str | None, str | None]  # ("insn", code, k, jt, jf)
-Label = tuple[str, str]  # ("label", name)
 
 
 def _op(code: int, k: int, jt: str | None = None, jf: str | None = None) -> Item:
@@ -337,7 +336,12 @@ def apply_seccomp(ipc: bool = True, ip: bool = True) -> None:
     children. Raises IsolationError."""
     if not seccomp_supported():
         raise IsolationError("seccomp", f"no filter for {platform.machine()}")
-    code = seccomp_program(ipc, ip)
+    install_filter(seccomp_program(ipc, ip))
+
+
+def install_filter(code: bytes) -> None:
+    """Install the BPF program `code` on this process and its future
+    children (the caller has set no_new_privs). Raises IsolationError."""
     filters = ctypes.create_string_buffer(code, len(code))
     prog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(filters))
     prog_buffer = ctypes.create_string_buffer(prog, len(prog))

@@ -330,15 +330,15 @@ def _make_slot(uid: int, own_pid: int) -> Slot | None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    for fd in (slot.pid_ns, slot.net_ns, control_w, answer_r):
-        if fd >= 0:
-            os.close(fd)
+    slot.close()
     return None
 
 
 def _answer(fd: int, timeout_s: float) -> bytes:
     """One byte from a holder, or b"" when none came within `timeout_s`."""
-    if not select.select([fd], [], [], timeout_s)[0]:
+    poller = select.poll()  # a busy launcher holds descriptors past select()'s 1024
+    poller.register(fd, select.POLLIN)
+    if not poller.poll(timeout_s * 1000):
         return b""
     return os.read(fd, 1)
 
