@@ -350,7 +350,9 @@ class _Watcher:
                 selector.register(self.handle.fds[name], selectors.EVENT_READ, name)
             if self.token is not None:
                 selector.register(self.token.fileno(), selectors.EVENT_READ, "cancel")
-            next_sample = time.monotonic()
+            # The first sample one interval in: a child just forked holds
+            # nothing of its own yet (the cgroup's limit holds from its start).
+            next_sample = time.monotonic() + WATCHDOG_INTERVAL_S
             # Until the final frame is in, or the child ended without one.
             while self.handle.exit is None and self.reply.final is None:
                 now = time.monotonic()
@@ -365,7 +367,7 @@ class _Watcher:
                         selector.unregister(key.fd)
             if self.reply.final is not None:
                 # The verdict is final now; the call's memory as it answered
-                # may be its peak (a fast call is sampled once before it).
+                # may be its peak (a fast call is sampled only here).
                 self._sample_memory()
             # Pick up what it wrote before its reply (or its exit).
             self._drain()

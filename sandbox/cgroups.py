@@ -12,6 +12,16 @@ by the host (the child only joins it: `sandbox.layers.cgroup`).
 Cgroups are named `call-<host id>-<call id>`; a host that is killed leaves
 its calls' (empty) cgroups behind, and the next host to start removes them
 (`sweep_stale`) once the dead host's lock shows it is gone.
+
+On cgroup v1, a root host keeps the cgroups of each per-call uid from one of
+its calls to the next (`CgroupPool`), as it keeps the uid's slot: they are
+made for the uid's first call and named `call-<host id>-<pool>u<uid>`. A
+call gets them only once every process of the uid's previous call has left
+them (the uid's lock says as much; the pool checks `cgroup.procs` again),
+with its own limits written and the OOM-kill count it will be judged by
+taken as it found it. On cgroup v2 each call still gets cgroups of its own:
+`memory.peak` can be reset only on Linux 6.12 and later, and a call's peak
+must be its own.
 """
 
 from __future__ import annotations
@@ -79,6 +89,25 @@ def _release_host(pid: int, ident: str, fd: int) -> None:
 def call_cgroup_name() -> str:
     """A fresh name for one call's cgroups, carrying this host's id."""
     return f"call-{host_id()}-{uuid.uuid4().hex[:12]}"
+
+
+def _field(text: bytes, key: bytes) -> int:
+    """The value of the line `key value` in a cgroup file, 0 if absent."""
+    start = text.find(key + b" ")
+    while start > 0 and text[start - 1 : start] != b"\n":
+        start = text.find(key + b" ", start + 1)
+    if start < 0:
+        return 0
+    end = text.find(b"\n", start)
+    return int(text[start + len(key) + 1 : end if end >= 0 else len(text)])
+
+
+def _write(path: Path, value: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
 
 
 def _lock_of_dead_host(ident: str) -> int | None:
@@ -172,6 +201,10 @@ class CallCgroup:
         self.memory_bytes = memory_bytes
         self.max_processes = max_processes
         self.procs_files: list[str] = []
+        # The memory controller's OOM kills before this call: a kept cgroup's
+        # count goes on from its earlier calls.
+        self.oom_seen = 0
+        self.uid: int | None = None  # the per-call uid a CgroupPool keeps it for
 
     def create(self) -> list[str]:
         """Create the cgroups; return the `cgroup.procs` files the child joins.
@@ -195,7 +228,54 @@ class CallCgroup:
                     swap.write_text(str(self.memory_bytes))
             else:
                 (path / "pids.max").write_text(str(self.max_processes))
+        # Made with exist_ok: a directory of the same name may have been left
+        # with kills counted already.
+        self.oom_seen = self.oom_count()
         return [str(path / "cgroup.procs") for path in self.dirs.values()]
+
+    def set_limits(self, memory_bytes: int, max_processes: int) -> None:
+        """Give a kept v1 cgroup the limits of its next call (written only
+        where they change). Raises OSError if the kernel refuses one (a
+        memory limit below what the cgroup still holds)."""
+        memory = self.dirs.get("memory")
+        if memory is not None and memory_bytes != self.memory_bytes:
+            files = [memory / "memory.limit_in_bytes"]
+            swap = memory / "memory.memsw.limit_in_bytes"
+            if swap.exists():
+                # memsw may never be below the memory limit: raise it first, lower it last.
+                files = [swap, *files] if memory_bytes > self.memory_bytes else [*files, swap]
+            for path in files:
+                _write(path, memory_bytes)
+        self.memory_bytes = memory_bytes
+        pids = self.dirs.get("pids")
+        if pids is not None and max_processes != self.max_processes:
+            _write(pids / "pids.max", max_processes)
+        self.max_processes = max_processes
+
+    def _read(self, kind: str, name: str) -> bytes:
+        """The file `name` of the `kind` directory."""
+        fd = os.open(self.dirs[kind] / name, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.read(fd, 65536)
+        finally:
+            os.close(fd)
+
+    def empty(self) -> bool:
+        """Whether no process is left in any of the cgroups."""
+        for path in self.dirs.values():
+            # Opened anew each time: v1 keeps the pid list of an open file.
+            try:
+                fd = os.open(path / "cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return False
+            try:
+                if os.read(fd, 64).strip():
+                    return False
+            except OSError:
+                return False
+            finally:
+                os.close(fd)
+        return True
 
     @classmethod
     def made_for_call(
@@ -204,11 +284,12 @@ class CallCgroup:
         max_processes: int,
         layers: dict[str, bool],
         v2_base: Path | None = None,
+        name: str | None = None,
     ) -> CallCgroup:
-        """A new call's cgroups, named after this host and made with their
-        limits (`procs_files` lists what the child joins). Raises OSError if
-        a controller refuses, after removing what was made."""
-        made = cls(call_cgroup_name(), memory_bytes, max_processes, layers, v2_base)
+        """A new call's cgroups, named after this host (or `name`) and made
+        with their limits (`procs_files` lists what the child joins). Raises
+        OSError if a controller refuses, after removing what was made."""
+        made = cls(name or call_cgroup_name(), memory_bytes, max_processes, layers, v2_base)
         try:
             made.procs_files = made.create()
         except OSError:
@@ -229,30 +310,31 @@ class CallCgroup:
     def _memory_dir(self) -> Path | None:
         return self.dirs.get("unified") if self.v2 and self.memory else self.dirs.get("memory")
 
-    def oom_killed(self) -> bool:
-        """True if the kernel killed a process of the call for the memory limit."""
-        path = self._memory_dir()
-        if path is None:
-            return False
-        events = "memory.events" if self.v2 else "memory.oom_control"
+    def oom_count(self) -> int:
+        """The memory controller's OOM kills in this cgroup since it was made."""
+        kind = "unified" if self.v2 else "memory"
+        if not self.memory or kind not in self.dirs:
+            return 0
         try:
-            for line in (path / events).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill" and int(value) > 0:
-                    return True
+            return _field(
+                self._read(kind, "memory.events" if self.v2 else "memory.oom_control"), b"oom_kill"
+            )
         except (OSError, ValueError):
-            return False
-        return False
+            return 0
+
+    def oom_killed(self) -> bool:
+        """True if the kernel killed a process of this call for the memory limit."""
+        return self.oom_count() > self.oom_seen
 
     def usage_bytes(self) -> int | None:
         """Anonymous and tmpfs memory of the whole call now, None without a memory cgroup."""
-        path = self._memory_dir()
-        if path is None:
+        kind = "unified" if self.v2 else "memory"
+        if not self.memory or kind not in self.dirs:
             return None
-        anon, shmem = ("anon", "shmem") if self.v2 else ("total_rss", "total_shmem")
+        anon, shmem = (b"anon", b"shmem") if self.v2 else (b"total_rss", b"total_shmem")
         try:
-            stat = dict(line.split() for line in (path / "memory.stat").read_text().splitlines())
-            return int(stat.get(anon, 0)) + int(stat.get(shmem, 0))
+            stat = self._read(kind, "memory.stat")
+            return _field(stat, anon) + _field(stat, shmem)
         except (OSError, ValueError):
             return None
 
@@ -277,9 +359,93 @@ class CallCgroup:
                 except OSError:
                     if time.monotonic() > end:
                         break
-                    # Processes still exiting: kill what is left and retry.
-                    with contextlib.suppress(OSError, ValueError):
-                        for pid in (path / "cgroup.procs").read_text().split():
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(int(pid), signal.SIGKILL)
+                    _kill_members(path)
                     time.sleep(0.005)
+
+    def emptied(self, deadline_s: float = 2.0) -> bool:
+        """Wait until no process is left in the cgroups, killing what lingers;
+        False if one is still there at the deadline."""
+        end = time.monotonic() + deadline_s
+        while not self.empty():
+            if time.monotonic() > end:
+                return False
+            for path in self.dirs.values():
+                _kill_members(path)
+            time.sleep(0.005)
+        return True
+
+
+def _kill_members(path: Path) -> None:
+    """SIGKILL the processes in the cgroup at `path` (still exiting, or left)."""
+    with contextlib.suppress(OSError, ValueError):
+        for pid in (path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+class CgroupPool:
+    """The call cgroups of a host: on cgroup v1, those of each per-call uid
+    are made for its first call and kept for its next ones; otherwise (cgroup
+    v2, or a call without a uid of its own) each call gets new ones.
+
+    Between two calls of a uid, a kept cgroup holds no process (`give_back`
+    checks, and removes a cgroup that still holds one); its OOM-kill count is
+    carried over, so a call is judged by the kills in its own time. What a
+    call's processes charged to it and did not free (page cache) stays
+    charged, as it would to the parent of a removed cgroup, and the kernel
+    reclaims it before it counts against the next call's limit.
+    """
+
+    def __init__(self, layers: dict[str, bool], v2_base: Path | None) -> None:
+        self.layers = layers
+        self.v2_base = v2_base
+        self._tag = uuid.uuid4().hex[:6]  # two pools of one host never share a cgroup
+        self._kept: dict[int, CallCgroup] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, uid: int | None, memory_bytes: int, max_processes: int) -> CallCgroup:
+        """The cgroups of a call of `uid` with these limits (`procs_files`
+        lists what its child joins). Raises OSError if a controller refuses."""
+        if uid is None or self.v2_base is not None:
+            return CallCgroup.made_for_call(memory_bytes, max_processes, self.layers, self.v2_base)
+        with self._lock:
+            kept = self._kept.pop(uid, None)
+        if kept is not None:
+            try:
+                kept.set_limits(memory_bytes, max_processes)
+                return kept
+            except OSError:
+                kept.remove()
+        made = CallCgroup.made_for_call(
+            memory_bytes, max_processes, self.layers, None, f"call-{host_id()}-{self._tag}u{uid}"
+        )
+        made.uid = uid
+        return made
+
+    def give_back(self, cgroup: CallCgroup) -> None:
+        """The call of `cgroup` is over and its processes killed: keep its
+        cgroups for the uid's next call once they are empty, else remove them."""
+        uid = cgroup.uid
+        if uid is None or not cgroup.emptied():
+            cgroup.remove()
+            return
+        cgroup.oom_seen = cgroup.oom_count()
+        with self._lock:
+            if not self._closed:
+                self._kept[uid] = cgroup
+                return
+        cgroup.remove()
+
+    def kept(self) -> list[CallCgroup]:
+        """The cgroups kept for the uids' next calls now."""
+        with self._lock:
+            return list(self._kept.values())
+
+    def close(self) -> None:
+        """Remove every kept cgroup; later ones are removed when given back."""
+        with self._lock:
+            self._closed = True
+            kept, self._kept = list(self._kept.values()), {}
+        for cgroup in kept:
+            cgroup.remove()

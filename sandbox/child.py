@@ -221,8 +221,15 @@ def _no_new_privs(setup: Setup) -> None:
 
 
 def _environment(setup: Setup) -> None:
-    os.environ.clear()
-    os.environ.update(SAFE_ENV, HOME=setup.scratch, TMPDIR=setup.scratch)
+    wanted = {**SAFE_ENV, "HOME": setup.scratch, "TMPDIR": setup.scratch}
+    environ = os.environ
+    # The launcher runs with SAFE_ENV and nothing else: most often only the
+    # scratch's two variables are new (each change is a putenv).
+    for name in [name for name in environ if name not in wanted]:
+        del environ[name]
+    for name, value in wanted.items():
+        if environ.get(name) != value:
+            environ[name] = value
     os.chdir(setup.scratch)
 
 

@@ -34,10 +34,9 @@ import sysconfig
 import threading
 import time
 import uuid
-from pathlib import Path
 
 from sandbox import trace
-from sandbox.cgroups import CallCgroup
+from sandbox.cgroups import CallCgroup, CgroupPool
 from sandbox.launcher import SOURCE_ROOT
 from sandbox.limits import MiB
 from sandbox.outcome import HostFailure
@@ -242,15 +241,15 @@ class ChildHandle:
         launcher: Launcher,
         uid: int | None,
         lock_fd: int,
-        cgroup_v2: Path | None,
+        cgroups: CgroupPool,
         scratch: str | None,
         pid_namespace: bool,
     ) -> None:
         self.launcher = launcher
         self.uid = uid
         self._lock_fd = lock_fd
-        self._cgroup_v2 = cgroup_v2  # where call cgroups go on cgroup v2
-        self.cgroup: CallCgroup | None = None  # made by start
+        self._cgroups = cgroups
+        self.cgroup: CallCgroup | None = None  # taken by start
         self.scratch = scratch
         self.pid_namespace = pid_namespace
         self.token = uuid.uuid4().hex  # the launcher's name for this child
@@ -279,7 +278,7 @@ class ChildHandle:
         layers: dict[str, bool],
         uid: int | None,
         lock_fd: int,
-        cgroup_v2: Path | None,
+        cgroups: CgroupPool,
         scratch: str | None,
         warm: bool,
         sweep: bool = False,
@@ -288,7 +287,7 @@ class ChildHandle:
         (and its `lock_fd`) and `scratch` from now on; `sweep` first kills
         whatever still runs under `uid`. Raises what `start` raises, after
         putting away whatever was made."""
-        handle = cls(launcher, uid, lock_fd, cgroup_v2, scratch, layers["pid_namespace"])
+        handle = cls(launcher, uid, lock_fd, cgroups, scratch, layers["pid_namespace"])
         try:
             if sweep:
                 handle.kill()  # leftovers of a host that died
@@ -316,13 +315,12 @@ class ChildHandle:
             payload_fd = _payload_file(call)
         self._opened.append(payload_fd)
         trace.mark("host.payload_memfd")
-        self.cgroup = CallCgroup.made_for_call(
+        self.cgroup = self._cgroups.take(
+            self.uid,
             memory_bytes=int(call.limits.memory_mb * MiB * CGROUP_MEMORY_SLACK),
             max_processes=call.limits.max_processes + CGROUP_EXTRA_PROCESSES,
-            layers=layers,
-            v2_base=self._cgroup_v2,
         )
-        trace.mark("host.cgroup_create")
+        trace.mark("host.cgroup_take")
         spec = ChildSpec(
             plugin_dir=call.plugin_dir,
             entrypoint=call.entrypoint,
@@ -494,8 +492,8 @@ class ChildHandle:
             self.kill()
         trace.mark("host.close_kill")
         if self.cgroup is not None:
-            self.cgroup.remove()
-        trace.mark("host.cgroup_remove")
+            self._cgroups.give_back(self.cgroup)
+        trace.mark("host.cgroup_give_back")
         if self._payload_socket is not None:
             self._payload_socket.close()
         for fd in [*self._opened]:

@@ -32,7 +32,7 @@ from typing import Any
 
 from sandbox import cgroup2, trace
 from sandbox.call import CancelToken, run_call
-from sandbox.cgroups import HOSTS_DIR, sweep_stale
+from sandbox.cgroups import HOSTS_DIR, CgroupPool, sweep_stale
 from sandbox.handle import ChildHandle, Launcher
 from sandbox.layers import (
     CGROUP_LAYERS,
@@ -116,6 +116,7 @@ class Sandbox:
         self._layers_lock = threading.Lock()
         self._uids: UidPool | None = None
         self._cgroup2: Path | None = None  # where call cgroups go on cgroup v2
+        self._cgroups: CgroupPool | None = None  # once the layers are known
         self._swept: set[int] = set()  # uids checked for leftovers of an earlier host
         self._scratch_root = scratch_root
         self.prewarm = prewarm
@@ -141,6 +142,7 @@ class Sandbox:
                         log.warning("isolation layer %s is %s; calls run without it", name, why)
                 if active["privilege_drop"]:
                     self._uids = UidPool(self.uid_range)
+                self._cgroups = CgroupPool(active, self._cgroup2)
                 stale = sweep_stale(active, self._cgroup2)
                 if stale:
                     log.info("removed %d cgroups left by hosts that were killed", stale)
@@ -195,6 +197,7 @@ class Sandbox:
         """A handle on a new child for `call`: cold (payload handed over now)
         or warm (set up and waiting for its payload on a socket). Returns once
         the launcher reported its pid."""
+        assert self._cgroups is not None  # made with the layers
         uid, lock_fd = self._uids.acquire() if self._uids is not None else (None, -1)
         trace.mark("host.uid_acquire")
         sweep = uid is not None and uid not in self._swept  # leftovers of a host that died
@@ -206,7 +209,7 @@ class Sandbox:
             layers,
             uid=uid,
             lock_fd=lock_fd,
-            cgroup_v2=self._cgroup2,
+            cgroups=self._cgroups,
             # A root host, or one with user namespaces, gives the child a tmpfs
             # scratch in its own minimal root.
             scratch=None
@@ -263,10 +266,18 @@ class Sandbox:
         self._closer.wait_idle(timeout_s)
         self.warm_pool.settle(timeout_s)
 
+    def kept_cgroups(self) -> list[Path]:
+        """Directories of the call cgroups kept for the uids' next calls."""
+        pool = self._cgroups
+        return [path for c in pool.kept() for path in c.dirs.values()] if pool else []
+
     def close(self) -> None:
-        """Kill the warm children, put away what calls left, stop the launcher."""
+        """Kill the warm children, put away what calls left (removing the
+        cgroups kept for the uids' next calls), stop the launcher."""
         self.warm_pool.close()
         self._closer.wait_idle(10.0)
+        if self._cgroups is not None:
+            self._cgroups.close()
         self.launcher.stop()
 
 

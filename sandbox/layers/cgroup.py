@@ -30,7 +30,11 @@ def probe(root: str) -> bool:
 
 
 def join(procs_files: Iterable[str]) -> None:
-    """Move this process into the call's cgroups (their cgroup.procs files)."""
+    """Move this process into the call's cgroups (their cgroup.procs files;
+    "0" names the writer)."""
     for procs_file in procs_files:
-        with open(procs_file, "w") as stream:
-            stream.write(str(os.getpid()))
+        fd = os.open(procs_file, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)

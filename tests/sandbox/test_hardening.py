@@ -310,20 +310,27 @@ def test_plugin_sees_no_host_process(
 
 
 @needs("cgroup_memory", "cgroup_pids")
-def test_each_call_gets_cgroups_that_are_removed_after_it(
-    runner: ToolRunner, registry: PluginRegistry, tmp_path: Path, payload: dict
+def test_a_call_runs_in_its_uids_cgroups_left_empty_and_removed_with_the_host(
+    make_runner: Callable[..., ToolRunner], registry: PluginRegistry, tmp_path: Path, payload: dict
 ) -> None:
     body = "return {'cgroups': open('/proc/self/cgroup').read()}"
     _add(registry, tmp_path, "cg", body)
-    # (The leak check of conftest asserts no call-* cgroup is left behind.)
-    result, error = runner.run("cg", payload)
-    assert error == {}
+    runner = make_runner()
+    found = []
+    for _ in range(2):  # the same (lowest free) uid, once the first is put away
+        runner.sandbox.settle()
+        result, error = runner.run("cg", payload)
+        assert error == {}
+        lines = {line.split(":")[1]: line.split(":")[2] for line in result["cgroups"].splitlines()}
+        assert "/plughost/call-" in lines["memory"] and "/plughost/call-" in lines["pids"]
+        found.append(lines["memory"].rsplit("/", 1)[1])
     runner.sandbox.settle()  # put away right after the call returns
-    lines = {line.split(":")[1]: line.split(":")[2] for line in result["cgroups"].splitlines()}
-    assert "/plughost/call-" in lines["memory"] and "/plughost/call-" in lines["pids"]
-    name = lines["memory"].rsplit("/", 1)[1]
-    for controller in ("memory", "pids"):
-        assert not (Path(f"/sys/fs/cgroup/{controller}/plughost") / name).exists()
+    assert found[0] == found[1]
+    dirs = [Path(f"/sys/fs/cgroup/{c}/plughost") / found[0] for c in ("memory", "pids")]
+    assert sorted(runner.sandbox.kept_cgroups()) == sorted(dirs)
+    assert all((path / "cgroup.procs").read_text() == "" for path in dirs)
+    runner.sandbox.close()
+    assert not any(path.exists() for path in dirs)
 
 
 @needs("cgroup_memory")

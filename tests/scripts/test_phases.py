@@ -35,7 +35,7 @@ def test_phases_measures_every_step_of_a_call(prewarm: int) -> None:
     rows = {line.split()[0]: line.split()[1:] for line in lines if line}
     for name, _ in STEPS:
         assert f"child.{name}" in rows, name
-    for label in ("host.cgroup_create", "launcher.fork+pid", "child.import", "exit.teardown+reap"):
+    for label in ("host.cgroup_take", "launcher.fork+pid", "child.import", "exit.teardown+reap"):
         assert label in rows, label
     total = [line for line in lines if line.startswith("CPU: total per call")]
     assert total and float(total[0].split()[-2]) > 0

@@ -1,0 +1,143 @@
+"""The cgroups a root host keeps for each per-call uid (sandbox.cgroups.CgroupPool):
+each call gets its own limits, is judged by its own OOM kills, and finds
+no process of an earlier call in them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sandbox.cgroups import CallCgroup, CgroupPool
+from sandbox.supervisor import uid_range
+
+V1 = {"cgroup_memory": True, "cgroup_pids": True}
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(
+    not all(Path(f"/sys/fs/cgroup/{c}").is_dir() for c in ("memory", "pids")) or os.geteuid(),
+    reason="needs root and the cgroup v1 memory and pids controllers",
+)
+
+
+@pytest.fixture
+def pool() -> Iterator[CgroupPool]:
+    made = CgroupPool(V1, None)
+    yield made
+    made.close()
+
+
+def _join(cgroup: CallCgroup) -> None:
+    for path in cgroup.procs_files:
+        fd = os.open(path, os.O_WRONLY)
+        os.write(fd, b"0")
+        os.close(fd)
+
+
+def _member(cgroup: CallCgroup, body: str) -> int:
+    """A process in `cgroup` that runs `body` ("sleep" or "allocate")."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _join(cgroup)
+            os.write(ready_w, b"1")
+            if body == "allocate":
+                block = bytearray(4 * cgroup.memory_bytes)
+                for offset in range(0, len(block), 4096):
+                    block[offset] = 1
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"1"
+    os.close(ready_r)
+    return pid
+
+
+def _limit(cgroup: CallCgroup, kind: str, name: str) -> int:
+    return int((cgroup.dirs[kind] / name).read_text())
+
+
+def test_a_uids_cgroup_is_kept_and_gets_each_calls_limits(pool: CgroupPool) -> None:
+    uid = uid_range().start
+    first = pool.take(uid, 64 * MiB, 16)
+    assert first.empty()
+    pool.give_back(first)
+    assert pool.kept() == [first]
+    lower = pool.take(uid, 32 * MiB, 8)
+    assert lower is first and pool.kept() == []
+    assert _limit(lower, "memory", "memory.limit_in_bytes") == 32 * MiB
+    assert _limit(lower, "pids", "pids.max") == 8
+    pool.give_back(lower)
+    higher = pool.take(uid, 96 * MiB, 20)  # memsw, where kept, is raised first
+    assert _limit(higher, "memory", "memory.limit_in_bytes") == 96 * MiB
+    swap = higher.dirs["memory"] / "memory.memsw.limit_in_bytes"
+    if swap.exists():
+        assert int(swap.read_text()) == 96 * MiB
+    other = pool.take(uid + 1, 96 * MiB, 20)
+    assert other.dirs["memory"] != higher.dirs["memory"]
+    pool.give_back(higher)
+    pool.give_back(other)
+    dirs = [path for c in (higher, other) for path in c.dirs.values()]
+    pool.close()
+    assert not any(path.exists() for path in dirs)
+
+
+def test_a_call_is_judged_by_its_own_oom_kills(pool: CgroupPool) -> None:
+    uid = uid_range().start
+    cgroup = pool.take(uid, 16 * MiB, 16)
+    pid = _member(cgroup, "allocate")
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert cgroup.oom_killed()
+    pool.give_back(cgroup)
+    again = pool.take(uid, 16 * MiB, 16)
+    assert again is cgroup
+    assert not again.oom_killed()  # the kill was the earlier call's
+    pid = _member(again, "allocate")
+    os.waitpid(pid, 0)
+    assert again.oom_killed()
+    pool.give_back(again)
+
+
+def test_a_process_left_in_a_uids_cgroup_is_killed_before_the_next_call(
+    pool: CgroupPool,
+) -> None:
+    uid = uid_range().start
+    cgroup = pool.take(uid, 64 * MiB, 16)
+    pid = _member(cgroup, "sleep")
+    pool.give_back(cgroup)  # the call is over, but a process lingers in it
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert pool.kept() == [cgroup] and cgroup.empty()
+
+
+def test_a_cgroup_given_back_after_the_host_closed_is_removed(pool: CgroupPool) -> None:
+    cgroup = pool.take(uid_range().start, 64 * MiB, 16)
+    pool.close()
+    pool.give_back(cgroup)
+    assert pool.kept() == []
+    assert not any(path.exists() for path in cgroup.dirs.values())
+
+
+def test_calls_without_a_uid_of_their_own_get_new_cgroups(pool: CgroupPool) -> None:
+    first = pool.take(None, 64 * MiB, 16)
+    second = pool.take(None, 64 * MiB, 16)
+    assert first.dirs["memory"] != second.dirs["memory"]
+    dirs = [path for c in (first, second) for path in c.dirs.values()]
+    pool.give_back(first)
+    pool.give_back(second)
+    assert pool.kept() == [] and not any(path.exists() for path in dirs)
+
+
+def test_cgroup_v2_calls_get_new_cgroups(tmp_path: Path) -> None:
+    made = CgroupPool(V1, tmp_path)  # a v2-shaped place: memory.peak is per cgroup
+    first = made.take(uid_range().start, 64 * MiB, 16)
+    second = made.take(uid_range().start, 64 * MiB, 16)
+    assert first.dirs["unified"] != second.dirs["unified"]
+    assert first.uid is None and second.uid is None  # never kept
