@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from host.bytecode import compile_plugin
 from host.environments import EnvironmentStore, EnvState, EnvStatus, Progress
 from host.registry import PluginRegistry
 
@@ -36,14 +37,18 @@ def prepare_all(
     names: Iterable[str] | None = None,
     refresh: bool = False,
 ) -> dict[str, EnvState]:
-    """Prepare the environment of every plugin in `names` (default: all)
-    that declares packages; then collect the environments none uses.
-    Returns the state reached per plugin that declares packages."""
+    """Compile the modules of every plugin in `names` (default: all) and
+    prepare the environment of each that declares packages; then collect
+    the environments none uses. Returns the state reached per plugin that
+    declares packages."""
+    chosen = sorted(names if names is not None else registry.list_plugins())
+    for name in chosen:
+        compile_plugin(registry.get_plugin(name).directory)
     store = registry.environments
     if store is None:
         return {}
     states: dict[str, EnvState] = {}
-    for name in sorted(names if names is not None else registry.list_plugins()):
+    for name in chosen:
         plugin = registry.get_plugin(name)
         if plugin.requirements.empty:
             continue

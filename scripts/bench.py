@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
+from host.bytecode import compile_plugin  # noqa: E402
 from host.registry import PluginRegistry  # noqa: E402
 from sandbox.supervisor import OPTIONAL_LAYERS, Sandbox  # noqa: E402
 from sandbox.tool_runner import ToolRunner  # noqa: E402
@@ -109,6 +110,7 @@ def trivial_plugin_dir() -> Path:
         "class Plugin:\n    def run(self, payload):\n        return {'value': 1}\n"
     )
     os.chmod(directory.parent, 0o755)
+    compile_plugin(directory)  # as a server does when it starts (host/preparation.py)
     return directory
 
 

@@ -42,6 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from host.bytecode import compile_plugin  # noqa: E402
 from host.registry import PluginRegistry  # noqa: E402
 from sandbox.supervisor import Sandbox  # noqa: E402
 from sandbox.tool_runner import ToolRunner  # noqa: E402
@@ -154,6 +155,7 @@ def trivial_plugin(parent: str) -> PluginRegistry:
     (directory / "trivial_mod.py").write_text(textwrap.dedent(PLUGIN))
     directory.chmod(0o755)
     Path(parent).chmod(0o755)
+    compile_plugin(directory)  # as a server does when it starts (host/preparation.py)
     registry = PluginRegistry()
     registry.load_directory(parent)
     return registry
