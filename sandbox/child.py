@@ -79,6 +79,8 @@ from sandbox.protocol import (
     read_payload,
 )
 
+READY_FRAME = encode_frame(READY)  # encoded once, in the launcher
+
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
 # RELAY_FD is the relay's alone: it reports the worker's wait status there.
 REPLY_FD, PAYLOAD_FD, RELAY_FD, ROOT_FD = 3, 4, 5, 6
@@ -351,9 +353,8 @@ def prepare() -> None:
                 _VERDICTS[id(thing)] = (thing, _origin_in_stdlib(thing))
         names = tuple(sorted(n for n, module in sys.modules.items() if _forget(n, module)))
         _PREPARED = (frozenset(sys.modules), names)
-    for ipc in (True, False):
-        for ip in (True, False):
-            seccomp.seccomp_program(ipc, ip)
+    seccomp.prepare_filters()
+    landlock.prepare()
 
 
 def _forget(name: str, module: object) -> bool:
@@ -460,7 +461,7 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
             trace.mark("child." + name)
         if not spec.warm:
             payload = read_payload(PAYLOAD_FD)
-        _write_all(REPLY_FD, encode_frame(READY))
+        _write_all(REPLY_FD, READY_FRAME)
         trace.mark("child.payload+ready")
     # Fail closed: any setup problem ends the child before plugin code runs.
     except BaseException as exc:  # noqa: BLE001

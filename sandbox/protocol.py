@@ -205,15 +205,33 @@ def write_payload(payload: Payload) -> int:
 def read_payload(fd: int) -> Payload:
     """Read the payload file on `fd` (and close it). Raises ProtocolError if
     it is not sealed or not what `write_payload` writes."""
-    with os.fdopen(fd, "rb") as stream:
-        if fcntl.fcntl(stream.fileno(), fcntl.F_GET_SEALS) & PAYLOAD_SEALS != PAYLOAD_SEALS:
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & PAYLOAD_SEALS != PAYLOAD_SEALS:
             raise ProtocolError("the payload file is not sealed")
-        (length,) = HEADER.unpack(stream.read(HEADER.size))
-        header = decode_json(stream.read(length))
+        (length,) = HEADER.unpack(_pread_all(fd, HEADER.size, 0))
+        header = decode_json(_pread_all(fd, length, HEADER.size))
         if not isinstance(header, dict) or set(header) != {"mime_type", "options", "image_size"}:
             raise ProtocolError("the payload file's header is malformed")
-        image = stream.read(header["image_size"])
+        image = _pread_all(fd, header["image_size"], HEADER.size + length)
+    finally:
+        os.close(fd)
     return Payload(image, header["mime_type"], header["options"])
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes of the file at `offset`, fewer only where the file ends."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or len(data) == 0:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 # -- the child: what the launcher forks, and how it ends ---------------------------

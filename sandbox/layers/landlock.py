@@ -60,6 +60,16 @@ def landlock_abi() -> int:
     return max(int(version), 0)
 
 
+_ABI = 0  # the kernel's, once `prepare` asked (the launcher, before it forks)
+
+
+def prepare() -> None:
+    """Ask the kernel its ABI once, so that a call's child need not."""
+    global _ABI
+    if not _ABI:
+        _ABI = landlock_abi()
+
+
 def _fs_rights(abi: int) -> int:
     rights = (1 << 13) - 1  # EXECUTE .. MAKE_SYM: ABI 1
     if abi >= 2:
@@ -81,7 +91,7 @@ def apply_landlock(
     cannot reach processes outside the sandbox. Returns the ABI used.
     Needs no_new_privs (or CAP_SYS_ADMIN). Raises IsolationError.
     """
-    abi = landlock_abi()
+    abi = _ABI or landlock_abi()
     if abi < 1:
         raise IsolationError("landlock", "not supported by this kernel")
     handled = _fs_rights(abi)

@@ -331,21 +331,48 @@ def seccomp_supported() -> bool:
     )
 
 
+# (ipc, ip) -> the prctl argument for that variant, with the program it
+# points to: made by `prepare_filters` in the launcher before it forks, so
+# a call's child only makes the system call.
+_PREPARED: dict[tuple[bool, bool], tuple[Any, Any]] = {}
+
+
+def prepare_filters() -> None:
+    """Build every variant's program and prctl argument, where seccomp works."""
+    if _PREPARED or not seccomp_supported():
+        return
+    for ipc in (True, False):
+        for ip in (True, False):
+            _PREPARED[ipc, ip] = _filter_argument(seccomp_program(ipc, ip))
+
+
 def apply_seccomp(ipc: bool = True, ip: bool = True) -> None:
     """Install the filter (`seccomp_program`) on this process and its future
     children. Raises IsolationError."""
-    if not seccomp_supported():
-        raise IsolationError("seccomp", f"no filter for {platform.machine()}")
-    install_filter(seccomp_program(ipc, ip))
+    prepared = _PREPARED.get((ipc, ip))
+    if prepared is None:
+        if not seccomp_supported():
+            raise IsolationError("seccomp", f"no filter for {platform.machine()}")
+        prepared = _filter_argument(seccomp_program(ipc, ip))
+    _install(prepared[0])
 
 
 def install_filter(code: bytes) -> None:
     """Install the BPF program `code` on this process and its future
     children (the caller has set no_new_privs). Raises IsolationError."""
+    _install(_filter_argument(code)[0])
+
+
+def _filter_argument(code: bytes) -> tuple[Any, Any]:
+    """prctl's `struct sock_fprog` for `code`, and the buffer it points to
+    (which must live as long as the argument)."""
     filters = ctypes.create_string_buffer(code, len(code))
     prog = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(filters))
-    prog_buffer = ctypes.create_string_buffer(prog, len(prog))
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, prog_buffer, 0, 0) != 0:
+    return ctypes.create_string_buffer(prog, len(prog)), filters
+
+
+def _install(argument: Any) -> None:
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, argument, 0, 0) != 0:
         raise IsolationError("seccomp", os.strerror(ctypes.get_errno()))
 
 
