@@ -12,8 +12,9 @@ What the job store keeps is bounded: `job_retention_s` (age of finished
 jobs), `max_db_bytes` (size of the database: over it the oldest finished jobs
 are pruned), `max_jobs_per_client` and `max_stored_bytes_per_client` (jobs and
 stored input+result bytes per principal; a new job makes room by dropping
-the principal's oldest finished jobs, and gets 429 `quota_exceeded` only
-when its unfinished jobs alone fill the quota), and `max_list_bytes`
+the principal's oldest finished jobs, a 64th of the job quota at once, and
+gets 429 `quota_exceeded` only when its unfinished jobs alone fill the
+quota), and `max_list_bytes`
 (serialized jobs per `GET /v1/jobs` page; the page says where the next one
 starts). `self_check` runs
 a few crash-suite probes at start-up (reported at /readyz);

@@ -58,6 +58,9 @@ PRUNE_EVERY_S = 60.0
 MiB = 1024 * 1024
 # Pruning by size goes this far below the cap, so it does not run on every job.
 PRUNE_TO_FRACTION = 0.9
+# A client over its job quota drops its oldest finished jobs down to
+# max_jobs_per_client - max_jobs_per_client // QUOTA_STEP - 1 (for the new one).
+QUOTA_STEP = 64
 
 
 @dataclass(frozen=True)
@@ -157,9 +160,11 @@ class JobManagementService:
         limits = self.limits
         if _exceeded(self.store.usage(owner), incoming, limits) is None:
             return
-        pruned = self.store.prune_owner(
-            owner, limits.max_jobs_per_client - 1, limits.max_stored_bytes_per_client - incoming
-        )
+        # A client at its job quota would otherwise drop one job (and pay a
+        # search and a delete) for every new one: room is made for a
+        # 64th of the quota at once.
+        keep = limits.max_jobs_per_client - 1 - limits.max_jobs_per_client // QUOTA_STEP
+        pruned = self.store.prune_owner(owner, keep, limits.max_stored_bytes_per_client - incoming)
         if pruned:
             log.info("quota: dropped %d oldest finished jobs", pruned, extra={"owner": owner})
         exceeded = _exceeded(self.store.usage(owner), incoming, limits)

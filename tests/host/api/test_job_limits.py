@@ -132,6 +132,23 @@ def test_a_client_over_its_job_quota_keeps_its_newest_jobs(
     assert client.get(f"/v1/jobs/{bob.json()['job_id']}", headers=BOB).status_code == 200
 
 
+def test_a_client_at_its_job_quota_makes_room_a_64th_of_it_at_once(
+    make_client: Callable[..., TestClient], body: dict, results_of: Callable[[int], None]
+) -> None:
+    results_of(10)  # no sandbox call: the quota is what is measured
+    client = make_client(max_jobs_per_client=128, **TOKENS)
+    ids = []
+    for _ in range(129):
+        response = client.post("/v1/analyze", json=body, headers=ALICE)
+        assert response.status_code == 200
+        ids.append(response.json()["job_id"])
+    listed = client.get("/v1/jobs?limit=200", headers=ALICE).json()
+    # The 129th job made room by dropping the 3 oldest (128 // 64 + 1): the
+    # next two jobs need no pruning.
+    assert listed["total"] == 126
+    assert {j["id"] for j in listed["jobs"]} == set(ids[-126:])
+
+
 def test_a_client_whose_unfinished_jobs_fill_its_quota_gets_429_and_others_go_on(
     make_client: Callable[..., TestClient], body: dict, held: threading.Event
 ) -> None:
