@@ -2,7 +2,7 @@
 
     run_call(handle, call, token)
       warm child: handle.hand_over(call)
-      _Watcher: selectors.select(min(deadline, exit grace, next memory sample))
+      _Watcher: poll(min(deadline, exit grace, next memory sample))
           reply bytes  -> ReplyStream (sizes checked before bodies)
           status bytes -> handle.feed_status: the child exited and was reaped
           stdout/err   -> capped, a tail kept
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextvars
 import os
-import selectors
+import select
 import signal
 import threading
 import time
@@ -345,32 +345,37 @@ class _Watcher:
         )
 
     def _loop(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            for name in ("status", "reply", "stdout", "stderr"):
-                selector.register(self.handle.fds[name], selectors.EVENT_READ, name)
-            if self.token is not None:
-                selector.register(self.token.fileno(), selectors.EVENT_READ, "cancel")
-            # The first sample one interval in: a child just forked holds
-            # nothing of its own yet (the cgroup's limit holds from its start).
-            next_sample = time.monotonic() + WATCHDOG_INTERVAL_S
-            # Until the final frame is in, or the child ended without one.
-            while self.handle.exit is None and self.reply.final is None:
-                now = time.monotonic()
-                if now >= self.deadline:
-                    raise _Stopped("timeout")
-                if now >= next_sample:
-                    self._sample_memory()
-                    next_sample = now + WATCHDOG_INTERVAL_S
-                wait = max(0.0, min(self.deadline, next_sample) - now)
-                for key, _ in selector.select(wait):
-                    if not self._on_readable(key.data, key.fd):
-                        selector.unregister(key.fd)
-            if self.reply.final is not None:
-                # The verdict is final now; the call's memory as it answered
-                # may be its peak (a fast call is sampled only here).
+        # poll, not an epoll selector: no descriptor of its own to make and
+        # close per call, and any descriptor number (select stops at 1024).
+        poller = select.poll()
+        names = {}
+        for name in ("status", "reply", "stdout", "stderr"):
+            names[self.handle.fds[name]] = name
+        if self.token is not None:
+            names[self.token.fileno()] = "cancel"
+        for fd in names:
+            poller.register(fd, select.POLLIN)
+        # The first sample one interval in: a child just forked holds
+        # nothing of its own yet (the cgroup's limit holds from its start).
+        next_sample = time.monotonic() + WATCHDOG_INTERVAL_S
+        # Until the final frame is in, or the child ended without one.
+        while self.handle.exit is None and self.reply.final is None:
+            now = time.monotonic()
+            if now >= self.deadline:
+                raise _Stopped("timeout")
+            if now >= next_sample:
                 self._sample_memory()
-            # Pick up what it wrote before its reply (or its exit).
-            self._drain()
+                next_sample = now + WATCHDOG_INTERVAL_S
+            wait = max(0.0, min(self.deadline, next_sample) - now)
+            for fd, _ in poller.poll(wait * 1000):
+                if not self._on_readable(names[fd], fd):
+                    poller.unregister(fd)
+        if self.reply.final is not None:
+            # The verdict is final now; the call's memory as it answered
+            # may be its peak (a fast call is sampled only here).
+            self._sample_memory()
+        # Pick up what it wrote before its reply (or its exit).
+        self._drain()
 
     def _on_readable(self, name: str, fd: int) -> bool:
         """Handle bytes on `fd`; False once it is at its end."""

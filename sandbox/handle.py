@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import selectors
 import shutil
 import socket
 import subprocess
@@ -363,16 +362,13 @@ class ChildHandle:
 
     def _read_pid(self, deadline: float) -> int:
         buffer = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.fds["status"], selectors.EVENT_READ)
-            while len(buffer) < PID.size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not selector.select(remaining):
-                    raise RuntimeError("launcher did not report the child's pid in time")
-                chunk = os.read(self.fds["status"], PID.size - len(buffer))
-                if not chunk:
-                    raise RuntimeError("launcher closed the status pipe before reporting a pid")
-                buffer += chunk
+        while len(buffer) < PID.size:
+            if not _wait_readable(self.fds["status"], deadline):
+                raise RuntimeError("launcher did not report the child's pid in time")
+            chunk = os.read(self.fds["status"], PID.size - len(buffer))
+            if not chunk:
+                raise RuntimeError("launcher closed the status pipe before reporting a pid")
+            buffer += chunk
         (pid,) = PID.unpack(buffer)
         return int(pid)
 
@@ -414,17 +410,14 @@ class ChildHandle:
         fd = self.fds.get("status")
         if fd is None:
             return
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            while self.exit is None or (reaped and not self.reaped):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not selector.select(remaining):
-                    return
-                data = os.read(fd, 65536)
-                if not data:
-                    self.status_ended()
-                    return
-                self.feed_status(data)
+        while self.exit is None or (reaped and not self.reaped):
+            if not _wait_readable(fd, deadline):
+                return
+            data = os.read(fd, 65536)
+            if not data:
+                self.status_ended()
+                return
+            self.feed_status(data)
 
     # -- memory --------------------------------------------------------------
 
@@ -508,6 +501,19 @@ class ChildHandle:
 
 def _payload_file(call: CallSpec) -> int:
     return write_payload(Payload(call.image, call.mime_type, call.options))
+
+
+def _wait_readable(fd: int, deadline: float) -> bool:
+    """Wait until `fd` has something to read (or is at its end); False once
+    `deadline` (monotonic) passed first."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        if poller.poll(remaining * 1000):
+            return True
 
 
 def _readable(fd: int) -> bool:
