@@ -155,6 +155,15 @@ class ClusterJobService(JobManagementService):
         self._maybe_prune()
         return job, future
 
+    def run_waited(
+        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS
+    ) -> tuple[Job, Future[Job]]:
+        """A waited job is recorded and queued as any other: a worker node runs it."""
+        return self.enqueue(plugin_name, payload, owner)
+
+    def record_waited(self, job_id: str) -> Job | None:
+        return None  # recorded when queued
+
     def run_job(self, job_id: str, cancel: Any = None) -> Job:
         """API nodes do not run jobs: worker nodes do (host/cluster/worker.py)."""
         raise RuntimeError("jobs of a multi-node deployment run on worker nodes")

@@ -1,5 +1,7 @@
 """AnalysisService: what the API calls. It goes through JobManagementService
-only, so every analysis is a job with a record, queued in the bounded pool."""
+only, so every analysis is a job with a record, queued in the bounded pool.
+A job whose caller waits for it (`POST /v1/analyze`) is recorded once, as it
+ends, or as its caller stops waiting (`JobManagementService.run_waited`)."""
 
 from __future__ import annotations
 
@@ -20,11 +22,20 @@ class AnalysisService:
         self.default_plugin = default_plugin
 
     def submit(
-        self, plugin_name: str | None, payload: Any, owner: str = ANONYMOUS
+        self, plugin_name: str | None, payload: Any, owner: str = ANONYMOUS, waited: bool = False
     ) -> tuple[Job, Future[Job]]:
-        """Queue an analysis as a job of `owner`. Raises Rejected, Overloaded or
-        QuotaExceeded."""
-        return self.jobs.enqueue(plugin_name or self.default_plugin, payload, owner)
+        """Queue an analysis as a job of `owner`; `waited`: the caller waits
+        for its end (stored once, as it ends, unless `stop_waiting`). Raises
+        Rejected, Overloaded or QuotaExceeded."""
+        name = plugin_name or self.default_plugin
+        if waited:
+            return self.jobs.run_waited(name, payload, owner)
+        return self.jobs.enqueue(name, payload, owner)
+
+    def stop_waiting(self, job: Job) -> Job:
+        """The caller of a `waited` analysis answers before its end: the job
+        as stored now, from which it can be followed like any other."""
+        return self.jobs.record_waited(job.id) or self.jobs.get_job(job.id)
 
 
 def job_outcome(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:

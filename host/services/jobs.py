@@ -54,6 +54,17 @@ from host.services.store import (
 )
 
 log = logging.getLogger("plughost.jobs")
+
+
+@dataclass
+class _Waited:
+    """A job of `run_waited` the store has not heard of yet (unless `recorded`)."""
+
+    job: Job  # as it is now
+    payload: Any
+    recorded: bool = False
+
+
 PRUNE_EVERY_S = 60.0
 MiB = 1024 * 1024
 # Pruning by size goes this far below the cap, so it does not run on every job.
@@ -115,6 +126,7 @@ class JobManagementService:
         self._lock = threading.Lock()
         self._admit = threading.Lock()  # a quota check and its insert, together
         self._tokens: dict[str, Any] = {}
+        self._waited: dict[str, _Waited] = {}  # run_waited's jobs not finished yet
         self._running = 0
         self._in_flight = 0
         self._last_prune = 0.0
@@ -199,6 +211,77 @@ class JobManagementService:
         self._maybe_prune()
         return job, future
 
+    def run_waited(
+        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS
+    ) -> tuple[Job, Future[Job]]:
+        """Queue a job of `owner` whose caller waits for its end (`POST
+        /v1/analyze`). It runs as any other job, but the store first hears of
+        it when it ends: one commit on the way to the answer instead of
+        three. If the caller stops waiting before then, `record_waited`
+        stores it as it is, and it goes on as any other job.
+
+        Until one of those, the job's id is known to no one but the caller
+        (and its input stays in memory, as the caller's request holds it
+        anyway): a host that dies meanwhile leaves no record, and the caller
+        no answer. Raises Rejected, Overloaded or QuotaExceeded.
+        """
+        self._plugins.check(plugin_name, payload)
+        if self._closed or not self._slots.acquire(blocking=False):
+            raise Overloaded(retry_after_s=self._retry_after())
+        try:
+            job = Job(
+                id=uuid.uuid4().hex,
+                plugin=plugin_name,
+                status=JobStatus.PENDING,
+                created_at=now_iso(),
+                owner=owner,
+            )
+            with self._admit:
+                self._check_quota(owner, _input_bytes(payload))
+            token = self._plugins.cancellation()
+            with self._lock:
+                self._waited[job.id] = _Waited(job, payload)
+                self._tokens[job.id] = token
+                self._in_flight += 1
+            future = self._pool.submit(self._run_pooled, job.id, token)
+        except BaseException:
+            with self._lock:
+                self._waited.pop(job.id, None)
+            self._slots.release()
+            raise
+        self._maybe_prune()
+        return job, future
+
+    def _start(self, job_id: str) -> tuple[Job, _Waited | None]:
+        """Mark a PENDING job RUNNING (a waited one the store has not heard
+        of, in memory only); return it, or it as it is if it is not PENDING."""
+        with self._lock:
+            waited = self._waited.get(job_id)
+            stored = waited is None or waited.recorded
+            job = waited.job if waited is not None and not stored else self.get_job(job_id)
+            if job.status is not JobStatus.PENDING:
+                self._waited.pop(job_id, None)
+                return job, None
+            job = replace(job, status=JobStatus.RUNNING, started_at=now_iso())
+            if stored:
+                self.store.update(job)
+            if waited is not None:
+                waited.job = job
+            self._running += 1
+        return job, waited
+
+    def record_waited(self, job_id: str) -> Job | None:
+        """Store a job of `run_waited` as it is now, because its caller stops
+        waiting; return it, or None once it had ended (and was stored)."""
+        with self._lock:
+            waited = self._waited.get(job_id)
+            if waited is None:
+                return None
+            if not waited.recorded:
+                self.store.add(waited.job, waited.payload)
+                waited.recorded = True
+            return waited.job
+
     def _retry_after(self) -> float:
         # A rough wait: one typical call per queued job per worker.
         return max(1.0, round(self.queue_size / max(self.workers, 1), 1))
@@ -211,24 +294,21 @@ class JobManagementService:
         finally:
             with self._lock:
                 self._tokens.pop(job_id, None)
+                self._waited.pop(job_id, None)  # if its run failed outright
                 self._in_flight -= 1
             token.close()
             self._slots.release()
 
     def run_job(self, job_id: str, cancel: Any = None) -> Job:
         """Run a PENDING job in this thread; return it finished. Raises JobNotFound."""
-        with self._lock:
-            job = self.get_job(job_id)
-            if job.status is not JobStatus.PENDING:
-                return job  # cancelled while queued, or run already
-            job = replace(job, status=JobStatus.RUNNING, started_at=now_iso())
-            self.store.update(job)
-            self._running += 1
+        job, waited = self._start(job_id)
+        if job.status is not JobStatus.RUNNING:
+            return job  # cancelled while queued, or run already
         context = {"job_id": job.id, "plugin": job.plugin}
         log.info("job started", extra=context)
         started = time.monotonic()
         try:
-            payload = self.store.payload(job.id)
+            payload = waited.payload if waited is not None else self.store.payload(job.id)
             result: dict[str, Any] = {}
             if payload is None:
                 error = envelope("internal", "the job's input is gone", job.plugin)
@@ -253,7 +333,12 @@ class JobManagementService:
             result=result or None,
             error=failure.public() if failure else None,
         )
-        self.store.update(job)
+        with self._lock:
+            waited = self._waited.pop(job_id, None)
+            if waited is not None and not waited.recorded:
+                self.store.add(job, None)  # its only commit
+            else:
+                self.store.update(job)
         log.info(
             "job finished",
             extra={

@@ -169,7 +169,7 @@ class PgJobStore:
 
     # -- the JobStore protocol ----------------------------------------------
 
-    def add(self, job: Job, payload: dict[str, Any]) -> None:
+    def add(self, job: Job, payload: dict[str, Any] | None) -> None:
         with self.connection() as conn:
             conn.execute(
                 f"INSERT INTO plughost_jobs ({_COLUMNS}, stored_bytes, payload, image) "

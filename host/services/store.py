@@ -119,7 +119,7 @@ class Usage:
 
 
 class JobStore(Protocol):
-    def add(self, job: Job, payload: dict[str, Any]) -> None: ...
+    def add(self, job: Job, payload: dict[str, Any] | None) -> None: ...
     def get(self, job_id: str) -> Job | None: ...
     def payload(self, job_id: str) -> dict[str, Any] | None: ...
     def document(self, job_id: str) -> tuple[str, str] | None: ...
@@ -219,10 +219,13 @@ class MemoryJobStore:
         self._payloads: dict[str, tuple[bytes, str]] = {}
         self._sizes: dict[str, int] = {}
 
-    def add(self, job: Job, payload: dict[str, Any]) -> None:
-        image, meta = encode_payload(payload)
+    def add(self, job: Job, payload: dict[str, Any] | None) -> None:
         with self._lock:
             self._jobs[job.id] = job
+            if payload is None:  # a finished job: no input kept
+                self._sizes[job.id] = _record_bytes(_json(job.result), _json(job.error))
+                return
+            image, meta = encode_payload(payload)
             self._payloads[job.id] = (image, meta)
             self._sizes[job.id] = len(image) + len(meta)
 
@@ -394,13 +397,14 @@ def job_from_row(row: tuple[Any, ...]) -> Job:
     )
 
 
-def new_row(job: Job, payload: dict[str, Any]) -> tuple[Any, ...]:
+def new_row(job: Job, payload: dict[str, Any] | None) -> tuple[Any, ...]:
     """A new job's row, in the order of `_COLUMNS` then payload and image
     (every store keeps the same record: the input as raw bytes plus its
-    metadata, and the bytes it stores counted for the owner's quota)."""
-    image, meta = encode_payload(payload)
+    metadata, and the bytes it stores counted for the owner's quota). A
+    job stored only once finished (`payload` None) keeps no input."""
+    image, meta = encode_payload(payload) if payload is not None else (None, None)
     result, error = _json(job.result), _json(job.error)
-    stored = len(image) + len(meta) + _record_bytes(result, error)
+    stored = len(image or b"") + len(meta or "") + _record_bytes(result, error)
     return (
         job.id,
         job.plugin,
@@ -561,7 +565,7 @@ class SQLiteJobStore:
         if not exists:
             self._db.executescript(USAGE_SCHEMA)
 
-    def add(self, job: Job, payload: dict[str, Any]) -> None:
+    def add(self, job: Job, payload: dict[str, Any] | None) -> None:
         with self._lock:
             self._db.execute(
                 f"INSERT INTO jobs ({_COLUMNS}, payload, image) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",

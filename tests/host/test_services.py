@@ -251,3 +251,101 @@ def test_the_recorded_peak_memory_feeds_the_histogram_and_the_ring_keeps_the_out
         "success",
     ]
     assert recent[1]["result_keys"] == sorted(result)[:20] and recent[0]["error"]["message"]
+
+
+class _CountingStore(SQLiteJobStore):
+    """The SQLite store, counting the writes (each a commit) it is asked for."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.writes: list[tuple[str, str]] = []
+
+    def add(self, job: Job, payload: dict[str, Any] | None) -> None:
+        self.writes.append(("add", job.status.value))
+        super().add(job, payload)
+
+    def update(self, job: Job) -> None:
+        self.writes.append(("update", job.status.value))
+        super().update(job)
+
+
+@pytest.fixture
+def counted(
+    plugins: PluginManagementService, tmp_path: Path
+) -> tuple[JobManagementService, _CountingStore]:
+    store = _CountingStore(tmp_path / "jobs.sqlite3")
+    service = JobManagementService(plugins, store, workers=2, queue_size=2)
+    yield service, store
+    service.shutdown(timeout_s=5)
+
+
+def test_a_waited_job_is_stored_once_as_it_ends(
+    counted: tuple[JobManagementService, _CountingStore], payload: dict
+) -> None:
+    jobs, store = counted
+    analysis = AnalysisService(jobs)
+    job, future = analysis.submit("image_info", payload, "alice", waited=True)
+    assert store.get(job.id) is None or future.done()
+    done = future.result(timeout=30)
+    assert done.status is JobStatus.SUCCESS
+    assert store.writes == [("add", "SUCCESS")]  # one commit on the way to the answer
+    stored = jobs.get_job(job.id, owner="alice")
+    assert stored.result == done.result and stored.started_at and stored.finished_at
+    assert store.payload(job.id) is None  # a finished job keeps no input
+    assert store.usage("alice").jobs == 1
+    # A job that is not waited for is stored as it is accepted, and as it runs.
+    store.writes.clear()
+    jobs.enqueue("image_info", payload, "alice")[1].result(timeout=30)
+    assert store.writes == [("add", "PENDING"), ("update", "RUNNING"), ("update", "SUCCESS")]
+
+
+def test_a_waited_job_its_caller_stops_waiting_for_is_stored_and_goes_on(
+    counted: tuple[JobManagementService, _CountingStore],
+    payload: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    jobs, store = counted
+    release = threading.Event()
+    running = threading.Event()
+
+    def slow(self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None):
+        running.set()
+        release.wait(20)
+        return {"late": True}, {}
+
+    monkeypatch.setattr(PluginManagementService, "execute_plugin", slow)
+    analysis = AnalysisService(jobs)
+    job, future = analysis.submit("image_info", payload, "alice", waited=True)
+    assert running.wait(10)
+    with pytest.raises(JobNotFound):
+        jobs.get_job(job.id)  # nobody but its caller knows of it yet
+    followed = analysis.stop_waiting(job)
+    assert followed.status is JobStatus.RUNNING
+    assert jobs.get_job(job.id, owner="alice").status is JobStatus.RUNNING
+    assert store.payload(job.id) is not None  # kept while it runs, as for any job
+    release.set()
+    assert future.result(timeout=30).result == {"late": True}
+    assert jobs.get_job(job.id).status is JobStatus.SUCCESS
+    assert store.payload(job.id) is None
+    assert store.writes == [("add", "RUNNING"), ("update", "SUCCESS")]
+    assert analysis.stop_waiting(job).status is JobStatus.SUCCESS  # ended: as stored
+
+
+def test_a_waited_job_whose_run_fails_outright_leaves_nothing_behind(
+    counted: tuple[JobManagementService, _CountingStore],
+    payload: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    jobs, store = counted
+
+    def broken(self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None):
+        raise RuntimeError("the runner broke")
+
+    monkeypatch.setattr(PluginManagementService, "execute_plugin", broken)
+    job, future = jobs.run_waited("image_info", payload)
+    with pytest.raises(RuntimeError):
+        future.result(timeout=30)
+    assert jobs.record_waited(job.id) is None
+    assert jobs.stats()["queued"] == 0 and jobs.stats()["running"] == 0

@@ -30,10 +30,11 @@ class AnalyzeResponse(BaseModel):
 async def _analyze(
     svc: Services, caller: Principal, plugin: str | None, payload: Any
 ) -> JSONResponse:
-    job, future = svc.analysis.submit(plugin, payload, caller.id)
+    job, future = svc.analysis.submit(plugin, payload, caller.id, waited=True)
     try:
         job = await asyncio.wait_for(asyncio.wrap_future(future), ANALYZE_WAIT_S)
     except TimeoutError:
+        job = svc.analysis.stop_waiting(job)  # stored now, to be followed at its link
         return JSONResponse(
             {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}}, status_code=202
         )

@@ -282,3 +282,20 @@ def test_openapi_describes_every_route_and_error(client: TestClient) -> None:
         assert path in paths
     assert "503" in paths["/v1/analyze"]["post"]["responses"]
     assert "ErrorBody" in schema["components"]["schemas"]
+
+
+def test_analyze_that_outlasts_its_wait_answers_202_with_a_job_to_follow(
+    client: TestClient, body: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import host.api.routes.analyze as analyze
+
+    # The analysis goes on after the answer: stored then, it is followed at its link.
+    monkeypatch.setattr(analyze, "ANALYZE_WAIT_S", 0.2)
+    response = client.post("/v1/analyze", json={**body, "plugin": "sleep_forever"})
+    assert response.status_code == 202
+    job = response.json()["job"]
+    assert job["status"] in ("PENDING", "RUNNING")
+    link = response.json()["links"]["self"]
+    assert client.get(link).json()["status"] in ("PENDING", "RUNNING")
+    finished = wait_status(client, job["id"], {"FAILED"})
+    assert finished["error"]["details"]["reason"] == "timeout"
