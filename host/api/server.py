@@ -26,6 +26,7 @@ later, so open descriptors stay below about twice the cap.
 from __future__ import annotations
 
 import asyncio
+import encodings.idna  # noqa: F401 - uvloop encodes the bound host with it; loaded while root
 import json
 import logging
 import resource
@@ -198,6 +199,7 @@ def serve(app: FastAPI, settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         http=protocol,
+        loop="uvloop",
         # asyncio accepts up to `backlog` connections per wake-up, and a few
         # wake-ups pass before the first of them reaches the protocol's cap.
         backlog=backlog(cap),
