@@ -423,7 +423,10 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
     ).encode()
     server, port, _ = start_server(plugin_dir, "--workers", str(threads), "--prewarm", "0")
     try:
-        _load(port, "GET", "/healthz", None, 50, concurrency)  # warm-up
+        # Warm-up, as the runner's own measurement comes after other calls:
+        # the first calls of each uid make its slot and cgroups.
+        _load(port, "GET", "/healthz", None, 50, concurrency)
+        _load(port, "POST", "/v1/analyze", body, total // 5, concurrency)
         noop = _load(port, "GET", "/healthz", None, total, concurrency)
         analyze = _load(port, "POST", "/v1/analyze", body, total, concurrency)
     finally:
@@ -431,7 +434,7 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
         server.wait(30)
     server, port, _ = start_server(plugin_dir)
     try:
-        _load(port, "GET", "/healthz", None, 50, concurrency)
+        _load(port, "POST", "/v1/analyze", body, total // 5, concurrency)
         defaults = _load(port, "POST", "/v1/analyze", body, total, concurrency)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -709,7 +712,7 @@ def main() -> None:
     sections: dict[str, Callable[[], list[str]]] = {
         "overhead": lambda: overhead(100 if quick else 300, 15 if quick else 40),
         "sustained": lambda: sustained(3 if quick else 10, 4),
-        "http": lambda: http_section(plugin_dir, 200 if quick else 1000, 8, 4),
+        "http": lambda: http_section(plugin_dir, 200 if quick else 2000, 8, 4),
         "limits": lambda: limits_section(4 if quick else 20),
         "rss": lambda: rss_section(1000 if quick else 20_000, 4),
         "peers": peers_section,
@@ -809,20 +812,28 @@ def write_docs(sections: list[str]) -> None:
         goes" (scripts/phases.py) says what a call is made of. A cold call
         with every layer on a root host is one fork by the launcher, into
         the PID and network namespaces of the call's uid's slot (kept
-        between calls and cleaned by the slot's holder after each), a
-        private copy of the plugin's minimal root with its own scratch and
-        /proc, Landlock and seccomp, the payload, the plugin's import and
-        run, and on the way out one exit, the mount namespace's teardown,
-        the reap and the slot's clean-up; the IPC and UTS namespaces are
-        the launcher's, made once and shared (SECURITY.md, "Shared between
-        calls"). Each of those is a few tenths of a millisecond of a Python
-        process's kernel work; with the host's and the launcher's share
-        they come to about 6-7 ms of machine CPU per call, against the 4 ms
-        target, and the throughput targets follow from that on 2 cores.
-        Reaching them would take a call that skips whole rows of that table
-        (a zygote per plugin, with the plugin imported and Landlock and
-        seccomp applied once), and "Where a call's time goes" says why this
-        tree does not have one.
+        between calls and cleaned by the slot's holder after each), into
+        the uid's cgroups (kept too, on cgroup v1), a private copy of the
+        plugin's minimal root with its own scratch and /proc, Landlock and
+        seccomp, the payload, the plugin's import (its bytecode written
+        once, when the host prepared it) and run, and on the way out one
+        exit, the mount namespace's teardown, the reap and the slot's
+        clean-up; the IPC and UTS namespaces are the launcher's, made once
+        and shared (SECURITY.md, "Shared between calls"). With the host's
+        and the launcher's share that comes to about 4.1-4.6 ms of machine
+        CPU per call at four callers on this machine, against the 4 ms
+        target. A third of it is the fork and exit of a 15 MB Python
+        process: its page tables copied, then each page either side writes
+        copied again, then unmapped. Going below would take a call that
+        skips whole rows of the table (a zygote per plugin that has applied
+        Landlock and seccomp once), and "Where a call's time goes" says why
+        this tree does not have one.
+
+        The `/v1/analyze` figure set beside the runner's comes from a server
+        whose sandbox runs as the runner's measurement does (four calls at
+        once, no prewarmed child), warmed up as the runner is, so the
+        difference is the HTTP request, JSON, base64 and the job's one
+        commit; the server's defaults are printed beside it.
 
         A prewarmed child has done all of its set-up and imported its plugin
         before the call arrives, and the answer goes back before the call's
