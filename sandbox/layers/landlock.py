@@ -13,6 +13,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 from sandbox.layers.kernel import IsolationError, libc
 
@@ -61,13 +62,34 @@ def landlock_abi() -> int:
 
 
 _ABI = 0  # the kernel's, once `prepare` asked (the launcher, before it forks)
+_ATTRS: dict[int, tuple[Any, int]] = {}  # ABI -> struct landlock_ruleset_attr and its size
+# The system calls' constant arguments, made once.
+_PATH_BENEATH = ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH)
+_NO_FLAGS = ctypes.c_uint32(0)
 
 
 def prepare() -> None:
-    """Ask the kernel its ABI once, so that a call's child need not."""
+    """Ask the kernel its ABI once and build its ruleset attribute, so that
+    a call's child need not."""
     global _ABI
     if not _ABI:
         _ABI = landlock_abi()
+    if _ABI >= 1:
+        _ruleset_attr(_ABI)
+
+
+def _ruleset_attr(abi: int) -> tuple[Any, int]:
+    """What the ruleset handles on this ABI: every file system right, TCP
+    bind and connect (ABI 4+), the abstract unix socket and signal scopes
+    (ABI 6+); as the buffer `landlock_create_ruleset` takes, and its size."""
+    found = _ATTRS.get(abi)
+    if found is None:
+        net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+        scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= SCOPE_ABI else 0
+        attr = struct.pack("=QQQ", _fs_rights(abi), net, scoped)
+        size = 8 if abi < 4 else (16 if abi < 6 else 24)
+        found = _ATTRS[abi] = (ctypes.create_string_buffer(attr[:size], size), size)
+    return found
 
 
 def _fs_rights(abi: int) -> int:
@@ -95,20 +117,16 @@ def apply_landlock(
     if abi < 1:
         raise IsolationError("landlock", "not supported by this kernel")
     handled = _fs_rights(abi)
-    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
-    scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= SCOPE_ABI else 0
-    attr = struct.pack("=QQQ", handled, net, scoped)
-    size = 8 if abi < 4 else (16 if abi < 6 else 24)
-    buffer = ctypes.create_string_buffer(attr[:size], size)
-    ruleset = libc.syscall(
-        SYS_LANDLOCK_CREATE_RULESET, buffer, ctypes.c_size_t(size), ctypes.c_uint32(0)
-    )
+    buffer, size = _ruleset_attr(abi)
+    ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, buffer, ctypes.c_size_t(size), _NO_FLAGS)
     if ruleset < 0:
         raise IsolationError("landlock", os.strerror(ctypes.get_errno()))
     try:
         rules = [(p, READ_ONLY) for p in read_only]
         rules += [(p, handled) for p in read_write]
         rules += [(p, FS_READ_FILE | FS_WRITE_FILE) for p in writable_files]
+        target = ctypes.c_int(ruleset)
+        rule = ctypes.create_string_buffer(12)  # struct landlock_path_beneath_attr, reused
         for path, rights in rules:
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -117,23 +135,14 @@ def apply_landlock(
             try:
                 if not stat.S_ISDIR(os.fstat(fd).st_mode):
                     rights &= FILE_RIGHTS
-                rule = ctypes.create_string_buffer(struct.pack("=Qi", rights & handled, fd), 12)
-                if (
-                    libc.syscall(
-                        SYS_LANDLOCK_ADD_RULE,
-                        ctypes.c_int(ruleset),
-                        ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
-                        rule,
-                        ctypes.c_uint32(0),
-                    )
-                    < 0
-                ):
+                struct.pack_into("=Qi", rule, 0, rights & handled, fd)
+                if libc.syscall(SYS_LANDLOCK_ADD_RULE, target, _PATH_BENEATH, rule, _NO_FLAGS) < 0:
                     raise IsolationError(
                         "landlock", f"rule for {path}: {os.strerror(ctypes.get_errno())}"
                     )
             finally:
                 os.close(fd)
-        if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
+        if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, target, _NO_FLAGS) < 0:
             raise IsolationError("landlock", os.strerror(ctypes.get_errno()))
     finally:
         os.close(ruleset)
