@@ -50,7 +50,7 @@ def compile_plugin(directory: str | Path) -> int:
     for here, dirs, files in os.walk(root, followlinks=False):
         # Below a directory someone else could write, nothing is trusted.
         dirs[:] = [d for d in dirs if d != "__pycache__" and _safe_dir(Path(here) / d)]
-        if not _cache_dir_ok(Path(here) / "__pycache__"):
+        if not _safe_dir(Path(here) / "__pycache__", missing_ok=True):
             continue
         for name in sorted(files):
             if not name.endswith(".py"):
@@ -63,20 +63,12 @@ def compile_plugin(directory: str | Path) -> int:
     return written
 
 
-def _safe_dir(path: Path) -> bool:
+def _safe_dir(path: Path, missing_ok: bool = False) -> bool:
+    """`path` is a directory of ours (or, with `missing_ok`, absent: made here)."""
     try:
         info = path.lstat()
-    except OSError:
-        return False
-    return stat.S_ISDIR(info.st_mode) and _ours(info)
-
-
-def _cache_dir_ok(cache: Path) -> bool:
-    """`__pycache__` is absent (made here) or a directory of ours."""
-    try:
-        info = cache.lstat()
     except FileNotFoundError:
-        return True
+        return missing_ok
     except OSError:
         return False
     return stat.S_ISDIR(info.st_mode) and _ours(info)

@@ -151,14 +151,18 @@ class JobManagementService:
         self._plugins.check(plugin_name, payload)
         return self._store_pending(plugin_name, payload, owner)
 
-    def _store_pending(self, plugin_name: str, payload: Any, owner: str) -> Job:
-        job = Job(
+    @staticmethod
+    def _pending(plugin_name: str, owner: str) -> Job:
+        return Job(
             id=uuid.uuid4().hex,
             plugin=plugin_name,
             status=JobStatus.PENDING,
             created_at=now_iso(),
             owner=owner,
         )
+
+    def _store_pending(self, plugin_name: str, payload: Any, owner: str) -> Job:
+        job = self._pending(plugin_name, owner)
         with self._admit:
             self._check_quota(owner, _input_bytes(payload))
             self.store.add(job, payload)
@@ -195,21 +199,7 @@ class JobManagementService:
 
         Raises Rejected, Overloaded or QuotaExceeded; stores nothing then.
         """
-        self._plugins.check(plugin_name, payload)
-        if self._closed or not self._slots.acquire(blocking=False):
-            raise Overloaded(retry_after_s=self._retry_after())
-        try:
-            job = self._store_pending(plugin_name, payload, owner)  # checked above
-            token = self._plugins.cancellation()
-            with self._lock:
-                self._tokens[job.id] = token
-                self._in_flight += 1
-            future = self._pool.submit(self._run_pooled, job.id, token)
-        except BaseException:
-            self._slots.release()
-            raise
-        self._maybe_prune()
-        return job, future
+        return self._queue(plugin_name, payload, owner, waited=False)
 
     def run_waited(
         self, plugin_name: str, payload: Any, owner: str = ANONYMOUS
@@ -225,28 +215,33 @@ class JobManagementService:
         anyway): a host that dies meanwhile leaves no record, and the caller
         no answer. Raises Rejected, Overloaded or QuotaExceeded.
         """
+        return self._queue(plugin_name, payload, owner, waited=True)
+
+    def _queue(
+        self, plugin_name: str, payload: Any, owner: str, waited: bool
+    ) -> tuple[Job, Future[Job]]:
         self._plugins.check(plugin_name, payload)
         if self._closed or not self._slots.acquire(blocking=False):
             raise Overloaded(retry_after_s=self._retry_after())
+        job = None
         try:
-            job = Job(
-                id=uuid.uuid4().hex,
-                plugin=plugin_name,
-                status=JobStatus.PENDING,
-                created_at=now_iso(),
-                owner=owner,
-            )
-            with self._admit:
-                self._check_quota(owner, _input_bytes(payload))
+            if waited:
+                job = self._pending(plugin_name, owner)
+                with self._admit:
+                    self._check_quota(owner, _input_bytes(payload))
+            else:
+                job = self._store_pending(plugin_name, payload, owner)  # checked above
             token = self._plugins.cancellation()
             with self._lock:
-                self._waited[job.id] = _Waited(job, payload)
+                if waited:
+                    self._waited[job.id] = _Waited(job, payload)
                 self._tokens[job.id] = token
                 self._in_flight += 1
             future = self._pool.submit(self._run_pooled, job.id, token)
         except BaseException:
-            with self._lock:
-                self._waited.pop(job.id, None)
+            if job is not None:
+                with self._lock:
+                    self._waited.pop(job.id, None)
             self._slots.release()
             raise
         self._maybe_prune()
