@@ -141,3 +141,56 @@ def test_cgroup_v2_calls_get_new_cgroups(tmp_path: Path) -> None:
     second = made.take(uid_range().start, 64 * MiB, 16)
     assert first.dirs["unified"] != second.dirs["unified"]
     assert first.uid is None and second.uid is None  # never kept
+
+
+FILL_CACHE = """
+read = 0
+for top, _, names in os.walk('/usr/lib'):
+    for name in names:
+        try:
+            with open(os.path.join(top, name), 'rb') as stream:
+                # Dropped from the cache first, so that reading it charges
+                # this call's cgroup, not the one that read it before.
+                os.posix_fadvise(stream.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                while chunk := stream.read(1 << 20):
+                    read += len(chunk)
+        except OSError:
+            continue
+        if read > 3 * 128 * 2**20:
+            return {'read': read}
+return {'read': read}
+"""
+NEAR_LIMIT = """
+block = bytearray(70 * 2**20)
+for offset in range(0, len(block), 4096):
+    block[offset] = 1
+return {'held': len(block)}
+"""
+
+
+def test_page_cache_a_call_leaves_in_its_uids_cgroup_does_not_count_against_the_next(
+    registry, sandbox, tmp_path: Path, payload: dict
+) -> None:
+    from sandbox.tool_runner import ToolRunner
+    from tests.conftest import write_plugin
+
+    # An attacker's call reads three times its memory limit from files, to
+    # leave its uid's kept cgroup full of page cache; the uid's next call
+    # still gets its whole limit.
+    for name, body in (("fill_cache", FILL_CACHE), ("near_limit", NEAR_LIMIT)):
+        registry.load_directory(write_plugin(tmp_path, name, body, timeout_s=20, memory_mb=128))
+    runner = ToolRunner(registry, sandbox)
+    for _ in range(3):
+        sandbox.settle()  # the same (lowest free) uid, so the same cgroups
+        result, error = runner.run("fill_cache", payload)
+        assert error == {} and result["read"] > 3 * 128 * 2**20
+        sandbox.settle()
+        charged = [
+            int((path / "memory.usage_in_bytes").read_text())
+            for path in sandbox.kept_cgroups()
+            if path.parent.parent.name == "memory"
+        ]
+        assert max(charged) > 96 * 2**20  # the attack worked: its cache is still charged
+        result, error = runner.run("near_limit", payload)
+        assert error == {}, error
+        assert result == {"held": 70 * 2**20}
