@@ -11,8 +11,9 @@ anew one that no longer matches.
 The host does this with its own privileges in a directory a plugin author
 wrote, so it writes only where nobody else could have placed a link:
 directories and sources owned by the host's user and writable by nobody
-else, regular files only, no symbolic link followed. Anything else is left
-alone, and its calls compile as before.
+else, regular files only, no symbolic link followed. A source that not
+everyone may read gets no bytecode (which every call uid must read).
+Anything else is left alone, and its calls compile as before.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def _compile_one(source: Path) -> int:
         info = source.lstat()
         if not stat.S_ISREG(info.st_mode) or not _ours(info) or info.st_size > MAX_SOURCE_BYTES:
             return 0
+        if not info.st_mode & stat.S_IROTH:
+            return 0  # no call reads it; its bytecode would show what it holds to everyone
         target = Path(importlib.util.cache_from_source(str(source)))
         if _fresh(target, info):
             return 0

@@ -75,10 +75,15 @@ def test_nothing_is_written_through_a_link_or_where_others_could_write(tmp_path:
     (linked_dir / "pkg").symlink_to(elsewhere)
     open_dir = write_plugin(tmp_path / "d", "open_dir", BODY)
     open_dir.chmod(0o777)
+    private = write_plugin(tmp_path / "e", "private", BODY)
+    (private / "credentials.py").write_text("TOKEN = 'the operator keeps this to root'\n")
+    (private / "credentials.py").chmod(0o600)
     assert compile_plugin(linked_cache) == 0
     assert compile_plugin(linked_source) == 1  # its own module only
     assert compile_plugin(linked_dir) == 1
     assert compile_plugin(open_dir) == 0
+    assert compile_plugin(private) == 1  # not the file only root may read
+    assert not _cached(private / "credentials.py").exists()
     assert sorted(p.name for p in elsewhere.iterdir()) == ["secret_settings.py"]
     assert not _cached(linked_source / "settings.py").exists()
     assert not (open_dir / "__pycache__").exists()
