@@ -820,8 +820,9 @@ def write_docs(sections: list[str]) -> None:
         exit, the mount namespace's teardown, the reap and the slot's
         clean-up; the IPC and UTS namespaces are the launcher's, made once
         and shared (SECURITY.md, "Shared between calls"). With the host's
-        and the launcher's share that comes to about 4.1-4.6 ms of machine
-        CPU per call at four callers on this machine, against the 4 ms
+        and the launcher's share that comes to 4.1-5.1 ms of machine
+        CPU per call at four callers on this machine in this round's runs
+        (the machine's own speed moved between them), against the 4 ms
         target. A third of it is the fork and exit of a 15 MB Python
         process: its page tables copied, then each page either side writes
         copied again, then unmapped. Going below would take a call that
