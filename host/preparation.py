@@ -36,13 +36,17 @@ def prepare_all(
     progress: Progress = lambda _line: None,
     names: Iterable[str] | None = None,
     refresh: bool = False,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> dict[str, EnvState]:
     """Compile the modules of every plugin in `names` (default: all) and
     prepare the environment of each that declares packages; then collect
     the environments none uses. Returns the state reached per plugin that
-    declares packages."""
+    declares packages. Once `stopping()` is true, no further plugin is
+    begun and nothing is collected."""
     chosen = sorted(names if names is not None else registry.list_plugins())
     for name in chosen:
+        if stopping():
+            return {}
         compile_plugin(registry.get_plugin(name).directory)
     store = registry.environments
     if store is None:
@@ -52,6 +56,8 @@ def prepare_all(
         plugin = registry.get_plugin(name)
         if plugin.requirements.empty:
             continue
+        if stopping():
+            return states
         states[name] = store.prepare(name, plugin.requirements, progress, refresh)
     in_use = [
         store.key_for(name, registry.get_plugin(name).requirements)
@@ -72,6 +78,7 @@ class BackgroundPreparation:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._again = False
+        self._stopping = threading.Event()
         self.started = False
 
     def start(self) -> None:
@@ -87,7 +94,7 @@ class BackgroundPreparation:
     def _run(self) -> None:
         while True:
             try:
-                states = prepare_all(self.registry, log.info)
+                states = prepare_all(self.registry, log.info, stopping=self._stopping.is_set)
             except Exception:  # a bug here must not take the server down
                 log.exception("preparing the plugins' environments failed")
                 states = {}
@@ -96,9 +103,15 @@ class BackgroundPreparation:
                     log.error("plugin %s: %s", name, state.message)
             self._on_done()
             with self._lock:
-                if not self._again:
+                if not self._again or self._stopping.is_set():
                     return
                 self._again = False
+
+    def stop(self, timeout_s: float) -> bool:
+        """Begin no further plugin, and wait up to `timeout_s` for the one
+        being prepared (the server is stopping); True when none is left."""
+        self._stopping.set()
+        return self.join(timeout_s)
 
     def join(self, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for the current run; True when none is left."""

@@ -99,6 +99,8 @@ def _lifespan(settings: Settings, given: Services | None) -> Any:
         # Plugin environments are prepared as the serving user, while the API answers.
         services.plugins.preparation.start()
         yield
+        # Nothing is compiled or installed while the server stops.
+        await asyncio.to_thread(services.plugins.preparation.stop, 10.0)
         await asyncio.to_thread(services.jobs.shutdown)
         if given is None:  # built here, so stopped here
             await asyncio.to_thread(services.plugins.close)

@@ -85,3 +85,30 @@ def test_options_to_a_plugin_without_a_schema_are_warned_about_once(
         assert answer.status_code == 200
     warnings = [r for r in caplog.records if "declares no options schema" in r.getMessage()]
     assert len(warnings) == 1 and "'colour'" in warnings[0].getMessage()
+
+
+def test_a_stopping_server_leaves_no_preparation_running(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import host.preparation as preparation
+
+    begun: list[Path] = []
+
+    def slow_compile(directory: Path) -> int:
+        begun.append(Path(directory))
+        time.sleep(0.1)  # a plugin that takes a while to compile
+        return 0
+
+    monkeypatch.setattr(preparation, "compile_plugin", slow_compile)
+    client = make_client()  # its start begins the preparation of every plugin
+    deadline = time.monotonic() + 5
+    while not begun and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert begun
+    client.__exit__(None, None, None)
+    # Stopped within the plugin it was on: nothing writes in a plugin's
+    # directory, or holds a descriptor, once the server is gone.
+    assert not [t for t in threading.enumerate() if t.name == "plughost-prepare"]
+    assert len(begun) < 10
