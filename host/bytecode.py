@@ -23,6 +23,7 @@ import logging
 import os
 import py_compile
 import stat
+import struct
 from pathlib import Path
 
 log = logging.getLogger("plughost.bytecode")
@@ -43,10 +44,7 @@ def compile_plugin(directory: str | Path) -> int:
     written = 0
     seen = 0
     root = Path(directory)
-    try:
-        if not _ours(root.lstat()) or not stat.S_ISDIR(root.lstat().st_mode):
-            return 0
-    except OSError:
+    if not _safe_dir(root):
         return 0
     for here, dirs, files in os.walk(root, followlinks=False):
         # Below a directory someone else could write, nothing is trusted.
@@ -102,17 +100,20 @@ def _compile_one(source: Path) -> int:
 
 
 def _fresh(target: Path, source: os.stat_result) -> bool:
-    """The bytecode at `target` matches the source as Python checks it."""
+    """The bytecode at `target` matches the source as Python checks it (the
+    header compileall compares too: magic, flags 0, mtime, size)."""
+    expected = struct.pack(
+        "<4sLLL",
+        importlib.util.MAGIC_NUMBER,
+        0,
+        int(source.st_mtime) & 0xFFFFFFFF,
+        source.st_size & 0xFFFFFFFF,
+    )
     try:
         with target.open("rb") as stream:
-            header = stream.read(16)
+            return stream.read(16) == expected
     except OSError:
         return False
-    if header[:4] != importlib.util.MAGIC_NUMBER or int.from_bytes(header[4:8], "little") != 0:
-        return False  # another interpreter's, or not checked by timestamp
-    mtime = int.from_bytes(header[8:12], "little")
-    size = int.from_bytes(header[12:16], "little")
-    return mtime == int(source.st_mtime) & 0xFFFFFFFF and size == source.st_size & 0xFFFFFFFF
 
 
 __all__ = ["compile_plugin"]

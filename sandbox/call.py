@@ -348,9 +348,7 @@ class _Watcher:
         # poll, not an epoll selector: no descriptor of its own to make and
         # close per call, and any descriptor number (select stops at 1024).
         poller = select.poll()
-        names = {}
-        for name in ("status", "reply", "stdout", "stderr"):
-            names[self.handle.fds[name]] = name
+        names = {self.handle.fds[name]: name for name in ("status", "reply", "stdout", "stderr")}
         if self.token is not None:
             names[self.token.fileno()] = "cancel"
         for fd in names:

@@ -252,9 +252,12 @@ class CallCgroup:
             _write(pids / "pids.max", max_processes)
         self.max_processes = max_processes
 
-    def _read(self, kind: str, name: str) -> bytes:
-        """The file `name` of the `kind` directory."""
-        fd = os.open(self.dirs[kind] / name, os.O_RDONLY | os.O_CLOEXEC)
+    def _read_memory(self, name: str) -> bytes | None:
+        """The memory controller's file `name`, None without a memory cgroup."""
+        path = self._memory_dir()
+        if path is None:
+            return None
+        fd = os.open(path / name, os.O_RDONLY | os.O_CLOEXEC)
         try:
             return os.read(fd, 65536)
         finally:
@@ -262,20 +265,7 @@ class CallCgroup:
 
     def empty(self) -> bool:
         """Whether no process is left in any of the cgroups."""
-        for path in self.dirs.values():
-            # Opened anew each time: v1 keeps the pid list of an open file.
-            try:
-                fd = os.open(path / "cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return False
-            try:
-                if os.read(fd, 64).strip():
-                    return False
-            except OSError:
-                return False
-            finally:
-                os.close(fd)
-        return True
+        return all(_members(path) == [] for path in self.dirs.values())
 
     @classmethod
     def made_for_call(
@@ -312,13 +302,9 @@ class CallCgroup:
 
     def oom_count(self) -> int:
         """The memory controller's OOM kills in this cgroup since it was made."""
-        kind = "unified" if self.v2 else "memory"
-        if not self.memory or kind not in self.dirs:
-            return 0
         try:
-            return _field(
-                self._read(kind, "memory.events" if self.v2 else "memory.oom_control"), b"oom_kill"
-            )
+            events = self._read_memory("memory.events" if self.v2 else "memory.oom_control")
+            return _field(events, b"oom_kill") if events is not None else 0
         except (OSError, ValueError):
             return 0
 
@@ -328,24 +314,21 @@ class CallCgroup:
 
     def usage_bytes(self) -> int | None:
         """Anonymous and tmpfs memory of the whole call now, None without a memory cgroup."""
-        kind = "unified" if self.v2 else "memory"
-        if not self.memory or kind not in self.dirs:
-            return None
         anon, shmem = (b"anon", b"shmem") if self.v2 else (b"total_rss", b"total_shmem")
         try:
-            stat = self._read(kind, "memory.stat")
-            return _field(stat, anon) + _field(stat, shmem)
+            stat = self._read_memory("memory.stat")
+            return None if stat is None else _field(stat, anon) + _field(stat, shmem)
         except (OSError, ValueError):
             return None
 
     def peak_bytes(self) -> int | None:
         """The call's highest memory use, page cache included, as the kernel
         kept it (v2 memory.peak, Linux 5.19+); None where it is not kept."""
-        path = self._memory_dir()
-        if path is None or not self.v2:
+        if not self.v2:
             return None
         try:
-            return int((path / "memory.peak").read_text())
+            peak = self._read_memory("memory.peak")
+            return None if peak is None else int(peak)
         except (OSError, ValueError):
             return None
 
@@ -375,12 +358,20 @@ class CallCgroup:
         return True
 
 
+def _members(path: Path) -> list[int] | None:
+    """The pids in the cgroup at `path`, None if they cannot be read. The
+    file is opened anew each time: v1 keeps the pid list of an open one."""
+    try:
+        return [int(pid) for pid in (path / "cgroup.procs").read_bytes().split()]
+    except (OSError, ValueError):
+        return None
+
+
 def _kill_members(path: Path) -> None:
     """SIGKILL the processes in the cgroup at `path` (still exiting, or left)."""
-    with contextlib.suppress(OSError, ValueError):
-        for pid in (path / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+    for pid in _members(path) or []:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class CgroupPool:

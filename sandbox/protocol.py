@@ -220,11 +220,8 @@ def read_payload(fd: int) -> Payload:
 
 def _pread_all(fd: int, size: int, offset: int) -> bytes:
     """`size` bytes of the file at `offset`, fewer only where the file ends."""
-    data = os.pread(fd, size, offset)
-    if len(data) == size or len(data) == 0:
-        return data
-    parts = [data]
-    got = len(data)
+    parts = []
+    got = 0
     while got < size:
         more = os.pread(fd, size - got, offset + got)
         if not more:

@@ -287,9 +287,10 @@ class Closer:
     A call's outcome goes back as soon as the verdict is final: the
     plugin's process has exited (or been killed) and every byte it wrote is
     read. What follows, the clean-up of its uid's slot (or its init's exit
-    and the namespaces' teardown), the reap, the cgroup's removal, runs
-    here, in one thread; the call's uid, and so its slot, is free for
-    another call only once `ChildHandle.close` is done.
+    and the namespaces' teardown), the reap, the cgroups given back (kept
+    for the uid's next call, or removed), runs here, in one thread; the
+    call's uid, and so its slot, is free for another call only once
+    `ChildHandle.close` is done.
     """
 
     def __init__(self) -> None:

@@ -38,7 +38,7 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -372,6 +372,18 @@ def _load(
     return figures
 
 
+@contextlib.contextmanager
+def serving(plugin_dir: Path, *extra: str) -> Iterator[int]:
+    """A server on `plugin_dir` (with the flags `extra`) while the block
+    runs; yields its port, and stops it after."""
+    server, port, _ = start_server(plugin_dir, *extra)
+    try:
+        yield port
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+
+
 def start_server(plugin_dir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, Path]:
     port = _free_port()
     db = Path(tempfile.mkdtemp(prefix="plughost-bench-db-")) / "jobs.sqlite3"
@@ -421,24 +433,16 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
             "mime_type": "image/png",
         }
     ).encode()
-    server, port, _ = start_server(plugin_dir, "--workers", str(threads), "--prewarm", "0")
-    try:
+    with serving(plugin_dir, "--workers", str(threads), "--prewarm", "0") as port:
         # Warm-up, as the runner's own measurement comes after other calls:
         # the first calls of each uid make its slot and cgroups.
         _load(port, "GET", "/healthz", None, 50, concurrency)
         _load(port, "POST", "/v1/analyze", body, total // 5, concurrency)
         noop = _load(port, "GET", "/healthz", None, total, concurrency)
         analyze = _load(port, "POST", "/v1/analyze", body, total, concurrency)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
-    server, port, _ = start_server(plugin_dir)
-    try:
+    with serving(plugin_dir) as port:
         _load(port, "POST", "/v1/analyze", body, total // 5, concurrency)
         defaults = _load(port, "POST", "/v1/analyze", body, total, concurrency)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
     RESULTS["http"] = {"noop": noop, "analyze": analyze, "analyze_defaults": defaults}
     share = analyze["rps"] / noop["rps"]
     RESULTS["http_share"] = share

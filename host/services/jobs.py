@@ -54,6 +54,13 @@ from host.services.store import (
 )
 
 log = logging.getLogger("plughost.jobs")
+PRUNE_EVERY_S = 60.0
+MiB = 1024 * 1024
+# Pruning by size goes this far below the cap, so it does not run on every job.
+PRUNE_TO_FRACTION = 0.9
+# A client over its job quota drops its oldest finished jobs down to
+# max_jobs_per_client - max_jobs_per_client // QUOTA_STEP - 1 (for the new one).
+QUOTA_STEP = 64
 
 
 @dataclass
@@ -63,15 +70,6 @@ class _Waited:
     job: Job  # as it is now
     payload: Any
     recorded: bool = False
-
-
-PRUNE_EVERY_S = 60.0
-MiB = 1024 * 1024
-# Pruning by size goes this far below the cap, so it does not run on every job.
-PRUNE_TO_FRACTION = 0.9
-# A client over its job quota drops its oldest finished jobs down to
-# max_jobs_per_client - max_jobs_per_client // QUOTA_STEP - 1 (for the new one).
-QUOTA_STEP = 64
 
 
 @dataclass(frozen=True)
