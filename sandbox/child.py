@@ -35,8 +35,10 @@ and its payload a sealed memfd (`sandbox.protocol`).
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal.signal without its enum wrapper
 import errno
 import importlib
+import importlib.machinery
 import os
 import resource
 import signal
@@ -80,6 +82,9 @@ from sandbox.protocol import (
 )
 
 READY_FRAME = encode_frame(READY)  # encoded once, in the launcher
+
+# The launcher's handlers, given back to the default before any plugin code runs.
+_DEFAULT_SIGNALS = tuple(map(int, (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE)))
 
 # Descriptor numbers the child keeps; the launcher hands them over in this order.
 # RELAY_FD is the relay's alone: it reports the worker's wait status there.
@@ -137,9 +142,10 @@ def _descriptors(setup: Setup) -> None:
     else:
         os.closerange(last + 1, os.sysconf("SC_OPEN_MAX"))
     _wipe_command_line()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.set_wakeup_fd(-1)
+    for sig in _DEFAULT_SIGNALS:
+        # The C function: `signal.signal` converts to and from enums in Python.
+        _signal.signal(sig, _signal.SIG_DFL)
+    _signal.set_wakeup_fd(-1)
 
 
 def _cgroup(setup: Setup) -> None:
@@ -223,24 +229,41 @@ def _no_new_privs(setup: Setup) -> None:
 
 
 def _environment(setup: Setup) -> None:
-    wanted = {**SAFE_ENV, "HOME": setup.scratch, "TMPDIR": setup.scratch}
+    removed, changed = _ENVIRONMENTS.get(setup.scratch) or _environment_for(setup.scratch)
     environ = os.environ
-    # The launcher runs with SAFE_ENV and nothing else: most often only the
-    # scratch's two variables are new (each change is a putenv).
-    for name in [name for name in environ if name not in wanted]:
+    for name in removed:
         del environ[name]
-    for name, value in wanted.items():
-        if environ.get(name) != value:
-            environ[name] = value
+    for name, value in changed:
+        environ[name] = value
     os.chdir(setup.scratch)
+
+
+# scratch -> (the launcher's variables a call does not get, the variables to
+# set): worked out in the launcher (`prepare`) for the scratch directories
+# its calls use.
+_ENVIRONMENTS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
+
+
+def _environment_for(scratch: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """What turns this process's environment into SAFE_ENV with HOME and
+    TMPDIR at `scratch` (the launcher runs with SAFE_ENV and nothing else:
+    most often only the scratch's two variables change, a putenv each)."""
+    wanted = {**SAFE_ENV, "HOME": scratch, "TMPDIR": scratch}
+    environ = os.environ
+    removed = tuple(name for name in environ if name not in wanted)
+    changed = tuple((name, value) for name, value in wanted.items() if environ.get(name) != value)
+    return removed, changed
 
 
 def _landlock(setup: Setup) -> None:
     if setup.spec.layers.get("landlock"):
-        # An installed plugin's import root is listed to find its package; in
-        # the minimal root it holds that package alone.
-        root = (setup.spec.import_root,) if setup.spec.import_root else ()
-        landlock.apply((*setup.spec.expose, *root), setup.scratch)
+        landlock.apply(_landlock_expose(setup.spec), setup.scratch)
+
+
+def _landlock_expose(spec: ChildSpec) -> tuple[str, ...]:
+    # An installed plugin's import root is listed to find its package; in
+    # the minimal root it holds that package alone.
+    return (*spec.expose, spec.import_root) if spec.import_root else spec.expose
 
 
 def _seccomp(setup: Setup) -> None:
@@ -338,12 +361,14 @@ _FORGOTTEN: list[object] = []
 _PREPARED: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
 
 
-def prepare() -> None:
+def prepare(spec: ChildSpec) -> None:
     """Work every child would otherwise repeat, done once in the launcher
     before it forks: which loaded modules and import hooks are the standard
     library's (`_isolate_imports` resolves each one's file), where the argv
-    memory to wipe is, and the seccomp filter's program. Only what is new
-    since the last call costs anything."""
+    memory to wipe is, the seccomp filter's program, and for `spec`: the
+    environment for its scratch directory, its Landlock rules and the
+    finders of its import path. Only what is new since the last call costs
+    anything."""
     global _PREPARED, _ARGV
     if _ARGV is None:
         _ARGV = argv_memory()
@@ -355,6 +380,43 @@ def prepare() -> None:
         _PREPARED = (frozenset(sys.modules), names)
     seccomp.prepare_filters()
     landlock.prepare()
+    for scratch in (mnt.SCRATCH, spec.scratch):
+        if scratch and scratch not in _ENVIRONMENTS:
+            _ENVIRONMENTS[scratch] = _environment_for(scratch)
+        if scratch and spec.layers.get("landlock"):
+            landlock.prepare_rules(_landlock_expose(spec), scratch)
+    _prepare_finders(_import_path(spec))
+
+
+# A directory of a call's import path -> the standard library's finder for
+# it, made in the launcher with the directory's listing read (`prepare`).
+_FINDERS: dict[str, importlib.machinery.FileFinder] = {}
+MAX_FINDERS = 512
+_LOADERS = (
+    (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+    (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+    (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
+)
+
+
+def _import_path(spec: ChildSpec) -> list[str]:
+    return [spec.import_root or spec.plugin_dir, *spec.import_paths, *STDLIB_PATH]
+
+
+def _prepare_finders(entries: list[str]) -> None:
+    """The finders a child's imports would otherwise make first (running
+    the zip importer's hook, which fails with an exception on a directory)
+    and fill (listing the directory), made and filled here. A child's
+    finder lists its directory again if the directory changed since (its
+    mtime), as any finder does."""
+    for entry in entries:
+        if entry in _FINDERS or not os.path.isdir(entry):
+            continue
+        if len(_FINDERS) >= MAX_FINDERS:
+            _FINDERS.clear()
+        finder = importlib.machinery.FileFinder(entry, *_LOADERS)
+        finder.find_spec("-")  # no module has that name: only the listing is read
+        _FINDERS[entry] = finder
 
 
 def _forget(name: str, module: object) -> bool:
@@ -379,7 +441,7 @@ def _isolate_imports(spec: ChildSpec) -> None:
     """The plugin imports from its directory, its environment and the standard
     library only: the host's packages the launcher had loaded (and the import
     hooks they installed) are forgotten, and no other path is searched."""
-    sys.path[:] = [spec.import_root or spec.plugin_dir, *spec.import_paths, *STDLIB_PATH]
+    sys.path[:] = _import_path(spec)
     sys.meta_path[:] = [finder for finder in sys.meta_path if _from_stdlib(finder)]
     sys.path_hooks[:] = [hook for hook in sys.path_hooks if _from_stdlib(hook)]
     # What is forgotten is kept referenced here, not freed: freeing it would
@@ -390,6 +452,10 @@ def _isolate_imports(spec: ChildSpec) -> None:
     _FORGOTTEN.extend(sys.path_importer_cache.values())
     sys.path_importer_cache.clear()
     importlib.invalidate_caches()
+    for entry in sys.path:  # after the invalidation, which would have them list again
+        finder = _FINDERS.get(entry)
+        if finder is not None:
+            sys.path_importer_cache[entry] = finder
 
 
 def _load(spec: ChildSpec) -> Any:

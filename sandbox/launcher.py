@@ -245,10 +245,10 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
     if root >= 0:
         named["root"] = os.dup(root)  # the child's own handle on its root's template
     spec = dataclasses.replace(spec, launcher_pid=os.getpid(), given=given)
-    child.prepare()
+    child.prepare(spec)
     trace.mark("launcher.pipe+prepare")
     try:
-        pid = _fork_into(given, slot, spec, named, (relay_r, *relays.values()), state)
+        pid = _fork_into(given, slot, spec, named, state)
     except OSError:
         if slot is None:
             raise
@@ -257,7 +257,7 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
         shared.retire(slot)
         given, slot = tuple("pid" if name == "slot" else name for name in given), None
         spec = dataclasses.replace(spec, given=given)
-        pid = _fork_into(given, slot, spec, named, (relay_r, *relays.values()), state)
+        pid = _fork_into(given, slot, spec, named, state)
     for name, fd in named.items():
         if name != "status":
             os.close(fd)
@@ -279,22 +279,27 @@ def _fork_into(
     slot: Slot | None,
     spec: ChildSpec,
     named: dict[str, int],
-    not_the_childs: tuple[int, ...],
     state: _State,
 ) -> int:
     """Fork the call's child into the namespaces `given` (and `slot`'s); in
     the child, run it and never return."""
-    with state.shared.pid_namespace_for_next_child(given, slot):
+    other_pid_namespace = state.shared.pid_namespace_for_next_child(given, slot)
+    try:
         pid = os.fork()
         if pid == 0:
             try:
-                state.shared.join(given, slot)  # closes the slots' descriptors too
-                state.sock.close()
-                for fd in (*state.wake, named["status"], *not_the_childs):
-                    os.close(fd)
+                state.shared.join(given, slot)
+                # The child's first step (descriptors) closes every descriptor
+                # it was not handed: the launcher's socket and pipes, the
+                # other calls' and the namespaces'. The socket object must
+                # never close its number again, which by then names another.
+                state.sock.detach()
             except BaseException:  # noqa: BLE001 - fail closed, never back into the launcher
                 os._exit(SETUP_FAILED)
             child.main(spec, named)
+    finally:
+        if other_pid_namespace:
+            state.shared.own_pid_namespace_again()
     return pid
 
 

@@ -3,12 +3,15 @@ restricted to what the call needs.
 
 Detected: the kernel reports a Landlock ABI (`landlock_abi() >= 1`).
 Host: nothing (the exposed paths travel in the ChildSpec).
-Child: `apply_landlock` after no_new_privs, just before seccomp.
+Launcher: `prepare_rules` works out a call's rules before the fork.
+Child: `apply` after no_new_privs, just before seccomp: one ruleset, its
+rules added, then restrict_self.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import stat
 import struct
@@ -116,15 +119,13 @@ def apply_landlock(
     abi = _ABI or landlock_abi()
     if abi < 1:
         raise IsolationError("landlock", "not supported by this kernel")
-    handled = _fs_rights(abi)
+    key = (tuple(read_only), tuple(read_write), tuple(writable_files))
+    rules = _RULES.get(key) or rules_for(*key)
     buffer, size = _ruleset_attr(abi)
     ruleset = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, buffer, ctypes.c_size_t(size), _NO_FLAGS)
     if ruleset < 0:
         raise IsolationError("landlock", os.strerror(ctypes.get_errno()))
     try:
-        rules = [(p, READ_ONLY) for p in read_only]
-        rules += [(p, handled) for p in read_write]
-        rules += [(p, FS_READ_FILE | FS_WRITE_FILE) for p in writable_files]
         target = ctypes.c_int(ruleset)
         rule = ctypes.create_string_buffer(12)  # struct landlock_path_beneath_attr, reused
         for path, rights in rules:
@@ -133,13 +134,7 @@ def apply_landlock(
             except FileNotFoundError:
                 continue  # nothing there to allow
             try:
-                if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                    rights &= FILE_RIGHTS
-                struct.pack_into("=Qi", rule, 0, rights & handled, fd)
-                if libc.syscall(SYS_LANDLOCK_ADD_RULE, target, _PATH_BENEATH, rule, _NO_FLAGS) < 0:
-                    raise IsolationError(
-                        "landlock", f"rule for {path}: {os.strerror(ctypes.get_errno())}"
-                    )
+                _add_rule(target, rule, path, fd, rights)
             finally:
                 os.close(fd)
         if libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, target, _NO_FLAGS) < 0:
@@ -149,6 +144,77 @@ def apply_landlock(
     return abi
 
 
+def _add_rule(ruleset: Any, rule: Any, path: str, fd: int, rights: int) -> None:
+    struct.pack_into("=Qi", rule, 0, rights, fd)
+    if libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, _PATH_BENEATH, rule, _NO_FLAGS) >= 0:
+        return
+    error = ctypes.get_errno()
+    if error == errno.EINVAL and rights & ~FILE_RIGHTS:
+        # Planned as a directory, a file here: a file's rights only.
+        struct.pack_into("=Qi", rule, 0, rights & FILE_RIGHTS, fd)
+        if libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, _PATH_BENEATH, rule, _NO_FLAGS) >= 0:
+            return
+        error = ctypes.get_errno()
+    raise IsolationError("landlock", f"rule for {path}: {os.strerror(error)}")
+
+
+# (read-only, read-write, writable files) -> the rules that allow them, as
+# `rules_for` works them out; the launcher does it before it forks (`prepare`).
+_RULES: dict[tuple[tuple[str, ...], ...], tuple[tuple[str, int], ...]] = {}
+MAX_RULE_SETS = 256
+
+
+def rules_for(
+    read_only: tuple[str, ...], read_write: tuple[str, ...], writable_files: tuple[str, ...]
+) -> tuple[tuple[str, int], ...]:
+    """The rules a ruleset needs for these paths: (path, rights) each, the
+    rights of a path named twice joined, a file's reduced to what a file
+    can be granted, and no rule for a link (/lib -> usr/lib) whose target a
+    directory's rule grants as much already. Read from this process's view
+    of the file system, which a minimal root repeats for every path it
+    binds: a read-write path (the scratch directory, which a minimal root
+    mounts itself) is taken as a directory, never looked at. A path missing
+    here keeps its rule: the child tries it, and skips it if it is missing
+    there too."""
+    handled = _fs_rights(_ABI or landlock_abi())
+    wanted: dict[str, int] = {}
+    for paths, rights in ((read_only, READ_ONLY), (writable_files, FS_READ_FILE | FS_WRITE_FILE)):
+        for path in paths:
+            wanted[path] = wanted.get(path, 0) | rights
+    found: list[tuple[str, int, str, bool]] = []  # path, rights, where it leads, a directory
+    for path, rights in wanted.items():
+        try:
+            directory = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError:
+            directory = True  # unknown here: in the child, add_rule tells (`_add_rule`)
+        real = os.path.realpath(path)
+        found.append((path, rights if directory else rights & FILE_RIGHTS, real, directory))
+    dirs = [(real, rights) for path, rights, real, directory in found if directory and path == real]
+    rules = tuple(
+        (path, rights & handled)
+        for path, rights, real, _ in found
+        if path == real or not any(_covers(d, r, real, rights) for d, r in dirs)
+    )
+    rules += tuple((path, handled) for path in read_write)
+    if len(_RULES) >= MAX_RULE_SETS:
+        _RULES.clear()
+    _RULES[(read_only, read_write, writable_files)] = rules
+    return rules
+
+
+def _covers(directory: str, granted: int, path: str, rights: int) -> bool:
+    """A rule on `directory` grants `rights` on `path` already."""
+    return path.startswith(directory.rstrip("/") + "/") and rights & ~granted == 0
+
+
 def apply(expose: Iterable[str], scratch: str) -> int:
     """The call's rules: read `expose` and SYSTEM_READ_ONLY, write `scratch`."""
-    return apply_landlock([*expose, *SYSTEM_READ_ONLY], [scratch], WRITABLE_FILES)
+    return apply_landlock((*expose, *SYSTEM_READ_ONLY), (scratch,), WRITABLE_FILES)
+
+
+def prepare_rules(expose: Iterable[str], scratch: str) -> None:
+    """Work out `apply`'s rules before the fork (the launcher), so that the
+    child only adds them."""
+    key = ((*expose, *SYSTEM_READ_ONLY), (scratch,), WRITABLE_FILES)
+    if key not in _RULES:
+        rules_for(*key)

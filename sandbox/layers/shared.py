@@ -54,7 +54,7 @@ import select
 import signal
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -100,7 +100,8 @@ def _open_ns(name: str) -> int:
 
 def setns(fd: int, flag: int) -> None:
     """Join the namespace `fd` refers to. Raises IsolationError."""
-    check(libc.setns(fd, flag), f"setns({flag:#x})")
+    if libc.setns(fd, flag) != 0:
+        check(-1, f"setns({flag:#x})")  # named only when it failed
 
 
 class Shared:
@@ -225,34 +226,32 @@ class Shared:
                 os.close(self.roots.popitem(last=False)[1][0])
         return fd
 
-    @contextlib.contextmanager
-    def pid_namespace_for_next_child(
-        self, given: tuple[str, ...], slot: Slot | None
-    ) -> Iterator[None]:
-        """Within the block, the next process forked is the init of a new PID
-        namespace (when `given` holds "pid"), or a process of `slot`'s."""
+    def pid_namespace_for_next_child(self, given: tuple[str, ...], slot: Slot | None) -> bool:
+        """Until `own_pid_namespace_again`, the next process forked is the
+        init of a new PID namespace (when `given` holds "pid"), or a process
+        of `slot`'s. False when the launcher's own stays in place."""
         if slot is not None:
             setns(slot.pid_ns, CLONE_NEWPID)
         elif "pid" in given:
             unshare(CLONE_NEWPID)
         else:
-            yield
-            return
-        try:
-            yield
-        finally:
-            setns(self.own_pid, CLONE_NEWPID)  # later forks are in ours again
+            return False
+        return True
+
+    def own_pid_namespace_again(self) -> None:
+        """Later forks are in the launcher's PID namespace again."""
+        setns(self.own_pid, CLONE_NEWPID)
 
     def join(self, given: tuple[str, ...], slot: Slot | None) -> None:
         """In the forked child: join the shared namespaces `given` names and
-        `slot`'s network namespace, then close every descriptor of them (the
-        plugin never holds one)."""
+        `slot`'s network namespace. Their descriptors are closed with every
+        other the child was not handed, in its first step (the plugin never
+        holds one)."""
         for name, flag, _ in ONCE:
             if name in given:
                 setns(self.fds[name], flag)
         if slot is not None:
             setns(slot.net_ns, CLONE_NEWNET)
-        self.close()
 
     def close(self) -> None:
         for fd in [*self.fds.values(), self.own_pid, *(root for root, _ in self.roots.values())]:

@@ -222,7 +222,10 @@ def test_the_launcher_loads_neither_pydantic_nor_the_hosts_watch() -> None:
     probe = (
         "import sys; sys.argv = ['launcher']\n"
         "import sandbox.launcher, sandbox.child\n"
-        "sandbox.child.prepare()\n"
+        "from sandbox.protocol import CallLimits, ChildSpec\n"
+        "limits = CallLimits(5, 128, 8, 64, 8, 1 << 20, 1 << 20, 16)\n"
+        "sandbox.child.prepare(ChildSpec('/srv/p', 'p:P', limits, {'landlock': True},\n"
+        "    ('/srv/p',), None, 2000, 2000, (), False, 't'))\n"
         "unwanted = ('pydantic', 'psutil', 'sandbox.call', 'sandbox.supervisor', 'threading')\n"
         "print(sorted(n for n in unwanted if n in sys.modules))\n"
     )
