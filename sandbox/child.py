@@ -202,9 +202,17 @@ def _pid(setup: Setup) -> None:
 
 def _rlimits(setup: Setup) -> None:
     extra = 1 if setup.pid_namespace and not setup.slot else 0  # init has the call's uid
-    for which, value in rlimits_for(setup.spec.limits, extra_processes=extra).items():
+    limits = setup.spec.limits
+    prepared, by_extra = _RLIMITS
+    values = by_extra[extra] if prepared is limits else rlimits_for(limits, extra)
+    for which, value in values.items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
+
+
+# The rlimits of the call the launcher forks next, for each count of extra
+# processes (`prepare`), beside the limits they were worked out from.
+_RLIMITS: tuple[object, tuple[dict[int, tuple[int, int]], ...]] = (None, ())
 
 
 def _privilege(setup: Setup) -> None:
@@ -366,10 +374,10 @@ def prepare(spec: ChildSpec) -> None:
     before it forks: which loaded modules and import hooks are the standard
     library's (`_isolate_imports` resolves each one's file), where the argv
     memory to wipe is, the seccomp filter's program, and for `spec`: the
-    environment for its scratch directory, its Landlock rules and the
-    finders of its import path. Only what is new since the last call costs
-    anything."""
-    global _PREPARED, _ARGV
+    environment for its scratch directory, its Landlock rules, the finders
+    of its import path and its rlimits. Only what is new since the last
+    call costs anything."""
+    global _PREPARED, _ARGV, _RLIMITS
     if _ARGV is None:
         _ARGV = argv_memory()
     if len(sys.modules) != len(_PREPARED[0]):
@@ -386,6 +394,10 @@ def prepare(spec: ChildSpec) -> None:
         if scratch and spec.layers.get("landlock"):
             landlock.prepare_rules(_landlock_expose(spec), scratch)
     _prepare_finders(_import_path(spec))
+    if _RLIMITS[0] != spec.limits:
+        _RLIMITS = (spec.limits, tuple(rlimits_for(spec.limits, extra) for extra in (0, 1)))
+    else:  # the same values: the child recognises the limits by identity
+        _RLIMITS = (spec.limits, _RLIMITS[1])
 
 
 # A directory of a call's import path -> the standard library's finder for
@@ -449,8 +461,8 @@ def _isolate_imports(spec: ChildSpec) -> None:
     # for each (most of this step's cost).
     for name in _names_to_forget():  # after the hooks: they name modules
         _FORGOTTEN.append(sys.modules.pop(name))
-    _FORGOTTEN.extend(sys.path_importer_cache.values())
-    sys.path_importer_cache.clear()
+    _FORGOTTEN.append(sys.path_importer_cache)  # a new one, not emptied (each entry a write)
+    sys.path_importer_cache = {}
     importlib.invalidate_caches()
     for entry in sys.path:  # after the invalidation, which would have them list again
         finder = _FINDERS.get(entry)

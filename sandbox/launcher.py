@@ -288,12 +288,11 @@ def _fork_into(
         pid = os.fork()
         if pid == 0:
             try:
-                state.shared.join(given, slot)
                 # The child's first step (descriptors) closes every descriptor
                 # it was not handed: the launcher's socket and pipes, the
-                # other calls' and the namespaces'. The socket object must
-                # never close its number again, which by then names another.
-                state.sock.detach()
+                # other calls' and the namespaces'. (The socket object is
+                # never closed nor freed here: the child never returns.)
+                state.shared.join(given, slot)
             except BaseException:  # noqa: BLE001 - fail closed, never back into the launcher
                 os._exit(SETUP_FAILED)
             child.main(spec, named)

@@ -17,6 +17,10 @@ PR_SET_CHILD_SUBREAPER = 36
 # whose at-fork handler would then run in every child the launcher forks.
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
+# Looked up here, once: ctypes makes a function object on a name's first
+# use in a process, and the launcher's children inherit these.
+for _name in ("mount", "umount2", "unshare", "setns", "prctl"):
+    getattr(libc, _name)
 
 
 class IsolationError(Exception):
@@ -36,7 +40,8 @@ def check(result: int, step: str) -> None:
 
 def prctl(option: int, arg: int) -> None:
     """Call prctl(2) with one argument."""
-    check(libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0), f"prctl({option})")
+    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        check(-1, f"prctl({option})")  # named only when it failed
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
@@ -47,12 +52,14 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
         ctypes.c_ulong(flags),
         data.encode() if data else None,
     )
-    check(result, f"mount {target}")
+    if result != 0:
+        check(result, f"mount {target}")
 
 
 def unshare(flags: int) -> None:
     """unshare(2) `flags`. Raises IsolationError."""
-    check(libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+    if libc.unshare(ctypes.c_int(flags)) != 0:
+        check(-1, f"unshare({flags:#x})")
 
 
 def fork_probe(attempt: Callable[[], bool]) -> bool:

@@ -69,6 +69,7 @@ _ATTRS: dict[int, tuple[Any, int]] = {}  # ABI -> struct landlock_ruleset_attr a
 # The system calls' constant arguments, made once.
 _PATH_BENEATH = ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH)
 _NO_FLAGS = ctypes.c_uint32(0)
+_RULE = ctypes.create_string_buffer(12)  # each process fills its own copy
 
 
 def prepare() -> None:
@@ -127,7 +128,7 @@ def apply_landlock(
         raise IsolationError("landlock", os.strerror(ctypes.get_errno()))
     try:
         target = ctypes.c_int(ruleset)
-        rule = ctypes.create_string_buffer(12)  # struct landlock_path_beneath_attr, reused
+        rule = _RULE  # struct landlock_path_beneath_attr, filled for each rule
         for path, rights in rules:
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)

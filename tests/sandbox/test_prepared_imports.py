@@ -1,6 +1,6 @@
-"""The finders of a call's import path, made in the launcher before the fork
-(`sandbox.child._prepare_finders`): a child still sees its plugin
-directory as it is when the call runs, not as the launcher listed it."""
+"""What the launcher works out for a call before the fork
+(`sandbox.child.prepare`): a child still sees its plugin directory as it is
+when the call runs, not as the launcher listed it, and its own limits."""
 
 from __future__ import annotations
 
@@ -46,3 +46,17 @@ def test_a_module_removed_after_the_launcher_listed_the_directory_is_gone(
     (directory / "helper.py").unlink()
     result, error = runner.run("gone_helper", payload)
     assert error == {} and result == {"helper": None}
+
+
+def test_calls_with_other_limits_one_after_another_get_their_own_rlimits(
+    runner: ToolRunner, registry: PluginRegistry, tmp_path: Path, payload: dict
+) -> None:
+    # The launcher works a call's rlimits out before the fork and keeps
+    # them while the next call's limits are the same.
+    body = "import resource\nreturn {'as': resource.getrlimit(resource.RLIMIT_AS)[0]}"
+    for name, memory_mb in (("small_limits", 128), ("large_limits", 256)):
+        directory = write_plugin(tmp_path, name, body, memory_mb=memory_mb)
+        assert registry.load_directory(directory) == [name]
+    for name, memory_mb in [("small_limits", 128), ("large_limits", 256)] * 2:
+        result, error = runner.run(name, payload)
+        assert error == {} and result == {"as": memory_mb * 1024 * 1024}, name
