@@ -402,7 +402,7 @@ def prepare(spec: ChildSpec) -> None:
 
 # A directory of a call's import path -> the standard library's finder for
 # it, made in the launcher with the directory's listing read (`prepare`).
-_FINDERS: dict[str, importlib.machinery.FileFinder] = {}
+_FINDERS: dict[str, importlib.machinery.FileFinder | None] = {}
 MAX_FINDERS = 512
 _LOADERS = (
     (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
@@ -422,12 +422,14 @@ def _prepare_finders(entries: list[str]) -> None:
     finder lists its directory again if the directory changed since (its
     mtime), as any finder does."""
     for entry in entries:
-        if entry in _FINDERS or not os.path.isdir(entry):
+        if entry in _FINDERS:
             continue
         if len(_FINDERS) >= MAX_FINDERS:
             _FINDERS.clear()
-        finder = importlib.machinery.FileFinder(entry, *_LOADERS)
-        finder.find_spec("-")  # no module has that name: only the listing is read
+        finder = None  # not a directory here (a zip file, or nothing): the child's hooks decide
+        if os.path.isdir(entry):
+            finder = importlib.machinery.FileFinder(entry, *_LOADERS)
+            finder.find_spec("-")  # no module has that name: only the listing is read
         _FINDERS[entry] = finder
 
 

@@ -77,7 +77,7 @@ class ProtocolError(Exception):
 
 def encode_frame(message: dict[str, Any]) -> bytes:
     """Serialise `message` as one frame. Raises ValueError for non-JSON data."""
-    body = json.dumps(message, allow_nan=False, separators=(",", ":")).encode()
+    body = _ENCODER.encode(message).encode()
     return HEADER.pack(len(body)) + body
 
 
@@ -99,11 +99,15 @@ def decode_json(body: bytes) -> Any:
     bytes come from a child (`parse_ready` and `parse_reply` do).
     """
     try:
-        return json.loads(
-            body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
-        )
+        return _DECODER.decode(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"frame is not valid JSON: {type(exc).__name__}") from exc
+
+
+# Made once: json.dumps and json.loads make a new encoder or decoder on every
+# call that passes an option.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 class FrameReader:
