@@ -48,7 +48,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from sandbox import trace
 from sandbox.handle import REAP_WAIT_S, ChildHandle
-from sandbox.jsonbounds import BoundsExceeded, NotJson, lone_surrogate, replace_surrogates, scan
+from sandbox.jsonbounds import (
+    BoundsExceeded,
+    NotJson,
+    lone_surrogate,
+    replace_surrogates,
+    scan,
+    surely_within,
+)
 from sandbox.limits import CallLimits, MiB
 from sandbox.outcome import CHILD_REASONS, HostFailure, Outcome, Status
 from sandbox.protocol import (
@@ -176,10 +183,11 @@ def _decode_bounded(body: bytes) -> Any:
 
     Raises BoundsExceeded (for the caller to judge) or ProtocolError.
     """
-    try:
-        scan(body, REPLY_BOUNDS, members=True)
-    except NotJson as exc:
-        raise ProtocolError(f"frame is not valid JSON: {exc}") from exc
+    if not surely_within(body, REPLY_BOUNDS):  # else the decoder finds what is not JSON
+        try:
+            scan(body, REPLY_BOUNDS, members=True)
+        except NotJson as exc:
+            raise ProtocolError(f"frame is not valid JSON: {exc}") from exc
     return decode_json(body)
 
 

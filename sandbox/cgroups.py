@@ -257,7 +257,7 @@ class CallCgroup:
         path = self._memory_dir()
         if path is None:
             return None
-        fd = os.open(path / name, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(f"{path}/{name}", os.O_RDONLY | os.O_CLOEXEC)  # no Path made per read
         try:
             return os.read(fd, 65536)
         finally:

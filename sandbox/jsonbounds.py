@@ -102,6 +102,18 @@ def scan(
     return _Scanner(data, bounds, members, name).members_found()
 
 
+def surely_within(data: bytes | bytearray, bounds: JsonBounds) -> bool:
+    """True when `data` cannot pass a cap of `bounds`, whatever it holds, as
+    `scan` counts them (with or without members): its depth is at most the
+    bytes that open a container, its items those and its commas, a string
+    at most its length. Counted in C, a pass per byte class: a small reply
+    needs no scan. False says nothing; `scan` then decides."""
+    if len(data) > bounds.max_string_bytes:
+        return False
+    opened = data.count(b"{") + data.count(b"[")
+    return opened <= bounds.max_depth and opened + data.count(b",") <= bounds.max_items
+
+
 class _Scanner:
     """One pass of `scan` over the tokens of a document."""
 

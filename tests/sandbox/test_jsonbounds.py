@@ -8,7 +8,14 @@ import time
 
 import pytest
 
-from sandbox.jsonbounds import BoundsExceeded, JsonBounds, NotJson, lone_surrogate, scan
+from sandbox.jsonbounds import (
+    BoundsExceeded,
+    JsonBounds,
+    NotJson,
+    lone_surrogate,
+    scan,
+    surely_within,
+)
 
 BOUNDS = JsonBounds(max_depth=4, max_items=20, max_string_bytes=8)
 
@@ -79,3 +86,42 @@ def test_a_flood_stops_at_the_cap_without_reading_on() -> None:
 def test_lone_surrogates_are_found_in_keys_and_values() -> None:
     assert lone_surrogate({"a": ["\ud800"]}) and lone_surrogate({"\udfff": 1})
     assert not lone_surrogate({"a": ["\U0001f600", 1, None, 2.5]})
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"o": [[[[[]]]]]}',
+        b'{"o": [' + b"1," * 20 + b"1]}",
+        b'{"o": {"k": "123456789"}}',
+        b'{"image": "abc\\u00e9defghij"}',
+        b"[[[[[]]]]]",
+        b"[" * 5,
+        b"[" * 3 + b'{"a": {"b": 1}}' + b"]" * 3,
+    ],
+)
+def test_what_passes_a_cap_is_never_surely_within(data: bytes) -> None:
+    # The shortcut that lets a small reply skip the scan: every document the
+    # scan refuses for a cap is sent on to it.
+    assert not surely_within(data, BOUNDS)
+    with pytest.raises(BoundsExceeded):
+        scan(data, BOUNDS, members=data.startswith(b"{"))
+
+
+def test_a_small_document_is_surely_within_and_the_scan_agrees() -> None:
+    bounds = JsonBounds(max_depth=4, max_items=20, max_string_bytes=64)
+    for data in (b'{"type":"ready"}', b'{"a": [1, {"b": 2}]}', b"{}"):
+        assert surely_within(data, bounds)
+        scan(data, bounds, members=True)
+
+
+def test_a_hostile_reply_too_deep_for_the_shortcut_is_still_scanned() -> None:
+    # Strings cannot hide structure from the count: brackets inside them
+    # count too, which only sends more documents to the scan.
+    bounds = JsonBounds(max_depth=32, max_items=100_000, max_string_bytes=10**9)
+    deep = b'{"type":"result","result":' + b"[" * 40 + b"]" * 40 + b"}"
+    assert not surely_within(deep, bounds)
+    with pytest.raises(BoundsExceeded, match="deeper"):
+        scan(deep, bounds, members=True)
+    in_strings = b'{"type":"result","result":"' + b"[" * 40 + b'"}'
+    assert not surely_within(in_strings, bounds)
