@@ -339,26 +339,33 @@ def _free_port() -> int:
 def _load(
     port: int, method: str, path: str, body: bytes | None, total: int, concurrency: int
 ) -> dict[str, float]:
+    """`total` requests from `concurrency` clients, each on its own kept-alive
+    connection. The clients share the server's two cores, so each sends one
+    request made in advance and reads its answer by Content-Length, with no
+    HTTP library in between: http.client's header parsing cost the clients
+    0.2 ms of CPU per request, taken from the server being measured."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    request = (head + "\r\n").encode() + (body or b"")
     samples: list[float] = []
     lock = threading.Lock()
     remaining = [total]
 
     def client() -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        headers = {"content-type": "application/json"}
-        while True:
-            with lock:
-                if remaining[0] <= 0:
-                    break
-                remaining[0] -= 1
-            started = time.perf_counter()
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            response.read()
-            assert response.status == 200, response.status
-            with lock:
-                samples.append((time.perf_counter() - started) * 1000)
-        conn.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pending = b""
+            while True:
+                with lock:
+                    if remaining[0] <= 0:
+                        break
+                    remaining[0] -= 1
+                started = time.perf_counter()
+                conn.sendall(request)
+                pending = _read_response(conn, pending)
+                with lock:
+                    samples.append((time.perf_counter() - started) * 1000)
 
     started = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -370,6 +377,28 @@ def _load(
     figures = stats(samples)
     figures["rps"] = len(samples) / wall
     return figures
+
+
+def _read_response(conn: socket.socket, pending: bytes) -> bytes:
+    """Read one response with a Content-Length body; assert it is a 200.
+    Returns what was read past it."""
+    while b"\r\n\r\n" not in pending:
+        more = conn.recv(65536)
+        assert more, "the server closed the connection"
+        pending += more
+    head, _, rest = pending.partition(b"\r\n\r\n")
+    status = head[9:12]
+    assert status == b"200", head[:200]
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        more = conn.recv(65536)
+        assert more, "the server closed the connection"
+        rest += more
+    return rest[length:]
 
 
 @contextlib.contextmanager
