@@ -853,21 +853,28 @@ def write_docs(sections: list[str]) -> None:
         exit, the mount namespace's teardown, the reap and the slot's
         clean-up; the IPC and UTS namespaces are the launcher's, made once
         and shared (SECURITY.md, "Shared between calls"). With the host's
-        and the launcher's share that comes to 4.1-5.1 ms of machine
-        CPU per call at four callers on this machine in this round's runs
-        (the machine's own speed moved between them), against the 4 ms
-        target. A third of it is the fork and exit of a 15 MB Python
-        process: its page tables copied, then each page either side writes
-        copied again, then unmapped. Going below would take a call that
-        skips whole rows of the table (a zygote per plugin that has applied
-        Landlock and seccomp once), and "Where a call's time goes" says why
-        this tree does not have one.
+        and the launcher's share that comes to 3.8-3.9 ms of machine
+        CPU per call at four callers in the fifth round's full runs,
+        against the 4 ms target; the fourth round's tree measured 4.1-5.1
+        ms, and the machine's own speed moved by up to a fifth between its
+        runs, so a slow hour can still put a run above the target. Most of
+        a call is pages: the fork and exit of a 15 MB Python process (its
+        page tables copied, then each page either side writes copied again,
+        then unmapped) and the pages the child and the launcher write on
+        the way. "Where a call's time goes" says where they are written,
+        and what is left.
 
         The `/v1/analyze` figure set beside the runner's comes from a server
         whose sandbox runs as the runner's measurement does (four calls at
         once, no prewarmed child), warmed up as the runner is, so the
         difference is the HTTP request, JSON, base64 and the job's one
-        commit; the server's defaults are printed beside it.
+        commit; the server's defaults are printed beside it. Its clients
+        share the two cores, so they are raw sockets that send a request
+        made in advance. The server spends about 0.8 ms a request beyond
+        the runner's own host share (uvicorn's h11, the middleware, the
+        hand-over to a job thread and back, the job's commit); the cheaper
+        the call, the larger that share, and this ratio moved between 75%
+        and 85% across the round's runs.
 
         A prewarmed child has done all of its set-up and imported its plugin
         before the call arrives, and the answer goes back before the call's
