@@ -362,7 +362,12 @@ def _members(path: Path) -> list[int] | None:
     """The pids in the cgroup at `path`, None if they cannot be read. The
     file is opened anew each time: v1 keeps the pid list of an open one."""
     try:
-        return [int(pid) for pid in (path / "cgroup.procs").read_bytes().split()]
+        fd = os.open(f"{path}/cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            listed = b"".join(iter(lambda: os.read(fd, 65536), b""))
+        finally:
+            os.close(fd)
+        return [int(pid) for pid in listed.split()]
     except (OSError, ValueError):
         return None
 

@@ -185,8 +185,9 @@ PAYLOAD_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fc
 
 
 def write_payload(payload: Payload) -> int:
-    """Write `payload` into a new memfd, seal it and rewind it; return the
-    descriptor (close-on-exec; the caller closes it)."""
+    """Write `payload` into a new memfd and seal it; return the descriptor
+    (close-on-exec; the caller closes it). Its readers read it at offsets
+    (`read_payload`), so it is not rewound."""
     header = {
         "mime_type": payload.mime_type,
         "options": payload.options,
@@ -194,12 +195,14 @@ def write_payload(payload: Payload) -> int:
     }
     fd = os.memfd_create("plughost-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.write(fd, encode_frame(header))
-        view = memoryview(payload.image)
+        frame = encode_frame(header)
+        written = os.writev(fd, [frame, payload.image])  # one call, unless the image is huge
+        view = memoryview(payload.image)[max(0, written - len(frame)) :]
+        if written < len(frame):
+            os.write(fd, frame[written:])
         while view:
             view = view[os.write(fd, view) :]
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, PAYLOAD_SEALS)
-        os.lseek(fd, 0, os.SEEK_SET)
     except BaseException:
         os.close(fd)
         raise
