@@ -417,10 +417,12 @@ def _import_path(spec: ChildSpec) -> list[str]:
 
 def _prepare_finders(entries: list[str]) -> None:
     """The finders a child's imports would otherwise make first (running
-    the zip importer's hook, which fails with an exception on a directory)
-    and fill (listing the directory), made and filled here. A child's
-    finder lists its directory again if the directory changed since (its
-    mtime), as any finder does."""
+    the zip importer's hook, which fails with an exception on a directory),
+    made here; the standard library's directories also listed, which every
+    call may read. A plugin's own directories are listed by its child: the
+    launcher's memory is every call's, and one plugin must not find the
+    names of another's files there. A finder lists its directory again if
+    it changed since (its mtime), as any finder does."""
     for entry in entries:
         if entry in _FINDERS:
             continue
@@ -429,7 +431,8 @@ def _prepare_finders(entries: list[str]) -> None:
         finder = None  # not a directory here (a zip file, or nothing): the child's hooks decide
         if os.path.isdir(entry):
             finder = importlib.machinery.FileFinder(entry, *_LOADERS)
-            finder.find_spec("-")  # no module has that name: only the listing is read
+            if entry in STDLIB_PATH:
+                finder.find_spec("-")  # no module has that name: only the listing is read
         _FINDERS[entry] = finder
 
 

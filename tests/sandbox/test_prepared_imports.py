@@ -60,3 +60,33 @@ def test_calls_with_other_limits_one_after_another_get_their_own_rlimits(
     for name, memory_mb in [("small_limits", 128), ("large_limits", 256)] * 2:
         result, error = runner.run(name, payload)
         assert error == {} and result == {"as": memory_mb * 1024 * 1024}, name
+
+
+FIND_NAME = (
+    "import gc\n"
+    "needle = ''.join(['zq_private', '_model.py'])  # not a constant of this code\n"
+    "found = []\n"
+    "for obj in gc.get_objects():\n"
+    "    if obj is not found and isinstance(obj, (set, frozenset, list, tuple, dict)):\n"
+    "        for item in (obj.keys() if isinstance(obj, dict) else obj):\n"
+    "            if isinstance(item, str) and needle in item:\n"
+    "                found.append(item)\n"
+    "return {'found': found[:5]}"
+)
+
+
+def test_a_call_finds_no_name_of_another_plugins_files_in_its_memory(
+    runner: ToolRunner, registry: PluginRegistry, tmp_path: Path, payload: dict
+) -> None:
+    # Every child is a fork of the launcher, and the launcher prepares each
+    # call's import path: what it read of one plugin's directory would be in
+    # every later call's memory, of any plugin.
+    other = write_plugin(tmp_path, "other_tenant", "return {'ok': True}")
+    (other / "zq_private_model.py").write_text("WEIGHTS = 1\n")
+    snoop = write_plugin(tmp_path, "snoop", FIND_NAME, memory_mb=512)
+    for directory in (other, snoop):
+        registry.load_directory(directory)
+    result, error = runner.run("other_tenant", payload)
+    assert error == {} and result == {"ok": True}
+    result, error = runner.run("snoop", payload)
+    assert error == {} and result == {"found": []}
