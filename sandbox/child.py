@@ -247,8 +247,7 @@ def _environment(setup: Setup) -> None:
 
 
 # scratch -> (the launcher's variables a call does not get, the variables to
-# set): worked out in the launcher (`prepare`) for the scratch directories
-# its calls use.
+# set): worked out in the launcher (`prepare`) for a minimal root's scratch.
 _ENVIRONMENTS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
 
 
@@ -388,11 +387,13 @@ def prepare(spec: ChildSpec) -> None:
         _PREPARED = (frozenset(sys.modules), names)
     seccomp.prepare_filters()
     landlock.prepare()
-    for scratch in (mnt.SCRATCH, spec.scratch):
-        if scratch and scratch not in _ENVIRONMENTS:
-            _ENVIRONMENTS[scratch] = _environment_for(scratch)
-        if scratch and spec.layers.get("landlock"):
-            landlock.prepare_rules(_landlock_expose(spec), scratch)
+    # For the scratch of a call in a minimal root, the same for every call;
+    # a call without one has a host directory of its own, worked out in its
+    # child (kept here, every new one would only grow the launcher).
+    if mnt.SCRATCH not in _ENVIRONMENTS:
+        _ENVIRONMENTS[mnt.SCRATCH] = _environment_for(mnt.SCRATCH)
+    if spec.layers.get("landlock"):
+        landlock.prepare_rules(_landlock_expose(spec), mnt.SCRATCH)
     _prepare_finders(_import_path(spec))
     if _RLIMITS[0] != spec.limits:
         _RLIMITS = (spec.limits, tuple(rlimits_for(spec.limits, extra) for extra in (0, 1)))
