@@ -402,7 +402,7 @@ def prepare(spec: ChildSpec) -> None:
 
 
 # A directory of a call's import path -> the standard library's finder for
-# it, made in the launcher with the directory's listing read (`prepare`).
+# it, made in the launcher (`prepare`); None for an entry that is no directory.
 _FINDERS: dict[str, importlib.machinery.FileFinder | None] = {}
 MAX_FINDERS = 512
 _LOADERS = (

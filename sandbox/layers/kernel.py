@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable
+from typing import NoReturn
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -34,14 +35,19 @@ class IsolationError(Exception):
 def check(result: int, step: str) -> None:
     """Raise IsolationError for `step` if a libc call returned non-zero."""
     if result != 0:
-        errno = ctypes.get_errno()
-        raise IsolationError(step, os.strerror(errno))
+        failed(step)
+
+
+def failed(step: str) -> NoReturn:
+    """Raise IsolationError for `step` with the errno of the libc call that
+    just failed (callers on a hot path name the step only then)."""
+    raise IsolationError(step, os.strerror(ctypes.get_errno()))
 
 
 def prctl(option: int, arg: int) -> None:
     """Call prctl(2) with one argument."""
     if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        check(-1, f"prctl({option})")  # named only when it failed
+        failed(f"prctl({option})")
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
@@ -53,13 +59,13 @@ def mount(source: str, target: str, fstype: str | None, flags: int, data: str | 
         data.encode() if data else None,
     )
     if result != 0:
-        check(result, f"mount {target}")
+        failed(f"mount {target}")
 
 
 def unshare(flags: int) -> None:
     """unshare(2) `flags`. Raises IsolationError."""
     if libc.unshare(ctypes.c_int(flags)) != 0:
-        check(-1, f"unshare({flags:#x})")
+        failed(f"unshare({flags:#x})")
 
 
 def fork_probe(attempt: Callable[[], bool]) -> bool:

@@ -63,7 +63,7 @@ from sandbox.layers.ipc import CLONE_NEWIPC
 from sandbox.layers.kernel import (
     PR_SET_PDEATHSIG,
     IsolationError,
-    check,
+    failed,
     libc,
     prctl,
     set_command_line,
@@ -101,7 +101,7 @@ def _open_ns(name: str) -> int:
 def setns(fd: int, flag: int) -> None:
     """Join the namespace `fd` refers to. Raises IsolationError."""
     if libc.setns(fd, flag) != 0:
-        check(-1, f"setns({flag:#x})")  # named only when it failed
+        failed(f"setns({flag:#x})")
 
 
 class Shared:
