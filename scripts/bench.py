@@ -862,11 +862,12 @@ def write_docs(sections: list[str]) -> None:
         exit, the mount namespace's teardown, the reap and the slot's
         clean-up; the IPC and UTS namespaces are the launcher's, made once
         and shared (SECURITY.md, "Shared between calls"). With the host's
-        and the launcher's share that comes to 3.8-3.9 ms of machine
-        CPU per call at four callers in the fifth round's full runs,
-        against the 4 ms target; the fourth round's tree measured 4.1-5.1
-        ms, and the machine's own speed moved by up to a fifth between its
-        runs, so a slow hour can still put a run above the target. Most of
+        and the launcher's share that comes to 3.7-4.0 ms of machine
+        CPU per call at four callers in the fifth round's six full runs
+        (one of them 4.03 ms), against the 4 ms target; the fourth round's
+        tree measured 4.1-5.1 ms, and the machine's own speed moved by up to
+        a fifth between its runs, so a slow hour can put a run above the
+        target. Most of
         a call is pages: the fork and exit of a 15 MB Python process (its
         page tables copied, then each page either side writes copied again,
         then unmapped) and the pages the child and the launcher write on
@@ -879,11 +880,13 @@ def write_docs(sections: list[str]) -> None:
         difference is the HTTP request, JSON, base64 and the job's one
         commit; the server's defaults are printed beside it. Its clients
         share the two cores, so they are raw sockets that send a request
-        made in advance. The server spends about 0.8 ms a request beyond
-        the runner's own host share (uvicorn's h11, the middleware, the
-        hand-over to a job thread and back, the job's commit); the cheaper
-        the call, the larger that share, and this ratio moved between 75%
-        and 85% across the round's runs.
+        made in advance, and the runner's rate is measured right before and
+        right after the requests. The server spends about 0.9 ms a request
+        beyond the runner's own host share, 0.6 ms of it in the event loop's
+        thread (uvicorn's h11, the middleware, the route, the response) and
+        the rest handing the job to a worker thread and back and storing it;
+        the cheaper the call, the larger that share. The ratio was 78-81% in
+        the round's full runs and 80-85% in runs of the two sections alone.
 
         A prewarmed child has done all of its set-up and imported its plugin
         before the call arrives, and the answer goes back before the call's
