@@ -863,7 +863,7 @@ def write_docs(sections: list[str]) -> None:
         clean-up; the IPC and UTS namespaces are the launcher's, made once
         and shared (SECURITY.md, "Shared between calls"). With the host's
         and the launcher's share that comes to 3.7-4.0 ms of machine
-        CPU per call at four callers in the fifth round's six full runs
+        CPU per call at four callers in the fifth round's last seven full runs
         (one of them 4.03 ms), against the 4 ms target; the fourth round's
         tree measured 4.1-5.1 ms, and the machine's own speed moved by up to
         a fifth between its runs, so a slow hour can put a run above the
@@ -886,7 +886,8 @@ def write_docs(sections: list[str]) -> None:
         thread (uvicorn's h11, the middleware, the route, the response) and
         the rest handing the job to a worker thread and back and storing it;
         the cheaper the call, the larger that share. The ratio was 78-81% in
-        the round's full runs and 80-85% in runs of the two sections alone.
+        the three full runs that measured it so, 80-85% in runs of the two
+        sections alone.
 
         A prewarmed child has done all of its set-up and imported its plugin
         before the call arrives, and the answer goes back before the call's
