@@ -201,9 +201,7 @@ class Launcher:
                     return False
             os.close(done_w)
             done_w = -1
-            poller = select.poll()  # host descriptors may be past select()'s 1024
-            poller.register(done_r, select.POLLIN)
-            if not poller.poll(timeout_s * 1000):
+            if not _wait_readable(done_r, time.monotonic() + timeout_s):
                 return False
             data = os.read(done_r, EXIT.size)
             return len(data) == EXIT.size and os.waitstatus_to_exitcode(EXIT.unpack(data)[0]) == 0
@@ -505,7 +503,8 @@ def _payload_file(call: CallSpec) -> int:
 
 def _wait_readable(fd: int, deadline: float) -> bool:
     """Wait until `fd` has something to read (or is at its end); False once
-    `deadline` (monotonic) passed first."""
+    `deadline` (monotonic) passed first. poll, not select: host descriptors
+    may be past select()'s 1024."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     while True:

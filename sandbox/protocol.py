@@ -195,13 +195,14 @@ def write_payload(payload: Payload) -> int:
     }
     fd = os.memfd_create("plughost-payload", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        frame = encode_frame(header)
-        written = os.writev(fd, [frame, payload.image])  # one call, unless the image is huge
-        view = memoryview(payload.image)[max(0, written - len(frame)) :]
-        if written < len(frame):
-            os.write(fd, frame[written:])
-        while view:
-            view = view[os.write(fd, view) :]
+        # One writev for the header and the image (it may write less: the rest follows).
+        parts = [memoryview(encode_frame(header)), memoryview(payload.image)]
+        while parts:
+            written = os.writev(fd, parts)
+            while parts and written >= len(parts[0]):
+                written -= len(parts.pop(0))
+            if parts:
+                parts[0] = parts[0][written:]
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, PAYLOAD_SEALS)
     except BaseException:
         os.close(fd)

@@ -886,7 +886,7 @@ def write_docs(sections: list[str]) -> None:
         thread (uvicorn's h11, the middleware, the route, the response) and
         the rest handing the job to a worker thread and back and storing it;
         the cheaper the call, the larger that share. The ratio was 78-81% in
-        the three full runs that measured it so, 80-85% in runs of the two
+        the three full runs that measured it so, 83-85% in runs of the two
         sections alone.
 
         A prewarmed child has done all of its set-up and imported its plugin

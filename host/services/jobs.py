@@ -251,7 +251,7 @@ class JobManagementService:
         with self._lock:
             waited = self._waited.get(job_id)
             stored = waited is None or waited.recorded
-            job = waited.job if waited is not None and not stored else self.get_job(job_id)
+            job = self.get_job(job_id) if waited is None or stored else waited.job
             if job.status is not JobStatus.PENDING:
                 self._waited.pop(job_id, None)
                 return job, None

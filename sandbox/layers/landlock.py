@@ -82,6 +82,11 @@ def prepare() -> None:
         _ruleset_attr(_ABI)
 
 
+def _abi() -> int:
+    """The kernel's Landlock ABI: as `prepare` found it, or asked now."""
+    return _ABI or landlock_abi()
+
+
 def _ruleset_attr(abi: int) -> tuple[Any, int]:
     """What the ruleset handles on this ABI: every file system right, TCP
     bind and connect (ABI 4+), the abstract unix socket and signal scopes
@@ -117,7 +122,7 @@ def apply_landlock(
     cannot reach processes outside the sandbox. Returns the ABI used.
     Needs no_new_privs (or CAP_SYS_ADMIN). Raises IsolationError.
     """
-    abi = _ABI or landlock_abi()
+    abi = _abi()
     if abi < 1:
         raise IsolationError("landlock", "not supported by this kernel")
     key = (tuple(read_only), tuple(read_write), tuple(writable_files))
@@ -177,7 +182,7 @@ def rules_for(
     mounts itself) is taken as a directory, never looked at. A path missing
     here keeps its rule: the child tries it, and skips it if it is missing
     there too."""
-    handled = _fs_rights(_ABI or landlock_abi())
+    handled = _fs_rights(_abi())
     wanted: dict[str, int] = {}
     for paths, rights in ((read_only, READ_ONLY), (writable_files, FS_READ_FILE | FS_WRITE_FILE)):
         for path in paths:

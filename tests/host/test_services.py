@@ -4,6 +4,7 @@ quarantine plugins that keep failing."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -304,8 +305,6 @@ def test_a_waited_job_its_caller_stops_waiting_for_is_stored_and_goes_on(
     payload: dict,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import threading
-
     jobs, store = counted
     release = threading.Event()
     running = threading.Event()

@@ -115,15 +115,21 @@ def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     release.set()
 
 
+def _analyses(client: TestClient, body: dict, count: int) -> list[str]:
+    """`count` analyses by ALICE, one after another; their job ids."""
+    ids = []
+    for _ in range(count):
+        response = client.post("/v1/analyze", json=body, headers=ALICE)
+        assert response.status_code == 200
+        ids.append(response.json()["job_id"])
+    return ids
+
+
 def test_a_client_over_its_job_quota_keeps_its_newest_jobs(
     make_client: Callable[..., TestClient], body: dict
 ) -> None:
     client = make_client(max_jobs_per_client=3, **TOKENS)
-    ids = []
-    for _ in range(5):
-        response = client.post("/v1/analyze", json=body, headers=ALICE)
-        assert response.status_code == 200
-        ids.append(response.json()["job_id"])
+    ids = _analyses(client, body, 5)
     bob = client.post("/v1/analyze", json=body, headers=BOB)
     assert bob.status_code == 200
     listed = client.get("/v1/jobs", headers=ALICE).json()
@@ -137,11 +143,7 @@ def test_a_client_at_its_job_quota_makes_room_a_64th_of_it_at_once(
 ) -> None:
     results_of(10)  # no sandbox call: the quota is what is measured
     client = make_client(max_jobs_per_client=128, **TOKENS)
-    ids = []
-    for _ in range(129):
-        response = client.post("/v1/analyze", json=body, headers=ALICE)
-        assert response.status_code == 200
-        ids.append(response.json()["job_id"])
+    ids = _analyses(client, body, 129)
     listed = client.get("/v1/jobs?limit=200", headers=ALICE).json()
     # The 129th job made room by dropping the 3 oldest (128 // 64 + 1): the
     # next two jobs need no pruning.
