@@ -332,8 +332,10 @@ class CallCgroup:
         except (OSError, ValueError):
             return None
 
-    def remove(self, deadline_s: float = 2.0) -> None:
-        """Remove the cgroups once their processes are gone (they are killed first)."""
+    def remove(self, deadline_s: float = 2.0) -> bool:
+        """Remove the cgroups once their processes are gone (they are killed
+        first); False if one is still there at the deadline (a process of the
+        call not yet reaped: the caller retries later)."""
         end = time.monotonic() + deadline_s
         for path in self.dirs.values():
             while path.exists():
@@ -344,6 +346,7 @@ class CallCgroup:
                         break
                     _kill_members(path)
                     time.sleep(0.005)
+        return not any(path.exists() for path in self.dirs.values())
 
     def emptied(self, deadline_s: float = 2.0) -> bool:
         """Wait until no process is left in the cgroups, killing what lingers;
@@ -397,12 +400,17 @@ class CgroupPool:
         self.v2_base = v2_base
         self._tag = uuid.uuid4().hex[:6]  # two pools of one host never share a cgroup
         self._kept: dict[int, CallCgroup] = {}
+        # Given back but not yet removable (a process of the call still
+        # exiting on a slow machine): removed by a later take, give_back or close.
+        self._leftover: list[CallCgroup] = []
         self._lock = threading.Lock()
         self._closed = False
 
     def take(self, uid: int | None, memory_bytes: int, max_processes: int) -> CallCgroup:
         """The cgroups of a call of `uid` with these limits (`procs_files`
         lists what its child joins). Raises OSError if a controller refuses."""
+        if self._leftover:
+            self._remove_leftovers()
         if uid is None or self.v2_base is not None:
             return CallCgroup.made_for_call(memory_bytes, max_processes, self.layers, self.v2_base)
         with self._lock:
@@ -424,14 +432,33 @@ class CgroupPool:
         cgroups for the uid's next call once they are empty, else remove them."""
         uid = cgroup.uid
         if uid is None or not cgroup.emptied():
-            cgroup.remove()
+            self._remove(cgroup)
             return
         cgroup.oom_seen = cgroup.oom_count()
         with self._lock:
             if not self._closed:
                 self._kept[uid] = cgroup
                 return
-        cgroup.remove()
+        self._remove(cgroup)
+
+    def _remove(self, cgroup: CallCgroup) -> None:
+        if not cgroup.remove():
+            with self._lock:
+                self._leftover.append(cgroup)
+
+    def _remove_leftovers(self) -> None:
+        """One more try (one rmdir each, no wait) at the cgroups not yet removed."""
+        with self._lock:
+            waiting, self._leftover = self._leftover, []
+        for cgroup in waiting:
+            if not cgroup.remove(deadline_s=0.0):
+                with self._lock:
+                    self._leftover.append(cgroup)
+
+    def leftovers(self) -> list[CallCgroup]:
+        """Cgroups of ended calls still waiting to be removed."""
+        with self._lock:
+            return list(self._leftover)
 
     def kept(self) -> list[CallCgroup]:
         """The cgroups kept for the uids' next calls now."""
@@ -443,5 +470,7 @@ class CgroupPool:
         with self._lock:
             self._closed = True
             kept, self._kept = list(self._kept.values()), {}
+            kept += self._leftover
+            self._leftover = []
         for cgroup in kept:
             cgroup.remove()

@@ -24,7 +24,8 @@ from host.services import (
     MemoryJobStore,
     PluginManagementService,
 )
-from sandbox.supervisor import Sandbox
+from sandbox.cgroups import CallCgroup, CgroupPool
+from sandbox.supervisor import SETUP_FAILURES_NOT_READY, Sandbox
 from tests.conftest import HOSTILE_DIR
 from tests.host.test_serve import BODY, free_port, request, start_server, stop
 
@@ -187,11 +188,42 @@ def test_server_refuses_to_serve_when_containment_is_broken(
         lambda dirs=(), names=(), categories=(): real_load([tmp_path], ["escapes"], categories),
     )
     with _client(registry, sandbox) as client:  # without the option it serves, and says so
-        check = client.get("/readyz").json()["self_check"]
+        answer = client.get("/readyz")
+        check = answer.json()["self_check"]
         assert check["ok"] is False and "escapes" in check["failed_cases"]
+        # ... but never calls itself ready: nothing should send it traffic.
+        assert answer.status_code == 503 and answer.json()["ready"] is False
+        [reason] = answer.json()["reasons"]
+        assert reason.startswith("the containment self-check failed: ")
+        assert "escapes" in reason
     with pytest.raises(RuntimeError, match="refusing to serve"):
         with _client(registry, sandbox, require_containment=True):
             pass
+
+
+def test_readyz_is_503_while_calls_cannot_be_set_up(
+    registry: PluginRegistry, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = {**BODY, "plugin": "image_probe"}
+    headers = {"authorization": "Bearer t"}
+    with _client(registry, sandbox, self_check=False, client_tokens=["t"]) as client:
+        assert client.get("/readyz").status_code == 200
+        real_take = CgroupPool.take
+
+        def refused(*args: object, **kwargs: object) -> CallCgroup:
+            raise OSError(13, "Permission denied", "/sys/fs/cgroup/call-x/memory.max")
+
+        monkeypatch.setattr(CgroupPool, "take", refused)
+        for _ in range(SETUP_FAILURES_NOT_READY):
+            assert client.post("/v1/analyze", json=body, headers=headers).status_code >= 500
+        answer = client.get("/readyz")
+        assert answer.status_code == 503
+        [reason] = answer.json()["reasons"]
+        assert f"{SETUP_FAILURES_NOT_READY} calls in a row failed at set-up" in reason
+        assert "memory.max" in reason
+        monkeypatch.setattr(CgroupPool, "take", real_take)
+        assert client.post("/v1/analyze", json=body, headers=headers).status_code == 200
+        assert client.get("/readyz").status_code == 200
 
 
 def test_a_case_claiming_a_bundled_plugins_name_is_skipped(tmp_path: Path) -> None:
