@@ -26,6 +26,8 @@ from sandbox.supervisor import uid_range
 
 WATCHED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 RSS_TOLERANCE_MB = 64.0
+# How long a call's processes get to be gone after its answer (scaled with the run).
+LEFTOVER_WAIT_S = 2.0
 
 
 def observed_of(result: dict[str, Any], error: dict[str, Any]) -> str:
@@ -68,7 +70,7 @@ def stray_files(extra_dirs: Iterable[Path] = (), host_dirs: Iterable[Path] = ())
     return found
 
 
-def settle_leftovers(target: Target, deadline_s: float = 2.0) -> int:
+def settle_leftovers(target: Target, deadline_s: float = LEFTOVER_WAIT_S) -> int:
     """Leftover processes of the last call, once they had `deadline_s` to go."""
     end = time.monotonic() + deadline_s
     while (left := target.leftover_processes()) and time.monotonic() < end:
@@ -129,9 +131,15 @@ def _verdict(
 
 
 def run_case(
-    case: Case, target: Target, image: bytes, options: dict[str, Any], protections: dict[str, bool]
+    case: Case,
+    target: Target,
+    image: bytes,
+    options: dict[str, Any],
+    protections: dict[str, bool],
+    time_scale: float = 1.0,
 ) -> CaseReport:
-    """Run one case and check its claims."""
+    """Run one case and check its claims; the time a call's processes get to
+    be gone is scaled by `time_scale`, as the case's own timeout is."""
     process = psutil.Process()
     target.settle()
     before = _Before(
@@ -144,7 +152,7 @@ def run_case(
     seconds = time.monotonic() - started
     observed = observed_of(result, error)
     target.settle()  # replacement warm children land in the pool first
-    after = _After(observed, seconds, settle_leftovers(target))
+    after = _After(observed, seconds, settle_leftovers(target, LEFTOVER_WAIT_S * time_scale))
     problems = []
     if observed not in case.expected:
         problems.append(f"expected {' or '.join(case.expected)}, observed {observed}")

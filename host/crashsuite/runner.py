@@ -130,8 +130,11 @@ def run_suite(
     target: Target,
     progress: Callable[[int, int, CaseReport], None] | None = None,
     benign_plugin: str = "image_probe",
+    time_scale: float = 1.0,
 ) -> SuiteReport:
-    """Run every case with benign calls around them; never raises for a case."""
+    """Run every case with benign calls around them; never raises for a case.
+    `time_scale` scales the suite's own waits; the cases' timeouts are scaled
+    where they are loaded (`cases.scaled`, or a corpus a server loads)."""
     image = sample_png()
     protections = target.protections()
     listener, unix_listener = _Listener(), _Listener(unix=True)
@@ -147,7 +150,7 @@ def run_suite(
                 "host_cwd": os.getcwd(),
                 "host_sys_path": [p for p in sys.path if p][:20],
             }
-            report = run_case(case, target, image, options, protections)
+            report = run_case(case, target, image, options, protections, time_scale)
             reports.append(report)
             if progress is not None:
                 progress(index, len(cases), report)
@@ -157,20 +160,21 @@ def run_suite(
     finally:
         listener.close()
         unix_listener.close()
-    return SuiteReport(protections, reports, benign.calls, benign.failures)
+    return SuiteReport(protections, reports, benign.calls, benign.failures, time_scale)
 
 
 def run_warm(
     cases: list[Case],
     target: Target,
     progress: Callable[[int, int, CaseReport], None] | None = None,
+    time_scale: float = 1.0,
 ) -> SuiteReport:
     """`run_suite` on a sandbox that prewarms children: every case runs twice.
     The first pass starts each case cold and leaves a warm child for its
     plugin; the reported pass runs on that warm child, whose replacement
     takes its descriptors over (a first warm child would count as a leak)."""
-    run_suite(cases, target)
-    return run_suite(cases, target, progress)
+    run_suite(cases, target, time_scale=time_scale)
+    return run_suite(cases, target, progress, time_scale=time_scale)
 
 
 def self_check(sandbox: Sandbox, probes: Iterable[str] = PROBES) -> SuiteReport:

@@ -125,8 +125,9 @@ class HttpTarget:
     """Cases sent to a running server's `/v1/analyze` (the server must load the cases)."""
 
     local = False
+    TIMEOUT_S = 120.0  # for one request
 
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = TIMEOUT_S) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s

@@ -73,6 +73,39 @@ def test_whole_corpus_passes_or_is_reported_not_defended(tmp_path: Path) -> None
 
 
 @pytest.mark.no_leak_check
+def test_time_scale_gives_every_case_more_time_and_says_so(tmp_path: Path) -> None:
+    result = crash_suite(
+        "--time-scale", "3", "--case", "sleep_forever", "--case", "stdout_flood",
+        "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["time_scale"] == 3
+    seconds = {case["name"]: case["seconds"] for case in report["cases"]}
+    assert seconds["sleep_forever"] >= 2.9  # its manifest says 1 s
+    assert "time scale: x3" in result.stdout
+    refused = crash_suite("--time-scale", "0.5", "--case", "sleep_forever")
+    assert refused.returncode == 2 and "--time-scale: must be between 1 and 100" in refused.stderr
+
+
+def test_write_corpus_scales_each_cases_timeout_for_a_server(tmp_path: Path) -> None:
+    result = crash_suite(
+        "--time-scale", "5", "--write-corpus", str(tmp_path / "corpus"),
+        "--case", "sleep_forever", "--case", "import_hang",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    cases, errors = crashsuite.load_cases([], ["sleep_forever", "import_hang"])
+    written, _ = crashsuite.load_cases([tmp_path / "corpus"], ["sleep_forever", "import_hang"])
+    assert not errors and len(written) == 4  # the bundled pair, then the copies
+    original = {c.name: c.plugin.manifest for c in cases}
+    for case in written[2:]:
+        manifest = case.plugin.manifest
+        assert case.plugin.directory.parent == tmp_path / "corpus"
+        assert manifest.limits.timeout_s == 5 * (original[case.name].limits.timeout_s or 0)
+        assert manifest.expect == original[case.name].expect
+
+
+@pytest.mark.no_leak_check
 def test_a_wrong_expectation_makes_the_suite_exit_one(tmp_path: Path) -> None:
     case = tmp_path / "cases" / "lying_segfault"
     shutil.copytree(HOSTILE_DIR / "segfault", case)
