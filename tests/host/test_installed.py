@@ -145,14 +145,22 @@ UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
 
 
 @pytest.mark.timeout(300)
-def test_unprivileged_host_runs_calls_where_sys_is_mounted_nosuid_nodev_noexec(
-    install: Path,
-) -> None:
-    # As systemd mounts it. Seen from a user namespace those flags are locked,
-    # and a bind remount of /sys/devices/system/cpu that drops one is EPERM:
-    # every call of the unprivileged host failed at set-up.
+@pytest.mark.parametrize(
+    "mounts",
+    [
+        # As systemd mounts it. Seen from a user namespace those flags are
+        # locked, and a bind remount of /sys/devices/system/cpu that drops one
+        # is EPERM: every call of the unprivileged host failed at set-up.
+        "mount -o remount,bind,nosuid,nodev,noexec /sys",
+        # As a service with ProtectSystem=strict sees it, on a machine where no
+        # root host ever made /run/plughost: the host died making its lock there.
+        "mount -t tmpfs -o ro,mode=0755 tmpfs /run",
+    ],
+    ids=["sys-nosuid-nodev-noexec", "run-read-only"],
+)
+def test_unprivileged_host_runs_calls_on_systemds_mounts(install: Path, mounts: str) -> None:
     inner = [RUNUSER, "-u", USER, "--", str(install / "venv/bin/plughost")]
-    script = 'mount -o remount,bind,nosuid,nodev,noexec /sys && exec "$@"'
+    script = f'{mounts} && exec "$@"'
     command = [UNSHARE, "--mount", "--propagation", "private", "sh", "-c", script, "sh", *inner]
     run = subprocess.run(
         [*command, "run", "image_probe", "--image", _sample(install)],
