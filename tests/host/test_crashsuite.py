@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import junitparser
 import pytest
@@ -232,6 +233,24 @@ def test_server_refuses_to_serve_when_containment_is_broken(
     with pytest.raises(RuntimeError, match="refusing to serve"):
         with _client(registry, sandbox, require_containment=True):
             pass
+
+
+def test_the_self_check_gives_its_probes_time_for_a_slow_machine(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, float] = {}
+    real_run = crashsuite.runner.run_suite
+
+    def recording(cases: list[crashsuite.Case], *args: Any, **kwargs: Any) -> Any:
+        seen.update({c.name: c.plugin.manifest.limits.timeout_s or 0 for c in cases})
+        return real_run(cases, *args, **kwargs)
+
+    monkeypatch.setattr(crashsuite.runner, "run_suite", recording)
+    report = crashsuite.self_check(sandbox)
+    assert report.ok and report.time_scale == crashsuite.runner.SELF_CHECK_TIME_SCALE
+    # No probe expects a timeout; each gets ten times its manifest's 1 s.
+    assert set(seen) == set(crashsuite.PROBES)
+    assert all(timeout == 10 for timeout in seen.values()), seen
 
 
 def test_readyz_is_503_while_calls_cannot_be_set_up(
