@@ -154,7 +154,10 @@ class _Record:
 # What anyone may be told of an environment that cannot be used, by status:
 # a reason code and a fixed message, never the installer's words or a path.
 PUBLIC_REASONS: dict[EnvStatus, tuple[str, str]] = {
-    EnvStatus.MISSING: ("environment_missing", "its packages are not installed yet"),
+    EnvStatus.MISSING: (
+        "environment_missing",
+        "its packages are not installed yet (`plughost plugins prepare` installs them)",
+    ),
     EnvStatus.PREPARING: ("environment_preparing", "its packages are being installed"),
     EnvStatus.FAILED: (
         "environment_failed",

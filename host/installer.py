@@ -171,11 +171,37 @@ def prepare_cache(cache: Path) -> None:
     os.chmod(cache, 0o700, follow_symlinks=False)
 
 
-def _interpreter_paths(tool: str) -> list[str]:
-    """What the installer must be able to enter: this interpreter (its
-    prefix and, in a venv, the venv) and the tool's directory."""
+# Settings that may name local files or directories: certificates, a
+# configuration file, local package directories (`file://` or plain paths).
+PATH_SETTINGS = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "PIP_CERT",
+    "PIP_CONFIG_FILE",
+    "PIP_FIND_LINKS",
+    "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL",
+    "UV_FIND_LINKS",
+    "UV_INDEX",
+    "UV_INDEX_URL",
+    "UV_DEFAULT_INDEX",
+    "UV_EXTRA_INDEX_URL",
+)
+
+
+def _reachable(tool: str, env: dict[str, str]) -> list[str]:
+    """The directories the installer must be able to enter: this
+    interpreter (its prefix and, in a venv, the venv), the tool's directory,
+    and the local directories the operator's settings name."""
     paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
     paths.add(os.path.dirname(os.path.realpath(tool)))
+    for name in PATH_SETTINGS:
+        for item in env.get(name, "").replace(",", " ").split():
+            local = item.removeprefix("file://")
+            if os.path.isabs(local) and os.path.exists(local):
+                paths.add(local if os.path.isdir(local) else os.path.dirname(local))
     return sorted(os.path.realpath(p) for p in paths)
 
 
@@ -225,12 +251,13 @@ def install(
         allow_sdist,
         None if lock_path is None else f"{work}/{LOCK_FILE}",
     )
+    env = installer_environment(f"{work}/{HOME}", f"{work}/{TMP}", cache_seen)
     spec = Confinement(
         argv=command,
-        env=installer_environment(f"{work}/{HOME}", f"{work}/{TMP}", cache_seen),
+        env=env,
         writable=[f"{work}/{name}" for name in (SITE, HOME, TMP)] + [cache_seen],
         binds={WORK_AT: str(workdir), CACHE_AT: str(cache)} if own_uid else {},
-        reach=_interpreter_paths(command[0]),
+        reach=_reachable(command[0], env),
         uid=uid,
         gid=uid,
     )

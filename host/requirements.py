@@ -149,6 +149,8 @@ def _refusal(token: str) -> str:
 def _package(number: int, line: str, path: str | Path) -> LockedPackage | None:
     """The package of one logical line; None when its marker excludes this
     interpreter. Raises RequirementsError."""
+    if line.startswith("-"):
+        raise RequirementsError(path, number, _refusal(line.split()[0]))
     if "://" in line or re.search(r"(^|\s)@(\s|$)", line):
         raise RequirementsError(
             path, number, "URLs and direct references are not allowed; pin `name==version`"
