@@ -145,6 +145,8 @@ def _restrict(spec: Confinement) -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     if landlock.landlock_abi() >= 1:
         landlock.restrict_writes(spec.writable, WRITABLE_FILES)
+    else:
+        print("confined: this kernel has no Landlock; writes are bounded by the uid only")
 
 
 def _exec(spec: Confinement) -> None:

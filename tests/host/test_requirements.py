@@ -187,3 +187,27 @@ def test_a_lock_handed_over_unchecked_never_starts_the_installer(
     assert state.status is EnvStatus.FAILED
     assert "line 1" in state.message and "--no-binary" in state.message
     assert started == []
+
+
+@pytest.mark.parametrize("case", ["no_binary", "find_links", "include", "constraint", "url"])
+def test_plughost_check_names_the_line_of_a_refused_lock_and_never_starts_the_installer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    import io
+
+    from host.authoring import check_plugin
+
+    started: list[object] = []
+    monkeypatch.setattr("host.installer.run_confined", lambda *a, **k: started.append(a))
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: started.append(a))
+    line, expected = REFUSED[case]
+    directory = _plugin(tmp_path, f"# lock\n{line}\n", dependencies='["six"]')
+    out = io.StringIO()
+    status = check_plugin(
+        directory, [], EnvironmentStore(tmp_path / "envs"), lambda registry: None, out
+    )
+    assert status == 1
+    report = out.getvalue()
+    assert f"{directory / 'requirements.lock'}: line 2: " in report, report
+    assert expected in report
+    assert started == []
