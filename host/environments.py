@@ -62,7 +62,11 @@ MARKER = ".plughost-env.json"
 # child cannot write it (the environment is read-only there), so without it
 # every call would compile every module it imports, again.
 COMPILED = ".plughost-compiled"
-CACHE = ".cache"  # the installers' download cache, kept between preparations
+# The installer's download cache, kept between preparations and owned by the
+# installer's uid on a root host. `.cache` was the one of versions whose
+# installer ran as the host's user: left alone, never shared with this one.
+CACHE = ".installer-cache"
+LEGACY_CACHE = ".cache"
 INSTALL_TIMEOUT_S = 900.0
 _DIST_INFO = re.compile(r"^(?P<name>.+?)-(?P<version>[^-]+)\.dist-info$")
 
@@ -333,7 +337,7 @@ class EnvironmentStore:
         removed = []
         if self.root.is_dir():
             for entry in sorted(self.root.iterdir()):
-                if entry.name in (BY_SPEC, CACHE) or entry.name in kept_dirs:
+                if entry.name in (BY_SPEC, CACHE, LEGACY_CACHE) or entry.name in kept_dirs:
                     continue
                 if not entry.is_dir():
                     continue

@@ -22,8 +22,10 @@ but pinned, hashed packages, and dependency strings are passed after `--`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -153,11 +155,16 @@ def installer_environment(home: str, tmp: str, cache: str) -> dict[str, str]:
 
 
 def _own(path: Path, uid: int, gid: int) -> None:
-    """Give `path` and everything below it to `uid` (links not followed)."""
+    """Give `path` and everything below it to `uid`: links not followed,
+    and never a file with another name elsewhere (a hard link to a file of
+    the host's would hand that file over too)."""
     os.lchown(path, uid, gid)
     for parent, dirs, files in os.walk(path, followlinks=False):
         for name in dirs + files:
-            os.lchown(os.path.join(parent, name), uid, gid)
+            entry = os.path.join(parent, name)
+            info = os.lstat(entry)
+            if stat.S_ISDIR(info.st_mode) or info.st_nlink == 1:
+                os.lchown(entry, uid, gid)
 
 
 def prepare_cache(cache: Path) -> None:
@@ -288,7 +295,9 @@ def run_confined(spec: Confinement, progress: Progress, deadline_s: float) -> No
         os.close(read_end)
         with os.fdopen(write_end, "w") as stream:
             stream.write(spec.to_json())
-        timer = threading.Timer(deadline_s, process.kill)
+        # The whole group: on an unprivileged host the installer's own
+        # children are in it (on a root host they die with its namespace).
+        timer = threading.Timer(deadline_s, _kill_group, (process.pid,))
         timer.start()
         tail: list[str] = []
         try:
@@ -305,6 +314,11 @@ def run_confined(spec: Confinement, progress: Progress, deadline_s: float) -> No
         raise InstallError("the installer could not be confined: " + " | ".join(tail[-3:]))
     if status != 0:
         raise InstallError(f"the installer exited with status {status}: " + " | ".join(tail[-5:]))
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def copy_tree(source: Path, target: Path) -> None:
