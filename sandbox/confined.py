@@ -18,7 +18,8 @@ in order and then executes the tool:
            was; the work directory and the download cache bound at their
            `binds` paths under /tmp
         3. fork: the tool's process is the init of the new PID namespace, so
-           every process it starts dies with it; this program waits and
+           every process it starts dies with it, and mounts a /proc of that
+           namespace (no host process is listed); this program waits and
            passes its exit status on
         4. setgroups([]), setgid and setuid to the installer's own uid
         5. parent-death SIGKILL (if this program is killed, so is the tool)
@@ -58,7 +59,7 @@ from sandbox.layers.kernel import (
 
 CONFINEMENT_FAILED = 125
 CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
-MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 4096, 16384, 1 << 18, 2, 4
+MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 4096, 16384, 1 << 18, 2, 4, 8
 HIDDEN_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
 WRITABLE_FILES = ("/dev/null",)
 
@@ -187,6 +188,7 @@ def main(argv: list[str]) -> int:
         if pid == 0:
             try:
                 os.close(alive_w)
+                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
                 _drop(spec, alive_r)
                 _restrict(spec)
             except (IsolationError, OSError) as exc:

@@ -33,7 +33,8 @@ import json, os, sys
 
 target = sys.argv[sys.argv.index("--target") + 1]
 facts = {{"argv": sys.argv, "env": dict(os.environ), "uid": os.getuid(), "gid": os.getgid(),
-          "groups": os.getgroups(), "pid": os.getpid(), "wrote": [], "read": []}}
+          "groups": os.getgroups(), "pid": os.getpid(), "wrote": [], "read": [],
+          "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}}
 for place in {probes!r}:
     try:
         with open(os.path.join(place, "written-by-the-installer"), "w") as stream:
@@ -142,6 +143,7 @@ def test_the_installer_runs_as_its_own_uid_and_writes_only_its_own_directories(
     assert facts["uid"] == INSTALLER_UID and facts["gid"] == INSTALLER_UID
     assert facts["groups"] == []
     assert facts["pid"] == 1  # the init of a PID namespace of its own: nothing outlives it
+    assert facts["processes"] == [1]  # and its /proc lists no process of the host's
     assert facts["wrote"] == [] and facts["read"] == []
     assert not any(writable_elsewhere.iterdir()) and not any(shared_tmp.iterdir())
     shared_tmp.rmdir()
