@@ -113,6 +113,7 @@ class PluginRegistry:
         raise EnvironmentNotReady(
             f"the environment of plugin {name!r} is {state.status.value}: {public.get('message')}",
             reason or "environment_not_ready",
+            {"environment": state.status.value},  # missing, preparing or failed
         )
 
     def register(self, name: str, plugin: RegisteredPlugin) -> None:

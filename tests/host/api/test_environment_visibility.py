@@ -96,6 +96,7 @@ def test_an_environment_failure_shows_clients_a_reason_and_the_admin_the_install
     assert answer.status_code == 424, answer.text
     assert "retry-after" not in answer.headers  # failed for good: no retry loop
     assert detail["details"]["reason"] == "environment_failed"
+    assert detail["details"]["environment"] == "failed"
     assert "shadow" not in answer.text and str(tmp_path) not in answer.text
 
 
@@ -127,4 +128,5 @@ def test_an_environment_being_prepared_is_worth_a_retry(
     answer = client.post("/v1/analyze", json={**body, "mime_type": "image/png"}, headers=CLIENT)
     assert answer.status_code == 503, answer.text
     assert answer.json()["detail"]["details"]["reason"] == "environment_not_ready"
+    assert answer.json()["detail"]["details"]["environment"] == "preparing"
     assert int(answer.headers["retry-after"]) >= 1
