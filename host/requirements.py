@@ -172,9 +172,8 @@ def _package(number: int, line: str, path: str | Path) -> LockedPackage | None:
         marker = None
         tokens = requirement.split()
         tokens, options = tokens[:1], " ".join(tokens[1:])
-        requirement = tokens[0] if tokens else ""
     if len(tokens) != 1:
-        raise RequirementsError(path, number, _refusal(tokens[-1] if tokens else ""))
+        raise RequirementsError(path, number, _refusal(tokens[1] if tokens else ""))
     pinned = _PINNED.match(tokens[0])
     if pinned is None:
         raise RequirementsError(path, number, _refusal(tokens[0]))
@@ -185,8 +184,11 @@ def _package(number: int, line: str, path: str | Path) -> LockedPackage | None:
             path, number, f"{_shown(pinned['version'])} is not a version"
         ) from None
     hashes = _hashes(number, options.split(), path)
-    if marker is not None and not marker.evaluate():
-        return None
+    try:
+        if marker is not None and not marker.evaluate():
+            return None
+    except ValueError as exc:  # a marker this interpreter cannot answer
+        raise RequirementsError(path, number, f"environment marker: {exc}") from None
     return LockedPackage(canonicalize_name(pinned["name"]), pinned["version"], hashes)
 
 
