@@ -167,15 +167,23 @@ def _own(path: Path, uid: int, gid: int) -> None:
                 os.lchown(entry, uid, gid)
 
 
-def prepare_cache(cache: Path) -> None:
-    """The download cache, a directory the installer owns (on a root host)."""
+def prepare_cache(cache: Path, workdir: Path) -> Path:
+    """The download cache: `cache`, a directory the installer owns (on a
+    root host); for a host's user that cannot write it (a server that gave
+    up root, where root prepared before), one of its own in `workdir`."""
     cache.mkdir(mode=0o700, exist_ok=True)
     info = os.lstat(cache)
     if not stat.S_ISDIR(info.st_mode):
         raise InstallError(f"{cache} is not a directory")
-    if confined_as_own_uid() and info.st_uid != INSTALLER_UID:
-        _own(cache, INSTALLER_UID, INSTALLER_UID)
-    os.chmod(cache, 0o700, follow_symlinks=False)
+    if confined_as_own_uid():
+        if info.st_uid != INSTALLER_UID:
+            _own(cache, INSTALLER_UID, INSTALLER_UID)
+        os.chmod(cache, 0o700, follow_symlinks=False)
+        return cache
+    if info.st_uid == os.geteuid() and os.access(cache, os.W_OK | os.X_OK):
+        return cache
+    (workdir / "cache").mkdir(mode=0o700)
+    return workdir / "cache"
 
 
 # Settings that may name local files or directories: certificates, a
@@ -245,7 +253,7 @@ def install(
         fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as stream:
             stream.write(text)
-    prepare_cache(cache)
+    cache = prepare_cache(cache, workdir)
     for name in (SITE, HOME, TMP):
         (workdir / name).mkdir(mode=0o700)
         if uid is not None:
