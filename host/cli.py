@@ -240,7 +240,11 @@ def _plugin_rows(registry: PluginRegistry) -> list[dict[str, Any]]:
                 "description": plugin.manifest.description,
                 "directory": str(plugin.directory),
                 "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
-                "status": registry.get_status(name),
+                # The operator's view: the environment's detail (the installer's words) too.
+                "status": {
+                    **registry.get_status(name),
+                    "environment": registry.environment(name).public(admin=True),
+                },
                 "dependencies": list(plugin.requirements.dependencies),
                 "options_schema": plugin.manifest.options,
             }
@@ -287,8 +291,8 @@ def _print_details(row: dict[str, Any]) -> None:
         print(f"    dependencies: {', '.join(row['dependencies'])}")
         packages = ", ".join(environment.get("packages", [])) or "-"
         print(f"    environment: {environment['status']} ({packages})")
-        if environment.get("message"):
-            print(f"      {environment['message']}")
+        if environment.get("detail") or environment.get("message"):
+            print(f"      {environment.get('detail') or environment['message']}")
     schema = row["options_schema"]
     if schema is None:
         print("    options: no schema (passed unchecked)")

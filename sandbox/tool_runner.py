@@ -97,7 +97,19 @@ class PluginCatalog(Protocol):
 
 
 class PluginNotReady(Exception):
-    """A plugin that cannot be called yet (its environment is not prepared)."""
+    """A plugin that cannot be called (its environment is not prepared, or
+    could not be). The message is what the client is told; `reason` the
+    envelope's reason, `details` its details."""
+
+    def __init__(
+        self,
+        message: str,
+        reason: str = "environment_not_ready",
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.details = dict(details or {})
 
 
 class InvalidInput(ValueError):
@@ -285,7 +297,7 @@ class ToolRunner:
         try:
             import_paths = self.catalog.import_paths(plugin.name)
         except PluginNotReady as exc:
-            return Envelope.build("environment_not_ready", str(exc), plugin.name)
+            return Envelope.build(exc.reason, str(exc), plugin.name, exc.details)
         root = str(plugin.import_root) if plugin.import_root is not None else None
         return CallSpec(
             plugin=plugin.name,
