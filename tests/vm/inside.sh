@@ -71,6 +71,9 @@ check_service_ready() {
   install -m 0644 /root/plughost.service /etc/systemd/system/
   install -d -m 0700 /etc/plughost
   printf 'PLUGHOST_CLIENT_TOKENS=vm-client\nPLUGHOST_ADMIN_TOKEN=vm-admin\n' > /etc/plughost/plughost.env
+  # This machine is emulated: the bundled plugins with their timeouts scaled (build.sh).
+  overrides=$(for d in /opt/plugins-scaled/*/; do n=$(basename $d); printf '%s=%s,' $n ${d%/}; done)
+  printf 'PLUGHOST_PLUGINS_DIRS=/opt/plugins-scaled\nPLUGHOST_PLUGIN_OVERRIDES=%s\n' "${overrides%,}" >> /etc/plughost/plughost.env
   chmod 0600 /etc/plughost/plughost.env
   systemd-analyze verify /etc/systemd/system/plughost.service
   systemctl daemon-reload && systemctl enable --now plughost
@@ -126,7 +129,7 @@ check_service_suite_http() {
   $PH crash-suite --time-scale $SCALE --write-corpus /opt/hostile-scaled > /dev/null
   chmod -R a+rX /opt/hostile-scaled
   mkdir -p /etc/systemd/system/plughost.service.d
-  printf '[Service]\nExecStart=\nExecStart=/opt/plughost/bin/plughost serve --state-dir ${STATE_DIRECTORY} --plugins-dir /opt/hostile-scaled\n' \
+  printf '[Service]\nExecStart=\nExecStart=/opt/plughost/bin/plughost serve --state-dir ${STATE_DIRECTORY} --plugins-dir /opt/plugins-scaled --plugins-dir /opt/hostile-scaled\n' \
     > /etc/systemd/system/plughost.service.d/hostile.conf
   systemctl daemon-reload; systemctl restart plughost
   if wait_ready $(awk -v s=$SCALE 'BEGIN{print int(60*s)}'); then
