@@ -16,6 +16,8 @@ CLAIMS = (
     "no_file_outside_scratch",
     "host_rss_stable",
 )
+# Claims a case may add to its list; not checked unless listed.
+OPTIONAL_CLAIMS = ("no_host_path",)
 
 
 @dataclass(frozen=True)
