@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import sysconfig
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,11 +40,11 @@ _FRAME = re.compile(r'^(?P<indent>[ \t]*)File "(?P<file>[^"\n]*)"(?P<rest>.*)$')
 
 
 def _stdlib() -> tuple[str, ...]:
-    """The interpreter's own library directories (a venv's are not: its
-    `lib/pythonX.Y` holds the host's site-packages)."""
-    base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
-    found = {sysconfig.get_path(name, vars=base) for name in ("stdlib", "platstdlib")}
-    return tuple(sorted(os.path.realpath(path) for path in found if path))
+    """The standard library's directory (`lib-dynload` is inside it), where
+    `os` comes from: a venv's own `lib/pythonX.Y` holds the host's
+    site-packages, not the standard library."""
+    found = {os.path.dirname(os.__file__), os.path.dirname(os.path.realpath(os.__file__))}
+    return tuple(sorted(found))
 
 
 def _deep(path: str) -> bool:

@@ -16,8 +16,8 @@ CLAIMS = (
     "no_file_outside_scratch",
     "host_rss_stable",
 )
-# Claims a case may add to its list; not checked unless listed.
-OPTIONAL_CLAIMS = ("no_host_path",)
+# A case may also list "no_host_path" (checked only where listed): its
+# envelope names no host path.
 
 
 @dataclass(frozen=True)
