@@ -290,7 +290,10 @@ class _Stream:
         del self.tail[:-TAIL_BYTES]
 
     def text(self) -> str:
-        return self.tail.decode("utf-8", "replace")[-TAIL_BYTES:]
+        text = self.tail.decode("utf-8", "replace")[-TAIL_BYTES:]
+        if self.total > len(self.tail) and "\n" in text:
+            text = text.partition("\n")[2]  # from its first whole line: no path cut in two
+        return text
 
 
 def run_call(handle: ChildHandle, call: CallSpec, token: CancelToken | None) -> Outcome:

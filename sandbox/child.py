@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from sandbox import trace
+from sandbox.host_paths import HostPaths
 from sandbox.layers import (
     UNSHARE_FLAGS,
     cgroup,
@@ -324,14 +325,23 @@ def _wait_for_payload() -> None:
 
 
 def _error(reason: str, exc: BaseException, message: str | None = None) -> dict[str, Any]:
+    """The error frame of `exc`: its traceback shows the plugin's frames
+    (relative to its directory) and the standard library's, never the
+    sandbox's own code or a host path (`sandbox.host_paths`)."""
     text = message if message is not None else str(exc) or type(exc).__name__
+    spec = _CALL
+    packages = (*spec.import_paths, spec.import_root or "") if spec is not None else ()
+    paths = HostPaths(spec.plugin_dir if spec is not None else "", packages)
     return {
         "type": "error",
         "reason": reason,
-        "message": text[:2000],
+        "message": paths.scrub(text[:2000]),
         "exc_type": type(exc).__name__,
-        "traceback": "".join(traceback.format_exception(exc))[-8000:],
+        "traceback": paths.scrub("".join(traceback.format_exception(exc))[-8000:]),
     }
+
+
+_CALL: ChildSpec | None = None  # the call's, set before plugin code runs
 
 
 # The standard library's entries of sys.path, as the launcher found them.
@@ -555,6 +565,8 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
             os._exit(SETUP_FAILED)
     # From here on plugin code runs (a warm child imports the plugin while it
     # waits for its payload): whatever ends the child now is the plugin's doing.
+    global _CALL
+    _CALL = spec
     try:
         plugin = _load_or_error(spec)
         if spec.warm:

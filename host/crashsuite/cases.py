@@ -20,6 +20,8 @@ CLAIMS = (
     "no_file_outside_scratch",
     "host_rss_stable",
 )
+# A case may also list "no_host_path" (checked only where listed): its
+# envelope names no host path.
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ path when it prewarms children)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import socket
 import struct
@@ -19,6 +21,7 @@ from pathlib import Path
 from host.crashsuite import cases as corpus
 from host.crashsuite.cases import Case
 from host.crashsuite.claims import observed_of, run_case
+from host.crashsuite.evidence import Evidence
 from host.crashsuite.report import CaseReport, SuiteReport
 from host.crashsuite.targets import LocalTarget, Target
 from host.discovery import BUNDLED_DIR
@@ -65,9 +68,12 @@ def sample_png(width: int = 32, height: int = 24, rgb: bytes = b"\x0a\x78\xc8") 
 class _Listener:
     """A server for the network cases to try to reach: TCP on the host's
     127.0.0.1, or (`unix=True`) a root-owned, world-connectable unix socket
-    outside /tmp, where host services such as journald or D-Bus listen."""
+    outside /tmp, where host services such as journald or D-Bus listen. It
+    sends `nonce` to every connection: a case that reached a listener of
+    its own sandbox at the same port or path cannot pass for an escape."""
 
-    def __init__(self, unix: bool = False) -> None:
+    def __init__(self, nonce: str, unix: bool = False) -> None:
+        self.nonce = nonce.encode()
         self._directory: str | None = None
         if unix:
             self._directory = _service_directory()
@@ -93,7 +99,9 @@ class _Listener:
             except OSError:
                 continue
             self.accepted += 1
-            conn.close()
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(0.5)
+                conn.sendall(self.nonce)
 
     def close(self) -> None:
         self._stop.set()
@@ -142,7 +150,9 @@ def run_suite(
     where they are loaded (`cases.scaled`, or a corpus a server loads)."""
     image = sample_png()
     protections = target.protections()
-    listener, unix_listener = _Listener(), _Listener(unix=True)
+    nonce = secrets.token_hex(16)
+    listener, unix_listener = _Listener(nonce), _Listener(nonce, unix=True)
+    evidence = Evidence(_service_directory())
     benign = _Benign(target, benign_plugin, image)
     reports = []
     try:
@@ -151,9 +161,9 @@ def run_suite(
             options = {
                 "listener_port": listener.port,
                 "unix_listener_path": unix_listener.path,
-                "host_pid": os.getpid(),
                 "host_cwd": os.getcwd(),
                 "host_sys_path": [p for p in sys.path if p][:20],
+                **evidence.options_for(case.plugin.directory, nonce),
             }
             report = run_case(case, target, image, options, protections, time_scale)
             reports.append(report)
@@ -165,6 +175,7 @@ def run_suite(
     finally:
         listener.close()
         unix_listener.close()
+        evidence.close()
     return SuiteReport(protections, reports, benign.calls, benign.failures, time_scale)
 
 
