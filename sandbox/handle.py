@@ -6,7 +6,8 @@ touches them::
 
     ChildHandle.spawn(launcher, call, layers, uid, scratch, warm)
         uid and scratch handed in and owned from here; the call's cgroup made;
-        cold: the payload now; warm: set up, waiting -> .hand_over(call) later
+        cold: the payload now; warm: set up, waiting -> .stop() once it has
+        imported its plugin, then .hand_over(call): continued, its payload
         -> the launcher forks the child
       .fds            read ends: status, reply, stdout, stderr
       .feed_status()  / .wait_exit()   the launcher's EXIT report -> .exit
@@ -52,6 +53,7 @@ from sandbox.protocol import (
     KillUid,
     Payload,
     StartChild,
+    StopUid,
     encode_request,
     write_payload,
 )
@@ -91,6 +93,9 @@ PID_GRACE_S = 5.0
 EXIT_GRACE_S = 0.5
 # After a kill, how long the launcher's report that the child is reaped may take.
 REAP_WAIT_S = 2.0
+# For the launcher's stopper to report a warm child's call stopped (it gives
+# the threads 1 s, `sandbox.launcher.STOP_DEADLINE_S`, after its own start).
+STOP_WAIT_S = 2.0
 
 
 def exposed_paths(plugin_dir: str, import_paths: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -210,6 +215,38 @@ class Launcher:
             if done_w >= 0:
                 os.close(done_w)
 
+    def stop_uid(self, uid: int, timeout_s: float = STOP_WAIT_S) -> int:
+        """Stop every process of `uid` until the host continues them.
+
+        The launcher forks a stopper of `uid` (`sandbox.launcher._fork_stopper`)
+        that stops them all at once and waits until each of their threads
+        is stopped. Returns a descriptor: one byte written on it continues
+        them all (SIGCONT, at once); closing it without a write leaves them
+        stopped for the kill. Returns -1 when they were not all stopped
+        within `timeout_s`, or the launcher is gone.
+        """
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        kept = -1
+        try:
+            with self._lock:
+                if self._sock is None or not self._alive():
+                    return -1
+                try:
+                    socket.send_fds(self._sock, [encode_request(StopUid(uid))], [done_w, go_r])
+                except OSError:
+                    return -1
+            os.close(done_w)
+            os.close(go_r)
+            done_w = go_r = -1
+            if _wait_readable(done_r, time.monotonic() + timeout_s) and os.read(done_r, 1) == b"1":
+                kept = go_w
+            return kept
+        finally:
+            for fd in (done_r, done_w, go_r, go_w):
+                if fd >= 0 and fd != kept:
+                    os.close(fd)
+
     def _stop_locked(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -262,6 +299,9 @@ class ChildHandle:
         self.timeout_s = 0.0  # the call's (a warm child's: its plugin's) time limit
         self.reaped = False  # the status pipe ended after the EXIT record
         self._ending = False  # the verdict is final: the call ends on its own (finish)
+        self.stopped = False  # a warm child: nothing of its call runs until hand_over
+        self._go = -1  # a stopped warm child's: one byte continues its call
+        self.closed = False  # put away: every resource given back
 
     @property
     def pid(self) -> int:
@@ -345,9 +385,35 @@ class ChildHandle:
         self.procs = CallProcesses(pid, self.uid, token=self.token)
         trace.mark("host.wait_pid")
 
+    def stop(self) -> bool:
+        """Stop every process and thread of a warm child's call until
+        `hand_over` (the child has imported its plugin: whatever the import
+        started, threads or processes, waits with it). A child without a
+        uid of its own has run no plugin code (it imports its plugin only
+        once its payload is there, `sandbox.child`), so there is nothing to
+        stop. Returns False when the call could not be stopped in time: put
+        it away, never hand it a call."""
+        if self.uid is not None:
+            self._go = self.launcher.stop_uid(self.uid)
+            if self._go < 0:
+                return False
+            self._opened.append(self._go)
+        self.stopped = True
+        return True
+
     def hand_over(self, call: CallSpec) -> None:
-        """Give a warm child the payload of `call` (a sealed memfd over its socket)."""
-        assert self._payload_socket is not None
+        """Continue a warm child's stopped call (`stop`) and give it the
+        payload of `call` (a sealed memfd over its socket). Raises HostFailure
+        when its call cannot be continued (the launcher's stopper is gone)."""
+        assert self._payload_socket is not None and self.stopped
+        if self._go >= 0:
+            try:
+                os.write(self._go, b"c")
+            except OSError as exc:
+                raise HostFailure(f"a warm child could not be continued: {exc}") from exc
+            finally:
+                self._close_own(self._go)
+                self._go = -1
         payload_fd = _payload_file(call)
         try:
             socket.send_fds(self._payload_socket, [b"go"], [payload_fd])
@@ -373,12 +439,26 @@ class ChildHandle:
     # -- waiting -------------------------------------------------------------
 
     def set_up(self) -> bool:
-        """True once a warm child said it is set up, has imported its plugin and
-        waits for its payload."""
+        """True once a warm child said it is set up, has imported its plugin
+        (with a uid of its own; else it imports it after the hand-over) and
+        waits for its payload. Only the warm pool's keeper asks."""
         sock = self._payload_socket
         if not self._waiting and sock is not None and _readable(sock.fileno()):
             self._waiting = sock.recv(1) == b"w"
         return self._waiting
+
+    def heard(self) -> bool:
+        """Whether a warm child's payload socket has something to read: "w"
+        (`set_up`), anything else, or its end."""
+        sock = self._payload_socket
+        return self._waiting or (sock is not None and _readable(sock.fileno()))
+
+    def watched_fds(self) -> list[int]:
+        """What a warm child's keeper polls: its payload socket until it is
+        stopped (it says "w" there), and its status pipe (it died)."""
+        sock = self._payload_socket
+        watched = [sock.fileno()] if sock is not None and not self.stopped else []
+        return watched + [self.fds["status"]] if "status" in self.fds else watched
 
     def held_fds(self) -> int:
         """Descriptors of the host's that this handle holds open now."""
@@ -487,6 +567,7 @@ class ChildHandle:
         trace.mark("host.cgroup_give_back")
         if self._payload_socket is not None:
             self._payload_socket.close()
+            self._payload_socket = None
         for fd in [*self._opened]:
             self._close_own(fd)
         self.fds = {}
@@ -495,6 +576,8 @@ class ChildHandle:
         trace.mark("host.close_fds_scratch")
         if self.uid is not None:
             os.close(self._lock_fd)  # the uid's lock: free for another call
+            self._lock_fd = -1
+        self.closed = True
 
 
 def _payload_file(call: CallSpec) -> int:

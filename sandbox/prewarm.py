@@ -3,15 +3,37 @@
 `WarmPool` keeps up to `size` handles (`sandbox.handle.ChildHandle`) per key
 (a plugin with its limits) whose children are set up and waiting, hands one
 to a call (`take`) and starts replacements in one background thread
-(`fill`). A warm child imports its plugin while it waits (`sandbox.child`)
-and still serves exactly one call; one that sat unused for WARM_IDLE_S,
-that died while waiting, or that is still importing after its plugin's
-timeout, is put away.
+(`fill`). Each still serves exactly one call. Plugin code runs only inside
+a call's deadline, or in the import before it: a child with a uid of its
+own imports its plugin while it waits, and its keeper then stops the whole
+call (every process and thread: whatever the import started) until the
+hand-over; a child without one imports its plugin only after the hand-over
+(`sandbox.child`)::
+
+    fill(key, start)     starter thread: start() -> handle, in _waiting (importing)
+    keeper thread        poll: each waiting handle's payload socket and status
+                         pipe, until the next handle's time is up
+        "w" on the socket    set up, plugin imported -> handle.stop(): the
+                             launcher's stopper stops the call, all of it
+                             -> stopped: ready for a call
+        anything else there  put away
+        time up              idle for WARM_IDLE_S since its fork, or still not
+                             stopped after its plugin's timeout -> put away
+        status pipe          it died -> put away
+    take(key)            a stopped handle; run_call's hand_over continues it
+    close()              the keeper stopped and joined, the starter shut
+                         down, every handle put away
+
+The keeper runs only while there is a handle to keep, and closes its wake-up
+pipe when it ends: an idle pool holds no thread and no descriptor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -20,17 +42,8 @@ from typing import Any
 
 from sandbox.handle import ChildHandle
 
-WARM_IDLE_S = 30.0
+WARM_IDLE_S = 30.0  # a warm child unused this long after its fork is put away
 log = logging.getLogger("plughost.sandbox")
-
-
-def _stale(handle: ChildHandle, now: float) -> bool:
-    """Unused for too long, gone, or still importing its plugin after as long
-    as a call to it may take (it could never serve one in time)."""
-    age = now - handle.created
-    if age > WARM_IDLE_S or not handle.alive():
-        return True
-    return age > handle.timeout_s and not handle.set_up()
 
 
 class WarmPool:
@@ -39,35 +52,28 @@ class WarmPool:
     def __init__(self, size: int, put_away: Callable[[ChildHandle], None]) -> None:
         self.size = size
         self.hits = 0
+        self.idle_s = WARM_IDLE_S
         self._put_away = put_away
         self._waiting: dict[tuple[Any, ...], list[ChildHandle]] = {}
+        self._stopping: list[ChildHandle] = []  # out of _waiting while the keeper stops them
+        # Put away by the keeper, until the closer has given their resources back.
+        self._leaving: list[ChildHandle] = []
         self._starting: dict[tuple[Any, ...], int] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plughost-prewarm")
+        self._keeper: threading.Thread | None = None
+        self._wake = (-1, -1)  # the keeper's wake-up pipe, while it runs
 
     def take(self, key: tuple[Any, ...]) -> ChildHandle | None:
-        """A live handle for `key`, set up if one is; None if there is none."""
-        stale: list[ChildHandle] = []
-        found = None
+        """A live, stopped handle for `key`; None if there is none."""
         with self._lock:
-            now = time.monotonic()
-            for handles in self._waiting.values():
-                for handle in list(handles):
-                    if _stale(handle, now):
-                        handles.remove(handle)
-                        stale.append(handle)
-            # Only a child that is set up and has imported its plugin: one
-            # still importing would spend the call's deadline on what ran
-            # before the call (a cold start counts its import against it).
-            ready = [handle for handle in self._waiting.get(key, []) if handle.set_up()]
-            if ready:
-                found = ready[0]
-                self._waiting[key].remove(found)
-                self.hits += 1
-        for handle in stale:
-            self._put_away(handle)
-        return found
+            for handle in self._waiting.get(key, []):
+                if handle.stopped and handle.alive():
+                    self._waiting[key].remove(handle)
+                    self.hits += 1
+                    return handle
+        return None
 
     def fill(self, key: tuple[Any, ...], start: Callable[[], ChildHandle]) -> None:
         """Start, in the background, the handles `key` lacks."""
@@ -89,50 +95,144 @@ class WarmPool:
                     self._starting[key] -= 1
                     if handle is not None and not self._closed:
                         self._waiting.setdefault(key, []).append(handle)
+                        self._keep_locked()
                         handle = None
                 if handle is not None:
                     self._put_away(handle)
 
         self._starter.submit(start_children)
 
+    # -- the keeper ------------------------------------------------------------
+
+    def _keep_locked(self) -> None:
+        """Start the keeper if it is not running, else wake it (a new handle)."""
+        if self._keeper is None:
+            self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            self._keeper = threading.Thread(target=self._keep, name="plughost-warm-keeper")
+            self._keeper.start()
+        else:
+            with contextlib.suppress(BlockingIOError):  # full: it will wake anyway
+                os.write(self._wake[1], b"x")
+
+    def _keep(self) -> None:
+        """The keeper's loop: stop each child once it has imported its plugin,
+        put away those whose time is up or that died. Ends when the pool is
+        closed or keeps nothing."""
+        while True:
+            with self._lock:
+                handles = [h for hs in self._waiting.values() for h in hs]
+                if self._closed or not handles:
+                    os.close(self._wake[0])
+                    os.close(self._wake[1])
+                    self._wake, self._keeper = (-1, -1), None
+                    return
+                wake = self._wake[0]
+                fds = [fd for handle in handles for fd in handle.watched_fds()]
+                until = min(self._time_up(handle) for handle in handles)
+            poller = select.poll()  # descriptors past select()'s 1024
+            for fd in (wake, *fds):
+                poller.register(fd, select.POLLIN)
+            wait_ms = max(0.0, until - time.monotonic()) * 1000
+            if any(fd == wake for fd, _ in poller.poll(wait_ms)):
+                while True:
+                    try:
+                        if not os.read(wake, 64):
+                            break
+                    except BlockingIOError:
+                        break
+            self._tend()
+
+    def _time_up(self, handle: ChildHandle) -> float:
+        """When `handle` is put away unless taken: its idle limit, or before it
+        is stopped, its plugin's timeout (it could never serve a call in time)."""
+        if handle.stopped:
+            return handle.created + self.idle_s
+        return handle.created + min(self.idle_s, handle.timeout_s)
+
+    def _tend(self) -> None:
+        """One round of the keeper: stop the handles that said "w", put away
+        those whose time is up, that died, or whose socket said anything else."""
+        now = time.monotonic()
+        away: list[ChildHandle] = []
+        to_stop: list[tuple[tuple[Any, ...], ChildHandle]] = []
+        with self._lock:
+            for key, handles in self._waiting.items():
+                for handle in list(handles):
+                    if now >= self._time_up(handle) or not handle.alive():
+                        handles.remove(handle)
+                        away.append(handle)
+                    elif not handle.stopped and handle.heard():
+                        handles.remove(handle)
+                        if handle.set_up():
+                            to_stop.append((key, handle))
+                            self._stopping.append(handle)
+                        else:  # its socket ended, or the plugin wrote on it
+                            away.append(handle)
+        for key, handle in to_stop:
+            stopped = handle.stop()
+            with self._lock:
+                self._stopping.remove(handle)
+                if stopped and not self._closed:
+                    self._waiting.setdefault(key, []).append(handle)
+                else:
+                    away.append(handle)
+        with self._lock:
+            self._leaving = [h for h in self._leaving if not h.closed] + away
+        for handle in away:
+            self._put_away(handle)
+
+    # -- for tests and measurements -------------------------------------------
+
     def settle(self, timeout_s: float = 5.0) -> None:
-        """Wait until no handle is being started."""
+        """Wait until no handle is being started, and every waiting one is
+        stopped (or put away: one still importing after its plugin's timeout)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
-                if not any(self._starting.values()):
+                if not any(self._starting.values()) and all(
+                    handle.stopped for handle in self._all_locked()
+                ):
                     return
             time.sleep(0.005)
 
-    def count(self) -> int:
-        """Children set up and waiting now."""
+    def _all_locked(self) -> list[ChildHandle]:
+        return [h for hs in self._waiting.values() for h in hs] + self._stopping
+
+    def held_fds(self) -> int:
+        """Descriptors of the host's the waiting handles, those the keeper put
+        away (until they are closed) and the keeper itself hold."""
         with self._lock:
-            return sum(handle.set_up() for handles in self._waiting.values() for handle in handles)
+            keeper = 2 if self._keeper is not None else 0  # its wake-up pipe
+            handles = self._all_locked() + self._leaving
+            return keeper + sum(handle.held_fds() for handle in handles if not handle.closed)
+
+    def count(self) -> int:
+        """Children stopped and waiting for a call now."""
+        with self._lock:
+            return sum(handle.stopped for handles in self._waiting.values() for handle in handles)
 
     def pids(self) -> set[int]:
         """Pids of the waiting children (the root of each one's processes)."""
         with self._lock:
-            return {handle.pid for handles in self._waiting.values() for handle in handles} - {0}
-
-    def held_fds(self) -> int:
-        """Descriptors of the host's the waiting handles hold."""
-        with self._lock:
-            return sum(
-                handle.held_fds() for handles in self._waiting.values() for handle in handles
-            )
+            return {handle.pid for handle in self._all_locked()} - {0}
 
     def uids(self) -> set[int]:
         with self._lock:
-            return {
-                s.uid for handles in self._waiting.values() for s in handles if s.uid is not None
-            }
+            return {handle.uid for handle in self._all_locked() if handle.uid is not None}
 
     def close(self) -> None:
-        """Stop starting handles and put every waiting one away."""
+        """Stop the keeper and the starter, and put every waiting handle away."""
         with self._lock:
             self._closed = True
-            handles = [handle for handles in self._waiting.values() for handle in handles]
-            self._waiting.clear()
+            keeper = self._keeper
+            if keeper is not None:
+                with contextlib.suppress(BlockingIOError):
+                    os.write(self._wake[1], b"x")
+        if keeper is not None:
+            keeper.join()
         self._starter.shutdown(wait=True)
+        with self._lock:
+            handles = self._all_locked()
+            self._waiting.clear()
         for handle in handles:
             self._put_away(handle)
