@@ -168,17 +168,17 @@ class WarmPool:
                             self._stopping.append(handle)
                         else:  # its socket ended, or the plugin wrote on it
                             away.append(handle)
+            self._leaving = [h for h in self._leaving if not h.closed] + away
+        for handle in away:
+            self._put_away(handle)
         for key, handle in to_stop:
             stopped = handle.stop()
             with self._lock:
                 self._stopping.remove(handle)
                 if stopped and not self._closed:
                     self._waiting.setdefault(key, []).append(handle)
-                else:
-                    away.append(handle)
-        with self._lock:
-            self._leaving = [h for h in self._leaving if not h.closed] + away
-        for handle in away:
+                    continue
+                self._leaving.append(handle)
             self._put_away(handle)
 
     # -- for tests and measurements -------------------------------------------
