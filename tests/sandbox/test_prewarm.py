@@ -256,13 +256,7 @@ class Plugin:
 """
 
 
-@pytest.mark.parametrize("how", ["thread", "grandchild"])
-def test_a_warm_child_runs_no_plugin_code_while_it_waits(
-    warm: ToolRunner, registry: PluginRegistry, tmp_path: Path, payload: dict, how: str
-) -> None:
-    # What a plugin's import starts must not run while its warm child waits
-    # for a call: it could watch the machine (/proc/stat) while other
-    # clients' calls run, and tell in its own result when and for how long.
+def _idle_spy(registry: PluginRegistry, tmp_path: Path, how: str) -> None:
     directory = tmp_path / "idle_spy"
     directory.mkdir()
     (directory / "plugin.toml").write_text(
@@ -273,17 +267,63 @@ def test_a_warm_child_runs_no_plugin_code_while_it_waits(
     directory.chmod(0o755)
     tmp_path.chmod(0o755)
     assert registry.load_directory(directory) == ["idle_spy"]
-    assert warm.run("idle_spy", payload)[1] == {}  # cold; starts the pool's child
-    _wait_warm(warm)
-    idle_from = time.monotonic()
-    time.sleep(1.0)
-    called = time.monotonic()
-    result, error = warm.run("idle_spy", payload)
-    assert error == {} and warm.sandbox.warm_hits == 1
+
+
+@pytest.mark.parametrize(
+    ("how", "disabled"),
+    [
+        ("thread", ()),
+        ("grandchild", ()),
+        # No uid of its own to stop the call by: the plugin is imported after the hand-over.
+        ("thread", ("privilege_drop",)),
+    ],
+    ids=["thread", "grandchild", "thread-without-a-uid"],
+)
+def test_a_warm_child_runs_no_plugin_code_while_it_waits(
+    registry: PluginRegistry, tmp_path: Path, payload: dict, how: str, disabled: tuple[str, ...]
+) -> None:
+    # What a plugin's import starts must not run while its warm child waits
+    # for a call: it could watch the machine (/proc/stat) while other
+    # clients' calls run, and tell in its own result when and for how long.
+    _idle_spy(registry, tmp_path, how)
+    sandbox = Sandbox(prewarm=1, disabled=disabled)
+    warm = ToolRunner(registry, sandbox)
+    try:
+        assert warm.run("idle_spy", payload)[1] == {}  # cold; starts the pool's child
+        _wait_warm(warm)
+        idle_from = time.monotonic()
+        time.sleep(1.0)
+        called = time.monotonic()
+        result, error = warm.run("idle_spy", payload)
+        assert error == {} and warm.sandbox.warm_hits == 1
+    finally:
+        sandbox.close()
     runs = result["runs"]
     assert runs[-1][1] > called, runs  # it runs again once its call has come
     during_the_wait = [run for run in runs if run[1] > idle_from and run[0] < called]
     assert during_the_wait == [], (idle_from, called, runs)
+
+
+def test_a_warm_child_whose_call_cannot_be_stopped_is_never_handed_a_call(
+    registry: PluginRegistry, tmp_path: Path, payload: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The launcher's stopper did not report every thread stopped in time (a
+    # thread in an uninterruptible wait, the launcher gone): the warm child
+    # is put away and the call starts cold, within its own deadline.
+    from sandbox.handle import Launcher
+
+    monkeypatch.setattr(Launcher, "stop_uid", lambda self, uid, timeout_s=0: -1)
+    _idle_spy(registry, tmp_path, "thread")
+    sandbox = Sandbox(prewarm=1)
+    runner = ToolRunner(registry, sandbox)
+    try:
+        for _ in range(3):
+            assert runner.run("idle_spy", payload)[1] == {}
+            sandbox.settle()
+            assert sandbox.warm_count() == 0 and sandbox.warm_pids() == set()
+        assert sandbox.warm_hits == 0
+    finally:
+        sandbox.close()
 
 
 def test_an_idle_warm_child_is_put_away_at_its_idle_limit_without_another_call(
@@ -325,4 +365,33 @@ def test_an_idle_warm_child_is_put_away_at_its_idle_limit_without_another_call(
         kept = [path for path in sandbox.kept_cgroups() if path.name.endswith(f"u{uid}")]
         assert kept and all(not (path / "cgroup.procs").read_text().strip() for path in kept)
     finally:
+        sandbox.close()
+
+
+def test_a_warm_child_still_importing_after_its_timeout_is_put_away_without_another_call(
+    registry: PluginRegistry, payload: dict
+) -> None:
+    # import_hang never finishes its import: its warm child runs plugin code
+    # for as long as a call to it may take (1 s), no longer.
+    import threading
+
+    sandbox = Sandbox(prewarm=1)
+    runner = ToolRunner(registry, sandbox)
+    cold = threading.Thread(target=runner.run, args=("import_hang", payload))
+    try:
+        cold.start()  # times out; starts the pool's child at once
+        deadline = time.monotonic() + 5
+        while not sandbox.warm_pids() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        started = time.monotonic()
+        (pid,) = sandbox.warm_pids()
+        while sandbox.warm_pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sandbox.warm_pids() == set() and time.monotonic() - started < 2.0
+        cold.join()
+        sandbox.settle()
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert sandbox.warm_hits == 0
+    finally:
+        cold.join()
         sandbox.close()
