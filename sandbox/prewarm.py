@@ -108,7 +108,11 @@ class WarmPool:
         """Start the keeper if it is not running, else wake it (a new handle)."""
         if self._keeper is None:
             self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            self._keeper = threading.Thread(target=self._keep, name="plughost-warm-keeper")
+            # A daemon: a host that exits without closing its sandbox is not held
+            # up for a child's idle limit (the launcher kills its children then).
+            self._keeper = threading.Thread(
+                target=self._keep, name="plughost-warm-keeper", daemon=True
+            )
             self._keeper.start()
         else:
             with contextlib.suppress(BlockingIOError):  # full: it will wake anyway
