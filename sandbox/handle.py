@@ -6,8 +6,9 @@ touches them::
 
     ChildHandle.spawn(launcher, call, layers, uid, scratch, warm)
         uid and scratch handed in and owned from here; the call's cgroup made;
-        cold: the payload now; warm: set up, waiting -> .stop() once it has
-        imported its plugin, then .hand_over(call): continued, its payload
+        cold: the payload now; warm: set up, waiting -> .begin_stop() once it
+        has imported its plugin, .stop_answer(), then .hand_over(call):
+        continued, its payload
         -> the launcher forks the child
       .fds            read ends: status, reply, stdout, stderr
       .feed_status()  / .wait_exit()   the launcher's EXIT report -> .exit
@@ -215,37 +216,34 @@ class Launcher:
             if done_w >= 0:
                 os.close(done_w)
 
-    def stop_uid(self, uid: int, timeout_s: float = STOP_WAIT_S) -> int:
-        """Stop every process of `uid` until the host continues them.
+    def stop_uid(self, uid: int) -> tuple[int, int] | None:
+        """Have every process of `uid` stopped until the host continues them.
 
         The launcher forks a stopper of `uid` (`sandbox.launcher._fork_stopper`)
         that stops them all at once and waits until each of their threads
-        is stopped. Returns a descriptor: one byte written on it continues
-        them all (SIGCONT, at once); closing it without a write leaves them
-        stopped for the kill. Returns -1 when they were not all stopped
-        within `timeout_s`, or the launcher is gone.
+        is stopped. Returns two descriptors at once, `(answer, go)`: `answer`
+        becomes readable with b"1" once they are all stopped (b"0", or its
+        end, when they were not within the stopper's deadline); one byte
+        written on `go` continues them all (SIGCONT, at once); closing `go`
+        without a write leaves them stopped for the kill. None when the
+        launcher is gone.
         """
         done_r, done_w = os.pipe2(os.O_CLOEXEC)
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
-        kept = -1
+        sent = False
         try:
             with self._lock:
-                if self._sock is None or not self._alive():
-                    return -1
-                try:
-                    socket.send_fds(self._sock, [encode_request(StopUid(uid))], [done_w, go_r])
-                except OSError:
-                    return -1
+                if self._sock is not None and self._alive():
+                    with contextlib.suppress(OSError):
+                        socket.send_fds(self._sock, [encode_request(StopUid(uid))], [done_w, go_r])
+                        sent = True
+        finally:
             os.close(done_w)
             os.close(go_r)
-            done_w = go_r = -1
-            if _wait_readable(done_r, time.monotonic() + timeout_s) and os.read(done_r, 1) == b"1":
-                kept = go_w
-            return kept
-        finally:
-            for fd in (done_r, done_w, go_r, go_w):
-                if fd >= 0 and fd != kept:
-                    os.close(fd)
+            if not sent:
+                os.close(done_r)
+                os.close(go_w)
+        return (done_r, go_w) if sent else None
 
     def _stop_locked(self) -> None:
         if self._sock is not None:
@@ -301,6 +299,9 @@ class ChildHandle:
         self._ending = False  # the verdict is final: the call ends on its own (finish)
         self.stopped = False  # a warm child: nothing of its call runs until hand_over
         self._go = -1  # a stopped warm child's: one byte continues its call
+        self._stop_answer = -1  # where the stopper says b"1" once the call is stopped
+        self.stop_began = 0.0
+        self.import_began = 0.0  # a warm child's ready frame came: set up, importing
         self.closed = False  # put away: every resource given back
 
     @property
@@ -385,24 +386,44 @@ class ChildHandle:
         self.procs = CallProcesses(pid, self.uid, token=self.token)
         trace.mark("host.wait_pid")
 
-    def stop(self) -> bool:
-        """Stop every process and thread of a warm child's call until
-        `hand_over` (the child has imported its plugin: whatever the import
-        started, threads or processes, waits with it). A child without a
-        uid of its own has run no plugin code (it imports its plugin only
-        once its payload is there, `sandbox.child`), so there is nothing to
-        stop. Returns False when the call could not be stopped in time: put
-        it away, never hand it a call."""
-        if self.uid is not None:
-            self._go = self.launcher.stop_uid(self.uid)
-            if self._go < 0:
-                return False
-            self._opened.append(self._go)
-        self.stopped = True
+    def begin_stop(self) -> bool:
+        """Have every process and thread of a warm child's call stopped
+        until `hand_over` (the child has imported its plugin: whatever the
+        import started, threads or processes, waits with it); returns at
+        once, and `stop_answer` tells when it is done. A child
+        without a uid of its own has run no plugin code (it imports its
+        plugin only once its payload is there, `sandbox.child`): nothing to
+        stop, it is stopped at once. False when the launcher is gone."""
+        self.stop_began = time.monotonic()
+        if self.uid is None:
+            self.stopped = True
+            return True
+        fds = self.launcher.stop_uid(self.uid)
+        if fds is None:
+            return False
+        self._stop_answer, self._go = fds
+        self._opened.extend(fds)
         return True
 
+    @property
+    def stopping(self) -> bool:
+        """Its stop was asked for and not answered yet."""
+        return self._stop_answer >= 0
+
+    def stop_answer(self) -> bool | None:
+        """The stopper's answer, once it came: True when every thread of the
+        call is stopped; False when they were not in time (put it away and
+        never hand it a call); None while it has not answered."""
+        if not _readable(self._stop_answer):
+            return None
+        answer = os.read(self._stop_answer, 1)
+        self._close_own(self._stop_answer)
+        self._stop_answer = -1
+        self.stopped = answer == b"1"
+        return self.stopped
+
     def hand_over(self, call: CallSpec) -> None:
-        """Continue a warm child's stopped call (`stop`) and give it the
+        """Continue a warm child's stopped call (`begin_stop`) and give it the
         payload of `call` (a sealed memfd over its socket). Raises HostFailure
         when its call cannot be continued (the launcher's stopper is gone)."""
         assert self._payload_socket is not None and self.stopped
@@ -453,11 +474,25 @@ class ChildHandle:
         sock = self._payload_socket
         return self._waiting or (sock is not None and _readable(sock.fileno()))
 
+    def note_import(self, now: float) -> None:
+        """Note when a warm child began to import its plugin: when its ready
+        frame (written once it is set up) is on the reply pipe. The frame
+        stays there for the call's watch to read."""
+        if not self.import_began and _readable(self.fds["reply"]):
+            self.import_began = now
+
     def watched_fds(self) -> list[int]:
-        """What a warm child's keeper polls: its payload socket until it is
-        stopped (it says "w" there), and its status pipe (it died)."""
+        """What a warm child's keeper polls: its reply pipe until the ready
+        frame is there, its payload socket until it said "w" there, then the
+        stopper's answer until it came; and its status pipe (it died)."""
         sock = self._payload_socket
-        watched = [sock.fileno()] if sock is not None and not self.stopped else []
+        if self.stopped or sock is None:
+            watched = []
+        elif self._stop_answer >= 0:
+            watched = [self._stop_answer]
+        else:
+            watched = [] if self._waiting else [sock.fileno()]
+            watched += [] if self.import_began else [self.fds["reply"]]
         return watched + [self.fds["status"]] if "status" in self.fds else watched
 
     def held_fds(self) -> int:

@@ -10,15 +10,19 @@ call (every process and thread: whatever the import started) until the
 hand-over; a child without one imports its plugin only after the hand-over
 (`sandbox.child`)::
 
-    fill(key, start)     starter thread: start() -> handle, in _waiting (importing)
-    keeper thread        poll: each waiting handle's payload socket and status
-                         pipe, until the next handle's time is up
-        "w" on the socket    set up, plugin imported -> handle.stop(): the
-                             launcher's stopper stops the call, all of it
-                             -> stopped: ready for a call
-        anything else there  put away
-        time up              idle for WARM_IDLE_S since its fork, or still not
-                             stopped after its plugin's timeout -> put away
+    fill(key, start)     starter thread: start() -> handle, in _waiting
+    keeper thread        poll: each waiting handle's reply pipe, payload socket,
+                         stopper's answer and status pipe, until the next
+                         handle's time is up; never waits on one handle
+        ready frame          set up: its import begins (the frame is left for the call)
+        "w" on the socket    plugin imported -> handle.begin_stop(): the
+                             launcher's stopper stops the whole call
+        stopper's b"1"       every thread stopped -> ready for a call
+        anything else on     put away
+          either of them
+        time up              put away: WARM_IDLE_S after its fork; its plugin's
+                             timeout after its import began; STOP_WAIT_S
+                             after its stop was asked for
         status pipe          it died -> put away
     take(key)            a stopped handle; run_call's hand_over continues it
     close()              the keeper stopped and joined, the starter shut
@@ -40,7 +44,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sandbox.handle import ChildHandle
+from sandbox.handle import PID_GRACE_S, STOP_WAIT_S, ChildHandle
 
 WARM_IDLE_S = 30.0  # a warm child unused this long after its fork is put away
 log = logging.getLogger("plughost.sandbox")
@@ -55,7 +59,6 @@ class WarmPool:
         self.idle_s = WARM_IDLE_S
         self._put_away = put_away
         self._waiting: dict[tuple[Any, ...], list[ChildHandle]] = {}
-        self._stopping: list[ChildHandle] = []  # out of _waiting while the keeper stops them
         # Put away by the keeper, until the closer has given their resources back.
         self._leaving: list[ChildHandle] = []
         self._starting: dict[tuple[Any, ...], int] = {}
@@ -147,43 +150,51 @@ class WarmPool:
             self._tend()
 
     def _time_up(self, handle: ChildHandle) -> float:
-        """When `handle` is put away unless taken: its idle limit, or before it
-        is stopped, its plugin's timeout (it could never serve a call in time)."""
+        """When `handle` is put away unless taken: its idle limit; while it
+        imports its plugin, its plugin's timeout after the import began (it
+        could never serve a call in time, and plugin code runs before a call
+        no longer than during one); while its stop is asked for, STOP_WAIT_S
+        after that; before it is set up, PID_GRACE_S more."""
+        idle = handle.created + self.idle_s
         if handle.stopped:
-            return handle.created + self.idle_s
-        return handle.created + min(self.idle_s, handle.timeout_s)
+            return idle
+        if handle.stopping:
+            return min(idle, handle.stop_began + STOP_WAIT_S)
+        if handle.import_began:
+            return min(idle, handle.import_began + handle.timeout_s)
+        return min(idle, handle.created + handle.timeout_s + PID_GRACE_S)
 
     def _tend(self) -> None:
-        """One round of the keeper: stop the handles that said "w", put away
-        those whose time is up, that died, or whose socket said anything else."""
+        """One round of the keeper: ask for the stop of the handles that
+        said "w" and take the stoppers' answers; put away those whose time
+        is up, that died, that could not be stopped, or whose socket said
+        anything else. Never waits: every stop runs at once, each in its
+        own stopper, so no plugin delays another's."""
         now = time.monotonic()
         away: list[ChildHandle] = []
-        to_stop: list[tuple[tuple[Any, ...], ChildHandle]] = []
         with self._lock:
-            for key, handles in self._waiting.items():
+            for handles in self._waiting.values():
                 for handle in list(handles):
-                    if now >= self._time_up(handle) or not handle.alive():
+                    if not self._fine(handle, now):
                         handles.remove(handle)
                         away.append(handle)
-                    elif not handle.stopped and handle.heard():
-                        handles.remove(handle)
-                        if handle.set_up():
-                            to_stop.append((key, handle))
-                            self._stopping.append(handle)
-                        else:  # its socket ended, or the plugin wrote on it
-                            away.append(handle)
             self._leaving = [h for h in self._leaving if not h.closed] + away
         for handle in away:
             self._put_away(handle)
-        for key, handle in to_stop:
-            stopped = handle.stop()
-            with self._lock:
-                self._stopping.remove(handle)
-                if stopped and not self._closed:
-                    self._waiting.setdefault(key, []).append(handle)
-                    continue
-                self._leaving.append(handle)
-            self._put_away(handle)
+
+    def _fine(self, handle: ChildHandle, now: float) -> bool:
+        """Move `handle` on if it can; False when it must be put away."""
+        if now >= self._time_up(handle) or not handle.alive():
+            return False
+        if handle.stopped:
+            return True
+        if handle.stopping:
+            return handle.stop_answer() is not False
+        handle.note_import(now)
+        if not handle.heard():
+            return True  # still being set up, or importing
+        # "w": set up and imported; anything else: its socket ended, or the plugin wrote on it.
+        return handle.set_up() and handle.begin_stop()
 
     # -- for tests and measurements -------------------------------------------
 
@@ -200,7 +211,7 @@ class WarmPool:
             time.sleep(0.005)
 
     def _all_locked(self) -> list[ChildHandle]:
-        return [h for hs in self._waiting.values() for h in hs] + self._stopping
+        return [h for hs in self._waiting.values() for h in hs]
 
     def held_fds(self) -> int:
         """Descriptors of the host's the waiting handles, those the keeper put

@@ -312,7 +312,7 @@ def test_a_warm_child_whose_call_cannot_be_stopped_is_never_handed_a_call(
     # is put away and the call starts cold, within its own deadline.
     from sandbox.handle import Launcher
 
-    monkeypatch.setattr(Launcher, "stop_uid", lambda self, uid, timeout_s=0: -1)
+    monkeypatch.setattr(Launcher, "stop_uid", lambda self, uid: None)
     _idle_spy(registry, tmp_path, "thread")
     sandbox = Sandbox(prewarm=1)
     runner = ToolRunner(registry, sandbox)
@@ -331,7 +331,7 @@ def test_an_idle_warm_child_is_put_away_at_its_idle_limit_without_another_call(
 ) -> None:
     from sandbox import prewarm
 
-    monkeypatch.setattr(prewarm, "WARM_IDLE_S", 1.0)
+    monkeypatch.setattr(prewarm, "WARM_IDLE_S", 3.0)
     sandbox = Sandbox(prewarm=1)
     runner = ToolRunner(registry, sandbox)
     try:
@@ -351,7 +351,7 @@ def test_an_idle_warm_child_is_put_away_at_its_idle_limit_without_another_call(
                 if p.info["status"] != psutil.STATUS_ZOMBIE
             ]
 
-        deadline = time.monotonic() + 1.0 + 5
+        deadline = time.monotonic() + 3.0 + 5
         while time.monotonic() < deadline and (
             sandbox.warm_uids() or of_uid() or uid not in sandbox.uids_at_rest()
         ):
@@ -387,7 +387,7 @@ def test_a_warm_child_still_importing_after_its_timeout_is_put_away_without_anot
         (pid,) = sandbox.warm_pids()
         while sandbox.warm_pids() and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert sandbox.warm_pids() == set() and time.monotonic() - started < 2.0
+        assert sandbox.warm_pids() == set() and time.monotonic() - started < 3.0
         cold.join()
         sandbox.settle()
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
