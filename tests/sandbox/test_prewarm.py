@@ -104,11 +104,19 @@ def test_closing_the_sandbox_leaves_no_warm_child(payload: dict, registry: Plugi
     _wait_warm(runner, 2)
     assert len(sandbox.warm_uids()) == 2
     launcher = sandbox.launcher.pid
+    assert _keepers() == 1
     sandbox.close()
+    assert _keepers() == 0  # the warm pool's timer stopped with it
     deadline = time.monotonic() + 3
     while sandbox_processes(launcher) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert sandbox_processes(launcher) == []
+
+
+def _keepers() -> int:
+    import threading
+
+    return sum(thread.name == "plughost-warm-keeper" for thread in threading.enumerate())
 
 
 @pytest.mark.no_leak_check
@@ -353,9 +361,10 @@ def test_an_idle_warm_child_is_put_away_at_its_idle_limit_without_another_call(
 
         deadline = time.monotonic() + 3.0 + 5
         while time.monotonic() < deadline and (
-            sandbox.warm_uids() or of_uid() or uid not in sandbox.uids_at_rest()
+            sandbox.warm_uids() or of_uid() or uid not in sandbox.uids_at_rest() or _keepers()
         ):
             time.sleep(0.05)
+        assert _keepers() == 0  # the timer ends with nothing left to keep
         # Gone without any further call: its processes, its uid, its cgroups
         # (kept empty for the uid's next call) and the host's descriptors.
         assert sandbox.warm_count() == 0 and sandbox.warm_uids() == set()
