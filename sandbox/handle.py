@@ -390,10 +390,10 @@ class ChildHandle:
         """Have every process and thread of a warm child's call stopped
         until `hand_over` (the child has imported its plugin: whatever the
         import started, threads or processes, waits with it); returns at
-        once, and `stop_answer` tells when it is done. A child
-        without a uid of its own has run no plugin code (it imports its
-        plugin only once its payload is there, `sandbox.child`): nothing to
-        stop, it is stopped at once. False when the launcher is gone."""
+        once, and `stop_answer` tells when it is done. A child without a
+        uid of its own has run no plugin code (it imports its plugin only
+        once its payload is there, `sandbox.child`): nothing to stop, it is
+        stopped at once. False when the launcher is gone."""
         self.stop_began = time.monotonic()
         if self.uid is None:
             self.stopped = True

@@ -20,8 +20,8 @@ asks it for children::
     read status pipe  <----------   write wait status + maxrss
     status pipe at its end <-----   wait4(): reaped; close status pipe
 
-The requests (StartChild, KillCall, KillUid, StopUid) and the status pipe's PID and
-EXIT records are defined in `sandbox.protocol`. The status pipe is the
+The requests (StartChild, KillCall, KillUid, StopUid) and the status
+pipe's PID and EXIT records are defined in `sandbox.protocol`. The status pipe is the
 child's sentinel: its EXIT record carries the raw wait status of the
 plugin's process as soon as it is known (in a PID namespace, from the
 call's init, before init's own exit and the namespace's teardown; in its
