@@ -21,8 +21,10 @@ asks it for children::
     status pipe at its end <-----   wait4(): reaped; close status pipe
 
 The requests (StartChild, KillCall, KillUid, StopUid) and the status
-pipe's PID and EXIT records are defined in `sandbox.protocol`. The status pipe is the
-child's sentinel: its EXIT record carries the raw wait status of the
+pipe's PID and EXIT records are defined in `sandbox.protocol`; KillUid and
+StopUid fork a helper that runs as the call's uid (`_fork_killer`, and
+`_fork_stopper`, which keeps a warm child's call stopped until the host
+continues it). The status pipe is the child's sentinel: its EXIT record carries the raw wait status of the
 plugin's process as soon as it is known (in a PID namespace, from the
 call's init, before init's own exit and the namespace's teardown; in its
 uid's slot, from the launcher's own reap of the child), and its end means
