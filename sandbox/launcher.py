@@ -20,18 +20,19 @@ asks it for children::
     read status pipe  <----------   write wait status + maxrss
     status pipe at its end <-----   wait4(): reaped; close status pipe
 
-The requests (StartChild, KillCall, KillUid, StopUid) and the status
-pipe's PID and EXIT records are defined in `sandbox.protocol`; KillUid and
-StopUid fork a helper that runs as the call's uid (`_fork_killer`, and
+The requests (StartChild, KillCall, KillUid, StopUid) and the status pipe's
+PID and EXIT records are defined in `sandbox.protocol`; KillUid and StopUid
+fork a helper that runs as the call's uid (`_fork_killer`, and
 `_fork_stopper`, which keeps a warm child's call stopped until the host
-continues it). The status pipe is the child's sentinel: its EXIT record carries the raw wait status of the
-plugin's process as soon as it is known (in a PID namespace, from the
-call's init, before init's own exit and the namespace's teardown; in its
-uid's slot, from the launcher's own reap of the child), and its end means
-the call is over: the child reaped, and its slot cleaned by the slot's
-holder (`sandbox.layers.shared.Slot`), so the host never polls. The
-launcher is a child subreaper: processes a plugin leaves behind are
-re-parented to it when their parent dies, and it reaps them all.
+continues it). The status pipe is the child's sentinel: its EXIT record
+carries the raw wait status of the plugin's process as soon as it is known
+(in a PID namespace, from the call's init, before init's own exit and the
+namespace's teardown; in its uid's slot, from the launcher's own reap of
+the child), and its end means the call is over: the child reaped, and its
+slot cleaned by the slot's holder (`sandbox.layers.shared.Slot`), so the
+host never polls. The launcher is a child subreaper: processes a plugin
+leaves behind are re-parented to it when their parent dies, and it reaps
+them all.
 When the host closes its end of the socket (or dies), the launcher kills
 every child it started and exits. It never runs plugin code itself and never
 decodes anything a child writes.
