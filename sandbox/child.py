@@ -28,7 +28,8 @@ then (a cold child: after reading its payload) `{"type": "ready"}` on the
 reply pipe. Any failure up to there exits with `SETUP_FAILED` and no ready
 frame: the plugin never runs without its limits, and a plugin can never make
 its own failure look like the sandbox's. Then the plugin is imported (a warm
-child imports it while it waits for its payload), called, and its result
+child with a uid of its own imports it before its payload, and waits stopped
+by the host), called, and its result
 checked and sent as one frame. The child's instructions are a `ChildSpec`
 and its payload a sealed memfd (`sandbox.protocol`).
 """
@@ -563,15 +564,21 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
             os.write(2, f"sandbox setup failed: {exc!r}\n".encode()[:1000])
         finally:
             os._exit(SETUP_FAILED)
-    # From here on plugin code runs (a warm child imports the plugin while it
-    # waits for its payload): whatever ends the child now is the plugin's doing.
+    # From here on plugin code runs: whatever ends the child now is the
+    # plugin's doing. A warm child with a uid of its own imports the plugin
+    # before its payload: the host then stops every process and thread of
+    # the call until the hand-over (`sandbox.prewarm`). Without one there is
+    # nothing to stop the call by, so no plugin code runs before the call.
     global _CALL
     _CALL = spec
+    early = not spec.warm or spec.uid is not None
     try:
-        plugin = _load_or_error(spec)
+        plugin = _load_or_error(spec) if early else None
         if spec.warm:
             _wait_for_payload()
             payload = read_payload(PAYLOAD_FD)
+        if not early:
+            plugin = _load_or_error(spec)
         frame = _run_plugin(spec, payload, plugin)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -293,6 +293,7 @@ class Sandbox:
         is being started (for measurements and tests)."""
         self._closer.wait_idle(timeout_s)
         self.warm_pool.settle(timeout_s)
+        self._closer.wait_idle(timeout_s)  # what the warm pool's keeper put away
 
     def kept_cgroups(self) -> list[Path]:
         """Directories of the call cgroups kept for the uids' next calls."""

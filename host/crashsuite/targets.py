@@ -113,7 +113,9 @@ class LocalTarget:
     def host_fds(self) -> int:
         """This process's open descriptors, less those of the warm children
         waiting in the pool (which one stands there changes from call to call)."""
-        return psutil.Process().num_fds() - self.runner.sandbox.warm_fds()
+        sandbox = self.runner.sandbox
+        sandbox.settle()  # a warm child put away at its idle limit meanwhile is closed
+        return psutil.Process().num_fds() - sandbox.warm_fds()
 
     def settle(self) -> None:
         # Warm children started in the background hold descriptors; let them
