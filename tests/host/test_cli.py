@@ -159,9 +159,11 @@ def test_hostile_plugin_gets_its_envelope_in_time_and_leaves_nothing(
     assert code == 1
     error = document["error"]
     assert error["details"]["reason"] == reason
-    # The case manifests set 1 s and 128 MB.
-    assert error["details"]["elapsed_ms"] <= 1500
-    assert took <= baseline + 1.5
+    # The case manifests set 1 s and 128 MB. The claim is that nothing makes
+    # the command wait on (a grandchild that sleeps on, a process left in its
+    # session): a few seconds of slack for a busy machine still catch that.
+    assert error["details"]["elapsed_ms"] <= 3000
+    assert took <= baseline + 4
     deadline = time.monotonic() + 3
     while leftover_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
