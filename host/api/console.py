@@ -217,49 +217,7 @@ def _account_routes(router: APIRouter, auth: ConsoleAuth, pages: Pages) -> None:
         token: Annotated[str, Form(max_length=4096)] = "",
         csrf: Annotated[str, Form(max_length=128)] = "",
     ) -> Response:
-        address = client_address(request)
-        if not auth.same_origin(request) or not auth.login_csrf_ok(request, csrf):
-            log.warning("console sign-in refused: cross-site or no CSRF token from %s", address)
-            return pages.render(
-                request,
-                auth.visitor(request),
-                "forbidden.html",
-                403,
-                reason="the sign-in form was not this console's",
-            )
-        retry = auth.throttle.retry_after(address)
-        if retry is not None:
-            log.warning("console sign-in throttled for %s", address)
-            return _login_page(
-                request,
-                auth,
-                pages,
-                429,
-                failed=False,
-                throttled=True,
-                headers={"Retry-After": str(max(1, math.ceil(retry)))},
-            )
-        session_id = auth.sign_in(token.strip())
-        if session_id is None:
-            failures = auth.throttle.failed(address)
-            log.warning(
-                "console sign-in refused: unknown token (%d in this window from %s)",
-                failures,
-                address,
-            )
-            return _login_page(request, auth, pages, 401, failed=True)
-        response = RedirectResponse("/console", status_code=303)
-        response.set_cookie(
-            COOKIE,
-            session_id,
-            max_age=int(auth.settings.console_session_s),
-            path=COOKIE_PATH,
-            httponly=True,
-            samesite="strict",
-            secure=auth.secure_cookie(request),
-        )
-        response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
-        return response
+        return _sign_in(request, token, csrf, auth, pages)
 
     @router.post("/logout")
     def logout(request: Request, csrf: Annotated[str, Form(max_length=128)] = "") -> Response:
@@ -269,6 +227,55 @@ def _account_routes(router: APIRouter, auth: ConsoleAuth, pages: Pages) -> None:
         response = RedirectResponse("/console/login", status_code=303)
         response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
         return response
+
+
+def _sign_in(request: Request, token: str, csrf: str, auth: ConsoleAuth, pages: Pages) -> Response:
+    """The sign-in form's post: refused cross-site or without the form's
+    CSRF field (403), while the address is throttled (429), for a token
+    that is not configured (401); else a new session and its cookie."""
+    address = client_address(request)
+    if not auth.same_origin(request) or not auth.login_csrf_ok(request, csrf):
+        log.warning("console sign-in refused: cross-site or no CSRF token from %s", address)
+        return pages.render(
+            request,
+            auth.visitor(request),
+            "forbidden.html",
+            403,
+            reason="the sign-in form was not this console's",
+        )
+    retry = auth.throttle.retry_after(address)
+    if retry is not None:
+        log.warning("console sign-in throttled for %s", address)
+        return _login_page(
+            request,
+            auth,
+            pages,
+            429,
+            failed=False,
+            throttled=True,
+            headers={"Retry-After": str(max(1, math.ceil(retry)))},
+        )
+    session_id = auth.sign_in(token.strip())
+    if session_id is None:
+        failures = auth.throttle.failed(address)
+        log.warning(
+            "console sign-in refused: unknown token (%d in this window from %s)",
+            failures,
+            address,
+        )
+        return _login_page(request, auth, pages, 401, failed=True)
+    response = RedirectResponse("/console", status_code=303)
+    response.set_cookie(
+        COOKIE,
+        session_id,
+        max_age=int(auth.settings.console_session_s),
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
+        secure=auth.secure_cookie(request),
+    )
+    response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
+    return response
 
 
 def _login_page(
