@@ -102,11 +102,6 @@ class Visitor:
     def admin(self) -> bool:
         return self.principal is not None and self.principal.admin
 
-    @property
-    def scope(self) -> str | None:
-        """The owner whose calls and jobs the visitor may see (None: all)."""
-        return None if self.principal is None else self.principal.scope
-
 
 class SessionStore:
     """Sessions by the SHA-256 of their id; thread-safe and bounded (the

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import time
 
+# host.console.session imports host.api.auth, and the package host.api
+# imports the console's routes: load the API first, as the server does.
+import host.api  # noqa: F401
 from host.console.session import LoginThrottle, SessionStore
 
 
