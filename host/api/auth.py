@@ -86,5 +86,5 @@ def identify_admin(request: Request, settings: Settings) -> Principal:
 
 def matching_token(token: str | None, allowed: list[str]) -> str | None:
     """The allowed token equal to `token` (constant-time), or None: the API's
-    comparison, for the console, which reads its token from a cookie."""
+    comparison, for the console, which reads its token from the sign-in form."""
     return _matches(token, allowed)
