@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 
-.PHONY: run test check bench soak clean browser postgres
+.PHONY: run test check bench soak clean browser postgres vm-test vm-tools
 
 # What serving needs, and nothing more.
 $(RUNTIME): pyproject.toml
@@ -39,6 +39,18 @@ PG_BIN := /usr/lib/postgresql/15/bin
 postgres:
 	@if [ "$$(id -u)" = 0 ] && ! { [ -x $(PG_BIN)/initdb ] && command -v ip >/dev/null; }; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql iproute2; \
+	fi
+
+# What operators run: a real Debian 12 with systemd as init and cgroup v2, in
+# QEMU, with the wheel of this tree; the checks of tests/vm/inside.sh run
+# inside, once per kernel (Debian 12's and Debian 13's). As root. The base
+# system and kernel packages are cached in PLUGHOST_VM_DIR (/var/tmp/plughost-vm).
+vm-test: vm-tools
+	PYTHON=$(PYTHON) bash tests/vm/vm-test.sh
+
+vm-tools:
+	@if ! { command -v qemu-system-x86_64 && command -v debootstrap && command -v debugfs; } >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-system-x86 debootstrap e2fsprogs; \
 	fi
 
 # The same checks run in pre-commit and CI: lint, format, types, governance.

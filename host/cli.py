@@ -29,7 +29,7 @@ import mimetypes
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,7 @@ def _local_host(
     sandbox: Sandbox,
     plugins_dirs: Sequence[str] = (),
     environments: EnvironmentStore | None = None,
+    limits: HostLimits | None = None,
 ) -> Iterator[LocalHost]:
     """A ToolRunner on `sandbox` with the discovered plugins (their load
     errors printed as warnings) and their environments; the sandbox is
@@ -157,7 +158,7 @@ def _local_host(
     try:
         discover(registry, plugins_dirs)
         _warn(registry.load_errors)
-        yield LocalHost(registry, ToolRunner(registry, sandbox))
+        yield LocalHost(registry, ToolRunner(registry, sandbox, limits=limits))
     finally:
         sandbox.close()
 
@@ -241,7 +242,11 @@ def _plugin_rows(registry: PluginRegistry) -> list[dict[str, Any]]:
                 "description": plugin.manifest.description,
                 "directory": str(plugin.directory),
                 "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
-                "status": registry.get_status(name),
+                # The operator's view: the environment's detail (the installer's words) too.
+                "status": {
+                    **registry.get_status(name),
+                    "environment": registry.environment(name).public(admin=True),
+                },
                 "dependencies": list(plugin.requirements.dependencies),
                 "options_schema": plugin.manifest.options,
             }
@@ -288,8 +293,8 @@ def _print_details(row: dict[str, Any]) -> None:
         print(f"    dependencies: {', '.join(row['dependencies'])}")
         packages = ", ".join(environment.get("packages", [])) or "-"
         print(f"    environment: {environment['status']} ({packages})")
-        if environment.get("message"):
-            print(f"      {environment['message']}")
+        if environment.get("detail") or environment.get("message"):
+            print(f"      {environment.get('detail') or environment['message']}")
     schema = row["options_schema"]
     if schema is None:
         print("    options: no schema (passed unchecked)")
@@ -561,6 +566,31 @@ def _suite_arguments(suite: argparse.ArgumentParser) -> None:
     )
     suite.add_argument("--json", metavar="FILE", help="write a JSON report")
     suite.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
+    suite.add_argument(
+        "--time-scale",
+        type=_time_scale,
+        default=1.0,
+        metavar="F",
+        help="multiply every case's timeout and the suite's waits by F (>= 1), for a slow, "
+        "loaded or emulated machine; shown in the report. Against a server (--http) only "
+        "the suite's waits: the server loads the cases (see --write-corpus)",
+    )
+    suite.add_argument(
+        "--write-corpus",
+        metavar="DIR",
+        help="write the selected cases, timeouts scaled by --time-scale, to DIR for a "
+        "server to load with --plugins-dir, and exit",
+    )
+
+
+def _time_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 100, not {value:g}")
+    return value
 
 
 def _admit_cases(cases: list[Any], registry: PluginRegistry) -> None:
@@ -593,13 +623,18 @@ def _suite_over_http(args: argparse.Namespace, cases: list[Any]) -> int:
 
     from host import crashsuite
 
-    target = crashsuite.HttpTarget(args.http, token=os.environ.get("PLUGHOST_TOKEN"))
+    target = crashsuite.HttpTarget(
+        args.http,
+        token=os.environ.get("PLUGHOST_TOKEN"),
+        timeout_s=crashsuite.HttpTarget.TIMEOUT_S * args.time_scale,
+    )
     print(
         "note: against a server, leftover processes are counted by the sandbox uid range "
         "(a root server only); another host's calls on that machine would count too",
         file=sys.stderr,
     )
-    return _finish_suite(args, crashsuite.run_suite(cases, target, _progress))
+    report = crashsuite.run_suite(cases, target, _progress, time_scale=args.time_scale)
+    return _finish_suite(args, report)
 
 
 def _suite_here(args: argparse.Namespace, cases: list[Any]) -> int:
@@ -610,14 +645,18 @@ def _suite_here(args: argparse.Namespace, cases: list[Any]) -> int:
     except ValueError as exc:
         print(f"plughost: {exc}", file=sys.stderr)
         return 2
-    with _local_host(sandbox) as host:
+    scale = args.time_scale
+    cases = [crashsuite.scaled(case, scale) for case in cases]
+    limits = HostLimits()
+    limits = replace(limits, max_timeout_s=limits.max_timeout_s * scale)
+    with _local_host(sandbox, limits=limits) as host:
         _admit_cases(cases, host.registry)
         if not cases:
             print("plughost: no crash-suite case left to run", file=sys.stderr)
             return 2
         target = crashsuite.LocalTarget(host.runner)
         run = crashsuite.run_warm if args.prewarm else crashsuite.run_suite
-        report = run(cases, target, _progress)
+        report = run(cases, target, _progress, time_scale=scale)
     return _finish_suite(args, report)
 
 
@@ -637,6 +676,12 @@ def _cmd_crash_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if not cases:
         print("plughost: no crash-suite case matches", file=sys.stderr)
         return 2
+    if args.write_corpus:
+        written = crashsuite.write_corpus(cases, Path(args.write_corpus), args.time_scale)
+        print(
+            f"{len(written)} cases written to {args.write_corpus} (time scale x{args.time_scale:g})"
+        )
+        return 0
     return _suite_over_http(args, cases) if args.http else _suite_here(args, cases)
 
 

@@ -24,8 +24,9 @@ from typing import Any, Protocol
 
 import jsonschema
 
-from host.environments import PrepareError, Requirements, read_requirements
+from host.environments import PrepareError
 from host.manifest import Manifest, ManifestError, load_manifest
+from host.requirements import Requirements, RequirementsError, read_requirements
 from sandbox.limits import PluginLimits
 
 
@@ -127,6 +128,9 @@ def _registered(
     """The registry's entry for a valid manifest, with the requirements beside it."""
     try:
         requirements = read_requirements(path.parent, manifest.dependencies, path.name)
+    except RequirementsError as exc:  # names its own file and line
+        where = f"line {exc.line}: " if exc.line else ""
+        raise ManifestError(exc.path, f"{where}{exc.problem}") from exc
     except (PrepareError, OSError, ValueError) as exc:
         raise ManifestError(path, f"requirements: {exc}") from exc
     root = import_root.resolve() if import_root is not None else None

@@ -3,9 +3,10 @@
 A plugin declares what it imports as PEP 508 strings (`dependencies` in its
 `plugin.toml`, or `[project].dependencies` of a `pyproject.toml` beside it),
 or pins it in a `requirements.lock` beside the manifest (`name==version` lines
-with `--hash=sha256:...`, as `uv pip compile --generate-hashes` writes them).
-Preparing installs that set, with uv (pip where uv is absent), into a
-directory of its own under `<state_dir>/envs/`, outside any call:
+with `--hash=sha256:...`, as `uv pip compile --generate-hashes` writes them);
+`host.requirements` reads and checks both. Preparing installs that set with
+uv (pip where uv is absent), confined (`host.installer`), into a directory of
+its own under `<state_dir>/envs/`, outside any call:
 
     declared set + interpreter --install--> resolved set --sha256--> envs/<key>/
     envs/by-spec/<declared hash>.json  ->  {"key": ..., "packages": [...]}
@@ -13,10 +14,15 @@ directory of its own under `<state_dir>/envs/`, outside any call:
 Two plugins whose declarations resolve to the same packages share one
 directory; two that need different versions of a package get one each. Only
 wheels are installed unless the operator allows source builds for a plugin
-(a source build runs the package's own build code, as the host's user). A
-lock is installed with `--require-hashes`. An environment is built in a
+(a source build runs the package's own build code, confined as the
+installer is). A lock is installed with `--require-hashes --no-deps`. An
+environment is the host's own copy of what the installer wrote, made in a
 temporary directory and renamed into place, so a directory under `envs/` is
 always complete. `collect` removes the directories no plugin refers to.
+
+What a client is shown of an environment is its status and a fixed message
+(`EnvState.public`); the installer's words and the host's paths
+(`EnvState.detail`) are the admin's.
 
 In the child, a plugin's import path is its own directory, its environment
 and the standard library; nothing of the host's site-packages.
@@ -34,25 +40,33 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LOCK_FILE = "requirements.lock"
-PYPROJECT = "pyproject.toml"
+from host.installer import InstallError, copy_tree, install
+from host.installer import find_uv as find_uv
+from host.installer import install_command as install_command
+from host.requirements import LOCK_FILE as LOCK_FILE
+from host.requirements import Requirements as Requirements
+from host.requirements import RequirementsError
+from host.requirements import read_requirements as read_requirements
+
 BY_SPEC = "by-spec"
 MARKER = ".plughost-env.json"
 # Written once every module of an environment has its bytecode: a call's
 # child cannot write it (the environment is read-only there), so without it
 # every call would compile every module it imports, again.
 COMPILED = ".plughost-compiled"
-CACHE = ".cache"  # the installers' download cache, kept between preparations
+# The installer's download cache, kept between preparations and owned by the
+# installer's uid on a root host. `.cache` was the one of versions whose
+# installer ran as the host's user: left alone, never shared with this one.
+CACHE = ".installer-cache"
+LEGACY_CACHE = ".cache"
 INSTALL_TIMEOUT_S = 900.0
 _DIST_INFO = re.compile(r"^(?P<name>.+?)-(?P<version>[^-]+)\.dist-info$")
 
@@ -71,19 +85,6 @@ class EnvStatus(enum.StrEnum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
-class Requirements:
-    """What one plugin declares: PEP 508 strings, or a hash-pinned lock."""
-
-    dependencies: tuple[str, ...] = ()
-    lock: str | None = None  # the lock file's text
-    source: str = ""  # the file it came from, for messages
-
-    @property
-    def empty(self) -> bool:
-        return not self.dependencies and self.lock is None
-
-
 def interpreter_identity() -> str:
     """What an environment is only valid for: this Python, on this machine."""
     return "|".join(
@@ -94,27 +95,6 @@ def interpreter_identity() -> str:
             os.path.realpath(sys.base_prefix),
         )
     )
-
-
-def read_requirements(
-    directory: Path, declared: Iterable[str] = (), manifest: str = "plugin.toml"
-) -> Requirements:
-    """A plugin's requirements: its lock if it has one, else the manifest's
-    `dependencies`, else `[project].dependencies` of its `pyproject.toml`."""
-    lock = directory / LOCK_FILE
-    if lock.is_file():
-        return Requirements(tuple(declared), lock.read_text(encoding="utf-8"), str(lock))
-    if declared:
-        return Requirements(tuple(declared), None, str(directory / manifest))
-    pyproject = directory / PYPROJECT
-    if pyproject.is_file():
-        with pyproject.open("rb") as stream:
-            data = tomllib.load(stream)
-        found = data.get("project", {}).get("dependencies", [])
-        if not isinstance(found, list) or not all(isinstance(d, str) for d in found):
-            raise PrepareError(f"{pyproject}: [project].dependencies must be strings")
-        return Requirements(tuple(found), None, str(pyproject))
-    return Requirements()
 
 
 def declared_key(requirements: Requirements, allow_sdist: bool) -> str:
@@ -148,69 +128,6 @@ def resolved_key(packages: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def find_uv() -> str | None:
-    """The uv executable: beside this interpreter (a venv's bin), then PATH."""
-    beside = Path(sys.executable).parent / "uv"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which("uv")
-
-
-def install_command(
-    target: Path, requirements: Requirements, allow_sdist: bool, lock_path: Path | None
-) -> list[str]:
-    """The uv (or pip) command that installs `requirements` into `target`."""
-    uv = find_uv()
-    if uv is not None:
-        command = [uv, "pip", "install", "--no-config", "--python", sys.executable]
-        command += ["--target", str(target), "--no-progress"]
-        command += [] if allow_sdist else ["--only-binary", ":all:"]
-    else:
-        command = [sys.executable, "-m", "pip", "install", "--no-input", "--target", str(target)]
-        command += ["--disable-pip-version-check", "--no-warn-script-location"]
-        command += [] if allow_sdist else ["--only-binary=:all:"]
-    if lock_path is not None:
-        return [*command, "--require-hashes", "--no-deps", "-r", str(lock_path)]
-    return [*command, "--", *requirements.dependencies]
-
-
-def _run_installer(command: list[str], progress: Progress, deadline_s: float, cache: Path) -> None:
-    """Run the installer, forwarding its output line by line; raise on failure.
-
-    Its download cache is `cache` (unless the operator's environment names
-    one): a service account may have no home to keep one in. uv trusts the
-    machine's certificate store, as pip does, so a package index behind the
-    operator's own TLS proxy or mirror works without extra configuration."""
-    env = dict(os.environ)
-    env.setdefault("UV_SYSTEM_CERTS", "1")
-    env.setdefault("UV_CACHE_DIR", str(cache / "uv"))
-    env.setdefault("PIP_CACHE_DIR", str(cache / "pip"))
-    with subprocess.Popen(
-        command,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-    ) as process:
-        timer = threading.Timer(deadline_s, process.kill)
-        timer.start()
-        tail: list[str] = []
-        try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                line = line.rstrip()
-                if line:
-                    progress(line)
-                    tail = (tail + [line])[-20:]
-            status = process.wait()
-        finally:
-            timer.cancel()
-    if status != 0:
-        raise PrepareError(f"the installer exited with status {status}: " + " | ".join(tail[-5:]))
-
-
 def _compile(root: Path) -> None:
     """Write the bytecode of every module under `root` (once: COMPILED
     marks it done), readable by every call uid. A module that does not
@@ -238,17 +155,46 @@ class _Record:
     packages: list[str]
 
 
+# What anyone may be told of an environment that cannot be used, by status:
+# a reason code and a fixed message, never the installer's words or a path.
+PUBLIC_REASONS: dict[EnvStatus, tuple[str, str]] = {
+    EnvStatus.MISSING: (
+        "environment_missing",
+        "its packages are not installed yet (`plughost plugins prepare` installs them)",
+    ),
+    EnvStatus.PREPARING: ("environment_preparing", "its packages are being installed"),
+    EnvStatus.FAILED: (
+        "environment_failed",
+        "its packages could not be installed; the operator has the details",
+    ),
+}
+
+
 @dataclass
 class EnvState:
+    """Where an environment stands. `message` is the operator's text (the
+    installer's output, the files and paths involved): `public` shows it
+    only to the admin, as `detail`."""
+
     status: EnvStatus
     path: Path | None = None
     message: str = ""
     packages: list[str] = field(default_factory=list)
 
-    def public(self) -> dict[str, object]:
+    @property
+    def reason(self) -> str | None:
+        found = PUBLIC_REASONS.get(self.status)
+        return found[0] if found else None
+
+    def public(self, admin: bool = False) -> dict[str, object]:
+        """What a client sees: status, packages, a reason code and a fixed
+        message; the admin also gets `detail`, the full text."""
         shown: dict[str, object] = {"status": self.status.value, "packages": self.packages}
-        if self.message:
-            shown["message"] = self.message
+        found = PUBLIC_REASONS.get(self.status)
+        if found is not None:
+            shown["reason"], shown["message"] = found
+        if admin and self.message:
+            shown["detail"] = self.message
         return shown
 
 
@@ -323,7 +269,7 @@ class EnvironmentStore:
                         _compile(current.path)  # prepared before environments were compiled
                     return current
                 return self._build(plugin, key, requirements, progress)
-        except (PrepareError, OSError) as exc:
+        except (PrepareError, InstallError, RequirementsError, OSError) as exc:
             message = f"{requirements.source}: environment not prepared: {exc}"
             with self._lock:
                 self._failed[key] = message
@@ -343,19 +289,17 @@ class EnvironmentStore:
         progress(f"{plugin}: preparing its environment ({requirements.source})")
         workdir = Path(tempfile.mkdtemp(prefix=".building-", dir=self.root))
         try:
-            target = workdir / "site"
-            lock_path = None
-            if requirements.lock is not None:
-                lock_path = workdir / LOCK_FILE
-                lock_path.write_text(requirements.lock, encoding="utf-8")
-            command = install_command(target, requirements, self.sdist_allowed(plugin), lock_path)
-            _run_installer(
-                command,
+            site = install(
+                workdir,
+                self.root / CACHE,
+                requirements.dependencies if requirements.lock is None else (),
+                requirements.lock,
+                self.sdist_allowed(plugin),
                 lambda line: progress(f"{plugin}: {line}"),
                 INSTALL_TIMEOUT_S,
-                self.root / CACHE,
             )
-            target.mkdir(exist_ok=True)
+            target = workdir / "env"
+            copy_tree(site, target)  # the host's own files, not the installer's
             packages = installed_packages(target)
             final = self.root / resolved_key(packages)
             self._place(target, final, packages)
@@ -393,7 +337,7 @@ class EnvironmentStore:
         removed = []
         if self.root.is_dir():
             for entry in sorted(self.root.iterdir()):
-                if entry.name in (BY_SPEC, CACHE) or entry.name in kept_dirs:
+                if entry.name in (BY_SPEC, CACHE, LEGACY_CACHE) or entry.name in kept_dirs:
                     continue
                 if not entry.is_dir():
                     continue

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import jsonschema
-from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from host.requirements import check_dependency
 from sandbox.limits import PluginLimits
 
 NAME_PATTERN = r"^[a-z0-9_-]{1,64}$"
@@ -29,16 +29,9 @@ class ManifestError(Exception):
         self.message = message
 
 
-def _pep508(value: str) -> str:
-    try:
-        Requirement(value)
-    except InvalidRequirement as exc:
-        first = str(exc).splitlines()[0]
-        raise ValueError(f"{value!r} is not a PEP 508 requirement: {first}") from None
-    return value
-
-
-Pep508 = Annotated[str, AfterValidator(_pep508)]
+# PEP 508: a name, extras, a version specifier and markers; no URL or path
+# (`pkg @ https://...`) and nothing an installer would take for an option.
+Pep508 = Annotated[str, AfterValidator(check_dependency)]
 
 
 class LimitsSection(BaseModel):

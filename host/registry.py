@@ -99,14 +99,21 @@ class PluginRegistry:
 
     def import_paths(self, name: str) -> tuple[str, ...]:
         """What a call of `name` imports from besides its directory and the
-        standard library. Raises EnvironmentNotReady, UnknownPluginError."""
+        standard library. Raises EnvironmentNotReady (`environment_failed`
+        when its preparation failed, `environment_not_ready` while it may
+        still come), UnknownPluginError. The error's message is the public
+        one: no installer output, no host path."""
         state = self.environment(name)
         if state.status is EnvStatus.NONE:
             return ()
         if state.status is EnvStatus.READY and state.path is not None:
             return (str(state.path),)
+        public = state.public()
+        reason = "environment_failed" if state.status is EnvStatus.FAILED else None
         raise EnvironmentNotReady(
-            f"the environment of plugin {name!r} is {state.status.value}: {state.message}"
+            f"the environment of plugin {name!r} is {state.status.value}: {public.get('message')}",
+            reason or "environment_not_ready",
+            {"environment": state.status.value},  # missing, preparing or failed
         )
 
     def register(self, name: str, plugin: RegisteredPlugin) -> None:

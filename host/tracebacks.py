@@ -1,10 +1,12 @@
 """A plugin's traceback as its author and the operator want to read it.
 
-The child captures the whole traceback of a plugin's exception; its first
-frames are the sandbox's own (the code that called the plugin). This keeps
-the plugin's frames (its files, its packages, the standard library it
-called) and the exception line, and drops the host's. Clients never see
-any of it: it lives in the envelope's `_internal` part.
+The child captures the whole traceback of a plugin's exception, with the
+sandbox's own frames (the code that called the plugin) folded into
+`File "<sandbox>"` lines and every path made the plugin's view of it
+(`sandbox.host_paths`). This keeps the plugin's frames (its files, its
+packages, the standard library it called) and the exception line, and
+drops the host's, folded or not. Clients never see any of it: it lives in
+the envelope's `_internal` part.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from pathlib import Path
 
 import sandbox
 
-_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line \d+')
-HOST_CODE = (str(Path(sandbox.__file__).resolve().parent) + "/", "<frozen importlib.")
+_FRAME = re.compile(r'^  File "(?P<file>[^"]+)"(, line \d+|$)')
+HOST_CODE = (
+    str(Path(sandbox.__file__).resolve().parent) + "/",
+    "<frozen importlib.",
+    "<sandbox>",
+)
 
 
 def plugin_frames(text: str) -> str:

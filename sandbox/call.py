@@ -260,6 +260,12 @@ class ReplyStream:
 # -- the watch -----------------------------------------------------------------
 
 WATCHDOG_INTERVAL_S = 0.02
+# A memory sample costs the host time of its own (without a cgroup it walks
+# the process table: tens of ms on a slow or emulated machine). The next one
+# waits at least this many times as long as the last took, so sampling never
+# takes more than a fifth of the watch from reading the child's pipes: the
+# verdict of a flood must not turn into a timeout because the host was slow.
+SAMPLE_SPACING = 4
 TAIL_BYTES = 2048
 # Room for the frame's own JSON around a result of the maximum size.
 FRAME_OVERHEAD = 64 * 1024
@@ -284,7 +290,10 @@ class _Stream:
         del self.tail[:-TAIL_BYTES]
 
     def text(self) -> str:
-        return self.tail.decode("utf-8", "replace")[-TAIL_BYTES:]
+        text = self.tail.decode("utf-8", "replace")[-TAIL_BYTES:]
+        if self.total > len(self.tail) and "\n" in text:
+            text = text.partition("\n")[2]  # from its first whole line: no path cut in two
+        return text
 
 
 def run_call(handle: ChildHandle, call: CallSpec, token: CancelToken | None) -> Outcome:
@@ -371,8 +380,9 @@ class _Watcher:
                 raise _Stopped("timeout")
             if now >= next_sample:
                 self._sample_memory()
-                next_sample = now + WATCHDOG_INTERVAL_S
-            wait = max(0.0, min(self.deadline, next_sample) - now)
+                took = time.monotonic() - now
+                next_sample = now + max(WATCHDOG_INTERVAL_S, SAMPLE_SPACING * took)
+            wait = max(0.0, min(self.deadline, next_sample) - time.monotonic())
             for fd, _ in poller.poll(wait * 1000):
                 if not self._on_readable(names[fd], fd):
                     poller.unregister(fd)

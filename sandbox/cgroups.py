@@ -35,6 +35,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 from sandbox.layers import CGROUP_V1
@@ -44,7 +45,10 @@ from sandbox.layers import CGROUP_V1
 # holds across PID namespaces and dies with its holder, so a host's sweep
 # tells a live host from a dead one where a pid cannot: a pid means nothing
 # in another PID namespace, and a dead host's pid may be reused. Hosts that
-# share cgroups must share this directory (as they share the uid locks).
+# share cgroups must share this directory (as they share the uid locks):
+# root hosts share /run/plughost/hosts; an unprivileged host's cgroups are in
+# a cgroup delegated to its user, so its lock is in that user's runtime
+# directory (`hosts_dir`).
 HOSTS_DIR = "/run/plughost/hosts"
 # "h" first: never a number, so no tool reads the id as a pid.
 HOST_ID = re.compile(r"^h[0-9a-f]{12}$")
@@ -53,35 +57,50 @@ _host_lock = threading.Lock()
 _host: tuple[int, str, int] | None = None  # (pid, host id, lock fd)
 
 
-def host_id() -> str:
-    """This host's id, taking its lock in HOSTS_DIR on first use.
+def hosts_dir(euid: int | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """Where this host keeps its lock: HOSTS_DIR for root; for another user,
+    `plughost/hosts` in its runtime directory ($XDG_RUNTIME_DIR, which only
+    that user may write); None where it has none (a system service: /run is
+    read-only under ProtectSystem=strict, and its delegated cgroup is its
+    own, with no other host to tell it from)."""
+    if (os.geteuid() if euid is None else euid) == 0:
+        return HOSTS_DIR
+    runtime = (os.environ if environ is None else environ).get("XDG_RUNTIME_DIR", "")
+    return f"{runtime}/plughost/hosts" if runtime.startswith("/") else None
 
-    The lock is held until the process exits. A host that cannot write
-    HOSTS_DIR (not root) gets an id without a lock; such a host has no
-    cgroups, so no sweep ever weighs it.
+
+def host_id() -> str:
+    """This host's id, taking its lock in `hosts_dir()` on first use.
+
+    The lock is held until the process exits. A host that has no hosts
+    directory, or cannot write it, gets an id without a lock: a sweep then
+    takes it for gone, which only matters to another host sweeping the same
+    cgroups, and a host of that kind shares its cgroups with none.
     """
     global _host
     with _host_lock:
         if _host is None or _host[0] != os.getpid():  # a forked child is a host of its own
             ident = "h" + uuid.uuid4().hex[:12]
             fd = -1
-            with contextlib.suppress(PermissionError):
-                os.makedirs(HOSTS_DIR, mode=0o700, exist_ok=True)
-                # Locked before it gets its name: a sweep never sees it unlocked.
-                staged = f"{HOSTS_DIR}/{ident}.new"
-                fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.rename(staged, f"{HOSTS_DIR}/{ident}.lock")
-                atexit.register(_release_host, os.getpid(), ident, fd)
+            directory = hosts_dir()
+            if directory is not None:
+                with contextlib.suppress(OSError):  # not writable (read-only /run, not root)
+                    os.makedirs(directory, mode=0o700, exist_ok=True)
+                    # Locked before it gets its name: a sweep never sees it unlocked.
+                    staged = f"{directory}/{ident}.new"
+                    fd = os.open(staged, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.rename(staged, f"{directory}/{ident}.lock")
+                    atexit.register(_release_host, os.getpid(), f"{directory}/{ident}.lock", fd)
             _host = (os.getpid(), ident, fd)
         return _host[1]
 
 
-def _release_host(pid: int, ident: str, fd: int) -> None:
+def _release_host(pid: int, lock: str, fd: int) -> None:
     """At a normal exit: remove this host's lock file, then let the lock go."""
     if os.getpid() == pid:
         with contextlib.suppress(OSError):
-            os.unlink(f"{HOSTS_DIR}/{ident}.lock")
+            os.unlink(lock)
         with contextlib.suppress(OSError):
             os.close(fd)
 
@@ -113,8 +132,11 @@ def _write(path: Path, value: int) -> None:
 def _lock_of_dead_host(ident: str) -> int | None:
     """Take the lock of host `ident` if that host is gone; return its fd
     (-1: no lock file, the host is gone too), or None while the host runs."""
+    directory = hosts_dir()
+    if directory is None:
+        return -1  # no host of this kind keeps a lock: not one of ours runs
     try:
-        fd = os.open(f"{HOSTS_DIR}/{ident}.lock", os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(f"{directory}/{ident}.lock", os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         return -1  # a host makes its lock file before its first cgroup
     except PermissionError:
@@ -138,7 +160,7 @@ def sweep_stale(layers: dict[str, bool], v2_base: Path | None = None) -> int:
 
     A host killed outright cannot remove its calls' cgroups; their processes
     died with its launcher, so the directories are empty and can go. A host
-    is gone when its lock in HOSTS_DIR can be taken; this host's own cgroups
+    is gone when its lock in `hosts_dir()` can be taken (or it keeps none); this host's own cgroups
     and those of every host holding its lock are left alone. A cgroup that
     still has processes is not removed (rmdir refuses); a later sweep retries.
     """
@@ -161,7 +183,8 @@ def sweep_stale(layers: dict[str, bool], v2_base: Path | None = None) -> int:
         # Lock files of dead hosts that left no cgroup (killed between calls);
         # a host without cgroups leaves them to one that has.
         roots = _call_roots(layers, v2_base)
-        for lock in Path(HOSTS_DIR).glob("h*.lock") if roots else ():
+        directory = hosts_dir()
+        for lock in Path(directory).glob("h*.lock") if roots and directory else ():
             ident = lock.name.removesuffix(".lock")
             if ident != own and HOST_ID.match(ident) and ident not in verdicts:
                 verdicts[ident] = _lock_of_dead_host(ident)
@@ -170,7 +193,7 @@ def sweep_stale(layers: dict[str, bool], v2_base: Path | None = None) -> int:
             if fd is not None and fd >= 0:
                 # Unlinked while held: no other sweep can mistake a new holder for it.
                 with contextlib.suppress(OSError):
-                    os.unlink(f"{HOSTS_DIR}/{ident}.lock")
+                    os.unlink(f"{hosts_dir()}/{ident}.lock")
                 os.close(fd)
     return removed
 
@@ -332,8 +355,10 @@ class CallCgroup:
         except (OSError, ValueError):
             return None
 
-    def remove(self, deadline_s: float = 2.0) -> None:
-        """Remove the cgroups once their processes are gone (they are killed first)."""
+    def remove(self, deadline_s: float = 2.0) -> bool:
+        """Remove the cgroups once their processes are gone (they are killed
+        first); False if one is still there at the deadline (a process of the
+        call not yet reaped: the caller retries later)."""
         end = time.monotonic() + deadline_s
         for path in self.dirs.values():
             while path.exists():
@@ -344,6 +369,7 @@ class CallCgroup:
                         break
                     _kill_members(path)
                     time.sleep(0.005)
+        return not any(path.exists() for path in self.dirs.values())
 
     def emptied(self, deadline_s: float = 2.0) -> bool:
         """Wait until no process is left in the cgroups, killing what lingers;
@@ -397,12 +423,17 @@ class CgroupPool:
         self.v2_base = v2_base
         self._tag = uuid.uuid4().hex[:6]  # two pools of one host never share a cgroup
         self._kept: dict[int, CallCgroup] = {}
+        # Given back but not yet removable (a process of the call still
+        # exiting on a slow machine): removed by a later take, give_back or close.
+        self._leftover: list[CallCgroup] = []
         self._lock = threading.Lock()
         self._closed = False
 
     def take(self, uid: int | None, memory_bytes: int, max_processes: int) -> CallCgroup:
         """The cgroups of a call of `uid` with these limits (`procs_files`
         lists what its child joins). Raises OSError if a controller refuses."""
+        if self._leftover:
+            self._remove_leftovers()
         if uid is None or self.v2_base is not None:
             return CallCgroup.made_for_call(memory_bytes, max_processes, self.layers, self.v2_base)
         with self._lock:
@@ -424,14 +455,33 @@ class CgroupPool:
         cgroups for the uid's next call once they are empty, else remove them."""
         uid = cgroup.uid
         if uid is None or not cgroup.emptied():
-            cgroup.remove()
+            self._remove(cgroup)
             return
         cgroup.oom_seen = cgroup.oom_count()
         with self._lock:
             if not self._closed:
                 self._kept[uid] = cgroup
                 return
-        cgroup.remove()
+        self._remove(cgroup)
+
+    def _remove(self, cgroup: CallCgroup) -> None:
+        if not cgroup.remove():
+            with self._lock:
+                self._leftover.append(cgroup)
+
+    def _remove_leftovers(self) -> None:
+        """One more try (one rmdir each, no wait) at the cgroups not yet removed."""
+        with self._lock:
+            waiting, self._leftover = self._leftover, []
+        for cgroup in waiting:
+            if not cgroup.remove(deadline_s=0.0):
+                with self._lock:
+                    self._leftover.append(cgroup)
+
+    def leftovers(self) -> list[CallCgroup]:
+        """Cgroups of ended calls still waiting to be removed."""
+        with self._lock:
+            return list(self._leftover)
 
     def kept(self) -> list[CallCgroup]:
         """The cgroups kept for the uids' next calls now."""
@@ -443,5 +493,7 @@ class CgroupPool:
         with self._lock:
             self._closed = True
             kept, self._kept = list(self._kept.values()), {}
+            kept += self._leftover
+            self._leftover = []
         for cgroup in kept:
             cgroup.remove()

@@ -28,7 +28,8 @@ then (a cold child: after reading its payload) `{"type": "ready"}` on the
 reply pipe. Any failure up to there exits with `SETUP_FAILED` and no ready
 frame: the plugin never runs without its limits, and a plugin can never make
 its own failure look like the sandbox's. Then the plugin is imported (a warm
-child imports it while it waits for its payload), called, and its result
+child with a uid of its own imports it before its payload, and waits stopped
+by the host), called, and its result
 checked and sent as one frame. The child's instructions are a `ChildSpec`
 and its payload a sealed memfd (`sandbox.protocol`).
 """
@@ -50,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from sandbox import trace
+from sandbox.host_paths import HostPaths
 from sandbox.layers import (
     UNSHARE_FLAGS,
     cgroup,
@@ -324,14 +326,23 @@ def _wait_for_payload() -> None:
 
 
 def _error(reason: str, exc: BaseException, message: str | None = None) -> dict[str, Any]:
+    """The error frame of `exc`: its traceback shows the plugin's frames
+    (relative to its directory) and the standard library's, never the
+    sandbox's own code or a host path (`sandbox.host_paths`)."""
     text = message if message is not None else str(exc) or type(exc).__name__
+    spec = _CALL
+    packages = (*spec.import_paths, spec.import_root or "") if spec is not None else ()
+    paths = HostPaths(spec.plugin_dir if spec is not None else "", packages)
     return {
         "type": "error",
         "reason": reason,
-        "message": text[:2000],
+        "message": paths.scrub(text[:2000]),
         "exc_type": type(exc).__name__,
-        "traceback": "".join(traceback.format_exception(exc))[-8000:],
+        "traceback": paths.scrub("".join(traceback.format_exception(exc))[-8000:]),
     }
+
+
+_CALL: ChildSpec | None = None  # the call's, set before plugin code runs
 
 
 # The standard library's entries of sys.path, as the launcher found them.
@@ -553,13 +564,21 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
             os.write(2, f"sandbox setup failed: {exc!r}\n".encode()[:1000])
         finally:
             os._exit(SETUP_FAILED)
-    # From here on plugin code runs (a warm child imports the plugin while it
-    # waits for its payload): whatever ends the child now is the plugin's doing.
+    # From here on plugin code runs: whatever ends the child now is the
+    # plugin's doing. A warm child with a uid of its own imports the plugin
+    # before its payload: the host then stops every process and thread of
+    # the call until the hand-over (`sandbox.prewarm`). Without one there is
+    # nothing to stop the call by, so no plugin code runs before the call.
+    global _CALL
+    _CALL = spec
+    early = not spec.warm or spec.uid is not None
     try:
-        plugin = _load_or_error(spec)
+        plugin = _load_or_error(spec) if early else None
         if spec.warm:
             _wait_for_payload()
             payload = read_payload(PAYLOAD_FD)
+        if not early:
+            plugin = _load_or_error(spec)
         frame = _run_plugin(spec, payload, plugin)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -6,7 +6,9 @@ touches them::
 
     ChildHandle.spawn(launcher, call, layers, uid, scratch, warm)
         uid and scratch handed in and owned from here; the call's cgroup made;
-        cold: the payload now; warm: set up, waiting -> .hand_over(call) later
+        cold: the payload now; warm: set up, waiting -> .begin_stop() once it
+        has imported its plugin, .stop_answer(), then .hand_over(call):
+        continued, its payload
         -> the launcher forks the child
       .fds            read ends: status, reply, stdout, stderr
       .feed_status()  / .wait_exit()   the launcher's EXIT report -> .exit
@@ -52,6 +54,7 @@ from sandbox.protocol import (
     KillUid,
     Payload,
     StartChild,
+    StopUid,
     encode_request,
     write_payload,
 )
@@ -91,6 +94,9 @@ PID_GRACE_S = 5.0
 EXIT_GRACE_S = 0.5
 # After a kill, how long the launcher's report that the child is reaped may take.
 REAP_WAIT_S = 2.0
+# For the launcher's stopper to report a warm child's call stopped (it gives
+# the threads 1 s, `sandbox.launcher.STOP_DEADLINE_S`, after its own start).
+STOP_WAIT_S = 2.0
 
 
 def exposed_paths(plugin_dir: str, import_paths: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -210,6 +216,35 @@ class Launcher:
             if done_w >= 0:
                 os.close(done_w)
 
+    def stop_uid(self, uid: int) -> tuple[int, int] | None:
+        """Have every process of `uid` stopped until the host continues them.
+
+        The launcher forks a stopper of `uid` (`sandbox.launcher._fork_stopper`)
+        that stops them all at once and waits until each of their threads
+        is stopped. Returns two descriptors at once, `(answer, go)`: `answer`
+        becomes readable with b"1" once they are all stopped (b"0", or its
+        end, when they were not within the stopper's deadline); one byte
+        written on `go` continues them all (SIGCONT, at once); closing `go`
+        without a write leaves them stopped for the kill. None when the
+        launcher is gone.
+        """
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        sent = False
+        try:
+            with self._lock:
+                if self._sock is not None and self._alive():
+                    with contextlib.suppress(OSError):
+                        socket.send_fds(self._sock, [encode_request(StopUid(uid))], [done_w, go_r])
+                        sent = True
+        finally:
+            os.close(done_w)
+            os.close(go_r)
+            if not sent:
+                os.close(done_r)
+                os.close(go_w)
+        return (done_r, go_w) if sent else None
+
     def _stop_locked(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -262,6 +297,12 @@ class ChildHandle:
         self.timeout_s = 0.0  # the call's (a warm child's: its plugin's) time limit
         self.reaped = False  # the status pipe ended after the EXIT record
         self._ending = False  # the verdict is final: the call ends on its own (finish)
+        self.stopped = False  # a warm child: nothing of its call runs until hand_over
+        self._go = -1  # a stopped warm child's: one byte continues its call
+        self._stop_answer = -1  # where the stopper says b"1" once the call is stopped
+        self.stop_began = 0.0
+        self.import_began = 0.0  # a warm child's ready frame came: set up, importing
+        self.closed = False  # put away: every resource given back
 
     @property
     def pid(self) -> int:
@@ -345,9 +386,55 @@ class ChildHandle:
         self.procs = CallProcesses(pid, self.uid, token=self.token)
         trace.mark("host.wait_pid")
 
+    def begin_stop(self) -> bool:
+        """Have every process and thread of a warm child's call stopped
+        until `hand_over` (the child has imported its plugin: whatever the
+        import started, threads or processes, waits with it); returns at
+        once, and `stop_answer` tells when it is done. A child without a
+        uid of its own has run no plugin code (it imports its plugin only
+        once its payload is there, `sandbox.child`): nothing to stop, it is
+        stopped at once. False when the launcher is gone."""
+        self.stop_began = time.monotonic()
+        if self.uid is None:
+            self.stopped = True
+            return True
+        fds = self.launcher.stop_uid(self.uid)
+        if fds is None:
+            return False
+        self._stop_answer, self._go = fds
+        self._opened.extend(fds)
+        return True
+
+    @property
+    def stopping(self) -> bool:
+        """Its stop was asked for and not answered yet."""
+        return self._stop_answer >= 0
+
+    def stop_answer(self) -> bool | None:
+        """The stopper's answer, once it came: True when every thread of the
+        call is stopped; False when they were not in time (put it away and
+        never hand it a call); None while it has not answered."""
+        if not _readable(self._stop_answer):
+            return None
+        answer = os.read(self._stop_answer, 1)
+        self._close_own(self._stop_answer)
+        self._stop_answer = -1
+        self.stopped = answer == b"1"
+        return self.stopped
+
     def hand_over(self, call: CallSpec) -> None:
-        """Give a warm child the payload of `call` (a sealed memfd over its socket)."""
-        assert self._payload_socket is not None
+        """Continue a warm child's stopped call (`begin_stop`) and give it the
+        payload of `call` (a sealed memfd over its socket). Raises HostFailure
+        when its call cannot be continued (the launcher's stopper is gone)."""
+        assert self._payload_socket is not None and self.stopped
+        if self._go >= 0:
+            try:
+                os.write(self._go, b"c")
+            except OSError as exc:
+                raise HostFailure(f"a warm child could not be continued: {exc}") from exc
+            finally:
+                self._close_own(self._go)
+                self._go = -1
         payload_fd = _payload_file(call)
         try:
             socket.send_fds(self._payload_socket, [b"go"], [payload_fd])
@@ -373,12 +460,40 @@ class ChildHandle:
     # -- waiting -------------------------------------------------------------
 
     def set_up(self) -> bool:
-        """True once a warm child said it is set up, has imported its plugin and
-        waits for its payload."""
+        """True once a warm child said it is set up, has imported its plugin
+        (with a uid of its own; else it imports it after the hand-over) and
+        waits for its payload. Only the warm pool's keeper asks."""
         sock = self._payload_socket
         if not self._waiting and sock is not None and _readable(sock.fileno()):
             self._waiting = sock.recv(1) == b"w"
         return self._waiting
+
+    def heard(self) -> bool:
+        """Whether a warm child's payload socket has something to read: "w"
+        (`set_up`), anything else, or its end."""
+        sock = self._payload_socket
+        return self._waiting or (sock is not None and _readable(sock.fileno()))
+
+    def note_import(self, now: float) -> None:
+        """Note when a warm child began to import its plugin: when its ready
+        frame (written once it is set up) is on the reply pipe. The frame
+        stays there for the call's watch to read."""
+        if not self.import_began and _readable(self.fds["reply"]):
+            self.import_began = now
+
+    def watched_fds(self) -> list[int]:
+        """What a warm child's keeper polls: its reply pipe until the ready
+        frame is there, its payload socket until it said "w" there, then the
+        stopper's answer until it came; and its status pipe (it died)."""
+        sock = self._payload_socket
+        if self.stopped or sock is None:
+            watched = []
+        elif self._stop_answer >= 0:
+            watched = [self._stop_answer]
+        else:
+            watched = [] if self._waiting else [sock.fileno()]
+            watched += [] if self.import_began else [self.fds["reply"]]
+        return watched + [self.fds["status"]] if "status" in self.fds else watched
 
     def held_fds(self) -> int:
         """Descriptors of the host's that this handle holds open now."""
@@ -487,6 +602,7 @@ class ChildHandle:
         trace.mark("host.cgroup_give_back")
         if self._payload_socket is not None:
             self._payload_socket.close()
+            self._payload_socket = None
         for fd in [*self._opened]:
             self._close_own(fd)
         self.fds = {}
@@ -495,6 +611,8 @@ class ChildHandle:
         trace.mark("host.close_fds_scratch")
         if self.uid is not None:
             os.close(self._lock_fd)  # the uid's lock: free for another call
+            self._lock_fd = -1
+        self.closed = True
 
 
 def _payload_file(call: CallSpec) -> int:

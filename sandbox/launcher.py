@@ -20,16 +20,19 @@ asks it for children::
     read status pipe  <----------   write wait status + maxrss
     status pipe at its end <-----   wait4(): reaped; close status pipe
 
-The requests (StartChild, KillCall, KillUid) and the status pipe's PID and
-EXIT records are defined in `sandbox.protocol`. The status pipe is the
-child's sentinel: its EXIT record carries the raw wait status of the
-plugin's process as soon as it is known (in a PID namespace, from the
-call's init, before init's own exit and the namespace's teardown; in its
-uid's slot, from the launcher's own reap of the child), and its end means
-the call is over: the child reaped, and its slot cleaned by the slot's
-holder (`sandbox.layers.shared.Slot`), so the host never polls. The
-launcher is a child subreaper: processes a plugin leaves behind are
-re-parented to it when their parent dies, and it reaps them all.
+The requests (StartChild, KillCall, KillUid, StopUid) and the status pipe's
+PID and EXIT records are defined in `sandbox.protocol`; KillUid and StopUid
+fork a helper that runs as the call's uid (`_fork_killer`, and
+`_fork_stopper`, which keeps a warm child's call stopped until the host
+continues it). The status pipe is the child's sentinel: its EXIT record
+carries the raw wait status of the plugin's process as soon as it is known
+(in a PID namespace, from the call's init, before init's own exit and the
+namespace's teardown; in its uid's slot, from the launcher's own reap of
+the child), and its end means the call is over: the child reaped, and its
+slot cleaned by the slot's holder (`sandbox.layers.shared.Slot`), so the
+host never polls. The launcher is a child subreaper: processes a plugin
+leaves behind are re-parented to it when their parent dies, and it reaps
+them all.
 When the host closes its end of the socket (or dies), the launcher kills
 every child it started and exits. It never runs plugin code itself and never
 decodes anything a child writes.
@@ -56,7 +59,7 @@ from pathlib import Path
 
 from sandbox import child, trace
 from sandbox.layers import kernel
-from sandbox.layers.shared import Shared, Slot
+from sandbox.layers.shared import Shared, Slot, close_all_but
 from sandbox.protocol import (
     CHILD_FDS,
     EXIT,
@@ -69,8 +72,16 @@ from sandbox.protocol import (
     KillUid,
     ProtocolError,
     StartChild,
+    StopUid,
     decode_request,
 )
+
+# For every thread of a warm child's call to be stopped once the stopper
+# signalled them (a thread in an uninterruptible wait stops when it leaves
+# it); past it, the host puts the child away.
+STOP_DEADLINE_S = 1.0
+# Thread states that run no code: stopped (T), stopped by a tracer (t), dead.
+STOPPED_STATES = frozenset(b"TtZX")
 
 
 def serve(sock: socket.socket) -> None:
@@ -212,6 +223,9 @@ class _State:
                     os.kill(pid, signal.SIGKILL)
         elif isinstance(request, KillUid) and len(fds) == 1:
             _fork_killer(request.uid, fds.pop(), self.sock, self.children)
+        elif isinstance(request, StopUid) and len(fds) == 2:
+            (done_fd, go_fd), fds = fds, []
+            _fork_stopper(request.uid, done_fd, go_fd)
         elif isinstance(request, StartChild) and len(fds) == len(CHILD_FDS):
             spec, named = request.spec, dict(zip(CHILD_FDS, fds, strict=True))
             fds = []
@@ -328,6 +342,93 @@ def _fork_killer(uid: int, done_fd: int, sock: socket.socket, children: dict[int
         os._exit(code)
     if done_fd >= 0:
         children[pid] = done_fd
+
+
+def _fork_stopper(uid: int, done_fd: int, go_fd: int) -> None:
+    """Fork a process of `uid` that stops every other process of `uid`, and
+    continues them when the host says so (a warm child's call between the
+    end of its import and its hand-over: `sandbox.prewarm`).
+
+    The stopper sends SIGSTOP with one `kill(-1)`, atomic against forks as
+    the killer's SIGKILL is (a process forking at that moment stops, and so
+    does its new child); then it waits until every thread of every process
+    of `uid` is stopped, and answers b"1" on `done_fd` (b"0" when they are
+    not within STOP_DEADLINE_S). It continues them all with one
+    `kill(-1, SIGCONT)` when a byte arrives on `go_fd`, and exits; when
+    `go_fd` ends without one (the host put the child away and kills it), it
+    exits and leaves them stopped. Closes both descriptors here.
+    """
+    if uid <= 0:
+        os.close(done_fd)
+        os.close(go_fd)
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            # It lives until the hand-over: holding none of the launcher's
+            # descriptors (other calls' status pipes end only once it exits).
+            close_all_but({done_fd, go_fd})
+            signal.set_wakeup_fd(-1)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            kernel.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change
+            with contextlib.suppress(ProcessLookupError):  # none: nothing to stop
+                os.kill(-1, signal.SIGSTOP)
+            stopped = _all_stopped(uid, time.monotonic() + STOP_DEADLINE_S)
+            os.write(done_fd, b"1" if stopped else b"0")
+            if stopped and os.read(go_fd, 1):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(-1, signal.SIGCONT)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(done_fd)
+    os.close(go_fd)
+
+
+def _all_stopped(uid: int, deadline: float) -> bool:
+    """In a stopper: True once no thread of another process of `uid` runs."""
+    while not all(_threads_stopped(pid) for pid in _pids_of(uid) if pid != os.getpid()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def _pids_of(uid: int) -> list[int]:
+    """The processes whose real uid is `uid` (a call's processes are not
+    dumpable, so /proc shows them owned by root: their status tells)."""
+    found = []
+    wanted = f"Uid:\t{uid}\t".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as status:
+                if wanted in status.read():
+                    found.append(int(name))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
+def _threads_stopped(pid: int) -> bool:
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True  # gone
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as stat:
+                # The state follows the command's closing parenthesis.
+                state = stat.read().rpartition(b")")[2][1:2]
+        except OSError:
+            continue
+        if state and state[0] not in STOPPED_STATES:
+            return False
+    return True
 
 
 def _wait_all(deadline_s: float) -> None:

@@ -3,34 +3,51 @@
 `WarmPool` keeps up to `size` handles (`sandbox.handle.ChildHandle`) per key
 (a plugin with its limits) whose children are set up and waiting, hands one
 to a call (`take`) and starts replacements in one background thread
-(`fill`). A warm child imports its plugin while it waits (`sandbox.child`)
-and still serves exactly one call; one that sat unused for WARM_IDLE_S,
-that died while waiting, or that is still importing after its plugin's
-timeout, is put away.
+(`fill`). Each still serves exactly one call. Plugin code runs only inside
+a call's deadline, or in the import before it: a child with a uid of its
+own imports its plugin while it waits, and its keeper then stops the whole
+call (every process and thread: whatever the import started) until the
+hand-over; a child without one imports its plugin only after the hand-over
+(`sandbox.child`)::
+
+    fill(key, start)     starter thread: start() -> handle, in _waiting
+    keeper thread        poll: each waiting handle's reply pipe, payload socket,
+                         stopper's answer and status pipe, until the next
+                         handle's time is up; never waits on one handle
+        ready frame          set up: its import begins (the frame is left for the call)
+        "w" on the socket    plugin imported -> handle.begin_stop(): the
+                             launcher's stopper stops the whole call
+        stopper's b"1"       every thread stopped -> ready for a call
+        anything else on     put away
+          either of them
+        time up              put away: WARM_IDLE_S after its fork; its plugin's
+                             timeout after its import began; STOP_WAIT_S
+                             after its stop was asked for
+        status pipe          it died -> put away
+    take(key)            a stopped handle; run_call's hand_over continues it
+    close()              the keeper stopped and joined, the starter shut
+                         down, every handle put away
+
+The keeper runs only while there is a handle to keep, and closes its wake-up
+pipe when it ends: an idle pool holds no thread and no descriptor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from sandbox.handle import ChildHandle
+from sandbox.handle import PID_GRACE_S, STOP_WAIT_S, ChildHandle
 
-WARM_IDLE_S = 30.0
+WARM_IDLE_S = 30.0  # a warm child unused this long after its fork is put away
 log = logging.getLogger("plughost.sandbox")
-
-
-def _stale(handle: ChildHandle, now: float) -> bool:
-    """Unused for too long, gone, or still importing its plugin after as long
-    as a call to it may take (it could never serve one in time)."""
-    age = now - handle.created
-    if age > WARM_IDLE_S or not handle.alive():
-        return True
-    return age > handle.timeout_s and not handle.set_up()
 
 
 class WarmPool:
@@ -39,35 +56,27 @@ class WarmPool:
     def __init__(self, size: int, put_away: Callable[[ChildHandle], None]) -> None:
         self.size = size
         self.hits = 0
+        self.idle_s = WARM_IDLE_S
         self._put_away = put_away
         self._waiting: dict[tuple[Any, ...], list[ChildHandle]] = {}
+        # Put away by the keeper, until the closer has given their resources back.
+        self._leaving: list[ChildHandle] = []
         self._starting: dict[tuple[Any, ...], int] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plughost-prewarm")
+        self._keeper: threading.Thread | None = None
+        self._wake = (-1, -1)  # the keeper's wake-up pipe, while it runs
 
     def take(self, key: tuple[Any, ...]) -> ChildHandle | None:
-        """A live handle for `key`, set up if one is; None if there is none."""
-        stale: list[ChildHandle] = []
-        found = None
+        """A live, stopped handle for `key`; None if there is none."""
         with self._lock:
-            now = time.monotonic()
-            for handles in self._waiting.values():
-                for handle in list(handles):
-                    if _stale(handle, now):
-                        handles.remove(handle)
-                        stale.append(handle)
-            # Only a child that is set up and has imported its plugin: one
-            # still importing would spend the call's deadline on what ran
-            # before the call (a cold start counts its import against it).
-            ready = [handle for handle in self._waiting.get(key, []) if handle.set_up()]
-            if ready:
-                found = ready[0]
-                self._waiting[key].remove(found)
-                self.hits += 1
-        for handle in stale:
-            self._put_away(handle)
-        return found
+            for handle in self._waiting.get(key, []):
+                if handle.stopped and handle.alive():
+                    self._waiting[key].remove(handle)
+                    self.hits += 1
+                    return handle
+        return None
 
     def fill(self, key: tuple[Any, ...], start: Callable[[], ChildHandle]) -> None:
         """Start, in the background, the handles `key` lacks."""
@@ -89,14 +98,110 @@ class WarmPool:
                     self._starting[key] -= 1
                     if handle is not None and not self._closed:
                         self._waiting.setdefault(key, []).append(handle)
+                        self._keep_locked()
                         handle = None
                 if handle is not None:
                     self._put_away(handle)
 
         self._starter.submit(start_children)
 
+    # -- the keeper ------------------------------------------------------------
+
+    def _keep_locked(self) -> None:
+        """Start the keeper if it is not running, else wake it (a new handle)."""
+        if self._keeper is None:
+            self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            # A daemon: a host that exits without closing its sandbox is not held
+            # up for a child's idle limit (the launcher kills its children then).
+            self._keeper = threading.Thread(
+                target=self._keep, name="plughost-warm-keeper", daemon=True
+            )
+            self._keeper.start()
+        else:
+            with contextlib.suppress(BlockingIOError):  # full: it will wake anyway
+                os.write(self._wake[1], b"x")
+
+    def _keep(self) -> None:
+        """The keeper's loop: stop each child once it has imported its plugin,
+        put away those whose time is up or that died. Ends when the pool is
+        closed or keeps nothing."""
+        while True:
+            with self._lock:
+                handles = [h for hs in self._waiting.values() for h in hs]
+                if self._closed or not handles:
+                    os.close(self._wake[0])
+                    os.close(self._wake[1])
+                    self._wake, self._keeper = (-1, -1), None
+                    return
+                wake = self._wake[0]
+                fds = [fd for handle in handles for fd in handle.watched_fds()]
+                until = min(self._time_up(handle) for handle in handles)
+            poller = select.poll()  # descriptors past select()'s 1024
+            for fd in (wake, *fds):
+                poller.register(fd, select.POLLIN)
+            wait_ms = max(0.0, until - time.monotonic()) * 1000
+            if any(fd == wake for fd, _ in poller.poll(wait_ms)):
+                while True:
+                    try:
+                        if not os.read(wake, 64):
+                            break
+                    except BlockingIOError:
+                        break
+            self._tend()
+
+    def _time_up(self, handle: ChildHandle) -> float:
+        """When `handle` is put away unless taken: its idle limit; while it
+        imports its plugin, its plugin's timeout after the import began (it
+        could never serve a call in time, and plugin code runs before a call
+        no longer than during one); while its stop is asked for, STOP_WAIT_S
+        after that; before it is set up, PID_GRACE_S more."""
+        idle = handle.created + self.idle_s
+        if handle.stopped:
+            return idle
+        if handle.stopping:
+            return min(idle, handle.stop_began + STOP_WAIT_S)
+        if handle.import_began:
+            return min(idle, handle.import_began + handle.timeout_s)
+        return min(idle, handle.created + handle.timeout_s + PID_GRACE_S)
+
+    def _tend(self) -> None:
+        """One round of the keeper: ask for the stop of the handles that
+        said "w" and take the stoppers' answers; put away those whose time
+        is up, that died, that could not be stopped, or whose socket said
+        anything else. Never waits: every stop runs at once, each in its
+        own stopper, so no plugin delays another's."""
+        now = time.monotonic()
+        away: list[ChildHandle] = []
+        with self._lock:
+            for handles in self._waiting.values():
+                for handle in list(handles):
+                    if not self._fine(handle, now):
+                        handles.remove(handle)
+                        away.append(handle)
+            self._leaving = [h for h in self._leaving if not h.closed] + away
+        for handle in away:
+            self._put_away(handle)
+
+    def _fine(self, handle: ChildHandle, now: float) -> bool:
+        """Move `handle` on if it can; False when it must be put away."""
+        if now >= self._time_up(handle) or not handle.alive():
+            return False
+        if handle.stopped:
+            return True
+        if handle.stopping:
+            return handle.stop_answer() is not False
+        handle.note_import(now)
+        if not handle.heard():
+            return True  # still being set up, or importing
+        # "w": set up and imported; anything else: its socket ended, or the plugin wrote on it.
+        return handle.set_up() and handle.begin_stop()
+
+    # -- for tests and measurements -------------------------------------------
+
     def settle(self, timeout_s: float = 5.0) -> None:
-        """Wait until no handle is being started."""
+        """Wait until no handle is being started (each one's descriptors are
+        counted from then on, whether it still imports, is being stopped or
+        is stopped)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
@@ -104,35 +209,44 @@ class WarmPool:
                     return
             time.sleep(0.005)
 
-    def count(self) -> int:
-        """Children set up and waiting now."""
+    def _all_locked(self) -> list[ChildHandle]:
+        return [h for hs in self._waiting.values() for h in hs]
+
+    def held_fds(self) -> int:
+        """Descriptors of the host's the waiting handles, those the keeper put
+        away (until they are closed) and the keeper itself hold."""
         with self._lock:
-            return sum(handle.set_up() for handles in self._waiting.values() for handle in handles)
+            keeper = 2 if self._keeper is not None else 0  # its wake-up pipe
+            handles = self._all_locked() + self._leaving
+            return keeper + sum(handle.held_fds() for handle in handles if not handle.closed)
+
+    def count(self) -> int:
+        """Children stopped and waiting for a call now."""
+        with self._lock:
+            return sum(handle.stopped for handles in self._waiting.values() for handle in handles)
 
     def pids(self) -> set[int]:
         """Pids of the waiting children (the root of each one's processes)."""
         with self._lock:
-            return {handle.pid for handles in self._waiting.values() for handle in handles} - {0}
-
-    def held_fds(self) -> int:
-        """Descriptors of the host's the waiting handles hold."""
-        with self._lock:
-            return sum(
-                handle.held_fds() for handles in self._waiting.values() for handle in handles
-            )
+            return {handle.pid for handle in self._all_locked()} - {0}
 
     def uids(self) -> set[int]:
         with self._lock:
-            return {
-                s.uid for handles in self._waiting.values() for s in handles if s.uid is not None
-            }
+            return {handle.uid for handle in self._all_locked() if handle.uid is not None}
 
     def close(self) -> None:
-        """Stop starting handles and put every waiting one away."""
+        """Stop the keeper and the starter, and put every waiting handle away."""
         with self._lock:
             self._closed = True
-            handles = [handle for handles in self._waiting.values() for handle in handles]
-            self._waiting.clear()
+            keeper = self._keeper
+            if keeper is not None:
+                with contextlib.suppress(BlockingIOError):
+                    os.write(self._wake[1], b"x")
+        if keeper is not None:
+            keeper.join()
         self._starter.shutdown(wait=True)
+        with self._lock:
+            handles = self._all_locked()
+            self._waiting.clear()
         for handle in handles:
             self._put_away(handle)

@@ -4,6 +4,7 @@
     host     -- LauncherRequest (SEQPACKET, JSON) ---------> launcher
                    StartChild(ChildSpec) + 5 descriptors
                    KillCall(token) / KillUid(uid) + 1 descriptor
+                   StopUid(uid) + 2 descriptors (a warm child's call, stopped)
     launcher -- status pipe: PID, then EXIT ---------------> host
     launcher -- ChildSpec (in memory, after fork) ---------> child
     host     -- payload file (sealed memfd) ---------------> child
@@ -336,7 +337,16 @@ class KillUid:
     uid: int
 
 
-LauncherRequest = StartChild | KillCall | KillUid
+@dataclass(frozen=True)
+class StopUid:
+    """Stop every process of `uid` until the host continues them; comes with
+    two descriptors: where the launcher's stopper answers b"1" (all stopped)
+    or b"0", and where the host's one byte has it continue them."""
+
+    uid: int
+
+
+LauncherRequest = StartChild | KillCall | KillUid | StopUid
 
 
 @dataclass(frozen=True)
@@ -352,8 +362,10 @@ def encode_request(request: LauncherRequest) -> bytes:
         body: dict[str, Any] = {"op": "start", "spec": request.spec.to_wire()}
     elif isinstance(request, KillCall):
         body = {"op": "kill_call", "token": request.token}
-    else:
+    elif isinstance(request, KillUid):
         body = {"op": "kill_uid", "uid": request.uid}
+    else:
+        body = {"op": "stop_uid", "uid": request.uid}
     return json.dumps(body).encode()
 
 
@@ -367,4 +379,6 @@ def decode_request(message: bytes) -> LauncherRequest:
         return KillCall(data["token"])
     if op == "kill_uid" and isinstance(data.get("uid"), int):
         return KillUid(data["uid"])
+    if op == "stop_uid" and isinstance(data.get("uid"), int):
+        return StopUid(data["uid"])
     raise ProtocolError(f"unknown launcher request {str(op)[:40]!r}")

@@ -33,7 +33,7 @@ from typing import Any
 from sandbox import cgroup2, trace
 from sandbox.call import CancelToken, run_call
 from sandbox.cgroups import HOSTS_DIR, CgroupPool, sweep_stale
-from sandbox.handle import ChildHandle, Launcher
+from sandbox.handle import ChildHandle, Launcher, LauncherError
 from sandbox.layers import (
     CGROUP_LAYERS,
     CGROUP_V1,
@@ -73,6 +73,9 @@ def uid_range(base: int | None = None) -> range:
 
 
 ISOLATION_LEVELS = ("standard", "strict")
+# Calls in a row that fail at set-up before the host stops calling itself
+# ready (`Sandbox.setup_problem`): one can be a passing fault, three are not.
+SETUP_FAILURES_NOT_READY = 3
 log = logging.getLogger("plughost.sandbox")
 
 
@@ -121,6 +124,8 @@ class Sandbox:
         self._scratch_root = scratch_root
         self.prewarm = prewarm
         self._closer = Closer()
+        self._setup_failures = 0  # calls in a row that could not be set up
+        self._setup_problem = ""
         # Warm children gone stale are put away off the path of the call that found them.
         self.warm_pool = WarmPool(prewarm, put_away=self._closer.close)
 
@@ -186,12 +191,35 @@ class Sandbox:
             self.warm_pool.fill(key, lambda: self._start(waiting, layers, warm=True))
         trace.mark("host.execute_checks")
         if handle is None:
-            handle = self._start(call, layers, warm=False)
+            try:
+                handle = self._start(call, layers, warm=False)
+            except (OSError, RuntimeError, LauncherError) as exc:
+                self._set_up(f"{type(exc).__name__}: {exc}")
+                raise
         try:
-            return run_call(handle, call, token)
+            outcome = run_call(handle, call, token)
+        except HostFailure as exc:
+            if exc.details.get("stage") == "sandbox_setup":
+                self._set_up(exc.details.get("stderr_tail") or exc.message)
+            raise
         finally:
             self._closer.close(handle)
             trace.mark("host.uid_release")
+        self._set_up(None)
+        return outcome
+
+    def _set_up(self, problem: str | None) -> None:
+        """Count calls that could not be set up in a row, and keep the last problem."""
+        self._setup_failures = self._setup_failures + 1 if problem else 0
+        self._setup_problem = problem or ""
+
+    def setup_problem(self) -> str | None:
+        """Why calls cannot be set up, once SETUP_FAILURES_NOT_READY calls in a
+        row failed at set-up (their limits or layers could not be applied, the
+        launcher could not start them); None while calls are set up."""
+        if self._setup_failures < SETUP_FAILURES_NOT_READY:
+            return None
+        return f"{self._setup_failures} calls in a row failed at set-up: {self._setup_problem}"
 
     def _start(self, call: CallSpec, layers: dict[str, bool], warm: bool) -> ChildHandle:
         """A handle on a new child for `call`: cold (payload handed over now)
@@ -265,6 +293,7 @@ class Sandbox:
         is being started (for measurements and tests)."""
         self._closer.wait_idle(timeout_s)
         self.warm_pool.settle(timeout_s)
+        self._closer.wait_idle(timeout_s)  # what the warm pool's keeper put away
 
     def kept_cgroups(self) -> list[Path]:
         """Directories of the call cgroups kept for the uids' next calls."""

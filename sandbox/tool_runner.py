@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from sandbox import trace
 from sandbox.call import current_token
 from sandbox.envelope import Envelope, unknown_plugin
+from sandbox.host_paths import HostPaths
 from sandbox.limits import HostLimits, PluginLimits
 from sandbox.outcome import HostFailure, Outcome, State, Status
 from sandbox.supervisor import CallSpec, Sandbox
@@ -97,7 +98,19 @@ class PluginCatalog(Protocol):
 
 
 class PluginNotReady(Exception):
-    """A plugin that cannot be called yet (its environment is not prepared)."""
+    """A plugin that cannot be called (its environment is not prepared, or
+    could not be). The message is what the client is told; `reason` the
+    envelope's reason, `details` its details."""
+
+    def __init__(
+        self,
+        message: str,
+        reason: str = "environment_not_ready",
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.details = dict(details or {})
 
 
 class InvalidInput(ValueError):
@@ -227,6 +240,7 @@ class ToolRunner:
         started = time.monotonic()
         trace.mark("host.begin")
         record = False
+        call: CallSpec | Envelope | None = None
         state: State | None = None
         reason: str | None = "internal"
         peak: float | None = None
@@ -247,11 +261,12 @@ class ToolRunner:
                 reason = None
                 return outcome.result, {}, outcome.details
             reason = outcome.reason or "internal"
-            return {}, self._envelope(plugin_name, outcome).to_dict(), outcome.details
+            return {}, self._envelope(plugin_name, outcome, call).to_dict(), outcome.details
         except HostFailure as exc:
             state, reason = None, "internal"
             message = f"plugin host failed: {exc.message}"
-            return {}, Envelope.build("internal", message, plugin_name, exc.details).to_dict(), {}
+            details = _host_paths(call).scrub_details(exc.details)
+            return {}, Envelope.build("internal", message, plugin_name, details).to_dict(), {}
         # The boundary of the contract: a host-side bug becomes an envelope too.
         except Exception as exc:  # noqa: BLE001
             record = record or plugin_name in self.catalog.list_plugins()
@@ -285,7 +300,7 @@ class ToolRunner:
         try:
             import_paths = self.catalog.import_paths(plugin.name)
         except PluginNotReady as exc:
-            return Envelope.build("environment_not_ready", str(exc), plugin.name)
+            return Envelope.build(exc.reason, str(exc), plugin.name, exc.details)
         root = str(plugin.import_root) if plugin.import_root is not None else None
         return CallSpec(
             plugin=plugin.name,
@@ -300,11 +315,21 @@ class ToolRunner:
         )
 
     @staticmethod
-    def _envelope(plugin_name: str, outcome: Outcome) -> Envelope:
+    def _envelope(plugin_name: str, outcome: Outcome, call: CallSpec) -> Envelope:
+        # The child's text, untrusted and partly written by faulthandler,
+        # shows the plugin's frames and no host path (sandbox.host_paths).
+        paths = _host_paths(call)
         return Envelope.build(
             outcome.reason or "internal",
-            outcome.message,
+            paths.scrub(outcome.message),
             plugin_name,
-            outcome.details,
-            outcome.traceback,
+            paths.scrub_details(outcome.details),
+            paths.scrub(outcome.traceback),
         )
+
+
+def _host_paths(call: CallSpec | Envelope | None) -> HostPaths:
+    """The filter of `call`'s text: its plugin's directory and packages."""
+    if not isinstance(call, CallSpec):
+        return HostPaths("")
+    return HostPaths(call.plugin_dir, (*call.import_paths, call.import_root or ""))

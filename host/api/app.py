@@ -30,7 +30,7 @@ from host.api.errors import install_handlers
 from host.api.middleware import BodySizeLimit
 from host.api.routes import ROUTERS
 from host.config import Settings
-from host.crashsuite import self_check
+from host.crashsuite import SuiteReport, self_check
 from host.privileges import drop_to
 from host.services.build import Services, build_services
 
@@ -52,6 +52,7 @@ def containment_check(services: Services) -> dict[str, Any]:
     report = self_check(services.plugins.sandbox)
     return {
         "ok": report.ok,
+        "headline": _headline(report),
         **report.summary(),
         "missing_layers": report.missing_layers,
         "failed_cases": {c.name: c.problems for c in report.failed},
@@ -62,6 +63,21 @@ def containment_check(services: Services) -> dict[str, Any]:
     }
 
 
+def _headline(report: SuiteReport) -> str:
+    """The self-check's result in one plain line."""
+    summary = report.summary()
+    line = f"{summary['passed']} of {summary['cases']} probes passed"
+    if report.failed:
+        first = report.failed[0]
+        line += f"; {first.name}: {'; '.join(first.problems)[:300]}"
+    if report.benign_failures:
+        line += (
+            f"; {len(report.benign_failures)} of {report.benign_calls} benign calls failed"
+            f" ({report.benign_failures[0][:300]})"
+        )
+    return line
+
+
 async def _check_containment(app: FastAPI, settings: Settings) -> None:
     """The start-up self-check; raises RuntimeError when it fails and
     `require_containment` is set."""
@@ -70,7 +86,12 @@ async def _check_containment(app: FastAPI, settings: Settings) -> None:
     if check["ok"]:
         log.info("containment self-check passed: %d probes", check["cases"])
         return
-    log.error("containment self-check failed: %s", check)
+    log.error(
+        "plughost cannot contain plugins here: the containment self-check failed (%s); "
+        "/readyz answers 503 until it passes",
+        check["headline"],
+    )
+    log.info("containment self-check report: %s", check)
     if settings.require_containment:
         await asyncio.to_thread(app.state.services.jobs.shutdown)
         raise RuntimeError("containment self-check failed; refusing to serve")

@@ -55,7 +55,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 CallerDep = Annotated[Principal, Depends(require_client)]
 CLIENT: list[Any] = [Depends(require_client)]
 ADMIN: list[Any] = [Depends(require_admin)]
-JSON_ERRORS = responses(400, 401, 404, 413, 429, 500, 503)
+JSON_ERRORS = responses(400, 401, 404, 413, 424, 429, 500, 503)
 
 __all__ = [
     "ADMIN",

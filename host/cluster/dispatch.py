@@ -80,8 +80,8 @@ class ClusterPluginService(PluginManagementService):
         self.nodes = nodes
         self.inventory: dict[str, dict[str, str]] = {}
 
-    def describe(self, name: str) -> dict[str, Any]:
-        found = super().describe(name)
+    def describe(self, name: str, admin: bool = False) -> dict[str, Any]:
+        found = super().describe(name, admin)
         shared = self.stats.status(name)
         if shared is not None:
             found["state"] = shared.pop("state")
@@ -91,8 +91,8 @@ class ClusterPluginService(PluginManagementService):
         found["nodes"] = serving_nodes(self.nodes.nodes(), name, mine.get("hash", ""))
         return found
 
-    def list_plugins(self) -> list[dict[str, Any]]:
-        return [self.describe(name) for name in self.registry.list_plugins()]
+    def list_plugins(self, admin: bool = False) -> list[dict[str, Any]]:
+        return [self.describe(name, admin) for name in self.registry.list_plugins()]
 
 
 class ClusterJobService(JobManagementService):

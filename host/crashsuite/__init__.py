@@ -8,11 +8,16 @@ whose manifest carries an `[expect]` table::
     outcome = ["PluginError:memory_limit"]       # "Type:reason", or "success"
     requires = ["network_namespace"]             # layers its defence needs ("a|b": either)
     claims = ["host_alive", "no_process_left"]   # optional; default: all of CLAIMS
+                                                 # (plus "no_host_path" where listed)
 
-    cases.py     the corpus: Case, load_cases
+    cases.py     the corpus: Case, load_cases; scaled and write_corpus (more time
+                 for a slow machine)
     targets.py   where cases run: LocalTarget (a ToolRunner on a given sandbox),
                  HttpTarget (a running server's /v1/analyze)
     claims.py    one case run and its claims checked: run_case
+    evidence.py  what an escape case compares with to prove it reached the
+                 host's: identities of host files and of the host process,
+                 a planted marker with a nonce
     report.py    CaseReport, SuiteReport; table, JSON and JUnit output
     runner.py    run_suite (benign calls around the cases), run_warm, self_check
 
@@ -20,7 +25,7 @@ Benign calls run before, between and after the hostile ones and must keep
 succeeding.
 """
 
-from host.crashsuite.cases import CLAIMS, HOSTILE_DIR, Case, load_cases
+from host.crashsuite.cases import CLAIMS, HOSTILE_DIR, Case, load_cases, scaled, write_corpus
 from host.crashsuite.claims import run_case
 from host.crashsuite.report import (
     CaseReport,
@@ -48,8 +53,10 @@ __all__ = [
     "run_case",
     "run_suite",
     "run_warm",
+    "scaled",
     "self_check",
     "to_json",
     "to_junit",
+    "write_corpus",
     "write_reports",
 ]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from host.discovery import BUNDLED_DIR, RegisteredPlugin, find_plugins
+from sandbox.limits import HostLimits
 
 HOSTILE_DIR = BUNDLED_DIR / "hostile"
 CLAIMS = (
@@ -16,6 +20,8 @@ CLAIMS = (
     "no_file_outside_scratch",
     "host_rss_stable",
 )
+# A case may also list "no_host_path" (checked only where listed): its
+# envelope names no host path.
 
 
 @dataclass(frozen=True)
@@ -62,3 +68,49 @@ def load_cases(
             elif (not wanted or case.name in wanted) and (not kinds or case.category in kinds):
                 cases.append(case)
     return cases, errors
+
+
+def timeout_of(case: Case) -> float:
+    """The case's timeout in seconds: its manifest's, or the host's default."""
+    wanted = case.plugin.manifest.limits.timeout_s
+    return HostLimits().timeout_s if wanted is None else wanted
+
+
+def scaled(case: Case, factor: float) -> Case:
+    """`case` with its timeout multiplied by `factor`; what it expects is
+    unchanged (a slow machine gets more time, not other verdicts)."""
+    if factor == 1:
+        return case
+    manifest = case.plugin.manifest
+    limits = manifest.limits.model_copy(update={"timeout_s": timeout_of(case) * factor})
+    plugin = dataclasses.replace(
+        case.plugin, manifest=manifest.model_copy(update={"limits": limits})
+    )
+    return dataclasses.replace(case, plugin=plugin)
+
+
+_TIMEOUT = re.compile(r"^timeout_s\s*=.*$", re.M)
+
+
+def write_corpus(cases: Iterable[Case], directory: Path, factor: float) -> list[Path]:
+    """Copy each case's plugin directory into `directory`, its manifest's
+    timeout multiplied by `factor` (names unchanged), for a server to load
+    with `--plugins-dir` in place of the bundled corpus; return the copies."""
+    written = []
+    directory.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        target = directory / case.name
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(case.plugin.directory, target, ignore=shutil.ignore_patterns("__pycache__"))
+        manifest = target / "plugin.toml"
+        text = manifest.read_text(encoding="utf-8")
+        line = f"timeout_s = {timeout_of(case) * factor:g}"
+        if _TIMEOUT.search(text):
+            text = _TIMEOUT.sub(line, text, count=1)
+        elif re.search(r"^\[limits\]\s*$", text, re.M):
+            text = re.sub(r"^\[limits\]\s*$", f"[limits]\n{line}", text, count=1, flags=re.M)
+        else:
+            text = text.rstrip("\n") + f"\n\n[limits]\n{line}\n"
+        manifest.write_text(text, encoding="utf-8")
+        written.append(target)
+    return written

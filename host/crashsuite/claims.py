@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Any
 
 import psutil
 
+import sandbox
 from host.crashsuite.cases import Case
 from host.crashsuite.report import FAIL, NOT_DEFENDED, PASS, CaseReport
 from host.crashsuite.targets import Target
@@ -26,6 +29,10 @@ from sandbox.supervisor import uid_range
 
 WATCHED_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 RSS_TOLERANCE_MB = 64.0
+# How long a call's processes get to be gone after its answer (scaled with the run).
+LEFTOVER_WAIT_S = 2.0
+# The sandbox's own code, wherever it is installed.
+HOST_CODE_NAMES = ("site-packages/sandbox", "sandbox/child.py", "sandbox/launcher.py")
 
 
 def observed_of(result: dict[str, Any], error: dict[str, Any]) -> str:
@@ -43,6 +50,18 @@ def unservable(result: dict[str, Any], error: dict[str, Any]) -> str | None:
     except (TypeError, ValueError, RecursionError) as exc:
         return f"the outcome cannot be served as JSON: {str(exc)[:100]}"
     return None
+
+
+def host_paths_in(error: dict[str, Any], plugin_dir: Path) -> list[str]:
+    """The host paths an envelope shows (its public part and its traceback):
+    the interpreter's prefixes, the host's code and working directory, the
+    plugin's directory; a client may see the plugin's files only relative
+    to it (`sandbox.host_paths`)."""
+    text = json.dumps(error, ensure_ascii=False)
+    code = str(Path(sandbox.__file__).resolve().parent.parent)
+    places = {sys.prefix, sys.base_prefix, sys.exec_prefix, code, os.getcwd(), str(plugin_dir)}
+    deep = [place for place in places if len(Path(place).parts) > 2]
+    return sorted(word for word in [*deep, *HOST_CODE_NAMES] if word in text)
 
 
 def stray_files(extra_dirs: Iterable[Path] = (), host_dirs: Iterable[Path] = ()) -> set[str]:
@@ -68,7 +87,7 @@ def stray_files(extra_dirs: Iterable[Path] = (), host_dirs: Iterable[Path] = ())
     return found
 
 
-def settle_leftovers(target: Target, deadline_s: float = 2.0) -> int:
+def settle_leftovers(target: Target, deadline_s: float = LEFTOVER_WAIT_S) -> int:
     """Leftover processes of the last call, once they had `deadline_s` to go."""
     end = time.monotonic() + deadline_s
     while (left := target.leftover_processes()) and time.monotonic() < end:
@@ -129,9 +148,15 @@ def _verdict(
 
 
 def run_case(
-    case: Case, target: Target, image: bytes, options: dict[str, Any], protections: dict[str, bool]
+    case: Case,
+    target: Target,
+    image: bytes,
+    options: dict[str, Any],
+    protections: dict[str, bool],
+    time_scale: float = 1.0,
 ) -> CaseReport:
-    """Run one case and check its claims."""
+    """Run one case and check its claims; the time a call's processes get to
+    be gone is scaled by `time_scale`, as the case's own timeout is."""
     process = psutil.Process()
     target.settle()
     before = _Before(
@@ -144,12 +169,14 @@ def run_case(
     seconds = time.monotonic() - started
     observed = observed_of(result, error)
     target.settle()  # replacement warm children land in the pool first
-    after = _After(observed, seconds, settle_leftovers(target))
+    after = _After(observed, seconds, settle_leftovers(target, LEFTOVER_WAIT_S * time_scale))
     problems = []
     if observed not in case.expected:
         problems.append(f"expected {' or '.join(case.expected)}, observed {observed}")
     if problem := unservable(result, error):
         problems.append(problem)
+    if "no_host_path" in case.claims and (shown := host_paths_in(error, case.plugin.directory)):
+        problems.append(f"the outcome shows host paths: {shown}")
     problems += _host_problems(case, target, before, after)
     verdict = _verdict(case, target, protections, problems, after.leftover)
     return CaseReport(

@@ -33,6 +33,9 @@ class SuiteReport:
     cases: list[CaseReport]
     benign_calls: int
     benign_failures: list[str]
+    # Every case's timeout and the suite's own waits were multiplied by this
+    # (a slow or emulated machine); what each case expects is unchanged.
+    time_scale: float = 1.0
 
     @property
     def failed(self) -> list[CaseReport]:
@@ -84,6 +87,11 @@ def format_table(report: SuiteReport) -> str:
     active = [name for name, on in report.protections.items() if on]
     lines.append(f"isolation layers active: {', '.join(active) or 'none'}")
     lines.append(f"missing or off: {', '.join(report.missing_layers) or 'none'}")
+    if report.time_scale != 1:
+        lines.append(
+            f"time scale: x{report.time_scale:g} (every case's timeout and the suite's waits; "
+            "the verdicts expected are unchanged)"
+        )
     s = report.summary()
     lines.append(
         f"{s['passed']} passed, {s['failed']} failed, {s['not_defended']} not defended here; "
@@ -99,6 +107,7 @@ def to_json(report: SuiteReport) -> dict[str, Any]:
         "summary": report.summary(),
         "ok": report.ok,
         "protections": report.protections,
+        "time_scale": report.time_scale,
         "benign_failures": report.benign_failures,
         "cases": [asdict(c) for c in report.cases],
     }

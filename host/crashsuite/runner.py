@@ -5,7 +5,9 @@ path when it prewarms children)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import socket
 import struct
@@ -19,6 +21,7 @@ from pathlib import Path
 from host.crashsuite import cases as corpus
 from host.crashsuite.cases import Case
 from host.crashsuite.claims import observed_of, run_case
+from host.crashsuite.evidence import Evidence
 from host.crashsuite.report import CaseReport, SuiteReport
 from host.crashsuite.targets import LocalTarget, Target
 from host.discovery import BUNDLED_DIR
@@ -27,6 +30,11 @@ from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import ToolRunner
 
 BENIGN_EVERY = 5
+# The probes check verdicts, not time, and none of them expects a timeout:
+# they get ten times their timeouts, so a slow or loaded machine (an
+# emulated one runs Python 10-20x slower) fails none of them for its speed.
+# A host that contains them costs no more: no probe waits out its timeout.
+SELF_CHECK_TIME_SCALE = 10.0
 PROBES = (
     "segfault",
     "huge_allocation",
@@ -60,9 +68,12 @@ def sample_png(width: int = 32, height: int = 24, rgb: bytes = b"\x0a\x78\xc8") 
 class _Listener:
     """A server for the network cases to try to reach: TCP on the host's
     127.0.0.1, or (`unix=True`) a root-owned, world-connectable unix socket
-    outside /tmp, where host services such as journald or D-Bus listen."""
+    outside /tmp, where host services such as journald or D-Bus listen. It
+    sends `nonce` to every connection: a case that reached a listener of
+    its own sandbox at the same port or path cannot pass for an escape."""
 
-    def __init__(self, unix: bool = False) -> None:
+    def __init__(self, nonce: str, unix: bool = False) -> None:
+        self.nonce = nonce.encode()
         self._directory: str | None = None
         if unix:
             self._directory = _service_directory()
@@ -88,7 +99,9 @@ class _Listener:
             except OSError:
                 continue
             self.accepted += 1
-            conn.close()
+            with conn, contextlib.suppress(OSError):
+                conn.settimeout(0.5)
+                conn.sendall(self.nonce)
 
     def close(self) -> None:
         self._stop.set()
@@ -130,11 +143,16 @@ def run_suite(
     target: Target,
     progress: Callable[[int, int, CaseReport], None] | None = None,
     benign_plugin: str = "image_probe",
+    time_scale: float = 1.0,
 ) -> SuiteReport:
-    """Run every case with benign calls around them; never raises for a case."""
+    """Run every case with benign calls around them; never raises for a case.
+    `time_scale` scales the suite's own waits; the cases' timeouts are scaled
+    where they are loaded (`cases.scaled`, or a corpus a server loads)."""
     image = sample_png()
     protections = target.protections()
-    listener, unix_listener = _Listener(), _Listener(unix=True)
+    nonce = secrets.token_hex(16)
+    listener, unix_listener = _Listener(nonce), _Listener(nonce, unix=True)
+    evidence = Evidence(_service_directory())
     benign = _Benign(target, benign_plugin, image)
     reports = []
     try:
@@ -143,11 +161,11 @@ def run_suite(
             options = {
                 "listener_port": listener.port,
                 "unix_listener_path": unix_listener.path,
-                "host_pid": os.getpid(),
                 "host_cwd": os.getcwd(),
                 "host_sys_path": [p for p in sys.path if p][:20],
+                **evidence.options_for(case.plugin.directory, nonce),
             }
-            report = run_case(case, target, image, options, protections)
+            report = run_case(case, target, image, options, protections, time_scale)
             reports.append(report)
             if progress is not None:
                 progress(index, len(cases), report)
@@ -157,20 +175,22 @@ def run_suite(
     finally:
         listener.close()
         unix_listener.close()
-    return SuiteReport(protections, reports, benign.calls, benign.failures)
+        evidence.close()
+    return SuiteReport(protections, reports, benign.calls, benign.failures, time_scale)
 
 
 def run_warm(
     cases: list[Case],
     target: Target,
     progress: Callable[[int, int, CaseReport], None] | None = None,
+    time_scale: float = 1.0,
 ) -> SuiteReport:
     """`run_suite` on a sandbox that prewarms children: every case runs twice.
     The first pass starts each case cold and leaves a warm child for its
     plugin; the reported pass runs on that warm child, whose replacement
     takes its descriptors over (a first warm child would count as a leak)."""
-    run_suite(cases, target)
-    return run_suite(cases, target, progress)
+    run_suite(cases, target, time_scale=time_scale)
+    return run_suite(cases, target, progress, time_scale=time_scale)
 
 
 def self_check(sandbox: Sandbox, probes: Iterable[str] = PROBES) -> SuiteReport:
@@ -182,8 +202,10 @@ def self_check(sandbox: Sandbox, probes: Iterable[str] = PROBES) -> SuiteReport:
     """
     registry = PluginRegistry()
     registry.load_directory(BUNDLED_DIR)
-    cases, _ = corpus.load_cases(names=probes)
+    loaded, _ = corpus.load_cases(names=probes)
+    cases = [corpus.scaled(case, SELF_CHECK_TIME_SCALE) for case in loaded]
     for case in cases:
         registry.register(case.name, case.plugin)
     target = LocalTarget(ToolRunner(registry, sandbox))
-    return run_warm(cases, target) if sandbox.prewarm else run_suite(cases, target)
+    run = run_warm if sandbox.prewarm else run_suite
+    return run(cases, target, time_scale=SELF_CHECK_TIME_SCALE)

@@ -113,7 +113,9 @@ class LocalTarget:
     def host_fds(self) -> int:
         """This process's open descriptors, less those of the warm children
         waiting in the pool (which one stands there changes from call to call)."""
-        return psutil.Process().num_fds() - self.runner.sandbox.warm_fds()
+        sandbox = self.runner.sandbox
+        sandbox.settle()  # a warm child put away at its idle limit meanwhile is closed
+        return psutil.Process().num_fds() - sandbox.warm_fds()
 
     def settle(self) -> None:
         # Warm children started in the background hold descriptors; let them
@@ -125,8 +127,9 @@ class HttpTarget:
     """Cases sent to a running server's `/v1/analyze` (the server must load the cases)."""
 
     local = False
+    TIMEOUT_S = 120.0  # for one request
 
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = TIMEOUT_S) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s

@@ -246,10 +246,13 @@ class PluginManagementService:
             found[name] = {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb}
         return found
 
-    def describe(self, name: str) -> dict[str, Any]:
+    def describe(self, name: str, admin: bool = False) -> dict[str, Any]:
         """Manifest, limits, state, metrics and quarantine of one plugin.
 
-        Raises Rejected (unknown_plugin) for a name that is not registered.
+        What only the admin may see (`admin=True`): the environment's
+        `detail` (the installer's output, host paths). Everyone else gets
+        its status, reason code and a fixed message. Raises Rejected
+        (unknown_plugin) for a name that is not registered.
         """
         try:
             plugin = self.registry.get_plugin(name)
@@ -257,6 +260,7 @@ class PluginManagementService:
             raise Rejected(unknown_plugin(name).to_dict()) from None
         limits = self._runner.limits.clamp(plugin.manifest.plugin_limits)
         status = self.registry.get_status(name)
+        status.pop("environment")
         return {
             "name": name,
             "version": plugin.manifest.version,
@@ -265,15 +269,26 @@ class PluginManagementService:
             "source": plugin.source,
             "limits": {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb},
             "dependencies": list(plugin.requirements.dependencies),
-            "environment": status.pop("environment"),
+            "environment": self.registry.environment(name).public(admin),
             "options_schema": plugin.manifest.options,
             "state": status["state"],
             "metrics": {k: v for k, v in status.items() if k not in ("name", "state")},
             "quarantine": self.quarantine.status(name),
         }
 
-    def list_plugins(self) -> list[dict[str, Any]]:
-        return [self.describe(name) for name in self.registry.list_plugins()]
+    def list_plugins(self, admin: bool = False) -> list[dict[str, Any]]:
+        """`describe` of every plugin (the admin's view with `admin`)."""
+        return [self.describe(name, admin) for name in self.registry.list_plugins()]
+
+    def load_errors(self, admin: bool = False) -> dict[str, Any]:
+        """The plugins that failed to load: their count for everyone, and
+        the messages (which name host paths and quote the plugin's files)
+        for the admin, as `load_errors`."""
+        errors = list(self.registry.load_errors)
+        shown: dict[str, Any] = {"load_error_count": len(errors)}
+        if admin:
+            shown["load_errors"] = errors
+        return shown
 
     def reset_quarantine(self, name: str) -> dict[str, Any]:
         """Lift the quarantine of `name`; return its description."""

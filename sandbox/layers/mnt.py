@@ -235,4 +235,13 @@ def _bind_into(root: str, path: str, fd: int, devices: bool) -> None:
             pass
     mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC, None)
     flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
-    mount("none", target, None, flags | (MS_NOEXEC if devices else MS_NODEV), None)
+    flags |= MS_NOEXEC if devices else MS_NODEV
+    mount("none", target, None, flags | _kept_flags(fd), None)
+
+
+def _kept_flags(fd: int) -> int:
+    """The source mount's nosuid, nodev and noexec: a bind remount must keep
+    them. A mount seen from a user namespace has them locked (systemd mounts
+    /sys nosuid,nodev,noexec), and a remount that would clear one fails with
+    EPERM. The ST_* bits of statvfs are the MS_* bits of mount(2)."""
+    return os.fstatvfs(fd).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)

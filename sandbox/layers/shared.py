@@ -352,7 +352,7 @@ def _hold(control: int, answer: int) -> NoReturn:
         signal.set_wakeup_fd(-1)  # the launcher's, closed below
         # The calls' orphans are re-parented here; the kernel reaps them at once.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-        _close_all_but({control, answer})
+        close_all_but({control, answer})
         set_command_line(HOLDER_TITLE)
         unshare(CLONE_NEWNET)
         last_pid = os.open("/proc/sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC)
@@ -394,7 +394,7 @@ def _empty() -> bool:
     return False
 
 
-def _close_all_but(keep: set[int]) -> None:
+def close_all_but(keep: set[int]) -> None:
     """Close every descriptor above 2 not in `keep` (a forked helper's
     inheritance from the launcher: calls' pipes, its socket)."""
     for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
@@ -427,7 +427,7 @@ def _make_root(needed: tuple[str, ...], hidden: tuple[str, ...]) -> int:
     if pid == 0:
         code = 1
         try:
-            _close_all_but({ready_w, hold_r})
+            close_all_but({ready_w, hold_r})
             mnt.build_root_template(needed, hidden)
             os.write(ready_w, b"1")
             os.read(hold_r, 1)  # returns once the launcher has the namespace

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import junitparser
 import pytest
@@ -24,7 +25,8 @@ from host.services import (
     MemoryJobStore,
     PluginManagementService,
 )
-from sandbox.supervisor import Sandbox
+from sandbox.cgroups import CallCgroup, CgroupPool
+from sandbox.supervisor import SETUP_FAILURES_NOT_READY, Sandbox
 from tests.conftest import HOSTILE_DIR
 from tests.host.test_serve import BODY, free_port, request, start_server, stop
 
@@ -69,6 +71,39 @@ def test_whole_corpus_passes_or_is_reported_not_defended(tmp_path: Path) -> None
     skipped = [c for c in cases if c.result and isinstance(c.result[0], junitparser.Skipped)]
     assert len(skipped) == summary["not_defended"]
     assert not any(c.result and isinstance(c.result[0], junitparser.Failure) for c in cases)
+
+
+@pytest.mark.no_leak_check
+def test_time_scale_gives_every_case_more_time_and_says_so(tmp_path: Path) -> None:
+    result = crash_suite(
+        "--time-scale", "3", "--case", "sleep_forever", "--case", "stdout_flood",
+        "--json", str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["time_scale"] == 3
+    seconds = {case["name"]: case["seconds"] for case in report["cases"]}
+    assert seconds["sleep_forever"] >= 2.9  # its manifest says 1 s
+    assert "time scale: x3" in result.stdout
+    refused = crash_suite("--time-scale", "0.5", "--case", "sleep_forever")
+    assert refused.returncode == 2 and "--time-scale: must be between 1 and 100" in refused.stderr
+
+
+def test_write_corpus_scales_each_cases_timeout_for_a_server(tmp_path: Path) -> None:
+    result = crash_suite(
+        "--time-scale", "5", "--write-corpus", str(tmp_path / "corpus"),
+        "--case", "sleep_forever", "--case", "import_hang",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    cases, errors = crashsuite.load_cases([], ["sleep_forever", "import_hang"])
+    written, _ = crashsuite.load_cases([tmp_path / "corpus"], ["sleep_forever", "import_hang"])
+    assert not errors and len(written) == 4  # the bundled pair, then the copies
+    original = {c.name: c.plugin.manifest for c in cases}
+    for case in written[2:]:
+        manifest = case.plugin.manifest
+        assert case.plugin.directory.parent == tmp_path / "corpus"
+        assert manifest.limits.timeout_s == 5 * (original[case.name].limits.timeout_s or 0)
+        assert manifest.expect == original[case.name].expect
 
 
 @pytest.mark.no_leak_check
@@ -187,11 +222,60 @@ def test_server_refuses_to_serve_when_containment_is_broken(
         lambda dirs=(), names=(), categories=(): real_load([tmp_path], ["escapes"], categories),
     )
     with _client(registry, sandbox) as client:  # without the option it serves, and says so
-        check = client.get("/readyz").json()["self_check"]
+        answer = client.get("/readyz")
+        check = answer.json()["self_check"]
         assert check["ok"] is False and "escapes" in check["failed_cases"]
+        # ... but never calls itself ready: nothing should send it traffic.
+        assert answer.status_code == 503 and answer.json()["ready"] is False
+        [reason] = answer.json()["reasons"]
+        assert reason.startswith("the containment self-check failed: ")
+        assert "escapes" in reason
     with pytest.raises(RuntimeError, match="refusing to serve"):
         with _client(registry, sandbox, require_containment=True):
             pass
+
+
+def test_the_self_check_gives_its_probes_time_for_a_slow_machine(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, float] = {}
+    real_run = crashsuite.runner.run_suite
+
+    def recording(cases: list[crashsuite.Case], *args: Any, **kwargs: Any) -> Any:
+        seen.update({c.name: c.plugin.manifest.limits.timeout_s or 0 for c in cases})
+        return real_run(cases, *args, **kwargs)
+
+    monkeypatch.setattr(crashsuite.runner, "run_suite", recording)
+    report = crashsuite.self_check(sandbox)
+    assert report.ok and report.time_scale == crashsuite.runner.SELF_CHECK_TIME_SCALE
+    # No probe expects a timeout; each gets ten times its manifest's 1 s.
+    assert set(seen) == set(crashsuite.PROBES)
+    assert all(timeout == 10 for timeout in seen.values()), seen
+
+
+def test_readyz_is_503_while_calls_cannot_be_set_up(
+    registry: PluginRegistry, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = {**BODY, "plugin": "image_probe"}
+    headers = {"authorization": "Bearer t"}
+    with _client(registry, sandbox, self_check=False, client_tokens=["t"]) as client:
+        assert client.get("/readyz").status_code == 200
+        real_take = CgroupPool.take
+
+        def refused(*args: object, **kwargs: object) -> CallCgroup:
+            raise OSError(13, "Permission denied", "/sys/fs/cgroup/call-x/memory.max")
+
+        monkeypatch.setattr(CgroupPool, "take", refused)
+        for _ in range(SETUP_FAILURES_NOT_READY):
+            assert client.post("/v1/analyze", json=body, headers=headers).status_code >= 500
+        answer = client.get("/readyz")
+        assert answer.status_code == 503
+        [reason] = answer.json()["reasons"]
+        assert f"{SETUP_FAILURES_NOT_READY} calls in a row failed at set-up" in reason
+        assert "memory.max" in reason
+        monkeypatch.setattr(CgroupPool, "take", real_take)
+        assert client.post("/v1/analyze", json=body, headers=headers).status_code == 200
+        assert client.get("/readyz").status_code == 200
 
 
 def test_a_case_claiming_a_bundled_plugins_name_is_skipped(tmp_path: Path) -> None:

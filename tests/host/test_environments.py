@@ -12,7 +12,6 @@ import importlib.util
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -89,36 +88,6 @@ def test_a_package_that_does_not_exist_fails_with_its_name(tmp_path: Path) -> No
     assert _environments(tmp_path) == []
 
 
-def _sdist(tmp_path: Path) -> Path:
-    """A source-only package whose build would leave a file behind."""
-    project = tmp_path / "buildme"
-    project.mkdir()
-    marker = tmp_path / "build-code-ran"
-    (project / "setup.py").write_text(
-        textwrap.dedent(
-            f"""
-            import pathlib
-            pathlib.Path({str(marker)!r}).write_text("ran")
-            from setuptools import setup
-            setup(name="buildme", version="1.0", py_modules=["buildme"])
-            """
-        )
-    )
-    (project / "buildme.py").write_text("VALUE = 1\n")
-    return project
-
-
-def test_source_builds_run_only_where_the_operator_allows(tmp_path: Path) -> None:
-    project = _sdist(tmp_path)
-    wanted = Requirements((f"buildme @ {project.as_uri()}",), source="s/plugin.toml")
-    refused = _store(tmp_path).prepare("s", wanted)
-    assert refused.status is EnvStatus.FAILED
-    assert not (tmp_path / "build-code-ran").exists()
-    allowed = _store(tmp_path, allow_sdist=("s",)).prepare("s", wanted)
-    assert allowed.status is EnvStatus.READY, allowed.message
-    assert allowed.path is not None and (allowed.path / "buildme.py").is_file()
-
-
 def _wheel_hash(tmp_path: Path, requirement: str) -> str:
     uv = find_uv()
     assert uv is not None
@@ -182,7 +151,7 @@ def test_environments_are_readable_by_every_call_uid(tmp_path: Path) -> None:
 
 
 def test_pip_prepares_where_uv_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("host.environments.find_uv", lambda: None)
+    monkeypatch.setattr("host.installer.find_uv", lambda: None)
     lines: list[str] = []
     state = _store(tmp_path).prepare("p", Requirements(("six==1.17.0",), source="p"), lines.append)
     assert state.status is EnvStatus.READY, state.message

@@ -141,6 +141,44 @@ def test_a_plugin_distribution_installs_and_runs_from_its_wheel(
     assert "options.threshold" in json.loads(refused.stdout)["error"]["message"]
 
 
+UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "mounts",
+    [
+        # As systemd mounts it. Seen from a user namespace those flags are
+        # locked, and a bind remount of /sys/devices/system/cpu that drops one
+        # is EPERM: every call of the unprivileged host failed at set-up.
+        "mount -o remount,bind,nosuid,nodev,noexec /sys",
+        # As a service with ProtectSystem=strict sees it, on a machine where no
+        # root host ever made /run/plughost: the host died making its lock there.
+        "mount -t tmpfs -o ro,mode=0755 tmpfs /run",
+    ],
+    ids=["sys-nosuid-nodev-noexec", "run-read-only"],
+)
+def test_unprivileged_host_runs_calls_on_systemds_mounts(install: Path, mounts: str) -> None:
+    inner = [RUNUSER, "-u", USER, "--", str(install / "venv/bin/plughost")]
+    script = f'{mounts} && exec "$@"'
+    command = [UNSHARE, "--mount", "--propagation", "private", "sh", "-c", script, "sh", *inner]
+    run = subprocess.run(
+        [*command, "run", "image_probe", "--image", _sample(install)],
+        cwd=install / "work",
+        env={
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "PLUGHOST_UID_BASE": UID_BASE,
+            "PLUGHOST_STATE_DIR": str(install / "work" / "state-locked-sys"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert json.loads(run.stdout)["result"]["format"] == "png"
+
+
 @pytest.mark.timeout(900)
 def test_installed_root_host_passes_the_whole_crash_suite(install: Path) -> None:
     report_path = install / "work" / "root-suite.json"

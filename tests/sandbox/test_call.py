@@ -4,9 +4,13 @@ call (through the handle) for the deadline, memory and output limits."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -106,3 +110,48 @@ def test_a_status_pipe_closed_without_an_exit_means_the_launcher_is_gone(
     with pytest.raises(HostFailure, match="launcher exited") as raised:
         run_call(handle, CALL, token=None)
     assert raised.value.details["stage"] == "launcher"
+
+
+class SlowSamplingHandle(PipeHandle):
+    """A host that takes `sample_s` to measure the call's memory, as one
+    without a cgroup does on a slow or emulated machine (it walks the process
+    table)."""
+
+    def __init__(self, sample_s: float) -> None:
+        super().__init__()
+        self.sample_s = sample_s
+        self.samples = 0
+
+    def sample_memory(self) -> tuple[int, bool]:
+        self.samples += 1
+        time.sleep(self.sample_s)
+        return self.memory_now, False
+
+
+def test_a_flood_is_output_too_large_however_slowly_the_host_samples_memory() -> None:
+    limits = HostLimits(max_stream_bytes=2 * MiB).clamp(PluginLimits(timeout_s=1, memory_mb=32))
+    slow = SlowSamplingHandle(sample_s=0.05)
+    flooding = threading.Event()
+
+    def flood() -> None:  # 6.4 MB/s: a child on an emulated machine
+        with contextlib.suppress(OSError):
+            while not flooding.is_set():
+                slow.write("stdout", b"y" * 65536)
+                time.sleep(0.01)
+
+    writer = threading.Thread(target=flood)
+    writer.start()
+    try:
+        outcome = run_call(slow, replace(CALL, limits=limits), token=None)
+    finally:
+        flooding.set()
+        os.set_blocking(slow.fds["stdout"], False)
+        while writer.is_alive():  # let a blocked write finish
+            with contextlib.suppress(BlockingIOError):
+                os.read(slow.fds["stdout"], 1 << 20)
+            writer.join(0.01)
+        slow.close_pipes()
+    assert outcome.reason == "output_too_large", outcome
+    assert outcome.details["elapsed_ms"] < 1000
+    # Sampling slowed down with its cost instead of starving the reads.
+    assert slow.samples * slow.sample_s < outcome.details["elapsed_ms"] / 1000 / 2

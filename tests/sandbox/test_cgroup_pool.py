@@ -194,3 +194,21 @@ def test_page_cache_a_call_leaves_in_its_uids_cgroup_does_not_count_against_the_
         result, error = runner.run("near_limit", payload)
         assert error == {}, error
         assert result == {"held": 70 * 2**20}
+
+
+def test_a_cgroup_that_cannot_be_removed_yet_is_removed_at_a_later_call(tmp_path: Path) -> None:
+    # On a slow machine a failed call's process may still be exiting when its
+    # cgroup is given back: rmdir refuses, and the cgroup was left for good.
+    made = CgroupPool(V1, tmp_path)  # a v2-shaped place whose files make rmdir refuse
+    first = made.take(None, 64 * MiB, 16)
+    made.give_back(first)
+    assert made.leftovers() == [first] and first.dirs["unified"].exists()
+    for entry in first.dirs["unified"].iterdir():  # the process is gone now
+        entry.unlink()
+    second = made.take(None, 64 * MiB, 16)
+    assert made.leftovers() == [] and not first.dirs["unified"].exists()
+    for entry in second.dirs["unified"].iterdir():
+        entry.unlink()
+    made.give_back(second)
+    made.close()
+    assert list(tmp_path.iterdir()) == []

@@ -206,3 +206,14 @@ def test_sweep_tells_a_live_host_in_another_pid_namespace_from_a_dead_one() -> N
         for root in CGROUP_V1.values():
             with contextlib.suppress(OSError):
                 (Path(root) / "plughost" / f"call-{ident}-held").rmdir()
+
+
+def test_each_kind_of_host_keeps_its_lock_where_it_may_write() -> None:
+    from sandbox.cgroups import HOSTS_DIR, hosts_dir
+
+    assert hosts_dir(euid=0, environ={"XDG_RUNTIME_DIR": "/run/user/0"}) == HOSTS_DIR
+    runtime = {"XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert hosts_dir(euid=1000, environ=runtime) == "/run/user/1000/plughost/hosts"
+    # A system service: no runtime directory, and /run read-only (ProtectSystem=strict).
+    assert hosts_dir(euid=999, environ={}) is None
+    assert hosts_dir(euid=999, environ={"XDG_RUNTIME_DIR": "relative"}) is None

@@ -104,14 +104,23 @@ def test_closing_the_sandbox_leaves_no_warm_child(payload: dict, registry: Plugi
     _wait_warm(runner, 2)
     assert len(sandbox.warm_uids()) == 2
     launcher = sandbox.launcher.pid
+    assert _keepers() == 1
     sandbox.close()
+    assert _keepers() == 0  # the warm pool's timer stopped with it
     deadline = time.monotonic() + 3
     while sandbox_processes(launcher) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert sandbox_processes(launcher) == []
 
 
+def _keepers() -> int:
+    import threading
+
+    return sum(thread.name == "plughost-warm-keeper" for thread in threading.enumerate())
+
+
 @pytest.mark.no_leak_check
+@pytest.mark.timeout(300)  # the whole corpus twice: about 30 s on a quiet machine, 90 s on a busy one
 def test_crash_suite_passes_on_the_fast_path(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "host.cli", "crash-suite", "--prewarm", "1"],
@@ -209,3 +218,193 @@ def test_a_warm_child_is_ready_before_any_plugin_code_runs(
         messages.append(error["error"]["message"])
     assert warm.sandbox.warm_hits >= 2
     assert not any("ready marker" in message for message in messages), messages
+
+
+# A plugin that runs code of its own from its import on: a thread (or a
+# grandchild it forks) records the moments it runs, and `run` reports them
+# as intervals of activity (marks less than 0.1 s apart belong to one).
+IDLE_SPY = """
+import os, struct, threading, time
+
+MARKS = os.path.join(os.environ.get("TMPDIR", "/tmp"), "marks")
+
+
+def _record():
+    with open(MARKS, "ab", buffering=0) as out:
+        while True:
+            out.write(struct.pack("d", time.monotonic()))
+            time.sleep(0.005)
+
+
+if {how!r} == "thread":
+    threading.Thread(target=_record, daemon=True).start()
+elif os.fork() == 0:
+    try:
+        _record()
+    finally:
+        os._exit(0)
+
+
+def _runs():
+    with open(MARKS, "rb") as stream:
+        data = stream.read()
+    marks = [value for (value,) in struct.iter_unpack("d", data[: len(data) // 8 * 8])]
+    runs = []
+    for mark in marks:
+        if runs and mark - runs[-1][1] < 0.1:
+            runs[-1][1] = mark
+        else:
+            runs.append([mark, mark])
+    return runs[-50:]
+
+
+class Plugin:
+    def run(self, payload):
+        time.sleep(0.05)  # long enough for the recorder to mark that it runs again
+        return {{"runs": _runs()}}
+"""
+
+
+def _idle_spy(registry: PluginRegistry, tmp_path: Path, how: str) -> None:
+    directory = tmp_path / "idle_spy"
+    directory.mkdir()
+    (directory / "plugin.toml").write_text(
+        'name = "idle_spy"\nversion = "1.0.0"\nentrypoint = "idle_spy:Plugin"\n'
+        "[limits]\ntimeout_s = 5\n"
+    )
+    (directory / "idle_spy.py").write_text(IDLE_SPY.format(how=how))
+    directory.chmod(0o755)
+    tmp_path.chmod(0o755)
+    assert registry.load_directory(directory) == ["idle_spy"]
+
+
+@pytest.mark.parametrize(
+    ("how", "disabled"),
+    [
+        ("thread", ()),
+        ("grandchild", ()),
+        # No uid of its own to stop the call by: the plugin is imported after the hand-over.
+        ("thread", ("privilege_drop",)),
+    ],
+    ids=["thread", "grandchild", "thread-without-a-uid"],
+)
+def test_a_warm_child_runs_no_plugin_code_while_it_waits(
+    registry: PluginRegistry, tmp_path: Path, payload: dict, how: str, disabled: tuple[str, ...]
+) -> None:
+    # What a plugin's import starts must not run while its warm child waits
+    # for a call: it could watch the machine (/proc/stat) while other
+    # clients' calls run, and tell in its own result when and for how long.
+    _idle_spy(registry, tmp_path, how)
+    sandbox = Sandbox(prewarm=1, disabled=disabled)
+    warm = ToolRunner(registry, sandbox)
+    try:
+        assert warm.run("idle_spy", payload)[1] == {}  # cold; starts the pool's child
+        _wait_warm(warm)
+        idle_from = time.monotonic()
+        time.sleep(1.0)
+        called = time.monotonic()
+        result, error = warm.run("idle_spy", payload)
+        assert error == {} and warm.sandbox.warm_hits == 1
+    finally:
+        sandbox.close()
+    runs = result["runs"]
+    assert runs[-1][1] > called, runs  # it runs again once its call has come
+    during_the_wait = [run for run in runs if run[1] > idle_from and run[0] < called]
+    assert during_the_wait == [], (idle_from, called, runs)
+
+
+def test_a_warm_child_whose_call_cannot_be_stopped_is_never_handed_a_call(
+    registry: PluginRegistry, tmp_path: Path, payload: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The launcher's stopper did not report every thread stopped in time (a
+    # thread in an uninterruptible wait, the launcher gone): the warm child
+    # is put away and the call starts cold, within its own deadline.
+    from sandbox.handle import Launcher
+
+    monkeypatch.setattr(Launcher, "stop_uid", lambda self, uid: None)
+    _idle_spy(registry, tmp_path, "thread")
+    sandbox = Sandbox(prewarm=1)
+    runner = ToolRunner(registry, sandbox)
+    try:
+        for _ in range(3):
+            assert runner.run("idle_spy", payload)[1] == {}
+            sandbox.settle()
+            deadline = time.monotonic() + 5
+            while sandbox.warm_pids() and time.monotonic() < deadline:
+                time.sleep(0.01)  # until its plugin is imported and its stop refused
+            assert sandbox.warm_count() == 0 and sandbox.warm_pids() == set()
+        assert sandbox.warm_hits == 0
+    finally:
+        sandbox.close()
+
+
+def test_an_idle_warm_child_is_put_away_at_its_idle_limit_without_another_call(
+    registry: PluginRegistry, payload: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sandbox import prewarm
+
+    monkeypatch.setattr(prewarm, "WARM_IDLE_S", 3.0)
+    sandbox = Sandbox(prewarm=1)
+    runner = ToolRunner(registry, sandbox)
+    try:
+        assert runner.run("image_info", payload)[1] == {}
+        _wait_warm(runner)
+        (uid,) = sandbox.warm_uids()
+        (pid,) = sandbox.warm_pids()
+        fds = sandbox.warm_fds()
+        assert fds > 0
+
+        def of_uid() -> list[int]:
+            procs = psutil.process_iter(["uids", "status"])
+            return [
+                p.pid
+                for p in procs
+                if p.info["uids"] and p.info["uids"].real == uid
+                if p.info["status"] != psutil.STATUS_ZOMBIE
+            ]
+
+        deadline = time.monotonic() + 3.0 + 5
+        while time.monotonic() < deadline and (
+            sandbox.warm_uids() or of_uid() or uid not in sandbox.uids_at_rest() or _keepers()
+        ):
+            time.sleep(0.05)
+        assert _keepers() == 0  # the timer ends with nothing left to keep
+        # Gone without any further call: its processes, its uid, its cgroups
+        # (kept empty for the uid's next call) and the host's descriptors.
+        assert sandbox.warm_count() == 0 and sandbox.warm_uids() == set()
+        assert of_uid() == [] and not psutil.pid_exists(pid)
+        assert uid in sandbox.uids_at_rest()
+        assert sandbox.warm_fds() == 0
+        kept = [path for path in sandbox.kept_cgroups() if path.name.endswith(f"u{uid}")]
+        assert kept and all(not (path / "cgroup.procs").read_text().strip() for path in kept)
+    finally:
+        sandbox.close()
+
+
+def test_a_warm_child_still_importing_after_its_timeout_is_put_away_without_another_call(
+    registry: PluginRegistry, payload: dict
+) -> None:
+    # import_hang never finishes its import: its warm child runs plugin code
+    # for as long as a call to it may take (1 s), no longer.
+    import threading
+
+    sandbox = Sandbox(prewarm=1)
+    runner = ToolRunner(registry, sandbox)
+    cold = threading.Thread(target=runner.run, args=("import_hang", payload))
+    try:
+        cold.start()  # times out; starts the pool's child at once
+        deadline = time.monotonic() + 5
+        while not sandbox.warm_pids() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        started = time.monotonic()
+        (pid,) = sandbox.warm_pids()
+        while sandbox.warm_pids() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sandbox.warm_pids() == set() and time.monotonic() - started < 3.0
+        cold.join()
+        sandbox.settle()
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert sandbox.warm_hits == 0
+    finally:
+        cold.join()
+        sandbox.close()

@@ -169,6 +169,7 @@ def test_launcher_requests_round_trip_and_unknown_ones_are_refused() -> None:
         KillCall,
         KillUid,
         StartChild,
+        StopUid,
         decode_request,
         encode_request,
     )
@@ -186,7 +187,7 @@ def test_launcher_requests_round_trip_and_unknown_ones_are_refused() -> None:
         warm=False,
         token="t" * 32,
     )
-    for request in (StartChild(spec), KillCall("abc"), KillUid(1700002)):
+    for request in (StartChild(spec), KillCall("abc"), KillUid(1700002), StopUid(1700003)):
         assert decode_request(encode_request(request)) == request
     with pytest.raises(ProtocolError, match="unknown launcher request"):
         decode_request(json.dumps({"op": "fork_bomb"}).encode())

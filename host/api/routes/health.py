@@ -1,5 +1,6 @@
 """Health and metrics: `GET /healthz` (the process is up), `GET /readyz`
-(ready to serve: plugins, isolation layers, the start-up self-check, jobs)
+(calls work: plugins loaded, the start-up self-check passed, calls set up;
+503 with the reasons otherwise)
 and `GET /metrics` (Prometheus text format)."""
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from host.api.deps import CLIENT, ServicesDep, SettingsDep
+from host.api.deps import CLIENT, ServicesDep
 
 router = APIRouter(tags=["health"])
 
@@ -18,14 +19,24 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Ready to serve, and which isolation layers are active")
-def readyz(request: Request, svc: ServicesDep, settings: SettingsDep) -> JSONResponse:
+def readyz(request: Request, svc: ServicesDep) -> JSONResponse:
+    """200 while calls work: plugins are loaded, the start-up self-check
+    passed (a check that failed is a host that cannot contain, or cannot set
+    calls up at all) and calls are being set up; else 503 with `reasons`."""
     protections = svc.plugins.protections()
     plugins = svc.plugins.registry.list_plugins()
     check = request.app.state.self_check
-    contained = check is None or check["ok"]
-    ready = bool(plugins) and (contained or not settings.require_containment)
+    reasons = []
+    if not plugins:
+        reasons.append("no plugin is loaded")
+    if check is not None and not check["ok"]:
+        reasons.append(f"the containment self-check failed: {check['headline']}")
+    if problem := svc.plugins.sandbox.setup_problem():
+        reasons.append(problem)
+    ready = not reasons
     body = {
         "ready": ready,
+        "reasons": reasons,
         "plugins": len(plugins),
         "isolation": protections,
         "self_check": check,
