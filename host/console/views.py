@@ -91,23 +91,11 @@ def figures_row(figures: PluginFigures, limits: dict[str, float]) -> dict[str, A
     }
 
 
-def _environment(described: dict[str, Any], admin: bool) -> dict[str, Any]:
-    """The plugin's environment: its status and packages; the installer's
-    message (paths, index and build output) for the admin alone."""
-    environment = dict(described.get("environment") or {})
-    if not admin:
-        environment.pop("message", None)
-    return environment
-
-
 def plugin_row(plugins: PluginManagementService, name: str, admin: bool) -> dict[str, Any]:
-    """One plugin as the overview lists it, for the admin or a client."""
-    described = plugins.describe(name)
-    return {
-        **described,
-        "environment": _environment(described, admin),
-        **figures_row(plugins.metrics.figures(name), described["limits"]),
-    }
+    """One plugin as the overview lists it, for the admin or a client: the
+    environment's installer output (`detail`) is the admin's alone."""
+    described = plugins.describe(name, admin)
+    return {**described, **figures_row(plugins.metrics.figures(name), described["limits"])}
 
 
 def overview(
@@ -123,11 +111,10 @@ def overview(
         except KeyError:  # unregistered by a reload since it was listed
             continue
     protections = plugins.protections()
-    load_errors = list(plugins.registry.load_errors)
     return {
         "plugins": rows,
-        "load_errors": load_errors if admin else [],
-        "load_error_count": len(load_errors),
+        "load_errors": [],
+        **plugins.load_errors(admin),  # the messages for the admin, a count for everyone
         "jobs": svc.jobs.stats(),
         "layers_active": sum(protections.values()),
         "layers_missing": [name for name, on in protections.items() if not on],

@@ -108,14 +108,14 @@ def test_clients_see_no_load_errors_installer_output_or_node_hosts(
         json={**body, "plugin": "image_hash"},
         headers={"Authorization": "Bearer token-a"},
     )
-    assert failed.json()["detail"]["details"]["reason"] == "environment_not_ready"
+    assert failed.json()["detail"]["details"]["reason"] == "environment_failed"
     sign_in(client, "token-a")
     overview = client.get("/console").text
     assert "/srv/operator" not in overview and "db-7.lan" not in overview
     assert "1 plugin could not be loaded" in overview
     page = client.get("/console/plugins/image_hash").text
     assert "/srv/operator" not in page and "index.internal" not in page
-    assert "environment_not_ready" in page and ">failed<" in page  # unavailable, and why
+    assert "environment_failed" in page and ">failed<" in page  # unavailable, and why
     sign_in(client, "a-token")
     assert "/srv/operator/plugins/broken" in client.get("/console").text
     assert "db-7.lan" in client.get("/console").text
