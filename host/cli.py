@@ -578,8 +578,8 @@ def _suite_arguments(suite: argparse.ArgumentParser) -> None:
     suite.add_argument(
         "--write-corpus",
         metavar="DIR",
-        help="write the selected cases, timeouts scaled by --time-scale, to DIR for a "
-        "server to load with --plugins-dir, and exit",
+        help="write the selected cases, timeouts scaled by --time-scale, to DIR (a new "
+        "directory) for a server to load with --plugins-dir, and exit",
     )
 
 
@@ -677,7 +677,11 @@ def _cmd_crash_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         print("plughost: no crash-suite case matches", file=sys.stderr)
         return 2
     if args.write_corpus:
-        written = crashsuite.write_corpus(cases, Path(args.write_corpus), args.time_scale)
+        try:
+            written = crashsuite.write_corpus(cases, Path(args.write_corpus), args.time_scale)
+        except (FileExistsError, FileNotFoundError) as exc:
+            print(f"plughost: --write-corpus wants a new directory: {exc}", file=sys.stderr)
+            return 2
         print(
             f"{len(written)} cases written to {args.write_corpus} (time scale x{args.time_scale:g})"
         )

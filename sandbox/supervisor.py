@@ -26,6 +26,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ ISOLATION_LEVELS = ("standard", "strict")
 # Calls in a row that fail at set-up before the host stops calling itself
 # ready (`Sandbox.setup_problem`): one can be a passing fault, three are not.
 SETUP_FAILURES_NOT_READY = 3
+# ... and for how long after the last failure (then it is tried again).
+SETUP_PROBLEM_S = 30.0
 log = logging.getLogger("plughost.sandbox")
 
 
@@ -125,7 +128,7 @@ class Sandbox:
         self.prewarm = prewarm
         self._closer = Closer()
         self._setup_failures = 0  # calls in a row that could not be set up
-        self._setup_problem = ""
+        self._setup_failed_at = 0.0  # monotonic time of the last of them
         # Warm children gone stale are put away off the path of the call that found them.
         self.warm_pool = WarmPool(prewarm, put_away=self._closer.close)
 
@@ -209,17 +212,27 @@ class Sandbox:
         return outcome
 
     def _set_up(self, problem: str | None) -> None:
-        """Count calls that could not be set up in a row, and keep the last problem."""
-        self._setup_failures = self._setup_failures + 1 if problem else 0
-        self._setup_problem = problem or ""
+        """Count calls that could not be set up in a row; the problem goes to
+        the operator's log (it may name host paths), not to `setup_problem`."""
+        if problem is None:
+            self._setup_failures = 0
+            return
+        self._setup_failures += 1
+        self._setup_failed_at = time.monotonic()
+        log.warning("a call could not be set up (%d in a row): %s", self._setup_failures, problem)
 
     def setup_problem(self) -> str | None:
-        """Why calls cannot be set up, once SETUP_FAILURES_NOT_READY calls in a
-        row failed at set-up (their limits or layers could not be applied, the
-        launcher could not start them); None while calls are set up."""
+        """Why calls cannot be set up, while the last SETUP_FAILURES_NOT_READY
+        calls failed at set-up (their limits or layers could not be applied,
+        the launcher could not start them) and the last of them is less than
+        SETUP_PROBLEM_S old; None otherwise. It expires so that a host taken
+        out of service for it is tried again: a passing fault must not keep
+        it out for good. Names no host path (the log has the details)."""
         if self._setup_failures < SETUP_FAILURES_NOT_READY:
             return None
-        return f"{self._setup_failures} calls in a row failed at set-up: {self._setup_problem}"
+        if time.monotonic() - self._setup_failed_at > SETUP_PROBLEM_S:
+            return None
+        return f"{self._setup_failures} calls in a row failed at set-up (the host's log says why)"
 
     def _start(self, call: CallSpec, layers: dict[str, bool], warm: bool) -> ChildHandle:
         """A handle on a new child for `call`: cold (payload handed over now)

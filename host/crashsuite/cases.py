@@ -95,12 +95,13 @@ _TIMEOUT = re.compile(r"^timeout_s\s*=.*$", re.M)
 def write_corpus(cases: Iterable[Case], directory: Path, factor: float) -> list[Path]:
     """Copy each case's plugin directory into `directory`, its manifest's
     timeout multiplied by `factor` (names unchanged), for a server to load
-    with `--plugins-dir` in place of the bundled corpus; return the copies."""
+    with `--plugins-dir` in place of the bundled corpus; return the copies.
+    `directory` must not exist: it is made here (0755, for the server's user
+    to read), so nobody else can have put links in it. Raises FileExistsError."""
     written = []
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o755, parents=False, exist_ok=False)
     for case in cases:
         target = directory / case.name
-        shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(case.plugin.directory, target, ignore=shutil.ignore_patterns("__pycache__"))
         manifest = target / "plugin.toml"
         text = manifest.read_text(encoding="utf-8")

@@ -120,8 +120,9 @@ def _keepers() -> int:
 
 
 @pytest.mark.no_leak_check
-# The whole corpus twice: about 30 s on a quiet machine, 90 s on a busy one.
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(
+    300
+)  # the whole corpus twice: about 30 s on a quiet machine, 90 s on a busy one
 def test_crash_suite_passes_on_the_fast_path(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "host.cli", "crash-suite", "--prewarm", "1"],
