@@ -38,6 +38,7 @@ from host.discovery import discover
 from host.environments import EnvironmentStore, EnvStatus
 from host.preparation import environment_store, prepare_all
 from host.registry import PluginRegistry
+from host.statedir import make_private_dir
 from host.tracebacks import plugin_traceback
 from sandbox.envelope import Envelope
 from sandbox.limits import HostLimits
@@ -117,6 +118,7 @@ def _environments(args: argparse.Namespace) -> EnvironmentStore:
         settings = load_settings(None, overrides={"state_dir": args.state_dir})
     except ConfigError as exc:
         raise SystemExit(f"plughost: {exc}") from exc
+    make_private_dir(settings.state_dir)
     return environment_store(settings.plugin_envs, settings.allow_source_builds)
 
 
@@ -488,6 +490,7 @@ def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     )
     configure_logging(settings.log_level, settings.log_repeat_limit, settings.log_repeat_interval_s)
     registry = PluginRegistry()
+    make_private_dir(settings.state_dir)
     registry.environments = environment_store(settings.plugin_envs, settings.allow_source_builds)
     discover(registry, settings.plugins_dirs, settings.plugin_overrides)
     _warn(registry.load_errors)

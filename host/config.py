@@ -115,6 +115,18 @@ class Settings(BaseModel):
     log_repeat_limit: int = Field(default=10, ge=1)
     log_repeat_interval_s: float = Field(default=10.0, gt=0)
 
+    # The console (host/console/session.py). A session lasts this long after
+    # sign-in; its cookie is Secure when served over HTTPS, or as set here
+    # (True behind a TLS proxy that does not send X-Forwarded-Proto). Sign-in
+    # forms must come from `console_origin` (default: the origin the request
+    # names in its Host header). Wrong tokens: `console_login_failures` per
+    # `console_login_window_s` per client address, then 429 until the window ends.
+    console_session_s: float = Field(default=8 * 3600, gt=0)
+    console_secure_cookie: bool | None = None
+    console_origin: str | None = Field(default=None, pattern=r"^https?://[^/?#]+$")
+    console_login_failures: int = Field(default=5, ge=1)
+    console_login_window_s: float = Field(default=60.0, gt=0)
+
     @property
     def job_db(self) -> str:
         """The SQLite job database: `db_path`, or jobs.sqlite3 in `state_dir`."""

@@ -4,20 +4,26 @@
     GET  /console/plugins/{name}       manifest, limits, options schema, recent outcomes
     GET  /console/isolation            active and missing layers, start-up self-check
     GET  /console/jobs                 jobs (the visitor's own; the admin's: everyone's)
-    GET  /console/login, POST          token -> HttpOnly SameSite=Strict cookie
-    POST /console/logout
+    GET  /console/login, POST          token -> a server-side session, its id in an
+                                       HttpOnly SameSite=Strict cookie (same-origin,
+                                       CSRF-checked, throttled per address)
+    POST /console/logout               ends the session on the server (CSRF-checked)
     GET  /console/confirm/{action}     the confirmation step of an admin action (no JS needed)
     POST /console/plugins/{name}/quarantine/reset, POST /console/reload   admin, CSRF-checked
     GET  /console/static/{file}        the console's own CSS and JS, from the package
 
 Read-only pages work without JavaScript; the script only counts quarantines
 down and refreshes the overview. Every asset comes from the package: no CDN.
-Visitors resolve as API callers do (`host.console.session`).
+Visitors resolve to the API's principals (`host.console.session`), and what
+a page shows a client is its own (`host.console.views`): its calls' recent
+outcomes, no host paths, installer output or load errors.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import secrets
 from importlib import resources
 from typing import Annotated, Any
 
@@ -29,7 +35,14 @@ from host import __version__
 from host.api.auth import Principal
 from host.config import Settings
 from host.console import views
-from host.console.session import COOKIE, COOKIE_PATH, ConsoleAuth, Visitor
+from host.console.session import (
+    COOKIE,
+    COOKIE_PATH,
+    LOGIN_COOKIE,
+    ConsoleAuth,
+    Visitor,
+    client_address,
+)
 from host.errors import Rejected
 from host.services import JobStatus
 
@@ -41,7 +54,9 @@ SECURITY_HEADERS = {
         "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Same-origin: the console's own form posts keep a real Origin header
+    # (under no-referrer a browser sends `Origin: null`), other sites get nothing.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 ACTIONS = {"reset": "Lift the quarantine of plugin {name}", "reload": "Discover plugins again"}
@@ -79,13 +94,21 @@ class Pages:
         self.env = _environment()
 
     def render(
-        self, request: Request, visitor: Visitor, template: str, code: int = 200, **ctx: Any
+        self,
+        request: Request,
+        visitor: Visitor,
+        template: str,
+        code: int = 200,
+        csrf: str | None = None,
+        **ctx: Any,
     ) -> HTMLResponse:
+        """`template` for `visitor`; `csrf` replaces the visitor's CSRF token
+        (the sign-in form's is tied to its pre-session cookie)."""
         body = self.env.get_template(template).render(
             visitor=visitor,
             open_mode=self.auth.open_mode,
             admin_enabled=bool(self.auth.settings.admin_token),
-            csrf=self.auth.csrf(visitor),
+            csrf=self.auth.csrf(visitor) if csrf is None else csrf,
             path=request.url.path,
             done=DONE.get(request.query_params.get("done", "")),
             version=__version__,
@@ -132,15 +155,19 @@ def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages
     def overview(request: Request) -> Response:
         if isinstance(found := _reader(auth, request), Response):
             return found
-        data = views.overview(request.app.state.services, self_check(request))
-        return pages.render(request, found[0], "overview.html", **data)
+        visitor = found[0]
+        data = views.overview(request.app.state.services, self_check(request), visitor.admin)
+        return pages.render(request, visitor, "overview.html", **data)
 
     @router.get("/plugins/{name}", response_class=HTMLResponse)
     def plugin(request: Request, name: str) -> Response:
         if isinstance(found := _reader(auth, request), Response):
             return found
+        visitor, principal = found
         try:
-            data = views.plugin_page(request.app.state.services.plugins, name)
+            data = views.plugin_page(
+                request.app.state.services.plugins, name, principal.scope, principal.admin
+            )
         except (Rejected, KeyError):
             return pages.render(request, found[0], "missing.html", 404, what=f"plugin {name}")
         return pages.render(request, found[0], "plugin.html", p=data)
@@ -150,7 +177,9 @@ def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages
         if isinstance(found := _reader(auth, request), Response):
             return found
         services, disabled = request.app.state.services, list(settings.disable_layers)
-        data = views.isolation(services, settings.isolation, disabled, self_check(request))
+        data = views.isolation(
+            services, settings.isolation, disabled, self_check(request), found[0].admin
+        )
         return pages.render(request, found[0], "isolation.html", **data)
 
     @router.get("/jobs", response_class=HTMLResponse)
@@ -180,33 +209,104 @@ def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages
 def _account_routes(router: APIRouter, auth: ConsoleAuth, pages: Pages) -> None:
     @router.get("/login", response_class=HTMLResponse)
     def login_form(request: Request) -> Response:
-        return pages.render(request, auth.visitor(request), "login.html", failed=False)
+        return _login_page(request, auth, pages, 200, failed=False)
 
     @router.post("/login", response_class=HTMLResponse)
-    def login(request: Request, token: Annotated[str, Form(max_length=4096)] = "") -> Response:
-        token = token.strip()
-        if not auth.known(token):
-            log.info("console login refused: unknown token")
-            visitor = auth.visitor(request)
-            return pages.render(request, visitor, "login.html", 401, failed=True)
-        response = RedirectResponse("/console", status_code=303)
-        response.set_cookie(
-            COOKIE,
-            token,
-            path=COOKIE_PATH,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
-        return response
+    def login(
+        request: Request,
+        token: Annotated[str, Form(max_length=4096)] = "",
+        csrf: Annotated[str, Form(max_length=128)] = "",
+    ) -> Response:
+        return _sign_in(request, token, csrf, auth, pages)
 
     @router.post("/logout")
     def logout(request: Request, csrf: Annotated[str, Form(max_length=128)] = "") -> Response:
         if not auth.csrf_ok(auth.visitor(request), csrf):
             return Response("bad or missing CSRF token", status_code=403, media_type="text/plain")
+        auth.sign_out(request)
         response = RedirectResponse("/console/login", status_code=303)
         response.delete_cookie(COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
         return response
+
+
+def _sign_in(request: Request, token: str, csrf: str, auth: ConsoleAuth, pages: Pages) -> Response:
+    """The sign-in form's post: refused cross-site or without the form's
+    CSRF field (403), while the address is throttled (429), for a token
+    that is not configured (401); else a new session and its cookie."""
+    address = client_address(request)
+    if not auth.same_origin(request) or not auth.login_csrf_ok(request, csrf):
+        log.warning("console sign-in refused: cross-site or no CSRF token from %s", address)
+        return pages.render(
+            request,
+            auth.visitor(request),
+            "forbidden.html",
+            403,
+            reason="the sign-in form was not this console's",
+        )
+    retry = auth.throttle.retry_after(address)
+    if retry is not None:
+        log.warning("console sign-in throttled for %s", address)
+        return _login_page(
+            request,
+            auth,
+            pages,
+            429,
+            failed=False,
+            throttled=True,
+            headers={"Retry-After": str(max(1, math.ceil(retry)))},
+        )
+    session_id = auth.sign_in(token.strip())
+    if session_id is None:
+        failures = auth.throttle.failed(address)
+        log.warning(
+            "console sign-in refused: unknown token (%d in this window from %s)",
+            failures,
+            address,
+        )
+        return _login_page(request, auth, pages, 401, failed=True)
+    response = RedirectResponse("/console", status_code=303)
+    response.set_cookie(
+        COOKIE,
+        session_id,
+        max_age=int(auth.settings.console_session_s),
+        path=COOKIE_PATH,
+        httponly=True,
+        samesite="strict",
+        secure=auth.secure_cookie(request),
+    )
+    response.delete_cookie(LOGIN_COOKIE, path=COOKIE_PATH, httponly=True, samesite="strict")
+    return response
+
+
+def _login_page(
+    request: Request,
+    auth: ConsoleAuth,
+    pages: Pages,
+    code: int,
+    headers: dict[str, str] | None = None,
+    **ctx: Any,
+) -> Response:
+    """The sign-in form, with a CSRF field tied to the visitor's pre-session
+    cookie (set here when the browser has none yet)."""
+    pre_session = request.cookies.get(LOGIN_COOKIE) or ""
+    fresh = not pre_session or len(pre_session) > 128
+    if fresh:
+        pre_session = secrets.token_urlsafe(32)
+    visitor = auth.visitor(request)
+    response = pages.render(
+        request, visitor, "login.html", code, csrf=auth.login_csrf(pre_session), **ctx
+    )
+    response.headers.update(headers or {})
+    if fresh:
+        response.set_cookie(
+            LOGIN_COOKIE,
+            pre_session,
+            path=COOKIE_PATH,
+            httponly=True,
+            samesite="strict",
+            secure=auth.secure_cookie(request),
+        )
+    return response
 
 
 def _refused(request: Request, visitor: Visitor, settings: Settings, pages: Pages) -> Response:
@@ -225,8 +325,8 @@ def _admin_post(
     visitor = auth.visitor(request)
     if not visitor.admin or not settings.admin_token:
         return _refused(request, visitor, settings, pages)
-    if not auth.csrf_ok(visitor, csrf):
-        log.warning("console admin action refused: bad CSRF token")
+    if not auth.same_origin(request) or not auth.csrf_ok(visitor, csrf):
+        log.warning("console admin action refused: cross-site or bad CSRF token")
         return pages.render(
             request, visitor, "forbidden.html", 403, reason="the form was not genuine"
         )

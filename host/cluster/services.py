@@ -19,6 +19,7 @@ from host.registry import PluginRegistry
 from host.services.analysis import AnalysisService
 from host.services.jobs import JobLimits
 from host.services.pgstore import PgJobStore, open_pool
+from host.statedir import make_private_dir
 from sandbox.supervisor import Sandbox
 
 log = logging.getLogger("plughost.cluster")
@@ -54,6 +55,7 @@ def build_cluster_services(
     pool = open_pool(url, max_size=max(4, settings.max_connections // 16))
     store = PgJobStore(pool)
     registry = PluginRegistry()
+    make_private_dir(settings.state_dir)
     registry.environments = environment_store(settings.plugin_envs, settings.allow_source_builds)
     discover(registry, settings.plugins_dirs, settings.plugin_overrides)
     sandbox = Sandbox(

@@ -4,6 +4,13 @@ Pages are rendered from these dictionaries by the templates; nothing here
 knows HTML. The figures are the host's metrics (`host.metrics`): call
 counts by outcome, and p50/p95 of latency and peak memory estimated from the
 same histogram buckets `/metrics` exports.
+
+What a client is shown is its own. The admin sees everything; a client sees
+the recent outcomes of its own calls only (messages and result keys echo
+inputs), and no host paths, installer output or load errors: an environment
+is shown by its status (a plugin whose packages are not ready is unavailable
+for that reason), the message of an outcome the host decided by its
+reason's description, the self-check and the load errors by their counts.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any, Protocol
 
 from host.metrics import Histogram, PluginFigures
 from host.services import JobManagementService, JobStatus, PluginManagementService
+from sandbox.outcome import Origin, reason_of
 
 MiB = 1024 * 1024
 PAGE_SIZE = 50
@@ -83,53 +91,86 @@ def figures_row(figures: PluginFigures, limits: dict[str, float]) -> dict[str, A
     }
 
 
-def plugin_row(plugins: PluginManagementService, name: str) -> dict[str, Any]:
-    """One plugin as the overview lists it."""
-    described = plugins.describe(name)
+def plugin_row(plugins: PluginManagementService, name: str, admin: bool) -> dict[str, Any]:
+    """One plugin as the overview lists it, for the admin or a client: the
+    environment's installer output (`detail`) is the admin's alone."""
+    described = plugins.describe(name, admin)
     return {**described, **figures_row(plugins.metrics.figures(name), described["limits"])}
 
 
-def overview(svc: ConsoleServices, self_check: dict[str, Any] | None) -> dict[str, Any]:
-    """Every plugin's row, the queue, the isolation summary and the nodes."""
+def overview(
+    svc: ConsoleServices, self_check: dict[str, Any] | None, admin: bool
+) -> dict[str, Any]:
+    """Every plugin's row, the queue, the isolation summary and the nodes;
+    the load errors (and the nodes' hosts) for the admin, their count for a client."""
     plugins = svc.plugins
     rows = []
     for name in plugins.registry.list_plugins():
         try:
-            rows.append(plugin_row(plugins, name))
+            rows.append(plugin_row(plugins, name, admin))
         except KeyError:  # unregistered by a reload since it was listed
             continue
     protections = plugins.protections()
     return {
         "plugins": rows,
-        "load_errors": list(plugins.registry.load_errors),
+        "load_errors": [],
+        **plugins.load_errors(admin),  # the messages for the admin, a count for everyone
         "jobs": svc.jobs.stats(),
         "layers_active": sum(protections.values()),
         "layers_missing": [name for name, on in protections.items() if not on],
         "self_check": self_check,
         "quarantined": [r["name"] for r in rows if r["quarantine"]["quarantined"]],
-        "nodes": svc.nodes(),
+        "nodes": svc.nodes() if admin else [],
     }
 
 
-def plugin_page(plugins: PluginManagementService, name: str) -> dict[str, Any]:
-    """Manifest, limits, options schema, figures and recent outcomes of `name`.
+def as_client_sees(entry: dict[str, Any]) -> dict[str, Any]:
+    """A recent outcome of a client's own call, as the console shows it to
+    that client: when the host failed or refused the call on its own side (a
+    5xx reason decided by the host: an environment not ready, a host
+    failure), whose message can carry host paths or installer output, the
+    message becomes the reason's description and the details the reason alone."""
+    error = entry.get("error")
+    if not error:
+        return entry
+    reason = str(error.get("details", {}).get("reason", "internal"))
+    decided = reason_of(reason)
+    if decided.origin is not Origin.HOST or decided.http_status < 500:
+        return entry
+    kept = {k: v for k, v in error["details"].items() if k in ("reason", "retry_after_s")}
+    return {**entry, "error": {**error, "message": decided.description, "details": kept}}
+
+
+def plugin_page(
+    plugins: PluginManagementService, name: str, scope: str | None, admin: bool
+) -> dict[str, Any]:
+    """Manifest, limits, options schema, figures and recent outcomes of
+    `name`: those of `scope`'s calls (None: everyone's, for the admin).
     Raises Rejected (unknown_plugin) for a name that is not registered."""
-    row = plugin_row(plugins, name)
+    row = plugin_row(plugins, name, admin)
     manifest = plugins.registry.get_plugin(name).manifest
     schema = manifest.options  # the manifest's optional `[options]` JSON Schema
+    recent = plugins.recent.of(name, scope)
     return {
         **row,
         "dependencies": list(getattr(manifest, "dependencies", []) or []),
         "options_schema": json.dumps(schema, indent=2, sort_keys=True) if schema else None,
-        "recent": plugins.recent.of(name),
+        "recent": recent if admin else [as_client_sees(entry) for entry in recent],
     }
 
 
 def isolation(
-    svc: ConsoleServices, level: str, disabled: list[str], self_check: dict[str, Any] | None
+    svc: ConsoleServices,
+    level: str,
+    disabled: list[str],
+    self_check: dict[str, Any] | None,
+    admin: bool,
 ) -> dict[str, Any]:
-    """Active and missing isolation layers, and the start-up self-check."""
+    """Active and missing isolation layers, and the start-up self-check: its
+    failures' evidence (which can name host files) for the admin alone."""
     protections = svc.plugins.protections()
+    if self_check is not None and not admin:
+        self_check = {**self_check, "failed_cases": {}, "benign_failures": []}
     return {
         "level": level,
         "disabled": disabled,

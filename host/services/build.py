@@ -23,6 +23,7 @@ from host.services.analysis import AnalysisService
 from host.services.jobs import JobLimits, JobManagementService
 from host.services.plugins import PluginManagementService
 from host.services.store import JobStore, SQLiteJobStore
+from host.statedir import make_private_dir
 from sandbox.supervisor import Sandbox
 
 
@@ -61,6 +62,7 @@ def plugin_service(settings: Settings) -> PluginManagementService:
         isolation=settings.isolation, disabled=settings.disable_layers, prewarm=settings.prewarm
     )
     registry = PluginRegistry()
+    make_private_dir(settings.state_dir)
     registry.environments = environment_store(settings.plugin_envs, settings.allow_source_builds)
     discover(registry, settings.plugins_dirs, settings.plugin_overrides)
     plugins = PluginManagementService(registry, sandbox)

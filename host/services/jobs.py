@@ -306,7 +306,9 @@ class JobManagementService:
             if payload is None:
                 error = envelope("internal", "the job's input is gone", job.plugin)
             else:
-                result, error = self._plugins.execute_plugin(job.plugin, payload, cancel=cancel)
+                result, error = self._plugins.execute_plugin(
+                    job.plugin, payload, cancel=cancel, owner=job.owner
+                )
             del payload  # not kept while the result is stored
         finally:
             with self._lock:

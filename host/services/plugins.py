@@ -177,16 +177,21 @@ class PluginManagementService:
         return CancelToken()
 
     def execute_plugin(
-        self, plugin_name: str, payload: Any, cancel: CancelToken | None = None
+        self,
+        plugin_name: str,
+        payload: Any,
+        cancel: CancelToken | None = None,
+        owner: str | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Run one call; return `(result, {})` or `({}, envelope)`. Its
-        metrics are recorded by the ToolRunner (`CallRecorder`); its outcome,
-        as the client sees it, joins the plugin's ring of recent outcomes."""
+        """Run one call for `owner` (a principal id; None: no client's);
+        return `(result, {})` or `({}, envelope)`. Its metrics are recorded
+        by the ToolRunner (`CallRecorder`); its outcome, as the client sees
+        it and marked with its owner, joins the plugin's ring of recent outcomes."""
         retry = self.quarantine.retry_after(plugin_name)
         if retry is not None:
             refused = self._quarantined(plugin_name, retry)
             self.metrics.observe_call(plugin_name, "quarantined", 0.0)
-            self.recent.add(plugin_name, 0.0, {}, refused)
+            self.recent.add(plugin_name, 0.0, {}, refused, owner)
             return {}, refused
         self._warn_unchecked(plugin_name, payload)
         started = time.monotonic()
@@ -214,7 +219,7 @@ class PluginManagementService:
                 Envelope.of(error).message,
                 extra={"plugin": plugin_name, "traceback": plugin_traceback(error)},
             )
-        self.recent.add(plugin_name, time.monotonic() - started, result, error)
+        self.recent.add(plugin_name, time.monotonic() - started, result, error, owner)
         return result, error
 
     def _warn_unchecked(self, plugin_name: str, payload: Any) -> None:

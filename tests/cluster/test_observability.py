@@ -33,7 +33,7 @@ def gauge(text: str, name: str) -> float:
 
 def test_metrics_show_the_queue_and_the_live_workers(api, workers, plugins_dir):
     services: Services = api()
-    app = create_app(Settings(self_check=False), services)
+    app = create_app(Settings(self_check=False, admin_token="admin-token"), services)
     with TestClient(app) as client:
         first = client.get("/metrics").text
         assert gauge(first, "plughost_cluster_workers_live") == 0
@@ -55,8 +55,10 @@ def test_metrics_show_the_queue_and_the_live_workers(api, workers, plugins_dir):
         assert ready["ready"]
         worker = next(n for n in services.nodes() if n["role"] == "worker")
         assert worker["state"] == "healthy" and worker["last_seen"]
-        console = client.get("/console").text
+        admin = {"Authorization": "Bearer admin-token"}  # the nodes are the admin's to see
+        console = client.get("/console", headers=admin).text
         assert "Nodes" in console and worker["name"] in console
+        assert worker["name"] not in client.get("/console").text
 
 
 def test_plughost_nodes_lists_each_node_with_its_health_and_plugins(api, workers, db_url):
@@ -106,7 +108,7 @@ def test_a_single_node_has_no_nodes_and_keeps_its_metrics(tmp_path):
 
 def test_a_job_for_a_plugin_no_worker_has_gets_503(api):
     services = api()
-    app = create_app(Settings(self_check=False), services)
+    app = create_app(Settings(self_check=False, admin_token="admin-token"), services)
     body = {
         "plugin": "echo",
         "image": base64.b64encode(PAYLOAD["image"]).decode(),

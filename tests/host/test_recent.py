@@ -24,3 +24,16 @@ def test_an_error_keeps_its_public_envelope_and_never_the_internal_part() -> Non
     assert entry["outcome"] == "plugin_raised" and entry["elapsed_ms"] == 250.0
     assert entry["error"]["message"] == "kaboom" and "secret trace" not in repr(entry)
     assert "_internal" not in repr(entry)
+
+
+def test_each_outcome_keeps_its_caller_and_a_scope_sees_only_its_own() -> None:
+    recent = RecentOutcomes()
+    recent.add(
+        "p", 0.1, {}, make_envelope("invalid_input", "bad 'secret-a'", plugin="p"), "client-a"
+    )
+    recent.add("p", 0.1, {"k": 1}, {}, "client-b")
+    recent.add("p", 0.1, {"cli": 1}, {})  # no client's call (the CLI's)
+    assert [e["owner"] for e in recent.of("p")] == [None, "client-b", "client-a"]
+    assert [e["result_keys"] for e in recent.of("p", "client-b")] == [["k"]]
+    assert "secret-a" not in repr(recent.of("p", "client-b"))
+    assert recent.of("p", "anonymous") == []

@@ -58,7 +58,13 @@ def test_job_service_delegates_to_execute_plugin_and_records_success_and_failure
 ) -> None:
     calls: list[str] = []
 
-    def fake(self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None):
+    def fake(
+        self: PluginManagementService,
+        plugin_name: str,
+        payload: Any,
+        cancel: Any = None,
+        owner: Any = None,
+    ):
         calls.append(plugin_name)
         if plugin_name == "raise_kaboom":
             return {}, {
@@ -309,7 +315,13 @@ def test_a_waited_job_its_caller_stops_waiting_for_is_stored_and_goes_on(
     release = threading.Event()
     running = threading.Event()
 
-    def slow(self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None):
+    def slow(
+        self: PluginManagementService,
+        plugin_name: str,
+        payload: Any,
+        cancel: Any = None,
+        owner: Any = None,
+    ):
         running.set()
         release.wait(20)
         return {"late": True}, {}
@@ -339,7 +351,13 @@ def test_a_waited_job_whose_run_fails_outright_leaves_nothing_behind(
 ) -> None:
     jobs, store = counted
 
-    def broken(self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None):
+    def broken(
+        self: PluginManagementService,
+        plugin_name: str,
+        payload: Any,
+        cancel: Any = None,
+        owner: Any = None,
+    ):
         raise RuntimeError("the runner broke")
 
     monkeypatch.setattr(PluginManagementService, "execute_plugin", broken)

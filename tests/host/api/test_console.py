@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -22,6 +23,18 @@ def _csrf(html: str) -> str:
     found = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
     assert found, "the page carries no CSRF field"
     return found.group(1)
+
+
+def sign_in(client: TestClient, token: str) -> Any:
+    """Sign in as a browser does: the form (its CSRF field and pre-session
+    cookie), then the post from the console's own origin."""
+    form = client.get("/console/login")
+    return client.post(
+        "/console/login",
+        data={"token": token, "csrf": _csrf(form.text)},
+        headers={"Origin": "http://testserver"},
+        follow_redirects=False,
+    )
 
 
 def test_overview_lists_plugins_with_figures_from_the_metrics(
@@ -87,12 +100,11 @@ def test_client_tokens_require_login_and_the_cookie_is_strict(
     client = make_client(client_tokens=["c-token"], admin_token="a-token")
     first = client.get("/console", follow_redirects=False)
     assert first.status_code == 303 and first.headers["location"] == "/console/login"
-    assert client.post("/console/login", data={"token": "wrong"}).status_code == 401
-    login = client.post("/console/login", data={"token": "c-token"}, follow_redirects=False)
+    assert sign_in(client, "wrong").status_code == 401
+    login = sign_in(client, "c-token")
     assert login.status_code == 303
-    cookie = login.headers["set-cookie"]
-    assert f"{COOKIE}=c-token" in cookie and "HttpOnly" in cookie
-    assert "SameSite=strict" in cookie and "Path=/console" in cookie
+    cookie = next(c for c in login.headers.get_list("set-cookie") if c.startswith(COOKIE + "="))
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/console" in cookie
     page = client.get("/console")
     assert page.status_code == 200 and "signed in as <strong>client-" in page.text
     assert "Reload plugins" not in page.text
@@ -105,10 +117,10 @@ def test_client_sees_only_its_own_jobs_and_admin_sees_all(
     client = make_client(client_tokens=["c1", "c2"], admin_token="a-token")
     mine = client.post("/v1/analyze", json=body, headers={"Authorization": "Bearer c1"}).json()
     theirs = client.post("/v1/analyze", json=body, headers={"Authorization": "Bearer c2"}).json()
-    client.post("/console/login", data={"token": "c1"})
+    sign_in(client, "c1")
     page = client.get("/console/jobs").text
     assert mine["job_id"] in page and theirs["job_id"] not in page
-    client.post("/console/login", data={"token": "a-token"})
+    sign_in(client, "a-token")
     page = client.get("/console/jobs?status=SUCCESS&plugin=image_info").text
     assert mine["job_id"] in page and theirs["job_id"] in page
     assert "image_info" in client.get("/console/jobs?status=FAILED").text  # the filter menu
@@ -122,7 +134,7 @@ def test_admin_resets_a_quarantine_with_confirmation_and_csrf(
     client.app.state.services.plugins.quarantine.threshold = 1  # type: ignore[attr-defined]
     client.post("/v1/analyze", json={**body, "plugin": "segfault"})
     assert client.get("/v1/plugins/segfault").json()["quarantine"]["quarantined"]
-    client.post("/console/login", data={"token": "a-token"})
+    sign_in(client, "a-token")
     page = client.get("/console/plugins/segfault").text
     assert "Lift quarantine" in page
     confirm = client.get("/console/confirm/reset?name=segfault")
@@ -142,7 +154,7 @@ def test_logout_needs_csrf_and_clears_the_cookie(
     make_client: Callable[..., TestClient],
 ) -> None:
     client = make_client(client_tokens=["c-token"])
-    client.post("/console/login", data={"token": "c-token"})
+    sign_in(client, "c-token")
     page = client.get("/console").text
     assert client.post("/console/logout", data={"csrf": "nope"}).status_code == 403
     out = client.post("/console/logout", data={"csrf": _csrf(page)}, follow_redirects=False)
@@ -197,7 +209,7 @@ def test_admin_reload_from_the_console_is_confirmed_and_rediscovers(
     make_client: Callable[..., TestClient],
 ) -> None:
     client = make_client(admin_token="a-token")
-    client.post("/console/login", data={"token": "a-token"})
+    sign_in(client, "a-token")
     assert "Reload plugins" in client.get("/console").text
     confirm = client.get("/console/confirm/reload")
     assert confirm.status_code == 200 and "Discover plugins again" in confirm.text
@@ -206,11 +218,13 @@ def test_admin_reload_from_the_console_is_confirmed_and_rediscovers(
     assert done.status_code == 200 and 'id="plugin-image_info"' in done.text
 
 
-def test_nodes_section_shows_only_when_the_services_report_nodes(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+def test_nodes_section_shows_the_admin_only_when_the_services_report_nodes(
+    make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from host.api.app import Services
 
+    client = make_client(admin_token="a-token")
+    sign_in(client, "a-token")
     assert "<h2>Nodes</h2>" not in client.get("/console").text
     node = {"name": "node-a", "state": "up", "last_seen": "2026-01-01T00:00:00+00:00", "jobs": 3}
     monkeypatch.setattr(Services, "nodes", lambda self: [node])
@@ -234,6 +248,6 @@ def test_plugin_output_is_escaped_on_the_plugin_page(
 
 def test_confirmation_of_an_unknown_plugin_is_a_404(make_client: Callable[..., TestClient]) -> None:
     client = make_client(admin_token="a-token")
-    client.post("/console/login", data={"token": "a-token"})
+    sign_in(client, "a-token")
     assert client.get("/console/confirm/reset?name=..%2Freload").status_code == 404
     assert client.get("/console/confirm/explode").status_code == 404

@@ -172,3 +172,44 @@ def test_read_only_pages_work_without_javascript_in_a_narrow_window(
     page.goto(host.url + "/console/isolation")
     expect(page.locator("main")).to_contain_text("probes passed")
     expect(page.locator("table.cases tbody tr").first).to_be_visible()
+
+
+def test_a_page_on_another_site_cannot_sign_the_browser_in(
+    browser: Browser, host: DemoHost
+) -> None:
+    attacker = "http://attacker.test"
+    form = (
+        f'<form method="post" action="{host.url}/console/login">'
+        f'<input name="token" value="{CLIENT_2}"><input name="csrf" value="{"0" * 64}"></form>'
+        "<script>document.forms[0].submit()</script>"
+    )
+    context = browser.new_context()
+    context.set_default_timeout(WAIT_MS)
+    context.route(
+        attacker + "/**", lambda route: route.fulfill(body=form, content_type="text/html")
+    )
+    try:
+        page = context.new_page()
+        page.goto(host.url + "/console/login")  # the victim has the console open
+        with page.expect_response(host.url + "/console/login") as posted:
+            page.goto(attacker + "/lure")
+        assert posted.value.status == 403
+        page.goto(host.url + "/console")
+        assert page.url == host.url + "/console/login"  # signed in as nobody
+    finally:
+        context.close()
+
+
+def test_the_browser_keeps_a_session_id_not_the_token(open_page: Any, host: DemoHost) -> None:
+    page = open_page()
+    sign_in(page, host, ADMIN)
+    cookies = page.context.cookies()
+    session = [c for c in cookies if c["name"] == "plughost_console"]
+    assert session and session[0]["httpOnly"] and session[0]["sameSite"] == "Strict"
+    assert not any(ADMIN in c["value"] for c in cookies)
+    page.click("header .who button[type=submit]")  # sign out
+    page.wait_for_url(host.url + "/console/login")
+    replayed = open_page()
+    replayed.context.add_cookies([{**session[0]}])
+    replayed.goto(host.url + "/console")
+    assert replayed.url == host.url + "/console/login"

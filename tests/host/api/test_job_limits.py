@@ -32,7 +32,11 @@ def results_of(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
 
     def set_size(size: int) -> None:
         def fake(
-            self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None
+            self: PluginManagementService,
+            plugin_name: str,
+            payload: Any,
+            cancel: Any = None,
+            owner: Any = None,
         ) -> tuple[dict[str, Any], dict[str, Any]]:
             return big_result(size), {}
 
@@ -105,7 +109,11 @@ def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
     release = threading.Event()
 
     def fake(
-        self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None
+        self: PluginManagementService,
+        plugin_name: str,
+        payload: Any,
+        cancel: Any = None,
+        owner: Any = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         release.wait(20)
         return {"ok": True}, {}

@@ -51,7 +51,11 @@ def results_of(
     `gate`, if given, is set)."""
 
     def fake(
-        self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None
+        self: PluginManagementService,
+        plugin_name: str,
+        payload: Any,
+        cancel: Any = None,
+        owner: Any = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         if gate is not None:
             assert gate.wait(30)
@@ -130,7 +134,11 @@ def test_queued_jobs_hold_their_ids_not_their_inputs_in_memory(
     release = threading.Event()
 
     def blocked(
-        self: PluginManagementService, plugin_name: str, payload: Any, cancel: Any = None
+        self: PluginManagementService,
+        plugin_name: str,
+        payload: Any,
+        cancel: Any = None,
+        owner: Any = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         release.wait(30)
         return {"ok": True}, {}
