@@ -14,7 +14,7 @@
 set -euo pipefail
 H=$(dirname "$(readlink -f "$0")")
 VM=${VM:?the VM work directory}; SRC=${SRC:?the checkout}; WHEEL=${WHEEL:?the wheel to test}
-ROOT=$VM/root; CACHE=$VM/cache; SCALE=${VM_SCALE:-5}
+ROOT=$VM/root; CACHE=$VM/cache; SCALE=${VM_SCALE:-8}
 ts() { echo "[vm build $(date +%T)] $*"; }
 T0=$(date +%s)
 mkdir -p "$CACHE/kernels" "$VM/boot"

@@ -7,7 +7,7 @@
 R=/root/results; mkdir -p $R; : > $R/checks.tsv
 exec > >(tee -a $R/log.txt > /dev/ttyS0) 2>&1
 PH=/opt/plughost/bin/plughost
-SCALE=$(sed -n 's/.*plughost\.scale=\([0-9.]*\).*/\1/p' /proc/cmdline); SCALE=${SCALE:-5}
+SCALE=$(sed -n 's/.*plughost\.scale=\([0-9.]*\).*/\1/p' /proc/cmdline); SCALE=${SCALE:-8}
 SAMPLES=$(/opt/plughost/bin/python -c 'import plughost_plugins; print(plughost_plugins.__path__[0])')/samples
 URL=http://127.0.0.1:8000
 SERVICE_CG=/sys/fs/cgroup/system.slice/plughost.service

@@ -7,7 +7,7 @@
 #   PLUGHOST_VM_DIR  work directory and cache (default /var/tmp/plughost-vm)
 #   VM_KERNELS       both (default: Debian 12's 6.1 and Debian 13's newer one) or 12
 #   VM_KERNEL        boot only this one (a directory name of $PLUGHOST_VM_DIR/boot)
-#   VM_SCALE         time scale of the crash-suite runs inside (default 5)
+#   VM_SCALE         time scale of the crash-suite runs and the service's plugins inside (default 8)
 #   VM_ACCEL         tcg (default) or kvm
 #   VM_CHECKS        a,b,c: run only these checks (the service ones need service-ready)
 #   VM_WHEEL         a wheel to test instead of the checkout's (the checks stay the checkout's)
@@ -33,7 +33,7 @@ for kdir in "$VM"/boot/*/; do
   kver=$(basename "$kdir"); out=$VM/out/$kver
   if [ -n "${VM_KERNEL:-}" ] && [ "$kver" != "$VM_KERNEL" ]; then continue; fi
   wanted=$(cat "$kdir/checks" 2>/dev/null || echo all)
-  checks=$CHECKS; append="plughost.scale=${VM_SCALE:-5}"
+  checks=$CHECKS; append="plughost.scale=${VM_SCALE:-8}"
   [ -n "${VM_CHECKS:-}" ] && wanted=$VM_CHECKS   # a,b,c: only these (while working on one)
   if [ "$wanted" != all ]; then checks=${wanted//,/ }; append="$append plughost.checks=$wanted"; fi
   echo "[vm-test] boot kernel $kver (${VM_ACCEL:-tcg}); inside: $checks"
