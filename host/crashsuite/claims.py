@@ -109,8 +109,31 @@ class _After:
     observed: str
     seconds: float
     leftover: int
+    time_scale: float = 1.0
     fds: int | None = None
     rss_mb: float | None = None
+
+
+def _fds_at_rest(target: Target, samples: int = 5) -> int:
+    """The host's descriptor count at rest: the least of a few counts. The
+    host's own threads hold descriptors for a moment now and then (a warm
+    child's stop being asked for, the keeper's wake-up pipe); a moment's
+    descriptor only ever adds to a count."""
+    counts = []
+    for _ in range(samples):
+        counts.append(target.host_fds())
+        time.sleep(0.005)
+    return min(counts)
+
+
+def _fds_left(target: Target, before: int, deadline_s: float) -> int:
+    """Descriptors the host holds now beyond `before`, once a moment's ones
+    had `deadline_s` to go: a leaked descriptor stays open for good."""
+    end = time.monotonic() + deadline_s
+    while (left := _fds_at_rest(target) - before) > 0 and time.monotonic() < end:
+        target.settle()
+        time.sleep(0.05)
+    return left
 
 
 def _host_problems(case: Case, target: Target, before: _Before, after: _After) -> list[str]:
@@ -122,7 +145,7 @@ def _host_problems(case: Case, target: Target, before: _Before, after: _After) -
         problems.append(f"{after.leftover} process(es) left behind")
     if target.local:
         process = psutil.Process()
-        after.fds = target.host_fds() - before.fds
+        after.fds = _fds_left(target, before.fds, LEFTOVER_WAIT_S * after.time_scale)
         after.rss_mb = (process.memory_info().rss - before.rss) / 2**20
         if "no_fd_left" in case.claims and after.fds > 0:
             problems.append(f"{after.fds} descriptor(s) left open in the host")
@@ -160,7 +183,7 @@ def run_case(
     process = psutil.Process()
     target.settle()
     before = _Before(
-        target.host_fds(),
+        _fds_at_rest(target),
         process.memory_info().rss,
         stray_files([case.plugin.directory], [Path.cwd()]),
     )
@@ -169,7 +192,9 @@ def run_case(
     seconds = time.monotonic() - started
     observed = observed_of(result, error)
     target.settle()  # replacement warm children land in the pool first
-    after = _After(observed, seconds, settle_leftovers(target, LEFTOVER_WAIT_S * time_scale))
+    after = _After(
+        observed, seconds, settle_leftovers(target, LEFTOVER_WAIT_S * time_scale), time_scale
+    )
     problems = []
     if observed not in case.expected:
         problems.append(f"expected {' or '.join(case.expected)}, observed {observed}")

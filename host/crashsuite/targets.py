@@ -115,7 +115,16 @@ class LocalTarget:
         waiting in the pool (which one stands there changes from call to call)."""
         sandbox = self.runner.sandbox
         sandbox.settle()  # a warm child put away at its idle limit meanwhile is closed
-        return psutil.Process().num_fds() - sandbox.warm_fds()
+        process = psutil.Process()
+        # The pool's keeper opens and closes descriptors of its own (its
+        # wake-up pipe): a count is taken only where the pool's share did not
+        # change around it.
+        for _ in range(100):
+            held = sandbox.warm_fds()
+            count = process.num_fds()
+            if sandbox.warm_fds() == held:
+                break
+        return count - held
 
     def settle(self) -> None:
         # Warm children started in the background hold descriptors; let them
