@@ -320,6 +320,11 @@ class CallCgroup:
         """Once the call is over: `oom_killed` and `peak_bytes`, in one step."""
         return self.oom_killed(), self.peak_bytes()
 
+    @property
+    def counts_memory(self) -> bool:
+        """Whether a memory controller counts (and limits) the call's pages."""
+        return self._memory_dir() is not None
+
     def _memory_dir(self) -> Path | None:
         return self.dirs.get("unified") if self.v2 and self.memory else self.dirs.get("memory")
 

@@ -21,6 +21,7 @@ taken from the layer module that owns it (`sandbox.layers`):
     parent          die with the parent; the parent must still be there
     no_new_privs    PR_SET_NO_NEW_PRIVS
     environment     SAFE_ENV, HOME and TMPDIR = scratch, cwd = scratch
+    cpus            the call's CPUs: affinity, os.cpu_count(), thread variables
     landlock        file system (and TCP, and signal-scope) rules
     seccomp         the system-call filter
 
@@ -175,9 +176,15 @@ def _mnt(setup: Setup) -> None:
     if "mnt" in spec.given:  # a copy of the launcher's template of this root
         shared.setns(ROOT_FD, mnt.CLONE_NEWNS)
         os.close(ROOT_FD)
-        mnt.enter_root_copy(owner, group, spec.limits.scratch_mb, flags)
+        mnt.enter_root_copy(owner, group, _tmpfs_sizes(spec), flags)
         return
-    mnt.build_minimal_root(spec.expose, owner, group, spec.limits.scratch_mb, flags, spec.hide)
+    mnt.build_minimal_root(spec.expose, owner, group, _tmpfs_sizes(spec), flags, spec.hide)
+
+
+def _tmpfs_sizes(spec: ChildSpec) -> tuple[int, int]:
+    """MB of the call's scratch and of its /dev/shm (its memory limit: pages
+    there are memory, counted by the call's memory cgroup where it has one)."""
+    return spec.limits.scratch_mb, spec.limits.memory_mb
 
 
 def _net(setup: Setup) -> None:
@@ -205,16 +212,18 @@ def _pid(setup: Setup) -> None:
 def _rlimits(setup: Setup) -> None:
     extra = 1 if setup.pid_namespace and not setup.slot else 0  # init has the call's uid
     limits = setup.spec.limits
-    prepared, by_extra = _RLIMITS
-    values = by_extra[extra] if prepared is limits else rlimits_for(limits, extra)
+    counted = setup.spec.memory_counted
+    prepared, tables = _RLIMITS
+    values = tables[extra, counted] if prepared is limits else rlimits_for(limits, extra, counted)
     for which, value in values.items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
 
 
 # The rlimits of the call the launcher forks next, for each count of extra
-# processes (`prepare`), beside the limits they were worked out from.
-_RLIMITS: tuple[object, tuple[dict[int, tuple[int, int]], ...]] = (None, ())
+# processes and whether a cgroup counts its memory (`prepare`), beside the
+# limits they were worked out from.
+_RLIMITS: tuple[object, dict[tuple[int, bool], dict[int, tuple[int, int]]]] = (None, {})
 
 
 def _privilege(setup: Setup) -> None:
@@ -246,6 +255,15 @@ def _environment(setup: Setup) -> None:
     for name, value in changed:
         environ[name] = value
     os.chdir(setup.scratch)
+    if setup.isolated:
+        # The host's venv (its bin/python) is not in the minimal root; the
+        # interpreter it leads to is (sys.base_prefix): what multiprocessing
+        # runs for its resource tracker and its "spawn" start method.
+        sys.executable = sys._base_executable = _INTERPRETER  # type: ignore[attr-defined]
+
+
+# The interpreter's own file, the venv's links resolved (in the launcher).
+_INTERPRETER = os.path.realpath(sys.executable)
 
 
 # scratch -> (the launcher's variables a call does not get, the variables to
@@ -264,9 +282,45 @@ def _environment_for(scratch: str) -> tuple[tuple[str, ...], tuple[tuple[str, st
     return removed, changed
 
 
+# What thread pools read to size themselves: OpenMP, the BLAS libraries,
+# numexpr, Rust's rayon, and Python's own os.cpu_count() from 3.13.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "RAYON_NUM_THREADS",
+    "PYTHON_CPU_COUNT",
+)
+
+
+def _cpus(setup: Setup) -> None:
+    """Run on `limits.cpus` of the CPUs this process may use (a window at a
+    random place, so concurrent calls spread over the machine), and have
+    thread pools sized for them: os.cpu_count(), which multiprocessing and
+    concurrent.futures read, and the variables of THREAD_VARIABLES say as
+    much. Sizing, not a bound: a call may widen its own affinity again,
+    within what the host may use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    count = min(setup.spec.limits.cpus, len(allowed))
+    start = int.from_bytes(os.urandom(2), "little") % len(allowed)
+    os.sched_setaffinity(0, {allowed[(start + i) % len(allowed)] for i in range(count)})
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(count)
+    os.cpu_count = lambda: count
+
+
 def _landlock(setup: Setup) -> None:
     if setup.spec.layers.get("landlock"):
-        landlock.apply(_landlock_expose(setup.spec), setup.scratch)
+        landlock.apply(_landlock_expose(setup.spec), _writable(setup.scratch))
+
+
+def _writable(scratch: str) -> tuple[str, ...]:
+    """The directories a call writes: its scratch, and in a minimal root its
+    own /dev/shm."""
+    return (scratch, mnt.SHM) if scratch == mnt.SCRATCH else (scratch,)
 
 
 def _landlock_expose(spec: ChildSpec) -> tuple[str, ...]:
@@ -278,7 +332,9 @@ def _landlock_expose(spec: ChildSpec) -> tuple[str, ...]:
 def _seccomp(setup: Setup) -> None:
     if setup.spec.layers.get("seccomp"):
         given = setup.spec.given
-        seccomp.apply_seccomp(ipc="ipc" not in given, ip="slot" not in given)
+        seccomp.apply_seccomp(
+            ipc="ipc" not in given, ip="slot" not in given, counted=setup.spec.memory_counted
+        )
 
 
 # The child's setup, in order; each step applies one layer (or skips it when
@@ -295,6 +351,7 @@ STEPS: tuple[tuple[str, Callable[[Setup], None]], ...] = (
     ("parent", _parent),
     ("no_new_privs", _no_new_privs),
     ("environment", _environment),
+    ("cpus", _cpus),
     ("landlock", _landlock),
     ("seccomp", _seccomp),
 )
@@ -404,10 +461,17 @@ def prepare(spec: ChildSpec) -> None:
     if mnt.SCRATCH not in _ENVIRONMENTS:
         _ENVIRONMENTS[mnt.SCRATCH] = _environment_for(mnt.SCRATCH)
     if spec.layers.get("landlock"):
-        landlock.prepare_rules(_landlock_expose(spec), mnt.SCRATCH)
+        landlock.prepare_rules(_landlock_expose(spec), _writable(mnt.SCRATCH))
     _prepare_finders(_import_path(spec))
     if _RLIMITS[0] != spec.limits:
-        _RLIMITS = (spec.limits, tuple(rlimits_for(spec.limits, extra) for extra in (0, 1)))
+        _RLIMITS = (
+            spec.limits,
+            {
+                (extra, counted): rlimits_for(spec.limits, extra, counted)
+                for extra in (0, 1)
+                for counted in (False, True)
+            },
+        )
     else:  # the same values: the child recognises the limits by identity
         _RLIMITS = (spec.limits, _RLIMITS[1])
 

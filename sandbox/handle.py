@@ -372,6 +372,7 @@ class ChildHandle:
             uid=self.uid,
             gid=self.uid,
             cgroup_procs=tuple(self.cgroup.procs_files),
+            memory_counted=self.cgroup.counts_memory,
             warm=warm,
             token=self.token,
         )

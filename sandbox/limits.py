@@ -37,6 +37,7 @@ class CallLimits:
     max_output_bytes: int
     max_stream_bytes: int
     scratch_mb: int
+    cpus: int = 2
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class HostLimits:
     max_image_bytes: largest image a payload may carry.
     scratch_mb: size of the call's scratch directory (a tmpfs when the host
         runs as root, so a plugin cannot fill the host's disk).
+    cpus: CPUs a call runs on and sizes its thread pools for (its affinity
+        mask, `os.cpu_count()` and the BLAS and OpenMP thread variables), at
+        most the host's own: a plugin behaves the same on 2 cores and on 64.
     """
 
     timeout_s: float = 10.0
@@ -68,6 +72,7 @@ class HostLimits:
     max_stream_bytes: int = 4 * MiB
     max_image_bytes: int = 20 * MiB
     scratch_mb: int = 64
+    cpus: int = 2
 
     def clamp(self, wanted: PluginLimits) -> CallLimits:
         """Return the limits of a call for a plugin asking for `wanted`."""
@@ -82,29 +87,65 @@ class HostLimits:
             max_output_bytes=self.max_output_bytes,
             max_stream_bytes=self.max_stream_bytes,
             scratch_mb=self.scratch_mb,
+            cpus=max(self.cpus, 1),
         )
 
 
-def rlimits_for(limits: CallLimits, extra_processes: int = 0) -> dict[int, tuple[int, int]]:
+# Room in the address space beyond the memory limit, for what a process
+# reserves and never touches: thread stacks (`thread_stack_bytes` each, one
+# per process the call may hold: RLIMIT_NPROC counts threads), malloc's
+# per-thread arenas and mapped libraries. Where a memory cgroup counts the
+# call's pages, what stops a call is the memory it uses, so the room is
+# large; without one the address space is the per-process bound, so it is
+# kept small. Either way a single reservation of gigabytes is refused
+# (`huge_allocation`, `untouched_reservation`).
+COUNTED_HEADROOM = 1024 * MiB
+UNCOUNTED_HEADROOM = 256 * MiB
+# glibc sizes a thread's default stack by RLIMIT_STACK as the process starts
+# (the launcher, whose forks the calls are); where that is unlimited it takes
+# a fixed size of a few MiB, which 8 MiB covers.
+MAX_THREAD_STACK = 64 * MiB
+
+
+def thread_stack_bytes() -> int:
+    """The default stack of a new thread in a process forked from this one."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_STACK)
+    return 8 * MiB if soft == resource.RLIM_INFINITY else min(soft, MAX_THREAD_STACK)
+
+
+def address_space_bytes(limits: CallLimits, counted: bool, extra_processes: int = 0) -> int:
+    """RLIMIT_AS (and RLIMIT_DATA) of a call's processes: its memory limit,
+    room for a stack per thread it may start, and headroom (`counted`: a
+    memory cgroup counts the call's pages)."""
+    stacks = (limits.max_processes + extra_processes) * thread_stack_bytes()
+    headroom = COUNTED_HEADROOM if counted else UNCOUNTED_HEADROOM
+    return limits.memory_mb * MiB + stacks + headroom
+
+
+def rlimits_for(
+    limits: CallLimits, extra_processes: int = 0, counted: bool = True
+) -> dict[int, tuple[int, int]]:
     """Map call limits to `{RLIMIT_*: (soft, hard)}`, soft == hard.
 
     Soft and hard are equal so the plugin cannot raise a soft limit back up.
     `extra_processes` makes room for sandbox processes of the same uid that
-    are not the plugin's (the init of a PID namespace).
+    are not the plugin's (the init of a PID namespace); `counted` says a
+    memory cgroup counts the call's pages (`address_space_bytes`).
     """
     processes = limits.max_processes + extra_processes
-    memory = limits.memory_mb * MiB
+    space = address_space_bytes(limits, counted, extra_processes)
     # The host enforces the wall clock; CPU seconds are the backstop for a
     # host that stopped watching. One second of slack keeps the host's own
     # verdict (timeout) first for a busy loop.
     cpu = math.ceil(limits.timeout_s) + 1
     return {
         # Address space, not RSS: the only per-process memory rlimit Linux
-        # enforces. It also refuses huge reservations that are never touched.
-        # The host's watchdog covers memory spread over several processes.
-        resource.RLIMIT_AS: (memory, memory),
-        # A data-segment cap as well, for allocators that use brk.
-        resource.RLIMIT_DATA: (memory, memory),
+        # enforces. The memory limit itself is the cgroup's and the host's
+        # watchdog's (over the whole tree); this refuses huge reservations.
+        resource.RLIMIT_AS: (space, space),
+        # A data-segment cap as well, for allocators that use brk (it counts
+        # private writable mappings, thread stacks among them).
+        resource.RLIMIT_DATA: (space, space),
         resource.RLIMIT_CPU: (cpu, cpu),
         resource.RLIMIT_NOFILE: (limits.max_open_files, limits.max_open_files),
         resource.RLIMIT_FSIZE: (limits.max_file_size_mb * MiB, limits.max_file_size_mb * MiB),
@@ -115,4 +156,7 @@ def rlimits_for(limits: CallLimits, extra_processes: int = 0) -> dict[int, tuple
         resource.RLIMIT_CORE: (0, 0),
         # Nothing locked in RAM beyond what the kernel gives by default.
         resource.RLIMIT_MEMLOCK: (0, 0),
+        # POSIX message queues are refused where memory is not counted
+        # (seccomp); where they open, they hold no more than this.
+        resource.RLIMIT_MSGQUEUE: (64 * 1024, 64 * 1024),
     }

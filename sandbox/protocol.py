@@ -276,6 +276,7 @@ class ChildSpec:
     import_paths: tuple[str, ...] = ()  # the plugin's environment, after its directory
     import_root: str | None = None  # sys.path entry of an installed plugin package
     given: tuple[str, ...] = ()  # namespaces the launcher gave it (sandbox.layers.shared)
+    memory_counted: bool = False  # a memory cgroup counts the call's pages
 
     def to_wire(self) -> dict[str, Any]:
         wire = {name: getattr(self, name) for name in self.__dataclass_fields__}

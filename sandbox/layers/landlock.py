@@ -213,15 +213,17 @@ def _covers(directory: str, granted: int, path: str, rights: int) -> bool:
     return path.startswith(directory.rstrip("/") + "/") and rights & ~granted == 0
 
 
-def apply(expose: Iterable[str], scratch: str) -> int:
-    """The call's rules: read `expose` and SYSTEM_READ_ONLY, write `scratch`."""
-    return apply_landlock((*expose, *SYSTEM_READ_ONLY), (scratch,), WRITABLE_FILES)
+def apply(expose: Iterable[str], writable: tuple[str, ...]) -> int:
+    """The call's rules: read `expose` and SYSTEM_READ_ONLY, write the
+    directories `writable` (its scratch, and its own /dev/shm in a minimal
+    root)."""
+    return apply_landlock((*expose, *SYSTEM_READ_ONLY), writable, WRITABLE_FILES)
 
 
-def prepare_rules(expose: Iterable[str], scratch: str) -> None:
+def prepare_rules(expose: Iterable[str], writable: tuple[str, ...]) -> None:
     """Work out `apply`'s rules before the fork (the launcher), so that the
     child only adds them."""
-    key = ((*expose, *SYSTEM_READ_ONLY), (scratch,), WRITABLE_FILES)
+    key = ((*expose, *SYSTEM_READ_ONLY), writable, WRITABLE_FILES)
     if key not in _RULES:
         rules_for(*key)
 

@@ -19,6 +19,8 @@ needs, bound in read-only at the paths it has on the host::
     /proc                     mounted later, of the call's PID namespace
     /sys/devices/system/cpu   CPU count and topology
     /tmp/work                 the scratch directory: a tmpfs owned by the call
+    /dev/shm                  POSIX shared memory and semaphores: a tmpfs of
+                              the call's own, the size of its memory limit
 
 Nothing else of the host's file system exists there: no unix socket of a
 host service, no job store, no host file whose name or size could be read
@@ -45,6 +47,7 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 SCRATCH = "/tmp/work"
+SHM = "/dev/shm"
 NEW_ROOT = "/tmp"  # a mount point of this namespace only; covered by the new root
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime")
@@ -103,7 +106,7 @@ def build_minimal_root(
     needed: Iterable[str],
     uid: int,
     gid: int,
-    scratch_mb: int,
+    sizes: tuple[int, int],
     extra_namespaces: int = 0,
     hidden: Iterable[str] = (),
 ) -> None:
@@ -111,8 +114,8 @@ def build_minimal_root(
     flags, in the same step) and build the minimal root of the module
     docstring plus `needed` at NEW_ROOT; `enter_minimal_root` switches to it.
 
-    The scratch directory (`SCRATCH`) is a tmpfs of `scratch_mb` owned by
-    `uid`:`gid`, gone with the namespace.
+    The scratch directory (`SCRATCH`) and `SHM` are tmpfs of `sizes` (MB,
+    in that order) owned by `uid`:`gid`, gone with the namespace.
     """
     needed = list(needed)
     binds, links = plan_binds(needed), _links(needed)
@@ -120,7 +123,7 @@ def build_minimal_root(
     # Nothing done below may propagate back to the host's namespace.
     mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     _populate(NEW_ROOT, binds, links, hidden)
-    _mount_scratch(NEW_ROOT + SCRATCH, uid, gid, scratch_mb)
+    _mount_own(NEW_ROOT, uid, gid, sizes)
 
 
 def build_root_template(needed: Iterable[str], hidden: Iterable[str] = ()) -> None:
@@ -137,13 +140,13 @@ def build_root_template(needed: Iterable[str], hidden: Iterable[str] = ()) -> No
     _switch_root()
 
 
-def enter_root_copy(uid: int, gid: int, scratch_mb: int, extra_namespaces: int = 0) -> None:
+def enter_root_copy(uid: int, gid: int, sizes: tuple[int, int], extra_namespaces: int = 0) -> None:
     """In a template's namespace (joined with setns): take a private copy of
     it (and `extra_namespaces`, in the same unshare) and mount the call's own
-    scratch tmpfs in the copy. /proc comes with the PID namespace's init
-    (`mount_own_proc`)."""
+    scratch and /dev/shm tmpfs in the copy. /proc comes with the PID
+    namespace's init (`mount_own_proc`)."""
     unshare(CLONE_NEWNS | extra_namespaces)
-    _mount_scratch(SCRATCH, uid, gid, scratch_mb)
+    _mount_own("", uid, gid, sizes)
 
 
 def mount_own_proc(hide_others: bool = False) -> None:
@@ -156,14 +159,19 @@ def mount_own_proc(hide_others: bool = False) -> None:
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, options)
 
 
-def _mount_scratch(target: str, uid: int, gid: int, scratch_mb: int) -> None:
-    mount(
-        "tmpfs",
-        target,
-        "tmpfs",
-        MS_NOSUID | MS_NODEV,
-        f"mode=0700,uid={uid},gid={gid},size={scratch_mb}m",
-    )
+def _mount_own(root: str, uid: int, gid: int, sizes: tuple[int, int]) -> None:
+    """The call's own tmpfs below `root`: its scratch and its /dev/shm (where
+    `multiprocessing`'s locks, POSIX semaphores and `SharedMemory` live),
+    each of the size given in MB. A memory cgroup counts their pages in the
+    call's memory; without one their sizes bound them."""
+    for target, size_mb in zip((SCRATCH, SHM), sizes, strict=True):
+        mount(
+            "tmpfs",
+            root + target,
+            "tmpfs",
+            MS_NOSUID | MS_NODEV,
+            f"mode=0700,uid={uid},gid={gid},size={size_mb}m",
+        )
 
 
 def _populate(root: str, binds: list[str], links: dict[str, str], hidden: Iterable[str]) -> None:
@@ -187,7 +195,7 @@ def _populate(root: str, binds: list[str], links: dict[str, str], hidden: Iterab
             _bind_into(root, device, handles[device], devices=True)
         for name, target in DEVICE_LINKS.items():
             os.symlink(target, root + name)
-        for directory in ("/proc", "/tmp", SCRATCH):
+        for directory in ("/proc", "/tmp", SCRATCH, SHM):
             os.makedirs(root + directory, mode=0o755, exist_ok=True)
     finally:
         for fd in handles.values():

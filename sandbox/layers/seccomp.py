@@ -118,6 +118,18 @@ DENIED_SHARED_IPC_X86_64 = {
     245: "mq_getsetattr: POSIX message queues",
 }
 
+# Where no memory cgroup counts a call's pages (an unprivileged host without a
+# delegated cgroup), memory the call can hold outside its processes' RSS and
+# address space, which the watchdog and RLIMIT_AS bound: refused, with the
+# System V and POSIX queue calls above. A memfd's pages written with write(2)
+# are in no process's RSS; a System V segment detached after its pages were
+# touched, a queued message and a semaphore set are in no process at all.
+# Shared memory stays available in the call's own /dev/shm, a tmpfs of a
+# fixed size (`sandbox.layers.mnt`).
+DENIED_UNCOUNTED_MEMORY_X86_64 = {
+    319: "memfd_create: pages held outside RSS where no memory cgroup counts them",
+}
+
 # fcntl(2) commands denied for the same reason (args[1]); the rest are allowed.
 SYS_FCNTL_X86_64 = 72
 DENIED_FCNTL_COMMANDS = {
@@ -264,7 +276,7 @@ def _assemble(items: list[Any]) -> bytes:
 
 
 @functools.cache
-def seccomp_program(ipc: bool = True, ip: bool = True) -> bytes:
+def seccomp_program(ipc: bool = True, ip: bool = True, counted: bool = True) -> bytes:
     """The BPF filter: wrong architecture or an x32 call -> kill; the calls of
     DENIED_X86_64 and DENIED_SHARED_FILES_X86_64 -> EPERM; clone with
     namespace flags -> EPERM; clone3 -> ENOSYS (libc falls back to clone,
@@ -273,25 +285,29 @@ def seccomp_program(ipc: bool = True, ip: bool = True) -> bytes:
     -> EPERM; everything else allowed. Without `ipc` the calls of
     DENIED_SHARED_IPC_X86_64 are refused too (a call in the IPC namespace
     its launcher shares between calls); without `ip`, every family but
-    SLOT_SOCKET_FAMILIES (a call in its uid's reused network namespace).
+    SLOT_SOCKET_FAMILIES (a call in its uid's reused network namespace);
+    without `counted`, those of DENIED_UNCOUNTED_MEMORY_X86_64 and
+    DENIED_SHARED_IPC_X86_64 (no memory cgroup counts the call's pages).
     Built once per process and variant: the launcher builds them before it
     forks, so a call only installs one.
 
     The system call number is found by a binary search (`_search`) among
     every number the filter treats apart, which leads to that number's
     block or return; every other number goes straight to "allow"."""
-    return program_with(_search, ipc, ip)
+    return program_with(_search, ipc, ip, counted)
 
 
 Search = Callable[[list[tuple[int, str]], str, Iterator[int]], list[Any]]
 
 
-def program_with(search: Search, ipc: bool = True, ip: bool = True) -> bytes:
+def program_with(search: Search, ipc: bool = True, ip: bool = True, counted: bool = True) -> bytes:
     """`seccomp_program`, with `search` finding the system call number
     (`scripts/seccomp_cost.py` measures another way against it)."""
     denied = [*DENIED_X86_64, *DENIED_SHARED_FILES_X86_64]
-    if not ipc:
+    if not ipc or not counted:
         denied += DENIED_SHARED_IPC_X86_64
+    if not counted:
+        denied += DENIED_UNCOUNTED_MEMORY_X86_64
     targets = {number: "eperm" for number in denied}
     targets[SYS_CLONE3_X86_64] = "enosys"
     targets[SYS_CLONE_X86_64] = "clone"
@@ -331,29 +347,28 @@ def seccomp_supported() -> bool:
     )
 
 
-# (ipc, ip) -> the prctl argument for that variant, with the program it
-# points to: made by `prepare_filters` in the launcher before it forks, so
-# a call's child only makes the system call.
-_PREPARED: dict[tuple[bool, bool], tuple[Any, Any]] = {}
+# (ipc, ip, counted) -> the prctl argument for that variant, with the
+# program it points to: made by `prepare_filters` in the launcher before it
+# forks, so a call's child only makes the system call.
+_PREPARED: dict[tuple[bool, bool, bool], tuple[Any, Any]] = {}
 
 
 def prepare_filters() -> None:
     """Build every variant's program and prctl argument, where seccomp works."""
     if _PREPARED or not seccomp_supported():
         return
-    for ipc in (True, False):
-        for ip in (True, False):
-            _PREPARED[ipc, ip] = _filter_argument(seccomp_program(ipc, ip))
+    for ipc, ip, counted in itertools.product((True, False), repeat=3):
+        _PREPARED[ipc, ip, counted] = _filter_argument(seccomp_program(ipc, ip, counted))
 
 
-def apply_seccomp(ipc: bool = True, ip: bool = True) -> None:
+def apply_seccomp(ipc: bool = True, ip: bool = True, counted: bool = True) -> None:
     """Install the filter (`seccomp_program`) on this process and its future
     children. Raises IsolationError."""
-    prepared = _PREPARED.get((ipc, ip))
+    prepared = _PREPARED.get((ipc, ip, counted))
     if prepared is None:
         if not seccomp_supported():
             raise IsolationError("seccomp", f"no filter for {platform.machine()}")
-        prepared = _filter_argument(seccomp_program(ipc, ip))
+        prepared = _filter_argument(seccomp_program(ipc, ip, counted))
     _install(prepared[0])
 
 
