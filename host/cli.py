@@ -576,6 +576,14 @@ def _suite_arguments(suite: argparse.ArgumentParser) -> None:
         "the suite's waits: the server loads the cases (see --write-corpus)",
     )
     suite.add_argument(
+        "--compat",
+        action="store_true",
+        help="run the compatibility corpus instead: ordinary plugins on multiprocessing, "
+        "shared memory, thread pools, numpy, scipy, scikit-image, OpenCV, Pillow and "
+        "onnxruntime, each of which must succeed with its expected result (their packages "
+        "are installed into the state directory's environments first; --case narrows it)",
+    )
+    suite.add_argument(
         "--write-corpus",
         metavar="DIR",
         help="write the selected cases, timeouts scaled by --time-scale, to DIR (a new "
@@ -668,9 +676,54 @@ def _finish_suite(args: argparse.Namespace, report: Any) -> int:
     return 0 if report.ok else 1
 
 
+def _compat_here(args: argparse.Namespace) -> int:
+    from host import crashsuite
+
+    cases, errors = crashsuite.load_compat(args.case)
+    _warn(errors)
+    if not cases:
+        print("plughost: no compatibility case matches", file=sys.stderr)
+        return 2
+    try:
+        sandbox = Sandbox(disabled=args.disable_layer, prewarm=0)
+    except ValueError as exc:
+        print(f"plughost: {exc}", file=sys.stderr)
+        return 2
+    registry = PluginRegistry()
+    registry.environments = _environments(args)
+    for case in cases:
+        registry.register(case.name, case.plugin)
+    try:
+        states = prepare_all(registry, _stderr)
+        unready = {name: s for name, s in states.items() if s.status is not EnvStatus.READY}
+        for name, state in unready.items():
+            print(f"plughost: {name}: environment {state.status.value}: {state.message}")
+        limits = HostLimits()
+        limits = replace(limits, max_timeout_s=limits.max_timeout_s * args.time_scale)
+        runner = ToolRunner(registry, sandbox, limits=limits)
+        for case in cases:
+            registry.register(case.name, crashsuite.scaled_plugin(case.plugin, args.time_scale))
+        reports = crashsuite.run_compat(
+            [c for c in cases if c.name not in unready],
+            runner,
+            crashsuite.sample_png(),
+            lambda i, n, r: print(
+                f"[{i:>2}/{n}] {'pass' if r.ok else 'FAIL':<5} {r.name} ({r.seconds:.2f}s)",
+                file=sys.stderr,
+                flush=True,
+            ),
+        )
+    finally:
+        sandbox.close()
+    print(crashsuite.format_compat(reports))
+    return 0 if all(r.ok for r in reports) and not unready else 1
+
+
 def _cmd_crash_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from host import crashsuite
 
+    if args.compat:
+        return _compat_here(args)
     cases, errors = crashsuite.load_cases(args.plugins_dir, args.case, args.category)
     _warn(errors)
     if not cases:
@@ -717,6 +770,7 @@ SUBCOMMANDS = (
         "run the hostile plugins, report containment",
         lambda: [
             plugins_dir_options("more case directories, besides plugins/hostile"),
+            state_dir_options(),
             isolation_options(
                 "disable_layer",
                 "switch an isolation layer off, to see which cases depend on it (local runs)",

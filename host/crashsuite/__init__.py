@@ -20,13 +20,25 @@ whose manifest carries an `[expect]` table::
                  a planted marker with a nonce
     report.py    CaseReport, SuiteReport; table, JSON and JUnit output
     runner.py    run_suite (benign calls around the cases), run_warm, self_check
+    compat.py    the compatibility corpus (`plugins/compat/`): ordinary plugins
+                 on the libraries image plugins use, each with the result its
+                 `[expect] result` table names; `crash-suite --compat`
 
 Benign calls run before, between and after the hostile ones and must keep
 succeeding.
 """
 
-from host.crashsuite.cases import CLAIMS, HOSTILE_DIR, Case, load_cases, scaled, write_corpus
+from host.crashsuite.cases import (
+    CLAIMS,
+    HOSTILE_DIR,
+    Case,
+    load_cases,
+    scaled,
+    scaled_plugin,
+    write_corpus,
+)
 from host.crashsuite.claims import run_case
+from host.crashsuite.compat import COMPAT_DIR, format_compat, load_compat, run_compat
 from host.crashsuite.report import (
     CaseReport,
     SuiteReport,
@@ -35,11 +47,12 @@ from host.crashsuite.report import (
     to_junit,
     write_reports,
 )
-from host.crashsuite.runner import PROBES, run_suite, run_warm, self_check
+from host.crashsuite.runner import PROBES, run_suite, run_warm, sample_png, self_check
 from host.crashsuite.targets import HttpTarget, LocalTarget, Target
 
 __all__ = [
     "CLAIMS",
+    "COMPAT_DIR",
     "HOSTILE_DIR",
     "PROBES",
     "Case",
@@ -48,12 +61,17 @@ __all__ = [
     "LocalTarget",
     "SuiteReport",
     "Target",
+    "format_compat",
     "format_table",
     "load_cases",
+    "load_compat",
     "run_case",
+    "run_compat",
     "run_suite",
     "run_warm",
+    "sample_png",
     "scaled",
+    "scaled_plugin",
     "self_check",
     "to_json",
     "to_junit",

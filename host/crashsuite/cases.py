@@ -81,12 +81,19 @@ def scaled(case: Case, factor: float) -> Case:
     unchanged (a slow machine gets more time, not other verdicts)."""
     if factor == 1:
         return case
-    manifest = case.plugin.manifest
-    limits = manifest.limits.model_copy(update={"timeout_s": timeout_of(case) * factor})
-    plugin = dataclasses.replace(
-        case.plugin, manifest=manifest.model_copy(update={"limits": limits})
-    )
-    return dataclasses.replace(case, plugin=plugin)
+    return dataclasses.replace(case, plugin=scaled_plugin(case.plugin, factor))
+
+
+def scaled_plugin(plugin: RegisteredPlugin, factor: float) -> RegisteredPlugin:
+    """`plugin` with its manifest's timeout (or the host's default)
+    multiplied by `factor`."""
+    if factor == 1:
+        return plugin
+    manifest = plugin.manifest
+    wanted = manifest.limits.timeout_s
+    timeout = (HostLimits().timeout_s if wanted is None else wanted) * factor
+    limits = manifest.limits.model_copy(update={"timeout_s": timeout})
+    return dataclasses.replace(plugin, manifest=manifest.model_copy(update={"limits": limits}))
 
 
 _TIMEOUT = re.compile(r"^timeout_s\s*=.*$", re.M)

@@ -109,7 +109,13 @@ ch useradd --system --no-create-home --shell /usr/sbin/nologin plughost
 install -d -m 0700 "$ROOT/var/lib/plughost"; ch chown plughost:plughost /var/lib/plughost
 ch runuser -u plughost -- /opt/plughost/bin/plughost plugins prepare --state-dir /var/lib/plughost > "$VM/prepare.log" 2>&1 \
   || { tail -30 "$VM/prepare.log"; exit 1; }
-ch sh -c 'rm -rf /tmp/hostca.crt /var/lib/plughost/envs/.cache /root/.cache'
+
+ts "the compatibility corpus's environments, for root (the VM has no network)"
+CORPUS=$(ch /opt/plughost/bin/python -c 'import plughost_plugins; print(plughost_plugins.__path__[0])')/compat
+install -d -m 0700 "$ROOT/var/lib/plughost-compat"
+ch /opt/plughost/bin/plughost plugins prepare --plugins-dir "$CORPUS" --state-dir /var/lib/plughost-compat \
+  > "$VM/prepare-compat.log" 2>&1 || { tail -30 "$VM/prepare-compat.log"; exit 1; }
+ch sh -c 'rm -rf /tmp/hostca.crt /var/lib/plughost/envs/.cache /var/lib/plughost-compat/envs/.cache /root/.cache'
 
 ts "the bundled plugins with every timeout x$SCALE, for the service (plugin_overrides)"
 # A machine ten to twenty times slower than the one a plugin's timeout was

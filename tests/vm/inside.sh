@@ -65,6 +65,14 @@ check_suite_root() {
   cd /
 }
 
+check_compat() {
+  begin compat
+  # The compatibility corpus as root: its environments were prepared at build.
+  suite compat $PH crash-suite --compat --time-scale $SCALE --state-dir /var/lib/plughost-compat \
+    && result pass "$(summary_of $R/compat.txt)" || result fail "$(summary_of $R/compat.txt)"
+  grep -E '^[a-z_]+ ' $R/compat.txt
+}
+
 check_service_ready() {
   begin service-ready
   # As docs/deploy.md says.
@@ -196,7 +204,7 @@ check_suite_user_plain() {
 
 # All checks, in this order; plughost.checks=a,b,... on the kernel command line runs only those
 # (the service checks need service-ready first).
-ALL="platform suite-root service-ready service-calls service-no-cgroup-left service-suite-http service-restart suite-user-delegated suite-user-manager suite-user-plain"
+ALL="platform suite-root compat service-ready service-calls service-no-cgroup-left service-suite-http service-restart suite-user-delegated suite-user-manager suite-user-plain"
 ONLY=$(sed -n 's/.*plughost\.checks=\([^ ]*\).*/\1/p' /proc/cmdline | tr ',' ' ')
 for name in $ALL; do
   if [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]]; then "check_${name//-/_}"; fi

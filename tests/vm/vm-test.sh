@@ -14,7 +14,7 @@
 set -euo pipefail
 H=$(dirname "$(readlink -f "$0")"); SRC=$(cd "$H/../.." && pwd)
 export VM=${PLUGHOST_VM_DIR:-/var/tmp/plughost-vm}
-CHECKS="platform suite-root service-ready service-calls service-no-cgroup-left service-suite-http service-restart suite-user-delegated suite-user-manager suite-user-plain"
+CHECKS="platform suite-root compat service-ready service-calls service-no-cgroup-left service-suite-http service-restart suite-user-delegated suite-user-manager suite-user-plain"
 [ "$(id -u)" = 0 ] || { echo "vm-test: needs root (debootstrap, chroot, mounts)" >&2; exit 2; }
 mkdir -p "$VM"
 exec 9> "$VM/.lock"; flock -n 9 || { echo "vm-test: another run holds $VM/.lock" >&2; exit 2; }
