@@ -273,6 +273,7 @@ def install(
         writable=[f"{work}/{name}" for name in (SITE, HOME, TMP)] + [cache_seen],
         binds={WORK_AT: str(workdir), CACHE_AT: str(cache)} if own_uid else {},
         reach=_reachable(command[0], env),
+        readable=[] if lock_path is None else [f"{work}/{LOCK_FILE}"],
         uid=uid,
         gid=uid,
     )

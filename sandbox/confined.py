@@ -25,11 +25,16 @@ in order and then executes the tool:
         5. parent-death SIGKILL (if this program is killed, so is the tool)
       every host:
         6. no_new_privs
-        7. Landlock: writes only below `writable` (and /dev/null); no TCP
-           bind; signals and abstract unix sockets scoped (ABI 6+). Reading
-           stays open: the installer needs the interpreter, certificates,
-           the resolver's files. A kernel without Landlock skips this step
-           (the host reports it); any other failure stops here
+        7. Landlock: reads only below INSTALLER_READABLE (the system: /usr,
+           /lib*, /bin, /etc with its certificates and resolver files, /proc,
+           /sys, a few devices), the `reach` paths (the interpreter, uv, the
+           operator's local index paths) and the resolver's file where
+           /etc/resolv.conf leads; writes only below `writable` (and
+           /dev/null); no TCP bind; signals and abstract unix sockets scoped
+           (ABI 6+). Nothing else of the host is readable: not its home, its
+           state directory and job store, other plugins' files. A kernel
+           without Landlock skips this step (the host reports it); any other
+           failure stops here
         8. execve the tool with exactly the environment the host gave
 
 A step that fails exits with CONFINEMENT_FAILED before the tool runs, with
@@ -62,6 +67,26 @@ CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
 MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 4096, 16384, 1 << 18, 2, 4, 8
 HIDDEN_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
 WRITABLE_FILES = ("/dev/null",)
+# What any installer reads of the system: programs and libraries, /etc (the
+# certificates, the resolver's and the index settings' files; what in it is
+# secret its permissions keep from the installer's uid), its own /proc, the
+# CPU and cgroup figures it sizes its work by, and the harmless devices.
+INSTALLER_READABLE = (
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc",
+    "/proc",
+    "/sys",
+    "/dev/null",
+    "/dev/zero",
+    "/dev/random",
+    "/dev/urandom",
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +100,7 @@ class Confinement:
     writable: list[str]
     binds: dict[str, str] = field(default_factory=dict)
     reach: list[str] = field(default_factory=list)  # directories it must be able to enter
+    readable: list[str] = field(default_factory=list)  # more it reads (as the tool sees them)
     uid: int | None = None
     gid: int | None = None
 
@@ -145,9 +171,17 @@ def _restrict(spec: Confinement) -> None:
     """Steps 6 and 7."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     if landlock.landlock_abi() >= 1:
-        landlock.restrict_writes(spec.writable, WRITABLE_FILES)
+        landlock.restrict_tool(_readable(spec), spec.writable, WRITABLE_FILES)
     else:
-        print("confined: this kernel has no Landlock; writes are bounded by the uid only")
+        print("confined: this kernel has no Landlock; reads and writes are bounded by the uid only")
+
+
+def _readable(spec: Confinement) -> list[str]:
+    """INSTALLER_READABLE, the `reach` and `readable` paths, and the
+    directory of the file /etc/resolv.conf leads to (systemd-resolved's is
+    below /run)."""
+    resolver = os.path.dirname(os.path.realpath("/etc/resolv.conf"))
+    return [*INSTALLER_READABLE, *spec.reach, *spec.readable, resolver]
 
 
 def _exec(spec: Confinement) -> None:

@@ -228,37 +228,22 @@ def prepare_rules(expose: Iterable[str], writable: tuple[str, ...]) -> None:
         rules_for(*key)
 
 
-# Every right that changes the file system (ABI 1's writes; REFER from 2,
-# TRUNCATE from 3): what `restrict_writes` handles, reading left alone.
-WRITE_RIGHTS = (
-    FS_WRITE_FILE
-    | FS_REMOVE_DIR
-    | FS_REMOVE_FILE
-    | FS_MAKE_CHAR
-    | FS_MAKE_DIR
-    | FS_MAKE_REG
-    | FS_MAKE_SOCK
-    | FS_MAKE_FIFO
-    | FS_MAKE_BLOCK
-    | FS_MAKE_SYM
-    | FS_REFER
-    | FS_TRUNCATE
-)
-
-
-def restrict_writes(writable_dirs: Iterable[str], writable_files: Iterable[str]) -> int:
-    """Restrict this process (and its future children) to writing below
-    `writable_dirs` and into `writable_files`; reading and executing stay
-    as they were. On ABI 4+ no TCP port can be bound (connecting stays
-    allowed); on ABI 6+ signals and abstract unix sockets cannot reach
-    processes outside the domain. For a tool that must reach a package
-    index but write only its own directories (the package installer).
-    Returns the ABI used. Needs no_new_privs (or CAP_SYS_ADMIN). Raises
-    IsolationError, also for a path that is missing."""
+def restrict_tool(
+    readable: Iterable[str], writable_dirs: Iterable[str], writable_files: Iterable[str]
+) -> int:
+    """Restrict this process (and its future children) to reading and
+    executing below `readable` (a path missing here is skipped) and to
+    writing below `writable_dirs` and into `writable_files`. On ABI 4+ no
+    TCP port can be bound (connecting stays allowed); on ABI 6+ signals and
+    abstract unix sockets cannot reach processes outside the domain. For a
+    tool that must reach a package index but read only the system and
+    write only its own directories (the package installer). Returns the ABI
+    used. Needs no_new_privs (or CAP_SYS_ADMIN). Raises IsolationError,
+    also for a writable path that is missing."""
     abi = _abi()
     if abi < 1:
         raise IsolationError("landlock", "not supported by this kernel")
-    handled = WRITE_RIGHTS & _fs_rights(abi)
+    handled = _fs_rights(abi)
     net = NET_BIND_TCP if abi >= 4 else 0
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= SCOPE_ABI else 0
     size = 8 if abi < 4 else (16 if abi < 6 else 24)
@@ -269,12 +254,18 @@ def restrict_writes(writable_dirs: Iterable[str], writable_files: Iterable[str])
     try:
         target = ctypes.c_int(ruleset)
         rule = ctypes.create_string_buffer(12)
-        rules = [(p, handled) for p in writable_dirs]
-        rules += [(p, handled & (FS_WRITE_FILE | FS_TRUNCATE)) for p in writable_files]
-        for path, rights in rules:
+        rules = [(p, READ_ONLY & handled, False) for p in readable]
+        rules += [(p, handled, True) for p in writable_dirs]
+        rules += [
+            (p, handled & (FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE), True)
+            for p in writable_files
+        ]
+        for path, rights, needed in rules:
             try:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             except OSError as exc:
+                if not needed and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue  # nothing there to allow
                 raise IsolationError("landlock", f"rule for {path}: {exc.strerror}") from None
             try:
                 _add_rule(target, rule, path, fd, rights)

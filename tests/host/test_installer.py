@@ -133,8 +133,14 @@ def test_the_installer_runs_as_its_own_uid_and_writes_only_its_own_directories(
     root_only = tmp_path / "root-only-secret"
     root_only.write_text("the host's secret")
     root_only.chmod(0o600)
+    # World-readable, outside the system's directories: what another plugin's
+    # directory or an operator's home holds. Only Landlock keeps it unread.
+    world_readable = writable_elsewhere / "world-readable"
+    world_readable.write_text("another plugin's file")
+    world_readable.chmod(0o644)
     probes = [str(writable_elsewhere), str(shared_tmp), "/dev/shm", "/var/tmp", str(tmp_path)]
-    tool = _fake(tmp_path, probes, [str(root_only), "/etc/shadow"])
+    secrets = [str(root_only), "/etc/shadow", str(world_readable)]
+    tool = _fake(tmp_path, probes, secrets)
     monkeypatch.setattr("host.installer.find_uv", lambda: tool)
     store = EnvironmentStore(tmp_path / "envs")
     state = store.prepare("p", Requirements(("six==1.17.0",), None, "p/plugin.toml"))
@@ -145,12 +151,40 @@ def test_the_installer_runs_as_its_own_uid_and_writes_only_its_own_directories(
     assert facts["pid"] == 1  # the init of a PID namespace of its own: nothing outlives it
     assert facts["processes"] == [1]  # and its /proc lists no process of the host's
     assert facts["wrote"] == [] and facts["read"] == []
-    assert not any(writable_elsewhere.iterdir()) and not any(shared_tmp.iterdir())
+    assert list(writable_elsewhere.iterdir()) == [world_readable]
+    assert not any(shared_tmp.iterdir())
     shared_tmp.rmdir()
     # The environment is the host's copy: nothing in it belongs to the installer.
     assert state.path is not None
     for path in [state.path, *state.path.rglob("*")]:
         assert path.lstat().st_uid == os.geteuid(), path
+
+
+def test_an_installer_as_the_hosts_own_uid_reads_only_the_system_and_its_own_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unprivileged host's installer runs as the host's own uid: its job
+    store and its users' files are the uid's to read, and Landlock alone
+    keeps them from the installer (and from a build it runs)."""
+    job_store = tmp_path / "state" / "jobs.db"
+    job_store.parent.mkdir()
+    job_store.write_text("another client's inputs")
+    job_store.chmod(0o600)
+    tool = _fake(tmp_path, [str(job_store.parent)], [str(job_store), "/etc/hostname"])
+    monkeypatch.setattr("host.installer.find_uv", lambda: tool)
+    monkeypatch.setattr("host.installer.confined_as_own_uid", lambda: False)
+    lock = f"six==1.17.0 --hash={HASH}\n"
+    store = EnvironmentStore(tmp_path / "envs")
+    state = store.prepare("p", Requirements((), normalise_lock(lock, "l"), "p/requirements.lock"))
+    assert state.status is EnvStatus.READY, state.message
+    facts = _facts(state.path)
+    assert facts["uid"] == os.geteuid()
+    assert facts["lock"] == lock  # the host's copy of the lock: readable
+    # /etc is the system's: readable; the job store is not, nor writable.
+    assert facts["read"] == (
+        [Path("/etc/hostname").read_text()] if Path("/etc/hostname").exists() else []
+    )
+    assert facts["wrote"] == []
 
 
 def test_an_installer_that_cannot_be_confined_is_never_run(
