@@ -20,18 +20,25 @@ needs the raw bucket counts, which the library hands out only through
 Series are bounded: plugins are named by the operator's installation, and at
 most `MAX_PLUGINS` distinct names get series of their own; any further name
 is counted under `plugin="_other"`.
+
+A client is shown the figures of its own calls only (`own`, `figures(plugin,
+owner)`): they are kept apart by (plugin, owner), never exported, at most
+`MAX_OWN_SERIES` pairs (the least recently used pair is dropped first).
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MiB = 1024 * 1024
 MEMORY_BUCKETS = tuple(mb * MiB for mb in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
 MAX_PLUGINS = 512
+MAX_OWN_SERIES = 8192
 OTHER = "_other"
 
 
@@ -111,6 +118,23 @@ class PluginFigures:
         return self.total - self.calls.get("success", 0)
 
 
+@dataclass
+class _Own:
+    """One client's calls of one plugin."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    latency: Histogram = field(default_factory=lambda: Histogram(BUCKETS))
+    memory: Histogram = field(default_factory=lambda: Histogram(MEMORY_BUCKETS))
+    max_peak_bytes: int | None = None
+    last_seconds: float | None = None
+    last_used: str | None = None
+    last_peak_bytes: int | None = None
+
+
+def _ms_of(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
 # A gauge with a `plugin` label: read at scrape time as {plugin: value}.
 PluginGaugeRead = Callable[[], dict[str, float]]
 
@@ -127,6 +151,7 @@ class Metrics:
         self._max_peak: dict[str, int] = {}
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self._plugin_gauges: dict[str, tuple[str, PluginGaugeRead]] = {}
+        self._own: OrderedDict[tuple[str, str], _Own] = OrderedDict()
 
     def _series(self, plugin: str) -> str:
         """The label `plugin` is counted under (caller holds the lock)."""
@@ -149,6 +174,50 @@ class Metrics:
                 memory.observe(peak_bytes)
                 self._max_peak[plugin] = max(self._max_peak.get(plugin, 0), peak_bytes)
 
+    def observe_own(
+        self,
+        plugin: str,
+        owner: str,
+        outcome: str,
+        seconds: float,
+        peak_bytes: int | None = None,
+    ) -> None:
+        """Count one call of `plugin` made by `owner` (a principal id) apart
+        from every other client's: what that client is shown (`own`)."""
+        with self._lock:
+            own = self._own.get((plugin, owner))
+            if own is None:
+                if len(self._own) >= MAX_OWN_SERIES:
+                    self._own.popitem(last=False)
+                own = self._own[(plugin, owner)] = _Own()
+            self._own.move_to_end((plugin, owner))
+            own.calls[outcome] = own.calls.get(outcome, 0) + 1
+            own.latency.observe(seconds)
+            own.last_seconds = seconds
+            own.last_used = datetime.now(UTC).isoformat()
+            own.last_peak_bytes = peak_bytes
+            if peak_bytes is not None:
+                own.memory.observe(peak_bytes)
+                own.max_peak_bytes = max(own.max_peak_bytes or 0, peak_bytes)
+
+    def own(self, plugin: str, owner: str) -> dict[str, object]:
+        """`owner`'s calls of `plugin` in the registry's shape (success and
+        error counts, last and average time, when, last peak memory)."""
+        with self._lock:
+            own = self._own.get((plugin, owner)) or _Own()
+            total = sum(own.calls.values())
+            successes = own.calls.get("success", 0)
+            return {
+                "success_count": successes,
+                "error_count": total - successes,
+                "last_execution_time_ms": _ms_of(own.last_seconds),
+                "avg_execution_time_ms": _ms_of(own.latency.sum / total) if total else None,
+                "last_used": own.last_used,
+                "last_peak_rss_mb": (
+                    None if own.last_peak_bytes is None else round(own.last_peak_bytes / MiB, 1)
+                ),
+            }
+
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """Register a gauge read at scrape time."""
         self._gauges[name] = (help_text, read)
@@ -162,8 +231,15 @@ class Metrics:
         with self._lock:
             return self._calls.get((plugin, outcome), 0)
 
-    def figures(self, plugin: str) -> PluginFigures:
-        """A copy of `plugin`'s figures (all zero for a plugin never called)."""
+    def figures(self, plugin: str, owner: str | None = None) -> PluginFigures:
+        """A copy of `plugin`'s figures (all zero for a plugin never called):
+        every call's, or with `owner` only that client's."""
+        if owner is not None:
+            with self._lock:
+                own = self._own.get((plugin, owner)) or _Own()
+                return PluginFigures(
+                    dict(own.calls), own.latency.copy(), own.memory.copy(), own.max_peak_bytes
+                )
         with self._lock:
             return PluginFigures(
                 calls={o: n for (p, o), n in self._calls.items() if p == plugin},

@@ -155,8 +155,10 @@ def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages
     def overview(request: Request) -> Response:
         if isinstance(found := _reader(auth, request), Response):
             return found
-        visitor = found[0]
-        data = views.overview(request.app.state.services, self_check(request), visitor.admin)
+        visitor, principal = found
+        data = views.overview(
+            request.app.state.services, self_check(request), visitor.admin, principal.scope
+        )
         return pages.render(request, visitor, "overview.html", **data)
 
     @router.get("/plugins/{name}", response_class=HTMLResponse)

@@ -80,19 +80,20 @@ class ClusterPluginService(PluginManagementService):
         self.nodes = nodes
         self.inventory: dict[str, dict[str, str]] = {}
 
-    def describe(self, name: str, admin: bool = False) -> dict[str, Any]:
-        found = super().describe(name, admin)
+    def describe(self, name: str, admin: bool = False, scope: str | None = None) -> dict[str, Any]:
+        found = super().describe(name, admin, scope)
         shared = self.stats.status(name)
         if shared is not None:
             found["state"] = shared.pop("state")
-            found["metrics"] = shared
+            if scope is None:  # every client's calls: the admin's figures
+                found["metrics"] = shared
         mine = self.inventory.get(name, {})
         found["hash"] = mine.get("hash")
         found["nodes"] = serving_nodes(self.nodes.nodes(), name, mine.get("hash", ""))
         return found
 
-    def list_plugins(self, admin: bool = False) -> list[dict[str, Any]]:
-        return [self.describe(name, admin) for name in self.registry.list_plugins()]
+    def list_plugins(self, admin: bool = False, scope: str | None = None) -> list[dict[str, Any]]:
+        return [self.describe(name, admin, scope) for name in self.registry.list_plugins()]
 
 
 class ClusterJobService(JobManagementService):

@@ -91,23 +91,28 @@ def figures_row(figures: PluginFigures, limits: dict[str, float]) -> dict[str, A
     }
 
 
-def plugin_row(plugins: PluginManagementService, name: str, admin: bool) -> dict[str, Any]:
+def plugin_row(
+    plugins: PluginManagementService, name: str, admin: bool, scope: str | None
+) -> dict[str, Any]:
     """One plugin as the overview lists it, for the admin or a client: the
-    environment's installer output (`detail`) is the admin's alone."""
-    described = plugins.describe(name, admin)
-    return {**described, **figures_row(plugins.metrics.figures(name), described["limits"])}
+    environment's installer output (`detail`) is the admin's alone, and the
+    figures are those of `scope`'s own calls (None: everyone's, the admin's)."""
+    described = plugins.describe(name, admin, scope)
+    figures = plugins.metrics.figures(name, scope)
+    return {**described, **figures_row(figures, described["limits"])}
 
 
 def overview(
-    svc: ConsoleServices, self_check: dict[str, Any] | None, admin: bool
+    svc: ConsoleServices, self_check: dict[str, Any] | None, admin: bool, scope: str | None
 ) -> dict[str, Any]:
-    """Every plugin's row, the queue, the isolation summary and the nodes;
-    the load errors (and the nodes' hosts) for the admin, their count for a client."""
+    """Every plugin's row (its figures those of `scope`'s calls), the
+    queue, the isolation summary and the nodes; the load errors (and the
+    nodes' hosts) for the admin, their count for a client."""
     plugins = svc.plugins
     rows = []
     for name in plugins.registry.list_plugins():
         try:
-            rows.append(plugin_row(plugins, name, admin))
+            rows.append(plugin_row(plugins, name, admin, scope))
         except KeyError:  # unregistered by a reload since it was listed
             continue
     protections = plugins.protections()
@@ -147,7 +152,7 @@ def plugin_page(
     """Manifest, limits, options schema, figures and recent outcomes of
     `name`: those of `scope`'s calls (None: everyone's, for the admin).
     Raises Rejected (unknown_plugin) for a name that is not registered."""
-    row = plugin_row(plugins, name, admin)
+    row = plugin_row(plugins, name, admin, scope)
     manifest = plugins.registry.get_plugin(name).manifest
     schema = manifest.options  # the manifest's optional `[options]` JSON Schema
     recent = plugins.recent.of(name, scope)

@@ -191,6 +191,8 @@ class PluginManagementService:
         if retry is not None:
             refused = self._quarantined(plugin_name, retry)
             self.metrics.observe_call(plugin_name, "quarantined", 0.0)
+            if owner is not None:
+                self.metrics.observe_own(plugin_name, owner, "quarantined", 0.0)
             self.recent.add(plugin_name, 0.0, {}, refused, owner)
             return {}, refused
         self._warn_unchecked(plugin_name, payload)
@@ -198,7 +200,7 @@ class PluginManagementService:
         token = cancel or CancelToken()
         try:
             with use_token(token):
-                result, error = self._runner.run(plugin_name=plugin_name, payload=payload)
+                result, error, seen = self._runner.measure(plugin_name, payload)
         finally:
             if cancel is None:
                 token.close()
@@ -219,7 +221,17 @@ class PluginManagementService:
                 Envelope.of(error).message,
                 extra={"plugin": plugin_name, "traceback": plugin_traceback(error)},
             )
-        self.recent.add(plugin_name, time.monotonic() - started, result, error, owner)
+        elapsed = time.monotonic() - started
+        if owner is not None:
+            peak = seen.get("peak_rss_mb")
+            self.metrics.observe_own(
+                plugin_name,
+                owner,
+                Envelope.of(error).reason if error else "success",
+                elapsed,
+                None if peak is None else int(peak * MiB),
+            )
+        self.recent.add(plugin_name, elapsed, result, error, owner)
         return result, error
 
     def _warn_unchecked(self, plugin_name: str, payload: Any) -> None:
@@ -246,13 +258,15 @@ class PluginManagementService:
             found[name] = {"timeout_s": limits.timeout_s, "memory_mb": limits.memory_mb}
         return found
 
-    def describe(self, name: str, admin: bool = False) -> dict[str, Any]:
+    def describe(self, name: str, admin: bool = False, scope: str | None = None) -> dict[str, Any]:
         """Manifest, limits, state, metrics and quarantine of one plugin.
 
         What only the admin may see (`admin=True`): the environment's
         `detail` (the installer's output, host paths). Everyone else gets
-        its status, reason code and a fixed message. Raises Rejected
-        (unknown_plugin) for a name that is not registered.
+        its status, reason code and a fixed message. `metrics` are every
+        call's, or with `scope` (a client's principal id) that client's own
+        calls' alone. Raises Rejected (unknown_plugin) for a name that is
+        not registered.
         """
         try:
             plugin = self.registry.get_plugin(name)
@@ -272,13 +286,18 @@ class PluginManagementService:
             "environment": self.registry.environment(name).public(admin),
             "options_schema": plugin.manifest.options,
             "state": status["state"],
-            "metrics": {k: v for k, v in status.items() if k not in ("name", "state")},
+            "metrics": (
+                {k: v for k, v in status.items() if k not in ("name", "state")}
+                if scope is None
+                else self.metrics.own(name, scope)
+            ),
             "quarantine": self.quarantine.status(name),
         }
 
-    def list_plugins(self, admin: bool = False) -> list[dict[str, Any]]:
-        """`describe` of every plugin (the admin's view with `admin`)."""
-        return [self.describe(name, admin) for name in self.registry.list_plugins()]
+    def list_plugins(self, admin: bool = False, scope: str | None = None) -> list[dict[str, Any]]:
+        """`describe` of every plugin (the admin's view with `admin`, a
+        client's own figures with `scope`)."""
+        return [self.describe(name, admin, scope) for name in self.registry.list_plugins()]
 
     def load_errors(self, admin: bool = False) -> dict[str, Any]:
         """The plugins that failed to load: their count for everyone, and

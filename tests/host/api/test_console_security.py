@@ -71,6 +71,47 @@ def test_client_b_does_not_see_client_as_error_message_on_the_plugin_page(
     assert SECRET in client.get("/console/plugins/image_hash").text  # A sees its own
 
 
+def test_a_client_is_shown_the_figures_of_its_own_calls_alone(
+    make_client: Callable[..., TestClient], body: dict
+) -> None:
+    """How often another client calls a plugin, when it last did and how
+    long its calls took are that client's: a client's `metrics` (API) and
+    figures (console) count its own calls; the admin's every call."""
+    client = make_client(client_tokens=["token-a", "token-b"], admin_token="a-token")
+    for _ in range(3):
+        answer = client.post(
+            "/v1/analyze", json={**body, "plugin": "image_info"}, headers=_bearer("token-a")
+        )
+        assert answer.is_success
+    answer = client.post(
+        "/v1/analyze", json={**body, "plugin": "image_info"}, headers=_bearer("token-b")
+    )
+    assert answer.is_success
+
+    def metrics(token: str) -> dict[str, Any]:
+        found = client.get("/v1/plugins/image_info", headers=_bearer(token)).json()["metrics"]
+        listed = client.get("/v1/plugins", headers=_bearer(token)).json()["plugins"]
+        assert [p["metrics"] for p in listed if p["name"] == "image_info"] == [found]
+        return dict(found)
+
+    mine, theirs, everyone = metrics("token-b"), metrics("token-a"), metrics("a-token")
+    assert (mine["success_count"], theirs["success_count"], everyone["success_count"]) == (1, 3, 4)
+    assert mine["error_count"] == theirs["error_count"] == 0
+    assert mine["last_used"] is not None and mine["avg_execution_time_ms"] > 0
+    never = client.get("/v1/plugins/image_hash", headers=_bearer("token-b")).json()["metrics"]
+    assert never["success_count"] == 0 and never["last_used"] is None
+    sign_in(client, "token-b")
+    page = client.get("/console/plugins/image_info").text
+    assert '<span class="kv">success: 1</span>' in page
+    sign_in(client, "a-token")
+    page = client.get("/console/plugins/image_info").text
+    assert '<span class="kv">success: 4</span>' in page
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def test_admin_sees_every_clients_error_message_on_the_plugin_page(
     make_client: Callable[..., TestClient], body: dict
 ) -> None:
