@@ -53,6 +53,7 @@ def containment_check(services: Services) -> dict[str, Any]:
     return {
         "ok": report.ok,
         "headline": _headline(report),
+        "public_headline": _headline(report, evidence=False),
         **report.summary(),
         "missing_layers": report.missing_layers,
         "failed_cases": {c.name: c.problems for c in report.failed},
@@ -63,18 +64,21 @@ def containment_check(services: Services) -> dict[str, Any]:
     }
 
 
-def _headline(report: SuiteReport) -> str:
-    """The self-check's result in one plain line."""
+def _headline(report: SuiteReport, evidence: bool = True) -> str:
+    """The self-check's result in one plain line: with `evidence` (the log,
+    the admin), what the first failed probe and benign call saw, which can
+    name host files; without it (anyone, at /readyz), which probes failed."""
     summary = report.summary()
     line = f"{summary['passed']} of {summary['cases']} probes passed"
-    if report.failed:
+    if report.failed and evidence:
         first = report.failed[0]
         line += f"; {first.name}: {'; '.join(first.problems)[:300]}"
+    elif report.failed:
+        line += f"; failed: {', '.join(case.name for case in report.failed)}"
     if report.benign_failures:
-        line += (
-            f"; {len(report.benign_failures)} of {report.benign_calls} benign calls failed"
-            f" ({report.benign_failures[0][:300]})"
-        )
+        line += f"; {len(report.benign_failures)} of {report.benign_calls} benign calls failed"
+        if evidence:
+            line += f" ({report.benign_failures[0][:300]})"
     return line
 
 

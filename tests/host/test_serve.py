@@ -207,7 +207,7 @@ def test_self_check_runs_on_the_sandbox_that_serves(tmp_path: Path) -> None:
         status, ready = request(port, "GET", "/readyz")
         assert status == 200 and ready["isolation"][layer] is False
         # The probes ran where the calls run: without the layer, on one launcher.
-        assert ready["self_check"]["cases"] > 0 and ready["self_check"]["failed_cases"] == {}
+        assert ready["self_check"]["cases"] > 0 and ready["self_check"]["failed_cases"] == []
         assert layer in ready["self_check"]["missing_layers"]
         assert len(_launchers(server)) == 1
         status, _ = request(port, "POST", "/v1/analyze", {**BODY, "plugin": "image_info"})

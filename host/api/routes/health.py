@@ -5,6 +5,8 @@ and `GET /metrics` (Prometheus text format)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -16,6 +18,18 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz", summary="The process is up")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+def public_check(check: dict[str, Any]) -> dict[str, Any]:
+    """The self-check's report as anyone may read it: the failed probes by
+    name and the count of failed benign calls, not their evidence."""
+    shown = {k: v for k, v in check.items() if k != "public_headline"}
+    return {
+        **shown,
+        "headline": check["public_headline"],
+        "failed_cases": sorted(check["failed_cases"]),
+        "benign_failures": len(check["benign_failures"]),
+    }
 
 
 @router.get("/readyz", summary="Ready to serve, and which isolation layers are active")
@@ -30,7 +44,7 @@ def readyz(request: Request, svc: ServicesDep) -> JSONResponse:
     if not plugins:
         reasons.append("no plugin is loaded")
     if check is not None and not check["ok"]:
-        reasons.append(f"the containment self-check failed: {check['headline']}")
+        reasons.append(f"the containment self-check failed: {check['public_headline']}")
     if problem := svc.plugins.sandbox.setup_problem():
         reasons.append(problem)
     ready = not reasons
@@ -39,7 +53,9 @@ def readyz(request: Request, svc: ServicesDep) -> JSONResponse:
         "reasons": reasons,
         "plugins": len(plugins),
         "isolation": protections,
-        "self_check": check,
+        # Which probes failed, not why: their evidence can name host files
+        # (the admin reads it in the console's isolation page and the log).
+        "self_check": None if check is None else public_check(check),
         "jobs": svc.jobs.stats(),
         # Idle prewarmed children, so a crash-suite run can tell them from leftovers.
         "warm_uids": svc.plugins.warm_uids(),
