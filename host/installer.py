@@ -33,8 +33,9 @@ import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from host.indexproxy import IndexProxy, index_hosts, upstream_of
 from host.requirements import LOCK_FILE, check_dependencies, normalise_lock
-from sandbox.confined import CONFINEMENT_FAILED, Confinement
+from sandbox.confined import CONFINEMENT_FAILED, PROXY_PORT, Confinement
 from sandbox.supervisor import uid_range
 
 Progress = Callable[[str], None]
@@ -51,6 +52,9 @@ SITE, HOME, TMP = "site", "home", "tmp"
 
 # What an index needs of the host's environment; everything else (tokens,
 # database URLs, the host's own settings) stays with the host.
+# The host's own proxy settings: the index proxy uses them; a confined
+# installer gets the index proxy's instead.
+PROXY_VARIABLES = frozenset(f"{name}_PROXY" for name in ("HTTP", "HTTPS", "ALL", "NO"))
 PASSED_ON = frozenset(
     {
         "PATH",
@@ -246,19 +250,8 @@ def install(
     lock the host refuses; the installer is then never started)."""
     own_uid = confined_as_own_uid()
     uid = _installer_uid() if own_uid else None
-    lock_path = None
-    if lock is not None:
-        text = normalise_lock(lock, LOCK_FILE)
-        lock_path = workdir / LOCK_FILE
-        fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            stream.write(text)
+    lock_path = _prepare_workdir(workdir, lock, uid)
     cache = prepare_cache(cache, workdir)
-    for name in (SITE, HOME, TMP):
-        (workdir / name).mkdir(mode=0o700)
-        if uid is not None:
-            os.lchown(workdir / name, uid, uid)
-    os.chmod(workdir, 0o711)  # the installer passes through, and lists nothing
     work, cache_seen = (WORK_AT, CACHE_AT) if own_uid else (str(workdir), str(cache))
     command = install_command(
         f"{work}/{SITE}",
@@ -267,6 +260,7 @@ def install(
         None if lock_path is None else f"{work}/{LOCK_FILE}",
     )
     env = installer_environment(f"{work}/{HOME}", f"{work}/{TMP}", cache_seen)
+    proxy, env = _network(own_uid, env)
     spec = Confinement(
         argv=command,
         env=env,
@@ -276,11 +270,52 @@ def install(
         readable=[] if lock_path is None else [f"{work}/{LOCK_FILE}"],
         uid=uid,
         gid=uid,
+        proxy_fd=None if proxy is None else proxy.theirs.fileno(),
     )
-    where = f"uid {uid}, own mount and PID namespaces" if own_uid else "the host's uid"
+    where = (
+        f"uid {uid}, own mount, PID and network namespaces, the index alone"
+        if own_uid
+        else "the host's uid"
+    )
     progress(f"installer: {Path(command[0]).name}, confined ({where})")
-    run_confined(spec, progress, deadline_s)
+    try:
+        run_confined(spec, progress, deadline_s)
+    finally:
+        if proxy is not None:
+            proxy.close()
+            for refused in proxy.refused:
+                progress(f"installer: refused {refused} (not an index host)")
     return workdir / SITE
+
+
+def _prepare_workdir(workdir: Path, lock: str | None, uid: int | None) -> Path | None:
+    """The host's copy of the lock (normalised again; its path, None without
+    one) and the installer's own directories, in `workdir`."""
+    lock_path = None
+    if lock is not None:
+        text = normalise_lock(lock, LOCK_FILE)
+        lock_path = workdir / LOCK_FILE
+        fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            stream.write(text)
+    for name in (SITE, HOME, TMP):
+        (workdir / name).mkdir(mode=0o700)
+        if uid is not None:
+            os.lchown(workdir / name, uid, uid)
+    os.chmod(workdir, 0o711)  # the installer passes through, and lists nothing
+    return lock_path
+
+
+def _network(own_uid: bool, env: dict[str, str]) -> tuple[IndexProxy | None, dict[str, str]]:
+    """A root host's installer has a network namespace of its own: the index
+    proxy it reaches the index through, and its environment with that
+    proxy's settings in place of the host's. Otherwise none, and `env`."""
+    if not own_uid:
+        return None, env
+    proxy = IndexProxy(index_hosts(os.environ), upstream_of(os.environ))
+    env = {k: v for k, v in env.items() if k.upper() not in PROXY_VARIABLES}
+    env["HTTPS_PROXY"] = env["HTTP_PROXY"] = f"http://127.0.0.1:{PROXY_PORT}"
+    return proxy, env
 
 
 def run_confined(spec: Confinement, progress: Progress, deadline_s: float) -> None:
@@ -296,7 +331,7 @@ def run_confined(spec: Confinement, progress: Progress, deadline_s: float) -> No
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        pass_fds=(read_end,),
+        pass_fds=(read_end,) if spec.proxy_fd is None else (read_end, spec.proxy_fd),
         start_new_session=True,
         text=True,
         errors="replace",

@@ -9,7 +9,11 @@ in order and then executes the tool:
 
     host --spawn--> confined (host's uid)
       root host only:
-        1. unshare a mount and a PID namespace; mounts made private
+        1. unshare a mount, a PID and a network namespace; mounts made
+           private; loopback up, and a listener on 127.0.0.1:PROXY_PORT,
+           the installer's HTTP(S)_PROXY: each connection is handed, as a
+           descriptor, to the host over `proxy_fd`, whose proxy reaches the
+           package index and nothing else (`host.indexproxy`)
         2. empty tmpfs over /tmp, /var/tmp and /dev/shm (nothing of the
            host's shared scratch places), and over the topmost directory
            others may not enter on the way to each `reach` path (the
@@ -19,8 +23,8 @@ in order and then executes the tool:
            `binds` paths under /tmp
         3. fork: the tool's process is the init of the new PID namespace, so
            every process it starts dies with it, and mounts a /proc of that
-           namespace (no host process is listed); this program waits and
-           passes its exit status on
+           namespace (no host process is listed); this program hands the
+           proxy's connections over, waits and passes its exit status on
         4. setgroups([]), setgid and setuid to the installer's own uid
         5. parent-death SIGKILL (if this program is killed, so is the tool)
       every host:
@@ -43,16 +47,18 @@ the reason on stderr (fail closed).
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import select
 import signal
+import socket
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox.layers import landlock
+from sandbox.layers import landlock, net
 from sandbox.layers.kernel import (
     PR_SET_NO_NEW_PRIVS,
     PR_SET_PDEATHSIG,
@@ -63,7 +69,8 @@ from sandbox.layers.kernel import (
 )
 
 CONFINEMENT_FAILED = 125
-CLONE_NEWNS, CLONE_NEWPID = 0x00020000, 0x20000000
+CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+PROXY_PORT = 3128  # in the installer's own network namespace, where every port is free
 MS_BIND, MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 4096, 16384, 1 << 18, 2, 4, 8
 HIDDEN_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
 WRITABLE_FILES = ("/dev/null",)
@@ -103,6 +110,7 @@ class Confinement:
     readable: list[str] = field(default_factory=list)  # more it reads (as the tool sees them)
     uid: int | None = None
     gid: int | None = None
+    proxy_fd: int | None = None  # a unix socket to the host's index proxy (root host)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -134,7 +142,7 @@ def _namespaces(spec: Confinement) -> None:
     """Steps 1 and 2: a mount namespace of its own, with private scratch
     places, the `reach` paths reachable, and the directories the tool works
     in bound below /tmp."""
-    unshare(CLONE_NEWNS | CLONE_NEWPID)
+    unshare(CLONE_NEWNS | CLONE_NEWPID | (CLONE_NEWNET if spec.proxy_fd is not None else 0))
     mount("none", "/", None, MS_REC | MS_PRIVATE, None)
     # Opened in the new namespace (a bind's source must be one of its
     # mounts), before a tmpfs hides them.
@@ -193,17 +201,47 @@ def _exec(spec: Confinement) -> None:
         os._exit(CONFINEMENT_FAILED)
 
 
-def _wait(pid: int) -> int:
-    """Step 3's other half: the tool's exit status, as a shell reports it."""
+def _proxy_listener() -> socket.socket:
+    """Step 1's network: loopback up, and the listener the installer's
+    proxy settings name."""
+    net.loopback_up()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", PROXY_PORT))
+    listener.listen(64)
+    return listener
+
+
+def _wait(
+    pid: int, listener: socket.socket | None = None, channel: socket.socket | None = None
+) -> int:
+    """Step 3's other half: hand each connection to the proxy's listener
+    over to the host, until the tool exits; its exit status, as a shell
+    reports it."""
     signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
     while True:
+        if listener is not None and channel is not None:
+            ready, _, _ = select.select([listener], [], [], 0.2)
+            if ready:
+                _hand_over(listener, channel)
         try:
-            _, status = os.waitpid(pid, 0)
-            break
+            done, status = os.waitpid(pid, os.WNOHANG if listener is not None else 0)
         except ChildProcessError:
             return CONFINEMENT_FAILED
+        if done:
+            break
     code = os.waitstatus_to_exitcode(status)
     return code if code >= 0 else 128 - code
+
+
+def _hand_over(listener: socket.socket, channel: socket.socket) -> None:
+    """Send one accepted connection's descriptor to the host's proxy."""
+    try:
+        conn, _ = listener.accept()
+    except OSError:
+        return
+    with conn:
+        fds = array.array("i", [conn.fileno()])
+        channel.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
 
 def main(argv: list[str]) -> int:
@@ -216,12 +254,17 @@ def main(argv: list[str]) -> int:
             _restrict(spec)
             _exec(spec)
             return CONFINEMENT_FAILED
+        if spec.proxy_fd is not None:
+            os.set_inheritable(spec.proxy_fd, False)  # the tool never holds it
         _namespaces(spec)
+        listener = _proxy_listener() if spec.proxy_fd is not None else None
         alive_r, alive_w = os.pipe()
         pid = os.fork()
         if pid == 0:
             try:
                 os.close(alive_w)
+                if listener is not None:
+                    listener.close()
                 mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
                 _drop(spec, alive_r)
                 _restrict(spec)
@@ -230,6 +273,8 @@ def main(argv: list[str]) -> int:
                 os._exit(CONFINEMENT_FAILED)
             _exec(spec)
         os.close(alive_r)
+        if listener is not None and spec.proxy_fd is not None:
+            return _wait(pid, listener, socket.socket(fileno=spec.proxy_fd))
         return _wait(pid)
     except (IsolationError, OSError, ValueError, TypeError, IndexError) as exc:
         print(f"confined: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -21,8 +22,10 @@ from pathlib import Path
 import pytest
 
 from host.environments import EnvironmentStore, EnvStatus, Requirements
+from host.indexproxy import index_hosts
 from host.installer import INSTALLER_UID, install_command
 from host.requirements import normalise_lock
+from sandbox.confined import PROXY_PORT
 
 pytestmark = pytest.mark.timeout(300)
 ROOT = os.geteuid() == 0
@@ -116,7 +119,10 @@ def test_the_installer_is_given_the_hosts_lock_and_an_environment_without_host_s
     assert isinstance(env, dict)
     for secret in ("PLUGHOST_ADMIN_TOKEN", "AWS_SECRET_ACCESS_KEY", "DATABASE_URL"):
         assert secret not in env
-    assert env["HTTPS_PROXY"] == "http://proxy.internal:3128"  # what the index needs stays
+    # What the index needs stays: the host's own proxy, or on a root host (its
+    # own network namespace) the index proxy, which goes through the host's.
+    wanted = f"http://127.0.0.1:{PROXY_PORT}" if ROOT else "http://proxy.internal:3128"
+    assert env["HTTPS_PROXY"] == wanted
     assert env["HOME"] != os.environ.get("HOME") and env["HOME"].endswith("/home")
     assert facts["lock"] == f"six==1.17.0 --hash={HASH}\n"
     argv = facts["argv"]
@@ -185,6 +191,80 @@ def test_an_installer_as_the_hosts_own_uid_reads_only_the_system_and_its_own_fil
         [Path("/etc/hostname").read_text()] if Path("/etc/hostname").exists() else []
     )
     assert facts["wrote"] == []
+
+
+NETWORK_PROBE = """#!{python}
+import json, os, socket, sys
+
+target = sys.argv[sys.argv.index("--target") + 1]
+facts = {{"proxy": os.environ.get("HTTPS_PROXY")}}
+try:
+    socket.create_connection(("127.0.0.1", {port}), timeout=5).close()
+    facts["direct"] = "connected"
+except OSError as exc:
+    facts["direct"] = type(exc).__name__
+
+
+def through_proxy(where):
+    host, port = os.environ["HTTPS_PROXY"].removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(("CONNECT %s HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % (where, where)).encode())
+        return conn.recv(200).split(b"\\r\\n")[0].decode()
+
+
+facts["host_loopback"] = through_proxy("127.0.0.1:{port}")
+facts["elsewhere"] = through_proxy("example.com:443")
+facts["index"] = through_proxy("pypi.org:443")
+with open(os.path.join(target, "facts.json"), "w") as stream:
+    json.dump(facts, stream)
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="a root host gives the installer its own network namespace")
+def test_the_installer_reaches_the_package_index_and_nothing_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service on the host's loopback is out of the installer's reach,
+    directly and through its proxy; so is any host but the index's."""
+    service = socket.create_server(("127.0.0.1", 0))
+    service.settimeout(0.1)
+    port = service.getsockname()[1]
+    tool = tmp_path / "bin" / "uv"
+    tool.parent.mkdir()
+    tool.write_text(NETWORK_PROBE.format(python=sys.executable, port=port))
+    tool.chmod(0o755)
+    monkeypatch.setattr("host.installer.find_uv", lambda: str(tool))
+    store = EnvironmentStore(tmp_path / "envs")
+    with service:
+        state = store.prepare("p", Requirements(("six==1.17.0",), None, "p/plugin.toml"))
+        with pytest.raises(TimeoutError):
+            service.accept()  # nobody ever connected to the host's service
+    assert state.status is EnvStatus.READY, state.message
+    facts = _facts(state.path)
+    assert facts["proxy"] == f"http://127.0.0.1:{PROXY_PORT}"
+    assert facts["direct"] == "ConnectionRefusedError"  # its own loopback: nothing there
+    assert facts["host_loopback"] == facts["elsewhere"] == "HTTP/1.1 403 Forbidden"
+    assert facts["index"] == "HTTP/1.1 200 Connection established"
+
+
+def test_index_hosts_are_pypis_and_those_the_operators_settings_name() -> None:
+    hosts = index_hosts(
+        {
+            "PIP_INDEX_URL": "https://mirror.example/simple",
+            "UV_INDEX": "internal=http://10.0.0.5:3141/root/pypi,https://other.example/simple",
+            "PIP_FIND_LINKS": "/opt/wheels",
+            "PLUGHOST_INDEX_HOSTS": "cdn.example, files.example:8443",
+        }
+    )
+    assert hosts == {
+        ("pypi.org", 443),
+        ("files.pythonhosted.org", 443),
+        ("mirror.example", 443),
+        ("10.0.0.5", 3141),
+        ("other.example", 443),
+        ("cdn.example", 443),
+        ("files.example", 8443),
+    }
 
 
 def test_an_installer_that_cannot_be_confined_is_never_run(

@@ -1,0 +1,110 @@
+"""The index proxy (`host.indexproxy`) on its own: a connection handed over
+as the confining program hands it, forwarded to an allowed host directly
+(plain HTTP made origin-form) or through the host's own proxy (with its
+credentials), and refused for any other host."""
+
+from __future__ import annotations
+
+import array
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from host.indexproxy import IndexProxy
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[socket.socket, list[bytes]]]:
+    """A one-connection server on the host's loopback that records the
+    request head it gets and answers 200."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            seen.append(head)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener, seen
+    if not seen:  # release the server's accept
+        with socket.create_connection(listener.getsockname(), timeout=5) as conn:
+            conn.sendall(b"END\r\n\r\n")
+    thread.join(5)
+    listener.close()
+
+
+def _through(proxy: IndexProxy, request: bytes) -> bytes:
+    """Send `request` on a connection handed to `proxy`; its whole answer."""
+    ours, theirs = socket.socketpair()
+    fds = array.array("i", [theirs.fileno()])
+    proxy.theirs.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    theirs.close()
+    with ours:
+        ours.settimeout(10)
+        ours.sendall(request)
+        answer = b""
+        while chunk := ours.recv(4096):
+            answer += chunk
+            if answer.startswith(b"HTTP/1.1 403") or answer.endswith(b"ok"):
+                break
+    return answer
+
+
+def test_a_plain_http_request_to_an_allowed_host_goes_there_origin_form(
+    server: tuple[socket.socket, list[bytes]],
+) -> None:
+    listener, seen = server
+    port = listener.getsockname()[1]
+    proxy = IndexProxy([("127.0.0.1", port)])
+    try:
+        target = f"http://127.0.0.1:{port}/simple/six/"
+        request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        answer = _through(proxy, request)
+    finally:
+        proxy.close()
+    assert answer.endswith(b"ok")
+    assert seen[0].startswith(b"GET /simple/six/ HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+def test_a_tunnel_goes_through_the_hosts_own_proxy_with_its_credentials(
+    server: tuple[socket.socket, list[bytes]],
+) -> None:
+    listener, seen = server
+    upstream = f"http://user:p%40ss@127.0.0.1:{listener.getsockname()[1]}"
+    proxy = IndexProxy([("pypi.org", 443)], upstream)
+    try:
+        answer = _through(proxy, b"CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443\r\n\r\n")
+    finally:
+        proxy.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK")  # the host's proxy's own answer
+    assert seen[0].startswith(b"CONNECT pypi.org:443 HTTP/1.1\r\n")
+    assert b"Proxy-Authorization: Basic dXNlcjpwQHNz\r\n" in seen[0]  # user:p@ss
+
+
+def test_any_other_host_is_refused_and_never_connected_to(
+    server: tuple[socket.socket, list[bytes]],
+) -> None:
+    listener, seen = server
+    port = listener.getsockname()[1]
+    proxy = IndexProxy([("pypi.org", 443)])
+    try:
+        for request in (
+            f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n",
+            f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\n\r\n",
+            "CONNECT pypi.org:22 HTTP/1.1\r\n\r\n",
+            "GET /relative HTTP/1.1\r\n\r\n",
+        ):
+            assert _through(proxy, request.encode()).startswith(b"HTTP/1.1 403 Forbidden")
+    finally:
+        proxy.close()
+    assert seen == [] and len(proxy.refused) == 4
