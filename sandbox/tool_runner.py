@@ -183,6 +183,7 @@ class _NoPlugins:
 _default_catalog: PluginCatalog = _NoPlugins()
 _default_sandbox: Sandbox | None = None
 _default_lock = threading.Lock()
+_measured = threading.local()  # ToolRunner.last_measured, per thread
 
 
 def set_default_catalog(catalog: PluginCatalog) -> None:
@@ -223,9 +224,19 @@ class ToolRunner:
         return self._sandbox
 
     def run(self, plugin_name: str, payload: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Run `plugin_name` on `payload`; return `(result, {})` or `({}, envelope)`."""
-        result, error, _ = self.measure(plugin_name, payload)
+        """Run `plugin_name` on `payload`; return `(result, {})` or `({}, envelope)`.
+        What the sandbox measured of it waits in `last_measured` (this thread's)."""
+        result, error, seen = self.measure(plugin_name, payload)
+        _measured.seen = seen
         return result, error
+
+    @staticmethod
+    def last_measured() -> dict[str, Any]:
+        """What the sandbox measured of this thread's last `run` (as
+        `measure` gives it), once: taken, it is gone ({} if none waits)."""
+        seen: dict[str, Any] = getattr(_measured, "seen", {})
+        _measured.seen = {}
+        return seen
 
     def measure(
         self, plugin_name: str, payload: Any

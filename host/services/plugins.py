@@ -199,8 +199,10 @@ class PluginManagementService:
         started = time.monotonic()
         token = cancel or CancelToken()
         try:
+            self._runner.last_measured()  # nothing earlier on this thread counts
             with use_token(token):
-                result, error, seen = self._runner.measure(plugin_name, payload)
+                result, error = self._runner.run(plugin_name=plugin_name, payload=payload)
+            seen = self._runner.last_measured()
         finally:
             if cancel is None:
                 token.close()
