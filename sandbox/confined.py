@@ -143,7 +143,10 @@ def _namespaces(spec: Confinement) -> None:
     places, the `reach` paths reachable, and the directories the tool works
     in bound below /tmp."""
     unshare(CLONE_NEWNS | CLONE_NEWPID | (CLONE_NEWNET if spec.proxy_fd is not None else 0))
-    mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    try:
+        mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+    except IsolationError as exc:  # EINVAL: a chroot into a plain directory
+        raise IsolationError("mount", f"/ is not a mount point here (a chroot?): {exc}") from None
     # Opened in the new namespace (a bind's source must be one of its
     # mounts), before a tmpfs hides them.
     flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC

@@ -54,10 +54,16 @@ if [ "${VM_KERNELS:-both}" != "12" ]; then
   if [ -n "$k13" ]; then KERNELS+=("$(fetch_kernel "$k13" "${opts[@]}")"); else ts "no Debian 13 kernel on the mirror: Debian 12's only"; fi
 fi
 
-cleanup() { for m in dev/pts dev proc sys; do mountpoint -q "$ROOT/$m" && umount -l "$ROOT/$m" || true; done; }
+cleanup() {
+  for m in dev/pts dev proc sys; do mountpoint -q "$ROOT/$m" && umount -l "$ROOT/$m" || true; done
+  mountpoint -q "$ROOT" && umount -l "$ROOT" || true
+}
 trap cleanup EXIT
 cleanup; rm -rf "$ROOT" "$VM/boot"; mkdir -p "$ROOT" "$VM/boot"
 ts "unpack the base system"; tar -C "$ROOT" -xf "$BASE"
+# The chroot's / a mount point of its own, as a booted system's is: the root
+# host's installer makes its mount namespace private from / down.
+mount --bind "$ROOT" "$ROOT"
 mount -t proc proc "$ROOT/proc"; mount --rbind /sys "$ROOT/sys"; mount --bind /dev "$ROOT/dev"; mount --bind /dev/pts "$ROOT/dev/pts"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 # This machine's CA bundle, for pip and uv in the chroot only; removed before imaging.
