@@ -67,13 +67,14 @@ mount --bind "$ROOT" "$ROOT"
 mount -t proc proc "$ROOT/proc"; mount --rbind /sys "$ROOT/sys"; mount --bind /dev "$ROOT/dev"; mount --bind /dev/pts "$ROOT/dev/pts"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 # This machine's CA bundle, for pip and uv in the chroot only; removed before imaging.
-cp /etc/ssl/certs/ca-certificates.crt "$ROOT/tmp/hostca.crt"; chmod 0644 "$ROOT/tmp/hostca.crt"
+# Not below /tmp, which the root installer's mount namespace replaces.
+cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/hostca.crt"; chmod 0644 "$ROOT/etc/ssl/hostca.crt"
 pipconf=()
 for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST UV_INDEX_URL UV_EXTRA_INDEX_URL UV_DEFAULT_INDEX; do
   [ -n "${!v:-}" ] && pipconf+=("$v=${!v}")
 done
 ch() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-       SSL_CERT_FILE=/tmp/hostca.crt PIP_CERT=/tmp/hostca.crt "${pipconf[@]}" "$@"; }
+       SSL_CERT_FILE=/etc/ssl/hostca.crt PIP_CERT=/etc/ssl/hostca.crt "${pipconf[@]}" "$@"; }
 
 ts "system configuration"
 echo plughost-vm > "$ROOT/etc/hostname"
@@ -121,7 +122,7 @@ CORPUS=$(ch /opt/plughost/bin/python -c 'import plughost_plugins; print(plughost
 install -d -m 0700 "$ROOT/var/lib/plughost-compat"
 ch /opt/plughost/bin/plughost plugins prepare --plugins-dir "$CORPUS" --state-dir /var/lib/plughost-compat \
   > "$VM/prepare-compat.log" 2>&1 || { tail -30 "$VM/prepare-compat.log"; exit 1; }
-ch sh -c 'rm -rf /tmp/hostca.crt /var/lib/plughost/envs/.cache /var/lib/plughost-compat/envs/.cache /root/.cache'
+ch sh -c 'rm -rf /etc/ssl/hostca.crt /var/lib/plughost/envs/.cache /var/lib/plughost-compat/envs/.cache /root/.cache'
 
 ts "the bundled plugins with every timeout x$SCALE, for the service (plugin_overrides)"
 # A machine ten to twenty times slower than the one a plugin's timeout was
