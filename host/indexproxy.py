@@ -12,9 +12,12 @@ relays the bytes; anything else is answered 403 and closed. So neither the
 installer nor a build it runs can reach a service on the host's loopback,
 the host's network or the world: only the index, as it needs.
 
-A CONNECT tunnel carries TLS the installer checks itself; a plain-HTTP
-request (an `http://` mirror) is forwarded with its request line made
-origin-form. Nothing is cached or rewritten beyond that.
+One request per connection: a CONNECT tunnel (which carries TLS the
+installer checks itself; through the host's proxy, the proxy's answer is
+read here before any tunnel byte passes), or one GET or HEAD of an
+`http://` URL (a mirror), sent with the allowed host's own Host header and
+`Connection: close`, of which only the answer comes back. At most
+MAX_CONNECTIONS at once.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import logging
 import socket
 import threading
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger("plughost.installer")
@@ -73,9 +77,31 @@ def _default_port(scheme: str) -> int:
     return 443 if scheme == "https" else 80
 
 
+@dataclass(frozen=True)
+class Request:
+    """What the installer asked the proxy for: CONNECT host:port, or a plain
+    GET or HEAD of an absolute http:// URL (`path` then its origin form)."""
+
+    method: str
+    host: str
+    port: int
+    path: str
+    headers: tuple[tuple[str, str], ...]
+
+
+# Headers the proxy sets itself, or that concern the hop rather than the
+# request: never taken from the installer.
+HOP_HEADERS = frozenset(
+    {"host", "connection", "keep-alive", "proxy-connection", "proxy-authorization", "te"}
+    | {"upgrade", "transfer-encoding", "content-length", "trailer"}
+)
+MAX_CONNECTIONS = 32  # at once, per preparation: more are closed unanswered
+
+
 class IndexProxy:
     """Serves the connections a confined installer hands over on `theirs`
-    (pass it to the confining program) until `close`."""
+    (pass it to the confining program) until `close`: one request each, to
+    an allowed host only."""
 
     def __init__(self, allowed: Iterable[tuple[str, int]], upstream: str | None = None) -> None:
         self.allowed = frozenset(allowed)
@@ -83,6 +109,7 @@ class IndexProxy:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._ours, self.theirs = ours, theirs
         self.refused: list[str] = []
+        self._active = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread = threading.Thread(target=self._receive, name="index-proxy", daemon=True)
         self._thread.start()
 
@@ -97,101 +124,161 @@ class IndexProxy:
 
     def _receive(self) -> None:
         while True:
+            fds = array.array("i")
             try:
-                fds = array.array("i")
-                _, ancillary, _, _ = self._ours.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
+                data, ancillary, _, _ = self._ours.recvmsg(1, socket.CMSG_SPACE(fds.itemsize))
             except OSError:
                 return
-            if not ancillary:
+            if not data and not ancillary:
                 return  # the confining program is gone
-            for level, kind, data in ancillary:
+            for level, kind, payload in ancillary:  # none if the host had no descriptor free
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
             for fd in fds:
                 client = socket.socket(fileno=fd)
+                if not self._active.acquire(blocking=False):
+                    client.close()  # too many at once
+                    continue
                 threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
-        with client:
-            client.settimeout(IDLE_TIMEOUT_S)
-            try:
-                head = _read_head(client)
-                method, target, version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            except (OSError, ValueError, UnicodeDecodeError):
-                return
-            host, port, forwarded = _destination(method, target, head, version)
-            if host is None or (host, port) not in self.allowed:
-                self.refused.append(f"{method} {target}"[:200])
-                log.warning("installer: refused %s %s (not an index host)", method, target[:200])
-                with contextlib.suppress(OSError):
-                    client.sendall(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
-                return
-            try:
-                server = self._connect(host, port, method, target, head)
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    client.sendall(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
-                log.warning("installer: %s:%s unreachable: %s", host, port, exc)
-                return
-            with server:
-                if method == "CONNECT" and self.upstream is None:
-                    client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                elif method != "CONNECT" and self.upstream is None:
-                    server.sendall(forwarded)
-                _relay(client, server)
+        try:
+            with client:
+                client.settimeout(IDLE_TIMEOUT_S)
+                try:
+                    request = parse_request(_read_head(client))
+                except (OSError, ValueError, UnicodeDecodeError) as exc:
+                    self._refuse(client, f"malformed request: {exc}"[:200])
+                    return
+                if (request.host, request.port) not in self.allowed:
+                    self._refuse(client, f"{request.method} {request.host}:{request.port}")
+                    return
+                try:
+                    if request.method == "CONNECT":
+                        self._tunnel(client, request)
+                    else:
+                        self._forward(client, request)
+                except OSError as exc:
+                    log.warning("installer: %s:%s: %s", request.host, request.port, exc)
+                    with contextlib.suppress(OSError):
+                        client.sendall(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+        finally:
+            self._active.release()
 
-    def _connect(
-        self, host: str, port: int, method: str, target: str, head: bytes
-    ) -> socket.socket:
-        """A connection to the destination, or to the host's own proxy with
-        the request passed on (its answer goes back to the installer as is)."""
-        if self.upstream is None or not self.upstream.hostname:
-            return socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    def _refuse(self, client: socket.socket, what: str) -> None:
+        self.refused.append(what[:200])
+        log.warning("installer: refused %s (not an index host)", what[:200])
+        with contextlib.suppress(OSError):
+            client.sendall(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
+
+    def _tunnel(self, client: socket.socket, request: Request) -> None:
+        """CONNECT: a tunnel to the host, directly or through the host's
+        proxy, whose answer is read here: nothing the installer sends
+        reaches the host's proxy but the tunnel's bytes."""
+        where = f"{request.host}:{request.port}"
+        if self.upstream is None:
+            server = socket.create_connection((request.host, request.port), CONNECT_TIMEOUT_S)
+            early = b""
+        else:
+            server = self._to_upstream(f"CONNECT {where} HTTP/1.1", where)
+            answer = _read_answer(server)
+            status, early = answer.split(b"\r\n", 1)[0], answer.split(b"\r\n\r\n", 1)[1]
+            if b" 200" not in status:
+                server.close()
+                raise OSError(f"the host's proxy answered {status[:80]!r}")
+        with server:
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n" + early)
+            _relay(client, server)
+
+    def _forward(self, client: socket.socket, request: Request) -> None:
+        """GET or HEAD of http://: that one request, with the host's own
+        Host header and `Connection: close`; only the answer is relayed
+        (nothing more the installer sends goes anywhere)."""
+        where = request.host if request.port == 80 else f"{request.host}:{request.port}"
+        lines = [f"{name}: {value}" for name, value in request.headers]
+        lines += [f"Host: {where}", "Connection: close"]
+        if self.upstream is None:
+            server = socket.create_connection((request.host, request.port), CONNECT_TIMEOUT_S)
+            server.sendall(_head(f"{request.method} {request.path} HTTP/1.1", lines))
+        else:
+            line = f"{request.method} http://{where}{request.path} HTTP/1.1"
+            server = self._to_upstream(line, where, lines)
+        with server:
+            server.settimeout(IDLE_TIMEOUT_S)
+            with contextlib.suppress(OSError):
+                while data := server.recv(65536):
+                    client.sendall(data)
+
+    def _to_upstream(self, line: str, where: str, lines: list[str] | None = None) -> socket.socket:
+        """A connection to the host's own proxy with `line` sent, and the
+        proxy's credentials."""
         up = self.upstream
-        server = socket.create_connection((up.hostname, up.port or 80), timeout=CONNECT_TIMEOUT_S)
-        lines = [line for line in head.split(b"\r\n") if line][1:]
-        lines = [line for line in lines if not line.lower().startswith(b"proxy-authorization:")]
+        assert up is not None and up.hostname is not None
+        server = socket.create_connection((up.hostname, up.port or 80), CONNECT_TIMEOUT_S)
+        extra = list(lines) if lines is not None else [f"Host: {where}"]
         if up.username is not None:
             secret = f"{unquote(up.username)}:{unquote(up.password or '')}".encode()
-            lines.append(b"Proxy-Authorization: Basic " + base64.b64encode(secret))
-        request = f"{method} {target} HTTP/1.1".encode("latin-1")
-        server.sendall(b"\r\n".join([request, *lines]) + b"\r\n\r\n")
+            extra.append("Proxy-Authorization: Basic " + base64.b64encode(secret).decode())
+        server.sendall(_head(line, extra))
         return server
 
 
+def parse_request(head: bytes) -> Request:
+    """The request a head asks for. Raises ValueError for anything but
+    CONNECT host:port and GET or HEAD of an absolute http:// URL."""
+    first, *rest = head.decode("latin-1").split("\r\n")
+    method, target, version = first.split(" ")
+    if not version.startswith("HTTP/1."):
+        raise ValueError(f"not HTTP/1: {version[:20]!r}")
+    headers = []
+    for line in rest:
+        if line:
+            name, _, value = line.partition(":")
+            if name.strip().lower() not in HOP_HEADERS:
+                headers.append((name.strip(), value.strip()))
+    if method == "CONNECT":
+        host, _, port = target.rpartition(":")
+        number = int(port) if port.isdigit() else 0
+        if not host or not 0 < number < 65536:
+            raise ValueError(f"not host:port: {target[:100]!r}")
+        return Request(method, host.strip("[]").lower(), number, "", ())
+    if method not in ("GET", "HEAD"):
+        raise ValueError(f"method {method[:20]!r}")
+    parts = urlsplit(target)
+    if parts.scheme != "http" or not parts.hostname or parts.username or parts.password:
+        raise ValueError(f"not an http:// URL: {target[:100]!r}")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Request(method, parts.hostname.lower(), parts.port or 80, path, tuple(headers))
+
+
+def _head(line: str, headers: list[str]) -> bytes:
+    return "\r\n".join([line, *headers, "", ""]).encode("latin-1")
+
+
+def _read_answer(server: socket.socket) -> bytes:
+    """The host's proxy's answer head (and whatever came after it)."""
+    answer = b""
+    server.settimeout(CONNECT_TIMEOUT_S)
+    while b"\r\n\r\n" not in answer:
+        more = server.recv(4096)
+        if not more or len(answer) > MAX_HEAD:
+            raise OSError("no answer from the host's proxy")
+        answer += more
+    return answer
+
+
 def _read_head(client: socket.socket) -> bytes:
-    """The request head, up to and including its blank line."""
+    """The request head, up to and including its blank line; nothing after
+    it (a request with a body, or a second one sent at once, is refused)."""
     head = b""
     while b"\r\n\r\n" not in head:
         more = client.recv(4096)
         if not more or len(head) + len(more) > MAX_HEAD:
             raise ValueError("no request head")
         head += more
-    end = head.index(b"\r\n\r\n") + 4
-    if end != len(head):
-        raise ValueError("bytes after the head")  # no client sends a body before the answer here
+    if head.index(b"\r\n\r\n") + 4 != len(head):
+        raise ValueError("bytes after the head")
     return head
-
-
-def _destination(
-    method: str, target: str, head: bytes, version: str
-) -> tuple[str | None, int, bytes]:
-    """(host, port) a request is for, and for plain HTTP the request to send
-    (origin-form); (None, 0, b"") for anything else."""
-    if method == "CONNECT":
-        host, _, port = target.rpartition(":")
-        if not port.isdigit() or not host:
-            return None, 0, b""
-        return host.strip("[]").lower(), int(port), b""
-    parts = urlsplit(target)
-    if parts.scheme != "http" or not parts.hostname:
-        return None, 0, b""
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    rest = head.split(b"\r\n", 1)[1]
-    forwarded = f"{method} {path} {version}\r\n".encode("latin-1") + rest
-    return parts.hostname.lower(), parts.port or 80, forwarded
 
 
 def _relay(a: socket.socket, b: socket.socket) -> None:

@@ -32,7 +32,7 @@ EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
 CLONE_NAMESPACES = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 BPF_LD_W_ABS, BPF_JEQ_K, BPF_JSET_K, BPF_JGE_K, BPF_RET_K = 0x20, 0x15, 0x45, 0x35, 0x06
 # Offsets in struct seccomp_data; an argument's low 32 bits (little endian).
-DATA_NR, DATA_ARCH, DATA_ARG0, DATA_ARG1 = 0, 4, 16, 24
+DATA_NR, DATA_ARCH, DATA_ARG0, DATA_ARG1, DATA_ARG2 = 0, 4, 16, 24, 32
 
 # x86_64 system calls a plugin never needs, each with the reason it is denied.
 DENIED_X86_64 = {
@@ -128,6 +128,19 @@ DENIED_SHARED_IPC_X86_64 = {
 # fixed size (`sandbox.layers.mnt`).
 DENIED_UNCOUNTED_MEMORY_X86_64 = {
     319: "memfd_create: pages held outside RSS where no memory cgroup counts them",
+}
+# Socket buffers are kernel memory no RSS shows either. Where nothing counts
+# them, a call keeps the system's default buffer sizes (net.core.wmem_default,
+# about 208 KiB): setsockopt may not raise them (EPERM), and only AF_UNIX
+# opens (TCP on loopback would grow its buffers to net.ipv4.tcp_rmem's
+# maximum, 32 MiB here, on its own). At most max_processes x max_open_files
+# sockets of that size.
+SYS_SETSOCKOPT_X86_64, SOL_SOCKET = 54, 1
+DENIED_UNCOUNTED_BUFFER_OPTIONS = {
+    7: "SO_SNDBUF: a send buffer up to net.core.wmem_max, uncounted",
+    8: "SO_RCVBUF: a receive buffer up to net.core.rmem_max, uncounted",
+    32: "SO_SNDBUFFORCE: the same past the maximum",
+    33: "SO_RCVBUFFORCE: the same past the maximum",
 }
 
 # fcntl(2) commands denied for the same reason (args[1]); the rest are allowed.
@@ -286,8 +299,9 @@ def seccomp_program(ipc: bool = True, ip: bool = True, counted: bool = True) -> 
     DENIED_SHARED_IPC_X86_64 are refused too (a call in the IPC namespace
     its launcher shares between calls); without `ip`, every family but
     SLOT_SOCKET_FAMILIES (a call in its uid's reused network namespace);
-    without `counted`, those of DENIED_UNCOUNTED_MEMORY_X86_64 and
-    DENIED_SHARED_IPC_X86_64 (no memory cgroup counts the call's pages).
+    without `counted` (no memory cgroup counts the call's pages), those of
+    DENIED_UNCOUNTED_MEMORY_X86_64 and DENIED_SHARED_IPC_X86_64, setsockopt
+    with DENIED_UNCOUNTED_BUFFER_OPTIONS, and every family but AF_UNIX.
     Built once per process and variant: the launcher builds them before it
     forks, so a call only installs one.
 
@@ -313,7 +327,9 @@ def program_with(search: Search, ipc: bool = True, ip: bool = True, counted: boo
     targets[SYS_CLONE_X86_64] = "clone"
     targets[SYS_SOCKET_X86_64] = targets[SYS_SOCKETPAIR_X86_64] = "socket"
     targets[SYS_FCNTL_X86_64] = "fcntl"
-    families = ALLOWED_SOCKET_FAMILIES if ip else SLOT_SOCKET_FAMILIES
+    if not counted:
+        targets[SYS_SETSOCKOPT_X86_64] = "setsockopt"
+    families = ALLOWED_SOCKET_FAMILIES if ip and counted else SLOT_SOCKET_FAMILIES
     items: list[Any] = [
         _op(BPF_LD_W_ABS, DATA_ARCH),
         _op(BPF_JEQ_K, AUDIT_ARCH_X86_64, None, "kill"),
@@ -329,6 +345,15 @@ def program_with(search: Search, ipc: bool = True, ip: bool = True, counted: boo
         ("label", "fcntl"),
         *_argument_in(DATA_ARG1, DENIED_FCNTL_COMMANDS, inside="eperm", outside="allow"),
     ]
+    if not counted:
+        items += [
+            ("label", "setsockopt"),
+            _op(BPF_LD_W_ABS, DATA_ARG1),  # the level
+            _op(BPF_JEQ_K, SOL_SOCKET, None, "allow"),
+            *_argument_in(
+                DATA_ARG2, DENIED_UNCOUNTED_BUFFER_OPTIONS, inside="eperm", outside="allow"
+            ),
+        ]
     returns = {
         "allow": SECCOMP_RET_ALLOW,
         "eperm": SECCOMP_RET_ERRNO | EPERM,

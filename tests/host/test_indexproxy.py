@@ -6,13 +6,14 @@ credentials), and refused for any other host."""
 from __future__ import annotations
 
 import array
+import select
 import socket
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from host.indexproxy import IndexProxy
+from host.indexproxy import MAX_CONNECTIONS, IndexProxy
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -86,7 +87,8 @@ def test_a_tunnel_goes_through_the_hosts_own_proxy_with_its_credentials(
         answer = _through(proxy, b"CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443\r\n\r\n")
     finally:
         proxy.close()
-    assert answer.startswith(b"HTTP/1.1 200 OK")  # the host's proxy's own answer
+    # The host's proxy answered 200, read by the index proxy: the tunnel is open.
+    assert answer.startswith(b"HTTP/1.1 200 Connection established\r\n\r\n")
     assert seen[0].startswith(b"CONNECT pypi.org:443 HTTP/1.1\r\n")
     assert b"Proxy-Authorization: Basic dXNlcjpwQHNz\r\n" in seen[0]  # user:p@ss
 
@@ -103,8 +105,88 @@ def test_any_other_host_is_refused_and_never_connected_to(
             f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\n\r\n",
             "CONNECT pypi.org:22 HTTP/1.1\r\n\r\n",
             "GET /relative HTTP/1.1\r\n\r\n",
+            "CONNECT pypi.org:99999 HTTP/1.1\r\n\r\n",
+            "GET http://pypi.org:99999/ HTTP/1.1\r\n\r\n",
+            "POST http://pypi.org/ HTTP/1.1\r\n\r\n",
+            "GET http://user@pypi.org/ HTTP/1.1\r\n\r\n",
         ):
             assert _through(proxy, request.encode()).startswith(b"HTTP/1.1 403 Forbidden")
     finally:
         proxy.close()
-    assert seen == [] and len(proxy.refused) == 4
+    assert seen == [] and len(proxy.refused) == 8
+
+
+def test_one_request_per_connection_with_the_allowed_hosts_own_host_header(
+    server: tuple[socket.socket, list[bytes]],
+) -> None:
+    """A second request on a forwarded connection goes nowhere, and the
+    installer's Host header never reaches the mirror (a virtual host behind
+    it, or a mirror that is itself a proxy, stays out of reach)."""
+    listener, seen = server
+    port = listener.getsockname()[1]
+    proxy = IndexProxy([("127.0.0.1", port)])
+    try:
+        request = (
+            f"GET http://127.0.0.1:{port}/simple/ HTTP/1.1\r\nHost: admin.internal\r\n\r\n"
+        ).encode()
+        answer = _through(proxy, request)
+        # A second request sent at once, after the head, is refused whole.
+        twice = request + b"GET http://other.example/x HTTP/1.1\r\n\r\n"
+        refused = _through(proxy, twice)
+    finally:
+        proxy.close()
+    assert answer.endswith(b"ok") and refused.startswith(b"HTTP/1.1 403")
+    assert len(seen) == 1
+    assert b"admin.internal" not in seen[0] and b"other.example" not in seen[0]
+    assert f"Host: 127.0.0.1:{port}\r\nConnection: close\r\n".encode() in seen[0]
+
+
+def test_through_the_hosts_proxy_a_later_request_never_reaches_it(
+    server: tuple[socket.socket, list[bytes]],
+) -> None:
+    """Through the host's own proxy, a forwarded GET is one request with
+    `Connection: close`; what the installer sends after it is not passed on."""
+    listener, seen = server
+    upstream = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    proxy = IndexProxy([("pypi.org", 80)], upstream)
+    ours, theirs = socket.socketpair()
+    fds = array.array("i", [theirs.fileno()])
+    try:
+        proxy.theirs.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        theirs.close()
+        ours.settimeout(10)
+        ours.sendall(b"GET http://pypi.org/simple/ HTTP/1.1\r\n\r\n")
+        answer = ours.recv(4096)
+        ours.sendall(b"GET http://127.0.0.1:22/secret HTTP/1.1\r\n\r\n")  # the smuggled one
+        try:  # the proxy closed the connection after the answer
+            rest = ours.recv(4096)
+        except ConnectionResetError:  # closed with the smuggled request unread
+            rest = b""
+        assert rest == b""
+    finally:
+        ours.close()
+        proxy.close()
+    assert answer.endswith(b"ok")
+    assert len(seen) == 1 and seen[0].startswith(b"GET http://pypi.org/simple/ HTTP/1.1\r\n")
+    assert b"Connection: close" in seen[0] and b"secret" not in seen[0]
+
+
+def test_connections_past_the_limit_are_closed_unanswered() -> None:
+    proxy = IndexProxy([("pypi.org", 443)])
+    held = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 5):  # each sends nothing: held by the proxy
+            ours, theirs = socket.socketpair()
+            fds = array.array("i", [theirs.fileno()])
+            proxy.theirs.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            theirs.close()
+            held.append(ours)
+        for ours in held[MAX_CONNECTIONS:]:  # handed over last: closed at once
+            ours.settimeout(5)
+            assert ours.recv(1) == b""
+        readable, _, _ = select.select(held[:MAX_CONNECTIONS], [], [], 0.2)
+        assert readable == []  # the first ones are still waiting for their request
+    finally:
+        for ours in held:
+            ours.close()
+        proxy.close()
