@@ -370,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     figures["problems"] = problems
     print(json.dumps(figures, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({**figures, "rss_samples": samples}, indent=2))
+        report = Path(args.json)
+        report.parent.mkdir(parents=True, exist_ok=True)  # make soak's .plughost/ on a clean clone
+        report.write_text(json.dumps({**figures, "rss_samples": samples}, indent=2))
     if problems:
         print(f"server log kept in {log_path}")
     else:
