@@ -4,9 +4,10 @@ over four processes.
 What a socket holds is kernel memory: in no process's RSS or address space.
 With buffers raised to net.core.wmem_max (4 MiB on many machines) and 25
 socket pairs per process, four processes hold over a gigabyte at a 128 MB
-limit (a tester held 1.6 GB on a host without a memory cgroup). A host
-either counts the buffers (memory_limit) or keeps them at the default size
-(the plugin raises when it may not raise them).
+limit (a tester held 1.6 GB on a host without a memory cgroup; a cgroup v2
+limit does not count a unix socket's buffers either). A host either counts
+the buffers (memory_limit) or keeps them at the default size (the plugin
+raises when it may not raise them).
 """
 
 import os
