@@ -22,7 +22,8 @@ from sandbox.tool_runner import ToolRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The first run downloads the corpus's wheels (about 150 MB) and installs them.
+# The first run downloads the corpus's wheels and installs them (uv's cache then
+# holds about 480 MB, unpacked).
 pytestmark = pytest.mark.timeout(900)
 
 
