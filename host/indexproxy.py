@@ -96,6 +96,8 @@ HOP_HEADERS = frozenset(
     | {"upgrade", "transfer-encoding", "content-length", "trailer"}
 )
 MAX_CONNECTIONS = 32  # at once, per preparation: more are closed unanswered
+# Refused requests kept (and logged) per preparation; the rest are counted.
+MAX_REFUSALS_KEPT = 20
 
 
 class IndexProxy:
@@ -108,7 +110,9 @@ class IndexProxy:
         self.upstream = urlsplit(upstream) if upstream else None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._ours, self.theirs = ours, theirs
-        self.refused: list[str] = []
+        self.refused: list[str] = []  # the first MAX_REFUSALS_KEPT, for the installer's log
+        self.refused_count = 0
+        self._books = threading.Lock()  # connections are served on threads of their own
         self._active = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._thread = threading.Thread(target=self._receive, name="index-proxy", daemon=True)
         self._thread.start()
@@ -166,8 +170,13 @@ class IndexProxy:
             self._active.release()
 
     def _refuse(self, client: socket.socket, what: str) -> None:
-        self.refused.append(what[:200])
-        log.warning("installer: refused %s (not an index host)", what[:200])
+        with self._books:
+            self.refused_count += 1
+            keep = len(self.refused) < MAX_REFUSALS_KEPT  # an installer may try without end
+            if keep:
+                self.refused.append(what[:200])
+        if keep:
+            log.warning("installer: refused %s (not an index host)", what[:200])
         with contextlib.suppress(OSError):
             client.sendall(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n")
 

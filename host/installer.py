@@ -285,6 +285,8 @@ def install(
             proxy.close()
             for refused in proxy.refused:
                 progress(f"installer: refused {refused} (not an index host)")
+            if proxy.refused_count > len(proxy.refused):
+                progress(f"installer: refused {proxy.refused_count - len(proxy.refused)} more")
     return workdir / SITE
 
 

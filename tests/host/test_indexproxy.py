@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from host.indexproxy import MAX_CONNECTIONS, IndexProxy
+from host.indexproxy import MAX_CONNECTIONS, MAX_REFUSALS_KEPT, IndexProxy
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -190,3 +190,23 @@ def test_connections_past_the_limit_are_closed_unanswered() -> None:
         for ours in held:
             ours.close()
         proxy.close()
+
+
+def test_refusals_past_the_kept_number_are_counted_not_kept() -> None:
+    """An installer that asks for other hosts without end leaves the host a
+    bounded list (and log), and the count of the rest."""
+    proxy = IndexProxy([("pypi.org", 443)])
+    try:
+        for n in range(MAX_REFUSALS_KEPT + 7):
+            ours, theirs = socket.socketpair()
+            fds = array.array("i", [theirs.fileno()])
+            proxy.theirs.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            theirs.close()
+            with ours:
+                ours.settimeout(10)
+                ours.sendall(f"CONNECT host{n}.example:443 HTTP/1.1\r\n\r\n".encode())
+                assert ours.recv(4096).startswith(b"HTTP/1.1 403")
+    finally:
+        proxy.close()
+    assert len(proxy.refused) == MAX_REFUSALS_KEPT
+    assert proxy.refused_count == MAX_REFUSALS_KEPT + 7
