@@ -29,11 +29,19 @@ Checks (docs/GOVERNANCE.md explains each and what to do when one fires):
                  `sandbox` spells two or more of them
   no-unpickle    host-side code imports no pickle, dill, marshal or shelve
   except         no bare `except:` and no handler whose whole body is `pass`
+  docs           the docs (README.md, SECURITY.md, docs/*.md) name only subcommands
+                 `host/cli.py` defines, in code (`plughost NAME`), and only functions
+                 that exist (`name()` in code: defined in the tree, a builtin, the
+                 standard library's, or the doc's own example code); the `SUBCOMMANDS:`
+                 line of docs/architecture.md lists every subcommand
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
+import importlib
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,6 +54,16 @@ REASONS_MODULE = "sandbox/outcome.py"
 LIBRARY_RUNNERS = {"subprocess", "asyncio", "uvicorn"}
 UNPICKLERS = {"pickle", "_pickle", "cPickle", "dill", "marshal", "shelve", "cloudpickle"}
 SCANNED = ("host", "sandbox")
+CLI_MODULE = "host/cli.py"
+ARCHITECTURE_DOC = "docs/architecture.md"
+# Where a function a doc names may be defined (the bundled plugins' included).
+DEFINING = ("host", "sandbox", "plughost", "scripts", "plugins", "examples")
+# Standard-library modules whose functions docs name bare (`write()`, `ThreadPoolExecutor()`).
+STDLIB_BARE = ("os", "concurrent.futures", "multiprocessing", "threading", "socket", "pathlib")
+FENCED = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+SPAN = re.compile(r"`([^`\n]+)`")
+COMMAND = re.compile(r"(?:^|[\s/(=$])plughost[ \t]+([a-z][a-z-]*)", re.M)
+CALLED = re.compile(r"(?<![\w.])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\(")
 
 
 @dataclass(frozen=True)
@@ -478,6 +496,103 @@ def check_cycles(root: Path, trees: dict[str, ast.AST]) -> Iterator[Violation]:
         )
 
 
+def subcommand_names(root: Path) -> set[str]:
+    """The subcommands of `SUBCOMMANDS` in host/cli.py: the first argument of
+    each `Subcommand(...)` in it."""
+    tree = ast.parse((root / CLI_MODULE).read_text(), CLI_MODULE)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "SUBCOMMANDS" for t in node.targets
+        ):
+            for call in ast.walk(node.value):
+                if (
+                    isinstance(call, ast.Call)
+                    and _dotted(call.func) == "Subcommand"
+                    and call.args
+                    and isinstance(call.args[0], ast.Constant)
+                ):
+                    names.add(str(call.args[0].value))
+    return names
+
+
+def defined_names(root: Path) -> set[str]:
+    """Every function and class name defined below DEFINING, every builtin,
+    and the public names of STDLIB_BARE."""
+    names = set(dir(builtins))
+    for module in STDLIB_BARE:
+        names.update(n for n in dir(importlib.import_module(module)) if not n.startswith("_"))
+    for top in DEFINING:
+        for path in (root / top).rglob("*.py"):
+            try:
+                tree = ast.parse(path.read_text())
+            except SyntaxError:
+                continue  # the scan reports it for its own tops; a plugin's is the plugin's
+            names.update(
+                node.name
+                for node in ast.walk(tree)
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            )
+    return names
+
+
+def _doc_code(text: str) -> list[tuple[int, str]]:
+    """The code of a Markdown text, with the line each piece starts on:
+    fenced blocks, then the inline spans of the rest."""
+    pieces = [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in FENCED.finditer(text)]
+    rest = FENCED.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    pieces += [(rest.count("\n", 0, m.start()) + 1, m.group(1)) for m in SPAN.finditer(rest)]
+    return pieces
+
+
+def _own_names(code: str) -> set[str]:
+    """What a doc's example code defines or imports itself."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def check_docs(root: Path) -> Iterator[Violation]:
+    """Docs name the subcommands and functions that exist."""
+    commands = subcommand_names(root)
+    known = defined_names(root)
+    docs = sorted([root / "README.md", root / "SECURITY.md", *(root / "docs").glob("*.md")])
+    for doc in (d for d in docs if d.is_file()):
+        rel = doc.relative_to(root).as_posix()
+        pieces = _doc_code(doc.read_text())
+        own = set().union(*(_own_names(code) for _, code in pieces))
+        for line, code in pieces:
+            for match in COMMAND.finditer(code):
+                if match.group(1) not in commands:
+                    at = line + code.count("\n", 0, match.start())
+                    yield Violation(
+                        rel, at, "docs", f"`plughost {match.group(1)}`: no such subcommand"
+                    )
+            for match in CALLED.finditer(code):
+                parts = match.group(1).split(".")
+                if parts[0] in sys.stdlib_module_names or parts[-1] in known | own:
+                    continue
+                at = line + code.count("\n", 0, match.start())
+                yield Violation(rel, at, "docs", f"`{match.group(1)}()`: no such function")
+    text = (root / ARCHITECTURE_DOC).read_text()
+    listed = re.search(r"SUBCOMMANDS:([^;\n]*)", text)
+    if listed is None or set(re.findall(r"[a-z][a-z-]*", listed.group(1))) != commands:
+        yield Violation(
+            ARCHITECTURE_DOC,
+            text.count("\n", 0, listed.start()) + 1 if listed else 1,
+            "docs",
+            f"its `SUBCOMMANDS:` line must list exactly: {', '.join(sorted(commands))}",
+        )
+
+
 def scan(root: Path) -> list[Violation]:
     """All violations below `root` (a checkout of plughost)."""
     violations = list(check_runner(root))
@@ -505,6 +620,8 @@ def scan(root: Path) -> list[Violation]:
             violations.extend(check_reason_tables(rel, tree, reasons))
             violations.extend(check_layer_names(rel, tree, layers))
     violations.extend(check_cycles(root, trees))
+    if (root / CLI_MODULE).is_file() and (root / ARCHITECTURE_DOC).is_file():
+        violations.extend(check_docs(root))
     return violations
 
 

@@ -163,3 +163,57 @@ def test_a_function_over_sixty_lines_is_reported(tree: Path) -> None:
     result = scan(tree)
     assert result.returncode == 1 and "[function-length]" in result.stdout
     assert "host/long_function.py:1:" in result.stdout and "too_long() is 62 lines" in result.stdout
+
+
+@pytest.fixture
+def documented(tree: Path) -> Path:
+    """The scratch tree with the docs and every tree a doc's function may come from."""
+    for top in ("docs", "plughost", "scripts", "plugins", "examples"):
+        shutil.copytree(ROOT / top, tree / top, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("README.md", "SECURITY.md"):
+        shutil.copy(ROOT / name, tree / name)
+    return tree
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Run `plughost vacuum --all` weekly.", "`plughost vacuum`: no such subcommand"),
+        ("```sh\n/opt/x/bin/plughost doctor\n```", "`plughost doctor`: no such subcommand"),
+        ("The watch calls `handle.memory()`.", "`handle.memory()`: no such function"),
+        ("```\nW->>H: every 20 ms: oom_state()\n```", "`oom_state()`: no such function"),
+    ],
+)
+def test_a_doc_naming_what_the_code_lacks_is_reported(
+    documented: Path, text: str, message: str
+) -> None:
+    line = _append(documented, "docs/deploy.md", text)
+    line += next(
+        i for i, piece in enumerate(text.splitlines()) if "(" in piece or "plughost" in piece
+    )
+    result = scan(documented)
+    assert result.returncode == 1
+    found = [v for v in result.stdout.splitlines() if "[docs]" in v]
+    assert len(found) == 1 and message in found[0], result.stdout
+    assert found[0].startswith(f"docs/deploy.md:{line}:"), found[0]
+
+
+def test_what_a_doc_names_that_exists_passes(documented: Path) -> None:
+    _append(
+        documented,
+        "docs/plugins.md",
+        "`plughost check DIR`, `sample_memory()`, `os.cpu_count()`, `write()`, `len()`\n"
+        "```python\nfrom pathlib import Path\ndef helper():\n    return Path('x')\n```\n"
+        "then `helper()` in prose",
+    )
+    assert scan(documented).returncode == 0
+
+
+def test_architecture_must_list_every_subcommand(documented: Path) -> None:
+    doc = documented / "docs" / "architecture.md"
+    text = doc.read_text()
+    assert "SUBCOMMANDS: run, serve, worker," in text
+    doc.write_text(text.replace("SUBCOMMANDS: run, serve, worker,", "SUBCOMMANDS: run, serve,"))
+    result = scan(documented)
+    assert result.returncode == 1
+    assert "[docs] its `SUBCOMMANDS:` line must list exactly" in result.stdout
