@@ -1,5 +1,6 @@
 """Admin routes, closed (403) until an admin token is set: lift a plugin's
-quarantine, discover plugins again."""
+quarantine, discover plugins again. The router carries the admin check, so
+a route added here cannot forget it."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ from fastapi import APIRouter
 from host.api.deps import ADMIN, ServicesDep, SettingsDep
 from host.api.errors import responses
 
-router = APIRouter(tags=["admin"])
+router = APIRouter(tags=["admin"], dependencies=ADMIN, responses=responses(401, 403))
 
 
 @router.post(
     "/v1/admin/plugins/{name}/quarantine/reset",
-    responses=responses(401, 403, 404),
-    dependencies=ADMIN,
+    responses=responses(404),
     summary="Lift a plugin's quarantine",
 )
 def reset_quarantine(name: str, svc: ServicesDep) -> dict[str, Any]:
@@ -25,8 +25,6 @@ def reset_quarantine(name: str, svc: ServicesDep) -> dict[str, Any]:
 
 @router.post(
     "/v1/admin/reload",
-    responses=responses(401, 403),
-    dependencies=ADMIN,
     summary="Discover plugins again",
 )
 def reload_plugins(svc: ServicesDep, settings: SettingsDep) -> dict[str, Any]:

@@ -299,3 +299,24 @@ def test_analyze_that_outlasts_its_wait_answers_202_with_a_job_to_follow(
     assert client.get(link).json()["status"] in ("PENDING", "RUNNING")
     finished = wait_status(client, job["id"], {"FAILED"})
     assert finished["error"]["details"]["reason"] == "timeout"
+
+
+def test_every_admin_route_refuses_a_client_token_and_none(
+    make_client: Callable[..., TestClient],
+) -> None:
+    """The admin router carries the check: each of its routes, whatever it
+    is, refuses a request without a token and one with a client's (401)."""
+    from fastapi.routing import APIRoute
+
+    from host.api.routes import admin
+
+    client = make_client(admin_token="a-token", client_tokens=["c-token"])
+    routes = [r for r in admin.router.routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 2
+    for route in routes:
+        path = route.path.replace("{name}", "image_info")
+        for method in route.methods:
+            assert client.request(method, path).status_code == 401, path
+            as_client = client.request(method, path, headers={"Authorization": "Bearer c-token"})
+            assert as_client.status_code == 401, path
+            assert client.request(method, path, headers=ADMIN).status_code == 200, path
