@@ -33,7 +33,8 @@ Checks (docs/GOVERNANCE.md explains each and what to do when one fires):
                  `host/cli.py` defines, in code (`plughost NAME`), and only functions
                  that exist (`name()` in code: defined in the tree, a builtin, the
                  standard library's, or the doc's own example code); the `SUBCOMMANDS:`
-                 line of docs/architecture.md lists every subcommand
+                 line of docs/architecture.md lists every subcommand; its table
+                 of layers is the one `LAYERS` gives (`--write-layer-table` writes it)
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ LIBRARY_RUNNERS = {"subprocess", "asyncio", "uvicorn"}
 UNPICKLERS = {"pickle", "_pickle", "cPickle", "dill", "marshal", "shelve", "cloudpickle"}
 SCANNED = ("host", "sandbox")
 CLI_MODULE = "host/cli.py"
+LAYERS_MODULE = "sandbox/layers/__init__.py"
+LAYER_TABLE_START = "<!-- the layers: written by scripts/scan_governance.py --write-layer-table -->"
+LAYER_TABLE_END = "<!-- end of the layers -->"
+LAYER_FIELDS = ("name", "needs", "detected", "host", "child")
 ARCHITECTURE_DOC = "docs/architecture.md"
 # Where a function a doc names may be defined (the bundled plugins' included).
 DEFINING = ("host", "sandbox", "plughost", "scripts", "plugins", "examples")
@@ -593,6 +598,48 @@ def check_docs(root: Path) -> Iterator[Violation]:
         )
 
 
+def layer_table(root: Path) -> str:
+    """The Markdown table of the layers, from the strings of each `Layer(...)`
+    of `LAYERS` (read from the AST: the sandbox is not imported)."""
+    tree = ast.parse((root / LAYERS_MODULE).read_text(), LAYERS_MODULE)
+    rows = [
+        "| layer | module | needs | detected by | host prepares | child applies (step) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and _dotted(node.func) == "Layer"):
+            continue
+        fields = dict(zip(LAYER_FIELDS, node.args, strict=False))
+        fields.update((k.arg, k.value) for k in node.keywords if k.arg)
+        text = {k: v.value for k, v in fields.items() if isinstance(v, ast.Constant)}
+        module = text.get("module", "-")
+        where = f"`{module}.py`" if module != "-" else "(always on)"
+        cells = [text.get(f, "?").replace("|", "\\|") for f in LAYER_FIELDS]
+        rows.append(f"| {cells[0]} | {where} | " + " | ".join(cells[1:]) + " |")
+    return "\n".join(rows)
+
+
+def _with_layer_table(text: str, table: str) -> str | None:
+    """`text` with its generated block replaced by `table` (None: no block)."""
+    start, end = text.find(LAYER_TABLE_START), text.find(LAYER_TABLE_END)
+    if start < 0 or end < start:
+        return None
+    return f"{text[: start + len(LAYER_TABLE_START)]}\n{table}\n{text[end:]}"
+
+
+def check_layer_table(root: Path) -> Iterator[Violation]:
+    text = (root / ARCHITECTURE_DOC).read_text()
+    if _with_layer_table(text, layer_table(root)) != text:
+        line = text.count("\n", 0, max(text.find(LAYER_TABLE_START), 0)) + 1
+        yield Violation(
+            ARCHITECTURE_DOC,
+            line,
+            "docs",
+            "its table of layers is not what LAYERS says: run "
+            "`python scripts/scan_governance.py --write-layer-table`",
+        )
+
+
 def scan(root: Path) -> list[Violation]:
     """All violations below `root` (a checkout of plughost)."""
     violations = list(check_runner(root))
@@ -622,11 +669,22 @@ def scan(root: Path) -> list[Violation]:
     violations.extend(check_cycles(root, trees))
     if (root / CLI_MODULE).is_file() and (root / ARCHITECTURE_DOC).is_file():
         violations.extend(check_docs(root))
+    if (root / LAYERS_MODULE).is_file() and (root / ARCHITECTURE_DOC).is_file():
+        violations.extend(check_layer_table(root))
     return violations
 
 
 def main(argv: list[str]) -> int:
+    write = "--write-layer-table" in argv
+    argv = [a for a in argv if a != "--write-layer-table"]
     root = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent.parent
+    if write:
+        doc = root / ARCHITECTURE_DOC
+        text = _with_layer_table(doc.read_text(), layer_table(root))
+        if text is None:
+            print(f"{ARCHITECTURE_DOC} has no {LAYER_TABLE_START!r} block", file=sys.stderr)
+            return 1
+        doc.write_text(text)
     violations = scan(root)
     for violation in violations:
         print(violation)

@@ -6,23 +6,11 @@ what the child applies. `LAYERS` lists them; every list of layer names
 (`OPTIONAL_LAYERS`, the protections a host reports, `--disable-layer`)
 derives from it. The child applies them in the order of `sandbox.child.STEPS`.
 
-    module      layers                               host prepares        child applies
-    ----------  -----------------------------------  -------------------  ---------------------
-    privilege   privilege_drop, no_new_privs          a uid per call       setresuid; NO_NEW_PRIVS
-    user        user_namespace                        -                    CLONE_NEWUSER; caps off
-    mnt         mount_namespace, tmpfs_scratch        -                    minimal root, tmpfs
-    net         network_namespace                     -                    CLONE_NEWNET; lo up
-    ipc / uts   ipc_namespace, uts_namespace          -                    CLONE_NEWIPC / NEWUTS
-    pid         pid_namespace                         -                    relay, init, worker
-    shared      (how a root launcher gives a call     launcher: one IPC,   setns; init without
-                 ipc, uts, pid namespaces, its root)  UTS namespace; root  a relay; root copied
-                                                      templates
-    landlock    landlock                              -                    Landlock ruleset
-    seccomp     seccomp                               -                    BPF filter
-    cgroup      cgroup_memory, cgroup_pids            CallCgroup           join cgroup.procs
-    (always)    fresh_process_per_call, rlimits,      launcher forks;      rlimits, setsid,
-                own_session, scrubbed_environment,    memory watchdog      SAFE_ENV
-                memory_watchdog
+Each `Layer` below is the one statement of its facts: docs/architecture.md's
+table of layers is generated from these strings (`python
+scripts/scan_governance.py --write-layer-table`), and the governance scanner
+fails when the two differ. How a root launcher gives a call its IPC, UTS,
+PID and network namespaces and its root is `shared.py`'s.
 
 Detection runs once per Sandbox, in a fresh interpreter (`detect`), so the
 multi-threaded host never forks itself; `resolve` turns what was found, the
@@ -51,7 +39,8 @@ class Layer:
     needs: str  # what it cannot work without
     detected: str  # how a host finds out it has it
     host: str  # what the host prepares for it per call
-    child: str  # what the child applies
+    child: str  # what the child applies, with its step of `sandbox.child.STEPS`
+    module: str = "-"  # the module of sandbox/layers/ that holds it
     isolated: bool = False  # needs root or a user namespace
     optional: bool = True  # False: part of every call, never missing
     unshare_flag: int = 0  # a namespace the child creates in the minimal root's unshare
@@ -82,27 +71,37 @@ LAYERS: tuple[Layer, ...] = (
         "privilege_drop",
         "root",
         "euid 0",
-        "a uid per call (UidPool)",
-        "setresuid to it",
+        "a uid per call (`UidPool`)",
+        "setresuid to it (`privilege`)",
+        module="privilege",
         probe=lambda found: os.geteuid() == 0,
     ),
     Layer(
         "user_namespace",
         "an unprivileged host",
-        "a probe unshares CLONE_NEWUSER",
+        "a forked probe unshares CLONE_NEWUSER",
         "-",
-        "CLONE_NEWUSER, capabilities dropped",
+        "CLONE_NEWUSER (`user`), capabilities dropped (`privilege`)",
+        module="user",
         probe=lambda found: os.geteuid() != 0 and _can_unshare(0, user_namespace=True),
     ),
     Layer(
-        "no_new_privs", "Linux 3.5", "always", "-", "PR_SET_NO_NEW_PRIVS", probe=lambda found: True
+        "no_new_privs",
+        "Linux 3.5",
+        "always",
+        "-",
+        "PR_SET_NO_NEW_PRIVS (`no_new_privs`)",
+        module="privilege",
+        probe=lambda found: True,
     ),
     Layer(
         "mount_namespace",
         "root or user_namespace",
-        "a probe unshares CLONE_NEWNS",
-        "-",
-        "minimal root (pivot_root)",
+        "a forked probe unshares CLONE_NEWNS",
+        "a root launcher's minimal-root template per plugin (`shared.py`)",
+        "one unshare (of the namespaces the launcher did not give) and the minimal root"
+        " (`mnt`), pivot_root (`pid`)",
+        module="mnt",
         isolated=True,
         probe=_unshare_probe(mnt.CLONE_NEWNS),
     ),
@@ -111,16 +110,18 @@ LAYERS: tuple[Layer, ...] = (
         "mount_namespace",
         "with mount_namespace",
         "-",
-        "a tmpfs scratch of scratch_mb",
+        "a tmpfs scratch of scratch_mb and a /dev/shm of the memory limit (`mnt`)",
+        module="mnt",
         isolated=True,
         probe=lambda found: found["mount_namespace"],
     ),
     Layer(
         "network_namespace",
         "root or user_namespace",
-        "a probe unshares CLONE_NEWNET",
-        "-",
-        "CLONE_NEWNET, loopback up",
+        "a forked probe unshares CLONE_NEWNET",
+        "a root launcher's per-uid slot (`shared.py`; never two running calls: SECURITY.md)",
+        "else the flag in `mnt`'s unshare; loopback up (`net`)",
+        module="net",
         isolated=True,
         probe=_unshare_probe(net.CLONE_NEWNET),
         unshare_flag=net.CLONE_NEWNET,
@@ -128,9 +129,10 @@ LAYERS: tuple[Layer, ...] = (
     Layer(
         "ipc_namespace",
         "root or user_namespace",
-        "a probe unshares CLONE_NEWIPC",
-        "-",
-        "CLONE_NEWIPC",
+        "a forked probe unshares CLONE_NEWIPC",
+        "a root launcher's shared one (`shared.py`)",
+        "else the flag in `mnt`'s unshare",
+        module="ipc",
         isolated=True,
         probe=_unshare_probe(ipc.CLONE_NEWIPC),
         unshare_flag=ipc.CLONE_NEWIPC,
@@ -138,9 +140,10 @@ LAYERS: tuple[Layer, ...] = (
     Layer(
         "uts_namespace",
         "root or user_namespace",
-        "a probe unshares CLONE_NEWUTS",
-        "-",
-        "CLONE_NEWUTS",
+        "a forked probe unshares CLONE_NEWUTS",
+        "a root launcher's shared one (`shared.py`)",
+        "else the flag in `mnt`'s unshare",
+        module="uts",
         isolated=True,
         probe=_unshare_probe(uts.CLONE_NEWUTS),
         unshare_flag=uts.CLONE_NEWUTS,
@@ -148,9 +151,11 @@ LAYERS: tuple[Layer, ...] = (
     Layer(
         "pid_namespace",
         "root or user_namespace",
-        "a probe unshares CLONE_NEWPID",
-        "-",
-        "CLONE_NEWPID: relay, init, worker",
+        "a forked probe unshares CLONE_NEWPID",
+        "a root launcher's slot, or one it makes per call (`shared.py`)",
+        "in a slot: /proc with hidepid (`pid`); else init (pid 1), worker; behind a relay"
+        " when the child makes it",
+        module="pid",
         isolated=True,
         probe=_unshare_probe(pid.CLONE_NEWPID),
         unshare_flag=pid.CLONE_NEWPID,
@@ -159,32 +164,36 @@ LAYERS: tuple[Layer, ...] = (
         "landlock",
         "Landlock ABI 1+",
         "landlock_create_ruleset reports an ABI",
-        "-",
-        "ruleset: exposed paths read-only, scratch writable",
+        "the launcher works each plugin's rules out once (`rules_for`)",
+        "the ruleset: exposed paths read-only, scratch and /dev/shm writable (`landlock`)",
+        module="landlock",
         probe=lambda found: landlock.landlock_abi() >= 1,
     ),
     Layer(
         "seccomp",
         "x86_64 seccomp filters",
         "a forked probe installs the filter",
-        "-",
-        "BPF system-call filter",
+        "the launcher builds each variant's program once (`prepare_filters`)",
+        "the BPF system-call filter (`seccomp`)",
+        module="seccomp",
         probe=lambda found: seccomp.probe(),
     ),
     Layer(
         "cgroup_memory",
-        "root or a delegated cgroup",
-        "v1 probe, else cgroup v2",
-        "CallCgroup memory limit",
-        "join cgroup.procs",
+        "root or a delegated v2 cgroup",
+        "v1 probe, else `cgroup2.usable()`",
+        "`CallCgroup` with the call's memory limit",
+        "join cgroup.procs (`cgroup`)",
+        module="cgroup",
         probe=lambda found: found["privilege_drop"] and cgroup.probe(CGROUP_V1["cgroup_memory"]),
     ),
     Layer(
         "cgroup_pids",
-        "root or a delegated cgroup",
-        "v1 probe, else cgroup v2",
-        "CallCgroup pids.max",
-        "join cgroup.procs",
+        "root or a delegated v2 cgroup",
+        "v1 probe, else `cgroup2.usable()`",
+        "`CallCgroup` with pids.max",
+        "join cgroup.procs (`cgroup`)",
+        module="cgroup",
         probe=lambda found: found["privilege_drop"] and cgroup.probe(CGROUP_V1["cgroup_pids"]),
     ),
     Layer(
@@ -195,10 +204,14 @@ LAYERS: tuple[Layer, ...] = (
         "-",
         optional=False,
     ),
-    Layer("rlimits", "-", "always", "-", "setrlimit (sandbox.limits.rlimits_for)", optional=False),
-    Layer("own_session", "-", "always", "-", "setsid", optional=False),
-    Layer("scrubbed_environment", "-", "always", "-", "SAFE_ENV only", optional=False),
-    Layer("memory_watchdog", "-", "always", "samples the call's memory", "-", optional=False),
+    Layer("rlimits", "-", "always", "-", "setrlimit (`rlimits`, `rlimits_for`)", optional=False),
+    Layer("own_session", "-", "always", "-", "setsid (`descriptors`)", optional=False),
+    Layer(
+        "scrubbed_environment", "-", "always", "-", "SAFE_ENV only (`environment`)", optional=False
+    ),
+    Layer(
+        "memory_watchdog", "-", "always", "the watch samples the call's memory", "-", optional=False
+    ),
 )
 BY_NAME = {layer.name: layer for layer in LAYERS}
 # Layers applied when this machine offers them.

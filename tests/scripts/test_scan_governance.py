@@ -217,3 +217,26 @@ def test_architecture_must_list_every_subcommand(documented: Path) -> None:
     result = scan(documented)
     assert result.returncode == 1
     assert "[docs] its `SUBCOMMANDS:` line must list exactly" in result.stdout
+
+
+def test_the_layer_table_must_say_what_layers_says(documented: Path) -> None:
+    """A layer's facts change in the code: the doc's table is out of date
+    until `--write-layer-table` writes it again."""
+    module = documented / "sandbox" / "layers" / "__init__.py"
+    text = module.read_text()
+    assert '"Landlock ABI 1+"' in text
+    module.write_text(text.replace('"Landlock ABI 1+"', '"Landlock ABI 3+"'))
+    result = scan(documented)
+    assert result.returncode == 1
+    assert "[docs] its table of layers is not what LAYERS says" in result.stdout
+    written = subprocess.run(
+        [sys.executable, str(SCANNER), str(documented), "--write-layer-table"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert written.returncode == 0, written.stdout
+    assert (
+        "| landlock | `landlock.py` | Landlock ABI 3+ |"
+        in (documented / "docs" / "architecture.md").read_text()
+    )
