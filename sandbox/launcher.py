@@ -1,12 +1,12 @@
 """The launcher: a small single-threaded process that forks one child per call.
 
 Everything in this module runs in the launcher process; the host's end of
-its socket is `sandbox.handle.Launcher`.
+its socket is `sandbox.launcher_client.Launcher`.
 
 The host is multi-threaded and must never fork itself, so it starts this
-process once, as a fresh interpreter (`python -m sandbox.launcher`, started
-with subprocess's fork-exec, which runs no Python code between the two), and
-asks it for children::
+process once, as a fresh interpreter (`python -E -s -c`, a bootstrap that
+imports this module and calls `main`, started with subprocess's fork-exec,
+which runs no Python code between the two), and asks it for children::
 
     host thread (sandbox.handle)   launcher (single thread)       child
     ----------------------------   ------------------------       -----
@@ -55,7 +55,6 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 
 from sandbox import child, trace
 from sandbox.layers import kernel
@@ -487,9 +486,6 @@ def main() -> None:
     if len(sys.argv) > 2:  # a measurement: record this launcher's and its calls' phases
         trace.enable(sys.argv[2])
     serve(sock)
-
-
-SOURCE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 if __name__ == "__main__":

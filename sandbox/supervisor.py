@@ -34,7 +34,8 @@ from typing import Any
 from sandbox import cgroup2, trace
 from sandbox.call import CancelToken, run_call
 from sandbox.cgroups import HOSTS_DIR, CgroupPool, sweep_stale
-from sandbox.handle import ChildHandle, Launcher, LauncherError
+from sandbox.handle import ChildHandle
+from sandbox.launcher_client import Launcher, LauncherError
 from sandbox.layers import (
     CGROUP_LAYERS,
     CGROUP_V1,

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sandbox.launcher import SOURCE_ROOT
+from sandbox.launcher_client import SOURCE_ROOT
 from sandbox.layers.shared import HOLDER_TITLE
 from sandbox.supervisor import uid_range
 from tests.conftest import HOSTILE_DIR, make_png

@@ -15,7 +15,8 @@ from dataclasses import replace
 import pytest
 
 from sandbox.call import run_call
-from sandbox.handle import PIPES, ChildHandle, Launcher
+from sandbox.handle import PIPES, ChildHandle
+from sandbox.launcher_client import Launcher
 from sandbox.limits import HostLimits, MiB, PluginLimits
 from sandbox.outcome import HostFailure, Status
 from sandbox.protocol import EXIT, READY, CallSpec, encode_frame

@@ -321,7 +321,7 @@ def test_a_warm_child_whose_call_cannot_be_stopped_is_never_handed_a_call(
     # The launcher's stopper did not report every thread stopped in time (a
     # thread in an uninterruptible wait, the launcher gone): the warm child
     # is put away and the call starts cold, within its own deadline.
-    from sandbox.handle import Launcher
+    from sandbox.launcher_client import Launcher
 
     monkeypatch.setattr(Launcher, "stop_uid", lambda self, uid: None)
     _idle_spy(registry, tmp_path, "thread")

@@ -235,3 +235,23 @@ def test_the_launcher_loads_neither_pydantic_nor_the_hosts_watch() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.timeout(60)
+def test_the_host_loads_neither_the_launcher_nor_the_childs_code() -> None:
+    # The host starts the launcher by the path of its source
+    # (sandbox.launcher_client): the launcher's loop and the child's steps
+    # are never the host's code.
+    probe = (
+        "import sys\n"
+        "import host.cli, host.api.app\n"
+        "from sandbox import Sandbox\n"
+        "import sandbox.tool_runner\n"
+        "import sandbox.supervisor, sandbox.launcher_client\n"
+        "print(sorted(n for n in ('sandbox.launcher', 'sandbox.child') if n in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=50, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
