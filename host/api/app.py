@@ -8,9 +8,11 @@
       ├── the routers of host/api/routes/ (ROUTERS), dependencies in host/api/deps.py
       └── the operator's console at /console (host/api/console.py)
 
-Routes never run sandbox work on the event loop: analyses are queued in the
-job pool and awaited through `asyncio.wrap_future`, and routes that touch the
-job store are plain `def` routes, which FastAPI runs in its thread pool.
+Routes never run sandbox, store or database work on the event loop: analyses
+are submitted from the thread pool and awaited through `asyncio.wrap_future`,
+and routes that touch the job store are plain `def` routes, which FastAPI
+runs in its thread pool (tests/host/api/test_event_loop.py holds the store
+back and shows the loop still answering).
 """
 
 import asyncio

@@ -1,6 +1,8 @@
 """`POST /v1/analyze` (JSON, base64 image) and `POST /v1/analyze/upload`
 (multipart): queue the analysis as a job and wait for it, without blocking
-the event loop (`asyncio.wrap_future`)."""
+the event loop: the submission (quota reads, pruning, in cluster mode the
+database's round trips) and a late recording run in the thread pool, and the
+wait is `asyncio.wrap_future`."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from host.api.auth import Principal
 from host.api.bodies import ANALYZE_BODY_DOC, analyze_body, parse_form_options
@@ -30,11 +33,13 @@ class AnalyzeResponse(BaseModel):
 async def _analyze(
     svc: Services, caller: Principal, plugin: str | None, payload: Any
 ) -> JSONResponse:
-    job, future = svc.analysis.submit(plugin, payload, caller.id, waited=True)
+    job, future = await run_in_threadpool(
+        svc.analysis.submit, plugin, payload, caller.id, waited=True
+    )
     try:
         job = await asyncio.wait_for(asyncio.wrap_future(future), ANALYZE_WAIT_S)
     except TimeoutError:
-        job = svc.analysis.stop_waiting(job)  # stored now, to be followed at its link
+        job = await run_in_threadpool(svc.analysis.stop_waiting, job)  # stored now, to be followed
         return JSONResponse(
             {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}}, status_code=202
         )
