@@ -34,7 +34,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from host import __version__
 from host.api.auth import Principal
 from host.config import Settings
-from host.console import views
+from host.console import states, views
 from host.console.session import (
     COOKIE,
     COOKIE_PATH,
@@ -71,7 +71,10 @@ def _environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["num"] = lambda v, unit="": "–" if v is None else f"{v:g}{unit}"
+    # An em dash for a figure there is none of: no call yet, or nothing measured.
+    env.filters["num"] = lambda v, unit="": "—" if v is None else f"{v:g}{unit}"
+    env.globals["QUARANTINED"] = states.QUARANTINED
+    env.globals["QUARANTINE_OVER"] = states.QUARANTINE_OVER
     # ISO-8601 UTC timestamps, to the second, for tables (the full value stays in <time>).
     env.filters["when"] = lambda v: "–" if not v else str(v)[:19].replace("T", " ")
     return env

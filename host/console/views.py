@@ -2,8 +2,13 @@
 
 Pages are rendered from these dictionaries by the templates; nothing here
 knows HTML. The figures are the host's metrics (`host.metrics`): call
-counts by outcome, and p50/p95 of latency and peak memory estimated from the
-same histogram buckets `/metrics` exports.
+counts by outcome, and p50/p95 of latency and peak memory ranked among the
+recent calls' own figures (not estimated from the buckets `/metrics`
+exports, whose interpolation invents values a plugin never took).
+
+Each plugin is shown in one condition (`condition`): the registry's state
+of its last call, unless its environment keeps every call from running
+(preparing, not prepared, failed), with what that means and what to do.
 
 What a client is shown is its own. The admin sees everything; a client sees
 the recent outcomes of its own calls only (messages and result keys echo
@@ -18,7 +23,8 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from host.metrics import Histogram, PluginFigures
+from host.console import states
+from host.metrics import WINDOW, Histogram, PluginFigures
 from host.services import JobManagementService, JobStatus, PluginManagementService
 from sandbox.outcome import Origin, reason_of
 
@@ -70,8 +76,8 @@ def figures_row(figures: PluginFigures, limits: dict[str, float]) -> dict[str, A
     """Calls, error rate, latency and memory of one plugin against its limits."""
     timeout_s = float(limits["timeout_s"])
     memory_bytes = float(limits["memory_mb"]) * MiB
-    p50, p95 = figures.latency.quantile(0.5), figures.latency.quantile(0.95)
-    peak95 = figures.memory.quantile(0.95)
+    p50, p95 = figures.latency_quantile(0.5), figures.latency_quantile(0.95)
+    peak95 = figures.peak_quantile(0.95)
     total = figures.total
     return {
         "calls": total,
@@ -86,6 +92,8 @@ def figures_row(figures: PluginFigures, limits: dict[str, float]) -> dict[str, A
         "peak95_mb": _mb(peak95),
         "memory_fraction": _fraction(figures.max_peak_bytes, memory_bytes),
         "memory95_fraction": _fraction(peak95, memory_bytes),
+        "ranked": len(figures.recent.seconds),
+        "measured": len(figures.recent.peaks),
         "latency_spark": spark(figures.latency),
         "memory_spark": spark(figures.memory),
     }
@@ -99,7 +107,11 @@ def plugin_row(
     figures are those of `scope`'s own calls (None: everyone's, the admin's)."""
     described = plugins.describe(name, admin, scope)
     figures = plugins.metrics.figures(name, scope)
-    return {**described, **figures_row(figures, described["limits"])}
+    return {
+        **described,
+        **figures_row(figures, described["limits"]),
+        "condition": states.condition(described),
+    }
 
 
 def overview(
@@ -126,6 +138,8 @@ def overview(
         "self_check": self_check,
         "quarantined": [r["name"] for r in rows if r["quarantine"]["quarantined"]],
         "nodes": svc.nodes() if admin else [],
+        "badges": states.legend(),
+        "window": WINDOW,
     }
 
 
@@ -161,6 +175,8 @@ def plugin_page(
         "dependencies": list(getattr(manifest, "dependencies", []) or []),
         "options_schema": json.dumps(schema, indent=2, sort_keys=True) if schema else None,
         "recent": recent if admin else [as_client_sees(entry) for entry in recent],
+        "badges": states.legend(),
+        "window": WINDOW,
     }
 
 
