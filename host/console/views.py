@@ -30,6 +30,8 @@ from sandbox.outcome import Origin, reason_of
 
 MiB = 1024 * 1024
 PAGE_SIZE = 50
+# A job's result on its page; the API serves it whole.
+MAX_SHOWN_CHARS = 64 * 1024
 
 
 class ConsoleServices(Protocol):
@@ -161,10 +163,15 @@ def as_client_sees(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def plugin_page(
-    plugins: PluginManagementService, name: str, scope: str | None, admin: bool
+    plugins: PluginManagementService,
+    name: str,
+    scope: str | None,
+    admin: bool,
+    names: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Manifest, limits, options schema, figures and recent outcomes of
-    `name`: those of `scope`'s calls (None: everyone's, for the admin).
+    `name`: those of `scope`'s calls (None: everyone's, for the admin, with
+    their owners' names from `names`, owner id -> name).
     Raises Rejected (unknown_plugin) for a name that is not registered."""
     row = plugin_row(plugins, name, admin, scope)
     manifest = plugins.registry.get_plugin(name).manifest
@@ -174,7 +181,11 @@ def plugin_page(
         **row,
         "dependencies": list(getattr(manifest, "dependencies", []) or []),
         "options_schema": json.dumps(schema, indent=2, sort_keys=True) if schema else None,
-        "recent": recent if admin else [as_client_sees(entry) for entry in recent],
+        "recent": (
+            [{**e, "owner_name": (names or {}).get(str(e.get("owner")))} for e in recent]
+            if admin
+            else [as_client_sees(entry) for entry in recent]
+        ),
         "badges": states.legend(),
         "window": WINDOW,
     }
@@ -202,18 +213,29 @@ def isolation(
     }
 
 
+def _as_seen(job: dict[str, Any], scope: str | None, names: dict[str, str]) -> dict[str, Any]:
+    """A job's public view for `scope` (None: the admin): the admin sees
+    whose it is (`owner_name`, from the configured names); a client, only
+    ever shown its own jobs, sees a host-decided error as `as_client_sees`."""
+    if scope is None:
+        return {**job, "owner_name": names.get(str(job.get("owner")))}
+    return as_client_sees(job)
+
+
 def jobs_page(
     jobs: JobManagementService,
     scope: str | None,
     status: JobStatus | None,
     plugin: str | None,
     offset: int,
+    names: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A page of the jobs `scope` may see (None: everyone's), newest first."""
+    """A page of the jobs `scope` may see (None: everyone's, with their
+    owners' names from `names`, owner id -> name), newest first."""
     page = jobs.list_jobs(scope, status, plugin, PAGE_SIZE, offset)
     listed = []
     for document in page.documents:
-        job = json.loads(document)
+        job = _as_seen(json.loads(document), scope, names or {})
         result = job.get("result") or {}
         job["result_keys"] = sorted(map(str, result))[:20] if isinstance(result, dict) else []
         job.pop("result", None)  # a result can be large; the API serves it whole
@@ -225,4 +247,22 @@ def jobs_page(
         "next_offset": page.next_offset,
         "previous_offset": max(0, offset - PAGE_SIZE) if offset else None,
         "statuses": [s.value for s in JobStatus],
+    }
+
+
+def job_page(
+    jobs: JobManagementService, job_id: str, scope: str | None, names: dict[str, str]
+) -> dict[str, Any]:
+    """One job `scope` may see (None: any, with its owner's name from
+    `names`), its result as indented JSON cut at `MAX_SHOWN_CHARS`. Raises
+    JobNotFound for another owner's job as for an unknown id."""
+    job = _as_seen(json.loads(jobs.job_document(job_id, scope)), scope, names)
+    result = job.pop("result", None)
+    shown = None if result is None else json.dumps(result, indent=2, sort_keys=True)
+    cut = shown is not None and len(shown) > MAX_SHOWN_CHARS
+    return {
+        **job,
+        "result_json": shown[:MAX_SHOWN_CHARS] if shown is not None else None,
+        "result_cut": cut,
+        "error_json": json.dumps(job["error"], indent=2) if job.get("error") else None,
     }
