@@ -6,7 +6,9 @@ Defaults bind the server to 127.0.0.1 and leave the API open; set
 `client_tokens` / `admin_token` to require bearer tokens. Each client token
 is a principal that sees only its own jobs (with no client tokens everyone is
 "anonymous"); the admin token sees every job, and the admin routes are closed
-until it is set.
+until it is set. A client token written `name=token` carries a name the
+console and the logs show; the principal stays the token's digest, so
+naming a token later keeps its jobs.
 
 What the job store keeps is bounded: `job_retention_s` (age of finished
 jobs), `max_db_bytes` (size of the database: over it the oldest finished jobs
@@ -29,15 +31,42 @@ called, so a call pays a hand-over instead of a start (0 turns it off).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "PLUGHOST_"
 MiB = 1024 * 1024
+# The name of a client token written `name=token`: shown, never a secret.
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _named(entry: str, position: int) -> tuple[str | None, str]:
+    """(name, token) of one `client_tokens` entry: `name=token`, or a plain
+    token (which may end in `=` padding). Raises ValueError naming the
+    entry's position, never its text: a token is a secret."""
+    name, equals, token = entry.partition("=")
+    if not equals or not token or token.startswith("="):
+        return None, entry
+    if not CLIENT_NAME.fullmatch(name):
+        raise ValueError(
+            f"client_tokens entry {position} reads as name=token, and its name is not 1 to"
+            " 64 letters, digits, '.', '_' or '-' (a plain token may hold '=' only as"
+            " trailing padding)"
+        )
+    return name, token
 
 
 def default_state_dir() -> str:
@@ -156,6 +185,32 @@ class Settings(BaseModel):
     # wins instead, e.g. {"image_info" = "/srv/plugins/image_info"};
     # PLUGHOST_PLUGIN_OVERRIDES=image_info=/srv/plugins/image_info,other=/dir.
     plugin_overrides: dict[str, str] = Field(default_factory=dict)
+
+    # Client tokens' names (`name=token` entries), by token: display only.
+    _client_names: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _client_names_of_entries(self) -> Settings:
+        """Split `name=token` entries: `client_tokens` keeps the tokens,
+        `client_names` their names. Raises ValueError on a bad or repeated name."""
+        tokens: list[str] = []
+        names: dict[str, str] = {}
+        for position, entry in enumerate(self.client_tokens, 1):
+            name, token = _named(entry, position)
+            if name is not None:
+                if name in names.values():
+                    raise ValueError(f"client_tokens: the name {name!r} is given to two tokens")
+                if names.get(token, name) != name:
+                    raise ValueError(f"client_tokens entry {position}: a token named twice")
+                names[token] = name
+            tokens.append(token)
+        self.client_tokens, self._client_names = tokens, names
+        return self
+
+    @property
+    def client_names(self) -> dict[str, str]:
+        """The configured name of each named client token, by token."""
+        return dict(self._client_names)
 
     @field_validator("plugin_overrides", mode="before")
     @classmethod

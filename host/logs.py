@@ -1,4 +1,6 @@
-"""Structured logs: one JSON object per line, with job id and plugin where known.
+"""Structured logs: one JSON object per line, with job id and plugin where known,
+and the caller (`client`: a client token's configured name, else its
+principal id) of the request a line was written for, from `CALLER`.
 
 Identical lines are rate-limited (`RepeatFilter`): a flood of one message,
 such as asyncio's accept errors when descriptors run out, costs a few lines
@@ -12,9 +14,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
 CONTEXT_FIELDS = ("job_id", "plugin", "status", "reason", "elapsed_ms", "dropped", "traceback")
+# Who the current request is from, set once its caller is identified
+# (`host.api.auth`): each request runs in a context of its own, and uvicorn
+# writes its access line from it.
+CALLER: ContextVar[str | None] = ContextVar("plughost_caller", default=None)
 
 
 class RepeatFilter(logging.Filter):
@@ -74,6 +81,9 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, name, None)
             if value is not None:
                 entry[name] = value
+        caller = CALLER.get()
+        if caller is not None:
+            entry["client"] = caller
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

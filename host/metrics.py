@@ -28,8 +28,9 @@ owner)`): they are kept apart by (plugin, owner), never exported, at most
 
 from __future__ import annotations
 
+import math
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,12 @@ MEMORY_BUCKETS = tuple(mb * MiB for mb in (8, 16, 32, 64, 128, 256, 512, 1024, 2
 MAX_PLUGINS = 512
 MAX_OWN_SERIES = 8192
 OTHER = "_other"
+# Calls whose figures the console ranks for its percentiles, per plugin and
+# per (plugin, client): 256 floats and 256 ints each, a few kB per series.
+WINDOW = 256
+# Outcomes of calls refused before anything ran: counted, but their 0 s is
+# no latency and they have no peak.
+UNTIMED = frozenset({"quarantined"})
 
 
 def _label(value: str) -> str:
@@ -100,14 +107,57 @@ class Histogram:
         return out
 
 
+def rank(values: Sequence[float], q: float) -> float | None:
+    """The q-quantile (0 < q <= 1) of `values` by nearest rank: the smallest
+    value with at least a fraction q of the values at or below it, so always
+    one that was observed (one value is its own p50 and p95). None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+@dataclass
+class Recent:
+    """The wall times and measured peaks of the last `WINDOW` calls."""
+
+    seconds: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    peaks: deque[int] = field(default_factory=lambda: deque(maxlen=WINDOW))
+
+    def add(self, seconds: float, peak_bytes: int | None) -> None:
+        self.seconds.append(seconds)
+        if peak_bytes is not None:
+            self.peaks.append(peak_bytes)
+
+    def copy(self) -> Recent:
+        return Recent(deque(self.seconds, maxlen=WINDOW), deque(self.peaks, maxlen=WINDOW))
+
+
+def _measured(peak_bytes: int | None) -> int | None:
+    """A peak the sandbox measured, or None: a call whose process tree was
+    never sampled reports 0, which no process has used."""
+    return peak_bytes if peak_bytes is not None and peak_bytes > 0 else None
+
+
 @dataclass
 class PluginFigures:
-    """One plugin's figures at one moment: calls by outcome and both histograms."""
+    """One plugin's figures at one moment: calls by outcome, both histograms
+    (what /metrics exports), and the recent calls' figures the percentiles
+    are ranked from."""
 
     calls: dict[str, int]
     latency: Histogram
     memory: Histogram
     max_peak_bytes: int | None
+    recent: Recent = field(default_factory=Recent)
+
+    def latency_quantile(self, q: float) -> float | None:
+        """Seconds: the q-quantile of the recent calls' wall times (`rank`)."""
+        return rank(self.recent.seconds, q)
+
+    def peak_quantile(self, q: float) -> float | None:
+        """Bytes: the q-quantile of the recent measured peaks; None if none was."""
+        return rank(self.recent.peaks, q)
 
     @property
     def total(self) -> int:
@@ -126,6 +176,7 @@ class _Own:
     latency: Histogram = field(default_factory=lambda: Histogram(BUCKETS))
     memory: Histogram = field(default_factory=lambda: Histogram(MEMORY_BUCKETS))
     max_peak_bytes: int | None = None
+    recent: Recent = field(default_factory=Recent)
     last_seconds: float | None = None
     last_used: str | None = None
     last_peak_bytes: int | None = None
@@ -149,6 +200,7 @@ class Metrics:
         self._latency: dict[str, Histogram] = {}
         self._memory: dict[str, Histogram] = {}
         self._max_peak: dict[str, int] = {}
+        self._recent: dict[str, Recent] = {}
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self._plugin_gauges: dict[str, tuple[str, PluginGaugeRead]] = {}
         self._own: OrderedDict[tuple[str, str], _Own] = OrderedDict()
@@ -165,10 +217,13 @@ class Metrics:
         """Count one plugin call with its outcome (`success` or a reason), its
         wall time and, when the sandbox measured it, the peak memory of its
         process tree."""
+        peak_bytes = _measured(peak_bytes)
         with self._lock:
             plugin = self._series(plugin)
             self._calls[(plugin, outcome)] = self._calls.get((plugin, outcome), 0) + 1
             self._latency.setdefault(plugin, Histogram(BUCKETS)).observe(seconds)
+            if outcome not in UNTIMED:
+                self._recent.setdefault(plugin, Recent()).add(seconds, peak_bytes)
             memory = self._memory.setdefault(plugin, Histogram(MEMORY_BUCKETS))
             if peak_bytes is not None:
                 memory.observe(peak_bytes)
@@ -184,6 +239,7 @@ class Metrics:
     ) -> None:
         """Count one call of `plugin` made by `owner` (a principal id) apart
         from every other client's: what that client is shown (`own`)."""
+        peak_bytes = _measured(peak_bytes)
         with self._lock:
             own = self._own.get((plugin, owner))
             if own is None:
@@ -193,6 +249,8 @@ class Metrics:
             self._own.move_to_end((plugin, owner))
             own.calls[outcome] = own.calls.get(outcome, 0) + 1
             own.latency.observe(seconds)
+            if outcome not in UNTIMED:
+                own.recent.add(seconds, peak_bytes)
             own.last_seconds = seconds
             own.last_used = datetime.now(UTC).isoformat()
             own.last_peak_bytes = peak_bytes
@@ -238,7 +296,11 @@ class Metrics:
             with self._lock:
                 own = self._own.get((plugin, owner)) or _Own()
                 return PluginFigures(
-                    dict(own.calls), own.latency.copy(), own.memory.copy(), own.max_peak_bytes
+                    dict(own.calls),
+                    own.latency.copy(),
+                    own.memory.copy(),
+                    own.max_peak_bytes,
+                    own.recent.copy(),
                 )
         with self._lock:
             return PluginFigures(
@@ -246,6 +308,7 @@ class Metrics:
                 latency=self._latency.get(plugin, Histogram(BUCKETS)).copy(),
                 memory=self._memory.get(plugin, Histogram(MEMORY_BUCKETS)).copy(),
                 max_peak_bytes=self._max_peak.get(plugin),
+                recent=self._recent.get(plugin, Recent()).copy(),
             )
 
     def render(self) -> str:

@@ -1,7 +1,8 @@
 """Who is calling: bearer tokens become principals.
 
     no client tokens set     -> every caller is "anonymous"
-    a client token           -> "client-<16 hex of its sha256>" (the token itself is never stored)
+    a client token           -> "client-<16 hex of its sha256>" (the token itself is never stored),
+                                with the name of a `name=token` entry for display
     the admin token          -> "admin", which sees every principal's jobs
     anything else, when client tokens are set -> 401 unauthorized
 
@@ -19,6 +20,7 @@ from fastapi import Request
 
 from host.config import Settings
 from host.errors import ServiceError, envelope
+from host.logs import CALLER
 from host.services import ANONYMOUS
 
 ADMIN = "admin"
@@ -26,20 +28,39 @@ ADMIN = "admin"
 
 @dataclass(frozen=True)
 class Principal:
-    """A caller. `scope` is the owner whose jobs it may see (None: every owner)."""
+    """A caller. `scope` is the owner whose jobs it may see (None: every owner).
+    `name` is its token's configured name, for display only: jobs and
+    figures belong to `id`."""
 
     id: str
     admin: bool = False
+    name: str | None = None
 
     @property
     def scope(self) -> str | None:
         return None if self.admin else self.id
+
+    @property
+    def shown(self) -> str:
+        """How logs and the console name the caller: its name, else its id."""
+        return self.name or self.id
 
 
 def principal_id(token: str) -> str:
     """A stable id for a client token, safe to store and log."""
     digest = hashlib.sha256(b"plughost principal\0" + token.encode()).hexdigest()
     return f"client-{digest[:16]}"
+
+
+def client(token: str, settings: Settings) -> Principal:
+    """The principal of a configured client token, with its name if it has one."""
+    return Principal(principal_id(token), name=settings.client_names.get(token))
+
+
+def owner_names(settings: Settings) -> dict[str, str]:
+    """The configured name of each named client, by owner id (a principal
+    id): the admin's view of whose jobs and calls it sees."""
+    return {principal_id(token): name for token, name in settings.client_names.items()}
 
 
 def bearer(request: Request) -> str | None:
@@ -66,13 +87,20 @@ def identify_client(request: Request, settings: Settings) -> Principal:
     """The caller of a client route. Raises 401 (ServiceError)."""
     token = bearer(request)
     if settings.admin_token and _matches(token, [settings.admin_token]):
-        return Principal(ADMIN, admin=True)
+        return noted(Principal(ADMIN, admin=True))
     if not settings.client_tokens:
-        return Principal(ANONYMOUS)
+        return noted(Principal(ANONYMOUS))
     found = _matches(token, settings.client_tokens)
     if found is None:
         raise ServiceError(envelope("unauthorized", "a valid bearer token is required"))
-    return Principal(principal_id(found))
+    return noted(client(found, settings))
+
+
+def noted(principal: Principal) -> Principal:
+    """`principal`, named as the caller of this request's log lines
+    (uvicorn's access line included)."""
+    CALLER.set(principal.shown)
+    return principal
 
 
 def identify_admin(request: Request, settings: Settings) -> Principal:
@@ -81,7 +109,7 @@ def identify_admin(request: Request, settings: Settings) -> Principal:
         raise ServiceError(envelope("forbidden", "admin routes are off: no admin token set"))
     if not _matches(bearer(request), [settings.admin_token]):
         raise ServiceError(envelope("unauthorized", "the admin token is required"))
-    return Principal(ADMIN, admin=True)
+    return noted(Principal(ADMIN, admin=True))
 
 
 def matching_token(token: str | None, allowed: list[str]) -> str | None:

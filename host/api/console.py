@@ -4,6 +4,7 @@
     GET  /console/plugins/{name}       manifest, limits, options schema, recent outcomes
     GET  /console/isolation            active and missing layers, start-up self-check
     GET  /console/jobs                 jobs (the visitor's own; the admin's: everyone's)
+    GET  /console/jobs/{id}            one job: status, times, result or error (404 for another's)
     GET  /console/login, POST          token -> a server-side session, its id in an
                                        HttpOnly SameSite=Strict cookie (same-origin,
                                        CSRF-checked, throttled per address)
@@ -24,17 +25,18 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from host import __version__
-from host.api.auth import Principal
+from host.api.auth import Principal, noted, owner_names
 from host.config import Settings
-from host.console import views
+from host.console import states, views
 from host.console.session import (
     COOKIE,
     COOKIE_PATH,
@@ -43,7 +45,7 @@ from host.console.session import (
     Visitor,
     client_address,
 )
-from host.errors import Rejected
+from host.errors import JobNotFound, Rejected
 from host.services import JobStatus
 
 log = logging.getLogger("plughost.console")
@@ -59,6 +61,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+MAX_JOB_ID = 128  # longer than any job id: a longer path is an unknown job
 ACTIONS = {"reset": "Lift the quarantine of plugin {name}", "reload": "Discover plugins again"}
 # What a page says after an admin action redirected to it (`?done=...`).
 DONE = {"reset": "The quarantine was lifted.", "reload": "Plugins were discovered again."}
@@ -71,10 +74,29 @@ def _environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["num"] = lambda v, unit="": "–" if v is None else f"{v:g}{unit}"
+    # An em dash for a figure there is none of: no call yet, or nothing measured.
+    env.filters["num"] = lambda v, unit="": "—" if v is None else f"{v:g}{unit}"
+    env.globals["QUARANTINED"] = states.QUARANTINED
+    env.globals["QUARANTINE_OVER"] = states.QUARANTINE_OVER
     # ISO-8601 UTC timestamps, to the second, for tables (the full value stays in <time>).
     env.filters["when"] = lambda v: "–" if not v else str(v)[:19].replace("T", " ")
+    env.filters["short"] = short_time
     return env
+
+
+def short_time(value: str | None, now: datetime | None = None) -> str:
+    """An ISO-8601 UTC timestamp in as few characters as a table needs:
+    `07:08:41` today, `12-06 23:59` earlier this year, `2025-12-31` before."""
+    if not value:
+        return "—"
+    try:
+        at = datetime.fromisoformat(str(value)).astimezone(UTC)
+    except ValueError:
+        return str(value)[:19]
+    now = now or datetime.now(UTC)
+    if at.date() == now.date():
+        return at.strftime("%H:%M:%S")
+    return at.strftime("%m-%d %H:%M") if at.year == now.year else at.strftime("%Y-%m-%d")
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -121,8 +143,19 @@ def console_router(settings: Settings) -> APIRouter:
     """The console's routes, for `app.include_router`."""
     auth = ConsoleAuth(settings)
     pages = Pages(auth)
-    router = APIRouter(prefix="/console", include_in_schema=False)
+
+    async def note_visitor(request: Request) -> None:
+        # On the request's own task (the pages run on threads), so that its
+        # log lines, uvicorn's access line included, name the visitor.
+        principal = auth.visitor(request).principal
+        if principal is not None:
+            noted(principal)
+
+    router = APIRouter(
+        prefix="/console", include_in_schema=False, dependencies=[Depends(note_visitor)]
+    )
     _read_routes(router, settings, auth, pages)
+    _job_routes(router, settings, auth, pages)
     _account_routes(router, auth, pages)
     _admin_routes(router, settings, auth, pages)
     static = _static_files()
@@ -168,7 +201,11 @@ def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages
         visitor, principal = found
         try:
             data = views.plugin_page(
-                request.app.state.services.plugins, name, principal.scope, principal.admin
+                request.app.state.services.plugins,
+                name,
+                principal.scope,
+                principal.admin,
+                owner_names(settings),
             )
         except (Rejected, KeyError):
             return pages.render(request, found[0], "missing.html", 404, what=f"plugin {name}")
@@ -184,6 +221,8 @@ def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages
         )
         return pages.render(request, found[0], "isolation.html", **data)
 
+
+def _job_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages: Pages) -> None:
     @router.get("/jobs", response_class=HTMLResponse)
     def jobs(
         request: Request,
@@ -196,7 +235,10 @@ def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages
         visitor, principal = found
         services = request.app.state.services
         chosen = JobStatus(status) if status in JobStatus.__members__ else None
-        data = views.jobs_page(services.jobs, principal.scope, chosen, plugin or None, offset)
+        names = owner_names(settings)
+        data = views.jobs_page(
+            services.jobs, principal.scope, chosen, plugin or None, offset, names
+        )
         return pages.render(
             request,
             visitor,
@@ -206,6 +248,19 @@ def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages
             plugin_names=services.plugins.registry.list_plugins(),
             **data,
         )
+
+    @router.get("/jobs/{job_id}", response_class=HTMLResponse)
+    def job(request: Request, job_id: str) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        visitor, principal = found
+        jobs = request.app.state.services.jobs
+        try:
+            data = views.job_page(jobs, job_id[:MAX_JOB_ID], principal.scope, owner_names(settings))
+        except JobNotFound:  # another client's job as an unknown one
+            shown = job_id[:MAX_JOB_ID]
+            return pages.render(request, visitor, "missing.html", 404, what=f"job {shown}")
+        return pages.render(request, visitor, "job.html", job=data)
 
 
 def _account_routes(router: APIRouter, auth: ConsoleAuth, pages: Pages) -> None:

@@ -57,7 +57,7 @@ from urllib.parse import urlsplit
 
 from fastapi import Request
 
-from host.api.auth import ADMIN, Principal, bearer, matching_token, principal_id
+from host.api.auth import ADMIN, Principal, bearer, client, matching_token
 from host.config import Settings
 from host.services import ANONYMOUS
 
@@ -227,7 +227,7 @@ class ConsoleAuth:
         if admin and matching_token(token, [admin]):
             return Principal(ADMIN, admin=True)
         found = matching_token(token, self.settings.client_tokens)
-        return None if found is None else Principal(principal_id(found))
+        return None if found is None else client(found, self.settings)
 
     def _principal_of_digest(self, digest: bytes) -> Principal | None:
         """The principal of the configured token whose digest is `digest`:

@@ -2,8 +2,13 @@
 
 Pages are rendered from these dictionaries by the templates; nothing here
 knows HTML. The figures are the host's metrics (`host.metrics`): call
-counts by outcome, and p50/p95 of latency and peak memory estimated from the
-same histogram buckets `/metrics` exports.
+counts by outcome, and p50/p95 of latency and peak memory ranked among the
+recent calls' own figures (not estimated from the buckets `/metrics`
+exports, whose interpolation invents values a plugin never took).
+
+Each plugin is shown in one condition (`condition`): the registry's state
+of its last call, unless its environment keeps every call from running
+(preparing, not prepared, failed), with what that means and what to do.
 
 What a client is shown is its own. The admin sees everything; a client sees
 the recent outcomes of its own calls only (messages and result keys echo
@@ -18,12 +23,15 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from host.metrics import Histogram, PluginFigures
+from host.console import states
+from host.metrics import WINDOW, Histogram, PluginFigures
 from host.services import JobManagementService, JobStatus, PluginManagementService
 from sandbox.outcome import Origin, reason_of
 
 MiB = 1024 * 1024
 PAGE_SIZE = 50
+# A job's result on its page; the API serves it whole.
+MAX_SHOWN_CHARS = 64 * 1024
 
 
 class ConsoleServices(Protocol):
@@ -70,8 +78,8 @@ def figures_row(figures: PluginFigures, limits: dict[str, float]) -> dict[str, A
     """Calls, error rate, latency and memory of one plugin against its limits."""
     timeout_s = float(limits["timeout_s"])
     memory_bytes = float(limits["memory_mb"]) * MiB
-    p50, p95 = figures.latency.quantile(0.5), figures.latency.quantile(0.95)
-    peak95 = figures.memory.quantile(0.95)
+    p50, p95 = figures.latency_quantile(0.5), figures.latency_quantile(0.95)
+    peak95 = figures.peak_quantile(0.95)
     total = figures.total
     return {
         "calls": total,
@@ -86,6 +94,8 @@ def figures_row(figures: PluginFigures, limits: dict[str, float]) -> dict[str, A
         "peak95_mb": _mb(peak95),
         "memory_fraction": _fraction(figures.max_peak_bytes, memory_bytes),
         "memory95_fraction": _fraction(peak95, memory_bytes),
+        "ranked": len(figures.recent.seconds),
+        "measured": len(figures.recent.peaks),
         "latency_spark": spark(figures.latency),
         "memory_spark": spark(figures.memory),
     }
@@ -99,7 +109,11 @@ def plugin_row(
     figures are those of `scope`'s own calls (None: everyone's, the admin's)."""
     described = plugins.describe(name, admin, scope)
     figures = plugins.metrics.figures(name, scope)
-    return {**described, **figures_row(figures, described["limits"])}
+    return {
+        **described,
+        **figures_row(figures, described["limits"]),
+        "condition": states.condition(described),
+    }
 
 
 def overview(
@@ -126,6 +140,8 @@ def overview(
         "self_check": self_check,
         "quarantined": [r["name"] for r in rows if r["quarantine"]["quarantined"]],
         "nodes": svc.nodes() if admin else [],
+        "badges": states.legend(),
+        "window": WINDOW,
     }
 
 
@@ -147,10 +163,15 @@ def as_client_sees(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def plugin_page(
-    plugins: PluginManagementService, name: str, scope: str | None, admin: bool
+    plugins: PluginManagementService,
+    name: str,
+    scope: str | None,
+    admin: bool,
+    names: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Manifest, limits, options schema, figures and recent outcomes of
-    `name`: those of `scope`'s calls (None: everyone's, for the admin).
+    `name`: those of `scope`'s calls (None: everyone's, for the admin, with
+    their owners' names from `names`, owner id -> name).
     Raises Rejected (unknown_plugin) for a name that is not registered."""
     row = plugin_row(plugins, name, admin, scope)
     manifest = plugins.registry.get_plugin(name).manifest
@@ -160,7 +181,13 @@ def plugin_page(
         **row,
         "dependencies": list(getattr(manifest, "dependencies", []) or []),
         "options_schema": json.dumps(schema, indent=2, sort_keys=True) if schema else None,
-        "recent": recent if admin else [as_client_sees(entry) for entry in recent],
+        "recent": (
+            [{**e, "owner_name": (names or {}).get(str(e.get("owner")))} for e in recent]
+            if admin
+            else [as_client_sees(entry) for entry in recent]
+        ),
+        "badges": states.legend(),
+        "window": WINDOW,
     }
 
 
@@ -186,18 +213,29 @@ def isolation(
     }
 
 
+def _as_seen(job: dict[str, Any], scope: str | None, names: dict[str, str]) -> dict[str, Any]:
+    """A job's public view for `scope` (None: the admin): the admin sees
+    whose it is (`owner_name`, from the configured names); a client, only
+    ever shown its own jobs, sees a host-decided error as `as_client_sees`."""
+    if scope is None:
+        return {**job, "owner_name": names.get(str(job.get("owner")))}
+    return as_client_sees(job)
+
+
 def jobs_page(
     jobs: JobManagementService,
     scope: str | None,
     status: JobStatus | None,
     plugin: str | None,
     offset: int,
+    names: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A page of the jobs `scope` may see (None: everyone's), newest first."""
+    """A page of the jobs `scope` may see (None: everyone's, with their
+    owners' names from `names`, owner id -> name), newest first."""
     page = jobs.list_jobs(scope, status, plugin, PAGE_SIZE, offset)
     listed = []
     for document in page.documents:
-        job = json.loads(document)
+        job = _as_seen(json.loads(document), scope, names or {})
         result = job.get("result") or {}
         job["result_keys"] = sorted(map(str, result))[:20] if isinstance(result, dict) else []
         job.pop("result", None)  # a result can be large; the API serves it whole
@@ -209,4 +247,22 @@ def jobs_page(
         "next_offset": page.next_offset,
         "previous_offset": max(0, offset - PAGE_SIZE) if offset else None,
         "statuses": [s.value for s in JobStatus],
+    }
+
+
+def job_page(
+    jobs: JobManagementService, job_id: str, scope: str | None, names: dict[str, str]
+) -> dict[str, Any]:
+    """One job `scope` may see (None: any, with its owner's name from
+    `names`), its result as indented JSON cut at `MAX_SHOWN_CHARS`. Raises
+    JobNotFound for another owner's job as for an unknown id."""
+    job = _as_seen(json.loads(jobs.job_document(job_id, scope)), scope, names)
+    result = job.pop("result", None)
+    shown = None if result is None else json.dumps(result, indent=2, sort_keys=True)
+    cut = shown is not None and len(shown) > MAX_SHOWN_CHARS
+    return {
+        **job,
+        "result_json": shown[:MAX_SHOWN_CHARS] if shown is not None else None,
+        "result_cut": cut,
+        "error_json": json.dumps(job["error"], indent=2) if job.get("error") else None,
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from host.config import Settings, default_state_dir, load_settings
+from host.config import ConfigError, Settings, default_state_dir, load_settings
 
 
 def test_a_system_service_keeps_its_jobs_in_var_lib(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,3 +57,27 @@ def test_db_sync_is_a_setting_that_the_environment_still_sets(tmp_path: Path) ->
     finally:
         services.jobs.shutdown(timeout_s=5)
         services.plugins.close()
+
+
+def test_a_client_token_may_carry_a_name_and_plain_tokens_still_work() -> None:
+    settings = load_settings(
+        environ={"PLUGHOST_CLIENT_TOKENS": "alice=s3cret-a, plain-token ,padded==,bob=s3cret-b"}
+    )
+    assert settings.client_tokens == ["s3cret-a", "plain-token", "padded==", "s3cret-b"]
+    assert settings.client_names == {"s3cret-a": "alice", "s3cret-b": "bob"}
+    from_file = Settings(client_tokens=["carol=tok=with=equals"])
+    assert from_file.client_names == {"tok=with=equals": "carol"}
+
+
+@pytest.mark.parametrize(
+    ("entries", "wrong"),
+    [
+        ("bad name=s3cret-token", "entry 1 reads as name=token"),
+        ("ok=s3cret-a,ok=s3cret-b", "the name 'ok' is given to two tokens"),
+        ("x/y+z=s3cret-token", "entry 1 reads as name=token"),
+    ],
+)
+def test_a_bad_client_name_is_refused_without_quoting_the_token(entries: str, wrong: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(environ={"PLUGHOST_CLIENT_TOKENS": entries})
+    assert wrong in str(refused.value) and "s3cret" not in str(refused.value)

@@ -3,9 +3,10 @@ says how many were dropped."""
 
 from __future__ import annotations
 
+import json
 import logging
 
-from host.logs import RepeatFilter
+from host.logs import CALLER, JsonFormatter, RepeatFilter
 
 
 def record(message: str, level: int = logging.ERROR) -> logging.LogRecord:
@@ -39,3 +40,15 @@ def test_the_filter_forgets_old_lines_instead_of_growing() -> None:
         now[0] = i / 1000
         repeat.filter(record(f"line {i}"))
     assert len(repeat._windows) <= RepeatFilter.MAX_KEYS
+
+
+def test_a_line_written_for_a_request_names_its_caller() -> None:
+    line = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, "GET /v1/jobs", None, None
+    )
+    assert "client" not in json.loads(JsonFormatter().format(line))
+    reset = CALLER.set("alice")
+    try:
+        assert json.loads(JsonFormatter().format(line))["client"] == "alice"
+    finally:
+        CALLER.reset(reset)

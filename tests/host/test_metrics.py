@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from host.metrics import BUCKETS, MEMORY_BUCKETS, OTHER, Histogram, Metrics
+from host.metrics import BUCKETS, MEMORY_BUCKETS, OTHER, WINDOW, Histogram, Metrics
 
 
 def test_quantiles_are_estimated_within_the_bucket_they_fall_in() -> None:
@@ -57,3 +57,41 @@ def test_plugin_gauges_are_read_at_scrape_time_with_escaped_labels() -> None:
     assert 'plughost_test_gauge{plugin="we\\"ird"} 1.0' in metrics.render()
     values['we"ird'] = 0.0
     assert 'plughost_test_gauge{plugin="we\\"ird"} 0.0' in metrics.render()
+
+
+def test_percentiles_rank_the_recorded_durations_exactly() -> None:
+    metrics = Metrics()
+    metrics.observe_call("p", "success", 1.049)
+    metrics.observe_call("p", "success", 0.525)
+    figures = metrics.figures("p")
+    assert figures.latency_quantile(0.5) == 0.525 and figures.latency_quantile(0.95) == 1.049
+    assert figures.latency.quantile(0.95) == pytest.approx(2.35)  # the bucket estimate
+    metrics.observe_call("one", "success", 0.0123)
+    assert metrics.figures("one").latency_quantile(0.5) == 0.0123
+    assert metrics.figures("one").latency_quantile(0.95) == 0.0123
+    assert metrics.figures("never").latency_quantile(0.5) is None
+
+
+def test_the_window_of_recent_calls_is_bounded_per_plugin_and_per_owner() -> None:
+    metrics = Metrics()
+    for i in range(WINDOW + 10):
+        metrics.observe_call("p", "success", float(i))
+        metrics.observe_own("p", "client-a", "success", float(i))
+    for figures in (metrics.figures("p"), metrics.figures("p", "client-a")):
+        assert len(figures.recent.seconds) == WINDOW
+        assert min(figures.recent.seconds) == 10.0  # the oldest went first
+        assert figures.total == WINDOW + 10  # the counts are every call's
+    metrics.observe_own("p", "client-b", "success", 0.5)
+    assert metrics.figures("p", "client-b").latency_quantile(0.95) == 0.5
+
+
+def test_refused_calls_and_unmeasured_peaks_are_not_figures() -> None:
+    metrics = Metrics()
+    metrics.observe_call("p", "crashed", 0.2, 0)  # a tree never sampled reports 0
+    metrics.observe_call("p", "quarantined", 0.0)
+    metrics.observe_own("p", "client-a", "crashed", 0.2, 0)
+    for figures in (metrics.figures("p"), metrics.figures("p", "client-a")):
+        assert figures.max_peak_bytes is None and figures.peak_quantile(0.95) is None
+        assert figures.latency_quantile(0.5) == 0.2
+    assert metrics.own("p", "client-a")["last_peak_rss_mb"] is None
+    assert metrics.calls("p", "quarantined") == 1

@@ -7,6 +7,7 @@ nothing from anywhere but the host."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -18,13 +19,14 @@ from scripts.console_screenshot import DemoHost, launch_chromium
 
 pytestmark = [pytest.mark.no_leak_check, pytest.mark.timeout(60)]  # the host is its own process
 CLIENT_1, CLIENT_2, ADMIN = "client-one-token", "client-two-token", "the-admin-token"
+NAME_1 = "first-client"  # CLIENT_1's configured name
 WAIT_MS = 10_000
 
 
 @pytest.fixture(scope="module")
 def host() -> Iterator[DemoHost]:
     tokens = {
-        "PLUGHOST_CLIENT_TOKENS": f"{CLIENT_1},{CLIENT_2}",
+        "PLUGHOST_CLIENT_TOKENS": f"{NAME_1}={CLIENT_1},{CLIENT_2}",
         "PLUGHOST_ADMIN_TOKEN": ADMIN,
         "PLUGHOST_QUARANTINE_COOLDOWN_S": "600",
     }
@@ -127,6 +129,14 @@ def test_admin_resets_a_quarantine_from_the_page(open_page: Any, host: DemoHost)
     page.wait_for_url(re.compile(r"/console/plugins/crasher\?done=reset$"))
     expect(page.locator("main")).to_contain_text("not quarantined")
     expect(page.get_by_role("status")).to_have_text("The quarantine was lifted.")
+    # The state is still the last call's (SPEC: states are set by calls); the page says so.
+    badge = page.locator("[data-testid=state]")
+    expect(badge).to_have_text("UNAVAILABLE")
+    expect(page.locator("[data-testid=lifted]")).to_have_text(
+        "quarantine lifted: the next call will tell"
+    )
+    assert "stopped by the sandbox" in (badge.get_attribute("title") or "")
+    expect(page.locator("[data-testid=legend]")).to_be_visible()
     status, described = host.call("GET", "/v1/plugins/crasher", token=ADMIN)
     assert status == 200 and described["quarantine"]["quarantined"] is False
 
@@ -213,3 +223,59 @@ def test_the_browser_keeps_a_session_id_not_the_token(open_page: Any, host: Demo
     replayed.context.add_cookies([{**session[0]}])
     replayed.goto(host.url + "/console")
     assert replayed.url == host.url + "/console/login"
+
+
+def test_job_dates_stay_on_one_line_at_1366_px(open_page: Any, host: DemoHost) -> None:
+    host.call("POST", "/v1/admin/plugins/crasher/quarantine/reset", {}, ADMIN)
+    host.analyze("crasher", CLIENT_1, **{"raise": True})  # error envelopes in the table
+    quarantine_crasher(host)
+    host.analyze("crasher", CLIENT_1)  # refused: the longest message
+    host.analyze("echo_size", CLIENT_2)
+    page = open_page(viewport={"width": 1366, "height": 768})
+    sign_in(page, host, ADMIN)  # the widest table: the owner column too
+    page.goto(host.url + "/console/jobs")
+    expect(page.locator("table.jobs td.when time").first).to_be_visible()
+    line = page.evaluate(
+        "() => parseFloat(getComputedStyle("
+        "document.querySelector('table.jobs td.when')).lineHeight)"
+    )
+    cells = page.locator("table.jobs td.when time").all()
+    assert cells and line > 0
+    for cell in cells:
+        box = cell.bounding_box()
+        assert box is not None and box["height"] < 1.5 * line, (cell.inner_text(), box, line)
+    table = page.locator("table.jobs").bounding_box()
+    assert table is not None and table["x"] + table["width"] <= 1366
+
+
+def test_a_job_opens_from_the_table_with_its_outcome(open_page: Any, host: DemoHost) -> None:
+    job = host.analyze("echo_size", CLIENT_1)[1]["job_id"]
+    page = open_page(viewport={"width": 1366, "height": 768})
+    sign_in(page, host, CLIENT_1)
+    page.goto(host.url + "/console/jobs?plugin=echo_size")
+    page.click(f"[data-job='{job}'] [data-testid=job-link]")
+    page.wait_for_url(host.url + f"/console/jobs/{job}")
+    expect(page.locator("[data-testid=status]")).to_have_text("SUCCESS")
+    expect(page.locator("[data-testid=result]")).to_contain_text('"mime_type": "image/png"')
+    other = open_page()
+    sign_in(other, host, CLIENT_2)
+    response = other.goto(host.url + f"/console/jobs/{job}")
+    assert response is not None and response.status == 404
+
+
+def test_the_admin_sees_a_named_client_and_the_log_names_it(open_page: Any, host: DemoHost) -> None:
+    job = host.analyze("echo_size", CLIENT_1)[1]["job_id"]
+    page = open_page()
+    sign_in(page, host, ADMIN)
+    page.goto(host.url + f"/console/jobs/{job}")
+    expect(page.locator("[data-testid=owner]")).to_contain_text(NAME_1)
+    client = open_page()
+    sign_in(client, host, CLIENT_1)
+    expect(client.locator("header .who")).to_contain_text(f"signed in as {NAME_1}")
+    lines = [json.loads(line) for line in host.log.read_text().splitlines() if line.startswith("{")]
+    access = [e for e in lines if e["logger"] == "uvicorn.access" and "/v1/analyze" in e["message"]]
+    assert any(e.get("client") == NAME_1 for e in access), access[-3:]
+    pages = [
+        e for e in lines if e["logger"] == "uvicorn.access" and "GET /console " in e["message"]
+    ]
+    assert any(e.get("client") == NAME_1 for e in pages), pages[-3:]
