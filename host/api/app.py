@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 
 from host import __version__
 from host.api.console import console_router
+from host.api.deps import require_admin, require_client
 from host.api.errors import install_handlers
 from host.api.middleware import BodySizeLimit
 from host.api.routes import ROUTERS
@@ -135,6 +138,60 @@ def _lifespan(settings: Settings, given: Services | None) -> Any:
     return lifespan
 
 
+BEARER = "bearer"
+
+
+def _guard(dependant: Dependant) -> str | None:
+    """ "admin" or "client" for a route that checks a bearer token, else None."""
+    for dependency in dependant.dependencies:
+        if dependency.call is require_admin:
+            return "admin"
+        if dependency.call is require_client:
+            return "client"
+        found = _guard(dependency)
+        if found:
+            return found
+    return None
+
+
+def _document(app: FastAPI, settings: Settings) -> None:
+    """The OpenAPI schema as clients need it: the bearer token each route
+    takes (so /docs has an Authorize button), and no 422 answer, which the
+    API never gives (a request it cannot read is a 400 envelope)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        schema.setdefault("components", {})["securitySchemes"] = {
+            BEARER: {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A client token; admin routes take the admin token.",
+            }
+        }
+        client_security: list[dict[str, list[str]]] = [{BEARER: []}]
+        if not settings.client_tokens:
+            client_security.append({})  # every caller is anonymous: the token is optional
+        for route in (r for router in ROUTERS for r in router.routes):
+            if not isinstance(route, APIRoute) or not route.include_in_schema:
+                continue
+            guard = _guard(route.dependant)
+            for method in route.methods or ():
+                operation = schema["paths"].get(route.path_format, {}).get(method.lower())
+                if operation is None:
+                    continue
+                operation.get("responses", {}).pop("422", None)
+                if guard is not None:
+                    operation["security"] = [{BEARER: []}] if guard == "admin" else client_security
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schema["components"].get("schemas", {}).pop(unused, None)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
     """The plughost HTTP API. `services` defaults to `build_services(settings)`."""
     settings = settings or Settings()
@@ -154,4 +211,5 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     for router in ROUTERS:
         app.include_router(router)
     app.include_router(console_router(settings))
+    _document(app, settings)
     return app

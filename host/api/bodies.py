@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from host.config import Settings
 from host.errors import Rejected, envelope
 from host.services.payloads import (
+    ALLOWED_MIME_TYPES,
     AnalyzeBody,
     JsonBounds,
     option_bounds,
@@ -27,27 +28,62 @@ from host.services.payloads import (
     parse_options,
 )
 
+# A 1x1 red PNG: the documented example, which a bundled plugin analyzes.
+EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR42mP4z8AAAAMBAQD3A0FDAAAAAElFTkSuQmCC"
+)
+EXAMPLE_BODY: dict[str, Any] = {
+    "plugin": "image_info",
+    "image": EXAMPLE_PNG,
+    "mime_type": "image/png",
+    "options": {},
+}
 
+
+# Documentation only: `analyze_body` parses the body itself, from its raw
+# bytes, under the configured caps (the docstring below is what clients read).
 class AnalyzeRequest(BaseModel):
-    """The JSON body of /v1/analyze and POST /v1/jobs, as documented.
-
-    `analyze_body` parses it (this model only describes it): `options` is
-    held to the configured depth, item and string caps.
-    """
+    """An image to analyze and the plugin to analyze it with. `options` is
+    held to the host's caps on depth, number of items and string length."""
 
     model_config = ConfigDict(extra="forbid")
 
-    plugin: str | None = Field(default=None, description="default: the configured plugin")
-    image: str = Field(description="the image, base64-encoded")
-    mime_type: str = Field(examples=["image/png"])
-    options: dict[str, Any] = Field(default_factory=dict)
+    plugin: str | None = Field(
+        default=None,
+        description="the plugin to run; default: the host's default plugin",
+        examples=[EXAMPLE_BODY["plugin"]],
+    )
+    image: str = Field(
+        description="the image file's bytes in standard base64 (RFC 4648, with '=' padding)",
+        examples=[EXAMPLE_PNG],
+    )
+    mime_type: str = Field(
+        description="the image's type; it must match the image's bytes: "
+        + ", ".join(sorted(ALLOWED_MIME_TYPES)),
+        examples=[EXAMPLE_BODY["mime_type"]],
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the plugin's options (see GET /v1/plugins/{name})",
+        examples=[EXAMPLE_BODY["options"]],
+    )
 
 
 # The request body as OpenAPI shows it, for routes that read their body themselves.
 ANALYZE_BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": AnalyzeRequest.model_json_schema()}},
+        "content": {
+            "application/json": {
+                "schema": AnalyzeRequest.model_json_schema(),
+                "examples": {
+                    "image_info": {
+                        "summary": "a 1x1 PNG analyzed by image_info",
+                        "value": EXAMPLE_BODY,
+                    }
+                },
+            }
+        },
     }
 }
 
@@ -89,11 +125,32 @@ async def read_body(request: Request) -> bytearray:
     return buffer
 
 
+def require_json(request: Request) -> None:
+    """Refuse a body declared as anything but JSON, saying what to send
+    (a body with no Content-Type is read as JSON)."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        return
+    media = declared.partition(";")[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    upload = "; to send the file itself, POST it as multipart/form-data to /v1/analyze/upload"
+    raise _invalid(
+        f"request body is sent as {media[:80] or 'an empty Content-Type'}, "
+        f"but this route reads JSON: send Content-Type: application/json "
+        f'with a JSON object such as {{"image": "<base64>", "mime_type": "image/png"}}'
+        + (upload if request.url.path == "/v1/analyze" else "")
+    )
+
+
 async def analyze_body(request: Request) -> AnalyzeBody:
     """FastAPI dependency: the request's body as an AnalyzeBody.
 
     The body buffer lives only as long as this call: the route gets the
     decoded image, never the text."""
+    require_json(request)
     settings: Settings = request.app.state.settings
     buffer = await read_body(request)
     return parse_analyze(buffer, _bounds(settings))
@@ -103,6 +160,8 @@ AnalyzeBodyDep = Annotated[AnalyzeBody, Depends(analyze_body)]
 
 __all__ = [
     "ANALYZE_BODY_DOC",
+    "EXAMPLE_BODY",
+    "EXAMPLE_PNG",
     "AnalyzeBodyDep",
     "AnalyzeRequest",
     "analyze_body",

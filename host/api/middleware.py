@@ -2,16 +2,17 @@
 
 A declared Content-Length over the limit is refused at once; a body without
 one (chunked) is counted as it streams and refused as soon as it passes the
-limit. Either way the answer is 413 with an error envelope.
+limit. Either way the answer is 413 with the error envelope every other
+error has (`error_response`), naming the limit.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from host.api.errors import error_response
 from host.errors import envelope
 
 
@@ -30,12 +31,14 @@ class BodySizeLimit:
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = self.max_bytes + 1
+                if not value.isdigit():
+                    shown = value[:40].decode("latin-1")
+                    error = envelope("invalid_input", f"Content-Length {shown!r} is not a number")
+                    await error_response(error["error"])(scope, receive, send)
+                    return
+                declared = int(value)
                 if declared > self.max_bytes:
-                    await self._refuse(send, declared)
+                    await self._refuse(scope, receive, send, declared)
                     return
         seen = 0
         started = False
@@ -57,7 +60,7 @@ class BodySizeLimit:
                 # The app turned our interruption into its own error: answer 413 instead.
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await self._refuse(send, seen)
+                    await self._refuse(scope, receive, send)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -67,23 +70,18 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._refuse(send, seen)
+                await self._refuse(scope, receive, send)
 
-    async def _refuse(self, send: Send, size: int) -> None:
-        error: dict[str, Any] = envelope(
-            "payload_too_large",
-            f"request body over {self.max_bytes} bytes",
-            limit_bytes=self.max_bytes,
-        )["error"]
-        body = json.dumps({"detail": error}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, declared: int | None = None
+    ) -> None:
+        """Answer 413: `declared` is the Content-Length the client sent (None:
+        the body came without one and passed the limit as it streamed)."""
+        details: dict[str, Any] = {"limit_bytes": self.max_bytes}
+        if declared is None:
+            message = f"request body passed the limit of {self.max_bytes} bytes"
+        else:
+            message = f"request body of {declared} bytes is over the limit of {self.max_bytes}"
+            details["declared_bytes"] = declared
+        error = envelope("payload_too_large", message, None, **details)
+        await error_response(error["error"])(scope, receive, send)

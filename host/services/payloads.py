@@ -17,15 +17,26 @@ import base64
 import binascii
 import json
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
 from host.errors import Rejected, envelope
 from sandbox.jsonbounds import BoundsExceeded, JsonBounds, Member, NotJson, lone_surrogate, scan
+from sandbox.tool_runner import ALLOWED_MIME_TYPES
 
 FIELDS = ("plugin", "image", "mime_type", "options")
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
 _BLANK = b" \t\n\r"
+_ALPHABET = frozenset(string.ascii_letters + string.digits + "+/")
+_HINTS = {
+    "-": " (URL-safe base64? send '+' and '/' rather than '-' and '_')",
+    "_": " (URL-safe base64? send '+' and '/' rather than '-' and '_')",
+    "=": " ('=' pads the end only)",
+    "\n": " (send the base64 on one line, without line breaks)",
+    "\r": " (send the base64 on one line, without line breaks)",
+    " ": " (send the base64 without spaces)",
+}
 
 
 @dataclass
@@ -76,19 +87,47 @@ def _decode_image(buffer: bytearray, member: Member) -> bytes:
     )
     if plain:
         if _BASE64.fullmatch(buffer, start + 1, end - 1) is None:
-            raise _invalid("field 'image' is not valid base64")
+            raise _not_base64(buffer[start + 1 : end - 1].decode("utf-8", "replace"))
         try:
             with memoryview(buffer) as view:
                 return binascii.a2b_base64(view[start + 1 : end - 1])
         except binascii.Error as exc:
-            raise _invalid("field 'image' is not valid base64") from exc
+            raise _not_base64(buffer[start + 1 : end - 1].decode("ascii")) from exc
     text = _loads(buffer[start:end], "field 'image'")  # escapes such as \/: rare
     if not isinstance(text, str):
         raise _invalid("field 'image' must be a base64 string")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise _invalid("field 'image' is not valid base64") from exc
+        raise _not_base64(text) from exc
+
+
+def _not_base64(text: str) -> Rejected:
+    return _invalid(f"field 'image' is not valid base64: {base64_problem(text)}")
+
+
+def base64_problem(text: str) -> str:
+    """What makes `text` no padded, standard-alphabet base64 (RFC 4648,
+    section 4), in words a client can act on."""
+    data = text.rstrip("=")
+    for offset, char in enumerate(data):
+        if char not in _ALPHABET:
+            return f"{char!r} at offset {offset} is not a base64 character" + _HINTS.get(char, "")
+    padding = len(text) - len(data)
+    if len(data) % 4 == 1:
+        return (
+            f"its length before any '=', {len(data)} characters, is one more than a "
+            "multiple of 4, which no bytes encode: a character is missing or extra"
+        )
+    wanted = -len(data) % 4
+    if padding == wanted:
+        return "it does not decode"  # not reached: text that passes the checks above decodes
+    if padding == 0:
+        return (
+            f"its length, {len(text)} characters, is not a multiple of 4: "
+            f"the '=' padding is missing (add {wanted})"
+        )
+    return f"it ends in {padding} '=' where {wanted} belong"
 
 
 def parse_analyze(buffer: bytearray, bounds: JsonBounds) -> AnalyzeBody:
@@ -127,6 +166,48 @@ def parse_analyze(buffer: bytearray, bounds: JsonBounds) -> AnalyzeBody:
     return AnalyzeBody(plugin, image, mime_type, options)
 
 
+# The first bytes of each image type a call accepts (ALLOWED_MIME_TYPES), with its name.
+_SIGNATURES: tuple[tuple[bytes, str, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png", "PNG"),
+    (b"\xff\xd8\xff", "image/jpeg", "JPEG"),
+    (b"GIF87a", "image/gif", "GIF"),
+    (b"GIF89a", "image/gif", "GIF"),
+    (b"BM", "image/bmp", "BMP"),
+    (b"II*\x00", "image/tiff", "TIFF"),
+    (b"MM\x00*", "image/tiff", "TIFF"),
+    (b"II+\x00", "image/tiff", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "image/tiff", "TIFF"),
+)
+
+
+def sniff_image(image: bytes) -> tuple[str, str] | None:
+    """The mime type and name of the image type `image` starts like (None: none known)."""
+    for magic, mime_type, name in _SIGNATURES:
+        if image.startswith(magic):
+            return mime_type, name
+    if image[:4] == b"RIFF" and image[8:12] == b"WEBP":
+        return "image/webp", "WebP"
+    return None
+
+
+def check_image_type(image: bytes, mime_type: str, plugin: str | None = None) -> None:
+    """Refuse an image whose bytes are not of the type `mime_type` names, or
+    of no accepted type at all, before any plugin reads it. Raises Rejected
+    (invalid_input) saying what the bytes are; `detected` in its details is
+    the type they are (null: none accepted)."""
+    found = sniff_image(image)
+    if found is None:
+        message = (
+            f"the image's bytes are no known image format (first bytes {image[:8].hex(' ')}); "
+            f"accepted: {', '.join(sorted(ALLOWED_MIME_TYPES))}"
+        )
+        raise Rejected(envelope("invalid_input", message, plugin, detected=None))
+    detected, name = found
+    if detected != mime_type:
+        message = f"the image's bytes are {name}, but mime_type says {mime_type[:80]}"
+        raise Rejected(envelope("invalid_input", message, plugin, detected=detected))
+
+
 def parse_options(text: str, bounds: JsonBounds, what: str = "form field 'options'") -> Any:
     """Parse an options object given as JSON text, under `bounds`.
 
@@ -146,4 +227,14 @@ def parse_options(text: str, bounds: JsonBounds, what: str = "form field 'option
     return options
 
 
-__all__ = ["AnalyzeBody", "JsonBounds", "option_bounds", "parse_analyze", "parse_options"]
+__all__ = [
+    "ALLOWED_MIME_TYPES",
+    "AnalyzeBody",
+    "JsonBounds",
+    "base64_problem",
+    "check_image_type",
+    "option_bounds",
+    "parse_analyze",
+    "parse_options",
+    "sniff_image",
+]

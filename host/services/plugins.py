@@ -24,6 +24,7 @@ from host.preparation import BackgroundPreparation
 from host.quarantine import QuarantineBook
 from host.recent import RecentOutcomes
 from host.registry import PluginRegistry
+from host.services.payloads import check_image_type
 from host.tracebacks import plugin_traceback
 from sandbox.call import CancelToken, use_token
 from sandbox.envelope import Envelope, unknown_plugin
@@ -147,9 +148,10 @@ class PluginManagementService:
         if not isinstance(plugin_name, str) or plugin_name not in self.registry.list_plugins():
             raise Rejected(unknown_plugin(plugin_name).to_dict())
         try:
-            validate_payload(payload, self._runner.limits)
+            image, mime_type, _ = validate_payload(payload, self._runner.limits)
         except InvalidInput as exc:
             raise Rejected(envelope("invalid_input", str(exc), plugin=plugin_name)) from exc
+        check_image_type(image, mime_type, plugin_name)
         retry = self.quarantine.retry_after(plugin_name)
         if retry is not None:
             raise Rejected(self._quarantined(plugin_name, retry))

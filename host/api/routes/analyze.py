@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from host.api.auth import Principal
-from host.api.bodies import ANALYZE_BODY_DOC, analyze_body, parse_form_options
+from host.api.bodies import ANALYZE_BODY_DOC, EXAMPLE_BODY, analyze_body, parse_form_options
 from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep, SettingsDep
 from host.api.errors import error_response
 from host.services.analysis import ANALYZE_WAIT_S, job_outcome
@@ -76,9 +76,23 @@ async def analyze_upload(
     settings: SettingsDep,
     caller: CallerDep,
     file: Annotated[UploadFile, File(description="the image file")],
-    plugin: Annotated[str | None, Form()] = None,
-    mime_type: Annotated[str | None, Form(description="default: the part's type")] = None,
-    options: Annotated[str, Form(description="plugin options as a JSON object")] = "{}",
+    plugin: Annotated[
+        str | None,
+        Form(
+            description="the plugin to run; default: the host's default plugin",
+            examples=[EXAMPLE_BODY["plugin"]],
+        ),
+    ] = None,
+    mime_type: Annotated[
+        str | None,
+        Form(
+            description="the image's type; default: the file part's own Content-Type",
+            examples=[EXAMPLE_BODY["mime_type"]],
+        ),
+    ] = None,
+    options: Annotated[
+        str, Form(description="the plugin's options as a JSON object", examples=["{}"])
+    ] = "{}",
 ) -> JSONResponse:
     parsed = parse_form_options(options, settings)
     image = await file.read()

@@ -31,7 +31,7 @@ class JobModel(BaseModel):
     created_at: str
     started_at: str | None
     finished_at: str | None
-    owner: str = Field(description="principal that created the job")
+    owner: str = Field(description="the client (its token's id) that created the job")
     result: dict[str, Any] | None
     error: dict[str, Any] | None
 
@@ -42,7 +42,10 @@ class JobList(BaseModel):
     limit: int
     offset: int
     next_offset: int | None = Field(description="offset of the next page; null on the last")
-    truncated: bool = Field(description="the page hit max_list_bytes before `limit` jobs")
+    truncated: bool = Field(
+        description="the page reached the host's size cap for one page before `limit` jobs; "
+        "the rest follow from `next_offset`"
+    )
 
 
 @router.post(

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from host.api.errors import error_response
+from host.api.errors import ErrorBody, error_response
 from host.errors import envelope
 from tests.host.api.test_routes import assert_envelope, wait_status
 
@@ -187,3 +187,84 @@ def test_error_answer_renders_whatever_its_envelope_holds() -> None:
     assert response.status_code == 400
     detail = json.loads(response.body)["detail"]
     assert detail["details"]["name"] == "\ufffd" and detail["details"]["ratio"] is None
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        ("QUJ", "its length, 3 characters, is not a multiple of 4: the '=' padding is missing"),
+        ("QQ", "the '=' padding is missing (add 2)"),
+        ("QUJDR", "one more than a multiple of 4"),
+        ("QQ=", "it ends in 1 '=' where 2 belong"),
+        ("QU-D", "'-' at offset 2 is not a base64 character (URL-safe base64?"),
+        ("QU=D", "'=' at offset 2 is not a base64 character ('=' pads the end only)"),
+        ("QUJD\nQUJD", "'\\n' at offset 4 is not a base64 character"),
+        ("QUJD\\/", "'\\\\' at offset 4 is not a base64 character"),
+    ],
+)
+def test_bad_base64_is_refused_saying_what_is_wrong_with_it(
+    client: TestClient, image: str, message: str
+) -> None:
+    for route in ("/v1/analyze", "/v1/jobs"):
+        response = client.post(route, json={"image": image, "mime_type": "image/png"})
+        detail = assert_envelope(response, 400, "invalid_input")
+        assert detail["message"].startswith("field 'image' is not valid base64: "), detail
+        assert message in detail["message"], detail
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded", "text/plain; charset=utf-8", "multipart/form-data"],
+)
+def test_a_body_not_declared_as_json_is_told_to_send_json(
+    client: TestClient, png: bytes, content_type: str
+) -> None:
+    data = json.dumps({"image": base64.b64encode(png).decode(), "mime_type": "image/png"})
+    for route in ("/v1/analyze", "/v1/jobs"):
+        response = client.post(route, content=data, headers={"content-type": content_type})
+        message = assert_envelope(response, 400, "invalid_input")["message"]
+        media = content_type.partition(";")[0]
+        assert f"request body is sent as {media}, but this route reads JSON" in message
+        assert "send Content-Type: application/json" in message
+        assert ("/v1/analyze/upload" in message) == (route == "/v1/analyze")
+    # A form, as `curl -d` or an HTML form sends it.
+    response = client.post("/v1/analyze", data={"image": "QUJD", "mime_type": "image/png"})
+    assert (
+        "send Content-Type: application/json"
+        in assert_envelope(response, 400, "invalid_input")["message"]
+    )
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "application/json; charset=utf-8", "application/vnd.api+json"]
+)
+def test_json_bodies_are_read_whatever_json_type_they_declare(
+    client: TestClient, png: bytes, content_type: str | None
+) -> None:
+    data = json.dumps({"image": base64.b64encode(png).decode(), "mime_type": "image/png"})
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = client.post("/v1/analyze", content=data, headers=headers)
+    assert response.status_code == 200, response.text
+
+
+def test_the_413_answer_is_the_envelope_every_other_error_is(
+    make_client: Callable[..., TestClient], body: dict
+) -> None:
+    client = make_client(max_request_bytes=4096)
+    other = client.post("/v1/analyze", json={**body, "image": "***"})
+    too_large = client.post("/v1/analyze", json={**body, "image": "A" * 10_000})
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: refused as it streams
+        yield from (b"A" * 1000 for _ in range(10))
+
+    streamed = client.post("/v1/analyze", content=chunks(), headers=JSON)
+    assert_envelope(other, 400, "invalid_input")
+    for response in (too_large, streamed):
+        detail = assert_envelope(response, 413, "payload_too_large")
+        ErrorBody.model_validate(response.json())
+        assert detail["details"]["limit_bytes"] == 4096 and "4096" in detail["message"]
+        # Rendered as every other error: same media type, same JSON layout.
+        assert response.headers["content-type"] == other.headers["content-type"]
+        assert response.content == error_response(detail).body
+        assert set(detail["details"]) <= {"reason", "limit_bytes", "declared_bytes"}
+    assert too_large.json()["detail"]["details"]["declared_bytes"] > 4096
