@@ -4,24 +4,27 @@ First every problem found without running code (host/checker.py). Then the
 plugin's environment is prepared as the host would prepare it, and the plugin
 is run in the real sandbox on the bundled sample images (and the images the
 author names), each call's time and peak memory printed against the limits
-its manifest declares. A failed call shows the plugin's own traceback.
+its manifest declares, and what it printed (stdout and stderr, the first
+64 KiB of each). A failed call shows the plugin's own traceback.
 The exit status is 0 only when nothing is wrong.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from host.checker import Problem, static_problems
+from host.checker import Problem, distribution_of, static_problems
 from host.discovery import BUNDLED_DIR, find_plugins
 from host.environments import EnvironmentStore, EnvStatus
 from host.manifest import Manifest
 from host.registry import PluginRegistry
-from host.tracebacks import plugin_traceback
+from host.tracebacks import plugin_output, plugin_traceback
+from sandbox.envelope import Envelope
 from sandbox.limits import HostLimits
 from sandbox.tool_runner import ToolRunner
 
@@ -39,8 +42,9 @@ class CallReport:
     image: Path
     ok: bool
     elapsed_ms: float
-    peak_mb: float
+    peak_mb: float | None  # None: not measured
     message: str = ""
+    output: str = ""  # what the call printed, as `plugin_output` shows it
 
 
 def sample_images(extra: Iterable[Path] = ()) -> list[Path]:
@@ -54,16 +58,38 @@ def _call(runner: ToolRunner, name: str, image: Path, manifest: Manifest) -> Cal
     payload = {"image": image.read_bytes(), "mime_type": mime, "options": {}}
     result, error, measured = runner.measure(name, payload)
     elapsed = float(measured.get("elapsed_ms", 0.0))
-    peak = float(measured.get("cgroup_peak_mb") or measured.get("peak_rss_mb") or 0.0)
+    peak = measured.get("cgroup_peak_mb") or measured.get("peak_rss_mb")
+    peak = float(peak) if isinstance(peak, int | float) else None
+    printed = plugin_output(measured, indent="    ")
     if error:
-        detail = error["error"]
-        text = f"{detail['details'].get('reason')}: {detail['message']}"
+        envelope = Envelope.of(error)
+        text = f"{envelope.reason}: {envelope.message}"
+        hint = missing_module_hint(error)
         trace = plugin_traceback(error)
-        return CallReport(image, False, elapsed, peak, text + ("\n" + trace if trace else ""))
+        text += "".join(f"\n{part}" for part in (hint, trace) if part)
+        return CallReport(image, False, elapsed, peak, text, printed)
     limits = runner.limits.clamp(manifest.plugin_limits)
     if elapsed > limits.timeout_s * 1000 * 0.8:
-        return CallReport(image, False, elapsed, peak, "took over 80% of timeout_s")
-    return CallReport(image, True, elapsed, peak, f"{len(result)} keys")
+        return CallReport(image, False, elapsed, peak, "took over 80% of timeout_s", printed)
+    return CallReport(image, True, elapsed, peak, f"{len(result)} keys", printed)
+
+
+_NO_MODULE = re.compile(r"^No module named '(?P<name>[^']+)'")
+
+
+def missing_module_hint(error: dict[str, Any]) -> str:
+    """For a plugin that could not import a module: which one, and what to
+    declare ("" for any other failure)."""
+    envelope = Envelope.of(error)
+    found = _NO_MODULE.match(envelope.message)
+    if envelope.reason != "load_failed" or found is None:
+        return ""
+    module = found["name"].split(".")[0]
+    return (
+        f"the plugin imports {module!r}, which is not installed for it: a call imports only "
+        "the standard library, the plugin's own files and the packages plugin.toml's "
+        f'`dependencies` declare; add "{distribution_of(module)}" to `dependencies`'
+    )
 
 
 def _prepare(registry: PluginRegistry, name: str, out: TextIO) -> Problem | None:
@@ -120,11 +146,14 @@ def _run_samples(runner: ToolRunner, manifest: Manifest, images: list[Path], out
     for image in images:
         report = _call(runner, manifest.name, image, manifest)
         status |= 0 if report.ok else 1
+        peak = "n/a" if report.peak_mb is None else f"{report.peak_mb:.1f}MB"
         print(
             f"{image.name[:28]:<28} {'ok' if report.ok else 'FAILED':<6} "
-            f"{report.elapsed_ms:>7.1f}ms {report.peak_mb:>7.1f}MB  {report.message}",
+            f"{report.elapsed_ms:>7.1f}ms {peak:>9}  {report.message}",
             file=out,
         )
+        if report.output:
+            print(f"  what it printed:\n{report.output}", file=out)
     print(
         f"limits: timeout {limits.timeout_s:g} s, memory {limits.memory_mb} MB "
         f"(declared: {manifest.limits.timeout_s}, {manifest.limits.memory_mb})",

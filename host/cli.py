@@ -27,6 +27,7 @@ import argparse
 import json
 import mimetypes
 import sys
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -39,7 +40,7 @@ from host.environments import EnvironmentStore, EnvStatus
 from host.preparation import environment_store, prepare_all
 from host.registry import PluginRegistry
 from host.statedir import make_private_dir
-from host.tracebacks import plugin_traceback
+from host.tracebacks import plugin_output, plugin_traceback
 from sandbox.envelope import Envelope
 from sandbox.limits import HostLimits
 from sandbox.supervisor import Sandbox
@@ -188,7 +189,10 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
         help="plugin option; VALUE is JSON if it parses, else a string",
     )
     run.add_argument(
-        "--debug", action="store_true", help="on a failure, print the plugin's traceback"
+        "--debug",
+        action="store_true",
+        help="print on stderr what the plugin printed, the call's time and peak memory, "
+        "and on a failure the plugin's traceback",
     )
 
 
@@ -208,14 +212,68 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if unchecked:
             _stderr(f"warning: {args.plugin} declares no options schema; {unchecked} unchecked")
         result, error = host.runner.run(args.plugin, payload)
+        measured = host.runner.last_measured()
+        if error and Envelope.of(error).reason == "unknown_plugin":
+            _stderr(_where_plugins_are(args.plugin, args.plugins_dir))
+    if args.debug:
+        _debug_report(error, measured)
     if error:
+        from host.authoring import missing_module_hint
+
+        hint = missing_module_hint(error)
+        if hint:
+            _stderr(hint)
         _print_json({"error": Envelope.of(error).public()})
-        trace = plugin_traceback(error) if args.debug else ""
-        if trace:
-            print(trace, file=sys.stderr)
         return 1
     _print_json({"result": result, "plugin": args.plugin})
     return 0
+
+
+def _debug_report(error: dict[str, Any], measured: dict[str, Any]) -> None:
+    """`run --debug`, on stderr: what the call printed, its figures, and on a
+    failure the plugin's own traceback."""
+    printed = plugin_output(measured)
+    if printed:
+        print(f"what the plugin printed:\n{printed}", file=sys.stderr)
+    if measured:
+        peak = measured.get("peak_rss_mb")
+        cgroup = measured.get("cgroup_peak_mb")
+        figures = [f"{measured.get('elapsed_ms', 0.0):.1f} ms"]
+        figures.append("peak RSS not measured" if peak is None else f"peak RSS {peak} MB")
+        if cgroup is not None:
+            figures.append(f"cgroup peak {cgroup} MB")
+        print(f"call: {', '.join(figures)}", file=sys.stderr)
+    trace = plugin_traceback(error) if error else ""
+    if trace:
+        print(trace, file=sys.stderr)
+
+
+def _manifest_name(path: Path) -> str | None:
+    try:
+        with path.open("rb") as stream:
+            name = tomllib.load(stream).get("name")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _where_plugins_are(name: str, plugins_dirs: Sequence[str]) -> str:
+    """The hint for a plugin name `run` did not find."""
+    searched = "the bundled plugins" + "".join(f", {d}" for d in plugins_dirs)
+    here = Path(name)
+    if here.is_dir():
+        parent = here.resolve().parent
+        where = "." if parent == Path.cwd().resolve() else str(parent)
+        called = _manifest_name(here / "plugin.toml")
+        rename = (
+            f" and the name its plugin.toml gives, {called!r}" if called not in (None, name) else ""
+        )
+        hint = f"{name} is a directory: use --plugins-dir {where}{rename}"
+        return f"no plugin {name!r} in {searched}; {hint}"
+    return (
+        f"no plugin {name!r} in {searched}; for a plugin of your own, add "
+        "--plugins-dir DIR, the directory that holds its directory"
+    )
 
 
 # -- plugins -----------------------------------------------------------------
@@ -346,6 +404,8 @@ def _check_arguments(check: argparse.ArgumentParser) -> None:
 def _cmd_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from host.authoring import check_plugin, sample_images
 
+    if not args.directory.is_dir():
+        parser.error(f"no such directory: {args.directory}")
     for image in args.image:
         if not image.is_file():
             parser.error(f"--image {image}: no such file")

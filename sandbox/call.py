@@ -5,7 +5,7 @@
       _Watcher: poll(min(deadline, exit grace, next memory sample))
           reply bytes  -> ReplyStream (sizes checked before bodies)
           status bytes -> handle.feed_status: the child exited and was reaped
-          stdout/err   -> capped, a tail kept
+          stdout/err   -> capped; a tail kept, and the head for the author
           cancel token -> Stop "cancelled"
           sample       -> handle.sample_memory(): over the limit, Stop "memory";
                           OOM-killed at the cgroup, Stop "cgroup_oom"
@@ -266,7 +266,12 @@ WATCHDOG_INTERVAL_S = 0.02
 # takes more than a fifth of the watch from reading the child's pipes: the
 # verdict of a flood must not turn into a timeout because the host was slow.
 SAMPLE_SPACING = 4
+# How long a call whose memory no sample saw waits for its exit report.
+EXIT_REPORT_WAIT_S = 0.2
 TAIL_BYTES = 2048
+# What the plugin's author is shown of each stream (`plughost check`, `run
+# --debug`, the pytest fixture): its first bytes, never sent to a client.
+OUTPUT_BYTES = 64 * 1024
 # Room for the frame's own JSON around a result of the maximum size.
 FRAME_OVERHEAD = 64 * 1024
 
@@ -283,11 +288,22 @@ class _Stopped(Exception):
 class _Stream:
     total: int = 0
     tail: bytearray = field(default_factory=bytearray)
+    head: bytearray = field(default_factory=bytearray)
 
     def add(self, data: bytes) -> None:
         self.total += len(data)
+        if len(self.head) < OUTPUT_BYTES:
+            self.head += data[: OUTPUT_BYTES - len(self.head)]
         self.tail += data
         del self.tail[:-TAIL_BYTES]
+
+    def output(self) -> str:
+        """The stream's first OUTPUT_BYTES as text, with a marker when it was cut."""
+        text = self.head.decode("utf-8", "replace")
+        cut = self.total - len(self.head)
+        if cut:
+            text += f"\n[plughost: output cut at {OUTPUT_BYTES} bytes; {cut} more not kept]\n"
+        return text
 
     def text(self) -> str:
         text = self.tail.decode("utf-8", "replace")[-TAIL_BYTES:]
@@ -345,6 +361,11 @@ class _Watcher:
             self.handle.kill()
             self.handle.wait_exit(time.monotonic() + REAP_WAIT_S)
         handle = self.handle
+        if stop is None and self.peak_rss == 0 and handle.exit is None:
+            # A call that replied before any sample saw its memory (it was
+            # gone by the last one): its exit report carries its maximum RSS,
+            # and its process ends right after its reply.
+            handle.wait_exit(time.monotonic() + EXIT_REPORT_WAIT_S)
         exit_ = handle.exit
         oom_killed, cgroup_peak = handle.memory_at_end()
         return Observed(
@@ -358,6 +379,7 @@ class _Watcher:
             peak_rss=self.peak_rss,
             cgroup_peak=cgroup_peak,
             streams={name: (s.total, s.text()) for name, s in self.streams.items()},
+            output={name: s.output() for name, s in self.streams.items() if s.total},
             elapsed_ms=round((time.monotonic() - self.started) * 1000, 3),
         )
 
@@ -482,6 +504,7 @@ class Observed:
     peak_rss: int = 0  # highest sampled memory, bytes
     cgroup_peak: int | None = None  # the cgroup's own peak, bytes
     streams: dict[str, tuple[int, str]] = field(default_factory=dict)  # total, tail
+    output: dict[str, str] = field(default_factory=dict)  # the head of each, for the author
     elapsed_ms: float = 0.0
 
 
@@ -499,18 +522,24 @@ def describe_exit(status: int) -> dict[str, Any]:
 
 def verdict(seen: Observed, limits: CallLimits) -> Outcome:
     """The call's Outcome, with its evidence in `details`: elapsed_ms,
-    peak_rss_mb, cgroup_peak_mb where known, and the tails of what the plugin
-    printed."""
+    peak_rss_mb and cgroup_peak_mb where measured, and the tail of what the
+    plugin wrote to stderr (where a crash's stack is). What it printed, both
+    streams, is in `output`, for its author alone: never in `details`, which
+    a client is shown."""
     outcome = stopped(seen.stop, limits) if seen.stop is not None else judge(seen, limits)
     outcome.details.setdefault("elapsed_ms", seen.elapsed_ms)
     # The cgroup's own maximum counts the page cache too; the samples do not.
-    peak_mb = max(seen.peak_rss, seen.maxrss_kb * 1024) / MiB
-    outcome.details.setdefault("peak_rss_mb", round(peak_mb, 1))
+    # Nothing measured (a call over before its first sample, its exit not
+    # reported yet) is no figure, not a peak of 0.
+    peak = max(seen.peak_rss, seen.maxrss_kb * 1024)
+    if peak:
+        outcome.details.setdefault("peak_rss_mb", round(peak / MiB, 1))
     if seen.cgroup_peak is not None:  # page cache included, as the kernel counts it
         outcome.details.setdefault("cgroup_peak_mb", round(seen.cgroup_peak / MiB, 1))
-    for name, (total, tail) in seen.streams.items():
-        if total:
-            outcome.details.setdefault(f"{name}_tail", tail)
+    total, tail = seen.streams.get("stderr", (0, ""))
+    if total:
+        outcome.details.setdefault("stderr_tail", tail)
+    outcome.output = dict(seen.output)
     return outcome
 
 

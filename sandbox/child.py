@@ -41,6 +41,8 @@ import _signal  # type: ignore[import-not-found]  # signal.signal without its en
 import errno
 import importlib
 import importlib.machinery
+import json
+import math
 import os
 import resource
 import signal
@@ -568,11 +570,71 @@ def _encode_result(result: Any, max_bytes: int) -> bytes | dict[str, Any]:
     try:
         frame = encode_frame({"type": "result", "result": result})
     except (TypeError, ValueError, RecursionError) as exc:
-        return _error("invalid_output", exc, f"result is not JSON-serialisable: {exc}"[:300])
+        # Only now is the value walked: the success path pays nothing.
+        try:
+            found = _not_json(result, "result")
+        # The walk runs the plugin's own objects' methods (repr, hasattr):
+        # whatever they raise, the encoder's message stands.
+        except Exception:  # noqa: BLE001
+            found = None
+        text = f"result is not JSON-serialisable: {found or exc}"[:500]
+        # Its own traceback would show only the json module's frames.
+        return _error("invalid_output", type(exc)(text))
     if len(frame) > max_bytes:
         too_large = ValueError(f"result of {len(frame)} bytes, the limit is {max_bytes}")
         return _error("output_too_large", too_large)
     return frame
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+_MAX_WALK_DEPTH = 64
+
+
+def _advice(value: object) -> str:
+    """What to return instead of `value`, which JSON cannot hold."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "base64-encode it to a str (base64.b64encode(data).decode()) or make it a list"
+    if isinstance(value, set | frozenset):
+        return "make it a list (sorted(...))"
+    if hasattr(value, "tolist"):  # numpy arrays and numbers
+        return "convert it with .tolist() (an array) or .item() (a number)"
+    return "convert it to a str, number, bool, None, list or dict"
+
+
+def _not_json(
+    value: Any, path: str, depth: int = 0, seen: frozenset[int] = frozenset()
+) -> str | None:
+    """Where in `value` (a dict the encoder refused) the first thing JSON cannot
+    hold is, what it is, and what to do: `result["thumb"][0] is bytes: ...`.
+    None if nothing is found (the encoder's own message then stands)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path} is {value!r}, which JSON cannot hold: return None or a finite number"
+    if isinstance(value, _JSON_SCALARS):
+        return None
+    if depth >= _MAX_WALK_DEPTH:
+        return f"{path} is nested more than {_MAX_WALK_DEPTH} levels deep"
+    if id(value) in seen:
+        return f"{path} contains itself (a reference cycle)"
+    inner = seen | {id(value)}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, _JSON_SCALARS):
+                kind = type(key).__name__
+                return f"{path} has a key of type {kind} ({key!r:.60}): make its keys str"
+            where = json.dumps(key)[:60] if isinstance(key, str) else repr(key)
+            found = _not_json(item, f"{path}[{where}]", depth + 1, inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _not_json(item, f"{path}[{index}]", depth + 1, inner)
+            if found is not None:
+                return found
+        return None
+    cls = type(value)
+    name = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"
+    return f"{path} is {name}, which JSON cannot hold: {_advice(value)}"
 
 
 def _load_or_error(spec: ChildSpec) -> Any:
@@ -602,12 +664,23 @@ def _run_plugin(spec: ChildSpec, payload: Payload, plugin: Any) -> bytes:
         # The plugin asked the interpreter to exit: honour it, without a reply,
         # so the host reports it as a child that died.
         code = exc.code if isinstance(exc.code, int) else 1
+        _flush_output()  # what it printed first is its author's to see
         os._exit(code)
     # The boundary of plugin code: whatever it raises becomes its error reply.
     except BaseException as exc:  # noqa: BLE001
         return encode_frame(_error("plugin_raised", exc))
     encoded = _encode_result(result, spec.limits.max_output_bytes)
     return encoded if isinstance(encoded, bytes) else encode_frame(encoded)
+
+
+def _flush_output() -> None:
+    """Write out what the plugin printed and Python still holds in its buffers."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        # A stream the plugin closed or replaced: its reply still goes out.
+        except Exception:  # noqa: BLE001
+            continue
 
 
 def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
@@ -644,8 +717,7 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
         if not early:
             plugin = _load_or_error(spec)
         frame = _run_plugin(spec, payload, plugin)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush_output()
         _write_all(REPLY_FD, frame)
         trace.mark("child.reply")
     except MemoryError:

@@ -1,8 +1,9 @@
 """Keeping the host's paths out of what a call's client is shown.
 
 A failed call's envelope carries text the plugin's process wrote: its
-exception's traceback, and the tails of its stdout and stderr (where
-Python's faulthandler prints the stack of a crash). Such text names files
+exception's traceback, and the tail of its stderr (where Python's
+faulthandler prints the stack of a crash); its author is also shown what
+it printed (`ToolRunner.measure`). Such text names files
 by their host paths: the plugin's own (under the operator's checkout or
 state directory), the standard library's (the interpreter's install path),
 and the sandbox's own code that called the plugin (`sandbox/child.py`,

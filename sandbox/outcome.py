@@ -134,6 +134,9 @@ class Outcome:
     message: str = ""
     details: dict[str, Any] = field(default_factory=dict)
     traceback: str = ""
+    # What the plugin printed ("stdout", "stderr": the head of each, bounded):
+    # for its author (`ToolRunner.measure`), never part of an envelope.
+    output: dict[str, str] = field(default_factory=dict)
 
     @property
     def state(self) -> State | None:

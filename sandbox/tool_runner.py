@@ -242,8 +242,9 @@ class ToolRunner:
         self, plugin_name: str, payload: Any
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """`run`, plus what the sandbox measured of the call (elapsed_ms,
-        peak_rss_mb, cgroup_peak_mb; empty when nothing ran): for the operator
-        and the plugin author, never for the client.
+        peak_rss_mb and cgroup_peak_mb where measured; `output`, what the
+        plugin printed: `{"stdout": text, "stderr": text}`, the first 64 KiB
+        of each): for the operator and the plugin author, never a client.
 
         The call's state and time are recorded in the catalog exactly once,
         here, for every call that reached a registered plugin.
@@ -268,11 +269,12 @@ class ToolRunner:
             outcome = self.sandbox.execute(call, current_token())
             trace.mark("host.execute_returned")
             state, peak = outcome.state, _peak_rss_mb(outcome)
+            seen = _measured_of(outcome, call)
             if outcome.status is Status.SUCCESS and outcome.result is not None:
                 reason = None
-                return outcome.result, {}, outcome.details
+                return outcome.result, {}, seen
             reason = outcome.reason or "internal"
-            return {}, self._envelope(plugin_name, outcome, call).to_dict(), outcome.details
+            return {}, self._envelope(plugin_name, outcome, call).to_dict(), seen
         except HostFailure as exc:
             state, reason = None, "internal"
             message = f"plugin host failed: {exc.message}"
@@ -337,6 +339,15 @@ class ToolRunner:
             paths.scrub_details(outcome.details),
             paths.scrub(outcome.traceback),
         )
+
+
+def _measured_of(outcome: Outcome, call: CallSpec) -> dict[str, Any]:
+    """The call's figures and, when it printed anything, its `output`."""
+    if not outcome.output:
+        return outcome.details
+    paths = _host_paths(call)
+    output = {name: paths.scrub(text) for name, text in outcome.output.items()}
+    return {**outcome.details, "output": output}
 
 
 def _host_paths(call: CallSpec | Envelope | None) -> HostPaths:

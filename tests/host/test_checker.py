@@ -100,3 +100,69 @@ def test_a_toml_error_names_the_line(tmp_path: Path) -> None:
     _, problems = static_problems(directory)
     assert len(problems) == 1 and "not valid TOML" in problems[0].message
     assert problems[0].line == 6
+
+
+def test_a_missing_directory_is_named_as_such(tmp_path: Path) -> None:
+    _, problems = static_problems(tmp_path / "nope")
+    assert [str(p) for p in problems] == [f"{tmp_path / 'nope'}: no such directory"]
+
+
+@pytest.mark.parametrize(
+    ("imports", "declared"),
+    [
+        ("import numpy", "numpy"),
+        ("from PIL import Image", "Pillow"),
+        ("import cv2", "opencv-python-headless"),
+        ("import skimage.filters", "scikit-image"),
+    ],
+)
+def test_an_undeclared_import_is_named_with_what_to_declare(
+    tmp_path: Path, imports: str, declared: str
+) -> None:
+    module = imports.split()[1].split(".")[0]
+    directory = _plugin(tmp_path, GOOD, f"import os\n{imports}\n\n\n{CLASS}")
+    manifest, problems = static_problems(directory)
+    assert manifest is None and len(problems) == 1
+    assert problems[0].file == directory / "demo.py" and problems[0].line == 2
+    assert f"imports {module}, which `dependencies` does not declare" in problems[0].message
+    # The suggestion is a distribution the index knows (the import name of
+    # Pillow or OpenCV is not); for cv2 either OpenCV wheel will do.
+    suggested = problems[0].message.split('add "')[1].split('"')[0]
+    assert suggested == declared or (module == "cv2" and suggested.startswith("opencv-python"))
+    fixed = GOOD + f'dependencies = ["{declared}"]\n'
+    (directory / "plugin.toml").write_text(fixed)
+    assert static_problems(directory)[1] == []
+
+
+def test_the_standard_library_and_the_plugins_own_modules_are_not_undeclared(
+    tmp_path: Path,
+) -> None:
+    manifest = GOOD + 'dependencies = ["Pillow>=10.2", "opencv-python-headless", "numpy"]\n'
+    module = (
+        "from __future__ import annotations\nimport json, os.path\nimport helpers\n"
+        "from PIL import Image\nimport cv2\nimport numpy as np\nfrom . import sibling\n\n\n" + CLASS
+    )
+    directory = _plugin(tmp_path, manifest, module)
+    (directory / "helpers.py").write_text("X = 1\n")
+    assert static_problems(directory)[1] == []
+
+
+def test_every_options_schema_problem_is_listed_with_its_path_in_plain_words(
+    tmp_path: Path,
+) -> None:
+    manifest = (
+        GOOD + '[options]\ntype = "object"\n[options.properties.count]\ntype = "integr"\n'
+        'minimum = "one"\n[options.properties.mode]\ntype = ["string", "strin"]\n'
+    )
+    directory = _plugin(tmp_path, manifest, CLASS)
+    _, problems = static_problems(directory)
+    texts = sorted(p.message for p in problems)
+    types = "(string, number, integer, boolean, array, object, null)"
+    assert texts == [
+        "field 'options.properties.count.minimum': 'one' is not of type 'number'",
+        "field 'options.properties.count.type': 'integr' is not one of the JSON Schema "
+        f"types {types}",
+        "field 'options.properties.mode.type': 'strin' is not one of the JSON Schema "
+        f"types {types}",
+    ]
+    assert all(p.file == directory / "plugin.toml" for p in problems)

@@ -19,10 +19,16 @@ from tests.conftest import HOSTILE_DIR, make_png
 pytestmark = pytest.mark.no_leak_check  # the CLI is its own host process
 
 
-def plughost(*args: str, timeout: float = 30) -> tuple[int, dict | None, str, float]:
+def plughost(
+    *args: str, timeout: float = 30, cwd: Path | None = None
+) -> tuple[int, dict | None, str, float]:
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "host.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "host.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
     )
     took = time.monotonic() - started
     try:
@@ -95,6 +101,30 @@ def test_unknown_plugin_prints_an_error_document_and_exits_one(image: Path) -> N
     assert code == 1
     assert document["error"]["details"]["reason"] == "unknown_plugin"
     assert "_internal" not in document and "traceback" not in json.dumps(document)
+
+
+def test_an_unknown_plugin_name_hints_at_plugins_dir(image: Path) -> None:
+    _, _, stderr, _ = plughost("run", "nope", "--image", str(image))
+    assert "no plugin 'nope' in the bundled plugins" in stderr
+    assert "--plugins-dir DIR" in stderr
+
+
+def test_a_plugin_directory_in_the_cwd_is_answered_with_plugins_dir_dot(
+    tmp_path: Path, image: Path
+) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "plugin.toml").write_text('name = "mine"\nversion = "1"\nentrypoint = "m:M"\n')
+    code, document, stderr, _ = plughost("run", "mine", "--image", str(image), cwd=tmp_path)
+    assert code == 1 and document is not None
+    assert document["error"]["details"]["reason"] == "unknown_plugin"
+    assert "mine is a directory: use --plugins-dir ." in stderr
+
+
+def test_check_of_a_missing_directory_says_no_such_directory(tmp_path: Path) -> None:
+    code, _, stderr, _ = plughost("check", "nope", cwd=tmp_path)
+    assert code == 2
+    assert "no such directory: nope" in stderr and "plugin.toml" not in stderr
 
 
 @pytest.mark.parametrize(

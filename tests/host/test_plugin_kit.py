@@ -152,3 +152,85 @@ def test_run_debug_shows_the_plugins_frames_and_never_the_hosts(tmp_path: Path, 
     assert "KeyError: 'missing'" in run.stderr
     assert str(directory) not in run.stderr and "<sandbox>" not in run.stderr
     assert "sandbox/child.py" not in run.stderr and "_internal" not in run.stdout
+
+
+PRINTS = "        print('seen by the author', len(image))\n"
+
+
+def _scaffold_printing(tmp_path: Path, extra: str = "") -> Path:
+    made = _cli("new", "demo", "--dir", str(tmp_path))
+    assert made.returncode == 0, made.stderr
+    module = tmp_path / "demo" / "demo.py"
+    text = module.read_text()
+    anchor = '        image = payload["image"]\n'
+    assert anchor in text
+    module.write_text(text.replace(anchor, anchor + PRINTS + extra))
+    return tmp_path / "demo"
+
+
+def test_a_fresh_author_sees_their_print_in_check(tmp_path: Path) -> None:
+    directory = _scaffold_printing(tmp_path)
+    check = _cli("check", str(directory))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "what it printed:\n    stdout:\n      seen by the author" in check.stdout
+
+
+def test_run_debug_shows_what_the_plugin_printed_and_its_peak(tmp_path: Path, png: bytes) -> None:
+    directory = _scaffold_printing(tmp_path)
+    image = tmp_path / "in.png"
+    image.write_bytes(png)
+    run = _cli("run", "demo", "--plugins-dir", str(tmp_path), "--image", str(image), "--debug")
+    assert run.returncode == 0, run.stderr
+    assert f"seen by the author {len(png)}" in run.stderr
+    assert "peak RSS" in run.stderr and "peak RSS 0.0" not in run.stderr
+    assert "seen by the author" not in run.stdout  # the result document is the client's
+    plain = _cli("run", "demo", "--plugins-dir", str(tmp_path), "--image", str(image))
+    assert "seen by the author" not in plain.stdout + plain.stderr
+    assert directory.is_dir()
+
+
+def test_a_failing_fixture_test_shows_the_plugins_traceback_and_output(tmp_path: Path) -> None:
+    directory = _scaffold_printing(tmp_path, "        raise ValueError('no edges here')\n")
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env={**os.environ, "PLUGHOST_ENV_DIR": ENV_DIR},
+    )
+    report = tests.stdout
+    assert tests.returncode == 1, report + tests.stderr
+    # `assert error == {}` explains the failure in the plugin's own terms.
+    assert "assert the plugin's call failed: plugin_raised: no edges here" in report
+    assert 'File "demo.py", line' in report and "ValueError: no edges here" in report
+    # The report's section of the call: its traceback and what it printed.
+    assert "Captured plughost demo call" in report
+    assert "seen by the author" in report
+    # Neither the envelope's plumbing nor the host's frames.
+    assert "_internal" not in report and "<sandbox>" not in report
+    assert "importlib/__init__.py" not in report and "sandbox/child.py" not in report
+
+
+def test_run_names_a_missing_module_and_what_to_declare(tmp_path: Path, png: bytes) -> None:
+    directory = tmp_path / "needy"
+    directory.mkdir()
+    (directory / "plugin.toml").write_text(
+        'name = "needy"\nversion = "1"\nentrypoint = "needy:N"\n'
+    )
+    (directory / "needy.py").write_text(
+        "import cv2\n\n\nclass N:\n    def run(self, payload):\n        return {}\n"
+    )
+    image = tmp_path / "in.png"
+    image.write_bytes(png)
+    run = _cli("run", "needy", "--plugins-dir", str(tmp_path), "--image", str(image), "--debug")
+    assert run.returncode == 1
+    assert json.loads(run.stdout)["error"]["details"]["reason"] == "load_failed"
+    assert "the plugin imports 'cv2', which is not installed for it" in run.stderr
+    assert 'add "opencv-python' in run.stderr
+    # The traceback starts in the plugin's file, not in importlib.
+    frames = [line for line in run.stderr.splitlines() if line.startswith("  File ")]
+    assert frames == ['  File "needy.py", line 1, in <module>'], run.stderr
+    check = _cli("check", str(directory))
+    assert check.returncode == 1
+    assert "needy.py:1: imports cv2, which `dependencies` does not declare" in check.stdout

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from sandbox.call import run_call
+from sandbox.call import OUTPUT_BYTES, run_call
 from sandbox.handle import PIPES, ChildHandle
 from sandbox.launcher_client import Launcher
 from sandbox.limits import HostLimits, MiB, PluginLimits
@@ -73,8 +73,59 @@ def test_a_reply_and_an_exit_are_a_success(handle: PipeHandle) -> None:
     handle.exits(0)
     outcome = run_call(handle, CALL, token=None)
     assert outcome.status is Status.SUCCESS and outcome.result == {"a": 1}
-    assert outcome.details["stdout_tail"] == "hello" and outcome.details["peak_rss_mb"] == 1.0
+    assert outcome.output == {"stdout": "hello"} and outcome.details["peak_rss_mb"] == 1.0
+    assert "hello" not in str(outcome.details)  # a client is shown the details
     assert handle.kills == 0
+
+
+def test_the_authors_output_is_the_head_of_each_stream_cut_with_a_marker() -> None:
+    limits = HostLimits(max_stream_bytes=MiB).clamp(PluginLimits(timeout_s=5, memory_mb=32))
+    handle = PipeHandle()
+    try:
+
+        def child() -> None:
+            handle.write("stdout", b"first line\n" + b"x" * (OUTPUT_BYTES + 1000))
+            handle.write("stderr", b"warning\n")
+            handle.write(
+                "reply", encode_frame(READY) + encode_frame({"type": "result", "result": {}})
+            )
+            handle.exits(0)
+
+        writer = threading.Thread(target=child)
+        writer.start()
+        outcome = run_call(handle, replace(CALL, limits=limits), token=None)
+        writer.join(5)
+    finally:
+        handle.close_pipes()
+    stdout = outcome.output["stdout"]
+    assert stdout.startswith("first line\nxxx")
+    assert stdout.endswith(f"[plughost: output cut at {OUTPUT_BYTES} bytes; 1011 more not kept]\n")
+    assert outcome.output["stderr"] == "warning\n"
+    assert "first line" not in str(outcome.details) and "stdout_tail" not in outcome.details
+    assert outcome.details["stderr_tail"] == "warning\n"  # the client's short tail (SPEC 4)
+
+
+def test_a_call_no_sample_saw_takes_its_peak_from_its_exit_report(handle: PipeHandle) -> None:
+    # It answered and was gone before any sample: its memory is its exit
+    # report's maximum RSS, which comes a moment after the reply.
+    handle.write(
+        "reply", encode_frame(READY) + encode_frame({"type": "result", "result": {"a": 1}})
+    )
+    late = threading.Timer(0.05, handle.exits, args=(0,))
+    late.start()
+    outcome = run_call(handle, CALL, token=None)
+    late.join()
+    assert outcome.status is Status.SUCCESS
+    assert outcome.details["peak_rss_mb"] == 1.0
+
+
+def test_a_peak_nothing_measured_is_left_out_not_shown_as_zero(handle: PipeHandle) -> None:
+    handle.write(
+        "reply", encode_frame(READY) + encode_frame({"type": "result", "result": {"a": 1}})
+    )
+    outcome = run_call(handle, CALL, token=None)  # no sample, no exit report
+    assert outcome.status is Status.SUCCESS
+    assert "peak_rss_mb" not in outcome.details
 
 
 def test_a_silent_child_is_stopped_at_its_deadline_through_the_handle(handle: PipeHandle) -> None:

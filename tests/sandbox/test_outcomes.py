@@ -98,10 +98,11 @@ def test_plugin_output_is_captured_apart_from_the_protocol(
 ) -> None:
     result, error = runner.run("stderr_chatter", payload)
     assert error == {} and result == {"ok": True}
-    _, error = runner.run("stdout_flood", payload)
+    _, error, measured = runner.measure("stdout_flood", payload)
     details = error["error"]["details"]
-    assert details["stream"] == "stdout"
-    assert 0 < len(details["stdout_tail"]) <= 2048
+    assert details["reason"] == "output_too_large" and details["stream"] == "stdout"
+    assert "stdout_tail" not in details  # what it printed is its author's, not the client's
+    assert 0 < len(measured["output"]["stdout"]) <= 64 * 1024 + 100
 
 
 def test_pickled_reply_is_never_unpickled(runner: ToolRunner, payload: dict) -> None:

@@ -56,7 +56,7 @@ def test_a_result_frame_is_a_success_with_the_result() -> None:
     final = _body({"type": "result", "result": {"width": 3}})
     outcome = verdict(_seen(exit_status=EXIT_0, ready=True, final=final), LIMITS)
     assert outcome.status is Status.SUCCESS and outcome.result == {"width": 3}
-    assert outcome.details["peak_rss_mb"] == 0.0 and "elapsed_ms" in outcome.details
+    assert "peak_rss_mb" not in outcome.details and "elapsed_ms" in outcome.details  # not measured
 
 
 def test_an_error_frame_is_the_plugins_failure_with_its_message() -> None:
@@ -162,12 +162,24 @@ def test_the_evidence_of_memory_and_output_is_attached() -> None:
         cgroup_peak=120 * MiB,
         elapsed_ms=12.5,
     )
-    seen.streams["stdout"] = (5, "hello")
+    seen.streams["stderr"] = (5, "hello")
+    seen.output["stdout"] = "printed"
     outcome = verdict(seen, LIMITS)
     assert outcome.details["peak_rss_mb"] == 100.0  # the sample that broke the limit
     assert outcome.details["cgroup_peak_mb"] == 120.0
-    assert outcome.details["stdout_tail"] == "hello" and "stderr_tail" not in outcome.details
+    assert outcome.details["stderr_tail"] == "hello" and "stdout_tail" not in outcome.details
+    assert outcome.output == {"stdout": "printed"} and "printed" not in str(outcome.details)
     assert outcome.details["elapsed_ms"] == 12.5 and outcome.details["limit_mb"] == 64
+
+
+def test_a_call_nothing_measured_has_no_peak_rather_than_a_peak_of_zero() -> None:
+    outcome = verdict(_seen(final=_body({"type": "result", "result": {}}), ready=True), LIMITS)
+    assert outcome.status is Status.SUCCESS
+    assert "peak_rss_mb" not in outcome.details
+    measured = verdict(
+        _seen(final=_body({"type": "result", "result": {}}), ready=True, maxrss_kb=2048), LIMITS
+    )
+    assert measured.details["peak_rss_mb"] == 2.0
 
 
 def test_an_unknown_stop_is_refused() -> None:
