@@ -588,7 +588,7 @@ def _nodes_arguments(nodes: argparse.ArgumentParser) -> None:
 
 def _cmd_nodes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from host.cluster.nodes import NodeBook
-    from host.services.pgstore import DatabaseUnavailable, PgJobStore, open_pool
+    from host.cluster.pgstore import DatabaseUnavailable, PgJobStore, open_pool
 
     settings = _cluster_settings(args, parser, ("database_url",))
     pool = open_pool(settings.database_url, max_size=1)

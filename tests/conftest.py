@@ -1,5 +1,6 @@
 """Shared fixtures: a registry with the bundled and hostile plugins, sample
-images, and a leak check around every test that runs a sandbox."""
+images, a leak check around every test that runs a sandbox, and a private
+PostgreSQL server (`pg`, `db_url`) for the tests of the shared store."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 import pwd
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
@@ -31,6 +34,9 @@ os.environ.setdefault("PLUGHOST_UID_BASE", "1600000")
 # Pillow is prepared once): this process, and the servers and CLI commands
 # the tests start, all read it. Kept between runs, as an operator's would be.
 os.environ.setdefault("PLUGHOST_ENV_DIR", "/var/tmp/plughost-test-envs")
+
+if TYPE_CHECKING:
+    from tests.cluster.pg import PgCluster
 
 HOSTILE_DIR = BUNDLED_DIR / "hostile"
 
@@ -181,6 +187,22 @@ def ensure_user(name: str) -> int:
             timeout=30,
         )
         return pwd.getpwnam(name).pw_uid
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgCluster]:
+    """One private PostgreSQL server for the session (tests/cluster/pg.py)."""
+    from tests.cluster.pg import PgCluster  # it imports this module
+
+    cluster = PgCluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def db_url(pg: PgCluster) -> str:
+    """A fresh database on the session's server."""
+    return pg.database("t" + uuid.uuid4().hex[:12])
 
 
 def write_plugin(

@@ -30,11 +30,11 @@ import psycopg
 from procrastinate.job_context import JobContext
 
 from host.cluster.nodes import NodeBook, serving_nodes
+from host.cluster.pgstore import DatabaseUnavailable, PgJobStore
 from host.cluster.shared import SharedStats
 from host.cluster.waiter import JobWaiter
 from host.errors import JobFinished, JobNotFound, ServiceError, envelope
 from host.services.jobs import JobLimits, JobManagementService
-from host.services.pgstore import DatabaseUnavailable, PgJobStore
 from host.services.plugins import PluginManagementService
 from host.services.store import ANONYMOUS, FINISHED, Job, JobStatus
 

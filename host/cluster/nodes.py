@@ -23,8 +23,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from host.cluster.pgstore import PgJobStore
 from host.registry import PluginRegistry
-from host.services.pgstore import PgJobStore
 
 log = logging.getLogger("plughost.nodes")
 SKIPPED_DIRS = frozenset({"__pycache__", ".venv", ".git"})

@@ -25,7 +25,7 @@ import psycopg
 from procrastinate import sql
 from procrastinate.jobs import Job as QueuedJob
 
-from host.services.pgstore import PgJobStore
+from host.cluster.pgstore import PgJobStore
 
 log = logging.getLogger("plughost.recovery")
 

@@ -10,6 +10,7 @@ import psycopg
 
 from host.cluster.dispatch import ClusterJobService, ClusterPluginService, make_app
 from host.cluster.nodes import NodeBook, inventory
+from host.cluster.pgstore import PgJobStore, open_pool
 from host.cluster.schema import ensure_schema
 from host.cluster.shared import SharedQuarantine, SharedStats
 from host.config import Settings
@@ -18,7 +19,6 @@ from host.preparation import environment_store
 from host.registry import PluginRegistry
 from host.services.analysis import AnalysisService
 from host.services.jobs import JobLimits
-from host.services.pgstore import PgJobStore, open_pool
 from host.statedir import make_private_dir
 from sandbox.supervisor import Sandbox
 

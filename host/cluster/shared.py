@@ -13,8 +13,8 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from host.cluster.pgstore import DatabaseUnavailable, PgJobStore
 from host.quarantine import QuarantineBook
-from host.services.pgstore import DatabaseUnavailable, PgJobStore
 from sandbox.outcome import State, reason_of
 
 log = logging.getLogger("plughost.shared")

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 
 import psycopg
 
-from host.services.pgstore import NOTIFY_CHANNEL, DatabaseUnavailable, PgJobStore
+from host.cluster.pgstore import NOTIFY_CHANNEL, DatabaseUnavailable, PgJobStore
 from host.services.store import Job
 
 log = logging.getLogger("plughost.waiter")

@@ -38,13 +38,13 @@ from procrastinate.job_context import AbortReason, JobContext
 
 from host.cluster.dispatch import TASK_NAME, make_app
 from host.cluster.nodes import NodeBook, inventory
+from host.cluster.pgstore import DatabaseUnavailable, PgJobStore, open_pool
 from host.cluster.recovery import recover_entry
 from host.cluster.schema import ensure_schema
 from host.cluster.shared import SharedQuarantine, SharedStats
 from host.errors import envelope
 from host.privileges import PrivilegeError, drop_to
 from host.registry import PluginRegistry
-from host.services.pgstore import DatabaseUnavailable, PgJobStore, open_pool
 from host.services.plugins import PluginManagementService
 from host.services.store import JobStatus, now_iso
 from sandbox.supervisor import Sandbox

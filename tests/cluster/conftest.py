@@ -1,5 +1,5 @@
-"""Fixtures of the multi-node tests: one private PostgreSQL server for the
-session, a fresh database per test, worker nodes as real processes (killed
+"""Fixtures of the multi-node tests (the PostgreSQL server and a fresh
+database per test are tests/conftest.py's `pg` and `db_url`): worker nodes as real processes (killed
 and reaped at the end), and an API node's services in this process."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from host.config import Settings
 from host.services.build import Services, build_services
 from sandbox.supervisor import uid_range
-from tests.cluster.pg import PgCluster
+from tests.cluster.pg import NEEDS_POSTGRES
 from tests.conftest import write_plugin
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,25 +26,7 @@ FAST = {"PLUGHOST_HEARTBEAT_S": "0.5", "PLUGHOST_STALLED_AFTER_S": "3"}
 # What every multi-node test module marks itself with: the nodes are processes
 # of their own (the leak check counts this process's children), and they need
 # root and PostgreSQL.
-CLUSTER = [
-    pytest.mark.no_leak_check,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or not Path("/usr/lib/postgresql/15/bin/initdb").exists(),
-        reason="needs root and PostgreSQL 15 (make test installs it)",
-    ),
-]
-
-
-@pytest.fixture(scope="session")
-def pg() -> Iterator[PgCluster]:
-    cluster = PgCluster()
-    yield cluster
-    cluster.close()
-
-
-@pytest.fixture
-def db_url(pg: PgCluster) -> str:
-    return pg.database("t" + uuid.uuid4().hex[:12])
+CLUSTER = [pytest.mark.no_leak_check, NEEDS_POSTGRES]
 
 
 @pytest.fixture

@@ -14,12 +14,18 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 
 from tests.conftest import ensure_user
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 USER = "plughost-pg"
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
+# What a test that starts PostgreSQL is marked with.
+NEEDS_POSTGRES = pytest.mark.skipif(
+    os.geteuid() != 0 or not (BIN / "initdb").exists(),
+    reason="needs root and PostgreSQL 15 (make test installs it)",
+)
 
 
 def free_port() -> int:

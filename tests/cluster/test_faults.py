@@ -22,8 +22,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from host.api.app import create_app
+from host.cluster.pgstore import DatabaseUnavailable
 from host.config import Settings
-from host.services.pgstore import DatabaseUnavailable
 from host.services.store import FINISHED, JobStatus
 from tests.cluster.conftest import CLUSTER, FAST, ROOT, Workers, live_workers
 from tests.cluster.pg import PgCluster, free_port, wait_for

@@ -1,23 +1,24 @@
-"""The shared job store keeps the records and bounds of the SQLite store:
-the same jobs, documents, pages, usage and pruning, in PostgreSQL."""
+"""What only the shared job store does: queue a job in the transaction that
+stores it, declare no job dead at start-up, and answer a database outage
+with a clear error. The contract it shares with the other stores (records,
+pages, quotas, pruning) is tests/host/services/test_store_contract.py."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
+from host.cluster.pgstore import DatabaseUnavailable, PgJobStore, open_pool
 from host.cluster.schema import ensure_schema
-from host.services.pgstore import DatabaseUnavailable, PgJobStore, open_pool
 from host.services.store import Job, JobStatus, now_iso
 from tests.cluster.conftest import CLUSTER
 from tests.cluster.pg import free_port
-from tests.conftest import make_png
+from tests.host.services.test_store_contract import PAYLOAD, job
 
 pytestmark = CLUSTER
-PAYLOAD = {"image": make_png(8, 8), "mime_type": "image/png", "options": {"k": 1}}
 
 
 @pytest.fixture
@@ -28,67 +29,35 @@ def store(db_url: str) -> Iterator[PgJobStore]:
     pool.close()
 
 
-def job(n: int, owner: str = "a", plugin: str = "echo") -> Job:
-    return Job(
-        id=f"job{n:04d}",
-        plugin=plugin,
-        status=JobStatus.PENDING,
-        created_at=f"2026-01-01T00:00:{n:02d}+00:00",
-        owner=owner,
-    )
-
-
-def finish(store: PgJobStore, pending: Job, size: int = 10) -> Job:
-    done = replace(
-        pending, status=JobStatus.SUCCESS, finished_at=now_iso(), result={"x": "y" * size}
-    )
-    store.update(done)
-    return done
-
-
-def test_a_job_and_its_input_round_trip_and_the_input_goes_when_it_ends(store):
+def test_the_shared_store_declares_no_job_dead_at_start_up(store: PgJobStore) -> None:
+    # Another node may be running it: stalled jobs are found by the workers'
+    # recovery step (tests/cluster/test_faults.py), not by a node starting.
     store.add(job(1), PAYLOAD)
-    assert store.get("job0001") == job(1)
+    store.update(replace(job(1), status=JobStatus.RUNNING, started_at=now_iso()))
+    assert store.recover({"reason": "interrupted"}) == 0
+    found = store.get("job0001")
+    assert found is not None and found.status is JobStatus.RUNNING
     assert store.payload("job0001") == PAYLOAD
-    finish(store, job(1))
-    assert store.payload("job0001") is None
-    owner, document = store.document("job0001")  # type: ignore[misc]
-    assert owner == "a"
-    assert json.loads(document)["result"] == {"x": "y" * 10}
-    assert store.get("missing") is None and store.document("missing") is None
 
 
-def test_pages_filter_count_and_stop_at_the_byte_cap(store):
-    for n in range(6):
-        store.add(job(n, owner="a" if n % 2 else "b"), PAYLOAD)
-    page = store.page("a", None, None, limit=10, offset=0, max_bytes=1 << 20)
-    assert page.total == 3
-    assert [json.loads(d)["id"] for d in page.documents] == ["job0005", "job0003", "job0001"]
-    capped = store.page(None, JobStatus.PENDING, "echo", limit=10, offset=0, max_bytes=300)
-    assert capped.truncated and len(capped.documents) == 1 and capped.next_offset == 1
+def test_a_new_job_is_stored_and_queued_in_one_transaction(store: PgJobStore) -> None:
+    def refuse(conn: Any, pending: Job) -> int:
+        raise RuntimeError("the queue refused it")
 
-
-def test_usage_and_per_owner_pruning_keep_the_newest_jobs(store):
-    for n in range(5):
-        store.add(job(n), PAYLOAD)
-        finish(store, job(n))
-    store.add(job(9), PAYLOAD)  # unfinished: never pruned
-    assert store.usage("a").jobs == 6
-    assert store.prune_owner("a", max_jobs=3, max_bytes=1 << 30) == 3
-    left = store.page("a", None, None, 10, 0, 1 << 20).documents
-    assert [json.loads(d)["id"] for d in left] == ["job0009", "job0004", "job0003"]
-
-
-def test_pruning_by_age_and_by_size_drops_only_finished_jobs(store):
-    for n in range(4):
-        store.add(job(n), PAYLOAD)
-        finish(store, job(n), size=1000)
-    store.add(job(8), PAYLOAD)
-    assert store.prune(older_than_s=3600) == 0
-    assert store.prune_to_size(2500) == 2  # the two oldest finished ones
-    assert store.get("job0000") is None and store.get("job0002") is not None
-    assert store.prune(older_than_s=0) == 2
-    assert store.get("job0008") is not None
+    store.dispatch = refuse
+    with pytest.raises(RuntimeError):
+        store.add(job(2), PAYLOAD)
+    assert store.get("job0002") is None  # not stored when it could not be queued
+    store.dispatch = lambda conn, pending: 42
+    store.add(job(3), PAYLOAD)
+    with store.connection() as conn:
+        row = conn.execute("SELECT queue_job_id FROM plughost_jobs WHERE id = 'job0003'")
+        assert row.fetchone() == (42,)
+    finished = replace(job(4), status=JobStatus.SUCCESS, finished_at=now_iso())
+    store.add(finished, None)  # a finished job is not queued
+    with store.connection() as conn:
+        row = conn.execute("SELECT queue_job_id FROM plughost_jobs WHERE id = 'job0004'")
+        assert row.fetchone() == (None,)
 
 
 def test_an_unreachable_database_is_a_clear_error():

@@ -132,18 +132,7 @@ def test_queued_jobs_hold_their_ids_not_their_inputs_in_memory(
     plugins: PluginManagementService, png: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-
-    def blocked(
-        self: PluginManagementService,
-        plugin_name: str,
-        payload: Any,
-        cancel: Any = None,
-        owner: Any = None,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        release.wait(30)
-        return {"ok": True}, {}
-
-    monkeypatch.setattr(PluginManagementService, "execute_plugin", blocked)
+    results_of(monkeypatch, 10, release)
     jobs = JobManagementService(
         plugins, SQLiteJobStore(tmp_path / "jobs.sqlite3"), workers=1, queue_size=8
     )
@@ -172,15 +161,20 @@ def test_queued_jobs_hold_their_ids_not_their_inputs_in_memory(
         jobs.shutdown(timeout_s=10)
 
 
+@pytest.fixture
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the store of a pruning test lives; every job's result is 0.5 MB."""
+    results_of(monkeypatch, 500_000)
+    return tmp_path / "jobs.sqlite3"
+
+
 @pytest.mark.timeout(120)
 def test_pruning_shrinks_the_database_file(
-    plugins: PluginManagementService, payload: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    plugins: PluginManagementService, payload: dict, db: Path
 ) -> None:
-    db = tmp_path / "jobs.sqlite3"
     store = SQLiteJobStore(db)
     jobs = JobManagementService(plugins, store)
     try:
-        results_of(monkeypatch, 500_000)
         for _ in range(40):
             jobs.enqueue("image_info", payload)[1].result(timeout=30)
         full = on_disk(db)
@@ -195,14 +189,12 @@ def test_pruning_shrinks_the_database_file(
 
 @pytest.mark.timeout(120)
 def test_the_store_prunes_its_oldest_finished_jobs_past_max_db_bytes(
-    plugins: PluginManagementService, payload: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    plugins: PluginManagementService, payload: dict, db: Path
 ) -> None:
-    db = tmp_path / "jobs.sqlite3"
     store = SQLiteJobStore(db)
     limits = JobLimits(max_db_bytes=8 * MiB)
     jobs = JobManagementService(plugins, store, workers=1, queue_size=1, limits=limits)
     try:
-        results_of(monkeypatch, 500_000)
         ids = []
         for _ in range(60):  # 30 MB of results in all
             job, future = jobs.enqueue("image_info", payload)

@@ -1,6 +1,7 @@
 """Jobs in PostgreSQL: the store every node of a multi-node deployment shares.
 
-It keeps the same records as `SQLiteJobStore` (host/services/store.py) and
+It keeps the contract of every job store (`JobStore`, host/services/jobrows.py)
+with the same statements as the SQLite store (host/services/jobsql.py), and
 adds what a shared store needs:
 
     add(job, payload)     the row and its dispatch (`dispatch(conn, job)`, a
@@ -38,29 +39,21 @@ import psycopg
 import psycopg_pool
 
 from host.errors import ServiceError, envelope
-from host.services.store import (
+from host.services.jobrows import (
+    COLUMNS,
     FINISHED,
     Job,
-    JobPage,
     JobStatus,
-    Usage,
-    _cutoff,
-    _document,
-    _fill_page,
-    _json,
-    _record_bytes,
-    decode_payload,
-    filter_clause,
+    JobStore,
     job_from_row,
-    new_row,
     now_iso,
-    oldest_to_drop,
-    update_row,
+    record_bytes,
+    to_json,
 )
+from host.services.jobsql import Dialect, SqlRows
 
 log = logging.getLogger("plughost.pgstore")
 
-_COLUMNS = "id, plugin, status, created_at, started_at, finished_at, result, error, owner"
 _FINISHED = [s.value for s in FINISHED]
 # How long a size figure is trusted: summing every row on each job would cost more than the job.
 SIZE_CACHE_S = 10.0
@@ -68,7 +61,12 @@ RETRY_AFTER_S = 2.0
 RECONNECT_S = 4.0
 FAIL_FAST_S = 1.0
 NOTIFY_CHANNEL = "plughost_job_finished"
-_TOTAL_BYTES = "SELECT COALESCE(SUM(stored_bytes), 0) FROM plughost_jobs"
+POSTGRES = Dialect(
+    table="plughost_jobs",
+    mark="%s",
+    usage="SELECT COUNT(*), COALESCE(SUM(stored_bytes), 0) FROM plughost_jobs WHERE owner = ?",
+    size="SELECT COALESCE(SUM(stored_bytes), 0) FROM plughost_jobs",
+)
 
 Dispatch = Callable[[psycopg.Connection[Any], Job], int]
 
@@ -110,15 +108,6 @@ def _hold(
     return None if row is None else (row[0], row[1], row[2], bool(row[3]))
 
 
-def _usage(conn: psycopg.Connection[Any], owner: str) -> Usage:
-    row = conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(stored_bytes), 0) FROM plughost_jobs WHERE owner = %s",
-        (owner,),
-    ).fetchone()
-    assert row is not None
-    return Usage(int(row[0]), int(row[1]))
-
-
 def open_pool(url: str, max_size: int = 8, timeout_s: float = 5.0) -> psycopg_pool.ConnectionPool:
     """A connection pool to `url` that checks connections before lending them
     and waits at most `timeout_s` for one (then: PoolTimeout)."""
@@ -139,7 +128,7 @@ def open_pool(url: str, max_size: int = 8, timeout_s: float = 5.0) -> psycopg_po
     return pool
 
 
-class PgJobStore:
+class PgJobStore(JobStore):
     """Jobs in PostgreSQL tables shared by every node; thread-safe."""
 
     def __init__(self, pool: psycopg_pool.ConnectionPool, dispatch: Dispatch | None = None) -> None:
@@ -167,97 +156,20 @@ class PgJobStore:
             self._down_until = time.monotonic() + FAIL_FAST_S
             raise DatabaseUnavailable(exc) from exc
 
-    # -- the JobStore protocol ----------------------------------------------
+    @contextmanager
+    def _rows(self) -> Iterator[SqlRows]:
+        with self.connection() as conn:
+            yield SqlRows(conn, POSTGRES)
 
     def add(self, job: Job, payload: dict[str, Any] | None) -> None:
+        """Store the job and, if it is PENDING, queue it: in one transaction."""
         with self.connection() as conn:
-            conn.execute(
-                f"INSERT INTO plughost_jobs ({_COLUMNS}, stored_bytes, payload, image) "
-                "VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
-                new_row(job, payload),
-            )
+            SqlRows(conn, POSTGRES).insert(job, payload)
             if self.dispatch is not None and job.status is JobStatus.PENDING:
                 queue_job = self.dispatch(conn, job)
                 conn.execute(
                     "UPDATE plughost_jobs SET queue_job_id = %s WHERE id = %s", (queue_job, job.id)
                 )
-
-    def get(self, job_id: str) -> Job | None:
-        with self.connection() as conn:
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM plughost_jobs WHERE id = %s", (job_id,)
-            ).fetchone()
-        return None if row is None else job_from_row(row)
-
-    def payload(self, job_id: str) -> dict[str, Any] | None:
-        with self.connection() as conn:
-            row = conn.execute(
-                "SELECT image, payload FROM plughost_jobs WHERE id = %s", (job_id,)
-            ).fetchone()
-        return None if row is None else decode_payload(row[0], row[1])
-
-    def document(self, job_id: str) -> tuple[str, str] | None:
-        """`(owner, public document)` of the job, its result spliced in unparsed, or None."""
-        with self.connection() as conn:
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM plughost_jobs WHERE id = %s", (job_id,)
-            ).fetchone()
-        if row is None:
-            return None
-        job = job_from_row((*row[:6], None, None, row[8]))
-        return job.owner, _document(job, row[6], row[7])
-
-    def update(self, job: Job) -> None:
-        """Write the job's status, times, result and error (no fence: the
-        dispatcher's paths use `finish`); a finished job's input is dropped."""
-        with self.connection() as conn:
-            conn.execute(
-                "UPDATE plughost_jobs SET status = %s, started_at = %s, finished_at = %s, "
-                "result = %s, error = %s, "
-                "payload = CASE WHEN %s THEN NULL ELSE payload END, "
-                "image = CASE WHEN %s THEN NULL ELSE image END, "
-                "stored_bytes = CASE WHEN %s THEN %s ELSE stored_bytes END WHERE id = %s",
-                update_row(job),
-            )
-
-    def page(
-        self,
-        owner: str | None,
-        status: JobStatus | None,
-        plugin: str | None,
-        limit: int,
-        offset: int,
-        max_bytes: int,
-    ) -> JobPage:
-        clause, args = filter_clause(owner, status, plugin, "%s")
-        with self.connection() as conn:
-            total = conn.execute(f"SELECT COUNT(*) FROM plughost_jobs {clause}", args).fetchone()
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM plughost_jobs {clause} "
-                "ORDER BY created_at DESC LIMIT %s OFFSET %s",
-                [*args, limit, offset],
-            ).fetchall()
-        raw = ((job_from_row((*r[:6], None, None, r[8])), r[6], r[7]) for r in rows)
-        return _fill_page(raw, int(total[0] if total else 0), limit, offset, max_bytes)
-
-    def usage(self, owner: str) -> Usage:
-        with self.connection() as conn:
-            return _usage(conn, owner)
-
-    def prune_owner(self, owner: str, max_jobs: int, max_bytes: int) -> int:
-        """Delete `owner`'s oldest finished jobs until it keeps at most
-        `max_jobs` jobs and `max_bytes`; return how many went."""
-        with self.connection() as conn:
-            usage = _usage(conn, owner)
-            jobs, stored = usage.jobs, usage.stored_bytes
-            finished = conn.execute(
-                "SELECT id, stored_bytes FROM plughost_jobs WHERE owner = %s "
-                "AND status = ANY(%s) ORDER BY created_at",
-                (owner, _FINISHED),
-            ).fetchall()
-            victims = oldest_to_drop(finished, jobs, stored, max_jobs, max_bytes)
-            conn.execute("DELETE FROM plughost_jobs WHERE id = ANY(%s)", (victims,))
-        return len(victims)
 
     def size_bytes(self) -> int:
         """Bytes the jobs store (inputs, results, errors), at most SIZE_CACHE_S old."""
@@ -265,44 +177,15 @@ class PgJobStore:
             read_at, size = self._size
             if time.monotonic() - read_at < SIZE_CACHE_S:
                 return size
-        with self.connection() as conn:
-            row = conn.execute(_TOTAL_BYTES).fetchone()
-        size = int(row[0]) if row else 0
+        size = super().size_bytes()
         with self._size_lock:
             self._size = (time.monotonic(), size)
         return size
 
-    def prune(self, older_than_s: float) -> int:
-        with self.connection() as conn:
-            cursor = conn.execute(
-                "DELETE FROM plughost_jobs WHERE status = ANY(%s) "
-                "AND COALESCE(finished_at, created_at) < %s",
-                (_FINISHED, _cutoff(older_than_s)),
-            )
-        return cursor.rowcount
-
-    def prune_to_size(self, max_bytes: int) -> int:
-        """Delete the oldest finished jobs until the stored bytes are at most
-        `max_bytes` (or no finished job is left); return how many went."""
-        with self.connection() as conn:
-            row = conn.execute(_TOTAL_BYTES).fetchone()
-            excess = (int(row[0]) if row else 0) - max_bytes
-            victims: list[str] = []
-            if excess > 0:
-                oldest = conn.execute(
-                    "SELECT id, stored_bytes FROM plughost_jobs WHERE status = ANY(%s) "
-                    "ORDER BY created_at",
-                    (_FINISHED,),
-                )
-                for job_id, stored in oldest:
-                    if excess <= 0:
-                        break
-                    victims.append(job_id)
-                    excess -= stored
-                conn.execute("DELETE FROM plughost_jobs WHERE id = ANY(%s)", (victims,))
+    def _reclaim(self) -> None:
+        # The space is the server's (autovacuum's); the size read next is fresh.
         with self._size_lock:
             self._size = (-SIZE_CACHE_S, 0)
-        return len(victims)
 
     def recover(self, reason: dict[str, Any]) -> int:
         """Nothing: see the module docstring."""
@@ -337,11 +220,11 @@ class PgJobStore:
             found = conn.execute(
                 "UPDATE plughost_jobs SET status = 'RUNNING', attempts = attempts + 1, "
                 "node = %s, started_at = %s WHERE id = %s "
-                f"RETURNING {_COLUMNS}, attempts",
+                f"RETURNING {COLUMNS}, attempts",
                 (node, now_iso(), job_id),
             ).fetchone()
         assert found is not None
-        return Claim(job_from_row(found[:9]), int(found[9]))
+        return Claim(job_from_row(found), int(found[10]))
 
     def _interrupt(
         self, conn: psycopg.Connection[Any], job_id: str, attempts: int, node: str | None
@@ -355,7 +238,7 @@ class PgJobStore:
         conn.execute(
             "UPDATE plughost_jobs SET status = 'INTERRUPTED', finished_at = %s, error = %s, "
             "payload = NULL, image = NULL, stored_bytes = LENGTH(%s) WHERE id = %s",
-            (now_iso(), _json(error), _json(error), job_id),
+            (now_iso(), to_json(error), to_json(error), job_id),
         )
         conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, job_id))
 
@@ -386,7 +269,7 @@ class PgJobStore:
     def finish(self, job: Job, attempt: int) -> bool:
         """Write the final state of `job` if `attempt` still holds it; return
         True if written. A run that lost its hold is counted, not written."""
-        result, error = _json(job.result), _json(job.error)
+        result, error = to_json(job.result), to_json(job.error)
         with self.connection() as conn:
             cursor = conn.execute(
                 "UPDATE plughost_jobs SET status = %s, finished_at = %s, result = %s, "
@@ -398,7 +281,7 @@ class PgJobStore:
                     job.finished_at,
                     result,
                     error,
-                    _record_bytes(result, error),
+                    record_bytes(result, error),
                     job.id,
                     attempt,
                 ),
@@ -422,7 +305,7 @@ class PgJobStore:
                 "payload = CASE WHEN status = 'PENDING' THEN NULL ELSE payload END, "
                 "image = CASE WHEN status = 'PENDING' THEN NULL ELSE image END "
                 "WHERE id = %s RETURNING status, queue_job_id",
-                (now_iso(), _json(error), job_id),
+                (now_iso(), to_json(error), job_id),
             ).fetchone()
             if row is not None and row[0] == JobStatus.CANCELLED.value:
                 conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, job_id))
@@ -432,7 +315,7 @@ class PgJobStore:
         """The finished jobs among `job_ids`."""
         with self.connection() as conn:
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM plughost_jobs WHERE id = ANY(%s) AND status = ANY(%s)",
+                f"SELECT {COLUMNS} FROM plughost_jobs WHERE id = ANY(%s) AND status = ANY(%s)",
                 (job_ids, _FINISHED),
             ).fetchall()
         return [job_from_row(r) for r in rows]
