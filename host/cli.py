@@ -473,7 +473,7 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from host.api import create_app
-    from host.api.server import serve
+    from host.api.server import AddressUnavailable, backlog, listen, serve
     from host.config import ConfigError, load_settings
     from host.logs import configure_logging
 
@@ -485,10 +485,16 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error(str(exc))
     if settings.database_url:
         _need_cluster(parser)
+    # The address first: a busy port is one line now, not an error after the start-up.
+    try:
+        sock = listen(settings.host, settings.port, backlog(settings.max_connections))
+    except AddressUnavailable as exc:
+        _stderr(str(exc))
+        return 1
     configure_logging(settings.log_level, settings.log_repeat_limit, settings.log_repeat_interval_s)
     # Tokens come from the config file or PLUGHOST_CLIENT_TOKENS / PLUGHOST_ADMIN_TOKEN,
     # never from flags: command lines are visible to every user of the machine.
-    serve(create_app(settings), settings)
+    serve(create_app(settings), settings, sock)
     return 0
 
 

@@ -44,6 +44,7 @@ from sandbox.layers import (
     missing,
     protections,
     resolve,
+    shortfall,
 )
 from sandbox.outcome import HostFailure, Outcome, Status
 from sandbox.prewarm import WarmPool
@@ -145,10 +146,12 @@ class Sandbox:
                         log.info("per-call cgroups: cgroup v2 below %s", self._cgroup2)
                 active = resolve(found, self._disabled, cgroup_v2=self._cgroup2 is not None)
                 self._lacking = missing(active)
-                for name in self._lacking:
-                    if self.isolation == "standard":
-                        why = "switched off" if name in self._disabled else "not available here"
-                        log.warning("isolation layer %s is %s; calls run without it", name, why)
+                if self.isolation == "standard":
+                    notes, warnings = shortfall(active, self._disabled)
+                    for line in notes:
+                        log.info("%s", line)
+                    for line in warnings:
+                        log.warning("%s", line)
                 if active["privilege_drop"]:
                     self._uids = UidPool(self.uid_range)
                 self._cgroups = CgroupPool(active, self._cgroup2)

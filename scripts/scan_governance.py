@@ -136,6 +136,11 @@ def _toolrunner_names(tree: ast.AST) -> tuple[set[str], set[str]]:
     return names, attributes
 
 
+def _library(receiver: str) -> bool:
+    """`subprocess.run`, `uvicorn.Server.run`: a library's own `run`."""
+    return receiver.split(".", 1)[0] in LIBRARY_RUNNERS
+
+
 def check_plugin_calls(rel: str, tree: ast.AST) -> Iterator[Violation]:
     if rel == CHILD_MODULE:
         return
@@ -146,7 +151,7 @@ def check_plugin_calls(rel: str, tree: ast.AST) -> Iterator[Violation]:
         func = node.func
         if isinstance(func, ast.Attribute) and func.attr == "run":
             receiver = _dotted(func.value)
-            if receiver in runners or receiver == "ToolRunner()" or receiver in LIBRARY_RUNNERS:
+            if receiver in runners or receiver == "ToolRunner()" or _library(receiver):
                 continue
             if "." in receiver and receiver.rsplit(".", 1)[1] in attributes:
                 continue  # `x.runner`, where `runner` is declared a ToolRunner

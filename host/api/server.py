@@ -21,15 +21,23 @@ below what that leaves, and runs uvicorn with the protocol and a listen
 backlog of a quarter of the cap: asyncio accepts a backlog's worth of
 connections per wake-up and they reach the protocol a few loop iterations
 later, so open descriptors stay below about twice the cap.
+
+The address is taken first (`listen`), before the services are built and
+the self-check runs: a port another process holds is a one-line error at
+once (`AddressUnavailable`), not a failure after the whole start-up, and
+uvicorn is handed that very socket, so nothing can take the port in
+between. Clients that connect during the start-up wait in the backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import encodings.idna  # noqa: F401 - uvloop encodes the bound host with it; loaded while root
+import errno
 import json
 import logging
 import resource
+import socket
 from typing import Any
 
 import h11
@@ -44,6 +52,8 @@ log = logging.getLogger("plughost.api")
 # Descriptors kept free of connections: the job store, the sandbox's pipes
 # and sockets, log files.
 RESERVED_FDS = 256
+# uvicorn's exit status for a start-up that failed.
+STARTUP_FAILURE = 3
 
 
 def _refusal() -> bytes:
@@ -188,24 +198,104 @@ def backlog(cap: int) -> int:
     return max(8, min(2048, cap // 4))
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
-    """Run the API with uvicorn until it is stopped (SIGINT or SIGTERM)."""
+class AddressUnavailable(Exception):
+    """The server's address cannot be listened on; the message says why and what to do."""
+
+
+# What the usual errors of bind(2) and listen(2) mean to whoever starts the server.
+BIND_ERRORS = {
+    errno.EADDRINUSE: "the address is already in use (another server listens there)",
+    errno.EACCES: "permission denied (ports below 1024 need root)",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address",
+}
+
+
+def url(host: str, port: int) -> str:
+    """The http URL of host:port (an IPv6 address in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def listen(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """A TCP socket bound to host:port and listening, for `serve`.
+
+    Raises AddressUnavailable with one line naming the address, the reason
+    and how to choose another port.
+    """
+    where = url(host, port).removeprefix("http://")
+    advice = "choose another port with --port N or PLUGHOST_PORT=N"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        problem = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise AddressUnavailable(f"cannot listen on {where}: {problem}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        # As uvicorn does: a restart is not refused for connections in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        problem = BIND_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))
+        raise AddressUnavailable(f"cannot listen on {where}: {problem}; {advice}") from None
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying where it serves once the start-up is done
+    (uvicorn says nothing itself when it is given its socket)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and sockets:
+            host, port = sockets[0].getsockname()[:2]
+            base = url(host, port)
+            log.info("serving on %s (console %s/console, API docs %s/docs)", base, base, base)
+
+
+def serve(app: FastAPI, settings: Settings, sock: socket.socket | None = None) -> None:
+    """Run the API with uvicorn until it is stopped (SIGINT or SIGTERM), on
+    `sock` (from `listen`; by default listen on the settings' address now).
+
+    Exits with uvicorn's start-up failure status (3) when the start-up fails.
+    """
     cap = connection_cap(settings.max_connections, raise_descriptor_limit())
     protocol = LimitedH11Protocol.configured(
         settings.header_timeout_s, settings.body_timeout_s, cap
     )
-    uvicorn.run(
+    # asyncio accepts up to `backlog` connections per wake-up, and a few
+    # wake-ups pass before the first of them reaches the protocol's cap.
+    queue = backlog(cap)
+    if sock is None:
+        sock = listen(settings.host, settings.port, queue)
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         http=protocol,
         loop="uvloop",
-        # asyncio accepts up to `backlog` connections per wake-up, and a few
-        # wake-ups pass before the first of them reaches the protocol's cap.
-        backlog=backlog(cap),
+        backlog=queue,
         log_config=None,
         timeout_graceful_shutdown=10,
     )
+    server = _Server(config)
+    try:
+        uvicorn.Server.run(server, sockets=[sock])
+    except KeyboardInterrupt:  # a second Ctrl-C during the shutdown, as uvicorn.run allows
+        log.info("stopped")
+    finally:
+        sock.close()
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)
 
 
-__all__ = ["LimitedH11Protocol", "connection_cap", "raise_descriptor_limit", "serve"]
+__all__ = [
+    "AddressUnavailable",
+    "LimitedH11Protocol",
+    "connection_cap",
+    "listen",
+    "raise_descriptor_limit",
+    "serve",
+]

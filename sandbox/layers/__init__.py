@@ -285,6 +285,49 @@ def missing(layers: dict[str, bool]) -> list[str]:
     ]
 
 
+def _layers_are(names: list[str]) -> str:
+    return f"layer {names[0]} is" if len(names) == 1 else f"layers {', '.join(names)} are"
+
+
+def shortfall(layers: dict[str, bool], disabled: Iterable[str]) -> tuple[list[str], list[str]]:
+    """What to tell the operator of the layers calls lack (`missing`), as
+    (notes, warnings): one line per cause, naming what would add them.
+
+    privilege_drop on an unprivileged host whose calls get a user namespace
+    in its place is a note: that kind of host never has it."""
+    off = frozenset(disabled)
+    lacking = missing(layers)
+    notes: list[str] = []
+    if "privilege_drop" in lacking and "privilege_drop" not in off and layers["user_namespace"]:
+        lacking.remove("privilege_drop")
+        notes.append(
+            "isolation layer privilege_drop needs a host started as root; calls of this"
+            " unprivileged host get user_namespace in its place"
+        )
+    switched = [name for name in lacking if name in off]
+    cgroups = [name for name in lacking if name in CGROUP_LAYERS and name not in off]
+    others = [name for name in lacking if name not in off and name not in CGROUP_LAYERS]
+    warnings = []
+    if switched:
+        warnings.append(
+            f"isolation {_layers_are(switched)} switched off; calls run without"
+            f" {'it' if len(switched) == 1 else 'them'}"
+        )
+    if cgroups:
+        warnings.append(
+            f"isolation {_layers_are(cgroups)} not available here: the host has no cgroup it"
+            " may create call cgroups in; calls run without them (the memory watchdog still"
+            " samples each call). Run it as a systemd service with Delegate=yes"
+            " (docs/deploy.md), or as root"
+        )
+    if others:
+        warnings.append(
+            f"isolation {_layers_are(others)} not available here; calls run without"
+            f" {'it' if len(others) == 1 else 'them'} (docs/deploy.md says what each needs)"
+        )
+    return notes, warnings
+
+
 def protections(layers: dict[str, bool]) -> dict[str, bool]:
     """Which isolation layers calls actually get (a root host's user
     namespace, which it does not need, is left out)."""
@@ -304,5 +347,6 @@ __all__ = [
     "detect",
     "missing",
     "protections",
+    "shortfall",
     "resolve",
 ]

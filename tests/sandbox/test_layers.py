@@ -19,6 +19,7 @@ from sandbox.layers import (
     missing,
     protections,
     resolve,
+    shortfall,
 )
 
 EVERYTHING = dict.fromkeys(OPTIONAL_LAYERS, True)
@@ -52,6 +53,39 @@ def test_disabled_layers_are_off_and_reported_missing() -> None:
     active = resolve(EVERYTHING, disabled=["seccomp", "landlock"], cgroup_v2=False)
     assert active["seccomp"] is False and active["landlock"] is False
     assert {"seccomp", "landlock"} <= set(missing(active))
+
+
+def test_an_unprivileged_host_is_warned_once_per_cause_with_what_adds_the_layers() -> None:
+    # A user-namespace host on cgroup v2 without a delegated cgroup.
+    found = EVERYTHING | {"privilege_drop": False, "cgroup_memory": False, "cgroup_pids": False}
+    active = resolve(found, disabled=(), cgroup_v2=False)
+    notes, warnings = shortfall(active, disabled=())
+    # privilege_drop is never there for this kind of host: a note, not a warning.
+    assert len(notes) == 1 and "privilege_drop" in notes[0] and "user_namespace" in notes[0]
+    assert len(warnings) == 1
+    assert "cgroup_memory, cgroup_pids are not available" in warnings[0]
+    assert "Delegate=yes" in warnings[0]
+    assert not any("privilege_drop" in line for line in warnings)
+
+
+def test_without_user_namespaces_the_missing_privilege_drop_is_a_warning() -> None:
+    found = EVERYTHING | {"privilege_drop": False, "user_namespace": False}
+    notes, warnings = shortfall(resolve(found, disabled=(), cgroup_v2=False), disabled=())
+    assert notes == []
+    assert len(warnings) == 1 and "privilege_drop" in warnings[0]
+    assert all(name in warnings[0] for name in DEPENDS_ON_PRIVILEGE_DROP)
+
+
+def test_switched_off_layers_are_one_warning_apart_from_missing_ones() -> None:
+    found = EVERYTHING | {"landlock": False}
+    active = resolve(found, disabled=["seccomp", "tmpfs_scratch"], cgroup_v2=False)
+    notes, warnings = shortfall(active, disabled=["seccomp", "tmpfs_scratch"])
+    assert notes == []
+    assert warnings == [
+        "isolation layers tmpfs_scratch, seccomp are switched off; calls run without them",
+        "isolation layer landlock is not available here; calls run without it"
+        " (docs/deploy.md says what each needs)",
+    ]
 
 
 @pytest.mark.parametrize("v2", [True, False])
