@@ -10,19 +10,19 @@ STAMP := $(VENV)/.installed
 # What serving needs, and nothing more.
 $(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --quiet --upgrade pip
+	$(BIN)/pip install --quiet --quiet -e .
 	touch $(RUNTIME)
 
 # The test and check tools on top.
 $(STAMP): $(RUNTIME)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # One real analysis through the sandbox, then the server with the bundled plugins.
 run: $(RUNTIME)
 	$(BIN)/plughost run image_info --image plugins/samples/sunset.png
-	$(BIN)/plughost serve --db .plughost/jobs.sqlite3
+	$(BIN)/plughost serve --db .plughost/jobs.sqlite3 $(if $(PORT),--port $(PORT))
 
 # The browser the console's tests drive: Debian's chromium (Playwright's own
 # download is not used). Installed once; a machine that has it skips the step.
@@ -62,7 +62,7 @@ check: $(STAMP)
 
 # Benchmarks against the peers; writes docs/performance.md and docs/latency.png.
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --quiet -e '.[dev,bench]'
 	$(BIN)/python scripts/bench.py --write-docs
 
 # A real server under mixed benign, hostile, oversized and slow clients (not part of CI).

@@ -546,7 +546,6 @@ def _worker_arguments(worker: argparse.ArgumentParser) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from host.cluster.worker import WorkerNode, WorkerOptions, run_worker
     from host.logs import configure_logging
     from host.privileges import PrivilegeError
 
@@ -554,6 +553,9 @@ def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     settings = _cluster_settings(
         args, parser, (*names, "host", "user", "disable_layers", "state_dir")
     )
+    # Once `_cluster_settings` has checked that the multi-node extra is installed.
+    from host.cluster.worker import WorkerNode, WorkerOptions, run_worker
+
     configure_logging(settings.log_level, settings.log_repeat_limit, settings.log_repeat_interval_s)
     registry = PluginRegistry()
     make_private_dir(settings.state_dir)
@@ -593,10 +595,11 @@ def _nodes_arguments(nodes: argparse.ArgumentParser) -> None:
 
 
 def _cmd_nodes(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    settings = _cluster_settings(args, parser, ("database_url",))
+    # Once `_cluster_settings` has checked that the multi-node extra is installed.
     from host.cluster.nodes import NodeBook
     from host.cluster.pgstore import DatabaseUnavailable, PgJobStore, open_pool
 
-    settings = _cluster_settings(args, parser, ("database_url",))
     pool = open_pool(settings.database_url, max_size=1)
     try:
         nodes = NodeBook(PgJobStore(pool), "cli", settings.stalled_after_s).nodes()

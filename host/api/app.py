@@ -106,6 +106,20 @@ async def _check_containment(app: FastAPI, settings: Settings) -> None:
         raise RuntimeError("containment self-check failed; refusing to serve")
 
 
+def _log_load_errors(services: Services) -> None:
+    """A line per plugin directory that was not registered (bad manifest,
+    a name taken twice): the operator's log says why it is missing."""
+    errors = services.plugins.registry.load_errors
+    for problem in errors:
+        log.warning("plugin not loaded: %s", problem)
+    if errors:
+        log.warning(
+            "%d plugin director%s not loaded; fix them and reload (POST /v1/admin/reload)",
+            len(errors),
+            "y" if len(errors) == 1 else "ies",
+        )
+
+
 def _give_up_root(services: Services, settings: Settings) -> None:
     if settings.user is None:
         if os.geteuid() == 0:
@@ -122,6 +136,7 @@ def _lifespan(settings: Settings, given: Services | None) -> Any:
         if given is None:
             app.state.services = await asyncio.to_thread(build_services, settings)
         services: Services = app.state.services
+        _log_load_errors(services)
         _log_protections(settings, await asyncio.to_thread(services.plugins.protections))
         if settings.self_check:
             await _check_containment(app, settings)

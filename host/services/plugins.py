@@ -327,6 +327,8 @@ class PluginManagementService:
         before = set(self.registry.list_plugins())
         self.registry.load_errors.clear()
         names = discover(self.registry, extra_dirs, overrides)
+        for problem in self.registry.load_errors:
+            log.warning("plugin not loaded: %s", problem)
         for gone in before - set(names):
             self.registry.unregister(gone)
         if self.preparation.started:

@@ -145,6 +145,23 @@ def test_usage_errors_exit_two_with_a_clear_message(
     assert message in stderr
 
 
+@pytest.mark.parametrize("command", ["worker", "nodes", "serve"])
+def test_multi_node_commands_without_the_cluster_extra_say_what_to_install(command: str) -> None:
+    # An install without `plughost[cluster]`: its modules cannot be imported.
+    hide = "import sys; sys.modules['procrastinate'] = sys.modules['psycopg'] = None"
+    run = "from host.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", f"{hide}; {run}", command]
+        + ["--database-url", "postgresql://127.0.0.1:1/none"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "pip install 'plughost[cluster]'" in proc.stderr.splitlines()[-1]
+
+
 def test_plugins_lists_bundled_plugins_as_table_and_json() -> None:
     code, _, _, _ = plughost("plugins")
     assert code == 0

@@ -95,7 +95,10 @@ def stop(server: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 def test_real_server_answers_on_localhost(tmp_path: Path) -> None:
     port = free_port()
-    server = start_server(tmp_path / "jobs.sqlite3", port)
+    broken = tmp_path / "more" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "plugin.toml").write_text('name = "broken"\nversion = "1"\n')  # no entrypoint
+    server = start_server(tmp_path / "jobs.sqlite3", port, "--plugins-dir", str(broken.parent))
     try:
         status, data = request(port, "POST", "/v1/analyze", {**BODY, "plugin": "image_info"})
         assert status == 200 and data["result"]["format"] == "PNG"
@@ -114,6 +117,32 @@ def test_real_server_answers_on_localhost(tmp_path: Path) -> None:
     assert any("self-check passed" in line or "self-check failed" in line for line in logs)
     job_lines = [json.loads(line) for line in logs if '"job finished"' in line]
     assert job_lines and all("job_id" in line and "plugin" in line for line in job_lines)
+    # It says where it serves, and which plugin directory it did not load and why.
+    assert any(f"serving on http://127.0.0.1:{port} (console" in line for line in logs)
+    not_loaded = [json.loads(line)["message"] for line in logs if "plugin not loaded" in line]
+    assert len(not_loaded) == 1 and str(broken) in not_loaded[0]
+    assert "entrypoint" in not_loaded[0]
+
+
+def test_a_port_in_use_is_refused_at_once_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "host.cli", "serve", "--port", str(port)]
+            + ["--db", str(tmp_path / "jobs.sqlite3")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    # One line, before any of the start-up (no layers, no self-check logged).
+    assert done.stderr.splitlines() == [
+        f"plughost: cannot listen on 127.0.0.1:{port}: the address is already in use"
+        " (another server listens there); choose another port with --port N or PLUGHOST_PORT=N"
+    ]
 
 
 def test_sigkill_under_load_loses_no_accepted_job(tmp_path: Path) -> None:
