@@ -811,6 +811,42 @@ def _cmd_crash_suite(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     return _suite_over_http(args, cases) if args.http else _suite_here(args, cases)
 
 
+# -- deploy -------------------------------------------------------------------
+
+
+def _deploy_arguments(deploy: argparse.ArgumentParser) -> None:
+    from host.deployfiles import FILES
+
+    deploy.add_argument(
+        "what", nargs="?", choices=sorted(FILES), help="the file to print (default: list them)"
+    )
+    deploy.add_argument(
+        "--user",
+        default="plughost",
+        help="the account the systemd unit runs the host as (default plughost)",
+    )
+
+
+def _cmd_deploy(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from host.deployfiles import DeployError, listing, path_of, systemd_unit
+
+    try:
+        if args.what is None:
+            for name, path in listing():
+                print(f"{name:<9} {path}")
+            print("\nplughost deploy systemd > /etc/systemd/system/plughost.service")
+            print("writes the unit for this install (docs/deploy.md, 'As a systemd service').")
+            return 0
+        if args.what == "systemd":
+            sys.stdout.write(systemd_unit(args.user))
+        else:
+            sys.stdout.write(path_of(args.what).read_text())
+    except DeployError as exc:
+        _stderr(str(exc))
+        return 1
+    return 0
+
+
 # -- the command line ----------------------------------------------------------
 
 SUBCOMMANDS = (
@@ -882,6 +918,13 @@ SUBCOMMANDS = (
         lambda: [],
         _new_arguments,
         _cmd_new,
+    ),
+    Subcommand(
+        "deploy",
+        "print the systemd unit for this install, the dashboard or the deploy docs",
+        lambda: [],
+        _deploy_arguments,
+        _cmd_deploy,
     ),
     Subcommand(
         "check",

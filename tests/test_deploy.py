@@ -9,16 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from host.deployfiles import DeployError, systemd_unit
+
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "docs" / "systemd" / "plughost.service"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
 def test_systemd_unit_verifies_without_a_warning(tmp_path: Path) -> None:
-    # The unit names the usual install path; point it at an executable that exists.
+    # As `plughost deploy systemd` writes it: ExecStart= this install's plughost.
     unit = tmp_path / "plughost.service"
-    plughost = Path(sys.executable).with_name("plughost")
-    unit.write_text(UNIT.read_text().replace("/opt/plughost/bin/plughost", str(plughost)))
+    unit.write_text(systemd_unit())
+    assert f"ExecStart={Path(sys.executable).with_name('plughost')} serve" in unit.read_text()
     result = subprocess.run(
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
     )
@@ -37,3 +39,11 @@ def test_systemd_unit_keeps_what_the_sandbox_needs() -> None:
     # Each of these would take a layer away from every call.
     for breaking in ("RestrictNamespaces", "PrivateUsers", "ProtectControlGroups"):
         assert breaking not in settings, breaking
+
+
+def test_the_unit_runs_as_the_account_asked_for_and_refuses_a_bad_name() -> None:
+    unit = systemd_unit("svc-plug")
+    assert "\nUser=svc-plug\n" in unit and "\nGroup=svc-plug\n" in unit
+    assert "User=plughost" not in unit
+    with pytest.raises(DeployError, match="not a user name"):
+        systemd_unit("root\nExecStartPre=/bin/sh")

@@ -244,3 +244,19 @@ def test_installed_wheel_carries_the_console_templates_and_assets(install: Path)
         timeout=60,
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_installed_wheel_carries_the_deploy_files(install: Path) -> None:
+    venv = install / "venv"
+    unit = _plughost(install, "deploy", "systemd", "--user", "svc")
+    assert unit.returncode == 0, unit.stderr
+    assert f"ExecStart={venv}/bin/plughost serve --state-dir" in unit.stdout
+    assert "\nUser=svc\n" in unit.stdout and "Delegate=yes" in unit.stdout
+    security = _plughost(install, "deploy", "security")
+    assert security.stdout == (ROOT / "SECURITY.md").read_text()
+    dashboard = _plughost(install, "deploy", "grafana")
+    assert json.loads(dashboard.stdout)["panels"]
+    listed = _plughost(install, "deploy")
+    paths = [line.split(None, 1)[1] for line in listed.stdout.splitlines()[:4]]
+    # The installed package's files, not the checkout's.
+    assert all(Path(p).is_file() and str(venv) in p for p in paths), listed.stdout

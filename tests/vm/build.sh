@@ -149,7 +149,6 @@ chmod -R a+rX "$ROOT/opt/plugins-scaled"
 ts "checks"
 install -m 0755 "$H/inside.sh" "$ROOT/usr/local/sbin/vmtest.sh"
 install -m 0644 "$H/vmtest.service" "$ROOT/etc/systemd/system/vmtest.service"
-install -m 0644 "$SRC/docs/systemd/plughost.service" "$ROOT/root/plughost.service"
 ch systemctl enable vmtest.service >/dev/null 2>&1
 ch apt-get clean
 rm -f "$ROOT/etc/resolv.conf"

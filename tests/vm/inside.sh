@@ -76,7 +76,7 @@ check_compat() {
 check_service_ready() {
   begin service-ready
   # As docs/deploy.md says.
-  install -m 0644 /root/plughost.service /etc/systemd/system/
+  $PH deploy systemd > /etc/systemd/system/plughost.service
   install -d -m 0700 /etc/plughost
   printf 'PLUGHOST_CLIENT_TOKENS=vm-client\nPLUGHOST_ADMIN_TOKEN=vm-admin\n' > /etc/plughost/plughost.env
   # This machine is emulated: the bundled plugins with their timeouts scaled (build.sh).
