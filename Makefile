@@ -26,8 +26,10 @@ run: $(RUNTIME)
 
 # The browser the console's tests drive: Debian's chromium (Playwright's own
 # download is not used). Installed once; a machine that has it skips the step.
+# curl runs the README's HTTP examples as printed (tests/test_readme.py).
 browser:
 	command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+	command -v curl >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl)
 
 test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest
