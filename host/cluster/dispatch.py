@@ -21,7 +21,6 @@ abort request, which reaches its node, which kills the sandbox.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +39,6 @@ from host.errors import JobFinished, JobNotFound, ServiceError, envelope
 from host.services.plugins import PluginManagementService
 from host.services.store import Job, JobStatus
 
-log = logging.getLogger("plughost.dispatch")
 TASK_NAME = "plughost.run_job"
 COUNTS_CACHE_S = 1.0
 
@@ -175,6 +173,7 @@ class ProcrastinateDispatch:
             raise DatabaseUnavailable(exc) from exc
 
     def retry_after(self) -> float:
+        """No queue of this node's to wait out: a second, for a quota refusal."""
         return 1.0
 
     def cluster_counts(self) -> dict[str, float]:

@@ -134,6 +134,7 @@ class WorkerNode:
                 (time.monotonic() - started) * 1000,
                 lambda final: self._patiently(lambda: self.store.finish(final, claim.attempt)),
                 observe=self.stats.record,
+                logger=log,
                 attempt=claim.attempt,
             )
         finally:

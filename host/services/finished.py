@@ -61,6 +61,7 @@ def record_finished(
     elapsed_ms: float,
     write: Callable[[Job], bool],
     observe: Callable[[str, str | None, float], None] | None = None,
+    logger: logging.Logger = log,
     **context: Any,
 ) -> Job:
     """Record the end of `job` with its call's `outcome` (see `finished_job`).
@@ -68,14 +69,15 @@ def record_finished(
     `write` stores the finished job and says whether it did (a worker node
     whose attempt lost its hold on the job writes nothing); `observe`, when
     given, counts the call as `(plugin, reason or None, elapsed_ms)`. The
-    end is logged with `context` (say, the attempt). Returns the finished job.
+    end is logged to `logger` with `context` (say, the attempt). Returns the
+    finished job.
     """
     final = finished_job(job, outcome)
     reason = Envelope.of(final.error).reason if final.error else None
     written = write(final)
     if observe is not None:
         observe(final.plugin, reason, elapsed_ms)
-    log.info(
+    logger.info(
         "job finished" if written else "job result discarded: another attempt holds it",
         extra={
             "job_id": final.id,
