@@ -548,6 +548,7 @@ def _worker_arguments(worker: argparse.ArgumentParser) -> None:
 def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from host.logs import configure_logging
     from host.privileges import PrivilegeError
+    from host.services.node import node_plugins
 
     names = ("database_url", "workers", "max_attempts", "log_level", "isolation", "prewarm")
     settings = _cluster_settings(
@@ -557,19 +558,11 @@ def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from host.cluster.worker import WorkerNode, WorkerOptions, run_worker
 
     configure_logging(settings.log_level, settings.log_repeat_limit, settings.log_repeat_interval_s)
-    registry = PluginRegistry()
-    make_private_dir(settings.state_dir)
-    registry.environments = environment_store(settings.plugin_envs, settings.allow_source_builds)
-    discover(registry, settings.plugins_dirs, settings.plugin_overrides)
-    _warn(registry.load_errors)
     try:
-        sandbox = Sandbox(
-            isolation=settings.isolation,
-            disabled=settings.disable_layers,
-            prewarm=settings.prewarm,
-        )
+        registry, sandbox = node_plugins(settings)
     except ValueError as exc:
         parser.error(str(exc))
+    _warn(registry.load_errors)
     options = WorkerOptions(
         database_url=settings.database_url,
         concurrency=settings.workers,

@@ -1,11 +1,14 @@
 """The API side of a multi-node deployment: jobs recorded in PostgreSQL and
-dispatched to worker nodes through Procrastinate.
+dispatched to worker nodes through Procrastinate. An API node's
+JobManagementService composes `ProcrastinateDispatch` as its runner.
 
-    enqueue(plugin, payload, owner)
+    JobManagementService.enqueue(plugin, payload, owner)
       |  PluginManagementService.check (bad input, unknown, quarantined everywhere)
-      |  a live worker has this plugin version (name + content hash)? else 503 no_worker
+      |  ProcrastinateDispatch.admit: a live worker has this plugin version
+      |    (name + content hash)? else 503 no_worker
       |  owner's quota (as on one node)
-      |  ONE transaction: INSERT plughost_jobs + Procrastinate defer on the plugin's queue
+      |  ONE transaction: INSERT plughost_jobs + Procrastinate defer on the
+      |    plugin's queue (PgJobStore.add calls ProcrastinateDispatch.dispatch)
       v
     worker node (host/cluster/worker.py) runs it, writes the result once, NOTIFYs
       v
@@ -18,7 +21,6 @@ abort request, which reaches its node, which kills the sandbox.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -34,11 +36,9 @@ from host.cluster.pgstore import DatabaseUnavailable, PgJobStore
 from host.cluster.shared import SharedStats
 from host.cluster.waiter import JobWaiter
 from host.errors import JobFinished, JobNotFound, ServiceError, envelope
-from host.services.jobs import JobLimits, JobManagementService
 from host.services.plugins import PluginManagementService
-from host.services.store import ANONYMOUS, FINISHED, Job, JobStatus
+from host.services.store import Job, JobStatus
 
-log = logging.getLogger("plughost.dispatch")
 TASK_NAME = "plughost.run_job"
 COUNTS_CACHE_S = 1.0
 
@@ -96,26 +96,22 @@ class ClusterPluginService(PluginManagementService):
         return [self.describe(name, admin, scope) for name in self.registry.list_plugins()]
 
 
-class ClusterJobService(JobManagementService):
-    """JobManagementService over the shared store; jobs run on worker nodes."""
+class ProcrastinateDispatch:
+    """The `JobRunner` of an API node: jobs run on worker nodes, dispatched
+    through Procrastinate; their ends are read back from the shared store."""
+
+    in_process = False
 
     def __init__(
-        self,
-        plugins: ClusterPluginService,
-        store: PgJobStore,
-        app: procrastinate.App,
-        url: str,
-        limits: JobLimits | None = None,
+        self, plugins: ClusterPluginService, store: PgJobStore, app: procrastinate.App, url: str
     ) -> None:
-        # No local pool runs jobs here: workers=1 and queue_size=0 only size
-        # the unused one; the shared store's recover() declares nothing dead.
-        super().__init__(plugins, store, workers=1, queue_size=0, limits=limits)
-        self.pg: PgJobStore = store
+        self.pg = store
         self.app = app
-        self.cluster_plugins = plugins
+        self.plugins = plugins
         self.waiter = JobWaiter(store, url)
         self._counts: tuple[float, dict[str, float]] = (-COUNTS_CACHE_S, {})
         self._counts_lock = threading.Lock()
+        store.dispatch = self.dispatch
         for name, text, key in (
             ("plughost_cluster_queue_depth", "Jobs waiting for any worker node.", "pending"),
             ("plughost_cluster_jobs_running", "Jobs running on worker nodes.", "running"),
@@ -137,63 +133,37 @@ class ClusterJobService(JobManagementService):
         return lambda: self.cluster_counts().get(key, 0)
 
     def dispatch(self, conn: psycopg.Connection[Any], job: Job) -> int:
-        """Defer `job` on its plugin's queue inside `conn`'s transaction."""
-        queue = self.cluster_plugins.inventory[job.plugin]["queue"]
+        """Defer `job` on its plugin's queue inside `conn`'s transaction (the
+        store's insert of the job calls it)."""
+        queue = self.plugins.inventory[job.plugin]["queue"]
         deferrer = self.app.tasks[TASK_NAME].configure(queue=queue, connection=conn)
         return int(deferrer.defer(job_id=job.id))
 
-    def enqueue(
-        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS
-    ) -> tuple[Job, Future[Job]]:
-        """Record and queue a job. Raises Rejected, NoWorker, QuotaExceeded,
-        DatabaseUnavailable; nothing is stored then."""
-        self._plugins.check(plugin_name, payload)
-        mine = self.cluster_plugins.inventory.get(plugin_name)
-        if mine is None or not self.cluster_plugins.nodes.serves(mine["queue"]):
+    def admit(self, plugin_name: str) -> None:
+        """Raises NoWorker unless a live worker node has this plugin version."""
+        mine = self.plugins.inventory.get(plugin_name)
+        if mine is None or not self.plugins.nodes.serves(mine["queue"]):
             raise NoWorker(plugin_name, mine["hash"] if mine else "")
-        job = self._store_pending(plugin_name, payload, owner)
-        future = self.waiter.watch(job.id)
-        self._maybe_prune()
-        return job, future
 
-    def run_waited(
-        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS
-    ) -> tuple[Job, Future[Job]]:
-        """A waited job is recorded and queued as any other: a worker node runs it."""
-        return self.enqueue(plugin_name, payload, owner)
+    def withdraw(self) -> None:
+        """Nothing was taken: a worker node's room is its own."""
 
-    def record_waited(self, job_id: str) -> Job | None:
-        return None  # recorded when queued
+    def submit(self, job_id: str) -> Future[Job]:
+        """The job was queued with its row; wait for its end there."""
+        return self.waiter.watch(job_id)
 
-    def run_job(self, job_id: str, cancel: Any = None) -> Job:
-        """API nodes do not run jobs: worker nodes do (host/cluster/worker.py)."""
-        raise RuntimeError("jobs of a multi-node deployment run on worker nodes")
-
-    def cancel_job(self, job_id: str, owner: str | None = None, wait_s: float = 5.0) -> Job:
-        """Cancel a pending job, or ask the node running it to kill its sandbox.
-
-        Returns the job, CANCELLED once its node stopped it (or still RUNNING
-        if that took longer than `wait_s`). Raises JobNotFound, JobFinished.
-        """
-        job = self.get_job(job_id, owner)
-        if job.status in FINISHED:
-            raise JobFinished(job_id, job.status.value)
+    def cancel(self, job: Job) -> None:
+        """Cancel a pending job in the database, or ask the node running it
+        to kill its sandbox. Raises JobNotFound, JobFinished."""
         error = envelope("cancelled", "job was cancelled before it ran", plugin=job.plugin)
-        status, queue_job = self.pg.cancel_pending(job_id, error["error"])
+        status, queue_job = self.pg.cancel_pending(job.id, error["error"])
         if not status:
-            raise JobNotFound(job_id)  # pruned since it was read
+            raise JobNotFound(job.id)  # pruned since it was read
         if status not in (JobStatus.RUNNING.value, JobStatus.CANCELLED.value):
-            raise JobFinished(job_id, status)
+            raise JobFinished(job.id, status)
         if queue_job is not None:
             running = status == JobStatus.RUNNING.value
             self._cancel_queued(queue_job, abort=running)
-        log.info("job cancel requested", extra={"job_id": job_id, "plugin": job.plugin})
-        deadline = time.monotonic() + wait_s
-        job = self.get_job(job_id)
-        while job.status not in FINISHED and time.monotonic() < deadline:
-            time.sleep(0.02)
-            job = self.get_job(job_id)
-        return job
 
     def _cancel_queued(self, queue_job: int, abort: bool) -> None:
         try:
@@ -201,6 +171,10 @@ class ClusterJobService(JobManagementService):
                 self.app.job_manager.cancel_job_by_id(queue_job, abort=abort, connection=conn)
         except procrastinate.exceptions.ConnectorException as exc:
             raise DatabaseUnavailable(exc) from exc
+
+    def retry_after(self) -> float:
+        """No queue of this node's to wait out: a second, for a quota refusal."""
+        return 1.0
 
     def cluster_counts(self) -> dict[str, float]:
         """Waiting and running jobs, oldest wait, live workers and their slots
@@ -211,7 +185,7 @@ class ClusterJobService(JobManagementService):
                 return counts
         try:
             counts = dict(self.pg.counts())
-            workers = [n for n in self.cluster_plugins.nodes.nodes() if n["role"] == "worker"]
+            workers = [n for n in self.plugins.nodes.nodes() if n["role"] == "worker"]
         except DatabaseUnavailable:
             return counts  # the last figures; the database answers the next scrape
         live = [n for n in workers if n["healthy"]]
@@ -232,11 +206,9 @@ class ClusterJobService(JobManagementService):
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node with its last heartbeat, plugins and health."""
-        return self.cluster_plugins.nodes.nodes()
+        return self.plugins.nodes.nodes()
 
-    def shutdown(self, timeout_s: float = 10.0) -> None:
+    def shutdown(self, timeout_s: float) -> None:
         """Stop waiting for results; jobs go on on their worker nodes."""
-        self._closed = True
         self.waiter.close()
-        self._pool.shutdown(wait=True, cancel_futures=True)
         self.pg.pool.close()

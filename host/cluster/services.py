@@ -8,19 +8,15 @@ import time
 import procrastinate
 import psycopg
 
-from host.cluster.dispatch import ClusterJobService, ClusterPluginService, make_app
+from host.cluster.dispatch import ClusterPluginService, ProcrastinateDispatch, make_app
 from host.cluster.nodes import NodeBook, inventory
 from host.cluster.pgstore import PgJobStore, open_pool
 from host.cluster.schema import ensure_schema
 from host.cluster.shared import SharedQuarantine, SharedStats
 from host.config import Settings
-from host.discovery import discover
-from host.preparation import environment_store
-from host.registry import PluginRegistry
 from host.services.analysis import AnalysisService
-from host.services.jobs import JobLimits
-from host.statedir import make_private_dir
-from sandbox.supervisor import Sandbox
+from host.services.jobs import JobLimits, JobManagementService
+from host.services.node import node_plugins
 
 log = logging.getLogger("plughost.cluster")
 SCHEMA_WAIT_S = 60.0
@@ -47,20 +43,14 @@ def wait_for_schema(url: str, deadline_s: float = SCHEMA_WAIT_S) -> None:
 
 def build_cluster_services(
     settings: Settings, limits: JobLimits
-) -> tuple[ClusterPluginService, ClusterJobService, AnalysisService]:
+) -> tuple[ClusterPluginService, JobManagementService, AnalysisService]:
     """Plugins, jobs and analysis of an API node on `settings.database_url`."""
     url = settings.database_url
     assert url is not None
     wait_for_schema(url)
     pool = open_pool(url, max_size=max(4, settings.max_connections // 16))
     store = PgJobStore(pool)
-    registry = PluginRegistry()
-    make_private_dir(settings.state_dir)
-    registry.environments = environment_store(settings.plugin_envs, settings.allow_source_builds)
-    discover(registry, settings.plugins_dirs, settings.plugin_overrides)
-    sandbox = Sandbox(
-        isolation=settings.isolation, disabled=settings.disable_layers, prewarm=settings.prewarm
-    )
+    registry, sandbox = node_plugins(settings)
     plugins = ClusterPluginService(
         registry,
         sandbox,
@@ -72,6 +62,6 @@ def build_cluster_services(
     )
     plugins.inventory = inventory(registry)
     app = make_app(procrastinate.SyncPsycopgConnector(conninfo=url))
-    jobs = ClusterJobService(plugins, store, app, url, limits)
-    store.dispatch = jobs.dispatch
+    runner = ProcrastinateDispatch(plugins, store, app, url)
+    jobs = JobManagementService(plugins, store, limits=limits, runner=runner)
     return plugins, jobs, AnalysisService(jobs, settings.default_plugin)

@@ -8,7 +8,8 @@
       |  input read from plughost_jobs
       |  PluginManagementService.execute_plugin -> ToolRunner -> this node's own Sandbox
       |     (an abort request for the job cancels its token: the sandbox is killed)
-      |  finish: the result written once, only by the attempt holding the job; NOTIFY
+      |  record_finished (as on a single node): the result written once, only
+      |     by the attempt holding the job; NOTIFY
       v
     plughost_jobs row final; the API node waiting on it wakes up
 
@@ -28,7 +29,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
@@ -42,11 +43,10 @@ from host.cluster.pgstore import DatabaseUnavailable, PgJobStore, open_pool
 from host.cluster.recovery import recover_entry
 from host.cluster.schema import ensure_schema
 from host.cluster.shared import SharedQuarantine, SharedStats
-from host.errors import envelope
 from host.privileges import PrivilegeError, drop_to
 from host.registry import PluginRegistry
+from host.services.finished import input_gone, record_finished
 from host.services.plugins import PluginManagementService
-from host.services.store import JobStatus, now_iso
 from sandbox.supervisor import Sandbox
 
 log = logging.getLogger("plughost.worker")
@@ -109,7 +109,8 @@ class WorkerNode:
     # -- one job ------------------------------------------------------------
 
     def handle(self, job_id: str, context: JobContext) -> None:
-        """Run job `job_id` if this node may; write its final state once."""
+        """Run job `job_id` if this node may; record its end once
+        (`record_finished`, as a single node does)."""
         o = self.options
         claim = self._patiently(
             lambda: self.store.claim(job_id, self.name, o.stalled_after_s, o.max_attempts)
@@ -123,38 +124,22 @@ class WorkerNode:
         try:
             payload = self._patiently(lambda: self.store.payload(job_id))
             started = time.monotonic()
-            result: dict[str, Any]
             if payload is None:
-                result, error = {}, envelope("internal", "the job's input is gone", job.plugin)
+                outcome = input_gone(job.plugin)
             else:
-                result, error = self._execute(job.plugin, payload, context)
-            elapsed_ms = (time.monotonic() - started) * 1000
-            reason = error["error"]["details"]["reason"] if error else None
-            status = {None: JobStatus.SUCCESS, "cancelled": JobStatus.CANCELLED}.get(
-                reason, JobStatus.FAILED
-            )
-            final = replace(
+                outcome = self._execute(job.plugin, payload, context)
+            record_finished(
                 job,
-                status=status,
-                finished_at=now_iso(),
-                result=result or None,
-                error=error["error"] if error else None,
+                outcome,
+                (time.monotonic() - started) * 1000,
+                lambda final: self._patiently(lambda: self.store.finish(final, claim.attempt)),
+                observe=self.stats.record,
+                logger=log,
+                attempt=claim.attempt,
             )
-            written = self._patiently(lambda: self.store.finish(final, claim.attempt))
-            self.stats.record(job.plugin, reason, elapsed_ms)
         finally:
             with self._lock:
                 self._running -= 1
-        log.info(
-            "job finished" if written else "job result discarded: another attempt holds it",
-            extra={
-                "job_id": job_id,
-                "plugin": job.plugin,
-                "status": status.value,
-                "attempt": claim.attempt,
-                "elapsed_ms": round(elapsed_ms, 1),
-            },
-        )
 
     def _execute(
         self, plugin: str, payload: dict[str, Any], context: JobContext

@@ -1,11 +1,16 @@
 """The service layers: API -> AnalysisService -> JobManagementService ->
 PluginManagementService -> ToolRunner; `build_services` wires them for a
-server's settings (host/services/build.py)."""
+server's settings (host/services/build.py), on the sandbox and plugins
+`node_plugins` gives every node. Where jobs run is a `JobRunner`'s (by
+default a `LocalPool`); a job's end is recorded by `record_finished`."""
 
 from host.services.analysis import AnalysisService
 from host.services.build import Services, build_services
+from host.services.finished import record_finished
 from host.services.jobs import JobLimits, JobManagementService
+from host.services.node import node_plugins
 from host.services.plugins import PluginManagementService
+from host.services.runners import JobRunner, LocalPool
 from host.services.store import (
     ANONYMOUS,
     Job,
@@ -22,10 +27,14 @@ __all__ = [
     "JobLimits",
     "JobManagementService",
     "JobPage",
+    "JobRunner",
     "JobStatus",
+    "LocalPool",
     "MemoryJobStore",
     "PluginManagementService",
     "SQLiteJobStore",
     "Services",
     "build_services",
+    "node_plugins",
+    "record_finished",
 ]

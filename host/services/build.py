@@ -1,9 +1,10 @@
 """Wiring: the services of one server, built from its settings.
 
-    Settings ──> Sandbox (the server's one launcher, isolation, prewarm)
-             ──> PluginRegistry (discovered plugins)
+    Settings ──> node_plugins (host/services/node.py): Sandbox (the server's one launcher,
+             │   isolation, prewarm) and PluginRegistry (discovered plugins), as every
+             │   node builds them
              ──> PluginManagementService(registry, sandbox)
-             ──> JobManagementService(plugins, job store)
+             ──> JobManagementService(plugins, job store, runner: LocalPool)
              ──> AnalysisService(jobs)
 
 Everything that runs calls gets the server's sandbox from here; nothing
@@ -16,15 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from host.config import Settings
-from host.discovery import discover
-from host.preparation import environment_store
-from host.registry import PluginRegistry
 from host.services.analysis import AnalysisService
 from host.services.jobs import JobLimits, JobManagementService
+from host.services.node import node_plugins
 from host.services.plugins import PluginManagementService
 from host.services.store import JobStore, SQLiteJobStore
-from host.statedir import make_private_dir
-from sandbox.supervisor import Sandbox
 
 
 @dataclass
@@ -58,14 +55,7 @@ def plugin_service(settings: Settings) -> PluginManagementService:
 
     Raises ValueError for an unknown isolation level or layer name.
     """
-    sandbox = Sandbox(
-        isolation=settings.isolation, disabled=settings.disable_layers, prewarm=settings.prewarm
-    )
-    registry = PluginRegistry()
-    make_private_dir(settings.state_dir)
-    registry.environments = environment_store(settings.plugin_envs, settings.allow_source_builds)
-    discover(registry, settings.plugins_dirs, settings.plugin_overrides)
-    plugins = PluginManagementService(registry, sandbox)
+    plugins = PluginManagementService(*node_plugins(settings))
     plugins.quarantine.threshold = settings.quarantine_threshold
     plugins.quarantine.cooldown_s = settings.quarantine_cooldown_s
     return plugins

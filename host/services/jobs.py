@@ -1,25 +1,29 @@
-"""JobManagementService: job records and the bounded pool that runs them.
+"""JobManagementService: job records; where jobs run is its runner's.
 
     enqueue(plugin, payload, owner)
       |  PluginManagementService.check (refuse bad input, unknown, quarantined)
-      |  take a pool slot, or raise Overloaded (503 + Retry-After)
+      |  runner.admit: a pool slot, or raise Overloaded (503 + Retry-After)
       |  owner's quota: its oldest finished jobs make room, or (its unfinished
       |  jobs alone fill it) raise QuotaExceeded (429)
       |  store the job PENDING with its input (committed before anyone hears of it)
       v
-    pool queue: the job id only
+    runner.submit(job id): LocalPool's queue holds the id only
       v
     pool thread: run_job(id) -> RUNNING, input read from the store
       -> PluginManagementService.execute_plugin
-      -> SUCCESS | FAILED | CANCELLED, result or public error stored, input dropped
+      -> record_finished: SUCCESS | FAILED | CANCELLED, result or public
+         error stored, input dropped
 
-At most `workers` sandboxes run at once and at most `queue_size` jobs wait;
-nothing piles up beyond that, and a waiting job costs its id in memory, not
-its input. Each job belongs to an owner (a principal id); reading, listing
-and cancelling take the owner whose jobs may be seen (None: every owner).
-What is stored is bounded by `JobLimits`: jobs and bytes per owner, bytes per
-listing page, age and total size of the database. The only execution path is
-`PluginManagementService.execute_plugin`.
+With the default `LocalPool` (host/services/runners.py), at most `workers`
+sandboxes run at once and at most `queue_size` jobs wait; nothing piles up
+beyond that, and a waiting job costs its id in memory, not its input. A
+multi-node deployment composes `ProcrastinateDispatch` instead
+(host/cluster/dispatch.py): worker nodes run the jobs and record their ends
+the same way (host/services/finished.py). Each job belongs to an owner (a
+principal id); reading, listing and cancelling take the owner whose jobs
+may be seen (None: every owner). What is stored is bounded by `JobLimits`:
+jobs and bytes per owner, bytes per listing page, age and total size of the
+database. The only execution path is `PluginManagementService.execute_plugin`.
 """
 
 from __future__ import annotations
@@ -28,19 +32,19 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
 from host.errors import (
-    Envelope,
     JobFinished,
     JobNotFound,
-    Overloaded,
     QuotaExceeded,
     envelope,
 )
+from host.services.finished import input_gone, record_finished
 from host.services.plugins import PluginManagementService
+from host.services.runners import CancelToken, JobRunner, LocalPool
 from host.services.store import (
     ANONYMOUS,
     FINISHED,
@@ -104,7 +108,9 @@ def _input_bytes(payload: Any) -> int:
 
 
 class JobManagementService:
-    """Creates, runs, lists and cancels jobs; thread-safe."""
+    """Creates, runs, lists and cancels jobs; thread-safe. Where jobs run is
+    its `runner`'s (host/services/runners.py): by default a `LocalPool` of
+    `workers` threads and `queue_size` waiting jobs."""
 
     def __init__(
         self,
@@ -113,22 +119,18 @@ class JobManagementService:
         workers: int = 2,
         queue_size: int = 32,
         limits: JobLimits | None = None,
+        runner: JobRunner | None = None,
     ) -> None:
         self._plugins = plugins
         self.store: JobStore = store or MemoryJobStore()
-        self.workers = workers
-        self.queue_size = queue_size
         self.limits = limits or JobLimits()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="plughost-job")
-        self._slots = threading.BoundedSemaphore(workers + queue_size)
+        self.runner: JobRunner = runner or LocalPool(
+            self._run_submitted, self._cancel_pending, plugins.cancellation, workers, queue_size
+        )
         self._lock = threading.Lock()
         self._admit = threading.Lock()  # a quota check and its insert, together
-        self._tokens: dict[str, Any] = {}
         self._waited: dict[str, _Waited] = {}  # run_waited's jobs not finished yet
-        self._running = 0
-        self._in_flight = 0
         self._last_prune = 0.0
-        self._closed = False
         plugins.metrics.gauge(
             "plughost_queue_depth", "Jobs waiting for a sandbox.", lambda: self.stats()["queued"]
         )
@@ -188,14 +190,15 @@ class JobManagementService:
         # than the whole byte quota.
         quota, limit, used = exceeded
         log.warning("quota %s reached", quota, extra={"owner": owner, "used": used})
-        raise QuotaExceeded(quota, limit, used, retry_after_s=self._retry_after())
+        raise QuotaExceeded(quota, limit, used, retry_after_s=self.runner.retry_after())
 
     def enqueue(
         self, plugin_name: str, payload: Any, owner: str = ANONYMOUS
     ) -> tuple[Job, Future[Job]]:
-        """Create a job of `owner` and queue its id.
+        """Create a job of `owner` and hand its id to the runner.
 
-        Raises Rejected, Overloaded or QuotaExceeded; stores nothing then.
+        Raises Rejected, Overloaded or QuotaExceeded (or the runner's own
+        refusal); stores nothing then.
         """
         return self._queue(plugin_name, payload, owner, waited=False)
 
@@ -211,36 +214,33 @@ class JobManagementService:
         Until one of those, the job's id is known to no one but the caller
         (and its input stays in memory, as the caller's request holds it
         anyway): a host that dies meanwhile leaves no record, and the caller
-        no answer. Raises Rejected, Overloaded or QuotaExceeded.
+        no answer. A runner whose jobs run elsewhere (not `in_process`) gets
+        it recorded and queued as any other. Raises Rejected, Overloaded or
+        QuotaExceeded.
         """
-        return self._queue(plugin_name, payload, owner, waited=True)
+        return self._queue(plugin_name, payload, owner, waited=self.runner.in_process)
 
     def _queue(
         self, plugin_name: str, payload: Any, owner: str, waited: bool
     ) -> tuple[Job, Future[Job]]:
         self._plugins.check(plugin_name, payload)
-        if self._closed or not self._slots.acquire(blocking=False):
-            raise Overloaded(retry_after_s=self._retry_after())
+        self.runner.admit(plugin_name)
         job = None
         try:
             if waited:
                 job = self._pending(plugin_name, owner)
                 with self._admit:
                     self._check_quota(owner, _input_bytes(payload))
+                with self._lock:
+                    self._waited[job.id] = _Waited(job, payload)
             else:
                 job = self._store_pending(plugin_name, payload, owner)  # checked above
-            token = self._plugins.cancellation()
-            with self._lock:
-                if waited:
-                    self._waited[job.id] = _Waited(job, payload)
-                self._tokens[job.id] = token
-                self._in_flight += 1
-            future = self._pool.submit(self._run_pooled, job.id, token)
+            future = self.runner.submit(job.id)
         except BaseException:
             if job is not None:
                 with self._lock:
                     self._waited.pop(job.id, None)
-            self._slots.release()
+            self.runner.withdraw()
             raise
         self._maybe_prune()
         return job, future
@@ -260,12 +260,12 @@ class JobManagementService:
                 self.store.update(job)
             if waited is not None:
                 waited.job = job
-            self._running += 1
         return job, waited
 
     def record_waited(self, job_id: str) -> Job | None:
         """Store a job of `run_waited` as it is now, because its caller stops
-        waiting; return it, or None once it had ended (and was stored)."""
+        waiting; return it, or None once it had ended (and was stored), or
+        when it was stored from the start (a runner not `in_process`)."""
         with self._lock:
             waited = self._waited.get(job_id)
             if waited is None:
@@ -275,75 +275,41 @@ class JobManagementService:
                 waited.recorded = True
             return waited.job
 
-    def _retry_after(self) -> float:
-        # A rough wait: one typical call per queued job per worker.
-        return max(1.0, round(self.queue_size / max(self.workers, 1), 1))
-
     # -- running ------------------------------------------------------------
 
-    def _run_pooled(self, job_id: str, token: Any) -> Job:
+    def _run_submitted(self, job_id: str, token: CancelToken) -> Job:
         try:
             return self.run_job(job_id, token)
         finally:
             with self._lock:
-                self._tokens.pop(job_id, None)
                 self._waited.pop(job_id, None)  # if its run failed outright
-                self._in_flight -= 1
-            token.close()
-            self._slots.release()
 
     def run_job(self, job_id: str, cancel: Any = None) -> Job:
         """Run a PENDING job in this thread; return it finished. Raises JobNotFound."""
         job, waited = self._start(job_id)
         if job.status is not JobStatus.RUNNING:
             return job  # cancelled while queued, or run already
-        context = {"job_id": job.id, "plugin": job.plugin}
-        log.info("job started", extra=context)
+        log.info("job started", extra={"job_id": job.id, "plugin": job.plugin})
         started = time.monotonic()
-        try:
-            payload = waited.payload if waited is not None else self.store.payload(job.id)
-            result: dict[str, Any] = {}
-            if payload is None:
-                error = envelope("internal", "the job's input is gone", job.plugin)
-            else:
-                result, error = self._plugins.execute_plugin(
-                    job.plugin, payload, cancel=cancel, owner=job.owner
-                )
-            del payload  # not kept while the result is stored
-        finally:
-            with self._lock:
-                self._running -= 1
-        failure = Envelope.of(error) if error else None
-        reason = failure.reason if failure else None
-        if not error:
-            status = JobStatus.SUCCESS
-        elif reason == "cancelled":
-            status = JobStatus.CANCELLED
+        payload = waited.payload if waited is not None else self.store.payload(job.id)
+        if payload is None:
+            outcome = input_gone(job.plugin)
         else:
-            status = JobStatus.FAILED
-        job = replace(
-            job,
-            status=status,
-            finished_at=now_iso(),
-            result=result or None,
-            error=failure.public() if failure else None,
-        )
+            outcome = self._plugins.execute_plugin(
+                job.plugin, payload, cancel=cancel, owner=job.owner
+            )
+        del payload  # not kept while the result is stored
+        elapsed_ms = (time.monotonic() - started) * 1000
+        return record_finished(job, outcome, elapsed_ms, self._write_finished)
+
+    def _write_finished(self, job: Job) -> bool:
         with self._lock:
-            waited = self._waited.pop(job_id, None)
+            waited = self._waited.pop(job.id, None)
             if waited is not None and not waited.recorded:
                 self.store.add(job, None)  # its only commit
             else:
                 self.store.update(job)
-        log.info(
-            "job finished",
-            extra={
-                **context,
-                "status": status.value,
-                "reason": reason,
-                "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
-            },
-        )
-        return job
+        return True
 
     # -- reading and cancelling ---------------------------------------------
 
@@ -387,44 +353,44 @@ class JobManagementService:
         Returns the job, CANCELLED once the sandbox is gone (or still RUNNING
         if it did not stop within `wait_s`). Raises JobNotFound, JobFinished.
         """
+        job = self.get_job(job_id, owner)
+        if job.status in FINISHED:
+            raise JobFinished(job_id, job.status.value)
+        self.runner.cancel(job)
+        log.info("job cancel requested", extra={"job_id": job_id, "plugin": job.plugin})
+        deadline = time.monotonic() + wait_s
+        job = self.get_job(job_id)
+        while job.status not in FINISHED and time.monotonic() < deadline:
+            time.sleep(0.01)  # whoever runs it records the outcome
+            job = self.get_job(job_id)
+        return job
+
+    def _cancel_pending(self, job_id: str) -> None:
+        """Mark the job CANCELLED if it is still PENDING (it then never runs):
+        for a runner `in_process`, whose jobs start in `_start`."""
         with self._lock:
-            job = self.get_job(job_id, owner)
-            if job.status in FINISHED:
-                raise JobFinished(job_id, job.status.value)
-            token = self._tokens.get(job_id)
-            if job.status is JobStatus.PENDING:
-                job = replace(
+            job = self.store.get(job_id)
+            if job is None or job.status is not JobStatus.PENDING:
+                return
+            error = envelope("cancelled", "job was cancelled before it ran", plugin=job.plugin)
+            self.store.update(
+                replace(
                     job,
                     status=JobStatus.CANCELLED,
                     finished_at=now_iso(),
-                    error=envelope(
-                        "cancelled", "job was cancelled before it ran", plugin=job.plugin
-                    )["error"],
+                    error=error["error"],
                 )
-                self.store.update(job)
-        if token is not None:
-            token.cancel()
-        log.info("job cancel requested", extra={"job_id": job_id, "plugin": job.plugin})
-        deadline = time.monotonic() + wait_s
-        while job.status not in FINISHED and time.monotonic() < deadline:
-            time.sleep(0.01)  # the worker thread records the outcome
-            job = self.get_job(job_id)
-        return job
+            )
 
     # -- housekeeping -------------------------------------------------------
 
     def nodes(self) -> list[dict[str, Any]]:
         """The nodes of a multi-node deployment; a single node has none."""
-        return []
+        return self.runner.nodes()
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "workers": self.workers,
-                "queue_size": self.queue_size,
-                "running": self._running,
-                "queued": self._in_flight - self._running,
-            }
+        """`workers`, `queue_size`, `running` and `queued`, from the runner."""
+        return self.runner.stats()
 
     def _maybe_prune(self) -> None:
         """Drop finished jobs past retention (once a minute) and, when the
@@ -448,26 +414,10 @@ class JobManagementService:
             )
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Stop taking jobs; let running ones finish within `timeout_s`, then cancel.
-
-        Jobs still pending or running afterwards are marked INTERRUPTED.
-        """
-        self._closed = True
-        with self._lock:
-            tokens = dict(self._tokens)
-        deadline = time.monotonic() + timeout_s
-        for job_id in tokens:
-            job = self.store.get(job_id)
-            if job is not None and job.status is JobStatus.PENDING:
-                try:
-                    self.cancel_job(job_id, wait_s=0)
-                except JobFinished as exc:  # it ran and finished since it was read
-                    log.debug("no need to cancel at shutdown: %s", exc)
-        while self.stats()["running"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for token in tokens.values():
-            token.cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop taking jobs; let running ones finish within `timeout_s`, then
+        cancel (the runner's `shutdown`). Jobs of this process still pending
+        or running afterwards are marked INTERRUPTED."""
+        self.runner.shutdown(timeout_s)
         self.store.recover(
             envelope("interrupted", "the host shut down before this job finished")["error"]
         )

@@ -65,7 +65,7 @@ def test_a_failed_dispatch_stores_no_job(api, workers, db_url):
     def broken(conn, job):  # type: ignore[no-untyped-def]
         raise RuntimeError("queue refused")
 
-    services.jobs.pg.dispatch = broken
+    services.jobs.runner.pg.dispatch = broken
     with pytest.raises(RuntimeError):
         services.analysis.submit("echo", PAYLOAD)
     assert services.jobs.list_jobs().total == 0
@@ -80,7 +80,7 @@ def test_a_redelivered_finished_job_is_not_run_again(api, workers, db_url):
     # Deliver the same job again, as a broker redelivery would.
     queue = services.plugins.inventory["echo"]["queue"]
     with psycopg.connect(db_url) as conn:
-        task = services.jobs.app.tasks[TASK_NAME]
+        task = services.jobs.runner.app.tasks[TASK_NAME]
         task.configure(queue=queue, connection=conn).defer(job_id=job.id)
     wait_for(lambda: _queue_empty(db_url), 30, "the redelivery to be consumed")
     assert row(db_url, job.id)["completions"] == 1

@@ -40,7 +40,7 @@ def test_metrics_show_the_queue_and_the_live_workers(api, workers, plugins_dir):
         workers.start("--workers", "1")
         wait_for(lambda: live_workers(services), 30, "a live worker")
         futures = [services.analysis.submit("nap", PAYLOAD)[1] for _ in range(4)]
-        services.jobs._counts = (-1.0, {})  # read the database now, not the cached figures
+        services.jobs.runner._counts = (-1.0, {})  # read the database now, not the cached figures
         text = client.get("/metrics").text
         assert gauge(text, "plughost_cluster_workers_live") == 1
         assert gauge(text, "plughost_cluster_worker_slots") == 1

@@ -1,0 +1,179 @@
+"""Where stored jobs run: the small interface `JobManagementService` composes.
+
+    JobManagementService (the records: admission, quota, store, reading, cancelling)
+      |  runner.admit(plugin)      room for one more job, or refuse (503)
+      |  store the job PENDING
+      |  runner.submit(job id)  -> Future[Job], resolved when the job ends
+      v
+    LocalPool: a bounded thread pool of this process; each thread calls
+    JobManagementService.run_job(id, token), which runs the call and records
+    its end (host/services/finished.py)
+
+    ProcrastinateDispatch (host/cluster/dispatch.py): the job is deferred on
+    its plugin's queue in the store's insert; a worker node runs it and
+    records its end the same way; the future resolves when the row does.
+
+A runner whose jobs run in this process (`in_process`) leaves their states
+to the service: a waited job's input stays in memory until it ends, and a
+PENDING job is cancelled in the store by the service. Any other runner
+cancels where its jobs are.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+from host.errors import Overloaded
+from host.services.store import Job
+
+
+class CancelToken(Protocol):
+    """What cancels one call (`PluginManagementService.cancellation()` gives one)."""
+
+    def cancel(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JobRunner(Protocol):
+    """Runs the jobs a `JobManagementService` stored."""
+
+    @property
+    def in_process(self) -> bool:
+        """True: jobs run in this process, through `JobManagementService.run_job`."""
+
+    def admit(self, plugin_name: str) -> None:
+        """Take room for one more job of `plugin_name`. Raises a ServiceError
+        (Overloaded, or the runner's own) when there is none; nothing is
+        stored then."""
+
+    def withdraw(self) -> None:
+        """Give back the room of an admitted job that was not submitted."""
+
+    def submit(self, job_id: str) -> Future[Job]:
+        """Run the admitted, stored job `job_id`; the future resolves with it finished."""
+
+    def cancel(self, job: Job) -> None:
+        """Stop `job`, PENDING or RUNNING as last read: a pending one never
+        runs, a running one's sandbox is killed. Raises JobNotFound, JobFinished."""
+
+    def retry_after(self) -> float:
+        """Seconds a refused client should wait before it tries again."""
+
+    def stats(self) -> dict[str, int]:
+        """`workers`, `queue_size`, `running` and `queued`."""
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The nodes jobs run on; none when they run in this process."""
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Stop taking jobs; give running ones `timeout_s` to finish."""
+
+
+class LocalPool:
+    """Jobs run by `workers` threads of this process, at most `queue_size`
+    waiting; a waiting job costs its id in memory. Thread-safe."""
+
+    in_process = True
+
+    def __init__(
+        self,
+        run: Callable[[str, CancelToken], Job],
+        cancel_pending: Callable[[str], None],
+        cancellation: Callable[[], CancelToken],
+        workers: int = 2,
+        queue_size: int = 32,
+    ) -> None:
+        """`run(job id, token)` runs a stored job in the calling thread and
+        returns it finished; `cancel_pending(job id)` cancels it in the store
+        if it is still PENDING; `cancellation()` gives each job its token."""
+        self._run = run
+        self._cancel_pending = cancel_pending
+        self._cancellation = cancellation
+        self.workers = workers
+        self.queue_size = queue_size
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="plughost-job")
+        self._slots = threading.BoundedSemaphore(workers + queue_size)
+        self._lock = threading.Lock()
+        self._tokens: dict[str, CancelToken] = {}
+        self._running = 0
+        self._in_flight = 0
+        self._closed = False
+
+    def admit(self, plugin_name: str) -> None:
+        if self._closed or not self._slots.acquire(blocking=False):
+            raise Overloaded(retry_after_s=self.retry_after())
+
+    def withdraw(self) -> None:
+        self._slots.release()
+
+    def submit(self, job_id: str) -> Future[Job]:
+        token = self._cancellation()
+        with self._lock:
+            self._tokens[job_id] = token
+            self._in_flight += 1
+        try:
+            return self._pool.submit(self._run_pooled, job_id, token)
+        except BaseException:
+            self._forget(job_id)
+            token.close()
+            raise
+
+    def _run_pooled(self, job_id: str, token: CancelToken) -> Job:
+        with self._lock:
+            self._running += 1
+        try:
+            return self._run(job_id, token)
+        finally:
+            with self._lock:
+                self._running -= 1
+            self._forget(job_id)
+            token.close()
+            self._slots.release()
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._tokens.pop(job_id, None)
+            self._in_flight -= 1
+
+    def cancel(self, job: Job) -> None:
+        self._cancel_pending(job.id)
+        with self._lock:
+            token = self._tokens.get(job.id)
+        if token is not None:
+            token.cancel()
+
+    def retry_after(self) -> float:
+        # A rough wait: one typical call per queued job per worker.
+        return max(1.0, round(self.queue_size / max(self.workers, 1), 1))
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "workers": self.workers,
+                "queue_size": self.queue_size,
+                "running": self._running,
+                "queued": self._in_flight - self._running,
+            }
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return []
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Cancel the jobs still waiting, give running ones `timeout_s`, then
+        kill their sandboxes; wait for every thread."""
+        self._closed = True
+        with self._lock:
+            tokens = dict(self._tokens)
+        deadline = time.monotonic() + timeout_s
+        for job_id in tokens:
+            self._cancel_pending(job_id)
+        while self.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for token in tokens.values():
+            token.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
