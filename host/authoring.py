@@ -23,7 +23,7 @@ from host.discovery import BUNDLED_DIR, find_plugins
 from host.environments import EnvironmentStore, EnvStatus
 from host.manifest import Manifest
 from host.registry import PluginRegistry
-from host.tracebacks import plugin_output, plugin_traceback
+from host.tracebacks import plugin_output, plugin_traceback, printable
 from sandbox.envelope import Envelope
 from sandbox.limits import HostLimits
 from sandbox.tool_runner import ToolRunner
@@ -63,7 +63,7 @@ def _call(runner: ToolRunner, name: str, image: Path, manifest: Manifest) -> Cal
     printed = plugin_output(measured, indent="    ")
     if error:
         envelope = Envelope.of(error)
-        text = f"{envelope.reason}: {envelope.message}"
+        text = printable(f"{envelope.reason}: {envelope.message}")
         hint = missing_module_hint(error)
         trace = plugin_traceback(error)
         text += "".join(f"\n{part}" for part in (hint, trace) if part)

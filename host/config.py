@@ -51,6 +51,9 @@ ENV_PREFIX = "PLUGHOST_"
 MiB = 1024 * 1024
 # The name of a client token written `name=token`: shown, never a secret.
 CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Names the host gives principals itself (host/api/auth.py): a client named
+# so would pass for the admin, an anonymous caller or another client in logs.
+RESERVED_NAMES = frozenset({"admin", "anonymous"})
 
 
 def _named(entry: str, position: int) -> tuple[str | None, str]:
@@ -65,6 +68,11 @@ def _named(entry: str, position: int) -> tuple[str | None, str]:
             f"client_tokens entry {position} reads as name=token, and its name is not 1 to"
             " 64 letters, digits, '.', '_' or '-' (a plain token may hold '=' only as"
             " trailing padding)"
+        )
+    if name in RESERVED_NAMES or re.fullmatch(r"client-[0-9a-f]{16}", name):
+        raise ValueError(
+            f"client_tokens entry {position}: the name {name!r} is how the host names the"
+            " admin, anonymous callers or an unnamed client: choose another"
         )
     return name, token
 

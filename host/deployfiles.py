@@ -55,12 +55,21 @@ def path_of(name: str) -> Path:
 
 
 def program() -> str:
-    """This install's `plughost`: the script beside the running interpreter,
-    else the interpreter running the CLI's module."""
+    """This install's `plughost` as ExecStart= takes it: the script beside
+    the running interpreter, else the interpreter running the CLI's module.
+    Raises DeployError for a path a unit line cannot carry."""
     script = Path(sys.executable).parent / "plughost"
-    if script.is_file():
-        return str(script)
-    return f"{sys.executable} -m host.cli"
+    words = [str(script)] if script.is_file() else [sys.executable, "-m", "host.cli"]
+    return " ".join(_unit_word(word) for word in words)
+
+
+def _unit_word(word: str) -> str:
+    """`word` as one word of a unit's command line: `%` doubled (a specifier
+    otherwise), quoted if it holds a space; no control character at all."""
+    if any(ord(char) < 32 or char in '"\\' for char in word):
+        raise DeployError(f"the install's path {word!r} cannot be written into a unit")
+    word = word.replace("%", "%%")
+    return f'"{word}"' if " " in word else word
 
 
 def systemd_unit(user: str = UNIT_ACCOUNT) -> str:

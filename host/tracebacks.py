@@ -48,10 +48,11 @@ def plugin_frames(text: str) -> str:
 
 
 def plugin_traceback(envelope: dict[str, object]) -> str:
-    """The filtered traceback of a failed call's envelope ("" when it has none)."""
+    """The filtered traceback of a failed call's envelope ("" when it has none),
+    its control characters shown (`printable`): it quotes the plugin's text."""
     internal = envelope.get("_internal")
     text = internal.get("traceback", "") if isinstance(internal, dict) else ""
-    return plugin_frames(text) if isinstance(text, str) else ""
+    return printable(plugin_frames(text)) if isinstance(text, str) else ""
 
 
 def printable(text: str) -> str:

@@ -395,7 +395,8 @@ def _error(reason: str, exc: BaseException, message: str | None = None) -> dict[
     return {
         "type": "error",
         "reason": reason,
-        "message": paths.scrub(text[:2000]),
+        # Filtered, then cut: a path cut in two would no longer be recognised.
+        "message": paths.scrub(text[:8000])[:2000],
         "exc_type": type(exc).__name__,
         "traceback": paths.scrub("".join(traceback.format_exception(exc))[-8000:]),
     }
@@ -577,7 +578,7 @@ def _encode_result(result: Any, max_bytes: int) -> bytes | dict[str, Any]:
         # whatever they raise, the encoder's message stands.
         except Exception:  # noqa: BLE001
             found = None
-        text = f"result is not JSON-serialisable: {found or exc}"[:500]
+        text = f"result is not JSON-serialisable: {found or exc}"
         # Its own traceback would show only the json module's frames.
         return _error("invalid_output", type(exc)(text))
     if len(frame) > max_bytes:
@@ -588,6 +589,11 @@ def _encode_result(result: Any, max_bytes: int) -> bytes | dict[str, Any]:
 
 _JSON_SCALARS = (str, int, float, bool, type(None))
 _MAX_WALK_DEPTH = 64
+# Values the walk looks at before it gives up (the encoder's message then
+# stands): a result shares objects, so its walk is bounded by steps, not size.
+_MAX_WALK_STEPS = 100_000
+_MAX_KEY_SHOWN = 60
+_MAX_INT_BITS = 14_000  # about the 4,300 digits Python converts to text
 
 
 def _advice(value: object) -> str:
@@ -601,16 +607,39 @@ def _advice(value: object) -> str:
     return "convert it to a str, number, bool, None, list or dict"
 
 
-def _not_json(
-    value: Any, path: str, depth: int = 0, seen: frozenset[int] = frozenset()
-) -> str | None:
+def _scalar_problem(value: Any) -> str | None:
+    """Why JSON cannot hold the scalar `value` (None: it can)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"is {value!r}, which JSON cannot hold: return None or a finite number"
+    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+        return "is an int too long to write as text: return it as a str"
+    return None
+
+
+def _shown_key(key: str) -> str:
+    """A key as the path shows it: whole, or by its length (never cut in two:
+    the host recognises its paths only whole)."""
+    if len(key) <= _MAX_KEY_SHOWN:
+        return json.dumps(key)
+    return f"<a key of {len(key)} characters>"
+
+
+def _not_json(value: Any, path: str = "result") -> str | None:
     """Where in `value` (a dict the encoder refused) the first thing JSON cannot
     hold is, what it is, and what to do: `result["thumb"][0] is bytes: ...`.
-    None if nothing is found (the encoder's own message then stands)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{path} is {value!r}, which JSON cannot hold: return None or a finite number"
-    if isinstance(value, _JSON_SCALARS):
+    None if nothing is found within the walk's bounds (the encoder's own
+    message then stands)."""
+    steps = [_MAX_WALK_STEPS]
+    return _walk(value, path, 0, frozenset(), steps)
+
+
+def _walk(value: Any, path: str, depth: int, seen: frozenset[int], steps: list[int]) -> str | None:
+    steps[0] -= 1
+    if steps[0] < 0:
         return None
+    if isinstance(value, _JSON_SCALARS):
+        problem = _scalar_problem(value)
+        return None if problem is None else f"{path} {problem}"
     if depth >= _MAX_WALK_DEPTH:
         return f"{path} is nested more than {_MAX_WALK_DEPTH} levels deep"
     if id(value) in seen:
@@ -619,17 +648,19 @@ def _not_json(
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, _JSON_SCALARS):
-                kind = type(key).__name__
-                return f"{path} has a key of type {kind} ({key!r:.60}): make its keys str"
-            where = json.dumps(key)[:60] if isinstance(key, str) else repr(key)
-            found = _not_json(item, f"{path}[{where}]", depth + 1, inner)
-            if found is not None:
+                return f"{path} has a key of type {type(key).__name__}: make its keys str"
+            problem = _scalar_problem(key)
+            if problem is not None:
+                return f"{path} has a key that {problem}"
+            where = _shown_key(key) if isinstance(key, str) else repr(key)
+            found = _walk(item, f"{path}[{where}]", depth + 1, inner, steps)
+            if found is not None or steps[0] < 0:
                 return found
         return None
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            found = _not_json(item, f"{path}[{index}]", depth + 1, inner)
-            if found is not None:
+            found = _walk(item, f"{path}[{index}]", depth + 1, inner, steps)
+            if found is not None or steps[0] < 0:
                 return found
         return None
     cls = type(value)

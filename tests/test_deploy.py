@@ -47,3 +47,19 @@ def test_the_unit_runs_as_the_account_asked_for_and_refuses_a_bad_name() -> None
     assert "User=plughost" not in unit
     with pytest.raises(DeployError, match="not a user name"):
         systemd_unit("root\nExecStartPre=/bin/sh")
+
+
+def test_an_install_path_with_a_space_or_percent_stays_one_word(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    venv = tmp_path / "my venv%i" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "plughost").write_text("")
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    assert f'ExecStart="{venv}/plughost" serve'.replace("%", "%%") in systemd_unit()
+    newline = tmp_path / "a\nExecStartPre=" / "bin"
+    newline.mkdir(parents=True)
+    (newline / "plughost").write_text("")
+    monkeypatch.setattr(sys, "executable", str(newline / "python"))
+    with pytest.raises(DeployError, match="cannot be written into a unit"):
+        systemd_unit()

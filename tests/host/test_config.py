@@ -75,6 +75,10 @@ def test_a_client_token_may_carry_a_name_and_plain_tokens_still_work() -> None:
         ("bad name=s3cret-token", "entry 1 reads as name=token"),
         ("ok=s3cret-a,ok=s3cret-b", "the name 'ok' is given to two tokens"),
         ("x/y+z=s3cret-token", "entry 1 reads as name=token"),
+        # Names the host gives principals itself: a client would pass for another in logs.
+        ("admin=s3cret-token", "the name 'admin' is how the host names"),
+        ("ok=s3cret-a,anonymous=s3cret-b", "entry 2: the name 'anonymous' is how"),
+        ("client-0123456789abcdef=s3cret-token", "is how the host names"),
     ],
 )
 def test_a_bad_client_name_is_refused_without_quoting_the_token(entries: str, wrong: str) -> None:

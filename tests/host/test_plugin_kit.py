@@ -234,3 +234,18 @@ def test_run_names_a_missing_module_and_what_to_declare(tmp_path: Path, png: byt
     check = _cli("check", str(directory))
     assert check.returncode == 1
     assert "needy.py:1: imports cv2, which `dependencies` does not declare" in check.stdout
+
+
+def test_check_and_run_debug_show_a_failures_control_characters_escaped(
+    tmp_path: Path, png: bytes
+) -> None:
+    # A message and a traceback are the plugin's text: a terminal must not obey them.
+    raises = "        raise RuntimeError('\\x1b]0;title\\x07\\x1b[2J gone')\n"
+    _scaffold_printing(tmp_path, raises)
+    check = _cli("check", str(tmp_path / "demo"))
+    image = tmp_path / "in.png"
+    image.write_bytes(png)
+    debug = _cli("run", "demo", "--plugins-dir", str(tmp_path), "--image", str(image), "--debug")
+    for shown in (check.stdout + check.stderr, debug.stderr):
+        assert "\x1b" not in shown and "\x07" not in shown
+        assert "\\x1b]0;title" in shown

@@ -87,7 +87,9 @@ def test_a_bytes_result_names_its_key_its_type_and_what_to_do(
             'result["a"]["b"][1] is set, which JSON cannot hold: make it a list',
         ),
         ({"x": float("nan")}, 'result["x"] is nan, which JSON cannot hold: return None'),
-        ({(1, 2): 0}, "result has a key of type tuple ((1, 2)): make its keys str"),
+        ({(1, 2): 0}, "result has a key of type tuple: make its keys str"),
+        ({"k": {float("inf"): 1}}, 'result["k"] has a key that is inf, which JSON cannot hold'),
+        ({"n": 10**5000}, 'result["n"] is an int too long to write as text: return it as a str'),
         ({"p": Path("/")}, 'result["p"] is pathlib.PosixPath, which JSON cannot hold'),
         ({"ok": [1, 2.5, "s", None, True]}, None),
     ],
@@ -103,3 +105,33 @@ def test_a_result_that_contains_itself_is_named_not_a_recursion() -> None:
     value: dict = {"a": []}
     value["a"].append(value)
     assert _not_json(value, "result") == 'result["a"][0] contains itself (a reference cycle)'
+
+
+def _shared(depth: int, leaf: object) -> list:
+    """A list of `depth` levels whose two items are the same list: 2**depth paths."""
+    value: list = [leaf, leaf]
+    for _ in range(depth):
+        value = [value, value]
+    return value
+
+
+def test_the_walk_of_a_result_that_shares_its_parts_is_bounded() -> None:
+    # 2**60 paths to walk: without a bound on its steps the walk never ends
+    # (the call's deadline would end it, as a timeout rather than invalid_output).
+    assert _not_json({"a": _shared(60, 1)}, "result") is None
+    found = _not_json({"a": _shared(60, {float("nan"): 1})}, "result")
+    assert found is not None and "has a key that is nan" in found
+
+
+def test_a_long_key_that_is_a_host_path_is_never_shown_cut(
+    tmp_path: Path, sandbox: Sandbox, payload: dict
+) -> None:
+    # A key made of the plugin's own path, longer than a key is shown: cut in
+    # two, the host could no longer recognise (and hide) its directory.
+    body = "return {os.path.join(os.path.dirname(__file__), 'm' * 80): b'weights'}"
+    runner = _runner(tmp_path / ("d" * 40), sandbox, "pathkey", body)
+    _, error = runner.run("pathkey", payload)
+    envelope = Envelope.of(error)
+    assert envelope.reason == "invalid_output"
+    assert "<a key of" in envelope.message and "is bytes" in envelope.message
+    assert str(tmp_path)[:20] not in json.dumps(error)
