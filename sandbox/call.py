@@ -4,7 +4,8 @@
       warm child: handle.hand_over(call)
       _Watcher: poll(min(deadline, exit grace, next memory sample))
           reply bytes  -> ReplyStream (sizes checked before bodies)
-          status bytes -> handle.feed_status: the child exited and was reaped
+          status       -> handle.read_status (the pipe's one reader, as is
+                          handle.wait_exit's): the child exited, was reaped
           stdout/err   -> capped; a tail kept, and the head for the author
           cancel token -> Stop "cancelled"
           sample       -> handle.sample_memory(): over the limit, Stop "memory";
@@ -47,7 +48,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from sandbox import trace
-from sandbox.handle import REAP_WAIT_S, ChildHandle
+from sandbox.handle import REAP_WAIT_S, ChildHandle, HandleState
 from sandbox.jsonbounds import (
     BoundsExceeded,
     NotJson,
@@ -321,7 +322,7 @@ def run_call(handle: ChildHandle, call: CallSpec, token: CancelToken | None) -> 
     reap, the cgroup, the uid) to the caller.
     """
     started = time.monotonic()
-    if handle.warm:
+    if handle.state is not HandleState.RUNNING:  # a warm child, stopped: its call now
         handle.hand_over(call)
     watch = _Watcher(handle, call.limits, started, token)
     seen = watch.observe()
@@ -419,19 +420,19 @@ class _Watcher:
         """Handle bytes on `fd`; False once it is at its end."""
         if name == "cancel":
             raise _Stopped("cancelled")
+        if name == "status":  # the launcher's exit report, or the pipe's end
+            if self.handle.read_status():
+                return True
+            if self.handle.exit is None:
+                raise _Stopped("launcher_gone")
+            return False
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
             return True
         if not data:
-            if name == "status":
-                if self.handle.exit is None:
-                    raise _Stopped("launcher_gone")
-                self.handle.status_ended()
             return False
-        if name == "status":
-            self.handle.feed_status(data)
-        elif name == "reply":
+        if name == "reply":
             self._on_reply(data)
         else:
             self.streams[name].add(data)

@@ -33,6 +33,11 @@ child with a uid of its own imports it before its payload, and waits stopped
 by the host), called, and its result
 checked and sent as one frame. The child's instructions are a `ChildSpec`
 and its payload a sealed memfd (`sandbox.protocol`).
+
+What the launcher worked out once for every child (the rlimits of the
+call's limits, the environment of a minimal root's scratch, which loaded
+modules to forget, the import path's finders, ...) is in `sandbox.inherited`,
+read here by identity; this module holds only what runs in the child.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from __future__ import annotations
 import _signal  # type: ignore[import-not-found]  # signal.signal without its enum wrapper
 import errno
 import importlib
-import importlib.machinery
 import json
 import math
 import os
@@ -53,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from sandbox import trace
+from sandbox import inherited, trace
 from sandbox.host_paths import HostPaths
 from sandbox.layers import (
     UNSHARE_FLAGS,
@@ -70,23 +74,18 @@ from sandbox.layers import (
 from sandbox.layers.kernel import (
     PR_SET_PDEATHSIG,
     IsolationError,
-    argv_memory,
     prctl,
     set_command_line,
 )
 from sandbox.limits import rlimits_for
 from sandbox.protocol import (
-    READY,
     REPLY_OUT_OF_MEMORY,
-    SAFE_ENV,
     SETUP_FAILED,
     ChildSpec,
     Payload,
     encode_frame,
     read_payload,
 )
-
-READY_FRAME = encode_frame(READY)  # encoded once, in the launcher
 
 # The launcher's handlers, given back to the default before any plugin code runs.
 _DEFAULT_SIGNALS = tuple(map(int, (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE)))
@@ -215,17 +214,11 @@ def _rlimits(setup: Setup) -> None:
     extra = 1 if setup.pid_namespace and not setup.slot else 0  # init has the call's uid
     limits = setup.spec.limits
     counted = setup.spec.memory_counted
-    prepared, tables = _RLIMITS
+    prepared, tables = inherited.RLIMITS
     values = tables[extra, counted] if prepared is limits else rlimits_for(limits, extra, counted)
     for which, value in values.items():
         # Fail closed: setrlimit raises and the plugin never runs.
         resource.setrlimit(which, value)
-
-
-# The rlimits of the call the launcher forks next, for each count of extra
-# processes and whether a cgroup counts its memory (`prepare`), beside the
-# limits they were worked out from.
-_RLIMITS: tuple[object, dict[tuple[int, bool], dict[int, tuple[int, int]]]] = (None, {})
 
 
 def _privilege(setup: Setup) -> None:
@@ -250,7 +243,9 @@ def _no_new_privs(setup: Setup) -> None:
 
 
 def _environment(setup: Setup) -> None:
-    removed, changed = _ENVIRONMENTS.get(setup.scratch) or _environment_for(setup.scratch)
+    removed, changed = inherited.ENVIRONMENTS.get(setup.scratch) or inherited.environment_for(
+        setup.scratch
+    )
     environ = os.environ
     for name in removed:
         del environ[name]
@@ -261,27 +256,7 @@ def _environment(setup: Setup) -> None:
         # The host's venv (its bin/python) is not in the minimal root; the
         # interpreter it leads to is (sys.base_prefix): what multiprocessing
         # runs for its resource tracker and its "spawn" start method.
-        sys.executable = sys._base_executable = _INTERPRETER  # type: ignore[attr-defined]
-
-
-# The interpreter's own file, the venv's links resolved (in the launcher).
-_INTERPRETER = os.path.realpath(sys.executable)
-
-
-# scratch -> (the launcher's variables a call does not get, the variables to
-# set): worked out in the launcher (`prepare`) for a minimal root's scratch.
-_ENVIRONMENTS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
-
-
-def _environment_for(scratch: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """What turns this process's environment into SAFE_ENV with HOME and
-    TMPDIR at `scratch` (the launcher runs with SAFE_ENV and nothing else:
-    most often only the scratch's two variables change, a putenv each)."""
-    wanted = {**SAFE_ENV, "HOME": scratch, "TMPDIR": scratch}
-    environ = os.environ
-    removed = tuple(name for name in environ if name not in wanted)
-    changed = tuple((name, value) for name, value in wanted.items() if environ.get(name) != value)
-    return removed, changed
+        sys.executable = sys._base_executable = inherited.INTERPRETER  # type: ignore[attr-defined]
 
 
 # What thread pools read to size themselves: OpenMP, the BLAS libraries,
@@ -316,19 +291,7 @@ def _cpus(setup: Setup) -> None:
 
 def _landlock(setup: Setup) -> None:
     if setup.spec.layers.get("landlock"):
-        landlock.apply(_landlock_expose(setup.spec), _writable(setup.scratch))
-
-
-def _writable(scratch: str) -> tuple[str, ...]:
-    """The directories a call writes: its scratch, and in a minimal root its
-    own /dev/shm."""
-    return (scratch, mnt.SHM) if scratch == mnt.SCRATCH else (scratch,)
-
-
-def _landlock_expose(spec: ChildSpec) -> tuple[str, ...]:
-    # An installed plugin's import root is listed to find its package; in
-    # the minimal root it holds that package alone.
-    return (*spec.expose, spec.import_root) if spec.import_root else spec.expose
+        landlock.apply(inherited.landlock_expose(setup.spec), inherited.writable(setup.scratch))
 
 
 def _seccomp(setup: Setup) -> None:
@@ -365,12 +328,9 @@ def _wipe_command_line() -> None:
     The launcher's command line names the host's source directory; every
     process of the call is a fork of it, and the plugin can read its own
     and (without a PID namespace) its parent's. A fork has the launcher's
-    addresses, so where that memory is was read there once (`prepare`).
+    addresses, so where that memory is was read there once (`sandbox.inherited.prepare`).
     """
-    set_command_line(b"", _ARGV)
-
-
-_ARGV: tuple[int, int] | None = None  # the launcher's, found by `prepare`
+    set_command_line(b"", inherited.ARGV)
 
 
 def _wait_for_payload() -> None:
@@ -405,141 +365,31 @@ def _error(reason: str, exc: BaseException, message: str | None = None) -> dict[
 _CALL: ChildSpec | None = None  # the call's, set before plugin code runs
 
 
-# The standard library's entries of sys.path, as the launcher found them.
-STDLIB_PATH = [p for p in sys.path if p.startswith(sys.base_prefix) and not p.endswith("-packages")]
-_STDLIB_ROOTS = tuple(os.path.realpath(p) + os.sep for p in STDLIB_PATH)
-
-
-def _from_stdlib(thing: object) -> bool:
-    """A module (or import hook) of the interpreter itself, not of a package.
-
-    The verdict on everything the launcher had loaded was reached there once
-    (`prepare`); a child works out only what its own set-up added.
-    """
-    known = _VERDICTS.get(id(thing))
-    if known is not None and known[0] is thing:
-        return known[1]
-    return _origin_in_stdlib(thing)
-
-
-def _origin_in_stdlib(thing: object) -> bool:
-    if isinstance(thing, type(sys)):
-        origin = getattr(thing, "__file__", None)
-    else:
-        owner = getattr(thing, "__module__", None) or type(thing).__module__
-        origin = getattr(sys.modules.get(owner), "__file__", None)
-    return origin is None or os.path.realpath(origin).startswith(_STDLIB_ROOTS)
-
-
-# id -> (the object, whether it comes from the standard library). The object
-# is held so that its id names nothing else while the entry exists.
-_VERDICTS: dict[int, tuple[object, bool]] = {}
+# What the child forgot of the launcher's imports, kept referenced (`_isolate_imports`).
 _FORGOTTEN: list[object] = []
-# The loaded modules' names when `prepare` last ran, and which of them to forget.
-_PREPARED: tuple[frozenset[str], tuple[str, ...]] = (frozenset(), ())
-
-
-def prepare(spec: ChildSpec) -> None:
-    """Work every child would otherwise repeat, done once in the launcher
-    before it forks: which loaded modules and import hooks are the standard
-    library's (`_isolate_imports` resolves each one's file), where the argv
-    memory to wipe is, the seccomp filter's program, and for `spec`: the
-    environment for its scratch directory, its Landlock rules, the finders
-    of its import path and its rlimits. Only what is new since the last
-    call costs anything."""
-    global _PREPARED, _ARGV, _RLIMITS
-    if _ARGV is None:
-        _ARGV = argv_memory()
-    if len(sys.modules) != len(_PREPARED[0]):
-        for thing in [*sys.modules.values(), *sys.meta_path, *sys.path_hooks]:
-            if id(thing) not in _VERDICTS:
-                _VERDICTS[id(thing)] = (thing, _origin_in_stdlib(thing))
-        names = tuple(sorted(n for n, module in sys.modules.items() if _forget(n, module)))
-        _PREPARED = (frozenset(sys.modules), names)
-    seccomp.prepare_filters()
-    landlock.prepare()
-    # For the scratch of a call in a minimal root, the same for every call;
-    # a call without one has a host directory of its own, worked out in its
-    # child (kept here, every new one would only grow the launcher).
-    if mnt.SCRATCH not in _ENVIRONMENTS:
-        _ENVIRONMENTS[mnt.SCRATCH] = _environment_for(mnt.SCRATCH)
-    if spec.layers.get("landlock"):
-        landlock.prepare_rules(_landlock_expose(spec), _writable(mnt.SCRATCH))
-    _prepare_finders(_import_path(spec))
-    if _RLIMITS[0] != spec.limits:
-        _RLIMITS = (
-            spec.limits,
-            {
-                (extra, counted): rlimits_for(spec.limits, extra, counted)
-                for extra in (0, 1)
-                for counted in (False, True)
-            },
-        )
-    else:  # the same values: the child recognises the limits by identity
-        _RLIMITS = (spec.limits, _RLIMITS[1])
-
-
-# A directory of a call's import path -> the standard library's finder for
-# it, made in the launcher (`prepare`); None for an entry that is no directory.
-_FINDERS: dict[str, importlib.machinery.FileFinder | None] = {}
-MAX_FINDERS = 512
-_LOADERS = (
-    (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
-    (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
-    (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
-)
-
-
-def _import_path(spec: ChildSpec) -> list[str]:
-    return [spec.import_root or spec.plugin_dir, *spec.import_paths, *STDLIB_PATH]
-
-
-def _prepare_finders(entries: list[str]) -> None:
-    """The finders a child's imports would otherwise make first (running
-    the zip importer's hook, which fails with an exception on a directory),
-    made here; the standard library's directories also listed, which every
-    call may read. A plugin's own directories are listed by its child: the
-    launcher's memory is every call's, and one plugin must not find the
-    names of another's files there. A finder lists its directory again if
-    it changed since (its mtime), as any finder does."""
-    for entry in entries:
-        if entry in _FINDERS:
-            continue
-        if len(_FINDERS) >= MAX_FINDERS:
-            _FINDERS.clear()
-        finder = None  # not a directory here (a zip file, or nothing): the child's hooks decide
-        if os.path.isdir(entry):
-            finder = importlib.machinery.FileFinder(entry, *_LOADERS)
-            if entry in STDLIB_PATH:
-                finder.find_spec("-")  # no module has that name: only the listing is read
-        _FINDERS[entry] = finder
-
-
-def _forget(name: str, module: object) -> bool:
-    return name != "__main__" and not _from_stdlib(module)
 
 
 def _names_to_forget() -> list[str]:
-    """The loaded modules that are not the standard library's: as `prepare`
-    found them in the launcher when the set of loaded modules is the same
-    (looking at each again would write to every module's page, see
-    `_isolate_imports`), else found now."""
+    """The loaded modules that are not the standard library's: as
+    `sandbox.inherited.prepare` found them in the launcher when the set of
+    loaded modules is the same (looking at each again would write to every
+    module's page, see `_isolate_imports`), else found now."""
     # Between `prepare` and here the child's own set-up only ever adds
     # modules (a lazy import), so the same count and every name still there
     # is the same set.
-    known, names = _PREPARED
+    known, names = inherited.PREPARED
     if len(sys.modules) == len(known) and all(name in sys.modules for name in names):
         return list(names)
-    return [name for name, module in list(sys.modules.items()) if _forget(name, module)]
+    return [name for name, module in list(sys.modules.items()) if inherited.forget(name, module)]
 
 
 def _isolate_imports(spec: ChildSpec) -> None:
     """The plugin imports from its directory, its environment and the standard
     library only: the host's packages the launcher had loaded (and the import
     hooks they installed) are forgotten, and no other path is searched."""
-    sys.path[:] = _import_path(spec)
-    sys.meta_path[:] = [finder for finder in sys.meta_path if _from_stdlib(finder)]
-    sys.path_hooks[:] = [hook for hook in sys.path_hooks if _from_stdlib(hook)]
+    sys.path[:] = inherited.import_path(spec)
+    sys.meta_path[:] = [finder for finder in sys.meta_path if inherited.from_stdlib(finder)]
+    sys.path_hooks[:] = [hook for hook in sys.path_hooks if inherited.from_stdlib(hook)]
     # What is forgotten is kept referenced here, not freed: freeing it would
     # write to memory the child still shares with the launcher, a page copy
     # for each (most of this step's cost).
@@ -549,7 +399,7 @@ def _isolate_imports(spec: ChildSpec) -> None:
     sys.path_importer_cache = {}
     importlib.invalidate_caches()
     for entry in sys.path:  # after the invalidation, which would have them list again
-        finder = _FINDERS.get(entry)
+        finder = inherited.FINDERS.get(entry)
         if finder is not None:
             sys.path_importer_cache[entry] = finder
 
@@ -724,7 +574,7 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
             trace.mark("child." + name)
         if not spec.warm:
             payload = read_payload(PAYLOAD_FD)
-        _write_all(REPLY_FD, READY_FRAME)
+        _write_all(REPLY_FD, inherited.READY_FRAME)
         trace.mark("child.payload+ready")
     # Fail closed: any setup problem ends the child before plugin code runs.
     except BaseException as exc:  # noqa: BLE001

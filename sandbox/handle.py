@@ -11,11 +11,26 @@ touches them::
         continued, its payload
         -> the launcher forks the child
       .fds            read ends: status, reply, stdout, stderr
-      .feed_status()  / .wait_exit()   the launcher's EXIT report -> .exit
+      .read_status()  the status pipe's one reader (the pid, then the
+                      launcher's EXIT report -> .exit, then its end); the
+                      watch calls it when the pipe is readable, .wait_exit()
+                      waits on it
       .sample_memory()  .memory_at_end()
       .kill()         every process of the call (launcher by token, by uid, sweep)
+      .finish()       the verdict is final: the call ends on its own
       .close()        kill what is left, remove the cgroup and scratch, close
                       every descriptor, give the uid back
+
+`.state` is where the handle is in its life (`HandleState`), moved in one
+place (`ChildHandle._to`) along `MOVES`, which refuses any other move::
+
+    NEW -> RUNNING (cold)                         -> ENDING (finish)
+    NEW -> IMPORTING -> WAITING -> STOPPING -> STOPPED -> RUNNING (hand_over)
+                                (uid None: WAITING -> STOPPED; not stopped
+                                 in time: STOPPING -> WAITING, put away)
+    any live state -> EXITED (the exit report) -> REAPED (the pipe's end)
+                   -> GONE (the pipe's end before any report: no launcher)
+    every other state -> CLOSED (close)
 
 Whoever watches a call (`sandbox.call`) talks to the handle only. The
 handle reaches the launcher process through `Launcher`, the host's end of
@@ -32,6 +47,7 @@ import sys
 import sysconfig
 import time
 import uuid
+from enum import Enum
 
 from sandbox import trace
 from sandbox.cgroups import CallCgroup, CgroupPool
@@ -96,6 +112,49 @@ def exposed_paths(plugin_dir: str, import_paths: tuple[str, ...] = ()) -> tuple[
     return (*INTERPRETER_PATHS, plugin_dir, *import_paths)
 
 
+class HandleState(Enum):
+    """Where a `ChildHandle` is in its life; `MOVES` says what may follow what."""
+
+    NEW = "new"  # made: nothing forked yet
+    IMPORTING = "importing"  # warm: forked; being set up, then importing its plugin
+    WAITING = "waiting"  # warm: said "w" on its socket: set up, imported, waiting
+    STOPPING = "stopping"  # warm: its call's stop asked for, not answered yet
+    STOPPED = "stopped"  # warm: nothing of its call runs until hand_over
+    RUNNING = "running"  # a call runs on it: cold from its fork, warm from hand_over
+    ENDING = "ending"  # the verdict is final: the call ends on its own (finish)
+    EXITED = "exited"  # the launcher reported the plugin's process exited
+    REAPED = "reaped"  # the status pipe ended after the exit report
+    GONE = "gone"  # the status pipe ended before any exit report: the launcher is gone
+    CLOSED = "closed"  # put away: every resource given back
+
+
+_S = HandleState
+# Every move a handle makes; any other is refused (HandleStateError). The
+# status pipe (the launcher's exit report, its end) may speak in any live state.
+MOVES: dict[HandleState, frozenset[HandleState]] = {
+    _S.NEW: frozenset({_S.IMPORTING, _S.RUNNING, _S.GONE, _S.CLOSED}),
+    _S.IMPORTING: frozenset({_S.WAITING, _S.EXITED, _S.GONE, _S.CLOSED}),
+    _S.WAITING: frozenset({_S.STOPPING, _S.STOPPED, _S.EXITED, _S.GONE, _S.CLOSED}),
+    # Not stopped in time: back to waiting, never handed a call (put away).
+    _S.STOPPING: frozenset({_S.STOPPED, _S.WAITING, _S.EXITED, _S.GONE, _S.CLOSED}),
+    _S.STOPPED: frozenset({_S.RUNNING, _S.EXITED, _S.GONE, _S.CLOSED}),
+    _S.RUNNING: frozenset({_S.ENDING, _S.EXITED, _S.GONE, _S.CLOSED}),
+    _S.ENDING: frozenset({_S.EXITED, _S.GONE, _S.CLOSED}),
+    _S.EXITED: frozenset({_S.REAPED, _S.CLOSED}),
+    _S.REAPED: frozenset({_S.CLOSED}),
+    _S.GONE: frozenset({_S.CLOSED}),
+    _S.CLOSED: frozenset(),
+}
+# The call's processes end on their own: `close` waits for their reap first.
+_ENDING_ON_THEIR_OWN = frozenset({_S.ENDING, _S.EXITED, _S.REAPED})
+# A warm child that said "w" (and has not run a call since).
+_SAID_WAITING = frozenset({_S.WAITING, _S.STOPPING, _S.STOPPED})
+
+
+class HandleStateError(RuntimeError):
+    """A move `MOVES` does not allow: a bug in the host, never the plugin's doing."""
+
+
 class ChildHandle:
     """One sandbox child and the uid, cgroup, scratch, processes and
     descriptors the host holds for it. Not thread-safe: one call (or the
@@ -120,26 +179,44 @@ class ChildHandle:
         self.token = uuid.uuid4().hex  # the launcher's name for this child
         self.fds: dict[str, int] = {}
         self.procs: CallProcesses | None = None
-        self.exit: ChildExit | None = None
+        self.state = HandleState.NEW  # moved by `_to` alone
+        self.exit: ChildExit | None = None  # the launcher's exit report, once read
         self.created = time.monotonic()
         self._opened: list[int] = []
         self._payload_socket: socket.socket | None = None  # a warm child's
-        self.warm = False  # started without its payload: hand_over gives it
-        self._status = bytearray()
-        self._waiting = False
+        self._status = bytearray()  # read from the status pipe, not yet parsed
         self.timeout_s = 0.0  # the call's (a warm child's: its plugin's) time limit
-        self.reaped = False  # the status pipe ended after the EXIT record
-        self._ending = False  # the verdict is final: the call ends on its own (finish)
-        self.stopped = False  # a warm child: nothing of its call runs until hand_over
         self._go = -1  # a stopped warm child's: one byte continues its call
         self._stop_answer = -1  # where the stopper says b"1" once the call is stopped
         self.stop_began = 0.0
         self.import_began = 0.0  # a warm child's ready frame came: set up, importing
-        self.closed = False  # put away: every resource given back
+
+    def _to(self, state: HandleState) -> None:
+        """Move to `state`; refuse a move `MOVES` does not allow."""
+        if state not in MOVES[self.state]:
+            raise HandleStateError(
+                f"a child's handle cannot go from {self.state.name} to {state.name}"
+            )
+        self.state = state
 
     @property
     def pid(self) -> int:
         return self.procs.root_pid if self.procs is not None else 0
+
+    @property
+    def stopped(self) -> bool:
+        """A warm child: nothing of its call runs until `hand_over`."""
+        return self.state is HandleState.STOPPED
+
+    @property
+    def reaped(self) -> bool:
+        """The status pipe ended after the exit report: the launcher reaped the child."""
+        return self.state is HandleState.REAPED
+
+    @property
+    def closed(self) -> bool:
+        """Put away: every resource given back."""
+        return self.state is HandleState.CLOSED
 
     @classmethod
     def spawn(
@@ -181,7 +258,6 @@ class ChildHandle:
         if warm:
             self._payload_socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             payload_fd = theirs.detach()
-            self.warm = True
         else:
             payload_fd = _payload_file(call)
         self._opened.append(payload_fd)
@@ -218,6 +294,7 @@ class ChildHandle:
         trace.mark("host.close_sent_fds")
         pid = self._read_pid(time.monotonic() + call.limits.timeout_s + PID_GRACE_S)
         self.procs = CallProcesses(pid, self.uid, token=self.token)
+        self._to(HandleState.IMPORTING if warm else HandleState.RUNNING)
         trace.mark("host.wait_pid")
 
     def begin_stop(self) -> bool:
@@ -230,19 +307,20 @@ class ChildHandle:
         stopped at once. False when the launcher is gone."""
         self.stop_began = time.monotonic()
         if self.uid is None:
-            self.stopped = True
+            self._to(HandleState.STOPPED)
             return True
         fds = self.launcher.stop_uid(self.uid)
         if fds is None:
             return False
         self._stop_answer, self._go = fds
         self._opened.extend(fds)
+        self._to(HandleState.STOPPING)
         return True
 
     @property
     def stopping(self) -> bool:
         """Its stop was asked for and not answered yet."""
-        return self._stop_answer >= 0
+        return self.state is HandleState.STOPPING
 
     def stop_answer(self) -> bool | None:
         """The stopper's answer, once it came: True when every thread of the
@@ -253,14 +331,16 @@ class ChildHandle:
         answer = os.read(self._stop_answer, 1)
         self._close_own(self._stop_answer)
         self._stop_answer = -1
-        self.stopped = answer == b"1"
+        self._to(HandleState.STOPPED if answer == b"1" else HandleState.WAITING)
         return self.stopped
 
     def hand_over(self, call: CallSpec) -> None:
         """Continue a warm child's stopped call (`begin_stop`) and give it the
         payload of `call` (a sealed memfd over its socket). Raises HostFailure
-        when its call cannot be continued (the launcher's stopper is gone)."""
-        assert self._payload_socket is not None and self.stopped
+        when its call cannot be continued (the launcher's stopper is gone),
+        HandleStateError when it is not a stopped warm child."""
+        if self.state is not HandleState.STOPPED or self._payload_socket is None:
+            raise HandleStateError(f"a {self.state.name} child's handle is handed no call")
         if self._go >= 0:
             try:
                 os.write(self._go, b"c")
@@ -274,21 +354,22 @@ class ChildHandle:
             socket.send_fds(self._payload_socket, [b"go"], [payload_fd])
         finally:
             os.close(payload_fd)
+        self._to(HandleState.RUNNING)
 
     def _close_own(self, fd: int) -> None:
         os.close(fd)
         self._opened.remove(fd)
 
     def _read_pid(self, deadline: float) -> int:
-        buffer = b""
-        while len(buffer) < PID.size:
+        """The launcher's first record on the status pipe (`read_status`
+        reads it, never past it: the exit report is the watch's to read)."""
+        while len(self._status) < PID.size:
             if not wait_readable(self.fds["status"], deadline):
                 raise RuntimeError("launcher did not report the child's pid in time")
-            chunk = os.read(self.fds["status"], PID.size - len(buffer))
-            if not chunk:
+            if not self.read_status(PID.size - len(self._status)):
                 raise RuntimeError("launcher closed the status pipe before reporting a pid")
-            buffer += chunk
-        (pid,) = PID.unpack(buffer)
+        (pid,) = PID.unpack(self._status)
+        self._status.clear()
         return int(pid)
 
     # -- waiting -------------------------------------------------------------
@@ -298,15 +379,17 @@ class ChildHandle:
         (with a uid of its own; else it imports it after the hand-over) and
         waits for its payload. Only the warm pool's keeper asks."""
         sock = self._payload_socket
-        if not self._waiting and sock is not None and _readable(sock.fileno()):
-            self._waiting = sock.recv(1) == b"w"
-        return self._waiting
+        if self.state is HandleState.IMPORTING and sock is not None and _readable(sock.fileno()):
+            if sock.recv(1) == b"w":
+                self._to(HandleState.WAITING)
+        return self.state in _SAID_WAITING
 
     def heard(self) -> bool:
         """Whether a warm child's payload socket has something to read: "w"
         (`set_up`), anything else, or its end."""
         sock = self._payload_socket
-        return self._waiting or (sock is not None and _readable(sock.fileno()))
+        said_waiting = self.state in _SAID_WAITING
+        return said_waiting or (sock is not None and _readable(sock.fileno()))
 
     def note_import(self, now: float) -> None:
         """Note when a warm child began to import its plugin: when its ready
@@ -322,10 +405,10 @@ class ChildHandle:
         sock = self._payload_socket
         if self.stopped or sock is None:
             watched = []
-        elif self._stop_answer >= 0:
+        elif self.stopping:
             watched = [self._stop_answer]
         else:
-            watched = [] if self._waiting else [sock.fileno()]
+            watched = [] if self.state in _SAID_WAITING else [sock.fileno()]
             watched += [] if self.import_began else [self.fds["reply"]]
         return watched + [self.fds["status"]] if "status" in self.fds else watched
 
@@ -339,32 +422,41 @@ class ChildHandle:
         fd = self.fds.get("status")
         return fd is not None and self.exit is None and not _readable(fd)
 
-    def feed_status(self, data: bytes) -> None:
-        """Bytes from the status pipe after the pid: the launcher's EXIT report."""
+    def read_status(self, most: int = 65536) -> bool:
+        """Read what the status pipe has now (call it once the pipe is
+        readable; at most `most` bytes): the only reader of the status pipe,
+        for the pid (`start`), the watch (`sandbox.call`) and `wait_exit`.
+        The launcher's exit report moves the handle to EXITED (`exit` then
+        holds it); the pipe's end after it to REAPED (the launcher reaped
+        the child), before it to GONE (the launcher is gone). False once the
+        pipe is at its end."""
+        try:
+            data = os.read(self.fds["status"], most)
+        except BlockingIOError:
+            return True
+        if not data:
+            ended = HandleState.REAPED if self.exit is not None else HandleState.GONE
+            if self.state is not ended:  # read at its end again: nothing new
+                self._to(ended)
+            return False
         self._status += data
-        if self.exit is None and len(self._status) >= EXIT.size:
+        past_pid = self.state is not HandleState.NEW  # start reads the pid record alone
+        if past_pid and self.exit is None and len(self._status) >= EXIT.size:
             self.exit = ChildExit(*EXIT.unpack_from(self._status))
-
-    def status_ended(self) -> None:
-        """The status pipe is at its end: after the EXIT record, the launcher
-        reaped the child; before it, the launcher is gone."""
-        self.reaped = self.exit is not None
+            self._to(HandleState.EXITED)
+        return True
 
     def wait_exit(self, deadline: float, reaped: bool = False) -> None:
         """Wait until the launcher reports the plugin's process exited (with
         `reaped`, until the child is reaped too), or `deadline` (monotonic)
-        passes, or the launcher is gone; `exit` and `reaped` tell which."""
+        passes, or the launcher is gone; `exit` and `state` tell which."""
         fd = self.fds.get("status")
         if fd is None:
             return
-        while self.exit is None or (reaped and not self.reaped):
-            if not wait_readable(fd, deadline):
+        goal = {HandleState.REAPED} if reaped else {HandleState.EXITED, HandleState.REAPED}
+        while self.state not in goal:
+            if not wait_readable(fd, deadline) or not self.read_status():
                 return
-            data = os.read(fd, 65536)
-            if not data:
-                self.status_ended()
-                return
-            self.feed_status(data)
 
     # -- memory --------------------------------------------------------------
 
@@ -411,18 +503,23 @@ class ChildHandle:
         """The verdict is final: from here the call's processes end on their
         own (the plugin's process exits right after its reply; its slot's
         holder, or its init, then kills whatever is left in its PID namespace).
-        `close` gives them EXIT_GRACE_S, then kills what lingers."""
-        self._ending = True
+        `close` gives them EXIT_GRACE_S, then kills what lingers. Nothing
+        to note once the status pipe told the child's end (EXITED, REAPED,
+        GONE)."""
+        if self.state not in (HandleState.EXITED, HandleState.REAPED, HandleState.GONE):
+            self._to(HandleState.ENDING)
 
     def close(self) -> None:
         """Kill what is left of the call and give back its uid, cgroup,
-        scratch and descriptors once its processes are gone. Safe to call
-        once, after a failed start too."""
+        scratch and descriptors once its processes are gone. Safe after a
+        failed start too; a second call does nothing."""
+        if self.closed:
+            return
         # The status pipe's end ("reaped") means the call's PID namespace
         # holds nothing of it: its slot's holder found it empty, or its init
         # was reaped, which the kernel allows only once everything in the
         # namespace is gone. The plugin's exit is reported before that.
-        if self.pid_namespace and self.procs and (self.exit is not None or self._ending):
+        if self.pid_namespace and self.procs and self.state in _ENDING_ON_THEIR_OWN:
             self.wait_exit(time.monotonic() + EXIT_GRACE_S, reaped=True)
             # It lingers: SIGKILL its child (the slot's clean-up, or its init's end, follows).
             if not self.reaped:
@@ -446,7 +543,7 @@ class ChildHandle:
         if self.uid is not None:
             os.close(self._lock_fd)  # the uid's lock: free for another call
             self._lock_fd = -1
-        self.closed = True
+        self._to(HandleState.CLOSED)
 
 
 def _payload_file(call: CallSpec) -> int:

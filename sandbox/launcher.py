@@ -56,7 +56,7 @@ import socket
 import sys
 import time
 
-from sandbox import child, trace
+from sandbox import child, inherited, trace
 from sandbox.layers import kernel
 from sandbox.layers.shared import Shared, Slot, close_all_but
 from sandbox.protocol import (
@@ -258,7 +258,7 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
     if root >= 0:
         named["root"] = os.dup(root)  # the child's own handle on its root's template
     spec = dataclasses.replace(spec, launcher_pid=os.getpid(), given=given)
-    child.prepare(spec)
+    inherited.prepare(spec)
     trace.mark("launcher.pipe+prepare")
     try:
         pid = _fork_into(given, slot, spec, named, state)

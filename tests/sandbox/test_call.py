@@ -15,7 +15,7 @@ from dataclasses import replace
 import pytest
 
 from sandbox.call import OUTPUT_BYTES, run_call
-from sandbox.handle import PIPES, ChildHandle
+from sandbox.handle import MOVES, PIPES, ChildHandle, HandleState, HandleStateError
 from sandbox.launcher_client import Launcher
 from sandbox.limits import HostLimits, MiB, PluginLimits
 from sandbox.outcome import HostFailure, Status
@@ -30,6 +30,7 @@ class PipeHandle(ChildHandle):
 
     def __init__(self) -> None:
         super().__init__(Launcher(), None, -1, None, None, pid_namespace=False)
+        self._to(HandleState.RUNNING)  # as `start` leaves a cold child
         self.ends = {name: os.pipe2(os.O_CLOEXEC) for name in PIPES}
         self.fds = {name: pair[0] for name, pair in self.ends.items()}
         self.memory_now = 0
@@ -162,6 +163,39 @@ def test_a_status_pipe_closed_without_an_exit_means_the_launcher_is_gone(
     with pytest.raises(HostFailure, match="launcher exited") as raised:
         run_call(handle, CALL, token=None)
     assert raised.value.details["stage"] == "launcher"
+    assert handle.state is HandleState.GONE and handle.exit is None
+
+
+def test_the_status_pipe_has_one_reader_for_the_watch_and_wait_exit(handle: PipeHandle) -> None:
+    # The launcher's exit report comes in two writes: whatever part the watch
+    # read with the reply, wait_exit reads the rest into the same record.
+    record = EXIT.pack(0, 2048)
+    handle.write(
+        "reply", encode_frame(READY) + encode_frame({"type": "result", "result": {"a": 1}})
+    )
+    handle.write("status", record[:5])
+    late = threading.Timer(0.05, handle.write, args=("status", record[5:]))
+    late.start()
+    outcome = run_call(handle, CALL, token=None)
+    late.join()
+    assert outcome.status is Status.SUCCESS and outcome.details["peak_rss_mb"] == 2.0
+    assert handle.state is HandleState.EXITED and not handle.reaped
+    os.close(handle.ends["status"][1])  # the launcher reaped the child: the pipe ends
+    handle.ends["status"] = (handle.ends["status"][0], os.open(os.devnull, os.O_WRONLY))
+    handle.wait_exit(time.monotonic() + 2, reaped=True)
+    assert handle.state is HandleState.REAPED and handle.reaped
+
+
+def test_the_handle_refuses_a_move_its_states_do_not_allow(handle: PipeHandle) -> None:
+    with pytest.raises(HandleStateError, match="a RUNNING child's handle is handed no call"):
+        handle.hand_over(CALL)  # a cold child runs its call already
+    handle.exits(0)
+    handle.wait_exit(time.monotonic() + 2)
+    assert handle.state is HandleState.EXITED
+    with pytest.raises(HandleStateError, match="cannot go from EXITED to STOPPED"):
+        handle._to(HandleState.STOPPED)  # an exited child is never stopped for a call
+    assert handle.state is HandleState.EXITED
+    assert set(MOVES) == set(HandleState) and MOVES[HandleState.CLOSED] == frozenset()
 
 
 class SlowSamplingHandle(PipeHandle):

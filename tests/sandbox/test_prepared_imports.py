@@ -1,5 +1,5 @@
 """What the launcher works out for a call before the fork
-(`sandbox.child.prepare`): a child still sees its plugin directory as it is
+(`sandbox.inherited.prepare`): a child still sees its plugin directory as it is
 when the call runs, not as the launcher listed it, and its own limits."""
 
 from __future__ import annotations

@@ -222,10 +222,10 @@ def test_the_launcher_loads_neither_pydantic_nor_the_hosts_watch() -> None:
     # thing in every child (0.3-0.5 ms of copied pages each).
     probe = (
         "import sys; sys.argv = ['launcher']\n"
-        "import sandbox.launcher, sandbox.child\n"
+        "import sandbox.launcher, sandbox.child, sandbox.inherited\n"
         "from sandbox.protocol import CallLimits, ChildSpec\n"
         "limits = CallLimits(5, 128, 8, 64, 8, 1 << 20, 1 << 20, 16)\n"
-        "sandbox.child.prepare(ChildSpec('/srv/p', 'p:P', limits, {'landlock': True},\n"
+        "sandbox.inherited.prepare(ChildSpec('/srv/p', 'p:P', limits, {'landlock': True},\n"
         "    ('/srv/p',), None, 2000, 2000, (), False, 't'))\n"
         "unwanted = ('pydantic', 'psutil', 'sandbox.call', 'sandbox.supervisor', 'threading')\n"
         "print(sorted(n for n in unwanted if n in sys.modules))\n"
@@ -240,15 +240,17 @@ def test_the_launcher_loads_neither_pydantic_nor_the_hosts_watch() -> None:
 @pytest.mark.timeout(60)
 def test_the_host_loads_neither_the_launcher_nor_the_childs_code() -> None:
     # The host starts the launcher by the path of its source
-    # (sandbox.launcher_client): the launcher's loop and the child's steps
-    # are never the host's code.
+    # (sandbox.launcher_client): the launcher's loop, what it prepares for
+    # its children (sandbox.inherited) and the child's steps are never the
+    # host's code.
     probe = (
         "import sys\n"
         "import host.cli, host.api.app\n"
         "from sandbox import Sandbox\n"
         "import sandbox.tool_runner\n"
         "import sandbox.supervisor, sandbox.launcher_client\n"
-        "print(sorted(n for n in ('sandbox.launcher', 'sandbox.child') if n in sys.modules))\n"
+        "own = ('sandbox.launcher', 'sandbox.inherited', 'sandbox.child')\n"
+        "print(sorted(n for n in own if n in sys.modules))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=50, cwd=ROOT
