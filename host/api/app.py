@@ -8,11 +8,16 @@
       ├── the routers of host/api/routes/ (ROUTERS), dependencies in host/api/deps.py
       └── the operator's console at /console (host/api/console.py)
 
-Routes never run sandbox, store or database work on the event loop: analyses
-are submitted from the thread pool and awaited through `asyncio.wrap_future`,
-and routes that touch the job store are plain `def` routes, which FastAPI
-runs in its thread pool (tests/host/api/test_event_loop.py holds the store
-back and shows the loop still answering).
+Nothing runs sandbox, store or database work on the event loop, on a
+single node (SQLite) or an API node (PostgreSQL): analyses are submitted
+from the thread pool and awaited through `asyncio.wrap_future`; every other
+route that reads the store or the database (jobs, plugins, /readyz,
+/metrics, the console's pages) is a plain `def` route, which FastAPI runs in
+its thread pool; dependencies and middleware read only the request and
+memory; the lifespan's set-up and shutdown run in threads.
+tests/host/api/test_event_loop.py (a held SQLite store) and
+tests/cluster/test_event_loop.py (PostgreSQL's jobs table locked) show
+/healthz and other clients answered meanwhile.
 """
 
 import asyncio
