@@ -21,6 +21,7 @@ from fastapi.routing import APIRoute
 
 from host.api import Services, create_app
 from host.api.console import console_router
+from host.api.deps import STORE_THREADS
 from host.api.routes import ROUTERS
 from host.config import Settings
 from host.registry import PluginRegistry
@@ -46,6 +47,8 @@ class HeldStore:
         self._open = threading.Event()
         self._open.set()
         self.waiting = threading.Event()
+        self._count = threading.Lock()
+        self.held = 0  # calls waiting now
 
     def hold(self) -> None:
         self.waiting.clear()
@@ -61,8 +64,12 @@ class HeldStore:
 
         def held(*args: Any, **kwargs: Any) -> Any:
             if not self._open.is_set():
+                with self._count:
+                    self.held += 1
                 self.waiting.set()
                 self._open.wait(HOLD_S)
+                with self._count:
+                    self.held -= 1
             return attribute(*args, **kwargs)
 
         return held
@@ -145,10 +152,56 @@ def test_a_held_store_stalls_neither_healthz_nor_other_clients(
     assert answers[0].status_code == status, (route, answers[0].status_code, answers[0].text[:300])
 
 
-# What runs on the event loop, each read for store and database calls (and
-# the store-bound ones held back above): a new coroutine route or dependency
-# must be added here, after the same reading.
-LOOP_ROUTES = {"analyze", "analyze_upload", "healthz"}
+def test_requests_waiting_on_a_held_store_leave_threads_for_the_other_routes(
+    server: tuple[str, HeldStore], body: dict[str, Any]
+) -> None:
+    """More requests wait on the store than it has threads: they queue for
+    the store's threads, and a plain `def` route still gets one of its own."""
+    base, store = server
+    count = STORE_THREADS + 10
+    with httpx.Client(base_url=base, timeout=HOLD_S + 30) as other:
+        job = finished_job(other, body)
+        usual = timed(other, "/v1/plugins/image_info")
+        answers: list[int] = []
+        store.hold()
+        waiters = [
+            threading.Thread(
+                target=lambda: answers.append(
+                    httpx.get(f"{base}/v1/jobs/{job}", timeout=HOLD_S + 30).status_code
+                )
+            )
+            for _ in range(count)
+        ]
+        try:
+            for waiter in waiters:
+                waiter.start()
+            deadline = time.monotonic() + REACHED_S * 3
+            while store.held < STORE_THREADS:
+                assert time.monotonic() < deadline, f"{store.held} requests reached the store"
+                time.sleep(0.02)
+            took = timed(other, "/v1/plugins/image_info")
+        finally:
+            store.release()
+            for waiter in waiters:
+                waiter.join(HOLD_S + 30)
+    assert took < ANSWERED_S, f"with {count} requests held: {took:.1f} s (unheld: {usual:.2f})"
+    assert answers == [200] * count
+
+
+# What runs on the event loop, each read for store and database calls (the
+# store-bound routes hand them to in_store_thread, and are held back above):
+# a new coroutine route or dependency is added here after the same reading.
+LOOP_ROUTES = {
+    "analyze",
+    "analyze_upload",
+    "cancel_job",
+    "create_job",
+    "get_job",
+    "healthz",
+    "job",
+    "jobs",
+    "list_jobs",
+}
 LOOP_DEPENDENCIES = {
     "analyze_body",
     "get_services",
