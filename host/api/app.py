@@ -17,7 +17,7 @@ the thread pool FastAPI runs the plain `def` routes in (plugins, /readyz,
 /metrics, the rest of the console); analyses are awaited through
 `asyncio.wrap_future`; dependencies and middleware read only the request and
 memory; the lifespan's set-up and shutdown run in threads.
-tests/host/api/test_event_loop.py (a held SQLite store) and
+tests/host/api/test_event_loop.py (a held SQLite store, a locked SQLite file) and
 tests/cluster/test_event_loop.py (PostgreSQL's jobs table locked) show
 /healthz and other clients answered meanwhile.
 """

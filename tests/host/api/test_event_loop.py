@@ -8,6 +8,7 @@ answer until the store let go (HOLD_S)."""
 from __future__ import annotations
 
 import inspect
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,12 @@ HOLD_S = 20.0  # how long the store keeps a caller waiting, at most
 ANSWERED_S = 5.0  # far under HOLD_S: a stalled loop could not answer in it
 REACHED_S = 10.0  # how long a request may take to reach the held store
 FINISHED_S = 30.0  # how long a job may take to finish, unheld
+# A real lock on the SQLite file: a writer waits for it up to SQLite's busy
+# timeout (5 s, Python's default), then fails. A submission still waiting
+# LOCKED_S after it was sent is waiting for the lock (unlocked it takes
+# milliseconds); a loop it stalled would answer no one for seconds more.
+LOCKED_S = 1.0
+LOCKED_ANSWERED_S = 2.0
 
 
 class HeldStore:
@@ -186,6 +193,38 @@ def test_requests_waiting_on_a_held_store_leave_threads_for_the_other_routes(
                 waiter.join(HOLD_S + 30)
     assert took < ANSWERED_S, f"with {count} requests held: {took:.1f} s (unheld: {usual:.2f})"
     assert answers == [200] * count
+
+
+def test_a_locked_sqlite_file_stalls_neither_healthz_nor_other_clients(
+    server: tuple[str, HeldStore], body: dict[str, Any], tmp_path: Path
+) -> None:
+    """Another process's write lock on the job database (`BEGIN EXCLUSIVE`)
+    holds a submission's insert; /healthz and other clients are answered."""
+    base, _ = server
+    answers: list[httpx.Response] = []
+    with (
+        httpx.Client(base_url=base, timeout=30) as held,
+        httpx.Client(base_url=base, timeout=30) as other,
+    ):
+        usual = {path: timed(other, path) for path in ("/healthz", "/v1/plugins/image_info")}
+        locker = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None, timeout=5)
+        waiter = threading.Thread(target=lambda: answers.append(held.post("/v1/jobs", json=body)))
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            waiter.start()
+            waiter.join(LOCKED_S)
+            took = {path: timed(other, path) for path in usual}
+            waited = waiter.is_alive()
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+            if waiter.ident is not None:
+                waiter.join(30)
+    assert all(t < LOCKED_ANSWERED_S for t in took.values()), (
+        f"while a submission waited on the locked file: {took} (unlocked: {usual})"
+    )
+    assert waited, "the submission did not wait for the lock"
+    assert answers and answers[0].status_code == 202, answers[0].text[:300] if answers else None
 
 
 # What runs on the event loop, each read for store and database calls (the
