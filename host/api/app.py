@@ -8,11 +8,18 @@
       ├── the routers of host/api/routes/ (ROUTERS), dependencies in host/api/deps.py
       └── the operator's console at /console (host/api/console.py)
 
-Routes never run sandbox, store or database work on the event loop: analyses
-are submitted from the thread pool and awaited through `asyncio.wrap_future`,
-and routes that touch the job store are plain `def` routes, which FastAPI
-runs in its thread pool (tests/host/api/test_event_loop.py holds the store
-back and shows the loop still answering).
+Nothing runs sandbox, store or database work on the event loop, on a
+single node (SQLite) or an API node (PostgreSQL): the routes that touch the
+job store (analyze, jobs, the console's job pages) hand that work to the
+store's own threads (`in_store_thread`, at most STORE_THREADS, created here
+as `app.state.store_threads`), so requests held by the database never take
+the thread pool FastAPI runs the plain `def` routes in (plugins, /readyz,
+/metrics, the rest of the console); analyses are awaited through
+`asyncio.wrap_future`; dependencies and middleware read only the request and
+memory; the lifespan's set-up and shutdown run in threads.
+tests/host/api/test_event_loop.py (a held SQLite store, a locked SQLite file) and
+tests/cluster/test_event_loop.py (PostgreSQL's jobs table locked) show
+/healthz and other clients answered meanwhile.
 """
 
 import asyncio
@@ -23,6 +30,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -30,7 +38,7 @@ from fastapi_offline import FastAPIOffline
 
 from host import __version__
 from host.api.console import console_router
-from host.api.deps import require_admin, require_client
+from host.api.deps import STORE_THREADS, require_admin, require_client
 from host.api.errors import install_handlers
 from host.api.middleware import BodySizeLimit
 from host.api.routes import ROUTERS
@@ -221,6 +229,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.services = services
     app.state.settings = settings
     app.state.self_check = None
+    app.state.store_threads = anyio.CapacityLimiter(STORE_THREADS)
     install_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     for router in ROUTERS:

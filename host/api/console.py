@@ -35,6 +35,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from host import __version__
 from host.api.auth import Principal, noted, owner_names
+from host.api.deps import in_store_thread
 from host.config import Settings
 from host.console import states, views
 from host.console.session import (
@@ -223,13 +224,17 @@ def _read_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages
 
 
 def _job_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages: Pages) -> None:
+    # The job pages read the store: on the store's threads (in_store_thread).
     @router.get("/jobs", response_class=HTMLResponse)
-    def jobs(
+    async def jobs(
         request: Request,
         status: Annotated[str, Query(max_length=16)] = "",
         plugin: Annotated[str, Query(max_length=64)] = "",
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> Response:
+        return await in_store_thread(request, jobs_page, request, status, plugin, offset)
+
+    def jobs_page(request: Request, status: str, plugin: str, offset: int) -> Response:
         if isinstance(found := _reader(auth, request), Response):
             return found
         visitor, principal = found
@@ -250,7 +255,10 @@ def _job_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages:
         )
 
     @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-    def job(request: Request, job_id: str) -> Response:
+    async def job(request: Request, job_id: str) -> Response:
+        return await in_store_thread(request, job_page, request, job_id)
+
+    def job_page(request: Request, job_id: str) -> Response:
         if isinstance(found := _reader(auth, request), Response):
             return found
         visitor, principal = found

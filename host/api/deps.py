@@ -6,21 +6,40 @@
     CLIENT        route dependencies of a client route
     ADMIN         route dependencies of an admin route (403 while no admin token, 401 without it)
     JSON_ERRORS   the error statuses most routes document
+    in_store_thread(request, call, ...)  `call` on one of the store's threads
 
 FastAPI calls a dependency once per request however many parameters ask for
 it, so a route that names CallerDep and lists CLIENT checks its token once.
+
+Work that reads or writes the job store (or, in cluster mode, waits on
+PostgreSQL) runs on threads of its own, STORE_THREADS at most per app
+(`app.state.store_threads`), not in the thread pool every plain `def` route
+shares: requests that all wait on a held database fill the store's threads
+and queue for them, and the other routes still get a thread.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
+import anyio.to_thread
 from fastapi import Depends, Request
 
 from host.api.auth import Principal, identify_admin, identify_client
 from host.api.errors import responses
 from host.config import Settings
 from host.services.build import Services
+
+T = TypeVar("T")
+STORE_THREADS = 40
+
+
+async def in_store_thread(request: Request, call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)` on one of the app's store threads, awaited from the loop."""
+    limiter: anyio.CapacityLimiter = request.app.state.store_threads
+    return await anyio.to_thread.run_sync(functools.partial(call, *args), limiter=limiter)
 
 
 def _settings(request: Request) -> Settings:
@@ -61,11 +80,13 @@ __all__ = [
     "ADMIN",
     "CLIENT",
     "JSON_ERRORS",
+    "STORE_THREADS",
     "CallerDep",
     "ServicesDep",
     "SettingsDep",
     "get_services",
     "get_settings",
+    "in_store_thread",
     "require_admin",
     "require_client",
 ]

@@ -1,8 +1,8 @@
 """`POST /v1/analyze` (JSON, base64 image) and `POST /v1/analyze/upload`
 (multipart): queue the analysis as a job and wait for it, without blocking
 the event loop: the submission (quota reads, pruning, in cluster mode the
-database's round trips) and a late recording run in the thread pool, and the
-wait is `asyncio.wrap_future`."""
+database's round trips) and a late recording run on the store's threads
+(`in_store_thread`), and the wait is `asyncio.wrap_future`."""
 
 from __future__ import annotations
 
@@ -12,11 +12,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 
 from host.api.auth import Principal
 from host.api.bodies import ANALYZE_BODY_DOC, EXAMPLE_BODY, analyze_body, parse_form_options
-from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep, SettingsDep
+from host.api.deps import (
+    CLIENT,
+    JSON_ERRORS,
+    CallerDep,
+    ServicesDep,
+    SettingsDep,
+    in_store_thread,
+)
 from host.api.errors import error_response
 from host.services.analysis import ANALYZE_WAIT_S, job_outcome
 from host.services.build import Services
@@ -31,15 +37,17 @@ class AnalyzeResponse(BaseModel):
 
 
 async def _analyze(
-    svc: Services, caller: Principal, plugin: str | None, payload: Any
+    request: Request, svc: Services, caller: Principal, plugin: str | None, payload: Any
 ) -> JSONResponse:
-    job, future = await run_in_threadpool(
-        svc.analysis.submit, plugin, payload, caller.id, waited=True
+    job, future = await in_store_thread(
+        request, lambda: svc.analysis.submit(plugin, payload, caller.id, waited=True)
     )
     try:
         job = await asyncio.wait_for(asyncio.wrap_future(future), ANALYZE_WAIT_S)
     except TimeoutError:
-        job = await run_in_threadpool(svc.analysis.stop_waiting, job)  # stored now, to be followed
+        job = await in_store_thread(
+            request, svc.analysis.stop_waiting, job
+        )  # stored now, to be followed
         return JSONResponse(
             {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}}, status_code=202
         )
@@ -61,7 +69,7 @@ async def analyze(request: Request, caller: CallerDep) -> JSONResponse:
     # resolution of each costs this busiest route more than the work itself.
     body = await analyze_body(request)
     services: Services = request.app.state.services
-    return await _analyze(services, caller, body.plugin, body.payload())
+    return await _analyze(request, services, caller, body.plugin, body.payload())
 
 
 @router.post(
@@ -72,6 +80,7 @@ async def analyze(request: Request, caller: CallerDep) -> JSONResponse:
     summary="Run a plugin on an uploaded image file (multipart) and wait for the result",
 )
 async def analyze_upload(
+    request: Request,
     svc: ServicesDep,
     settings: SettingsDep,
     caller: CallerDep,
@@ -97,4 +106,4 @@ async def analyze_upload(
     parsed = parse_form_options(options, settings)
     image = await file.read()
     payload = {"image": image, "mime_type": mime_type or file.content_type, "options": parsed}
-    return await _analyze(svc, caller, plugin, payload)
+    return await _analyze(request, svc, caller, plugin, payload)

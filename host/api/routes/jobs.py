@@ -2,8 +2,8 @@
 pages), `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}` (cancel). A client sees
 and cancels only its own jobs; the admin sees everyone's.
 
-Routes that touch the job store are plain `def` routes, which FastAPI runs
-in its thread pool, never on the event loop.
+Every route runs its store work on the store's threads (`in_store_thread`),
+never on the event loop, nor in the thread pool the other routes share.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from host.api.bodies import ANALYZE_BODY_DOC, AnalyzeBodyDep
-from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep
+from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep, in_store_thread
 from host.api.errors import responses
 from host.services import JobStatus
+from host.services.jobrows import JobPage
 from host.services.store import Job
 
 router = APIRouter(tags=["jobs"])
@@ -56,8 +57,12 @@ class JobList(BaseModel):
     summary="Queue an analysis; poll GET /v1/jobs/{id} for its result",
     openapi_extra=ANALYZE_BODY_DOC,
 )
-def create_job(body: AnalyzeBodyDep, svc: ServicesDep, caller: CallerDep) -> JSONResponse:
-    job, _ = svc.analysis.submit(body.plugin, body.payload(), caller.id)
+async def create_job(
+    request: Request, body: AnalyzeBodyDep, svc: ServicesDep, caller: CallerDep
+) -> JSONResponse:
+    job, _ = await in_store_thread(
+        request, lambda: svc.analysis.submit(body.plugin, body.payload(), caller.id)
+    )
     return JSONResponse(
         {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}},
         status_code=202,
@@ -71,7 +76,8 @@ def create_job(body: AnalyzeBodyDep, svc: ServicesDep, caller: CallerDep) -> JSO
     responses=JSON_ERRORS,
     summary="The caller's jobs (the admin's: everyone's), newest first, in bounded pages",
 )
-def list_jobs(
+async def list_jobs(
+    request: Request,
     svc: ServicesDep,
     caller: CallerDep,
     status: JobStatus | None = None,
@@ -79,9 +85,18 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
-    page = svc.jobs.list_jobs(caller.scope, status, plugin, limit, offset)
-    # The stored documents are spliced in as they are: parsing and
-    # re-serializing results would cost many times the page's size.
+    body = await in_store_thread(
+        request,
+        lambda: _page(
+            svc.jobs.list_jobs(caller.scope, status, plugin, limit, offset), limit, offset
+        ),
+    )
+    return Response(body, media_type="application/json")
+
+
+def _page(page: JobPage, limit: int, offset: int) -> str:
+    """The page's JSON body. The stored documents are spliced in as they
+    are: parsing and re-serializing results would cost many times its size."""
     tail = json.dumps(
         {
             "total": page.total,
@@ -92,13 +107,12 @@ def list_jobs(
         },
         separators=(",", ":"),
     )
-    body = '{"jobs":[' + ",".join(page.documents) + "]," + tail[1:]
-    return Response(body, media_type="application/json")
+    return '{"jobs":[' + ",".join(page.documents) + "]," + tail[1:]
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobModel, responses=JSON_ERRORS)
-def get_job(job_id: str, svc: ServicesDep, caller: CallerDep) -> Response:
-    document = svc.jobs.job_document(job_id, caller.scope)
+async def get_job(request: Request, job_id: str, svc: ServicesDep, caller: CallerDep) -> Response:
+    document = await in_store_thread(request, svc.jobs.job_document, job_id, caller.scope)
     return Response(document, media_type="application/json")
 
 
@@ -108,6 +122,8 @@ def get_job(job_id: str, svc: ServicesDep, caller: CallerDep) -> Response:
     responses=responses(401, 404, 409, 500),
     summary="Cancel a job: a queued job never runs, a running sandbox is killed",
 )
-def cancel_job(job_id: str, svc: ServicesDep, caller: CallerDep) -> dict[str, Any]:
-    job: Job = svc.jobs.cancel_job(job_id, caller.scope)
+async def cancel_job(
+    request: Request, job_id: str, svc: ServicesDep, caller: CallerDep
+) -> dict[str, Any]:
+    job: Job = await in_store_thread(request, svc.jobs.cancel_job, job_id, caller.scope)
     return job.public()
