@@ -6,7 +6,8 @@
      ├── Overloaded         the queue is full (retry_after_s)
      ├── QuotaExceeded      the client keeps as many jobs or bytes as it may
      ├── JobNotFound        no job with that id
-     └── JobFinished        the job cannot be cancelled any more
+     ├── JobFinished        the job cannot be cancelled any more
+     └── IdempotencyConflict the idempotency key was used for another request
 
 Services raise these; the HTTP layer answers each with the status its reason
 has in the reason table (`sandbox.outcome.REASONS`), in one place
@@ -109,8 +110,24 @@ class JobFinished(ServiceError):
         )
 
 
+class IdempotencyConflict(ServiceError):
+    """The client's idempotency key holds a job created by a different request."""
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(
+            envelope(
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request (plugin, image, "
+                "mime_type or options); use a new key for a new request",
+                key=key,
+                job_id=job_id,
+            )
+        )
+
+
 __all__ = [
     "Envelope",
+    "IdempotencyConflict",
     "JobFinished",
     "JobNotFound",
     "Overloaded",

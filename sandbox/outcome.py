@@ -100,6 +100,9 @@ REASONS: Mapping[str, Reason] = {
     "unauthorized": Reason(_V, None, 401, "missing or unknown token", _H, None),
     "forbidden": Reason(_V, None, 403, "token may not do that", _H, None),
     "quota_exceeded": Reason(_V, None, 429, "client quota reached", _H, None),
+    "idempotency_key_reused": Reason(
+        _V, None, 409, "idempotency key used for a different request", _H, None
+    ),
     # a multi-node deployment (docs/scale-out.md)
     "database_unavailable": Reason(_I, None, 503, "the shared job database is down", _H, None),
     "no_worker": Reason(_I, None, 503, "no live worker node has this plugin version", _H, None),

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from host.config import Settings
 from host.errors import Rejected, envelope
+from host.services.idempotency import HEADER, MAX_KEY_CHARS, checked_key
 from host.services.payloads import (
     ALLOWED_MIME_TYPES,
     AnalyzeBody,
@@ -86,6 +87,36 @@ ANALYZE_BODY_DOC: dict[str, Any] = {
         },
     }
 }
+
+
+# The `Idempotency-Key` header of the routes that create a job.
+IDEMPOTENCY_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": HEADER,
+            "in": "header",
+            "required": False,
+            "description": "A key of the client's choosing (1-255 printable ASCII characters) "
+            "that makes a retry safe: the same key from the same client, while its job is "
+            "kept (the job retention window), answers with that job (same id, its current "
+            "status) and creates nothing; the same key with a different request (plugin, "
+            "image, mime_type or options) is a 409 `idempotency_key_reused`. Keys are per "
+            "client; a key is free again once its job is pruned.",
+            "schema": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_KEY_CHARS,
+                "pattern": "^[ -~]+$",
+            },
+            "example": "3f1c9a2e-order-1234",
+        }
+    ]
+}
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's `Idempotency-Key`, checked (raises Rejected), or None."""
+    return checked_key(request.headers.get(HEADER))
 
 
 def parse_form_options(text: str, settings: Settings) -> Any:
@@ -160,11 +191,13 @@ AnalyzeBodyDep = Annotated[AnalyzeBody, Depends(analyze_body)]
 
 __all__ = [
     "ANALYZE_BODY_DOC",
+    "IDEMPOTENCY_DOC",
     "EXAMPLE_BODY",
     "EXAMPLE_PNG",
     "AnalyzeBodyDep",
     "AnalyzeRequest",
     "analyze_body",
+    "idempotency_key",
     "parse_form_options",
     "read_body",
 ]

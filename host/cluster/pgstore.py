@@ -42,9 +42,12 @@ from host.errors import ServiceError, envelope
 from host.services.jobrows import (
     COLUMNS,
     FINISHED,
+    Idempotency,
     Job,
     JobStatus,
     JobStore,
+    Keyed,
+    add_keyed,
     job_from_row,
     now_iso,
     record_bytes,
@@ -161,15 +164,23 @@ class PgJobStore(JobStore):
         with self.connection() as conn:
             yield SqlRows(conn, POSTGRES)
 
-    def add(self, job: Job, payload: dict[str, Any] | None) -> None:
-        """Store the job and, if it is PENDING, queue it: in one transaction."""
+    def add(
+        self, job: Job, payload: dict[str, Any] | None, idem: Idempotency | None = None
+    ) -> Keyed | None:
+        """Store the job and, if it is PENDING, queue it: in one transaction.
+        A job its owner stored under `idem`'s key already is returned instead
+        (nothing stored or queued); a racing insert of the same key waits for
+        the other transaction, then finds its job."""
         with self.connection() as conn:
-            SqlRows(conn, POSTGRES).insert(job, payload)
+            held = add_keyed(SqlRows(conn, POSTGRES), job, payload, idem)
+            if held is not None:
+                return held
             if self.dispatch is not None and job.status is JobStatus.PENDING:
                 queue_job = self.dispatch(conn, job)
                 conn.execute(
                     "UPDATE plughost_jobs SET queue_job_id = %s WHERE id = %s", (queue_job, job.id)
                 )
+        return None
 
     def size_bytes(self) -> int:
         """Bytes the jobs store (inputs, results, errors), at most SIZE_CACHE_S old."""

@@ -2,7 +2,8 @@
 
     plughost_jobs         the job records (the SQLite store's columns) plus
                           the dispatch: queue, Procrastinate job id, attempts,
-                          the node holding it, completed runs
+                          the node holding it, completed runs; one job per
+                          (owner, idempotency key), by a unique index
     plughost_nodes        every node: role, plugins (version, content hash,
                           queue) and its last heartbeat
     plughost_quarantine   per-plugin UNAVAILABLE streaks, shared by all nodes
@@ -32,6 +33,10 @@ CREATE TABLE IF NOT EXISTS plughost_jobs (
     completions INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS plughost_jobs_status ON plughost_jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS plughost_jobs_owner ON plughost_jobs (owner, created_at);
+ALTER TABLE plughost_jobs ADD COLUMN IF NOT EXISTS idem_key TEXT;
+ALTER TABLE plughost_jobs ADD COLUMN IF NOT EXISTS request_hash TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS plughost_jobs_idem ON plughost_jobs (owner, idem_key)
+    WHERE idem_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS plughost_nodes (
     name TEXT PRIMARY KEY, role TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,
     started_at TIMESTAMPTZ NOT NULL DEFAULT now(),

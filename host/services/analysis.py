@@ -22,15 +22,22 @@ class AnalysisService:
         self.default_plugin = default_plugin
 
     def submit(
-        self, plugin_name: str | None, payload: Any, owner: str = ANONYMOUS, waited: bool = False
+        self,
+        plugin_name: str | None,
+        payload: Any,
+        owner: str = ANONYMOUS,
+        waited: bool = False,
+        key: str | None = None,
     ) -> tuple[Job, Future[Job]]:
         """Queue an analysis as a job of `owner`; `waited`: the caller waits
-        for its end (stored once, as it ends, unless `stop_waiting`). Raises
-        Rejected, Overloaded or QuotaExceeded."""
+        for its end (stored once, as it ends, unless `stop_waiting`). With
+        an idempotency `key` the owner used before, the job of that key
+        (its future done). Raises Rejected, Overloaded, QuotaExceeded or
+        IdempotencyConflict."""
         name = plugin_name or self.default_plugin
         if waited:
-            return self.jobs.run_waited(name, payload, owner)
-        return self.jobs.enqueue(name, payload, owner)
+            return self.jobs.run_waited(name, payload, owner, key)
+        return self.jobs.enqueue(name, payload, owner, key)
 
     def stop_waiting(self, job: Job) -> Job:
         """The caller of a `waited` analysis answers before its end: the job

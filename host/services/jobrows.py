@@ -7,6 +7,7 @@
       │  _rows(): the store's rows, held under its lock or in one transaction
       ▼
     Rows ── insert, update, job, raw, payload            (one row)
+         ── insert (None on a held key), keyed ──▶ add    (idempotency keys)
          ── count, newest            ──▶ fill_page       (a listing)
          ── usage, finished, delete  ──▶ prune_owner     (an owner's quotas)
          ── expired, delete          ──▶ prune           (retention)
@@ -17,6 +18,10 @@ jobs go when an owner is over its quota of jobs or bytes, when a finished
 job is past retention, which go when the store is too big. A store only
 answers the `Rows` questions: `MemoryJobStore` from dicts (store.py), the
 SQLite and PostgreSQL stores with one set of statements (jobsql.py).
+
+A job may be stored under an idempotency key (`Idempotency`): the store
+holds one job per (owner, key) and refuses a second in the same write, so
+racing requests cannot both create one; the key goes with its job's row.
 
 A job's input is stored apart from its record, the image as raw bytes, and
 dropped when the job finishes. Every row knows how many bytes it stores
@@ -130,6 +135,18 @@ class JobFilter:
         return all(str(getattr(job, column)) == value for column, value in self.terms())
 
 
+@dataclass(frozen=True)
+class Idempotency:
+    """The client's idempotency key of a new job and the digest of its
+    request: a second request with the key gets the job stored first."""
+
+    key: str
+    digest: str
+
+
+# A job held by an idempotency key, and the digest of the request that created it.
+Keyed = tuple["Job", str]
+
 # A job as a listing reads it: the record without its result and error,
 # and those two as the JSON text they are stored as.
 RawJob = tuple[Job, str | None, str | None]
@@ -215,12 +232,15 @@ class Row(NamedTuple):
     stored_bytes: int
     payload: str | None
     image: bytes | None
+    idem_key: str | None
+    request_hash: str | None
 
 
-def new_row(job: Job, payload: dict[str, Any] | None) -> Row:
+def new_row(job: Job, payload: dict[str, Any] | None, idem: Idempotency | None = None) -> Row:
     """A new job's row. Every store keeps the same record: the input as raw
-    bytes plus its metadata, and the bytes it stores counted for the owner's
-    quota. A job stored only once finished (`payload` None) keeps no input."""
+    bytes plus its metadata, the bytes it stores counted for the owner's
+    quota, and its idempotency key if it has one. A job stored only once
+    finished (`payload` None) keeps no input."""
     image, meta = encode_payload(payload) if payload is not None else (None, None)
     result, error = to_json(job.result), to_json(job.error)
     stored = len(image or b"") + len(meta or "") + record_bytes(result, error)
@@ -237,6 +257,8 @@ def new_row(job: Job, payload: dict[str, Any] | None) -> Row:
         stored,
         meta,
         image,
+        None if idem is None else idem.key,
+        None if idem is None else idem.digest,
     )
 
 
@@ -253,8 +275,13 @@ class Rows(Protocol):
     or in one transaction). What each answer means is the contract every
     store keeps; the rules below are built from these answers alone."""
 
-    def insert(self, job: Job, payload: dict[str, Any] | None) -> None:
-        """Store a new job (`new_row`); its input, if given, apart."""
+    def insert(self, job: Job, payload: dict[str, Any] | None, idem: Idempotency | None) -> bool:
+        """Store a new job (`new_row`); its input, if given, apart. False,
+        storing nothing, when its owner holds a job under `idem`'s key
+        already (the store refuses it in the same write)."""
+
+    def keyed(self, owner: str, key: str) -> Keyed | None:
+        """The job `owner` stored under idempotency key `key`, and its digest."""
 
     def update(self, job: Job) -> None:
         """Write status, times, result and error; a finished job's input is
@@ -375,6 +402,23 @@ def prune_to_size(rows: Rows, max_bytes: int) -> int:
     return pruned
 
 
+def add_keyed(
+    rows: Rows, job: Job, payload: dict[str, Any] | None, idem: Idempotency | None
+) -> Keyed | None:
+    """Insert `job`; None when stored, else the job holding `idem`'s key.
+
+    A key's job may be deleted between the refused insert and the read
+    (another transaction pruned it): the insert is tried again then."""
+    for _ in range(3):
+        if rows.insert(job, payload, idem):
+            return None
+        assert idem is not None  # only a held key refuses an insert
+        held = rows.keyed(job.owner, idem.key)
+        if held is not None:
+            return held
+    raise RuntimeError(f"idempotency key of job {job.id} neither free nor held")
+
+
 class JobStore(abc.ABC):
     """Where jobs live: the contract every store keeps, written once over
     the store's `Rows`. A store gives `_rows()`, `_reclaim()`, `recover()`
@@ -397,10 +441,20 @@ class JobStore(abc.ABC):
         """Called with the rows held after a prune by age or size dropped
         jobs: give their space back."""
 
-    def add(self, job: Job, payload: dict[str, Any] | None) -> None:
-        """Store a new job and its input (None: a finished job, no input)."""
+    def add(
+        self, job: Job, payload: dict[str, Any] | None, idem: Idempotency | None = None
+    ) -> Keyed | None:
+        """Store a new job and its input (None: a finished job, no input),
+        under idempotency key `idem` if given. Returns None when stored; the
+        job its owner stored under that key already (and that request's
+        digest) when not, storing nothing."""
         with self._rows() as rows:
-            rows.insert(job, payload)
+            return add_keyed(rows, job, payload, idem)
+
+    def keyed(self, owner: str, key: str) -> Keyed | None:
+        """The job `owner` stored under idempotency key `key`, and its digest."""
+        with self._rows() as rows:
+            return rows.keyed(owner, key)
 
     def get(self, job_id: str) -> Job | None:
         with self._rows() as rows:

@@ -43,6 +43,8 @@ from host.errors import (
     envelope,
 )
 from host.services.finished import input_gone, record_finished
+from host.services.idempotency import replayed, request_digest
+from host.services.jobrows import Idempotency
 from host.services.plugins import PluginManagementService
 from host.services.runners import CancelToken, JobRunner, LocalPool
 from host.services.store import (
@@ -107,6 +109,13 @@ def _input_bytes(payload: Any) -> int:
     return size + len(repr(payload.get("options"))) + len(str(payload.get("mime_type")))
 
 
+def _done(job: Job) -> tuple[Job, Future[Job]]:
+    """`job` with a future that is done already: a job an idempotency key holds."""
+    future: Future[Job] = Future()
+    future.set_result(job)
+    return job, future
+
+
 class JobManagementService:
     """Creates, runs, lists and cancels jobs; thread-safe. Where jobs run is
     its `runner`'s (host/services/runners.py): by default a `LocalPool` of
@@ -149,7 +158,7 @@ class JobManagementService:
         """Validate and store a PENDING job of `owner` (SPEC section 7); `run_job`
         runs it. Raises Rejected, QuotaExceeded."""
         self._plugins.check(plugin_name, payload)
-        return self._store_pending(plugin_name, payload, owner)
+        return self._store_pending(plugin_name, payload, owner)[0]
 
     @staticmethod
     def _pending(plugin_name: str, owner: str) -> Job:
@@ -161,13 +170,19 @@ class JobManagementService:
             owner=owner,
         )
 
-    def _store_pending(self, plugin_name: str, payload: Any, owner: str) -> Job:
+    def _store_pending(
+        self, plugin_name: str, payload: Any, owner: str, idem: Idempotency | None = None
+    ) -> tuple[Job, bool]:
+        """Store a new PENDING job; `(it, True)`, or `(the job its owner
+        stored under idem's key, False)` when the store refuses a second one."""
         job = self._pending(plugin_name, owner)
         with self._admit:
             self._check_quota(owner, _input_bytes(payload))
-            self.store.add(job, payload)
+            held = self.store.add(job, payload, idem)
+        if held is not None and idem is not None:
+            return replayed(held, idem), False
         log.info("job accepted", extra={"job_id": job.id, "plugin": plugin_name})
-        return job
+        return job, True
 
     def _check_quota(self, owner: str, incoming: int) -> None:
         """Make room for one more job of `owner` of `incoming` bytes: a client
@@ -193,17 +208,20 @@ class JobManagementService:
         raise QuotaExceeded(quota, limit, used, retry_after_s=self.runner.retry_after())
 
     def enqueue(
-        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS
+        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS, key: str | None = None
     ) -> tuple[Job, Future[Job]]:
         """Create a job of `owner` and hand its id to the runner.
 
-        Raises Rejected, Overloaded or QuotaExceeded (or the runner's own
-        refusal); stores nothing then.
+        With an idempotency `key` that `owner` used before (its job not
+        pruned yet), nothing is created: the job of that key is returned as
+        it is now, its future already done. Raises Rejected, Overloaded,
+        QuotaExceeded or IdempotencyConflict (the key's job was created by
+        a different request), or the runner's own refusal; stores nothing then.
         """
-        return self._queue(plugin_name, payload, owner, waited=False)
+        return self._queue(plugin_name, payload, owner, False, key)
 
     def run_waited(
-        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS
+        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS, key: str | None = None
     ) -> tuple[Job, Future[Job]]:
         """Queue a job of `owner` whose caller waits for its end (`POST
         /v1/analyze`). It runs as any other job, but the store first hears of
@@ -214,16 +232,21 @@ class JobManagementService:
         Until one of those, the job's id is known to no one but the caller
         (and its input stays in memory, as the caller's request holds it
         anyway): a host that dies meanwhile leaves no record, and the caller
-        no answer. A runner whose jobs run elsewhere (not `in_process`) gets
-        it recorded and queued as any other. Raises Rejected, Overloaded or
-        QuotaExceeded.
+        no answer. A runner whose jobs run elsewhere (not `in_process`), or
+        a job with an idempotency `key` (the store must hold the key before
+        the job runs), gets it recorded and queued as any other; a known
+        key is answered as by `enqueue`. Raises what `enqueue` raises.
         """
-        return self._queue(plugin_name, payload, owner, waited=self.runner.in_process)
+        waited = self.runner.in_process and key is None
+        return self._queue(plugin_name, payload, owner, waited, key)
 
     def _queue(
-        self, plugin_name: str, payload: Any, owner: str, waited: bool
+        self, plugin_name: str, payload: Any, owner: str, waited: bool, key: str | None
     ) -> tuple[Job, Future[Job]]:
         self._plugins.check(plugin_name, payload)
+        idem = None if key is None else Idempotency(key, request_digest(plugin_name, payload))
+        if idem is not None and (held := self.store.keyed(owner, idem.key)) is not None:
+            return _done(replayed(held, idem))  # a retry: no slot, no quota, nothing stored
         self.runner.admit(plugin_name)
         job = None
         try:
@@ -234,7 +257,10 @@ class JobManagementService:
                 with self._lock:
                     self._waited[job.id] = _Waited(job, payload)
             else:
-                job = self._store_pending(plugin_name, payload, owner)  # checked above
+                job, stored = self._store_pending(plugin_name, payload, owner, idem)
+                if not stored:  # a racing request with the same key stored it first
+                    self.runner.withdraw()
+                    return _done(job)
             future = self.runner.submit(job.id)
         except BaseException:
             if job is not None:

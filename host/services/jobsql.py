@@ -16,8 +16,10 @@ from typing import Any, Protocol
 from host.services.jobrows import (
     COLUMNS,
     FINISHED,
+    Idempotency,
     Job,
     JobFilter,
+    Keyed,
     RawJob,
     Usage,
     decode_payload,
@@ -72,12 +74,25 @@ class SqlRows:
         clause = " AND ".join(f"{column} = ?" for column, _ in terms)
         return (f"WHERE {clause}" if terms else ""), [value for _, value in terms]
 
-    def insert(self, job: Job, payload: dict[str, Any] | None) -> None:
-        marks = ",".join("?" * (COLUMNS.count(",") + 3))  # the columns, payload, image
-        self._run(
-            f"INSERT INTO {self._table} ({COLUMNS}, payload, image) VALUES ({marks})",
-            new_row(job, payload),
+    def insert(self, job: Job, payload: dict[str, Any] | None, idem: Idempotency | None) -> bool:
+        # The columns, payload, image, idem_key and request_hash.
+        marks = ",".join("?" * (COLUMNS.count(",") + 5))
+        # A keyed insert the unique index on (owner, idem_key) refuses does
+        # nothing (a racing transaction's insert is waited for first).
+        held = " ON CONFLICT DO NOTHING" if idem is not None else ""
+        cursor = self._run(
+            f"INSERT INTO {self._table} ({COLUMNS}, payload, image, idem_key, request_hash) "
+            f"VALUES ({marks}){held}",
+            new_row(job, payload, idem),
         )
+        return cursor.rowcount == 1
+
+    def keyed(self, owner: str, key: str) -> Keyed | None:
+        row = self._run(
+            f"SELECT {COLUMNS}, request_hash FROM {self._table} WHERE owner = ? AND idem_key = ?",
+            (owner, key),
+        ).fetchone()
+        return None if row is None else (job_from_row(row), row[10])
 
     def update(self, job: Job) -> None:
         result, error = to_json(job.result), to_json(job.error)

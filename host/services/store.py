@@ -15,7 +15,8 @@ The SQLite file, its `-wal` and `-shm` are created 0600 (a new directory
 0700) before SQLite opens them: they hold other clients' images and results.
 New databases use `auto_vacuum=INCREMENTAL`, so pruning gives the space back
 to the file system; a database of an older version gets the missing columns
-(its rows belong to "anonymous") and is vacuumed once into that mode.
+(its rows belong to "anonymous", without idempotency keys) and is vacuumed
+once into that mode.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from typing import Any
 from host.services.jobrows import (
     ANONYMOUS,
     FINISHED,
+    Idempotency,
     Job,
     JobFilter,
     JobPage,
     JobStatus,
     JobStore,
+    Keyed,
     RawJob,
     Usage,
     decode_payload,
@@ -75,13 +78,25 @@ class _MemoryRows:
         self.jobs: dict[str, Job] = {}
         self._payloads: dict[str, tuple[bytes, str]] = {}
         self._sizes: dict[str, int] = {}
+        self._keys: dict[tuple[str, str], tuple[str, str]] = {}  # (owner, key): (id, digest)
+        self._key_of: dict[str, tuple[str, str]] = {}  # id: (owner, key)
 
-    def insert(self, job: Job, payload: dict[str, Any] | None) -> None:
-        row = new_row(job, payload)
+    def insert(self, job: Job, payload: dict[str, Any] | None, idem: Idempotency | None) -> bool:
+        if idem is not None:
+            if (job.owner, idem.key) in self._keys:
+                return False
+            self._keys[job.owner, idem.key] = (job.id, idem.digest)
+            self._key_of[job.id] = (job.owner, idem.key)
+        row = new_row(job, payload, idem)
         self.jobs[job.id] = job
         self._sizes[job.id] = row.stored_bytes
         if row.image is not None and row.payload is not None:
             self._payloads[job.id] = (row.image, row.payload)
+        return True
+
+    def keyed(self, owner: str, key: str) -> Keyed | None:
+        held = self._keys.get((owner, key))
+        return None if held is None else (self.jobs[held[0]], held[1])
 
     def update(self, job: Job) -> None:
         if job.id not in self.jobs:
@@ -140,6 +155,7 @@ class _MemoryRows:
             self.jobs.pop(job_id, None)
             self._payloads.pop(job_id, None)
             self._sizes.pop(job_id, None)
+            self._keys.pop(self._key_of.pop(job_id, ("", "")), None)
 
     def size_bytes(self) -> int:
         return sum(self._sizes.values())
@@ -257,9 +273,14 @@ class SQLiteJobStore(JobStore):
                 created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT,
                 result TEXT, error TEXT, payload TEXT,
                 owner TEXT NOT NULL DEFAULT 'anonymous', image BLOB,
-                stored_bytes INTEGER NOT NULL DEFAULT 0)"""
+                stored_bytes INTEGER NOT NULL DEFAULT 0, idem_key TEXT, request_hash TEXT)"""
         )
         self._migrate()
+        # One job per client and idempotency key: enforced by the insert itself.
+        self._db.execute(
+            "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs (owner, idem_key) "
+            "WHERE idem_key IS NOT NULL"
+        )
         self._usage_table()
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)")
         # Covers the per-owner listing and usage without reading the rows.
@@ -284,6 +305,9 @@ class SQLiteJobStore(JobStore):
             if column not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
                 added = True
+        for column in ("idem_key", "request_hash"):  # no old row has a key
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
         if added:
             self._db.execute(
                 "UPDATE jobs SET stored_bytes = COALESCE(LENGTH(result), 0) "

@@ -14,7 +14,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from host.api.auth import Principal
-from host.api.bodies import ANALYZE_BODY_DOC, EXAMPLE_BODY, analyze_body, parse_form_options
+from host.api.bodies import (
+    ANALYZE_BODY_DOC,
+    EXAMPLE_BODY,
+    IDEMPOTENCY_DOC,
+    analyze_body,
+    idempotency_key,
+    parse_form_options,
+)
 from host.api.deps import (
     CLIENT,
     JSON_ERRORS,
@@ -26,6 +33,7 @@ from host.api.deps import (
 from host.api.errors import error_response
 from host.services.analysis import ANALYZE_WAIT_S, job_outcome
 from host.services.build import Services
+from host.services.jobrows import FINISHED, Job
 
 router = APIRouter(tags=["analyze"])
 
@@ -36,11 +44,21 @@ class AnalyzeResponse(BaseModel):
     job_id: str
 
 
+def _unfinished(job: Job) -> JSONResponse:
+    """202: the job goes on; it is followed at GET /v1/jobs/{id}."""
+    return JSONResponse(
+        {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}}, status_code=202
+    )
+
+
 async def _analyze(
     request: Request, svc: Services, caller: Principal, plugin: str | None, payload: Any
 ) -> JSONResponse:
+    """With an `Idempotency-Key` the client used before, the answer of the
+    key's job as it is now (its result, its error, or 202 while it runs)."""
+    key = idempotency_key(request)
     job, future = await in_store_thread(
-        request, lambda: svc.analysis.submit(plugin, payload, caller.id, waited=True)
+        request, lambda: svc.analysis.submit(plugin, payload, caller.id, waited=True, key=key)
     )
     try:
         job = await asyncio.wait_for(asyncio.wrap_future(future), ANALYZE_WAIT_S)
@@ -48,9 +66,9 @@ async def _analyze(
         job = await in_store_thread(
             request, svc.analysis.stop_waiting, job
         )  # stored now, to be followed
-        return JSONResponse(
-            {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}}, status_code=202
-        )
+        return _unfinished(job)
+    if job.status not in FINISHED:  # a known key's job, still running
+        return _unfinished(job)
     result, error = job_outcome(job)
     if error:
         return error_response(error["error"])
@@ -62,7 +80,7 @@ async def _analyze(
     response_model=AnalyzeResponse,
     responses=JSON_ERRORS,
     summary="Run a plugin on a base64-encoded image and wait for the result",
-    openapi_extra=ANALYZE_BODY_DOC,
+    openapi_extra={**ANALYZE_BODY_DOC, **IDEMPOTENCY_DOC},
 )
 async def analyze(request: Request, caller: CallerDep) -> JSONResponse:
     # One dependency (the caller's token) rather than three: FastAPI's
@@ -78,6 +96,7 @@ async def analyze(request: Request, caller: CallerDep) -> JSONResponse:
     responses=JSON_ERRORS,
     dependencies=CLIENT,
     summary="Run a plugin on an uploaded image file (multipart) and wait for the result",
+    openapi_extra=IDEMPOTENCY_DOC,
 )
 async def analyze_upload(
     request: Request,

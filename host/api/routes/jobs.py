@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from host.api.bodies import ANALYZE_BODY_DOC, AnalyzeBodyDep
+from host.api.bodies import ANALYZE_BODY_DOC, IDEMPOTENCY_DOC, AnalyzeBodyDep, idempotency_key
 from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep, in_store_thread
 from host.api.errors import responses
 from host.services import JobStatus
@@ -55,13 +55,16 @@ class JobList(BaseModel):
     responses=JSON_ERRORS,
     dependencies=CLIENT,
     summary="Queue an analysis; poll GET /v1/jobs/{id} for its result",
-    openapi_extra=ANALYZE_BODY_DOC,
+    openapi_extra={**ANALYZE_BODY_DOC, **IDEMPOTENCY_DOC},
 )
 async def create_job(
     request: Request, body: AnalyzeBodyDep, svc: ServicesDep, caller: CallerDep
 ) -> JSONResponse:
+    # With an idempotency key the client used before: the job of that key,
+    # in the same 202 answer, and nothing is created.
+    key = idempotency_key(request)
     job, _ = await in_store_thread(
-        request, lambda: svc.analysis.submit(body.plugin, body.payload(), caller.id)
+        request, lambda: svc.analysis.submit(body.plugin, body.payload(), caller.id, key=key)
     )
     return JSONResponse(
         {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}},

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from host.errors import JobNotFound, QuotaExceeded
 from host.registry import PluginRegistry
 from host.services import JobLimits, JobManagementService, PluginManagementService
-from host.services.jobrows import JobStore
+from host.services.jobrows import Idempotency, JobStore
 from host.services.store import Job, JobStatus, MemoryJobStore, SQLiteJobStore, now_iso
 from sandbox.supervisor import Sandbox
 from tests.cluster.pg import NEEDS_POSTGRES
@@ -312,3 +314,66 @@ def test_recovery_ends_the_unfinished_jobs_of_a_single_node_store(store: JobStor
     assert store.get("job0002") == done
     reason = len('{"reason":"interrupted"}')
     assert store.usage("alice").stored_bytes == 2 * reason + len('{"x":"yyyyyyyyyy"}')
+
+
+# -- idempotency keys -------------------------------------------------------------
+
+KEYED = Idempotency("key-1", "digest-a")
+
+
+def test_a_key_holds_one_job_of_its_owner_and_a_second_add_stores_nothing(
+    store: JobStore,
+) -> None:
+    assert store.add(job(1), PAYLOAD, KEYED) is None
+    held = store.add(job(2), PAYLOAD, Idempotency("key-1", "digest-b"))
+    assert held is not None
+    assert held[0].id == "job0001" and held[1] == "digest-a"  # the first request's digest
+    assert store.get("job0002") is None
+    assert store.usage("alice").jobs == 1
+    assert store.keyed("alice", "key-1") == held
+    assert store.keyed("alice", "key-2") is None
+
+
+def test_the_same_key_of_another_owner_is_independent(store: JobStore) -> None:
+    assert store.add(job(1), PAYLOAD, KEYED) is None
+    assert store.add(job(2, owner="bob"), PAYLOAD, KEYED) is None
+    bobs = store.keyed("bob", "key-1")
+    assert bobs is not None and bobs[0].id == "job0002"
+
+
+def test_a_keyed_job_is_found_with_its_current_status(store: JobStore) -> None:
+    store.add(job(1), PAYLOAD, KEYED)
+    done = finish(store, job(1))
+    assert store.keyed("alice", "key-1") == (done, "digest-a")
+
+
+def test_jobs_without_a_key_never_collide(store: JobStore) -> None:
+    assert store.add(job(1), PAYLOAD) is None
+    assert store.add(job(2), PAYLOAD) is None
+    assert store.usage("alice").jobs == 2
+
+
+def test_a_pruned_job_frees_its_key(store: JobStore) -> None:
+    long_ago = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    store.add(job(1), PAYLOAD, KEYED)
+    finish(store, job(1), finished_at=long_ago)
+    assert store.prune(older_than_s=3600) == 1
+    assert store.keyed("alice", "key-1") is None
+    assert store.add(job(2), PAYLOAD, Idempotency("key-1", "digest-b")) is None
+    assert store.keyed("alice", "key-1") == (job(2), "digest-b")
+
+
+def test_racing_adds_of_one_key_store_one_job(store: JobStore) -> None:
+    start = threading.Barrier(6)
+
+    def add(n: int) -> tuple[Job, str] | None:
+        start.wait(timeout=10)
+        return store.add(job(n), PAYLOAD, KEYED)
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(add, range(6)))
+    stored = [n for n, answer in enumerate(answers) if answer is None]
+    assert len(stored) == 1
+    winner = f"job{stored[0]:04d}"
+    assert all(answer is None or answer[0].id == winner for answer in answers)
+    assert store.usage("alice").jobs == 1
