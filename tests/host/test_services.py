@@ -22,6 +22,7 @@ from host.services import (
     SQLiteJobStore,
 )
 from host.services.analysis import job_outcome
+from host.services.jobrows import Idempotency, Keyed
 from host.services.store import Job, now_iso
 from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import ToolRunner
@@ -94,9 +95,15 @@ def test_analysis_service_delegates_to_the_job_service(
     seen: list[str] = []
     real = JobManagementService.enqueue
 
-    def spy(self: JobManagementService, plugin_name: str, payload: Any, owner: str):
+    def spy(
+        self: JobManagementService,
+        plugin_name: str,
+        payload: Any,
+        owner: str,
+        key: str | None = None,
+    ):
         seen.append(plugin_name)
-        return real(self, plugin_name, payload, owner)
+        return real(self, plugin_name, payload, owner, key)
 
     monkeypatch.setattr(JobManagementService, "enqueue", spy)
     analysis = AnalysisService(jobs, default_plugin="image_info")
@@ -267,9 +274,11 @@ class _CountingStore(SQLiteJobStore):
         super().__init__(path)
         self.writes: list[tuple[str, str]] = []
 
-    def add(self, job: Job, payload: dict[str, Any] | None) -> None:
+    def add(
+        self, job: Job, payload: dict[str, Any] | None, idem: Idempotency | None = None
+    ) -> Keyed | None:
         self.writes.append(("add", job.status.value))
-        super().add(job, payload)
+        return super().add(job, payload, idem)
 
     def update(self, job: Job) -> None:
         self.writes.append(("update", job.status.value))
