@@ -472,7 +472,8 @@ def _reap(state: _State) -> None:
             with contextlib.suppress(OSError):
                 os.write(status_fd, EXIT.pack(status, maxrss))
         tree_cpu_ns = int((usage.ru_utime + usage.ru_stime) * 1e9)
-        trace.mark("launcher.reap", tree_cpu_ns)  # before the host can hear of it
+        # Before the host can hear of it: the call tree's CPU and minor faults.
+        trace.mark("launcher.reap", (tree_cpu_ns, usage.ru_minflt))
         slot = state.slotted.pop(pid, None)
         if slot is not None and state.shared.slots.get(slot.uid) is slot:
             state.clean(slot, status_fd)  # its status pipe ends once the slot is clean

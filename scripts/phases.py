@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where one isolated call's time goes: wall and CPU time per phase, measured.
+"""Where one isolated call's time goes: wall time, CPU time and page faults per phase.
 
     .venv/bin/python scripts/phases.py                      # 3 rounds of 100 calls
     .venv/bin/python scripts/phases.py --calls 200 --rounds 3 --prewarm 1
@@ -10,10 +10,13 @@
 Runs a trivial plugin through `ToolRunner.run`, serially, with the phase
 trace on (`sandbox/trace.py`): the host thread, the launcher and every
 process of each call append a mark (pid, label, CLOCK_MONOTONIC, the
-thread's own CPU clock) where a phase ends. A phase's row is named by the
-mark that ends it; its wall and CPU time run from the previous mark of the
-same process (a forked process's first mark: CPU from its fork, wall from
-the last mark before it). Per call, machine CPU is counted from the
+thread's own CPU clock and minor page faults) where a phase ends. A
+phase's row is named by the mark that ends it; its wall time, CPU time and
+faults run from the previous mark of the same process (a forked process's
+first mark: CPU and faults from its fork, wall from the last mark before
+it). Faults (`ru_minflt`: a page first touched, or a page shared with the
+fork's parent written and copied) are far steadier than times on a busy
+machine. Per call, machine CPU is counted from the
 processes themselves, not from the machine's idle time, so other work on
 the machine does not inflate it:
 
@@ -23,9 +26,9 @@ the machine does not inflate it:
     launcher   the launcher's CPU between the call's request and its reap
     call tree  the rusage of the reaped call (wait4 in the launcher: the child
                with every descendant it waited for)
-    exit       the call tree's rusage minus the CPU its processes marked:
-               their exits, the namespaces' teardown charged to them, the
-               relay's wait
+    exit       the call tree's rusage minus the CPU (and faults) its
+               processes marked: their exits, the namespaces' teardown
+               charged to them, the relay's wait
 
 Kernel threads' CPU (the network namespace's cleanup runs in a workqueue,
 charged to no process of the call) is read from /proc for the whole run and
@@ -67,19 +70,23 @@ class Mark:
     label: str
     mono_ns: int
     cpu_ns: int
-    value: int
+    faults: int
+    values: tuple[int, ...]
 
 
 @dataclass
 class Call:
-    """One call's phases: label -> (wall ms, cpu ms), and its CPU totals."""
+    """One call's phases: label -> (wall ms, cpu ms, minor faults), and its totals."""
 
-    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
+    phases: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     host_cpu: float = 0.0
     closer_cpu: float = 0.0
     launcher_cpu: float = 0.0
     tree_cpu: float = 0.0
     wall: float = 0.0
+    launcher_faults: int = 0
+    tree_faults: int = 0  # the reaped call tree's ru_minflt
+    host_faults: int = 0  # the calling and the closer thread's
 
     @property
     def total_cpu(self) -> float:
@@ -89,8 +96,10 @@ class Call:
 def read_marks(path: str) -> list[Mark]:
     marks = []
     for line in Path(path).read_text().splitlines():
-        pid, label, mono, cpu, value = line.split()
-        marks.append(Mark(int(pid), label, int(mono), int(cpu), int(value)))
+        pid, label, mono, cpu, faults, *values = line.split()
+        marks.append(
+            Mark(int(pid), label, int(mono), int(cpu), int(faults), tuple(map(int, values)))
+        )
     return sorted(marks, key=lambda m: m.mono_ns)
 
 
@@ -110,14 +119,18 @@ def phases_of(marks: list[Mark], host_pid: int, launcher_pid: int) -> Call:
     call = Call()
     last: dict[int, Mark] = {}
     previous: Mark | None = None
-    marked_child_cpu = 0
+    marked_child_cpu = marked_child_faults = 0
     last_child_mono = 0
     for mark in marks:
         before = last.get(mark.pid)
         if mark.label == "launcher.reap":
-            call.tree_cpu += mark.value / 1e6  # with a warm pool, a child set up earlier
-            exit_cpu = max(mark.value - marked_child_cpu, 0) / 1e6
-            call.phases["exit.teardown+reap"] = ((mark.mono_ns - last_child_mono) / 1e6, exit_cpu)
+            tree_cpu_ns, tree_faults = mark.values
+            call.tree_cpu += tree_cpu_ns / 1e6  # with a warm pool, a child set up earlier
+            call.tree_faults += tree_faults
+            exit_cpu = max(tree_cpu_ns - marked_child_cpu, 0) / 1e6
+            exit_faults = max(tree_faults - marked_child_faults, 0)
+            exit_wall = (mark.mono_ns - last_child_mono) / 1e6
+            call.phases["exit.teardown+reap"] = (exit_wall, exit_cpu, exit_faults)
         elif mark.label in ("host.begin", "host.close") or (
             before is None and mark.pid == launcher_pid
         ):
@@ -127,14 +140,18 @@ def phases_of(marks: list[Mark], host_pid: int, launcher_pid: int) -> Call:
             assert start is not None
             wall = (mark.mono_ns - start.mono_ns) / 1e6
             cpu = (mark.cpu_ns - (before.cpu_ns if before else 0)) / 1e6
-            call.phases[mark.label] = (wall, cpu)
+            faults = mark.faults - (before.faults if before else 0)
+            call.phases[mark.label] = (wall, cpu, faults)
             if mark.pid == launcher_pid:
                 call.launcher_cpu += cpu
+                call.launcher_faults += faults
             elif mark.label.startswith("host."):
+                call.host_faults += faults
                 if mark.pid != host_pid:
                     call.closer_cpu += cpu  # the host's closer thread puts the call away
             elif mark.pid != host_pid:
                 marked_child_cpu += mark.cpu_ns - (before.cpu_ns if before else 0)
+                marked_child_faults += faults
                 last_child_mono = max(last_child_mono, mark.mono_ns)
         if mark.label == "launcher.reap" and mark.pid == launcher_pid:
             last[mark.pid] = mark
@@ -221,37 +238,61 @@ def measure(calls: int, rounds: int, prewarm: int) -> Rounds:
     return per_round, contexts
 
 
-def summary(calls: list[Call]) -> dict[str, tuple[float, float, float]]:
-    """Label -> (wall p50 ms, CPU p50 ms, CPU share %), totals included."""
+Columns = tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]], list[str]]
+
+
+def columns(calls: list[Call]) -> Columns:
+    """Per label, in the order first seen: every call's wall ms, CPU ms, faults."""
     walls: dict[str, list[float]] = defaultdict(list)
     cpus: dict[str, list[float]] = defaultdict(list)
+    faults: dict[str, list[float]] = defaultdict(list)
+    order: list[str] = []
     for call in calls:
-        for label, (wall, cpu) in call.phases.items():
+        for label, (wall, cpu, fault) in call.phases.items():
+            if label not in walls:
+                order.append(label)
             walls[label].append(wall)
             cpus[label].append(cpu)
+            faults[label].append(fault)
+    return walls, cpus, faults, order
+
+
+TOTALS = (
+    ("host thread", "host_cpu", "host_faults"),
+    ("launcher", "launcher_cpu", "launcher_faults"),
+    ("call tree (rusage)", "tree_cpu", "tree_faults"),
+)
+
+
+def summary(calls: list[Call]) -> dict[str, tuple[float, float, float, float]]:
+    """Label -> (wall p50 ms, CPU p50 ms, CPU share %, faults p50), totals included."""
+    med = statistics.median
+    walls, cpus, faults, order = columns(calls)
     total = sum(c.total_cpu for c in calls)
     out = {
         label: (
-            statistics.median(walls[label]),
-            statistics.median(cpus[label]),
+            med(walls[label]),
+            med(cpus[label]),
             100 * sum(cpus[label]) / total,
+            med(faults[label]),
         )
-        for label in walls
+        for label in order
     }
-    for name in ("host_cpu", "launcher_cpu", "tree_cpu"):
-        values = [getattr(c, name) for c in calls]
-        out["CPU: " + name] = (0.0, statistics.median(values), 100 * sum(values) / total)
-    out["CPU: total"] = (0.0, statistics.median(c.total_cpu for c in calls), 100.0)
-    out["wall: call"] = (statistics.median(c.wall for c in calls), 0.0, 0.0)
+    for name, cpu_attr, faults_attr in TOTALS:
+        values = [getattr(c, cpu_attr) for c in calls]
+        fault_p50 = med(getattr(c, faults_attr) for c in calls)
+        out["CPU: " + name] = (0.0, med(values), 100 * sum(values) / total, fault_p50)
+    out["CPU: total"] = (0.0, med(c.total_cpu for c in calls), 100.0, 0.0)
+    out["wall: call"] = (med(c.wall for c in calls), 0.0, 0.0, 0.0)
     return out
 
 
 def compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """Two saved summaries side by side, by phase: wall and CPU p50, CPU share."""
+    """Two saved summaries side by side, by phase: wall and CPU p50, faults p50, CPU share."""
     lines = [
-        "| phase | wall p50 before | wall p50 after | CPU p50 before | CPU p50 after"
-        " | CPU share before | CPU share after |",
-        "|---|---|---|---|---|---|---|",
+        "| phase | wall p50 before | after | CPU p50 before | after"
+        " | faults p50 before | after | CPU share before | after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     labels = list(before) + [label for label in after if label not in before]
     for label in labels:
@@ -260,68 +301,66 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         def cell(v: list[float] | None, i: int) -> str:
             return "-" if v is None or (i == 0 and not v[0] and v[1]) else f"{v[i]:.2f}"
 
+        def fault(v: list[float] | None) -> str:
+            return "-" if v is None or len(v) < 4 or not v[3] else f"{v[3]:.0f}"
+
         def share(v: list[float] | None) -> str:
             return "-" if v is None or not v[2] else f"{v[2]:.1f}%"
 
         lines.append(
             f"| {label} | {cell(b, 0)} | {cell(a, 0)} | {cell(b, 1)} | {cell(a, 1)}"
-            f" | {share(b)} | {share(a)} |"
+            f" | {fault(b)} | {fault(a)} | {share(b)} | {share(a)} |"
         )
     return lines
 
 
 def table(calls: list[Call], markdown: bool) -> list[str]:
-    walls: dict[str, list[float]] = defaultdict(list)
-    cpus: dict[str, list[float]] = defaultdict(list)
-    order: list[str] = []
-    for call in calls:
-        for label, (wall, cpu) in call.phases.items():
-            if label not in walls:
-                order.append(label)
-            walls[label].append(wall)
-            cpus[label].append(cpu)
+    med = statistics.median
+    walls, cpus, faults, order = columns(calls)
     total_cpu = sum(c.total_cpu for c in calls)
-    rows = [("phase (ends at mark)", "wall p50 ms", "CPU p50 ms", "CPU share")]
+    rows = [("phase (ends at mark)", "wall p50 ms", "CPU p50 ms", "faults p50", "CPU share")]
     for label in order:
         share = 100 * sum(cpus[label]) / total_cpu
         rows.append(
             (
                 label,
-                f"{statistics.median(walls[label]):.3f}",
-                f"{statistics.median(cpus[label]):.3f}",
+                f"{med(walls[label]):.3f}",
+                f"{med(cpus[label]):.3f}",
+                f"{med(faults[label]):.0f}",
                 f"{share:.1f}%",
             )
         )
-    med = statistics.median
-    rows.append(("call (host entry to return)", f"{med(c.wall for c in calls):.3f}", "", ""))
-    for name, attr in (("host thread", "host_cpu"), ("launcher", "launcher_cpu")):
-        value = med(getattr(c, attr) for c in calls)
-        share = 100 * sum(getattr(c, attr) for c in calls) / total_cpu
-        rows.append((f"CPU: {name}", "", f"{value:.3f}", f"{share:.1f}%"))
-    tree = med(c.tree_cpu for c in calls)
-    tree_share = 100 * sum(c.tree_cpu for c in calls) / total_cpu
-    rows.append(("CPU: call tree (rusage)", "", f"{tree:.3f}", f"{tree_share:.1f}%"))
-    rows.append(("CPU: total per call", "", f"{med(c.total_cpu for c in calls):.3f}", "100%"))
+    rows.append(("call (host entry to return)", f"{med(c.wall for c in calls):.3f}", "", "", ""))
+    for name, cpu_attr, faults_attr in TOTALS:
+        value = med(getattr(c, cpu_attr) for c in calls)
+        fault = med(getattr(c, faults_attr) for c in calls)
+        share = 100 * sum(getattr(c, cpu_attr) for c in calls) / total_cpu
+        rows.append((f"CPU: {name}", "", f"{value:.3f}", f"{fault:.0f}", f"{share:.1f}%"))
+    rows.append(("CPU: total per call", "", f"{med(c.total_cpu for c in calls):.3f}", "", "100%"))
     if markdown:
-        lines = ["| " + " | ".join(rows[0]) + " |", "|---|---|---|---|"]
+        lines = ["| " + " | ".join(rows[0]) + " |", "|---|---|---|---|---|"]
         return lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    return [f"{a:<34} {b:>11} {c:>11} {d:>9}" for a, b, c, d in rows]
+    return [f"{a:<34} {b:>11} {c:>11} {d:>10} {e:>9}" for a, b, c, d, e in rows]
 
 
 def round_lines(per_round: list[list[Call]], contexts: list[dict[str, float]]) -> list[str]:
     """Per round: CPU per call (host process from rusage, so its other threads
-    count too; launcher; call trees), wall p50, and the machine's context."""
+    count too; launcher; call trees), wall p50, faults per call (launcher,
+    call tree) and the machine's context."""
     lines = [
         "round  CPU/call mean  (host proc  launcher  tree)  wall p50"
-        "  kernel threads  machine busy  load"
+        "  faults/call (launcher  tree)  kernel threads  machine busy  load"
     ]
     for index, (calls, ctx) in enumerate(zip(per_round, contexts, strict=True)):
         launcher = statistics.fmean(c.launcher_cpu for c in calls)
         tree = statistics.fmean(c.tree_cpu for c in calls)
         total = ctx["host_process_ms"] + launcher + tree
+        launcher_faults = statistics.fmean(c.launcher_faults for c in calls)
+        tree_faults = statistics.fmean(c.tree_faults for c in calls)
         lines.append(
             f"{index + 1:>5} {total:>11.2f} ms  ({ctx['host_process_ms']:>6.2f} {launcher:>9.2f}"
             f" {tree:>6.2f})  {statistics.median(c.wall for c in calls):>6.2f} ms"
+            f"              {launcher_faults:>8.0f} {tree_faults:>5.0f}"
             f" {ctx['kernel_threads_ms']:>12.2f} ms {ctx['machine_busy_ms']:>10.2f} ms"
             f" {ctx['load']:>5.1f}"
         )
