@@ -6,6 +6,7 @@
     .venv/bin/python scripts/phases.py --markdown           # the table for docs/performance.md
     .venv/bin/python scripts/phases.py --save after.json    # and keep its summary
     .venv/bin/python scripts/phases.py --compare before.json after.json   # side by side
+    .venv/bin/python scripts/phases.py --untraced --calls 500 --rounds 2  # faults, CPU totals
 
 Runs a trivial plugin through `ToolRunner.run`, serially, with the phase
 trace on (`sandbox/trace.py`): the host thread, the launcher and every
@@ -45,6 +46,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -187,8 +189,23 @@ def _machine_busy_ms() -> float:
     return (sum(fields[:8]) - idle) * TICK_MS
 
 
+def _process_faults_cpu(pid: int | None) -> tuple[int, float, int, float]:
+    """A process's minor faults and CPU ms so far, and those of the children
+    it reaped (zeros before it exists)."""
+    if pid is None:
+        return 0, 0.0, 0, 0.0
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = [int(f) for f in stat[stat.rindex(")") + 2 :].split()[7:15]]
+    minflt, cminflt, _, _, utime, stime, cutime, cstime = fields
+    return minflt, (utime + stime) * TICK_MS, cminflt, (cutime + cstime) * TICK_MS
+
+
 def run_round(runner: ToolRunner, payload: dict[str, Any], calls: int) -> dict[str, float]:
-    """`calls` serial calls; the machine-wide context figures of the round."""
+    """`calls` serial calls; the machine-wide context figures of the round,
+    and the launcher's faults over the whole round (its marks see only its
+    requests: not its poll loop, nor its reaps)."""
+    launcher_pid = runner.sandbox.launcher.pid
+    launcher = _process_faults_cpu(launcher_pid)
     kernel, busy = _kernel_threads_ms(), _machine_busy_ms()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(calls):
@@ -199,7 +216,15 @@ def run_round(runner: ToolRunner, payload: dict[str, Any], calls: int) -> dict[s
         runner.sandbox.settle()
     after = resource.getrusage(resource.RUSAGE_SELF)
     host_process = (after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime) * 1000
+    launcher_after = _process_faults_cpu(launcher_pid)
+    faults, cpu, children_faults, children_cpu = (
+        (a - b) / calls for a, b in zip(launcher_after, launcher, strict=True)
+    )
     return {
+        "launcher_process_faults": faults,
+        "launcher_process_ms": cpu,
+        "reaped_faults": children_faults,
+        "reaped_ms": children_cpu,
         "kernel_threads_ms": (_kernel_threads_ms() - kernel) / calls,
         "machine_busy_ms": (_machine_busy_ms() - busy) / calls,
         "host_process_ms": host_process / calls,
@@ -210,11 +235,15 @@ def run_round(runner: ToolRunner, payload: dict[str, Any], calls: int) -> dict[s
 Rounds = tuple[list[list[Call]], list[dict[str, float]]]
 
 
-def measure(calls: int, rounds: int, prewarm: int) -> Rounds:
+def measure(calls: int, rounds: int, prewarm: int, traced: bool = True) -> Rounds:
+    """Untraced: the rounds' context figures only (no marks, no phases)."""
     with tempfile.TemporaryDirectory() as tmp:
         registry = trivial_plugin(tmp)
         trace_path = f"{tmp}/trace"
-        trace.enable(trace_path)
+        if traced:
+            trace.enable(trace_path)
+        else:
+            Path(trace_path).touch()
         sandbox = Sandbox(prewarm=prewarm)
         runner = ToolRunner(registry, sandbox)
         payload = {"image": b"\x89PNG", "mime_type": "image/png", "options": {}}
@@ -349,7 +378,7 @@ def round_lines(per_round: list[list[Call]], contexts: list[dict[str, float]]) -
     call tree) and the machine's context."""
     lines = [
         "round  CPU/call mean  (host proc  launcher  tree)  wall p50"
-        "  faults/call (launcher  tree)  kernel threads  machine busy  load"
+        "  faults/call (launcher marked, process  tree)  kernel threads  machine busy  load"
     ]
     for index, (calls, ctx) in enumerate(zip(per_round, contexts, strict=True)):
         launcher = statistics.fmean(c.launcher_cpu for c in calls)
@@ -360,9 +389,71 @@ def round_lines(per_round: list[list[Call]], contexts: list[dict[str, float]]) -
         lines.append(
             f"{index + 1:>5} {total:>11.2f} ms  ({ctx['host_process_ms']:>6.2f} {launcher:>9.2f}"
             f" {tree:>6.2f})  {statistics.median(c.wall for c in calls):>6.2f} ms"
-            f"              {launcher_faults:>8.0f} {tree_faults:>5.0f}"
+            f"                      {launcher_faults:>7.0f} {ctx['launcher_process_faults']:>8.0f}"
+            f" {tree_faults:>5.0f}"
             f" {ctx['kernel_threads_ms']:>12.2f} ms {ctx['machine_busy_ms']:>10.2f} ms"
             f" {ctx['load']:>5.1f}"
+        )
+    return lines
+
+
+# os.fork + pipe from a small parent, as scripts/bench.py's floor does it:
+# minor faults and CPU per call, of the parent and of its children.
+FLOOR = """
+import json, os, resource, sys
+def once():
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.write(w, json.dumps({"value": 1}).encode())
+        os._exit(0)
+    os.close(w)
+    data = os.read(r, 1024)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+n = int(sys.argv[1])
+for _ in range(5):
+    once()
+before = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+for _ in range(n):
+    once()
+after = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+print(json.dumps([
+    [(a.ru_minflt - b.ru_minflt) / n,
+     (a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime) * 1000 / n]
+    for a, b in zip(after, before)
+]))
+"""
+
+
+def floor_line(calls: int) -> str:
+    """The fork floor's faults and CPU per call, measured now."""
+    out = subprocess.run(
+        [sys.executable, "-c", FLOOR, str(calls)], capture_output=True, text=True, check=True
+    ).stdout
+    (parent_faults, parent_ms), (child_faults, child_ms) = json.loads(out)
+    return (
+        f"os.fork + pipe, small parent: {parent_faults + child_faults:.0f} faults per call"
+        f" (parent {parent_faults:.0f}, child {child_faults:.0f}),"
+        f" {parent_ms + child_ms:.2f} ms CPU (parent {parent_ms:.2f}, child {child_ms:.2f})"
+    )
+
+
+def untraced_lines(contexts: list[dict[str, float]]) -> list[str]:
+    """Per round of an untraced run: faults and CPU per call of the launcher
+    process and of the call trees it reaped, from /proc (no trace's cost)."""
+    lines = [
+        "round  faults/call (launcher  reaped  sum)  CPU/call (host proc  launcher  reaped  sum)"
+    ]
+    for index, ctx in enumerate(contexts):
+        faults = ctx["launcher_process_faults"] + ctx["reaped_faults"]
+        cpu = ctx["host_process_ms"] + ctx["launcher_process_ms"] + ctx["reaped_ms"]
+        lines.append(
+            f"{index + 1:>5}  {ctx['launcher_process_faults']:>21.0f} {ctx['reaped_faults']:>7.0f}"
+            f" {faults:>5.0f}  {ctx['host_process_ms']:>20.2f} {ctx['launcher_process_ms']:>9.2f}"
+            f" {ctx['reaped_ms']:>7.2f} {cpu:>5.2f}"
         )
     return lines
 
@@ -379,10 +470,21 @@ def main() -> None:
     parser.add_argument(
         "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print two saved summaries"
     )
+    parser.add_argument(
+        "--untraced",
+        action="store_true",
+        help="no trace: faults and CPU per call of the launcher and its reaped calls only",
+    )
     args = parser.parse_args()
     if args.compare:
         before, after = (json.loads(Path(p).read_text()) for p in args.compare)
         print("\n".join(compare(before, after)))
+        return
+    if args.untraced:
+        _, contexts = measure(args.calls, args.rounds, args.prewarm, traced=False)
+        print(f"{args.calls} serial calls a round, untraced, prewarm {args.prewarm}")
+        print("\n".join(untraced_lines(contexts)))
+        print(floor_line(args.calls))
         return
     per_round, contexts = measure(args.calls, args.rounds, args.prewarm)
     calls = [call for round_ in per_round for call in round_]
@@ -395,6 +497,7 @@ def main() -> None:
         if args.save:
             Path(args.save).write_text(json.dumps(summary(calls), indent=1))
     print("\n".join(round_lines(per_round, contexts)))
+    print(floor_line(args.calls))
 
 
 if __name__ == "__main__":
