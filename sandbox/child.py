@@ -20,7 +20,8 @@ taken from the layer module that owns it (`sandbox.layers`):
     privilege       the call's own uid (root host), or no capabilities left
     parent          die with the parent; the parent must still be there
     no_new_privs    PR_SET_NO_NEW_PRIVS
-    environment     SAFE_ENV, HOME and TMPDIR = scratch, cwd = scratch
+    environment     SAFE_ENV, HOME and TMPDIR = scratch, the thread pools'
+                    variables (cpus), cwd = scratch
     cpus            the call's CPUs: affinity, os.cpu_count(), thread variables
     landlock        file system (and TCP, and signal-scope) rules
     seccomp         the system-call filter
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # signal.signal without its enum wrapper
 import errno
+import gc
 import importlib
 import json
 import math
@@ -243,14 +245,11 @@ def _no_new_privs(setup: Setup) -> None:
 
 
 def _environment(setup: Setup) -> None:
-    removed, changed = inherited.ENVIRONMENTS.get(setup.scratch) or inherited.environment_for(
-        setup.scratch
-    )
-    environ = os.environ
-    for name in removed:
-        del environ[name]
-    for name, value in changed:
-        environ[name] = value
+    threads = inherited.thread_count(setup.spec.limits.cpus)
+    key, _, prepared = inherited.ENVIRONMENT
+    if key != (setup.scratch, threads):
+        prepared = inherited.environment_for(setup.scratch, threads)
+    inherited.apply_environment(prepared)
     os.chdir(setup.scratch)
     if setup.isolated:
         # The host's venv (its bin/python) is not in the minimal root; the
@@ -259,33 +258,21 @@ def _environment(setup: Setup) -> None:
         sys.executable = sys._base_executable = inherited.INTERPRETER  # type: ignore[attr-defined]
 
 
-# What thread pools read to size themselves: OpenMP, the BLAS libraries,
-# numexpr, Rust's rayon, and Python's own os.cpu_count() from 3.13.
-THREAD_VARIABLES = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "BLIS_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "RAYON_NUM_THREADS",
-    "PYTHON_CPU_COUNT",
-)
+# What thread pools read to size themselves (set by the environment step).
+THREAD_VARIABLES = inherited.THREAD_VARIABLES
 
 
 def _cpus(setup: Setup) -> None:
     """Run on `limits.cpus` of the CPUs this process may use (a window at a
     random place, so concurrent calls spread over the machine), and have
     thread pools sized for them: os.cpu_count(), which multiprocessing and
-    concurrent.futures read, and the variables of THREAD_VARIABLES say as
-    much. Sizing, not a bound: a call may widen its own affinity again,
-    within what the host may use."""
+    concurrent.futures read (the variables of THREAD_VARIABLES, which the
+    environment step set, say as much). Sizing, not a bound: a call may
+    widen its own affinity again, within what the host may use."""
     allowed = sorted(os.sched_getaffinity(0))
     count = min(setup.spec.limits.cpus, len(allowed))
     start = int.from_bytes(os.urandom(2), "little") % len(allowed)
     os.sched_setaffinity(0, {allowed[(start + i) % len(allowed)] for i in range(count)})
-    for name in THREAD_VARIABLES:
-        os.environ[name] = str(count)
     os.cpu_count = lambda: count
 
 
@@ -566,6 +553,7 @@ def _flush_output() -> None:
 
 def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
     """Run one call in this (forked) process, then exit. Never returns."""
+    gc.disable()
     try:
         setup = Setup.of(spec, fds)
         trace.mark("child.forked")
@@ -589,6 +577,7 @@ def main(spec: ChildSpec, fds: dict[str, int]) -> NoReturn:
     # nothing to stop the call by, so no plugin code runs before the call.
     global _CALL
     _CALL = spec
+    gc.enable()
     early = not spec.warm or spec.uid is not None
     try:
         plugin = _load_or_error(spec) if early else None

@@ -10,7 +10,8 @@ same functions, which live here:
     READY_FRAME     the ready frame, encoded once
     INTERPRETER     the interpreter's own file, the venv's links resolved
     ARGV            where the launcher's argv memory is (the child wipes it)
-    ENVIRONMENTS    scratch -> what turns the environment into SAFE_ENV there
+    ENVIRONMENT     what turns the environment into SAFE_ENV in a minimal
+                    root's scratch, with the thread pools' variables
     RLIMITS         the next call's limits and their rlimits
     VERDICTS        id -> whether a loaded module or import hook is the
                     standard library's
@@ -45,16 +46,44 @@ ARGV: tuple[int, int] | None = None  # the launcher's argv memory, found by `pre
 # limits they were worked out from.
 RLIMITS: tuple[object, dict[tuple[int, bool], dict[int, tuple[int, int]]]] = (None, {})
 
-# scratch -> (the launcher's variables a call does not get, the variables to
-# set): worked out in the launcher (`prepare`) for a minimal root's scratch.
-ENVIRONMENTS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
+Environment = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
+
+# ((scratch, threads), the cpus limit it was made for, what turns the
+# launcher's environment into that of a call with this scratch and as many
+# threads: nothing, for the launcher's own environment is that call's
+# (`prepare`); the child of any other call works its own out.
+ENVIRONMENT: tuple[tuple[str, int], int, Environment] = (("", 0), 0, ((), ()))
+
+# What thread pools read to size themselves: OpenMP, the BLAS libraries,
+# numexpr, Rust's rayon, and Python's own os.cpu_count() from 3.13. A call
+# gets them set to its CPUs (`thread_count`).
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "RAYON_NUM_THREADS",
+    "PYTHON_CPU_COUNT",
+)
 
 
-def environment_for(scratch: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+def thread_count(cpus: int) -> int:
+    """The CPUs a call of `cpus` runs on: at most as many as this process may use."""
+    return min(cpus, len(os.sched_getaffinity(0)))
+
+
+def environment_for(scratch: str, threads: int) -> Environment:
     """What turns this process's environment into SAFE_ENV with HOME and
-    TMPDIR at `scratch` (the launcher runs with SAFE_ENV and nothing else:
-    most often only the scratch's two variables change, a putenv each)."""
-    wanted = {**SAFE_ENV, "HOME": scratch, "TMPDIR": scratch}
+    TMPDIR at `scratch` and THREAD_VARIABLES at `threads`: the variables to
+    remove, and those to set."""
+    wanted = {
+        **SAFE_ENV,
+        "HOME": scratch,
+        "TMPDIR": scratch,
+        **dict.fromkeys(THREAD_VARIABLES, str(threads)),
+    }
     environ = os.environ
     removed = tuple(name for name in environ if name not in wanted)
     changed = tuple((name, value) for name, value in wanted.items() if environ.get(name) != value)
@@ -124,7 +153,7 @@ def prepare(spec: ChildSpec) -> None:
     `spec`: the environment for its scratch directory, its Landlock rules,
     the finders of its import path and its rlimits. Only what is new since
     the last call costs anything."""
-    global PREPARED, ARGV, RLIMITS
+    global PREPARED, ARGV, RLIMITS, ENVIRONMENT
     if ARGV is None:
         ARGV = argv_memory()
     if len(sys.modules) != len(PREPARED[0]):
@@ -135,11 +164,19 @@ def prepare(spec: ChildSpec) -> None:
         PREPARED = (frozenset(sys.modules), names)
     seccomp.prepare_filters()
     landlock.prepare()
-    # For the scratch of a call in a minimal root, the same for every call;
-    # a call without one has a host directory of its own, worked out in its
-    # child (kept here, every new one would only grow the launcher).
-    if mnt.SCRATCH not in ENVIRONMENTS:
-        ENVIRONMENTS[mnt.SCRATCH] = environment_for(mnt.SCRATCH)
+    # The environment of a call in a minimal root is the same for every such
+    # call with as many CPUs: the launcher takes it as its own (it runs no
+    # program and no thread pool that reads it), and such a child changes
+    # no variable (each change, a putenv and a Python method, is pages
+    # written in every child). A call without a minimal root has a host
+    # scratch directory of its own; its child works its environment out.
+    # Done again only when the cpus limit changed; the affinity is read again
+    # in the child, which works its environment out itself if it differs.
+    if ENVIRONMENT[1] != spec.limits.cpus:
+        threads = thread_count(spec.limits.cpus)
+        apply_environment(environment_for(mnt.SCRATCH, threads))
+        prepared = environment_for(mnt.SCRATCH, threads)  # nothing left to change
+        ENVIRONMENT = ((mnt.SCRATCH, threads), spec.limits.cpus, prepared)
     if spec.layers.get("landlock"):
         landlock.prepare_rules(landlock_expose(spec), writable(mnt.SCRATCH))
     _prepare_finders(import_path(spec))
@@ -154,6 +191,16 @@ def prepare(spec: ChildSpec) -> None:
         )
     else:  # the same values: the child recognises the limits by identity
         RLIMITS = (spec.limits, RLIMITS[1])
+
+
+def apply_environment(environment: Environment) -> None:
+    """Change this process's environment as `environment_for` worked out."""
+    removed, changed = environment
+    environ = os.environ
+    for name in removed:
+        del environ[name]
+    for name, value in changed:
+        environ[name] = value
 
 
 # A directory of a call's import path -> the standard library's finder for

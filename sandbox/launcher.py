@@ -81,6 +81,7 @@ from sandbox.protocol import (
 STOP_DEADLINE_S = 1.0
 # Thread states that run no code: stopped (T), stopped by a tracer (t), dead.
 STOPPED_STATES = frozenset(b"TtZX")
+WAKE_READ = 4096  # bytes of the signal wake-up pipe read at once
 
 
 def serve(sock: socket.socket) -> None:
@@ -96,12 +97,17 @@ def serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the host to handle
     state = _State(sock, (wake_r, wake_w), Shared())
+    poller = select.poll()  # a busy launcher holds descriptors past select()'s 1024
+    registered: set[int] = set()
     try:
         while True:
             relays = {fd: pid for pid, fd in state.relays.items()}
-            poller = select.poll()  # a busy launcher holds descriptors past select()'s 1024
-            for fd in (sock.fileno(), wake_r, *relays, *state.cleaning):
+            wanted = {sock.fileno(), wake_r, *relays, *state.cleaning}
+            for fd in registered - wanted:
+                poller.unregister(fd)
+            for fd in wanted - registered:
                 poller.register(fd, select.POLLIN)
+            registered = wanted
             readable = [fd for fd, _ in poller.poll()]
             for fd in readable:
                 if fd in relays:
@@ -138,12 +144,7 @@ class _State:
 
     def on_signal(self) -> None:
         """SIGCHLD woke the loop: reap, and forget the tokens of reaped calls."""
-        while True:
-            try:
-                if not os.read(self.wake[0], 4096):
-                    break
-            except BlockingIOError:
-                break
+        _drain(self.wake[0])
         _reap(self)
         for token in [t for t, pid in self.calls.items() if pid not in self.children]:
             del self.calls[token]  # reaped: its pid may name another process soon
@@ -162,8 +163,7 @@ class _State:
         if len(relayed) != RELAYED_STATUS.size:
             return  # it died first: its reap reports its own status
         status, maxrss = RELAYED_STATUS.unpack(relayed)
-        with contextlib.suppress(OSError):  # the host may have given up on the call
-            os.write(self.children[pid], EXIT.pack(status, maxrss))
+        _write_status(self.children[pid], EXIT.pack(status, maxrss))
         self.reported.add(pid)
 
     def clean(self, slot: Slot, status_fd: int) -> None:
@@ -275,8 +275,7 @@ def _fork_child(spec: ChildSpec, named: dict[str, int], state: _State) -> int:
         if name != "status":
             os.close(fd)
     # If the host gave up on this call the write fails; the reap still happens.
-    with contextlib.suppress(OSError):
-        os.write(named["status"], PID.pack(pid))
+    _write_status(named["status"], PID.pack(pid))
     trace.mark("launcher.fork+pid")
     children[pid] = named["status"]
     if slot is None:
@@ -441,6 +440,27 @@ def _wait_all(deadline_s: float) -> None:
             time.sleep(0.01)  # shutting down: nothing else to wait on
 
 
+def _drain(fd: int) -> None:
+    """Empty the (non-blocking) signal wake-up pipe. A read shorter than asked
+    for emptied it: no exception is raised, and its pages written, on every
+    wake-up to find that out."""
+    try:
+        while len(os.read(fd, WAKE_READ)) == WAKE_READ:
+            continue
+    except BlockingIOError:
+        return  # woken with nothing to read
+
+
+def _write_status(fd: int, record: bytes) -> None:
+    """Write a record on a call's status pipe, whose reader may be gone (the
+    host gave up on the call). A plain try: `contextlib.suppress` runs four
+    Python calls, and in a forking process every page they touch is a fault."""
+    try:
+        os.write(fd, record)
+    except OSError:
+        return
+
+
 def _reap(state: _State) -> None:
     children, relays, reported = state.children, state.relays, state.reported
     while True:
@@ -469,10 +489,10 @@ def _reap(state: _State) -> None:
             reported.discard(pid)  # its EXIT record went out already
         else:
             # The host may have closed its end already (it gave up on the call).
-            with contextlib.suppress(OSError):
-                os.write(status_fd, EXIT.pack(status, maxrss))
+            _write_status(status_fd, EXIT.pack(status, maxrss))
         tree_cpu_ns = int((usage.ru_utime + usage.ru_stime) * 1e9)
-        trace.mark("launcher.reap", tree_cpu_ns)  # before the host can hear of it
+        # Before the host can hear of it: the call tree's CPU and minor faults.
+        trace.mark("launcher.reap", (tree_cpu_ns, usage.ru_minflt))
         slot = state.slotted.pop(pid, None)
         if slot is not None and state.shared.slots.get(slot.uid) is slot:
             state.clean(slot, status_fd)  # its status pipe ends once the slot is clean

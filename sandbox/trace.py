@@ -6,8 +6,10 @@ of this module and pays no Python call for its marks. When on,
 each mark appends one line to the trace file: thread id (a single-threaded
 process's pid), label, CLOCK_MONOTONIC
 (one clock for every process of the machine) and the calling thread's CPU
-time (CLOCK_THREAD_CPUTIME_ID; a forked process starts at zero), and an
-optional value (the launcher's CPU total of a reaped call tree). Lines are
+time (CLOCK_THREAD_CPUTIME_ID; a forked process starts at zero), the
+thread's minor page faults so far (`ru_minflt` of RUSAGE_THREAD; a forked
+process starts at zero too), and optional values (the launcher's CPU total
+and minor faults of a reaped call tree). Lines are
 short single `write`s to an O_APPEND file, so processes never interleave
 inside a line. The host enables it before its first call; the launcher
 gets the path on its command line; a call's processes inherit the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import _thread
 import fcntl
 import os
+import resource
 import time
 from collections.abc import Callable
 
@@ -30,7 +33,8 @@ _fd = -1
 _path = ""
 _IGNORED: dict[str, int] = {}
 
-# mark(label, value=0): record that this process reached `label`. Off: ignores both.
+# mark(label, value=0): record that this process reached `label`; `value` an
+# int or a tuple of ints. Off: ignores both.
 mark: Callable[..., object] = _IGNORED.get
 
 
@@ -55,10 +59,12 @@ def fd() -> int:
     return _fd
 
 
-def _record(label: str, value: int = 0) -> None:
+def _record(label: str, value: int | tuple[int, ...] = 0) -> None:
     """Record that this process reached `label`: `mark` once tracing is on."""
     # The thread's id: a process's first thread has its pid, and the host's
     # other threads (the closer's) keep their own CPU clocks apart.
     tid = _thread.get_native_id()
-    line = f"{tid} {label} {time.monotonic_ns()} {time.thread_time_ns()} {value}\n"
+    faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    values = " ".join(map(str, value)) if isinstance(value, tuple) else value
+    line = f"{tid} {label} {time.monotonic_ns()} {time.thread_time_ns()} {faults} {values}\n"
     os.write(_fd, line.encode())

@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
-"""Where one isolated call's time goes: wall and CPU time per phase, measured.
+"""Where one isolated call's time goes: wall time, CPU time and page faults per phase.
 
     .venv/bin/python scripts/phases.py                      # 3 rounds of 100 calls
     .venv/bin/python scripts/phases.py --calls 200 --rounds 3 --prewarm 1
     .venv/bin/python scripts/phases.py --markdown           # the table for docs/performance.md
     .venv/bin/python scripts/phases.py --save after.json    # and keep its summary
     .venv/bin/python scripts/phases.py --compare before.json after.json   # side by side
+    .venv/bin/python scripts/phases.py --untraced --calls 500 --rounds 2  # faults, CPU totals
 
 Runs a trivial plugin through `ToolRunner.run`, serially, with the phase
 trace on (`sandbox/trace.py`): the host thread, the launcher and every
 process of each call append a mark (pid, label, CLOCK_MONOTONIC, the
-thread's own CPU clock) where a phase ends. A phase's row is named by the
-mark that ends it; its wall and CPU time run from the previous mark of the
-same process (a forked process's first mark: CPU from its fork, wall from
-the last mark before it). Per call, machine CPU is counted from the
+thread's own CPU clock and minor page faults) where a phase ends. A
+phase's row is named by the mark that ends it; its wall time, CPU time and
+faults run from the previous mark of the same process (a forked process's
+first mark: CPU and faults from its fork, wall from the last mark before
+it). Faults (`ru_minflt`: a page first touched, or a page shared with the
+fork's parent written and copied) are far steadier than times on a busy
+machine. Per call, machine CPU is counted from the
 processes themselves, not from the machine's idle time, so other work on
 the machine does not inflate it:
 
@@ -23,9 +27,9 @@ the machine does not inflate it:
     launcher   the launcher's CPU between the call's request and its reap
     call tree  the rusage of the reaped call (wait4 in the launcher: the child
                with every descendant it waited for)
-    exit       the call tree's rusage minus the CPU its processes marked:
-               their exits, the namespaces' teardown charged to them, the
-               relay's wait
+    exit       the call tree's rusage minus the CPU (and faults) its
+               processes marked: their exits, the namespaces' teardown
+               charged to them, the relay's wait
 
 Kernel threads' CPU (the network namespace's cleanup runs in a workqueue,
 charged to no process of the call) is read from /proc for the whole run and
@@ -42,6 +46,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -67,19 +72,23 @@ class Mark:
     label: str
     mono_ns: int
     cpu_ns: int
-    value: int
+    faults: int
+    values: tuple[int, ...]
 
 
 @dataclass
 class Call:
-    """One call's phases: label -> (wall ms, cpu ms), and its CPU totals."""
+    """One call's phases: label -> (wall ms, cpu ms, minor faults), and its totals."""
 
-    phases: dict[str, tuple[float, float]] = field(default_factory=dict)
+    phases: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     host_cpu: float = 0.0
     closer_cpu: float = 0.0
     launcher_cpu: float = 0.0
     tree_cpu: float = 0.0
     wall: float = 0.0
+    launcher_faults: int = 0
+    tree_faults: int = 0  # the reaped call tree's ru_minflt
+    host_faults: int = 0  # the calling and the closer thread's
 
     @property
     def total_cpu(self) -> float:
@@ -89,8 +98,10 @@ class Call:
 def read_marks(path: str) -> list[Mark]:
     marks = []
     for line in Path(path).read_text().splitlines():
-        pid, label, mono, cpu, value = line.split()
-        marks.append(Mark(int(pid), label, int(mono), int(cpu), int(value)))
+        pid, label, mono, cpu, faults, *values = line.split()
+        marks.append(
+            Mark(int(pid), label, int(mono), int(cpu), int(faults), tuple(map(int, values)))
+        )
     return sorted(marks, key=lambda m: m.mono_ns)
 
 
@@ -110,14 +121,18 @@ def phases_of(marks: list[Mark], host_pid: int, launcher_pid: int) -> Call:
     call = Call()
     last: dict[int, Mark] = {}
     previous: Mark | None = None
-    marked_child_cpu = 0
+    marked_child_cpu = marked_child_faults = 0
     last_child_mono = 0
     for mark in marks:
         before = last.get(mark.pid)
         if mark.label == "launcher.reap":
-            call.tree_cpu += mark.value / 1e6  # with a warm pool, a child set up earlier
-            exit_cpu = max(mark.value - marked_child_cpu, 0) / 1e6
-            call.phases["exit.teardown+reap"] = ((mark.mono_ns - last_child_mono) / 1e6, exit_cpu)
+            tree_cpu_ns, tree_faults = mark.values
+            call.tree_cpu += tree_cpu_ns / 1e6  # with a warm pool, a child set up earlier
+            call.tree_faults += tree_faults
+            exit_cpu = max(tree_cpu_ns - marked_child_cpu, 0) / 1e6
+            exit_faults = max(tree_faults - marked_child_faults, 0)
+            exit_wall = (mark.mono_ns - last_child_mono) / 1e6
+            call.phases["exit.teardown+reap"] = (exit_wall, exit_cpu, exit_faults)
         elif mark.label in ("host.begin", "host.close") or (
             before is None and mark.pid == launcher_pid
         ):
@@ -127,14 +142,18 @@ def phases_of(marks: list[Mark], host_pid: int, launcher_pid: int) -> Call:
             assert start is not None
             wall = (mark.mono_ns - start.mono_ns) / 1e6
             cpu = (mark.cpu_ns - (before.cpu_ns if before else 0)) / 1e6
-            call.phases[mark.label] = (wall, cpu)
+            faults = mark.faults - (before.faults if before else 0)
+            call.phases[mark.label] = (wall, cpu, faults)
             if mark.pid == launcher_pid:
                 call.launcher_cpu += cpu
+                call.launcher_faults += faults
             elif mark.label.startswith("host."):
+                call.host_faults += faults
                 if mark.pid != host_pid:
                     call.closer_cpu += cpu  # the host's closer thread puts the call away
             elif mark.pid != host_pid:
                 marked_child_cpu += mark.cpu_ns - (before.cpu_ns if before else 0)
+                marked_child_faults += faults
                 last_child_mono = max(last_child_mono, mark.mono_ns)
         if mark.label == "launcher.reap" and mark.pid == launcher_pid:
             last[mark.pid] = mark
@@ -170,8 +189,23 @@ def _machine_busy_ms() -> float:
     return (sum(fields[:8]) - idle) * TICK_MS
 
 
+def _process_faults_cpu(pid: int | None) -> tuple[int, float, int, float]:
+    """A process's minor faults and CPU ms so far, and those of the children
+    it reaped (zeros before it exists)."""
+    if pid is None:
+        return 0, 0.0, 0, 0.0
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = [int(f) for f in stat[stat.rindex(")") + 2 :].split()[7:15]]
+    minflt, cminflt, _, _, utime, stime, cutime, cstime = fields
+    return minflt, (utime + stime) * TICK_MS, cminflt, (cutime + cstime) * TICK_MS
+
+
 def run_round(runner: ToolRunner, payload: dict[str, Any], calls: int) -> dict[str, float]:
-    """`calls` serial calls; the machine-wide context figures of the round."""
+    """`calls` serial calls; the machine-wide context figures of the round,
+    and the launcher's faults over the whole round (its marks see only its
+    requests: not its poll loop, nor its reaps)."""
+    launcher_pid = runner.sandbox.launcher.pid
+    launcher = _process_faults_cpu(launcher_pid)
     kernel, busy = _kernel_threads_ms(), _machine_busy_ms()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(calls):
@@ -182,7 +216,15 @@ def run_round(runner: ToolRunner, payload: dict[str, Any], calls: int) -> dict[s
         runner.sandbox.settle()
     after = resource.getrusage(resource.RUSAGE_SELF)
     host_process = (after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime) * 1000
+    launcher_after = _process_faults_cpu(launcher_pid)
+    faults, cpu, children_faults, children_cpu = (
+        (a - b) / calls for a, b in zip(launcher_after, launcher, strict=True)
+    )
     return {
+        "launcher_process_faults": faults,
+        "launcher_process_ms": cpu,
+        "reaped_faults": children_faults,
+        "reaped_ms": children_cpu,
         "kernel_threads_ms": (_kernel_threads_ms() - kernel) / calls,
         "machine_busy_ms": (_machine_busy_ms() - busy) / calls,
         "host_process_ms": host_process / calls,
@@ -193,11 +235,15 @@ def run_round(runner: ToolRunner, payload: dict[str, Any], calls: int) -> dict[s
 Rounds = tuple[list[list[Call]], list[dict[str, float]]]
 
 
-def measure(calls: int, rounds: int, prewarm: int) -> Rounds:
+def measure(calls: int, rounds: int, prewarm: int, traced: bool = True) -> Rounds:
+    """Untraced: the rounds' context figures only (no marks, no phases)."""
     with tempfile.TemporaryDirectory() as tmp:
         registry = trivial_plugin(tmp)
         trace_path = f"{tmp}/trace"
-        trace.enable(trace_path)
+        if traced:
+            trace.enable(trace_path)
+        else:
+            Path(trace_path).touch()
         sandbox = Sandbox(prewarm=prewarm)
         runner = ToolRunner(registry, sandbox)
         payload = {"image": b"\x89PNG", "mime_type": "image/png", "options": {}}
@@ -221,37 +267,61 @@ def measure(calls: int, rounds: int, prewarm: int) -> Rounds:
     return per_round, contexts
 
 
-def summary(calls: list[Call]) -> dict[str, tuple[float, float, float]]:
-    """Label -> (wall p50 ms, CPU p50 ms, CPU share %), totals included."""
+Columns = tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]], list[str]]
+
+
+def columns(calls: list[Call]) -> Columns:
+    """Per label, in the order first seen: every call's wall ms, CPU ms, faults."""
     walls: dict[str, list[float]] = defaultdict(list)
     cpus: dict[str, list[float]] = defaultdict(list)
+    faults: dict[str, list[float]] = defaultdict(list)
+    order: list[str] = []
     for call in calls:
-        for label, (wall, cpu) in call.phases.items():
+        for label, (wall, cpu, fault) in call.phases.items():
+            if label not in walls:
+                order.append(label)
             walls[label].append(wall)
             cpus[label].append(cpu)
+            faults[label].append(fault)
+    return walls, cpus, faults, order
+
+
+TOTALS = (
+    ("host thread", "host_cpu", "host_faults"),
+    ("launcher", "launcher_cpu", "launcher_faults"),
+    ("call tree (rusage)", "tree_cpu", "tree_faults"),
+)
+
+
+def summary(calls: list[Call]) -> dict[str, tuple[float, float, float, float]]:
+    """Label -> (wall p50 ms, CPU p50 ms, CPU share %, faults p50), totals included."""
+    med = statistics.median
+    walls, cpus, faults, order = columns(calls)
     total = sum(c.total_cpu for c in calls)
     out = {
         label: (
-            statistics.median(walls[label]),
-            statistics.median(cpus[label]),
+            med(walls[label]),
+            med(cpus[label]),
             100 * sum(cpus[label]) / total,
+            med(faults[label]),
         )
-        for label in walls
+        for label in order
     }
-    for name in ("host_cpu", "launcher_cpu", "tree_cpu"):
-        values = [getattr(c, name) for c in calls]
-        out["CPU: " + name] = (0.0, statistics.median(values), 100 * sum(values) / total)
-    out["CPU: total"] = (0.0, statistics.median(c.total_cpu for c in calls), 100.0)
-    out["wall: call"] = (statistics.median(c.wall for c in calls), 0.0, 0.0)
+    for name, cpu_attr, faults_attr in TOTALS:
+        values = [getattr(c, cpu_attr) for c in calls]
+        fault_p50 = med(getattr(c, faults_attr) for c in calls)
+        out["CPU: " + name] = (0.0, med(values), 100 * sum(values) / total, fault_p50)
+    out["CPU: total"] = (0.0, med(c.total_cpu for c in calls), 100.0, 0.0)
+    out["wall: call"] = (med(c.wall for c in calls), 0.0, 0.0, 0.0)
     return out
 
 
 def compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """Two saved summaries side by side, by phase: wall and CPU p50, CPU share."""
+    """Two saved summaries side by side, by phase: wall and CPU p50, faults p50, CPU share."""
     lines = [
-        "| phase | wall p50 before | wall p50 after | CPU p50 before | CPU p50 after"
-        " | CPU share before | CPU share after |",
-        "|---|---|---|---|---|---|---|",
+        "| phase | wall p50 before | after | CPU p50 before | after"
+        " | faults p50 before | after | CPU share before | after |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     labels = list(before) + [label for label in after if label not in before]
     for label in labels:
@@ -260,70 +330,130 @@ def compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         def cell(v: list[float] | None, i: int) -> str:
             return "-" if v is None or (i == 0 and not v[0] and v[1]) else f"{v[i]:.2f}"
 
+        def fault(v: list[float] | None) -> str:
+            return "-" if v is None or len(v) < 4 or not v[3] else f"{v[3]:.0f}"
+
         def share(v: list[float] | None) -> str:
             return "-" if v is None or not v[2] else f"{v[2]:.1f}%"
 
         lines.append(
             f"| {label} | {cell(b, 0)} | {cell(a, 0)} | {cell(b, 1)} | {cell(a, 1)}"
-            f" | {share(b)} | {share(a)} |"
+            f" | {fault(b)} | {fault(a)} | {share(b)} | {share(a)} |"
         )
     return lines
 
 
 def table(calls: list[Call], markdown: bool) -> list[str]:
-    walls: dict[str, list[float]] = defaultdict(list)
-    cpus: dict[str, list[float]] = defaultdict(list)
-    order: list[str] = []
-    for call in calls:
-        for label, (wall, cpu) in call.phases.items():
-            if label not in walls:
-                order.append(label)
-            walls[label].append(wall)
-            cpus[label].append(cpu)
+    med = statistics.median
+    walls, cpus, faults, order = columns(calls)
     total_cpu = sum(c.total_cpu for c in calls)
-    rows = [("phase (ends at mark)", "wall p50 ms", "CPU p50 ms", "CPU share")]
+    rows = [("phase (ends at mark)", "wall p50 ms", "CPU p50 ms", "faults p50", "CPU share")]
     for label in order:
         share = 100 * sum(cpus[label]) / total_cpu
         rows.append(
             (
                 label,
-                f"{statistics.median(walls[label]):.3f}",
-                f"{statistics.median(cpus[label]):.3f}",
+                f"{med(walls[label]):.3f}",
+                f"{med(cpus[label]):.3f}",
+                f"{med(faults[label]):.0f}",
                 f"{share:.1f}%",
             )
         )
-    med = statistics.median
-    rows.append(("call (host entry to return)", f"{med(c.wall for c in calls):.3f}", "", ""))
-    for name, attr in (("host thread", "host_cpu"), ("launcher", "launcher_cpu")):
-        value = med(getattr(c, attr) for c in calls)
-        share = 100 * sum(getattr(c, attr) for c in calls) / total_cpu
-        rows.append((f"CPU: {name}", "", f"{value:.3f}", f"{share:.1f}%"))
-    tree = med(c.tree_cpu for c in calls)
-    tree_share = 100 * sum(c.tree_cpu for c in calls) / total_cpu
-    rows.append(("CPU: call tree (rusage)", "", f"{tree:.3f}", f"{tree_share:.1f}%"))
-    rows.append(("CPU: total per call", "", f"{med(c.total_cpu for c in calls):.3f}", "100%"))
+    rows.append(("call (host entry to return)", f"{med(c.wall for c in calls):.3f}", "", "", ""))
+    for name, cpu_attr, faults_attr in TOTALS:
+        value = med(getattr(c, cpu_attr) for c in calls)
+        fault = med(getattr(c, faults_attr) for c in calls)
+        share = 100 * sum(getattr(c, cpu_attr) for c in calls) / total_cpu
+        rows.append((f"CPU: {name}", "", f"{value:.3f}", f"{fault:.0f}", f"{share:.1f}%"))
+    rows.append(("CPU: total per call", "", f"{med(c.total_cpu for c in calls):.3f}", "", "100%"))
     if markdown:
-        lines = ["| " + " | ".join(rows[0]) + " |", "|---|---|---|---|"]
+        lines = ["| " + " | ".join(rows[0]) + " |", "|---|---|---|---|---|"]
         return lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    return [f"{a:<34} {b:>11} {c:>11} {d:>9}" for a, b, c, d in rows]
+    return [f"{a:<34} {b:>11} {c:>11} {d:>10} {e:>9}" for a, b, c, d, e in rows]
 
 
 def round_lines(per_round: list[list[Call]], contexts: list[dict[str, float]]) -> list[str]:
     """Per round: CPU per call (host process from rusage, so its other threads
-    count too; launcher; call trees), wall p50, and the machine's context."""
+    count too; launcher; call trees), wall p50, faults per call (launcher,
+    call tree) and the machine's context."""
     lines = [
         "round  CPU/call mean  (host proc  launcher  tree)  wall p50"
-        "  kernel threads  machine busy  load"
+        "  faults/call (launcher marked, process  tree)  kernel threads  machine busy  load"
     ]
     for index, (calls, ctx) in enumerate(zip(per_round, contexts, strict=True)):
         launcher = statistics.fmean(c.launcher_cpu for c in calls)
         tree = statistics.fmean(c.tree_cpu for c in calls)
         total = ctx["host_process_ms"] + launcher + tree
+        launcher_faults = statistics.fmean(c.launcher_faults for c in calls)
+        tree_faults = statistics.fmean(c.tree_faults for c in calls)
         lines.append(
             f"{index + 1:>5} {total:>11.2f} ms  ({ctx['host_process_ms']:>6.2f} {launcher:>9.2f}"
             f" {tree:>6.2f})  {statistics.median(c.wall for c in calls):>6.2f} ms"
+            f"                      {launcher_faults:>7.0f} {ctx['launcher_process_faults']:>8.0f}"
+            f" {tree_faults:>5.0f}"
             f" {ctx['kernel_threads_ms']:>12.2f} ms {ctx['machine_busy_ms']:>10.2f} ms"
             f" {ctx['load']:>5.1f}"
+        )
+    return lines
+
+
+# os.fork + pipe from a small parent, as scripts/bench.py's floor does it:
+# minor faults and CPU per call, of the parent and of its children.
+FLOOR = """
+import json, os, resource, sys
+def once():
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.write(w, json.dumps({"value": 1}).encode())
+        os._exit(0)
+    os.close(w)
+    data = os.read(r, 1024)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+n = int(sys.argv[1])
+for _ in range(5):
+    once()
+before = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+for _ in range(n):
+    once()
+after = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+print(json.dumps([
+    [(a.ru_minflt - b.ru_minflt) / n,
+     (a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime) * 1000 / n]
+    for a, b in zip(after, before)
+]))
+"""
+
+
+def floor_line(calls: int) -> str:
+    """The fork floor's faults and CPU per call, measured now."""
+    out = subprocess.run(
+        [sys.executable, "-c", FLOOR, str(calls)], capture_output=True, text=True, check=True
+    ).stdout
+    (parent_faults, parent_ms), (child_faults, child_ms) = json.loads(out)
+    return (
+        f"os.fork + pipe, small parent: {parent_faults + child_faults:.0f} faults per call"
+        f" (parent {parent_faults:.0f}, child {child_faults:.0f}),"
+        f" {parent_ms + child_ms:.2f} ms CPU (parent {parent_ms:.2f}, child {child_ms:.2f})"
+    )
+
+
+def untraced_lines(contexts: list[dict[str, float]]) -> list[str]:
+    """Per round of an untraced run: faults and CPU per call of the launcher
+    process and of the call trees it reaped, from /proc (no trace's cost)."""
+    lines = [
+        "round  faults/call (launcher  reaped  sum)  CPU/call (host proc  launcher  reaped  sum)"
+    ]
+    for index, ctx in enumerate(contexts):
+        faults = ctx["launcher_process_faults"] + ctx["reaped_faults"]
+        cpu = ctx["host_process_ms"] + ctx["launcher_process_ms"] + ctx["reaped_ms"]
+        lines.append(
+            f"{index + 1:>5}  {ctx['launcher_process_faults']:>21.0f} {ctx['reaped_faults']:>7.0f}"
+            f" {faults:>5.0f}  {ctx['host_process_ms']:>20.2f} {ctx['launcher_process_ms']:>9.2f}"
+            f" {ctx['reaped_ms']:>7.2f} {cpu:>5.2f}"
         )
     return lines
 
@@ -340,10 +470,21 @@ def main() -> None:
     parser.add_argument(
         "--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print two saved summaries"
     )
+    parser.add_argument(
+        "--untraced",
+        action="store_true",
+        help="no trace: faults and CPU per call of the launcher and its reaped calls only",
+    )
     args = parser.parse_args()
     if args.compare:
         before, after = (json.loads(Path(p).read_text()) for p in args.compare)
         print("\n".join(compare(before, after)))
+        return
+    if args.untraced:
+        _, contexts = measure(args.calls, args.rounds, args.prewarm, traced=False)
+        print(f"{args.calls} serial calls a round, untraced, prewarm {args.prewarm}")
+        print("\n".join(untraced_lines(contexts)))
+        print(floor_line(args.calls))
         return
     per_round, contexts = measure(args.calls, args.rounds, args.prewarm)
     calls = [call for round_ in per_round for call in round_]
@@ -356,6 +497,7 @@ def main() -> None:
         if args.save:
             Path(args.save).write_text(json.dumps(summary(calls), indent=1))
     print("\n".join(round_lines(per_round, contexts)))
+    print(floor_line(args.calls))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import pytest
 from host.registry import PluginRegistry
 from sandbox.child import THREAD_VARIABLES
 from sandbox.layers.mnt import plan_binds
+from sandbox.limits import HostLimits
+from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import ToolRunner
 from tests.conftest import write_plugin
 
@@ -138,6 +140,27 @@ return {'listing': sorted(os.listdir('.')), 'where': os.path.realpath('.'), 'env
     # The safe variables, the scratch's, and the thread pools' sizes only.
     assert set(result["env"]) <= {"PATH", "LANG", "HOME", "TMPDIR", *THREAD_VARIABLES}
     assert set(Path(os.environ.get("TMPDIR", "/tmp")).glob("plughost-call-*")) == before
+
+
+def test_calls_of_one_launcher_with_other_cpus_limits_each_get_their_own_environment(
+    registry: PluginRegistry, sandbox: Sandbox, plugin_root: Path, payload: dict
+) -> None:
+    # The launcher takes the environment of a call in a minimal root as its
+    # own, so that such a child changes none (sandbox.inherited.prepare): a
+    # call with another cpus limit must not see the last call's.
+    body = "return {'env': dict(os.environ), 'cpus': os.cpu_count()}"
+    _add(registry, plugin_root, "environ_reader", body)
+    runners = {cpus: ToolRunner(registry, sandbox, HostLimits(cpus=cpus)) for cpus in (1, 2)}
+    for cpus in (1, 2, 2, 1):
+        result, error = runners[cpus].run("environ_reader", payload)
+        assert error == {}, error
+        threads = min(cpus, len(os.sched_getaffinity(0)))
+        home = result["env"].get("HOME")
+        wanted = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+        wanted |= {"HOME": home, "TMPDIR": home} | dict.fromkeys(THREAD_VARIABLES, str(threads))
+        assert result["env"] == wanted, cpus
+        assert result["cpus"] == threads
+        assert home and Path(home).name != ""
 
 
 def test_child_inherits_no_descriptor_but_its_own(

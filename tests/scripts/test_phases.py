@@ -1,6 +1,6 @@
 """The phase breakdown works: every set-up step of the child, the launcher's
-fork and the host's own phases are measured on real calls, and the CPU rows
-add up to the call's total."""
+fork and the host's own phases are measured on real calls (time and page
+faults), and the CPU rows add up to the call's total."""
 
 from __future__ import annotations
 
@@ -39,3 +39,8 @@ def test_phases_measures_every_step_of_a_call(prewarm: int) -> None:
         assert label in rows, label
     total = [line for line in lines if line.startswith("CPU: total per call")]
     assert total and float(total[0].split()[-2]) > 0
+    # Minor faults per phase: a forked child's first step writes pages it
+    # shares with the launcher, and the call tree's rusage counts them.
+    assert int(rows["child.forked"][2]) > 0, rows["child.forked"]
+    faults = [line.split() for line in lines if line.startswith("CPU: call tree")]
+    assert faults and int(faults[0][-2]) >= int(rows["child.forked"][2]), faults
