@@ -192,6 +192,12 @@ def connection_cap(wanted: int, descriptors: int) -> int:
     return min(wanted, room)
 
 
+def serving_cap(wanted: int) -> int:
+    """The connection cap a server runs with: `wanted`, lowered to leave
+    RESERVED_FDS free of the descriptor limit (raised to its maximum first)."""
+    return connection_cap(wanted, raise_descriptor_limit())
+
+
 def backlog(cap: int) -> int:
     """The listen backlog for a connection cap: accepted sockets not yet seen by
     the protocol then stay below about the cap itself."""
@@ -255,13 +261,18 @@ class _Server(uvicorn.Server):
             log.info("serving on %s (console %s/console, API docs %s/docs)", base, base, base)
 
 
-def serve(app: FastAPI, settings: Settings, sock: socket.socket | None = None) -> None:
+def serve(
+    app: FastAPI, settings: Settings, sock: socket.socket | None = None, cap: int | None = None
+) -> None:
     """Run the API with uvicorn until it is stopped (SIGINT or SIGTERM), on
-    `sock` (from `listen`; by default listen on the settings' address now).
+    `sock` (from `listen` with `backlog(cap)`; by default listen on the
+    settings' address now), with at most `cap` connections (from
+    `serving_cap`; by default worked out now).
 
     Exits with uvicorn's start-up failure status (3) when the start-up fails.
     """
-    cap = connection_cap(settings.max_connections, raise_descriptor_limit())
+    if cap is None:
+        cap = serving_cap(settings.max_connections)
     protocol = LimitedH11Protocol.configured(
         settings.header_timeout_s, settings.body_timeout_s, cap
     )
@@ -298,4 +309,5 @@ __all__ = [
     "listen",
     "raise_descriptor_limit",
     "serve",
+    "serving_cap",
 ]
