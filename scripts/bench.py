@@ -50,6 +50,7 @@ import psutil  # noqa: E402
 
 from host.bytecode import compile_plugin  # noqa: E402
 from host.registry import PluginRegistry  # noqa: E402
+from sandbox.prewarm import Pacing  # noqa: E402
 from sandbox.supervisor import OPTIONAL_LAYERS, Sandbox  # noqa: E402
 from sandbox.tool_runner import ToolRunner  # noqa: E402
 
@@ -357,10 +358,25 @@ def overhead(n: int, slow_n: int) -> list[str]:
     return lines
 
 
+class AlwaysPrepare(Pacing):
+    """A warm pool's pacing that never skips a child (the pool before it paced itself)."""
+
+    def wanted(self, key: tuple[Any, ...]) -> bool:
+        return True
+
+
+def _unpaced() -> Sandbox:
+    sandbox = Sandbox(prewarm=1)
+    sandbox.warm_pool.pacing = AlwaysPrepare()
+    return sandbox
+
+
 # The sandboxes of the sustained section: the server's defaults (a prewarmed
-# child per plugin) and without prewarmed children, each at the same concurrency.
+# child per plugin, paced), the same pool never pacing itself, and no
+# prewarmed children; each at the same concurrency.
 SUSTAINED_SANDBOXES: dict[str, Callable[[], Sandbox]] = {
-    "prewarm 1 (the server's default)": lambda: Sandbox(prewarm=1),
+    "prewarm 1 (the server's default), paced": lambda: Sandbox(prewarm=1),
+    "prewarm 1, never paced": _unpaced,
     "prewarm 0": lambda: SANDBOX,
 }
 
@@ -374,7 +390,10 @@ def sustained(seconds: float, threads: int) -> list[str]:
         sandbox = make()
         try:
             runner_rate(0.5, threads, sandbox)  # the launcher, the uids' slots and cgroups
+            hits, skipped = sandbox.warm_hits, sandbox.warm_pool.pacing.skipped
             found[name] = runner_rate(seconds, threads, sandbox)
+            found[name]["warm_hits"] = sandbox.warm_hits - hits
+            found[name]["fills_skipped"] = sandbox.warm_pool.pacing.skipped - skipped
         finally:
             if sandbox is not SANDBOX:
                 sandbox.close()
@@ -390,8 +409,8 @@ def sustained(seconds: float, threads: int) -> list[str]:
         "its reaped children's)",
         "",
         "| way | calls/s | share of fork + pipe | CPU ms/call (host, launcher, tree) "
-        "| faults/call (host, launcher, tree) | machine busy ms/call |",
-        "|---|---|---|---|---|---|",
+        "| faults/call (host, launcher, tree) | machine busy ms/call | warm hits, fills skipped |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, figures in found.items():
         cost = figures["cost"]
@@ -400,13 +419,13 @@ def sustained(seconds: float, threads: int) -> list[str]:
             f"| {cost['cpu_ms']:.2f} ({cost['host_cpu_ms']:.2f}, {cost['launcher_cpu_ms']:.2f}, "
             f"{cost['tree_cpu_ms']:.2f}) | {cost['faults']:.0f} ({cost['host_faults']:.0f}, "
             f"{cost['launcher_faults']:.0f}, {cost['tree_faults']:.0f}) "
-            f"| {figures['busy_ms']:.2f} |"
+            f"| {figures['busy_ms']:.2f} | {figures['warm_hits']}, {figures['fills_skipped']} |"
         )
     lines.append(
         f"| os.fork + pipe, small parent | {floor:.0f} | 100% | {floor_cost['cpu_ms']:.2f} "
         f"({floor_cost['parent_cpu_ms']:.2f}, -, {floor_cost['children_cpu_ms']:.2f}) "
         f"| {floor_cost['faults']:.0f} ({floor_cost['parent_faults']:.0f}, -, "
-        f"{floor_cost['children_faults']:.0f}) | - |"
+        f"{floor_cost['children_faults']:.0f}) | - | - |"
     )
     return lines
 
