@@ -54,7 +54,9 @@ from sandbox.prewarm import Pacing  # noqa: E402
 from sandbox.supervisor import OPTIONAL_LAYERS, Sandbox  # noqa: E402
 from sandbox.tool_runner import ToolRunner  # noqa: E402
 
-PAYLOAD = {"image": b"\x89PNG", "mime_type": "image/png", "options": {}}
+# The server checks that an image starts as its type does; the plugin never reads it.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PAYLOAD = {"image": PNG_SIGNATURE, "mime_type": "image/png", "options": {}}
 # The benchmark's plugins, and the sandbox its sections share (closed by main).
 REGISTRY = PluginRegistry()
 SANDBOX = Sandbox()
@@ -218,6 +220,37 @@ def _launcher_counters(pid: int | None) -> list[float]:
     own = (int(fields[11]) + int(fields[12])) * tick_ms
     reaped = (int(fields[13]) + int(fields[14])) * tick_ms
     return [own, minflt, reaped, cminflt]
+
+
+class ServerCost:
+    """CPU and minor page faults per request from now to `stop`, of a
+    server's own processes: its process (every thread), its launchers and
+    the call trees they reaped (the load's clients are not counted)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before = self._counters()
+
+    def _counters(self) -> list[float]:
+        server = psutil.Process(self.pid)
+        times = server.cpu_times()
+        own = [(times.user + times.system) * 1000, _launcher_counters(self.pid)[1]]
+        launchers = [0.0, 0, 0.0, 0]
+        for child in server.children():
+            if "sandbox.launcher" in " ".join(child.cmdline()):
+                found = _launcher_counters(child.pid)
+                launchers = [a + b for a, b in zip(launchers, found, strict=True)]
+        return own + launchers
+
+    def stop(self, requests: int) -> dict[str, float]:
+        time.sleep(0.3)  # the last calls' processes reaped
+        delta = [b - a for a, b in zip(self.before, self._counters(), strict=True)]
+        return {
+            "server_cpu_ms": delta[0] / requests,
+            "server_faults": delta[1] / requests,
+            "cpu_ms": (delta[0] + delta[2] + delta[4]) / requests,
+            "faults": (delta[1] + delta[3] + delta[5]) / requests,
+        }
 
 
 class CallCost:
@@ -547,12 +580,12 @@ def _read_response(conn: socket.socket, pending: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def serving(plugin_dir: Path, *extra: str) -> Iterator[int]:
+def serving(plugin_dir: Path, *extra: str) -> Iterator[tuple[int, int]]:
     """A server on `plugin_dir` (with the flags `extra`) while the block
-    runs; yields its port, and stops it after."""
+    runs; yields its port and pid, and stops it after."""
     server, port, _ = start_server(plugin_dir, *extra)
     try:
-        yield port
+        yield port, server.pid
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
@@ -603,11 +636,11 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
     body = json.dumps(
         {
             "plugin": "bench_trivial",
-            "image": base64.b64encode(b"\x89PNG").decode(),
+            "image": base64.b64encode(PNG_SIGNATURE).decode(),
             "mime_type": "image/png",
         }
     ).encode()
-    with serving(plugin_dir, "--workers", str(threads), "--prewarm", "0") as port:
+    with serving(plugin_dir, "--workers", str(threads), "--prewarm", "0") as (port, pid):
         # Warm-up, as the runner's own measurement comes after other calls:
         # the first calls of each uid make its slot and cgroups.
         _load(port, "GET", "/healthz", None, 50, concurrency)
@@ -616,10 +649,15 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
         # The runner's rate right before and after, as the fork floor is
         # taken right after the sustained section: the machine's own speed
         # drifts over a run, and a rate from minutes earlier carries it.
-        before = runner_rate(4, threads)["rate"]
+        runner_before = runner_rate(4, threads)
+        server_cost = ServerCost(pid)
         analyze = _load(port, "POST", "/v1/analyze", body, total, concurrency)
-        after = runner_rate(4, threads)["rate"]
-    with serving(plugin_dir) as port:
+        analyze_cost = server_cost.stop(total)
+        runner_after = runner_rate(4, threads)
+    before, after = runner_before["rate"], runner_after["rate"]
+    runner_cpu_ms = (runner_before["cost"]["cpu_ms"] + runner_after["cost"]["cpu_ms"]) / 2
+    RESULTS["http_runner_cpu_ms"] = runner_cpu_ms
+    with serving(plugin_dir) as (port, _):
         _load(port, "POST", "/v1/analyze", body, total // 5, concurrency)
         defaults = _load(port, "POST", "/v1/analyze", body, total, concurrency)
     RESULTS["http"] = {"noop": noop, "analyze": analyze, "analyze_defaults": defaults}
@@ -633,6 +671,15 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
         f"sustained rate (target >= 85%): {adjacent:.0f}/s, the mean of {before:.0f}/s "
         f"right before the requests and {after:.0f}/s right after, with the sandbox as "
         f"that measurement runs it: {threads} calls at once, no prewarmed child"
+    )
+    RESULTS["http_analyze_cost"] = analyze_cost
+    server_cpu_ms = analyze_cost["cpu_ms"]
+    by_cpu = (
+        f"CPU per request of the server's own processes (the server, its launcher, the "
+        f"reaped call trees): {server_cpu_ms:.2f} ms, of which the server's process "
+        f"{analyze_cost['server_cpu_ms']:.2f} ms; the ToolRunner's per call, right before "
+        f"and after: {runner_cpu_ms:.2f} ms. Requests per CPU-second reach "
+        f"{runner_cpu_ms / server_cpu_ms:.0%} of the runner's calls per CPU-second"
     )
     row = "| {} | {:.0f} | {:.2f} | {:.2f} | {:.2f} |"
     return [
@@ -650,6 +697,7 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
         ),
         "",
         against,
+        by_cpu,
         f"/v1/analyze reaches {share:.0%} of the no-op route's requests per second",
         "A prewarmed child takes the set-up off a call's latency, not its CPU: under "
         "this load the server's defaults pay for the next call's child while a call runs.",
@@ -988,6 +1036,10 @@ def _target_figures() -> list[tuple[str, float | None, float | None, str, Callab
         ("serial p50 ms, cold", cold, floor, "<= 2.5x bare", lambda r: r <= 2.5),
         ("serial p50 ms, prewarmed child", RESULTS.get("warm_p50_ms"), None, "<= 0.5 ms",
          lambda v: v <= 0.5),
+        ("/v1/analyze requests per CPU-second against the ToolRunner's calls per CPU-second",
+         _per_cpu_s(RESULTS.get("http_analyze_cost", {}).get("cpu_ms")),
+         _per_cpu_s(RESULTS.get("http_runner_cpu_ms")), ">= 85% of the runner's",
+         lambda r: r >= 0.85),
         ("/v1/analyze req/s against the ToolRunner's calls/s",
          RESULTS.get("http", {}).get("analyze", {}).get("rps"),
          RESULTS.get("http_adjacent_runner_rate"), ">= 85% of the runner's", lambda r: r >= 0.85),
@@ -999,6 +1051,10 @@ def _target_figures() -> list[tuple[str, float | None, float | None, str, Callab
          "flat (< 10%)", lambda v: v < 10),
     ]  # fmt: skip
     return rows
+
+
+def _per_cpu_s(cpu_ms: float | None) -> float | None:
+    return 1000 / cpu_ms if cpu_ms else None
 
 
 def targets_section() -> list[str]:
