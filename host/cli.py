@@ -473,7 +473,7 @@ def _serve_arguments(serve: argparse.ArgumentParser) -> None:
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from host.api import create_app
-    from host.api.server import AddressUnavailable, backlog, listen, serve
+    from host.api.server import AddressUnavailable, backlog, listen, serve, serving_cap
     from host.config import ConfigError, load_settings
     from host.logs import configure_logging
 
@@ -486,15 +486,18 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if settings.database_url:
         _need_cluster(parser)
     # The address first: a busy port is one line now, not an error after the start-up.
+    # Its backlog is the one of the cap the server runs with (lowered to the
+    # descriptor limit), not of the cap asked for.
+    cap = serving_cap(settings.max_connections)
     try:
-        sock = listen(settings.host, settings.port, backlog(settings.max_connections))
+        sock = listen(settings.host, settings.port, backlog(cap))
     except AddressUnavailable as exc:
         _stderr(str(exc))
         return 1
     configure_logging(settings.log_level, settings.log_repeat_limit, settings.log_repeat_interval_s)
     # Tokens come from the config file or PLUGHOST_CLIENT_TOKENS / PLUGHOST_ADMIN_TOKEN,
     # never from flags: command lines are visible to every user of the machine.
-    serve(create_app(settings), settings, sock)
+    serve(create_app(settings), settings, sock, cap)
     return 0
 
 

@@ -25,11 +25,22 @@ hand-over; a child without one imports its plugin only after the hand-over
                              after its stop was asked for
         status pipe          it died -> put away
     take(key)            a stopped handle; run_call's hand_over continues it
+                         (a call arrived: `Pacing` counts it)
+    fill(key, start)     skipped while `Pacing` says the key's calls arrive
+                         faster than a child of it is prepared
     close()              the keeper stopped and joined, the starter shut
                          down, every handle put away
 
 The keeper runs only while there is a handle to keep, and closes its wake-up
 pipe when it ends: an idle pool holds no thread and no descriptor.
+
+Under sustained load a warm child costs more than it saves: a call that
+finds none pays a cold start while the pool prepares the next child beside
+it, and a warm call's hand-over (the keeper, the stop, the continue) is
+dearer than a cold start. `Pacing` follows, per key, the mean time between
+its calls and the mean time a child of it takes from its fork until it is
+ready (stopped); while calls come faster than that, `fill` starts none, and
+the first call after the rate drops starts one again.
 """
 
 from __future__ import annotations
@@ -47,14 +58,63 @@ from typing import Any
 from sandbox.handle import PID_GRACE_S, STOP_WAIT_S, ChildHandle
 
 WARM_IDLE_S = 30.0  # a warm child unused this long after its fork is put away
+# Weight of the newest sample in Pacing's moving means.
+PACING_WEIGHT = 0.25
 log = logging.getLogger("plughost.sandbox")
+
+
+class Pacing:
+    """Whether a warm child is worth preparing for a key now: not while its
+    calls arrive faster than one is prepared. Moving means per key of the
+    time between arrivals (`arrived`) and of a child's preparation, its fork
+    to ready (`prepared`); before either is known, children are prepared.
+    Not thread-safe: WarmPool calls it under its lock. `clock` is
+    time.monotonic but for tests."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last: dict[tuple[Any, ...], float] = {}  # the key's last arrival
+        self._interval: dict[tuple[Any, ...], float] = {}
+        self._prepare: dict[tuple[Any, ...], float] = {}
+        self.skipped = 0  # fills not started, for measurements
+
+    def arrived(self, key: tuple[Any, ...]) -> None:
+        """A call of `key` arrived now."""
+        now = self._clock()
+        last = self._last.get(key)
+        self._last[key] = now
+        if last is not None:
+            self._interval[key] = _mean(self._interval.get(key), now - last)
+
+    def prepared(self, key: tuple[Any, ...], seconds: float) -> None:
+        """A child of `key` took `seconds` from its fork until it was ready."""
+        self._prepare[key] = _mean(self._prepare.get(key), seconds)
+
+    def wanted(self, key: tuple[Any, ...]) -> bool:
+        """False while calls of `key` come faster than a child is prepared."""
+        interval, prepare = self._interval.get(key), self._prepare.get(key)
+        if interval is None or prepare is None or interval >= prepare:
+            return True
+        self.skipped += 1
+        return False
+
+
+def _mean(mean: float | None, sample: float) -> float:
+    """The moving mean `mean` with `sample` added (the sample itself when there was none)."""
+    return sample if mean is None else mean + PACING_WEIGHT * (sample - mean)
 
 
 class WarmPool:
     """Warm handles by key; thread-safe. `put_away` closes one for good."""
 
-    def __init__(self, size: int, put_away: Callable[[ChildHandle], None]) -> None:
+    def __init__(
+        self,
+        size: int,
+        put_away: Callable[[ChildHandle], None],
+        pacing: Pacing | None = None,
+    ) -> None:
         self.size = size
+        self.pacing = pacing or Pacing()
         self.hits = 0
         self.idle_s = WARM_IDLE_S
         self._put_away = put_away
@@ -69,8 +129,10 @@ class WarmPool:
         self._wake = (-1, -1)  # the keeper's wake-up pipe, while it runs
 
     def take(self, key: tuple[Any, ...]) -> ChildHandle | None:
-        """A live, stopped handle for `key`; None if there is none."""
+        """A live, stopped handle for `key`; None if there is none. Counts
+        a call of `key` arriving (`Pacing`)."""
         with self._lock:
+            self.pacing.arrived(key)
             for handle in self._waiting.get(key, []):
                 if handle.stopped and handle.alive():
                     self._waiting[key].remove(handle)
@@ -79,10 +141,11 @@ class WarmPool:
         return None
 
     def fill(self, key: tuple[Any, ...], start: Callable[[], ChildHandle]) -> None:
-        """Start, in the background, the handles `key` lacks."""
+        """Start, in the background, the handles `key` lacks, unless its
+        calls come faster than a child is prepared (`Pacing`)."""
         with self._lock:
             missing = self.size - len(self._waiting.get(key, [])) - self._starting.get(key, 0)
-            if missing <= 0 or self._closed:
+            if missing <= 0 or self._closed or not self.pacing.wanted(key):
                 return
             self._starting[key] = self._starting.get(key, 0) + missing
 
@@ -173,11 +236,14 @@ class WarmPool:
         now = time.monotonic()
         away: list[ChildHandle] = []
         with self._lock:
-            for handles in self._waiting.values():
+            for key, handles in self._waiting.items():
                 for handle in list(handles):
+                    was_stopped = handle.stopped
                     if not self._fine(handle, now):
                         handles.remove(handle)
                         away.append(handle)
+                    elif handle.stopped and not was_stopped:
+                        self.pacing.prepared(key, now - handle.created)
             self._leaving = [h for h in self._leaving if not h.closed] + away
         for handle in away:
             self._put_away(handle)

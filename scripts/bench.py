@@ -8,15 +8,27 @@ Sections:
   overhead   per-call cost of a trivial plugin: plughost (full isolation and
              with every optional layer off) against os.fork + pipe from a small
              parent, multiprocess fork / forkserver / spawn, pebble (fresh and
-             reused workers), ProcessPoolExecutor (reused), subprocess python
-  sustained  fresh-process calls per second from several threads
+             reused workers), ProcessPoolExecutor (reused), subprocess python;
+             and what a serial call costs its own processes (CPU, minor page
+             faults) beside a bare os.fork + pipe call's
+  sustained  fresh-process calls per second from several threads, with the
+             server's default warm pool, the same pool never pacing itself, and
+             no prewarm, each with its cost per call, beside os.fork + pipe
   http       /v1/analyze with a trivial plugin against /healthz (a no-op
-             route) of the same server, same load generator
+             route) of the same server, same load generator; the server's own
+             CPU per request against the ToolRunner's per call
   limits     how late timeout verdicts come; how far a memory bomb gets
   rss        host RSS before and after many calls
   peers      crash cases as plain functions through pebble and
              ProcessPoolExecutor, next to plughost
   concurrency  latency against concurrency (the plot)
+
+The last section, "targets", sets each target beside its figure, most of
+them as a ratio to the bare way (os.fork + pipe from a small parent,
+measured in the same run), so that they compare across machines and hours.
+A call's cost is counted on its own processes (the host's process, the
+launcher, the reaped call trees: getrusage and /proc/<pid>/stat), which
+other work on the machine does not inflate the way it does wall-clock rates.
 
 Figures are measurements, not assertions: the test suite checks correctness.
 """
@@ -30,6 +42,7 @@ import contextlib
 import http.client
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -49,10 +62,13 @@ import psutil  # noqa: E402
 
 from host.bytecode import compile_plugin  # noqa: E402
 from host.registry import PluginRegistry  # noqa: E402
+from sandbox.prewarm import Pacing  # noqa: E402
 from sandbox.supervisor import OPTIONAL_LAYERS, Sandbox  # noqa: E402
 from sandbox.tool_runner import ToolRunner  # noqa: E402
 
-PAYLOAD = {"image": b"\x89PNG", "mime_type": "image/png", "options": {}}
+# The server checks that an image starts as its type does; the plugin never reads it.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PAYLOAD = {"image": PNG_SIGNATURE, "mime_type": "image/png", "options": {}}
 # The benchmark's plugins, and the sandbox its sections share (closed by main).
 REGISTRY = PluginRegistry()
 SANDBOX = Sandbox()
@@ -119,9 +135,11 @@ def trivial_plugin_dir() -> Path:
 # One trivial call the bare way, in a fresh interpreter with nothing
 # imported: `serial N` times N calls one after the other (milliseconds
 # each); `sustained S T` counts calls per second from T threads for S seconds.
+# Either prints its figures with the cost of its calls: the CPU and minor
+# page faults of the parent (every thread) and of the children it reaped.
 FORK_FLOOR = textwrap.dedent(
     """
-    import json, os, sys, threading, time
+    import json, os, resource, sys, threading, time
     def once():
         r, w = os.pipe()
         pid = os.fork()
@@ -134,13 +152,24 @@ FORK_FLOOR = textwrap.dedent(
         os.close(r)
         os.waitpid(pid, 0)
         return json.loads(data)
+    def usage():
+        out = []
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            u = resource.getrusage(who)
+            out += [(u.ru_utime + u.ru_stime) * 1000, u.ru_minflt]
+        return out
+    def cost(before, calls):
+        d = [b - a for a, b in zip(before, usage())]
+        return {"calls": calls, "cpu_ms": (d[0] + d[2]) / calls, "faults": (d[1] + d[3]) / calls,
+                "parent_cpu_ms": d[0] / calls, "parent_faults": d[1] / calls,
+                "children_cpu_ms": d[2] / calls, "children_faults": d[3] / calls}
     def serial(n):
         for _ in range(5):
             once()
-        out = []
+        out, before = [], usage()
         for _ in range(n):
             t = time.perf_counter(); once(); out.append((time.perf_counter() - t) * 1000)
-        return out
+        return {"samples": out, "cost": cost(before, n)}
     def sustained(seconds, threads):
         count, lock, stop = [0], threading.Lock(), time.monotonic() + seconds
         def loop():
@@ -148,13 +177,14 @@ FORK_FLOOR = textwrap.dedent(
                 once()
                 with lock:
                     count[0] += 1
-        started = time.monotonic()
+        before, started = usage(), time.monotonic()
         workers = [threading.Thread(target=loop) for _ in range(threads)]
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-        return count[0] / (time.monotonic() - started)
+        rate = count[0] / (time.monotonic() - started)
+        return {"rate": rate, "cost": cost(before, count[0])}
     if sys.argv[1] == "serial":
         print(json.dumps(serial(int(sys.argv[2]))))
     else:
@@ -175,12 +205,95 @@ def _fork_floor(*args: object) -> Any:
 
 def fork_floor(n: int) -> dict[str, float]:
     """os.fork + pipe from a small parent (a fresh interpreter, nothing imported)."""
-    return stats(_fork_floor("serial", n))
+    found = _fork_floor("serial", n)
+    RESULTS.setdefault("cost", {})["bare serial"] = found["cost"]
+    return stats(found["samples"])
 
 
-def fork_floor_rate(seconds: float, threads: int) -> float:
-    """Calls per second of os.fork + pipe from a small parent, `threads` at a time."""
-    return float(_fork_floor("sustained", seconds, threads))
+def fork_floor_rate(seconds: float, threads: int) -> tuple[float, dict[str, float]]:
+    """Calls per second of os.fork + pipe from a small parent, `threads` at a
+    time, and the cost of a call (`FORK_FLOOR`)."""
+    found = _fork_floor("sustained", seconds, threads)
+    return float(found["rate"]), found["cost"]
+
+
+# -- what a call costs: CPU and minor page faults of its own processes ----------
+
+
+def _launcher_counters(pid: int | None) -> list[float]:
+    """The launcher's own CPU (ms) and minor faults, and those of the children
+    it reaped (every call's processes: `wait4` adds a reaped child's rusage,
+    with that of whatever it reaped, to its parent's)."""
+    if pid is None:
+        return [0.0, 0, 0.0, 0]
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    minflt, cminflt = int(fields[7]), int(fields[8])
+    own = (int(fields[11]) + int(fields[12])) * tick_ms
+    reaped = (int(fields[13]) + int(fields[14])) * tick_ms
+    return [own, minflt, reaped, cminflt]
+
+
+class ServerCost:
+    """CPU and minor page faults per request from now to `stop`, of a
+    server's own processes: its process (every thread), its launchers and
+    the call trees they reaped (the load's clients are not counted)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before = self._counters()
+
+    def _counters(self) -> list[float]:
+        server = psutil.Process(self.pid)
+        times = server.cpu_times()
+        own = [(times.user + times.system) * 1000, _launcher_counters(self.pid)[1]]
+        launchers = [0.0, 0, 0.0, 0]
+        for child in server.children():
+            if "sandbox.launcher" in " ".join(child.cmdline()):
+                found = _launcher_counters(child.pid)
+                launchers = [a + b for a, b in zip(launchers, found, strict=True)]
+        return own + launchers
+
+    def stop(self, requests: int) -> dict[str, float]:
+        time.sleep(0.3)  # the last calls' processes reaped
+        delta = [b - a for a, b in zip(self.before, self._counters(), strict=True)]
+        return {
+            "server_cpu_ms": delta[0] / requests,
+            "server_faults": delta[1] / requests,
+            "cpu_ms": (delta[0] + delta[2] + delta[4]) / requests,
+            "faults": (delta[1] + delta[3] + delta[5]) / requests,
+        }
+
+
+class CallCost:
+    """CPU and minor page faults of the calls made between `start` and
+    `stop`, per call: the host's process (every thread: callers, closer,
+    warm pool), the launcher, and the reaped call trees."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.before: list[float] = []
+
+    def _counters(self) -> list[float]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        host = [(usage.ru_utime + usage.ru_stime) * 1000, usage.ru_minflt]
+        return host + _launcher_counters(self.sandbox.launcher.pid)
+
+    def start(self) -> None:
+        self.before = self._counters()
+
+    def stop(self, calls: int) -> dict[str, float]:
+        """Per-call figures since `start`, once the calls are put away."""
+        self.sandbox.settle()
+        delta = [b - a for a, b in zip(self.before, self._counters(), strict=True)]
+        names = ("host", "launcher", "tree")
+        figures: dict[str, float] = {"calls": calls}
+        for index, name in enumerate(names):
+            figures[f"{name}_cpu_ms"] = delta[2 * index] / calls
+            figures[f"{name}_faults"] = delta[2 * index + 1] / calls
+        figures["cpu_ms"] = sum(figures[f"{name}_cpu_ms"] for name in names)
+        figures["faults"] = sum(figures[f"{name}_faults"] for name in names)
+        return figures
 
 
 def multiprocess_per_call(method: str, n: int) -> dict[str, float]:
@@ -251,10 +364,13 @@ def overhead(n: int, slow_n: int) -> list[str]:
     full = ToolRunner(REGISTRY, SANDBOX)
     bare = ToolRunner(REGISTRY, Sandbox(disabled=OPTIONAL_LAYERS))
     warm = ToolRunner(REGISTRY, Sandbox(prewarm=1))
+    full.run("bench_trivial", PAYLOAD)  # the launcher
+    cost = CallCost(SANDBOX)
+    cost.start()
+    cold = timed(lambda: full.run("bench_trivial", PAYLOAD), n)
+    RESULTS.setdefault("cost", {})["ours serial"] = cost.stop(n + 3)  # with timed's warm-up
     figures = {
-        "plughost, every layer (fresh process per call)": timed(
-            lambda: full.run("bench_trivial", PAYLOAD), n
-        ),
+        "plughost, every layer (fresh process per call)": cold,
         "plughost, every layer, prewarmed child (low load)": warm_calls(warm, n),
         "plughost, optional layers off": timed(lambda: bare.run("bench_trivial", PAYLOAD), n),
         "os.fork + pipe, small parent (floor)": fork_floor(n),
@@ -277,34 +393,95 @@ def overhead(n: int, slow_n: int) -> list[str]:
         "|---|---|---|---|---|",
         *[row(name, f) for name, f in figures.items()],
         "",
-        f"cold p50 / fork floor p50 = {ours / floor:.1f} (target <= 4)",
-        f"prewarmed p50 = {warm_p50:.2f} ms (target <= 2 ms)",
+        f"cold p50 / fork floor p50 = {ours / floor:.1f} (target <= 2.5)",
+        f"prewarmed p50 = {warm_p50:.2f} ms (target <= 0.5 ms)",
+        "",
+        *cost_lines("serial"),
     ]
     RESULTS["overhead_ratio"] = ours / floor
     RESULTS["warm_p50_ms"] = warm_p50
     return lines
 
 
+class AlwaysPrepare(Pacing):
+    """A warm pool's pacing that never skips a child (the pool before it paced itself)."""
+
+    def wanted(self, key: tuple[Any, ...]) -> bool:
+        return True
+
+
+def _unpaced() -> Sandbox:
+    sandbox = Sandbox(prewarm=1)
+    sandbox.warm_pool.pacing = AlwaysPrepare()
+    return sandbox
+
+
+# The sandboxes of the sustained section: the server's defaults (a prewarmed
+# child per plugin, paced), the same pool never pacing itself, and no
+# prewarmed children; each at the same concurrency.
+SUSTAINED_SANDBOXES: dict[str, Callable[[], Sandbox]] = {
+    "prewarm 1 (the server's default), paced": lambda: Sandbox(prewarm=1),
+    "prewarm 1, never paced": _unpaced,
+    "prewarm 0": lambda: SANDBOX,
+}
+
+
 def sustained(seconds: float, threads: int) -> list[str]:
-    rate, busy, count = runner_rate(seconds, threads)
-    floor = fork_floor_rate(seconds, threads)
-    RESULTS["sustained_calls_per_s"] = rate
+    """Calls per second from `threads` threads, with what each call cost its
+    own processes, for each sandbox of SUSTAINED_SANDBOXES, beside os.fork +
+    pipe from a small parent at the same concurrency and length."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, make in SUSTAINED_SANDBOXES.items():
+        sandbox = make()
+        try:
+            runner_rate(0.5, threads, sandbox)  # the launcher, the uids' slots and cgroups
+            hits, skipped = sandbox.warm_hits, sandbox.warm_pool.pacing.skipped
+            found[name] = runner_rate(seconds, threads, sandbox)
+            found[name]["warm_hits"] = sandbox.warm_hits - hits
+            found[name]["fills_skipped"] = sandbox.warm_pool.pacing.skipped - skipped
+        finally:
+            if sandbox is not SANDBOX:
+                sandbox.close()
+    floor, floor_cost = fork_floor_rate(seconds, threads)
+    RESULTS["sustained"] = found
     RESULTS["fork_floor_calls_per_s"] = floor
-    RESULTS["cpu_ms_per_call"] = busy / count * 1000
-    return [
-        f"sustained fresh-process calls: {rate:.0f}/s with {threads} threads on "
-        f"{os.cpu_count()} cores over {seconds:.0f} s (target >= 400/s)",
-        f"os.fork + pipe from a small parent, {threads} threads, same length: {floor:.0f}/s; "
-        f"plughost reaches {rate / floor:.0%} of it (target >= 25%)",
-        f"machine CPU per call: {busy / count * 1000:.1f} ms, cores "
-        f"{busy * rate / count / (os.cpu_count() or 1):.0%} busy (target <= 4 ms)",
+    RESULTS.setdefault("cost", {})["bare sustained"] = floor_cost
+    RESULTS.setdefault("cost", {})["ours sustained"] = found["prewarm 0"]["cost"]
+    lines = [
+        f"{threads} threads on {os.cpu_count()} cores, {seconds:.0f} s each; CPU and minor page "
+        "faults per call of the call's own processes (host: every thread of the host's "
+        "process; launcher: its own; tree: the reaped call trees; bare: the parent's and "
+        "its reaped children's)",
+        "",
+        "| way | calls/s | share of fork + pipe | CPU ms/call (host, launcher, tree) "
+        "| faults/call (host, launcher, tree) | machine busy ms/call | warm hits, fills skipped |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for name, figures in found.items():
+        cost = figures["cost"]
+        lines.append(
+            f"| plughost, {name} | {figures['rate']:.0f} | {figures['rate'] / floor:.0%} "
+            f"| {cost['cpu_ms']:.2f} ({cost['host_cpu_ms']:.2f}, {cost['launcher_cpu_ms']:.2f}, "
+            f"{cost['tree_cpu_ms']:.2f}) | {cost['faults']:.0f} ({cost['host_faults']:.0f}, "
+            f"{cost['launcher_faults']:.0f}, {cost['tree_faults']:.0f}) "
+            f"| {figures['busy_ms']:.2f} | {figures['warm_hits']}, {figures['fills_skipped']} |"
+        )
+    lines.append(
+        f"| os.fork + pipe, small parent | {floor:.0f} | 100% | {floor_cost['cpu_ms']:.2f} "
+        f"({floor_cost['parent_cpu_ms']:.2f}, -, {floor_cost['children_cpu_ms']:.2f}) "
+        f"| {floor_cost['faults']:.0f} ({floor_cost['parent_faults']:.0f}, -, "
+        f"{floor_cost['children_faults']:.0f}) | - | - |"
+    )
+    return lines
 
 
-def runner_rate(seconds: float, threads: int) -> tuple[float, float, int]:
-    """ToolRunner.run from `threads` threads for `seconds`: calls per
-    second, the machine's busy CPU seconds, and the calls made."""
-    runner = ToolRunner(REGISTRY, SANDBOX)
+def runner_rate(seconds: float, threads: int, sandbox: Sandbox | None = None) -> dict[str, Any]:
+    """ToolRunner.run from `threads` threads for `seconds` on `sandbox`
+    (default SANDBOX): calls per second ("rate"), the machine's busy CPU per
+    call ("busy_ms", from /proc/stat: whatever else ran counts too), and the
+    cost of a call to its own processes ("cost", `CallCost`)."""
+    sandbox = sandbox or SANDBOX
+    runner = ToolRunner(REGISTRY, sandbox)
     count = 0
     lock = threading.Lock()
     stop = time.monotonic() + seconds
@@ -317,6 +494,8 @@ def runner_rate(seconds: float, threads: int) -> tuple[float, float, int]:
             with lock:
                 count += 1
 
+    cost = CallCost(sandbox)
+    cost.start()
     busy_before = _busy_cpu_s()
     started = time.monotonic()
     workers = [threading.Thread(target=loop) for _ in range(threads)]
@@ -325,7 +504,13 @@ def runner_rate(seconds: float, threads: int) -> tuple[float, float, int]:
     for worker in workers:
         worker.join()
     wall = time.monotonic() - started
-    return count / wall, _busy_cpu_s() - busy_before, count
+    busy = _busy_cpu_s() - busy_before
+    return {
+        "rate": count / wall,
+        "busy_ms": busy / count * 1000,
+        "calls": count,
+        "cost": cost.stop(count),
+    }
 
 
 def _busy_cpu_s() -> float:
@@ -407,12 +592,12 @@ def _read_response(conn: socket.socket, pending: bytes) -> bytes:
 
 
 @contextlib.contextmanager
-def serving(plugin_dir: Path, *extra: str) -> Iterator[int]:
+def serving(plugin_dir: Path, *extra: str) -> Iterator[tuple[int, int]]:
     """A server on `plugin_dir` (with the flags `extra`) while the block
-    runs; yields its port, and stops it after."""
+    runs; yields its port and pid, and stops it after."""
     server, port, _ = start_server(plugin_dir, *extra)
     try:
-        yield port
+        yield port, server.pid
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
@@ -463,11 +648,11 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
     body = json.dumps(
         {
             "plugin": "bench_trivial",
-            "image": base64.b64encode(b"\x89PNG").decode(),
+            "image": base64.b64encode(PNG_SIGNATURE).decode(),
             "mime_type": "image/png",
         }
     ).encode()
-    with serving(plugin_dir, "--workers", str(threads), "--prewarm", "0") as port:
+    with serving(plugin_dir, "--workers", str(threads), "--prewarm", "0") as (port, pid):
         # Warm-up, as the runner's own measurement comes after other calls:
         # the first calls of each uid make its slot and cgroups.
         _load(port, "GET", "/healthz", None, 50, concurrency)
@@ -476,10 +661,15 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
         # The runner's rate right before and after, as the fork floor is
         # taken right after the sustained section: the machine's own speed
         # drifts over a run, and a rate from minutes earlier carries it.
-        before, _, _ = runner_rate(4, threads)
+        runner_before = runner_rate(4, threads)
+        server_cost = ServerCost(pid)
         analyze = _load(port, "POST", "/v1/analyze", body, total, concurrency)
-        after, _, _ = runner_rate(4, threads)
-    with serving(plugin_dir) as port:
+        analyze_cost = server_cost.stop(total)
+        runner_after = runner_rate(4, threads)
+    before, after = runner_before["rate"], runner_after["rate"]
+    runner_cpu_ms = (runner_before["cost"]["cpu_ms"] + runner_after["cost"]["cpu_ms"]) / 2
+    RESULTS["http_runner_cpu_ms"] = runner_cpu_ms
+    with serving(plugin_dir) as (port, _):
         _load(port, "POST", "/v1/analyze", body, total // 5, concurrency)
         defaults = _load(port, "POST", "/v1/analyze", body, total, concurrency)
     RESULTS["http"] = {"noop": noop, "analyze": analyze, "analyze_defaults": defaults}
@@ -490,9 +680,18 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
     RESULTS["http_adjacent_runner_rate"] = adjacent
     against = (
         f"/v1/analyze reaches {analyze['rps'] / adjacent:.0%} of the ToolRunner's own "
-        f"sustained rate (target >= 80%): {adjacent:.0f}/s, the mean of {before:.0f}/s "
+        f"sustained rate (target >= 85%): {adjacent:.0f}/s, the mean of {before:.0f}/s "
         f"right before the requests and {after:.0f}/s right after, with the sandbox as "
         f"that measurement runs it: {threads} calls at once, no prewarmed child"
+    )
+    RESULTS["http_analyze_cost"] = analyze_cost
+    server_cpu_ms = analyze_cost["cpu_ms"]
+    by_cpu = (
+        f"CPU per request of the server's own processes (the server, its launcher, the "
+        f"reaped call trees): {server_cpu_ms:.2f} ms, of which the server's process "
+        f"{analyze_cost['server_cpu_ms']:.2f} ms; the ToolRunner's per call, right before "
+        f"and after: {runner_cpu_ms:.2f} ms. Requests per CPU-second reach "
+        f"{runner_cpu_ms / server_cpu_ms:.0%} of the runner's calls per CPU-second"
     )
     row = "| {} | {:.0f} | {:.2f} | {:.2f} | {:.2f} |"
     return [
@@ -510,9 +709,11 @@ def http_section(plugin_dir: Path, total: int, concurrency: int, threads: int) -
         ),
         "",
         against,
+        by_cpu,
         f"/v1/analyze reaches {share:.0%} of the no-op route's requests per second",
         "A prewarmed child takes the set-up off a call's latency, not its CPU: under "
-        "this load the server's defaults pay for the next call's child while a call runs.",
+        "this load the server's default warm pool paces itself (no child is prepared while "
+        "calls come faster than one is), so its calls are mostly cold starts.",
     ]
 
 
@@ -540,7 +741,7 @@ def limits_section(n: int) -> list[str]:
     RESULTS["memory_peak_pct"] = worst
     lines = [
         f"timeout verdict after the 1 s limit: p50 {late_stats['p50']:.1f} ms, p99 {late_stats['p99']:.1f} ms "
-        f"(target p99 <= 50 ms)",
+        f"(target p99 <= 20 ms)",
         "| memory bomb (limit 128 MB) | peak, % of limit | verdict |",
         "|---|---|---|",
     ]
@@ -788,45 +989,107 @@ def main() -> None:
         write_docs(output)
 
 
-# (RESULTS key, what, target as text, met?) for the summary; a figure not
-# measured in this run (a section left out) is reported as such.
-TARGETS: list[tuple[str, str, str, Callable[[float], bool], Callable[[float], str]]] = [
-    ("cpu_ms_per_call", "machine CPU per isolated trivial call", "<= 4 ms",
-     lambda v: v <= 4, lambda v: f"{v:.1f} ms"),
-    ("sustained_calls_per_s", "sustained isolated calls, 4 threads", ">= 400/s",
-     lambda v: v >= 400, lambda v: f"{v:.0f}/s"),
-    ("floor_share", "... as a share of os.fork + pipe at the same concurrency", ">= 25%",
-     lambda v: v >= 0.25, lambda v: f"{v:.0%}"),
-    ("warm_p50_ms", "serial p50, prewarmed child", "<= 2 ms",
-     lambda v: v <= 2, lambda v: f"{v:.2f} ms"),
-    ("overhead_ratio", "serial p50, cold, / fork floor p50", "<= 4",
-     lambda v: v <= 4, lambda v: f"{v:.1f}"),
-    ("http_runner_share", "/v1/analyze / the ToolRunner's sustained rate", ">= 80%",
-     lambda v: v >= 0.8, lambda v: f"{v:.0%}"),
-    ("timeout_p99_late_ms", "timeout verdict, p99 late", "<= 50 ms",
-     lambda v: v <= 50, lambda v: f"{v:.1f} ms"),
-    ("memory_peak_pct", "memory bomb's worst peak, % of its limit", "< 110%",
-     lambda v: v < 110, lambda v: f"{v:.0f}%"),
-    ("rss_growth", "host RSS growth over the rss section's calls", "< 10%",
-     lambda v: v < 0.10, lambda v: f"{v:+.1%}"),
-]  # fmt: skip
+def cost_lines(way: str) -> list[str]:
+    """The cost table of the calls measured `way` ("serial"): plughost's
+    cold calls and os.fork + pipe from a small parent, in this run."""
+    ours, bare = RESULTS["cost"][f"ours {way}"], RESULTS["cost"][f"bare {way}"]
+    return [
+        f"What a {way} call costs its own processes (per call; plughost: cold, every layer; "
+        "host: every thread of the host's process, launcher: its own, tree: the reaped "
+        "call trees; bare: the parent's, and the children it reaped):",
+        "",
+        "| | CPU ms | minor page faults |",
+        "|---|---|---|",
+        f"| plughost: host | {ours['host_cpu_ms']:.2f} | {ours['host_faults']:.0f} |",
+        f"| plughost: launcher | {ours['launcher_cpu_ms']:.2f} | {ours['launcher_faults']:.0f} |",
+        f"| plughost: call tree | {ours['tree_cpu_ms']:.2f} | {ours['tree_faults']:.0f} |",
+        f"| **plughost: all** | {ours['cpu_ms']:.2f} | {ours['faults']:.0f} |",
+        f"| bare: parent | {bare['parent_cpu_ms']:.2f} | {bare['parent_faults']:.0f} |",
+        f"| bare: child | {bare['children_cpu_ms']:.2f} | {bare['children_faults']:.0f} |",
+        f"| **bare: all** | {bare['cpu_ms']:.2f} | {bare['faults']:.0f} |",
+        f"| **ratio** | {ours['cpu_ms'] / bare['cpu_ms']:.1f} | "
+        f"{ours['faults'] / bare['faults']:.1f} |",
+    ]
+
+
+def _target_figures() -> list[tuple[str, float | None, float | None, str, Callable[[float], bool]]]:
+    """(figure, ours, bare, target, met(ratio or ours)) for each target: a
+    row with a bare figure is judged by ours / bare, one without by ours."""
+    cost = RESULTS.get("cost", {})
+    sustained = RESULTS.get("sustained", {})
+    floor_rate = RESULTS.get("fork_floor_calls_per_s")
+    rows: list[tuple[str, float | None, float | None, str, Callable[[float], bool]]] = []
+    for way, label in (("sustained", "4 threads"), ("serial", "serial, cold")):
+        ours, bare = cost.get(f"ours {way}"), cost.get(f"bare {way}")
+        for key, what in (("cpu_ms", "CPU ms"), ("faults", "minor page faults")):
+            rows.append(
+                (
+                    f"{what} per call, all its processes ({label})",
+                    ours[key] if ours else None,
+                    bare[key] if bare else None,
+                    "<= 2x bare",
+                    lambda r: r <= 2,
+                )
+            )
+    for name, figures in sustained.items():
+        rows.append(
+            (
+                f"sustained calls/s, 4 threads, {name}",
+                figures["rate"],
+                floor_rate,
+                ">= 50% of bare",
+                lambda r: r >= 0.5,
+            )
+        )
+    overhead = RESULTS.get("overhead", {})
+    floor = overhead.get("os.fork + pipe, small parent (floor)", {}).get("p50")
+    cold = overhead.get("plughost, every layer (fresh process per call)", {}).get("p50")
+    late = RESULTS.get("timeout_late_ms", {}).get("p99")
+    rows += [
+        ("serial p50 ms, cold", cold, floor, "<= 2.5x bare", lambda r: r <= 2.5),
+        ("serial p50 ms, prewarmed child", RESULTS.get("warm_p50_ms"), None, "<= 0.5 ms",
+         lambda v: v <= 0.5),
+        ("/v1/analyze requests per CPU-second against the ToolRunner's calls per CPU-second",
+         _per_cpu_s(RESULTS.get("http_analyze_cost", {}).get("cpu_ms")),
+         _per_cpu_s(RESULTS.get("http_runner_cpu_ms")), ">= 85% of the runner's",
+         lambda r: r >= 0.85),
+        ("/v1/analyze req/s against the ToolRunner's calls/s",
+         RESULTS.get("http", {}).get("analyze", {}).get("rps"),
+         RESULTS.get("http_adjacent_runner_rate"), ">= 85% of the runner's", lambda r: r >= 0.85),
+        ("timeout verdict, p99 ms late", late, None, "<= 20 ms", lambda v: v <= 20),
+        ("memory bomb's worst peak, % of its limit", RESULTS.get("memory_peak_pct"), None,
+         "< 110%", lambda v: v < 110),
+        ("host RSS growth over the rss section's calls, %",
+         None if "rss_growth" not in RESULTS else RESULTS["rss_growth"] * 100, None,
+         "flat (< 10%)", lambda v: v < 10),
+    ]  # fmt: skip
+    return rows
+
+
+def _per_cpu_s(cpu_ms: float | None) -> float | None:
+    return 1000 / cpu_ms if cpu_ms else None
 
 
 def targets_section() -> list[str]:
-    """Every target of the run beside its figure from this run."""
-    if "sustained_calls_per_s" in RESULTS and "fork_floor_calls_per_s" in RESULTS:
-        RESULTS["floor_share"] = (
-            RESULTS["sustained_calls_per_s"] / RESULTS["fork_floor_calls_per_s"]
+    """Every target beside its figure from this run: ours, the bare way's
+    (os.fork + pipe from a small parent) where the target is a ratio to it."""
+    lines = ["| figure | ours | bare | ratio | target | met |", "|---|---|---|---|---|---|"]
+    judged = []
+    for what, ours, bare, goal, met in _target_figures():
+        if ours is None:
+            lines.append(f"| {what} | not measured in this run | | | {goal} | - |")
+            continue
+        ratio = ours / bare if bare else None
+        value = ratio if ratio is not None else ours
+        judged.append({"figure": what, "ours": ours, "bare": bare, "ratio": ratio,
+                       "target": goal, "met": met(value)})  # fmt: skip
+        shown_ratio = f"{ratio:.2f}" if ratio is not None else "-"
+        shown_bare = f"{bare:.2f}" if bare is not None else "-"
+        lines.append(
+            f"| {what} | {ours:.2f} | {shown_bare} | {shown_ratio} | {goal} "
+            f"| {'yes' if met(value) else 'no'} |"
         )
-    if "timeout_late_ms" in RESULTS:
-        RESULTS["timeout_p99_late_ms"] = RESULTS["timeout_late_ms"]["p99"]
-    lines = ["| target | measured | goal | met |", "|---|---|---|---|"]
-    for key, what, goal, met, shown in TARGETS:
-        value = RESULTS.get(key)
-        if value is None:
-            lines.append(f"| {what} | not measured in this run | {goal} | - |")
-        else:
-            lines.append(f"| {what} | {shown(value)} | {goal} | {'yes' if met(value) else 'no'} |")
+    RESULTS["targets"] = judged
     return lines
 
 
@@ -849,45 +1112,88 @@ def write_docs(sections: list[str]) -> None:
     rest = textwrap.dedent(
         """        ## Which targets are met, and what the others are made of
 
-        The last section of every run, "targets", sets each target of the
-        speed work beside its figure from that run; "Where a call's time
-        goes" (scripts/phases.py) says what a call is made of. A cold call
-        with every layer on a root host is one fork by the launcher, into
-        the PID and network namespaces of the call's uid's slot (kept
-        between calls and cleaned by the slot's holder after each), into
-        the uid's cgroups (kept too, on cgroup v1), a private copy of the
-        plugin's minimal root with its own scratch and /proc, Landlock and
-        seccomp, the payload, the plugin's import (its bytecode written
-        once, when the host prepared it) and run, and on the way out one
-        exit, the mount namespace's teardown, the reap and the slot's
-        clean-up; the IPC and UTS namespaces are the launcher's, made once
-        and shared (SECURITY.md, "Shared between calls"). With the host's
-        and the launcher's share that comes to 3.7-4.0 ms of machine
-        CPU per call at four callers in the fifth round's last seven full runs
-        (one of them 4.03 ms), against the 4 ms target; the fourth round's
-        tree measured 4.1-5.1 ms, and the machine's own speed moved by up to
-        a fifth between its runs, so a slow hour can put a run above the
-        target. Most of
-        a call is pages: the fork and exit of a 15 MB Python process (its
-        page tables copied, then each page either side writes copied again,
-        then unmapped) and the pages the child and the launcher write on
-        the way. "Where a call's time goes" says where they are written,
-        and what is left.
+        The targets are ratios to the bare way of making a call, `os.fork` and a
+        pipe from a small parent (a fresh interpreter with nothing imported),
+        measured in the same run, so that they compare between machines and
+        between a quiet and a busy hour. The "targets" section of every run sets
+        each one beside its figure: ours, the bare call's, the ratio, met or not.
 
-        The `/v1/analyze` figure set beside the runner's comes from a server
-        whose sandbox runs as the runner's measurement does (four calls at
-        once, no prewarmed child), warmed up as the runner is, so the
-        difference is the HTTP request, JSON, base64 and the job's one
-        commit; the server's defaults are printed beside it. Its clients
-        share the two cores, so they are raw sockets that send a request
-        made in advance, and the runner's rate is measured right before and
-        right after the requests. The server spends about 0.9 ms a request
-        beyond the runner's own host share, 0.6 ms of it in the event loop's
-        thread (uvicorn's h11, the middleware, the route, the response) and
-        the rest handing the job to a worker thread and back and storing it;
-        the cheaper the call, the larger that share. The ratio was 78-81% in
-        the three full runs that measured it so, 83-85% in runs of the two
-        sections alone.
+        A call's cost is counted on its own processes: the host's process (every
+        thread: the callers, the closer, the warm pool's keeper and starter;
+        `resource.getrusage(RUSAGE_SELF)`), the launcher's own CPU and minor page faults,
+        and those of the call trees it reaped (`/proc/<launcher>/stat`: `utime`,
+        `stime`, `minflt`, and the reaped children's `cutime`, `cstime`,
+        `cminflt`, which `wait4` adds up). The bare call is counted the same way:
+        its parent, and the children it reaped. Other work on the machine
+        inflates wall-clock rates and the machine's busy time per call, not these
+        counts; it still makes each process slower (caches, migrations), so CPU
+        per call moves with the machine's load, minor faults hardly at all.
+
+        The runs of this round were made on a shared machine: its 2 cores ran
+        other work throughout (load average 4-11; the machine's busy time per
+        call at four callers was 2 to 3 times what our calls' own processes
+        used). Its rates and latencies are low and noisy; the counts are what
+        compare. Two full runs (`make bench`), the first and the second figure
+        of each pair (the tables below are the second run's):
+
+        | figure | ours | bare | ratio | target |
+        |---|---|---|---|---|
+        | minor page faults per call, 4 threads | 894, 897 | 330, 327 | 2.7, 2.7 | <= 2 |
+        | minor page faults per call, serial, cold | 901, 907 | 310, 309 | 2.9, 2.9 | <= 2 |
+        | CPU ms per call, 4 threads | 9.79, 7.42 | 2.43, 1.77 | 4.0, 4.2 | <= 2 |
+        | CPU ms per call, serial, cold | 7.31, 8.45 | 1.58, 1.39 | 4.6, 6.1 | <= 2 |
+        | calls/s at 4 threads, server's default (paced warm pool) | 82, 163 | 270, 732 | 30%, 22% | >= 50% |
+        | calls/s at 4 threads, no prewarm | 72, 110 | 270, 732 | 27%, 15% | >= 50% |
+        | serial p50 ms, cold | 8.3, 8.3 | 3.2, 1.4 | 2.6, 6.0 | <= 2.5 |
+        | /v1/analyze requests per CPU-second / the runner's calls per CPU-second | | | 77%, 80% | >= 85% |
+
+        Where the faults are: a call's tree takes about 610 (the child's
+        Python writing pages it shares with the launcher, its exit unmapping
+        them), the launcher about 290 a call (its loop's pages written while
+        children still share them), the host's process none in steady state;
+        the bare call's child takes about 250 and its parent 80. The faults
+        and most of the CPU are the launcher's and the child's, whose design
+        this round did not change; "Where a call's time goes" says where they
+        are written. The wall-clock targets (the prewarmed p50 of 0.5 ms, a
+        timeout verdict at most 20 ms late, a memory bomb's peak) cannot be
+        judged on a machine this busy (the prewarmed p50 was 4.7-5.7 ms, a
+        verdict 82-194 ms late at p99): the fifth round's tree, on a quiet
+        machine, gave a prewarmed p50 of 0.71 ms and a verdict 7.8 ms late.
+
+        **The warm pool paces itself.** The server prewarms a child per plugin
+        by default. Under sustained load a call rarely finds one ready (at
+        four callers the pool that always prepares got a warm child for one
+        call in ten), so a call paid a cold start while the pool prepared the
+        next child beside it, and a warm call's hand-over (the keeper, the
+        stop, the continue) costs more than a cold start. The pool now keeps,
+        per plugin, a moving mean of the time between its calls and of the
+        time a child takes from its fork until it is ready, and prepares no
+        child while calls come faster than that (`sandbox.prewarm.Pacing`);
+        the first call after the rate drops prepares one again. Serial calls
+        with a pause between them still find their warm child (100 of 100 in
+        the overhead section's loop). At four callers, 3 s each, three runs
+        alternating: the paced pool 897-900 faults and 7.7-9.6 ms of CPU per
+        call, the pool that always prepares 948-966 faults and 9.7-11.3 ms,
+        no prewarm 895-899 faults and 7.4-9.1 ms; in the two full runs
+        (10 s each), 887-894 faults and 6.5-8.7 ms paced, 935-938 and
+        8.9-10.6 ms always preparing, 894-897 and 7.4-9.8 ms without prewarm.
+        The sustained section prints all three.
+
+        **HTTP parsed by httptools.** The server ran uvicorn's h11 protocol;
+        it now runs its httptools protocol (llhttp, in C) with the same
+        header and body deadlines and connection cap, and a 16 KiB cap on a
+        request's headers that h11 had and httptools lacks. The server's own
+        process took 0.385-0.420 ms per `GET /healthz` with h11 and
+        0.275-0.300 ms with httptools, 4.12-4.57 and 3.62-3.63 ms per
+        `/v1/analyze` (two alternating pairs, 600 requests, a loaded machine).
+        The `/v1/analyze` figure is now also counted in CPU: requests per
+        CPU-second of the server's own processes (its process, its launcher,
+        the call trees) against the runner's calls per CPU-second of its
+        own, measured right before and after. The server's process spends
+        about 2 ms a request beyond the runner's host share on this machine
+        (the route, JSON, base64, handing the job to a worker thread and back,
+        the job's commit); the rate ratio printed beside it moves with the
+        machine's load far more than the counts do.
 
         A prewarmed child has done all of its set-up and imported its plugin
         before the call arrives, and the answer goes back before the call's

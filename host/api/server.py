@@ -1,10 +1,12 @@
 """How the API is served: uvicorn, with the connection limits it lacks.
 
-uvicorn's h11 protocol closes an idle keep-alive connection, but it has no
-deadline for a request's headers or body and no cap on connections: clients
-that never finish their headers hold a descriptor each until the host has
-none left (then asyncio logs `socket.accept() out of system resource` in a
-loop). `LimitedH11Protocol` adds, per connection::
+uvicorn's httptools protocol (llhttp, a C parser: a third of the CPU per
+request of its h11 protocol) closes an idle keep-alive connection, but it
+has no deadline for a request's headers or body, no cap on connections and
+no limit on the size of a request's headers: clients that never finish
+their headers hold a descriptor each until the host has none left (then
+asyncio logs `socket.accept() out of system resource` in a loop).
+`LimitedHttpProtocol` adds, per connection::
 
     accepted ──> headers (header_timeout_s) ──> body (body_timeout_s) ──> app
         ^                                                                 |
@@ -14,7 +16,10 @@ loop). `LimitedH11Protocol` adds, per connection::
   headers, then for its body; a client that misses one is disconnected;
 - a cap on open connections: one past `max_connections` closes the
   connection that has waited longest for its headers, or, when every
-  connection is busy with a request, is itself answered 503 and closed.
+  connection is busy with a request, is itself answered 503 and closed;
+- a cap on a request's headers, MAX_HEADER_BYTES (h11's default, which the
+  h11 protocol enforced): a client that sends more before its headers end
+  is answered 400 and closed.
 
 `serve` raises the descriptor limit to its hard maximum, keeps the cap
 below what that leaves, and runs uvicorn with the protocol and a listen
@@ -40,10 +45,9 @@ import resource
 import socket
 from typing import Any
 
-import h11
 import uvicorn
 from fastapi import FastAPI
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from host.config import Settings
 from host.errors import envelope
@@ -54,6 +58,8 @@ log = logging.getLogger("plughost.api")
 RESERVED_FDS = 256
 # uvicorn's exit status for a start-up that failed.
 STARTUP_FAILURE = 3
+# Bytes a request may send before its headers end (h11's limit, 16 KiB).
+MAX_HEADER_BYTES = 16 * 1024
 
 
 def _refusal() -> bytes:
@@ -66,8 +72,9 @@ def _refusal() -> bytes:
     return head.encode() + body
 
 
-class LimitedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with header and body deadlines and a connection cap.
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header and body deadlines, a
+    connection cap and a cap on a request's headers.
 
     Configure a subclass with `configured`; uvicorn creates one per connection.
     """
@@ -81,11 +88,14 @@ class LimitedH11Protocol(H11Protocol):
         self._phase = ""  # "headers", "body", or "" (the app has the request, or closed)
         self._since = 0.0
         self._deadline: asyncio.TimerHandle | None = None
+        # Where the parser is: "" (between requests), "headers" or "body".
+        self._parsing = ""
+        self._header_bytes = 0  # received since the last request's headers ended
 
     @classmethod
     def configured(
         cls, header_timeout_s: float, body_timeout_s: float, max_connections: int
-    ) -> type[LimitedH11Protocol]:
+    ) -> type[LimitedHttpProtocol]:
         """A subclass with these limits, for uvicorn's `http` setting."""
         limits = {
             "header_timeout_s": header_timeout_s,
@@ -107,8 +117,28 @@ class LimitedH11Protocol(H11Protocol):
         self._track()
 
     def data_received(self, data: bytes) -> None:
+        if self._parsing != "body":
+            self._header_bytes += len(data)
         super().data_received(data)
+        if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+            self._phase = "closed"
+            self._cancel()
+            self.send_400_response(f"Request headers over {MAX_HEADER_BYTES} bytes.")
+            return
         self._track()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._parsing = "headers"
+
+    def on_headers_complete(self) -> None:
+        self._parsing = "body"
+        self._header_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._parsing = ""
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -125,8 +155,11 @@ class LimitedH11Protocol(H11Protocol):
         """Arm the deadline of the phase the connection is in now."""
         if self._phase == "closed" or self.transport.is_closing():
             return
-        state = self.conn.their_state
-        phase = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else ""
+        phase = self._parsing
+        if phase != "body" and (self.pipeline or self._app_busy()):
+            phase = ""  # the app has a request: no deadline until its response is complete
+        elif phase == "":
+            phase = "headers"  # waiting for the next request
         if phase == self._phase:
             return
         self._cancel()
@@ -135,6 +168,10 @@ class LimitedH11Protocol(H11Protocol):
         if phase:
             timeout = self.header_timeout_s if phase == "headers" else self.body_timeout_s
             self._deadline = self.loop.call_later(timeout, self._expire, phase)
+
+    def _app_busy(self) -> bool:
+        cycle = getattr(self, "cycle", None)  # set at a request's headers
+        return cycle is not None and not cycle.response_complete
 
     def _cancel(self) -> None:
         if self._deadline is not None:
@@ -158,7 +195,7 @@ class LimitedH11Protocol(H11Protocol):
         waiting = [
             c
             for c in self.connections
-            if isinstance(c, LimitedH11Protocol) and c is not self and c._phase == "headers"
+            if isinstance(c, LimitedHttpProtocol) and c is not self and c._phase == "headers"
         ]
         if not waiting:
             return False
@@ -190,6 +227,12 @@ def connection_cap(wanted: int, descriptors: int) -> int:
             descriptors,
         )
     return min(wanted, room)
+
+
+def serving_cap(wanted: int) -> int:
+    """The connection cap a server runs with: `wanted`, lowered to leave
+    RESERVED_FDS free of the descriptor limit (raised to its maximum first)."""
+    return connection_cap(wanted, raise_descriptor_limit())
 
 
 def backlog(cap: int) -> int:
@@ -255,14 +298,19 @@ class _Server(uvicorn.Server):
             log.info("serving on %s (console %s/console, API docs %s/docs)", base, base, base)
 
 
-def serve(app: FastAPI, settings: Settings, sock: socket.socket | None = None) -> None:
+def serve(
+    app: FastAPI, settings: Settings, sock: socket.socket | None = None, cap: int | None = None
+) -> None:
     """Run the API with uvicorn until it is stopped (SIGINT or SIGTERM), on
-    `sock` (from `listen`; by default listen on the settings' address now).
+    `sock` (from `listen` with `backlog(cap)`; by default listen on the
+    settings' address now), with at most `cap` connections (from
+    `serving_cap`; by default worked out now).
 
     Exits with uvicorn's start-up failure status (3) when the start-up fails.
     """
-    cap = connection_cap(settings.max_connections, raise_descriptor_limit())
-    protocol = LimitedH11Protocol.configured(
+    if cap is None:
+        cap = serving_cap(settings.max_connections)
+    protocol = LimitedHttpProtocol.configured(
         settings.header_timeout_s, settings.body_timeout_s, cap
     )
     # asyncio accepts up to `backlog` connections per wake-up, and a few
@@ -293,9 +341,10 @@ def serve(app: FastAPI, settings: Settings, sock: socket.socket | None = None) -
 
 __all__ = [
     "AddressUnavailable",
-    "LimitedH11Protocol",
+    "LimitedHttpProtocol",
     "connection_cap",
     "listen",
     "raise_descriptor_limit",
     "serve",
+    "serving_cap",
 ]

@@ -240,3 +240,34 @@ def test_shared_options_come_from_one_parent_parser() -> None:
     serve = parser.parse_args(["serve", "--disable-layer", "seccomp", "--prewarm", "2"])
     suite = parser.parse_args(["crash-suite", "--disable-layer", "seccomp"])
     assert serve.disable_layers == suite.disable_layer == ["seccomp"] and serve.prewarm == 2
+
+
+def test_serve_listens_with_the_backlog_of_the_cap_it_runs_with(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A descriptor limit below what max_connections asks for lowers the cap;
+    # the socket `plughost serve` listens on must be given that cap's backlog.
+    import host.api
+    import host.api.server as server
+    from host.cli import main
+
+    seen: dict[str, int | None] = {}
+
+    def listen(host: str, port: int, backlog: int = 128) -> str:
+        seen["backlog"] = backlog
+        return "socket"
+
+    def serve(app: object, settings: object, sock: object = None, cap: int | None = None) -> None:
+        assert sock == "socket"
+        seen["cap"] = cap
+
+    monkeypatch.setenv("PLUGHOST_MAX_CONNECTIONS", "4000")
+    monkeypatch.setattr(server, "raise_descriptor_limit", lambda: 1280)
+    monkeypatch.setattr(server, "listen", listen)
+    monkeypatch.setattr(server, "serve", serve)
+    monkeypatch.setattr(host.api, "create_app", lambda settings: "app")
+    argv = ["serve", "--port", "0", "--db", str(tmp_path / "jobs.sqlite3")]
+    assert main(argv) == 0
+    cap = 1280 - server.RESERVED_FDS
+    assert seen == {"cap": cap, "backlog": server.backlog(cap)}
+    assert server.backlog(cap) < server.backlog(4000)  # the test tells the two apart

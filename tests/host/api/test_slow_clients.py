@@ -4,6 +4,7 @@ than the connection cap, and neither starve benign calls nor flood the log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from host.api.server import RESERVED_FDS, connection_cap
+from host.api.server import MAX_HEADER_BYTES, RESERVED_FDS, connection_cap
 from tests.host.test_serve import BODY, free_port, start_server, stop
 
 pytestmark = [pytest.mark.no_leak_check, pytest.mark.timeout(120)]
@@ -130,3 +131,28 @@ def test_connection_cap_leaves_descriptors_for_the_host() -> None:
     assert connection_cap(512, 20_000) == 512
     assert connection_cap(512, 300) == 300 - RESERVED_FDS
     assert connection_cap(512, 100) == 1
+
+
+def test_headers_past_their_cap_are_answered_400_and_the_connection_closed(
+    server: tuple,
+) -> None:
+    port = server[0]
+
+    filler = b"x-filler: " + b"a" * 1000 + b"\r\n"
+    head = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + filler * (MAX_HEADER_BYTES // len(filler) + 2)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(OSError):  # the server may close before it has read it all
+            sock.sendall(head)
+        answer = b""
+        while True:
+            more = sock.recv(65536)
+            if not more:
+                break
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert f"over {MAX_HEADER_BYTES} bytes".encode() in answer
+    # Headers within the cap are served on the same server.
+    ok = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + filler * 8 + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(ok)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
