@@ -1,0 +1,251 @@
+"""Batches: `POST /v1/batches` (202: many images for one plugin, one id),
+`GET /v1/batches/{id}` (status, counts per job status, items in bounded
+pages), `GET /v1/batches` (the caller's batches), `DELETE /v1/batches/{id}`
+(cancel every unfinished item). A client sees and cancels only its own
+batches; the admin sees everyone's. Each item is also a job of its own at
+`/v1/jobs/{job_id}`.
+
+Every route runs its store work on the store's threads (`in_store_thread`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from host.api.bodies import EXAMPLE_PNG, IDEMPOTENCY_DOC, idempotency_key, read_body, require_json
+from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep, SettingsDep, in_store_thread
+from host.api.errors import responses
+from host.services.batches import Batch, BatchPage, parse_batch
+from host.services.payloads import option_bounds
+
+router = APIRouter(tags=["batches"])
+
+EXAMPLE_BATCH: dict[str, Any] = {
+    "plugin": "image_info",
+    "items": [
+        {"image": EXAMPLE_PNG, "mime_type": "image/png"},
+        {"image": EXAMPLE_PNG, "mime_type": "image/png", "options": {}},
+    ],
+    "options": {},
+}
+
+
+# Documentation only: the route parses its body itself, under the host's caps.
+class BatchItemRequest(BaseModel):
+    """One image of a batch, as the body of `POST /v1/jobs` without `plugin`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="the image file's bytes in standard base64 (RFC 4648)")
+    mime_type: str = Field(description="the image's type; it must match the image's bytes")
+    options: dict[str, Any] | None = Field(
+        default=None, description="this item's options; default: the batch's `options`"
+    )
+
+
+class BatchRequest(BaseModel):
+    """Images for one plugin. At most `max_batch_items` items (default 100);
+    each is checked as `POST /v1/jobs` checks its body, and one bad item
+    refuses the whole batch (400, its index in `details.index`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    plugin: str | None = Field(default=None, description="default: the host's default plugin")
+    items: list[BatchItemRequest] = Field(min_length=1)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="options of the items that give none"
+    )
+
+
+class BatchItemRef(BaseModel):
+    index: int
+    job_id: str
+
+
+class BatchCreated(BaseModel):
+    id: str
+    plugin: str
+    status: str
+    created_at: str
+    total: int
+    items: list[BatchItemRef]
+
+
+class BatchItem(BaseModel):
+    index: int
+    job_id: str
+    status: str | None = Field(description="the item's job status; null once it was pruned")
+    started_at: str | None = None
+    finished_at: str | None = None
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+
+class BatchSummary(BaseModel):
+    id: str
+    plugin: str
+    owner: str
+    created_at: str
+    finished_at: str | None = Field(description="when its last item ended")
+    status: str = Field(description="PENDING (no item started), RUNNING or FINISHED")
+    total: int = Field(description="its number of items")
+    counts: dict[str, int] = Field(description="its items per job status")
+
+
+class BatchView(BatchSummary):
+    items: list[BatchItem]
+    offset: int
+    limit: int
+    next_offset: int | None = Field(
+        description="offset of the next page of items; null on the last"
+    )
+    truncated: bool = Field(description="the host's size cap for one page ended the items early")
+
+
+class BatchList(BaseModel):
+    batches: list[BatchSummary]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+BATCH_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": BatchRequest.model_json_schema(),
+                "examples": {
+                    "two_pngs": {"summary": "two 1x1 PNGs for image_info", "value": EXAMPLE_BATCH}
+                },
+            }
+        },
+    }
+}
+
+
+def _created(batch: Batch) -> dict[str, Any]:
+    return {
+        "id": batch.id,
+        "plugin": batch.plugin,
+        "status": "PENDING" if batch.finished_at is None else "FINISHED",
+        "created_at": batch.created_at,
+        "total": len(batch.job_ids),
+        "items": [{"index": i, "job_id": job_id} for i, job_id in enumerate(batch.job_ids)],
+        "links": {"self": f"/v1/batches/{batch.id}"},
+    }
+
+
+@router.post(
+    "/v1/batches",
+    status_code=202,
+    response_model=BatchCreated,
+    responses=JSON_ERRORS | responses(409),
+    dependencies=CLIENT,
+    summary="Queue many images for one plugin; poll GET /v1/batches/{id}",
+    openapi_extra={**BATCH_BODY_DOC, **IDEMPOTENCY_DOC},
+)
+async def create_batch(
+    request: Request, svc: ServicesDep, settings: SettingsDep, caller: CallerDep
+) -> JSONResponse:
+    require_json(request)
+    key = idempotency_key(request)
+    bounds = option_bounds(
+        settings.options_max_depth, settings.options_max_items, settings.options_max_string_bytes
+    )
+    plugin, items = parse_batch(await read_body(request), bounds, settings.max_batch_items)
+    name = plugin or settings.default_plugin
+    payloads = [item.payload() for item in items]
+    batch = await in_store_thread(
+        request,
+        lambda: svc.batches.create(name, payloads, caller.id, key, settings.max_batch_items),
+    )
+    # A retried request (its key known) gets the batch as it is now.
+    body = _created(batch)
+    return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
+
+
+def _view(page: BatchPage, limit: int, offset: int) -> str:
+    """The batch's JSON body, its items' stored documents spliced in."""
+    head = json.dumps(page.head(), separators=(",", ":"))
+    tail = json.dumps(
+        {
+            "offset": offset,
+            "limit": limit,
+            "next_offset": page.next_offset,
+            "truncated": page.truncated,
+        },
+        separators=(",", ":"),
+    )
+    return f'{head[:-1]},"items":[{",".join(page.items)}],{tail[1:]}'
+
+
+@router.get(
+    "/v1/batches/{batch_id}",
+    response_model=BatchView,
+    responses=JSON_ERRORS,
+    summary="A batch: status, counts per job status, and its items in bounded pages",
+)
+async def get_batch(
+    request: Request,
+    batch_id: str,
+    svc: ServicesDep,
+    settings: SettingsDep,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Response:
+    page = await in_store_thread(
+        request,
+        lambda: svc.batches.get(batch_id, caller.scope, limit, offset, settings.max_list_bytes),
+    )
+    return Response(_view(page, limit, offset), media_type="application/json")
+
+
+@router.get(
+    "/v1/batches",
+    response_model=BatchList,
+    responses=JSON_ERRORS,
+    summary="The caller's batches (the admin's: everyone's), newest first",
+)
+async def list_batches(
+    request: Request,
+    svc: ServicesDep,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    found, total = await in_store_thread(
+        request, svc.batches.list_batches, caller.scope, limit, offset
+    )
+    end = offset + len(found)
+    return {
+        "batches": found,
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": end if end < total else None,
+    }
+
+
+@router.delete(
+    "/v1/batches/{batch_id}",
+    response_model=BatchView,
+    responses=responses(401, 404, 409, 500),
+    summary="Cancel a batch: its queued items never run, running sandboxes are killed",
+)
+async def cancel_batch(
+    request: Request, batch_id: str, svc: ServicesDep, settings: SettingsDep, caller: CallerDep
+) -> Response:
+    def cancel() -> BatchPage:
+        svc.batches.cancel(batch_id, caller.scope)
+        return svc.batches.get(batch_id, caller.scope, 100, 0, settings.max_list_bytes)
+
+    page = await in_store_thread(request, cancel)
+    return Response(_view(page, 100, 0), media_type="application/json")
