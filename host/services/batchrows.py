@@ -291,6 +291,10 @@ class MemoryBatchRows:
         self, batch: Batch, items: Sequence[tuple[Job, dict[str, Any]]], idem: Idempotency | None
     ) -> bool:
         held = self._held
+        taken = [job.id for job, _ in items if self._jobs.job(job.id) is not None]
+        if taken or len({job.id for job, _ in items}) != len(items) or batch.id in held.batches:
+            # As a primary key refuses the insert, before anything is stored.
+            raise KeyError(f"batch {batch.id} or its jobs are stored already")
         if idem is not None:
             if (batch.owner, idem.key) in held.keys:
                 return False
