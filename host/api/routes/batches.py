@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,28 +38,45 @@ EXAMPLE_BATCH: dict[str, Any] = {
 
 # Documentation only: the route parses its body itself, under the host's caps.
 class BatchItemRequest(BaseModel):
-    """One image of a batch, as the body of `POST /v1/jobs` without `plugin`."""
+    """One image of a batch: the body of POST /v1/jobs, without a plugin."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description="the image file's bytes in standard base64 (RFC 4648)")
-    mime_type: str = Field(description="the image's type; it must match the image's bytes")
+    image: str = Field(
+        description="the image file's bytes in standard base64 (RFC 4648)",
+        examples=[EXAMPLE_PNG],
+    )
+    mime_type: str = Field(
+        description="the image's type; it must match the image's bytes", examples=["image/png"]
+    )
     options: dict[str, Any] | None = Field(
-        default=None, description="this item's options; default: the batch's `options`"
+        default=None,
+        description="this item's options; default: the batch's `options`",
+        examples=[{}],
     )
 
 
 class BatchRequest(BaseModel):
-    """Images for one plugin. At most `max_batch_items` items (default 100);
-    each is checked as `POST /v1/jobs` checks its body, and one bad item
-    refuses the whole batch (400, its index in `details.index`)."""
+    """Images for one plugin, 100 at most unless the host sets another
+    limit. Each is checked as POST /v1/jobs checks its body, and one bad
+    item refuses the whole batch: a 400 whose details give its `index`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    plugin: str | None = Field(default=None, description="default: the host's default plugin")
-    items: list[BatchItemRequest] = Field(min_length=1)
+    plugin: str | None = Field(
+        default=None,
+        description="the plugin to run; default: the host's default plugin",
+        examples=[EXAMPLE_BATCH["plugin"]],
+    )
+    items: list[BatchItemRequest] = Field(
+        min_length=1,
+        description="the images, each a job of its own",
+        examples=[EXAMPLE_BATCH["items"]],
+    )
     options: dict[str, Any] = Field(
-        default_factory=dict, description="options of the items that give none"
+        default_factory=dict,
+        description="options of the items that give none",
+        examples=[EXAMPLE_BATCH["options"]],
     )
 
 
@@ -159,7 +177,12 @@ async def create_batch(
     bounds = option_bounds(
         settings.options_max_depth, settings.options_max_items, settings.options_max_string_bytes
     )
-    plugin, items = parse_batch(await read_body(request), bounds, settings.max_batch_items)
+    buffer = await read_body(request)
+    # Parsing a large body is work for a thread, not for the event loop.
+    plugin, items = await anyio.to_thread.run_sync(
+        parse_batch, buffer, bounds, settings.max_batch_items
+    )
+    del buffer
     name = plugin or settings.default_plugin
     payloads = [item.payload() for item in items]
     batch = await in_store_thread(
