@@ -41,6 +41,7 @@ from host.services.batchfeed import BatchFeeder
 from host.services.batchrows import (
     Batch,
     BatchRows,
+    BatchStore,
     KeyedBatch,
     batch_ended,
     batch_status,
@@ -48,8 +49,16 @@ from host.services.batchrows import (
     rows_of,
 )
 from host.services.idempotency import request_digest
-from host.services.jobrows import FINISHED, Idempotency, Job, JobStatus, RawJob, now_iso
-from host.services.jobs import JobManagementService
+from host.services.jobrows import (
+    FINISHED,
+    Idempotency,
+    Job,
+    JobStatus,
+    RawJob,
+    now_iso,
+    retention_cutoff,
+)
+from host.services.jobs import PRUNE_EVERY_S, JobManagementService
 from host.services.payloads import AnalyzeBody, JsonBounds, parse_analyze
 from host.services.plugins import PluginManagementService
 from sandbox.jsonbounds import BoundsExceeded, NotJson, scan
@@ -227,6 +236,33 @@ class BatchService:
         self.jobs = jobs
         # A single node feeds its pool; worker nodes take items by priority.
         self.feeder = BatchFeeder(jobs) if jobs.runner.in_process else None
+        self._last_prune = time.monotonic()
+        self.end_stale()
+
+    def end_stale(self) -> int:
+        """End the batches whose items all ended without their end being
+        recorded (the items of a host that stopped end INTERRUPTED at its
+        next start); return how many. A store that cannot be read now
+        leaves them to the next start."""
+        if not isinstance(self.jobs.store, BatchStore):
+            return 0  # a store of jobs alone
+        try:
+            with rows_of(self.jobs.store) as rows:
+                unended = rows.unended()
+        except ServiceError as exc:  # the shared database unreachable at start-up
+            log.warning("batches not checked for their end: %s", exc)
+            return 0
+        return sum(batch_ended(self.jobs.store, batch_id) for batch_id in unended)
+
+    def _maybe_prune(self) -> None:
+        """Drop the batches past retention whose items were all pruned (once a minute)."""
+        if time.monotonic() - self._last_prune < PRUNE_EVERY_S:
+            return
+        self._last_prune = time.monotonic()
+        with rows_of(self.jobs.store) as rows:
+            pruned = rows.prune(retention_cutoff(self.jobs.limits.retention_s))
+        if pruned:
+            log.info("pruned %d batches past retention with no job left", pruned)
 
     # -- creating -----------------------------------------------------------
 
@@ -272,6 +308,7 @@ class BatchService:
         )
         if self.feeder is not None:
             self.feeder.add(batch.id, plugin, list(batch.job_ids))
+        self._maybe_prune()
         return batch
 
     def _store(

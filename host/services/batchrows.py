@@ -102,6 +102,13 @@ class BatchRows(Protocol):
         """Set the batch's finished_at to `at` if it is unset and none of its
         items is PENDING or RUNNING; True if this call set it."""
 
+    def unended(self) -> list[str]:
+        """Ids of the batches whose finished_at is unset."""
+
+    def prune(self, cutoff: str) -> int:
+        """Delete the batches that ended before `cutoff` and have no item
+        left (their jobs were pruned); return how many went."""
+
 
 @runtime_checkable
 class BatchStore(Protocol):
@@ -261,6 +268,18 @@ class SqlBatchRows:
         )
         return bool(cursor.rowcount == 1)
 
+    def unended(self) -> list[str]:
+        cursor = self._run(f"SELECT id FROM {self._table} WHERE finished_at IS NULL")
+        return [row[0] for row in cursor]
+
+    def prune(self, cutoff: str) -> int:
+        cursor = self._run(
+            f"DELETE FROM {self._table} WHERE finished_at < ? AND NOT EXISTS "
+            f"(SELECT 1 FROM {self._jobs_table} WHERE batch_id = {self._table}.id)",
+            (cutoff,),
+        )
+        return int(cursor.rowcount)
+
 
 # -- memory ------------------------------------------------------------------
 
@@ -348,3 +367,22 @@ class MemoryBatchRows:
             return False
         self._held.batches[batch_id] = (replace(found[0], finished_at=at), found[1])
         return True
+
+    def unended(self) -> list[str]:
+        return [b.id for b, _ in self._held.batches.values() if b.finished_at is None]
+
+    def prune(self, cutoff: str) -> int:
+        held = self._held
+        gone = [
+            b
+            for b, _ in held.batches.values()
+            if b.finished_at is not None
+            and b.finished_at < cutoff
+            and not any(self._jobs.job(job_id) for job_id in b.job_ids)
+        ]
+        for batch in gone:
+            del held.batches[batch.id]
+            for job_id in batch.job_ids:
+                held.batch_of.pop(job_id, None)
+        held.keys = {k: v for k, v in held.keys.items() if v in held.batches}
+        return len(gone)

@@ -14,11 +14,15 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from host.api.auth import principal_id
 from host.services import SQLiteJobStore
+from host.services.batchrows import Batch, rows_of
+from host.services.jobrows import Job, JobStatus, now_iso
 from host.services.store import JobStore, MemoryJobStore
 from tests.conftest import make_png
 from tests.host.api.test_tenants import ADMIN, ALICE, BOB, TOKENS, wait_finished
 
+ALICE_ID = principal_id("alice-secret-token")
 TINY = base64.b64encode(make_png(2, 2)).decode()
 # A PNG signature and nothing a decoder can read: admitted, and image_info fails on it.
 BROKEN = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32).decode()
@@ -275,3 +279,23 @@ def test_the_documented_batch_example_is_accepted(make_client: Callable[..., Tes
         created = client.post("/v1/batches", json=example["value"])
         assert created.status_code == 202, created.text
         assert wait_batch(client, created.json()["id"], {})["counts"] == {"SUCCESS": 2}
+
+
+def test_a_batch_cut_short_by_a_restart_ends_at_the_next_start(
+    make_client: Callable[..., TestClient], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="plughost.batches")
+    path = tmp_path / "jobs.sqlite3"
+    first = SQLiteJobStore(path)
+    job = Job("j1", "image_info", JobStatus.PENDING, now_iso(), owner=ALICE_ID)
+    with rows_of(first) as rows:
+        rows.insert(
+            Batch("b1", ALICE_ID, "image_info", now_iso(), ("j1",)),
+            [(job, {"image": base64.b64decode(TINY), "mime_type": "image/png", "options": {}})],
+            None,
+        )
+    first.close()  # as a host that stopped with the batch unfinished
+    client = make_client(store=SQLiteJobStore(path), **TOKENS)
+    found = client.get("/v1/batches/b1", headers=ALICE).json()
+    assert found["counts"] == {"INTERRUPTED": 1} and found["finished_at"] is not None
+    assert finished_lines(caplog, "b1") == 1

@@ -118,3 +118,24 @@ def test_a_job_of_its_own_ends_no_batch(store: JobStore) -> None:
     store.add(single, dict(PAYLOAD))
     finish(store, single)
     assert not job_ended(store, single.id)
+
+
+def test_ended_batches_without_items_left_are_pruned_and_free_their_key(store: JobStore) -> None:
+    done, done_jobs = new_batch("b1", 2)
+    kept, kept_jobs = new_batch("b2", 2, owner="bob")
+    add(store, done, done_jobs, Idempotency("k", "d1"))
+    add(store, kept, kept_jobs)
+    with rows_of(store) as rows:
+        assert sorted(rows.unended()) == ["b1", "b2"]
+    for pending in done_jobs + kept_jobs:
+        finish(store, pending)
+    assert batch_ended(store, "b1") and batch_ended(store, "b2")
+    with rows_of(store) as rows:
+        assert rows.unended() == []
+    assert store.prune_owner("alice", 0, 0) == 2  # b1's jobs go, b2's stay
+    with rows_of(store) as rows:
+        assert rows.prune("9999") == 1
+        assert rows.batch("b1") is None and rows.batch("b2") is not None
+        assert rows.keyed("alice", "k") is None
+    again, again_jobs = new_batch("b3", 1)
+    assert add(store, again, again_jobs, Idempotency("k", "d3"))
