@@ -148,11 +148,11 @@ BATCH_BODY_DOC: dict[str, Any] = {
 }
 
 
-def _created(batch: Batch) -> dict[str, Any]:
+def _created(batch: Batch, status: str) -> dict[str, Any]:
     return {
         "id": batch.id,
         "plugin": batch.plugin,
-        "status": "PENDING" if batch.finished_at is None else "FINISHED",
+        "status": status,
         "created_at": batch.created_at,
         "total": len(batch.job_ids),
         "items": [{"index": i, "job_id": job_id} for i, job_id in enumerate(batch.job_ids)],
@@ -185,12 +185,15 @@ async def create_batch(
     del buffer
     name = plugin or settings.default_plugin
     payloads = [item.payload() for item in items]
-    batch = await in_store_thread(
-        request,
-        lambda: svc.batches.create(name, payloads, caller.id, key, settings.max_batch_items),
-    )
-    # A retried request (its key known) gets the batch as it is now.
-    body = _created(batch)
+
+    def create() -> tuple[Batch, str]:
+        batch = svc.batches.create(name, payloads, caller.id, key, settings.max_batch_items)
+        # A retried request (its key known) gets the batch as it is now.
+        now = svc.batches.get(batch.id, caller.id, 1, 0, settings.max_list_bytes)
+        return batch, str(now.head()["status"])
+
+    batch, status = await in_store_thread(request, create)
+    body = _created(batch, status)
     return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -191,6 +193,9 @@ def test_a_batch_retried_with_its_idempotency_key_is_created_once(
     assert len({a.json()["id"] for a in answers}) == 1
     assert len({tuple(i["job_id"] for i in a.json()["items"]) for a in answers}) == 1
     assert stored(client) == (4, 1)
+    wait_batch(client, answers[0].json()["id"], ALICE)
+    replayed = client.post("/v1/batches", json=batch_body(4), headers=key)
+    assert replayed.status_code == 202 and replayed.json()["status"] == "FINISHED"
     other = client.post("/v1/batches", json=batch_body(5), headers=key)
     assert other.status_code == 409
     assert other.json()["detail"]["details"]["reason"] == "idempotency_key_reused"
@@ -299,3 +304,22 @@ def test_a_batch_cut_short_by_a_restart_ends_at_the_next_start(
     found = client.get("/v1/batches/b1", headers=ALICE).json()
     assert found["counts"] == {"INTERRUPTED": 1} and found["finished_at"] is not None
     assert finished_lines(caplog, "b1") == 1
+
+
+def test_racing_retries_of_a_batch_create_it_once(
+    make_client: Callable[..., TestClient], store: JobStore
+) -> None:
+    client = make_client(store=store, **TOKENS)
+    start = threading.Barrier(6)
+
+    def send(_: int) -> str:
+        start.wait(timeout=10)
+        answer = client.post(
+            "/v1/batches", json=batch_body(3), headers={**ALICE, "Idempotency-Key": "race"}
+        )
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["id"])
+
+    with ThreadPoolExecutor(6) as pool:
+        assert len(set(pool.map(send, range(6)))) == 1
+    assert stored(client) == (3, 1)
