@@ -17,8 +17,10 @@ stored input+result bytes per principal; a new job makes room by dropping
 the principal's oldest finished jobs, a 64th of the job quota at once, and
 gets 429 `quota_exceeded` only when its unfinished jobs alone fill the
 quota), and `max_list_bytes`
-(serialized jobs per `GET /v1/jobs` page; the page says where the next one
-starts). `self_check` runs
+(serialized jobs per `GET /v1/jobs` page, and items per `GET /v1/batches/{id}`
+page; the page says where the next one starts). `max_batch_items` is the most
+images one `POST /v1/batches` may hold (each item is a job, and counts
+against the quota). `self_check` runs
 a few crash-suite probes at start-up (reported at /readyz);
 `require_containment` makes the server refuse to start if one fails.
 `isolation` is "standard" (apply every layer the machine offers, warn about
@@ -113,6 +115,7 @@ class Settings(BaseModel):
     max_jobs_per_client: int = Field(default=1000, ge=1)
     max_stored_bytes_per_client: int = Field(default=256 * MiB, ge=MiB)
     max_list_bytes: int = Field(default=4 * MiB, ge=64 * 1024)
+    max_batch_items: int = Field(default=100, ge=1, le=10_000)
     max_request_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     client_tokens: list[str] = Field(default_factory=list)
     admin_token: str | None = None

@@ -17,7 +17,16 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
-CONTEXT_FIELDS = ("job_id", "plugin", "status", "reason", "elapsed_ms", "dropped", "traceback")
+CONTEXT_FIELDS = (
+    "job_id",
+    "batch_id",
+    "plugin",
+    "status",
+    "reason",
+    "elapsed_ms",
+    "dropped",
+    "traceback",
+)
 # Who the current request is from, set once its caller is identified
 # (`host.api.auth`): each request runs in a context of its own, and uvicorn
 # writes its access line from it.

@@ -132,11 +132,16 @@ class ProcrastinateDispatch:
     def _count_reader(self, key: str) -> Callable[[], float]:
         return lambda: self.cluster_counts().get(key, 0)
 
-    def dispatch(self, conn: psycopg.Connection[Any], job: Job) -> int:
+    def dispatch(self, conn: psycopg.Connection[Any], job: Job, priority: int = 0) -> int:
         """Defer `job` on its plugin's queue inside `conn`'s transaction (the
-        store's insert of the job calls it)."""
+        store's insert of the job calls it). Workers take the highest
+        `priority` first, the oldest of equals: a batch's item i gets -i, so
+        a job of its own waits behind no more than the first item of each
+        batch, and batches of one plugin advance side by side."""
         queue = self.plugins.inventory[job.plugin]["queue"]
-        deferrer = self.app.tasks[TASK_NAME].configure(queue=queue, connection=conn)
+        deferrer = self.app.tasks[TASK_NAME].configure(
+            queue=queue, connection=conn, priority=priority
+        )
         return int(deferrer.defer(job_id=job.id))
 
     def admit(self, plugin_name: str) -> None:

@@ -39,6 +39,7 @@ import psycopg
 import psycopg_pool
 
 from host.errors import ServiceError, envelope
+from host.services.batchrows import SqlBatchRows
 from host.services.jobrows import (
     COLUMNS,
     FINISHED,
@@ -71,7 +72,8 @@ POSTGRES = Dialect(
     size="SELECT COALESCE(SUM(stored_bytes), 0) FROM plughost_jobs",
 )
 
-Dispatch = Callable[[psycopg.Connection[Any], Job], int]
+# Queues a job inside the connection's transaction, with a priority; the queue's job id.
+Dispatch = Callable[[psycopg.Connection[Any], Job, int], int]
 
 
 class DatabaseUnavailable(ServiceError):
@@ -175,12 +177,28 @@ class PgJobStore(JobStore):
             held = add_keyed(SqlRows(conn, POSTGRES), job, payload, idem)
             if held is not None:
                 return held
-            if self.dispatch is not None and job.status is JobStatus.PENDING:
-                queue_job = self.dispatch(conn, job)
-                conn.execute(
-                    "UPDATE plughost_jobs SET queue_job_id = %s WHERE id = %s", (queue_job, job.id)
-                )
+            if job.status is JobStatus.PENDING:
+                self._queue(conn, job, 0)
         return None
+
+    def _queue(self, conn: psycopg.Connection[Any], job: Job, priority: int) -> None:
+        if self.dispatch is not None:
+            queue_job = self.dispatch(conn, job, priority)
+            conn.execute(
+                "UPDATE plughost_jobs SET queue_job_id = %s WHERE id = %s", (queue_job, job.id)
+            )
+
+    @contextmanager
+    def batch_rows(self) -> Iterator[SqlBatchRows]:
+        """The batches (host/services/batchrows.py) in one transaction; a new
+        batch's items are queued in it, item i with priority -i."""
+        with self.connection() as conn:
+            yield SqlBatchRows(
+                conn,
+                POSTGRES,
+                "plughost_batches",
+                queue=lambda job, priority: self._queue(conn, job, priority),
+            )
 
     def size_bytes(self) -> int:
         """Bytes the jobs store (inputs, results, errors), at most SIZE_CACHE_S old."""

@@ -26,6 +26,7 @@ from procrastinate import sql
 from procrastinate.jobs import Job as QueuedJob
 
 from host.cluster.pgstore import PgJobStore
+from host.services.batchrows import job_ended
 
 log = logging.getLogger("plughost.recovery")
 
@@ -68,4 +69,6 @@ def recover_entry(
         _act(conn, queued.id, action)
     if action != "busy":
         log.warning("stalled job: %s", action, extra={"job_id": job_id, "entry": queued.id})
+    if action == "interrupted":
+        job_ended(store, job_id)  # it may be the last item of a batch
     return action

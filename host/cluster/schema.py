@@ -8,6 +8,8 @@
                           queue) and its last heartbeat
     plughost_quarantine   per-plugin UNAVAILABLE streaks, shared by all nodes
     plughost_plugin_stats per-plugin state and call counts, shared by all nodes
+    plughost_batches      batches of jobs (host/services/batchrows.py); each
+                          item is a job row with its `batch_id`
 
 Procrastinate's own schema is applied first when it is missing. Both run
 under an advisory lock, so nodes starting together do not race.
@@ -19,6 +21,8 @@ from typing import Any
 
 import psycopg
 from procrastinate.schema import SchemaManager
+
+from host.services.batchrows import batch_schema
 
 # An arbitrary key for pg_advisory_lock: "plughost" in ASCII.
 SCHEMA_LOCK = 0x706C7567686F7374
@@ -50,7 +54,8 @@ CREATE TABLE IF NOT EXISTS plughost_plugin_stats (
     plugin TEXT PRIMARY KEY, state TEXT NOT NULL, success_count BIGINT NOT NULL DEFAULT 0,
     error_count BIGINT NOT NULL DEFAULT 0, total_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
     last_ms DOUBLE PRECISION, last_used TEXT);
-"""
+ALTER TABLE plughost_jobs ADD COLUMN IF NOT EXISTS batch_id TEXT;
+""" + batch_schema("plughost_jobs", "plughost_batches")
 
 
 def ensure_schema(url: str) -> None:

@@ -45,6 +45,7 @@ from host.cluster.schema import ensure_schema
 from host.cluster.shared import SharedQuarantine, SharedStats
 from host.privileges import PrivilegeError, drop_to
 from host.registry import PluginRegistry
+from host.services.batchrows import job_ended
 from host.services.finished import input_gone, record_finished
 from host.services.plugins import PluginManagementService
 from sandbox.supervisor import Sandbox
@@ -117,6 +118,8 @@ class WorkerNode:
         )
         if claim.job is None:
             log.info("job not taken", extra={"job_id": job_id, "exhausted": claim.exhausted})
+            if claim.exhausted:  # ended INTERRUPTED here: maybe its batch's last item
+                self._patiently(lambda: job_ended(self.store, job_id))
             return
         job = claim.job
         with self._lock:
@@ -135,6 +138,7 @@ class WorkerNode:
                 lambda final: self._patiently(lambda: self.store.finish(final, claim.attempt)),
                 observe=self.stats.record,
                 logger=log,
+                ended=lambda final: self._patiently(lambda: job_ended(self.store, final.id)),
                 attempt=claim.attempt,
             )
         finally:

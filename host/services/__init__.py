@@ -2,9 +2,11 @@
 PluginManagementService -> ToolRunner; `build_services` wires them for a
 server's settings (host/services/build.py), on the sandbox and plugins
 `node_plugins` gives every node. Where jobs run is a `JobRunner`'s (by
-default a `LocalPool`); a job's end is recorded by `record_finished`."""
+default a `LocalPool`); a job's end is recorded by `record_finished`, and
+a batch's by `batch_ended` (host/services/batches.py)."""
 
 from host.services.analysis import AnalysisService
+from host.services.batches import BatchService, batch_ended
 from host.services.build import Services, build_services
 from host.services.finished import record_finished
 from host.services.jobs import JobLimits, JobManagementService
@@ -23,6 +25,7 @@ from host.services.store import (
 __all__ = [
     "ANONYMOUS",
     "AnalysisService",
+    "BatchService",
     "Job",
     "JobLimits",
     "JobManagementService",
@@ -34,6 +37,7 @@ __all__ = [
     "PluginManagementService",
     "SQLiteJobStore",
     "Services",
+    "batch_ended",
     "build_services",
     "node_plugins",
     "record_finished",

@@ -6,6 +6,7 @@
              ──> PluginManagementService(registry, sandbox)
              ──> JobManagementService(plugins, job store, runner: LocalPool)
              ──> AnalysisService(jobs)
+             ──> BatchService(plugins, jobs) (host/services/batches.py)
 
 Everything that runs calls gets the server's sandbox from here; nothing
 builds one of its own (the start-up self-check included).
@@ -13,11 +14,12 @@ builds one of its own (the start-up self-check included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from host.config import Settings
 from host.services.analysis import AnalysisService
+from host.services.batches import BatchService
 from host.services.jobs import JobLimits, JobManagementService
 from host.services.node import node_plugins
 from host.services.plugins import PluginManagementService
@@ -31,6 +33,10 @@ class Services:
     plugins: PluginManagementService
     jobs: JobManagementService
     analysis: AnalysisService
+    batches: BatchService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.batches = BatchService(self.plugins, self.jobs)
 
     def nodes(self) -> list[dict[str, Any]]:
         """The nodes of a multi-node deployment, each a dict with at least

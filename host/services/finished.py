@@ -8,7 +8,9 @@
                     |  write(job): the store it ran for (False: not written)
                     |  observe(plugin, reason, elapsed_ms): metrics, if asked
                     v
-                 "job finished" logged; the finished job returned
+                 "job finished" logged; ended(job), if asked and written (the
+                 end of its batch: host/services/batchrows.py `job_ended`);
+                 the finished job returned
 
 A job run on this node (`JobManagementService.run_job`) and one run on a
 worker node of a multi-node deployment (`WorkerNode.handle`) both end here.
@@ -62,6 +64,7 @@ def record_finished(
     write: Callable[[Job], bool],
     observe: Callable[[str, str | None, float], None] | None = None,
     logger: logging.Logger = log,
+    ended: Callable[[Job], object] | None = None,
     **context: Any,
 ) -> Job:
     """Record the end of `job` with its call's `outcome` (see `finished_job`).
@@ -69,7 +72,8 @@ def record_finished(
     `write` stores the finished job and says whether it did (a worker node
     whose attempt lost its hold on the job writes nothing); `observe`, when
     given, counts the call as `(plugin, reason or None, elapsed_ms)`. The
-    end is logged to `logger` with `context` (say, the attempt). Returns the
+    end is logged to `logger` with `context` (say, the attempt); `ended`,
+    when given, is called with the job once it is written. Returns the
     finished job.
     """
     final = finished_job(job, outcome)
@@ -88,4 +92,6 @@ def record_finished(
             **context,
         },
     )
+    if written and ended is not None:
+        ended(final)
     return final

@@ -32,7 +32,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,6 +44,7 @@ from host.errors import (
     QuotaExceeded,
     envelope,
 )
+from host.services.batchrows import job_ended
 from host.services.finished import input_gone, record_finished
 from host.services.idempotency import replayed, request_digest
 from host.services.jobrows import Idempotency
@@ -90,10 +93,12 @@ class JobLimits:
     max_db_bytes: int = 1024 * MiB
 
 
-def _exceeded(usage: Usage, incoming: int, limits: JobLimits) -> tuple[str, int, int] | None:
-    """The quota one more job of `incoming` bytes would break, as
-    `(name, limit, used)`; None when it fits."""
-    if usage.jobs >= limits.max_jobs_per_client:
+def _exceeded(
+    usage: Usage, incoming: int, limits: JobLimits, count: int = 1
+) -> tuple[str, int, int] | None:
+    """The quota `count` more jobs of `incoming` bytes in all would break,
+    as `(name, limit, used)`; None when they fit."""
+    if usage.jobs + count > limits.max_jobs_per_client:
         return "max_jobs_per_client", limits.max_jobs_per_client, usage.jobs
     if usage.stored_bytes + incoming > limits.max_stored_bytes_per_client:
         return "max_stored_bytes_per_client", limits.max_stored_bytes_per_client, usage.stored_bytes
@@ -140,6 +145,7 @@ class JobManagementService:
         self._admit = threading.Lock()  # a quota check and its insert, together
         self._waited: dict[str, _Waited] = {}  # run_waited's jobs not finished yet
         self._last_prune = 0.0
+        self.closed = False  # shutdown() began: nothing more runs
         plugins.metrics.gauge(
             "plughost_queue_depth", "Jobs waiting for a sandbox.", lambda: self.stats()["queued"]
         )
@@ -184,21 +190,31 @@ class JobManagementService:
         log.info("job accepted", extra={"job_id": job.id, "plugin": plugin_name})
         return job, True
 
-    def _check_quota(self, owner: str, incoming: int) -> None:
-        """Make room for one more job of `owner` of `incoming` bytes: a client
-        keeps its newest jobs, the oldest finished ones go. Raise
+    @contextmanager
+    def admission(self, owner: str, incoming: int, count: int = 1) -> Iterator[None]:
+        """Hold the admission of new jobs while `count` jobs of `owner` and
+        `incoming` bytes in all are stored: room is made for them first
+        (`_check_quota`). Raises QuotaExceeded."""
+        with self._admit:
+            self._check_quota(owner, incoming, count)
+            yield
+
+    def _check_quota(self, owner: str, incoming: int, count: int = 1) -> None:
+        """Make room for `count` more jobs of `owner` of `incoming` bytes: a
+        client keeps its newest jobs, the oldest finished ones go. Raise
         QuotaExceeded when its unfinished jobs alone leave no room."""
         limits = self.limits
-        if _exceeded(self.store.usage(owner), incoming, limits) is None:
+        if _exceeded(self.store.usage(owner), incoming, limits, count) is None:
             return
         # A client at its job quota would otherwise drop one job (and pay a
         # search and a delete) for every new one: room is made for a
         # 64th of the quota at once.
-        keep = limits.max_jobs_per_client - 1 - limits.max_jobs_per_client // QUOTA_STEP
-        pruned = self.store.prune_owner(owner, keep, limits.max_stored_bytes_per_client - incoming)
+        keep = limits.max_jobs_per_client - count - limits.max_jobs_per_client // QUOTA_STEP
+        room = limits.max_stored_bytes_per_client - incoming
+        pruned = self.store.prune_owner(owner, max(keep, 0), max(room, 0))
         if pruned:
             log.info("quota: dropped %d oldest finished jobs", pruned, extra={"owner": owner})
-        exceeded = _exceeded(self.store.usage(owner), incoming, limits)
+        exceeded = _exceeded(self.store.usage(owner), incoming, limits, count)
         if exceeded is None:
             return
         # What is left are unfinished jobs (they end soon), or one input larger
@@ -326,7 +342,11 @@ class JobManagementService:
             )
         del payload  # not kept while the result is stored
         elapsed_ms = (time.monotonic() - started) * 1000
-        return record_finished(job, outcome, elapsed_ms, self._write_finished)
+        return record_finished(job, outcome, elapsed_ms, self._write_finished, ended=self._ended)
+
+    def _ended(self, job: Job) -> None:
+        """A job ended (and is stored): the end of its batch, if it was the last item."""
+        job_ended(self.store, job.id)
 
     def _write_finished(self, job: Job) -> bool:
         with self._lock:
@@ -389,6 +409,8 @@ class JobManagementService:
         while job.status not in FINISHED and time.monotonic() < deadline:
             time.sleep(0.01)  # whoever runs it records the outcome
             job = self.get_job(job_id)
+        if job.status in FINISHED:  # a job cancelled before it ran ends here
+            self._ended(job)
         return job
 
     def _cancel_pending(self, job_id: str) -> None:
@@ -443,6 +465,7 @@ class JobManagementService:
         """Stop taking jobs; let running ones finish within `timeout_s`, then
         cancel (the runner's `shutdown`). Jobs of this process still pending
         or running afterwards are marked INTERRUPTED."""
+        self.closed = True
         self.runner.shutdown(timeout_s)
         self.store.recover(
             envelope("interrupted", "the host shut down before this job finished")["error"]

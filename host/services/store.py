@@ -30,6 +30,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from host.services.batchrows import (
+    MemoryBatches,
+    MemoryBatchRows,
+    SqlBatchRows,
+    batch_schema,
+)
 from host.services.jobrows import (
     ANONYMOUS,
     FINISHED,
@@ -167,11 +173,18 @@ class MemoryJobStore(JobStore):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held = _MemoryRows()
+        self._batches = MemoryBatches()
 
     @contextmanager
     def _rows(self) -> Iterator[_MemoryRows]:
         with self._lock:
             yield self._held
+
+    @contextmanager
+    def batch_rows(self) -> Iterator[MemoryBatchRows]:
+        """The batches (host/services/batchrows.py), under the store's lock."""
+        with self._lock:
+            yield MemoryBatchRows(self._batches, self._held)
 
     def _reclaim(self) -> None:
         """Nothing: a dropped job's memory goes with it."""
@@ -282,6 +295,7 @@ class SQLiteJobStore(JobStore):
             "WHERE idem_key IS NOT NULL"
         )
         self._usage_table()
+        self._db.executescript(batch_schema("jobs", "batches"))
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)")
         # Covers the per-owner listing and usage without reading the rows.
         self._db.execute(
@@ -305,7 +319,7 @@ class SQLiteJobStore(JobStore):
             if column not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {declaration}")
                 added = True
-        for column in ("idem_key", "request_hash"):  # no old row has a key
+        for column in ("idem_key", "request_hash", "batch_id"):  # no old row has a key
             if column not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
         if added:
@@ -329,6 +343,18 @@ class SQLiteJobStore(JobStore):
     def _rows(self) -> Iterator[SqlRows]:
         with self._lock:
             yield SqlRows(self._db, SQLITE)
+
+    @contextmanager
+    def batch_rows(self) -> Iterator[SqlBatchRows]:
+        """The batches (host/services/batchrows.py), in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield SqlBatchRows(self._db, SQLITE, "batches")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _reclaim(self) -> None:
         # Free pages go back to the file system; in WAL mode the file is cut

@@ -62,7 +62,7 @@ def test_a_failed_dispatch_stores_no_job(api, workers, db_url):
     workers.start()
     wait_for(lambda: live_workers(services), 30, "a live worker")
 
-    def broken(conn, job):  # type: ignore[no-untyped-def]
+    def broken(conn, job, priority):  # type: ignore[no-untyped-def]
         raise RuntimeError("queue refused")
 
     services.jobs.runner.pg.dispatch = broken

@@ -13,6 +13,7 @@ import pytest
 
 from host.cluster.pgstore import DatabaseUnavailable, PgJobStore, open_pool
 from host.cluster.schema import ensure_schema
+from host.services.batchrows import Batch
 from host.services.store import Job, JobStatus, now_iso
 from tests.cluster.conftest import CLUSTER
 from tests.cluster.pg import free_port
@@ -41,18 +42,42 @@ def test_the_shared_store_declares_no_job_dead_at_start_up(store: PgJobStore) ->
 
 
 def test_a_new_job_is_stored_and_queued_in_one_transaction(store: PgJobStore) -> None:
-    def refuse(conn: Any, pending: Job) -> int:
+    def refuse(conn: Any, pending: Job, priority: int) -> int:
         raise RuntimeError("the queue refused it")
 
     store.dispatch = refuse
     with pytest.raises(RuntimeError):
         store.add(job(2), PAYLOAD)
     assert store.get("job0002") is None  # not stored when it could not be queued
-    store.dispatch = lambda conn, pending: 42
+    store.dispatch = lambda conn, pending, priority: 42
     store.add(job(3), PAYLOAD)
     with store.connection() as conn:
         row = conn.execute("SELECT queue_job_id FROM plughost_jobs WHERE id = 'job0003'")
         assert row.fetchone() == (42,)
+
+
+def test_a_batch_is_stored_and_queued_in_one_transaction(store: PgJobStore) -> None:
+    items = [job(n) for n in range(10, 15)]
+    batch = Batch("b1", "alice", "echo", now_iso(), tuple(j.id for j in items))
+    queued: list[tuple[str, int]] = []
+
+    def third_refused(conn: Any, pending: Job, priority: int) -> int:
+        if len(queued) == 2:
+            raise RuntimeError("the queue refused it")
+        queued.append((pending.id, priority))
+        return len(queued)
+
+    store.dispatch = third_refused
+    with pytest.raises(RuntimeError), store.batch_rows() as rows:
+        rows.insert(batch, [(j, PAYLOAD) for j in items], None)
+    assert all(store.get(j.id) is None for j in items)
+    with store.batch_rows() as rows:
+        assert rows.batch("b1") is None
+    queued.clear()
+    store.dispatch = lambda conn, pending, priority: queued.append((pending.id, priority)) or 7
+    with store.batch_rows() as rows:
+        assert rows.insert(batch, [(j, PAYLOAD) for j in items], None)
+    assert queued == [(j.id, -n) for n, j in enumerate(items)]
     finished = replace(job(4), status=JobStatus.SUCCESS, finished_at=now_iso())
     store.add(finished, None)  # a finished job is not queued
     with store.connection() as conn:

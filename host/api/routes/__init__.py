@@ -3,11 +3,12 @@
 
 from fastapi import APIRouter
 
-from host.api.routes import admin, analyze, health, jobs, plugins
+from host.api.routes import admin, analyze, batches, health, jobs, plugins
 
 ROUTERS: tuple[APIRouter, ...] = (
     analyze.router,
     jobs.router,
+    batches.router,
     plugins.router,
     admin.router,
     health.router,

@@ -108,7 +108,7 @@ def test_every_documented_example_body_succeeds(make_client: Callable[..., TestC
     token = {"Authorization": "Bearer c-token"}
     schema = client.get("/openapi.json").json()
     bodies = list(documented_json_bodies(schema))
-    assert {path for path, _ in bodies} == {"/v1/analyze", "/v1/jobs"}
+    assert {path for path, _ in bodies} == {"/v1/analyze", "/v1/batches", "/v1/jobs"}
     for path, body in bodies:
         answer = client.post(path, json=body, headers=token)
         assert answer.status_code in (200, 202), (path, body, answer.text)

@@ -233,12 +233,16 @@ def test_a_locked_sqlite_file_stalls_neither_healthz_nor_other_clients(
 LOOP_ROUTES = {
     "analyze",
     "analyze_upload",
+    "cancel_batch",
     "cancel_job",
+    "create_batch",
     "create_job",
+    "get_batch",
     "get_job",
     "healthz",
     "job",
     "jobs",
+    "list_batches",
     "list_jobs",
 }
 LOOP_DEPENDENCIES = {
