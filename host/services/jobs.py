@@ -40,8 +40,10 @@ from host.errors import (
     JobFinished,
     JobNotFound,
     QuotaExceeded,
+    Rejected,
     envelope,
 )
+from host.services.callbacks import CallbackService
 from host.services.finished import input_gone, record_finished
 from host.services.idempotency import replayed, request_digest
 from host.services.jobrows import Idempotency
@@ -140,6 +142,8 @@ class JobManagementService:
         self._admit = threading.Lock()  # a quota check and its insert, together
         self._waited: dict[str, _Waited] = {}  # run_waited's jobs not finished yet
         self._last_prune = 0.0
+        # Completion callbacks (host/services/callbacks.py); None: not offered.
+        self.callbacks: CallbackService | None = None
         plugins.metrics.gauge(
             "plughost_queue_depth", "Jobs waiting for a sandbox.", lambda: self.stats()["queued"]
         )
@@ -208,9 +212,18 @@ class JobManagementService:
         raise QuotaExceeded(quota, limit, used, retry_after_s=self.runner.retry_after())
 
     def enqueue(
-        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS, key: str | None = None
+        self,
+        plugin_name: str,
+        payload: Any,
+        owner: str = ANONYMOUS,
+        key: str | None = None,
+        callback_url: str | None = None,
     ) -> tuple[Job, Future[Job]]:
         """Create a job of `owner` and hand its id to the runner.
+
+        With a `callback_url`, checked against the destination policy of
+        `callbacks` first (Rejected when refused, or when callbacks are off),
+        the job's public view is POSTed there once it ends (host/services/callbacks.py).
 
         With an idempotency `key` that `owner` used before (its job not
         pruned yet), nothing is created: the job of that key is returned as
@@ -218,7 +231,17 @@ class JobManagementService:
         QuotaExceeded or IdempotencyConflict (the key's job was created by
         a different request), or the runner's own refusal; stores nothing then.
         """
-        return self._queue(plugin_name, payload, owner, False, key)
+        if callback_url is not None:
+            if self.callbacks is None:
+                raise Rejected(
+                    envelope(
+                        "invalid_input",
+                        "callbacks are not enabled on this host",
+                        field="callback_url",
+                    )
+                )
+            self.callbacks.check(callback_url)
+        return self._queue(plugin_name, payload, owner, False, key, callback_url)
 
     def run_waited(
         self, plugin_name: str, payload: Any, owner: str = ANONYMOUS, key: str | None = None
@@ -241,7 +264,13 @@ class JobManagementService:
         return self._queue(plugin_name, payload, owner, waited, key)
 
     def _queue(
-        self, plugin_name: str, payload: Any, owner: str, waited: bool, key: str | None
+        self,
+        plugin_name: str,
+        payload: Any,
+        owner: str,
+        waited: bool,
+        key: str | None,
+        callback_url: str | None = None,
     ) -> tuple[Job, Future[Job]]:
         self._plugins.check(plugin_name, payload)
         idem = None if key is None else Idempotency(key, request_digest(plugin_name, payload))
@@ -261,6 +290,9 @@ class JobManagementService:
                 if not stored:  # a racing request with the same key stored it first
                     self.runner.withdraw()
                     return _done(job)
+                if callback_url is not None and self.callbacks is not None:
+                    # Due once the job ends, wherever it runs (callbackstore.py).
+                    self.callbacks.register(owner, "job", job.id, callback_url)
             future = self.runner.submit(job.id)
         except BaseException:
             if job is not None:
@@ -358,7 +390,9 @@ class JobManagementService:
         found = self.store.document(job_id)
         if found is None or (owner is not None and found[0] != owner):
             raise JobNotFound(job_id)
-        return found[1]
+        if self.callbacks is None:
+            return found[1]
+        return self.callbacks.document("job", job_id, found[1])
 
     def list_jobs(
         self,
@@ -442,8 +476,11 @@ class JobManagementService:
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop taking jobs; let running ones finish within `timeout_s`, then
         cancel (the runner's `shutdown`). Jobs of this process still pending
-        or running afterwards are marked INTERRUPTED."""
+        or running afterwards are marked INTERRUPTED. Callbacks stop being
+        delivered (those still due go out after the next start)."""
         self.runner.shutdown(timeout_s)
+        if self.callbacks is not None:
+            self.callbacks.stop()
         self.store.recover(
             envelope("interrupted", "the host shut down before this job finished")["error"]
         )

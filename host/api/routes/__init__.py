@@ -3,11 +3,12 @@
 
 from fastapi import APIRouter
 
-from host.api.routes import admin, analyze, health, jobs, plugins
+from host.api.routes import admin, analyze, callbacks, health, jobs, plugins
 
 ROUTERS: tuple[APIRouter, ...] = (
     analyze.router,
     jobs.router,
+    callbacks.router,
     plugins.router,
     admin.router,
     health.router,
