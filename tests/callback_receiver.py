@@ -14,6 +14,7 @@ In this process (`Receiver`), or as a process of its own:
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 import threading
 import time
@@ -95,8 +96,13 @@ class _Server(ThreadingHTTPServer):
 class Receiver:
     """A receiver in a thread of this process, on `host` and a free port."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", tls: tuple[str, str] | None = None) -> None:
+        """`tls`: (certificate, key) files to serve https with."""
         self.server = _Server((host, 0))
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.host = host
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -85,6 +85,8 @@ class CallbackSettings:
     backoff_s: float = 1.0
     timeout_s: float = 5.0
     poll_s: float = 0.25
+    # Certificates https destinations are verified against: None, the system's.
+    ca_file: str | None = None
 
     @property
     def lease_s(self) -> float:
@@ -209,11 +211,18 @@ def _cut(sock: socket.socket) -> None:
 
 
 def post(
-    dest: Destination, address: str, body: bytes, headers: Mapping[str, str], timeout_s: float
+    dest: Destination,
+    address: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    timeout_s: float,
+    ca_file: str | None = None,
 ) -> Answer:
     """POST `body` to `dest` over a connection to `address` (already
-    checked), within `timeout_s` in all (connect, TLS, send, answer). A
-    redirect is not followed; at most MAX_RESPONSE_BYTES of the answer are read."""
+    checked), within `timeout_s` in all (connect, TLS, send, answer). For
+    https the certificate is verified against `dest`'s host name (with
+    `ca_file`'s certificates, else the system's). A redirect is not
+    followed; at most MAX_RESPONSE_BYTES of the answer are read."""
     started = time.monotonic()
     raw: socket.socket | None = None
     timer: threading.Timer | None = None
@@ -225,7 +234,8 @@ def post(
         timer.start()
         sock: socket.socket = raw
         if dest.scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(raw, server_hostname=dest.host)
+            context = ssl.create_default_context(cafile=ca_file)
+            sock = context.wrap_socket(raw, server_hostname=dest.host)
         conn = http.client.HTTPConnection(address, dest.port, timeout=timeout_s)
         conn.sock = sock
         conn.putrequest("POST", dest.target, skip_host=True, skip_accept_encoding=True)
@@ -382,7 +392,7 @@ class CallbackService:
             DELIVERY_HEADER: callback.id,
             SIGNATURE_HEADER: sign(self.secret_for(callback.owner), data, int(time.time())),
         }
-        answer = post(dest, address, data, headers, self.config.timeout_s)
+        answer = post(dest, address, data, headers, self.config.timeout_s, self.config.ca_file)
         return self._after(callback, self._record(at, answer), False, answer.error is None)
 
     @staticmethod

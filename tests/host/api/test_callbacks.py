@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,6 @@ from host.services import (
 )
 from host.services.build import job_limits
 from host.services.callbacks import callback_service, file_secret
-from host.services.destinations import CallbackPolicy
 from host.services.store import JobStore
 from sandbox.supervisor import Sandbox
 from tests.callback_receiver import SLOW_S, Receiver
@@ -54,13 +55,15 @@ def make_host(
     registry: PluginRegistry, sandbox: Sandbox, tmp_path: Path
 ) -> Iterator[Callable[..., TestClient]]:
     """A TestClient of a host with callbacks (settings as keywords); its
-    deliverer runs unless `deliver=False`; `resolver` replaces DNS."""
+    deliverer runs unless `deliver=False`; `resolver` replaces DNS, `ca_file`
+    the system's certificates."""
     made: list[TestClient] = []
 
     def make(
         store: JobStore | None = None,
         deliver: bool = True,
         resolver: Callable[[str, int], list[str]] | None = None,
+        ca_file: str | None = None,
         **settings: Any,
     ) -> TestClient:
         config = Settings(self_check=False, state_dir=str(tmp_path / "state"), **settings)
@@ -69,13 +72,12 @@ def make_host(
             plugins, store or MemoryJobStore(), workers=2, queue_size=8, limits=job_limits(config)
         )
         jobs.callbacks = callback_service(config, jobs.store, file_secret(config.state_dir))
-        if resolver is not None:
+        if resolver is not None or ca_file is not None:
             policy = jobs.callbacks.config.policy
-            jobs.callbacks.config = type(jobs.callbacks.config)(
-                CallbackPolicy(policy.allow, policy.networks, policy.own_ports, resolver),
-                config.callback_max_attempts,
-                config.callback_backoff_s,
-                config.callback_timeout_s,
+            jobs.callbacks.config = replace(
+                jobs.callbacks.config,
+                policy=replace(policy, resolver=resolver or policy.resolver),
+                ca_file=ca_file,
             )
         if deliver:
             jobs.callbacks.start()
@@ -301,3 +303,80 @@ def test_a_pending_callback_is_delivered_after_a_restart(
     second = make_host(store=SQLiteJobStore(path), **LOOPBACK, **TOKENS)
     assert settled(second, job_id)["callback"]["state"] == "DELIVERED"
     assert len(receiver.records("/ok")) == 1
+
+
+def self_signed(directory: Path, name: str) -> tuple[str, str]:
+    """A certificate for DNS name `name` (no IP address in it) and its key."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"]
+        + ["-addext", f"subjectAltName=DNS:{name}"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return str(cert), str(key)
+
+
+@pytest.mark.parametrize(("certified", "delivered"), [("hooks.test", True), ("other.test", False)])
+def test_https_goes_to_the_checked_address_and_verifies_the_name(
+    make_host: Callable[..., TestClient],
+    body: dict,
+    tmp_path: Path,
+    certified: str,
+    delivered: bool,
+) -> None:
+    cert, key = self_signed(tmp_path, certified)
+    tls = Receiver(tls=(cert, key))
+    try:
+        client = make_host(
+            callback_allow=["hooks.test"],
+            callback_allow_networks=["127.0.0.0/8"],
+            callback_max_attempts=1,
+            resolver=lambda host, port: ["127.0.0.1"],
+            ca_file=cert,
+            **TOKENS,
+        )
+        job = settled(client, submit(client, body, f"https://hooks.test:{tls.port}/ok"))
+        (attempt,) = job["callback"]["attempts"]
+        if delivered:  # the certificate names hooks.test only: SNI and checks used the name
+            assert attempt["status"] == 200 and job["callback"]["state"] == "DELIVERED"
+            (record,) = tls.records("/ok")
+            assert record["headers"]["Host"] == f"hooks.test:{tls.port}"
+        else:
+            assert "certificate verify failed" in attempt["error"], attempt
+            assert tls.records() == []
+    finally:
+        tls.close()
+
+
+def test_openapi_documents_the_field_the_headers_and_the_secret_route(
+    make_host: Callable[..., TestClient],
+) -> None:
+    schema = make_host(**LOOPBACK).get("/openapi.json").json()
+    create = schema["paths"]["/v1/jobs"]["post"]
+    body = create["requestBody"]["content"]["application/json"]["schema"]
+    assert "callback_url" in body["properties"]
+    for header in ("Plughost-Signature", "Plughost-Event", "Plughost-Delivery"):
+        assert header in create["description"]
+    assert "HMAC-SHA256" in create["description"]
+    assert "get" in schema["paths"]["/v1/callbacks/secret"]
+    job = schema["components"]["schemas"]["JobModel"]["properties"]
+    assert "callback" in job
+
+
+def test_the_secret_route_says_when_callbacks_are_off(
+    make_host: Callable[..., TestClient],
+) -> None:
+    answer = make_host().get("/v1/callbacks/secret")
+    assert "not enabled" in assert_envelope(answer, 400, "invalid_input")["message"]
+
+
+def test_the_host_secret_is_kept_private_and_stable(
+    make_host: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    first = make_host(**LOOPBACK).get("/v1/callbacks/secret").json()["secret"]
+    kept = tmp_path / "state" / "callback-secret"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert make_host(**LOOPBACK).get("/v1/callbacks/secret").json()["secret"] == first
