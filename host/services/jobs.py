@@ -175,13 +175,24 @@ class JobManagementService:
         )
 
     def _store_pending(
-        self, plugin_name: str, payload: Any, owner: str, idem: Idempotency | None = None
+        self,
+        plugin_name: str,
+        payload: Any,
+        owner: str,
+        idem: Idempotency | None = None,
+        callback_url: str | None = None,
     ) -> tuple[Job, bool]:
-        """Store a new PENDING job; `(it, True)`, or `(the job its owner
-        stored under idem's key, False)` when the store refuses a second one."""
+        """Store a new PENDING job (and its callback); `(it, True)`, or `(the
+        job its owner stored under idem's key, False)` when the store refuses
+        a second one."""
         job = self._pending(plugin_name, owner)
         with self._admit:
             self._check_quota(owner, _input_bytes(payload))
+            if callback_url is not None and self.callbacks is not None:
+                # Before the job, so a stored job never lacks its callback;
+                # one whose job never came (refused, or the host died
+                # between the two) is swept (callbackstore.py).
+                self.callbacks.register(owner, "job", job.id, callback_url)
             held = self.store.add(job, payload, idem)
         if held is not None and idem is not None:
             return replayed(held, idem), False
@@ -286,13 +297,10 @@ class JobManagementService:
                 with self._lock:
                     self._waited[job.id] = _Waited(job, payload)
             else:
-                job, stored = self._store_pending(plugin_name, payload, owner, idem)
+                job, stored = self._store_pending(plugin_name, payload, owner, idem, callback_url)
                 if not stored:  # a racing request with the same key stored it first
                     self.runner.withdraw()
                     return _done(job)
-                if callback_url is not None and self.callbacks is not None:
-                    # Due once the job ends, wherever it runs (callbackstore.py).
-                    self.callbacks.register(owner, "job", job.id, callback_url)
             future = self.runner.submit(job.id)
         except BaseException:
             if job is not None:
