@@ -380,3 +380,36 @@ def test_the_host_secret_is_kept_private_and_stable(
     kept = tmp_path / "state" / "callback-secret"
     assert kept.stat().st_mode & 0o777 == 0o600
     assert make_host(**LOOPBACK).get("/v1/callbacks/secret").json()["secret"] == first
+
+
+@pytest.mark.no_leak_check  # the server is a process of its own
+def test_plughost_serve_delivers_callbacks_and_refuses_its_own_port(
+    receiver: Receiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.host.test_serve import BODY, free_port, request, start_server, stop
+
+    monkeypatch.setenv("PLUGHOST_CALLBACK_ALLOW", "127.0.0.1")
+    monkeypatch.setenv("PLUGHOST_CALLBACK_ALLOW_NETWORKS", "127.0.0.0/8")
+    port = free_port()
+    state = tmp_path / "state"
+    server = start_server(tmp_path / "jobs.sqlite3", port, "--state-dir", str(state))
+    try:
+        own = {**BODY, "callback_url": f"http://127.0.0.1:{port}/v1/jobs"}
+        status, data = request(port, "POST", "/v1/jobs", own)
+        assert status == 400 and "own API port" in data["detail"]["message"]
+        status, data = request(
+            port, "POST", "/v1/jobs", {**BODY, "callback_url": receiver.url("/ok")}
+        )
+        assert status == 202, data
+        job_id = data["job"]["id"]
+        deadline = time.monotonic() + 30
+        while not receiver.records("/ok") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (record,) = receiver.records("/ok")
+        secret = request(port, "GET", "/v1/callbacks/secret")[1]["secret"]
+        signature = record["headers"]["Plughost-Signature"]
+        assert documented_verify()(secret, record["body"].encode(), signature)
+        assert json.loads(record["body"])["id"] == job_id
+    finally:
+        stop(server)
+    assert (state / "callback-secret").stat().st_mode & 0o777 == 0o600
