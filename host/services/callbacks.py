@@ -35,6 +35,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -74,6 +75,8 @@ SWEEP_EVERY_S = 60.0
 # A callback whose subject is gone this long (its job pruned) is dropped.
 SWEEP_AFTER_S = 300.0
 DELIVERERS = 4
+# The id a public document starts with (host/services/jobrows.py, `document`).
+_LEADING_ID = re.compile(r'\{"id":"([^"\\]+)"')
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,19 @@ class CallbackService:
     def document(self, kind: str, subject_id: str, document: str) -> str:
         """The subject's public `document` with its callback's view, if it has one."""
         return splice(document, self.outbox.of_subject(kind, subject_id))
+
+    def documents(self, kind: str, documents: list[str]) -> list[str]:
+        """Public documents of subjects (each starting `{"id":"<id>"`, as
+        a listing's do), each with its callback's view if it has one."""
+        ids = [found[1] for d in documents if (found := _LEADING_ID.match(d))]
+        held = self.outbox.of_subjects(kind, ids)
+        if not held:
+            return documents
+        spliced = []
+        for document in documents:
+            found = _LEADING_ID.match(document)
+            spliced.append(splice(document, held.get(found[1]) if found else None))
+        return spliced
 
     def secret_for(self, owner: str) -> str:
         """The signing secret of client `owner`."""

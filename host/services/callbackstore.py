@@ -82,6 +82,10 @@ class Outbox(abc.ABC):
         """The callback of that subject, if it has one."""
 
     @abc.abstractmethod
+    def of_subjects(self, kind: str, subject_ids: list[str]) -> dict[str, Callback]:
+        """The callbacks of those subjects that have one, by subject id."""
+
+    @abc.abstractmethod
     def claim(self, now: float, lease_s: float, limit: int) -> list[Callback]:
         """Up to `limit` due callbacks (PENDING with `next_attempt_at` passed
         and their subject ended, or DELIVERING with a lease expired), marked
@@ -130,6 +134,15 @@ class MemoryOutbox(Outbox):
                 if (h.callback.subject_kind, h.callback.subject_id) == (kind, subject_id)
             ]
         return found[0] if found else None
+
+    def of_subjects(self, kind: str, subject_ids: list[str]) -> dict[str, Callback]:
+        wanted = set(subject_ids)
+        with self._lock:
+            return {
+                h.callback.subject_id: h.callback
+                for h in self._held.values()
+                if h.callback.subject_kind == kind and h.callback.subject_id in wanted
+            }
 
     def claim(self, now: float, lease_s: float, limit: int) -> list[Callback]:
         with self._lock:
@@ -267,6 +280,17 @@ class SqlOutbox(Outbox):
             (kind, subject_id),
         )
         return _from_row(rows[0]) if rows else None
+
+    def of_subjects(self, kind: str, subject_ids: list[str]) -> dict[str, Callback]:
+        if not subject_ids:
+            return {}
+        marks = ",".join("?" * len(subject_ids))
+        rows = self._run(
+            f"SELECT {COLUMNS} FROM {self._table} "
+            f"WHERE subject_kind = ? AND subject_id IN ({marks})",
+            [kind, *subject_ids],
+        )
+        return {callback.subject_id: callback for callback in map(_from_row, rows)}
 
     def claim(self, now: float, lease_s: float, limit: int) -> list[Callback]:
         # One statement: the rows a node takes are marked in the same breath

@@ -411,8 +411,13 @@ class JobManagementService:
         offset: int = 0,
     ) -> JobPage:
         """A page of `owner`'s jobs (None: everyone's), newest first, serialized;
-        at most `limit` jobs and `JobLimits.max_list_bytes` bytes (one job at least)."""
-        return self.store.page(owner, status, plugin, limit, offset, self.limits.max_list_bytes)
+        at most `limit` jobs and `JobLimits.max_list_bytes` bytes (one job at
+        least), each with its callback's view if it has one (a few hundred
+        bytes more per callback, not counted against the cap)."""
+        page = self.store.page(owner, status, plugin, limit, offset, self.limits.max_list_bytes)
+        if self.callbacks is None:
+            return page
+        return replace(page, documents=self.callbacks.documents("job", page.documents))
 
     def cancel_job(self, job_id: str, owner: str | None = None, wait_s: float = 5.0) -> Job:
         """Cancel a pending job, or kill the sandbox of a running one, if `owner`

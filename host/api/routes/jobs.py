@@ -60,8 +60,7 @@ class JobModel(BaseModel):
     error: dict[str, Any] | None
     callback: CallbackView | None = Field(
         default=None,
-        description="the job's completion callback, when it was given a callback_url "
-        "(GET /v1/jobs/{id})",
+        description="the job's completion callback, when it was given a callback_url",
     )
 
 

@@ -154,6 +154,10 @@ def test_each_ended_job_gets_one_signed_post_of_its_public_view(
         }
         assert sent["callback"]["url"] == url
     assert {json.loads(r["body"])["id"] for r in records} == set(ids.values())
+    listed = client.get("/v1/jobs", headers=ALICE).json()["jobs"]
+    assert {j["id"]: j["callback"]["state"] for j in listed} == dict.fromkeys(
+        ids.values(), "DELIVERED"
+    )
 
 
 def test_another_clients_secret_does_not_verify(

@@ -30,6 +30,8 @@ def test_a_callback_is_due_only_once_its_job_has_ended(store: JobStore) -> None:
     assert claimed.id == callback.id and claimed.state == DELIVERING and claimed.lease
     found = outbox.of_subject("job", "job0001")
     assert found is not None and found.state == DELIVERING
+    assert set(outbox.of_subjects("job", ["job0001", "job0002"])) == {"job0001"}
+    assert outbox.of_subjects("job", []) == {}
 
 
 def test_a_held_lease_is_not_claimed_again_until_it_expires(store: JobStore) -> None:  # noqa: F811
