@@ -233,6 +233,7 @@ def test_a_locked_sqlite_file_stalls_neither_healthz_nor_other_clients(
 LOOP_ROUTES = {
     "analyze",
     "analyze_upload",
+    "callback_secret",  # the host secret (a file, or PostgreSQL) is read in_store_thread
     "cancel_job",
     "create_job",
     "get_job",
