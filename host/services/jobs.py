@@ -284,7 +284,9 @@ class JobManagementService:
         callback_url: str | None = None,
     ) -> tuple[Job, Future[Job]]:
         self._plugins.check(plugin_name, payload)
-        idem = None if key is None else Idempotency(key, request_digest(plugin_name, payload))
+        idem = None
+        if key is not None:
+            idem = Idempotency(key, request_digest(plugin_name, payload, callback_url))
         if idem is not None and (held := self.store.keyed(owner, idem.key)) is not None:
             return _done(replayed(held, idem))  # a retry: no slot, no quota, nothing stored
         self.runner.admit(plugin_name)

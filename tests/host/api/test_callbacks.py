@@ -417,3 +417,19 @@ def test_plughost_serve_delivers_callbacks_and_refuses_its_own_port(
     finally:
         stop(server)
     assert (state / "callback-secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_same_idempotency_key_with_another_callback_url_is_a_409(
+    make_host: Callable[..., TestClient], receiver: Receiver, body: dict
+) -> None:
+    client = make_host(**LOOPBACK, **TOKENS)
+    keyed = {**ALICE, "Idempotency-Key": "cb-1"}
+    first = {**body, "callback_url": receiver.url("/ok")}
+    answers = [client.post("/v1/jobs", json=first, headers=keyed) for _ in range(2)]
+    assert [a.status_code for a in answers] == [202, 202]
+    assert answers[0].json()["job"]["id"] == answers[1].json()["job"]["id"]
+    other = {**body, "callback_url": receiver.url("/elsewhere")}
+    answer = client.post("/v1/jobs", json=other, headers=keyed)
+    assert_envelope(answer, 409, "idempotency_key_reused")
+    settled(client, answers[0].json()["job"]["id"])
+    assert len(receiver.records()) == 1  # one job, one callback
