@@ -159,8 +159,8 @@ IDEMPOTENCY_DOC: dict[str, Any] = {
             "that makes a retry safe: the same key from the same client, while its job is "
             "kept (the job retention window), answers with that job (same id, its current "
             "status) and creates nothing; the same key with a different request (plugin, "
-            "image, mime_type or options) is a 409 `idempotency_key_reused`. Keys are per "
-            "client; a key is free again once its job is pruned.",
+            "image, mime_type, options or callback_url) is a 409 `idempotency_key_reused`. "
+            "Keys are per client; a key is free again once its job is pruned.",
             "schema": {
                 "type": "string",
                 "minLength": 1,
