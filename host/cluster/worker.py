@@ -151,6 +151,8 @@ class WorkerNode:
                 logger=log,
                 attempt=claim.attempt,
             )
+            if self.callbacks is not None:
+                self.callbacks.wake()
         finally:
             with self._lock:
                 self._running -= 1

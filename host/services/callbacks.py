@@ -310,6 +310,7 @@ class CallbackService:
         self._secret: bytes | None = None
         self._render = dict(render)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
 
@@ -461,11 +462,17 @@ class CallbackService:
                 log.exception("callback delivery round failed")
                 sent = 0
             if not sent:
-                self._stop.wait(self.config.poll_s)
+                self._wake.wait(self.config.poll_s)
+                self._wake.clear()
+
+    def wake(self) -> None:
+        """A subject ended on this node: look for due callbacks now, not at the next poll."""
+        self._wake.set()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop delivering; a delivery under way finishes (its timeout bounds it)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
         if self._pool is not None:

@@ -368,7 +368,10 @@ class JobManagementService:
             )
         del payload  # not kept while the result is stored
         elapsed_ms = (time.monotonic() - started) * 1000
-        return record_finished(job, outcome, elapsed_ms, self._write_finished)
+        final = record_finished(job, outcome, elapsed_ms, self._write_finished)
+        if self.callbacks is not None:
+            self.callbacks.wake()
+        return final
 
     def _write_finished(self, job: Job) -> bool:
         with self._lock:
