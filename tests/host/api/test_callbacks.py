@@ -433,3 +433,25 @@ def test_the_same_idempotency_key_with_another_callback_url_is_a_409(
     assert_envelope(answer, 409, "idempotency_key_reused")
     settled(client, answers[0].json()["job"]["id"])
     assert len(receiver.records()) == 1  # one job, one callback
+
+
+def test_a_job_left_unfinished_by_a_crash_ends_interrupted_and_its_callback_goes_out(
+    make_host: Callable[..., TestClient], receiver: Receiver, tmp_path: Path
+) -> None:
+    from host.services.callbackstore import new_callback, outbox_for
+    from host.services.store import Job, JobStatus, now_iso
+
+    path = tmp_path / "jobs.sqlite3"
+    crashed = SQLiteJobStore(path)  # what a host that died mid-job left behind
+    owner = "client-" + "0" * 16
+    job = Job("left-running", "image_info", JobStatus.RUNNING, now_iso(), owner=owner)
+    crashed.add(job, None)
+    outbox_for(crashed).add(new_callback(owner, "job", job.id, receiver.url("/ok"), time.time()))
+    crashed.close()
+    make_host(store=SQLiteJobStore(path), **LOOPBACK)
+    deadline = time.monotonic() + 30
+    while not receiver.records("/ok") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (record,) = receiver.records("/ok")
+    sent = json.loads(record["body"])
+    assert sent["id"] == job.id and sent["status"] == "INTERRUPTED"
