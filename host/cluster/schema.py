@@ -8,8 +8,8 @@
                           queue) and its last heartbeat
     plughost_quarantine   per-plugin UNAVAILABLE streaks, shared by all nodes
     plughost_plugin_stats per-plugin state and call counts, shared by all nodes
-    plughost_secrets      the host secret callbacks are signed with (one per deployment)
-    plughost_callbacks    the callback outbox (host/services/callbackstore.py)
+    plughost_callbacks    the callback outbox, and plughost_secrets the secret
+                          callbacks are signed with (host/services/callbackstore.py)
 
 Procrastinate's own schema is applied first when it is missing. Both run
 under an advisory lock, so nodes starting together do not race.
@@ -22,13 +22,12 @@ from typing import Any
 import psycopg
 from procrastinate.schema import SchemaManager
 
-from host.services.callbackstore import PG_TABLE
+from host.services.callbackstore import PG_TABLES
 
 # An arbitrary key for pg_advisory_lock: "plughost" in ASCII.
 SCHEMA_LOCK = 0x706C7567686F7374
 
-TABLES = (
-    """
+TABLES = """
 CREATE TABLE IF NOT EXISTS plughost_jobs (
     id TEXT PRIMARY KEY, plugin TEXT NOT NULL, status TEXT NOT NULL,
     created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT,
@@ -55,10 +54,7 @@ CREATE TABLE IF NOT EXISTS plughost_plugin_stats (
     plugin TEXT PRIMARY KEY, state TEXT NOT NULL, success_count BIGINT NOT NULL DEFAULT 0,
     error_count BIGINT NOT NULL DEFAULT 0, total_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
     last_ms DOUBLE PRECISION, last_used TEXT);
-CREATE TABLE IF NOT EXISTS plughost_secrets (name TEXT PRIMARY KEY, value BYTEA NOT NULL);
 """
-    + PG_TABLE
-)
 
 
 def ensure_schema(url: str) -> None:
@@ -73,5 +69,6 @@ def ensure_schema(url: str) -> None:
             if found is None or found[0] is None:
                 conn.execute(SchemaManager.get_schema())
             conn.execute(TABLES.encode())
+            conn.execute(PG_TABLES.encode())
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))

@@ -196,7 +196,9 @@ SQLITE_TABLE = """CREATE TABLE IF NOT EXISTS callbacks (
     subject_id TEXT NOT NULL, url TEXT NOT NULL, state TEXT NOT NULL,
     attempts TEXT NOT NULL DEFAULT '[]', next_attempt_at REAL NOT NULL,
     lease TEXT, lease_until REAL, created_at REAL NOT NULL)"""
-PG_TABLE = """
+# The outbox, and the host secret every node signs with (host/services/callbacks.py).
+PG_TABLES = """
+CREATE TABLE IF NOT EXISTS plughost_secrets (name TEXT PRIMARY KEY, value BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS plughost_callbacks (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, subject_kind TEXT NOT NULL,
     subject_id TEXT NOT NULL, url TEXT NOT NULL, state TEXT NOT NULL,
@@ -344,7 +346,7 @@ __all__ = [
     "FAILED",
     "KINDS",
     "PENDING",
-    "PG_TABLE",
+    "PG_TABLES",
     "Callback",
     "MemoryOutbox",
     "Outbox",
