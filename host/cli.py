@@ -559,6 +559,7 @@ def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     )
     # Once `_cluster_settings` has checked that the multi-node extra is installed.
     from host.cluster.worker import WorkerNode, WorkerOptions, run_worker
+    from host.services.callbacks import callback_settings
 
     configure_logging(settings.log_level, settings.log_repeat_limit, settings.log_repeat_interval_s)
     try:
@@ -574,6 +575,9 @@ def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         stalled_after_s=settings.stalled_after_s,
         metrics_address=None if args.metrics_port is None else (settings.host, args.metrics_port),
         user=settings.user,
+        callbacks=callback_settings(
+            settings, () if args.metrics_port is None else (args.metrics_port,)
+        ),
     )
     quarantine = (settings.quarantine_threshold, settings.quarantine_cooldown_s)
     try:

@@ -28,10 +28,21 @@ the others) or "strict" (refuse to run plugins while a layer is missing);
 `disable_layers` switches layers off by name (see `sandbox.supervisor.OPTIONAL_LAYERS`).
 `prewarm` keeps that many children set up and waiting per plugin recently
 called, so a call pays a hand-over instead of a start (0 turns it off).
+
+Completion callbacks (docs/callbacks.md) are off until `callback_allow`
+names the hosts a job's `callback_url` may point at: `hooks.example.com`,
+`*.example.com` (any subdomain), either with `:port` to allow that port
+only, or `*` for any host. Even then a destination that resolves to a
+loopback, link-local (cloud metadata), private, unspecified, multicast or
+reserved address is refused, unless it lies in one of the CIDRs of
+`callback_allow_networks`; the host's own listening port on its own
+addresses is refused always. `callback_max_attempts` attempts are made,
+`callback_backoff_s` * 2^n apart, each within `callback_timeout_s`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -167,6 +178,13 @@ class Settings(BaseModel):
     console_login_failures: int = Field(default=5, ge=1)
     console_login_window_s: float = Field(default=60.0, gt=0)
 
+    # Completion callbacks (see the module docstring and docs/callbacks.md).
+    callback_allow: list[str] = Field(default_factory=list)
+    callback_allow_networks: list[str] = Field(default_factory=list)
+    callback_max_attempts: int = Field(default=8, ge=1, le=30)
+    callback_backoff_s: float = Field(default=1.0, gt=0, le=3600)
+    callback_timeout_s: float = Field(default=5.0, gt=0, le=60)
+
     @property
     def job_db(self) -> str:
         """The SQLite job database: `db_path`, or jobs.sqlite3 in `state_dir`."""
@@ -183,12 +201,28 @@ class Settings(BaseModel):
         return value.upper() if isinstance(value, str) else value
 
     @field_validator(
-        "client_tokens", "plugins_dirs", "disable_layers", "allow_source_builds", mode="before"
+        "client_tokens",
+        "plugins_dirs",
+        "disable_layers",
+        "allow_source_builds",
+        "callback_allow",
+        "callback_allow_networks",
+        mode="before",
     )
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("callback_allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{network!r} is not a network in CIDR form ({exc})") from exc
         return value
 
     # Plugin names are unique (host/discovery.py): the first plugin found

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from host.config import Settings
 from host.errors import Rejected, envelope
+from host.services.callbacks import DELIVERY_HEADER, EVENT, EVENT_HEADER, SIGNATURE_HEADER
+from host.services.destinations import MAX_URL_CHARS
 from host.services.idempotency import HEADER, MAX_KEY_CHARS, checked_key
 from host.services.payloads import (
     ALLOWED_MIME_TYPES,
@@ -70,6 +72,23 @@ class AnalyzeRequest(BaseModel):
     )
 
 
+class JobRequest(AnalyzeRequest):
+    """An analysis to queue as a job; with `callback_url`, the job's public
+    view is POSTed there, signed, when it ends."""
+
+    callback_url: str | None = Field(
+        default=None,
+        max_length=MAX_URL_CHARS,
+        description="an absolute http(s) URL (no user name, no fragment) the host POSTs the "
+        "job's public view to when it ends; it must be a destination the host's operator "
+        "allows (addresses that are not public only when the operator allows their "
+        "network too), else the request is a 400 invalid_input saying why; "
+        "for example https://hooks.example.com/plughost",
+        # null in the example body: it then runs on a host that allows no callbacks.
+        examples=[None],
+    )
+
+
 # The request body as OpenAPI shows it, for routes that read their body themselves.
 ANALYZE_BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -89,6 +108,46 @@ ANALYZE_BODY_DOC: dict[str, Any] = {
 }
 
 
+JOB_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": JobRequest.model_json_schema(),
+                "examples": {
+                    "image_info": {
+                        "summary": "a 1x1 PNG analyzed by image_info",
+                        "value": EXAMPLE_BODY,
+                    },
+                },
+            }
+        },
+    }
+}
+
+CALLBACK_DOC = f"""Queue an analysis as a job; poll GET /v1/jobs/{{id}} for its result,
+or give a `callback_url`.
+
+**Completion callback.** When a job with a `callback_url` ends (SUCCESS,
+FAILED, CANCELLED or INTERRUPTED), the host POSTs its public view, the JSON
+GET /v1/jobs/{{id}} returns, to that URL (Content-Type: application/json),
+with these headers:
+
+- {EVENT_HEADER}: {EVENT}
+- {DELIVERY_HEADER}: the delivery's id, the same on every retry of it (deduplicate on it)
+- {SIGNATURE_HEADER}: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">, keyed with
+  the UTF-8 bytes of the client's own secret from GET /v1/callbacks/secret
+
+Any 2xx answer is a delivery; anything else (a redirect included, which is never
+followed; no answer within the host's timeout) is retried with exponential backoff,
+up to the host's attempt limit. Delivery is at least once. The job's view shows
+`callback` with its `state` (PENDING, DELIVERING, DELIVERED, FAILED) and each
+attempt's time, status and error. The destination is checked again before each
+attempt: one that now resolves to an address the host refuses fails at once,
+its reason recorded.
+"""
+
+
 # The `Idempotency-Key` header of the routes that create a job.
 IDEMPOTENCY_DOC: dict[str, Any] = {
     "parameters": [
@@ -100,8 +159,8 @@ IDEMPOTENCY_DOC: dict[str, Any] = {
             "that makes a retry safe: the same key from the same client, while its job is "
             "kept (the job retention window), answers with that job (same id, its current "
             "status) and creates nothing; the same key with a different request (plugin, "
-            "image, mime_type or options) is a 409 `idempotency_key_reused`. Keys are per "
-            "client; a key is free again once its job is pruned.",
+            "image, mime_type, options or callback_url) is a 409 `idempotency_key_reused`. "
+            "Keys are per client; a key is free again once its job is pruned.",
             "schema": {
                 "type": "string",
                 "minLength": 1,
@@ -191,6 +250,9 @@ AnalyzeBodyDep = Annotated[AnalyzeBody, Depends(analyze_body)]
 
 __all__ = [
     "ANALYZE_BODY_DOC",
+    "CALLBACK_DOC",
+    "JOB_BODY_DOC",
+    "JobRequest",
     "IDEMPOTENCY_DOC",
     "EXAMPLE_BODY",
     "EXAMPLE_PNG",

@@ -10,6 +10,8 @@
     plughost_plugin_stats per-plugin state and call counts, shared by all nodes
     plughost_batches      batches of jobs (host/services/batchrows.py); each
                           item is a job row with its `batch_id`
+    plughost_callbacks    the callback outbox, and plughost_secrets the secret
+                          callbacks are signed with (host/services/callbackstore.py)
 
 Procrastinate's own schema is applied first when it is missing. Both run
 under an advisory lock, so nodes starting together do not race.
@@ -23,6 +25,7 @@ import psycopg
 from procrastinate.schema import SchemaManager
 
 from host.services.batchrows import batch_schema
+from host.services.callbackstore import PG_TABLES
 
 # An arbitrary key for pg_advisory_lock: "plughost" in ASCII.
 SCHEMA_LOCK = 0x706C7567686F7374
@@ -70,5 +73,6 @@ def ensure_schema(url: str) -> None:
             if found is None or found[0] is None:
                 conn.execute(SchemaManager.get_schema())
             conn.execute(TABLES.encode())
+            conn.execute(PG_TABLES.encode())
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK,))

@@ -15,6 +15,7 @@ from host.cluster.schema import ensure_schema
 from host.cluster.shared import SharedQuarantine, SharedStats
 from host.config import Settings
 from host.services.analysis import AnalysisService
+from host.services.callbacks import callback_service, database_secret
 from host.services.jobs import JobLimits, JobManagementService
 from host.services.node import node_plugins
 
@@ -64,4 +65,7 @@ def build_cluster_services(
     app = make_app(procrastinate.SyncPsycopgConnector(conninfo=url))
     runner = ProcrastinateDispatch(plugins, store, app, url)
     jobs = JobManagementService(plugins, store, limits=limits, runner=runner)
+    # Every API node delivers callbacks too, signing with the database's secret.
+    jobs.callbacks = callback_service(settings, store, database_secret(store))
+    jobs.callbacks.start()
     return plugins, jobs, AnalysisService(jobs, settings.default_plugin)

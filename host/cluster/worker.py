@@ -13,7 +13,9 @@
       v
     plughost_jobs row final; the API node waiting on it wakes up
 
-Beside it, on the node: a heartbeat thread (plughost_nodes), and the
+Beside it, on the node: a heartbeat thread (plughost_nodes), the
+callback deliverer (host/services/callbacks.py: due callbacks of jobs
+that ended on any node, claimed with SKIP LOCKED), and the
 stalled-job recovery step, every `recover_every_s` on the event loop: jobs
 of workers whose Procrastinate heartbeat lapsed go back to their queue,
 or end INTERRUPTED once they used `max_attempts`. A database outage stops
@@ -46,6 +48,8 @@ from host.cluster.shared import SharedQuarantine, SharedStats
 from host.privileges import PrivilegeError, drop_to
 from host.registry import PluginRegistry
 from host.services.batchrows import job_ended
+from host.services.callbacks import CallbackService, CallbackSettings, database_secret, job_body
+from host.services.callbackstore import outbox_for
 from host.services.finished import input_gone, record_finished
 from host.services.plugins import PluginManagementService
 from sandbox.supervisor import Sandbox
@@ -69,6 +73,7 @@ class WorkerOptions:
     db_patience_s: float = 600.0
     metrics_address: tuple[str, int] | None = None  # (host, port) of GET /metrics; None: off
     user: str | None = None  # started as root: become this user once the sandbox is set up
+    callbacks: CallbackSettings | None = None  # None: this node delivers no callbacks
 
 
 class WorkerNode:
@@ -97,6 +102,15 @@ class WorkerNode:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._work: asyncio.Task[None] | None = None
+        # Callbacks of jobs that end anywhere, delivered by every node that has them on.
+        self.callbacks: CallbackService | None = None
+        if options.callbacks is not None:
+            self.callbacks = CallbackService(
+                options.callbacks,
+                outbox_for(self.store),
+                database_secret(self.store),
+                {"job": job_body(self.store)},
+            )
         metrics = self.plugins.metrics
         metrics.gauge(
             "plughost_worker_slots",
@@ -141,6 +155,8 @@ class WorkerNode:
                 ended=lambda final: self._patiently(lambda: job_ended(self.store, final.id)),
                 attempt=claim.attempt,
             )
+            if self.callbacks is not None:
+                self.callbacks.wake()
         finally:
             with self._lock:
                 self._running -= 1
@@ -270,11 +286,15 @@ class WorkerNode:
         self._patiently(lambda: self.book.register(self.inventory, self.options.concurrency))
         beat = threading.Thread(target=self._heartbeat_forever, name="plughost-heartbeat")
         beat.start()
+        if self.callbacks is not None:
+            self.callbacks.start()
         return beat
 
     def close(self, beat: threading.Thread) -> None:
         self._stop.set()
         beat.join(self.options.heartbeat_s + 5)
+        if self.callbacks is not None:
+            self.callbacks.stop()
         try:
             self.book.leave()
         except DatabaseUnavailable as exc:

@@ -28,16 +28,19 @@ class AnalysisService:
         owner: str = ANONYMOUS,
         waited: bool = False,
         key: str | None = None,
+        callback_url: str | None = None,
     ) -> tuple[Job, Future[Job]]:
         """Queue an analysis as a job of `owner`; `waited`: the caller waits
         for its end (stored once, as it ends, unless `stop_waiting`). With
         an idempotency `key` the owner used before, the job of that key
-        (its future done). Raises Rejected, Overloaded, QuotaExceeded or
+        (its future done). With a `callback_url` (not for a `waited` one),
+        the job's public view is POSTed there when it ends. Raises Rejected
+        (a refused callback destination too), Overloaded, QuotaExceeded or
         IdempotencyConflict."""
         name = plugin_name or self.default_plugin
         if waited:
             return self.jobs.run_waited(name, payload, owner, key)
-        return self.jobs.enqueue(name, payload, owner, key)
+        return self.jobs.enqueue(name, payload, owner, key, callback_url)
 
     def stop_waiting(self, job: Job) -> Job:
         """The caller of a `waited` analysis answers before its end: the job

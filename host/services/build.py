@@ -5,6 +5,7 @@
              │   node builds them
              ──> PluginManagementService(registry, sandbox)
              ──> JobManagementService(plugins, job store, runner: LocalPool)
+             │     └─ callbacks: CallbackService (outbox in the job store, deliverer thread)
              ──> AnalysisService(jobs)
              ──> BatchService(plugins, jobs) (host/services/batches.py)
 
@@ -20,6 +21,7 @@ from typing import Any
 from host.config import Settings
 from host.services.analysis import AnalysisService
 from host.services.batches import BatchService
+from host.services.callbacks import callback_service, file_secret
 from host.services.jobs import JobLimits, JobManagementService
 from host.services.node import node_plugins
 from host.services.plugins import PluginManagementService
@@ -81,6 +83,8 @@ def build_services(settings: Settings, store: JobStore | None = None) -> Service
         queue_size=settings.queue_size,
         limits=job_limits(settings),
     )
+    jobs.callbacks = callback_service(settings, jobs.store, file_secret(settings.state_dir))
+    jobs.callbacks.start()
     return Services(plugins, jobs, AnalysisService(jobs, settings.default_plugin))
 
 

@@ -49,15 +49,19 @@ def _image_bytes(image: Any) -> bytes:
         return str(image).encode("utf-8", "surrogatepass")
 
 
-def request_digest(plugin: str, payload: Any) -> str:
+def request_digest(plugin: str, payload: Any, callback_url: str | None = None) -> str:
     """SHA-256 of what makes a request the same: the plugin, the image's
-    bytes (sent as base64 or as a file alike), its mime_type and options."""
+    bytes (sent as base64 or as a file alike), its mime_type and options,
+    and its callback URL if it has one (a request without one digests as
+    it did before callbacks existed)."""
     fields = payload if isinstance(payload, dict) else {"payload": payload}
     meta = {
         "plugin": plugin,
         "mime_type": fields.get("mime_type"),
         "options": fields.get("options"),
     }
+    if callback_url is not None:
+        meta["callback_url"] = callback_url
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=repr).encode())
     digest.update(b"\0")
     digest.update(_image_bytes(fields.get("image", b"")))

@@ -42,9 +42,11 @@ from host.errors import (
     JobFinished,
     JobNotFound,
     QuotaExceeded,
+    Rejected,
     envelope,
 )
 from host.services.batchrows import job_ended
+from host.services.callbacks import CallbackService
 from host.services.finished import input_gone, record_finished
 from host.services.idempotency import replayed, request_digest
 from host.services.jobrows import Idempotency
@@ -146,6 +148,8 @@ class JobManagementService:
         self._waited: dict[str, _Waited] = {}  # run_waited's jobs not finished yet
         self._last_prune = 0.0
         self.closed = False  # shutdown() began: nothing more runs
+        # Completion callbacks (host/services/callbacks.py); None: not offered.
+        self.callbacks: CallbackService | None = None
         plugins.metrics.gauge(
             "plughost_queue_depth", "Jobs waiting for a sandbox.", lambda: self.stats()["queued"]
         )
@@ -177,13 +181,24 @@ class JobManagementService:
         )
 
     def _store_pending(
-        self, plugin_name: str, payload: Any, owner: str, idem: Idempotency | None = None
+        self,
+        plugin_name: str,
+        payload: Any,
+        owner: str,
+        idem: Idempotency | None = None,
+        callback_url: str | None = None,
     ) -> tuple[Job, bool]:
-        """Store a new PENDING job; `(it, True)`, or `(the job its owner
-        stored under idem's key, False)` when the store refuses a second one."""
+        """Store a new PENDING job (and its callback); `(it, True)`, or `(the
+        job its owner stored under idem's key, False)` when the store refuses
+        a second one."""
         job = self._pending(plugin_name, owner)
         with self._admit:
             self._check_quota(owner, _input_bytes(payload))
+            if callback_url is not None and self.callbacks is not None:
+                # Before the job, so a stored job never lacks its callback;
+                # one whose job never came (refused, or the host died
+                # between the two) is swept (callbackstore.py).
+                self.callbacks.register(owner, "job", job.id, callback_url)
             held = self.store.add(job, payload, idem)
         if held is not None and idem is not None:
             return replayed(held, idem), False
@@ -224,9 +239,18 @@ class JobManagementService:
         raise QuotaExceeded(quota, limit, used, retry_after_s=self.runner.retry_after())
 
     def enqueue(
-        self, plugin_name: str, payload: Any, owner: str = ANONYMOUS, key: str | None = None
+        self,
+        plugin_name: str,
+        payload: Any,
+        owner: str = ANONYMOUS,
+        key: str | None = None,
+        callback_url: str | None = None,
     ) -> tuple[Job, Future[Job]]:
         """Create a job of `owner` and hand its id to the runner.
+
+        With a `callback_url`, checked against the destination policy of
+        `callbacks` first (Rejected when refused, or when callbacks are off),
+        the job's public view is POSTed there once it ends (host/services/callbacks.py).
 
         With an idempotency `key` that `owner` used before (its job not
         pruned yet), nothing is created: the job of that key is returned as
@@ -234,7 +258,17 @@ class JobManagementService:
         QuotaExceeded or IdempotencyConflict (the key's job was created by
         a different request), or the runner's own refusal; stores nothing then.
         """
-        return self._queue(plugin_name, payload, owner, False, key)
+        if callback_url is not None:
+            if self.callbacks is None:
+                raise Rejected(
+                    envelope(
+                        "invalid_input",
+                        "callbacks are not enabled on this host",
+                        field="callback_url",
+                    )
+                )
+            self.callbacks.check(callback_url)
+        return self._queue(plugin_name, payload, owner, False, key, callback_url)
 
     def run_waited(
         self, plugin_name: str, payload: Any, owner: str = ANONYMOUS, key: str | None = None
@@ -257,10 +291,18 @@ class JobManagementService:
         return self._queue(plugin_name, payload, owner, waited, key)
 
     def _queue(
-        self, plugin_name: str, payload: Any, owner: str, waited: bool, key: str | None
+        self,
+        plugin_name: str,
+        payload: Any,
+        owner: str,
+        waited: bool,
+        key: str | None,
+        callback_url: str | None = None,
     ) -> tuple[Job, Future[Job]]:
         self._plugins.check(plugin_name, payload)
-        idem = None if key is None else Idempotency(key, request_digest(plugin_name, payload))
+        idem = None
+        if key is not None:
+            idem = Idempotency(key, request_digest(plugin_name, payload, callback_url))
         if idem is not None and (held := self.store.keyed(owner, idem.key)) is not None:
             return _done(replayed(held, idem))  # a retry: no slot, no quota, nothing stored
         self.runner.admit(plugin_name)
@@ -273,7 +315,7 @@ class JobManagementService:
                 with self._lock:
                     self._waited[job.id] = _Waited(job, payload)
             else:
-                job, stored = self._store_pending(plugin_name, payload, owner, idem)
+                job, stored = self._store_pending(plugin_name, payload, owner, idem, callback_url)
                 if not stored:  # a racing request with the same key stored it first
                     self.runner.withdraw()
                     return _done(job)
@@ -342,7 +384,10 @@ class JobManagementService:
             )
         del payload  # not kept while the result is stored
         elapsed_ms = (time.monotonic() - started) * 1000
-        return record_finished(job, outcome, elapsed_ms, self._write_finished, ended=self._ended)
+        final = record_finished(job, outcome, elapsed_ms, self._write_finished, ended=self._ended)
+        if self.callbacks is not None:
+            self.callbacks.wake()
+        return final
 
     def _ended(self, job: Job) -> None:
         """A job ended (and is stored): the end of its batch, if it was the last item."""
@@ -378,7 +423,9 @@ class JobManagementService:
         found = self.store.document(job_id)
         if found is None or (owner is not None and found[0] != owner):
             raise JobNotFound(job_id)
-        return found[1]
+        if self.callbacks is None:
+            return found[1]
+        return self.callbacks.document("job", job_id, found[1])
 
     def list_jobs(
         self,
@@ -389,8 +436,13 @@ class JobManagementService:
         offset: int = 0,
     ) -> JobPage:
         """A page of `owner`'s jobs (None: everyone's), newest first, serialized;
-        at most `limit` jobs and `JobLimits.max_list_bytes` bytes (one job at least)."""
-        return self.store.page(owner, status, plugin, limit, offset, self.limits.max_list_bytes)
+        at most `limit` jobs and `JobLimits.max_list_bytes` bytes (one job at
+        least), each with its callback's view if it has one (a few hundred
+        bytes more per callback, not counted against the cap)."""
+        page = self.store.page(owner, status, plugin, limit, offset, self.limits.max_list_bytes)
+        if self.callbacks is None:
+            return page
+        return replace(page, documents=self.callbacks.documents("job", page.documents))
 
     def cancel_job(self, job_id: str, owner: str | None = None, wait_s: float = 5.0) -> Job:
         """Cancel a pending job, or kill the sandbox of a running one, if `owner`
@@ -464,9 +516,12 @@ class JobManagementService:
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop taking jobs; let running ones finish within `timeout_s`, then
         cancel (the runner's `shutdown`). Jobs of this process still pending
-        or running afterwards are marked INTERRUPTED."""
+        or running afterwards are marked INTERRUPTED. Callbacks stop being
+        delivered (those still due go out after the next start)."""
         self.closed = True
         self.runner.shutdown(timeout_s)
+        if self.callbacks is not None:
+            self.callbacks.stop()
         self.store.recover(
             envelope("interrupted", "the host shut down before this job finished")["error"]
         )

@@ -66,6 +66,15 @@ class SqlRows:
         self._dialect = dialect
         self._table = dialect.table
 
+    @property
+    def connection(self) -> Connection:
+        """The connection the rows are read over (held as they are)."""
+        return self._conn
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._dialect
+
     def _run(self, statement: str, params: Sequence[Any] = ()) -> Cursor:
         return self._conn.execute(statement.replace("?", self._dialect.mark), params)
 

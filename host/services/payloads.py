@@ -24,7 +24,7 @@ from host.errors import Rejected, envelope
 from sandbox.jsonbounds import BoundsExceeded, JsonBounds, Member, NotJson, lone_surrogate, scan
 from sandbox.tool_runner import ALLOWED_MIME_TYPES
 
-FIELDS = ("plugin", "image", "mime_type", "options")
+FIELDS = ("plugin", "image", "mime_type", "options", "callback_url")
 _BASE64 = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
 _BLANK = b" \t\n\r"
 _NOT_ALPHABET = re.compile(r"[^A-Za-z0-9+/]")
@@ -46,6 +46,7 @@ class AnalyzeBody:
     image: bytes
     mime_type: str
     options: dict[str, Any] = field(default_factory=dict)
+    callback_url: str | None = None  # POST /v1/jobs only (host/services/callbacks.py)
 
     def payload(self) -> dict[str, Any]:
         return {"image": self.image, "mime_type": self.mime_type, "options": self.options}
@@ -163,8 +164,11 @@ def parse_analyze(buffer: bytearray, bounds: JsonBounds) -> AnalyzeBody:
         raise _invalid("field 'options' must be an object")
     if lone_surrogate(options):
         raise _invalid("field 'options' holds a lone surrogate, which is not valid text")
+    callback_url = values.get("callback_url")
+    if callback_url is not None and not isinstance(callback_url, str):
+        raise _invalid("field 'callback_url' must be a string")
     image = _decode_image(buffer, members["image"])
-    return AnalyzeBody(plugin, image, mime_type, options)
+    return AnalyzeBody(plugin, image, mime_type, options, callback_url)
 
 
 # The first bytes of each image type a call accepts (ALLOWED_MIME_TYPES), with its name.

@@ -85,3 +85,12 @@ def test_a_bad_client_name_is_refused_without_quoting_the_token(entries: str, wr
     with pytest.raises(ConfigError) as refused:
         load_settings(environ={"PLUGHOST_CLIENT_TOKENS": entries})
     assert wrong in str(refused.value) and "s3cret" not in str(refused.value)
+
+
+def test_callback_networks_must_be_cidrs() -> None:
+    from host.config import ConfigError, load_settings
+
+    settings = load_settings(environ={"PLUGHOST_CALLBACK_ALLOW_NETWORKS": "10.0.0.0/8,fd00::/8"})
+    assert settings.callback_allow_networks == ["10.0.0.0/8", "fd00::/8"]
+    with pytest.raises(ConfigError, match="not a network in CIDR form"):
+        load_settings(environ={"PLUGHOST_CALLBACK_ALLOW_NETWORKS": "10.0.0.0/33"})

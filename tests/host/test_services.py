@@ -101,9 +101,10 @@ def test_analysis_service_delegates_to_the_job_service(
         payload: Any,
         owner: str,
         key: str | None = None,
+        callback_url: str | None = None,
     ):
         seen.append(plugin_name)
-        return real(self, plugin_name, payload, owner, key)
+        return real(self, plugin_name, payload, owner, key, callback_url)
 
     monkeypatch.setattr(JobManagementService, "enqueue", spy)
     analysis = AnalysisService(jobs, default_plugin="image_info")

@@ -3,12 +3,13 @@
 
 from fastapi import APIRouter
 
-from host.api.routes import admin, analyze, batches, health, jobs, plugins
+from host.api.routes import admin, analyze, batches, callbacks, health, jobs, plugins
 
 ROUTERS: tuple[APIRouter, ...] = (
     analyze.router,
     jobs.router,
     batches.router,
+    callbacks.router,
     plugins.router,
     admin.router,
     health.router,

@@ -31,6 +31,7 @@ from host.api.deps import (
     in_store_thread,
 )
 from host.api.errors import error_response
+from host.errors import Rejected, envelope
 from host.services.analysis import ANALYZE_WAIT_S, job_outcome
 from host.services.build import Services
 from host.services.jobrows import FINISHED, Job
@@ -86,6 +87,14 @@ async def analyze(request: Request, caller: CallerDep) -> JSONResponse:
     # One dependency (the caller's token) rather than three: FastAPI's
     # resolution of each costs this busiest route more than the work itself.
     body = await analyze_body(request)
+    if body.callback_url is not None:
+        raise Rejected(
+            envelope(
+                "invalid_input",
+                "callback_url is for POST /v1/jobs: POST /v1/analyze answers with the result",
+                field="callback_url",
+            )
+        )
     services: Services = request.app.state.services
     return await _analyze(request, services, caller, body.plugin, body.payload())
 

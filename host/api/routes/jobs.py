@@ -15,7 +15,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from host.api.bodies import ANALYZE_BODY_DOC, IDEMPOTENCY_DOC, AnalyzeBodyDep, idempotency_key
+from host.api.bodies import (
+    CALLBACK_DOC,
+    IDEMPOTENCY_DOC,
+    JOB_BODY_DOC,
+    AnalyzeBodyDep,
+    idempotency_key,
+)
 from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep, in_store_thread
 from host.api.errors import responses
 from host.services import JobStatus
@@ -23,6 +29,23 @@ from host.services.jobrows import JobPage
 from host.services.store import Job
 
 router = APIRouter(tags=["jobs"])
+
+
+class CallbackAttempt(BaseModel):
+    at: str = Field(description="when the attempt started (ISO-8601 UTC)")
+    duration_ms: float
+    status: int | None = Field(default=None, description="the receiver's HTTP status, if any")
+    error: str | None = Field(
+        default=None,
+        description="why the attempt failed, in words (a refused destination, a timeout, "
+        "a non-2xx status, a redirect, which is never followed); never the response body",
+    )
+
+
+class CallbackView(BaseModel):
+    url: str
+    state: str = Field(description="PENDING, DELIVERING, DELIVERED or FAILED")
+    attempts: list[CallbackAttempt]
 
 
 class JobModel(BaseModel):
@@ -35,6 +58,10 @@ class JobModel(BaseModel):
     owner: str = Field(description="the client (its token's id) that created the job")
     result: dict[str, Any] | None
     error: dict[str, Any] | None
+    callback: CallbackView | None = Field(
+        default=None,
+        description="the job's completion callback, when it was given a callback_url",
+    )
 
 
 class JobList(BaseModel):
@@ -55,7 +82,8 @@ class JobList(BaseModel):
     responses=JSON_ERRORS,
     dependencies=CLIENT,
     summary="Queue an analysis; poll GET /v1/jobs/{id} for its result",
-    openapi_extra={**ANALYZE_BODY_DOC, **IDEMPOTENCY_DOC},
+    openapi_extra={**JOB_BODY_DOC, **IDEMPOTENCY_DOC},
+    description=CALLBACK_DOC,
 )
 async def create_job(
     request: Request, body: AnalyzeBodyDep, svc: ServicesDep, caller: CallerDep
@@ -64,7 +92,10 @@ async def create_job(
     # in the same 202 answer, and nothing is created.
     key = idempotency_key(request)
     job, _ = await in_store_thread(
-        request, lambda: svc.analysis.submit(body.plugin, body.payload(), caller.id, key=key)
+        request,
+        lambda: svc.analysis.submit(
+            body.plugin, body.payload(), caller.id, key=key, callback_url=body.callback_url
+        ),
     )
     return JSONResponse(
         {"job": job.public(), "links": {"self": f"/v1/jobs/{job.id}"}},

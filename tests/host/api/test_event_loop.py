@@ -234,6 +234,7 @@ LOOP_ROUTES = {
     "analyze",
     "analyze_upload",
     "cancel_batch",
+    "callback_secret",  # the host secret (a file, or PostgreSQL) is read in_store_thread
     "cancel_job",
     "create_batch",
     "create_job",
