@@ -3,9 +3,11 @@
     enqueue(plugin, payload, owner)
       |  PluginManagementService.check (refuse bad input, unknown, quarantined)
       |  runner.admit: a pool slot, or raise Overloaded (503 + Retry-After)
-      |  owner's quota: its oldest finished jobs make room, or (its unfinished
-      |  jobs alone fill it) raise QuotaExceeded (429)
-      |  store the job PENDING with its input (committed before anyone hears of it)
+      |  in ONE hold on the store (a lock, or a transaction holding the
+      |  owner's lock: one quota for every API node on a database):
+      |    owner's quota: its oldest finished jobs make room, or (its
+      |    unfinished jobs alone fill it) raise QuotaExceeded (429)
+      |    store the job PENDING with its input (committed before anyone hears of it)
       v
     runner.submit(job id): LocalPool's queue holds the id only
       v
@@ -44,7 +46,7 @@ from host.errors import (
 )
 from host.services.finished import input_gone, record_finished
 from host.services.idempotency import replayed, request_digest
-from host.services.jobrows import Idempotency
+from host.services.jobrows import Admit, Idempotency, Rows, prune_owner
 from host.services.plugins import PluginManagementService
 from host.services.runners import CancelToken, JobRunner, LocalPool
 from host.services.store import (
@@ -137,7 +139,6 @@ class JobManagementService:
             self._run_submitted, self._cancel_pending, plugins.cancellation, workers, queue_size
         )
         self._lock = threading.Lock()
-        self._admit = threading.Lock()  # a quota check and its insert, together
         self._waited: dict[str, _Waited] = {}  # run_waited's jobs not finished yet
         self._last_prune = 0.0
         plugins.metrics.gauge(
@@ -173,32 +174,37 @@ class JobManagementService:
     def _store_pending(
         self, plugin_name: str, payload: Any, owner: str, idem: Idempotency | None = None
     ) -> tuple[Job, bool]:
-        """Store a new PENDING job; `(it, True)`, or `(the job its owner
-        stored under idem's key, False)` when the store refuses a second one."""
+        """Store a new PENDING job, its owner's quota checked in the insert's
+        own hold on the store; `(it, True)`, or `(the job its owner stored
+        under idem's key, False)` when the store refuses a second one."""
         job = self._pending(plugin_name, owner)
-        with self._admit:
-            self._check_quota(owner, _input_bytes(payload))
-            held = self.store.add(job, payload, idem)
+        held = self.store.add(job, payload, idem, self._quota(owner, _input_bytes(payload)))
         if held is not None and idem is not None:
             return replayed(held, idem), False
         log.info("job accepted", extra={"job_id": job.id, "plugin": plugin_name})
         return job, True
 
-    def _check_quota(self, owner: str, incoming: int) -> None:
+    def _quota(self, owner: str, incoming: int) -> Admit:
+        """The check of `owner`'s quota the store runs before inserting a
+        job of `incoming` bytes, on the rows it holds for the insert (so
+        every API node on one database enforces one quota)."""
+        return lambda rows: self._check_quota(rows, owner, incoming)
+
+    def _check_quota(self, rows: Rows, owner: str, incoming: int) -> None:
         """Make room for one more job of `owner` of `incoming` bytes: a client
         keeps its newest jobs, the oldest finished ones go. Raise
         QuotaExceeded when its unfinished jobs alone leave no room."""
         limits = self.limits
-        if _exceeded(self.store.usage(owner), incoming, limits) is None:
+        if _exceeded(rows.usage(owner), incoming, limits) is None:
             return
         # A client at its job quota would otherwise drop one job (and pay a
         # search and a delete) for every new one: room is made for a
         # 64th of the quota at once.
         keep = limits.max_jobs_per_client - 1 - limits.max_jobs_per_client // QUOTA_STEP
-        pruned = self.store.prune_owner(owner, keep, limits.max_stored_bytes_per_client - incoming)
+        pruned = prune_owner(rows, owner, keep, limits.max_stored_bytes_per_client - incoming)
         if pruned:
             log.info("quota: dropped %d oldest finished jobs", pruned, extra={"owner": owner})
-        exceeded = _exceeded(self.store.usage(owner), incoming, limits)
+        exceeded = _exceeded(rows.usage(owner), incoming, limits)
         if exceeded is None:
             return
         # What is left are unfinished jobs (they end soon), or one input larger
@@ -252,8 +258,7 @@ class JobManagementService:
         try:
             if waited:
                 job = self._pending(plugin_name, owner)
-                with self._admit:
-                    self._check_quota(owner, _input_bytes(payload))
+                self.store.check(self._quota(owner, _input_bytes(payload)))
                 with self._lock:
                     self._waited[job.id] = _Waited(job, payload)
             else:
