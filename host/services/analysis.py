@@ -32,7 +32,7 @@ class AnalysisService:
         """Queue an analysis as a job of `owner`; `waited`: the caller waits
         for its end (stored once, as it ends, unless `stop_waiting`). With
         an idempotency `key` the owner used before, the job of that key
-        (its future done). Raises Rejected, Overloaded, QuotaExceeded or
+        and a future of its end. Raises Rejected, Overloaded, QuotaExceeded or
         IdempotencyConflict."""
         name = plugin_name or self.default_plugin
         if waited:

@@ -220,7 +220,8 @@ class JobManagementService:
 
         With an idempotency `key` that `owner` used before (its job not
         pruned yet), nothing is created: the job of that key is returned as
-        it is now, its future already done. Raises Rejected, Overloaded,
+        it is now, with a future of its end (done already if it is
+        finished). Raises Rejected, Overloaded,
         QuotaExceeded or IdempotencyConflict (the key's job was created by
         a different request), or the runner's own refusal; stores nothing then.
         """
@@ -252,7 +253,8 @@ class JobManagementService:
         self._plugins.check(plugin_name, payload)
         idem = None if key is None else Idempotency(key, request_digest(plugin_name, payload))
         if idem is not None and (held := self.store.keyed(owner, idem.key)) is not None:
-            return _done(replayed(held, idem))  # a retry: no slot, no quota, nothing stored
+            # A retry: no slot, no quota, nothing stored.
+            return self._following(replayed(held, idem))
         self.runner.admit(plugin_name)
         job = None
         try:
@@ -265,7 +267,7 @@ class JobManagementService:
                 job, stored = self._store_pending(plugin_name, payload, owner, idem)
                 if not stored:  # a racing request with the same key stored it first
                     self.runner.withdraw()
-                    return _done(job)
+                    return self._following(job)
             future = self.runner.submit(job.id)
         except BaseException:
             if job is not None:
@@ -274,6 +276,18 @@ class JobManagementService:
             self.runner.withdraw()
             raise
         self._maybe_prune()
+        return job, future
+
+    def _following(self, job: Job) -> tuple[Job, Future[Job]]:
+        """A job an idempotency key holds, and a future of its end, as the
+        request that created it has: done already once it is finished, or
+        when the runner does not run it (it ended since it was read, or it
+        is not submitted yet), with the job as it is now."""
+        if job.status in FINISHED:
+            return _done(job)
+        future = self.runner.follow(job.id)
+        if future is None:
+            return _done(self.get_job(job.id))
         return job, future
 
     def _start(self, job_id: str) -> tuple[Job, _Waited | None]:
