@@ -157,6 +157,10 @@ class ProcrastinateDispatch:
         """The job was queued with its row; wait for its end there."""
         return self.waiter.watch(job_id)
 
+    def follow(self, job_id: str) -> Future[Job] | None:
+        """Wait for the end of a job any API node queued, as `submit` does."""
+        return self.waiter.watch(job_id)
+
     def cancel(self, job: Job) -> None:
         """Cancel a pending job in the database, or ask the node running it
         to kill its sandbox. Raises JobNotFound, JobFinished."""

@@ -6,7 +6,10 @@ adds what a shared store needs:
 
     add(job, payload)     the row and its dispatch (`dispatch(conn, job)`, a
                           Procrastinate defer) in ONE transaction: no job is
-                          ever accepted but not queued, or queued but not stored
+                          ever accepted but not queued, or queued but not stored;
+                          with its owner's quota check (`admit`) in that
+                          transaction too, under a lock of the owner's
+                          (`OWNER_LOCK`): one quota, however many API nodes
     claim(id, node, ...)  a worker takes the job: attempts + 1, fenced
     finish(job, attempt)  the final result, written only by the attempt that
                           holds the job: a redelivered or stale run cannot
@@ -43,6 +46,7 @@ from host.services.batchrows import SqlBatchRows
 from host.services.jobrows import (
     COLUMNS,
     FINISHED,
+    Admit,
     Idempotency,
     Job,
     JobStatus,
@@ -71,6 +75,11 @@ POSTGRES = Dialect(
     usage="SELECT COUNT(*), COALESCE(SUM(stored_bytes), 0) FROM plughost_jobs WHERE owner = ?",
     size="SELECT COALESCE(SUM(stored_bytes), 0) FROM plughost_jobs",
 )
+
+# The first key of the advisory lock an owner's new jobs are stored under
+# (the second is the hash of the owner): "pluq" in ASCII. Two-key advisory
+# locks do not share a key space with one-key locks (schema.SCHEMA_LOCK).
+OWNER_LOCK = 0x706C7571
 
 # Queues a job inside the connection's transaction, with a priority; the queue's job id.
 Dispatch = Callable[[psycopg.Connection[Any], Job, int], int]
@@ -111,6 +120,11 @@ def _hold(
         (stalled_after_s, job_id),
     ).fetchone()
     return None if row is None else (row[0], row[1], row[2], bool(row[3]))
+
+
+def _lock_owner(conn: psycopg.Connection[Any], owner: str) -> None:
+    """Wait for, and hold until `conn`'s transaction ends, the lock of `owner`'s new jobs."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (OWNER_LOCK, owner))
 
 
 def open_pool(url: str, max_size: int = 8, timeout_s: float = 5.0) -> psycopg_pool.ConnectionPool:
@@ -167,14 +181,27 @@ class PgJobStore(JobStore):
             yield SqlRows(conn, POSTGRES)
 
     def add(
-        self, job: Job, payload: dict[str, Any] | None, idem: Idempotency | None = None
+        self,
+        job: Job,
+        payload: dict[str, Any] | None,
+        idem: Idempotency | None = None,
+        admit: Admit | None = None,
     ) -> Keyed | None:
         """Store the job and, if it is PENDING, queue it: in one transaction.
         A job its owner stored under `idem`'s key already is returned instead
         (nothing stored or queued); a racing insert of the same key waits for
-        the other transaction, then finds its job."""
+        the other transaction, then finds its job.
+
+        With `admit` (the owner's quota), the transaction first takes the
+        owner's advisory lock, held until it commits: the quota's reads (each
+        statement sees what was committed before it, READ COMMITTED), its
+        pruning and the insert are one step for every API node."""
         with self.connection() as conn:
-            held = add_keyed(SqlRows(conn, POSTGRES), job, payload, idem)
+            rows = SqlRows(conn, POSTGRES)
+            if admit is not None:
+                _lock_owner(conn, job.owner)
+                admit(rows)
+            held = add_keyed(rows, job, payload, idem)
             if held is not None:
                 return held
             if job.status is JobStatus.PENDING:
@@ -198,6 +225,7 @@ class PgJobStore(JobStore):
                 POSTGRES,
                 "plughost_batches",
                 queue=lambda job, priority: self._queue(conn, job, priority),
+                hold=lambda owner: _lock_owner(conn, owner),
             )
 
     def size_bytes(self) -> int:

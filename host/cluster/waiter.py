@@ -33,7 +33,7 @@ class JobWaiter:
         self.store = store
         self.url = url
         self._lock = threading.Lock()
-        self._futures: dict[str, Future[Job]] = {}
+        self._futures: dict[str, list[Future[Job]]] = {}  # a job's waiters
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="plughost-waiter", daemon=True)
         self._thread.start()
@@ -41,15 +41,16 @@ class JobWaiter:
     def watch(self, job_id: str) -> Future[Job]:
         future: Future[Job] = Future()
         with self._lock:
-            self._futures[job_id] = future
+            self._futures.setdefault(job_id, []).append(future)
         return future
 
     def _resolve(self, jobs: list[Job]) -> None:
         for job in jobs:
             with self._lock:
-                future = self._futures.pop(job.id, None)
-            if future is not None and not future.done():
-                future.set_result(job)
+                futures = self._futures.pop(job.id, [])
+            for future in futures:
+                if future.set_running_or_notify_cancel():  # False: its waiter gave up
+                    future.set_result(job)
 
     def _poll(self) -> None:
         with self._lock:

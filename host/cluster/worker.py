@@ -3,7 +3,8 @@
     PostgreSQL (procrastinate_jobs, queues "<hash>.<plugin>" of this node's plugins)
       |  Procrastinate Worker: LISTEN/NOTIFY + SKIP LOCKED fetch, `workers` at once
       v
-    WorkerNode.handle(job id)       in one of Procrastinate's task threads
+    WorkerNode.handle(job id)       in one of Procrastinate's task threads (the
+      |                             loop's default executor: a thread per slot)
       |  claim: attempts + 1, fenced (a finished job, or one a live node holds, is not run)
       |  input read from plughost_jobs
       |  PluginManagementService.execute_plugin -> ToolRunner -> this node's own Sandbox
@@ -16,7 +17,8 @@
 Beside it, on the node: a heartbeat thread (plughost_nodes), the
 callback deliverer (host/services/callbacks.py: due callbacks of jobs
 that ended on any node, claimed with SKIP LOCKED), and the
-stalled-job recovery step, every `recover_every_s` on the event loop: jobs
+stalled-job recovery step, every `recover_every_s` on the event loop (its
+database work on a thread of its own, which running jobs cannot hold): jobs
 of workers whose Procrastinate heartbeat lapsed go back to their queue,
 or end INTERRUPTED once they used `max_attempts`. A database outage stops
 the Procrastinate worker; the node keeps its running jobs, waits for the
@@ -26,11 +28,13 @@ database and starts a new one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
@@ -57,6 +61,11 @@ from sandbox.supervisor import Sandbox
 log = logging.getLogger("plughost.worker")
 T = TypeVar("T")
 ABORT_POLL_S = 0.05
+# Threads of the event loop's default executor beside one per job slot
+# (Procrastinate runs each job's `handle` there): asyncio's own default,
+# min(32, CPUs + 4), would hold jobs in its queue, taken off the shared
+# queue but not started, while the node has free slots.
+SPARE_THREADS = 4
 MAX_PAUSE_S = 5.0
 
 
@@ -111,6 +120,9 @@ class WorkerNode:
                 database_secret(self.store),
                 {"job": job_body(self.store)},
             )
+        # The recovery step's database work, on a thread no job can hold:
+        # on the loop's default executor it would wait behind running jobs.
+        self._recovery = ThreadPoolExecutor(1, thread_name_prefix="plughost-recovery")
         metrics = self.plugins.metrics
         metrics.gauge(
             "plughost_worker_slots",
@@ -225,14 +237,16 @@ class WorkerNode:
         stalled = await manager.get_stalled_jobs(
             task_name=TASK_NAME, seconds_since_heartbeat=o.stalled_after_s
         )
+        loop = asyncio.get_running_loop()
         handled = 0
         for queued in stalled:
-            action = await asyncio.to_thread(
+            recover = functools.partial(
                 recover_entry, self.store, queued, o.max_attempts, o.stalled_after_s
             )
+            action = await loop.run_in_executor(self._recovery, recover)
             handled += action not in ("busy", "skipped")
         await manager.prune_stalled_workers(o.stalled_after_s * 3)
-        await asyncio.to_thread(self.book.prune, o.stalled_after_s * 3)
+        await loop.run_in_executor(self._recovery, self.book.prune, o.stalled_after_s * 3)
         return handled
 
     async def _work_once(self) -> None:
@@ -254,6 +268,11 @@ class WorkerNode:
     async def serve(self) -> None:
         """Run until stop(): the Procrastinate worker (restarted after a
         database outage) and the recovery step."""
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(
+                self.options.concurrency + SPARE_THREADS, thread_name_prefix="plughost-job"
+            )
+        )
         recovery = asyncio.create_task(self._recover_forever(), name="plughost-recovery")
         pause = 0.2
         try:
@@ -273,6 +292,7 @@ class WorkerNode:
         finally:
             recovery.cancel()
             await asyncio.gather(recovery, return_exceptions=True)
+            self._recovery.shutdown(wait=False)
 
     def stop(self) -> None:
         """Stop taking jobs; running ones finish first. Call it on the node's event loop."""

@@ -33,9 +33,9 @@ class AnalysisService:
         """Queue an analysis as a job of `owner`; `waited`: the caller waits
         for its end (stored once, as it ends, unless `stop_waiting`). With
         an idempotency `key` the owner used before, the job of that key
-        (its future done). With a `callback_url` (not for a `waited` one),
-        the job's public view is POSTed there when it ends. Raises Rejected
-        (a refused callback destination too), Overloaded, QuotaExceeded or
+        and a future of its end. With a `callback_url` (not for a `waited`
+        one), the job's public view is POSTed there when it ends. Raises
+        Rejected (a refused callback destination too), Overloaded, QuotaExceeded or
         IdempotencyConflict."""
         name = plugin_name or self.default_plugin
         if waited:

@@ -316,9 +316,9 @@ class BatchService:
     ) -> bool:
         incoming = sum(_input_bytes(payload) for _, payload in items)
         try:
-            with self.jobs.admission(batch.owner, incoming, len(items)):
-                with rows_of(self.jobs.store) as rows:
-                    return rows.insert(batch, items, idem)
+            with rows_of(self.jobs.store) as rows:
+                self.jobs.admit_batch(rows, batch.owner, incoming, len(items))
+                return rows.insert(batch, items, idem)
         except QuotaExceeded as exc:
             error = exc.envelope["error"]
             details = {k: v for k, v in error["details"].items() if k != "reason"}

@@ -41,6 +41,8 @@ log = logging.getLogger("plughost.batches")
 KeyedBatch = tuple["Batch", str]
 # Puts a stored PENDING job on its queue, with a priority (PostgreSQL: Procrastinate).
 Queue = Callable[[Job, int], None]
+# Takes, until the transaction ends, the hold on an owner's new jobs.
+HoldOwner = Callable[[str], None]
 UNFINISHED_SQL = f"'{JobStatus.PENDING.value}', '{JobStatus.RUNNING.value}'"
 BATCH_COLUMNS = "id, owner, plugin, created_at, job_ids, finished_at"
 
@@ -76,6 +78,11 @@ class BatchRows(Protocol):
 
     @property
     def jobs(self) -> Rows: ...
+
+    def hold_owner(self, owner: str) -> None:
+        """Hold the admission of `owner`'s new jobs until these rows are let
+        go (the quota read next, and the insert, are then one step on every
+        node; a store held by one process's lock holds it already)."""
 
     def insert(
         self, batch: Batch, items: Sequence[tuple[Job, dict[str, Any]]], idem: Idempotency | None
@@ -169,12 +176,19 @@ CREATE INDEX IF NOT EXISTS {jobs}_batch ON {jobs} (batch_id, status)
 class SqlBatchRows:
     """`BatchRows` in `dialect` over `conn` (in a transaction its holder
     commits), the batches in table `batches`; `queue`, if given, queues
-    each new item (the index of item i is its priority, -i)."""
+    each new item (the index of item i is its priority, -i); `hold`, if
+    given, takes the hold on an owner's new jobs (`hold_owner`)."""
 
     def __init__(
-        self, conn: Connection, dialect: Dialect, batches: str, queue: Queue | None = None
+        self,
+        conn: Connection,
+        dialect: Dialect,
+        batches: str,
+        queue: Queue | None = None,
+        hold: HoldOwner | None = None,
     ) -> None:
         self._conn = conn
+        self._hold = hold
         self._mark = dialect.mark
         self._jobs_table = dialect.table
         self._table = batches
@@ -184,6 +198,10 @@ class SqlBatchRows:
     @property
     def jobs(self) -> Rows:
         return self._jobs
+
+    def hold_owner(self, owner: str) -> None:
+        if self._hold is not None:
+            self._hold(owner)
 
     def _run(self, statement: str, params: Sequence[Any] = ()) -> Any:
         return self._conn.execute(statement.replace("?", self._mark), params)
@@ -305,6 +323,9 @@ class MemoryBatchRows:
     def jobs(self) -> Rows:
         found: Rows = self._jobs
         return found
+
+    def hold_owner(self, owner: str) -> None:
+        """Nothing: the store's lock holds every admission already."""
 
     def insert(
         self, batch: Batch, items: Sequence[tuple[Job, dict[str, Any]]], idem: Idempotency | None

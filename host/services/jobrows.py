@@ -8,6 +8,7 @@
       ▼
     Rows ── insert, update, job, raw, payload            (one row)
          ── insert (None on a held key), keyed ──▶ add    (idempotency keys)
+         ── admit(rows), then insert           ──▶ add    (a quota and its insert, at once)
          ── count, newest            ──▶ fill_page       (a listing)
          ── usage, finished, delete  ──▶ prune_owner     (an owner's quotas)
          ── expired, delete          ──▶ prune           (retention)
@@ -34,7 +35,7 @@ import abc
 import base64
 import enum
 import json
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -146,6 +147,11 @@ class Idempotency:
 
 # A job held by an idempotency key, and the digest of the request that created it.
 Keyed = tuple["Job", str]
+
+# A check run on the rows held for a new job's insert, before it (an owner's
+# quota, read, pruned and checked in the insert's own transaction): raising
+# stores nothing.
+Admit = Callable[["Rows"], None]
 
 # A job as a listing reads it: the record without its result and error,
 # and those two as the JSON text they are stored as.
@@ -442,14 +448,29 @@ class JobStore(abc.ABC):
         jobs: give their space back."""
 
     def add(
-        self, job: Job, payload: dict[str, Any] | None, idem: Idempotency | None = None
+        self,
+        job: Job,
+        payload: dict[str, Any] | None,
+        idem: Idempotency | None = None,
+        admit: Admit | None = None,
     ) -> Keyed | None:
         """Store a new job and its input (None: a finished job, no input),
         under idempotency key `idem` if given. Returns None when stored; the
         job its owner stored under that key already (and that request's
-        digest) when not, storing nothing."""
+        digest) when not, storing nothing.
+
+        `admit` runs first on the same rows, held for the insert: no other
+        job of the owner is stored between its reads and the insert. What
+        it raises is raised, and the job is not stored."""
         with self._rows() as rows:
+            if admit is not None:
+                admit(rows)
             return add_keyed(rows, job, payload, idem)
+
+    def check(self, admit: Admit) -> None:
+        """Run `admit` on the rows held as for an insert, storing nothing."""
+        with self._rows() as rows:
+            admit(rows)
 
     def keyed(self, owner: str, key: str) -> Keyed | None:
         """The job `owner` stored under idempotency key `key`, and its digest."""

@@ -3,9 +3,11 @@
     enqueue(plugin, payload, owner)
       |  PluginManagementService.check (refuse bad input, unknown, quarantined)
       |  runner.admit: a pool slot, or raise Overloaded (503 + Retry-After)
-      |  owner's quota: its oldest finished jobs make room, or (its unfinished
-      |  jobs alone fill it) raise QuotaExceeded (429)
-      |  store the job PENDING with its input (committed before anyone hears of it)
+      |  in ONE hold on the store (a lock, or a transaction holding the
+      |  owner's lock: one quota for every API node on a database):
+      |    owner's quota: its oldest finished jobs make room, or (its
+      |    unfinished jobs alone fill it) raise QuotaExceeded (429)
+      |    store the job PENDING with its input (committed before anyone hears of it)
       v
     runner.submit(job id): LocalPool's queue holds the id only
       v
@@ -32,9 +34,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -45,11 +45,11 @@ from host.errors import (
     Rejected,
     envelope,
 )
-from host.services.batchrows import job_ended
+from host.services.batchrows import BatchRows, job_ended
 from host.services.callbacks import CallbackService
 from host.services.finished import input_gone, record_finished
 from host.services.idempotency import replayed, request_digest
-from host.services.jobrows import Idempotency
+from host.services.jobrows import Admit, Idempotency, Rows, prune_owner
 from host.services.plugins import PluginManagementService
 from host.services.runners import CancelToken, JobRunner, LocalPool
 from host.services.store import (
@@ -144,7 +144,6 @@ class JobManagementService:
             self._run_submitted, self._cancel_pending, plugins.cancellation, workers, queue_size
         )
         self._lock = threading.Lock()
-        self._admit = threading.Lock()  # a quota check and its insert, together
         self._waited: dict[str, _Waited] = {}  # run_waited's jobs not finished yet
         self._last_prune = 0.0
         self.closed = False  # shutdown() began: nothing more runs
@@ -188,48 +187,51 @@ class JobManagementService:
         idem: Idempotency | None = None,
         callback_url: str | None = None,
     ) -> tuple[Job, bool]:
-        """Store a new PENDING job (and its callback); `(it, True)`, or `(the
+        """Store a new PENDING job (and its callback), its owner's quota
+        checked in the insert's own hold on the store; `(it, True)`, or `(the
         job its owner stored under idem's key, False)` when the store refuses
         a second one."""
         job = self._pending(plugin_name, owner)
-        with self._admit:
-            self._check_quota(owner, _input_bytes(payload))
-            if callback_url is not None and self.callbacks is not None:
-                # Before the job, so a stored job never lacks its callback;
-                # one whose job never came (refused, or the host died
-                # between the two) is swept (callbackstore.py).
-                self.callbacks.register(owner, "job", job.id, callback_url)
-            held = self.store.add(job, payload, idem)
+        if callback_url is not None and self.callbacks is not None:
+            # Before the job, so a stored job never lacks its callback; one
+            # whose job never came (refused, or the host died between the
+            # two) is swept (callbackstore.py).
+            self.callbacks.register(owner, "job", job.id, callback_url)
+        held = self.store.add(job, payload, idem, self._quota(owner, _input_bytes(payload)))
         if held is not None and idem is not None:
             return replayed(held, idem), False
         log.info("job accepted", extra={"job_id": job.id, "plugin": plugin_name})
         return job, True
 
-    @contextmanager
-    def admission(self, owner: str, incoming: int, count: int = 1) -> Iterator[None]:
-        """Hold the admission of new jobs while `count` jobs of `owner` and
-        `incoming` bytes in all are stored: room is made for them first
-        (`_check_quota`). Raises QuotaExceeded."""
-        with self._admit:
-            self._check_quota(owner, incoming, count)
-            yield
+    def admit_batch(self, rows: BatchRows, owner: str, incoming: int, count: int) -> None:
+        """Make room for a batch of `count` jobs of `owner`, `incoming` bytes
+        in all, on the rows that will store it (the owner's hold taken first:
+        one quota for every API node). Raises QuotaExceeded."""
+        rows.hold_owner(owner)
+        self._check_quota(rows.jobs, owner, incoming, count)
 
-    def _check_quota(self, owner: str, incoming: int, count: int = 1) -> None:
-        """Make room for `count` more jobs of `owner` of `incoming` bytes: a
-        client keeps its newest jobs, the oldest finished ones go. Raise
-        QuotaExceeded when its unfinished jobs alone leave no room."""
+    def _quota(self, owner: str, incoming: int) -> Admit:
+        """The check of `owner`'s quota the store runs before inserting a
+        job of `incoming` bytes, on the rows it holds for the insert (so
+        every API node on one database enforces one quota)."""
+        return lambda rows: self._check_quota(rows, owner, incoming)
+
+    def _check_quota(self, rows: Rows, owner: str, incoming: int, count: int = 1) -> None:
+        """Make room for `count` more jobs of `owner` of `incoming` bytes in
+        all: a client keeps its newest jobs, the oldest finished ones go.
+        Raise QuotaExceeded when its unfinished jobs alone leave no room."""
         limits = self.limits
-        if _exceeded(self.store.usage(owner), incoming, limits, count) is None:
+        if _exceeded(rows.usage(owner), incoming, limits, count) is None:
             return
         # A client at its job quota would otherwise drop one job (and pay a
         # search and a delete) for every new one: room is made for a
         # 64th of the quota at once.
         keep = limits.max_jobs_per_client - count - limits.max_jobs_per_client // QUOTA_STEP
         room = limits.max_stored_bytes_per_client - incoming
-        pruned = self.store.prune_owner(owner, max(keep, 0), max(room, 0))
+        pruned = prune_owner(rows, owner, max(keep, 0), max(room, 0))
         if pruned:
             log.info("quota: dropped %d oldest finished jobs", pruned, extra={"owner": owner})
-        exceeded = _exceeded(self.store.usage(owner), incoming, limits, count)
+        exceeded = _exceeded(rows.usage(owner), incoming, limits, count)
         if exceeded is None:
             return
         # What is left are unfinished jobs (they end soon), or one input larger
@@ -254,7 +256,8 @@ class JobManagementService:
 
         With an idempotency `key` that `owner` used before (its job not
         pruned yet), nothing is created: the job of that key is returned as
-        it is now, its future already done. Raises Rejected, Overloaded,
+        it is now, with a future of its end (done already if it is
+        finished). Raises Rejected, Overloaded,
         QuotaExceeded or IdempotencyConflict (the key's job was created by
         a different request), or the runner's own refusal; stores nothing then.
         """
@@ -304,21 +307,21 @@ class JobManagementService:
         if key is not None:
             idem = Idempotency(key, request_digest(plugin_name, payload, callback_url))
         if idem is not None and (held := self.store.keyed(owner, idem.key)) is not None:
-            return _done(replayed(held, idem))  # a retry: no slot, no quota, nothing stored
+            # A retry: no slot, no quota, nothing stored.
+            return self._following(replayed(held, idem))
         self.runner.admit(plugin_name)
         job = None
         try:
             if waited:
                 job = self._pending(plugin_name, owner)
-                with self._admit:
-                    self._check_quota(owner, _input_bytes(payload))
+                self.store.check(self._quota(owner, _input_bytes(payload)))
                 with self._lock:
                     self._waited[job.id] = _Waited(job, payload)
             else:
                 job, stored = self._store_pending(plugin_name, payload, owner, idem, callback_url)
                 if not stored:  # a racing request with the same key stored it first
                     self.runner.withdraw()
-                    return _done(job)
+                    return self._following(job)
             future = self.runner.submit(job.id)
         except BaseException:
             if job is not None:
@@ -327,6 +330,18 @@ class JobManagementService:
             self.runner.withdraw()
             raise
         self._maybe_prune()
+        return job, future
+
+    def _following(self, job: Job) -> tuple[Job, Future[Job]]:
+        """A job an idempotency key holds, and a future of its end, as the
+        request that created it has: done already once it is finished, or
+        when the runner does not run it (it ended since it was read, or it
+        is not submitted yet), with the job as it is now."""
+        if job.status in FINISHED:
+            return _done(job)
+        future = self.runner.follow(job.id)
+        if future is None:
+            return _done(self.get_job(job.id))
         return job, future
 
     def _start(self, job_id: str) -> tuple[Job, _Waited | None]:

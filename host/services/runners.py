@@ -4,6 +4,7 @@
       |  runner.admit(plugin)      room for one more job, or refuse (503)
       |  store the job PENDING
       |  runner.submit(job id)  -> Future[Job], resolved when the job ends
+      |  runner.follow(job id)  -> another Future of it (a retried request waits)
       v
     LocalPool: a bounded thread pool of this process; each thread calls
     JobManagementService.run_job(id, token), which runs the call and records
@@ -57,6 +58,12 @@ class JobRunner(Protocol):
     def submit(self, job_id: str) -> Future[Job]:
         """Run the admitted, stored job `job_id`; the future resolves with it finished."""
 
+    def follow(self, job_id: str) -> Future[Job] | None:
+        """A future of its own, resolved with the submitted job `job_id`
+        when it ends (a retry of the request that created it waits on it);
+        None when this runner no longer runs it (it ended, or it was never
+        submitted here)."""
+
     def cancel(self, job: Job) -> None:
         """Stop `job`, PENDING or RUNNING as last read: a pending one never
         runs, a running one's sandbox is killed. Raises JobNotFound, JobFinished."""
@@ -72,6 +79,18 @@ class JobRunner(Protocol):
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop taking jobs; give running ones `timeout_s` to finish."""
+
+
+def _copy(done: Future[Job], follower: Future[Job]) -> None:
+    """Resolve `follower` as `done` ended (unless its waiter gave up on it)."""
+    if not follower.set_running_or_notify_cancel():
+        return
+    if done.cancelled():
+        follower.set_exception(RuntimeError("the job's run was cancelled"))
+    elif (error := done.exception()) is not None:
+        follower.set_exception(error)
+    else:
+        follower.set_result(done.result())
 
 
 class LocalPool:
@@ -100,6 +119,7 @@ class LocalPool:
         self._slots = threading.BoundedSemaphore(workers + queue_size)
         self._lock = threading.Lock()
         self._tokens: dict[str, CancelToken] = {}
+        self._futures: dict[str, Future[Job]] = {}
         self._running = 0
         self._in_flight = 0
         self._closed = False
@@ -117,11 +137,24 @@ class LocalPool:
             self._tokens[job_id] = token
             self._in_flight += 1
         try:
-            return self._pool.submit(self._run_pooled, job_id, token)
+            future = self._pool.submit(self._run_pooled, job_id, token)
         except BaseException:
             self._forget(job_id)
             token.close()
             raise
+        with self._lock:
+            if not future.done():
+                self._futures[job_id] = future
+        return future
+
+    def follow(self, job_id: str) -> Future[Job] | None:
+        with self._lock:
+            running = self._futures.get(job_id)
+        if running is None:
+            return None
+        follower: Future[Job] = Future()  # cancelling it leaves the job's own
+        running.add_done_callback(lambda done: _copy(done, follower))
+        return follower
 
     def _run_pooled(self, job_id: str, token: CancelToken) -> Job:
         with self._lock:
@@ -138,6 +171,7 @@ class LocalPool:
     def _forget(self, job_id: str) -> None:
         with self._lock:
             self._tokens.pop(job_id, None)
+            self._futures.pop(job_id, None)
             self._in_flight -= 1
 
     def cancel(self, job: Job) -> None:

@@ -75,6 +75,66 @@ def test_a_thousand_jobs_survive_workers_killed_at_random(api, workers, db_url):
     assert retried is not None and retried[0] > 0  # the kills hit running jobs
 
 
+def _node_of(url: str, pid: int) -> str:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT name FROM plughost_nodes WHERE pid = %s", (pid,)).fetchone()
+    return str(row[0]) if row else ""
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_workers_job_runs_again_on_the_other_worker(api, workers, db_url):
+    services = api()
+    first, second = workers.start("--workers", "1"), workers.start("--workers", "1")
+    wait_for(lambda: live_workers(services) == 2, 60, "two live workers")
+    names = {
+        p.pid: wait_for(lambda p=p: _node_of(db_url, p.pid), 30, "a node row")
+        for p in (first, second)
+    }
+    job, future = services.analysis.submit("nap", {**PAYLOAD, "options": {"s": 2}})
+    holder = wait_for(
+        lambda: (
+            (found := services.jobs.get_job(job.id)).status is JobStatus.RUNNING
+            and found.started_at
+            and _holder(db_url, job.id)
+        ),
+        60,
+        "the job to run",
+    )
+    victim = first if names[first.pid] == holder else second
+    survivor = second if victim is first else first
+    workers.kill(victim)
+    done = future.result(timeout=60)
+    assert done.status is JobStatus.SUCCESS
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT attempts, node, completions FROM plughost_jobs WHERE id = %s", (job.id,)
+        ).fetchone()
+    assert row == (2, names[survivor.pid], 1)
+
+
+def _holder(url: str, job_id: str) -> str | None:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT node FROM plughost_jobs WHERE id = %s", (job_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_runs_as_many_jobs_at_once_as_it_has_slots(api, workers, db_url):
+    # More slots than the threads of asyncio's default executor (CPUs + 4),
+    # which would otherwise hold the rest of the node's jobs unstarted.
+    slots = (os.cpu_count() or 1) + 6
+    services = api()
+    workers.start("--workers", str(slots))
+    wait_for(lambda: live_workers(services), 60, "a live worker")
+    nap = {**PAYLOAD, "options": {"s": 60}}
+    submitted = [services.analysis.submit("nap", nap)[0] for _ in range(slots)]
+    wait_for(
+        lambda: outcomes(db_url).get("RUNNING", 0) == slots, 120, f"{slots} jobs running at once"
+    )
+    for job in submitted:
+        services.jobs.cancel_job(job.id, wait_s=0)
+
+
 @pytest.fixture
 def own_pg() -> Iterator[PgCluster]:
     """A server of this test's own, to stop and start."""

@@ -16,7 +16,7 @@ from host.config import Settings
 from host.services.build import Services
 from tests.cluster.conftest import CLUSTER, live_workers
 from tests.cluster.pg import wait_for
-from tests.conftest import make_png
+from tests.conftest import make_png, write_plugin
 
 pytestmark = CLUSTER
 BODY = {
@@ -69,3 +69,29 @@ def test_a_retried_submission_to_an_api_node_is_one_job(api, workers, db_url):
         assert refused.status_code == 409
         assert refused.json()["detail"]["details"]["reason"] == "idempotency_key_reused"
         assert stored(db_url) == (2, 2)
+
+
+def test_a_retried_analyze_waits_for_the_job_running_on_a_worker(api, workers, db_url, plugins_dir):
+    write_plugin(plugins_dir, "once", "time.sleep(1)\nreturn {'run': os.urandom(8).hex()}")
+    services: Services = api()
+    workers.start()
+    wait_for(lambda: live_workers(services), 30, "a live worker")
+    app = create_app(Settings(self_check=False), services)
+    body = {**BODY, "plugin": "once"}
+    key = {"Idempotency-Key": "once-1"}
+    with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/v1/analyze", json=body, headers=key)
+        wait_for(lambda: _running(db_url), 60, "the job to run on the worker")
+        retried = client.post("/v1/analyze", json=body, headers=key)
+        created = first.result(timeout=60)
+    assert (created.status_code, retried.status_code) == (200, 200), retried.text
+    assert retried.json() == created.json()  # the one run's result, twice
+    with psycopg.connect(db_url) as conn:
+        runs = conn.execute("SELECT attempts, completions FROM plughost_jobs").fetchall()
+    assert runs == [(1, 1)]
+
+
+def _running(url: str) -> bool:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT status FROM plughost_jobs").fetchone()
+    return row is not None and row[0] == "RUNNING"

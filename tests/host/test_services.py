@@ -22,7 +22,7 @@ from host.services import (
     SQLiteJobStore,
 )
 from host.services.analysis import job_outcome
-from host.services.jobrows import Idempotency, Keyed
+from host.services.jobrows import Admit, Idempotency, Keyed
 from host.services.store import Job, now_iso
 from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import ToolRunner
@@ -276,10 +276,14 @@ class _CountingStore(SQLiteJobStore):
         self.writes: list[tuple[str, str]] = []
 
     def add(
-        self, job: Job, payload: dict[str, Any] | None, idem: Idempotency | None = None
+        self,
+        job: Job,
+        payload: dict[str, Any] | None,
+        idem: Idempotency | None = None,
+        admit: Admit | None = None,
     ) -> Keyed | None:
         self.writes.append(("add", job.status.value))
-        return super().add(job, payload, idem)
+        return super().add(job, payload, idem, admit)
 
     def update(self, job: Job) -> None:
         self.writes.append(("update", job.status.value))

@@ -55,8 +55,9 @@ def _unfinished(job: Job) -> JSONResponse:
 async def _analyze(
     request: Request, svc: Services, caller: Principal, plugin: str | None, payload: Any
 ) -> JSONResponse:
-    """With an `Idempotency-Key` the client used before, the answer of the
-    key's job as it is now (its result, its error, or 202 while it runs)."""
+    """With an `Idempotency-Key` the client used before, the answer the
+    first request gives: the key's job is waited for as that request waits
+    (its result, its error, or 202 once the deadline passes)."""
     key = idempotency_key(request)
     job, future = await in_store_thread(
         request, lambda: svc.analysis.submit(plugin, payload, caller.id, waited=True, key=key)
@@ -68,7 +69,7 @@ async def _analyze(
             request, svc.analysis.stop_waiting, job
         )  # stored now, to be followed
         return _unfinished(job)
-    if job.status not in FINISHED:  # a known key's job, still running
+    if job.status not in FINISHED:  # a known key's job no runner here follows
         return _unfinished(job)
     result, error = job_outcome(job)
     if error:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -18,9 +19,12 @@ import httpx2 as httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from host.discovery import discover
+from host.registry import PluginRegistry
 from host.services import SQLiteJobStore
 from host.services.jobrows import Idempotency
 from host.services.store import JobStore, MemoryJobStore
+from tests.conftest import write_plugin
 from tests.host.api.test_routes import assert_envelope
 from tests.host.api.test_tenants import ALICE, BOB, TOKENS, wait_finished
 
@@ -166,19 +170,62 @@ def test_a_key_of_255_printable_characters_is_taken(
     assert client.post("/v1/jobs", json=body, headers=keyed(key)).status_code == 202
 
 
-def test_a_retry_while_the_job_runs_answers_it_running(
+def _nap_plugin(registry: PluginRegistry, root: Path) -> None:
+    """`nap`: sleeps a second, returns a value of its own run (os.urandom)."""
+    write_plugin(root, "nap", "time.sleep(1)\nreturn {'run': os.urandom(8).hex()}")
+    discover(registry, [root])
+
+
+@pytest.mark.parametrize("first_route", ["/v1/analyze", "/v1/jobs"])
+def test_a_retried_analyze_waits_for_the_running_job_and_answers_its_result(
+    make_client: Callable[..., TestClient],
+    registry: PluginRegistry,
+    tmp_path: Path,
+    body: dict,
+    first_route: str,
+) -> None:
+    _nap_plugin(registry, tmp_path / "plugins")
+    client = make_client(**TOKENS)
+    nap = {**body, "plugin": "nap"}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, first_route, json=nap, headers=keyed("nap"))
+        running = wait_for_status(client, "RUNNING")
+        retried = client.post("/v1/analyze", json=nap, headers=keyed("nap"))
+        created = first.result(timeout=60)
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["job_id"] == running == job_id(created)
+    if first_route == "/v1/analyze":
+        assert created.status_code == 200
+        assert retried.json() == created.json()  # the one run's result, twice
+    done = client.get(f"/v1/jobs/{running}", headers=ALICE).json()
+    assert done["status"] == "SUCCESS" and done["result"] == retried.json()["result"]
+    assert total(client) == 1
+
+
+def test_a_retried_analyze_answers_the_jobs_error(
     make_client: Callable[..., TestClient], body: dict
 ) -> None:
     client = make_client(**TOKENS)
-    slow = {**body, "plugin": "sleep_forever"}
-    created = client.post("/v1/jobs", json=slow, headers=keyed("slow"))
-    assert created.status_code == 202
-    retried = client.post("/v1/analyze", json=slow, headers=keyed("slow"))
-    assert retried.status_code == 202, retried.text
-    assert retried.json()["job"]["id"] == job_id(created)
-    assert retried.json()["job"]["status"] in ("PENDING", "RUNNING")
-    client.delete(f"/v1/jobs/{job_id(created)}", headers=ALICE)
+    slow = {**body, "plugin": "sleep_forever"}  # times out after 1 s
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/v1/analyze", json=slow, headers=keyed("slow"))
+        wait_for_status(client, "RUNNING")
+        retried = client.post("/v1/analyze", json=slow, headers=keyed("slow"))
+        created = first.result(timeout=60)
+    assert created.status_code >= 400
+    assert (retried.status_code, retried.json()) == (created.status_code, created.json())
     assert total(client) == 1
+
+
+def wait_for_status(client: TestClient, status: str) -> str:
+    """The id of ALICE's only job, once it is in `status`."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        jobs = client.get("/v1/jobs", headers=ALICE).json()["jobs"]
+        if jobs and jobs[0]["status"] == status:
+            return str(jobs[0]["id"])
+        time.sleep(0.02)
+    raise AssertionError(f"no job of ALICE became {status} within 30 s")
 
 
 def test_the_openapi_schema_documents_the_header_on_each_creating_route(

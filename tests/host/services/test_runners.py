@@ -55,6 +55,9 @@ class ElsewhereRunner:
         self.calls.append(("submit", job_id))
         return self.futures.setdefault(job_id, Future())
 
+    def follow(self, job_id: str) -> Future[Job] | None:
+        return self.futures.get(job_id)
+
     def cancel(self, job: Job) -> None:
         self.calls.append(("cancel", job.status))
 
