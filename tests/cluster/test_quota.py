@@ -36,6 +36,7 @@ PROBE = "probe=" + secrets.token_hex(16)
 # lets a client past its quota only at the one moment its count reaches it.
 RACERS = [f"racer{n}=" + secrets.token_hex(16) for n in range(8)]
 HEAVY = [f"heavy{n}=" + secrets.token_hex(16) for n in range(4)]
+BATCHERS = [f"batcher{n}=" + secrets.token_hex(16) for n in range(4)]
 MAX_JOBS = 5
 # 300 x 300 pixels of noise: a PNG of about 270 kB, three of which fit in 1 MiB.
 NOISE = 300
@@ -48,18 +49,19 @@ def _noise_png() -> bytes:
     return out.getvalue()
 
 
-def _post(host: str, token: str, plugin: str, image: bytes) -> tuple[int, dict[str, object]]:
-    body = {
-        "plugin": plugin,
-        "image": base64.b64encode(image).decode(),
-        "mime_type": "image/png",
-        "options": {},
-    }
+def _post(
+    host: str, token: str, plugin: str, image: bytes, items: int = 0
+) -> tuple[int, dict[str, object]]:
+    """POST /v1/jobs, or with `items` a POST /v1/batches of that many copies of `image`."""
+    item = {"image": base64.b64encode(image).decode(), "mime_type": "image/png"}
+    body: dict[str, object] = {"plugin": plugin, "options": {}, **item}
+    if items:
+        body = {"plugin": plugin, "items": [item] * items}
     conn = http.client.HTTPConnection(host, PORT, timeout=30)
     try:
         conn.request(
             "POST",
-            "/v1/jobs",
+            "/v1/batches" if items else "/v1/jobs",
             json.dumps(body),
             {"content-type": "application/json", "authorization": f"Bearer {token}"},
         )
@@ -106,7 +108,7 @@ class ApiNodes:
             **FAST,
             "PYTHONPATH": str(ROOT),
             "PLUGHOST_SELF_CHECK": "false",
-            "PLUGHOST_CLIENT_TOKENS": ",".join([PROBE, *RACERS, *HEAVY]),
+            "PLUGHOST_CLIENT_TOKENS": ",".join([PROBE, *RACERS, *HEAVY, *BATCHERS]),
             "PLUGHOST_MAX_JOBS_PER_CLIENT": str(MAX_JOBS),
             "PLUGHOST_MAX_STORED_BYTES_PER_CLIENT": str(1024 * 1024),
         }
@@ -163,7 +165,11 @@ def cluster(plugins_dir: Path, tmp_path: Path) -> Iterator[tuple[str, ApiNodes]]
 
 def _stored(db: str, answers: list[tuple[int, dict[str, object]]]) -> int:
     """How many jobs the database holds of the client whose answers these are."""
-    job_id = next(body["job"]["id"] for status, body in answers if status == 202)  # type: ignore[index]
+    job_id = next(
+        body["job"]["id"] if "job" in body else body["items"][0]["job_id"]  # type: ignore[index]
+        for status, body in answers
+        if status == 202
+    )
     with psycopg.connect(db) as conn:
         found = conn.execute(
             "SELECT COUNT(*) FROM plughost_jobs WHERE owner = "
@@ -177,13 +183,15 @@ def _stored(db: str, answers: list[tuple[int, dict[str, object]]]) -> int:
 Answers = list[tuple[int, dict[str, object]]]
 
 
-def _fire(nodes: ApiNodes, clients: list[str], image: bytes, each: int) -> list[Answers]:
-    """`each` POST /v1/jobs of every client at once, alternating between the
-    nodes; the answers of each client."""
+def _fire(
+    nodes: ApiNodes, clients: list[str], image: bytes, each: int, items: int = 0
+) -> list[Answers]:
+    """`each` POST /v1/jobs (with `items`: batches of that many) of every
+    client at once, alternating between the nodes; the answers of each client."""
     with ThreadPoolExecutor(len(clients) * each) as pool:
         sent = [
             [
-                pool.submit(_post, nodes.hosts[i % 2], _token(client), "hold", image)
+                pool.submit(_post, nodes.hosts[i % 2], _token(client), "hold", image, items)
                 for i in range(each)
             ]
             for client in clients
@@ -225,3 +233,9 @@ def test_two_api_nodes_enforce_one_job_quota_and_one_byte_quota(cluster):
     for answers in fired:
         _check(answers, 3, "max_stored_bytes_per_client")
         assert _stored(db, answers) == 3
+    # Batches of two items: two fit a quota of five jobs, a third does not.
+    fired = _fire(nodes, BATCHERS, make_png(8, 8), 8, items=2)
+    assert [_accepted(answers) for answers in fired] == [MAX_JOBS // 2] * len(BATCHERS)
+    for answers in fired:
+        _check(answers, MAX_JOBS // 2, "max_jobs_per_client")
+        assert _stored(db, answers) == 2 * (MAX_JOBS // 2)
