@@ -31,7 +31,7 @@ from host.services.build import job_limits
 from host.services.callbacks import callback_service, file_secret
 from host.services.store import JobStore
 from sandbox.supervisor import Sandbox
-from tests.callback_receiver import SLOW_S, Receiver
+from tests.callback_receiver import SLOW_S, TRICKLE_S, Receiver
 from tests.host.api.test_routes import assert_envelope
 from tests.host.api.test_tenants import ALICE, TOKENS, wait_finished
 
@@ -353,6 +353,34 @@ def test_https_goes_to_the_checked_address_and_verifies_the_name(
             assert tls.records() == []
     finally:
         tls.close()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_trickling_receiver_is_cut_at_the_total_deadline(
+    make_host: Callable[..., TestClient], body: dict, tmp_path: Path, scheme: str
+) -> None:
+    # A byte before every read timeout must not stretch an attempt past
+    # callback_timeout_s in all, over TLS as over plain HTTP.
+    cert, key = self_signed(tmp_path, "hooks.test")
+    trickler = Receiver(tls=(cert, key) if scheme == "https" else None)
+    try:
+        client = make_host(
+            callback_allow=["hooks.test"],
+            callback_allow_networks=["127.0.0.0/8"],
+            callback_max_attempts=1,
+            callback_timeout_s=1.0,
+            resolver=lambda host, port: ["127.0.0.1"],
+            ca_file=cert,
+            **TOKENS,
+        )
+        url = f"{scheme}://hooks.test:{trickler.port}/trickle"
+        job = settled(client, submit(client, body, url))
+        (attempt,) = job["callback"]["attempts"]
+        assert job["callback"]["state"] == "FAILED", attempt
+        assert attempt["error"] == "no complete answer within 1 s"
+        assert 900 <= attempt["duration_ms"] < TRICKLE_S * 1000 / 2
+    finally:
+        trickler.close()
 
 
 def test_openapi_documents_the_field_the_headers_and_the_secret_route(
