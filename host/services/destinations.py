@@ -7,9 +7,11 @@ job is submitted and again before every delivery (DNS may have changed).
         ▼
     resolve ONCE (getaddrinfo) ──▶ every address checked:
         loopback, link-local (169.254/16, fe80::/10: cloud metadata), private,
-        unspecified, multicast, reserved or otherwise not global (IPv4-mapped
-        IPv6 included) ──▶ Refused, unless in `callback_allow_networks`;
-        the host's own listening port on one of its own addresses ──▶ Refused always
+        unspecified, multicast, reserved, site-local or otherwise not global
+        (an IPv4 address inside an IPv6 one, IPv4-mapped or 6to4, judged
+        itself) ──▶ Refused, unless in `callback_allow_networks`; the host's
+        own listening port on one of its own addresses (IPv4-mapped forms
+        included) ──▶ Refused always
         ▼
     (Destination, the first checked address): delivery connects to that
     address itself, with the original Host header (no second lookup).
@@ -106,9 +108,14 @@ def _matches(pattern: str, port: int | None, dest: Destination) -> bool:
 
 def kind_of(address: IPAddress) -> str | None:
     """What makes `address` no public destination, in words; None for a public one."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        inner = kind_of(address.ipv4_mapped)
-        return None if inner is None else f"{inner} (IPv4-mapped)"
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address inside an IPv6 one (IPv4-mapped, 6to4) is judged itself.
+        for embedded, how in ((address.ipv4_mapped, "IPv4-mapped"), (address.sixtofour, "6to4")):
+            if embedded is not None:
+                inner = kind_of(embedded)
+                return None if inner is None else f"{inner} ({how})"
+        if address.is_site_local:  # fec0::/10, deprecated, yet not "private" to ipaddress
+            return "a site-local address"
     checks = (
         (address.is_unspecified, "the unspecified address"),
         (address.is_loopback, "a loopback address"),
@@ -194,8 +201,9 @@ class CallbackPolicy:
         for text in addresses:
             address = ipaddress.ip_address(text)
             plain = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+            seen = plain or address  # an IPv4-mapped address reaches the IPv4 one
             if dest.port in self.own_ports and (
-                address in own or (plain or address).is_loopback or address.is_unspecified
+                address in own or seen in own or seen.is_loopback or seen.is_unspecified
             ):
                 raise Refused(
                     f"callback_url {dest.host}:{dest.port} resolves to {address}, "

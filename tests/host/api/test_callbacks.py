@@ -5,6 +5,7 @@ at submit and again at delivery; a pending callback survives a restart."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import subprocess
@@ -239,6 +240,18 @@ ANY_HOST = {"callback_allow": ["*"]}
         (ANY_HOST, "http://localhost:9/x", "127.0.0.1, a loopback address"),
         (ANY_HOST, "http://224.0.0.1/x", "a multicast address"),
         (ANY_HOST, "http://0.0.0.0:9/x", "the unspecified address"),
+        (ANY_HOST, "http://2130706433:9/x", "127.0.0.1, a loopback address"),
+        (ANY_HOST, "http://0177.0.0.1:9/x", "127.0.0.1, a loopback address"),
+        (ANY_HOST, "http://127.1:9/x", "127.0.0.1, a loopback address"),
+        (ANY_HOST, "http://0:9/x", "the unspecified address"),
+        (ANY_HOST, "http://LOCALHOST:9/x", "a loopback address"),
+        (ANY_HOST, "http://[::]:9/x", "the unspecified address"),
+        (ANY_HOST, "http://[0:0:0:0:0:ffff:127.0.0.1]:9/x", "loopback address (IPv4-mapped)"),
+        (ANY_HOST, "http://[64:ff9b::7f00:1]:9/x", "a reserved address"),  # NAT64
+        (ANY_HOST, "http://[2002:7f00:1::]:9/x", "a loopback address (6to4)"),
+        (ANY_HOST, "http://[2002:a9fe:a9fe::]/latest", "a link-local address"),
+        (ANY_HOST, "http://[2002:a00:5::1]/hook", "a private address (6to4)"),
+        (ANY_HOST, "http://[fec0::1]/x", "a site-local address"),
         (LOOPBACK, "http://127.0.0.1:8000/v1/jobs", "this host's own API port"),
         ({"callback_allow": ["hooks.example.com"]}, "http://other.example.org/", "matches none"),
         ({}, "http://hooks.example.com/", "callbacks are not enabled on this host"),
@@ -257,6 +270,31 @@ def test_a_refused_destination_is_a_400_saying_why(
     detail = assert_envelope(answer, 400, "invalid_input")
     assert words in detail["message"], detail["message"]
     assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.1.2.3:8000/v1/jobs",
+        "http://[::ffff:10.1.2.3]:8000/v1/jobs",
+        "http://[::ffff:a01:203]:8000/v1/jobs",
+    ],
+)
+def test_the_own_api_port_is_refused_on_every_form_of_an_own_address(
+    make_host: Callable[..., TestClient],
+    body: dict,
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+) -> None:
+    # The host's own address lies in a network its operator allows (an
+    # internal receiver's): its API port stays refused, IPv4-mapped too.
+    from host.services import destinations
+
+    own = {ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("127.0.0.1")}
+    monkeypatch.setattr(destinations, "own_addresses", lambda: own)
+    client = make_host(callback_allow=["*"], callback_allow_networks=["10.0.0.0/8"], **TOKENS)
+    answer = client.post("/v1/jobs", json={**body, "callback_url": url}, headers=ALICE)
+    assert "this host's own API port" in assert_envelope(answer, 400, "invalid_input")["message"]
 
 
 def test_an_allowed_network_lets_a_private_destination_through(
