@@ -9,6 +9,7 @@ import ipaddress
 import json
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -483,6 +484,39 @@ def test_plughost_serve_delivers_callbacks_and_refuses_its_own_port(
     finally:
         stop(server)
     assert (state / "callback-secret").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.no_leak_check  # the server is a process of its own
+def test_plughost_serve_on_port_0_refuses_the_port_it_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.host.test_serve import BODY, HOSTILE_DIR, request, stop
+
+    monkeypatch.setenv("PLUGHOST_CALLBACK_ALLOW", "127.0.0.1")
+    monkeypatch.setenv("PLUGHOST_CALLBACK_ALLOW_NETWORKS", "127.0.0.0/8")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as stream:  # a file, not a pipe: a full pipe would block the server
+        server = subprocess.Popen(
+            [sys.executable, "-m", "host.cli", "serve", "--port", "0", "--workers", "1"]
+            + ["--db", str(tmp_path / "jobs.sqlite3"), "--state-dir", str(tmp_path / "state")]
+            + ["--plugins-dir", str(HOSTILE_DIR)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stream,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        found = None
+        while found is None and time.monotonic() < deadline and server.poll() is None:
+            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", log.read_text())
+            time.sleep(0.05)
+        assert found is not None, log.read_text()[-2000:]
+        port = int(found[1])
+        own = {**BODY, "callback_url": f"http://127.0.0.1:{port}/v1/jobs"}
+        status, data = request(port, "POST", "/v1/jobs", own)
+        assert status == 400 and "own API port" in data["detail"]["message"], data
+    finally:
+        stop(server)
 
 
 def test_the_same_idempotency_key_with_another_callback_url_is_a_409(
