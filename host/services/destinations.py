@@ -24,6 +24,7 @@ callback (no retry) at delivery.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from urllib.parse import urlsplit
 import psutil
 
 MAX_URL_CHARS = 2048
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?", re.IGNORECASE)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], list[str]]
@@ -77,11 +79,31 @@ def parse_url(url: str) -> Destination:
         raise Refused("callback_url must not have a fragment (#...)")
     if not parts.hostname:
         raise Refused("callback_url has no host")
+    if not _plain_host(parts.hostname):
+        raise Refused(
+            "callback_url's host must be a DNS name (letters, digits, '-', '_' and dots) "
+            "or an IP address"
+        )
+    if port == 0:
+        raise Refused("callback_url's port must be 1 to 65535")
     default = 443 if parts.scheme == "https" else 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Destination(
         url, parts.scheme, parts.hostname.lower(), port or default, target, parts.netloc
     )
+
+
+def _plain_host(host: str) -> bool:
+    """`host` is a plain DNS name or an IP address: no character a resolver
+    reads otherwise (a backslash escapes a dot in glibc's, so a name could
+    end like an allowed domain and lie elsewhere)."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    return _HOST_NAME.fullmatch(host) is not None
 
 
 def _pattern(text: str) -> tuple[str, int | None]:

@@ -298,6 +298,27 @@ def test_the_own_api_port_is_refused_on_every_form_of_an_own_address(
     assert "this host's own API port" in assert_envelope(answer, 400, "invalid_input")["message"]
 
 
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://evil.net\\.example.com/", "must be a DNS name"),  # a DNS escape
+        ("http://evil.net;.example.com/", "must be a DNS name"),
+        ("http://evil.net%2f.example.com/", "must be a DNS name"),
+        ("http://hooks.example.com:0/", "port must be 1 to 65535"),
+    ],
+)
+def test_a_host_a_resolver_reads_otherwise_is_refused(
+    make_host: Callable[..., TestClient], body: dict, url: str, words: str
+) -> None:
+    # Each ends like an allowed domain; a resolver that answers anything
+    # stands for one that reads it its own way.
+    client = make_host(
+        callback_allow=["*.example.com"], resolver=lambda host, port: ["93.184.216.34"], **TOKENS
+    )
+    answer = client.post("/v1/jobs", json={**body, "callback_url": url}, headers=ALICE)
+    assert words in assert_envelope(answer, 400, "invalid_input")["message"]
+
+
 def test_an_allowed_network_lets_a_private_destination_through(
     make_host: Callable[..., TestClient], body: dict
 ) -> None:
