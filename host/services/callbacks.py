@@ -274,8 +274,10 @@ def post(
     except (OSError, http.client.HTTPException) as exc:
         if cut.is_set() or time.monotonic() - started >= timeout_s * 0.99:
             error = f"no complete answer within {timeout_s:g} s"
-        else:
+        elif isinstance(exc, OSError):
             error = f"{type(exc).__name__}: {exc}"[:300]
+        else:  # its message quotes the answer, which the client is never shown
+            error = f"not an HTTP answer ({type(exc).__name__})"
     finally:
         if timer is not None:
             timer.cancel()

@@ -8,8 +8,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -225,6 +227,37 @@ def test_a_huge_answer_is_read_only_up_to_the_cap(
     while receiver.server.cut_short == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert receiver.server.cut_short == 1  # the host hung up before 8 MiB were read
+
+
+def test_what_a_non_http_service_answers_is_not_shown(
+    make_host: Callable[..., TestClient], body: dict
+) -> None:
+    # An allowed internal service that speaks another protocol: its first
+    # line must not reach the client through the attempt's error.
+    server = socket.create_server(("127.0.0.1", 0))
+    served = threading.Event()
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"-ERR SECRET-4711 internal data\r\n")
+        served.set()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        client = make_host(**LOOPBACK, **TOKENS, callback_max_attempts=1)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/"
+        job = settled(client, submit(client, body, url))
+        assert served.is_set()
+        (attempt,) = job["callback"]["attempts"]
+        assert job["callback"]["state"] == "FAILED"
+        assert "SECRET-4711" not in json.dumps(job), attempt
+        assert "not an HTTP answer" in attempt["error"]
+    finally:
+        server.close()
+        thread.join(10)
 
 
 ANY_HOST = {"callback_allow": ["*"]}
