@@ -494,6 +494,8 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except AddressUnavailable as exc:
         _stderr(str(exc))
         return 1
+    # The port the system gave for --port 0: the one callbacks may never call.
+    settings = settings.model_copy(update={"port": sock.getsockname()[1]})
     configure_logging(settings.log_level, settings.log_repeat_limit, settings.log_repeat_interval_s)
     # Tokens come from the config file or PLUGHOST_CLIENT_TOKENS / PLUGHOST_ADMIN_TOKEN,
     # never from flags: command lines are visible to every user of the machine.

@@ -4,6 +4,7 @@
     /flaky/N       500 to the first N requests of each delivery id, then 200
     /redirect      302 to /target (which records a hit if anything follows it)
     /slow          answers after SLOW_S
+    /trickle       a 200 whose headers come one byte every TRICKLE_GAP_S, for TRICKLE_S
     /huge          200 with HUGE_BYTES of body
     GET /_log      the recorded requests as JSON
 
@@ -23,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 SLOW_S = 3.0
+TRICKLE_S = 6.0
+TRICKLE_GAP_S = 0.1
 HUGE_BYTES = 8 * 1024 * 1024
 
 
@@ -54,6 +57,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/slow":
             time.sleep(SLOW_S)
             self._answer(200, b"late")
+        elif path == "/trickle":
+            self._trickle()
         elif path == "/huge":
             self.send_response(200)
             self.send_header("Content-Length", str(HUGE_BYTES))
@@ -66,6 +71,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.cut_short += 1  # the host stopped reading: what it should do
         else:
             self._answer(200, b"thanks")
+
+    def _trickle(self) -> None:
+        """Never idle for a whole read timeout, never done before TRICKLE_S."""
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Trickle: ")
+        try:
+            for _ in range(int(TRICKLE_S / TRICKLE_GAP_S)):
+                self.wfile.write(b"a")
+                time.sleep(TRICKLE_GAP_S)
+            self.wfile.write(b"\r\nContent-Length: 0\r\n\r\n")
+        except OSError:
+            self.server.cut_short += 1  # the host hung up: what it should do
 
     def do_GET(self) -> None:  # noqa: N802
         with self.server.lock:

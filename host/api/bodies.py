@@ -134,7 +134,8 @@ GET /v1/jobs/{{id}} returns, to that URL (Content-Type: application/json),
 with these headers:
 
 - {EVENT_HEADER}: {EVENT}
-- {DELIVERY_HEADER}: the delivery's id, the same on every retry of it (deduplicate on it)
+- {DELIVERY_HEADER}: the delivery's id, the same on every retry of it (not signed:
+  deduplicate on the body's `id`, a job has one callback)
 - {SIGNATURE_HEADER}: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">, keyed with
   the UTF-8 bytes of the client's own secret from GET /v1/callbacks/secret
 

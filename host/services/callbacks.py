@@ -206,11 +206,29 @@ class Answer:
     duration_ms: float
 
 
-def _cut(sock: socket.socket) -> None:
+def _cut(sock: socket.socket, cut: threading.Event) -> None:
+    cut.set()
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         log.debug("callback connection already closed at its deadline")
+
+
+def _exchange(
+    sock: socket.socket, dest: Destination, address: str, body: bytes, headers: Mapping[str, str]
+) -> int:
+    """Send the request over `sock` (connected to `address`), read at most
+    MAX_RESPONSE_BYTES of the answer; its HTTP status."""
+    conn = http.client.HTTPConnection(address, dest.port, timeout=sock.gettimeout())
+    conn.sock = sock
+    conn.putrequest("POST", dest.target, skip_host=True, skip_accept_encoding=True)
+    for name, value in {"Host": dest.host_header, **headers}.items():
+        conn.putheader(name, value)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
+    response = conn.getresponse()
+    response.read(MAX_RESPONSE_BYTES)  # the rest is dropped with the connection
+    return response.status
 
 
 def post(
@@ -222,47 +240,49 @@ def post(
     ca_file: str | None = None,
 ) -> Answer:
     """POST `body` to `dest` over a connection to `address` (already
-    checked), within `timeout_s` in all (connect, TLS, send, answer). For
-    https the certificate is verified against `dest`'s host name (with
-    `ca_file`'s certificates, else the system's). A redirect is not
-    followed; at most MAX_RESPONSE_BYTES of the answer are read."""
+    checked), within `timeout_s` in all (connect, TLS, send, answer): an
+    answer the deadline cut short is no answer. For https the certificate
+    is verified against `dest`'s host name (with `ca_file`'s certificates,
+    else the system's). A redirect is not followed; at most
+    MAX_RESPONSE_BYTES of the answer are read."""
     started = time.monotonic()
-    raw: socket.socket | None = None
+    opened: list[socket.socket] = []
     timer: threading.Timer | None = None
+    cut = threading.Event()
     status: int | None = None
     error: str | None = None
     try:
-        raw = socket.create_connection((address, dest.port), timeout=timeout_s)
-        timer = threading.Timer(max(0.0, timeout_s - (time.monotonic() - started)), _cut, (raw,))
+        sock = socket.create_connection((address, dest.port), timeout=timeout_s)
+        # The deadline shuts down a duplicate of the descriptor: that cuts the
+        # connection whichever socket object holds it by then (TLS detaches `sock`).
+        opened += [sock, sock.dup()]
+        left = max(0.0, timeout_s - (time.monotonic() - started))
+        timer = threading.Timer(left, _cut, (opened[1], cut))
         timer.start()
-        sock: socket.socket = raw
         if dest.scheme == "https":
             context = ssl.create_default_context(cafile=ca_file)
-            sock = context.wrap_socket(raw, server_hostname=dest.host)
-        conn = http.client.HTTPConnection(address, dest.port, timeout=timeout_s)
-        conn.sock = sock
-        conn.putrequest("POST", dest.target, skip_host=True, skip_accept_encoding=True)
-        for name, value in {"Host": dest.host_header, **headers}.items():
-            conn.putheader(name, value)
-        conn.putheader("Content-Length", str(len(body)))
-        conn.endheaders(body)
-        response = conn.getresponse()
-        status = response.status
-        response.read(MAX_RESPONSE_BYTES)  # the rest is dropped with the connection
-        if 300 <= status < 400:
+            sock = context.wrap_socket(sock, server_hostname=dest.host)
+            opened.append(sock)
+        status = _exchange(sock, dest, address, body, headers)
+        timer.cancel()
+        if cut.is_set():
+            status, error = None, f"no complete answer within {timeout_s:g} s"
+        elif 300 <= status < 400:
             error = f"answered {status} (a redirect): not followed"
         elif not 200 <= status < 300:
             error = f"answered {status}"
     except (OSError, http.client.HTTPException) as exc:
-        if time.monotonic() - started >= timeout_s * 0.99:
+        if cut.is_set() or time.monotonic() - started >= timeout_s * 0.99:
             error = f"no complete answer within {timeout_s:g} s"
-        else:
+        elif isinstance(exc, OSError):
             error = f"{type(exc).__name__}: {exc}"[:300]
+        else:  # its message quotes the answer, which the client is never shown
+            error = f"not an HTTP answer ({type(exc).__name__})"
     finally:
         if timer is not None:
             timer.cancel()
-        if raw is not None:
-            raw.close()
+        for opened_sock in opened:
+            opened_sock.close()
     return Answer(status, error, round((time.monotonic() - started) * 1000, 1))
 
 

@@ -7,9 +7,11 @@ job is submitted and again before every delivery (DNS may have changed).
         ▼
     resolve ONCE (getaddrinfo) ──▶ every address checked:
         loopback, link-local (169.254/16, fe80::/10: cloud metadata), private,
-        unspecified, multicast, reserved or otherwise not global (IPv4-mapped
-        IPv6 included) ──▶ Refused, unless in `callback_allow_networks`;
-        the host's own listening port on one of its own addresses ──▶ Refused always
+        unspecified, multicast, reserved, site-local or otherwise not global
+        (an IPv4 address inside an IPv6 one, IPv4-mapped or 6to4, judged
+        itself) ──▶ Refused, unless in `callback_allow_networks`; the host's
+        own listening port on one of its own addresses (IPv4-mapped forms
+        included) ──▶ Refused always
         ▼
     (Destination, the first checked address): delivery connects to that
     address itself, with the original Host header (no second lookup).
@@ -22,6 +24,7 @@ callback (no retry) at delivery.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from urllib.parse import urlsplit
 import psutil
 
 MAX_URL_CHARS = 2048
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?", re.IGNORECASE)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], list[str]]
@@ -75,11 +79,31 @@ def parse_url(url: str) -> Destination:
         raise Refused("callback_url must not have a fragment (#...)")
     if not parts.hostname:
         raise Refused("callback_url has no host")
+    if not _plain_host(parts.hostname):
+        raise Refused(
+            "callback_url's host must be a DNS name (letters, digits, '-', '_' and dots) "
+            "or an IP address"
+        )
+    if port == 0:
+        raise Refused("callback_url's port must be 1 to 65535")
     default = 443 if parts.scheme == "https" else 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Destination(
         url, parts.scheme, parts.hostname.lower(), port or default, target, parts.netloc
     )
+
+
+def _plain_host(host: str) -> bool:
+    """`host` is a plain DNS name or an IP address: no character a resolver
+    reads otherwise (a backslash escapes a dot in glibc's, so a name could
+    end like an allowed domain and lie elsewhere)."""
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return True
+    return _HOST_NAME.fullmatch(host) is not None
 
 
 def _pattern(text: str) -> tuple[str, int | None]:
@@ -106,9 +130,14 @@ def _matches(pattern: str, port: int | None, dest: Destination) -> bool:
 
 def kind_of(address: IPAddress) -> str | None:
     """What makes `address` no public destination, in words; None for a public one."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        inner = kind_of(address.ipv4_mapped)
-        return None if inner is None else f"{inner} (IPv4-mapped)"
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 address inside an IPv6 one (IPv4-mapped, 6to4) is judged itself.
+        for embedded, how in ((address.ipv4_mapped, "IPv4-mapped"), (address.sixtofour, "6to4")):
+            if embedded is not None:
+                inner = kind_of(embedded)
+                return None if inner is None else f"{inner} ({how})"
+        if address.is_site_local:  # fec0::/10, deprecated, yet not "private" to ipaddress
+            return "a site-local address"
     checks = (
         (address.is_unspecified, "the unspecified address"),
         (address.is_loopback, "a loopback address"),
@@ -194,8 +223,9 @@ class CallbackPolicy:
         for text in addresses:
             address = ipaddress.ip_address(text)
             plain = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+            seen = plain or address  # an IPv4-mapped address reaches the IPv4 one
             if dest.port in self.own_ports and (
-                address in own or (plain or address).is_loopback or address.is_unspecified
+                address in own or seen in own or seen.is_loopback or seen.is_unspecified
             ):
                 raise Refused(
                     f"callback_url {dest.host}:{dest.port} resolves to {address}, "

@@ -5,9 +5,13 @@ at submit and again at delivery; a pending callback survives a restart."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -31,7 +35,7 @@ from host.services.build import job_limits
 from host.services.callbacks import callback_service, file_secret
 from host.services.store import JobStore
 from sandbox.supervisor import Sandbox
-from tests.callback_receiver import SLOW_S, Receiver
+from tests.callback_receiver import SLOW_S, TRICKLE_S, Receiver
 from tests.host.api.test_routes import assert_envelope
 from tests.host.api.test_tenants import ALICE, TOKENS, wait_finished
 
@@ -225,6 +229,37 @@ def test_a_huge_answer_is_read_only_up_to_the_cap(
     assert receiver.server.cut_short == 1  # the host hung up before 8 MiB were read
 
 
+def test_what_a_non_http_service_answers_is_not_shown(
+    make_host: Callable[..., TestClient], body: dict
+) -> None:
+    # An allowed internal service that speaks another protocol: its first
+    # line must not reach the client through the attempt's error.
+    server = socket.create_server(("127.0.0.1", 0))
+    served = threading.Event()
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"-ERR SECRET-4711 internal data\r\n")
+        served.set()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        client = make_host(**LOOPBACK, **TOKENS, callback_max_attempts=1)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/"
+        job = settled(client, submit(client, body, url))
+        assert served.is_set()
+        (attempt,) = job["callback"]["attempts"]
+        assert job["callback"]["state"] == "FAILED"
+        assert "SECRET-4711" not in json.dumps(job), attempt
+        assert "not an HTTP answer" in attempt["error"]
+    finally:
+        server.close()
+        thread.join(10)
+
+
 ANY_HOST = {"callback_allow": ["*"]}
 
 
@@ -239,6 +274,18 @@ ANY_HOST = {"callback_allow": ["*"]}
         (ANY_HOST, "http://localhost:9/x", "127.0.0.1, a loopback address"),
         (ANY_HOST, "http://224.0.0.1/x", "a multicast address"),
         (ANY_HOST, "http://0.0.0.0:9/x", "the unspecified address"),
+        (ANY_HOST, "http://2130706433:9/x", "127.0.0.1, a loopback address"),
+        (ANY_HOST, "http://0177.0.0.1:9/x", "127.0.0.1, a loopback address"),
+        (ANY_HOST, "http://127.1:9/x", "127.0.0.1, a loopback address"),
+        (ANY_HOST, "http://0:9/x", "the unspecified address"),
+        (ANY_HOST, "http://LOCALHOST:9/x", "a loopback address"),
+        (ANY_HOST, "http://[::]:9/x", "the unspecified address"),
+        (ANY_HOST, "http://[0:0:0:0:0:ffff:127.0.0.1]:9/x", "loopback address (IPv4-mapped)"),
+        (ANY_HOST, "http://[64:ff9b::7f00:1]:9/x", "a reserved address"),  # NAT64
+        (ANY_HOST, "http://[2002:7f00:1::]:9/x", "a loopback address (6to4)"),
+        (ANY_HOST, "http://[2002:a9fe:a9fe::]/latest", "a link-local address"),
+        (ANY_HOST, "http://[2002:a00:5::1]/hook", "a private address (6to4)"),
+        (ANY_HOST, "http://[fec0::1]/x", "a site-local address"),
         (LOOPBACK, "http://127.0.0.1:8000/v1/jobs", "this host's own API port"),
         ({"callback_allow": ["hooks.example.com"]}, "http://other.example.org/", "matches none"),
         ({}, "http://hooks.example.com/", "callbacks are not enabled on this host"),
@@ -257,6 +304,52 @@ def test_a_refused_destination_is_a_400_saying_why(
     detail = assert_envelope(answer, 400, "invalid_input")
     assert words in detail["message"], detail["message"]
     assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.1.2.3:8000/v1/jobs",
+        "http://[::ffff:10.1.2.3]:8000/v1/jobs",
+        "http://[::ffff:a01:203]:8000/v1/jobs",
+    ],
+)
+def test_the_own_api_port_is_refused_on_every_form_of_an_own_address(
+    make_host: Callable[..., TestClient],
+    body: dict,
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+) -> None:
+    # The host's own address lies in a network its operator allows (an
+    # internal receiver's): its API port stays refused, IPv4-mapped too.
+    from host.services import destinations
+
+    own = {ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("127.0.0.1")}
+    monkeypatch.setattr(destinations, "own_addresses", lambda: own)
+    client = make_host(callback_allow=["*"], callback_allow_networks=["10.0.0.0/8"], **TOKENS)
+    answer = client.post("/v1/jobs", json={**body, "callback_url": url}, headers=ALICE)
+    assert "this host's own API port" in assert_envelope(answer, 400, "invalid_input")["message"]
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://evil.net\\.example.com/", "must be a DNS name"),  # a DNS escape
+        ("http://evil.net;.example.com/", "must be a DNS name"),
+        ("http://evil.net%2f.example.com/", "must be a DNS name"),
+        ("http://hooks.example.com:0/", "port must be 1 to 65535"),
+    ],
+)
+def test_a_host_a_resolver_reads_otherwise_is_refused(
+    make_host: Callable[..., TestClient], body: dict, url: str, words: str
+) -> None:
+    # Each ends like an allowed domain; a resolver that answers anything
+    # stands for one that reads it its own way.
+    client = make_host(
+        callback_allow=["*.example.com"], resolver=lambda host, port: ["93.184.216.34"], **TOKENS
+    )
+    answer = client.post("/v1/jobs", json={**body, "callback_url": url}, headers=ALICE)
+    assert words in assert_envelope(answer, 400, "invalid_input")["message"]
 
 
 def test_an_allowed_network_lets_a_private_destination_through(
@@ -355,6 +448,34 @@ def test_https_goes_to_the_checked_address_and_verifies_the_name(
         tls.close()
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_trickling_receiver_is_cut_at_the_total_deadline(
+    make_host: Callable[..., TestClient], body: dict, tmp_path: Path, scheme: str
+) -> None:
+    # A byte before every read timeout must not stretch an attempt past
+    # callback_timeout_s in all, over TLS as over plain HTTP.
+    cert, key = self_signed(tmp_path, "hooks.test")
+    trickler = Receiver(tls=(cert, key) if scheme == "https" else None)
+    try:
+        client = make_host(
+            callback_allow=["hooks.test"],
+            callback_allow_networks=["127.0.0.0/8"],
+            callback_max_attempts=1,
+            callback_timeout_s=1.0,
+            resolver=lambda host, port: ["127.0.0.1"],
+            ca_file=cert,
+            **TOKENS,
+        )
+        url = f"{scheme}://hooks.test:{trickler.port}/trickle"
+        job = settled(client, submit(client, body, url))
+        (attempt,) = job["callback"]["attempts"]
+        assert job["callback"]["state"] == "FAILED", attempt
+        assert attempt["error"] == "no complete answer within 1 s"
+        assert 900 <= attempt["duration_ms"] < TRICKLE_S * 1000 / 2
+    finally:
+        trickler.close()
+
+
 def test_openapi_documents_the_field_the_headers_and_the_secret_route(
     make_host: Callable[..., TestClient],
 ) -> None:
@@ -417,6 +538,39 @@ def test_plughost_serve_delivers_callbacks_and_refuses_its_own_port(
     finally:
         stop(server)
     assert (state / "callback-secret").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.no_leak_check  # the server is a process of its own
+def test_plughost_serve_on_port_0_refuses_the_port_it_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.host.test_serve import BODY, HOSTILE_DIR, request, stop
+
+    monkeypatch.setenv("PLUGHOST_CALLBACK_ALLOW", "127.0.0.1")
+    monkeypatch.setenv("PLUGHOST_CALLBACK_ALLOW_NETWORKS", "127.0.0.0/8")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as stream:  # a file, not a pipe: a full pipe would block the server
+        server = subprocess.Popen(
+            [sys.executable, "-m", "host.cli", "serve", "--port", "0", "--workers", "1"]
+            + ["--db", str(tmp_path / "jobs.sqlite3"), "--state-dir", str(tmp_path / "state")]
+            + ["--plugins-dir", str(HOSTILE_DIR)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stream,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        found = None
+        while found is None and time.monotonic() < deadline and server.poll() is None:
+            found = re.search(r"serving on http://127\.0\.0\.1:(\d+)", log.read_text())
+            time.sleep(0.05)
+        assert found is not None, log.read_text()[-2000:]
+        port = int(found[1])
+        own = {**BODY, "callback_url": f"http://127.0.0.1:{port}/v1/jobs"}
+        status, data = request(port, "POST", "/v1/jobs", own)
+        assert status == 400 and "own API port" in data["detail"]["message"], data
+    finally:
+        stop(server)
 
 
 def test_the_same_idempotency_key_with_another_callback_url_is_a_409(
