@@ -18,8 +18,10 @@ asyncio logs `socket.accept() out of system resource` in a loop).
   connection that has waited longest for its headers, or, when every
   connection is busy with a request, is itself answered 503 and closed;
 - a cap on a request's headers, MAX_HEADER_BYTES (h11's default, which the
-  h11 protocol enforced): a client that sends more before its headers end
-  is answered 400 and closed.
+  h11 protocol enforced): a client that sends more before its headers end,
+  whether they arrive in one read or many, is answered 400 and closed; a
+  chunked body's trailers get the same cap and are dropped (never merged
+  into the request's headers, which the app reads after the body too).
 
 `serve` raises the descriptor limit to its hard maximum, keeps the cap
 below what that leaves, and runs uvicorn with the protocol and a listen
@@ -90,7 +92,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         # Where the parser is: "" (between requests), "headers" or "body".
         self._parsing = ""
-        self._header_bytes = 0  # received since the last request's headers ended
+        # Two lower bounds of a request's header (or trailer) bytes: the reads
+        # that began among them, and the URL and header lines parsed so far.
+        self._header_bytes = 0
+        self._parsed_bytes = 0
+        self._chunk_open = False  # a chunk's size line parsed, none of its data yet
+        self._chunk_events = 0  # chunk headers, chunk data and chunk ends parsed
+        self._too_large = False
 
     @classmethod
     def configured(
@@ -119,26 +127,69 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._parsing != "body":
             self._header_bytes += len(data)
+        trailers, events = self._chunk_open, self._chunk_events
         super().data_received(data)
+        if trailers and self._chunk_open and events == self._chunk_events:
+            # After the last chunk's size line only trailers come: all of it.
+            self._header_bytes += len(data)
         if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
-            self._phase = "closed"
-            self._cancel()
-            self.send_400_response(f"Request headers over {MAX_HEADER_BYTES} bytes.")
+            self._too_large = True
+            self.send_400_response("")
+        if self.transport.is_closing():
+            self._close()
             return
         self._track()
+
+    def send_400_response(self, msg: str) -> None:
+        if self._too_large:
+            msg = f"Request headers over {MAX_HEADER_BYTES} bytes."
+        super().send_400_response(msg)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._parsing = "headers"
+        self._parsed_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_parsed(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_parsed(len(name) + len(value) + 4)
+        if self._parsing == "body":
+            return  # a trailer: never merged into the request's headers
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._parsing = "body"
-        self._header_bytes = 0
+        self._header_bytes = self._parsed_bytes = 0
         super().on_headers_complete()
+
+    def on_chunk_header(self) -> None:
+        self._chunk_open = True
+        self._chunk_events += 1
+        self._header_bytes = 0  # counts the trailers, if this chunk is the last
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_open = False
+        self._chunk_events += 1
+        super().on_body(body)
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_open = False
+        self._chunk_events += 1
 
     def on_message_complete(self) -> None:
         self._parsing = ""
         super().on_message_complete()
+
+    def _count_parsed(self, size: int) -> None:
+        """Count header (or trailer) bytes as the parser delivers them: a whole
+        request read at once is refused as surely as one sent in pieces."""
+        self._parsed_bytes += size
+        if self._parsed_bytes > MAX_HEADER_BYTES:
+            self._too_large = True
+            raise ValueError("request headers over their cap")  # stops the parser: 400
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

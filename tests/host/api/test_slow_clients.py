@@ -156,3 +156,44 @@ def test_headers_past_their_cap_are_answered_400_and_the_connection_closed(
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(ok)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def answer_to(port: int, sent: list[bytes]) -> bytes:
+    """All the server answers to `sent` (written in that many pieces) before it closes."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(OSError):  # the server may close before it has read it all
+            for piece in sent:
+                sock.sendall(piece)
+        with contextlib.suppress(OSError):
+            while more := sock.recv(65536):
+                answer += more
+    return answer
+
+
+def test_headers_past_their_cap_are_refused_when_they_arrive_whole(server: tuple) -> None:
+    port = server[0]
+    filler = b"x-filler: " + b"a" * 1000 + b"\r\n"
+    # A whole request in one write: the server reads it in one piece.
+    head = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + filler * (MAX_HEADER_BYTES // len(filler) + 4)
+    answer = answer_to(port, [head + b"\r\n"])
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert f"over {MAX_HEADER_BYTES} bytes".encode() in answer
+    # The same headers behind a small request on the same connection.
+    answer = answer_to(port, [b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" + head + b"\r\n"])
+    assert f"over {MAX_HEADER_BYTES} bytes".encode() in answer, answer[-300:]
+
+
+def test_trailers_count_against_the_header_cap(server: tuple) -> None:
+    port = server[0]
+    head = b"POST /v1/analyze HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    start = head + b"transfer-encoding: chunked\r\n\r\n1\r\n{\r\n0\r\n"
+    trailer = b"x-trailer: " + b"b" * 1000 + b"\r\n"
+    # Endless trailers, each line whole, or one trailer in pieces (more than
+    # the server reads at once: the first read of a trailer is not seen whole).
+    for pieces in ([trailer] * 64, [b"x-trailer: "] + [b"b" * 1000] * 600):
+        started = time.monotonic()
+        answer = answer_to(port, [start, *pieces])
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert f"over {MAX_HEADER_BYTES} bytes".encode() in answer
+        assert time.monotonic() - started < BODY_TIMEOUT_S  # refused, not cut off at the deadline
