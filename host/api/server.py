@@ -18,8 +18,17 @@ asyncio logs `socket.accept() out of system resource` in a loop).
   connection that has waited longest for its headers, or, when every
   connection is busy with a request, is itself answered 503 and closed;
 - a cap on a request's headers, MAX_HEADER_BYTES (h11's default, which the
-  h11 protocol enforced): a client that sends more before its headers end
-  is answered 400 and closed.
+  h11 protocol enforced): a client that sends more before its headers end,
+  whether they arrive in one read or many, is answered 400 and closed; a
+  chunked body's trailers get the same cap and are dropped (never merged
+  into the request's headers, which the app reads after the body too);
+- at most MAX_PIPELINED requests sent ahead of their answers (each queued
+  one holds its scope): past that, 400 and closed;
+- a deadline for the client to read its answers: when what waits to be
+  written to it (the transport's buffer, above its high-water mark, or left
+  at a close) does not shrink for body_timeout_s, the connection is
+  aborted. Without it a client that pipelines requests for large answers
+  and reads nothing holds its connection, and the app's send, for ever.
 
 `serve` raises the descriptor limit to its hard maximum, keeps the cap
 below what that leaves, and runs uvicorn with the protocol and a listen
@@ -60,6 +69,8 @@ RESERVED_FDS = 256
 STARTUP_FAILURE = 3
 # Bytes a request may send before its headers end (h11's limit, 16 KiB).
 MAX_HEADER_BYTES = 16 * 1024
+# Requests a client may send ahead of their answers (HTTP/1.1 pipelining).
+MAX_PIPELINED = 16
 
 
 def _refusal() -> bytes:
@@ -90,7 +101,15 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         # Where the parser is: "" (between requests), "headers" or "body".
         self._parsing = ""
-        self._header_bytes = 0  # received since the last request's headers ended
+        # Two lower bounds of a request's header (or trailer) bytes: the reads
+        # that began among them, and the URL and header lines parsed so far.
+        self._header_bytes = 0
+        self._parsed_bytes = 0
+        self._chunk_open = False  # a chunk's size line parsed, none of its data yet
+        self._chunk_events = 0  # chunk headers, chunk data and chunk ends parsed
+        self._refused = ""  # why the request is answered 400, if it is
+        self._write_deadline: asyncio.TimerHandle | None = None
+        self._running: Any = None  # the request the app has (uvicorn's cycle)
 
     @classmethod
     def configured(
@@ -119,26 +138,71 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._parsing != "body":
             self._header_bytes += len(data)
+        trailers, events = self._chunk_open, self._chunk_events
         super().data_received(data)
+        if trailers and self._chunk_open and events == self._chunk_events:
+            # After the last chunk's size line only trailers come: all of it.
+            self._header_bytes += len(data)
         if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
-            self._phase = "closed"
-            self._cancel()
-            self.send_400_response(f"Request headers over {MAX_HEADER_BYTES} bytes.")
+            self._refused = f"Request headers over {MAX_HEADER_BYTES} bytes."
+            self.send_400_response(self._refused)
+        if self.transport.is_closing():
+            self._close()
             return
         self._track()
+
+    def send_400_response(self, msg: str) -> None:
+        super().send_400_response(self._refused or msg)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._parsing = "headers"
+        self._parsed_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_parsed(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_parsed(len(name) + len(value) + 4)
+        if self._parsing == "body":
+            return  # a trailer: never merged into the request's headers
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._parsing = "body"
-        self._header_bytes = 0
+        self._header_bytes = self._parsed_bytes = 0
+        if len(self.pipeline) >= MAX_PIPELINED:
+            # Each queued request holds its scope until the app gets to it.
+            self._refused = f"More than {MAX_PIPELINED} requests sent ahead of their answers."
+            raise ValueError(self._refused)  # stops the parser: 400
         super().on_headers_complete()
+
+    def on_chunk_header(self) -> None:
+        self._chunk_open = True
+        self._chunk_events += 1
+        self._header_bytes = 0  # counts the trailers, if this chunk is the last
+
+    def on_body(self, body: bytes) -> None:
+        self._chunk_open = False
+        self._chunk_events += 1
+        super().on_body(body)
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_open = False
+        self._chunk_events += 1
 
     def on_message_complete(self) -> None:
         self._parsing = ""
         super().on_message_complete()
+
+    def _count_parsed(self, size: int) -> None:
+        """Count header (or trailer) bytes as the parser delivers them: a whole
+        request read at once is refused as surely as one sent in pieces."""
+        self._parsed_bytes += size
+        if self._parsed_bytes > MAX_HEADER_BYTES:
+            self._refused = f"Request headers over {MAX_HEADER_BYTES} bytes."
+            raise ValueError(self._refused)  # stops the parser: 400
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -147,7 +211,30 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._phase = "closed"
         self._cancel()
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+        running = self._running
+        if running is not None and running is not self.cycle and not running.response_complete:
+            # uvicorn tells only the last request parsed: the app would write
+            # the one it has to a closed connection.
+            running.disconnected = True
+            running.message_event.set()
         super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_writes()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
 
     # -- deadlines and the cap -----------------------------------------------
 
@@ -188,7 +275,29 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def _close(self) -> None:
         self._phase = "closed"
         self._cancel()
-        self.transport.close()
+        self.transport.close()  # after what is left to write: watched below
+        self._watch_writes()
+
+    def _watch_writes(self) -> None:
+        """Abort the connection if what waits to be written to the client does
+        not shrink for body_timeout_s: a client that stops reading its answers
+        holds the app's send (or a closing connection) for ever otherwise."""
+        left = self.transport.get_write_buffer_size()
+        if self._write_deadline is None and left:
+            self._write_deadline = self.loop.call_later(
+                self.body_timeout_s, self._check_writes, left
+            )
+
+    def _check_writes(self, before: int) -> None:
+        self._write_deadline = None
+        left = self.transport.get_write_buffer_size()
+        if 0 < left < before:
+            self._watch_writes()  # the client reads, slowly
+        elif left:
+            log.info("aborted a connection whose client read nothing in %g s", self.body_timeout_s)
+            self._phase = "closed"
+            self._cancel()
+            self.transport.abort()
 
     def _make_room(self) -> bool:
         """Close the connection waiting longest for its headers; False if none waits."""

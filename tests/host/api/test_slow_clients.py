@@ -10,12 +10,14 @@ import os
 import selectors
 import socket
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
-from host.api.server import MAX_HEADER_BYTES, RESERVED_FDS, connection_cap
+from host.api.server import MAX_HEADER_BYTES, MAX_PIPELINED, RESERVED_FDS, connection_cap
 from tests.host.test_serve import BODY, free_port, start_server, stop
 
 pytestmark = [pytest.mark.no_leak_check, pytest.mark.timeout(120)]
@@ -156,3 +158,97 @@ def test_headers_past_their_cap_are_answered_400_and_the_connection_closed(
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(ok)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def answer_to(port: int, sent: list[bytes]) -> bytes:
+    """All the server answers to `sent` (written in that many pieces) before it closes."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with contextlib.suppress(OSError):  # the server may close before it has read it all
+            for piece in sent:
+                sock.sendall(piece)
+        with contextlib.suppress(OSError):
+            while more := sock.recv(65536):
+                answer += more
+    return answer
+
+
+def test_headers_past_their_cap_are_refused_when_they_arrive_whole(server: tuple) -> None:
+    port = server[0]
+    filler = b"x-filler: " + b"a" * 1000 + b"\r\n"
+    # A whole request in one write: the server reads it in one piece.
+    head = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + filler * (MAX_HEADER_BYTES // len(filler) + 4)
+    answer = answer_to(port, [head + b"\r\n"])
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert f"over {MAX_HEADER_BYTES} bytes".encode() in answer
+    # The same headers behind a small request on the same connection.
+    answer = answer_to(port, [b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" + head + b"\r\n"])
+    assert f"over {MAX_HEADER_BYTES} bytes".encode() in answer, answer[-300:]
+
+
+def test_trailers_count_against_the_header_cap(server: tuple) -> None:
+    port = server[0]
+    head = b"POST /v1/analyze HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    start = head + b"transfer-encoding: chunked\r\n\r\n1\r\n{\r\n0\r\n"
+    trailer = b"x-trailer: " + b"b" * 1000 + b"\r\n"
+    # Endless trailers, each line whole, or one trailer in pieces (more than
+    # the server reads at once: the first read of a trailer is not seen whole).
+    for pieces in ([trailer] * 64, [b"x-trailer: "] + [b"b" * 1000] * 600):
+        started = time.monotonic()
+        answer = answer_to(port, [start, *pieces])
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert f"over {MAX_HEADER_BYTES} bytes".encode() in answer
+        assert time.monotonic() - started < BODY_TIMEOUT_S  # refused, not cut off at the deadline
+
+
+def test_clients_that_never_read_their_answers_hold_no_connection(tmp_path: Path) -> None:
+    cap = 8
+    config = tmp_path / "plughost.toml"
+    config.write_text(
+        f"self_check = false\nmax_connections = {cap}\nheader_timeout_s = {HEADER_TIMEOUT_S}\n"
+        f"body_timeout_s = {BODY_TIMEOUT_S}\nlog_repeat_limit = 5\n"
+    )
+    port = free_port()
+    proc = start_server(tmp_path / "jobs.sqlite3", port, "--config", str(config))
+    # Requests ahead of their answers, megabytes of answers, and nothing read:
+    # the app's send waits for room that never comes.
+    ahead = b"GET /console HTTP/1.1\r\nhost: x\r\n\r\n" * MAX_PIPELINED
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(cap):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(ahead)
+            stalled.append(sock)
+        # Each is cut off once what waits for it stops shrinking for the body deadline.
+        deadline = time.monotonic() + 40
+        while True:
+            try:
+                assert call(port, "GET", "/healthz", None, timeout_s=5) == 200
+                break
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 503 and time.monotonic() < deadline, "held for 40 s"
+            time.sleep(0.5)
+    finally:
+        for sock in stalled:
+            sock.close()
+        stop(proc)
+    log = proc.log.read_text()  # type: ignore[attr-defined]
+    assert "read nothing in" in log
+    assert "Exception in ASGI application" not in log  # the app saw the client gone
+
+
+def test_requests_far_ahead_of_their_answers_are_refused(server: tuple, tmp_path: Path) -> None:
+    port, proc = server
+    before = int(psutil.Process(proc.pid).memory_info().rss)
+    # Thousands of requests in one write: each would hold its scope in a queue.
+    answer = answer_to(port, [b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" * 60_000])
+    assert f"More than {MAX_PIPELINED} requests".encode() in answer, answer[-300:]
+    assert answer.count(b"HTTP/1.1 200") <= MAX_PIPELINED + 1
+    grown = int(psutil.Process(proc.pid).memory_info().rss) - before
+    assert grown < 32 * 1024 * 1024, f"the server grew by {grown} bytes"
+    # Requests a few ahead of their answers are all answered.
+    answer = answer_to(port, [b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n" * 4])
+    assert answer.count(b"HTTP/1.1 200") == 4
