@@ -6,8 +6,9 @@ client gave, when the job ends.
       │  register: a PENDING row in the job store's outbox (callbackstore.py)
       ▼
     the job ends (any node) ─────────────▶ the row is due
-    Deliverer thread (every serving node and worker node)
-      │  claim due rows under a lease (SKIP LOCKED in PostgreSQL)
+    DELIVERERS threads (every serving node and worker node), each
+      │  claims one due row under a lease (SKIP LOCKED in PostgreSQL), not
+      │    of a client that has OWNER_SHARE deliveries under way on the node
       │  policy again: resolve once, check every address, connect to the
       │  checked address itself (Host header as given; TLS verified against the name)
       │  POST the subject's body (per kind: a job's public view), headers
@@ -42,7 +43,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,7 +74,11 @@ SECRET_FILE = "callback-secret"
 SWEEP_EVERY_S = 60.0
 # A callback whose subject is gone this long (its job pruned) is dropped.
 SWEEP_AFTER_S = 300.0
-DELIVERERS = 4
+# Threads that deliver on each node, each one callback at a time; a client
+# has at most OWNER_SHARE of them at once, so receivers of one client that
+# answer slowly (or never) cannot hold back another client's callbacks.
+DELIVERERS = 8
+OWNER_SHARE = 2
 # The id a public document starts with (host/services/jobrows.py, `document`).
 _LEADING_ID = re.compile(r'\{"id":"([^"\\]+)"')
 
@@ -331,8 +335,9 @@ class CallbackService:
         self._render = dict(render)
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._threads: list[threading.Thread] = []
+        self._claiming = threading.Lock()  # a claim, and the count of its owner
+        self._under_way: dict[str, int] = {}  # owner -> deliveries under way here
 
     @property
     def enabled(self) -> bool:
@@ -380,16 +385,30 @@ class CallbackService:
     # -- delivery --------------------------------------------------------------
 
     def deliver_due(self, limit: int = DELIVERERS * 2) -> int:
-        """Claim the due callbacks (at most `limit`) and send each once; return how many."""
+        """Claim the due callbacks (at most `limit`) and send each once, one
+        after another, in this thread; return how many."""
         claimed = self.outbox.claim(time.time(), self.config.lease_s, limit)
-        if not claimed:
-            return 0
-        if self._pool is None:
-            for callback in claimed:
-                self._attempt(callback)
-        else:
-            list(self._pool.map(self._attempt, claimed))
+        for callback in claimed:
+            self._attempt(callback)
         return len(claimed)
+
+    def _claim_one(self) -> Callback | None:
+        """A due callback of a client with fewer than OWNER_SHARE deliveries
+        under way on this node, counted as under way; None if there is none."""
+        with self._claiming:
+            full = frozenset(o for o, n in self._under_way.items() if n >= OWNER_SHARE)
+            claimed = self.outbox.claim(time.time(), self.config.lease_s, 1, full)
+            if not claimed:
+                return None
+            owner = claimed[0].owner
+            self._under_way[owner] = self._under_way.get(owner, 0) + 1
+            return claimed[0]
+
+    def _done(self, owner: str) -> None:
+        with self._claiming:
+            left = self._under_way.pop(owner, 1) - 1
+            if left:
+                self._under_way[owner] = left
 
     def _attempt(self, callback: Callback) -> None:
         """One attempt at `callback` (held under its lease); its outcome settled."""
@@ -459,30 +478,40 @@ class CallbackService:
     # -- the deliverer thread -------------------------------------------------
 
     def start(self) -> None:
-        """Start delivering in a thread of its own (no-op when callbacks are off)."""
-        if not self.enabled or self._thread is not None:
+        """Start delivering in DELIVERERS threads (no-op when callbacks are off)."""
+        if not self.enabled or self._threads:
             return
-        self._pool = ThreadPoolExecutor(DELIVERERS, thread_name_prefix="plughost-callback")
-        self._thread = threading.Thread(
-            target=self._deliver_forever, name="plughost-callbacks", daemon=True
-        )
-        self._thread.start()
+        for n in range(DELIVERERS):
+            thread = threading.Thread(
+                target=self._deliver_forever,
+                args=(n == 0,),
+                name=f"plughost-callback-{n}",
+                daemon=True,
+            )
+            self._threads.append(thread)
+            thread.start()
 
-    def _deliver_forever(self) -> None:
+    def _deliver_forever(self, sweeps: bool) -> None:
+        """Deliver due callbacks one at a time until stopped; the thread that
+        `sweeps` also drops callbacks whose subject is gone."""
         last_sweep = 0.0
         while not self._stop.is_set():
+            callback = None
             try:
-                sent = self.deliver_due()
-                if time.monotonic() - last_sweep > SWEEP_EVERY_S:
+                if sweeps and time.monotonic() - last_sweep > SWEEP_EVERY_S:
                     last_sweep = time.monotonic()
                     self.outbox.sweep(time.time() - SWEEP_AFTER_S)
+                callback = self._claim_one()
+                if callback is not None:
+                    self._attempt(callback)
             # The deliverer's boundary: a database outage or a bug in one
-            # round must not end delivery for good; the next round retries.
+            # attempt must not end delivery for good; the next claim retries.
             except Exception:
-                log.exception("callback delivery round failed")
-                sent = 0
-            if not sent:
-                self._wake.wait(self.config.poll_s)
+                log.exception("callback delivery failed")
+            finally:
+                if callback is not None:
+                    self._done(callback.owner)
+            if callback is None and self._wake.wait(self.config.poll_s):
                 self._wake.clear()
 
     def wake(self) -> None:
@@ -493,10 +522,9 @@ class CallbackService:
         """Stop delivering; a delivery under way finishes (its timeout bounds it)."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 __all__ = [

@@ -86,10 +86,13 @@ class Outbox(abc.ABC):
         """The callbacks of those subjects that have one, by subject id."""
 
     @abc.abstractmethod
-    def claim(self, now: float, lease_s: float, limit: int) -> list[Callback]:
+    def claim(
+        self, now: float, lease_s: float, limit: int, skip: frozenset[str] = frozenset()
+    ) -> list[Callback]:
         """Up to `limit` due callbacks (PENDING with `next_attempt_at` passed
-        and their subject ended, or DELIVERING with a lease expired), marked
-        DELIVERING under a new lease until `now + lease_s`."""
+        and their subject ended, or DELIVERING with a lease expired), none of
+        an owner in `skip`, marked DELIVERING under a new lease until
+        `now + lease_s`."""
 
     @abc.abstractmethod
     def settle(self, callback: Callback) -> bool:
@@ -144,12 +147,16 @@ class MemoryOutbox(Outbox):
                 if h.callback.subject_kind == kind and h.callback.subject_id in wanted
             }
 
-    def claim(self, now: float, lease_s: float, limit: int) -> list[Callback]:
+    def claim(
+        self, now: float, lease_s: float, limit: int, skip: frozenset[str] = frozenset()
+    ) -> list[Callback]:
         with self._lock:
             held = list(self._held.values())
         claimed = []
         for entry in held:
             c = entry.callback
+            if c.owner in skip:
+                continue
             due = (c.state == PENDING and c.next_attempt_at <= now) or (
                 c.state == DELIVERING and entry.lease_until < now
             )
@@ -294,17 +301,31 @@ class SqlOutbox(Outbox):
         )
         return {callback.subject_id: callback for callback in map(_from_row, rows)}
 
-    def claim(self, now: float, lease_s: float, limit: int) -> list[Callback]:
+    def claim(
+        self, now: float, lease_s: float, limit: int, skip: frozenset[str] = frozenset()
+    ) -> list[Callback]:
         # One statement: the rows a node takes are marked in the same breath
         # (PostgreSQL skips rows another node's transaction holds).
         lock = " FOR UPDATE OF c SKIP LOCKED" if self._postgres else ""
+        owners = sorted(skip)
+        not_theirs = f"AND c.owner NOT IN ({', '.join('?' * len(owners))}) " if owners else ""
         rows = self._run(
             f"UPDATE {self._table} SET state = ?, lease = ?, lease_until = ? "
             f"WHERE id IN (SELECT c.id FROM {self._table} c WHERE "
             "((c.state = ? AND c.next_attempt_at <= ?) OR (c.state = ? AND c.lease_until < ?)) "
-            f"AND ({self._ended}) ORDER BY c.next_attempt_at LIMIT ?{lock}) "
+            f"{not_theirs}AND ({self._ended}) ORDER BY c.next_attempt_at LIMIT ?{lock}) "
             f"RETURNING {COLUMNS}",
-            (DELIVERING, uuid.uuid4().hex, now + lease_s, PENDING, now, DELIVERING, now, limit),
+            (
+                DELIVERING,
+                uuid.uuid4().hex,
+                now + lease_s,
+                PENDING,
+                now,
+                DELIVERING,
+                now,
+                *owners,
+                limit,
+            ),
         )
         return [_from_row(row) for row in rows]
 

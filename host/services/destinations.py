@@ -23,6 +23,7 @@ callback (no retry) at delivery.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import re
 import socket
@@ -150,10 +151,23 @@ def kind_of(address: IPAddress) -> str | None:
     return next((words for hit, words in checks if hit), None)
 
 
+# getaddrinfo cannot be interrupted: lookups run on a few threads of their
+# own, and whoever asked waits at most RESOLVE_TIMEOUT_S (a lookup that
+# hangs holds one of those threads, never a request's or a deliverer's for
+# longer, and never past a delivery's lease).
+RESOLVE_TIMEOUT_S = 3.0
+_LOOKUPS = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="plughost-dns")
+
+
 def system_resolver(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to, in the resolver's order. Raises Unresolvable."""
+    """Every address `host` resolves to, in the resolver's order, within
+    RESOLVE_TIMEOUT_S. Raises Unresolvable."""
+    lookup = _LOOKUPS.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = lookup.result(timeout=RESOLVE_TIMEOUT_S)
+    except concurrent.futures.TimeoutError as exc:
+        lookup.cancel()  # if it has not started yet
+        raise Unresolvable(f"{host} did not resolve within {RESOLVE_TIMEOUT_S:g} s") from exc
     except (socket.gaierror, UnicodeError) as exc:
         raise Unresolvable(f"{host} does not resolve ({exc})") from exc
     return list(dict.fromkeys(str(info[4][0]).split("%")[0] for info in found))

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from host.services.store import JobStore
 from sandbox.supervisor import Sandbox
 from tests.callback_receiver import SLOW_S, TRICKLE_S, Receiver
 from tests.host.api.test_routes import assert_envelope
-from tests.host.api.test_tenants import ALICE, TOKENS, wait_finished
+from tests.host.api.test_tenants import ALICE, BOB, TOKENS, wait_finished
 
 ROOT = Path(__file__).resolve().parents[3]
 LOOPBACK = {
@@ -215,6 +216,27 @@ def test_a_slow_receiver_is_given_up_at_the_timeout(
     assert job["callback"]["state"] == "FAILED"
     assert attempt["error"] == "no complete answer within 1 s"
     assert 900 <= attempt["duration_ms"] < SLOW_S * 1000
+
+
+def test_one_clients_tarpit_does_not_hold_back_anothers_callbacks(
+    make_host: Callable[..., TestClient], receiver: Receiver, body: dict
+) -> None:
+    """A client whose receivers never answer in time takes at most its share
+    of a node's deliverers: another client's callback goes out meanwhile."""
+    client = make_host(**{**LOOPBACK, "callback_backoff_s": 0.5}, callback_timeout_s=1.0, **TOKENS)
+    for _ in range(12):  # a client's callbacks to a receiver that never answers in time
+        wait_finished(client, submit(client, body, receiver.url("/slow")), ALICE)
+    answer = client.post(
+        "/v1/jobs", json={**body, "callback_url": receiver.url("/ok")}, headers=BOB
+    )
+    assert answer.status_code == 202, answer.text
+    job = wait_finished(client, answer.json()["job"]["id"], BOB)
+    settled(client, job["id"], BOB)
+    (record,) = receiver.records("/ok")
+    waited = record["at"] - datetime.fromisoformat(job["finished_at"]).timestamp()
+    # A deliverer is free at once (sharing them out by round, one waited
+    # behind rounds of the other client's 1 s timeouts: 6.7-6.9 s).
+    assert waited < 2.0, f"the other client's callback waited {waited:.2f} s"
 
 
 def test_a_huge_answer_is_read_only_up_to_the_cap(
