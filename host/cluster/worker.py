@@ -48,7 +48,7 @@ from host.cluster.shared import SharedQuarantine, SharedStats
 from host.privileges import PrivilegeError, drop_to
 from host.registry import PluginRegistry
 from host.services.batchrows import job_ended
-from host.services.callbacks import CallbackService, CallbackSettings, database_secret, job_body
+from host.services.callbacks import CallbackService, CallbackSettings, database_secret, renders
 from host.services.callbackstore import outbox_for
 from host.services.finished import input_gone, record_finished
 from host.services.plugins import PluginManagementService
@@ -102,14 +102,14 @@ class WorkerNode:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._work: asyncio.Task[None] | None = None
-        # Callbacks of jobs that end anywhere, delivered by every node that has them on.
+        # Callbacks of jobs and batches that end anywhere, delivered by every node that has them on.
         self.callbacks: CallbackService | None = None
         if options.callbacks is not None:
             self.callbacks = CallbackService(
                 options.callbacks,
                 outbox_for(self.store),
                 database_secret(self.store),
-                {"job": job_body(self.store)},
+                renders(self.store, options.callbacks),
             )
         metrics = self.plugins.metrics
         metrics.gauge(

@@ -259,16 +259,23 @@ class JobManagementService:
         a different request), or the runner's own refusal; stores nothing then.
         """
         if callback_url is not None:
-            if self.callbacks is None:
-                raise Rejected(
-                    envelope(
-                        "invalid_input",
-                        "callbacks are not enabled on this host",
-                        field="callback_url",
-                    )
-                )
-            self.callbacks.check(callback_url)
+            self.check_callback(callback_url)
         return self._queue(plugin_name, payload, owner, False, key, callback_url)
+
+    def check_callback(self, url: str) -> CallbackService:
+        """The callback service, if `url` may be a callback destination of
+        this host. Raises Rejected (`invalid_input`, field `callback_url`)
+        when callbacks are off or the destination policy refuses `url`."""
+        if self.callbacks is None:
+            raise Rejected(
+                envelope(
+                    "invalid_input",
+                    "callbacks are not enabled on this host",
+                    field="callback_url",
+                )
+            )
+        self.callbacks.check(url)
+        return self.callbacks
 
     def run_waited(
         self, plugin_name: str, payload: Any, owner: str = ANONYMOUS, key: str | None = None
@@ -390,8 +397,10 @@ class JobManagementService:
         return final
 
     def _ended(self, job: Job) -> None:
-        """A job ended (and is stored): the end of its batch, if it was the last item."""
-        job_ended(self.store, job.id)
+        """A job ended (and is stored): the end of its batch, if it was the
+        last item (its callback then due: the deliverer is woken)."""
+        if job_ended(self.store, job.id) and self.callbacks is not None:
+            self.callbacks.wake()
 
     def _write_finished(self, job: Job) -> bool:
         with self._lock:
