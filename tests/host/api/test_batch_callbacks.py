@@ -228,3 +228,14 @@ def test_a_body_past_the_cap_carries_the_first_page_and_says_so(
         assert 1 <= shown < images and sent["items_truncated"] is True
         assert sent["items_next"] == f"/v1/batches/{batch_id}?offset={shown}"
     assert callback_body(store, 1 << 20)("no-such-batch") is None
+
+
+def test_openapi_documents_the_batch_callback(make_host: Callable[..., TestClient]) -> None:
+    schema = make_host(**LOOPBACK).get("/openapi.json").json()
+    create = schema["paths"]["/v1/batches"]["post"]
+    body = create["requestBody"]["content"]["application/json"]["schema"]
+    assert "callback_url" in body["properties"]
+    for words in ("Plughost-Event: batch.finished", "Plughost-Signature", "items_truncated"):
+        assert words in create["description"]
+    view = schema["components"]["schemas"]["BatchView"]["properties"]
+    assert "callback" in view
