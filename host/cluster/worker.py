@@ -133,7 +133,9 @@ class WorkerNode:
         if claim.job is None:
             log.info("job not taken", extra={"job_id": job_id, "exhausted": claim.exhausted})
             if claim.exhausted:  # ended INTERRUPTED here: maybe its batch's last item
-                self._patiently(lambda: job_ended(self.store, job_id))
+                ended = self._patiently(lambda: job_ended(self.store, job_id))
+                if ended and self.callbacks is not None:
+                    self.callbacks.wake()  # the batch's callback is due
             return
         job = claim.job
         with self._lock:

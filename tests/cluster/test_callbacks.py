@@ -167,3 +167,51 @@ def test_a_batch_run_on_two_worker_nodes_delivers_one_callback_and_none_per_item
     sent = json.loads(record["body"])
     assert sent["id"] == batch_id and sent["counts"] == {"SUCCESS": 60}
     assert len(sent["items"]) == 60 and sent["items_truncated"] is False
+
+
+def test_a_batch_ended_by_a_node_giving_up_on_its_item_delivers_its_callback(
+    api, workers, receiver_link: Link
+):
+    allow = {
+        "callback_allow": [receiver_link.node_ip],
+        "callback_allow_networks": ["10.231.0.0/16"],
+        "callback_backoff_s": 0.2,
+    }
+    services = api(**allow)
+    env = {
+        "PLUGHOST_CALLBACK_ALLOW": receiver_link.node_ip,
+        "PLUGHOST_CALLBACK_ALLOW_NETWORKS": "10.231.0.0/16",
+        "PLUGHOST_MAX_ATTEMPTS": "1",
+    }
+    first = workers.start(env=env)
+    wait_for(lambda: live_workers(services) == 1, 60, "a live worker")
+    app = create_app(Settings(self_check=False, **allow), services)
+    url = f"http://{receiver_link.node_ip}:{PORT}/given-up"
+    item = {**BODY, "options": {"s": 60}}
+    with TestClient(app) as client:
+        answer = client.post(
+            "/v1/batches", json={"plugin": "nap", "items": [item], "callback_url": url}
+        )
+        assert answer.status_code == 202, answer.text
+        batch_id = answer.json()["id"]
+
+        def running() -> bool:
+            view = client.get(f"/v1/batches/{batch_id}").json()
+            return bool(view["counts"].get("RUNNING"))
+
+        wait_for(running, 60, "the item to start")
+        workers.kill(first)  # its only attempt dies with it
+        workers.start(env=env)
+
+        def settled() -> bool:
+            view = client.get(f"/v1/batches/{batch_id}").json()
+            return view.get("callback", {}).get("state") in ("DELIVERED", "FAILED")
+
+        wait_for(settled, 180, "the batch's callback settled", every_s=0.2)
+        view = client.get(f"/v1/batches/{batch_id}").json()
+    assert view["counts"] == {"INTERRUPTED": 1}
+    assert view["callback"]["state"] == "DELIVERED"
+    time.sleep(1.0)
+    (record,) = _log(receiver_link) or []
+    assert record["path"] == "/given-up"
+    assert json.loads(record["body"])["counts"] == {"INTERRUPTED": 1}
