@@ -182,10 +182,11 @@ returns, once, to that URL, signed as a job's callback is (see POST /v1/jobs):
 - {SIGNATURE_HEADER}: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">
 
 The body holds the batch's status, counts and items with their outcomes, as many
-as one page of the host's `max_list_bytes` holds: `items_truncated` says whether
-some were left out, and `items_next` then gives the path of the next page. The
-items get no callback of their own. Retries, the destination policy and the
-batch view's `callback` (state, attempts) are as for a job's callback.
+as the host's size cap for one page of GET /v1/batches/{{id}} lets through:
+`items_truncated` says whether some were left out, and `items_next` then gives
+the path of the next page. The items get no callback of their own. Retries,
+the destination policy and the batch view's `callback` (state, attempts) are as
+for a job's callback.
 """
 
 
