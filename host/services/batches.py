@@ -44,7 +44,6 @@ from host.errors import (
 from host.services.batchfeed import BatchFeeder
 from host.services.batchrows import (
     Batch,
-    BatchRows,
     BatchStore,
     KeyedBatch,
     batch_ended,
@@ -118,9 +117,9 @@ class BatchBody:
 
 
 def parse_batch(buffer: bytearray, bounds: JsonBounds, max_items: int) -> BatchBody:
-    """Parse a batch body: its plugin, items and callback URL. Each item is parsed as the
-    body of `POST /v1/jobs` is (`parse_analyze`, the same caps), with the
-    batch's `options` when it has none. Raises Rejected (invalid_input)
+    """Parse a batch body: its plugin, items and callback URL. Each item
+    is parsed as the body of `POST /v1/jobs` is (`parse_analyze`, the same
+    caps), with the batch's `options` when it has none. Raises Rejected (invalid_input)
     naming the field, the cap, or the item's index."""
     # The caps of one request body for each item, and the batch's depth around them.
     whole = JsonBounds(
@@ -332,9 +331,6 @@ class BatchService:
 
     # -- reading ------------------------------------------------------------
 
-    def _find(self, rows: BatchRows, batch_id: str, owner: str | None) -> Batch:
-        return find_batch(rows, batch_id, owner)
-
     def get(
         self, batch_id: str, owner: str | None, limit: int, offset: int, max_bytes: int
     ) -> BatchPage:
@@ -373,7 +369,7 @@ class BatchService:
         them to end. Raises ServiceError `not_found`, or `job_finished`
         when no item was left to cancel."""
         with rows_of(self.jobs.store) as rows:
-            batch = self._find(rows, batch_id, owner)
+            batch = find_batch(rows, batch_id, owner)
         unfinished = self._unfinished(batch)
         if not unfinished:
             raise ServiceError(

@@ -262,10 +262,10 @@ class JobManagementService:
             self.check_callback(callback_url)
         return self._queue(plugin_name, payload, owner, False, key, callback_url)
 
-    def check_callback(self, url: str) -> CallbackService:
-        """The callback service, if `url` may be a callback destination of
-        this host. Raises Rejected (`invalid_input`, field `callback_url`)
-        when callbacks are off or the destination policy refuses `url`."""
+    def check_callback(self, url: str) -> None:
+        """Raises Rejected (`invalid_input`, field `callback_url`) unless
+        `url` may be a callback destination of this host: callbacks are
+        off, or the destination policy refuses it."""
         if self.callbacks is None:
             raise Rejected(
                 envelope(
@@ -275,7 +275,6 @@ class JobManagementService:
                 )
             )
         self.callbacks.check(url)
-        return self.callbacks
 
     def run_waited(
         self, plugin_name: str, payload: Any, owner: str = ANONYMOUS, key: str | None = None
