@@ -52,7 +52,7 @@ from host.cluster.shared import SharedQuarantine, SharedStats
 from host.privileges import PrivilegeError, drop_to
 from host.registry import PluginRegistry
 from host.services.batchrows import job_ended
-from host.services.callbacks import CallbackService, CallbackSettings, database_secret, job_body
+from host.services.callbacks import CallbackService, CallbackSettings, database_secret, renders
 from host.services.callbackstore import outbox_for
 from host.services.finished import input_gone, record_finished
 from host.services.plugins import PluginManagementService
@@ -111,14 +111,14 @@ class WorkerNode:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._work: asyncio.Task[None] | None = None
-        # Callbacks of jobs that end anywhere, delivered by every node that has them on.
+        # Callbacks of jobs and batches that end anywhere, delivered by every node that has them on.
         self.callbacks: CallbackService | None = None
         if options.callbacks is not None:
             self.callbacks = CallbackService(
                 options.callbacks,
                 outbox_for(self.store),
                 database_secret(self.store),
-                {"job": job_body(self.store)},
+                renders(self.store, options.callbacks),
             )
         # The recovery step's database work, on a thread no job can hold:
         # on the loop's default executor it would wait behind running jobs.
@@ -145,7 +145,9 @@ class WorkerNode:
         if claim.job is None:
             log.info("job not taken", extra={"job_id": job_id, "exhausted": claim.exhausted})
             if claim.exhausted:  # ended INTERRUPTED here: maybe its batch's last item
-                self._patiently(lambda: job_ended(self.store, job_id))
+                ended = self._patiently(lambda: job_ended(self.store, job_id))
+                if ended and self.callbacks is not None:
+                    self.callbacks.wake()  # the batch's callback is due
             return
         job = claim.job
         with self._lock:

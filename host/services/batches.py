@@ -1,11 +1,14 @@
 """BatchService: many images for one plugin under one id (`POST /v1/batches`).
 
-    create(plugin, payloads, owner, key)
+    create(plugin, payloads, owner, key, callback_url)
       |  every item checked as a job is (PluginManagementService.check):
       |    one bad item refuses the whole batch, naming its index (400)
+      |  a callback_url checked as POST /v1/jobs checks its own (400)
       |  a known Idempotency-Key: that batch, nothing created
       |  the owner's quota makes room for all the items at once, or the
       |    whole batch is refused (429)
+      |  the batch's callback, if any: a PENDING row of the outbox, kind "batch"
+      |    (host/services/callbackstore.py), written just before the batch
       |  ONE transaction (lock, for the memory store): the batch row and every
       |    item as a PENDING job with its batch_id (host/services/batchrows.py);
       |    in PostgreSQL each item is queued in it too, item i at priority -i
@@ -15,7 +18,8 @@
 
 Each item is an ordinary job (GET /v1/jobs/{id}, DELETE /v1/jobs/{id}). A
 batch ends when its last item ends: `batch_ended` (batchrows.py) decides
-it once in the store, wherever that item ran.
+it once in the store, wherever that item ran; its callback is due from
+then on (the batch's view, `batch_body`, POSTed as `batch.finished`).
 """
 
 from __future__ import annotations
@@ -40,21 +44,19 @@ from host.errors import (
 from host.services.batchfeed import BatchFeeder
 from host.services.batchrows import (
     Batch,
-    BatchRows,
     BatchStore,
     KeyedBatch,
     batch_ended,
-    batch_status,
     job_ended,
     rows_of,
 )
+from host.services.batchview import BatchPage, batch_body, find_batch, read_page, summary
 from host.services.idempotency import request_digest
 from host.services.jobrows import (
     FINISHED,
     Idempotency,
     Job,
     JobStatus,
-    RawJob,
     now_iso,
     retention_cutoff,
 )
@@ -67,6 +69,7 @@ __all__ = [
     "DEFAULT_MAX_ITEMS",
     "Batch",
     "BatchService",
+    "batch_body",
     "batch_ended",
     "item_rejected",
     "job_ended",
@@ -75,7 +78,7 @@ __all__ = [
 
 log = logging.getLogger("plughost.batches")
 DEFAULT_MAX_ITEMS = 100
-BATCH_FIELDS = ("plugin", "items", "options")
+BATCH_FIELDS = ("plugin", "items", "options", "callback_url")
 
 
 def _invalid(message: str, **details: Any) -> Rejected:
@@ -104,12 +107,19 @@ def _loads(buffer: bytearray) -> Any:
         raise _invalid("request body is not valid JSON") from exc
 
 
-def parse_batch(
-    buffer: bytearray, bounds: JsonBounds, max_items: int
-) -> tuple[str | None, list[AnalyzeBody]]:
-    """Parse a batch body: `(plugin, items)`. Each item is parsed as the
-    body of `POST /v1/jobs` is (`parse_analyze`, the same caps), with the
-    batch's `options` when it has none. Raises Rejected (invalid_input)
+@dataclass(frozen=True)
+class BatchBody:
+    """A parsed batch request."""
+
+    plugin: str | None
+    items: list[AnalyzeBody]
+    callback_url: str | None = None
+
+
+def parse_batch(buffer: bytearray, bounds: JsonBounds, max_items: int) -> BatchBody:
+    """Parse a batch body: its plugin, items and callback URL. Each item
+    is parsed as the body of `POST /v1/jobs` is (`parse_analyze`, the same
+    caps), with the batch's `options` when it has none. Raises Rejected (invalid_input)
     naming the field, the cap, or the item's index."""
     # The caps of one request body for each item, and the batch's depth around them.
     whole = JsonBounds(
@@ -132,6 +142,9 @@ def parse_batch(
         raise _invalid("field 'plugin' must be a string")
     if not isinstance(options, dict):
         raise _invalid("field 'options' must be an object")
+    callback_url = body.get("callback_url")
+    if callback_url is not None and not isinstance(callback_url, str):
+        raise _invalid("field 'callback_url' must be a string")
     if not isinstance(items, list) or not 1 <= len(items) <= max_items:
         count = f"{len(items)} items" if isinstance(items, list) else "no list"
         raise _invalid(
@@ -139,7 +152,8 @@ def parse_batch(
             f"got {count}",
             max_batch_items=max_items,
         )
-    return plugin, [_item(index, item, options, bounds) for index, item in enumerate(items)]
+    parsed = [_item(index, item, options, bounds) for index, item in enumerate(items)]
+    return BatchBody(plugin, parsed, callback_url)
 
 
 def _item(index: int, item: Any, options: dict[str, Any], bounds: JsonBounds) -> AnalyzeBody:
@@ -147,10 +161,12 @@ def _item(index: int, item: Any, options: dict[str, Any], bounds: JsonBounds) ->
         raise _invalid(
             f"items[{index}] must be an object with 'image' and 'mime_type'", index=index
         )
-    if "plugin" in item:
-        raise _invalid(
-            f"items[{index}]: field 'plugin' belongs to the batch, not to an item", index=index
-        )
+    for name in ("plugin", "callback_url"):
+        if name in item:
+            raise _invalid(
+                f"items[{index}]: field '{name}' belongs to the batch, not to an item",
+                index=index,
+            )
     text = bytearray(json.dumps({"options": options, **item}).encode())
     try:
         return parse_analyze(text, bounds)
@@ -158,74 +174,23 @@ def _item(index: int, item: Any, options: dict[str, Any], bounds: JsonBounds) ->
         raise item_rejected(index, exc) from exc
 
 
-def batch_digest(plugin: str, payloads: Sequence[dict[str, Any]]) -> str:
-    """SHA-256 of what makes a batch request the same: its plugin and each
-    item's request (`request_digest`), in order."""
+def batch_digest(
+    plugin: str, payloads: Sequence[dict[str, Any]], callback_url: str | None = None
+) -> str:
+    """SHA-256 of what makes a batch request the same: its plugin, each
+    item's request (`request_digest`), in order, and its callback URL if it
+    has one (a batch without one digests as it did before callbacks)."""
     digest = hashlib.sha256(plugin.encode())
     for payload in payloads:
         digest.update(request_digest(plugin, payload).encode())
+    if callback_url is not None:
+        digest.update(b"\0callback_url\0" + callback_url.encode())
     return digest.hexdigest()
 
 
 def _input_bytes(payload: dict[str, Any]) -> int:
     """What an item's input takes in the store, as the job quota counts it."""
     return len(payload["image"]) + len(repr(payload.get("options"))) + len(payload["mime_type"])
-
-
-def _not_found(batch_id: str) -> ServiceError:
-    return ServiceError(envelope("not_found", f"no batch with id {batch_id[:80]!r}"))
-
-
-@dataclass(frozen=True)
-class BatchPage:
-    """A batch as `GET /v1/batches/{id}` shows it, its items' documents
-    serialized (results spliced in unparsed)."""
-
-    batch: Batch
-    counts: dict[str, int]
-    items: list[str]
-    next_offset: int | None
-    truncated: bool
-
-    def head(self) -> dict[str, Any]:
-        """Everything but the items."""
-        return summary(self.batch, self.counts)
-
-
-def summary(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
-    """A batch without its items: id, plugin, owner, times, status, counts."""
-    return {
-        "id": batch.id,
-        "plugin": batch.plugin,
-        "owner": batch.owner,
-        "created_at": batch.created_at,
-        "finished_at": batch.finished_at,
-        "status": batch_status(batch, counts),
-        "total": len(batch.job_ids),
-        "counts": counts,
-    }
-
-
-def item_document(index: int, job_id: str, found: RawJob | None) -> str:
-    """An item's public parts: index, job id, status, times, result, error
-    (as stored, unparsed). An item pruned since has status null."""
-    if found is None:
-        return json.dumps(
-            {"index": index, "job_id": job_id, "status": None, "result": None, "error": None},
-            separators=(",", ":"),
-        )
-    job, result, error = found
-    head = json.dumps(
-        {
-            "index": index,
-            "job_id": job_id,
-            "status": job.status.value,
-            "started_at": job.started_at,
-            "finished_at": job.finished_at,
-        },
-        separators=(",", ":"),
-    )
-    return f'{head[:-1]},"result":{result or "null"},"error":{error or "null"}}}'
 
 
 class BatchService:
@@ -252,7 +217,10 @@ class BatchService:
         except ServiceError as exc:  # the shared database unreachable at start-up
             log.warning("batches not checked for their end: %s", exc)
             return 0
-        return sum(batch_ended(self.jobs.store, batch_id) for batch_id in unended)
+        ended = sum(batch_ended(self.jobs.store, batch_id) for batch_id in unended)
+        if ended:
+            self._wake()
+        return ended
 
     def _maybe_prune(self) -> None:
         """Drop the batches past retention whose items were all pruned (once a minute)."""
@@ -273,29 +241,25 @@ class BatchService:
         owner: str,
         key: str | None = None,
         max_items: int = DEFAULT_MAX_ITEMS,
+        callback_url: str | None = None,
     ) -> Batch:
         """Store a batch of `owner`: one PENDING job per payload, all or
         none, and start them. With an idempotency `key` `owner` used
-        before, that batch (nothing created). Raises Rejected (an item's
-        refusal names its index), QuotaExceeded (the whole batch does not
-        fit), ServiceError `idempotency_key_reused`, or the runner's refusal."""
-        if not 1 <= len(payloads) <= max_items:
-            raise _invalid(f"a batch holds 1 to {max_items} images, not {len(payloads)}")
-        for index, payload in enumerate(payloads):
-            try:
-                self.plugins.check(plugin, payload)
-            except Rejected as exc:
-                if exc.reason != "invalid_input":
-                    raise  # the plugin's refusal (unknown, quarantined): the batch's
-                raise item_rejected(index, exc) from exc
-        idem = None if key is None else Idempotency(key, batch_digest(plugin, payloads))
+        before, that batch (nothing created). With a `callback_url` (checked
+        as POST /v1/jobs checks its own), the batch's view is POSTed there
+        once it ends. Raises Rejected (an item's refusal names its index; a
+        refused callback_url), QuotaExceeded (the whole batch does not fit),
+        ServiceError `idempotency_key_reused`, or the runner's refusal."""
+        self._check(plugin, payloads, max_items, callback_url)
+        digest = batch_digest(plugin, payloads, callback_url)
+        idem = None if key is None else Idempotency(key, digest)
         if idem is not None and (held := self._keyed(owner, idem.key)) is not None:
             return _replayed(held, idem)
         if not self.jobs.runner.in_process:
             self.jobs.runner.admit(plugin)  # a live worker serves the plugin, or 503
             self.jobs.runner.withdraw()
         batch, items = _new_batch(plugin, payloads, owner)
-        stored = self._store(batch, items, idem)
+        stored = self._store(batch, items, idem, callback_url)
         if not stored:
             assert idem is not None  # only a held key refuses a batch
             held = self._keyed(owner, idem.key)
@@ -311,11 +275,41 @@ class BatchService:
         self._maybe_prune()
         return batch
 
+    def _check(
+        self,
+        plugin: str,
+        payloads: Sequence[dict[str, Any]],
+        max_items: int,
+        callback_url: str | None,
+    ) -> None:
+        """Raises Rejected for a batch of that many `payloads` for `plugin`,
+        one of them, or its `callback_url`, if it may not be stored."""
+        if not 1 <= len(payloads) <= max_items:
+            raise _invalid(f"a batch holds 1 to {max_items} images, not {len(payloads)}")
+        for index, payload in enumerate(payloads):
+            try:
+                self.plugins.check(plugin, payload)
+            except Rejected as exc:
+                if exc.reason != "invalid_input":
+                    raise  # the plugin's refusal (unknown, quarantined): the batch's
+                raise item_rejected(index, exc) from exc
+        if callback_url is not None:
+            self.jobs.check_callback(callback_url)
+
     def _store(
-        self, batch: Batch, items: list[tuple[Job, dict[str, Any]]], idem: Idempotency | None
+        self,
+        batch: Batch,
+        items: list[tuple[Job, dict[str, Any]]],
+        idem: Idempotency | None,
+        callback_url: str | None,
     ) -> bool:
         incoming = sum(_input_bytes(payload) for _, payload in items)
         try:
+            if callback_url is not None and self.jobs.callbacks is not None:
+                # Before the batch, so a stored batch never lacks its
+                # callback; one whose batch never came (refused, or the
+                # host died between the two) is swept (callbackstore.py).
+                self.jobs.callbacks.register(batch.owner, "batch", batch.id, callback_url)
             with rows_of(self.jobs.store) as rows:
                 self.jobs.admit_batch(rows, batch.owner, incoming, len(items))
                 return rows.insert(batch, items, idem)
@@ -337,12 +331,6 @@ class BatchService:
 
     # -- reading ------------------------------------------------------------
 
-    def _find(self, rows: BatchRows, batch_id: str, owner: str | None) -> Batch:
-        batch = rows.batch(batch_id)
-        if batch is None or (owner is not None and batch.owner != owner):
-            raise _not_found(batch_id)
-        return batch
-
     def get(
         self, batch_id: str, owner: str | None, limit: int, offset: int, max_bytes: int
     ) -> BatchPage:
@@ -350,21 +338,18 @@ class BatchService:
         and `max_bytes` of documents, one at least), if `owner` (None: anyone)
         owns it. Raises ServiceError `not_found`, the same for another
         owner's batch as for none."""
-        with rows_of(self.jobs.store) as rows:
-            batch = self._find(rows, batch_id, owner)
-            counts = rows.counts(batch_id)
-            items: list[str] = []
-            used, truncated = 0, False
-            for index in range(offset, min(offset + limit, len(batch.job_ids))):
-                job_id = batch.job_ids[index]
-                text = item_document(index, job_id, rows.jobs.raw(job_id))
-                if items and used + len(text) + 1 > max_bytes:
-                    truncated = True
-                    break
-                items.append(text)
-                used += len(text) + 1
-        end = offset + len(items)
-        return BatchPage(batch, counts, items, end if end < len(batch.job_ids) else None, truncated)
+        return read_page(self.jobs.store, batch_id, owner, limit, offset, max_bytes)
+
+    def document(
+        self, batch_id: str, owner: str | None, limit: int, offset: int, max_bytes: int
+    ) -> str:
+        """The JSON body of GET /v1/batches/{id} (see `get`), with the
+        batch's callback (`callback`: url, state, attempts) if it has one."""
+        page = self.get(batch_id, owner, limit, offset, max_bytes)
+        view = page.view(limit, offset)
+        if self.jobs.callbacks is None:
+            return view
+        return self.jobs.callbacks.document("batch", batch_id, view)
 
     def list_batches(
         self, owner: str | None, limit: int, offset: int
@@ -384,7 +369,7 @@ class BatchService:
         them to end. Raises ServiceError `not_found`, or `job_finished`
         when no item was left to cancel."""
         with rows_of(self.jobs.store) as rows:
-            batch = self._find(rows, batch_id, owner)
+            batch = find_batch(rows, batch_id, owner)
         unfinished = self._unfinished(batch)
         if not unfinished:
             raise ServiceError(
@@ -397,8 +382,14 @@ class BatchService:
         deadline = time.monotonic() + wait_s
         while self._unfinished(batch) and time.monotonic() < deadline:
             time.sleep(0.02)  # whoever runs an item records its end
-        batch_ended(self.jobs.store, batch_id)
+        if batch_ended(self.jobs.store, batch_id):
+            self._wake()
         return batch
+
+    def _wake(self) -> None:
+        """A batch ended: its callback, if it has one, is due now."""
+        if self.jobs.callbacks is not None:
+            self.jobs.callbacks.wake()
 
     def _unfinished(self, batch: Batch) -> list[Job]:
         found = (self.jobs.store.get(job_id) for job_id in batch.job_ids)

@@ -1,19 +1,22 @@
-"""Completion callbacks: a job's public view POSTed, signed, to the URL its
-client gave, when the job ends.
+"""Completion callbacks: a job's (or a batch's) public view POSTed, signed,
+to the URL its client gave, when the job (the batch) ends.
 
-    POST /v1/jobs {callback_url}
+    POST /v1/jobs {callback_url}, POST /v1/batches {callback_url}
       │  CallbackService.check: the destination policy (destinations.py) → 400 if refused
-      │  register: a PENDING row in the job store's outbox (callbackstore.py)
+      │  register: a PENDING row in the job store's outbox (callbackstore.py),
+      │    subject_kind "job" or "batch" (a batch's items get none of their own)
       ▼
-    the job ends (any node) ─────────────▶ the row is due
+    the job ends / the batch ends (any node) ──▶ the row is due
     DELIVERERS threads (every serving node and worker node), each
       │  claims one due row under a lease (SKIP LOCKED in PostgreSQL), not
       │    of a client that has OWNER_SHARE deliveries under way on the node
       │  policy again: resolve once, check every address, connect to the
       │  checked address itself (Host header as given; TLS verified against the name)
-      │  POST the subject's body (per kind: a job's public view), headers
-      │    Plughost-Event, Plughost-Delivery (the callback's id, the same on
-      │    retries), Plughost-Signature: t=<unix time>,v1=<HMAC-SHA256 of "t.body">
+      │  POST the subject's body (per kind: a job's public view, a batch's
+      │    view with its first page of items), headers
+      │    Plughost-Event (job.finished, batch.finished), Plughost-Delivery
+      │    (the callback's id, the same on retries),
+      │    Plughost-Signature: t=<unix time>,v1=<HMAC-SHA256 of "t.body">
       ▼
     settle: 2xx DELIVERED | policy refusal FAILED (no retry) | else PENDING
             again after backoff_s * 2**(attempt-1), FAILED after max_attempts
@@ -50,6 +53,7 @@ from typing import Any
 
 from host.config import Settings
 from host.errors import Rejected, envelope
+from host.services.batchview import batch_body
 from host.services.callbackstore import (
     DELIVERED,
     DELIVERING,
@@ -66,6 +70,9 @@ from host.services.jobrows import JobStore
 log = logging.getLogger("plughost.callbacks")
 
 EVENT = "job.finished"
+BATCH_EVENT = "batch.finished"
+# The Plughost-Event of each subject kind's callbacks.
+EVENTS = {"job": EVENT, "batch": BATCH_EVENT}
 SIGNATURE_HEADER = "Plughost-Signature"
 EVENT_HEADER = "Plughost-Event"
 DELIVERY_HEADER = "Plughost-Delivery"
@@ -94,6 +101,8 @@ class CallbackSettings:
     poll_s: float = 0.25
     # Certificates https destinations are verified against: None, the system's.
     ca_file: str | None = None
+    # The cap of a batch's items in its body (`max_list_bytes`, as one page of GET).
+    max_body_bytes: int = 4 * 1024 * 1024
 
     @property
     def lease_s(self) -> float:
@@ -109,6 +118,7 @@ def callback_settings(settings: Settings, own_ports: tuple[int, ...]) -> Callbac
         max_attempts=settings.callback_max_attempts,
         backoff_s=settings.callback_backoff_s,
         timeout_s=settings.callback_timeout_s,
+        max_body_bytes=settings.max_list_bytes,
     )
 
 
@@ -121,12 +131,8 @@ def callback_service(
     """Callbacks of jobs in `store` under `settings`' policy, signed with
     keys derived from `secret` (not started). The server's own port is never
     a destination on its own addresses, nor are `own_ports`."""
-    return CallbackService(
-        callback_settings(settings, (settings.port, *own_ports)),
-        outbox_for(store),
-        secret,
-        {"job": job_body(store)},
-    )
+    config = callback_settings(settings, (settings.port, *own_ports))
+    return CallbackService(config, outbox_for(store), secret, renders(store, config))
 
 
 # -- secrets and signatures ---------------------------------------------------
@@ -305,6 +311,11 @@ def job_body(store: JobStore) -> Render:
     return render
 
 
+def renders(store: JobStore, config: CallbackSettings) -> dict[str, Render]:
+    """The body of each subject kind's callbacks, read from `store`."""
+    return {"job": job_body(store), "batch": batch_body(store, config.max_body_bytes)}
+
+
 def splice(document: str, callback: Callback | None) -> str:
     """`document` (a JSON object) with the callback's public view as `callback`."""
     if callback is None:
@@ -319,7 +330,7 @@ def _now_iso() -> str:
 
 class CallbackService:
     """Checks, records and delivers callbacks; thread-safe. `render` gives
-    each subject kind's body by id ("job": `job_body`)."""
+    each subject kind's body by id (`renders`: a job's, a batch's)."""
 
     def __init__(
         self,
@@ -438,13 +449,17 @@ class CallbackService:
             return self._after(callback, self._record(at, answer), False)
         body = self._render[callback.subject_kind](callback.subject_id)
         if body is None:  # its subject was pruned before the callback went out
-            gone = {"at": at, "duration_ms": 0.0, "error": "its job no longer exists"}
+            gone = {
+                "at": at,
+                "duration_ms": 0.0,
+                "error": f"its {callback.subject_kind} no longer exists",
+            }
             return self._after(callback, gone, True)
         data = splice(body, replace(callback, state=DELIVERING)).encode()
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "plughost-callbacks",
-            EVENT_HEADER: EVENT,
+            EVENT_HEADER: EVENTS[callback.subject_kind],
             DELIVERY_HEADER: callback.id,
             SIGNATURE_HEADER: sign(self.secret_for(callback.owner), data, int(time.time())),
         }
@@ -528,8 +543,10 @@ class CallbackService:
 
 
 __all__ = [
+    "BATCH_EVENT",
     "DELIVERY_HEADER",
     "EVENT",
+    "EVENTS",
     "EVENT_HEADER",
     "MAX_RESPONSE_BYTES",
     "SIGNATURE_HEADER",
@@ -543,6 +560,7 @@ __all__ = [
     "file_secret",
     "job_body",
     "post",
+    "renders",
     "sign",
     "splice",
     "verify",

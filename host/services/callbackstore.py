@@ -11,10 +11,12 @@
 Every store keeps the same contract (`Outbox`): `MemoryOutbox` beside a
 `MemoryJobStore`, `SqlOutbox` over the connection of an SQLite or
 PostgreSQL job store (table `callbacks` / `plughost_callbacks`). A row
-names its subject by kind and id: "job" now; each kind says in `ENDED`
-(SQL) and `MemoryOutbox.ended` when its subject has ended. The row is
-written with the job, before it runs: a host that restarts after the job
-ended still finds it. Rows whose subject is gone (pruned) are swept.
+names its subject by kind and id: a "job" (ended once FINISHED) or a
+"batch" (ended once its `finished_at` is set: host/services/batchrows.py);
+each kind says in `ENDED` (SQL) and `MemoryOutbox.ended` when its subject
+has ended. The row is written with its subject, before it runs: a host
+that restarts after the subject ended still finds it. Rows whose subject
+is gone (pruned) are swept.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from host.services.batchrows import rows_of
 from host.services.jobrows import FINISHED, JobStore
 from host.services.jobsql import FINISHED_SQL, Connection, SqlRows
 
 PENDING, DELIVERING, DELIVERED, FAILED = "PENDING", "DELIVERING", "DELIVERED", "FAILED"
 STATES = (PENDING, DELIVERING, DELIVERED, FAILED)
-KINDS = ("job",)
+KINDS = ("job", "batch")
 COLUMNS = "id, owner, subject_kind, subject_id, url, state, attempts, next_attempt_at, lease"
 
 
@@ -122,6 +125,10 @@ class MemoryOutbox(Outbox):
 
     def ended(self, kind: str, subject_id: str) -> bool | None:
         """Has the subject ended? None: it does not exist."""
+        if kind == "batch":
+            with rows_of(self.store) as rows:
+                batch = rows.batch(subject_id)
+            return None if batch is None else batch.finished_at is not None
         job = self.store.get(subject_id)
         return None if job is None else job.status in FINISHED
 
@@ -220,14 +227,19 @@ SQLITE_INDEXES = (
     "CREATE INDEX IF NOT EXISTS callbacks_subject ON callbacks (subject_kind, subject_id)",
     "CREATE INDEX IF NOT EXISTS callbacks_due ON callbacks (state, next_attempt_at)",
 )
-# When each kind's subject has ended (`c` is the callback's row, `{jobs}` the jobs table).
+# When each kind's subject has ended (`c` is the callback's row, `{jobs}`
+# the jobs table, `{batches}` the batches table).
 ENDED = {
     "job": "c.subject_kind = 'job' AND EXISTS (SELECT 1 FROM {jobs} j "
     f"WHERE j.id = c.subject_id AND j.status IN ({FINISHED_SQL}))",
+    "batch": "c.subject_kind = 'batch' AND EXISTS (SELECT 1 FROM {batches} b "
+    "WHERE b.id = c.subject_id AND b.finished_at IS NOT NULL)",
 }
 # When each kind's subject exists.
 EXISTS = {
     "job": "c.subject_kind = 'job' AND EXISTS (SELECT 1 FROM {jobs} j WHERE j.id = c.subject_id)",
+    "batch": "c.subject_kind = 'batch' AND EXISTS "
+    "(SELECT 1 FROM {batches} b WHERE b.id = c.subject_id)",
 }
 
 
@@ -245,8 +257,9 @@ class SqlOutbox(Outbox):
                 for index in SQLITE_INDEXES:
                     conn.execute(index, ())
         self._table = "plughost_callbacks" if self._postgres else "callbacks"
-        self._ended = " OR ".join(f"({sql})" for sql in ENDED.values()).format(jobs=jobs)
-        self._exists = " OR ".join(f"({sql})" for sql in EXISTS.values()).format(jobs=jobs)
+        tables = {"jobs": jobs, "batches": "plughost_batches" if self._postgres else "batches"}
+        self._ended = " OR ".join(f"({sql})" for sql in ENDED.values()).format(**tables)
+        self._exists = " OR ".join(f"({sql})" for sql in EXISTS.values()).format(**tables)
 
     @contextmanager
     def _conn(self) -> Iterator[tuple[Connection, SqlRows]]:

@@ -262,16 +262,22 @@ class JobManagementService:
         a different request), or the runner's own refusal; stores nothing then.
         """
         if callback_url is not None:
-            if self.callbacks is None:
-                raise Rejected(
-                    envelope(
-                        "invalid_input",
-                        "callbacks are not enabled on this host",
-                        field="callback_url",
-                    )
-                )
-            self.callbacks.check(callback_url)
+            self.check_callback(callback_url)
         return self._queue(plugin_name, payload, owner, False, key, callback_url)
+
+    def check_callback(self, url: str) -> None:
+        """Raises Rejected (`invalid_input`, field `callback_url`) unless
+        `url` may be a callback destination of this host: callbacks are
+        off, or the destination policy refuses it."""
+        if self.callbacks is None:
+            raise Rejected(
+                envelope(
+                    "invalid_input",
+                    "callbacks are not enabled on this host",
+                    field="callback_url",
+                )
+            )
+        self.callbacks.check(url)
 
     def run_waited(
         self, plugin_name: str, payload: Any, owner: str = ANONYMOUS, key: str | None = None
@@ -405,8 +411,10 @@ class JobManagementService:
         return final
 
     def _ended(self, job: Job) -> None:
-        """A job ended (and is stored): the end of its batch, if it was the last item."""
-        job_ended(self.store, job.id)
+        """A job ended (and is stored): the end of its batch, if it was the
+        last item (its callback then due: the deliverer is woken)."""
+        if job_ended(self.store, job.id) and self.callbacks is not None:
+            self.callbacks.wake()
 
     def _write_finished(self, job: Job) -> bool:
         with self._lock:

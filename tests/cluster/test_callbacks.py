@@ -114,3 +114,104 @@ def test_jobs_ending_on_worker_nodes_each_deliver_one_signed_callback(
     for record in records:
         signature = record["headers"]["Plughost-Signature"]
         assert verify(secret, record["body"].encode(), signature, now)
+
+
+def test_a_batch_run_on_two_worker_nodes_delivers_one_callback_and_none_per_item(
+    api, workers, db_url: str, receiver_link: Link
+):
+    from tests.cluster.test_batches import nodes_of
+
+    allow = {
+        "callback_allow": [receiver_link.node_ip],
+        "callback_allow_networks": ["10.231.0.0/16"],
+        "callback_backoff_s": 0.2,
+    }
+    # Every node delivers: the API node and both worker nodes claim from one outbox.
+    services = api(**allow)
+    env = {
+        "PLUGHOST_CALLBACK_ALLOW": receiver_link.node_ip,
+        "PLUGHOST_CALLBACK_ALLOW_NETWORKS": "10.231.0.0/16",
+        "PLUGHOST_CALLBACK_BACKOFF_S": "0.2",
+    }
+    workers.start("--workers", "2", env=env)
+    workers.start("--workers", "2", env=env)
+    wait_for(lambda: live_workers(services) == 2, 60, "two live workers")
+    app = create_app(Settings(self_check=False, **allow), services)
+    url = f"http://{receiver_link.node_ip}:{PORT}/batch"
+    items = [BODY] * 60
+    with TestClient(app) as client:
+        secret = client.get("/v1/callbacks/secret").json()["secret"]
+        answer = client.post(
+            "/v1/batches", json={"plugin": "echo", "items": items, "callback_url": url}
+        )
+        assert answer.status_code == 202, answer.text
+        batch_id = answer.json()["id"]
+
+        def settled() -> bool:
+            view = client.get(f"/v1/batches/{batch_id}").json()
+            return view.get("callback", {}).get("state") in ("DELIVERED", "FAILED")
+
+        wait_for(settled, 180, "the batch's callback settled", every_s=0.2)
+        view = client.get(f"/v1/batches/{batch_id}?limit=100").json()
+    assert view["counts"] == {"SUCCESS": 60}
+    assert view["callback"]["state"] == "DELIVERED"
+    assert [a["status"] for a in view["callback"]["attempts"]] == [200]
+    assert len(nodes_of(db_url, batch_id)) == 2
+    time.sleep(1.5)  # a duplicate, or an item's own callback, would show now
+    records = _log(receiver_link) or []
+    assert [r["path"] for r in records] == ["/batch"]  # one POST, no item's
+    (record,) = records
+    headers = record["headers"]
+    assert headers["Plughost-Event"] == "batch.finished"
+    assert verify(secret, record["body"].encode(), headers["Plughost-Signature"], time.time())
+    sent = json.loads(record["body"])
+    assert sent["id"] == batch_id and sent["counts"] == {"SUCCESS": 60}
+    assert len(sent["items"]) == 60 and sent["items_truncated"] is False
+
+
+def test_a_batch_ended_by_a_node_giving_up_on_its_item_delivers_its_callback(
+    api, workers, receiver_link: Link
+):
+    allow = {
+        "callback_allow": [receiver_link.node_ip],
+        "callback_allow_networks": ["10.231.0.0/16"],
+        "callback_backoff_s": 0.2,
+    }
+    services = api(**allow)
+    env = {
+        "PLUGHOST_CALLBACK_ALLOW": receiver_link.node_ip,
+        "PLUGHOST_CALLBACK_ALLOW_NETWORKS": "10.231.0.0/16",
+        "PLUGHOST_MAX_ATTEMPTS": "1",
+    }
+    first = workers.start(env=env)
+    wait_for(lambda: live_workers(services) == 1, 60, "a live worker")
+    app = create_app(Settings(self_check=False, **allow), services)
+    url = f"http://{receiver_link.node_ip}:{PORT}/given-up"
+    item = {**BODY, "options": {"s": 60}}
+    with TestClient(app) as client:
+        answer = client.post(
+            "/v1/batches", json={"plugin": "nap", "items": [item], "callback_url": url}
+        )
+        assert answer.status_code == 202, answer.text
+        batch_id = answer.json()["id"]
+
+        def running() -> bool:
+            view = client.get(f"/v1/batches/{batch_id}").json()
+            return bool(view["counts"].get("RUNNING"))
+
+        wait_for(running, 60, "the item to start")
+        workers.kill(first)  # its only attempt dies with it
+        workers.start(env=env)
+
+        def settled() -> bool:
+            view = client.get(f"/v1/batches/{batch_id}").json()
+            return view.get("callback", {}).get("state") in ("DELIVERED", "FAILED")
+
+        wait_for(settled, 180, "the batch's callback settled", every_s=0.2)
+        view = client.get(f"/v1/batches/{batch_id}").json()
+    assert view["counts"] == {"INTERRUPTED": 1}
+    assert view["callback"]["state"] == "DELIVERED"
+    time.sleep(1.0)
+    (record,) = _log(receiver_link) or []
+    assert record["path"] == "/given-up"
+    assert json.loads(record["body"])["counts"] == {"INTERRUPTED": 1}

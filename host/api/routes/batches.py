@@ -10,7 +10,6 @@ Every route runs its store work on the store's threads (`in_store_thread`).
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -18,10 +17,19 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from host.api.bodies import EXAMPLE_PNG, IDEMPOTENCY_DOC, idempotency_key, read_body, require_json
+from host.api.bodies import (
+    EXAMPLE_PNG,
+    IDEMPOTENCY_DOC,
+    idempotency_key,
+    read_body,
+    require_json,
+)
 from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep, SettingsDep, in_store_thread
 from host.api.errors import responses
-from host.services.batches import Batch, BatchPage, parse_batch
+from host.api.routes.jobs import CallbackView
+from host.services.batches import Batch, parse_batch
+from host.services.callbacks import BATCH_EVENT, DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER
+from host.services.destinations import MAX_URL_CHARS
 from host.services.payloads import option_bounds
 
 router = APIRouter(tags=["batches"])
@@ -78,6 +86,16 @@ class BatchRequest(BaseModel):
         description="options of the items that give none",
         examples=[EXAMPLE_BATCH["options"]],
     )
+    callback_url: str | None = Field(
+        default=None,
+        max_length=MAX_URL_CHARS,
+        description="an absolute http(s) URL (no user name, no fragment) the host POSTs the "
+        "batch's view to once, when its last item ends (its items get no callback of their "
+        "own); it must be a destination the host's operator allows, checked as POST /v1/jobs "
+        "checks its callback_url, else the request is a 400 invalid_input saying why",
+        # null in the example body: it then runs on a host that allows no callbacks.
+        examples=[None],
+    )
 
 
 class BatchItemRef(BaseModel):
@@ -123,6 +141,10 @@ class BatchView(BatchSummary):
         description="offset of the next page of items; null on the last"
     )
     truncated: bool = Field(description="the host's size cap for one page ended the items early")
+    callback: CallbackView | None = Field(
+        default=None,
+        description="the batch's completion callback, when it was given a callback_url",
+    )
 
 
 class BatchList(BaseModel):
@@ -148,6 +170,26 @@ BATCH_BODY_DOC: dict[str, Any] = {
 }
 
 
+BATCH_CALLBACK_DOC = f"""Queue many images for one plugin, each a job of its own; poll
+GET /v1/batches/{{id}}, or give a `callback_url`.
+
+**Completion callback.** When the batch's last item ends (or the batch is
+cancelled), the host POSTs the batch's view, the JSON GET /v1/batches/{{id}}
+returns, once, to that URL, signed as a job's callback is (see POST /v1/jobs):
+
+- {EVENT_HEADER}: {BATCH_EVENT}
+- {DELIVERY_HEADER}: the delivery's id, the same on every retry of it
+- {SIGNATURE_HEADER}: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">
+
+The body holds the batch's status, counts and items with their outcomes, as many
+as the host's size cap for one page of GET /v1/batches/{{id}} lets through:
+`items_truncated` says whether some were left out, and `items_next` then gives
+the path of the next page. The items get no callback of their own. Retries,
+the destination policy and the batch view's `callback` (state, attempts) are as
+for a job's callback.
+"""
+
+
 def _created(batch: Batch, status: str) -> dict[str, Any]:
     return {
         "id": batch.id,
@@ -167,6 +209,7 @@ def _created(batch: Batch, status: str) -> dict[str, Any]:
     responses=JSON_ERRORS | responses(409),
     dependencies=CLIENT,
     summary="Queue many images for one plugin; poll GET /v1/batches/{id}",
+    description=BATCH_CALLBACK_DOC,
     openapi_extra={**BATCH_BODY_DOC, **IDEMPOTENCY_DOC},
 )
 async def create_batch(
@@ -179,15 +222,15 @@ async def create_batch(
     )
     buffer = await read_body(request)
     # Parsing a large body is work for a thread, not for the event loop.
-    plugin, items = await anyio.to_thread.run_sync(
-        parse_batch, buffer, bounds, settings.max_batch_items
-    )
+    parsed = await anyio.to_thread.run_sync(parse_batch, buffer, bounds, settings.max_batch_items)
     del buffer
-    name = plugin or settings.default_plugin
-    payloads = [item.payload() for item in items]
+    name = parsed.plugin or settings.default_plugin
+    payloads = [item.payload() for item in parsed.items]
 
     def create() -> tuple[Batch, str]:
-        batch = svc.batches.create(name, payloads, caller.id, key, settings.max_batch_items)
+        batch = svc.batches.create(
+            name, payloads, caller.id, key, settings.max_batch_items, parsed.callback_url
+        )
         # A retried request (its key known) gets the batch as it is now.
         now = svc.batches.get(batch.id, caller.id, 1, 0, settings.max_list_bytes)
         return batch, str(now.head()["status"])
@@ -195,21 +238,6 @@ async def create_batch(
     batch, status = await in_store_thread(request, create)
     body = _created(batch, status)
     return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
-
-
-def _view(page: BatchPage, limit: int, offset: int) -> str:
-    """The batch's JSON body, its items' stored documents spliced in."""
-    head = json.dumps(page.head(), separators=(",", ":"))
-    tail = json.dumps(
-        {
-            "offset": offset,
-            "limit": limit,
-            "next_offset": page.next_offset,
-            "truncated": page.truncated,
-        },
-        separators=(",", ":"),
-    )
-    return f'{head[:-1]},"items":[{",".join(page.items)}],{tail[1:]}'
 
 
 @router.get(
@@ -227,11 +255,13 @@ async def get_batch(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
-    page = await in_store_thread(
+    view = await in_store_thread(
         request,
-        lambda: svc.batches.get(batch_id, caller.scope, limit, offset, settings.max_list_bytes),
+        lambda: svc.batches.document(
+            batch_id, caller.scope, limit, offset, settings.max_list_bytes
+        ),
     )
-    return Response(_view(page, limit, offset), media_type="application/json")
+    return Response(view, media_type="application/json")
 
 
 @router.get(
@@ -269,9 +299,9 @@ async def list_batches(
 async def cancel_batch(
     request: Request, batch_id: str, svc: ServicesDep, settings: SettingsDep, caller: CallerDep
 ) -> Response:
-    def cancel() -> BatchPage:
+    def cancel() -> str:
         svc.batches.cancel(batch_id, caller.scope)
-        return svc.batches.get(batch_id, caller.scope, 100, 0, settings.max_list_bytes)
+        return svc.batches.document(batch_id, caller.scope, 100, 0, settings.max_list_bytes)
 
-    page = await in_store_thread(request, cancel)
-    return Response(_view(page, 100, 0), media_type="application/json")
+    view = await in_store_thread(request, cancel)
+    return Response(view, media_type="application/json")

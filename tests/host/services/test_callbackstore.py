@@ -1,5 +1,5 @@
 """One outbox contract, three stores (memory, SQLite, PostgreSQL): a callback
-is due only once its job has ended; a claim holds it under a lease no
+is due only once its job (or its batch) has ended; a claim holds it under a lease no
 other claim takes until it expires; only the lease's holder settles it;
 callbacks of pruned jobs are swept."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from host.services.batchrows import Batch, batch_ended, rows_of
 from host.services.callbackstore import (
     DELIVERED,
     DELIVERING,
@@ -80,3 +81,33 @@ def test_callbacks_of_pruned_jobs_are_swept(store: JobStore) -> None:  # noqa: F
     assert outbox.sweep(150.0) == 1
     assert outbox.of_subject("job", "job0001") is None
     assert outbox.of_subject("job", "job0002") is not None
+
+
+def test_a_batch_callback_is_due_only_once_the_batch_has_ended(store: JobStore) -> None:  # noqa: F811
+    outbox = outbox_for(store)
+    items = [job(1), job(2)]
+    batch = Batch("batch01", "alice", "echo", items[0].created_at, ("job0001", "job0002"))
+    with rows_of(store) as rows:
+        assert rows.insert(batch, [(item, PAYLOAD) for item in items], None)
+    callback = new_callback("alice", "batch", "batch01", "https://hooks.example.com/b", 100.0)
+    outbox.add(callback)
+    assert outbox.claim(200.0, 30.0, 10) == []  # no item ended
+    finish(store, items[0])
+    assert outbox.claim(200.0, 30.0, 10) == []  # one item still runs
+    finish(store, items[1])
+    assert outbox.claim(200.0, 30.0, 10) == []  # every item ended, the batch not yet
+    assert batch_ended(store, "batch01")
+    (claimed,) = outbox.claim(200.0, 30.0, 10)
+    assert claimed.id == callback.id and claimed.subject_kind == "batch"
+    found = outbox.of_subject("batch", "batch01")
+    assert found is not None and found.state == DELIVERING
+    assert outbox.of_subject("job", "batch01") is None
+    assert outbox.sweep(150.0) == 0  # its batch exists
+
+
+def test_a_callback_of_a_batch_never_stored_is_swept(store: JobStore) -> None:  # noqa: F811
+    outbox = outbox_for(store)
+    outbox.add(new_callback("alice", "batch", "nobatch", "https://h.example/x", 100.0))
+    assert outbox.claim(200.0, 30.0, 10) == []
+    assert outbox.sweep(150.0) == 1
+    assert outbox.of_subject("batch", "nobatch") is None
