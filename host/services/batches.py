@@ -117,11 +117,12 @@ class BatchBody:
     callback_url: str | None = None
 
 
-def parse_batch(buffer: bytearray, bounds: JsonBounds, max_items: int) -> BatchBody:
+def parse_batch(buffer: bytearray, bounds: JsonBounds, max_items: int, max_bytes: int) -> BatchBody:
     """Parse a batch body: its plugin, items and callback URL. Each item is parsed as the
     body of `POST /v1/jobs` is (`parse_analyze`, the same caps), with the
-    batch's `options` when it has none. Raises Rejected (invalid_input)
-    naming the field, the cap, or the item's index."""
+    batch's `options` when it has none; the items so expanded hold at most
+    `max_bytes` (max_request_bytes) together, as the body itself does.
+    Raises Rejected (invalid_input) naming the field, the cap, or the item's index."""
     # The caps of one request body for each item, and the batch's depth around them.
     whole = JsonBounds(
         bounds.max_depth + 3, bounds.max_items * (max_items + 1) + 16, max(len(buffer), 1)
@@ -153,8 +154,30 @@ def parse_batch(buffer: bytearray, bounds: JsonBounds, max_items: int) -> BatchB
             f"got {count}",
             max_batch_items=max_items,
         )
+    _check_expansion(len(buffer), items, options, max_bytes)
     parsed = [_item(index, item, options, bounds) for index, item in enumerate(items)]
     return BatchBody(plugin, parsed, callback_url)
+
+
+def _check_expansion(
+    body_bytes: int, items: list[Any], options: dict[str, Any], max_bytes: int
+) -> None:
+    """Refuse a batch whose `options`, copied into each item that gives
+    none, would make its items larger than `max_bytes` together: a body
+    within the size limit must not become a hundred times its size."""
+    if not options:
+        return
+    inheriting = sum(1 for item in items if isinstance(item, dict) and "options" not in item)
+    size = len(json.dumps(options, separators=(",", ":")).encode())
+    if body_bytes + (inheriting - 1) * size > max_bytes:
+        raise _invalid(
+            f"field 'options' ({size} bytes) is copied into each of the {inheriting} items "
+            f"that give no options of their own, which makes the batch larger than "
+            f"max_request_bytes ({max_bytes} bytes): send smaller batch options, or fewer items",
+            max_request_bytes=max_bytes,
+            options_bytes=size,
+            items_inheriting=inheriting,
+        )
 
 
 def _item(index: int, item: Any, options: dict[str, Any], bounds: JsonBounds) -> AnalyzeBody:
