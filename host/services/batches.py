@@ -295,7 +295,7 @@ class BatchService:
             extra={"batch_id": batch.id, "plugin": plugin, "items": len(items), "owner": owner},
         )
         if self.feeder is not None:
-            self.feeder.add(batch.id, plugin, list(batch.job_ids))
+            self.feeder.add(batch.id, plugin, list(batch.job_ids), owner)
         self._maybe_prune()
         return batch
 

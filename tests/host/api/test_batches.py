@@ -386,3 +386,27 @@ def test_an_offset_past_the_stores_integers_is_a_400_naming_it(
         assert answer.json()["detail"]["details"]["problems"][0]["field"] == "query.offset"
     last = client.get(f"{where}?offset=1000000000", headers=ALICE)
     assert last.status_code == 200 and last.json()["next_offset"] is None
+
+
+def test_a_client_with_many_batches_gets_no_more_turns_than_one_with_a_single_batch(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(workers=1, queue_size=8, **TOKENS)
+    # The one worker held, so every batch below is waiting when feeding starts.
+    holder = client.post("/v1/batches", json=batch_body(1, "sleep_forever"), headers=ALICE)
+    alices = [
+        client.post("/v1/batches", json=batch_body(5), headers=ALICE).json()["id"]
+        for _ in range(10)
+    ]
+    bobs = client.post("/v1/batches", json=batch_body(5), headers=BOB).json()["id"]
+    assert client.delete(f"/v1/batches/{holder.json()['id']}", headers=ALICE).status_code == 200
+    bob_done = wait_batch(client, bobs, BOB)
+    last = max(i["started_at"] for i in bob_done["items"])
+    alice_before = sum(
+        1
+        for batch_id in alices
+        for i in wait_batch(client, batch_id, ALICE)["items"]
+        if i["started_at"] < last
+    )
+    # Turns alternate between the two clients: not one of Bob's per ten of Alice's batches.
+    assert alice_before <= 6, alice_before
