@@ -279,6 +279,8 @@ class BatchService:
         idem = None if key is None else Idempotency(key, digest)
         if idem is not None and (held := self._keyed(owner, idem.key)) is not None:
             return _replayed(held, idem)
+        if idem is not None and (job := self.jobs.store.keyed(owner, idem.key)) is not None:
+            raise _held_by_job(idem, job[0].id)
         if not self.jobs.runner.in_process:
             self.jobs.runner.admit(plugin)  # a live worker serves the plugin, or 503
             self.jobs.runner.withdraw()
@@ -439,6 +441,19 @@ def _new_batch(
     ]
     batch = Batch(uuid.uuid4().hex, owner, plugin, created, tuple(job.id for job in jobs))
     return batch, list(zip(jobs, (dict(p) for p in payloads), strict=True))
+
+
+def _held_by_job(idem: Idempotency, job_id: str) -> ServiceError:
+    """The refusal of a batch whose key holds a job of POST /v1/jobs."""
+    return ServiceError(
+        envelope(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a job (POST /v1/jobs), not a batch; "
+            "use a new key for a new request",
+            key=idem.key,
+            job_id=job_id,
+        )
+    )
 
 
 def _replayed(held: KeyedBatch, idem: Idempotency) -> Batch:

@@ -410,3 +410,28 @@ def test_a_client_with_many_batches_gets_no_more_turns_than_one_with_a_single_ba
     )
     # Turns alternate between the two clients: not one of Bob's per ten of Alice's batches.
     assert alice_before <= 6, alice_before
+
+
+def test_one_idempotency_key_stands_for_one_request_across_jobs_and_batches(
+    make_client: Callable[..., TestClient], store: JobStore, body: dict
+) -> None:
+    client = make_client(store=store, **TOKENS)
+    first = {**ALICE, "Idempotency-Key": "job-first"}
+    job = client.post("/v1/jobs", json=body, headers=first)
+    assert job.status_code == 202, job.text
+    refused = client.post("/v1/batches", json=batch_body(1), headers=first)
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["detail"]
+    assert error["details"]["reason"] == "idempotency_key_reused"
+    assert error["details"]["job_id"] == job.json()["job"]["id"]
+    assert "POST /v1/jobs" in error["message"]
+    other = {**ALICE, "Idempotency-Key": "batch-first"}
+    batch = client.post("/v1/batches", json=batch_body(2), headers=other)
+    assert batch.status_code == 202, batch.text
+    again = client.post("/v1/jobs", json=body, headers=other)
+    assert again.status_code == 409, again.text
+    assert again.json()["detail"]["details"]["reason"] == "idempotency_key_reused"
+    # The batch itself is still replayed under its key.
+    replay = client.post("/v1/batches", json=batch_body(2), headers=other)
+    assert replay.status_code == 202 and replay.json()["id"] == batch.json()["id"]
+    assert stored(client) == (3, 1)
