@@ -11,7 +11,8 @@
       |    (host/services/callbackstore.py), written just before the batch
       |  ONE transaction (lock, for the memory store): the batch row and every
       |    item as a PENDING job with its batch_id (host/services/batchrows.py);
-      |    in PostgreSQL each item is queued in it too, item i at priority -i
+      |    in PostgreSQL each item is queued in it too, item i at priority
+      |    -(i + the owner's PENDING jobs): clients take turns
       v
     single node: BatchFeeder (host/services/batchfeed.py) hands the items to
     the pool a few at a time; multi-node: worker nodes take them by priority

@@ -174,7 +174,9 @@ CREATE INDEX IF NOT EXISTS {jobs}_batch ON {jobs} (batch_id, status)
 class SqlBatchRows:
     """`BatchRows` in `dialect` over `conn` (in a transaction its holder
     commits), the batches in table `batches`; `queue`, if given, queues
-    each new item (the index of item i is its priority, -i)."""
+    each new item: item i at priority -(p + i), p the number of jobs its
+    owner has PENDING already, so that clients take turns on the worker
+    nodes (a client's tenth batch does not go ahead of another's first)."""
 
     def __init__(
         self, conn: Connection, dialect: Dialect, batches: str, queue: Queue | None = None
@@ -214,6 +216,7 @@ class SqlBatchRows:
         )
         if cursor.rowcount != 1:
             return False
+        waiting = self._pending(batch.owner) if self._queue is not None else 0
         for index, (job, payload) in enumerate(items):
             if not self._jobs.insert(job, payload, idem if index == 0 else None):
                 assert idem is not None  # only a held key refuses an insert
@@ -223,8 +226,16 @@ class SqlBatchRows:
             )
         if self._queue is not None:
             for index, (job, _) in enumerate(items):
-                self._queue(job, -index)
+                self._queue(job, -(waiting + index))
         return True
+
+    def _pending(self, owner: str) -> int:
+        """How many jobs `owner` has PENDING."""
+        row = self._run(
+            f"SELECT COUNT(*) FROM {self._jobs_table} WHERE owner = ? AND status = ?",
+            (owner, JobStatus.PENDING.value),
+        ).fetchone()
+        return int(row[0])
 
     def keyed(self, owner: str, key: str) -> KeyedBatch | None:
         row = self._run(
