@@ -6,6 +6,7 @@
     CLIENT        route dependencies of a client route
     ADMIN         route dependencies of an admin route (403 while no admin token, 401 without it)
     JSON_ERRORS   the error statuses most routes document
+    MAX_OFFSET    the largest `offset` query parameter of a paged listing
     in_store_thread(request, call, ...)  `call` on one of the store's threads
 
 FastAPI calls a dependency once per request however many parameters ask for
@@ -34,6 +35,9 @@ from host.services.build import Services
 
 T = TypeVar("T")
 STORE_THREADS = 40
+# The largest `offset` of a paged listing: past any store's rows, and within
+# the 64-bit integers SQLite and PostgreSQL take (a larger one is a 400, not a 500).
+MAX_OFFSET = 1_000_000_000
 
 
 async def in_store_thread(request: Request, call: Callable[..., T], *args: Any) -> T:
@@ -80,6 +84,7 @@ __all__ = [
     "ADMIN",
     "CLIENT",
     "JSON_ERRORS",
+    "MAX_OFFSET",
     "STORE_THREADS",
     "CallerDep",
     "ServicesDep",

@@ -135,9 +135,10 @@ class ProcrastinateDispatch:
     def dispatch(self, conn: psycopg.Connection[Any], job: Job, priority: int = 0) -> int:
         """Defer `job` on its plugin's queue inside `conn`'s transaction (the
         store's insert of the job calls it). Workers take the highest
-        `priority` first, the oldest of equals: a batch's item i gets -i, so
-        a job of its own waits behind no more than the first item of each
-        batch, and batches of one plugin advance side by side."""
+        `priority` first, the oldest of equals: a batch's item i gets
+        -(i + the jobs its owner has PENDING), so a job of its own waits
+        behind no more than the first item of each client's batches, and
+        clients' batches of one plugin advance side by side."""
         queue = self.plugins.inventory[job.plugin]["queue"]
         deferrer = self.app.tasks[TASK_NAME].configure(
             queue=queue, connection=conn, priority=priority

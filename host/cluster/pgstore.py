@@ -218,7 +218,8 @@ class PgJobStore(JobStore):
     @contextmanager
     def batch_rows(self) -> Iterator[SqlBatchRows]:
         """The batches (host/services/batchrows.py) in one transaction; a new
-        batch's items are queued in it, item i with priority -i."""
+        batch's items are queued in it, item i with priority -(i + the jobs
+        its owner has PENDING)."""
         with self.connection() as conn:
             yield SqlBatchRows(
                 conn,

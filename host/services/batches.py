@@ -11,7 +11,8 @@
       |    (host/services/callbackstore.py), written just before the batch
       |  ONE transaction (lock, for the memory store): the batch row and every
       |    item as a PENDING job with its batch_id (host/services/batchrows.py);
-      |    in PostgreSQL each item is queued in it too, item i at priority -i
+      |    in PostgreSQL each item is queued in it too, item i at priority
+      |    -(i + the owner's PENDING jobs): clients take turns
       v
     single node: BatchFeeder (host/services/batchfeed.py) hands the items to
     the pool a few at a time; multi-node: worker nodes take them by priority
@@ -116,11 +117,12 @@ class BatchBody:
     callback_url: str | None = None
 
 
-def parse_batch(buffer: bytearray, bounds: JsonBounds, max_items: int) -> BatchBody:
-    """Parse a batch body: its plugin, items and callback URL. Each item
-    is parsed as the body of `POST /v1/jobs` is (`parse_analyze`, the same
-    caps), with the batch's `options` when it has none. Raises Rejected (invalid_input)
-    naming the field, the cap, or the item's index."""
+def parse_batch(buffer: bytearray, bounds: JsonBounds, max_items: int, max_bytes: int) -> BatchBody:
+    """Parse a batch body: its plugin, items and callback URL. Each item is parsed as the
+    body of `POST /v1/jobs` is (`parse_analyze`, the same caps), with the
+    batch's `options` when it has none; the items so expanded hold at most
+    `max_bytes` (max_request_bytes) together, as the body itself does.
+    Raises Rejected (invalid_input) naming the field, the cap, or the item's index."""
     # The caps of one request body for each item, and the batch's depth around them.
     whole = JsonBounds(
         bounds.max_depth + 3, bounds.max_items * (max_items + 1) + 16, max(len(buffer), 1)
@@ -152,8 +154,30 @@ def parse_batch(buffer: bytearray, bounds: JsonBounds, max_items: int) -> BatchB
             f"got {count}",
             max_batch_items=max_items,
         )
+    _check_expansion(len(buffer), items, options, max_bytes)
     parsed = [_item(index, item, options, bounds) for index, item in enumerate(items)]
     return BatchBody(plugin, parsed, callback_url)
+
+
+def _check_expansion(
+    body_bytes: int, items: list[Any], options: dict[str, Any], max_bytes: int
+) -> None:
+    """Refuse a batch whose `options`, copied into each item that gives
+    none, would make its items larger than `max_bytes` together: a body
+    within the size limit must not become a hundred times its size."""
+    if not options:
+        return
+    inheriting = sum(1 for item in items if isinstance(item, dict) and "options" not in item)
+    size = len(json.dumps(options, separators=(",", ":")).encode())
+    if body_bytes + (inheriting - 1) * size > max_bytes:
+        raise _invalid(
+            f"field 'options' ({size} bytes) is copied into each of the {inheriting} items "
+            f"that give no options of their own, which makes the batch larger than "
+            f"max_request_bytes ({max_bytes} bytes): send smaller batch options, or fewer items",
+            max_request_bytes=max_bytes,
+            options_bytes=size,
+            items_inheriting=inheriting,
+        )
 
 
 def _item(index: int, item: Any, options: dict[str, Any], bounds: JsonBounds) -> AnalyzeBody:
@@ -255,6 +279,13 @@ class BatchService:
         idem = None if key is None else Idempotency(key, digest)
         if idem is not None and (held := self._keyed(owner, idem.key)) is not None:
             return _replayed(held, idem)
+        if idem is not None and (job := self.jobs.store.keyed(owner, idem.key)) is not None:
+            # The key holds a job: one of its own, or the first item of a
+            # batch a racing retry stored since the look above (a batch and
+            # its items are stored together: look again).
+            if (held := self._keyed(owner, idem.key)) is not None:
+                return _replayed(held, idem)
+            raise _held_by_job(idem, job[0].id)
         if not self.jobs.runner.in_process:
             self.jobs.runner.admit(plugin)  # a live worker serves the plugin, or 503
             self.jobs.runner.withdraw()
@@ -271,7 +302,7 @@ class BatchService:
             extra={"batch_id": batch.id, "plugin": plugin, "items": len(items), "owner": owner},
         )
         if self.feeder is not None:
-            self.feeder.add(batch.id, plugin, list(batch.job_ids))
+            self.feeder.add(batch.id, plugin, list(batch.job_ids), owner)
         self._maybe_prune()
         return batch
 
@@ -412,6 +443,19 @@ def _new_batch(
     ]
     batch = Batch(uuid.uuid4().hex, owner, plugin, created, tuple(job.id for job in jobs))
     return batch, list(zip(jobs, (dict(p) for p in payloads), strict=True))
+
+
+def _held_by_job(idem: Idempotency, job_id: str) -> ServiceError:
+    """The refusal of a batch whose key holds a job of POST /v1/jobs."""
+    return ServiceError(
+        envelope(
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a job (POST /v1/jobs), not a batch; "
+            "use a new key for a new request",
+            key=idem.key,
+            job_id=job_id,
+        )
+    )
 
 
 def _replayed(held: KeyedBatch, idem: Idempotency) -> Batch:

@@ -4,7 +4,9 @@
       │  batches table: one row per batch, its items' job ids in order, an
       │  idempotency key (one batch per (owner, key), by a unique index)
       ▼
-    jobs table: each item a job row like any other, with `batch_id` set
+    jobs table: each item a job row like any other, with `batch_id` set; the
+      first item holds the batch's idempotency key too, so that one key
+      stands for one request whichever route (/v1/jobs, /v1/batches) took it
 
     BatchRows (held with the store's job rows, in ONE transaction or lock)
       ── insert (False on a held key), keyed      ──▶ a new batch, all or nothing
@@ -32,6 +34,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
+from host.errors import IdempotencyConflict
 from host.services.jobrows import FINISHED, Idempotency, Job, JobStatus, Rows, now_iso
 from host.services.jobsql import Connection, Dialect, SqlRows
 
@@ -88,7 +91,9 @@ class BatchRows(Protocol):
         self, batch: Batch, items: Sequence[tuple[Job, dict[str, Any]]], idem: Idempotency | None
     ) -> bool:
         """Store the batch and its items (PENDING jobs with their inputs);
-        False, storing nothing, when its owner holds a batch under `idem`'s key."""
+        False, storing nothing, when its owner holds a batch under `idem`'s
+        key. Raises IdempotencyConflict, storing nothing, when a job of its
+        own (POST /v1/jobs) holds that key."""
 
     def keyed(self, owner: str, key: str) -> KeyedBatch | None: ...
 
@@ -176,8 +181,10 @@ CREATE INDEX IF NOT EXISTS {jobs}_batch ON {jobs} (batch_id, status)
 class SqlBatchRows:
     """`BatchRows` in `dialect` over `conn` (in a transaction its holder
     commits), the batches in table `batches`; `queue`, if given, queues
-    each new item (the index of item i is its priority, -i); `hold`, if
-    given, takes the hold on an owner's new jobs (`hold_owner`)."""
+    each new item: item i at priority -(p + i), p the number of jobs its
+    owner has PENDING already, so that clients take turns on the worker
+    nodes (a client's tenth batch does not go ahead of another's first);
+    `hold`, if given, takes the hold on an owner's new jobs (`hold_owner`)."""
 
     def __init__(
         self,
@@ -227,15 +234,26 @@ class SqlBatchRows:
         )
         if cursor.rowcount != 1:
             return False
-        for job, payload in items:
-            self._jobs.insert(job, payload, None)
+        waiting = self._pending(batch.owner) if self._queue is not None else 0
+        for index, (job, payload) in enumerate(items):
+            if not self._jobs.insert(job, payload, idem if index == 0 else None):
+                assert idem is not None  # only a held key refuses an insert
+                raise _held_by_job(self._jobs, batch.owner, idem)  # its holder rolls back
             self._run(
                 f"UPDATE {self._jobs_table} SET batch_id = ? WHERE id = ?", (batch.id, job.id)
             )
         if self._queue is not None:
             for index, (job, _) in enumerate(items):
-                self._queue(job, -index)
+                self._queue(job, -(waiting + index))
         return True
+
+    def _pending(self, owner: str) -> int:
+        """How many jobs `owner` has PENDING."""
+        row = self._run(
+            f"SELECT COUNT(*) FROM {self._jobs_table} WHERE owner = ? AND status = ?",
+            (owner, JobStatus.PENDING.value),
+        ).fetchone()
+        return int(row[0])
 
     def keyed(self, owner: str, key: str) -> KeyedBatch | None:
         row = self._run(
@@ -299,6 +317,12 @@ class SqlBatchRows:
         return int(cursor.rowcount)
 
 
+def _held_by_job(jobs: Rows, owner: str, idem: Idempotency) -> IdempotencyConflict:
+    """The refusal of a batch whose key `owner` holds for a job of its own."""
+    held = jobs.keyed(owner, idem.key)
+    return IdempotencyConflict(idem.key, held[0].id if held is not None else "")
+
+
 # -- memory ------------------------------------------------------------------
 
 
@@ -338,10 +362,12 @@ class MemoryBatchRows:
         if idem is not None:
             if (batch.owner, idem.key) in held.keys:
                 return False
+            if self._jobs.keyed(batch.owner, idem.key) is not None:
+                raise _held_by_job(self._jobs, batch.owner, idem)
             held.keys[batch.owner, idem.key] = batch.id
         held.batches[batch.id] = (batch, None if idem is None else idem.digest)
-        for job, payload in items:
-            self._jobs.insert(job, payload, None)
+        for index, (job, payload) in enumerate(items):
+            self._jobs.insert(job, payload, idem if index == 0 else None)
             held.batch_of[job.id] = batch.id
         return True
 

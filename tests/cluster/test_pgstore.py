@@ -94,3 +94,28 @@ def test_an_unreachable_database_is_a_clear_error():
         assert failed.value.envelope["error"]["details"]["retry_after_s"] > 0
     finally:
         pool.close()
+
+
+def test_batch_items_are_queued_after_their_owners_pending_jobs(store: PgJobStore) -> None:
+    queued: dict[str, int] = {}
+
+    def record(conn: Any, pending: Job, priority: int) -> int:
+        queued[pending.id] = priority
+        return len(queued)
+
+    store.dispatch = record
+
+    def insert(name: str, owner: str, numbers: range) -> list[Job]:
+        items = [job(n, owner) for n in numbers]
+        batch = Batch(name, owner, "echo", now_iso(), tuple(j.id for j in items))
+        with store.batch_rows() as rows:
+            assert rows.insert(batch, [(j, PAYLOAD) for j in items], None)
+        return items
+
+    first = insert("a1", "alice", range(0, 5))
+    second = insert("a2", "alice", range(5, 10))
+    bobs = insert("b1", "bob", range(10, 13))
+    assert [queued[j.id] for j in first] == [0, -1, -2, -3, -4]
+    # Alice's second batch waits behind her first; Bob's first does not.
+    assert [queued[j.id] for j in second] == [-5, -6, -7, -8, -9]
+    assert [queued[j.id] for j in bobs] == [0, -1, -2]

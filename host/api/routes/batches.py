@@ -24,7 +24,15 @@ from host.api.bodies import (
     read_body,
     require_json,
 )
-from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep, SettingsDep, in_store_thread
+from host.api.deps import (
+    CLIENT,
+    JSON_ERRORS,
+    MAX_OFFSET,
+    CallerDep,
+    ServicesDep,
+    SettingsDep,
+    in_store_thread,
+)
 from host.api.errors import responses
 from host.api.routes.jobs import CallbackView
 from host.services.batches import Batch, parse_batch
@@ -182,11 +190,10 @@ returns, once, to that URL, signed as a job's callback is (see POST /v1/jobs):
 - {SIGNATURE_HEADER}: t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">
 
 The body holds the batch's status, counts and items with their outcomes, as many
-as the host's size cap for one page of GET /v1/batches/{{id}} lets through:
-`items_truncated` says whether some were left out, and `items_next` then gives
-the path of the next page. The items get no callback of their own. Retries,
-the destination policy and the batch view's `callback` (state, attempts) are as
-for a job's callback.
+as the host's size cap for one page of items holds: `items_truncated` says whether
+some were left out, and `items_next` then gives the path of the next page. The
+items get no callback of their own. Retries, the destination policy and the
+batch view's `callback` (state, attempts) are as for a job's callback.
 """
 
 
@@ -222,7 +229,9 @@ async def create_batch(
     )
     buffer = await read_body(request)
     # Parsing a large body is work for a thread, not for the event loop.
-    parsed = await anyio.to_thread.run_sync(parse_batch, buffer, bounds, settings.max_batch_items)
+    parsed = await anyio.to_thread.run_sync(
+        parse_batch, buffer, bounds, settings.max_batch_items, settings.max_request_bytes
+    )
     del buffer
     name = parsed.plugin or settings.default_plugin
     payloads = [item.payload() for item in parsed.items]
@@ -253,7 +262,7 @@ async def get_batch(
     settings: SettingsDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Response:
     view = await in_store_thread(
         request,
@@ -275,7 +284,7 @@ async def list_batches(
     svc: ServicesDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> dict[str, Any]:
     found, total = await in_store_thread(
         request, svc.batches.list_batches, caller.scope, limit, offset

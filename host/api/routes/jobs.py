@@ -22,7 +22,7 @@ from host.api.bodies import (
     AnalyzeBodyDep,
     idempotency_key,
 )
-from host.api.deps import CLIENT, JSON_ERRORS, CallerDep, ServicesDep, in_store_thread
+from host.api.deps import CLIENT, JSON_ERRORS, MAX_OFFSET, CallerDep, ServicesDep, in_store_thread
 from host.api.errors import responses
 from host.services import JobStatus
 from host.services.jobrows import JobPage
@@ -117,7 +117,7 @@ async def list_jobs(
     status: JobStatus | None = None,
     plugin: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Response:
     body = await in_store_thread(
         request,

@@ -24,7 +24,7 @@ from tests.host.api import test_callbacks
 from tests.host.api.test_batches import ALICE_ID, BROKEN, batch_body, item, stored, wait_batch
 from tests.host.api.test_callbacks import LOOPBACK, documented_verify
 from tests.host.api.test_routes import assert_envelope
-from tests.host.api.test_tenants import ALICE, TOKENS
+from tests.host.api.test_tenants import ALICE, BOB, TOKENS
 
 # The fixtures of the jobs' callback tests: a host with callbacks, a receiver.
 make_host = test_callbacks.make_host
@@ -239,3 +239,35 @@ def test_openapi_documents_the_batch_callback(make_host: Callable[..., TestClien
         assert words in create["description"]
     view = schema["components"]["schemas"]["BatchView"]["properties"]
     assert "callback" in view
+
+
+def test_items_cancelled_one_by_one_end_the_batch_once_with_one_callback(
+    make_host: Callable[..., TestClient], receiver: Receiver
+) -> None:
+    client = make_host(workers=1, queue_size=8, **LOOPBACK, **TOKENS)
+    batch_id = submit(client, batch_body(4, "sleep_forever"), receiver.url("/ok"))
+    items = client.get(f"/v1/batches/{batch_id}", headers=ALICE).json()["items"]
+    for found in items:
+        assert client.delete(f"/v1/jobs/{found['job_id']}", headers=BOB).status_code == 404
+    for found in items:
+        cancelled = client.delete(f"/v1/jobs/{found['job_id']}", headers=ALICE)
+        assert cancelled.status_code == 200, cancelled.text
+    view = settled(client, batch_id)
+    assert view["status"] == "FINISHED" and view["counts"] == {"CANCELLED": 4}
+    time.sleep(0.5)  # room for a second delivery to arrive
+    (record,) = receiver.records()
+    assert json.loads(record["body"])["counts"] == {"CANCELLED": 4}
+    assert client.delete(f"/v1/batches/{batch_id}", headers=ALICE).status_code == 409
+
+
+def test_a_batch_whose_plugin_is_quarantined_midway_fails_every_item_and_calls_back_once(
+    make_host: Callable[..., TestClient], receiver: Receiver
+) -> None:
+    client = make_host(workers=2, queue_size=8, **LOOPBACK, **TOKENS)
+    batch_id = submit(client, batch_body(10, "segfault"), receiver.url("/ok"))
+    view = settled(client, batch_id)
+    assert view["status"] == "FINISHED" and view["counts"] == {"FAILED": 10}
+    reasons = {i["error"]["details"]["reason"] for i in view["items"]}
+    assert reasons == {"crashed", "quarantined"}
+    time.sleep(0.5)
+    assert len(receiver.records()) == 1

@@ -6,9 +6,11 @@ and its end is logged once."""
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,9 +19,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from host.api.auth import principal_id
+from host.errors import Rejected
 from host.services import SQLiteJobStore
+from host.services.batches import parse_batch
 from host.services.batchrows import Batch, rows_of
 from host.services.jobrows import Job, JobStatus, now_iso
+from host.services.payloads import option_bounds
 from host.services.store import JobStore, MemoryJobStore
 from tests.conftest import make_png
 from tests.host.api.test_tenants import ADMIN, ALICE, BOB, TOKENS, wait_finished
@@ -322,4 +327,111 @@ def test_racing_retries_of_a_batch_create_it_once(
 
     with ThreadPoolExecutor(6) as pool:
         assert len(set(pool.map(send, range(6)))) == 1
+    assert stored(client) == (3, 1)
+
+
+def big_options(total: int) -> dict[str, str]:
+    """Options of about `total` bytes, each string within options_max_string_bytes."""
+    return {f"k{n}": "x" * 50_000 for n in range(total // 50_000)}
+
+
+def test_batch_options_copied_into_every_item_are_held_to_max_request_bytes(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(max_request_bytes=512 * 1024, **TOKENS)
+    # 200 KB of options in a body within the limit would be 100 items x 200 KB once copied.
+    refused = client.post(
+        "/v1/batches", json=batch_body(100, options=big_options(200_000)), headers=ALICE
+    )
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["detail"]
+    assert error["details"]["reason"] == "invalid_input"
+    assert "max_request_bytes" in error["message"] and "'options'" in error["message"]
+    assert error["details"]["items_inheriting"] == 100
+    assert stored(client) == (0, 0)
+    # Items that give their own options copy nothing; a small batch fits.
+    own = batch_body(100, options=big_options(200_000))
+    own["items"] = [item(options={}) for _ in range(100)]
+    assert client.post("/v1/batches", json=own, headers=ALICE).status_code == 202
+    two = batch_body(2, options=big_options(200_000))
+    assert client.post("/v1/batches", json=two, headers=ALICE).status_code == 202
+
+
+def test_parsing_a_batch_costs_a_bounded_multiple_of_its_body() -> None:
+    bounds = option_bounds(16, 10_000, 64 * 1024)
+    body = json.dumps(batch_body(100, options=big_options(1_000_000))).encode()
+    tracemalloc.start()
+    try:
+        with pytest.raises(Rejected, match="max_request_bytes"):
+            parse_batch(bytearray(body), bounds, 100, 32 * 1024 * 1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Not 100 copies of the options (100 MB): a few times the body at most.
+    assert peak < 4 * len(body), (peak, len(body))
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/batches", "/v1/batches/{id}", "/v1/jobs"], ids=["batches", "items", "jobs"]
+)
+def test_an_offset_past_the_stores_integers_is_a_400_naming_it(
+    make_client: Callable[..., TestClient], tmp_path: Path, path: str
+) -> None:
+    client = make_client(store=SQLiteJobStore(tmp_path / "jobs.sqlite3"), **TOKENS)
+    batch_id = client.post("/v1/batches", json=batch_body(1), headers=ALICE).json()["id"]
+    where = path.format(id=batch_id)
+    for offset in (2**63, 10**30):
+        answer = client.get(f"{where}?offset={offset}", headers=ALICE)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["detail"]["details"]["problems"][0]["field"] == "query.offset"
+    last = client.get(f"{where}?offset=1000000000", headers=ALICE)
+    assert last.status_code == 200 and last.json()["next_offset"] is None
+
+
+def test_a_client_with_many_batches_gets_no_more_turns_than_one_with_a_single_batch(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(workers=1, queue_size=8, **TOKENS)
+    # The one worker held, so every batch below is waiting when feeding starts.
+    holder = client.post("/v1/batches", json=batch_body(1, "sleep_forever"), headers=ALICE)
+    alices = [
+        client.post("/v1/batches", json=batch_body(5), headers=ALICE).json()["id"]
+        for _ in range(10)
+    ]
+    bobs = client.post("/v1/batches", json=batch_body(5), headers=BOB).json()["id"]
+    assert client.delete(f"/v1/batches/{holder.json()['id']}", headers=ALICE).status_code == 200
+    bob_done = wait_batch(client, bobs, BOB)
+    last = max(i["started_at"] for i in bob_done["items"])
+    alice_before = sum(
+        1
+        for batch_id in alices
+        for i in wait_batch(client, batch_id, ALICE)["items"]
+        if i["started_at"] < last
+    )
+    # Turns alternate between the two clients: not one of Bob's per ten of Alice's batches.
+    assert alice_before <= 6, alice_before
+
+
+def test_one_idempotency_key_stands_for_one_request_across_jobs_and_batches(
+    make_client: Callable[..., TestClient], store: JobStore, body: dict
+) -> None:
+    client = make_client(store=store, **TOKENS)
+    first = {**ALICE, "Idempotency-Key": "job-first"}
+    job = client.post("/v1/jobs", json=body, headers=first)
+    assert job.status_code == 202, job.text
+    refused = client.post("/v1/batches", json=batch_body(1), headers=first)
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["detail"]
+    assert error["details"]["reason"] == "idempotency_key_reused"
+    assert error["details"]["job_id"] == job.json()["job"]["id"]
+    assert "POST /v1/jobs" in error["message"]
+    other = {**ALICE, "Idempotency-Key": "batch-first"}
+    batch = client.post("/v1/batches", json=batch_body(2), headers=other)
+    assert batch.status_code == 202, batch.text
+    again = client.post("/v1/jobs", json=body, headers=other)
+    assert again.status_code == 409, again.text
+    assert again.json()["detail"]["details"]["reason"] == "idempotency_key_reused"
+    # The batch itself is still replayed under its key.
+    replay = client.post("/v1/batches", json=batch_body(2), headers=other)
+    assert replay.status_code == 202 and replay.json()["id"] == batch.json()["id"]
     assert stored(client) == (3, 1)

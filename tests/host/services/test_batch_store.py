@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from host.errors import IdempotencyConflict
 from host.services.batchrows import Batch, batch_ended, job_ended, rows_of
 from host.services.jobrows import Idempotency, JobStore
 from host.services.store import Job, JobStatus, MemoryJobStore, SQLiteJobStore, now_iso
@@ -81,6 +82,25 @@ def test_one_batch_per_idempotency_key(store: JobStore) -> None:
         assert rows.keyed("alice", "k") == (first, "d1")
         assert rows.batch("b2") is None and rows.keyed("bob", "k") is None
     assert store.get(others[0].id) is None
+
+
+def test_a_key_a_job_of_its_own_holds_refuses_the_batch_storing_nothing(
+    store: JobStore,
+) -> None:
+    single = job(9, "alice")
+    assert store.add(single, dict(PAYLOAD), Idempotency("k", "job-digest")) is None
+    batch, jobs = new_batch("b1", 2)
+    with pytest.raises(IdempotencyConflict) as refused:
+        add(store, batch, jobs, Idempotency("k", "batch-digest"))
+    assert refused.value.envelope["error"]["details"]["job_id"] == single.id
+    with rows_of(store) as rows:
+        assert rows.batch("b1") is None and rows.keyed("alice", "k") is None
+    assert store.get(jobs[0].id) is None and store.usage("alice").jobs == 1
+    # A batch's key is held for POST /v1/jobs too: its first item holds it.
+    other, items = new_batch("b2", 2)
+    assert add(store, other, items, Idempotency("k2", "batch-digest"))
+    held = store.keyed("alice", "k2")
+    assert held is not None and held[0].id == items[0].id and held[1] == "batch-digest"
 
 
 def test_a_batch_ends_once_when_its_last_item_ends(store: JobStore) -> None:
