@@ -253,12 +253,20 @@ def test_serve_listens_with_the_backlog_of_the_cap_it_runs_with(
 
     seen: dict[str, int | None] = {}
 
-    def listen(host: str, port: int, backlog: int = 128) -> str:
+    class Listening:
+        """The socket `listen` gave, on the port the system chose for --port 0."""
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", 48123)
+
+    listening = Listening()
+
+    def listen(host: str, port: int, backlog: int = 128) -> Listening:
         seen["backlog"] = backlog
-        return "socket"
+        return listening
 
     def serve(app: object, settings: object, sock: object = None, cap: int | None = None) -> None:
-        assert sock == "socket"
+        assert sock is listening
         seen["cap"] = cap
 
     monkeypatch.setenv("PLUGHOST_MAX_CONNECTIONS", "4000")

@@ -122,7 +122,7 @@ def finished_job(client: httpx.Client, body: dict[str, Any]) -> str:
     """The id of a job submitted and waited for to its end."""
     job = client.post("/v1/jobs", json=body).json()["job"]["id"]
     deadline = time.monotonic() + FINISHED_S
-    while client.get(f"/v1/jobs/{job}").json()["status"] in ("pending", "running"):
+    while client.get(f"/v1/jobs/{job}").json()["status"] in ("PENDING", "RUNNING"):
         assert time.monotonic() < deadline, f"job {job} did not finish in {FINISHED_S} s"
         time.sleep(0.05)
     return str(job)
