@@ -5,38 +5,15 @@ key, and its end is decided once, however many callers ask at once."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from host.errors import IdempotencyConflict
 from host.services.batchrows import Batch, batch_ended, job_ended, rows_of
 from host.services.jobrows import Idempotency, JobStore
-from host.services.store import Job, JobStatus, MemoryJobStore, SQLiteJobStore, now_iso
-from tests.cluster.pg import NEEDS_POSTGRES
+from host.services.store import Job, JobStatus, now_iso
 from tests.host.services.test_store_contract import PAYLOAD, finish, job
-
-
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=NEEDS_POSTGRES)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "memory":
-        yield MemoryJobStore()
-        return
-    if request.param == "sqlite":
-        sqlite = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-        yield sqlite
-        sqlite.close()
-        return
-    from host.cluster.pgstore import PgJobStore, open_pool
-    from host.cluster.schema import ensure_schema
-
-    url = request.getfixturevalue("db_url")
-    ensure_schema(url)
-    pool = open_pool(url, max_size=8)
-    yield PgJobStore(pool)
-    pool.close()
 
 
 def new_batch(name: str, count: int, owner: str = "alice") -> tuple[Batch, list[Job]]:

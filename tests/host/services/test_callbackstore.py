@@ -17,10 +17,10 @@ from host.services.callbackstore import (
     outbox_for,
 )
 from host.services.jobrows import JobStore
-from tests.host.services.test_store_contract import PAYLOAD, finish, job, store  # noqa: F401
+from tests.host.services.test_store_contract import PAYLOAD, finish, job
 
 
-def test_a_callback_is_due_only_once_its_job_has_ended(store: JobStore) -> None:  # noqa: F811
+def test_a_callback_is_due_only_once_its_job_has_ended(store: JobStore) -> None:
     outbox = outbox_for(store)
     store.add(job(1), PAYLOAD)
     callback = new_callback("alice", "job", "job0001", "https://hooks.example.com/x", 100.0)
@@ -35,7 +35,7 @@ def test_a_callback_is_due_only_once_its_job_has_ended(store: JobStore) -> None:
     assert outbox.of_subjects("job", []) == {}
 
 
-def test_a_held_lease_is_not_claimed_again_until_it_expires(store: JobStore) -> None:  # noqa: F811
+def test_a_held_lease_is_not_claimed_again_until_it_expires(store: JobStore) -> None:
     outbox = outbox_for(store)
     for n in range(1, 9):
         store.add(job(n), PAYLOAD)
@@ -57,7 +57,7 @@ def test_a_held_lease_is_not_claimed_again_until_it_expires(store: JobStore) -> 
     assert found is not None and found.state == DELIVERED and found.attempts == (attempt,)
 
 
-def test_a_retry_is_due_at_its_next_attempt(store: JobStore) -> None:  # noqa: F811
+def test_a_retry_is_due_at_its_next_attempt(store: JobStore) -> None:
     outbox = outbox_for(store)
     store.add(job(1), PAYLOAD)
     finish(store, job(1))
@@ -70,7 +70,7 @@ def test_a_retry_is_due_at_its_next_attempt(store: JobStore) -> None:  # noqa: F
     assert retried.attempts == (failed,)
 
 
-def test_callbacks_of_pruned_jobs_are_swept(store: JobStore) -> None:  # noqa: F811
+def test_callbacks_of_pruned_jobs_are_swept(store: JobStore) -> None:
     outbox = outbox_for(store)
     for n in (1, 2):
         store.add(job(n), PAYLOAD)
@@ -83,7 +83,7 @@ def test_callbacks_of_pruned_jobs_are_swept(store: JobStore) -> None:  # noqa: F
     assert outbox.of_subject("job", "job0002") is not None
 
 
-def test_a_batch_callback_is_due_only_once_the_batch_has_ended(store: JobStore) -> None:  # noqa: F811
+def test_a_batch_callback_is_due_only_once_the_batch_has_ended(store: JobStore) -> None:
     outbox = outbox_for(store)
     items = [job(1), job(2)]
     batch = Batch("batch01", "alice", "echo", items[0].created_at, ("job0001", "job0002"))
@@ -105,7 +105,7 @@ def test_a_batch_callback_is_due_only_once_the_batch_has_ended(store: JobStore) 
     assert outbox.sweep(150.0) == 0  # its batch exists
 
 
-def test_a_callback_of_a_batch_never_stored_is_swept(store: JobStore) -> None:  # noqa: F811
+def test_a_callback_of_a_batch_never_stored_is_swept(store: JobStore) -> None:
     outbox = outbox_for(store)
     outbox.add(new_callback("alice", "batch", "nobatch", "https://h.example/x", 100.0))
     assert outbox.claim(200.0, 30.0, 10) == []

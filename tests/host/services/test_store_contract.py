@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,35 +20,14 @@ from host.errors import JobNotFound, QuotaExceeded
 from host.registry import PluginRegistry
 from host.services import JobLimits, JobManagementService, PluginManagementService
 from host.services.jobrows import Idempotency, JobStore
-from host.services.store import Job, JobStatus, MemoryJobStore, SQLiteJobStore, now_iso
+from host.services.store import Job, JobStatus, now_iso
 from sandbox.supervisor import Sandbox
-from tests.cluster.pg import NEEDS_POSTGRES
 from tests.conftest import make_png
 
 PNG = make_png(8, 8)
 PAYLOAD = {"image": PNG, "mime_type": "image/png", "options": {"k": 1}}
 # What PAYLOAD stores: the raw image and the JSON of the other fields.
 INPUT_BYTES = len(PNG) + len(json.dumps({"mime_type": "image/png", "options": {"k": 1}}))
-
-
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=NEEDS_POSTGRES)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    if request.param == "memory":
-        yield MemoryJobStore()
-        return
-    if request.param == "sqlite":
-        sqlite = SQLiteJobStore(tmp_path / "jobs.sqlite3")
-        yield sqlite
-        sqlite.close()
-        return
-    from host.cluster.pgstore import PgJobStore, open_pool
-    from host.cluster.schema import ensure_schema
-
-    url = request.getfixturevalue("db_url")
-    ensure_schema(url)
-    pool = open_pool(url, max_size=2)
-    yield PgJobStore(pool)
-    pool.close()
 
 
 def job(n: int, owner: str = "alice", plugin: str = "echo") -> Job:
