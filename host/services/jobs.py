@@ -73,6 +73,10 @@ PRUNE_TO_FRACTION = 0.9
 # max_jobs_per_client - max_jobs_per_client // QUOTA_STEP - 1 (for the new one).
 QUOTA_STEP = 64
 
+# How long a retry waits for the request that stored its job to hand it to the
+# runner (microseconds, unless that request's thread is starved).
+HANDOVER_WAIT_S = 10.0
+
 
 @dataclass
 class _Waited:
@@ -145,6 +149,8 @@ class JobManagementService:
         )
         self._lock = threading.Lock()
         self._waited: dict[str, _Waited] = {}  # run_waited's jobs not finished yet
+        # Keyed jobs stored and not yet handed to the runner: set once handed.
+        self._handing: dict[str, threading.Event] = {}
         self._last_prune = 0.0
         self.closed = False  # shutdown() began: nothing more runs
         # Completion callbacks (host/services/callbacks.py); None: not offered.
@@ -197,8 +203,16 @@ class JobManagementService:
             # whose job never came (refused, or the host died between the
             # two) is swept (callbackstore.py).
             self.callbacks.register(owner, "job", job.id, callback_url)
-        held = self.store.add(job, payload, idem, self._quota(owner, _input_bytes(payload)))
+        if idem is not None:  # a retry may find it stored before it is handed over
+            with self._lock:
+                self._handing[job.id] = threading.Event()
+        try:
+            held = self.store.add(job, payload, idem, self._quota(owner, _input_bytes(payload)))
+        except BaseException:
+            self._handed(job.id)
+            raise
         if held is not None and idem is not None:
+            self._handed(job.id)
             return replayed(held, idem), False
         log.info("job accepted", extra={"job_id": job.id, "plugin": plugin_name})
         return job, True
@@ -328,7 +342,10 @@ class JobManagementService:
                 if not stored:  # a racing request with the same key stored it first
                     self.runner.withdraw()
                     return self._following(job)
-            future = self.runner.submit(job.id)
+            try:
+                future = self.runner.submit(job.id)
+            finally:
+                self._handed(job.id)
         except BaseException:
             if job is not None:
                 with self._lock:
@@ -345,10 +362,22 @@ class JobManagementService:
         is not submitted yet), with the job as it is now."""
         if job.status in FINISHED:
             return _done(job)
+        with self._lock:
+            handing = self._handing.get(job.id)
+        if handing is not None:  # stored by a request still handing it over
+            handing.wait(HANDOVER_WAIT_S)
         future = self.runner.follow(job.id)
         if future is None:
             return _done(self.get_job(job.id))
         return job, future
+
+    def _handed(self, job_id: str) -> None:
+        """The request that stored keyed job `job_id` is done handing it
+        over (or failed to): retries waiting for it go on."""
+        with self._lock:
+            handing = self._handing.pop(job_id, None)
+        if handing is not None:
+            handing.set()
 
     def _start(self, job_id: str) -> tuple[Job, _Waited | None]:
         """Mark a PENDING job RUNNING (a waited one the store has not heard

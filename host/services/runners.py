@@ -133,18 +133,17 @@ class LocalPool:
 
     def submit(self, job_id: str) -> Future[Job]:
         token = self._cancellation()
-        with self._lock:
+        with self._lock:  # the job's run forgets it only after this
             self._tokens[job_id] = token
             self._in_flight += 1
-        try:
-            future = self._pool.submit(self._run_pooled, job_id, token)
-        except BaseException:
-            self._forget(job_id)
-            token.close()
-            raise
-        with self._lock:
-            if not future.done():
-                self._futures[job_id] = future
+            try:
+                future = self._pool.submit(self._run_pooled, job_id, token)
+            except BaseException:
+                self._tokens.pop(job_id, None)
+                self._in_flight -= 1
+                token.close()
+                raise
+            self._futures[job_id] = future  # followed from its submission on
         return future
 
     def follow(self, job_id: str) -> Future[Job] | None:

@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
@@ -199,6 +199,42 @@ def test_a_retried_analyze_waits_for_the_running_job_and_answers_its_result(
         assert retried.json() == created.json()  # the one run's result, twice
     done = client.get(f"/v1/jobs/{running}", headers=ALICE).json()
     assert done["status"] == "SUCCESS" and done["result"] == retried.json()["result"]
+    assert total(client) == 1
+
+
+@pytest.mark.parametrize("first_route", ["/v1/analyze", "/v1/jobs"])
+def test_a_retry_arriving_before_the_job_is_handed_to_the_pool_waits_for_it(
+    make_client: Callable[..., TestClient],
+    registry: PluginRegistry,
+    tmp_path: Path,
+    body: dict,
+    first_route: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first request stored its job and is slow to hand it to the pool:
+    # the retry finds the job PENDING and known to no runner yet.
+    _nap_plugin(registry, tmp_path / "plugins")
+    client = make_client(**TOKENS)
+    runner = client.app.state.services.jobs.runner
+    submit, stored = runner.submit, threading.Event()
+
+    def slow_submit(job_id: str) -> Future:
+        stored.set()
+        time.sleep(0.5)
+        return submit(job_id)
+
+    monkeypatch.setattr(runner, "submit", slow_submit)
+    nap = {**body, "plugin": "nap"}
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, first_route, json=nap, headers=keyed("early"))
+        assert stored.wait(30)
+        retried = client.post("/v1/analyze", json=nap, headers=keyed("early"))
+        created = first.result(timeout=60)
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["job_id"] == job_id(created)
+    assert "run" in retried.json()["result"]  # the job's result, not 202's job view
+    if first_route == "/v1/analyze":
+        assert retried.json() == created.json()
     assert total(client) == 1
 
 
