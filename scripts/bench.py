@@ -58,6 +58,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import fork_floor as fork_floor_script  # noqa: E402 (scripts/, beside this one)
 import psutil  # noqa: E402
 
 from host.bytecode import compile_plugin  # noqa: E402
@@ -132,88 +133,18 @@ def trivial_plugin_dir() -> Path:
 
 # -- baselines -------------------------------------------------------------------
 
-# One trivial call the bare way, in a fresh interpreter with nothing
-# imported: `serial N` times N calls one after the other (milliseconds
-# each); `sustained S T` counts calls per second from T threads for S seconds.
-# Either prints its figures with the cost of its calls: the CPU and minor
-# page faults of the parent (every thread) and of the children it reaped.
-FORK_FLOOR = textwrap.dedent(
-    """
-    import json, os, resource, sys, threading, time
-    def once():
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            os.write(w, json.dumps({"value": 1}).encode())
-            os._exit(0)
-        os.close(w)
-        data = os.read(r, 1024)
-        os.close(r)
-        os.waitpid(pid, 0)
-        return json.loads(data)
-    def usage():
-        out = []
-        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-            u = resource.getrusage(who)
-            out += [(u.ru_utime + u.ru_stime) * 1000, u.ru_minflt]
-        return out
-    def cost(before, calls):
-        d = [b - a for a, b in zip(before, usage())]
-        return {"calls": calls, "cpu_ms": (d[0] + d[2]) / calls, "faults": (d[1] + d[3]) / calls,
-                "parent_cpu_ms": d[0] / calls, "parent_faults": d[1] / calls,
-                "children_cpu_ms": d[2] / calls, "children_faults": d[3] / calls}
-    def serial(n):
-        for _ in range(5):
-            once()
-        out, before = [], usage()
-        for _ in range(n):
-            t = time.perf_counter(); once(); out.append((time.perf_counter() - t) * 1000)
-        return {"samples": out, "cost": cost(before, n)}
-    def sustained(seconds, threads):
-        count, lock, stop = [0], threading.Lock(), time.monotonic() + seconds
-        def loop():
-            while time.monotonic() < stop:
-                once()
-                with lock:
-                    count[0] += 1
-        before, started = usage(), time.monotonic()
-        workers = [threading.Thread(target=loop) for _ in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        rate = count[0] / (time.monotonic() - started)
-        return {"rate": rate, "cost": cost(before, count[0])}
-    if sys.argv[1] == "serial":
-        print(json.dumps(serial(int(sys.argv[2]))))
-    else:
-        print(json.dumps(sustained(float(sys.argv[2]), int(sys.argv[3]))))
-    """
-)
-
-
-def _fork_floor(*args: object) -> Any:
-    out = subprocess.run(
-        [sys.executable, "-c", FORK_FLOOR, *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return json.loads(out)
-
 
 def fork_floor(n: int) -> dict[str, float]:
     """os.fork + pipe from a small parent (a fresh interpreter, nothing imported)."""
-    found = _fork_floor("serial", n)
+    found = fork_floor_script.measure("serial", n)
     RESULTS.setdefault("cost", {})["bare serial"] = found["cost"]
     return stats(found["samples"])
 
 
 def fork_floor_rate(seconds: float, threads: int) -> tuple[float, dict[str, float]]:
     """Calls per second of os.fork + pipe from a small parent, `threads` at a
-    time, and the cost of a call (`FORK_FLOOR`)."""
-    found = _fork_floor("sustained", seconds, threads)
+    time, and the cost of a call (`scripts/fork_floor.py`)."""
+    found = fork_floor_script.measure("sustained", seconds, threads)
     return float(found["rate"]), found["cost"]
 
 

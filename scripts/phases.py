@@ -46,7 +46,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -57,6 +56,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import fork_floor  # noqa: E402 (scripts/, beside this one)
 from call_path import trivial_plugin  # noqa: E402 (scripts/, beside this one)
 
 from sandbox import trace  # noqa: E402
@@ -397,47 +397,15 @@ def round_lines(per_round: list[list[Call]], contexts: list[dict[str, float]]) -
     return lines
 
 
-# os.fork + pipe from a small parent, as scripts/bench.py's floor does it:
-# minor faults and CPU per call, of the parent and of its children.
-FLOOR = """
-import json, os, resource, sys
-def once():
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        os.write(w, json.dumps({"value": 1}).encode())
-        os._exit(0)
-    os.close(w)
-    data = os.read(r, 1024)
-    os.close(r)
-    os.waitpid(pid, 0)
-    return json.loads(data)
-n = int(sys.argv[1])
-for _ in range(5):
-    once()
-before = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-for _ in range(n):
-    once()
-after = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-print(json.dumps([
-    [(a.ru_minflt - b.ru_minflt) / n,
-     (a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime) * 1000 / n]
-    for a, b in zip(after, before)
-]))
-"""
-
-
 def floor_line(calls: int) -> str:
-    """The fork floor's faults and CPU per call, measured now."""
-    out = subprocess.run(
-        [sys.executable, "-c", FLOOR, str(calls)], capture_output=True, text=True, check=True
-    ).stdout
-    (parent_faults, parent_ms), (child_faults, child_ms) = json.loads(out)
+    """The fork floor's faults and CPU per call, measured now: the bare call
+    of `scripts/bench.py`, `scripts/fork_floor.py`."""
+    cost = fork_floor.measure("serial", calls)["cost"]
     return (
-        f"os.fork + pipe, small parent: {parent_faults + child_faults:.0f} faults per call"
-        f" (parent {parent_faults:.0f}, child {child_faults:.0f}),"
-        f" {parent_ms + child_ms:.2f} ms CPU (parent {parent_ms:.2f}, child {child_ms:.2f})"
+        f"os.fork + pipe, small parent: {cost['faults']:.0f} faults per call"
+        f" (parent {cost['parent_faults']:.0f}, child {cost['children_faults']:.0f}),"
+        f" {cost['cpu_ms']:.2f} ms CPU (parent {cost['parent_cpu_ms']:.2f},"
+        f" child {cost['children_cpu_ms']:.2f})"
     )
 
 
