@@ -68,6 +68,13 @@ COMPILED = ".plughost-compiled"
 CACHE = ".installer-cache"
 LEGACY_CACHE = ".cache"
 INSTALL_TIMEOUT_S = 900.0
+# A host that reads a ready environment (every call does) marks its declaration
+# in use when the mark is older than this, so that `collect` on another host
+# sharing the directory (grace: an hour) never takes an environment in use.
+TOUCH_EVERY_S = 600.0
+# Held shared by every preparation, taken exclusively by `collect`, which gives
+# way (collects nothing) while any preparation on any host is under way.
+COLLECT_LOCK = ".collect.lock"
 _DIST_INFO = re.compile(r"^(?P<name>.+?)-(?P<version>[^-]+)\.dist-info$")
 
 Progress = Callable[[str], None]
@@ -223,6 +230,9 @@ class EnvironmentStore:
         if record is not None:
             path = self.root / record.key
             if (path / MARKER).is_file():
+                marked = self.root / BY_SPEC / f"{key}.json"
+                if _age_s(marked) > TOUCH_EVERY_S:
+                    _touch(marked)
                 return EnvState(EnvStatus.READY, path, packages=record.packages)
         with self._lock:
             if key in self._preparing:
@@ -261,7 +271,7 @@ class EnvironmentStore:
             self._preparing[key] = plugin
             self._failed.pop(key, None)
         try:
-            with self._file_lock(key):
+            with self._collect_lock(fcntl.LOCK_SH), self._file_lock(key):
                 current = self.state(plugin, requirements)
                 if current.status is EnvStatus.READY and not refresh:
                     self.touch(plugin, requirements)
@@ -281,6 +291,10 @@ class EnvironmentStore:
     def _file_lock(self, key: str) -> _FileLock:
         (self.root / BY_SPEC).mkdir(parents=True, exist_ok=True)
         return _FileLock(self.root / BY_SPEC / f"{key}.lock")
+
+    def _collect_lock(self, mode: int, wait: bool = True) -> _FileLock:
+        (self.root / BY_SPEC).mkdir(parents=True, exist_ok=True)
+        return _FileLock(self.root / BY_SPEC / COLLECT_LOCK, mode, wait)
 
     def _build(
         self, plugin: str, key: str, requirements: Requirements, progress: Progress
@@ -323,8 +337,19 @@ class EnvironmentStore:
     def collect(self, in_use: Iterable[str], grace_s: float = 3600.0) -> list[str]:
         """Remove what no plugin uses: the records of declarations not in
         `in_use` left untouched for `grace_s` (another host may share this
-        directory), then every environment no remaining record names."""
-        keep_keys = set(in_use)
+        directory: its calls keep marking what they use, `TOUCH_EVERY_S`),
+        then every environment no remaining record names. Nothing while a
+        preparation is under way, here or on another host (it may have just
+        found one of them ready): the next collection does it."""
+        if not self.root.is_dir():
+            return []
+        try:
+            with self._collect_lock(fcntl.LOCK_EX, wait=False):
+                return self._collect(set(in_use), grace_s)
+        except OSError:  # a preparation holds it (or this user may not take it)
+            return []
+
+    def _collect(self, keep_keys: set[str], grace_s: float) -> list[str]:
         records = self.root / BY_SPEC
         kept_dirs: set[str] = set()
         if records.is_dir():
@@ -349,9 +374,12 @@ class EnvironmentStore:
 
     def touch(self, plugin: str, requirements: Requirements) -> None:
         """Mark a declaration as in use now (what `collect`'s grace counts from)."""
-        record = self.root / BY_SPEC / f"{self.key_for(plugin, requirements)}.json"
-        with contextlib.suppress(OSError):
-            os.utime(record)
+        _touch(self.root / BY_SPEC / f"{self.key_for(plugin, requirements)}.json")
+
+
+def _touch(record: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(record)
 
 
 def _age_s(path: Path) -> float:
@@ -368,10 +396,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class _FileLock:
-    """An exclusive flock: one preparation per declaration across processes."""
+    """A flock across processes: exclusive (one preparation per declaration),
+    or `mode` LOCK_SH. Waits for it (at most an installation's time), or with
+    `wait` False raises BlockingIOError at once when it is held."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mode: int = fcntl.LOCK_EX, wait: bool = True) -> None:
         self.path = path
+        self.mode = mode
+        self.wait = wait
         self._fd = -1
 
     def __enter__(self) -> _FileLock:
@@ -379,9 +411,12 @@ class _FileLock:
         deadline = time.monotonic() + INSTALL_TIMEOUT_S + 60
         while True:
             try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self._fd, self.mode | fcntl.LOCK_NB)
                 return self
             except BlockingIOError:
+                if not self.wait:
+                    os.close(self._fd)
+                    raise
                 if time.monotonic() > deadline:
                     os.close(self._fd)
                     raise PrepareError(f"{self.path} is held by another preparation") from None

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -183,3 +187,52 @@ def test_an_environment_holds_the_bytecode_of_its_modules(tmp_path: Path) -> Non
     assert _uncompiled(state.path)
     assert store.prepare("c", requirements).path == state.path
     assert _uncompiled(state.path) == []
+
+
+def test_an_environment_in_use_is_kept_by_another_hosts_collect(tmp_path: Path) -> None:
+    # Two hosts share the directory: this one prepared `used` long ago and
+    # still runs calls with it; the other host's plugins do not use it.
+    store = _store(tmp_path)
+    requirements = Requirements(("six==1.17.0",), source="u")
+    ready = store.prepare("used", requirements)
+    assert ready.path is not None
+    record = tmp_path / "envs" / BY_SPEC / f"{store.key_for('used', requirements)}.json"
+    hours_ago = time.time() - 7200
+    os.utime(record, (hours_ago, hours_ago))
+    assert store.state("used", requirements).status is EnvStatus.READY  # a call reads it
+    other_host = _store(tmp_path)
+    assert other_host.collect([]) == []
+    assert ready.path.is_dir()
+    assert store.state("used", requirements).status is EnvStatus.READY
+
+
+def test_collect_never_removes_an_environment_a_preparation_just_found_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One host's preparation finds its environment ready; before it marks it
+    # in use, another host sharing the directory collects what its own
+    # plugins do not use. The first host must not be handed a removed directory.
+    store = _store(tmp_path)
+    requirements = Requirements(("six==1.17.0",), source="p")
+    first = store.prepare("p", requirements)
+    assert first.path is not None
+    record = tmp_path / "envs" / BY_SPEC / f"{store.key_for('p', requirements)}.json"
+    hours_ago = time.time() - 7200
+    os.utime(record, (hours_ago, hours_ago))
+    found_ready, go_on = threading.Event(), threading.Event()
+    touch = EnvironmentStore.touch
+
+    def slow_touch(self: EnvironmentStore, plugin: str, req: Requirements) -> None:
+        found_ready.set()
+        assert go_on.wait(30)
+        touch(self, plugin, req)
+
+    monkeypatch.setattr(EnvironmentStore, "touch", slow_touch)
+    with ThreadPoolExecutor(1) as pool:
+        preparing = pool.submit(store.prepare, "p", requirements)
+        assert found_ready.wait(30)
+        _store(tmp_path).collect([])  # the other host
+        go_on.set()
+        state = preparing.result(timeout=60)
+    assert state.status is EnvStatus.READY and state.path is not None
+    assert (state.path / "six.py").is_file(), "READY answered for a removed directory"
