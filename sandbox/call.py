@@ -378,6 +378,7 @@ class _Watcher:
             stop=stop,
             oom_killed=stop is None and oom_killed,
             peak_rss=self.peak_rss,
+            memory_counted=handle.memory_counted,
             cgroup_peak=cgroup_peak,
             streams={name: (s.total, s.text()) for name, s in self.streams.items()},
             output={name: s.output() for name, s in self.streams.items() if s.total},
@@ -503,6 +504,7 @@ class Observed:
     stop: Stop | None = None
     oom_killed: bool = False  # read after the child exited
     peak_rss: int = 0  # highest sampled memory, bytes
+    memory_counted: bool = False  # the samples are a memory cgroup's count
     cgroup_peak: int | None = None  # the cgroup's own peak, bytes
     streams: dict[str, tuple[int, str]] = field(default_factory=dict)  # total, tail
     output: dict[str, str] = field(default_factory=dict)  # the head of each, for the author
@@ -530,9 +532,15 @@ def verdict(seen: Observed, limits: CallLimits) -> Outcome:
     outcome = stopped(seen.stop, limits) if seen.stop is not None else judge(seen, limits)
     outcome.details.setdefault("elapsed_ms", seen.elapsed_ms)
     # The cgroup's own maximum counts the page cache too; the samples do not.
+    # The exit report's maximum RSS counts the pages of the interpreter and
+    # its libraries as well, which the host loaded and no call is charged for:
+    # where a memory cgroup's samples measured the call, they are its peak.
     # Nothing measured (a call over before its first sample, its exit not
     # reported yet) is no figure, not a peak of 0.
-    peak = max(seen.peak_rss, seen.maxrss_kb * 1024)
+    if seen.memory_counted and seen.peak_rss:
+        peak = seen.peak_rss
+    else:
+        peak = max(seen.peak_rss, seen.maxrss_kb * 1024)
     if peak:
         outcome.details.setdefault("peak_rss_mb", round(peak / MiB, 1))
     if seen.cgroup_peak is not None:  # page cache included, as the kernel counts it

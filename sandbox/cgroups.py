@@ -18,10 +18,10 @@ its calls to the next (`CgroupPool`), as it keeps the uid's slot: they are
 made for the uid's first call and named `call-<host id>-<pool>u<uid>`. A
 call gets them only once every process of the uid's previous call has left
 them (the uid's lock says as much; the pool checks `cgroup.procs` again),
-with its own limits written and the OOM-kill count it will be judged by
-taken as it found it. On cgroup v2 each call still gets cgroups of its own:
-`memory.peak` can be reset only on Linux 6.12 and later, and a call's peak
-must be its own.
+with its own limits written, its peak (`memory.max_usage_in_bytes`) reset
+and the OOM-kill count it will be judged by taken as it found it. On
+cgroup v2 each call still gets cgroups of its own: `memory.peak` can be
+reset only on Linux 6.12 and later, and a call's peak must be its own.
 """
 
 from __future__ import annotations
@@ -351,14 +351,25 @@ class CallCgroup:
 
     def peak_bytes(self) -> int | None:
         """The call's highest memory use, page cache included, as the kernel
-        kept it (v2 memory.peak, Linux 5.19+); None where it is not kept."""
-        if not self.v2:
-            return None
+        kept it (v1 memory.max_usage_in_bytes, v2 memory.peak from Linux
+        5.19); None where it is not kept."""
         try:
-            peak = self._read_memory("memory.peak")
+            peak = self._read_memory("memory.peak" if self.v2 else "memory.max_usage_in_bytes")
             return None if peak is None else int(peak)
         except (OSError, ValueError):
             return None
+
+    def peak_reset(self) -> bool:
+        """Start a kept v1 cgroup's peak again from its (empty) usage, so
+        that the next call's peak is its own; False if the kernel refused."""
+        memory = self.dirs.get("memory")
+        if memory is None:
+            return True
+        try:
+            _write(memory / "memory.max_usage_in_bytes", 0)
+        except OSError:
+            return False
+        return True
 
     def remove(self, deadline_s: float = 2.0) -> bool:
         """Remove the cgroups once their processes are gone (they are killed
@@ -459,7 +470,7 @@ class CgroupPool:
         """The call of `cgroup` is over and its processes killed: keep its
         cgroups for the uid's next call once they are empty, else remove them."""
         uid = cgroup.uid
-        if uid is None or not cgroup.emptied():
+        if uid is None or not cgroup.emptied() or not cgroup.peak_reset():
             self._remove(cgroup)
             return
         cgroup.oom_seen = cgroup.oom_count()

@@ -470,6 +470,11 @@ class ChildHandle:
             usage = self.procs.total_rss() if self.procs is not None else 0
         return usage, oom_killed
 
+    @property
+    def memory_counted(self) -> bool:
+        """Whether a memory cgroup counts (and limits) the call's pages."""
+        return self.cgroup is not None and self.cgroup.counts_memory
+
     def memory_at_end(self) -> tuple[bool, int | None]:
         """Once the call is over: whether the kernel OOM-killed a process of
         it at its memory cgroup, and the cgroup's own peak in bytes (page

@@ -105,6 +105,24 @@ def test_a_call_is_judged_by_its_own_oom_kills(pool: CgroupPool) -> None:
     pool.give_back(again)
 
 
+def test_a_calls_peak_is_its_own(pool: CgroupPool) -> None:
+    uid = uid_range().start
+    cgroup = pool.take(uid, 16 * MiB, 16)
+    pid = _member(cgroup, "allocate")  # to the limit, killed there
+    os.waitpid(pid, 0)
+    peak = cgroup.peak_bytes()
+    assert peak is not None and peak > 12 * MiB
+    pool.give_back(cgroup)
+    again = pool.take(uid, 16 * MiB, 16)
+    assert again is cgroup
+    pid = _member(again, "sleep")
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    peak = again.peak_bytes()
+    assert peak is not None and peak < 8 * MiB  # not the earlier call's 16 MiB
+    pool.give_back(again)
+
+
 def test_a_process_left_in_a_uids_cgroup_is_killed_before_the_next_call(
     pool: CgroupPool,
 ) -> None:

@@ -86,6 +86,24 @@ def test_memory_limit_reports_limit_and_peak(runner: ToolRunner, payload: dict) 
         assert details["peak_rss_mb"] > 128  # the watchdog saw it cross
 
 
+@pytest.mark.parametrize("case", ["slow_growth", "memory_in_threads", "memory_in_grandchildren"])
+def test_a_memory_bombs_peak_is_what_its_limit_counts(
+    runner: ToolRunner, payload: dict, case: str
+) -> None:
+    # A process's maximum RSS also counts the pages of the interpreter and its
+    # libraries, which the host loaded and no call is charged for (about 17 MB
+    # of a Python process): where a memory cgroup counts the call, the peak a
+    # client is shown is the cgroup's count, which its limit bounds.
+    _, error = runner.run(case, payload)
+    details = error["error"]["details"]
+    assert details["reason"] == "memory_limit" and details["limit_mb"] == 128
+    if runner.sandbox.protections()["cgroup_memory"]:
+        assert 0 < details["peak_rss_mb"] <= 128 * 1.05 + 1, details
+        assert details["cgroup_peak_mb"] <= 128 * 1.05 + 1, details
+    else:
+        assert details["peak_rss_mb"] > 128  # the watchdog saw it cross
+
+
 def test_timeout_reports_the_limit(runner: ToolRunner, payload: dict) -> None:
     _, error = runner.run("busy_loop", payload)
     details = error["error"]["details"]

@@ -185,3 +185,17 @@ def test_a_call_nothing_measured_has_no_peak_rather_than_a_peak_of_zero() -> Non
 def test_an_unknown_stop_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown stop"):
         verdict(_seen(stop=Stop("nonsense")), LIMITS)
+
+
+def test_where_a_memory_cgroup_counts_the_call_its_count_is_the_peak() -> None:
+    # The exit report's maximum RSS counts shared library pages no call is
+    # charged for; it is the peak only where nothing else measured the call.
+    final = _body({"type": "result", "result": {}})
+    counted = _seen(
+        final=final, ready=True, peak_rss=120 * MiB, maxrss_kb=145 * 1024, memory_counted=True
+    )
+    assert verdict(counted, LIMITS).details["peak_rss_mb"] == 120.0
+    unsampled = _seen(final=final, ready=True, maxrss_kb=9 * 1024, memory_counted=True)
+    assert verdict(unsampled, LIMITS).details["peak_rss_mb"] == 9.0
+    summed = _seen(final=final, ready=True, peak_rss=120 * MiB, maxrss_kb=145 * 1024)
+    assert verdict(summed, LIMITS).details["peak_rss_mb"] == 145.0
