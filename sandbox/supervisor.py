@@ -8,8 +8,9 @@ Data flow of `Sandbox.execute` (one host thread per call)::
         uid (UidPool), cgroup (CallCgroup), scratch  -> ChildHandle
         ChildHandle.start: pipes, sealed payload memfd, ChildSpec
                            -> Launcher.start_child -> fork -> sandbox.child
+      (prewarm: a warm child for the next call is asked for now, started in
+       the background once this call has its verdict, or a few ms into it)
       sandbox.call.run_call(handle, call, token)    one call: watch, verdict
-      (prewarm: a warm child for the next call is started now, in the background)
       finally: Closer.close(handle): in the closer's thread, wait for the reap,
                kill what is left, cgroup, scratch, fds, uid
 
@@ -188,14 +189,14 @@ class Sandbox:
                 "isolation level strict: missing layers " + ", ".join(lacking),
                 {"missing_layers": lacking},
             )
-        handle = None
+        handle, judged = None, None
         if self.prewarm:
             key = _warm_key(call)
             handle = self.warm_pool.take(key)
-            # The next call's child is set up while this one runs: the host's
-            # share of it is done while this call waits on its child.
-            waiting = call.without_payload()
-            self.warm_pool.fill(key, lambda: self._start(waiting, layers, warm=True))
+            # The next call's child, set up beside this call once it has its
+            # verdict or has run a while (prewarm.FILL_DELAY_S).
+            waiting, judged = call.without_payload(), threading.Event()
+            self.warm_pool.fill(key, lambda: self._start(waiting, layers, warm=True), judged)
         trace.mark("host.execute_checks")
         if handle is None:
             try:
@@ -210,6 +211,8 @@ class Sandbox:
                 self._set_up(exc.details.get("stderr_tail") or exc.message)
             raise
         finally:
+            if judged is not None:
+                judged.set()
             self._closer.close(handle)
             trace.mark("host.uid_release")
         self._set_up(None)

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from sandbox import prewarm
 from sandbox.handle import ChildHandle
 from sandbox.prewarm import Pacing, WarmPool
 
@@ -141,5 +142,44 @@ def test_a_pool_with_no_room_or_fast_calls_starts_nothing(size: int) -> None:
         assert started == []
         # A pool of size 0 has no room: the pacing is not even asked.
         assert pacing.skipped == size
+    finally:
+        pool.close()
+
+
+def test_a_replacement_waits_for_the_calls_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Started while a short call runs, a replacement's host share holds the
+    # interpreter and its fork the launcher while the call's reply waits.
+    monkeypatch.setattr(prewarm, "FILL_DELAY_S", 30.0)
+    started = threading.Event()
+
+    def start() -> ChildHandle:
+        started.set()
+        raise RuntimeError("no child in this test")
+
+    pool = WarmPool(1, lambda handle: None)
+    try:
+        judged = threading.Event()
+        pool.fill(KEY, start, judged)
+        assert not started.wait(0.3)
+        judged.set()
+        assert started.wait(10)
+    finally:
+        pool.close()
+
+
+def test_a_long_calls_replacement_is_started_while_it_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(prewarm, "FILL_DELAY_S", 0.05)
+    started = threading.Event()
+
+    def start() -> ChildHandle:
+        started.set()
+        raise RuntimeError("no child in this test")
+
+    pool = WarmPool(1, lambda handle: None)
+    try:
+        pool.fill(KEY, start, threading.Event())  # a call with no verdict yet
+        assert started.wait(10)
     finally:
         pool.close()

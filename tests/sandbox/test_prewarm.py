@@ -18,7 +18,7 @@ import pytest
 from host.registry import PluginRegistry
 from sandbox.supervisor import Sandbox
 from sandbox.tool_runner import ToolRunner
-from tests.conftest import sandbox_processes
+from tests.conftest import sandbox_processes, write_plugin
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,6 +46,19 @@ def test_second_call_uses_a_warm_child_and_gets_the_same_answer(
     hot, error = warm.run("image_info", payload)
     assert error == {} and hot == cold
     assert warm.sandbox.warm_hits == 1
+
+
+def test_a_long_calls_successor_is_prepared_while_it_runs(
+    warm: ToolRunner, registry: PluginRegistry, payload: dict, tmp_path: Path
+) -> None:
+    # Back-to-back calls of a plugin that runs a while each find a warm child:
+    # the next one is set up beside the call, not after it.
+    write_plugin(tmp_path, "nap", "time.sleep(1)\nreturn {}", timeout_s=10)
+    assert registry.load_directory(tmp_path / "nap") == ["nap"]
+    for _ in range(3):
+        result, error = warm.run("nap", payload)
+        assert error == {} and result == {}
+    assert warm.sandbox.warm_hits == 2
 
 
 @pytest.mark.parametrize(
