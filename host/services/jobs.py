@@ -85,6 +85,9 @@ class _Waited:
     job: Job  # as it is now
     payload: Any
     recorded: bool = False
+    # Its owner's quota, checked on the store as it starts, or as it is
+    # recorded if that comes first; None once checked.
+    quota: Admit | None = None
 
 
 @dataclass(frozen=True)
@@ -310,8 +313,14 @@ class JobManagementService:
         the job runs), gets it recorded and queued as any other; a known
         key is answered as by `enqueue`. Raises what `enqueue` raises.
         """
-        waited = self.runner.in_process and key is None
-        return self._queue(plugin_name, payload, owner, waited, key)
+        return self._queue(plugin_name, payload, owner, self.waits_in_memory(key), key)
+
+    def waits_in_memory(self, key: str | None) -> bool:
+        """Whether `run_waited` keeps a job with this idempotency `key` in
+        memory alone until it starts: then it does no store work, and its
+        caller may call it from an event loop (its owner's quota is checked
+        on the store by the thread that starts it, `_start`)."""
+        return self.runner.in_process and key is None
 
     def _queue(
         self,
@@ -334,9 +343,9 @@ class JobManagementService:
         try:
             if waited:
                 job = self._pending(plugin_name, owner)
-                self.store.check(self._quota(owner, _input_bytes(payload)))
+                quota = self._quota(owner, _input_bytes(payload))
                 with self._lock:
-                    self._waited[job.id] = _Waited(job, payload)
+                    self._waited[job.id] = _Waited(job, payload, quota=quota)
             else:
                 job, stored = self._store_pending(plugin_name, payload, owner, idem, callback_url)
                 if not stored:  # a racing request with the same key stored it first
@@ -352,7 +361,8 @@ class JobManagementService:
                     self._waited.pop(job.id, None)
             self.runner.withdraw()
             raise
-        self._maybe_prune()
+        if not waited:  # a waited job's thread prunes as it starts (`_start`)
+            self._maybe_prune()
         return job, future
 
     def _following(self, job: Job) -> tuple[Job, Future[Job]]:
@@ -381,7 +391,8 @@ class JobManagementService:
 
     def _start(self, job_id: str) -> tuple[Job, _Waited | None]:
         """Mark a PENDING job RUNNING (a waited one the store has not heard
-        of, in memory only); return it, or it as it is if it is not PENDING."""
+        of, in memory only, once its owner's quota allows it: else raises
+        QuotaExceeded); return it, or it as it is if it is not PENDING."""
         with self._lock:
             waited = self._waited.get(job_id)
             stored = waited is None or waited.recorded
@@ -389,6 +400,9 @@ class JobManagementService:
             if job.status is not JobStatus.PENDING:
                 self._waited.pop(job_id, None)
                 return job, None
+            if waited is not None and waited.quota is not None:
+                self.store.check(waited.quota)
+                waited.quota = None
             job = replace(job, status=JobStatus.RUNNING, started_at=now_iso())
             if stored:
                 self.store.update(job)
@@ -405,8 +419,12 @@ class JobManagementService:
             if waited is None:
                 return None
             if not waited.recorded:
-                self.store.add(waited.job, waited.payload)
-                waited.recorded = True
+                try:  # with its owner's quota, unless it started (and was checked)
+                    self.store.add(waited.job, waited.payload, None, waited.quota)
+                except QuotaExceeded:
+                    del self._waited[job_id]  # it never starts
+                    raise
+                waited.recorded, waited.quota = True, None
             return waited.job
 
     # -- running ------------------------------------------------------------
@@ -419,10 +437,13 @@ class JobManagementService:
                 self._waited.pop(job_id, None)  # if its run failed outright
 
     def run_job(self, job_id: str, cancel: Any = None) -> Job:
-        """Run a PENDING job in this thread; return it finished. Raises JobNotFound."""
+        """Run a PENDING job in this thread; return it finished. Raises
+        JobNotFound, QuotaExceeded (a waited job its owner has no room for)."""
         job, waited = self._start(job_id)
         if job.status is not JobStatus.RUNNING:
             return job  # cancelled while queued, or run already
+        if waited is not None and not waited.recorded:
+            self._maybe_prune()
         log.info("job started", extra={"job_id": job.id, "plugin": job.plugin})
         started = time.monotonic()
         payload = waited.payload if waited is not None else self.store.payload(job.id)

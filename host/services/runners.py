@@ -56,7 +56,8 @@ class JobRunner(Protocol):
         """Give back the room of an admitted job that was not submitted."""
 
     def submit(self, job_id: str) -> Future[Job]:
-        """Run the admitted, stored job `job_id`; the future resolves with it finished."""
+        """Run the admitted, stored job `job_id`; the future resolves with it
+        finished. Cancelling the future gives up on it, never the job's run."""
 
     def follow(self, job_id: str) -> Future[Job] | None:
         """A future of its own, resolved with the submitted job `job_id`
@@ -144,7 +145,11 @@ class LocalPool:
                 token.close()
                 raise
             self._futures[job_id] = future  # followed from its submission on
-        return future
+        # The caller's own: giving up on it (a wait's deadline cancels what it
+        # awaited) must not cancel the job's run in the queue.
+        follower: Future[Job] = Future()
+        future.add_done_callback(lambda done: _copy(done, follower))
+        return follower
 
     def follow(self, job_id: str) -> Future[Job] | None:
         with self._lock:

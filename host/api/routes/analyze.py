@@ -7,6 +7,7 @@ database's round trips) and a late recording run on the store's threads
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
@@ -59,9 +60,17 @@ async def _analyze(
     first request gives: the key's job is waited for as that request waits
     (its result, its error, or 202 once the deadline passes)."""
     key = idempotency_key(request)
-    job, future = await in_store_thread(
-        request, lambda: svc.analysis.submit(plugin, payload, caller.id, waited=True, key=key)
-    )
+
+    def submit() -> tuple[Job, Future[Job]]:
+        return svc.analysis.submit(plugin, payload, caller.id, waited=True, key=key)
+
+    if svc.analysis.jobs.waits_in_memory(key):
+        # No store work here: the job's own thread checks its owner's quota as
+        # it starts. A hand-over to a store thread and back cost the server's
+        # process 0.2 ms of its 1.5 ms a request.
+        job, future = submit()
+    else:
+        job, future = await in_store_thread(request, submit)
     try:
         job = await asyncio.wait_for(asyncio.wrap_future(future), ANALYZE_WAIT_S)
     except TimeoutError:

@@ -223,3 +223,87 @@ def _finish(client: TestClient, held: threading.Event, *callers: dict[str, str])
             return
         time.sleep(0.05)
     raise AssertionError(f"jobs still unfinished: {pending}")
+
+
+def test_an_analysis_whose_owner_has_no_room_is_refused_and_never_runs(
+    make_client: Callable[..., TestClient], body: dict, held: threading.Event
+) -> None:
+    # Its quota is checked on the store by the thread that starts it, not on
+    # the event loop: the refusal is the same 429, and nothing is stored.
+    client = make_client(max_jobs_per_client=1, workers=2, queue_size=0, **TOKENS)
+    assert client.post("/v1/jobs", json=body, headers=ALICE).status_code == 202
+    refused = client.post("/v1/analyze", json=body, headers=ALICE)
+    detail = assert_envelope(refused, 429, "quota_exceeded")
+    assert detail["details"]["quota"] == "max_jobs_per_client"
+    assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 1
+    # Its slot is free again: the pool's two places hold ALICE's held job and BOB's.
+    assert client.post("/v1/jobs", json=body, headers=BOB).status_code == 202
+    _finish(client, held, ALICE, BOB)
+
+
+def test_an_analysis_that_outlasts_its_wait_is_recorded_within_its_owners_quota(
+    make_client: Callable[..., TestClient],
+    body: dict,
+    held: threading.Event,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import host.api.routes.analyze as analyze
+
+    # Queued behind a held job, the analysis has not started (its quota not
+    # checked yet) when its caller stops waiting: recording it checks the
+    # quota, and a refused one never runs.
+    monkeypatch.setattr(analyze, "ANALYZE_WAIT_S", 0.3)
+    client = make_client(max_jobs_per_client=1, workers=1, queue_size=4, **TOKENS)
+    assert client.post("/v1/jobs", json=body, headers=BOB).status_code == 202  # runs, held
+    assert client.post("/v1/jobs", json=body, headers=ALICE).status_code == 202  # waits
+    refused = client.post("/v1/analyze", json=body, headers=ALICE)
+    assert_envelope(refused, 429, "quota_exceeded")
+    _finish(client, held, ALICE, BOB)
+    jobs = client.get("/v1/jobs", headers=ALICE).json()
+    assert jobs["total"] == 1 and jobs["jobs"][0]["status"] == "SUCCESS"
+    # The refused analysis leaves the pool's queue without running.
+    stats = client.app.state.services.jobs.stats
+    deadline = time.monotonic() + 20
+    while stats()["queued"] + stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stats()["queued"] + stats()["running"] == 0
+
+
+def test_an_analysis_checks_its_quota_on_the_thread_that_runs_it(
+    make_client: Callable[..., TestClient], body: dict
+) -> None:
+    client = make_client(**TOKENS)
+    store = client.app.state.services.jobs.store
+    check, threads = store.check, []
+
+    def spy(admit: Any) -> None:
+        threads.append(threading.current_thread().name)
+        check(admit)
+
+    store.check = spy
+    assert client.post("/v1/analyze", json=body, headers=ALICE).status_code == 200
+    # One hand-over (the loop to the pool's thread), not two (a store thread first).
+    assert len(threads) == 1 and threads[0].startswith("plughost-job"), threads
+
+
+def test_an_analysis_still_queued_when_its_wait_ends_runs_all_the_same(
+    make_client: Callable[..., TestClient],
+    body: dict,
+    held: threading.Event,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import host.api.routes.analyze as analyze
+
+    # The wait's end gave up on the job's future, and that cancelled the job
+    # in the pool's queue: stored PENDING for good, its place never given back.
+    monkeypatch.setattr(analyze, "ANALYZE_WAIT_S", 0.3)
+    client = make_client(workers=1, queue_size=1, **TOKENS)
+    assert client.post("/v1/jobs", json=body, headers=BOB).status_code == 202  # runs, held
+    answer = client.post("/v1/analyze", json=body, headers=ALICE)
+    assert answer.status_code == 202 and answer.json()["job"]["status"] == "PENDING"
+    _finish(client, held, ALICE, BOB)
+    assert client.get(answer.json()["links"]["self"], headers=ALICE).json()["status"] == "SUCCESS"
+    # Both places of the pool are free again.
+    again = [client.post("/v1/jobs", json=body, headers=BOB) for _ in range(2)]
+    assert [r.status_code for r in again] == [202, 202]
+    _finish(client, held, BOB)
