@@ -344,8 +344,11 @@ class JobManagementService:
             if waited:
                 job = self._pending(plugin_name, owner)
                 quota = self._quota(owner, _input_bytes(payload))
-                with self._lock:
-                    self._waited[job.id] = _Waited(job, payload, quota=quota)
+                # Without the lock: other threads hold it during store writes
+                # (`_start`, `record_waited`, `_write_finished`), and this may
+                # run on the event loop. No other thread knows the id before
+                # `submit`, and one dict operation is atomic.
+                self._waited[job.id] = _Waited(job, payload, quota=quota)
             else:
                 job, stored = self._store_pending(plugin_name, payload, owner, idem, callback_url)
                 if not stored:  # a racing request with the same key stored it first
@@ -357,8 +360,7 @@ class JobManagementService:
                 self._handed(job.id)
         except BaseException:
             if job is not None:
-                with self._lock:
-                    self._waited.pop(job.id, None)
+                self._waited.pop(job.id, None)  # not submitted: no other thread knows it
             self.runner.withdraw()
             raise
         if not waited:  # a waited job's thread prunes as it starts (`_start`)
@@ -384,6 +386,8 @@ class JobManagementService:
     def _handed(self, job_id: str) -> None:
         """The request that stored keyed job `job_id` is done handing it
         over (or failed to): retries waiting for it go on."""
+        if job_id not in self._handing:  # not keyed: no lock taken (the event loop's case)
+            return
         with self._lock:
             handing = self._handing.pop(job_id, None)
         if handing is not None:
@@ -401,7 +405,12 @@ class JobManagementService:
                 self._waited.pop(job_id, None)
                 return job, None
             if waited is not None and waited.quota is not None:
-                self.store.check(waited.quota)
+                try:
+                    self.store.check(waited.quota)
+                except QuotaExceeded:
+                    # Gone at once: a wait ending now must not record it.
+                    del self._waited[job_id]
+                    raise
                 waited.quota = None
             job = replace(job, status=JobStatus.RUNNING, started_at=now_iso())
             if stored:

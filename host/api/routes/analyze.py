@@ -32,12 +32,17 @@ from host.api.deps import (
     in_store_thread,
 )
 from host.api.errors import error_response
-from host.errors import Rejected, envelope
+from host.errors import JobNotFound, Rejected, envelope
 from host.services.analysis import ANALYZE_WAIT_S, job_outcome
 from host.services.build import Services
 from host.services.jobrows import FINISHED, Job
 
 router = APIRouter(tags=["analyze"])
+
+
+# How long a job found gone as its wait ended may take to hand its end to its
+# future (the thread that ended it is past its last store work).
+ENDED_WAIT_S = 10.0
 
 
 class AnalyzeResponse(BaseModel):
@@ -71,13 +76,22 @@ async def _analyze(
         job, future = submit()
     else:
         job, future = await in_store_thread(request, submit)
+    ended = asyncio.wrap_future(future)
     try:
-        job = await asyncio.wait_for(asyncio.wrap_future(future), ANALYZE_WAIT_S)
+        # Shielded: the deadline gives up on the wait, not on `ended`.
+        job = await asyncio.wait_for(asyncio.shield(ended), ANALYZE_WAIT_S)
     except TimeoutError:
-        job = await in_store_thread(
-            request, svc.analysis.stop_waiting, job
-        )  # stored now, to be followed
-        return _unfinished(job)
+        try:
+            job = await in_store_thread(
+                request, svc.analysis.stop_waiting, job
+            )  # stored now, to be followed
+        except JobNotFound:
+            # It ended in memory as the wait ended (refused for its owner's
+            # quota as it started): its future says how.
+            job = await asyncio.wait_for(ended, ENDED_WAIT_S)
+        else:
+            ended.cancel()  # nobody waits for it now (the job goes on)
+            return _unfinished(job)
     if job.status not in FINISHED:  # a known key's job no runner here follows
         return _unfinished(job)
     result, error = job_outcome(job)

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from host.errors import QuotaExceeded
 from host.services import PluginManagementService, SQLiteJobStore
+from host.services.jobs import JobManagementService
 from tests.host.api.test_bounds import peak_bytes
 from tests.host.api.test_routes import assert_envelope
 from tests.host.api.test_tenants import ALICE, BOB, TOKENS
@@ -307,3 +309,160 @@ def test_an_analysis_still_queued_when_its_wait_ends_runs_all_the_same(
     again = [client.post("/v1/jobs", json=body, headers=BOB) for _ in range(2)]
     assert [r.status_code for r in again] == [202, 202]
     _finish(client, held, BOB)
+
+
+# -- waited analyses: the event loop, refusals racing the wait's end, leaks ---
+# (found by attacking the in-memory submission of /v1/analyze)
+
+
+def _idle(client: TestClient, timeout: float = 20.0) -> None:
+    """Wait until the pool runs and queues nothing; then check that it
+    leaked nothing (slots, tokens, futures, waited jobs, hand-overs)."""
+    jobs = client.app.state.services.jobs
+    pool = jobs.runner
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = pool.stats()
+        if s["queued"] + s["running"] == 0:
+            break
+        time.sleep(0.02)
+    assert pool.stats()["queued"] + pool.stats()["running"] == 0, pool.stats()
+    assert pool._slots._value == pool.workers + pool.queue_size
+    assert not pool._tokens and not pool._futures
+    assert not jobs._waited and not jobs._handing
+
+
+def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(call()))
+    t.start()
+    return t, out
+
+
+def _slow_refusal(monkeypatch: pytest.MonkeyPatch, where: str, refused: threading.Event) -> None:
+    """Make a waited job's QuotaExceeded take 0.8 s to leave `where` (a
+    descheduled pool thread, stretched to be seen)."""
+    original = getattr(JobManagementService, where)
+
+    def slow(self: JobManagementService, *args: Any) -> Any:
+        try:
+            return original(self, *args)
+        except QuotaExceeded:
+            refused.set()
+            time.sleep(0.8)
+            raise
+
+    monkeypatch.setattr(JobManagementService, where, slow)
+
+
+def test_the_event_loop_never_waits_for_the_services_lock(
+    make_client: Callable[..., TestClient], body: dict
+) -> None:
+    # A pool/store thread holds JobManagementService._lock across store I/O
+    # (_start's quota check and prune, record_waited's insert of the input,
+    # _write_finished's insert of the result, _cancel_pending). The loop
+    # now takes the same lock in _queue (and _handed) for every /v1/analyze.
+    client = make_client(**TOKENS)
+    jobs = client.app.state.services.jobs
+    assert client.post("/v1/analyze", json=body, headers=ALICE).status_code == 200
+    # A store thread's write under the lock that lasts 1 s.
+    locked = threading.Event()
+
+    def store_write() -> None:
+        with jobs._lock:
+            locked.set()
+            time.sleep(1.0)
+
+    writer = threading.Thread(target=store_write)
+    writer.start()
+    assert locked.wait(5)
+    t, out = _in_thread(lambda: client.post("/v1/analyze", json=body, headers=ALICE))
+    time.sleep(0.2)  # the analysis is in _queue, on the loop, waiting for the lock
+    started = time.monotonic()
+    health = client.get("/healthz")
+    health_s = time.monotonic() - started
+    writer.join(5)
+    t.join(20)
+    assert health.status_code == 200 and out[0].status_code == 200
+    assert health_s < 0.3, f"GET /healthz took {health_s:.2f} s: the loop waited for the lock"
+
+
+def test_a_job_refused_as_it_starts_is_never_stored_pending_for_good(
+    make_client: Callable[..., TestClient],
+    body: dict,
+    held: threading.Event,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # _start raises QuotaExceeded with the job still in _waited (quota not
+    # cleared) and the service's lock released; _run_submitted pops it only
+    # later. record_waited in between re-checks the quota, which may pass by
+    # now (the owner's other job ended): the job is stored PENDING, the
+    # client told 202, and nothing will ever run it.
+    import host.api.routes.analyze as analyze
+
+    monkeypatch.setattr(analyze, "ANALYZE_WAIT_S", 0.4)
+    refused = threading.Event()
+    _slow_refusal(monkeypatch, "_start", refused)
+    client = make_client(max_jobs_per_client=1, workers=2, queue_size=4, **TOKENS)
+    first = client.post("/v1/jobs", json=body, headers=ALICE)
+    assert first.status_code == 202  # runs, held: ALICE's quota is full
+    t, out = _in_thread(lambda: client.post("/v1/analyze", json=body, headers=ALICE))
+    assert refused.wait(10)
+    held.set()  # ALICE's first job ends: a finished job makes room
+    t.join(20)
+    answer = out[0]
+    if answer.status_code == 429:
+        return  # the refusal won: fine
+    assert answer.status_code == 202, answer.text
+    _idle(client)
+    job = client.get(answer.json()["links"]["self"], headers=ALICE).json()
+    time.sleep(1.0)
+    job = client.get(answer.json()["links"]["self"], headers=ALICE).json()
+    assert job["status"] != "PENDING", f"answered 202, stored PENDING, never runs: {job}"
+
+
+def test_a_job_refused_as_it_starts_answers_429_not_404(
+    make_client: Callable[..., TestClient],
+    body: dict,
+    held: threading.Event,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The refusal is popped from _waited before the job's future reaches
+    # the loop; a wait that ends in between asks record_waited (None), then
+    # the store (no such job): POST /v1/analyze answers 404 unknown_job.
+    import host.api.routes.analyze as analyze
+
+    monkeypatch.setattr(analyze, "ANALYZE_WAIT_S", 0.4)
+    refused = threading.Event()
+    _slow_refusal(monkeypatch, "_run_submitted", refused)
+    client = make_client(max_jobs_per_client=1, workers=2, queue_size=4, **TOKENS)
+    assert client.post("/v1/jobs", json=body, headers=ALICE).status_code == 202  # held
+    answer = client.post("/v1/analyze", json=body, headers=ALICE)
+    _finish(client, held, ALICE)
+    _idle(client)
+    assert_envelope(answer, 429, "quota_exceeded")
+
+
+def test_many_timed_out_and_refused_analyses_leak_nothing(
+    make_client: Callable[..., TestClient],
+    body: dict,
+    held: threading.Event,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import host.api.routes.analyze as analyze
+
+    monkeypatch.setattr(analyze, "ANALYZE_WAIT_S", 0.2)
+    client = make_client(max_jobs_per_client=2, workers=1, queue_size=6, **TOKENS)
+    assert client.post("/v1/jobs", json=body, headers=BOB).status_code == 202  # held
+    threads = [
+        _in_thread(lambda: client.post("/v1/analyze", json=body, headers=ALICE)) for _ in range(6)
+    ]
+    for t, _ in threads:
+        t.join(20)
+    statuses = sorted(out[0].status_code for _, out in threads)
+    # Two are recorded (202), the rest refused as they are recorded (429).
+    assert statuses == [202, 202, 429, 429, 429, 429], statuses
+    _finish(client, held, ALICE, BOB)
+    _idle(client)
+    listed = client.get("/v1/jobs", headers=ALICE).json()
+    assert listed["total"] == 2 and all(j["status"] == "SUCCESS" for j in listed["jobs"])
