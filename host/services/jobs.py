@@ -103,12 +103,13 @@ class JobLimits:
 
 
 def _exceeded(
-    usage: Usage, incoming: int, limits: JobLimits, count: int = 1
+    usage: Usage, incoming: int, limits: JobLimits, count: int = 1, running: int = 0
 ) -> tuple[str, int, int] | None:
     """The quota `count` more jobs of `incoming` bytes in all would break,
-    as `(name, limit, used)`; None when they fit."""
-    if usage.jobs + count > limits.max_jobs_per_client:
-        return "max_jobs_per_client", limits.max_jobs_per_client, usage.jobs
+    beside `running` jobs of the owner not stored yet, as `(name, limit,
+    used)`; None when they fit."""
+    if usage.jobs + running + count > limits.max_jobs_per_client:
+        return "max_jobs_per_client", limits.max_jobs_per_client, usage.jobs + running
     if usage.stored_bytes + incoming > limits.max_stored_bytes_per_client:
         return "max_stored_bytes_per_client", limits.max_stored_bytes_per_client, usage.stored_bytes
     return None
@@ -227,6 +228,12 @@ class JobManagementService:
         rows.hold_owner(owner)
         self._check_quota(rows.jobs, owner, incoming, count)
 
+    def _running_in_memory(self, owner: str) -> int:
+        """`owner`'s waited jobs that started and are not stored yet: each
+        is stored as it ends, so each takes a job's room (`_check_quota`)."""
+        waited = list(self._waited.values())  # one C-level copy: no lock needed
+        return sum(1 for w in waited if w.job.owner == owner and w.quota is None and not w.recorded)
+
     def _quota(self, owner: str, incoming: int) -> Admit:
         """The check of `owner`'s quota the store runs before inserting a
         job of `incoming` bytes, on the rows it holds for the insert (so
@@ -236,19 +243,22 @@ class JobManagementService:
     def _check_quota(self, rows: Rows, owner: str, incoming: int, count: int = 1) -> None:
         """Make room for `count` more jobs of `owner` of `incoming` bytes in
         all: a client keeps its newest jobs, the oldest finished ones go.
-        Raise QuotaExceeded when its unfinished jobs alone leave no room."""
+        Its analyses running in memory count as the jobs they will be stored
+        as. Raise QuotaExceeded when its unfinished jobs alone leave no room."""
         limits = self.limits
-        if _exceeded(rows.usage(owner), incoming, limits, count) is None:
+        running = self._running_in_memory(owner)
+        if _exceeded(rows.usage(owner), incoming, limits, count, running) is None:
             return
         # A client at its job quota would otherwise drop one job (and pay a
         # search and a delete) for every new one: room is made for a
         # 64th of the quota at once.
-        keep = limits.max_jobs_per_client - count - limits.max_jobs_per_client // QUOTA_STEP
+        step = limits.max_jobs_per_client // QUOTA_STEP
+        keep = limits.max_jobs_per_client - count - running - step
         room = limits.max_stored_bytes_per_client - incoming
         pruned = prune_owner(rows, owner, max(keep, 0), max(room, 0))
         if pruned:
             log.info("quota: dropped %d oldest finished jobs", pruned, extra={"owner": owner})
-        exceeded = _exceeded(rows.usage(owner), incoming, limits, count)
+        exceeded = _exceeded(rows.usage(owner), incoming, limits, count, running)
         if exceeded is None:
             return
         # What is left are unfinished jobs (they end soon), or one input larger

@@ -466,3 +466,29 @@ def test_many_timed_out_and_refused_analyses_leak_nothing(
     _idle(client)
     listed = client.get("/v1/jobs", headers=ALICE).json()
     assert listed["total"] == 2 and all(j["status"] == "SUCCESS" for j in listed["jobs"])
+
+
+def test_analyses_running_in_memory_count_against_the_job_quota(
+    make_client: Callable[..., TestClient], body: dict, held: threading.Event
+) -> None:
+    # Each is stored as it ends: three running at once with a quota of one
+    # would leave three stored. The first to start takes the room; the others
+    # are refused as they start.
+    client = make_client(max_jobs_per_client=1, workers=3, queue_size=4, **TOKENS)
+    threads = [
+        _in_thread(lambda: client.post("/v1/analyze", json=body, headers=ALICE)) for _ in range(3)
+    ]
+    deadline = time.monotonic() + 10
+    while sum(bool(out) for _, out in threads) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    running = client.app.state.services.jobs.stats()["running"]
+    _finish(client, held, ALICE)
+    for t, _ in threads:
+        t.join(20)
+    statuses = sorted(out[0].status_code for _, out in threads)
+    assert running == 1 and statuses == [200, 429, 429], (running, statuses)
+    refused = next(out[0] for _, out in threads if out[0].status_code == 429)
+    detail = assert_envelope(refused, 429, "quota_exceeded")
+    assert detail["details"]["used"] == 1  # the analysis running, not yet stored
+    assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 1
+    _idle(client)
