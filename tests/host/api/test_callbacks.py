@@ -37,6 +37,7 @@ from host.services.callbacks import callback_service, file_secret
 from host.services.store import JobStore
 from sandbox.supervisor import Sandbox
 from tests.callback_receiver import SLOW_S, TRICKLE_S, Receiver
+from tests.host.api.test_console import sign_in
 from tests.host.api.test_routes import assert_envelope
 from tests.host.api.test_tenants import ALICE, BOB, TOKENS, wait_finished
 
@@ -631,3 +632,21 @@ def test_a_job_left_unfinished_by_a_crash_ends_interrupted_and_its_callback_goes
     (record,) = receiver.records("/ok")
     sent = json.loads(record["body"])
     assert sent["id"] == job.id and sent["status"] == "INTERRUPTED"
+
+
+def test_a_jobs_console_page_shows_its_callback_and_each_attempt(
+    make_host: Callable[..., TestClient], receiver: Receiver, body: dict
+) -> None:
+    client = make_host(**{**LOOPBACK, "callback_backoff_s": 0.05}, **TOKENS)
+    url = receiver.url("/flaky/1")
+    job_id = submit(client, body, url)
+    assert settled(client, job_id)["callback"]["state"] == "DELIVERED"
+    sign_in(client, ALICE["Authorization"].removeprefix("Bearer "))
+    page = client.get(f"/console/jobs/{job_id}").text
+    assert 'data-testid="callback"' in page and f"<code>{url}</code>" in page
+    assert re.search(r'data-testid="callback-state"[^>]*>DELIVERED<', page)
+    attempts = re.findall(r'<tr data-testid="callback-attempt">(.*?)</tr>', page, re.S)
+    assert len(attempts) == 2 and "HTTP 500" in attempts[0] and "HTTP 200" in attempts[1]
+    # A job without a callback has no such section.
+    plain = client.post("/v1/jobs", json=body, headers=ALICE).json()["job"]["id"]
+    assert 'data-testid="callback"' not in client.get(f"/console/jobs/{plain}").text
