@@ -1077,8 +1077,8 @@ def write_docs(sections: list[str]) -> None:
         idle but shared with other virtual machines (the same figure moved by
         a quarter between runs an hour apart; the tables below are the last
         run's). The first run is of the tree before the prewarm and
-        memory-peak changes below, the last of the final tree (with the
-        `/v1/analyze` change below):
+        memory-peak changes below, the last of the tree with the `/v1/analyze`
+        change below (before its hardening, which takes a lock off the event loop):
 
         | figure | ours | bare | ratio | target |
         |---|---|---|---|---|
@@ -1145,7 +1145,7 @@ def write_docs(sections: list[str]) -> None:
         (or as it is recorded, if its 202 comes first): one hand-over instead
         of two, the server's process 1.62-1.72 -> 1.30-1.46 ms a request in
         an alternating pair, 1.91-2.01 against 2.17-2.76 in a noisier pair
-        right after. The last run below is of that tree: 88% of the
+        right after. The last run below is of that tree (7820a1d): 88% of the
         runner's calls per CPU-second (86% of its rate); two runs of the
         http section alone right after gave 88% and 81% (86% and 82%): the
         target is met in two runs of three, not reliably.

@@ -82,6 +82,14 @@ class JobRunner(Protocol):
         """Stop taking jobs; give running ones `timeout_s` to finish."""
 
 
+def _follower(running: Future[Job]) -> Future[Job]:
+    """A future of its own resolved as `running` ends: cancelling it gives up
+    on the job, never cancels the job's run."""
+    follower: Future[Job] = Future()
+    running.add_done_callback(lambda done: _copy(done, follower))
+    return follower
+
+
 def _copy(done: Future[Job], follower: Future[Job]) -> None:
     """Resolve `follower` as `done` ended (unless its waiter gave up on it)."""
     if not follower.set_running_or_notify_cancel():
@@ -145,20 +153,15 @@ class LocalPool:
                 token.close()
                 raise
             self._futures[job_id] = future  # followed from its submission on
-        # The caller's own: giving up on it (a wait's deadline cancels what it
-        # awaited) must not cancel the job's run in the queue.
-        follower: Future[Job] = Future()
-        future.add_done_callback(lambda done: _copy(done, follower))
-        return follower
+        # The caller's own: a wait's deadline cancels what it awaited.
+        return _follower(future)
 
     def follow(self, job_id: str) -> Future[Job] | None:
         with self._lock:
             running = self._futures.get(job_id)
         if running is None:
             return None
-        follower: Future[Job] = Future()  # cancelling it leaves the job's own
-        running.add_done_callback(lambda done: _copy(done, follower))
-        return follower
+        return _follower(running)
 
     def _run_pooled(self, job_id: str, token: CancelToken) -> Job:
         with self._lock:
