@@ -81,6 +81,13 @@ class Overloaded(ServiceError):
         )
 
 
+class ShuttingDown(ServiceError):
+    """The host is shutting down: the job did not run (and takes no new one)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(envelope("shutting_down", message))
+
+
 class QuotaExceeded(ServiceError):
     """The client already stores as many jobs, or bytes, as its quota allows."""
 
@@ -134,6 +141,7 @@ __all__ = [
     "QuotaExceeded",
     "Rejected",
     "ServiceError",
+    "ShuttingDown",
     "envelope",
     "servable",
     "status_of",

@@ -88,6 +88,7 @@ REASONS: Mapping[str, Reason] = {
         _P, None, 424, "the plugin's declared packages could not be installed", _H, None
     ),
     "overloaded": Reason(_I, None, 503, "host saturated (queue full)", _H, None),
+    "shutting_down": Reason(_I, None, 503, "the host is shutting down", _H, None),
     "cancelled": Reason(_E, None, 409, "job cancelled by the client", _S, None),
     "internal": Reason(_I, None, 500, "bug or failure in the host itself", _H, None),
     # jobs and HTTP

@@ -397,7 +397,10 @@ def listen(host: str, port: int, backlog: int = 128) -> socket.socket:
 
 class _Server(uvicorn.Server):
     """uvicorn's server, saying where it serves once the start-up is done
-    (uvicorn says nothing itself when it is given its socket)."""
+    (uvicorn says nothing itself when it is given its socket), and stopping
+    the jobs still queued as its shutdown begins: their requests are
+    answered 503 `shutting_down` at once, not a bare 500 when uvicorn
+    cancels what its graceful period did not finish."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -405,6 +408,16 @@ class _Server(uvicorn.Server):
             host, port = sockets[0].getsockname()[:2]
             base = url(host, port)
             log.info("serving on %s (console %s/console, API docs %s/docs)", base, base, base)
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        services = getattr(self._app.state, "services", None)  # none if the start-up failed
+        if services is not None:
+            await asyncio.to_thread(services.jobs.stop_starting)
+        await super().shutdown(sockets=sockets)
 
 
 def serve(
@@ -437,7 +450,7 @@ def serve(
         log_config=None,
         timeout_graceful_shutdown=10,
     )
-    server = _Server(config)
+    server = _Server(config, app)
     try:
         uvicorn.Server.run(server, sockets=[sock])
     except KeyboardInterrupt:  # a second Ctrl-C during the shutdown, as uvicorn.run allows

@@ -218,6 +218,10 @@ class ProcrastinateDispatch:
         """Every node with its last heartbeat, plugins and health."""
         return self.plugins.nodes.nodes()
 
+    def stop_starting(self) -> None:
+        """Jobs queue in the database and start on worker nodes: nothing in
+        this process to hold back (its waiting requests wait on)."""
+
     def shutdown(self, timeout_s: float) -> None:
         """Stop waiting for results; jobs go on on their worker nodes."""
         self.waiter.close()

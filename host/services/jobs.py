@@ -605,11 +605,21 @@ class JobManagementService:
                 pruned,
             )
 
+    def stop_starting(self) -> None:
+        """The server began to stop: take no new job and start none still
+        queued here (their waiting requests are answered `shutting_down` at
+        once; their records, PENDING, are marked INTERRUPTED by `shutdown`);
+        running jobs go on until `shutdown`."""
+        self.runner.stop_starting()
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop taking jobs; let running ones finish within `timeout_s`, then
         cancel (the runner's `shutdown`). Jobs of this process still pending
         or running afterwards are marked INTERRUPTED. Callbacks stop being
-        delivered (those still due go out after the next start)."""
+        delivered (those still due go out after the next start). A second
+        call does nothing."""
+        if self.closed:
+            return
         self.closed = True
         self.runner.shutdown(timeout_s)
         if self.callbacks is not None:

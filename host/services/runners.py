@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
-from host.errors import Overloaded
+from host.errors import Overloaded, ShuttingDown
 from host.services.store import Job
 
 
@@ -78,8 +78,15 @@ class JobRunner(Protocol):
     def nodes(self) -> list[dict[str, Any]]:
         """The nodes jobs run on; none when they run in this process."""
 
+    def stop_starting(self) -> None:
+        """Take no new job, and start none of those queued in this process."""
+
     def shutdown(self, timeout_s: float) -> None:
         """Stop taking jobs; give running ones `timeout_s` to finish."""
+
+
+NOT_RUN = "the host is shutting down: this job did not run; submit it again"
+CLOSED = "the host is shutting down and takes no new job; submit it again"
 
 
 def _follower(running: Future[Job]) -> Future[Job]:
@@ -94,8 +101,8 @@ def _copy(done: Future[Job], follower: Future[Job]) -> None:
     """Resolve `follower` as `done` ended (unless its waiter gave up on it)."""
     if not follower.set_running_or_notify_cancel():
         return
-    if done.cancelled():
-        follower.set_exception(RuntimeError("the job's run was cancelled"))
+    if done.cancelled():  # only the pool's shutdown cancels a queued run
+        follower.set_exception(ShuttingDown(NOT_RUN))
     elif (error := done.exception()) is not None:
         follower.set_exception(error)
     else:
@@ -134,7 +141,9 @@ class LocalPool:
         self._closed = False
 
     def admit(self, plugin_name: str) -> None:
-        if self._closed or not self._slots.acquire(blocking=False):
+        if self._closed:
+            raise ShuttingDown(CLOSED)
+        if not self._slots.acquire(blocking=False):
             raise Overloaded(retry_after_s=self.retry_after())
 
     def withdraw(self) -> None:
@@ -175,6 +184,21 @@ class LocalPool:
             token.close()
             self._slots.release()
 
+    def stop_starting(self) -> None:
+        """Shutting down: no new job is taken, the runs still queued never
+        start, and whoever follows one hears so now (`ShuttingDown`), not
+        once the running ones are done."""
+        self._closed = True
+        with self._lock:
+            queued = dict(self._futures)
+        for job_id, future in queued.items():
+            if future.cancel():  # False once it runs: it is given its time
+                token = self._tokens.get(job_id)
+                self._forget(job_id)
+                if token is not None:
+                    token.close()
+                self._slots.release()
+
     def _forget(self, job_id: str) -> None:
         with self._lock:
             self._tokens.pop(job_id, None)
@@ -205,14 +229,14 @@ class LocalPool:
         return []
 
     def shutdown(self, timeout_s: float) -> None:
-        """Cancel the jobs still waiting, give running ones `timeout_s`, then
-        kill their sandboxes; wait for every thread."""
-        self._closed = True
+        """Start none of the jobs still waiting (their records stay PENDING,
+        for the job service to mark INTERRUPTED: their clients never
+        cancelled them), give running ones `timeout_s`, then kill their
+        sandboxes; wait for every thread."""
         with self._lock:
             tokens = dict(self._tokens)
         deadline = time.monotonic() + timeout_s
-        for job_id in tokens:
-            self._cancel_pending(job_id)
+        self.stop_starting()
         while self.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.05)
         for token in tokens.values():

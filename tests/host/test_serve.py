@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -243,3 +244,44 @@ def test_self_check_runs_on_the_sandbox_that_serves(tmp_path: Path) -> None:
         assert status == 200 and len(_launchers(server)) == 1
     finally:
         stop(server)
+
+
+def test_sigterm_answers_the_queued_analyses_at_once_and_lets_the_running_one_finish(
+    tmp_path: Path,
+) -> None:
+    # The queued analyses never ran: their clients hear so in an envelope
+    # they can retry on, as the server begins to stop (they waited for the
+    # running jobs, then ran or got a bare 500 when uvicorn's graceful
+    # period ran out). The running analysis answers its result.
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "slow", "time.sleep(2)\nreturn {'slept': 2}")
+    port = free_port()
+    server = start_server(
+        tmp_path / "jobs.sqlite3", port, "--plugins-dir", str(plugins), "--workers", "1"
+    )
+    answers: dict[str, tuple[int, dict]] = {}
+
+    def analyze(name: str) -> None:
+        answers[name] = request(port, "POST", "/v1/analyze", {**BODY, "plugin": "slow"})
+
+    threads = {}
+    try:
+        for name in ("running", "queued 1", "queued 2"):
+            threads[name] = threading.Thread(target=analyze, args=(name,))
+            threads[name].start()
+            time.sleep(0.5)  # the first runs; the others queue behind it
+        signalled = time.monotonic()
+        os.kill(server.pid, signal.SIGTERM)
+        for name in ("queued 1", "queued 2"):
+            threads[name].join(20)
+            status, data = answers[name]
+            assert status == 503 and data["detail"]["details"]["reason"] == "shutting_down", data
+            assert "did not run" in data["detail"]["message"]
+        assert time.monotonic() - signalled < 1.5  # at once, not after the running call
+        threads["running"].join(20)
+        assert answers["running"] == (200, answers["running"][1])
+        assert answers["running"][1]["result"] == {"slept": 2}
+    finally:
+        stop(server)
+    assert server.returncode in (0, -signal.SIGTERM)
+    assert "Cancel" not in server.log.read_text()  # nothing was left to uvicorn to cancel

@@ -492,3 +492,64 @@ def test_analyses_running_in_memory_count_against_the_job_quota(
     assert detail["details"]["used"] == 1  # the analysis running, not yet stored
     assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 1
     _idle(client)
+
+
+def test_an_analysis_still_queued_at_shutdown_is_answered_503_and_the_running_one_finishes(
+    make_client: Callable[..., TestClient], body: dict, held: threading.Event
+) -> None:
+    # The queued analysis never ran and was never stored: its client is told
+    # so in an envelope it can retry on (it was a bare 500 before), and the
+    # analysis that was running when the host began to shut down still
+    # answers its result.
+    client = make_client(workers=1, queue_size=2, **TOKENS)
+    running, running_out = _in_thread(lambda: client.post("/v1/analyze", json=body, headers=BOB))
+    jobs = client.app.state.services.jobs
+    _wait_until(lambda: jobs.runner.stats()["running"] == 1)
+    queued, queued_out = _in_thread(lambda: client.post("/v1/analyze", json=body, headers=ALICE))
+    _wait_until(lambda: jobs.runner.stats()["queued"] == 1)
+    stopping, _ = _in_thread(lambda: jobs.shutdown(timeout_s=10))
+    queued.join(10)
+    assert not queued.is_alive(), "the queued analysis was not answered while the host shut down"
+    detail = assert_envelope(queued_out[0], 503, "shutting_down")
+    assert queued_out[0].headers["Retry-After"]
+    assert "did not run" in detail["message"]
+    held.set()
+    for thread in (running, stopping):
+        thread.join(10)
+        assert not thread.is_alive()
+    assert running_out[0].status_code == 200 and running_out[0].json()["result"] == {"ok": True}
+    for route in ("/v1/analyze", "/v1/jobs"):  # and nothing new is taken
+        assert_envelope(client.post(route, json=body, headers=ALICE), 503, "shutting_down")
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_a_job_still_queued_at_shutdown_is_kept_as_interrupted_not_cancelled(
+    make_client: Callable[..., TestClient], body: dict, held: threading.Event, tmp_path: Path
+) -> None:
+    # Its client never cancelled it: the record says the host shut down
+    # before it ran (it was CANCELLED, "job was cancelled before it ran").
+    path = tmp_path / "jobs.sqlite3"
+    client = make_client(workers=1, queue_size=2, store=SQLiteJobStore(path), **TOKENS)
+    jobs = client.app.state.services.jobs
+    first = client.post("/v1/jobs", json=body, headers=BOB).json()["job"]["id"]
+    _wait_until(lambda: jobs.runner.stats()["running"] == 1)
+    queued = client.post("/v1/jobs", json=body, headers=ALICE).json()["job"]["id"]
+    stopping, _ = _in_thread(lambda: jobs.shutdown(timeout_s=10))
+    _wait_until(lambda: jobs.runner.stats()["queued"] == 0)
+    held.set()
+    stopping.join(10)
+    assert not stopping.is_alive()
+    store = SQLiteJobStore(path)
+    try:
+        ran, never_ran = store.get(first), store.get(queued)
+    finally:
+        store.close()
+    assert ran is not None and ran.status.value == "SUCCESS"
+    assert never_ran is not None and never_ran.status.value == "INTERRUPTED", never_ran
+    assert never_ran.error is not None and never_ran.error["details"]["reason"] == "interrupted"
