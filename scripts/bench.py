@@ -1154,17 +1154,19 @@ def write_docs(sections: list[str]) -> None:
         | minor page faults | 221-223 | 404-410 | 1.82-1.85 |
         | serial p50 ms | 0.71-0.80 | 1.33 | 1.67-1.88 |
 
-        In the full run below it is 1.57x the bare call's CPU, 1.84x its
-        faults and 1.60x its p50 (in an earlier run of this round, on a
-        machine so loaded that the bare call's CPU had doubled, 1.29x, 1.81x
-        and 1.33x: CPU ratios move with the load, faults do not). What the
+        In the full run below, on a machine busy with other work (the bare
+        call's CPU 1.28 ms), it is 1.63x the bare call's CPU, 1.83x its faults
+        and 1.79x its p50; in a quieter full run an hour earlier 1.57x, 1.84x
+        and 1.60x, and in one so loaded that the bare call's CPU had doubled
+        1.29x, 1.81x and 1.33x: CPU ratios move with the load, faults do not. What the
         targets leave for everything the sandbox adds, the host's runner and
         watch, the launcher, the call's uid, namespaces, cgroups, minimal
         root, Landlock and seccomp, and their teardown, is then 0.15-0.45x of
         a bare call's CPU (0.1-0.4 ms) and 0.15-0.18x of its faults (35-40
         pages). Against that, on this machine:
 
-        - the host's own process spends 0.8-0.9 ms a call (the runner's
+        - the host's own process spends 0.85 ms a call in the quieter run
+          (1.5 ms in the run below; the runner's
           checks, the spec, the watch, the verdict and the envelope in
           Python; four pipes, the payload's memfd, the request with its seven
           descriptors and the cgroup files in system calls), where the bare
@@ -1181,13 +1183,14 @@ def write_docs(sections: list[str]) -> None:
         which on a machine where both are CPU-bound is the CPU target again
         (twice the CPU a call is half the calls a second). Against the import
         floor, what is reachable can be stated and measured: a cold call now
-        costs 3.4x its CPU (4.55 against 1.34 ms in the run below) and 2.1x its
-        faults (865 against 405). The latency targets are not ruled out the
+        costs 3.4-3.6x its CPU (4.55 against 1.34 ms in the quieter run, 7.50
+        against 2.09 in the run below) and 2.1x its faults (859-865 against
+        405). The latency targets are not ruled out the
         same way: the import floor's p50 is 1.6-1.9x the bare call's, which
         leaves a cold call 0.6-0.9x of a bare call (0.5-0.7 ms) for its whole
-        isolated path, where it takes 3-3.5x now; and the bare form of a
+        isolated path, where it takes 2.5-3x now; and the bare form of a
         prewarmed call, a child forked before the call that answers a JSON
-        request (`scripts/fork_floor.py warm N`), takes 0.04-0.09 ms, so the
+        request (`scripts/fork_floor.py warm N`), takes 0.04-0.10 ms, so the
         0.5 ms a prewarmed call may take are the host's own path (about 0.8 ms
         of Python now) and the hand-over of a stopped child.
 
