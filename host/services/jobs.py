@@ -152,6 +152,12 @@ class JobManagementService:
             self._run_submitted, self._cancel_pending, plugins.cancellation, workers, queue_size
         )
         self._lock = threading.Lock()
+        # Jobs handed to an in-process runner and not back from it, by id ->
+        # owner, and their count per owner (under their own lock, which is
+        # never held across other work: the event loop takes it).
+        self._flying: dict[str, str] = {}
+        self._flying_per_owner: dict[str, int] = {}
+        self._flying_lock = threading.Lock()
         self._waited: dict[str, _Waited] = {}  # run_waited's jobs not finished yet
         # Keyed jobs stored and not yet handed to the runner: set once handed.
         self._handing: dict[str, threading.Event] = {}
@@ -348,6 +354,7 @@ class JobManagementService:
         if idem is not None and (held := self.store.keyed(owner, idem.key)) is not None:
             # A retry: no slot, no quota, nothing stored.
             return self._following(replayed(held, idem))
+        self._refuse_past_quota_in_flight(owner)
         self.runner.admit(plugin_name)
         job = None
         try:
@@ -364,18 +371,58 @@ class JobManagementService:
                 if not stored:  # a racing request with the same key stored it first
                     self.runner.withdraw()
                     return self._following(job)
+            self._took_off(job.id, owner)
             try:
                 future = self.runner.submit(job.id)
             finally:
                 self._handed(job.id)
         except BaseException:
             if job is not None:
+                self._landed(job.id)
                 self._waited.pop(job.id, None)  # not submitted: no other thread knows it
             self.runner.withdraw()
             raise
         if not waited:  # a waited job's thread prunes as it starts (`_start`)
             self._maybe_prune()
         return job, future
+
+    def _refuse_past_quota_in_flight(self, owner: str) -> None:
+        """QuotaExceeded when `owner` has as many jobs as its job quota allows
+        queued or running here already: each will be stored unfinished or
+        as it ends, so the next cannot fit. Checked before a queue place is
+        taken, without the store: an analysis's full check runs only as it
+        starts (`_start`), and until then a client over its quota held a
+        place in the queue with each request, which other clients' jobs
+        were then refused for (503)."""
+        if not self.runner.in_process:
+            return
+        with self._flying_lock:
+            flying = self._flying_per_owner.get(owner, 0)
+        limit = self.limits.max_jobs_per_client
+        if flying >= limit:
+            raise QuotaExceeded(
+                "max_jobs_per_client", limit, flying, retry_after_s=self.runner.retry_after()
+            )
+
+    def _took_off(self, job_id: str, owner: str) -> None:
+        """`job_id` of `owner` is being handed to the runner (counted before
+        the hand-over: its run may end before `submit` returns)."""
+        with self._flying_lock:
+            self._flying[job_id] = owner
+            self._flying_per_owner[owner] = self._flying_per_owner.get(owner, 0) + 1
+
+    def _landed(self, job_id: str) -> None:
+        """`job_id` is back from the runner (its run returned or raised), or
+        was never handed to it."""
+        with self._flying_lock:
+            owner = self._flying.pop(job_id, None)
+            if owner is None:
+                return
+            left = self._flying_per_owner[owner] - 1
+            if left:
+                self._flying_per_owner[owner] = left
+            else:
+                del self._flying_per_owner[owner]
 
     def _following(self, job: Job) -> tuple[Job, Future[Job]]:
         """A job an idempotency key holds, and a future of its end, as the
@@ -454,6 +501,7 @@ class JobManagementService:
         finally:
             with self._lock:
                 self._waited.pop(job_id, None)  # if its run failed outright
+            self._landed(job_id)
 
     def run_job(self, job_id: str, cancel: Any = None) -> Job:
         """Run a PENDING job in this thread; return it finished. Raises

@@ -330,6 +330,7 @@ def _idle(client: TestClient, timeout: float = 20.0) -> None:
     assert pool._slots._value == pool.workers + pool.queue_size
     assert not pool._tokens and not pool._futures
     assert not jobs._waited and not jobs._handing
+    assert not jobs._flying and not jobs._flying_per_owner
 
 
 def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -401,6 +402,10 @@ def test_a_job_refused_as_it_starts_is_never_stored_pending_for_good(
     import host.api.routes.analyze as analyze
 
     monkeypatch.setattr(analyze, "ANALYZE_WAIT_S", 0.4)
+    # Past the check made before a queue place is taken (room taken by what
+    # this process does not run, such as a batch's items not fed to the
+    # pool yet, reaches the check as the job starts).
+    monkeypatch.setattr(JobManagementService, "_refuse_past_quota_in_flight", lambda *_: None)
     refused = threading.Event()
     _slow_refusal(monkeypatch, "_start", refused)
     client = make_client(max_jobs_per_client=1, workers=2, queue_size=4, **TOKENS)
@@ -491,6 +496,33 @@ def test_analyses_running_in_memory_count_against_the_job_quota(
     detail = assert_envelope(refused, 429, "quota_exceeded")
     assert detail["details"]["used"] == 1  # the analysis running, not yet stored
     assert client.get("/v1/jobs", headers=ALICE).json()["total"] == 1
+    _idle(client)
+
+
+def test_a_client_at_its_quota_holds_no_queue_place_with_its_analyses(
+    make_client: Callable[..., TestClient], body: dict, held: threading.Event
+) -> None:
+    # ALICE's two queued jobs fill her quota: each analysis she sends is
+    # refused at once, before it takes a queue place (it took one until a
+    # worker reached it and refused it there, so BOB's jobs were refused
+    # 503 overloaded meanwhile).
+    client = make_client(max_jobs_per_client=2, workers=1, queue_size=4, **TOKENS)
+    jobs = client.app.state.services.jobs
+    assert client.post("/v1/jobs", json=body, headers=BOB).status_code == 202  # runs, held
+    _wait_until(lambda: jobs.runner.stats()["running"] == 1)
+    for _ in range(2):
+        assert client.post("/v1/jobs", json=body, headers=ALICE).status_code == 202  # queued
+    floods = [
+        _in_thread(lambda: client.post("/v1/analyze", json=body, headers=ALICE)) for _ in range(4)
+    ]
+    for thread, _ in floods:
+        thread.join(10)
+        assert not thread.is_alive(), "an analysis over its client's quota was queued"
+    for _, out in floods:
+        detail = assert_envelope(out[0], 429, "quota_exceeded")
+        assert detail["details"]["used"] == 2
+    assert client.post("/v1/jobs", json=body, headers=BOB).status_code == 202  # room queued
+    _finish(client, held, ALICE, BOB)
     _idle(client)
 
 
