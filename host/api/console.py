@@ -35,7 +35,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from host import __version__
 from host.api.auth import Principal, noted, owner_names
-from host.api.deps import in_store_thread
+from host.api.deps import MAX_OFFSET, in_store_thread
 from host.config import Settings
 from host.console import states, views
 from host.console.session import (
@@ -46,7 +46,7 @@ from host.console.session import (
     Visitor,
     client_address,
 )
-from host.errors import JobNotFound, Rejected
+from host.errors import JobNotFound, Rejected, ServiceError
 from host.services import JobStatus
 
 log = logging.getLogger("plughost.console")
@@ -157,6 +157,7 @@ def console_router(settings: Settings) -> APIRouter:
     )
     _read_routes(router, settings, auth, pages)
     _job_routes(router, settings, auth, pages)
+    _batch_routes(router, settings, auth, pages)
     _account_routes(router, auth, pages)
     _admin_routes(router, settings, auth, pages)
     static = _static_files()
@@ -269,6 +270,46 @@ def _job_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages:
             shown = job_id[:MAX_JOB_ID]
             return pages.render(request, visitor, "missing.html", 404, what=f"job {shown}")
         return pages.render(request, visitor, "job.html", job=data)
+
+
+def _batch_routes(router: APIRouter, settings: Settings, auth: ConsoleAuth, pages: Pages) -> None:
+    # As the job pages: the store is read on the store's threads.
+    @router.get("/batches", response_class=HTMLResponse)
+    async def batches(
+        request: Request, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0
+    ) -> Response:
+        return await in_store_thread(request, batches_page, request, offset)
+
+    def batches_page(request: Request, offset: int) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        visitor, principal = found
+        service = request.app.state.services.batches
+        data = views.batches_page(service, principal.scope, offset, owner_names(settings))
+        return pages.render(request, visitor, "batches.html", **data)
+
+    @router.get("/batches/{batch_id}", response_class=HTMLResponse)
+    async def batch(
+        request: Request, batch_id: str, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0
+    ) -> Response:
+        return await in_store_thread(request, batch_page, request, batch_id, offset)
+
+    def batch_page(request: Request, batch_id: str, offset: int) -> Response:
+        if isinstance(found := _reader(auth, request), Response):
+            return found
+        visitor, principal = found
+        service = request.app.state.services.batches
+        shown = batch_id[:MAX_JOB_ID]
+        try:
+            data = views.batch_page(
+                service, shown, principal.scope, offset, settings.max_list_bytes,
+                owner_names(settings),
+            )  # fmt: skip
+        except ServiceError as exc:  # another client's batch as an unknown one
+            if exc.reason != "not_found":
+                raise
+            return pages.render(request, visitor, "missing.html", 404, what=f"batch {shown}")
+        return pages.render(request, visitor, "batch.html", batch=data)
 
 
 def _account_routes(router: APIRouter, auth: ConsoleAuth, pages: Pages) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from host.console import states
 from host.metrics import WINDOW, Histogram, PluginFigures
 from host.services import JobManagementService, JobStatus, PluginManagementService
+from host.services.batches import BatchService
 from sandbox.outcome import Origin, reason_of
 
 MiB = 1024 * 1024
@@ -265,4 +266,47 @@ def job_page(
         "result_json": shown[:MAX_SHOWN_CHARS] if shown is not None else None,
         "result_cut": cut,
         "error_json": json.dumps(job["error"], indent=2) if job.get("error") else None,
+    }
+
+
+def batches_page(
+    batches: BatchService, scope: str | None, offset: int, names: dict[str, str]
+) -> dict[str, Any]:
+    """A page of the batches `scope` may see (None: everyone's, with their
+    owners' names from `names`), newest first, without their items."""
+    found, total = batches.list_batches(scope, PAGE_SIZE, offset)
+    listed = [{**b, "owner_name": names.get(str(b["owner"]))} for b in found]
+    end = offset + len(found)
+    return {
+        "batches": listed,
+        "total": total,
+        "next_offset": end if end < total else None,
+        "previous_offset": max(0, offset - PAGE_SIZE) if offset else None,
+    }
+
+
+def batch_page(
+    batches: BatchService,
+    batch_id: str,
+    scope: str | None,
+    offset: int,
+    max_bytes: int,
+    names: dict[str, str],
+) -> dict[str, Any]:
+    """One batch `scope` may see (None: any), with a page of its items as
+    GET /v1/batches/{id} gives it (`max_bytes` of them at most; an item's
+    host-decided error as its client sees it, its result's keys only).
+    Raises ServiceError `not_found` for another owner's batch as for none."""
+    view = json.loads(batches.document(batch_id, scope, PAGE_SIZE, offset, max_bytes))
+    items = []
+    for item in view.pop("items"):
+        shown = as_client_sees(item) if scope is not None else item
+        result = shown.pop("result", None)
+        shown["result_keys"] = sorted(map(str, result))[:20] if isinstance(result, dict) else []
+        items.append(shown)
+    return {
+        **view,
+        "owner_name": names.get(str(view["owner"])),
+        "items": items,
+        "previous_offset": max(0, offset - PAGE_SIZE) if offset else None,
     }

@@ -271,3 +271,18 @@ def test_a_batch_whose_plugin_is_quarantined_midway_fails_every_item_and_calls_b
     assert reasons == {"crashed", "quarantined"}
     time.sleep(0.5)
     assert len(receiver.records()) == 1
+
+
+def test_a_batchs_console_page_shows_its_callback(
+    make_host: Callable[..., TestClient], receiver: Receiver
+) -> None:
+    from tests.host.api.test_console import sign_in
+
+    client = make_host(workers=2, queue_size=8, **LOOPBACK, **TOKENS)
+    batch_id = submit(client, batch_body(3), receiver.url("/ok"))
+    assert settled(client, batch_id)["callback"]["state"] == "DELIVERED"
+    sign_in(client, ALICE["Authorization"].removeprefix("Bearer "))
+    page = client.get(f"/console/batches/{batch_id}").text
+    assert 'data-testid="callback"' in page and f"<code>{receiver.url('/ok')}</code>" in page
+    assert 'data-testid="callback-state">DELIVERED<' in page
+    assert page.count('<tr data-testid="callback-attempt">') == 1 and "HTTP 200" in page
