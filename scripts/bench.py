@@ -1171,9 +1171,9 @@ def write_docs(sections: list[str]) -> None:
           Python; four pipes, the payload's memfd, the request with its seven
           descriptors and the cgroup files in system calls), where the bare
           parent spends 0.3 ms on its fork, pipe, read and wait together;
-        - the call tree's exit alone, its mount namespace and tmpfs torn down
-          with it, is 0.57 ms (`scripts/phases.py`, its `exit.teardown+reap`
-          row);
+        - the call tree's exit, its mount namespace and tmpfs torn down with
+          it, takes 0.57 ms (`scripts/phases.py`, its `exit.teardown+reap`
+          row), where the whole bare child, its exit included, takes 0.55;
         - the first use in a forked process of any Python code path writes
           3-70 pages (the sixth round's table), and the child's set-up is
           fourteen steps.
