@@ -152,6 +152,15 @@ class LocalPool:
     def submit(self, job_id: str) -> Future[Job]:
         token = self._cancellation()
         with self._lock:  # the job's run forgets it only after this
+            if self._closed:
+                # Admitted before the shutdown began, handed over after
+                # `stop_starting` looked: it never starts, as a queued one.
+                token.close()
+                self._slots.release()
+                refused: Future[Job] = Future()
+                refused.set_running_or_notify_cancel()
+                refused.set_exception(ShuttingDown(NOT_RUN))
+                return refused
             self._tokens[job_id] = token
             self._in_flight += 1
             try:
@@ -174,12 +183,17 @@ class LocalPool:
 
     def _run_pooled(self, job_id: str, token: CancelToken) -> Job:
         with self._lock:
-            self._running += 1
+            # A queued run a worker took as `stop_starting` began, before it
+            # could cancel it: it never starts either.
+            started = not self._closed
+            self._running += started
         try:
+            if not started:
+                raise ShuttingDown(NOT_RUN)
             return self._run(job_id, token)
         finally:
             with self._lock:
-                self._running -= 1
+                self._running -= started
             self._forget(job_id)
             token.close()
             self._slots.release()
@@ -188,16 +202,20 @@ class LocalPool:
         """Shutting down: no new job is taken, the runs still queued never
         start, and whoever follows one hears so now (`ShuttingDown`), not
         once the running ones are done."""
-        self._closed = True
         with self._lock:
+            self._closed = True
             queued = dict(self._futures)
         for job_id, future in queued.items():
-            if future.cancel():  # False once it runs: it is given its time
-                token = self._tokens.get(job_id)
-                self._forget(job_id)
-                if token is not None:
-                    token.close()
-                self._slots.release()
+            if not future.cancel():  # it runs: it is given its time
+                continue
+            with self._lock:  # a cancelled future cancels again: one caller releases
+                if self._futures.pop(job_id, None) is not future:
+                    continue
+                token = self._tokens.pop(job_id, None)
+                self._in_flight -= 1
+            if token is not None:
+                token.close()
+            self._slots.release()
 
     def _forget(self, job_id: str) -> None:
         with self._lock:
@@ -233,12 +251,12 @@ class LocalPool:
         for the job service to mark INTERRUPTED: their clients never
         cancelled them), give running ones `timeout_s`, then kill their
         sandboxes; wait for every thread."""
-        with self._lock:
-            tokens = dict(self._tokens)
         deadline = time.monotonic() + timeout_s
         self.stop_starting()
         while self.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.05)
+        with self._lock:  # what runs now: nothing starts after stop_starting
+            tokens = dict(self._tokens)
         for token in tokens.values():
             token.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -6,13 +6,14 @@ JobRunner, whose jobs end through the one recording path
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from host.errors import JobFinished, QuotaExceeded, ServiceError, envelope
+from host.errors import JobFinished, QuotaExceeded, ServiceError, ShuttingDown, envelope
 from host.registry import PluginRegistry
 from host.services import (
     JobLimits,
@@ -249,3 +250,100 @@ def test_the_local_pool_cancels_a_waiting_job_before_it_runs(
     finally:
         gate.set()
         jobs.shutdown()
+
+
+class _Token:
+    def cancel(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _held_pool(gate: threading.Event, ran: list[str]) -> LocalPool:
+    """A pool of one worker whose jobs wait for `gate`, each noted in `ran` as it starts."""
+
+    def run(job_id: str, token: Any) -> Any:
+        ran.append(job_id)
+        assert gate.wait(20)
+        return job_id
+
+    return LocalPool(run, lambda _: None, _Token, workers=1, queue_size=2)
+
+
+def _until(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(30)
+def test_stop_starting_twice_at_once_releases_a_dropped_jobs_room_once() -> None:
+    # Two calls at once (stop_starting and shutdown's own) both saw the queued
+    # job, and future.cancel() is True again on a cancelled future: its slot
+    # was released twice, the queue counted -1, and the running job's own
+    # release then raised "Semaphore released too many times" into its future.
+    gate, ran = threading.Event(), []
+    pool = _held_pool(gate, ran)
+    try:
+        pool.admit(PLUGIN)
+        running = pool.submit("running")
+        _until(lambda: pool.stats()["running"] == 1)
+        pool.admit(PLUGIN)
+        queued = pool.submit("queued")
+        run = pool._futures["queued"]
+        cancel, first_in, second_done = run.cancel, threading.Event(), threading.Event()
+
+        def slow_cancel() -> bool:  # the first caller pauses once it cancelled
+            cancelled = cancel()
+            if not first_in.is_set():
+                first_in.set()
+                second_done.wait(10)
+            return cancelled
+
+        run.cancel = slow_cancel  # type: ignore[method-assign]
+        first = threading.Thread(target=pool.stop_starting)
+        first.start()
+        assert first_in.wait(10)
+        second = threading.Thread(target=pool.stop_starting)
+        second.start()
+        second.join(10)
+        second_done.set()
+        first.join(10)
+        assert pool.stats()["queued"] == 0
+        with pytest.raises(ShuttingDown):
+            queued.result(timeout=10)
+        gate.set()
+        assert running.result(timeout=10) == "running"
+        assert pool.stats() == {"workers": 1, "queue_size": 2, "running": 0, "queued": 0}
+        assert ran == ["running"]
+    finally:
+        gate.set()
+        pool.shutdown(1)
+
+
+@pytest.mark.timeout(30)
+def test_a_job_handed_over_after_stop_starting_never_starts() -> None:
+    # Admitted before the shutdown began, submitted after (a /v1/jobs
+    # request between its admission and its store insert, or the batch
+    # feeder): it waited behind the running job, then ran.
+    gate, ran = threading.Event(), []
+    pool = _held_pool(gate, ran)
+    try:
+        pool.admit(PLUGIN)
+        running = pool.submit("running")
+        _until(lambda: pool.stats()["running"] == 1)
+        pool.admit(PLUGIN)
+        pool.stop_starting()
+        late = pool.submit("late")
+        with pytest.raises(ShuttingDown):  # answered now, not once the running job ends
+            late.result(timeout=2)
+        gate.set()
+        assert running.result(timeout=10) == "running"
+        time.sleep(0.2)
+        assert ran == ["running"]
+        assert pool.stats() == {"workers": 1, "queue_size": 2, "running": 0, "queued": 0}
+    finally:
+        gate.set()
+        pool.shutdown(1)
