@@ -40,6 +40,7 @@ from host.errors import (
     QuotaExceeded,
     Rejected,
     ServiceError,
+    ShuttingDown,
     envelope,
 )
 from host.services.batchfeed import BatchFeeder
@@ -64,6 +65,7 @@ from host.services.jobrows import (
 from host.services.jobs import PRUNE_EVERY_S, JobManagementService
 from host.services.payloads import AnalyzeBody, JsonBounds, parse_analyze
 from host.services.plugins import PluginManagementService
+from host.services.runners import CLOSED
 from sandbox.jsonbounds import BoundsExceeded, NotJson, scan
 
 __all__ = [
@@ -273,7 +275,8 @@ class BatchService:
         as POST /v1/jobs checks its own), the batch's view is POSTed there
         once it ends. Raises Rejected (an item's refusal names its index; a
         refused callback_url), QuotaExceeded (the whole batch does not fit),
-        ServiceError `idempotency_key_reused`, or the runner's refusal."""
+        ServiceError `idempotency_key_reused`, the runner's refusal, or
+        ShuttingDown (the host stopped starting jobs)."""
         self._check(plugin, payloads, max_items, callback_url)
         digest = batch_digest(plugin, payloads, callback_url)
         idem = None if key is None else Idempotency(key, digest)
@@ -289,6 +292,8 @@ class BatchService:
         if not self.jobs.runner.in_process:
             self.jobs.runner.admit(plugin)  # a live worker serves the plugin, or 503
             self.jobs.runner.withdraw()
+        elif self.jobs.stopping:  # its items would never be fed: refused as a job is
+            raise ShuttingDown(CLOSED)
         batch, items = _new_batch(plugin, payloads, owner)
         stored = self._store(batch, items, idem, callback_url)
         if not stored:

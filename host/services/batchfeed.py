@@ -22,7 +22,7 @@ pool than another client with one.
 The items wait in the store as PENDING jobs; the lanes hold their ids only.
 A cancelled item still goes through the pool, where it ends at once (not
 PENDING any more). The thread starts with the first batch and ends when no
-lane is left, or when the service shuts down (its pending jobs end
+lane is left, or when the service stops starting jobs (its pending jobs end
 INTERRUPTED there, as every job of a stopped host).
 """
 
@@ -34,7 +34,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
-from host.errors import Overloaded
+from host.errors import Overloaded, ShuttingDown
 from host.services.jobs import JobManagementService
 
 log = logging.getLogger("plughost.batches")
@@ -111,7 +111,7 @@ class BatchFeeder:
         feeder has nothing left (its thread then ends)."""
         with self._changed:
             while True:
-                if not self._lanes or self._jobs.closed:
+                if not self._lanes or self._jobs.stopping:
                     self._lanes.clear()
                     self._thread = None
                     return None
@@ -129,6 +129,12 @@ class BatchFeeder:
             owner, batch_id, plugin, job_id = found
             try:
                 runner.admit(plugin)
+            except ShuttingDown:
+                # The host stopped starting jobs since `_take` looked: this
+                # item and the others not fed stay PENDING (INTERRUPTED at
+                # shutdown, as every pending job of a stopped host).
+                self._fed_one(None)
+                continue
             except Overloaded:
                 # The pool's queue is full of other jobs: this item waits its turn.
                 self._fed_one(None)

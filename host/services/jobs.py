@@ -163,6 +163,7 @@ class JobManagementService:
         self._handing: dict[str, threading.Event] = {}
         self._last_prune = 0.0
         self.closed = False  # shutdown() began: nothing more runs
+        self.stopping = False  # stop_starting() began: nothing more starts here
         # Completion callbacks (host/services/callbacks.py); None: not offered.
         self.callbacks: CallbackService | None = None
         plugins.metrics.gauge(
@@ -658,6 +659,7 @@ class JobManagementService:
         queued here (their waiting requests are answered `shutting_down` at
         once; their records, PENDING, are marked INTERRUPTED by `shutdown`);
         running jobs go on until `shutdown`."""
+        self.stopping = True
         self.runner.stop_starting()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
@@ -668,7 +670,7 @@ class JobManagementService:
         call does nothing."""
         if self.closed:
             return
-        self.closed = True
+        self.closed = self.stopping = True
         self.runner.shutdown(timeout_s)
         if self.callbacks is not None:
             self.callbacks.stop()

@@ -20,13 +20,14 @@ from fastapi.testclient import TestClient
 
 from host.api.auth import principal_id
 from host.errors import Rejected
-from host.services import SQLiteJobStore
+from host.services import PluginManagementService, SQLiteJobStore
 from host.services.batches import parse_batch
 from host.services.batchrows import Batch, rows_of
 from host.services.jobrows import Job, JobStatus, now_iso
 from host.services.payloads import option_bounds
 from host.services.store import JobStore, MemoryJobStore
 from tests.conftest import make_png
+from tests.host.api.test_routes import assert_envelope
 from tests.host.api.test_tenants import ADMIN, ALICE, BOB, TOKENS, wait_finished
 
 ALICE_ID = principal_id("alice-secret-token")
@@ -435,3 +436,76 @@ def test_one_idempotency_key_stands_for_one_request_across_jobs_and_batches(
     replay = client.post("/v1/batches", json=batch_body(2), headers=other)
     assert replay.status_code == 202 and replay.json()["id"] == batch.json()["id"]
     assert stored(client) == (3, 1)
+
+
+@pytest.fixture
+def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What threads of the host raised and did not catch."""
+    errors: list[str] = []
+    monkeypatch.setattr(
+        threading, "excepthook", lambda args: errors.append(f"{args.thread}: {args.exc_value!r}")
+    )
+    return errors
+
+
+@pytest.mark.timeout(30)
+def test_a_batch_being_fed_as_the_host_stops_starting_leaves_its_items_pending(
+    make_client: Callable[..., TestClient],
+    body: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    thread_errors: list[str],
+) -> None:
+    # The feeder took the next item as a running one ended, and the pool's
+    # admission refused it with ShuttingDown (Overloaded before the pool
+    # could stop starting): the feeder thread died on it, a traceback in
+    # the host's log on every SIGTERM that found a batch unfinished.
+    release = threading.Event()
+
+    def held(*_: object, **__: object) -> tuple[dict[str, object], dict[str, object]]:
+        release.wait(20)
+        return {"ok": True}, {}
+
+    monkeypatch.setattr(PluginManagementService, "execute_plugin", held)
+    path = tmp_path / "jobs.sqlite3"
+    client = make_client(workers=2, queue_size=4, store=SQLiteJobStore(path), **TOKENS)
+    jobs = client.app.state.services.jobs
+    batch_id = client.post("/v1/batches", json=batch_body(5), headers=ALICE).json()["id"]
+    _until(lambda: jobs.stats()["running"] == 2)
+    jobs.stop_starting()
+    release.set()  # the running items end: the feeder looks for the next
+    _until(lambda: jobs.stats()["running"] == 0)
+    time.sleep(0.3)
+    jobs.shutdown(timeout_s=5)
+    assert thread_errors == []
+    store = SQLiteJobStore(path)
+    try:
+        with rows_of(store) as rows:
+            counts = rows.counts(batch_id)
+    finally:
+        store.close()
+    assert counts == {"SUCCESS": 2, "INTERRUPTED": 3}
+
+
+def test_a_batch_asked_for_as_the_host_stops_is_refused_like_a_job(
+    make_client: Callable[..., TestClient], body: dict, thread_errors: list[str]
+) -> None:
+    # A POST whose body was still arriving at SIGTERM: /v1/jobs answers 503
+    # shutting_down; /v1/batches stored the batch (202) for items the host
+    # would never start, and its feeder thread died on the pool's refusal.
+    client = make_client(**TOKENS)
+    client.app.state.services.jobs.stop_starting()
+    assert_envelope(client.post("/v1/jobs", json=body, headers=ALICE), 503, "shutting_down")
+    refused = client.post("/v1/batches", json=batch_body(3), headers=ALICE)
+    detail = assert_envelope(refused, 503, "shutting_down")
+    assert refused.headers["Retry-After"] and "no new job" in detail["message"]
+    assert stored(client) == (0, 0)
+    time.sleep(0.2)
+    assert thread_errors == []
+
+
+def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
