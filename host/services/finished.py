@@ -3,7 +3,8 @@
     a call's (result, error envelope)             the job, RUNNING until now
                  \\                                 /
                   record_finished(job, outcome, elapsed_ms, write)
-                    |  status: SUCCESS, CANCELLED (a cancelled call) or FAILED
+                    |  status: SUCCESS, CANCELLED (a cancelled call), INTERRUPTED
+                    |  (a call its host's shutdown killed) or FAILED
                     |  result, or the envelope's public part; finished_at
                     |  write(job): the store it ran for (False: not written)
                     |  observe(plugin, reason, elapsed_ms): metrics, if asked
@@ -46,6 +47,8 @@ def finished_job(job: Job, outcome: Outcome) -> Job:
         status = JobStatus.SUCCESS
     elif failure.reason == "cancelled":
         status = JobStatus.CANCELLED
+    elif failure.reason == "interrupted":  # killed by its host's shutdown
+        status = JobStatus.INTERRUPTED
     else:
         status = JobStatus.FAILED
     return replace(

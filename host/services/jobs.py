@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from host.errors import (
+    Envelope,
     JobFinished,
     JobNotFound,
     QuotaExceeded,
@@ -76,6 +77,7 @@ QUOTA_STEP = 64
 # How long a retry waits for the request that stored its job to hand it to the
 # runner (microseconds, unless that request's thread is starved).
 HANDOVER_WAIT_S = 10.0
+SHUT_DOWN = "the host shut down before this job finished"
 
 
 @dataclass
@@ -522,6 +524,10 @@ class JobManagementService:
                 job.plugin, payload, cancel=cancel, owner=job.owner
             )
         del payload  # not kept while the result is stored
+        if self.closed and outcome[1] and Envelope.of(outcome[1]).reason == "cancelled":
+            # Its sandbox killed by `shutdown` once its time was up: not a
+            # client's cancel, ended as every job a stopped host did not finish.
+            outcome = {}, envelope("interrupted", SHUT_DOWN, job.plugin)
         elapsed_ms = (time.monotonic() - started) * 1000
         final = record_finished(job, outcome, elapsed_ms, self._write_finished, ended=self._ended)
         if self.callbacks is not None:
@@ -674,7 +680,5 @@ class JobManagementService:
         self.runner.shutdown(timeout_s)
         if self.callbacks is not None:
             self.callbacks.stop()
-        self.store.recover(
-            envelope("interrupted", "the host shut down before this job finished")["error"]
-        )
+        self.store.recover(envelope("interrupted", SHUT_DOWN)["error"])
         self.store.close()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from host.errors import QuotaExceeded
+from host.errors import QuotaExceeded, envelope
 from host.services import PluginManagementService, SQLiteJobStore
 from host.services.jobs import JobManagementService
 from tests.host.api.test_bounds import peak_bytes
@@ -585,3 +585,41 @@ def test_a_job_still_queued_at_shutdown_is_kept_as_interrupted_not_cancelled(
     assert ran is not None and ran.status.value == "SUCCESS"
     assert never_ran is not None and never_ran.status.value == "INTERRUPTED", never_ran
     assert never_ran.error is not None and never_ran.error["details"]["reason"] == "interrupted"
+
+
+@pytest.mark.timeout(30)
+def test_a_job_the_shutdown_kills_is_kept_as_interrupted_not_cancelled(
+    make_client: Callable[..., TestClient],
+    body: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # README and docs/deploy.md: SIGTERM lets running jobs finish (up to
+    # 10 s) and marks the others INTERRUPTED. One still running then had its
+    # sandbox killed through its cancel token, and was stored CANCELLED,
+    # "job cancelled by the client" (a real server did so too).
+    def until_cancelled(
+        self: PluginManagementService,
+        plugin_name: str,
+        payload: Any,
+        cancel: Any = None,
+        owner: Any = None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        _wait_until(lambda: cancel.cancelled, timeout=20)  # as the sandbox stops its call
+        return {}, envelope("cancelled", "call was cancelled", plugin_name)
+
+    monkeypatch.setattr(PluginManagementService, "execute_plugin", until_cancelled)
+    path = tmp_path / "jobs.sqlite3"
+    client = make_client(workers=1, queue_size=2, store=SQLiteJobStore(path), **TOKENS)
+    jobs = client.app.state.services.jobs
+    job_id = client.post("/v1/jobs", json=body, headers=ALICE).json()["job"]["id"]
+    _wait_until(lambda: jobs.runner.stats()["running"] == 1)
+    jobs.stop_starting()
+    jobs.shutdown(timeout_s=0.2)
+    store = SQLiteJobStore(path)
+    try:
+        killed = store.get(job_id)
+    finally:
+        store.close()
+    assert killed is not None and killed.status.value == "INTERRUPTED", killed
+    assert killed.error is not None and killed.error["details"]["reason"] == "interrupted"
