@@ -285,3 +285,52 @@ def test_sigterm_answers_the_queued_analyses_at_once_and_lets_the_running_one_fi
         stop(server)
     assert server.returncode in (0, -signal.SIGTERM)
     assert "Cancel" not in server.log.read_text()  # nothing was left to uvicorn to cancel
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review-shutdown: uvicorn cancels a /v1/analyze still waiting after its 10 s "
+    "graceful period and answers a bare 500 (no job id), though its job goes on and is stored",
+)
+@pytest.mark.timeout(30)
+def test_an_analysis_running_past_the_graceful_period_is_answered_with_its_job(
+    tmp_path: Path,
+) -> None:
+    # README: no traceback and no bare 500 leaves the host; SIGTERM finishes
+    # running jobs and marks the rest INTERRUPTED. An analysis still running
+    # when uvicorn's graceful period ends is cancelled by uvicorn, whose
+    # answer is 'Internal Server Error' in text/plain; the job itself runs on
+    # (the runner's own 10 s) and is stored SUCCESS, under an id its client
+    # never heard of.
+    plugins = tmp_path / "plugins"
+    write_plugin(plugins, "slow", "time.sleep(13)\nreturn {'slept': 13}", timeout_s=30)
+    port = free_port()
+    server = start_server(
+        tmp_path / "jobs.sqlite3", port, "--plugins-dir", str(plugins), "--workers", "1"
+    )
+    answer: list[tuple[int, str, bytes]] = []
+
+    def analyze() -> None:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/analyze",
+            data=json.dumps({**BODY, "plugin": "slow"}).encode(),
+            method="POST",
+            headers={"content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=25) as response:
+                answer.append((response.status, response.headers["content-type"], response.read()))
+        except urllib.error.HTTPError as exc:
+            answer.append((exc.code, exc.headers["content-type"], exc.read()))
+
+    thread = threading.Thread(target=analyze)
+    try:
+        thread.start()
+        time.sleep(1)  # it runs
+        os.kill(server.pid, signal.SIGTERM)
+        thread.join(25)
+    finally:
+        stop(server)
+    status, content_type, data = answer[0]
+    assert content_type == "application/json", (status, data)
+    assert status in (200, 202), (status, data)  # its result, or its job to follow
