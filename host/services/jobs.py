@@ -44,6 +44,7 @@ from host.errors import (
     JobNotFound,
     QuotaExceeded,
     Rejected,
+    ShuttingDown,
     envelope,
 )
 from host.services.batchrows import BatchRows, job_ended
@@ -52,7 +53,7 @@ from host.services.finished import input_gone, record_finished
 from host.services.idempotency import replayed, request_digest
 from host.services.jobrows import Admit, Idempotency, Rows, prune_owner
 from host.services.plugins import PluginManagementService
-from host.services.runners import CancelToken, JobRunner, LocalPool
+from host.services.runners import NOT_RUN, CancelToken, JobRunner, LocalPool
 from host.services.store import (
     ANONYMOUS,
     FINISHED,
@@ -440,7 +441,12 @@ class JobManagementService:
             handing.wait(HANDOVER_WAIT_S)
         future = self.runner.follow(job.id)
         if future is None:
-            return _done(self.get_job(job.id))
+            now = self.get_job(job.id)
+            if self.stopping and now.status is JobStatus.PENDING:
+                # Dropped as the host stopped starting jobs (it ends INTERRUPTED):
+                # answered as the request that queued it was.
+                raise ShuttingDown(NOT_RUN)
+            return _done(now)
         return job, future
 
     def _handed(self, job_id: str) -> None:

@@ -85,7 +85,10 @@ class JobRunner(Protocol):
         """Stop taking jobs; give running ones `timeout_s` to finish."""
 
 
-NOT_RUN = "the host is shutting down: this job did not run; submit it again"
+NOT_RUN = (
+    "the host is shutting down: this job did not run; submit it again (one sent with an "
+    "Idempotency-Key stays under its key and ends INTERRUPTED: send it with a new key)"
+)
 CLOSED = "the host is shutting down and takes no new job; submit it again"
 
 

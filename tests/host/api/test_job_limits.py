@@ -625,21 +625,16 @@ def test_a_job_the_shutdown_kills_is_kept_as_interrupted_not_cancelled(
     assert killed.error is not None and killed.error["details"]["reason"] == "interrupted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review-shutdown: a keyed analysis dropped at shutdown is answered 503 'did not "
-    "run; submit it again', and a retry with its key 202 PENDING (INTERRUPTED after it)",
-)
 @pytest.mark.timeout(30)
 def test_a_keyed_analysis_dropped_at_shutdown_answers_its_retry_as_it_answered_first(
     make_client: Callable[..., TestClient], body: dict, held: threading.Event, tmp_path: Path
 ) -> None:
     # README: the same Idempotency-Key answers with that job as the first
     # request does. A keyed analysis is stored before it runs, so the one
-    # dropped at shutdown keeps its key: the retry its 503 asks for ("this job
-    # did not run; submit it again") is answered 202 with the job PENDING,
-    # which the shutdown then marks INTERRUPTED (and a retry after the restart
-    # replays that).
+    # dropped at shutdown keeps its key: a retry with it during the shutdown
+    # was answered 202 with the job PENDING (which the shutdown then marks
+    # INTERRUPTED). It is answered 503 as the first was, whose message says
+    # the key now names a job that ends INTERRUPTED.
     client = make_client(workers=1, queue_size=2, store=SQLiteJobStore(tmp_path / "j"), **TOKENS)
     jobs = client.app.state.services.jobs
     running, _ = _in_thread(lambda: client.post("/v1/analyze", json=body, headers=BOB))
@@ -654,3 +649,4 @@ def test_a_keyed_analysis_dropped_at_shutdown_answers_its_retry_as_it_answered_f
     held.set()
     running.join(10)
     assert retry.status_code == first_out[0].status_code, retry.text
+    assert "new key" in retry.json()["detail"]["message"]
