@@ -67,6 +67,11 @@ log = logging.getLogger("plughost.api")
 RESERVED_FDS = 256
 # uvicorn's exit status for a start-up that failed.
 STARTUP_FAILURE = 3
+# How long a stopping server waits for its open requests (uvicorn's graceful
+# period, after which it cancels them), and when within it the analyses still
+# waiting for their jobs stop waiting and answer 202 with the job to follow.
+GRACEFUL_S = 10.0
+STOP_WAITING_S = 8.5
 # Bytes a request may send before its headers end (h11's limit, 16 KiB).
 MAX_HEADER_BYTES = 16 * 1024
 # Requests a client may send ahead of their answers (HTTP/1.1 pipelining).
@@ -400,7 +405,9 @@ class _Server(uvicorn.Server):
     (uvicorn says nothing itself when it is given its socket), and stopping
     the jobs still queued as its shutdown begins: their requests are
     answered 503 `shutting_down` at once, not a bare 500 when uvicorn
-    cancels what its graceful period did not finish."""
+    cancels what its graceful period did not finish. The analyses still
+    running stop waiting `STOP_WAITING_S` into that period and answer 202
+    with their job, which goes on until the job service's shutdown."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -417,7 +424,15 @@ class _Server(uvicorn.Server):
         services = getattr(self._app.state, "services", None)  # none if the start-up failed
         if services is not None:
             await asyncio.to_thread(services.jobs.stop_starting)
+        stop_waiting = getattr(self._app.state, "stop_waiting", None)
+        if stop_waiting is not None:
+            asyncio.get_running_loop().call_later(STOP_WAITING_S, _resolve, stop_waiting)
         await super().shutdown(sockets=sockets)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def serve(
@@ -448,7 +463,7 @@ def serve(
         loop="uvloop",
         backlog=queue,
         log_config=None,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=GRACEFUL_S,
     )
     server = _Server(config, app)
     try:

@@ -51,6 +51,24 @@ class AnalyzeResponse(BaseModel):
     job_id: str
 
 
+async def _wait_for_end(request: Request, ended: asyncio.Future[Job]) -> Job:
+    """The job once `ended`; TimeoutError at the route's deadline, or once
+    the stopping server stops waiting for jobs (`app.state.stop_waiting`:
+    uvicorn would cancel this request soon after, with a bare 500)."""
+    # Shielded: the deadline gives up on the wait, not on `ended`.
+    waiting = asyncio.shield(ended)
+    stopping = getattr(request.app.state, "stop_waiting", None)
+    if stopping is None:  # an app served without its lifespan
+        return await asyncio.wait_for(waiting, ANALYZE_WAIT_S)
+    done, _ = await asyncio.wait(
+        (waiting, stopping), timeout=ANALYZE_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+    )
+    if waiting in done:
+        return waiting.result()
+    waiting.cancel()  # `ended` goes on: the shield's own future only
+    raise TimeoutError
+
+
 def _unfinished(job: Job) -> JSONResponse:
     """202: the job goes on; it is followed at GET /v1/jobs/{id}."""
     return JSONResponse(
@@ -78,8 +96,7 @@ async def _analyze(
         job, future = await in_store_thread(request, submit)
     ended = asyncio.wrap_future(future)
     try:
-        # Shielded: the deadline gives up on the wait, not on `ended`.
-        job = await asyncio.wait_for(asyncio.shield(ended), ANALYZE_WAIT_S)
+        job = await _wait_for_end(request, ended)
     except TimeoutError:
         try:
             job = await in_store_thread(

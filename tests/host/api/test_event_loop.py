@@ -233,6 +233,8 @@ def test_a_locked_sqlite_file_stalls_neither_healthz_nor_other_clients(
 LOOP_ROUTES = {
     "analyze",
     "analyze_upload",
+    "batch",  # the console's pages read the store in_store_thread
+    "batches",
     "cancel_batch",
     "callback_secret",  # the host secret (a file, or PostgreSQL) is read in_store_thread
     "cancel_job",
