@@ -70,7 +70,7 @@ STARTUP_FAILURE = 3
 # How long a stopping server waits for its open requests (uvicorn's graceful
 # period, after which it cancels them), and when within it the analyses still
 # waiting for their jobs stop waiting and answer 202 with the job to follow.
-GRACEFUL_S = 10.0
+GRACEFUL_S = 10
 STOP_WAITING_S = 8.5
 # Bytes a request may send before its headers end (h11's limit, 16 KiB).
 MAX_HEADER_BYTES = 16 * 1024
