@@ -151,9 +151,10 @@ def _lifespan(settings: Settings, given: Services | None) -> Any:
         _give_up_root(services, settings)
         # Plugin environments are prepared as the serving user, while the API answers.
         services.plugins.preparation.start()
-        # Set as the server's shutdown nears the end of its graceful period
-        # (host/api/server.py): waiting analyses answer with their job then.
-        app.state.stop_waiting = asyncio.get_running_loop().create_future()
+        # The waits of the analyses waiting for their jobs: ended as the
+        # server's shutdown nears the end of its graceful period
+        # (host/api/server.py), when they answer with their job instead.
+        app.state.waits = set()
         yield
         # Nothing is compiled or installed while the server stops.
         await asyncio.to_thread(services.plugins.preparation.stop, 10.0)

@@ -424,15 +424,17 @@ class _Server(uvicorn.Server):
         services = getattr(self._app.state, "services", None)  # none if the start-up failed
         if services is not None:
             await asyncio.to_thread(services.jobs.stop_starting)
-        stop_waiting = getattr(self._app.state, "stop_waiting", None)
-        if stop_waiting is not None:
-            asyncio.get_running_loop().call_later(STOP_WAITING_S, _resolve, stop_waiting)
+        waits = getattr(self._app.state, "waits", None)
+        if waits is not None:
+            asyncio.get_running_loop().call_later(STOP_WAITING_S, _end_waits, waits)
         await super().shutdown(sockets=sockets)
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _end_waits(waits: set[asyncio.Future[None]]) -> None:
+    """End every analysis's wait as its own deadline would (TimeoutError)."""
+    for wait in list(waits):
+        if not wait.done():
+            wait.set_exception(TimeoutError())
 
 
 def serve(

@@ -53,20 +53,26 @@ class AnalyzeResponse(BaseModel):
 
 async def _wait_for_end(request: Request, ended: asyncio.Future[Job]) -> Job:
     """The job once `ended`; TimeoutError at the route's deadline, or once
-    the stopping server stops waiting for jobs (`app.state.stop_waiting`:
-    uvicorn would cancel this request soon after, with a bare 500)."""
-    # Shielded: the deadline gives up on the wait, not on `ended`.
-    waiting = asyncio.shield(ended)
-    stopping = getattr(request.app.state, "stop_waiting", None)
-    if stopping is None:  # an app served without its lifespan
-        return await asyncio.wait_for(waiting, ANALYZE_WAIT_S)
-    done, _ = await asyncio.wait(
-        (waiting, stopping), timeout=ANALYZE_WAIT_S, return_when=asyncio.FIRST_COMPLETED
-    )
-    if waiting in done:
-        return waiting.result()
-    waiting.cancel()  # `ended` goes on: the shield's own future only
-    raise TimeoutError
+    the stopping server ends the waits (`app.state.waits`: uvicorn would
+    cancel this request soon after, with a bare 500)."""
+    # A wait of its own: the deadline gives up on it, never on `ended`.
+    wait: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def open_(_: object) -> None:
+        if not wait.done():
+            wait.set_result(None)
+
+    ended.add_done_callback(open_)
+    waits: set[asyncio.Future[None]] | None = getattr(request.app.state, "waits", None)
+    if waits is not None:
+        waits.add(wait)
+    try:
+        await asyncio.wait_for(wait, ANALYZE_WAIT_S)
+    finally:
+        if waits is not None:
+            waits.discard(wait)
+        ended.remove_done_callback(open_)
+    return ended.result()
 
 
 def _unfinished(job: Job) -> JSONResponse:
