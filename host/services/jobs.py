@@ -156,10 +156,9 @@ class JobManagementService:
         )
         self._lock = threading.Lock()
         # Jobs handed to an in-process runner and not back from it, by id ->
-        # owner, and their count per owner (under their own lock, which is
-        # never held across other work: the event loop takes it).
+        # owner (under their own lock, which is never held across other
+        # work: the event loop takes it).
         self._flying: dict[str, str] = {}
-        self._flying_per_owner: dict[str, int] = {}
         self._flying_lock = threading.Lock()
         self._waited: dict[str, _Waited] = {}  # run_waited's jobs not finished yet
         # Keyed jobs stored and not yet handed to the runner: set once handed.
@@ -400,8 +399,8 @@ class JobManagementService:
         were then refused for (503)."""
         if not self.runner.in_process:
             return
-        with self._flying_lock:
-            flying = self._flying_per_owner.get(owner, 0)
+        with self._flying_lock:  # at most the pool's workers and queue
+            flying = sum(1 for flier in self._flying.values() if flier == owner)
         limit = self.limits.max_jobs_per_client
         if flying >= limit:
             raise QuotaExceeded(
@@ -413,20 +412,12 @@ class JobManagementService:
         the hand-over: its run may end before `submit` returns)."""
         with self._flying_lock:
             self._flying[job_id] = owner
-            self._flying_per_owner[owner] = self._flying_per_owner.get(owner, 0) + 1
 
     def _landed(self, job_id: str) -> None:
         """`job_id` is back from the runner (its run returned or raised), or
         was never handed to it."""
         with self._flying_lock:
-            owner = self._flying.pop(job_id, None)
-            if owner is None:
-                return
-            left = self._flying_per_owner[owner] - 1
-            if left:
-                self._flying_per_owner[owner] = left
-            else:
-                del self._flying_per_owner[owner]
+            self._flying.pop(job_id, None)
 
     def _following(self, job: Job) -> tuple[Job, Future[Job]]:
         """A job an idempotency key holds, and a future of its end, as the

@@ -26,7 +26,7 @@ from host.services.batchrows import Batch, rows_of
 from host.services.jobrows import Job, JobStatus, now_iso
 from host.services.payloads import option_bounds
 from host.services.store import JobStore, MemoryJobStore
-from tests.conftest import make_png
+from tests.conftest import make_png, wait_until
 from tests.host.api.test_routes import assert_envelope
 from tests.host.api.test_tenants import ADMIN, ALICE, BOB, TOKENS, wait_finished
 
@@ -471,10 +471,10 @@ def test_a_batch_being_fed_as_the_host_stops_starting_leaves_its_items_pending(
     client = make_client(workers=2, queue_size=4, store=SQLiteJobStore(path), **TOKENS)
     jobs = client.app.state.services.jobs
     batch_id = client.post("/v1/batches", json=batch_body(5), headers=ALICE).json()["id"]
-    _until(lambda: jobs.stats()["running"] == 2)
+    wait_until(lambda: jobs.stats()["running"] == 2)
     jobs.stop_starting()
     release.set()  # the running items end: the feeder looks for the next
-    _until(lambda: jobs.stats()["running"] == 0)
+    wait_until(lambda: jobs.stats()["running"] == 0)
     time.sleep(0.3)
     jobs.shutdown(timeout_s=5)
     assert thread_errors == []
@@ -502,10 +502,3 @@ def test_a_batch_asked_for_as_the_host_stops_is_refused_like_a_job(
     assert stored(client) == (0, 0)
     time.sleep(0.2)
     assert thread_errors == []
-
-
-def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)

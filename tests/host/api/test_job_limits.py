@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from host.errors import QuotaExceeded, envelope
 from host.services import PluginManagementService, SQLiteJobStore
 from host.services.jobs import JobManagementService
+from tests.conftest import wait_until
 from tests.host.api.test_bounds import peak_bytes
 from tests.host.api.test_routes import assert_envelope
 from tests.host.api.test_tenants import ALICE, BOB, TOKENS
@@ -330,7 +331,7 @@ def _idle(client: TestClient, timeout: float = 20.0) -> None:
     assert pool._slots._value == pool.workers + pool.queue_size
     assert not pool._tokens and not pool._futures
     assert not jobs._waited and not jobs._handing
-    assert not jobs._flying and not jobs._flying_per_owner
+    assert not jobs._flying
 
 
 def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -509,7 +510,7 @@ def test_a_client_at_its_quota_holds_no_queue_place_with_its_analyses(
     client = make_client(max_jobs_per_client=2, workers=1, queue_size=4, **TOKENS)
     jobs = client.app.state.services.jobs
     assert client.post("/v1/jobs", json=body, headers=BOB).status_code == 202  # runs, held
-    _wait_until(lambda: jobs.runner.stats()["running"] == 1)
+    wait_until(lambda: jobs.runner.stats()["running"] == 1)
     for _ in range(2):
         assert client.post("/v1/jobs", json=body, headers=ALICE).status_code == 202  # queued
     floods = [
@@ -536,9 +537,9 @@ def test_an_analysis_still_queued_at_shutdown_is_answered_503_and_the_running_on
     client = make_client(workers=1, queue_size=2, **TOKENS)
     running, running_out = _in_thread(lambda: client.post("/v1/analyze", json=body, headers=BOB))
     jobs = client.app.state.services.jobs
-    _wait_until(lambda: jobs.runner.stats()["running"] == 1)
+    wait_until(lambda: jobs.runner.stats()["running"] == 1)
     queued, queued_out = _in_thread(lambda: client.post("/v1/analyze", json=body, headers=ALICE))
-    _wait_until(lambda: jobs.runner.stats()["queued"] == 1)
+    wait_until(lambda: jobs.runner.stats()["queued"] == 1)
     stopping, _ = _in_thread(lambda: jobs.shutdown(timeout_s=10))
     queued.join(10)
     assert not queued.is_alive(), "the queued analysis was not answered while the host shut down"
@@ -554,13 +555,6 @@ def test_an_analysis_still_queued_at_shutdown_is_answered_503_and_the_running_on
         assert_envelope(client.post(route, json=body, headers=ALICE), 503, "shutting_down")
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def test_a_job_still_queued_at_shutdown_is_kept_as_interrupted_not_cancelled(
     make_client: Callable[..., TestClient], body: dict, held: threading.Event, tmp_path: Path
 ) -> None:
@@ -570,10 +564,10 @@ def test_a_job_still_queued_at_shutdown_is_kept_as_interrupted_not_cancelled(
     client = make_client(workers=1, queue_size=2, store=SQLiteJobStore(path), **TOKENS)
     jobs = client.app.state.services.jobs
     first = client.post("/v1/jobs", json=body, headers=BOB).json()["job"]["id"]
-    _wait_until(lambda: jobs.runner.stats()["running"] == 1)
+    wait_until(lambda: jobs.runner.stats()["running"] == 1)
     queued = client.post("/v1/jobs", json=body, headers=ALICE).json()["job"]["id"]
     stopping, _ = _in_thread(lambda: jobs.shutdown(timeout_s=10))
-    _wait_until(lambda: jobs.runner.stats()["queued"] == 0)
+    wait_until(lambda: jobs.runner.stats()["queued"] == 0)
     held.set()
     stopping.join(10)
     assert not stopping.is_alive()
@@ -605,7 +599,7 @@ def test_a_job_the_shutdown_kills_is_kept_as_interrupted_not_cancelled(
         cancel: Any = None,
         owner: Any = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        _wait_until(lambda: cancel.cancelled, timeout=20)  # as the sandbox stops its call
+        wait_until(lambda: cancel.cancelled, timeout_s=20)  # as the sandbox stops its call
         return {}, envelope("cancelled", "call was cancelled", plugin_name)
 
     monkeypatch.setattr(PluginManagementService, "execute_plugin", until_cancelled)
@@ -613,7 +607,7 @@ def test_a_job_the_shutdown_kills_is_kept_as_interrupted_not_cancelled(
     client = make_client(workers=1, queue_size=2, store=SQLiteJobStore(path), **TOKENS)
     jobs = client.app.state.services.jobs
     job_id = client.post("/v1/jobs", json=body, headers=ALICE).json()["job"]["id"]
-    _wait_until(lambda: jobs.runner.stats()["running"] == 1)
+    wait_until(lambda: jobs.runner.stats()["running"] == 1)
     jobs.stop_starting()
     jobs.shutdown(timeout_s=0.2)
     store = SQLiteJobStore(path)
@@ -638,10 +632,10 @@ def test_a_keyed_analysis_dropped_at_shutdown_answers_its_retry_as_it_answered_f
     client = make_client(workers=1, queue_size=2, store=SQLiteJobStore(tmp_path / "j"), **TOKENS)
     jobs = client.app.state.services.jobs
     running, _ = _in_thread(lambda: client.post("/v1/analyze", json=body, headers=BOB))
-    _wait_until(lambda: jobs.runner.stats()["running"] == 1)
+    wait_until(lambda: jobs.runner.stats()["running"] == 1)
     keyed = {**ALICE, "Idempotency-Key": "sunset-1"}
     first, first_out = _in_thread(lambda: client.post("/v1/analyze", json=body, headers=keyed))
-    _wait_until(lambda: jobs.runner.stats()["queued"] == 1)
+    wait_until(lambda: jobs.runner.stats()["queued"] == 1)
     jobs.stop_starting()
     first.join(10)
     assert_envelope(first_out[0], 503, "shutting_down")

@@ -26,6 +26,7 @@ from host.services.finished import finished_job, record_finished
 from host.services.runners import LocalPool
 from host.services.store import Job, now_iso
 from sandbox.supervisor import Sandbox
+from tests.conftest import wait_until
 
 PLUGIN = "image_info"
 
@@ -271,13 +272,6 @@ def _held_pool(gate: threading.Event, ran: list[str]) -> LocalPool:
     return LocalPool(run, lambda _: None, _Token, workers=1, queue_size=2)
 
 
-def _until(condition: Any, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 @pytest.mark.timeout(30)
 def test_stop_starting_twice_at_once_releases_a_dropped_jobs_room_once() -> None:
     # Two calls at once (stop_starting and shutdown's own) both saw the queued
@@ -289,7 +283,7 @@ def test_stop_starting_twice_at_once_releases_a_dropped_jobs_room_once() -> None
     try:
         pool.admit(PLUGIN)
         running = pool.submit("running")
-        _until(lambda: pool.stats()["running"] == 1)
+        wait_until(lambda: pool.stats()["running"] == 1)
         pool.admit(PLUGIN)
         queued = pool.submit("queued")
         run = pool._futures["queued"]
@@ -333,7 +327,7 @@ def test_a_job_handed_over_after_stop_starting_never_starts() -> None:
     try:
         pool.admit(PLUGIN)
         running = pool.submit("running")
-        _until(lambda: pool.stats()["running"] == 1)
+        wait_until(lambda: pool.stats()["running"] == 1)
         pool.admit(PLUGIN)
         pool.stop_starting()
         late = pool.submit("late")
